@@ -1,0 +1,114 @@
+"""Tile configurations for the grouped expert GEMMs, and the shipped table that holds them.
+
+A run looks its configuration up here instead of autotuning from scratch. The table lives in
+``kernels/configs/<arch>.json`` (one file per GPU architecture, e.g. ``sm90.json`` for
+H100/H200) and is written by ``benchmarks/moe_kernels.py --tune``. Keys are the problem class
+(``bf16`` or ``fp8``, E, H, I) and, inside it, token counts; a lookup takes the tuned token
+count nearest to the actual one (in log space). Untuned shapes fall back to a heuristic.
+
+Both GEMMs of one call share ``block_m``: the token→expert alignment pads every expert's rows
+to that size, and both kernels walk the same padded row blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """One Triton launch configuration of a grouped expert GEMM."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """The configurations of both GEMMs of one ``fused_experts`` call."""
+
+    gemm1: GemmConfig  # up/gate projection with SiLU*mul epilogue
+    gemm2: GemmConfig  # down projection with routing weight and scatter to token order
+
+    def __post_init__(self) -> None:
+        if self.gemm1.block_m != self.gemm2.block_m:
+            raise ValueError(
+                f"gemm1.block_m={self.gemm1.block_m} != gemm2.block_m={self.gemm2.block_m}; "
+                "both GEMMs walk the same padded row blocks, use one block_m"
+            )
+
+    @property
+    def block_m(self) -> int:
+        return self.gemm1.block_m
+
+    def to_json(self) -> dict:
+        return {"gemm1": asdict(self.gemm1), "gemm2": asdict(self.gemm2)}
+
+    @staticmethod
+    def from_json(entry: dict) -> "MoEConfig":
+        return MoEConfig(GemmConfig(**entry["gemm1"]), GemmConfig(**entry["gemm2"]))
+
+
+def problem_key(use_fp8: bool, num_experts: int, hidden_size: int, intermediate_size: int) -> str:
+    """The table key of one MoE layer shape, e.g. ``bf16_E128_H4096_I1536``."""
+    kind = "fp8" if use_fp8 else "bf16"
+    return f"{kind}_E{num_experts}_H{hidden_size}_I{intermediate_size}"
+
+
+def arch_name(device: torch.device) -> str:
+    """``sm90`` for H100/H200; the config file name for this device."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
+@lru_cache(maxsize=None)
+def _load_table(arch: str) -> dict:
+    path = CONFIG_DIR / f"{arch}.json"
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())["configs"]
+
+
+def heuristic_config(num_tokens: int, top_k: int, num_experts: int, use_fp8: bool,
+                     on_gpu: bool) -> MoEConfig:
+    """A reasonable configuration when the table has no entry for this shape.
+
+    On CPU (the Triton interpreter) small tiles keep the numpy work small. FP8 needs
+    ``block_k == 128`` (one activation scale group per K step) and gemm1 ``block_n == 128``
+    (one output scale group per tile, quantised in the epilogue).
+    """
+    if not on_gpu:
+        bm = 16
+        if use_fp8:
+            return MoEConfig(GemmConfig(bm, 128, 128, 1, 4, 1), GemmConfig(bm, 32, 128, 1, 4, 1))
+        return MoEConfig(GemmConfig(bm, 32, 32, 1, 4, 1), GemmConfig(bm, 32, 32, 1, 4, 1))
+    rows_per_expert = num_tokens * top_k / max(num_experts, 1)
+    bm = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64 if rows_per_expert <= 96 else 128
+    warps = 4 if bm <= 32 else 8
+    bk = 128 if use_fp8 else 64
+    return MoEConfig(GemmConfig(bm, 128, bk, 8, warps, 3), GemmConfig(bm, 128, bk, 8, warps, 3))
+
+
+def get_config(num_tokens: int, top_k: int, num_experts: int, hidden_size: int,
+               intermediate_size: int, use_fp8: bool, device: torch.device) -> MoEConfig:
+    """The shipped configuration for this shape and token count, or the heuristic one."""
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        entries = _load_table(arch_name(device)).get(
+            problem_key(use_fp8, num_experts, hidden_size, intermediate_size))
+        if entries:
+            nearest = min(entries, key=lambda t: abs(math.log(int(t)) - math.log(max(num_tokens, 1))))
+            return MoEConfig.from_json(entries[nearest])
+    return heuristic_config(num_tokens, top_k, num_experts, use_fp8, on_gpu)

@@ -1,0 +1,76 @@
+"""The ``zeroprefill`` command line: one entry point, one subcommand per job.
+
+Subcommands register themselves in :data:`SUBCOMMANDS` with a function that adds their
+arguments and a function that runs them, so each job lives in its own module and the
+top-level parser stays small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from zeroprefill import __version__
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """A ``zeroprefill <name>`` job: how to parse its arguments and how to run it."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _add_info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from zeroprefill.environment import collect_environment, format_environment
+
+    report = collect_environment()
+    if args.json:
+        import json
+
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_environment(report))
+    return 0
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "info": Subcommand(
+        help="print torch/vLLM/SGLang/Triton versions and which backends are usable here",
+        add_arguments=_add_info_arguments,
+        run=_run_info,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zeroprefill",
+        description="Prefill-only MoE serving: AsyncEP weight streaming and a true-FLOPs router.",
+    )
+    parser.add_argument("--version", action="version", version=f"zeroprefill {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, sub in SUBCOMMANDS.items():
+        sub_parser = subparsers.add_parser(name, help=sub.help, description=sub.help)
+        sub.add_arguments(sub_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return SUBCOMMANDS[args.command].run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

