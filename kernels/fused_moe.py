@@ -1,0 +1,400 @@
+"""Fused MoE experts: two grouped Triton GEMMs over expert-sorted, block-padded rows.
+
+    hidden_states [T, H]      topk_ids/topk_weights [T, K]
+          |                          |
+          |            [moe_align_block_size] rows r = t*K+k sorted by expert, padded to block_m
+          |                          |
+          +--(FP8: 1x128 group quant)--+
+          v                          v
+    [GEMM 1] gather x[r // K] . w13[e]^T -> gate, up (two accumulators, same tile of I)
+             epilogue: silu(gate) * up  (FP8: quantise to e4m3 + 1x128 scale in registers)
+          v
+    act [padded rows, I]   (expert-sorted order, contiguous: GEMM 2 needs no gather)
+          v
+    [GEMM 2] act . w2[e]^T, times topk_weights[r], scattered to row r of [T*K, H]
+          v
+    [combine] sum over the K slots -> out [T, H]   (one bandwidth-bound torch reduction)
+
+Each GEMM is one launch over ``max_padded_rows / block_m`` row blocks x the N tiles, with a
+grouped-M swizzle so programs that run together share weight tiles in L2; a row block reads
+its expert id from the alignment and returns at once if it lies past the used rows.
+
+FP8 path: e4m3 weights with 128x128 block scales, activations quantised per token and
+128-wide group; every K step (``block_k == 128``, one scale group) rescales the fp32 partial
+product by ``a_scale[row] * b_scale[col]`` before accumulating.
+
+``fused_experts_reference`` is the plain-torch definition (a loop over experts, fp32 math).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .align import ExpertAlignment, moe_align_block_size
+from .moe_config import GemmConfig, MoEConfig, get_config
+from .quant import FP8_DTYPE, GROUP_SIZE, ROUND_E4M3_IN_FP32, dequantize_fp8_block, \
+    quantize_tokens_fp8_group, quantize_weights_fp8_block, round_to_e4m3
+
+ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Checking that every topk id is in [0, E) needs a host sync; done on CPU tensors always and on
+# GPU tensors only when this is set (the serving path must not stall the host per layer).
+CHECK_IDS_ON_GPU = os.environ.get("ZEROPREFILL_CHECK_TOPK_IDS", "0") == "1"
+
+
+@triton.jit
+def _swizzle_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped ordering: GROUP_M consecutive row blocks walk the N tiles together."""
+    pids_per_group = GROUP_M * num_pid_n
+    first_m = (pid // pids_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % pids_per_group) % group_rows
+    pid_n = (pid % pids_per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _gemm1_gate_up_silu_kernel(
+    x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, act_ptr, act_scale_ptr,
+    sorted_row_ids_ptr, block_expert_ids_ptr, num_padded_rows_ptr,
+    num_rows, inter, hidden, max_blocks_m, top_k,
+    stride_x, stride_xs, stride_we, stride_wn, stride_wse, stride_wsn, stride_act, stride_acts,
+    USE_FP8: tl.constexpr, EVEN_K: tl.constexpr, DOT_IN_FP32: tl.constexpr, ROUND_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """act[p, n] = silu(x[tok(p)] . w13[e, n]) * (x[tok(p)] . w13[e, I + n]) for padded row p."""
+    pid_m, pid_n = _swizzle_tile(tl.program_id(0), max_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_padded_rows_ptr):
+        return
+    expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.load(sorted_row_ids_ptr + offs_m)
+    row_ok = rows < num_rows
+    tokens = tl.where(row_ok, rows // top_k, 0).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < inter
+    offs_n_safe = tl.where(col_ok, offs_n, 0)  # load valid memory, discard in the epilogue
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = x_ptr + tokens[:, None] * stride_x + offs_k[None, :]
+    gate_ptrs = w_ptr + expert * stride_we + offs_n_safe[None, :] * stride_wn + offs_k[:, None]
+    up_ptrs = gate_ptrs + inter * stride_wn
+    if USE_FP8:
+        a_scale_ptrs = x_scale_ptr + tokens * stride_xs
+        gate_scale_ptrs = w_scale_ptr + expert * stride_wse + (offs_n_safe // 128) * stride_wsn
+        up_scale_ptrs = w_scale_ptr + expert * stride_wse + ((offs_n_safe + inter) // 128) * stride_wsn
+
+    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, tl.cdiv(hidden, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            b_gate = tl.load(gate_ptrs)
+            b_up = tl.load(up_ptrs)
+        else:
+            k_ok = offs_k < hidden - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b_gate = tl.load(gate_ptrs, mask=k_ok[:, None], other=0.0)
+            b_up = tl.load(up_ptrs, mask=k_ok[:, None], other=0.0)
+        if USE_FP8:
+            a_scale = tl.load(a_scale_ptrs + k)
+            gate_scale = tl.load(gate_scale_ptrs + k)
+            up_scale = tl.load(up_scale_ptrs + k)
+            acc_gate += tl.dot(a, b_gate) * a_scale[:, None] * gate_scale[None, :]
+            acc_up += tl.dot(a, b_up) * a_scale[:, None] * up_scale[None, :]
+        elif DOT_IN_FP32:
+            acc_gate = tl.dot(a.to(tl.float32), b_gate.to(tl.float32), acc_gate)
+            acc_up = tl.dot(a.to(tl.float32), b_up.to(tl.float32), acc_up)
+        else:
+            acc_gate = tl.dot(a, b_gate, acc_gate)
+            acc_up = tl.dot(a, b_up, acc_up)
+        a_ptrs += BLOCK_K
+        gate_ptrs += BLOCK_K
+        up_ptrs += BLOCK_K
+
+    act = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
+    act = tl.where(col_ok[None, :], act, 0.0)
+    act_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_act + offs_n[None, :]
+    if USE_FP8:  # BLOCK_N == 128: this tile is exactly one scale group per row
+        act_scale = tl.maximum(tl.max(tl.abs(act), axis=1) / 448.0, 1e-10)
+        act = round_to_e4m3(tl.clamp(act / act_scale[:, None], -448.0, 448.0), ROUND_IN_FP32)
+        tl.store(act_scale_ptr + offs_m.to(tl.int64) * stride_acts + pid_n, act_scale)
+    tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=col_ok[None, :])
+
+
+@triton.jit
+def _gemm2_down_scatter_kernel(
+    act_ptr, act_scale_ptr, w_ptr, w_scale_ptr, out_ptr, topk_weights_ptr,
+    sorted_row_ids_ptr, block_expert_ids_ptr, num_padded_rows_ptr,
+    num_rows, hidden, inter, max_blocks_m,
+    stride_act, stride_acts, stride_we, stride_wn, stride_wse, stride_wsn, stride_out,
+    USE_FP8: tl.constexpr, EVEN_K: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out[r, n] = topk_weight[r] * (act[p] . w2[e, n]) for padded row p holding row r."""
+    pid_m, pid_n = _swizzle_tile(tl.program_id(0), max_blocks_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_padded_rows_ptr):
+        return
+    expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.load(sorted_row_ids_ptr + offs_m)
+    row_ok = rows < num_rows
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < hidden
+    offs_n_safe = tl.where(col_ok, offs_n, 0)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_act + offs_k[None, :]
+    b_ptrs = w_ptr + expert * stride_we + offs_n_safe[None, :] * stride_wn + offs_k[:, None]
+    if USE_FP8:
+        a_scale_ptrs = act_scale_ptr + offs_m.to(tl.int64) * stride_acts
+        b_scale_ptrs = w_scale_ptr + expert * stride_wse + (offs_n_safe // 128) * stride_wsn
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, tl.cdiv(inter, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = offs_k < inter - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        if USE_FP8:
+            a_scale = tl.load(a_scale_ptrs + k)
+            b_scale = tl.load(b_scale_ptrs + k)
+            acc += tl.dot(a, b) * a_scale[:, None] * b_scale[None, :]
+        elif DOT_IN_FP32:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    weight = tl.load(topk_weights_ptr + rows, mask=row_ok, other=0.0)
+    acc = acc * weight[:, None]
+    out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_out + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _check_inputs(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                  w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None) -> bool:
+    """Validate the ``fused_experts`` arguments; returns whether this is the FP8 path."""
+    names = {"hidden_states": hidden_states, "w13": w13, "w2": w2,
+             "topk_weights": topk_weights, "topk_ids": topk_ids}
+    for name, t in names.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, (t, dims) in {"hidden_states": (hidden_states, 2), "w13": (w13, 3), "w2": (w2, 3),
+                            "topk_weights": (topk_weights, 2), "topk_ids": (topk_ids, 2)}.items():
+        if t.dim() != dims:
+            raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
+    for name, t in names.items():
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (strides {t.stride()} for shape "
+                             f"{tuple(t.shape)}); call .contiguous() first")
+        if t.device != hidden_states.device:
+            raise ValueError(f"{name} is on {t.device}, hidden_states on {hidden_states.device}")
+
+    num_tokens, hidden = hidden_states.shape
+    num_experts, two_inter, w13_hidden = w13.shape
+    if two_inter % 2:
+        raise ValueError(f"w13 must be [E, 2*I, H] (gate rows then up rows), got odd dim 1 = {two_inter}")
+    inter = two_inter // 2
+    if w13_hidden != hidden:
+        raise ValueError(f"w13 hidden size {w13_hidden} != hidden_states hidden size {hidden}")
+    if tuple(w2.shape) != (num_experts, hidden, inter):
+        raise ValueError(f"w2 must be [E, H, I] = {(num_experts, hidden, inter)}, got {tuple(w2.shape)}")
+    if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != num_tokens:
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
+                         f"must both be [T={num_tokens}, K]")
+    top_k = topk_ids.shape[1]
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+    if hidden_states.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"hidden_states dtype {hidden_states.dtype} not in {ACTIVATION_DTYPES}")
+    if topk_weights.dtype != torch.float32:
+        raise TypeError(f"topk_weights must be float32, got {topk_weights.dtype}")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+
+    use_fp8 = w13.dtype == FP8_DTYPE
+    if use_fp8:
+        if w2.dtype != FP8_DTYPE:
+            raise TypeError(f"w13 is {w13.dtype} but w2 is {w2.dtype}; both must be {FP8_DTYPE}")
+        expected = {"w13_scale": (w13_scale, (num_experts, triton.cdiv(two_inter, 128), triton.cdiv(hidden, 128))),
+                    "w2_scale": (w2_scale, (num_experts, triton.cdiv(hidden, 128), triton.cdiv(inter, 128)))}
+        for name, (scale, shape) in expected.items():
+            if scale is None:
+                raise ValueError(f"FP8 weights need {name} (float32 128x128 block scales of shape {shape})")
+            if scale.dtype != torch.float32 or tuple(scale.shape) != shape or not scale.is_contiguous():
+                raise ValueError(f"{name} must be contiguous float32 {shape}, got {scale.dtype} "
+                                 f"{tuple(scale.shape)} contiguous={scale.is_contiguous()}")
+            if scale.device != hidden_states.device:
+                raise ValueError(f"{name} is on {scale.device}, hidden_states on {hidden_states.device}")
+    else:
+        if w13.dtype != hidden_states.dtype or w2.dtype != hidden_states.dtype:
+            raise TypeError(f"w13 ({w13.dtype}) and w2 ({w2.dtype}) must match hidden_states "
+                            f"({hidden_states.dtype}), or both be {FP8_DTYPE} with scales")
+        if w13_scale is not None or w2_scale is not None:
+            raise ValueError(f"w13_scale/w2_scale are only for {FP8_DTYPE} weights, got {w13.dtype}")
+
+    if topk_ids.numel() and (topk_ids.device.type == "cpu" or CHECK_IDS_ON_GPU):
+        low, high = int(topk_ids.min()), int(topk_ids.max())
+        if low < 0 or high >= num_experts:
+            bad = low if low < 0 else high
+            raise ValueError(f"topk_ids contains {bad}, outside [0, num_experts={num_experts})")
+    return use_fp8
+
+
+def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
+                  w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+                  config: MoEConfig | None = None) -> torch.Tensor:
+    """``out[t] = sum_k topk_weights[t,k] * (silu(x W1_e^T) * (x W3_e^T)) W2_e^T``, e = topk_ids[t,k].
+
+    ``w13`` is ``[E, 2I, H]`` with gate rows ``[0, I)`` and up rows ``[I, 2I)``; ``w2`` is
+    ``[E, H, I]``. bf16/fp16/fp32 weights must match ``hidden_states``; float8_e4m3fn weights
+    need ``w13_scale``/``w2_scale`` (128x128 block scales) and run the FP8 path. ``config``
+    overrides the shipped tile table (tuning and tests only).
+    """
+    use_fp8 = _check_inputs(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    num_tokens, hidden = hidden_states.shape
+    num_experts, two_inter, _ = w13.shape
+    inter = two_inter // 2
+    top_k = topk_ids.shape[1]
+    device = hidden_states.device
+    if num_tokens == 0:
+        return torch.zeros(0, hidden, dtype=hidden_states.dtype, device=device)
+    if config is None:
+        config = get_config(num_tokens, top_k, num_experts, hidden, inter, use_fp8, device)
+    if use_fp8 and (config.gemm1.block_n != GROUP_SIZE or config.gemm1.block_k != GROUP_SIZE
+                    or config.gemm2.block_k != GROUP_SIZE):
+        raise ValueError(f"FP8 needs gemm1 block_n=block_k=128 and gemm2 block_k=128, got {config}")
+
+    alignment = moe_align_block_size(topk_ids, num_experts, config.block_m)
+    return _grouped_experts(hidden_states, w13, w2, topk_weights, alignment, config,
+                            w13_scale if use_fp8 else None, w2_scale if use_fp8 else None)
+
+
+def _grouped_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                     topk_weights: torch.Tensor, alignment: ExpertAlignment, config: MoEConfig,
+                     w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None) -> torch.Tensor:
+    """Token quantisation (FP8), the two GEMM launches and the K-slot combine."""
+    num_tokens, hidden = hidden_states.shape
+    if w13_scale is not None:
+        x, x_scale = quantize_tokens_fp8_group(hidden_states)
+    else:
+        x, x_scale = hidden_states, None
+    act, act_scale = run_gemm1(x, x_scale, w13, w13_scale, alignment, config.gemm1)
+    slots = run_gemm2(act, act_scale, w2, w2_scale, topk_weights, alignment, config.gemm2,
+                      hidden_states.dtype)
+    return slots.view(num_tokens, alignment.num_rows // num_tokens, hidden).sum(dim=1)
+
+
+def run_gemm1(x: torch.Tensor, x_scale: torch.Tensor | None, w13: torch.Tensor,
+              w13_scale: torch.Tensor | None, alignment: ExpertAlignment,
+              cfg: GemmConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """GEMM 1 launch: ``act [max_padded_rows, I]`` in expert-sorted order (+ 1x128 scales if FP8).
+
+    ``x`` is ``[T, H]`` in token order (e4m3 with ``x_scale [T, ceil(H/128)]`` for FP8).
+    """
+    use_fp8 = x_scale is not None
+    hidden = x.shape[1]
+    inter = w13.shape[1] // 2
+    device = x.device
+    padded_rows = alignment.max_padded_rows
+    blocks_m = padded_rows // cfg.block_m
+    dummy = torch.empty(1, dtype=torch.float32, device=device)
+    if use_fp8:
+        act = torch.empty(padded_rows, inter, dtype=FP8_DTYPE, device=device)
+        act_scale = torch.empty(padded_rows, triton.cdiv(inter, GROUP_SIZE), dtype=torch.float32, device=device)
+        scale_args = (x_scale, w13_scale, act_scale)
+        scale_strides = (x_scale.stride(0), w13_scale.stride(0), w13_scale.stride(1), act_scale.stride(0))
+    else:
+        act = torch.empty(padded_rows, inter, dtype=x.dtype, device=device)
+        act_scale = None
+        scale_args = (dummy, dummy, dummy)
+        scale_strides = (0, 0, 0, 0)
+    _gemm1_gate_up_silu_kernel[(blocks_m * triton.cdiv(inter, cfg.block_n),)](
+        x, scale_args[0], w13, scale_args[1], act, scale_args[2],
+        alignment.sorted_row_ids, alignment.block_expert_ids, alignment.num_padded_rows,
+        alignment.num_rows, inter, hidden, blocks_m, alignment.num_rows // x.shape[0],
+        x.stride(0), scale_strides[0], w13.stride(0), w13.stride(1), scale_strides[1], scale_strides[2],
+        act.stride(0), scale_strides[3],
+        USE_FP8=use_fp8, EVEN_K=hidden % cfg.block_k == 0,
+        # The Triton CPU interpreter multiplies bf16 dot operands as their uint16 bit patterns;
+        # there, upcast them (bf16 products are exact in fp32, so the math is unchanged).
+        DOT_IN_FP32=INTERPRETING and x.dtype == torch.bfloat16, ROUND_IN_FP32=ROUND_E4M3_IN_FP32,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return act, act_scale
+
+
+def run_gemm2(act: torch.Tensor, act_scale: torch.Tensor | None, w2: torch.Tensor,
+              w2_scale: torch.Tensor | None, topk_weights: torch.Tensor, alignment: ExpertAlignment,
+              cfg: GemmConfig, out_dtype: torch.dtype) -> torch.Tensor:
+    """GEMM 2 launch: ``slots [T*K, H]``, row ``t*K+k`` = weighted output of token t's k-th expert."""
+    use_fp8 = act_scale is not None
+    hidden, inter = w2.shape[1], w2.shape[2]
+    device = act.device
+    blocks_m = alignment.max_padded_rows // cfg.block_m
+    dummy = torch.empty(1, dtype=torch.float32, device=device)
+    slots = torch.empty(alignment.num_rows, hidden, dtype=out_dtype, device=device)
+    if use_fp8:
+        scale_args = (act_scale, w2_scale)
+        scale_strides = (act_scale.stride(0), w2_scale.stride(0), w2_scale.stride(1))
+    else:
+        scale_args = (dummy, dummy)
+        scale_strides = (0, 0, 0)
+    _gemm2_down_scatter_kernel[(blocks_m * triton.cdiv(hidden, cfg.block_n),)](
+        act, scale_args[0], w2, scale_args[1], slots, topk_weights,
+        alignment.sorted_row_ids, alignment.block_expert_ids, alignment.num_padded_rows,
+        alignment.num_rows, hidden, inter, blocks_m,
+        act.stride(0), scale_strides[0], w2.stride(0), w2.stride(1), scale_strides[1], scale_strides[2],
+        slots.stride(0),
+        USE_FP8=use_fp8, EVEN_K=inter % cfg.block_k == 0,
+        DOT_IN_FP32=INTERPRETING and act.dtype == torch.bfloat16,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return slots
+
+
+def fused_experts_reference(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                            topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
+                            w13_scale: torch.Tensor | None = None,
+                            w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain-torch definition of :func:`fused_experts`: a loop over experts in fp32.
+
+    FP8 weights are dequantised; the activations go through the same 1x128 e4m3
+    quantise-dequantise as in the kernel (input tokens and the SiLU*mul output), so the
+    reference differs from the kernel only by accumulation order and rounding.
+    """
+    use_fp8 = w13.dtype == FP8_DTYPE
+    num_tokens, hidden = hidden_states.shape
+    inter = w13.shape[1] // 2
+    x = hidden_states.float()
+    if use_fp8:
+        x = dequantize_fp8_block(*quantize_weights_fp8_block(x, (1, GROUP_SIZE)), (1, GROUP_SIZE))
+        w13_f, w2_f = dequantize_fp8_block(w13, w13_scale), dequantize_fp8_block(w2, w2_scale)
+    else:
+        w13_f, w2_f = w13.float(), w2.float()
+    out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=hidden_states.device)
+    for expert in range(w13.shape[0]):
+        token_idx, slot_idx = torch.nonzero(topk_ids == expert, as_tuple=True)
+        if token_idx.numel() == 0:
+            continue
+        gate_up = x[token_idx] @ w13_f[expert].T
+        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        if use_fp8:
+            act = dequantize_fp8_block(*quantize_weights_fp8_block(act, (1, GROUP_SIZE)), (1, GROUP_SIZE))
+        y = act @ w2_f[expert].T
+        out.index_add_(0, token_idx, y * topk_weights[token_idx, slot_idx, None])
+    return out.to(hidden_states.dtype)
