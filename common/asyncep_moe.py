@@ -1,0 +1,198 @@
+"""The AsyncEP MoE layer: all experts, this rank's own tokens, weights from the streamer.
+
+Where expert parallelism moves activations to the experts (dispatch AllToAll, combine
+AllToAll), AsyncEP moves the experts to the activations: the streamer has gathered the
+layer's full expert weights, so each rank routes and computes its own tokens locally and
+the tokens never leave the rank. Expert load balance is perfect by construction.
+
+    hidden [T, H], router_logits [T, E]
+        -> select_experts            top-k per the model's rule (softmax / sigmoid, renorm)
+        -> streamer.acquire(layer)   gathered w13 [S, 2I, H], w2 [S, H, I] (S >= E slots)
+        -> experts kernel            pluggable: Triton on GPU, grouped_mm, or a reference loop
+        -> streamer.release(layer)
+        -> out [T, H]
+
+The experts kernel is any callable ``fn(hidden, w13, w2, topk_weights, topk_ids, **scales)``
+with vLLM's weight layout (``w13`` rows ``[0, I)`` gate, ``[I, 2I)`` up; SiLU-gated).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from zeroprefill.common.streamer import ExpertWeightStreamer
+
+ExpertsKernel = Callable[..., torch.Tensor]
+
+SCORING_FUNCS = ("softmax", "sigmoid")
+
+
+def select_experts(
+    router_logits: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    scoring_func: str = "softmax",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing: ``(topk_weights float32 [T, K], topk_ids int64 [T, K])``.
+
+    ``softmax``: probabilities over all experts, top-k, optionally renormalised to sum to one
+    (Qwen3 ``norm_topk_prob``; Mixtral's softmax over the selected logits is the same thing).
+    ``sigmoid``: independent sigmoid scores (DeepSeek-V3 style, without group limits).
+    """
+    if router_logits.dim() != 2:
+        raise ValueError(f"router_logits must be [tokens, experts], got shape {tuple(router_logits.shape)}")
+    num_experts = router_logits.shape[1]
+    if not 0 < top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} must be in 1..{num_experts} (the number of experts)")
+    if scoring_func == "softmax":
+        scores = torch.softmax(router_logits.float(), dim=-1)
+    elif scoring_func == "sigmoid":
+        scores = torch.sigmoid(router_logits.float())
+    else:
+        raise ValueError(f"unknown scoring_func {scoring_func!r}; choose one of {SCORING_FUNCS}")
+    topk_weights, topk_ids = torch.topk(scores, top_k, dim=-1)
+    if renormalize:
+        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+    return topk_weights, topk_ids
+
+
+def experts_reference(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Plain-torch experts: a loop over the experts that received tokens (any device)."""
+    num_tokens, hidden = hidden_states.shape
+    out = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=hidden_states.device)
+    if num_tokens == 0:
+        return out.to(hidden_states.dtype)
+    intermediate = w2.shape[2]
+    flat_ids = topk_ids.reshape(-1)
+    flat_tokens = torch.arange(num_tokens, device=hidden_states.device).repeat_interleave(topk_ids.shape[1])
+    flat_weights = topk_weights.reshape(-1).float()
+    for expert in torch.unique(flat_ids).tolist():
+        rows = (flat_ids == expert).nonzero(as_tuple=True)[0]
+        tokens = flat_tokens[rows]
+        x = hidden_states[tokens]
+        gate_up = x @ w13[expert].t()
+        act = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
+        y = (act @ w2[expert].t()).float() * flat_weights[rows, None]
+        out.index_add_(0, tokens, y)
+    return out.to(hidden_states.dtype)
+
+
+def experts_grouped_mm(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Experts with ``torch._grouped_mm`` (CUDA, bf16): sort by expert, two grouped GEMMs."""
+    num_tokens, hidden = hidden_states.shape
+    num_slots, intermediate = w13.shape[0], w2.shape[2]
+    top_k = topk_ids.shape[1]
+    flat_ids = topk_ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    token_of_row = order // top_k
+    counts = torch.bincount(flat_ids, minlength=num_slots)
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    x = hidden_states[token_of_row]
+    gate_up = torch._grouped_mm(x, w13.transpose(1, 2), offs=offsets)
+    act = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
+    y = torch._grouped_mm(act, w2.transpose(1, 2), offs=offsets)
+    y = y.float() * topk_weights.reshape(-1)[order, None].float()
+    out = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=hidden_states.device)
+    out.index_add_(0, token_of_row, y)
+    return out.to(hidden_states.dtype)
+
+
+def default_experts_kernel(device: torch.device, weight_dtype: torch.dtype) -> ExpertsKernel:
+    """Our Triton kernel on CUDA when it is importable, else grouped_mm (bf16), else the loop."""
+    if torch.device(device).type == "cuda":
+        try:
+            from zeroprefill.kernels import fused_experts
+
+            return fused_experts
+        except ImportError:
+            if weight_dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+                return experts_grouped_mm
+    return experts_reference
+
+
+class AsyncEPMoE:
+    """One MoE layer under AsyncEP: route locally, compute all experts on local tokens.
+
+    Args:
+        streamer: the rank's weight streamer (shared by all MoE layers of the model).
+        layer: this layer's position among the model's MoE layers (0-based, execution order).
+        top_k, renormalize, scoring_func: the model's routing rule (see :func:`select_experts`).
+        experts_kernel: overrides :func:`default_experts_kernel`.
+    """
+
+    def __init__(
+        self,
+        streamer: ExpertWeightStreamer,
+        layer: int,
+        top_k: int,
+        renormalize: bool,
+        scoring_func: str = "softmax",
+        experts_kernel: ExpertsKernel | None = None,
+    ) -> None:
+        num_experts = streamer.layout.num_experts
+        if not 0 <= layer < streamer.num_layers:
+            raise ValueError(f"layer {layer} is outside the streamer's {streamer.num_layers} MoE layers")
+        if not 0 < top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be in 1..{num_experts} (the number of experts)")
+        if scoring_func not in SCORING_FUNCS:
+            raise ValueError(f"unknown scoring_func {scoring_func!r}; choose one of {SCORING_FUNCS}")
+        self.streamer = streamer
+        self.layer = layer
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.scoring_func = scoring_func
+        w13_shape, w13_dtype = streamer.expert_shapes["w13"]
+        self.hidden_size = w13_shape[1]
+        self.experts_kernel = experts_kernel or default_experts_kernel(streamer.device, w13_dtype)
+
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """MoE output ``[T, H]`` for this rank's ``T`` tokens (``T`` may be 0: still joins)."""
+        if hidden_states.dim() != 2 or hidden_states.shape[1] != self.hidden_size:
+            raise ValueError(
+                f"hidden_states must be [tokens, {self.hidden_size}], got shape {tuple(hidden_states.shape)}"
+            )
+        expected_logits = (hidden_states.shape[0], self.streamer.layout.num_experts)
+        if tuple(router_logits.shape) != expected_logits:
+            raise ValueError(f"router_logits must have shape {expected_logits}, got {tuple(router_logits.shape)}")
+        topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize, self.scoring_func)
+        experts = self.streamer.acquire(self.layer)
+        try:
+            if experts.slot_of_expert is not None:
+                topk_ids = experts.slot_of_expert[topk_ids]
+            scales = {name: t for name, t in experts.items() if name.endswith("_scale")}
+            return self.experts_kernel(
+                hidden_states.contiguous(), experts["w13"], experts["w2"], topk_weights, topk_ids, **scales
+            )
+        finally:
+            self.streamer.release(self.layer)
+
+    __call__ = forward
+
+
+def moe_reference(
+    hidden_states: torch.Tensor,
+    router_logits: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    scoring_func: str = "softmax",
+) -> torch.Tensor:
+    """Dense single-process MoE with every expert resident: the ground truth for AsyncEP."""
+    topk_weights, topk_ids = select_experts(router_logits, top_k, renormalize, scoring_func)
+    return experts_reference(hidden_states, w13, w2, topk_weights, topk_ids)

@@ -1,0 +1,284 @@
+"""AsyncEP weight streaming: gather MoE layer l+d while layer l computes.
+
+Data path of one MoE layer on one rank (each box names the class that owns it)::
+
+    [expert shards]          each rank stores 1/N of every MoE layer     ExpertShardLayout
+          |
+    [transport: gather l+d]  side stream, async, lockstep across ranks   GatherTransport
+          |
+    [ring buffer slot]       (d + 1) slots of one full layer each       ExpertWeightStreamer
+          |
+    [experts kernel on       all experts, this rank's own tokens only   AsyncEPMoE
+     local tokens]
+          |
+    [release slot]           compute-stream event; the slot's next      ExpertWeightStreamer
+                             gather waits on it
+
+The streamer sees MoE layers as one endless sequence ``k = pass * L + l`` and keeps the
+gathers of ``k+1 .. k+d`` in flight while ``k`` computes (``d`` = prefetch depth). With
+``prefetch_across_passes`` the next forward pass's first layers stream during this pass's
+last ones, so layer 0's gather is exposed only on the very first pass.
+
+Ordering without host syncs (CUDA): ``issue(k)`` makes the side stream wait on the
+``released`` event of the slot's previous layer, enqueues the gather and records
+``gathered[slot]``; ``acquire(k)`` makes the compute stream wait on ``gathered[slot]``;
+``release(k)`` records ``released[slot]`` on the compute stream. Gather buffers are allocated
+once and never freed, so the caching allocator cannot recycle them under a pending copy.
+On CPU the same sequence runs with gloo's asynchronous work objects and host waits.
+
+Collective transports need every rank to issue every gather in the same order, so a rank
+with no tokens still acquires and releases every layer (``AsyncEPMoE`` does this for an
+empty batch). A gather that does not complete within ``timeout_s`` raises
+:class:`~zeroprefill.common.transport.GatherTimeoutError` naming the layer and the rank.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from zeroprefill.common.expert_sharding import ExpertShardLayout
+from zeroprefill.common.transport import GatherHandle, GatherTimeoutError, GatherTransport
+
+
+@dataclass
+class GatheredExperts(Mapping[str, torch.Tensor]):
+    """One MoE layer's full expert tensors in a ring slot, valid until ``release``.
+
+    ``slot_of_expert`` maps expert ids to buffer slots (``None`` when it is the identity).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    slot_of_expert: torch.Tensor | None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+class ExpertWeightStreamer:
+    """Streams every MoE layer's full experts into a ring of ``prefetch_depth + 1`` buffers.
+
+    Args:
+        layer_shards: per MoE layer (in execution order), this rank's shard of each named
+            expert tensor, ``[layout.capacity, ...]``; e.g. ``{"w13": ..., "w2": ...}`` and,
+            for FP8, their block scales. Every layer must have the same names and shapes.
+        layout: how experts are split over the transport's ranks.
+        transport: how shards are gathered (see ``transport.py``).
+        prefetch_depth: layers gathered ahead of the one computing (``d >= 1``).
+        prefetch_across_passes: start the next pass's first gathers during this pass.
+        timeout_s: how long a gather may take before it is reported as stuck.
+    """
+
+    def __init__(
+        self,
+        layer_shards: Sequence[Mapping[str, torch.Tensor]],
+        layout: ExpertShardLayout,
+        transport: GatherTransport,
+        prefetch_depth: int = 1,
+        prefetch_across_passes: bool = True,
+        timeout_s: float = 300.0,
+    ) -> None:
+        if prefetch_depth < 1:
+            raise ValueError(f"prefetch_depth must be >= 1, got {prefetch_depth}")
+        if not layer_shards:
+            raise ValueError("layer_shards is empty: nothing to stream")
+        if layout.world_size != transport.world_size:
+            raise ValueError(
+                f"layout has world_size={layout.world_size} but the transport's group has "
+                f"{transport.world_size} ranks"
+            )
+        self.layout = layout
+        self.transport = transport
+        self.num_layers = len(layer_shards)
+        # Within one pass there is nothing to prefetch beyond the last layer.
+        self.prefetch_depth = prefetch_depth if prefetch_across_passes else min(prefetch_depth, self.num_layers)
+        self.prefetch_across_passes = prefetch_across_passes
+        self.timeout_s = timeout_s
+        self.rank = transport.rank
+
+        self.expert_shapes = _check_shards(layer_shards, layout.capacity)
+        self._check_same_shapes_across_ranks()
+        self._shards = transport.register([dict(s) for s in layer_shards])
+        self.device = next(iter(self._shards[0].values())).device
+        self._cuda = self.device.type == "cuda"
+
+        num_slots = self.prefetch_depth + 1
+        self._slots = [
+            {
+                name: torch.empty((layout.num_slots, *shape), dtype=dtype, device=self.device)
+                for name, (shape, dtype) in self.expert_shapes.items()
+            }
+            for _ in range(num_slots)
+        ]
+        slot_map = layout.slot_of_expert()
+        self._slot_of_expert = (
+            None if layout.is_identity else torch.tensor(slot_map, dtype=torch.int64, device=self.device)
+        )
+        if self._cuda:
+            self._side_stream = torch.cuda.Stream(device=self.device, priority=-1)
+            # Shards and buffers were written on the compute stream; gathers read/write them.
+            self._side_stream.wait_stream(torch.cuda.current_stream(self.device))
+            self._gathered = [torch.cuda.Event() for _ in range(num_slots)]
+            self._released = [torch.cuda.Event() for _ in range(num_slots)]
+        self._slot_used = [False] * num_slots
+        # (sequence number, handles, issue time) of every gather not yet consumed.
+        self._in_flight: dict[int, tuple[list[GatherHandle], float]] = {}
+        self._next_to_issue = 0  # sequence number of the next gather to issue
+        self._next_to_acquire = 0  # sequence number of the next layer to compute
+        self._acquired: int | None = None
+
+    # -- public API -----------------------------------------------------------------------
+    @property
+    def gather_buffer_bytes(self) -> int:
+        """Device memory held by the ring of gather buffers."""
+        return sum(t.numel() * t.element_size() for slot in self._slots for t in slot.values())
+
+    def acquire(self, layer: int) -> GatheredExperts:
+        """Wait (on the compute stream) for ``layer``'s experts and return them.
+
+        Layers must be acquired in execution order ``0, 1, ..., L-1, 0, 1, ...`` and each
+        released before the next is acquired.
+        """
+        if self._acquired is not None:
+            raise RuntimeError(
+                f"MoE layer {self._acquired % self.num_layers} is still acquired on rank {self.rank}; "
+                "release it before acquiring the next layer"
+            )
+        expected = self._next_to_acquire % self.num_layers
+        if layer != expected:
+            raise RuntimeError(
+                f"rank {self.rank} acquired MoE layer {layer} but layer {expected} is next: "
+                "layers must run in order on every rank (collective gathers are in lockstep)"
+            )
+        seq = self._next_to_acquire
+        self._issue_up_to(seq + self.prefetch_depth)
+        slot = seq % len(self._slots)
+        handles, issued_at = self._in_flight.pop(seq)
+        self._wait(seq, handles, issued_at)
+        if self._cuda:
+            torch.cuda.current_stream(self.device).wait_event(self._gathered[slot])
+        self._acquired = seq
+        return GatheredExperts(self._slots[slot], self._slot_of_expert)
+
+    def release(self, layer: int) -> None:
+        """Mark ``layer``'s ring slot reusable once the compute enqueued so far has run."""
+        if self._acquired is None or self._acquired % self.num_layers != layer:
+            raise RuntimeError(f"rank {self.rank} released MoE layer {layer}, which is not acquired")
+        slot = self._acquired % len(self._slots)
+        if self._cuda:
+            self._released[slot].record(torch.cuda.current_stream(self.device))
+        self._acquired = None
+        self._next_to_acquire += 1
+        at_pass_end = self._next_to_acquire % self.num_layers == 0
+        if at_pass_end and not self.prefetch_across_passes:
+            return
+        # Start the gather that reuses this slot now, so it overlaps the next layer's compute.
+        self._issue_up_to(self._next_to_acquire + self.prefetch_depth)
+
+    def close(self) -> None:
+        """Wait for every gather still in flight (e.g. the next pass's prefetch) to finish."""
+        for seq in sorted(self._in_flight):
+            handles, issued_at = self._in_flight.pop(seq)
+            self._wait(seq, handles, issued_at)
+        if self._cuda:
+            self._side_stream.synchronize()
+
+    # -- internals ------------------------------------------------------------------------
+    def _issue_up_to(self, last_seq: int) -> None:
+        if not self.prefetch_across_passes:
+            pass_end = (self._next_to_acquire // self.num_layers + 1) * self.num_layers - 1
+            last_seq = min(last_seq, pass_end)
+        while self._next_to_issue <= last_seq:
+            self._issue(self._next_to_issue)
+            self._next_to_issue += 1
+
+    def _issue(self, seq: int) -> None:
+        slot = seq % len(self._slots)
+        if seq - len(self._slots) >= self._next_to_acquire:
+            raise AssertionError(f"ring overrun: gather {seq} would overwrite a slot not yet computed")
+        layer = seq % self.num_layers
+        self._check_stalled()
+        buffers = self._slots[slot]
+        if self._cuda:
+            with torch.cuda.stream(self._side_stream):
+                if self._slot_used[slot]:
+                    self._side_stream.wait_event(self._released[slot])
+                handles = [self.transport.gather(layer, name, out) for name, out in buffers.items()]
+                self._gathered[slot].record(self._side_stream)
+        else:
+            handles = [self.transport.gather(layer, name, out) for name, out in buffers.items()]
+        self._slot_used[slot] = True
+        self._in_flight[seq] = (handles, time.monotonic())
+
+    def _wait(self, seq: int, handles: list[GatherHandle], issued_at: float) -> None:
+        remaining = max(self.timeout_s - (time.monotonic() - issued_at), 0.0)
+        try:
+            for handle in handles:
+                handle.wait(remaining)
+        except GatherTimeoutError as exc:
+            raise GatherTimeoutError(
+                f"expert-weight gather for MoE layer {seq % self.num_layers} did not complete on "
+                f"rank {self.rank} of {self.transport.world_size} within {self.timeout_s:.0f} s "
+                f"(transport {self.transport.name}): {exc}. A peer rank died or skipped this layer; "
+                "every rank must run every MoE layer, with an empty batch if it has no tokens."
+            ) from exc
+
+    def _check_stalled(self) -> None:
+        """On CUDA, report the oldest gather if the device has not finished it in time."""
+        if not self._cuda or not self._in_flight:
+            return
+        oldest = min(self._in_flight)
+        _, issued_at = self._in_flight[oldest]
+        if time.monotonic() - issued_at > self.timeout_s and not self._gathered[oldest % len(self._slots)].query():
+            raise GatherTimeoutError(
+                f"expert-weight gather for MoE layer {oldest % self.num_layers} has not completed on "
+                f"rank {self.rank} after {self.timeout_s:.0f} s (transport {self.transport.name})"
+            )
+
+    def _check_same_shapes_across_ranks(self) -> None:
+        if not self.transport.is_collective or self.transport.world_size == 1 or not dist.is_initialized():
+            return
+        mine = sorted((name, tuple(shape), str(dtype)) for name, (shape, dtype) in self.expert_shapes.items())
+        everyone: list[object] = [None] * self.transport.world_size
+        dist.all_gather_object(everyone, mine, group=self.transport.group)
+        for rank, theirs in enumerate(everyone):
+            if theirs != mine:
+                raise ValueError(
+                    f"expert shard shapes differ between rank {self.rank} {mine} and rank {rank} "
+                    f"{theirs}: every rank must hold a [capacity, ...] shard of the same tensors"
+                )
+
+
+def _check_shards(
+    layer_shards: Sequence[Mapping[str, torch.Tensor]], capacity: int
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every layer has the same tensor names, per-expert shapes and dtypes; dim 0 is capacity."""
+    first = layer_shards[0]
+    signature = {name: (tuple(t.shape[1:]), t.dtype) for name, t in first.items()}
+    if not signature:
+        raise ValueError("MoE layer 0 has no expert tensors")
+    for layer, shards in enumerate(layer_shards):
+        if set(shards) != set(signature):
+            raise ValueError(
+                f"MoE layer {layer} has expert tensors {sorted(shards)} but layer 0 has {sorted(signature)}"
+            )
+        for name, tensor in shards.items():
+            shape, dtype = signature[name]
+            if tensor.dim() == 0 or tensor.shape[0] != capacity or tuple(tensor.shape[1:]) != shape:
+                raise ValueError(
+                    f"MoE layer {layer} shard {name!r} has shape {tuple(tensor.shape)}, expected "
+                    f"{(capacity, *shape)} (capacity={capacity} experts per rank)"
+                )
+            if tensor.dtype != dtype:
+                raise ValueError(f"MoE layer {layer} shard {name!r} is {tensor.dtype}, layer 0's is {dtype}")
+    return signature

@@ -1,0 +1,196 @@
+"""Transports that assemble one MoE layer's expert shards into a full gather buffer.
+
+A transport moves *weights*, never activations: every rank contributes its shard
+``[capacity, ...]`` of a named expert tensor and receives all ranks' shards in rank order,
+``[world_size * capacity, ...]``. The streamer (``streamer.py``) decides *when* to gather and
+into which ring slot; a transport only decides *how*:
+
+- :class:`GlooAllGather`: ``torch.distributed`` all-gather over gloo (CPU; tests, CPU serving).
+  Asynchronous on gloo's worker threads, so it overlaps the caller's compute on CPU too.
+- :class:`NcclAllGather`: ``all_gather_into_tensor`` over NCCL, enqueued on the streamer's
+  side stream. SM-based: its kernels share SMs and HBM with the compute they hide behind.
+- :class:`CopyEngineGather`: every rank's shards live in torch symmetric memory; a gather is
+  ``world_size - 1`` peer-to-peer ``cudaMemcpyAsync`` pulls on the side stream, executed by
+  the copy engines, not SMs (DESIGN.md: about half the compute slowdown of NCCL). Expert
+  weights are read-only while serving, so a pull needs no handshake with the peer: no
+  lockstep, no barrier per layer.
+
+All transports are used the same way: ``register(layer_shards)`` once (a transport may move
+shards into memory it can share), then ``gather(layer, name, out)`` per tensor per layer, on
+whatever stream is current, returning a :class:`GatherHandle`.
+"""
+
+from __future__ import annotations
+
+import datetime
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+TRANSPORTS = ("gloo", "nccl", "copy_engine")
+
+
+class GatherTimeoutError(RuntimeError):
+    """A weight gather did not complete in time (a peer died or diverged from lockstep)."""
+
+
+class GatherHandle:
+    """Completion of one issued gather.
+
+    On CUDA, ordering is by stream: the gather is complete for any work enqueued after it on
+    the same stream, so :meth:`wait` only orders the *current* stream. On CPU, :meth:`wait`
+    blocks the calling thread until the data has arrived, up to ``timeout_s``.
+    """
+
+    def __init__(self, work: dist.Work | None = None) -> None:
+        self._work = work
+
+    def wait(self, timeout_s: float) -> None:
+        if self._work is None:
+            return
+        try:
+            completed = self._work.wait(datetime.timedelta(seconds=timeout_s))
+        except RuntimeError as exc:  # gloo raises on timeout or a dead peer
+            raise GatherTimeoutError(str(exc).splitlines()[0]) from exc
+        if completed is False:
+            raise GatherTimeoutError(f"no completion after {timeout_s:.0f} s")
+
+
+class GatherTransport(ABC):
+    """How a layer's expert shards become one gathered tensor on every rank."""
+
+    name: str
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size(group) if dist.is_initialized() else 1
+
+    def register(self, layer_shards: Sequence[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """Adopt every layer's shards; returns the tensors the streamer must use from now on."""
+        return [dict(shards) for shards in layer_shards]
+
+    @property
+    def is_collective(self) -> bool:
+        """True if every rank must issue every gather in the same order (lockstep)."""
+        return True
+
+    @abstractmethod
+    def gather(self, layer: int, name: str, out: torch.Tensor) -> GatherHandle:
+        """Fill ``out`` (``[world_size * capacity, ...]``) with all ranks' shards of ``name``."""
+
+
+class _ProcessGroupAllGather(GatherTransport):
+    """AllGather through ``torch.distributed`` on the registered shards."""
+
+    def register(self, layer_shards: Sequence[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        self._shards = [{k: v.contiguous() for k, v in shards.items()} for shards in layer_shards]
+        return self._shards
+
+    def gather(self, layer: int, name: str, out: torch.Tensor) -> GatherHandle:
+        shard = self._shards[layer][name]
+        if self.world_size == 1:
+            out.copy_(shard, non_blocking=True)
+            return GatherHandle()
+        work = dist.all_gather_into_tensor(out, shard, group=self.group, async_op=True)
+        return self._after_issue(work)
+
+    def _after_issue(self, work: dist.Work) -> GatherHandle:
+        return GatherHandle(work)
+
+
+class GlooAllGather(_ProcessGroupAllGather):
+    name = "gloo"
+
+
+class NcclAllGather(_ProcessGroupAllGather):
+    name = "nccl"
+
+    def _after_issue(self, work: dist.Work) -> GatherHandle:
+        # Make the current (side) stream wait for NCCL's internal stream; the host does not block.
+        work.wait()
+        return GatherHandle()
+
+
+class CopyEngineGather(GatherTransport):
+    """Peer pulls from torch symmetric memory with ``cudaMemcpyAsync`` (copy engines, no SMs)."""
+
+    name = "copy_engine"
+
+    @property
+    def is_collective(self) -> bool:
+        return False
+
+    def register(self, layer_shards: Sequence[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        tensors = [(layer, name, t) for layer, shards in enumerate(layer_shards) for name, t in shards.items()]
+        if not tensors:
+            raise ValueError("no expert shards to register")
+        device = tensors[0][2].device
+        dtype_bytes = {t.dtype: t.element_size() for _, _, t in tensors}
+        # One symmetric byte pool per rank holding every shard, each 256-byte aligned.
+        offsets: list[int] = []
+        total_bytes = 0
+        for _, _, t in tensors:
+            offsets.append(total_bytes)
+            total_bytes += -(-t.numel() * t.element_size() // 256) * 256
+        pool = symm_mem.empty(total_bytes, dtype=torch.uint8, device=device)
+        group = self.group or dist.group.WORLD
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):
+            symm_mem.enable_symm_mem_for_group(group.group_name)
+        handle = symm_mem.rendezvous(pool, group.group_name)
+        adopted: list[dict[str, torch.Tensor]] = [{} for _ in layer_shards]
+        self._peer_views: list[dict[str, list[torch.Tensor]]] = [{} for _ in layer_shards]
+        for (layer, name, t), offset in zip(tensors, offsets):
+            local = pool[offset : offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+            local.copy_(t)
+            adopted[layer][name] = local
+            element_offset = offset // dtype_bytes[t.dtype]
+            self._peer_views[layer][name] = [
+                local if peer == self.rank
+                else handle.get_buffer(peer, tuple(t.shape), t.dtype, element_offset)
+                for peer in range(self.world_size)
+            ]
+        self._handle = handle  # keeps the peers' mappings alive
+        self._pool = pool
+        torch.cuda.synchronize(device)
+        dist.barrier(group=group)  # every peer has written its shards before anyone pulls
+        return adopted
+
+    def gather(self, layer: int, name: str, out: torch.Tensor) -> GatherHandle:
+        views = self._peer_views[layer][name]
+        capacity = views[0].shape[0]
+        # Remote shards first (they take longest), the local shard last (HBM copy).
+        order = [p for p in range(self.world_size) if p != self.rank] + [self.rank]
+        for peer in order:
+            out[peer * capacity : (peer + 1) * capacity].copy_(views[peer], non_blocking=True)
+        return GatherHandle()
+
+
+def make_transport(name: str, group: dist.ProcessGroup | None = None, device: torch.device | None = None) -> GatherTransport:
+    """Build a transport by name; ``"auto"`` picks the measured-fastest one for the device.
+
+    ``auto``: gloo on CPU; on CUDA the copy engine when torch has symmetric memory (DESIGN.md:
+    it halves the compute slowdown of NCCL), else NCCL.
+    """
+    if name == "auto":
+        on_cuda = device is not None and torch.device(device).type == "cuda"
+        if not on_cuda:
+            name = "gloo"
+        else:
+            try:
+                import torch.distributed._symmetric_memory  # noqa: F401
+
+                name = "copy_engine"
+            except ImportError:
+                name = "nccl"
+    if name == "gloo":
+        return GlooAllGather(group)
+    if name == "nccl":
+        return NcclAllGather(group)
+    if name == "copy_engine":
+        return CopyEngineGather(group)
+    raise ValueError(f"unknown transport {name!r}; choose one of {('auto', *TRANSPORTS)}")

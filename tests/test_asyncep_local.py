@@ -1,0 +1,96 @@
+"""AsyncEP layer and streamer in one process (world size 1): routing, errors, ordering."""
+
+import pytest
+import torch
+
+from zeroprefill.common.asyncep_moe import AsyncEPMoE, moe_reference, select_experts
+from zeroprefill.common.expert_sharding import ExpertShardLayout
+from zeroprefill.common.streamer import ExpertWeightStreamer
+from zeroprefill.common.transport import make_transport
+
+E, H, I = 6, 8, 4
+
+
+def _streamer(num_layers=2, **kwargs):
+    g = torch.Generator().manual_seed(0)
+    full = [{"w13": torch.randn(E, 2 * I, H, generator=g), "w2": torch.randn(E, H, I, generator=g)}
+            for _ in range(num_layers)]
+    layout = ExpertShardLayout(E, 1)
+    return full, ExpertWeightStreamer([layout.shard_all(f, 0) for f in full], layout, make_transport("gloo"), **kwargs)
+
+
+def test_select_experts_softmax_renormalised_and_sigmoid():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    w, ids = select_experts(logits, 2, renormalize=True)
+    assert ids.tolist() == [[3, 2]]
+    torch.testing.assert_close(w.sum(), torch.tensor(1.0))
+    p = torch.softmax(logits, -1)[0]
+    w_raw, _ = select_experts(logits, 2, renormalize=False)
+    torch.testing.assert_close(w_raw[0], p[[3, 2]])
+    w_sig, _ = select_experts(logits, 2, renormalize=False, scoring_func="sigmoid")
+    torch.testing.assert_close(w_sig[0], torch.sigmoid(logits[0, [3, 2]]))
+
+
+def test_single_rank_layer_equals_reference_over_passes():
+    full, streamer = _streamer(num_layers=3, prefetch_depth=2)
+    layers = [AsyncEPMoE(streamer, i, 2, True) for i in range(3)]
+    for _ in range(3):
+        for i, layer in enumerate(layers):
+            x, logits = torch.randn(5, H), torch.randn(5, E)
+            torch.testing.assert_close(layer(x, logits), moe_reference(x, logits, full[i]["w13"], full[i]["w2"], 2, True))
+    streamer.close()
+
+
+def test_zero_tokens_still_acquire_and_release():
+    _, streamer = _streamer()
+    layer = AsyncEPMoE(streamer, 0, 2, True)
+    assert layer(torch.zeros(0, H), torch.zeros(0, E)).shape == (0, H)
+    AsyncEPMoE(streamer, 1, 2, True)(torch.zeros(0, H), torch.zeros(0, E))
+
+
+@pytest.mark.parametrize(
+    "hidden,logits,match",
+    [
+        ((3, H + 1), (3, E), r"hidden_states must be \[tokens, 8\]"),
+        ((3, H), (3, E - 1), r"router_logits must have shape \(3, 6\)"),
+        ((3, H), (4, E), r"router_logits must have shape \(3, 6\)"),
+    ],
+)
+def test_bad_activations_are_rejected(hidden, logits, match):
+    _, streamer = _streamer()
+    with pytest.raises(ValueError, match=match):
+        AsyncEPMoE(streamer, 0, 2, True)(torch.randn(*hidden), torch.randn(*logits))
+
+
+def test_bad_layer_configuration_is_rejected():
+    _, streamer = _streamer()
+    with pytest.raises(ValueError, match=r"top_k=7 must be in 1..6"):
+        AsyncEPMoE(streamer, 0, 7, True)
+    with pytest.raises(ValueError, match="layer 5 is outside"):
+        AsyncEPMoE(streamer, 5, 2, True)
+    with pytest.raises(ValueError, match="unknown scoring_func"):
+        AsyncEPMoE(streamer, 0, 2, True, scoring_func="tanh")
+
+
+def test_out_of_order_layers_are_rejected():
+    _, streamer = _streamer()
+    with pytest.raises(RuntimeError, match="acquired MoE layer 1 but layer 0 is next"):
+        AsyncEPMoE(streamer, 1, 2, True)(torch.randn(2, H), torch.randn(2, E))
+
+
+def test_mismatched_shards_are_rejected():
+    layout = ExpertShardLayout(4, 1)
+    good = {"w13": torch.zeros(4, 2 * I, H), "w2": torch.zeros(4, H, I)}
+    transport = make_transport("gloo")
+    with pytest.raises(ValueError, match=r"layer 1 shard 'w2' has shape \(4, 8, 5\), expected \(4, 8, 4\)"):
+        ExpertWeightStreamer([good, {"w13": good["w13"], "w2": torch.zeros(4, H, I + 1)}], layout, transport)
+    with pytest.raises(ValueError, match=r"shard 'w13' has shape \(3, 8, 8\), expected \(4, 8, 8\)"):
+        ExpertWeightStreamer([{"w13": torch.zeros(3, 2 * I, H), "w2": good["w2"]}], layout, transport)
+    with pytest.raises(ValueError, match="layer 1 has expert tensors"):
+        ExpertWeightStreamer([good, {"w13": good["w13"]}], layout, transport)
+    with pytest.raises(ValueError, match="prefetch_depth must be >= 1"):
+        ExpertWeightStreamer([good], layout, transport, prefetch_depth=0)
+    with pytest.raises(ValueError, match="layout has world_size=2"):
+        ExpertWeightStreamer([good], ExpertShardLayout(4, 2), transport)
+    with pytest.raises(ValueError, match="unknown transport"):
+        make_transport("carrier-pigeon")

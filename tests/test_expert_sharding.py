@@ -1,0 +1,55 @@
+"""Expert shard layout: vLLM's EP placement, padding, slot map."""
+
+import pytest
+import torch
+
+from zeroprefill.common.expert_sharding import ExpertShardLayout
+
+
+@pytest.mark.parametrize("num_experts,world_size", [(8, 2), (7, 2), (8, 3), (128, 4), (5, 5)])
+@pytest.mark.parametrize("placement", ["linear", "round_robin"])
+def test_every_expert_owned_once_and_slot_map_points_at_it(num_experts, world_size, placement):
+    layout = ExpertShardLayout(num_experts, world_size, placement)
+    owned = [e for r in range(world_size) for e in layout.experts_of_rank(r)]
+    assert sorted(owned) == list(range(num_experts))
+    assert layout.capacity == -(-num_experts // world_size)
+    full = torch.arange(num_experts, dtype=torch.float32)[:, None].expand(num_experts, 3).contiguous() + 1
+    gathered = torch.cat([layout.shard(full, r) for r in range(world_size)])
+    assert gathered.shape[0] == layout.num_slots
+    slots = layout.slot_of_expert()
+    assert torch.equal(gathered[slots], full)
+    padding = sorted(set(range(layout.num_slots)) - set(slots))
+    assert torch.all(gathered[padding] == 0)
+
+
+def test_linear_placement_matches_vllm_expert_map():
+    # vLLM determine_expert_map: base = E // N, the first E % N ranks get one more, contiguous.
+    layout = ExpertShardLayout(7, 3)
+    assert [layout.experts_of_rank(r) for r in range(3)] == [(0, 1, 2), (3, 4), (5, 6)]
+    assert layout.slot_of_expert() == [0, 1, 2, 3, 4, 6, 7]
+    assert not layout.is_identity
+    assert ExpertShardLayout(8, 2).is_identity
+
+
+def test_round_robin_placement():
+    layout = ExpertShardLayout(6, 2, "round_robin")
+    assert layout.experts_of_rank(0) == (0, 2, 4)
+    assert layout.slot_of_expert() == [0, 3, 1, 4, 2, 5]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"num_experts": 2, "world_size": 3}, "exceeds num_experts"),
+        ({"num_experts": 0, "world_size": 1}, "num_experts must be positive"),
+        ({"num_experts": 4, "world_size": 2, "placement": "random"}, "unknown placement"),
+    ],
+)
+def test_bad_layouts_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ExpertShardLayout(**kwargs)
+
+
+def test_shard_rejects_wrong_expert_count():
+    with pytest.raises(ValueError, match="num_experts=4 rows"):
+        ExpertShardLayout(4, 2).shard(torch.zeros(5, 2), 0)
