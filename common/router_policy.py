@@ -1,0 +1,282 @@
+"""Prefill-only routing policy: true-FLOPs cost, prefix affinity, saturation-aware dispatch.
+
+A prefill-only request is known in full when it arrives, so its cost on each replica can be
+computed before any GPU work::
+
+    [RoutedRequest: prompts' token counts + block hashes]
+        -> [PrefixIndex.match_all: leading cached blocks per replica]         (prefix_index.py)
+        -> [request_flops(L, P): true FLOPs per replica, P = predicted hit]   (cost_model.py)
+        -> [placement: best prefix hit among replicas under their bound,
+            ties to the least outstanding FLOPs]
+        -> dispatched (outstanding FLOPs += cost)  |  global queue (all replicas at their bound)
+    [complete / fail] -> outstanding FLOPs -= cost -> drain the queue into freed replicas
+
+*Bound*: a replica's outstanding work is kept at ``bound_flops`` — its saturation threshold
+(the per-forward FLOPs that hide the expert-weight stream, from the planner) times a small
+factor — not at a request count. Work above it would only queue inside the engine, where it
+can no longer move to a replica that frees up sooner. An idle replica always takes one
+request, however large.
+
+*Global queue*: shortest true FLOPs first with linear aging. A request's priority key is
+``cost_flops - aging_flops_per_s * waited_s``; at any instant all waiting requests have waited
+from their own arrival, so ordering by the static key ``cost_flops + aging_flops_per_s *
+arrival_s`` is the same order, and a heap keeps it. Every later arrival's key grows with its
+arrival time, so any waiting request reaches the head after a bounded number of others:
+nothing starves. The head is dispatched strictly first (no overtaking when it does not fit).
+
+The policy is engine-agnostic and synchronous: the gateway (``zeroprefill.router``), the
+simulator (``zeroprefill.simulate``) and engine-side load balancers drive it with their own
+clocks.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from zeroprefill.common.cost_model import request_flops
+from zeroprefill.common.model_spec import MoEModelSpec
+from zeroprefill.common.prefix_index import PrefixIndex
+
+
+@dataclass(frozen=True)
+class PromptShape:
+    """One prompt of a request: its length and the chained hashes of its full blocks."""
+
+    num_tokens: int
+    block_hashes: tuple[int, ...] = ()
+    head_tokens: int = 1
+
+
+@dataclass
+class RoutedRequest:
+    """A request as the policy sees it (a batch request carries several prompts)."""
+
+    request_id: str
+    prompts: Sequence[PromptShape]
+    arrival_s: float
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(p.num_tokens for p in self.prompts)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a request was dispatched and what it was charged there."""
+
+    replica: int
+    cost_flops: int
+    cached_tokens: int
+
+
+@dataclass
+class _Waiting:
+    request: RoutedRequest
+    excluded: frozenset[int]
+    base_cost_flops: int
+
+
+@dataclass
+class ReplicaLoad:
+    """What the policy tracks per replica."""
+
+    bound_flops: float
+    outstanding_flops: int = 0
+    in_flight: int = 0
+    healthy: bool = True
+    dispatched_total: int = 0
+    completed_total: int = 0
+    failed_total: int = 0
+
+
+@dataclass
+class PolicyStats:
+    """Counters for metrics: prompt tokens dispatched and how many were predicted cached."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    queued_total: int = 0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+@dataclass
+class RouterPolicy:
+    """True-FLOPs, prefix-aware, saturation-aware placement over ``len(bound_flops)`` replicas.
+
+    Args:
+        spec: the served model (for :func:`request_flops`).
+        bound_flops: per-replica outstanding-FLOPs bound (saturation threshold x factor),
+            one per replica; ``math.inf`` disables holding back.
+        block_size: the engine's prefix-cache block size in tokens.
+        cache_capacity_blocks: each replica's prefix cache size in blocks (LRU beyond it).
+        aging_flops_per_s: priority a queued request gains per second waited; defaults to the
+            smallest finite bound per second (a request that waited 1 s ranks like one a full
+            bound cheaper).
+    """
+
+    spec: MoEModelSpec
+    bound_flops: Sequence[float]
+    block_size: int = 16
+    cache_capacity_blocks: int | Sequence[int] = 1 << 20
+    aging_flops_per_s: float | None = None
+    replicas: list[ReplicaLoad] = field(init=False)
+    index: PrefixIndex = field(init=False)
+    stats: PolicyStats = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.bound_flops:
+            raise ValueError("bound_flops needs one bound per replica, got none")
+        if any(not b > 0 for b in self.bound_flops):
+            raise ValueError(f"bound_flops must all be > 0, got {list(self.bound_flops)}")
+        self.replicas = [ReplicaLoad(bound_flops=float(b)) for b in self.bound_flops]
+        self.index = PrefixIndex(len(self.replicas), self.cache_capacity_blocks)
+        self.stats = PolicyStats()
+        if self.aging_flops_per_s is None:
+            finite = [b for b in self.bound_flops if math.isfinite(b)]
+            self.aging_flops_per_s = min(finite) if finite else 0.0
+        if self.aging_flops_per_s < 0:
+            raise ValueError(f"aging_flops_per_s must be >= 0, got {self.aging_flops_per_s}")
+        self._queue: list[tuple[float, int, _Waiting]] = []
+        self._sequence = itertools.count()
+        self._in_flight: dict[str, Placement] = {}
+
+    # ----------------------------------------------------------------------------- queries
+
+    @property
+    def num_replicas(self) -> int:
+        return len(self.replicas)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def placement_of(self, request_id: str) -> Placement | None:
+        return self._in_flight.get(request_id)
+
+    def cost_on(self, request: RoutedRequest, replica: int) -> tuple[int, int]:
+        """``(true FLOPs, predicted cached tokens)`` of ``request`` on ``replica`` now."""
+        flops = 0
+        cached = 0
+        for prompt in request.prompts:
+            hit_blocks = self.index.match(prompt.block_hashes, replica)
+            # An engine always recomputes at least the last prompt token.
+            hit_tokens = min(hit_blocks * self.block_size, max(prompt.num_tokens - 1, 0))
+            flops += request_flops(self.spec, prompt.num_tokens, hit_tokens, prompt.head_tokens)
+            cached += hit_tokens
+        return flops, cached
+
+    # ----------------------------------------------------------------------------- events
+
+    def submit(
+        self, request: RoutedRequest, excluded: frozenset[int] = frozenset()
+    ) -> Placement | None:
+        """Place ``request`` now, or queue it (returns ``None``) until :meth:`complete` frees room.
+
+        ``excluded`` replicas (e.g. ones that already failed this request) are not chosen.
+        """
+        if request.request_id in self._in_flight:
+            raise ValueError(f"request {request.request_id!r} is already in flight")
+        if not self._queue:
+            placement = self._try_place(request, excluded)
+            if placement is not None:
+                return placement
+        base_cost = self._uncached_cost(request)
+        key = base_cost + self.aging_flops_per_s * request.arrival_s
+        heapq.heappush(self._queue, (key, next(self._sequence), _Waiting(request, excluded, base_cost)))
+        self.stats.queued_total += 1
+        return None
+
+    def complete(self, request_id: str) -> list[tuple[RoutedRequest, Placement]]:
+        """A request finished: release its FLOPs; returns queued requests dispatched now."""
+        placement = self._release(request_id)
+        self.replicas[placement.replica].completed_total += 1
+        return self.drain_queue()
+
+    def fail(self, request_id: str) -> list[tuple[RoutedRequest, Placement]]:
+        """A request failed on its replica: release its FLOPs (the caller may resubmit it)."""
+        placement = self._release(request_id)
+        self.replicas[placement.replica].failed_total += 1
+        return self.drain_queue()
+
+    def set_healthy(self, replica: int, healthy: bool) -> list[tuple[RoutedRequest, Placement]]:
+        """Drain (``False``) or restore (``True``) a replica; returns requests dispatched now."""
+        load = self.replicas[replica]
+        if load.healthy == healthy:
+            return []
+        load.healthy = healthy
+        if not healthy:
+            # Whatever it had cached is gone if it died; forget it either way.
+            self.index.clear(replica)
+            return []
+        return self.drain_queue()
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a queued request (client gone or timed out). Returns whether it was queued."""
+        for position, (_, _, waiting) in enumerate(self._queue):
+            if waiting.request.request_id == request_id:
+                self._queue[position] = self._queue[-1]
+                self._queue.pop()
+                heapq.heapify(self._queue)
+                return True
+        return False
+
+    def drain_queue(self) -> list[tuple[RoutedRequest, Placement]]:
+        """Dispatch queued requests in priority order while the head fits somewhere."""
+        dispatched: list[tuple[RoutedRequest, Placement]] = []
+        while self._queue:
+            waiting = self._queue[0][2]
+            placement = self._try_place(waiting.request, waiting.excluded)
+            if placement is None:
+                break
+            heapq.heappop(self._queue)
+            dispatched.append((waiting.request, placement))
+        return dispatched
+
+    # ----------------------------------------------------------------------------- internals
+
+    def _uncached_cost(self, request: RoutedRequest) -> int:
+        return sum(request_flops(self.spec, p.num_tokens, 0, p.head_tokens) for p in request.prompts)
+
+    def _try_place(self, request: RoutedRequest, excluded: frozenset[int]) -> Placement | None:
+        best: tuple[int, int, int] | None = None  # (-cached, outstanding + cost, replica)
+        best_cost = 0
+        for replica, load in enumerate(self.replicas):
+            if not load.healthy or replica in excluded:
+                continue
+            cost, cached = self.cost_on(request, replica)
+            fits = load.in_flight == 0 or load.outstanding_flops + cost <= load.bound_flops
+            if not fits:
+                continue
+            rank = (-cached, load.outstanding_flops + cost, replica)
+            if best is None or rank < best:
+                best, best_cost = rank, cost
+        if best is None:
+            return None
+        replica = best[2]
+        placement = Placement(replica=replica, cost_flops=best_cost, cached_tokens=-best[0])
+        load = self.replicas[replica]
+        load.outstanding_flops += best_cost
+        load.in_flight += 1
+        load.dispatched_total += 1
+        self._in_flight[request.request_id] = placement
+        self.stats.prompt_tokens += request.num_tokens
+        self.stats.cached_tokens += placement.cached_tokens
+        for prompt in request.prompts:
+            self.index.insert(prompt.block_hashes, replica)
+        return placement
+
+    def _release(self, request_id: str) -> Placement:
+        placement = self._in_flight.pop(request_id, None)
+        if placement is None:
+            raise KeyError(f"request {request_id!r} is not in flight")
+        load = self.replicas[placement.replica]
+        load.outstanding_flops -= placement.cost_flops
+        load.in_flight -= 1
+        return placement

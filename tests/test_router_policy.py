@@ -1,0 +1,185 @@
+"""Router policy: prefix index, placement under the FLOPs bound, queue order, bookkeeping."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from zeroprefill.common.cost_model import request_flops
+from zeroprefill.common.model_spec import MoEModelSpec
+from zeroprefill.common.prefix_index import PrefixIndex, block_hashes
+from zeroprefill.common.router_policy import PromptShape, RoutedRequest, RouterPolicy
+
+CONFIGS = Path(__file__).resolve().parents[1] / "common" / "model_configs"
+BLOCK = 4
+
+
+@pytest.fixture(scope="module")
+def spec() -> MoEModelSpec:
+    return MoEModelSpec.from_pretrained(CONFIGS / "qwen3-30b-a3b.json")
+
+
+def _request(request_id: str, tokens: list[int], arrival_s: float = 0.0) -> RoutedRequest:
+    prompt = PromptShape(len(tokens), tuple(block_hashes(tokens, BLOCK)))
+    return RoutedRequest(request_id, [prompt], arrival_s)
+
+
+def _policy(spec: MoEModelSpec, bounds: list[float], capacity: int = 1000) -> RouterPolicy:
+    return RouterPolicy(spec, bounds, block_size=BLOCK, cache_capacity_blocks=capacity)
+
+
+def test_block_hashes_are_chained_and_full_blocks_only():
+    a = block_hashes(list(range(10)), BLOCK)
+    assert len(a) == 2  # 10 tokens -> 2 full blocks, the partial one is not hashed
+    b = block_hashes([99] + list(range(1, 10)), BLOCK)
+    assert a[1] != b[1]  # same tokens in block 1, different parent: different hash
+    assert block_hashes(list(range(10)), BLOCK) == a
+    with pytest.raises(ValueError, match="block_size"):
+        block_hashes([1, 2], 0)
+
+
+def test_prefix_index_match_stops_at_first_miss_and_lru_evicts_tail_first():
+    index = PrefixIndex(2, capacity_blocks=3)
+    chain = block_hashes(list(range(16)), BLOCK)  # 4 blocks
+    index.insert(chain[:3], 0)
+    assert index.match_all(chain) == [3, 0]
+    index.insert(block_hashes([7] * 8, BLOCK), 0)  # 2 new blocks: 2 LRU blocks go
+    # The chain was touched leaf first, so its tail (blocks 1, 2) was least recent.
+    assert index.match(chain, 0) == 1
+    assert index.cached_blocks(0) == 3
+    index.clear(0)
+    assert index.match(chain, 0) == 0
+
+
+def test_places_on_prefix_hit_while_under_bound(spec):
+    shared = list(range(64))
+    cost = request_flops(spec, 80)
+    policy = _policy(spec, [10 * cost, 10 * cost])
+    first = policy.submit(_request("a", shared + [1000 + i for i in range(16)]))
+    assert first is not None and first.cached_tokens == 0
+    # Replica `first` now has more outstanding FLOPs, but it holds the prefix: it wins.
+    second = policy.submit(_request("b", shared + [2000 + i for i in range(16)]))
+    assert second.replica == first.replica
+    assert second.cached_tokens == 64
+    assert second.cost_flops == request_flops(spec, 80, 64)
+    assert policy.stats.prefix_hit_rate == pytest.approx(64 / 160)
+
+
+def test_least_outstanding_flops_when_no_hit_and_hit_ignored_over_bound(spec):
+    cost = request_flops(spec, 80)
+    policy = _policy(spec, [cost, 3 * cost])
+    first = policy.submit(_request("a", list(range(80))))
+    assert first.replica == 0  # both idle: lowest outstanding + cost, then lowest index
+    # No hit anywhere: the least loaded replica.
+    assert policy.submit(_request("b", [5000 + i for i in range(80)])).replica == 1
+    # A full hit on replica 0, but it is at its bound: replica 1 still has room.
+    moved = policy.submit(_request("c", list(range(80))))
+    assert (moved.replica, moved.cached_tokens) == (1, 0)
+    assert policy.replicas[1].outstanding_flops == 2 * cost
+    assert policy.submit(_request("d", [6000 + i for i in range(80)])).replica == 1
+    # Both at their bound: queued, then dispatched where room frees up.
+    assert policy.submit(_request("e", [7000 + i for i in range(80)], arrival_s=1.0)) is None
+    assert policy.queue_depth == 1
+    dispatched = policy.complete("a")
+    assert [(r.request_id, p.replica) for r, p in dispatched] == [("e", 0)]
+    assert policy.queue_depth == 0
+
+
+def test_idle_replica_takes_a_request_larger_than_its_bound(spec):
+    policy = _policy(spec, [1.0, 1.0])  # bound far below any request
+    assert policy.submit(_request("a", list(range(40)))) is not None
+    assert policy.submit(_request("b", list(range(100, 140)))) is not None
+    assert policy.submit(_request("c", list(range(200, 240)))) is None
+
+
+def test_queue_is_shortest_flops_first(spec):
+    policy = _policy(spec, [1.0], capacity=0)
+    policy.aging_flops_per_s = 0.0
+    policy.submit(_request("busy", [1] * 8))
+    lengths = {"long": 200, "short": 20, "mid": 60}
+    for name, length in lengths.items():
+        assert policy.submit(_request(name, [2] * length, arrival_s=0.0)) is None
+    order = []
+    running = "busy"
+    while running:
+        dispatched = policy.complete(running)
+        running = dispatched[0][0].request_id if dispatched else None
+        if running:
+            order.append(running)
+    assert order == ["short", "mid", "long"]
+
+
+def test_aging_prevents_starvation(spec):
+    """A long request keeps losing to short ones without aging, and wins with it."""
+
+    def served_before_long(aging: float) -> int:
+        policy = _policy(spec, [1.0], capacity=0)
+        policy.aging_flops_per_s = aging
+        policy.submit(_request("busy", [1] * 8))
+        policy.submit(_request("long", [3] * 400, arrival_s=0.0))
+        running, served = "busy", 0
+        for step in range(1, 200):
+            policy.submit(_request(f"s{step}", [4] * 10, arrival_s=float(step)))
+            dispatched = policy.complete(running)
+            running = dispatched[0][0].request_id
+            if running == "long":
+                return served
+            served += 1
+        return served
+
+    cost_long = request_flops(spec, 400)
+    assert served_before_long(0.0) == 199  # starves for the whole run
+    # With aging one "long" cost per 10 s, it is served within about 10 arrivals.
+    assert served_before_long(cost_long / 10.0) <= 11
+
+
+def test_outstanding_flops_bookkeeping_on_complete_and_fail(spec):
+    policy = _policy(spec, [math.inf, math.inf])
+    placements = {}
+    for i in range(6):
+        placements[f"r{i}"] = policy.submit(_request(f"r{i}", [i] * (10 + 10 * i)))
+    total = sum(p.cost_flops for p in placements.values())
+    assert sum(r.outstanding_flops for r in policy.replicas) == total
+    policy.complete("r0")
+    policy.fail("r1")
+    assert policy.replicas[placements["r1"].replica].failed_total == 1
+    remaining = sum(placements[f"r{i}"].cost_flops for i in range(2, 6))
+    assert sum(r.outstanding_flops for r in policy.replicas) == remaining
+    for i in range(2, 6):
+        policy.complete(f"r{i}")
+    assert [r.outstanding_flops for r in policy.replicas] == [0, 0]
+    assert [r.in_flight for r in policy.replicas] == [0, 0]
+    with pytest.raises(KeyError, match="r0"):
+        policy.complete("r0")
+
+
+def test_failed_request_retried_elsewhere_and_unhealthy_replica_drained(spec):
+    policy = _policy(spec, [math.inf, math.inf])
+    first = policy.submit(_request("a", list(range(40))))
+    policy.fail("a")
+    policy.set_healthy(first.replica, False)
+    retry = policy.submit(_request("a", list(range(40))), excluded=frozenset({first.replica}))
+    assert retry.replica != first.replica
+    # While drained, nothing goes there even with a prefix hit.
+    assert policy.submit(_request("b", list(range(40)))).replica == retry.replica
+    # Nowhere to go: queued until the replica recovers.
+    only = _policy(spec, [math.inf])
+    only.set_healthy(0, False)
+    assert only.submit(_request("c", list(range(8)))) is None
+    dispatched = only.set_healthy(0, True)
+    assert [r.request_id for r, _ in dispatched] == ["c"]
+
+
+def test_invalid_arguments_are_named(spec):
+    with pytest.raises(ValueError, match="bound_flops"):
+        RouterPolicy(spec, [])
+    with pytest.raises(ValueError, match="bound_flops"):
+        RouterPolicy(spec, [1.0, 0.0])
+    with pytest.raises(ValueError, match="capacity_blocks"):
+        PrefixIndex(2, [1, 2, 3])
+    policy = _policy(spec, [math.inf])
+    policy.submit(_request("a", [1] * 8))
+    with pytest.raises(ValueError, match="already in flight"):
+        policy.submit(_request("a", [1] * 8))
