@@ -81,6 +81,11 @@ def _load_table(arch: str) -> dict:
     return json.loads(path.read_text())["configs"]
 
 
+def clear_config_cache() -> None:
+    """Forget the loaded tables (after the tuner rewrote one)."""
+    _load_table.cache_clear()
+
+
 def heuristic_config(num_tokens: int, top_k: int, num_experts: int, use_fp8: bool,
                      on_gpu: bool) -> MoEConfig:
     """A reasonable configuration when the table has no entry for this shape.

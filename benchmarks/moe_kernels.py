@@ -1,0 +1,274 @@
+"""Benchmark (and tune) the Triton MoE experts kernels against torch._grouped_mm.
+
+One MoE layer, E=128 experts, top-8, at the Qwen3-235B (H=4096, I=1536) and Qwen3-30B-A3B
+(H=2048, I=768) shapes, token counts 512..64K, softmax routing of random logits.
+
+What is timed (median of ``triton.testing.do_bench``, L2 flushed between runs), the same span
+on every side: from (hidden_states, topk_weights, topk_ids) to the combined output [T, H].
+Both sides therefore pay their permutation: ours the alignment (sort + pad) and the gathered
+loads inside GEMM 1; ``torch._grouped_mm`` a sort, an index_select of the tokens, SiLU*mul,
+and the weighted scatter + K-slot sum. Routing (softmax/top-k) is excluded on both sides.
+
+    FLOPs = 2 * T * K * (2*I*H + H*I)     (true expert FLOPs, no padding counted)
+
+Columns: our bf16 TFLOP/s, torch._grouped_mm bf16 TFLOP/s, our FP8 TFLOP/s (128x128 weight
+blocks, 1x128 token groups quantised inside the call), ratios, and errors
+max|out - ref| / max|ref| against ``fused_experts_reference`` (fp32 math; for FP8 the
+reference uses the dequantised weights and the same activation quantisation).
+
+    python benchmarks/moe_kernels.py                 # table + benchmarks/results/moe_kernels-<gpu>.json
+    python benchmarks/moe_kernels.py --tune          # rewrite kernels/configs/<arch>.json first
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from zeroprefill.kernels import (GemmConfig, MoEConfig, fused_experts, fused_experts_reference,
+                                 get_config, moe_align_block_size, quantize_weights_fp8_block,
+                                 topk_routing)
+from zeroprefill.kernels.fused_moe import run_gemm1, run_gemm2
+from zeroprefill.kernels.moe_config import CONFIG_DIR, arch_name, clear_config_cache, problem_key
+from zeroprefill.kernels.quant import quantize_tokens_fp8_group
+
+SHAPES = {  # name: (E, K, H, I)
+    "qwen3-235b-a22b": (128, 8, 4096, 1536),
+    "qwen3-30b-a3b": (128, 8, 2048, 768),
+}
+TOKENS = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
+TUNE_TOKENS = [1024, 4096, 16384]
+
+
+def moe_flops(num_tokens: int, top_k: int, hidden: int, inter: int) -> float:
+    return 2.0 * num_tokens * top_k * (2 * inter * hidden + hidden * inter)
+
+
+def grouped_mm_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                       topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """The baseline: sort rows by expert, two torch._grouped_mm, weighted scatter + K-slot sum."""
+    num_tokens, top_k = topk_ids.shape
+    num_experts, two_inter, hidden = w13.shape
+    expert_of_row = topk_ids.reshape(-1)
+    _, order = torch.sort(expert_of_row, stable=True)
+    rows_per_expert = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
+    rows_per_expert.scatter_add_(0, expert_of_row.long(), torch.ones_like(expert_of_row, dtype=torch.int32))
+    offs = torch.cumsum(rows_per_expert, 0, dtype=torch.int32)
+    x_sorted = x.index_select(0, order // top_k)
+    gate_up = torch._grouped_mm(x_sorted, w13.transpose(1, 2), offs=offs)
+    act = F.silu(gate_up[:, : two_inter // 2]) * gate_up[:, two_inter // 2:]
+    y = torch._grouped_mm(act, w2.transpose(1, 2), offs=offs)
+    y = y * topk_weights.reshape(-1)[order, None]
+    slots = torch.empty_like(y)
+    slots[order] = y.to(slots.dtype)
+    return slots.view(num_tokens, top_k, hidden).sum(dim=1)
+
+
+def bench_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
+
+
+class Layer:
+    """Random weights of one MoE layer in bf16 and FP8, plus routing for up to max_tokens."""
+
+    def __init__(self, shape: tuple[int, int, int, int], max_tokens: int, seed: int = 0):
+        self.num_experts, self.top_k, self.hidden, self.inter = shape
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        e, h, i = self.num_experts, self.hidden, self.inter
+        self.w13 = (torch.randn(e, 2 * i, h, device="cuda", generator=gen) * h ** -0.5).bfloat16()
+        self.w2 = (torch.randn(e, h, i, device="cuda", generator=gen) * i ** -0.5).bfloat16()
+        self.w13_fp8, self.w13_scale = quantize_weights_fp8_block(self.w13)
+        self.w2_fp8, self.w2_scale = quantize_weights_fp8_block(self.w2)
+        self.x = torch.randn(max_tokens, h, device="cuda", generator=gen).bfloat16()
+        logits = torch.randn(max_tokens, e, device="cuda", generator=gen)
+        self.topk_weights, self.topk_ids = topk_routing(logits, self.top_k, renormalize=True)
+
+    def inputs(self, num_tokens: int):
+        return (self.x[:num_tokens], self.topk_weights[:num_tokens].contiguous(),
+                self.topk_ids[:num_tokens].contiguous())
+
+
+def candidate_configs(use_fp8: bool, num_tokens: int, top_k: int, num_experts: int):
+    """The tile search space: block_m by load, then gemm1 and gemm2 tiles for each block_m."""
+    rows_per_expert = num_tokens * top_k / num_experts
+    block_ms = [m for m in (32, 64, 128) if m <= 2 * max(rows_per_expert, 16)]
+    bk = 128 if use_fp8 else 64
+    for bm in block_ms:
+        warps = 4 if bm <= 64 else 8
+        if use_fp8:
+            g1 = [GemmConfig(bm, 128, 128, 8, warps, s) for s in (3, 4)]
+        else:
+            g1 = [GemmConfig(bm, bn, bk, 8, warps, s) for bn, s in ((64, 4), (128, 3), (128, 4))]
+        g2 = [GemmConfig(bm, bn, bk, gm, w, s) for bn, gm, w, s in
+              ((128, 8, warps, 4), (128, 8, warps, 3), (256, 8, 8, 3), (128, 16, warps, 4))]
+        yield bm, g1, g2
+
+
+def tune_one(layer: Layer, use_fp8: bool, num_tokens: int) -> tuple[MoEConfig, float]:
+    """Tune GEMM 1 and GEMM 2 separately for each block_m; keep the fastest pair."""
+    x, topk_weights, topk_ids = layer.inputs(num_tokens)
+    w13, w2 = (layer.w13_fp8, layer.w2_fp8) if use_fp8 else (layer.w13, layer.w2)
+    w13_scale, w2_scale = (layer.w13_scale, layer.w2_scale) if use_fp8 else (None, None)
+    xq, x_scale = quantize_tokens_fp8_group(x) if use_fp8 else (x, None)
+    best: tuple[float, MoEConfig] | None = None
+    for bm, g1_list, g2_list in candidate_configs(use_fp8, num_tokens, layer.top_k, layer.num_experts):
+        alignment = moe_align_block_size(topk_ids, layer.num_experts, bm)
+        g1_times = {}
+        for cfg in g1_list:
+            try:
+                g1_times[cfg] = bench_ms(lambda: run_gemm1(xq, x_scale, w13, w13_scale, alignment, cfg))
+            except Exception as exc:  # e.g. out of shared memory for this tile
+                print(f"  skip {cfg}: {type(exc).__name__}")
+        g1 = min(g1_times, key=g1_times.get)
+        act, act_scale = run_gemm1(xq, x_scale, w13, w13_scale, alignment, g1)
+        g2_times = {}
+        for cfg in g2_list:
+            try:
+                g2_times[cfg] = bench_ms(lambda: run_gemm2(act, act_scale, w2, w2_scale, topk_weights,
+                                                           alignment, cfg, x.dtype))
+            except Exception as exc:
+                print(f"  skip {cfg}: {type(exc).__name__}")
+        g2 = min(g2_times, key=g2_times.get)
+        total = g1_times[g1] + g2_times[g2]
+        print(f"  T={num_tokens} fp8={use_fp8} block_m={bm}: gemm1 {g1_times[g1]:.3f} ms {g1}, "
+              f"gemm2 {g2_times[g2]:.3f} ms {g2}")
+        if best is None or total < best[0]:
+            best = (total, MoEConfig(g1, g2))
+    return best[1], best[0]
+
+
+def tune(shapes: dict, tokens: list[int]) -> Path:
+    path = CONFIG_DIR / f"{arch_name(torch.device('cuda'))}.json"
+    table = json.loads(path.read_text())["configs"] if path.exists() else {}
+    for name, shape in shapes.items():
+        layer = Layer(shape, max(tokens))
+        for use_fp8 in (False, True):
+            key = problem_key(use_fp8, layer.num_experts, layer.hidden, layer.inter)
+            table[key] = {}
+            for num_tokens in tokens:
+                config, _ = tune_one(layer, use_fp8, num_tokens)
+                table[key][str(num_tokens)] = config.to_json()
+        del layer
+        torch.cuda.empty_cache()
+    path.write_text(json.dumps({
+        "device": torch.cuda.get_device_name(),
+        "triton": triton.__version__,
+        "note": "written by benchmarks/moe_kernels.py --tune; lookups take the nearest token count",
+        "configs": table}, indent=1) + "\n")
+    clear_config_cache()
+    return path
+
+
+def profile_kernels(fn, steps: int = 3) -> dict[str, float]:
+    """GPU kernel time per call, by kernel name (ms), from torch.profiler."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for evt in prof.key_averages():
+        device_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if device_us > 0:
+            times[evt.key[:80]] = round(device_us / steps / 1000, 4)
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
+def run_benchmark(shapes: dict, tokens: list[int], profile_tokens: int) -> dict:
+    points, profiles = [], {}
+    for name, shape in shapes.items():
+        layer = Layer(shape, max(tokens))
+        w13_deq = w2_deq = None
+        print(f"\n{name}: E={layer.num_experts} top-{layer.top_k} H={layer.hidden} I={layer.inter}")
+        print(f"{'tokens':>7} {'bf16 TF/s':>10} {'grouped_mm':>11} {'fp8 TF/s':>9} {'bf16/gmm':>9} "
+              f"{'fp8/bf16':>9} {'err bf16':>9} {'err gmm':>9} {'err fp8':>9}")
+        for num_tokens in tokens:
+            x, tw, ti = layer.inputs(num_tokens)
+            ours = lambda: fused_experts(x, layer.w13, layer.w2, tw, ti)
+            gmm = lambda: grouped_mm_experts(x, layer.w13, layer.w2, tw, ti)
+            fp8 = lambda: fused_experts(x, layer.w13_fp8, layer.w2_fp8, tw, ti,
+                                        w13_scale=layer.w13_scale, w2_scale=layer.w2_scale)
+            ref = fused_experts_reference(x, layer.w13, layer.w2, tw, ti).float()
+            ref_fp8 = fused_experts_reference(x, layer.w13_fp8, layer.w2_fp8, tw, ti,
+                                              w13_scale=layer.w13_scale, w2_scale=layer.w2_scale).float()
+            err = {"bf16": rel_err(ours(), ref), "grouped_mm": rel_err(gmm(), ref), "fp8": rel_err(fp8(), ref_fp8),
+                   "fp8_vs_bf16_reference": rel_err(fp8(), ref)}
+            del ref, ref_fp8
+            ms = {"bf16": bench_ms(ours), "grouped_mm": bench_ms(gmm), "fp8": bench_ms(fp8)}
+            flops = moe_flops(num_tokens, layer.top_k, layer.hidden, layer.inter)
+            tflops = {k: flops / (v * 1e-3) / 1e12 for k, v in ms.items()}
+            point = {"shape": name, "tokens": num_tokens, "flops": flops,
+                     "ms": {k: round(v, 4) for k, v in ms.items()},
+                     "tflops": {k: round(v, 1) for k, v in tflops.items()},
+                     "bf16_vs_grouped_mm": round(tflops["bf16"] / tflops["grouped_mm"], 3),
+                     "fp8_vs_bf16": round(tflops["fp8"] / tflops["bf16"], 3),
+                     "max_rel_err": {k: float(f"{v:.3g}") for k, v in err.items()},
+                     "config_bf16": get_config(num_tokens, layer.top_k, layer.num_experts, layer.hidden,
+                                               layer.inter, False, x.device).to_json(),
+                     "config_fp8": get_config(num_tokens, layer.top_k, layer.num_experts, layer.hidden,
+                                              layer.inter, True, x.device).to_json()}
+            points.append(point)
+            print(f"{num_tokens:>7} {tflops['bf16']:>10.1f} {tflops['grouped_mm']:>11.1f} {tflops['fp8']:>9.1f} "
+                  f"{point['bf16_vs_grouped_mm']:>9.3f} {point['fp8_vs_bf16']:>9.3f} "
+                  f"{err['bf16']:>9.2e} {err['grouped_mm']:>9.2e} {err['fp8']:>9.2e}", flush=True)
+            if num_tokens == profile_tokens:
+                profiles[name] = {"tokens": num_tokens, "bf16": profile_kernels(ours),
+                                  "grouped_mm": profile_kernels(gmm), "fp8": profile_kernels(fp8)}
+        del layer
+        torch.cuda.empty_cache()
+
+    big = [p for p in points if p["tokens"] >= 8192]
+    summary = {
+        "bf16_vs_grouped_mm_min_8k_plus": min(p["bf16_vs_grouped_mm"] for p in big) if big else None,
+        "fp8_vs_bf16_min_8k_plus": min(p["fp8_vs_bf16"] for p in big) if big else None,
+        "targets": {"bf16_vs_grouped_mm": 1.05, "fp8_vs_bf16": 1.6},
+    }
+    return {"summary": summary, "points": points, "profile_ms_per_call": profiles}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tune", action="store_true", help="retune kernels/configs/<arch>.json first")
+    parser.add_argument("--tune-only", action="store_true", help="tune and exit")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
+    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    parser.add_argument("--profile-tokens", type=int, default=16384)
+    parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/moe_kernels-<gpu>.json)")
+    args = parser.parse_args()
+    shapes = {n: SHAPES[n] for n in args.shapes.split(",")}
+    tokens = [int(t) for t in args.tokens.split(",")]
+    gpu = torch.cuda.get_device_name()
+    if args.tune or args.tune_only:
+        start = time.time()
+        print(f"tuning -> {tune(shapes, TUNE_TOKENS)} ({time.time() - start:.0f} s)")
+        if args.tune_only:
+            return
+    results = run_benchmark(shapes, tokens, args.profile_tokens)
+    results["meta"] = {
+        "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
+        "timing": "triton.testing.do_bench median, L2 flushed; span = (x, topk_weights, topk_ids) -> out [T, H] "
+                  "on every side, permutation/alignment and combine counted on both sides, routing excluded",
+        "flops": "2*T*K*(2*I*H + H*I)",
+        "error": "max|out-ref|/max|ref| vs fused_experts_reference (fp32; FP8: dequantised weights + same "
+                 "activation quantisation); fp8_vs_bf16_reference is FP8 vs the bf16-weight reference",
+    }
+    tag = "h200" if "H200" in gpu else "h100" if "H100" in gpu else gpu.replace(" ", "_").lower()
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"moe_kernels-{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"\nsummary: {json.dumps(results['summary'])}\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
