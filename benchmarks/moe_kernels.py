@@ -158,13 +158,13 @@ def tune(shapes: dict, tokens: list[int]) -> Path:
             for num_tokens in tokens:
                 config, _ = tune_one(layer, use_fp8, num_tokens)
                 table[key][str(num_tokens)] = config.to_json()
+            path.write_text(json.dumps({  # after every problem: a cut-off run keeps what it found
+                "device": torch.cuda.get_device_name(),
+                "triton": triton.__version__,
+                "note": "written by benchmarks/moe_kernels.py --tune; lookups take the nearest token count",
+                "configs": table}, indent=1) + "\n")
         del layer
         torch.cuda.empty_cache()
-    path.write_text(json.dumps({
-        "device": torch.cuda.get_device_name(),
-        "triton": triton.__version__,
-        "note": "written by benchmarks/moe_kernels.py --tune; lookups take the nearest token count",
-        "configs": table}, indent=1) + "\n")
     clear_config_cache()
     return path
 
