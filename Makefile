@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml requirements/sglang-cpu.txt Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/zeroprefill demo
+	$(VENV)/bin/zeroprefill selftest
 
 test: setup
 	$(PY) -m pytest -q

@@ -23,6 +23,7 @@ whatever stream is current, returning a :class:`GatherHandle`.
 from __future__ import annotations
 
 import datetime
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -30,6 +31,9 @@ import torch
 import torch.distributed as dist
 
 TRANSPORTS = ("gloo", "nccl", "copy_engine")
+
+# torch >= 2.13 renames all_gather_into_tensor; the old name is what torch 2.6-2.12 have.
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")
 
 
 class GatherTimeoutError(RuntimeError):

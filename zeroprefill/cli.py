@@ -41,11 +41,32 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lazy(module: str, attribute: str) -> Callable:
+    """A function from a subcommand module, imported only when that subcommand runs."""
+
+    def call(*args):
+        import importlib
+
+        return getattr(importlib.import_module(module), attribute)(*args)
+
+    return call
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "info": Subcommand(
         help="print torch/vLLM/SGLang/Triton versions and which backends are usable here",
         add_arguments=_add_info_arguments,
         run=_run_info,
+    ),
+    "tiny-model": Subcommand(
+        help="generate a tiny random-weight MoE checkpoint with a trained tokenizer",
+        add_arguments=_lazy("zeroprefill.tiny_model", "add_arguments"),
+        run=_lazy("zeroprefill.tiny_model", "run"),
+    ),
+    "selftest": Subcommand(
+        help="check AsyncEP over N gloo ranks against transformers' MoE blocks on a checkpoint",
+        add_arguments=_lazy("zeroprefill.selftest", "add_arguments"),
+        run=_lazy("zeroprefill.selftest", "run"),
     ),
 }
 
