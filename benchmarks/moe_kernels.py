@@ -108,7 +108,8 @@ def candidate_configs(use_fp8: bool, num_tokens: int, top_k: int, num_experts: i
         if use_fp8:
             g1 = [GemmConfig(bm, 128, 128, 8, warps, s) for s in (3, 4)]
         else:
-            g1 = [GemmConfig(bm, bn, bk, 8, warps, s) for bn, s in ((64, 4), (128, 3), (128, 4))]
+            g1 = [GemmConfig(bm, bn, bk, gm, warps, s) for bn, gm, s in
+                  ((64, 8, 4), (128, 8, 3), (128, 8, 4), (128, 32, 4))]
         g2 = [GemmConfig(bm, bn, bk, gm, w, s) for bn, gm, w, s in
               ((128, 8, warps, 4), (128, 8, warps, 3), (256, 8, 8, 3), (128, 16, warps, 4))]
         yield bm, g1, g2
@@ -149,6 +150,7 @@ def tune_one(layer: Layer, use_fp8: bool, num_tokens: int) -> tuple[MoEConfig, f
 
 def tune(shapes: dict, tokens: list[int]) -> Path:
     path = CONFIG_DIR / f"{arch_name(torch.device('cuda'))}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     table = json.loads(path.read_text())["configs"] if path.exists() else {}
     for name, shape in shapes.items():
         layer = Layer(shape, max(tokens))
