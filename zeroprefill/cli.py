@@ -68,6 +68,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         add_arguments=_lazy("zeroprefill.selftest", "add_arguments"),
         run=_lazy("zeroprefill.selftest", "run"),
     ),
+    "router": Subcommand(
+        help="prefill-only gateway: true-FLOPs, prefix-aware, saturation-aware routing over replicas",
+        add_arguments=_lazy("zeroprefill.router.cli", "add_arguments"),
+        run=_lazy("zeroprefill.router.cli", "run"),
+    ),
 }
 
 

@@ -1,0 +1,115 @@
+"""``zeroprefill router``: run the gateway in front of vLLM / SGLang replicas.
+
+    zeroprefill router --backend http://h1:8000 --backend http://h2:8000 --model DIR \\
+        [--port 8080] [--saturation-flops 2.2e15 --bound-factor 2] [--backend-kind auto]
+
+``--model`` is the model directory (``config.json`` for the cost model, ``tokenizer.json`` to
+count and hash prompt tokens). The per-replica bound on outstanding work is
+``--saturation-flops`` x ``--bound-factor``; without ``--saturation-flops`` the router does not
+hold requests back (prefix affinity and least-outstanding-FLOPs placement only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", action="append", required=True, metavar="URL",
+                        help="a replica's base URL, e.g. http://127.0.0.1:8000 (repeat per replica)")
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="model directory with config.json and tokenizer.json")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--backend-kind", choices=("auto", "vllm", "sglang"), default="auto",
+                        help="engine of the replicas; auto reads owned_by from /v1/models")
+    parser.add_argument("--served-model-name", action="append", default=[],
+                        help="model names clients may ask for (default: what the backends serve)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="longest prompt in tokens (default: max_position_embeddings)")
+    parser.add_argument("--saturation-flops", type=float, default=None,
+                        help="per-replica saturation threshold in FLOPs of outstanding work")
+    parser.add_argument("--bound-factor", type=float, default=2.0,
+                        help="outstanding-FLOPs bound = saturation threshold x this factor")
+    parser.add_argument("--block-size", type=int, default=16, help="the engine's prefix-cache block size")
+    parser.add_argument("--cache-capacity-tokens", type=int, default=1 << 20,
+                        help="each replica's prefix-cache size in tokens (LRU beyond it)")
+    parser.add_argument("--request-timeout-s", type=float, default=300.0)
+    parser.add_argument("--max-retries", type=int, default=3,
+                        help="re-dispatches of a request whose replica failed")
+    parser.add_argument("--health-interval-s", type=float, default=1.0)
+    parser.add_argument("--health-timeout-s", type=float, default=2.0)
+    parser.add_argument("--log-level", default="warning")
+
+
+def run(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from zeroprefill.common.model_spec import ModelSpecError, MoEModelSpec
+    from zeroprefill.router.app import RouterApp, RouterConfig
+    from zeroprefill.router.backends import BackendPool
+    from zeroprefill.router.prompts import PromptTokenizer
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model_dir = Path(args.model)
+    try:
+        spec = MoEModelSpec.from_pretrained(model_dir)
+        tokenizer = PromptTokenizer(model_dir)
+    except (ModelSpecError, FileNotFoundError) as exc:
+        print(f"zeroprefill router: {exc}", file=sys.stderr)
+        return 2
+    max_model_len = args.max_model_len or _max_position_embeddings(model_dir)
+    for name, value in (("--bound-factor", args.bound_factor), ("--block-size", args.block_size),
+                        ("--request-timeout-s", args.request_timeout_s)):
+        if not value > 0:
+            print(f"zeroprefill router: {name} must be > 0, got {value}", file=sys.stderr)
+            return 2
+    if args.saturation_flops is not None and not args.saturation_flops > 0:
+        print(f"zeroprefill router: --saturation-flops must be > 0, got {args.saturation_flops}",
+              file=sys.stderr)
+        return 2
+    bound_flops = (args.saturation_flops * args.bound_factor
+                   if args.saturation_flops is not None else math.inf)
+    config = RouterConfig(
+        spec=spec,
+        tokenizer=tokenizer,
+        max_model_len=max_model_len,
+        bound_flops=bound_flops,
+        block_size=args.block_size,
+        cache_capacity_blocks=max(args.cache_capacity_tokens // args.block_size, 1),
+        request_timeout_s=args.request_timeout_s,
+        max_retries=args.max_retries,
+        served_model_names=tuple(args.served_model_name),
+    )
+    try:
+        pool = BackendPool(args.backend, args.backend_kind, args.health_interval_s, args.health_timeout_s)
+    except ValueError as exc:
+        print(f"zeroprefill router: {exc}", file=sys.stderr)
+        return 2
+    router = RouterApp(config, pool)
+    _use_uvloop()
+    print(f"zeroprefill router on http://{args.host}:{args.port} -> {', '.join(args.backend)} "
+          f"(bound {bound_flops:.3g} FLOPs per replica)", flush=True)
+    web.run_app(router.build(), host=args.host, port=args.port, print=None, access_log=None)
+    return 0
+
+
+def _max_position_embeddings(model_dir: Path) -> int:
+    config = json.loads((model_dir / "config.json").read_text())
+    text_config = config.get("text_config", config)
+    return int(text_config.get("max_position_embeddings", 1 << 30))
+
+
+def _use_uvloop() -> None:
+    """uvloop's event loop when installed (it is, with vLLM): a faster loop for a proxy."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
