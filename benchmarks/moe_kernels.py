@@ -34,7 +34,8 @@ import triton
 from zeroprefill.kernels import (GemmConfig, MoEConfig, fused_experts, fused_experts_reference,
                                  get_config, moe_align_block_size, quantize_weights_fp8_block,
                                  topk_routing)
-from zeroprefill.kernels.fused_moe import run_gemm1, run_gemm2
+from zeroprefill.kernels.fused_moe import (_gemm1_gate_up_silu_kernel, _gemm2_down_scatter_kernel,
+                                           run_gemm1, run_gemm2)
 from zeroprefill.kernels.moe_config import CONFIG_DIR, arch_name, clear_config_cache, problem_key
 from zeroprefill.kernels.quant import quantize_tokens_fp8_group
 
@@ -52,22 +53,42 @@ def moe_flops(num_tokens: int, top_k: int, hidden: int, inter: int) -> float:
 
 def grouped_mm_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                        topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """The baseline: sort rows by expert, two torch._grouped_mm, weighted scatter + K-slot sum."""
+    """The baseline: sort rows by expert, two torch._grouped_mm, un-permute by gather, weighted sum.
+
+    Written to be cheap in plain torch: gathers (index_select) rather than index_put scatters,
+    and the routing weights applied by the batched [1, K] x [K, H] product that also sums the slots.
+    """
     num_tokens, top_k = topk_ids.shape
     num_experts, two_inter, hidden = w13.shape
     expert_of_row = topk_ids.reshape(-1)
     _, order = torch.sort(expert_of_row, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
     rows_per_expert = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
     rows_per_expert.scatter_add_(0, expert_of_row.long(), torch.ones_like(expert_of_row, dtype=torch.int32))
     offs = torch.cumsum(rows_per_expert, 0, dtype=torch.int32)
     x_sorted = x.index_select(0, order // top_k)
     gate_up = torch._grouped_mm(x_sorted, w13.transpose(1, 2), offs=offs)
     act = F.silu(gate_up[:, : two_inter // 2]) * gate_up[:, two_inter // 2:]
-    y = torch._grouped_mm(act, w2.transpose(1, 2), offs=offs)
-    y = y * topk_weights.reshape(-1)[order, None]
-    slots = torch.empty_like(y)
-    slots[order] = y.to(slots.dtype)
-    return slots.view(num_tokens, top_k, hidden).sum(dim=1)
+    y_sorted = torch._grouped_mm(act, w2.transpose(1, 2), offs=offs)
+    slots = y_sorted.index_select(0, inverse).view(num_tokens, top_k, hidden)
+    return torch.bmm(topk_weights.to(slots.dtype).unsqueeze(1), slots).squeeze(1)
+
+
+def compiled_kernel_stats() -> list[dict]:
+    """Registers, spills and shared memory of every compiled variant of our two GEMM kernels."""
+    stats = []
+    for jit_fn in (_gemm1_gate_up_silu_kernel, _gemm2_down_scatter_kernel):
+        for caches in getattr(jit_fn, "device_caches", {}).values():
+            for kernel in caches[0].values():
+                meta = kernel.metadata
+                constants = getattr(getattr(kernel, "src", None), "constants", {}) or {}
+                stats.append({"kernel": jit_fn.__name__, "n_regs": kernel.n_regs, "n_spills": kernel.n_spills,
+                              "shared_bytes": meta.shared, "num_warps": meta.num_warps,
+                              "num_stages": meta.num_stages,
+                              "constexprs": {str(k): v for k, v in constants.items()
+                                             if isinstance(v, (int, bool))}})
+    return stats
 
 
 def bench_ms(fn) -> float:
@@ -106,12 +127,12 @@ def candidate_configs(use_fp8: bool, num_tokens: int, top_k: int, num_experts: i
     for bm in block_ms:
         warps = 4 if bm <= 64 else 8
         if use_fp8:
-            g1 = [GemmConfig(bm, 128, 128, 8, warps, s) for s in (3, 4)]
+            g1 = [GemmConfig(bm, 128, 128, 8, w, s) for w, s in ((warps, 3), (warps, 4), (8, 2), (8, 3))]
         else:
             g1 = [GemmConfig(bm, bn, bk, gm, warps, s) for bn, gm, s in
                   ((64, 8, 4), (128, 8, 3), (128, 8, 4), (128, 32, 4))]
         g2 = [GemmConfig(bm, bn, bk, gm, w, s) for bn, gm, w, s in
-              ((128, 8, warps, 4), (128, 8, warps, 3), (256, 8, 8, 3), (128, 16, warps, 4))]
+              ((128, 8, warps, 4), (128, 8, warps, 3), (256, 8, 8, 3), (128, 16, warps, 4), (64, 8, 4, 4))]
         yield bm, g1, g2
 
 
@@ -236,7 +257,12 @@ def run_benchmark(shapes: dict, tokens: list[int], profile_tokens: int) -> dict:
         "fp8_vs_bf16_min_8k_plus": min(p["fp8_vs_bf16"] for p in big) if big else None,
         "targets": {"bf16_vs_grouped_mm": 1.05, "fp8_vs_bf16": 1.6},
     }
-    return {"summary": summary, "points": points, "profile_ms_per_call": profiles}
+    for name, prof in profiles.items():  # GEMM kernels alone, without permutation/combine
+        gemm_ms = {side: sum(v for k, v in prof[side].items() if "cutlass" in k or "_gemm" in k)
+                   for side in ("bf16", "grouped_mm", "fp8")}
+        summary[f"gemm_kernels_only_ms_{name}_{prof['tokens']}"] = {k: round(v, 3) for k, v in gemm_ms.items()}
+    return {"summary": summary, "points": points, "profile_ms_per_call": profiles,
+            "compiled_kernels": compiled_kernel_stats()}
 
 
 def main() -> None:
