@@ -1,0 +1,777 @@
+"""Saturation threshold, memory plan and predicted step time of MoE prefill layouts.
+
+API (all per GPU unless the name says otherwise; ``spec`` a ``MoEModelSpec``, ``profile`` a
+``HardwareProfile`` from :mod:`zeroprefill.common.hardware`):
+
+- ``gather_time_s(spec, profile, num_gpus, dtype, transport="nccl", nodes=1)``: time to
+  AllGather one MoE layer's experts, ``t_g = shard_bytes * (N - 1) / bus_bw``.
+- ``saturation_threshold_flops(spec, profile, num_gpus, dtype, transport="nccl", nodes=1)``:
+  true FLOPs of ONE transformer layer a GPU must run to hide one layer's gather,
+  ``F* = t_g * R_eff``.
+- ``saturation_threshold_tokens(spec, profile, num_gpus, context_tokens, dtype, ...)``:
+  the same threshold as a token batch of ``context_tokens``-long prompts.
+- ``forward_flops_at_threshold(spec, profile, num_gpus, context_tokens, dtype, ...)``: the
+  whole forward's true FLOPs (all layers, no head) of that batch: the router's per-replica
+  bound is ``num_gpus`` times this (times a small factor), in units of ``request_flops``.
+- ``step_flops_budget(spec, profile, num_gpus, context_tokens, dtype, headroom=1.1, ...)``:
+  the engine scheduler's per-step, per-GPU true-FLOPs budget: saturated plus ``headroom``.
+- ``memory_plan(spec, profile, layout, num_gpus, dtype, tokens_per_gpu, context_tokens, ...)``
+  -> :class:`MemoryPlan`; ``predict_step(...)`` -> :class:`StepPrediction`;
+  ``make_plan(...)`` -> :class:`Plan` (what ``zeroprefill plan`` prints; ``.to_dict()``).
+
+What overlaps what (AsyncEP, ``d`` = prefetch depth, ``d + 1`` gather buffers). The gather of
+MoE layer ``l + 1`` runs on a side stream while the compute stream runs layer ``l``'s MoE and
+layer ``l + 1``'s attention; gathers are serialised on the one communication stream. In steady
+state one gather must therefore finish per layer of compute, so a layer takes
+``max(t_g, t_c)`` whatever ``d`` is: a deeper prefetch absorbs layer-to-layer jitter and
+costs memory, it does not move the threshold. ``t_c`` is the compute of ONE whole
+transformer layer (attention projections + causal scores + router + experts + shared
+experts), run at ``R_eff = R / (1 + s)`` while the gather is on the wire (``s`` the measured
+GEMM slowdown) and at ``R`` after it finishes::
+
+    t_layer = t_g + max(0, F_layer - t_g * R_eff) / R      (>= t_g; = t_g exactly at F*)
+
+Threshold in tokens at context ``C``: a steady stream of ``C``-token prompts puts a token on
+average at position ``(C + 1) / 2``, so a token costs ``2 * matmul_params_layer +
+flops_per_query_key_pair * (C + 1) / 2`` per layer: long context means fewer tokens.
+
+One rate per dtype (``profile.compute_tflops``: GEMM rate at MoE shapes) times every FLOP,
+attention scores included; real kernels (token permutation, SiLU, flash attention) run below
+it, so predicted step times are lower bounds and the threshold in tokens an upper bound
+(slower compute hides the gather with fewer tokens). Gathering is bandwidth-only: the
+measured interference beyond the GEMM slowdown (DESIGN.md, section 4) is not modelled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from zeroprefill.common.cost_model import (
+    attention_matmul_params,
+    layer_flops_at_context,
+    layer_matmul_params,
+)
+from zeroprefill.common.hardware import HardwareProfile, HardwareProfileError
+from zeroprefill.common.model_spec import BYTES_PER_ELEMENT, FP8_WEIGHT_BLOCK, MoEModelSpec
+
+#: Parallel layouts the planner compares.
+LAYOUTS = ("asyncep", "alltoall_ep", "tp")
+LAYOUT_TITLES = {"asyncep": "AsyncEP", "alltoall_ep": "AllToAll-EP", "tp": "TP"}
+#: Weight formats the planner plans for (compute runs in the same format).
+PLAN_DTYPES = ("bf16", "fp8")
+#: Activations and KV cache stay bf16 whatever the weight format.
+ACTIVATION_BYTES = 2
+#: Resident activation tensors per token outside attention and experts: residual stream,
+#: its normed copy, attention output, MoE output.
+RESIDUAL_COPIES = 4
+#: Fraction of GPU memory a plan may use (vLLM's ``gpu_memory_utilization`` default); the rest
+#: is CUDA context, NCCL and cuBLAS workspaces and allocator slack.
+DEFAULT_MEMORY_UTILIZATION = 0.9
+
+
+class PlanError(ValueError):
+    """A plan cannot be made from these inputs; the message names the bad value."""
+
+
+# -- gather and threshold ------------------------------------------------------------------
+def expert_bytes(spec: MoEModelSpec, dtype: str) -> int:
+    """Bytes of one routed expert in ``dtype`` (FP8 includes its block scales)."""
+    _check_dtype(dtype)
+    return spec.expert_bytes_per_layer(dtype) // spec.num_experts
+
+
+def shard_capacity(spec: MoEModelSpec, num_gpus: int) -> int:
+    """Experts per rank's shard, ``ceil(E / N)`` (as ``ExpertShardLayout.capacity``)."""
+    return -(-spec.num_experts // num_gpus)
+
+
+def gather_message_bytes(spec: MoEModelSpec, num_gpus: int, dtype: str) -> int:
+    """Bytes each rank contributes to one layer's AllGather: its padded expert shard."""
+    return shard_capacity(spec, num_gpus) * expert_bytes(spec, dtype)
+
+
+def gather_bus_gbps(
+    spec: MoEModelSpec,
+    profile: HardwareProfile,
+    num_gpus: int,
+    dtype: str,
+    transport: str = "nccl",
+    nodes: int = 1,
+) -> float:
+    """AllGather bus bandwidth of one layer's gather over ``num_gpus`` GPUs on ``nodes`` nodes.
+
+    Across nodes a ring AllGather sends, per step, one shard out of each node, spread over the
+    node's NICs, so its bus bandwidth is capped by the network bandwidth of the node's share
+    of GPUs: ``min(intra-node bus bw, internode_gbps_per_node * gpus_in_node / gpus_per_node)``.
+    """
+    _check_group(num_gpus, nodes)
+    intra = profile.gather(transport).bus_gbps(gather_message_bytes(spec, num_gpus, dtype))
+    if nodes == 1:
+        return intra
+    gpus_in_node = num_gpus // nodes
+    share = min(1.0, gpus_in_node / profile.gpus_per_node)
+    return min(intra, profile.internode_gbps_per_node.value * share)
+
+
+def gather_time_s(
+    spec: MoEModelSpec,
+    profile: HardwareProfile,
+    num_gpus: int,
+    dtype: str = "bf16",
+    transport: str = "nccl",
+    nodes: int = 1,
+) -> float:
+    """``t_g = shard_bytes * (N - 1) / bus_bw``: one MoE layer's expert AllGather (0 for N=1)."""
+    _check_group(num_gpus, nodes)
+    if num_gpus == 1:
+        return 0.0
+    bus_gbps = gather_bus_gbps(spec, profile, num_gpus, dtype, transport, nodes)
+    return gather_message_bytes(spec, num_gpus, dtype) * (num_gpus - 1) / (bus_gbps * 1e9)
+
+
+def saturation_threshold_flops(
+    spec: MoEModelSpec,
+    profile: HardwareProfile,
+    num_gpus: int,
+    dtype: str = "bf16",
+    transport: str = "nccl",
+    nodes: int = 1,
+) -> float:
+    """``F* = t_g * R_eff``: one transformer layer's true FLOPs per GPU that hide one gather."""
+    if num_gpus == 1:
+        return 0.0
+    t_g = gather_time_s(spec, profile, num_gpus, dtype, transport, nodes)
+    return t_g * profile.effective_tflops(dtype, transport) * 1e12
+
+
+def saturation_threshold_tokens(
+    spec: MoEModelSpec,
+    profile: HardwareProfile,
+    num_gpus: int,
+    context_tokens: int,
+    dtype: str = "bf16",
+    transport: str = "nccl",
+    nodes: int = 1,
+) -> int:
+    """Smallest per-GPU batch (tokens of ``context_tokens``-long prompts) reaching ``F*``."""
+    threshold = saturation_threshold_flops(spec, profile, num_gpus, dtype, transport, nodes)
+    layer = _representative_moe_layer(spec)
+    per_token = layer_flops_at_context(spec, layer, 2, context_tokens).total / 2
+    tokens = max(0, math.ceil(threshold / per_token) - 1)
+    while layer_flops_at_context(spec, layer, tokens, context_tokens).total < threshold:
+        tokens += 1
+    return tokens
+
+
+def forward_flops_at_threshold(
+    spec: MoEModelSpec,
+    profile: HardwareProfile,
+    num_gpus: int,
+    context_tokens: int,
+    dtype: str = "bf16",
+    transport: str = "nccl",
+    nodes: int = 1,
+) -> int:
+    """True FLOPs of a whole forward (all layers, no head) of the threshold batch, per GPU."""
+    tokens = saturation_threshold_tokens(
+        spec, profile, num_gpus, context_tokens, dtype, transport, nodes
+    )
+    return _forward_flops(spec, tokens, context_tokens)
+
+
+def step_flops_budget(
+    spec: MoEModelSpec,
+    profile: HardwareProfile,
+    num_gpus: int,
+    context_tokens: int,
+    dtype: str = "bf16",
+    headroom: float = 1.1,
+    transport: str = "nccl",
+    nodes: int = 1,
+) -> float:
+    """Per-step, per-GPU true-FLOPs budget for an engine scheduler: saturated, plus headroom."""
+    if headroom < 1.0:
+        raise PlanError(f"headroom must be >= 1.0 (below it the gather is exposed), got {headroom}")
+    flops = forward_flops_at_threshold(
+        spec, profile, num_gpus, context_tokens, dtype, transport, nodes
+    )
+    return flops * headroom
+
+
+# -- memory --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per GPU of one layout at one operating batch, and whether they fit."""
+
+    layout: str
+    num_gpus: int
+    dtype: str
+    tokens_per_gpu: int
+    context_tokens: int
+    dense_weight_bytes: int
+    expert_weight_bytes: int
+    gather_buffer_bytes: int
+    activation_bytes: int
+    kv_cache_bytes: int
+    budget_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return (
+            self.dense_weight_bytes
+            + self.expert_weight_bytes
+            + self.gather_buffer_bytes
+            + self.activation_bytes
+            + self.kv_cache_bytes
+        )
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.budget_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total_bytes": self.total_bytes, "fits": self.fits}
+
+
+def dense_weight_bytes(spec: MoEModelSpec, dtype: str) -> int:
+    """Bytes of every non-expert weight. FP8 checkpoints quantise the linear layers
+    (attention projections, shared experts, dense MLPs; fp32 scale per 128x128 block, rounded
+    up per matrix as a whole) and keep embeddings, LM head, router and norms in bf16."""
+    _check_dtype(dtype)
+    if dtype != "fp8":
+        return int(spec.dense_params * BYTES_PER_ELEMENT[dtype])
+    linear = (
+        spec.num_layers * attention_matmul_params(spec.attention, spec.hidden_size)
+        + spec.num_moe_layers * spec.shared_expert_params_per_layer
+        + spec.num_dense_layers * spec.dense_mlp_params
+    )
+    scales = 4 * -(-linear // (FP8_WEIGHT_BLOCK * FP8_WEIGHT_BLOCK))
+    return linear + scales + (spec.dense_params - linear) * 2
+
+
+def kv_bytes_per_token(spec: MoEModelSpec, layout: str = "asyncep", num_gpus: int = 1) -> int:
+    """bf16 KV cache of one token over all layers on one GPU (TP splits GQA kv heads)."""
+    attention = spec.attention
+    if attention.kind == "mla":  # compressed latent + rope key, replicated under TP
+        per_layer = attention.kv_lora_rank + attention.qk_rope_head_dim
+    else:
+        heads = attention.num_kv_heads
+        if layout == "tp":  # kv heads split; replicated when N > kv heads
+            heads = -(-heads // num_gpus)
+        per_layer = 2 * heads * attention.head_dim
+    return per_layer * ACTIVATION_BYTES * spec.num_layers
+
+
+def activation_bytes_per_token(spec: MoEModelSpec, layout: str, num_gpus: int) -> int:
+    """Peak transient activations of one token in one layer (estimate, bf16).
+
+    Residual stream copies, q/k/v, and the MoE's permuted top-k copies (input, output, gate-up
+    ``2I`` and activated ``I``); AllToAll-EP adds dispatch send/receive buffers; TP splits the
+    attention heads and the expert FFN over its ``N`` GPUs.
+    """
+    h, k, i = spec.hidden_size, spec.top_k, spec.expert_intermediate_size
+    a = spec.attention
+    qkv = a.num_heads * a.head_dim + a.num_heads * (a.head_dim + a.v_head_dim)
+    if a.kind == "gqa":
+        qkv = a.num_heads * a.head_dim + 2 * a.num_kv_heads * a.head_dim
+    split = num_gpus if layout == "tp" else 1
+    moe = k * (2 * h + 3 * i // split)
+    if layout == "alltoall_ep":
+        moe += k * 2 * h
+    return ACTIVATION_BYTES * (RESIDUAL_COPIES * h + qkv // split + moe)
+
+
+def memory_plan(
+    spec: MoEModelSpec,
+    profile: HardwareProfile,
+    layout: str,
+    num_gpus: int,
+    dtype: str,
+    tokens_per_gpu: int,
+    context_tokens: int,
+    prefetch_depth: int = 1,
+    memory_utilization: float = DEFAULT_MEMORY_UTILIZATION,
+) -> MemoryPlan:
+    """Memory per GPU of ``layout`` with ``tokens_per_gpu`` in flight per GPU.
+
+    AsyncEP / AllToAll-EP: replicated dense weights + ``ceil(E/N)`` experts per layer. AsyncEP
+    adds ``d + 1`` gather buffers of one full layer (``N * ceil(E/N)`` expert slots). TP: all
+    weights split ``N`` ways; the group runs ``N * tokens_per_gpu`` tokens together. KV cache
+    holds the batch's prompts whole: ``ceil(T / C) * C`` tokens (a long prompt is chunked, but
+    its earlier chunks' keys stay).
+    """
+    _check_layout(layout)
+    _check_dtype(dtype)
+    if prefetch_depth < 1:
+        raise PlanError(f"prefetch_depth must be >= 1, got {prefetch_depth}")
+    if not 0.0 < memory_utilization <= 1.0:
+        raise PlanError(f"memory_utilization must be in (0, 1], got {memory_utilization}")
+    layer_expert_bytes = shard_capacity(spec, num_gpus) * expert_bytes(spec, dtype)
+    dense = dense_weight_bytes(spec, dtype)
+    experts = spec.num_moe_layers * layer_expert_bytes
+    buffers = 0
+    tokens = tokens_per_gpu
+    if layout == "asyncep" and num_gpus > 1:
+        buffers = (prefetch_depth + 1) * num_gpus * layer_expert_bytes
+    if layout == "tp":
+        dense = -(-dense // num_gpus)
+        experts = -(-spec.num_moe_layers * spec.expert_bytes_per_layer(dtype) // num_gpus)
+        tokens = tokens_per_gpu * num_gpus
+    kv_tokens = -(-tokens // context_tokens) * context_tokens if tokens else 0
+    return MemoryPlan(
+        layout=layout,
+        num_gpus=num_gpus,
+        dtype=dtype,
+        tokens_per_gpu=tokens_per_gpu,
+        context_tokens=context_tokens,
+        dense_weight_bytes=dense,
+        expert_weight_bytes=experts,
+        gather_buffer_bytes=buffers,
+        activation_bytes=tokens * activation_bytes_per_token(spec, layout, num_gpus),
+        kv_cache_bytes=kv_tokens * kv_bytes_per_token(spec, layout, num_gpus),
+        budget_bytes=int(profile.gpu_memory_bytes.value * memory_utilization),
+    )
+
+
+# -- step time -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepPrediction:
+    """Predicted forward step of one layout at a per-GPU batch (all numbers per GPU)."""
+
+    layout: str
+    tokens_per_gpu: int
+    context_tokens: int
+    flops_per_gpu: int
+    step_time_s: float
+    compute_time_s: float  # the same FLOPs at R with no communication
+    tokens_per_s: float
+    mfu: float
+
+    @property
+    def exposed_fraction(self) -> float:
+        """Share of the step not explained by uncontended compute (communication, tax)."""
+        return 1.0 - self.compute_time_s / self.step_time_s if self.step_time_s else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "exposed_fraction": self.exposed_fraction}
+
+
+def predict_step(
+    spec: MoEModelSpec,
+    profile: HardwareProfile,
+    layout: str,
+    num_gpus: int,
+    dtype: str,
+    tokens_per_gpu: int,
+    context_tokens: int,
+    transport: str = "nccl",
+    nodes: int = 1,
+) -> StepPrediction:
+    """Forward time of ``layout`` with ``tokens_per_gpu`` tokens of ``C``-token prompts per GPU.
+
+    AsyncEP: each MoE layer ``t_g + max(0, F - t_g R_eff) / R`` (module docstring). AllToAll-EP
+    (perfectly balanced routing, its best case): ``F / R`` plus dispatch and combine, each
+    ``T * top_k * hidden * 2 bytes * (N - 1) / N / alltoall_bus_bw``, not overlapped. TP: the
+    group runs ``N * T`` tokens, ``F / N / R`` per GPU plus two AllReduces per layer of the
+    ``N * T * hidden`` bf16 activations at ``2 (N - 1) / N`` bytes over the AllGather bus
+    bandwidth (ring AllReduce = ReduceScatter + AllGather). Every layer also waits at least for
+    its weights to stream from HBM. No LM head.
+    """
+    _check_layout(layout)
+    _check_group(num_gpus, nodes)
+    rate = profile.compute_tflops(dtype) * 1e12
+    hbm = profile.hbm_gbps.value * 1e9
+    n, t = num_gpus, tokens_per_gpu
+    t_g = gather_time_s(spec, profile, n, dtype, transport, nodes) if layout == "asyncep" else 0.0
+    r_eff = profile.effective_tflops(dtype, transport) * 1e12 if t_g else rate
+    attention_bytes = attention_matmul_params(spec.attention, spec.hidden_size) * _weight_bytes(dtype)
+    flops_total = 0
+    step = 0.0
+    for layer in range(spec.num_layers):
+        flops = layer_flops_at_context(spec, layer, t, context_tokens).total
+        flops_total += flops
+        moe = layer in spec.moe_layer_indices
+        if layout == "tp":
+            group_flops = layer_flops_at_context(spec, layer, n * t, context_tokens).total
+            weights = (_layer_weight_bytes(spec, layer, dtype, all_experts=True)) / n
+            compute = max(group_flops / n / rate, weights / hbm)
+            if n > 1:
+                reduce_bytes = n * t * spec.hidden_size * ACTIVATION_BYTES
+                bus = profile.gather("nccl").bus_gbps(reduce_bytes / n) * 1e9
+                compute += 2 * 2 * (n - 1) / n * reduce_bytes / bus
+            step += compute
+            continue
+        if not moe:
+            step += max(flops / rate, _layer_weight_bytes(spec, layer, dtype, True) / hbm)
+            continue
+        # AsyncEP reads every gathered expert; AllToAll-EP reads its resident shard.
+        experts_read = n * shard_capacity(spec, n) if layout == "asyncep" else shard_capacity(spec, n)
+        floor = (attention_bytes + experts_read * expert_bytes(spec, dtype)) / hbm
+        if layout == "asyncep" and t_g:
+            layer_time = t_g + max(0.0, flops - t_g * r_eff) / rate
+        else:
+            layer_time = flops / rate
+        if layout == "alltoall_ep" and n > 1:
+            if profile.alltoall_bus_gbps is None:
+                raise HardwareProfileError(
+                    f"profile {profile.name!r} has no AllToAll bandwidth; use a multi-GPU profile"
+                )
+            message = t * spec.top_k * spec.hidden_size * ACTIVATION_BYTES
+            layer_time += 2 * message * (n - 1) / n / (profile.alltoall_bus_gbps.value * 1e9)
+        step += max(layer_time, floor)
+    compute_time = flops_total / rate
+    return StepPrediction(
+        layout=layout,
+        tokens_per_gpu=t,
+        context_tokens=context_tokens,
+        flops_per_gpu=flops_total,
+        step_time_s=step,
+        compute_time_s=compute_time,
+        tokens_per_s=t / step if step else 0.0,
+        mfu=flops_total / step / (profile.peak(dtype) * 1e12) if step else 0.0,
+    )
+
+
+# -- the plan ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ContextPlan:
+    """Everything at one context length: threshold batch, memory and step per layout."""
+
+    context_tokens: int
+    threshold_tokens: int
+    operating_tokens: int  # per-GPU batch the predictions use: the threshold, >= 1 prompt
+    forward_flops_at_threshold: int
+    memory: dict[str, MemoryPlan]
+    steps: dict[str, StepPrediction]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "context_tokens": self.context_tokens,
+            "threshold_tokens": self.threshold_tokens,
+            "operating_tokens": self.operating_tokens,
+            "forward_flops_at_threshold": self.forward_flops_at_threshold,
+            "memory": {k: v.to_dict() for k, v in self.memory.items()},
+            "steps": {k: v.to_dict() for k, v in self.steps.items()},
+        }
+
+
+@dataclass(frozen=True)
+class MultiNodePlan:
+    """AsyncEP spanning ``nodes`` nodes vs one AsyncEP group per node behind the router."""
+
+    nodes: int
+    gpus_per_group_in_node: int
+    spanning_bus_gbps: float
+    spanning_gather_time_s: float
+    spanning_threshold_flops: float
+    spanning_fits: bool
+    spanning_memory_bytes: int
+    in_node_threshold_flops: float
+    in_node_fits: bool
+    recommendation: str
+
+    @property
+    def threshold_ratio(self) -> float:
+        if not self.in_node_threshold_flops:
+            return math.inf
+        return self.spanning_threshold_flops / self.in_node_threshold_flops
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "threshold_ratio": self.threshold_ratio}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``zeroprefill plan`` reports for one model x GPUs x dtype."""
+
+    model: str
+    profile: str
+    num_gpus: int
+    dtype: str
+    transport: str
+    prefetch_depth: int
+    memory_utilization: float
+    layer_expert_bytes: int
+    gather_message_bytes: int
+    gather_bus_gbps: float
+    gather_time_s: float
+    compute_tflops: float
+    effective_tflops: float
+    threshold_flops: float
+    contexts: tuple[ContextPlan, ...]
+    fits: dict[str, bool]
+    suggestions: tuple[str, ...]
+    recommendation: str
+    multinode: MultiNodePlan | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            k: getattr(self, k)
+            for k in (
+                "model", "profile", "num_gpus", "dtype", "transport", "prefetch_depth",
+                "memory_utilization", "layer_expert_bytes", "gather_message_bytes",
+                "gather_bus_gbps", "gather_time_s", "compute_tflops", "effective_tflops",
+                "threshold_flops", "fits", "recommendation",
+            )
+        }
+        out["contexts"] = [c.to_dict() for c in self.contexts]
+        out["suggestions"] = list(self.suggestions)
+        out["multinode"] = self.multinode.to_dict() if self.multinode else None
+        out["notes"] = list(self.notes)
+        return out
+
+
+def make_plan(
+    spec: MoEModelSpec,
+    profile: HardwareProfile,
+    num_gpus: int,
+    dtype: str = "bf16",
+    context_tokens: tuple[int, ...] = (512, 4096, 32768),
+    prefetch_depth: int = 1,
+    transport: str = "nccl",
+    nodes: int = 1,
+    memory_utilization: float = DEFAULT_MEMORY_UTILIZATION,
+    model_name: str = "model",
+) -> Plan:
+    """Threshold, memory and step predictions of every layout for ``num_gpus`` GPUs of a node.
+
+    With ``nodes > 1`` the plan adds :class:`MultiNodePlan`: one AsyncEP group spanning all
+    ``nodes * num_gpus`` GPUs vs ``nodes`` in-node groups behind the router.
+    """
+    _check_dtype(dtype)
+    if num_gpus < 1:
+        raise PlanError(f"num_gpus must be >= 1, got {num_gpus}")
+    if num_gpus > profile.gpus_per_node:
+        raise PlanError(
+            f"num_gpus={num_gpus} exceeds the {profile.gpus_per_node} GPUs of a node in profile "
+            f"{profile.name!r}; use --gpus {profile.gpus_per_node} --nodes K for more"
+        )
+    if not context_tokens or min(context_tokens) < 1:
+        raise PlanError(f"context lengths must be positive, got {list(context_tokens)}")
+    if nodes < 1:
+        raise PlanError(f"nodes must be >= 1, got {nodes}")
+    threshold = saturation_threshold_flops(spec, profile, num_gpus, dtype, transport)
+    contexts = tuple(
+        _context_plan(spec, profile, num_gpus, dtype, c, prefetch_depth, transport, memory_utilization)
+        for c in sorted(set(context_tokens))
+    )
+    fits = {layout: all(c.memory[layout].fits for c in contexts) for layout in LAYOUTS}
+    worst = max(contexts, key=lambda c: c.operating_tokens)
+    suggestions = () if fits["asyncep"] else _what_would_fit(
+        spec, profile, num_gpus, dtype, worst, prefetch_depth, memory_utilization
+    )
+    notes = []
+    if num_gpus > 1 and profile.num_gpus != num_gpus:
+        notes.append(
+            f"profile {profile.name!r} was measured on {profile.num_gpus} GPU(s); its interconnect "
+            f"numbers are used for {num_gpus}"
+        )
+    multinode = None
+    if nodes > 1:
+        multinode = _multinode_plan(
+            spec, profile, num_gpus, nodes, dtype, transport, worst, prefetch_depth,
+            memory_utilization, fits["asyncep"],
+        )
+    return Plan(
+        model=model_name,
+        profile=profile.name,
+        num_gpus=num_gpus,
+        dtype=dtype,
+        transport=transport,
+        prefetch_depth=prefetch_depth,
+        memory_utilization=memory_utilization,
+        layer_expert_bytes=num_gpus * shard_capacity(spec, num_gpus) * expert_bytes(spec, dtype),
+        gather_message_bytes=gather_message_bytes(spec, num_gpus, dtype),
+        gather_bus_gbps=gather_bus_gbps(spec, profile, num_gpus, dtype, transport) if num_gpus > 1 else 0.0,
+        gather_time_s=gather_time_s(spec, profile, num_gpus, dtype, transport),
+        compute_tflops=profile.compute_tflops(dtype),
+        effective_tflops=profile.effective_tflops(dtype, transport) if num_gpus > 1 else profile.compute_tflops(dtype),
+        threshold_flops=threshold,
+        contexts=contexts,
+        fits=fits,
+        suggestions=suggestions,
+        recommendation=multinode.recommendation if multinode else _single_node_recommendation(contexts, fits, suggestions),
+        multinode=multinode,
+        notes=tuple(notes),
+    )
+
+
+def _context_plan(
+    spec: MoEModelSpec,
+    profile: HardwareProfile,
+    num_gpus: int,
+    dtype: str,
+    context: int,
+    prefetch_depth: int,
+    transport: str,
+    memory_utilization: float,
+) -> ContextPlan:
+    threshold_tokens = saturation_threshold_tokens(spec, profile, num_gpus, context, dtype, transport)
+    # Below one prompt nothing needs hiding (single GPU): run one prompt.
+    operating = threshold_tokens if threshold_tokens else context
+    return ContextPlan(
+        context_tokens=context,
+        threshold_tokens=threshold_tokens,
+        operating_tokens=operating,
+        forward_flops_at_threshold=_forward_flops(spec, threshold_tokens, context),
+        memory={
+            layout: memory_plan(
+                spec, profile, layout, num_gpus, dtype, operating, context, prefetch_depth,
+                memory_utilization,
+            )
+            for layout in LAYOUTS
+        },
+        steps={
+            layout: predict_step(spec, profile, layout, num_gpus, dtype, operating, context, transport)
+            for layout in LAYOUTS
+        },
+    )
+
+
+def _what_would_fit(
+    spec: MoEModelSpec,
+    profile: HardwareProfile,
+    num_gpus: int,
+    dtype: str,
+    worst: ContextPlan,
+    prefetch_depth: int,
+    memory_utilization: float,
+) -> tuple[str, ...]:
+    """Alternatives that fit AsyncEP at the same batch: FP8, more GPUs in the node."""
+    options = []
+    candidates = [(num_gpus, "fp8")] if dtype != "fp8" else []
+    n = num_gpus * 2
+    while n <= profile.gpus_per_node:
+        candidates.append((n, dtype))
+        n *= 2
+    for n, dt in candidates:
+        plan = memory_plan(
+            spec, profile, "asyncep", n, dt, worst.operating_tokens, worst.context_tokens,
+            prefetch_depth, memory_utilization,
+        )
+        if plan.fits:
+            flag = f"--dtype {dt}" if n == num_gpus else f"--gpus {n}" + (f" --dtype {dt}" if dt != dtype else "")
+            options.append(f"{flag}: {_gb(plan.total_bytes)} of {_gb(plan.budget_bytes)} per GPU")
+    if not options:
+        options.append(
+            f"nothing in one node of {profile.gpus_per_node} GPUs fits: use --nodes K (AsyncEP "
+            f"spanning nodes) or a smaller model"
+        )
+    return tuple(options)
+
+
+def _multinode_plan(
+    spec: MoEModelSpec,
+    profile: HardwareProfile,
+    num_gpus: int,
+    nodes: int,
+    dtype: str,
+    transport: str,
+    worst: ContextPlan,
+    prefetch_depth: int,
+    memory_utilization: float,
+    in_node_fits: bool,
+) -> MultiNodePlan:
+    total = num_gpus * nodes
+    in_node = saturation_threshold_flops(spec, profile, num_gpus, dtype, transport)
+    spanning = saturation_threshold_flops(spec, profile, total, dtype, transport, nodes)
+    span_memory = memory_plan(
+        spec, profile, "asyncep", total, dtype, worst.operating_tokens, worst.context_tokens,
+        prefetch_depth, memory_utilization,
+    )
+    ratio = spanning / in_node if in_node else math.inf
+    if in_node_fits:
+        recommendation = (
+            f"deploy AsyncEP over {num_gpus} GPUs inside each node and {nodes} replicas behind the "
+            f"zeroprefill router (prefix-aware, true-FLOPs): a group spanning {nodes} nodes needs "
+            f"{ratio:.2f}x the per-GPU batch to hide its gather and buys only memory"
+        )
+    elif span_memory.fits:
+        recommendation = (
+            f"the model does not fit AsyncEP on {num_gpus} GPUs of one node in {dtype}: deploy one "
+            f"AsyncEP group spanning {nodes} nodes ({ratio:.2f}x the in-node threshold), or vLLM "
+            f"multi-node DP+EP; FP8 or a full node per group avoids crossing nodes"
+        )
+    else:
+        recommendation = (
+            f"the model does not fit AsyncEP on {total} GPUs in {dtype} "
+            f"({_gb(span_memory.total_bytes)} of {_gb(span_memory.budget_bytes)} per GPU)"
+        )
+    return MultiNodePlan(
+        nodes=nodes,
+        gpus_per_group_in_node=num_gpus,
+        spanning_bus_gbps=gather_bus_gbps(spec, profile, total, dtype, transport, nodes),
+        spanning_gather_time_s=gather_time_s(spec, profile, total, dtype, transport, nodes),
+        spanning_threshold_flops=spanning,
+        spanning_fits=span_memory.fits,
+        spanning_memory_bytes=span_memory.total_bytes,
+        in_node_threshold_flops=in_node,
+        in_node_fits=in_node_fits,
+        recommendation=recommendation,
+    )
+
+
+def _single_node_recommendation(
+    contexts: tuple[ContextPlan, ...], fits: dict[str, bool], suggestions: tuple[str, ...]
+) -> str:
+    fitting = [layout for layout in LAYOUTS if fits[layout]]
+    if not fitting:
+        return "no layout fits; " + "; ".join(suggestions)
+    throughput = {
+        layout: sum(c.steps[layout].tokens_per_s for c in contexts) / len(contexts)
+        for layout in fitting
+    }
+    best = max(fitting, key=throughput.__getitem__)
+    text = f"{LAYOUT_TITLES[best]} (highest predicted throughput among layouts that fit)"
+    if best != "asyncep" and not fits["asyncep"]:
+        text += "; AsyncEP would need: " + "; ".join(suggestions)
+    return text
+
+
+# -- helpers -------------------------------------------------------------------------------
+def _forward_flops(spec: MoEModelSpec, tokens: int, context_tokens: int) -> int:
+    return sum(
+        layer_flops_at_context(spec, layer, tokens, context_tokens).total
+        for layer in range(spec.num_layers)
+    )
+
+
+def _representative_moe_layer(spec: MoEModelSpec) -> int:
+    """A steady-state MoE layer (all MoE layers of the families we read are identical)."""
+    return spec.moe_layer_indices[0]
+
+
+def _weight_bytes(dtype: str) -> float:
+    return BYTES_PER_ELEMENT[dtype]
+
+
+def _layer_weight_bytes(spec: MoEModelSpec, layer: int, dtype: str, all_experts: bool) -> float:
+    """Bytes of one layer's matmul weights (all experts or the top-k a token touches)."""
+    params = layer_matmul_params(spec, layer)
+    if all_experts and layer in spec.moe_layer_indices:
+        params += (spec.num_experts - spec.top_k) * spec.expert_params
+    return params * _weight_bytes(dtype)
+
+
+def _gb(num_bytes: float) -> str:
+    return f"{num_bytes / 1e9:.1f} GB"
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in PLAN_DTYPES:
+        raise PlanError(f"unknown dtype {dtype!r}; choose one of {', '.join(PLAN_DTYPES)}")
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise PlanError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+
+
+def _check_group(num_gpus: int, nodes: int) -> None:
+    if num_gpus < 1 or nodes < 1 or num_gpus % nodes:
+        raise PlanError(
+            f"num_gpus={num_gpus} must be a positive multiple of nodes={nodes} (GPUs of the group)"
+        )
