@@ -21,7 +21,10 @@ its expert id from the alignment and returns at once if it lies past the used ro
 
 FP8 path: e4m3 weights with 128x128 block scales, activations quantised per token and
 128-wide group; every K step (``block_k == 128``, one scale group) rescales the fp32 partial
-product by ``a_scale[row] * b_scale[col]`` before accumulating.
+product by ``a_scale[row] * b_scale[block]`` before accumulating. Where a tile lies inside one
+128-row weight block (gemm1 always for gate, for up when I % 128 == 0; gemm2 when
+``block_n <= 128``) the weight scale is a scalar folded into the row scale, so the rescale is
+one FMA per accumulator element.
 
 ``fused_experts_reference`` is the plain-torch definition (a loop over experts, fp32 math).
 """
@@ -64,8 +67,8 @@ def _gemm1_gate_up_silu_kernel(
     sorted_row_ids_ptr, block_expert_ids_ptr, num_padded_rows_ptr,
     num_rows, inter, hidden, max_blocks_m, top_k,
     stride_x, stride_xs, stride_we, stride_wn, stride_wse, stride_wsn, stride_act, stride_acts,
-    USE_FP8: tl.constexpr, EVEN_K: tl.constexpr, DOT_IN_FP32: tl.constexpr, ROUND_IN_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    USE_FP8: tl.constexpr, UP_SCALE_UNIFORM: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, ROUND_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """act[p, n] = silu(x[tok(p)] . w13[e, n]) * (x[tok(p)] . w13[e, I + n]) for padded row p."""
     pid_m, pid_n = _swizzle_tile(tl.program_id(0), max_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
@@ -84,10 +87,13 @@ def _gemm1_gate_up_silu_kernel(
     a_ptrs = x_ptr + tokens[:, None] * stride_x + offs_k[None, :]
     gate_ptrs = w_ptr + expert * stride_we + offs_n_safe[None, :] * stride_wn + offs_k[:, None]
     up_ptrs = gate_ptrs + inter * stride_wn
-    if USE_FP8:
+    if USE_FP8:  # BLOCK_N == 128: the gate tile is one weight scale block per K step
         a_scale_ptrs = x_scale_ptr + tokens * stride_xs
-        gate_scale_ptrs = w_scale_ptr + expert * stride_wse + (offs_n_safe // 128) * stride_wsn
-        up_scale_ptrs = w_scale_ptr + expert * stride_wse + ((offs_n_safe + inter) // 128) * stride_wsn
+        gate_scale_ptr = w_scale_ptr + expert * stride_wse + pid_n * stride_wsn
+        if UP_SCALE_UNIFORM:  # I % 128 == 0: so is the up tile
+            up_scale_ptrs = w_scale_ptr + expert * stride_wse + (pid_n + inter // 128) * stride_wsn
+        else:
+            up_scale_ptrs = w_scale_ptr + expert * stride_wse + ((offs_n_safe + inter) // 128) * stride_wsn
 
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -102,11 +108,13 @@ def _gemm1_gate_up_silu_kernel(
             b_gate = tl.load(gate_ptrs, mask=k_ok[:, None], other=0.0)
             b_up = tl.load(up_ptrs, mask=k_ok[:, None], other=0.0)
         if USE_FP8:
+            # fold the weight scale into the per-row token scale: one FMA per accumulator element
             a_scale = tl.load(a_scale_ptrs + k)
-            gate_scale = tl.load(gate_scale_ptrs + k)
-            up_scale = tl.load(up_scale_ptrs + k)
-            acc_gate += tl.dot(a, b_gate) * a_scale[:, None] * gate_scale[None, :]
-            acc_up += tl.dot(a, b_up) * a_scale[:, None] * up_scale[None, :]
+            acc_gate += tl.dot(a, b_gate) * (a_scale * tl.load(gate_scale_ptr + k))[:, None]
+            if UP_SCALE_UNIFORM:
+                acc_up += tl.dot(a, b_up) * (a_scale * tl.load(up_scale_ptrs + k))[:, None]
+            else:
+                acc_up += tl.dot(a, b_up) * a_scale[:, None] * tl.load(up_scale_ptrs + k)[None, :]
         elif DOT_IN_FP32:
             acc_gate = tl.dot(a.to(tl.float32), b_gate.to(tl.float32), acc_gate)
             acc_up = tl.dot(a.to(tl.float32), b_up.to(tl.float32), acc_up)
@@ -153,7 +161,10 @@ def _gemm2_down_scatter_kernel(
     b_ptrs = w_ptr + expert * stride_we + offs_n_safe[None, :] * stride_wn + offs_k[:, None]
     if USE_FP8:
         a_scale_ptrs = act_scale_ptr + offs_m.to(tl.int64) * stride_acts
-        b_scale_ptrs = w_scale_ptr + expert * stride_wse + (offs_n_safe // 128) * stride_wsn
+        if BLOCK_N <= 128:  # the tile lies in one weight scale block
+            b_scale_ptrs = w_scale_ptr + expert * stride_wse + (pid_n * BLOCK_N // 128) * stride_wsn
+        else:
+            b_scale_ptrs = w_scale_ptr + expert * stride_wse + (offs_n_safe // 128) * stride_wsn
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(0, tl.cdiv(inter, BLOCK_K)):
@@ -166,8 +177,10 @@ def _gemm2_down_scatter_kernel(
             b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
         if USE_FP8:
             a_scale = tl.load(a_scale_ptrs + k)
-            b_scale = tl.load(b_scale_ptrs + k)
-            acc += tl.dot(a, b) * a_scale[:, None] * b_scale[None, :]
+            if BLOCK_N <= 128:
+                acc += tl.dot(a, b) * (a_scale * tl.load(b_scale_ptrs + k))[:, None]
+            else:
+                acc += tl.dot(a, b) * a_scale[:, None] * tl.load(b_scale_ptrs + k)[None, :]
         elif DOT_IN_FP32:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
         else:
@@ -327,7 +340,7 @@ def run_gemm1(x: torch.Tensor, x_scale: torch.Tensor | None, w13: torch.Tensor,
         alignment.num_rows, inter, hidden, blocks_m, alignment.num_rows // x.shape[0],
         x.stride(0), scale_strides[0], w13.stride(0), w13.stride(1), scale_strides[1], scale_strides[2],
         act.stride(0), scale_strides[3],
-        USE_FP8=use_fp8, EVEN_K=hidden % cfg.block_k == 0,
+        USE_FP8=use_fp8, UP_SCALE_UNIFORM=inter % 128 == 0, EVEN_K=hidden % cfg.block_k == 0,
         # The Triton CPU interpreter multiplies bf16 dot operands as their uint16 bit patterns;
         # there, upcast them (bf16 products are exact in fp32, so the math is unchanged).
         DOT_IN_FP32=INTERPRETING and x.dtype == torch.bfloat16, ROUND_IN_FP32=ROUND_E4M3_IN_FP32,
