@@ -143,8 +143,10 @@ class CopyEngineGather(GatherTransport):
             total_bytes += -(-t.numel() * t.element_size() // 256) * 256
         pool = symm_mem.empty(total_bytes, dtype=torch.uint8, device=device)
         group = self.group or dist.group.WORLD
-        if hasattr(symm_mem, "enable_symm_mem_for_group"):
-            symm_mem.enable_symm_mem_for_group(group.group_name)
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before torch 2.9, a no-op after
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                symm_mem.enable_symm_mem_for_group(group.group_name)
         handle = symm_mem.rendezvous(pool, group.group_name)
         adopted: list[dict[str, torch.Tensor]] = [{} for _ in layer_shards]
         self._peer_views: list[dict[str, list[torch.Tensor]]] = [{} for _ in layer_shards]

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from zeroprefill.common.asyncep_moe import AsyncEPMoE, experts_reference, moe_reference
+from zeroprefill.common.asyncep_moe import AsyncEPMoE, moe_reference
 from zeroprefill.common.expert_sharding import ExpertShardLayout
 from zeroprefill.common.streamer import ExpertWeightStreamer
 from zeroprefill.common.transport import GatherHandle, GatherTransport, make_transport
@@ -51,8 +51,16 @@ class LoopbackTransport(GatherTransport):
 
 
 def _slow_kernel(hidden, w13, w2, topk_weights, topk_ids):
-    torch.cuda._sleep(random.randint(SLEEP_CYCLES, 3 * SLEEP_CYCLES))  # compute lags the host
-    return experts_reference(hidden, w13, w2, topk_weights, topk_ids)
+    """Dense per-(token, k) experts with no host sync, after a device-side sleep.
+
+    The host runs ahead of a lagging compute stream, as in serving; a gather that does not
+    wait for the slot's release then overwrites weights this kernel has not read yet.
+    """
+    torch.cuda._sleep(random.randint(SLEEP_CYCLES, 3 * SLEEP_CYCLES))
+    gate_up = torch.einsum("th,tkih->tki", hidden, w13[topk_ids])
+    act = torch.nn.functional.silu(gate_up[..., :I]) * gate_up[..., I:]
+    y = torch.einsum("tki,tkhi->tkh", act, w2[topk_ids])
+    return (y * topk_weights[..., None]).sum(dim=1)
 
 
 def _weights(device):
