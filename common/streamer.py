@@ -143,6 +143,14 @@ class ExpertWeightStreamer:
         """Device memory held by the ring of gather buffers."""
         return sum(t.numel() * t.element_size() for slot in self._slots for t in slot.values())
 
+    def prefetch(self) -> None:
+        """Issue the gathers of the next ``prefetch_depth + 1`` layers now.
+
+        Call at the start of a forward pass (before embeddings and the first attention) so
+        that, even on the first pass, layer 0's gather overlaps that work. Idempotent.
+        """
+        self._issue_up_to(self._next_to_acquire + self.prefetch_depth)
+
     def acquire(self, layer: int) -> GatheredExperts:
         """Wait (on the compute stream) for ``layer``'s experts and return them.
 

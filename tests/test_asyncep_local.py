@@ -94,3 +94,13 @@ def test_mismatched_shards_are_rejected():
         ExpertWeightStreamer([good], ExpertShardLayout(4, 2), transport)
     with pytest.raises(ValueError, match="unknown transport"):
         make_transport("carrier-pigeon")
+
+
+def test_prefetch_issues_ahead_and_is_idempotent():
+    full, streamer = _streamer(num_layers=3, prefetch_depth=2)
+    streamer.prefetch()
+    streamer.prefetch()
+    assert sorted(streamer._in_flight) == [0, 1, 2]
+    x, logits = torch.randn(4, H), torch.randn(4, E)
+    out = AsyncEPMoE(streamer, 0, 2, True)(x, logits)
+    torch.testing.assert_close(out, moe_reference(x, logits, full[0]["w13"], full[0]["w2"], 2, True))
