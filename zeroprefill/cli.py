@@ -73,6 +73,16 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         add_arguments=_lazy("zeroprefill.router.cli", "add_arguments"),
         run=_lazy("zeroprefill.router.cli", "run"),
     ),
+    "plan": Subcommand(
+        help="saturation threshold, memory per GPU and predicted throughput of AsyncEP/EP/TP",
+        add_arguments=_lazy("zeroprefill.plan", "add_arguments"),
+        run=_lazy("zeroprefill.plan", "run"),
+    ),
+    "calibrate": Subcommand(
+        help="measure this machine's hardware profile (GEMM, HBM, AllGather, overlap tax)",
+        add_arguments=_lazy("zeroprefill.calibrate", "add_arguments"),
+        run=_lazy("zeroprefill.calibrate", "run"),
+    ),
 }
 
 

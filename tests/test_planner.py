@@ -1,0 +1,186 @@
+"""Planner: gather time, saturation threshold (FLOPs and tokens), memory plans with the
+arithmetic, step predictions, multi-node, and the `zeroprefill plan` CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from zeroprefill.cli import main
+from zeroprefill.common.cost_model import layer_flops_at_context
+from zeroprefill.common.hardware import shipped_profile
+from zeroprefill.common.model_spec import MoEModelSpec
+from zeroprefill.common.planner import (
+    PlanError,
+    forward_flops_at_threshold,
+    gather_time_s,
+    make_plan,
+    memory_plan,
+    predict_step,
+    saturation_threshold_flops,
+    saturation_threshold_tokens,
+    step_flops_budget,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "common" / "model_configs"
+EXPERT_BF16 = 3 * 4096 * 1536 * 2  # one Qwen3-235B expert: 37,748,736 bytes
+EXPERT_FP8 = 3 * 4096 * 1536 + (24 * 32 + 32 * 12) * 4  # 1 byte/weight + fp32 per 128x128 block
+H200_BUDGET = int(0.9 * round(139.8 * 2**30))  # 90% of the H200's 139.8 GiB = 135.1 GB
+
+
+@pytest.fixture(scope="module")
+def q235() -> MoEModelSpec:
+    return MoEModelSpec.from_pretrained(CONFIGS / "qwen3-235b-a22b.json")
+
+
+@pytest.fixture(scope="module")
+def h200x4():
+    return shipped_profile("h200", 4)
+
+
+def test_gather_time_and_threshold_qwen3_235b_bf16_4xh200(q235, h200x4):
+    # W = 128 experts * 37,748,736 B = 4.83 GB; each rank sends W/4, receives 3 W/4 at 339 GB/s.
+    t_g = 32 * EXPERT_BF16 * 3 / 339e9
+    assert gather_time_s(q235, h200x4, 4, "bf16") == pytest.approx(t_g)
+    assert t_g == pytest.approx(10.69e-3, rel=1e-3)  # DESIGN.md: ~10.7 ms
+    threshold = t_g * 709e12 / 1.12  # R_eff = 709 / (1 + 12%) TFLOP/s
+    assert saturation_threshold_flops(q235, h200x4, 4, "bf16") == pytest.approx(threshold)
+    assert saturation_threshold_flops(q235, h200x4, 1, "bf16") == 0.0
+
+
+def test_threshold_in_tokens_falls_with_context(q235, h200x4):
+    threshold = saturation_threshold_flops(q235, h200x4, 4, "bf16")
+    tokens = {c: saturation_threshold_tokens(q235, h200x4, 4, c, "bf16") for c in (512, 4096, 32768)}
+    assert tokens[512] > tokens[4096] > tokens[32768]
+    # Short context: ~15K tokens per GPU (DESIGN.md: "~16K tokens ... at short context");
+    # per token 2 * 222,822,400 + 32,768 * 513 / 2 = 454,049,792 FLOPs per layer.
+    assert tokens[512] == pytest.approx(threshold / 454_049_792, abs=1)
+    for context, count in tokens.items():  # smallest batch: one token fewer falls short
+        assert layer_flops_at_context(q235, 0, count, context).total >= threshold
+        assert layer_flops_at_context(q235, 0, count - 1, context).total < threshold
+    # Every layer is MoE: a forward at the threshold is 94 threshold layers, whatever the context.
+    for context in tokens:
+        forward = forward_flops_at_threshold(q235, h200x4, 4, context, "bf16")
+        assert forward == pytest.approx(94 * threshold, rel=1e-3)
+    budget = step_flops_budget(q235, h200x4, 4, 4096, "bf16", headroom=1.25)
+    assert budget == pytest.approx(1.25 * forward_flops_at_threshold(q235, h200x4, 4, 4096, "bf16"))
+    with pytest.raises(PlanError, match="headroom"):
+        step_flops_budget(q235, h200x4, 4, 4096, "bf16", headroom=0.5)
+
+
+def test_fp8_weights_and_compute_keep_the_threshold_in_tokens_close(q235, h200x4):
+    # Half the bytes, 1299/709 the rate, and the smaller (604 MB) shard gathers a little slower
+    # than the 1.2 GB bf16 one (interpolated 326..339 GB/s): 0.93x the tokens.
+    bf16 = saturation_threshold_tokens(q235, h200x4, 4, 4096, "bf16")
+    fp8 = saturation_threshold_tokens(q235, h200x4, 4, 4096, "fp8")
+    slower_wire = 339 / h200x4.gather().bus_gbps(32 * EXPERT_FP8)
+    expected = 1299 / 709 * EXPERT_FP8 / EXPERT_BF16 * slower_wire
+    assert fp8 / bf16 == pytest.approx(expected, rel=2e-3)
+    assert 0.9 < fp8 / bf16 < 0.95
+
+
+def test_memory_qwen3_235b_bf16_on_4xh200_does_not_fit_fp8_does(q235, h200x4):
+    bf16 = memory_plan(q235, h200x4, "asyncep", 4, "bf16", tokens_per_gpu=16384, context_tokens=4096)
+    # dense: 7,997,238,784 non-expert params x 2 B = 16.0 GB (embeddings + head 2.5 GB of it)
+    assert bf16.dense_weight_bytes == 7_997_238_784 * 2
+    # experts: 94 layers x 32 experts per rank x 37.7 MB = 113.5 GB
+    assert bf16.expert_weight_bytes == 94 * 32 * EXPERT_BF16 == 113_548_197_888
+    # gather buffers: (d + 1) = 2 full layers of 128 experts = 9.7 GB
+    assert bf16.gather_buffer_bytes == 2 * 128 * EXPERT_BF16
+    # activations: 16384 tokens x 2 B x (4 x 4096 residual + 9216 qkv + 8 x (2 x 4096 + 3 x 1536))
+    assert bf16.activation_bytes == 16384 * 2 * (4 * 4096 + 9216 + 8 * (2 * 4096 + 3 * 1536))
+    # KV: 16384 tokens x 94 layers x 2 (k, v) x 4 heads x 128 x 2 B = 3.15 GB
+    assert bf16.kv_cache_bytes == 16384 * 94 * 2 * 4 * 128 * 2
+    # 16.0 + 113.5 + 9.7 + 4.2 + 3.2 = 146.6 GB > 135.1 GB (90% of 139.8 GiB): does not fit;
+    # weights and buffers alone (139.2 GB) already exceed the budget.
+    assert bf16.total_bytes == 146_554_772_480 and bf16.budget_bytes == H200_BUDGET
+    assert not bf16.fits
+    assert bf16.dense_weight_bytes + bf16.expert_weight_bytes + bf16.gather_buffer_bytes > H200_BUDGET
+
+    fp8 = memory_plan(q235, h200x4, "asyncep", 4, "fp8", tokens_per_gpu=16384, context_tokens=4096)
+    # FP8 linear weights: 94 x 71,303,168 attention params at 1 B + a 4 B scale per 128x128
+    # block; embeddings, head, router and norms (1,294,740,992 params) stay bf16.
+    assert fp8.dense_weight_bytes == 94 * 71_303_168 + 4 * 94 * 71_303_168 // 16384 + 1_294_740_992 * 2
+    assert fp8.expert_weight_bytes == 94 * 32 * EXPERT_FP8
+    assert fp8.gather_buffer_bytes == 2 * 128 * EXPERT_FP8
+    # 9.3 + 56.8 + 4.8 + 4.2 + 3.2 = 78.3 GB (DESIGN.md: "~75 GB/GPU"): fits with room.
+    assert fp8.total_bytes == 78_263_014_400 and fp8.fits
+
+
+def test_memory_grows_with_prefetch_depth_and_kv_holds_whole_prompts(q235, h200x4):
+    d1 = memory_plan(q235, h200x4, "asyncep", 4, "fp8", 6000, 32768)
+    d2 = memory_plan(q235, h200x4, "asyncep", 4, "fp8", 6000, 32768, prefetch_depth=2)
+    assert d2.gather_buffer_bytes - d1.gather_buffer_bytes == 128 * EXPERT_FP8
+    assert d1.kv_cache_bytes == 32768 * 94 * 2 * 4 * 128 * 2  # one whole 32K prompt's keys
+    ep = memory_plan(q235, h200x4, "alltoall_ep", 4, "fp8", 6000, 32768)
+    assert ep.gather_buffer_bytes == 0 and ep.expert_weight_bytes == d1.expert_weight_bytes
+    tp = memory_plan(q235, h200x4, "tp", 4, "fp8", 6000, 32768)
+    assert tp.expert_weight_bytes == -(-94 * 128 * EXPERT_FP8 // 4)
+
+
+def test_asyncep_step_is_comm_bound_below_threshold_and_taxed_above(q235, h200x4):
+    t_g = gather_time_s(q235, h200x4, 4, "bf16")
+    tokens = saturation_threshold_tokens(q235, h200x4, 4, 4096, "bf16")
+    below = predict_step(q235, h200x4, "asyncep", 4, "bf16", tokens // 2, 4096)
+    assert below.step_time_s == pytest.approx(94 * t_g)  # every layer waits for its gather
+    at = predict_step(q235, h200x4, "asyncep", 4, "bf16", tokens, 4096)
+    assert at.step_time_s == pytest.approx(94 * t_g, rel=1e-3)
+    assert at.exposed_fraction == pytest.approx(1 - 1 / 1.12, abs=1e-3)  # only the overlap tax
+    above = predict_step(q235, h200x4, "asyncep", 4, "bf16", 4 * tokens, 4096)
+    assert above.exposed_fraction < at.exposed_fraction / 3
+    ep = predict_step(q235, h200x4, "alltoall_ep", 4, "bf16", tokens, 4096)
+    # Dispatch + combine: 2 x tokens x 8 x 4096 x 2 B x 3/4 at 312 GB/s per layer, not hidden.
+    a2a = 2 * tokens * 8 * 4096 * 2 * 3 / 4 / 312e9
+    assert ep.step_time_s == pytest.approx(ep.compute_time_s + 94 * a2a, rel=1e-6)
+    assert 0 < at.mfu < 709 / 989
+
+
+def test_plan_suggests_what_fits_and_multinode_recommends_replicas(q235, h200x4):
+    plan = make_plan(q235, h200x4, 4, "bf16", (512, 4096))
+    assert not plan.fits["asyncep"]
+    assert any(s.startswith("--dtype fp8") for s in plan.suggestions)
+    assert any(s.startswith("--gpus 8") for s in plan.suggestions)
+    fp8 = make_plan(q235, h200x4, 4, "fp8", (512, 4096), nodes=2)
+    assert fp8.fits["asyncep"] and not fp8.suggestions
+    multi = fp8.multinode
+    # 4 of a node's 8 NICs (8 x 400 Gb/s = 400 GB/s) carry the cross-node ring: 200 GB/s < 339.
+    assert multi.spanning_bus_gbps == 200
+    assert multi.threshold_ratio > 1.5
+    assert "replicas behind the zeroprefill router" in multi.recommendation
+    assert fp8.recommendation == multi.recommendation
+
+
+def test_plan_cli_table_and_json(capsys):
+    assert main(["plan", "--model", "qwen3-235b-a22b", "--gpus", "4", "--gpu", "h200", "--dtype", "fp8",
+                 "--context", "512,32768"]) == 0
+    out = capsys.readouterr().out
+    for text in ("threshold F*", "AsyncEP", "AllToAll-EP", "TP", "Recommendation:", "32768"):
+        assert text in out
+    assert main(["plan", "--model", str(CONFIGS / "qwen3-30b-a3b.json"), "--gpus", "2", "--json",
+                 "--nodes", "2"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["num_gpus"] == 2 and data["profile"] == "h200x2"
+    assert [c["context_tokens"] for c in data["contexts"]] == [512, 4096, 32768]
+    assert data["multinode"]["nodes"] == 2
+    assert set(data["contexts"][0]["steps"]) == {"asyncep", "alltoall_ep", "tp"}
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--model", "no-such-model"], "neither a path nor a shipped config"),
+        (["--model", "qwen3-30b-a3b", "--gpus", "3"], "no shipped h200 profile for 3 GPUs"),
+        (["--model", "qwen3-30b-a3b", "--dtype", "fp4"], "unknown dtype 'fp4'"),
+        (["--model", "qwen3-30b-a3b", "--context", "4k"], "--context '4k'"),
+        (["--model", "qwen3-30b-a3b", "--gpu", "a100"], "no shipped profile for gpu 'a100'"),
+        (["--model", "qwen3-30b-a3b", "--profile", "missing.json"], "no profile file"),
+        (["--model", "qwen3-30b-a3b", "--transport", "ib"], "unknown transport 'ib'"),
+        (["--model", "qwen3-30b-a3b", "--prefetch-depth", "0"], "prefetch_depth must be >= 1"),
+    ],
+)
+def test_plan_cli_errors_are_one_line_exit_2(capsys, argv, message):
+    assert main(["plan", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
