@@ -198,7 +198,9 @@ class HardwareProfile:
             gpu_name=str(data["gpu_name"]),
             num_gpus=int(data["num_gpus"]),
             gpus_per_node=int(data["gpus_per_node"]),
-            gpu_memory_bytes=Quantity(int(data["gpu_memory_bytes"]["value"]), str(data["gpu_memory_bytes"]["source"])),
+            gpu_memory_bytes=Quantity(
+                int(data["gpu_memory_bytes"]["value"]), str(data["gpu_memory_bytes"]["source"])
+            ),
             peak_tflops={k: q(v) for k, v in data["peak_tflops"].items()},
             gemm_tflops={k: q(v) for k, v in data["gemm_tflops"].items()},
             hbm_gbps=q(data["hbm_gbps"]),
