@@ -107,6 +107,10 @@ def gather_bus_gbps(
     of GPUs: ``min(intra-node bus bw, internode_gbps_per_node * gpus_in_node / gpus_per_node)``.
     """
     _check_group(num_gpus, nodes)
+    if nodes > 1 and transport == "copy_engine":
+        raise PlanError(
+            "the copy_engine transport reads peer GPU memory inside one node; use nccl across nodes"
+        )
     intra = profile.gather(transport).bus_gbps(gather_message_bytes(spec, num_gpus, dtype))
     if nodes == 1:
         return intra
@@ -459,7 +463,8 @@ class ContextPlan:
 
 @dataclass(frozen=True)
 class MultiNodePlan:
-    """AsyncEP spanning ``nodes`` nodes vs one AsyncEP group per node behind the router."""
+    """AsyncEP spanning ``nodes`` nodes vs one AsyncEP group per node behind the router
+    (thresholds of both over NCCL)."""
 
     nodes: int
     gpus_per_group_in_node: int
@@ -676,8 +681,10 @@ def _multinode_plan(
     in_node_fits: bool,
 ) -> MultiNodePlan:
     total = num_gpus * nodes
-    in_node = saturation_threshold_flops(spec, profile, num_gpus, dtype, transport)
-    spanning = saturation_threshold_flops(spec, profile, total, dtype, transport, nodes)
+    # Both over NCCL, like with like: the copy engine reaches peers inside a node only.
+    spanning_transport = "nccl"
+    in_node = saturation_threshold_flops(spec, profile, num_gpus, dtype, spanning_transport)
+    spanning = saturation_threshold_flops(spec, profile, total, dtype, spanning_transport, nodes)
     span_memory = memory_plan(
         spec, profile, "asyncep", total, dtype, worst.operating_tokens, worst.context_tokens,
         prefetch_depth, memory_utilization,
@@ -703,8 +710,8 @@ def _multinode_plan(
     return MultiNodePlan(
         nodes=nodes,
         gpus_per_group_in_node=num_gpus,
-        spanning_bus_gbps=gather_bus_gbps(spec, profile, total, dtype, transport, nodes),
-        spanning_gather_time_s=gather_time_s(spec, profile, total, dtype, transport, nodes),
+        spanning_bus_gbps=gather_bus_gbps(spec, profile, total, dtype, spanning_transport, nodes),
+        spanning_gather_time_s=gather_time_s(spec, profile, total, dtype, spanning_transport, nodes),
         spanning_threshold_flops=spanning,
         spanning_fits=span_memory.fits,
         spanning_memory_bytes=span_memory.total_bytes,

@@ -150,12 +150,19 @@ def test_plan_suggests_what_fits_and_multinode_recommends_replicas(q235, h200x4)
     assert multi.threshold_ratio > 1.5
     assert "replicas behind the zeroprefill router" in multi.recommendation
     assert fp8.recommendation == multi.recommendation
+    # The copy engine reads peer memory inside a node: never across nodes.
+    with pytest.raises(PlanError, match="inside one node"):
+        gather_time_s(q235, h200x4, 8, "fp8", "copy_engine", nodes=2)
+    copy = make_plan(q235, h200x4, 4, "fp8", (4096,), transport="copy_engine", nodes=2)
+    assert copy.multinode.threshold_ratio == pytest.approx(multi.threshold_ratio)
 
 
 def test_plan_cli_table_and_json(capsys):
     assert main(["plan", "--model", "qwen3-235b-a22b", "--gpus", "4", "--gpu", "h200", "--dtype", "fp8",
                  "--context", "512,32768"]) == 0
     out = capsys.readouterr().out
+    assert main(["plan", "--model", "qwen3-30b-a3b", "--gpus", "1"]) == 0
+    assert "nothing is gathered" in capsys.readouterr().out
     for text in ("threshold F*", "AsyncEP", "AllToAll-EP", "TP", "Recommendation:", "32768"):
         assert text in out
     assert main(["plan", "--model", str(CONFIGS / "qwen3-30b-a3b.json"), "--gpus", "2", "--json",

@@ -102,6 +102,22 @@ def format_plan(plan: Plan) -> str:
         f"{plan.model} on {plan.num_gpus} GPU(s), profile {plan.profile}, {plan.dtype}, "
         f"AllGather {plan.transport}, prefetch depth {plan.prefetch_depth}",
         "",
+    ]
+    if plan.num_gpus == 1:
+        lines += [
+            "Single GPU: every expert stays resident, nothing is gathered (threshold 0);",
+            "predictions below use one prompt per step.",
+            "",
+        ]
+    else:
+        lines += _threshold_lines(plan)
+    lines += _table_lines(plan)
+    return "\n".join(lines)
+
+
+def _threshold_lines(plan: Plan) -> list[str]:
+    gb = 1e9
+    lines = [
         "Gather and saturation threshold (per GPU, one MoE transformer layer)",
         f"  layer experts W        {plan.layer_expert_bytes / gb:8.2f} GB "
         f"(shard {plan.gather_message_bytes / gb:.2f} GB per rank)",
@@ -119,8 +135,14 @@ def format_plan(plan: Plan) -> str:
         lines.append(
             f"  {c.context_tokens:>8} {c.threshold_tokens:>11} {c.forward_flops_at_threshold / 1e12:>10.1f}"
         )
+    lines.append("")
+    return lines
+
+
+def _table_lines(plan: Plan) -> list[str]:
+    gb = 1e9
     titles = "".join(f"{LAYOUT_TITLES[layout]:>22}" for layout in LAYOUTS)
-    lines += ["", f"Memory per GPU at the threshold batch (budget {_budget(plan)})", f"  {'context':>8}{titles}"]
+    lines = [f"Memory per GPU at the threshold batch (budget {_budget(plan)})", f"  {'context':>8}{titles}"]
     for c in plan.contexts:
         cells = "".join(
             f"{c.memory[l].total_bytes / gb:>15.1f} GB {'ok ' if c.memory[l].fits else 'NO '}"
@@ -147,7 +169,7 @@ def format_plan(plan: Plan) -> str:
         m = plan.multinode
         lines += [
             "",
-            f"Across {m.nodes} nodes: AsyncEP group spanning nodes vs one group per node",
+            f"Across {m.nodes} nodes: AsyncEP group spanning nodes vs one group per node (both NCCL)",
             f"  spanning: bus bw {m.spanning_bus_gbps:.0f} GB/s, t_g {m.spanning_gather_time_s * 1e3:.2f} ms, "
             f"threshold {m.spanning_threshold_flops / 1e12:.2f} TFLOP/layer "
             f"({m.threshold_ratio:.2f}x in-node), fits: {'yes' if m.spanning_fits else 'no'}",
@@ -156,7 +178,7 @@ def format_plan(plan: Plan) -> str:
         ]
     lines += ["", f"Recommendation: {plan.recommendation}"]
     lines += [f"Note: {n}" for n in plan.notes]
-    return "\n".join(lines)
+    return lines
 
 
 def _budget(plan: Plan) -> str:
