@@ -6,10 +6,17 @@ computed before any GPU work::
     [RoutedRequest: prompts' token counts + block hashes]
         -> [PrefixIndex.match_all: leading cached blocks per replica]         (prefix_index.py)
         -> [request_flops(L, P): true FLOPs per replica, P = predicted hit]   (cost_model.py)
-        -> [placement: best prefix hit among replicas under their bound,
-            ties to the least outstanding FLOPs]
-        -> dispatched (outstanding FLOPs += cost)  |  global queue (all replicas at their bound)
+        -> [placement among replicas under their bound: earliest finish
+            max(outstanding + cost, saturation), then best prefix hit, then least outstanding]
+        -> dispatched (outstanding FLOPs += cost)  |  global queue (no replica has room)
     [complete / fail] -> outstanding FLOPs -= cost -> drain the queue into freed replicas
+
+*Placement*: a replica's forward takes ``max(F / rate, floor)`` — work below its saturation
+threshold finishes in one floor-bound forward no matter how much there is — so replicas whose
+outstanding work plus this request stays under the threshold tie, and among them the best
+prefix hit wins (affinity is free there); past the threshold the earliest finish in FLOPs wins
+(a hit only helps through the FLOPs it saves). Pure hit-first placement under a loose bound was
+measured in the simulator to pile hot prefixes onto one replica while others idle.
 
 *Bound*: a replica's outstanding work is kept at ``bound_flops`` — its saturation threshold
 (the per-forward FLOPs that hide the expert-weight stream, from the planner) times a small
@@ -85,6 +92,7 @@ class ReplicaLoad:
     """What the policy tracks per replica."""
 
     bound_flops: float
+    saturation_flops: float = 0.0
     outstanding_flops: int = 0
     in_flight: int = 0
     healthy: bool = True
@@ -114,6 +122,9 @@ class RouterPolicy:
         spec: the served model (for :func:`request_flops`).
         bound_flops: per-replica outstanding-FLOPs bound (saturation threshold x factor),
             one per replica; ``math.inf`` disables holding back.
+        saturation_flops: per-replica saturation threshold (FLOPs of one forward that hides the
+            weight stream); work below it finishes in one floor-bound forward anyway, so
+            placement compares ``max(outstanding + cost, saturation)``. Empty: all zero.
         block_size: the engine's prefix-cache block size in tokens.
         cache_capacity_blocks: each replica's prefix cache size in blocks (LRU beyond it).
         aging_flops_per_s: priority a queued request gains per second waited; defaults to the
@@ -123,6 +134,7 @@ class RouterPolicy:
 
     spec: MoEModelSpec
     bound_flops: Sequence[float]
+    saturation_flops: Sequence[float] = ()
     block_size: int = 16
     cache_capacity_blocks: int | Sequence[int] = 1 << 20
     aging_flops_per_s: float | None = None
@@ -135,7 +147,12 @@ class RouterPolicy:
             raise ValueError("bound_flops needs one bound per replica, got none")
         if any(not b > 0 for b in self.bound_flops):
             raise ValueError(f"bound_flops must all be > 0, got {list(self.bound_flops)}")
-        self.replicas = [ReplicaLoad(bound_flops=float(b)) for b in self.bound_flops]
+        saturation = list(self.saturation_flops) if self.saturation_flops else [0.0] * len(self.bound_flops)
+        if len(saturation) != len(self.bound_flops) or any(f < 0 for f in saturation):
+            raise ValueError(
+                f"saturation_flops needs {len(self.bound_flops)} values >= 0, got {list(saturation)}"
+            )
+        self.replicas = [ReplicaLoad(float(b), float(f)) for b, f in zip(self.bound_flops, saturation)]
         self.index = PrefixIndex(len(self.replicas), self.cache_capacity_blocks)
         self.stats = PolicyStats()
         if self.aging_flops_per_s is None:
@@ -176,22 +193,25 @@ class RouterPolicy:
 
     def submit(
         self, request: RoutedRequest, excluded: frozenset[int] = frozenset()
-    ) -> Placement | None:
-        """Place ``request`` now, or queue it (returns ``None``) until :meth:`complete` frees room.
+    ) -> list[tuple[RoutedRequest, Placement]]:
+        """Queue ``request`` and dispatch what fits; returns every request dispatched now.
 
-        ``excluded`` replicas (e.g. ones that already failed this request) are not chosen.
+        The list holds ``request`` itself unless it must wait (all replicas at their bound, or
+        a request ahead of it in the queue does not fit yet); it is then dispatched by a later
+        :meth:`complete`, :meth:`fail` or :meth:`set_healthy`. ``excluded`` replicas (e.g. ones
+        that already failed this request) are not chosen for it.
         """
         if request.request_id in self._in_flight:
             raise ValueError(f"request {request.request_id!r} is already in flight")
         if not self._queue:
             placement = self._try_place(request, excluded)
             if placement is not None:
-                return placement
+                return [(request, placement)]
         base_cost = self._uncached_cost(request)
         key = base_cost + self.aging_flops_per_s * request.arrival_s
         heapq.heappush(self._queue, (key, next(self._sequence), _Waiting(request, excluded, base_cost)))
         self.stats.queued_total += 1
-        return None
+        return self.drain_queue()
 
     def complete(self, request_id: str) -> list[tuple[RoutedRequest, Placement]]:
         """A request finished: release its FLOPs; returns queued requests dispatched now."""
@@ -245,7 +265,7 @@ class RouterPolicy:
         return sum(request_flops(self.spec, p.num_tokens, 0, p.head_tokens) for p in request.prompts)
 
     def _try_place(self, request: RoutedRequest, excluded: frozenset[int]) -> Placement | None:
-        best: tuple[int, int, int] | None = None  # (-cached, outstanding + cost, replica)
+        best: tuple[float, bool, int, int, int] | None = None
         best_cost = 0
         for replica, load in enumerate(self.replicas):
             if not load.healthy or replica in excluded:
@@ -254,13 +274,14 @@ class RouterPolicy:
             fits = load.in_flight == 0 or load.outstanding_flops + cost <= load.bound_flops
             if not fits:
                 continue
-            rank = (-cached, load.outstanding_flops + cost, replica)
+            after = load.outstanding_flops + cost
+            rank = (max(after, load.saturation_flops), load.in_flight > 0, -cached, after, replica)
             if best is None or rank < best:
                 best, best_cost = rank, cost
         if best is None:
             return None
-        replica = best[2]
-        placement = Placement(replica=replica, cost_flops=best_cost, cached_tokens=-best[0])
+        replica = best[4]
+        placement = Placement(replica=replica, cost_flops=best_cost, cached_tokens=-best[2])
         load = self.replicas[replica]
         load.outstanding_flops += best_cost
         load.in_flight += 1

@@ -26,8 +26,18 @@ def _request(request_id: str, tokens: list[int], arrival_s: float = 0.0) -> Rout
     return RoutedRequest(request_id, [prompt], arrival_s)
 
 
-def _policy(spec: MoEModelSpec, bounds: list[float], capacity: int = 1000) -> RouterPolicy:
-    return RouterPolicy(spec, bounds, block_size=BLOCK, cache_capacity_blocks=capacity)
+def _policy(
+    spec: MoEModelSpec, bounds: list[float], capacity: int = 1000, saturation: list[float] = ()
+) -> RouterPolicy:
+    return RouterPolicy(spec, bounds, saturation, block_size=BLOCK, cache_capacity_blocks=capacity)
+
+
+def _placed(policy: RouterPolicy, request: RoutedRequest, excluded: frozenset[int] = frozenset()):
+    """Submit ``request``; its placement if it was dispatched now, else None."""
+    for routed, placement in policy.submit(request, excluded):
+        if routed.request_id == request.request_id:
+            return placement
+    return None
 
 
 def test_block_hashes_are_chained_and_full_blocks_only():
@@ -53,34 +63,42 @@ def test_prefix_index_match_stops_at_first_miss_and_lru_evicts_tail_first():
     assert index.match(chain, 0) == 0
 
 
-def test_places_on_prefix_hit_while_under_bound(spec):
+def test_places_on_prefix_hit_while_under_saturation(spec):
     shared = list(range(64))
     cost = request_flops(spec, 80)
-    policy = _policy(spec, [10 * cost, 10 * cost])
-    first = policy.submit(_request("a", shared + [1000 + i for i in range(16)]))
-    assert first is not None and first.cached_tokens == 0
-    # Replica `first` now has more outstanding FLOPs, but it holds the prefix: it wins.
-    second = policy.submit(_request("b", shared + [2000 + i for i in range(16)]))
-    assert second.replica == first.replica
+    policy = _policy(spec, [10 * cost, 10 * cost], saturation=[10 * cost, 10 * cost])
+    first = _placed(policy, _request("a", shared + [1000 + i for i in range(16)]))
+    assert first.replica == 0 and first.cached_tokens == 0
+    # No hit anywhere: the idle replica (it starts at once).
+    assert _placed(policy, _request("x", [3000 + i for i in range(8)])).replica == 1
+    # Both busy and under their saturation threshold (one floor-bound forward either way):
+    # the prefix hit wins although replica 0 has more outstanding FLOPs.
+    second = _placed(policy, _request("b", shared + [2000 + i for i in range(16)]))
+    assert second.replica == 0
     assert second.cached_tokens == 64
     assert second.cost_flops == request_flops(spec, 80, 64)
-    assert policy.stats.prefix_hit_rate == pytest.approx(64 / 160)
+    assert policy.stats.prefix_hit_rate == pytest.approx(64 / 168)
+    # Past the threshold the earliest finish in FLOPs wins over the hit.
+    tight = _policy(spec, [10 * cost, 10 * cost], saturation=[cost, cost])
+    _placed(tight, _request("a", shared + [1000 + i for i in range(16)]))
+    _placed(tight, _request("x", [3000 + i for i in range(8)]))
+    assert _placed(tight, _request("b", shared + [2000 + i for i in range(16)])).replica == 1
 
 
 def test_least_outstanding_flops_when_no_hit_and_hit_ignored_over_bound(spec):
     cost = request_flops(spec, 80)
     policy = _policy(spec, [cost, 3 * cost])
-    first = policy.submit(_request("a", list(range(80))))
+    first = _placed(policy, _request("a", list(range(80))))
     assert first.replica == 0  # both idle: lowest outstanding + cost, then lowest index
     # No hit anywhere: the least loaded replica.
-    assert policy.submit(_request("b", [5000 + i for i in range(80)])).replica == 1
+    assert _placed(policy, _request("b", [5000 + i for i in range(80)])).replica == 1
     # A full hit on replica 0, but it is at its bound: replica 1 still has room.
-    moved = policy.submit(_request("c", list(range(80))))
+    moved = _placed(policy, _request("c", list(range(80))))
     assert (moved.replica, moved.cached_tokens) == (1, 0)
     assert policy.replicas[1].outstanding_flops == 2 * cost
-    assert policy.submit(_request("d", [6000 + i for i in range(80)])).replica == 1
+    assert _placed(policy, _request("d", [6000 + i for i in range(80)])).replica == 1
     # Both at their bound: queued, then dispatched where room frees up.
-    assert policy.submit(_request("e", [7000 + i for i in range(80)], arrival_s=1.0)) is None
+    assert _placed(policy, _request("e", [7000 + i for i in range(80)], arrival_s=1.0)) is None
     assert policy.queue_depth == 1
     dispatched = policy.complete("a")
     assert [(r.request_id, p.replica) for r, p in dispatched] == [("e", 0)]
@@ -89,18 +107,18 @@ def test_least_outstanding_flops_when_no_hit_and_hit_ignored_over_bound(spec):
 
 def test_idle_replica_takes_a_request_larger_than_its_bound(spec):
     policy = _policy(spec, [1.0, 1.0])  # bound far below any request
-    assert policy.submit(_request("a", list(range(40)))) is not None
-    assert policy.submit(_request("b", list(range(100, 140)))) is not None
-    assert policy.submit(_request("c", list(range(200, 240)))) is None
+    assert _placed(policy, _request("a", list(range(40)))) is not None
+    assert _placed(policy, _request("b", list(range(100, 140)))) is not None
+    assert _placed(policy, _request("c", list(range(200, 240)))) is None
 
 
 def test_queue_is_shortest_flops_first(spec):
     policy = _policy(spec, [1.0], capacity=0)
     policy.aging_flops_per_s = 0.0
-    policy.submit(_request("busy", [1] * 8))
+    _placed(policy, _request("busy", [1] * 8))
     lengths = {"long": 200, "short": 20, "mid": 60}
     for name, length in lengths.items():
-        assert policy.submit(_request(name, [2] * length, arrival_s=0.0)) is None
+        assert _placed(policy, _request(name, [2] * length, arrival_s=0.0)) is None
     order = []
     running = "busy"
     while running:
@@ -117,11 +135,11 @@ def test_aging_prevents_starvation(spec):
     def served_before_long(aging: float) -> int:
         policy = _policy(spec, [1.0], capacity=0)
         policy.aging_flops_per_s = aging
-        policy.submit(_request("busy", [1] * 8))
-        policy.submit(_request("long", [3] * 400, arrival_s=0.0))
+        _placed(policy, _request("busy", [1] * 8))
+        _placed(policy, _request("long", [3] * 400, arrival_s=0.0))
         running, served = "busy", 0
         for step in range(1, 200):
-            policy.submit(_request(f"s{step}", [4] * 10, arrival_s=float(step)))
+            _placed(policy, _request(f"s{step}", [4] * 10, arrival_s=float(step)))
             dispatched = policy.complete(running)
             running = dispatched[0][0].request_id
             if running == "long":
@@ -139,7 +157,7 @@ def test_outstanding_flops_bookkeeping_on_complete_and_fail(spec):
     policy = _policy(spec, [math.inf, math.inf])
     placements = {}
     for i in range(6):
-        placements[f"r{i}"] = policy.submit(_request(f"r{i}", [i] * (10 + 10 * i)))
+        placements[f"r{i}"] = _placed(policy, _request(f"r{i}", [i] * (10 + 10 * i)))
     total = sum(p.cost_flops for p in placements.values())
     assert sum(r.outstanding_flops for r in policy.replicas) == total
     policy.complete("r0")
@@ -157,17 +175,17 @@ def test_outstanding_flops_bookkeeping_on_complete_and_fail(spec):
 
 def test_failed_request_retried_elsewhere_and_unhealthy_replica_drained(spec):
     policy = _policy(spec, [math.inf, math.inf])
-    first = policy.submit(_request("a", list(range(40))))
+    first = _placed(policy, _request("a", list(range(40))))
     policy.fail("a")
     policy.set_healthy(first.replica, False)
-    retry = policy.submit(_request("a", list(range(40))), excluded=frozenset({first.replica}))
+    retry = _placed(policy, _request("a", list(range(40))), excluded=frozenset({first.replica}))
     assert retry.replica != first.replica
     # While drained, nothing goes there even with a prefix hit.
-    assert policy.submit(_request("b", list(range(40)))).replica == retry.replica
+    assert _placed(policy, _request("b", list(range(40)))).replica == retry.replica
     # Nowhere to go: queued until the replica recovers.
     only = _policy(spec, [math.inf])
     only.set_healthy(0, False)
-    assert only.submit(_request("c", list(range(8)))) is None
+    assert _placed(only, _request("c", list(range(8)))) is None
     dispatched = only.set_healthy(0, True)
     assert [r.request_id for r, _ in dispatched] == ["c"]
 
@@ -180,6 +198,6 @@ def test_invalid_arguments_are_named(spec):
     with pytest.raises(ValueError, match="capacity_blocks"):
         PrefixIndex(2, [1, 2, 3])
     policy = _policy(spec, [math.inf])
-    policy.submit(_request("a", [1] * 8))
+    _placed(policy, _request("a", [1] * 8))
     with pytest.raises(ValueError, match="already in flight"):
-        policy.submit(_request("a", [1] * 8))
+        _placed(policy, _request("a", [1] * 8))

@@ -73,6 +73,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         add_arguments=_lazy("zeroprefill.router.cli", "add_arguments"),
         run=_lazy("zeroprefill.router.cli", "run"),
     ),
+    "simulate": Subcommand(
+        help="discrete-event simulation of routing policies over N AsyncEP replicas",
+        add_arguments=_lazy("zeroprefill.simulate", "add_arguments"),
+        run=_lazy("zeroprefill.simulate", "run"),
+    ),
     "plan": Subcommand(
         help="saturation threshold, memory per GPU and predicted throughput of AsyncEP/EP/TP",
         add_arguments=_lazy("zeroprefill.plan", "add_arguments"),

@@ -231,13 +231,10 @@ class RouterApp:
             raise _NoBackend("no healthy backend")
         if healthy <= excluded:
             excluded = frozenset()  # every healthy replica failed it once: let any try again
-        placement = self.policy.submit(routed, excluded)
-        if placement is not None:
-            self.metrics.queue_wait_s.observe(time.perf_counter() - routed.arrival_s)
-            return placement
         waiter = asyncio.get_running_loop().create_future()
         self._waiters[routed.request_id] = waiter
         try:
+            self._wake(self.policy.submit(routed, excluded))
             placement = await waiter
         finally:
             self._waiters.pop(routed.request_id, None)

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest prompt in tokens (default: max_position_embeddings)")
     parser.add_argument("--saturation-flops", type=float, default=None,
                         help="per-replica saturation threshold in FLOPs of outstanding work")
-    parser.add_argument("--bound-factor", type=float, default=2.0,
+    parser.add_argument("--bound-factor", type=float, default=1.25,
                         help="outstanding-FLOPs bound = saturation threshold x this factor")
     parser.add_argument("--block-size", type=int, default=16, help="the engine's prefix-cache block size")
     parser.add_argument("--cache-capacity-tokens", type=int, default=1 << 20,

@@ -1,0 +1,31 @@
+"""Routing policies side by side in the discrete-event simulator; saves JSON and a PNG.
+
+    .venv/bin/python benchmarks/router_sim.py [--requests 4000] [--seed 0] [any simulate flag]
+
+Runs ``zeroprefill simulate`` (see ``zeroprefill/simulate.py`` for the replica model, the
+workloads and the policies) with results written to ``benchmarks/results/router_sim.json``
+and ``benchmarks/results/router_sim.png``. The JSON's ``summary`` holds ours vs the best
+other policy on the prefix-sharing workloads, worst case: ``p99_ratio_vs_best_other`` (below
+1 is better) and ``throughput_ratio_vs_best_other`` (above 1 is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from zeroprefill import simulate
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    simulate.add_arguments(parser)
+    parser.set_defaults(json=RESULTS / "router_sim.json", plot=RESULTS / "router_sim.png")
+    return simulate.run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
