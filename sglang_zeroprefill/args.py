@@ -1,0 +1,164 @@
+"""Launch flags: ``--moe-a2a-backend asyncep`` and ``--load-balance-method zeroprefill``.
+
+SGLang's argument parser has no adder for either flag's choices, so an ``AFTER`` hook on
+``ServerArgs.add_cli_args`` appends ours to the two argparse actions. The values are then
+turned into SGLang's own terms by two *named resolution steps* (SGLang's
+``register_resolution_hook``, a public seam that keeps the step's position in the pipeline):
+
+- ``handle_dwdp`` (runs before CUDA-graph and data-parallel resolution, where DWDP forces its
+  layout): when ``moe_a2a_backend == "asyncep"`` we check the layout and declare what AsyncEP
+  runs on, in SGLang's terms — ``moe_a2a_backend="none"`` (the :class:`StandardDispatcher`,
+  which moves no tokens), ``moe_dense_tp_size=1`` and ``enable_dp_lm_head`` (dense parts stay
+  data-parallel), CUDA graphs off — and mark the process environment so every SGLang
+  subprocess (scheduler, DP controller) knows AsyncEP is on, the way DWDP sets
+  ``SGLANG_SCHEDULER_SKIP_ALL_GATHER``. Unlike DWDP we do *not* skip the scheduler's DP
+  all-gather: collective transports need every attention-DP rank to step together, so
+  SGLang's idle batches are kept.
+- ``handle_load_balance_method``: ``zeroprefill`` becomes SGLang's ``round_robin`` (the
+  fallback its DP controller builds) plus an environment mark; the controller's dispatch is
+  then replaced by :mod:`sglang_zeroprefill.load_balance`.
+
+Every unsupported combination fails during resolution with one line naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+ASYNCEP_BACKEND = "asyncep"
+ZEROPREFILL_LOAD_BALANCE = "zeroprefill"
+
+#: Set (to "1") in the launching process during resolution; inherited by SGLang's subprocesses.
+ASYNCEP_ENV = "ZEROPREFILL_SGLANG_ASYNCEP"
+LOAD_BALANCE_ENV = "ZEROPREFILL_SGLANG_LOAD_BALANCE"
+#: Optional knobs read where the streamer is built (see README.md).
+TRANSPORT_ENV = "ZEROPREFILL_ASYNCEP_TRANSPORT"
+PREFETCH_DEPTH_ENV = "ZEROPREFILL_ASYNCEP_PREFETCH_DEPTH"
+
+_FLAG_CHOICES = {
+    "--moe-a2a-backend": ASYNCEP_BACKEND,
+    "--load-balance-method": ZEROPREFILL_LOAD_BALANCE,
+}
+
+
+class AsyncEPConfigError(ValueError):
+    """An SGLang flag combination AsyncEP or the zeroprefill load balancer cannot run."""
+
+
+def asyncep_enabled() -> bool:
+    """Whether this process serves with ``--moe-a2a-backend asyncep``."""
+    return os.environ.get(ASYNCEP_ENV) == "1"
+
+
+def zeroprefill_load_balance_enabled() -> bool:
+    """Whether this process's DP controller dispatches with the zeroprefill policy."""
+    return os.environ.get(LOAD_BALANCE_ENV) == "1"
+
+
+def add_choices(parser: argparse.ArgumentParser) -> None:
+    """Append ``asyncep`` / ``zeroprefill`` to the choices of SGLang's two flags."""
+    for action in parser._actions:
+        for option in action.option_strings:
+            value = _FLAG_CHOICES.get(option)
+            if value is not None and action.choices is not None and value not in action.choices:
+                action.choices = [*action.choices, value]
+                action.help = f"{action.help} ({value!r}: added by sglang_zeroprefill)"
+
+
+def add_choices_after_add_cli_args(result: Any, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+    """``HookType.AFTER`` hook on ``ServerArgs.add_cli_args``."""
+    add_choices(parser)
+    return result
+
+
+# -- resolution steps -------------------------------------------------------------------------
+
+
+def handle_asyncep(server_args: Any, previous: Callable[[Any], None]) -> None:
+    """Resolution step at ``handle_dwdp``'s position: validate and lower ``asyncep``."""
+    from sglang.srt.arg_groups.overrides import declare_resolution, resolving_view
+
+    cfg = resolving_view(server_args)
+    if cfg.moe_a2a_backend != ASYNCEP_BACKEND:
+        previous(server_args)
+        return
+    check_asyncep_layout(cfg)
+    declare_resolution(
+        server_args,
+        "_zeroprefill_asyncep",
+        moe_a2a_backend="none",
+        moe_dense_tp_size=1,
+        enable_dp_lm_head=True,
+        disable_cuda_graph=True,
+    )
+    os.environ[ASYNCEP_ENV] = "1"
+    logger.info(
+        "ZeRO-Prefill AsyncEP: %d attention-DP ranks, each storing 1/%d of every MoE layer's "
+        "experts; tokens stay on their rank (moe_a2a_backend=none underneath), CUDA graphs off",
+        cfg.attn_dp_size,
+        cfg.ep_size,
+    )
+
+
+def check_asyncep_layout(cfg: Any) -> None:
+    """Raise :class:`AsyncEPConfigError` for a layout AsyncEP does not run."""
+    n = cfg.attn_dp_size
+    if n < 2:
+        raise AsyncEPConfigError(
+            f"--moe-a2a-backend asyncep needs attention data parallelism over >= 2 GPUs, got "
+            f"--attn-dp-size {n}: pass --attn-dp-size N (or --dp-size N --enable-dp-attention) "
+            "with --tp-size N --ep-size N, or use --moe-a2a-backend none on one GPU"
+        )
+    if cfg.tp_size != n:
+        raise AsyncEPConfigError(
+            f"--moe-a2a-backend asyncep needs one GPU per attention-DP rank: --tp-size {cfg.tp_size} "
+            f"must equal --attn-dp-size {n}"
+        )
+    if cfg.ep_size != n:
+        raise AsyncEPConfigError(
+            f"--moe-a2a-backend asyncep shards every MoE layer's experts over the {n} attention-DP "
+            f"ranks: pass --ep-size {n} (got --ep-size {cfg.ep_size})"
+        )
+    unsupported = [
+        (cfg.dwdp_size > 1, f"--dwdp-size {cfg.dwdp_size}", "AsyncEP replaces DWDP; drop --dwdp-size"),
+        (cfg.pp_size != 1, f"--pp-size {cfg.pp_size}", "use --pp-size 1"),
+        (cfg.quantization is not None, f"--quantization {cfg.quantization}",
+         "the SGLang AsyncEP backend streams unquantized (bf16/fp16/fp32) expert weights only"),
+        (cfg.enable_eplb, "--enable-eplb", "AsyncEP runs every expert on every rank; expert "
+         "load balancing has nothing to move"),
+        (cfg.ep_num_redundant_experts != 0, f"--ep-num-redundant-experts {cfg.ep_num_redundant_experts}",
+         "AsyncEP needs no redundant experts"),
+        (cfg.speculative_algorithm is not None, f"--speculative-algorithm {cfg.speculative_algorithm}",
+         "AsyncEP serves prefill-only work (no decoding)"),
+        (cfg.enable_two_batch_overlap, "--enable-two-batch-overlap",
+         "the weight stream already overlaps compute; drop the flag"),
+        (cfg.disaggregation_mode not in ("null", "prefill"), f"--disaggregation-mode {cfg.disaggregation_mode}",
+         "AsyncEP runs prefill: use null or prefill"),
+        (cfg.moe_runner_backend not in ("auto", "triton"), f"--moe-runner-backend {cfg.moe_runner_backend}",
+         "AsyncEP computes experts with zeroprefill.kernels; leave --moe-runner-backend auto"),
+    ]
+    for bad, flag, advice in unsupported:
+        if bad:
+            raise AsyncEPConfigError(f"--moe-a2a-backend asyncep does not support {flag}: {advice}")
+
+
+def handle_zeroprefill_load_balance(server_args: Any, previous: Callable[[Any], None]) -> None:
+    """Resolution step at ``handle_load_balance_method``'s position."""
+    from sglang.srt.arg_groups.overrides import declare_resolution, resolving_view
+
+    cfg = resolving_view(server_args)
+    if cfg.load_balance_method != ZEROPREFILL_LOAD_BALANCE:
+        previous(server_args)
+        return
+    if cfg.disaggregation_mode == "prefill":
+        raise AsyncEPConfigError(
+            "--load-balance-method zeroprefill does not support --disaggregation-mode prefill: "
+            "PD prefill servers must follow the bootstrap room (use --load-balance-method auto)"
+        )
+    declare_resolution(server_args, "_zeroprefill_load_balance", load_balance_method="round_robin")
+    os.environ[LOAD_BALANCE_ENV] = "1"
