@@ -5,7 +5,8 @@ Exposed at ``/metrics``:
 - ``zeroprefill_router_queue_depth``: requests held in the global queue (all replicas at their
   FLOPs bound).
 - ``zeroprefill_router_outstanding_flops{backend}``, ``..._in_flight{backend}``,
-  ``..._bound_flops{backend}``, ``..._backend_healthy{backend}``.
+  ``..._bound_flops{backend}``, ``..._backend_healthy{backend}``, ``..._dispatched_total{backend}``,
+  ``..._failed_total{backend}``.
 - ``zeroprefill_router_prefix_hit_rate``: predicted cached prompt tokens / dispatched prompt
   tokens; ``..._prompt_tokens_total``, ``..._cached_tokens_total``.
 - ``zeroprefill_router_requests_total{endpoint,status}``, ``..._retries_total``.
@@ -68,14 +69,17 @@ class RouterMetrics:
             f"{p}_queue_depth {policy.queue_depth}",
         ]
         per_backend = (
-            ("outstanding_flops", "True FLOPs dispatched and not yet completed.", lambda r: r.outstanding_flops),
-            ("in_flight", "Requests dispatched and not yet completed.", lambda r: r.in_flight),
-            ("bound_flops", "Outstanding-FLOPs bound (saturation threshold x factor).",
+            ("outstanding_flops", "gauge", "True FLOPs dispatched and not yet completed.",
+             lambda r: r.outstanding_flops),
+            ("in_flight", "gauge", "Requests dispatched and not yet completed.", lambda r: r.in_flight),
+            ("bound_flops", "gauge", "Outstanding-FLOPs bound (saturation threshold x factor).",
              lambda r: r.bound_flops if math.isfinite(r.bound_flops) else "+Inf"),
-            ("backend_healthy", "1 if the backend passes health checks.", lambda r: int(r.healthy)),
+            ("backend_healthy", "gauge", "1 if the backend passes health checks.", lambda r: int(r.healthy)),
+            ("dispatched_total", "counter", "Requests dispatched to the backend.", lambda r: r.dispatched_total),
+            ("failed_total", "counter", "Dispatches the backend failed.", lambda r: r.failed_total),
         )
-        for name, help_text, value in per_backend:
-            lines += [f"# HELP {p}_{name} {help_text}", f"# TYPE {p}_{name} gauge"]
+        for name, kind, help_text, value in per_backend:
+            lines += [f"# HELP {p}_{name} {help_text}", f"# TYPE {p}_{name} {kind}"]
             for backend, load in zip(pool.backends, policy.replicas):
                 lines.append(f'{p}_{name}{{backend="{backend.url}"}} {value(load)}')
         stats = policy.stats
