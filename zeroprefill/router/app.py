@@ -57,6 +57,7 @@ class RouterConfig:
     tokenizer: PromptTokenizer
     max_model_len: int
     bound_flops: float
+    saturation_flops: float = 0.0
     block_size: int = 16
     cache_capacity_blocks: int = 1 << 16
     request_timeout_s: float = 300.0
@@ -77,6 +78,7 @@ class RouterApp:
         self.policy = RouterPolicy(
             config.spec,
             [config.bound_flops] * len(pool.backends),
+            [config.saturation_flops] * len(pool.backends),
             block_size=config.block_size,
             cache_capacity_blocks=config.cache_capacity_blocks,
         )

@@ -4,9 +4,11 @@
         [--port 8080] [--saturation-flops 2.2e15 --bound-factor 2] [--backend-kind auto]
 
 ``--model`` is the model directory (``config.json`` for the cost model, ``tokenizer.json`` to
-count and hash prompt tokens). The per-replica bound on outstanding work is
-``--saturation-flops`` x ``--bound-factor``; without ``--saturation-flops`` the router does not
-hold requests back (prefix affinity and least-outstanding-FLOPs placement only).
+count and hash prompt tokens). The per-replica bound on outstanding work is the saturation
+threshold x ``--bound-factor``; the threshold is ``--saturation-flops``, or the planner's
+(``zeroprefill plan``) for ``--gpus`` GPUs of ``--gpu`` at ``--dtype`` and ``--context-tokens``.
+With neither, the router does not hold requests back (prefix affinity and
+least-outstanding-FLOPs placement only).
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest prompt in tokens (default: max_position_embeddings)")
     parser.add_argument("--saturation-flops", type=float, default=None,
                         help="per-replica saturation threshold in FLOPs of outstanding work")
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="GPUs per replica: derive --saturation-flops from the planner")
+    parser.add_argument("--gpu", default="h200", help="planner hardware profile (with --gpus)")
+    parser.add_argument("--dtype", default="bf16", help="planner weight/compute dtype (with --gpus)")
+    parser.add_argument("--context-tokens", type=int, default=2048,
+                        help="typical prompt length for the planner's threshold (with --gpus)")
     parser.add_argument("--bound-factor", type=float, default=1.25,
                         help="outstanding-FLOPs bound = saturation threshold x this factor")
     parser.add_argument("--block-size", type=int, default=16, help="the engine's prefix-cache block size")
@@ -74,13 +82,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"zeroprefill router: --saturation-flops must be > 0, got {args.saturation_flops}",
               file=sys.stderr)
         return 2
-    bound_flops = (args.saturation_flops * args.bound_factor
-                   if args.saturation_flops is not None else math.inf)
+    saturation_flops = args.saturation_flops
+    if saturation_flops is None and args.gpus is not None:
+        try:
+            saturation_flops = _planner_saturation_flops(spec, args)
+        except ValueError as exc:
+            print(f"zeroprefill router: {exc}", file=sys.stderr)
+            return 2
+    bound_flops = saturation_flops * args.bound_factor if saturation_flops is not None else math.inf
     config = RouterConfig(
         spec=spec,
         tokenizer=tokenizer,
         max_model_len=max_model_len,
         bound_flops=bound_flops,
+        saturation_flops=saturation_flops or 0.0,
         block_size=args.block_size,
         cache_capacity_blocks=max(args.cache_capacity_tokens // args.block_size, 1),
         request_timeout_s=args.request_timeout_s,
@@ -98,6 +113,18 @@ def run(args: argparse.Namespace) -> int:
           f"(bound {bound_flops:.3g} FLOPs per replica)", flush=True)
     web.run_app(router.build(), host=args.host, port=args.port, print=None, access_log=None)
     return 0
+
+
+def _planner_saturation_flops(spec, args: argparse.Namespace) -> float:
+    """Per-replica saturation threshold: ``gpus`` x the planner's threshold forward, per GPU."""
+    from zeroprefill.common.hardware import shipped_profile
+    from zeroprefill.common.planner import forward_flops_at_threshold
+
+    if args.gpus <= 0 or args.context_tokens <= 0:
+        raise ValueError(f"--gpus and --context-tokens must be > 0, got {args.gpus}, {args.context_tokens}")
+    profile = shipped_profile(args.gpu, args.gpus)
+    per_gpu = forward_flops_at_threshold(spec, profile, args.gpus, args.context_tokens, args.dtype)
+    return float(args.gpus * per_gpu)
 
 
 def _max_position_embeddings(model_dir: Path) -> int:
