@@ -1,0 +1,228 @@
+"""vLLM's FusedMoE under ``--moe-backend asyncep``: our AsyncEP layer as a FusedMoE method.
+
+Where this sits in vLLM's MoE data path (``fused_moe/runner/moe_runner.py``)::
+
+    MoERunner.forward
+      gate -> router_logits [T, E]                               vLLM (replicated weights)
+      _maybe_dispatch            skipped: supports_internal_mk   (no all-gather of tokens)
+      RoutedExperts.forward_monolithic
+        AsyncEPFusedMoEMethod.apply_monolithic                    this module
+          AsyncEPMoE.forward(x, router_logits)                    zeroprefill.common
+            select_experts -> streamer.acquire(l) -> experts kernel -> streamer.release(l)
+      _maybe_combine             skipped: supports_internal_mk   (tokens never left the rank)
+      shared experts, final TP all-reduce (TP = 1: a no-op)       vLLM
+
+Weights: vLLM's expert-parallel loader gives every rank its 1/N of each layer's experts
+(``w13_weight [E_local, 2I, H]``, ``w2_weight [E_local, H, I]``, placement ``linear`` or
+``round_robin``). After loading, each layer hands its shard, padded to the layout's
+capacity, to the process's :class:`AsyncEPModelState`. Layers arrive one by one during weight
+loading, but the streamer needs all of them, so the state builds the streamer at the first
+MoE forward (the start-up profile run, on every rank at the same point), over a dedicated
+gloo group on CPU or the EP device group on GPU (``make_transport("auto", ...)``).
+
+Lockstep: every forward pass — real or vLLM's DP dummy batch — runs every MoE layer on every
+rank, so every rank issues every gather in the same order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from vllm.distributed import get_ep_group
+from vllm.logger import init_logger
+from vllm.model_executor.layers.fused_moe.activation import MoEActivation
+from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, FusedMoEQuantConfig
+from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+from vllm.model_executor.utils import set_weight_attrs
+
+from zeroprefill.common.asyncep_moe import SCORING_FUNCS, AsyncEPMoE, default_experts_kernel
+from zeroprefill.common.expert_sharding import ExpertShardLayout
+from zeroprefill.common.streamer import ExpertWeightStreamer
+from zeroprefill.common.transport import make_transport
+
+# Under vLLM's logger namespace, so these lines appear in the server log like vLLM's own.
+logger = init_logger(f"vllm.{__name__}")
+
+
+class AsyncEPConfigError(ValueError):
+    """A model or deployment that ``--moe-backend asyncep`` cannot run (a user mistake)."""
+
+
+def check_routed_experts_supported(layer) -> None:
+    """Raise :class:`AsyncEPConfigError` for a FusedMoE layer our AsyncEP core cannot run."""
+    reasons = []
+    if layer.use_grouped_topk:
+        reasons.append("grouped top-k routing (DeepSeek-V3 n_group/topk_group)")
+    if layer.custom_routing_function is not None:
+        reasons.append("a custom routing function")
+    if layer.e_score_correction_bias is not None:
+        reasons.append("an expert score-correction bias")
+    if layer.routed_scaling_factor != 1.0:
+        reasons.append(f"routed_scaling_factor={layer.routed_scaling_factor}")
+    if layer.apply_router_weight_on_input:
+        reasons.append("router weights applied on the input")
+    if layer.scoring_func not in SCORING_FUNCS:
+        reasons.append(f"scoring_func={layer.scoring_func!r}")
+    if layer.moe_config.activation != MoEActivation.SILU:
+        reasons.append(f"activation {layer.moe_config.activation.value!r} (AsyncEP runs SiLU-gated experts)")
+    if layer.moe_config.has_bias:
+        reasons.append("expert biases")
+    if reasons:
+        raise AsyncEPConfigError(
+            f"--moe-backend asyncep cannot run MoE layer {layer.layer_name}: it uses "
+            f"{', '.join(reasons)}; serve this model with the default --moe-backend"
+        )
+
+
+@dataclass
+class AsyncEPModelState:
+    """The AsyncEP state of one worker process: every MoE layer's shard, one streamer."""
+
+    layer_shards: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    layer_order: list[str] = field(default_factory=list)
+    layout: ExpertShardLayout | None = None
+    streamer: ExpertWeightStreamer | None = None
+    moe_layers: dict[str, AsyncEPMoE] = field(default_factory=dict)
+
+    def add_layer(self, layer, layout: ExpertShardLayout, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        if self.streamer is not None:
+            raise RuntimeError(f"MoE layer {layer.layer_name} was loaded after AsyncEP started streaming")
+        if self.layout is not None and self.layout != layout:
+            raise AsyncEPConfigError(
+                f"MoE layer {layer.layer_name} has {layout.num_experts} experts but earlier layers "
+                f"have {self.layout.num_experts}: AsyncEP streams layers of one shape"
+            )
+        self.layout = layout
+        self.layer_shards[layer.layer_name] = {"w13": w13, "w2": w2}
+
+    def moe(self, layer) -> AsyncEPMoE:
+        """The AsyncEP layer for ``layer``; builds the streamer on the first call."""
+        if self.streamer is None:
+            self._start_streaming(layer)
+        return self.moe_layers[layer.layer_name]
+
+    def _start_streaming(self, any_layer) -> None:
+        from vllm.model_executor.models.utils import extract_layer_index
+
+        if self.layout is None:
+            raise RuntimeError("no MoE layer registered with AsyncEP before the first forward pass")
+        self.layer_order = sorted(self.layer_shards, key=extract_layer_index)
+        shards = [self.layer_shards[name] for name in self.layer_order]
+        device = shards[0]["w13"].device
+        ep_group = get_ep_group()
+        if device.type == "cpu":
+            # A group of our own: our asynchronous gathers never interleave with vLLM's ops.
+            group = dist.new_group(ranks=ep_group.ranks, backend="gloo", use_local_synchronization=True)
+            transport = make_transport("gloo", group, device)
+        else:
+            transport = make_transport("auto", ep_group.device_group, device)
+        self.streamer = ExpertWeightStreamer(shards, self.layout, transport, prefetch_depth=1)
+        kernel = default_experts_kernel(device, shards[0]["w13"].dtype)
+        for index, name in enumerate(self.layer_order):
+            self.moe_layers[name] = AsyncEPMoE(
+                self.streamer,
+                index,
+                any_layer.top_k,
+                any_layer.renormalize,
+                any_layer.scoring_func,
+                experts_kernel=kernel,
+            )
+        self.layer_shards.clear()  # the transport holds the shards now
+        logger.info(
+            "AsyncEP: streaming %d MoE layers of %d experts over %d EP ranks (transport %s, "
+            "this rank stores experts %s, experts kernel %s)",
+            len(self.layer_order), self.layout.num_experts, self.layout.world_size,
+            transport.name, list(self.layout.experts_of_rank(transport.rank)), kernel.__name__,
+        )
+
+
+_STATE = AsyncEPModelState()
+
+
+def model_state() -> AsyncEPModelState:
+    """This process's AsyncEP state (one model per worker process)."""
+    return _STATE
+
+
+class AsyncEPFusedMoEMethod(FusedMoEMethodBase):
+    """FusedMoE method that runs the layer with AsyncEP: stream weights, keep tokens local."""
+
+    def __init__(self, moe: FusedMoEConfig):
+        super().__init__(moe)
+        self.state = model_state()
+
+    # The runner's naive DP/EP dispatch and combine move tokens between ranks; AsyncEP owns
+    # its communication (weights only), so it reports itself as the internal kernel path.
+    @property
+    def supports_internal_mk(self) -> bool:
+        return True
+
+    @property
+    def is_monolithic(self) -> bool:
+        return True
+
+    def create_weights(
+        self,
+        layer,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        check_routed_experts_supported(layer)
+        w13 = torch.nn.Parameter(
+            torch.empty(num_experts, 2 * intermediate_size_per_partition, hidden_size, dtype=params_dtype),
+            requires_grad=False,
+        )
+        layer.register_parameter("w13_weight", w13)
+        set_weight_attrs(w13, extra_weight_attrs)
+        w2 = torch.nn.Parameter(
+            torch.empty(num_experts, hidden_size, intermediate_size_per_partition, dtype=params_dtype),
+            requires_grad=False,
+        )
+        layer.register_parameter("w2_weight", w2)
+        set_weight_attrs(w2, extra_weight_attrs)
+
+    def get_fused_moe_quant_config(self, layer) -> FusedMoEQuantConfig:
+        return FusedMoEQuantConfig.make()
+
+    def process_weights_after_loading(self, layer) -> None:
+        parallel = self.moe.moe_parallel_config
+        layout = ExpertShardLayout(layer.global_num_experts, parallel.ep_size, layer.expert_placement_strategy)
+        _check_layout_matches_vllm(layer, layout, parallel.ep_rank)
+        capacity = layout.capacity
+        w13, w2 = layer.w13_weight.data, layer.w2_weight.data
+        local = w13.shape[0]
+        if local < capacity:  # this rank owns one expert fewer than the largest shard
+            w13 = torch.cat([w13, w13.new_zeros((capacity - local, *w13.shape[1:]))])
+            w2 = torch.cat([w2, w2.new_zeros((capacity - local, *w2.shape[1:]))])
+        self.state.add_layer(layer, layout, w13.contiguous(), w2.contiguous())
+        # The shard now lives in the streamer's transport; drop vLLM's copy of it.
+        layer.w13_weight.data = torch.empty(0, dtype=w13.dtype, device=w13.device)
+        layer.w2_weight.data = torch.empty(0, dtype=w2.dtype, device=w2.device)
+
+    def apply_monolithic(self, layer, x: torch.Tensor, router_logits: torch.Tensor, input_ids=None) -> torch.Tensor:
+        return self.state.moe(layer).forward(x, router_logits)
+
+    def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
+        raise AssertionError("AsyncEP is a monolithic MoE method: the runner calls apply_monolithic")
+
+
+def _check_layout_matches_vllm(layer, layout: ExpertShardLayout, ep_rank: int) -> None:
+    """Our shard of experts is exactly what vLLM's EP loader put on this rank."""
+    expert_map = layer.expert_map
+    owned = layout.experts_of_rank(ep_rank)
+    if expert_map is None:
+        expected = list(range(layer.global_num_experts))
+    else:
+        expected = [e for e in range(layer.global_num_experts) if int(expert_map[e]) >= 0]
+        expected.sort(key=lambda e: int(expert_map[e]))
+    if list(owned) != expected:
+        raise AssertionError(
+            f"{layer.layer_name}: vLLM placed experts {expected} on EP rank {ep_rank}, "
+            f"AsyncEP's {layout.placement} layout expects {list(owned)}"
+        )
+

@@ -1,0 +1,180 @@
+"""A prefill-only scheduler for vLLM v1: each step's batch is sized in true FLOPs, not tokens.
+
+Prefill-only requests (embeddings, scores, classification) are known in full when they
+arrive, so their cost is computable before any work: ``request_flops`` from our cost model,
+with the prefix-cache hit the engine would give the request right now. Each step the
+scheduler admits waiting requests until the step's true FLOPs reach a budget (the saturation
+budget of DESIGN.md: enough work to hide one layer's weight gather, no more), instead of
+filling a token count. Two prompts with equal token counts can differ several-fold in cost
+(attention is quadratic, a prefix hit removes compute but not tokens); the budget sees it.
+
+Prefix grouping: waiting requests whose first KV block is the same share a prefix.
+
+- *warm* group (the prefix is already cached): all its members are admitted together, ahead
+  of later groups, so they all hit the cache while its blocks are resident;
+- *cold* group (nothing cached yet): only the first member is admitted; the others wait one
+  step and then hit the blocks it has just cached, instead of computing the prefix again in
+  the same step.
+
+Nothing is held back for decoding: a pooling request finishes at the end of its prefill,
+so the whole budget goes to prefills (vLLM's own token budget and KV-cache checks still
+apply on top, in the base scheduler).
+
+Budget: ``--additional-config '{"zeroprefill": {"step_flops_budget": 3e12}}'`` or the
+``ZEROPREFILL_STEP_FLOPS_BUDGET`` environment variable (FLOPs per step per data-parallel
+rank; e.g. from ``zeroprefill plan``). Default: the linear FLOPs of a full token budget
+(``2 * max_num_batched_tokens * matmul params per token``): equal to vLLM's token budget for
+short prompts, and tighter for long-context ones, whose attention FLOPs it also counts.
+
+:func:`plan_prefill_step` is the whole policy as a pure function; the scheduler classes
+only translate vLLM's queue into it and back.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request
+
+from zeroprefill.common.cost_model import matmul_params_per_token, request_flops
+from zeroprefill.common.model_spec import MoEModelSpec
+
+BUDGET_ENV = "ZEROPREFILL_STEP_FLOPS_BUDGET"
+ADDITIONAL_CONFIG_KEY = "zeroprefill"
+
+
+@dataclass(frozen=True)
+class PrefillCandidate:
+    """A waiting request as the policy sees it."""
+
+    request_id: str
+    prefix_key: Hashable | None  # the first full KV block's hash; None if shorter than a block
+    cached_tokens: int  # prompt tokens the prefix cache would serve now
+    flops: int  # true FLOPs of its prefill given those cached tokens
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Which waiting requests to offer the step, in order, and which to keep waiting."""
+
+    admitted: tuple[str, ...]
+    deferred: tuple[str, ...]
+    admitted_flops: int
+
+
+def plan_prefill_step(
+    candidates: Sequence[PrefillCandidate], flops_budget: float, in_flight_flops: int = 0
+) -> StepPlan:
+    """Admit waiting requests, prefix group by prefix group, up to ``flops_budget``.
+
+    Args:
+        candidates: waiting requests in queue (arrival) order.
+        flops_budget: true FLOPs one step may hold.
+        in_flight_flops: FLOPs already committed to the step (running, chunked prefills).
+
+    Groups are taken in the order of their first member. A cold group (its first member
+    has no cache hit) offers only that member; a warm group offers all members. Admission
+    stops at the first offered request that would exceed the budget, except that a step
+    with nothing else in it always takes one request, however large.
+    """
+    if flops_budget <= 0:
+        raise ValueError(f"flops_budget must be positive, got {flops_budget}")
+    groups: dict[Hashable, list[PrefillCandidate]] = {}
+    for candidate in candidates:
+        key = candidate.prefix_key if candidate.prefix_key is not None else ("request", candidate.request_id)
+        groups.setdefault(key, []).append(candidate)
+
+    admitted: list[str] = []
+    total = in_flight_flops
+    full = False
+    for members in groups.values():
+        offered = members if members[0].cached_tokens > 0 else members[:1]
+        for candidate in offered:
+            step_is_empty = total == 0 and not admitted
+            if total + candidate.flops > flops_budget and not step_is_empty:
+                full = True
+                break
+            admitted.append(candidate.request_id)
+            total += candidate.flops
+        if full:
+            break
+    chosen = set(admitted)
+    deferred = tuple(c.request_id for c in candidates if c.request_id not in chosen)
+    return StepPlan(tuple(admitted), deferred, total - in_flight_flops)
+
+
+def step_flops_budget(vllm_config, spec: MoEModelSpec) -> float:
+    """The configured per-step budget, or the default (see the module docstring)."""
+    additional = vllm_config.additional_config or {}
+    configured = additional.get(ADDITIONAL_CONFIG_KEY, {}).get("step_flops_budget") if isinstance(additional, dict) else None
+    if configured is None and os.environ.get(BUDGET_ENV):
+        configured = os.environ[BUDGET_ENV]
+    if configured is None:
+        max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+        return float(2 * max_tokens * matmul_params_per_token(spec))
+    try:
+        budget = float(configured)
+    except ValueError:
+        raise ValueError(f"step_flops_budget must be a number of FLOPs, got {configured!r}") from None
+    if budget <= 0:
+        raise ValueError(f"step_flops_budget must be positive, got {configured!r}")
+    return budget
+
+
+class PrefillOnlySchedulerMixin:
+    """Offers vLLM's scheduling scan only the requests :func:`plan_prefill_step` admits."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        from vllm_zeroprefill.validation import model_spec_of
+
+        self.model_spec = model_spec_of(self.vllm_config)
+        self.step_flops_budget = step_flops_budget(self.vllm_config, self.model_spec)
+        self.head_tokens = 0 if self.vllm_config.model_config.runner_type == "pooling" else 1
+        self.last_plan: StepPlan | None = None
+
+    def schedule(self, *args, **kwargs):
+        waiting = list(self.waiting)
+        if not waiting:
+            return super().schedule(*args, **kwargs)
+        by_id = {request.request_id: request for request in waiting}
+        plan = plan_prefill_step([self._candidate(r) for r in waiting], self.step_flops_budget, self._in_flight_flops())
+        self.last_plan = plan
+        self.waiting.remove_requests(waiting)
+        for request_id in plan.admitted:
+            self.waiting.add_request(by_id[request_id])
+        try:
+            return super().schedule(*args, **kwargs)
+        finally:
+            for request_id in plan.deferred:
+                self.waiting.add_request(by_id[request_id])
+
+    def _candidate(self, request: Request) -> PrefillCandidate:
+        cached = request.num_computed_tokens
+        manager = self.kv_cache_manager
+        if request.block_hashes and manager.prefix_cache_lookup_enabled(request):
+            _, hit_tokens, _ = manager.coordinator.find_longest_cache_hit(request.block_hashes, request.num_tokens - 1)
+            cached = max(cached, hit_tokens)
+        prefix_key = request.block_hashes[0] if request.block_hashes else None
+        flops = request_flops(self.model_spec, request.num_tokens, cached, self.head_tokens)
+        return PrefillCandidate(request.request_id, prefix_key, cached, flops)
+
+    def _in_flight_flops(self) -> int:
+        """FLOPs of the rest of every running (partially prefilled) request."""
+        return sum(
+            request_flops(self.model_spec, r.num_tokens, r.num_computed_tokens, self.head_tokens)
+            for r in self.running
+            if r.num_computed_tokens < r.num_tokens
+        )
+
+
+class PrefillOnlyScheduler(PrefillOnlySchedulerMixin, Scheduler):
+    """``--scheduler-cls vllm_zeroprefill.scheduler.PrefillOnlyScheduler``."""
+
+
+class AsyncPrefillOnlyScheduler(PrefillOnlySchedulerMixin, AsyncScheduler):
+    """The same policy over vLLM's asynchronous scheduler (``--async-scheduling``)."""
