@@ -1,23 +1,29 @@
-"""Benchmark (and tune) the Triton MoE experts kernels against torch._grouped_mm.
+"""Benchmark (and tune) the MoE experts kernels against torch._grouped_mm.
 
 One MoE layer, E=128 experts, top-8, at the Qwen3-235B (H=4096, I=1536) and Qwen3-30B-A3B
 (H=2048, I=768) shapes, token counts 512..64K, softmax routing of random logits.
 
 What is timed (median of ``triton.testing.do_bench``, L2 flushed between runs), the same span
 on every side: from (hidden_states, topk_weights, topk_ids) to the combined output [T, H].
-Both sides therefore pay their permutation: ours the alignment (sort + pad) and the gathered
-loads inside GEMM 1; ``torch._grouped_mm`` a sort, an index_select of the tokens, SiLU*mul,
-and the weighted scatter + K-slot sum. Routing (softmax/top-k) is excluded on both sides.
+Every side therefore pays its permutation: ours the alignment (sort + pad) and either the
+gathered loads inside GEMM 1 (Triton backend) or the row scatter (grouped_mm backend);
+the baseline a sort, an index_select of the tokens, SiLU*mul, and the weighted gather + K-slot
+sum. Routing (softmax/top-k) is excluded on all sides.
 
     FLOPs = 2 * T * K * (2*I*H + H*I)     (true expert FLOPs, no padding counted)
 
-Columns: our bf16 TFLOP/s, torch._grouped_mm bf16 TFLOP/s, our FP8 TFLOP/s (128x128 weight
-blocks, 1x128 token groups quantised inside the call), ratios, and errors
-max|out - ref| / max|ref| against ``fused_experts_reference`` (fp32 math; for FP8 the
-reference uses the dequantised weights and the same activation quantisation).
+Columns (TFLOP/s): bf16 = ``fused_experts`` as shipped (the table picks the backend per token
+count), bf16 on each backend forced (``triton``: our Triton GEMMs; ``gmm+ours``: torch's
+CUTLASS grouped GEMMs inside our permutation/SiLU/combine kernels), the plain torch._grouped_mm
+baseline, FP8 with 128x128 weight blocks (Triton; 1x128 token groups quantised inside the
+call) and FP8-rowwise (per-channel weight scales, per-row activation scales,
+torch._scaled_grouped_mm). Errors are max|out - ref| / max|ref| against
+``fused_experts_reference`` (fp32 math; for FP8 the reference uses the dequantised weights and
+the same activation quantisation).
 
-    python benchmarks/moe_kernels.py                 # table + benchmarks/results/moe_kernels-<gpu>.json
-    python benchmarks/moe_kernels.py --tune          # rewrite kernels/configs/<arch>.json first
+    python benchmarks/moe_kernels.py                     # table + benchmarks/results/moe_kernels-<gpu>.json
+    python benchmarks/moe_kernels.py --tune              # retune the Triton tiles (kernels/configs/<arch>.json) first
+    python benchmarks/moe_kernels.py --select-backends   # also write the faster bf16 backend per token count
 """
 
 from __future__ import annotations
@@ -31,9 +37,9 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from zeroprefill.kernels import (GemmConfig, MoEConfig, fused_experts, fused_experts_reference,
-                                 get_config, moe_align_block_size, quantize_weights_fp8_block,
-                                 topk_routing)
+from zeroprefill.kernels import (GROUPED_MM, GemmConfig, MoEConfig, fused_experts,
+                                 fused_experts_reference, get_config, moe_align_block_size,
+                                 quantize_weights_fp8_block, quantize_weights_fp8_rowwise, topk_routing)
 from zeroprefill.kernels.fused_moe import (_gemm1_gate_up_silu_kernel, _gemm2_down_scatter_kernel,
                                            run_gemm1, run_gemm2)
 from zeroprefill.kernels.moe_config import CONFIG_DIR, arch_name, clear_config_cache, problem_key
@@ -51,7 +57,7 @@ def moe_flops(num_tokens: int, top_k: int, hidden: int, inter: int) -> float:
     return 2.0 * num_tokens * top_k * (2 * inter * hidden + hidden * inter)
 
 
-def grouped_mm_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+def grouped_mm_baseline(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                        topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
     """The baseline: sort rows by expert, two torch._grouped_mm, un-permute by gather, weighted sum.
 
@@ -100,7 +106,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 class Layer:
-    """Random weights of one MoE layer in bf16 and FP8, plus routing for up to max_tokens."""
+    """Random weights of one MoE layer in bf16, FP8 (block and rowwise), plus routing for up to max_tokens."""
 
     def __init__(self, shape: tuple[int, int, int, int], max_tokens: int, seed: int = 0):
         self.num_experts, self.top_k, self.hidden, self.inter = shape
@@ -110,6 +116,8 @@ class Layer:
         self.w2 = (torch.randn(e, h, i, device="cuda", generator=gen) * i ** -0.5).bfloat16()
         self.w13_fp8, self.w13_scale = quantize_weights_fp8_block(self.w13)
         self.w2_fp8, self.w2_scale = quantize_weights_fp8_block(self.w2)
+        self.w13_fp8_rowwise, self.w13_rowwise_scale = quantize_weights_fp8_rowwise(self.w13)
+        self.w2_fp8_rowwise, self.w2_rowwise_scale = quantize_weights_fp8_rowwise(self.w2)
         self.x = torch.randn(max_tokens, h, device="cuda", generator=gen).bfloat16()
         logits = torch.randn(max_tokens, e, device="cuda", generator=gen)
         self.topk_weights, self.topk_ids = topk_routing(logits, self.top_k, renormalize=True)
@@ -208,61 +216,155 @@ def profile_kernels(fn, steps: int = 3) -> dict[str, float]:
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
-def run_benchmark(shapes: dict, tokens: list[int], profile_tokens: int) -> dict:
-    points, profiles = [], {}
+def run_benchmark(shapes: dict, tokens: list[int], profile_tokens: int, select_backends: bool) -> dict:
+    points, profiles, failures = [], {}, {}
     for name, shape in shapes.items():
         layer = Layer(shape, max(tokens))
-        w13_deq = w2_deq = None
-        print(f"\n{name}: E={layer.num_experts} top-{layer.top_k} H={layer.hidden} I={layer.inter}")
-        print(f"{'tokens':>7} {'bf16 TF/s':>10} {'grouped_mm':>11} {'fp8 TF/s':>9} {'bf16/gmm':>9} "
-              f"{'fp8/bf16':>9} {'err bf16':>9} {'err gmm':>9} {'err fp8':>9}")
+        e, k, h, i = layer.num_experts, layer.top_k, layer.hidden, layer.inter
+        print(f"\n{name}: E={e} top-{k} H={h} I={i}")
+        print(f"{'tokens':>7} {'bf16':>7} {'backend':>10} {'triton':>7} {'gmm+ours':>8} {'gmm':>7} {'fp8':>7} "
+              f"{'fp8 row':>7} {'bf16/gmm':>8} {'fp8/bf16':>8} {'row/bf16':>8}  max rel err (bf16 trit/gmm+ours, fp8, row)")
+        shape_points = []
         for num_tokens in tokens:
             x, tw, ti = layer.inputs(num_tokens)
-            ours = lambda: fused_experts(x, layer.w13, layer.w2, tw, ti)
-            gmm = lambda: grouped_mm_experts(x, layer.w13, layer.w2, tw, ti)
-            fp8 = lambda: fused_experts(x, layer.w13_fp8, layer.w2_fp8, tw, ti,
-                                        w13_scale=layer.w13_scale, w2_scale=layer.w2_scale)
-            ref = fused_experts_reference(x, layer.w13, layer.w2, tw, ti).float()
-            ref_fp8 = fused_experts_reference(x, layer.w13_fp8, layer.w2_fp8, tw, ti,
-                                              w13_scale=layer.w13_scale, w2_scale=layer.w2_scale).float()
-            err = {"bf16": rel_err(ours(), ref), "grouped_mm": rel_err(gmm(), ref), "fp8": rel_err(fp8(), ref_fp8),
-                   "fp8_vs_bf16_reference": rel_err(fp8(), ref)}
-            del ref, ref_fp8
-            ms = {"bf16": bench_ms(ours), "grouped_mm": bench_ms(gmm), "fp8": bench_ms(fp8)}
-            flops = moe_flops(num_tokens, layer.top_k, layer.hidden, layer.inter)
-            tflops = {k: flops / (v * 1e-3) / 1e12 for k, v in ms.items()}
-            point = {"shape": name, "tokens": num_tokens, "flops": flops,
-                     "ms": {k: round(v, 4) for k, v in ms.items()},
-                     "tflops": {k: round(v, 1) for k, v in tflops.items()},
-                     "bf16_vs_grouped_mm": round(tflops["bf16"] / tflops["grouped_mm"], 3),
-                     "fp8_vs_bf16": round(tflops["fp8"] / tflops["bf16"], 3),
-                     "max_rel_err": {k: float(f"{v:.3g}") for k, v in err.items()},
-                     "config_bf16": get_config(num_tokens, layer.top_k, layer.num_experts, layer.hidden,
-                                               layer.inter, False, x.device).to_json(),
-                     "config_fp8": get_config(num_tokens, layer.top_k, layer.num_experts, layer.hidden,
-                                              layer.inter, True, x.device).to_json()}
+            triton_cfg = get_config(num_tokens, k, e, h, i, False, x.device, allow_grouped_mm=False)
+            fns = {
+                "bf16_triton": lambda: fused_experts(x, layer.w13, layer.w2, tw, ti, config=triton_cfg),
+                "bf16_gmm_ours": lambda: fused_experts(x, layer.w13, layer.w2, tw, ti,
+                                                       config=MoEConfig(backend=GROUPED_MM)),
+                "grouped_mm": lambda: grouped_mm_baseline(x, layer.w13, layer.w2, tw, ti),
+                "fp8": lambda: fused_experts(x, layer.w13_fp8, layer.w2_fp8, tw, ti,
+                                             w13_scale=layer.w13_scale, w2_scale=layer.w2_scale),
+                "fp8_rowwise": lambda: fused_experts(x, layer.w13_fp8_rowwise, layer.w2_fp8_rowwise, tw, ti,
+                                                     w13_scale=layer.w13_rowwise_scale,
+                                                     w2_scale=layer.w2_rowwise_scale),
+            }
+            refs = {"bf16": fused_experts_reference(x, layer.w13, layer.w2, tw, ti).float()}
+            err, ms = {}, {}
+            for side, fn in fns.items():
+                try:
+                    if side == "fp8":
+                        ref = fused_experts_reference(x, layer.w13_fp8, layer.w2_fp8, tw, ti,
+                                                      w13_scale=layer.w13_scale, w2_scale=layer.w2_scale).float()
+                    elif side == "fp8_rowwise":
+                        ref = fused_experts_reference(x, layer.w13_fp8_rowwise, layer.w2_fp8_rowwise, tw, ti,
+                                                      w13_scale=layer.w13_rowwise_scale,
+                                                      w2_scale=layer.w2_rowwise_scale).float()
+                    else:
+                        ref = refs["bf16"]
+                    out = fn()
+                    err[side] = rel_err(out, ref)
+                    if side.startswith("fp8"):
+                        err[f"{side}_vs_bf16_reference"] = rel_err(out, refs["bf16"])
+                    del out, ref
+                    ms[side] = bench_ms(fn)
+                except Exception as exc:  # a path that fails here is reported, not fatal to the run
+                    failures[f"{name}/{num_tokens}/{side}"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                    print(f"  {side} failed: {failures[f'{name}/{num_tokens}/{side}']}")
+            del refs
+            point = {"shape": name, "tokens": num_tokens,
+                     "flops": moe_flops(num_tokens, k, h, i), "ms": ms,
+                     "max_rel_err": {s_: float(f"{v:.3g}") for s_, v in err.items()},
+                     "config_bf16_triton": triton_cfg.to_json(),
+                     "config_fp8": get_config(num_tokens, k, e, h, i, True, x.device).to_json()}
+            shape_points.append(point)
+        if select_backends:
+            write_backend_choice(name, shape, shape_points)
+        for point in shape_points:
+            finish_point(point, layer)
             points.append(point)
-            print(f"{num_tokens:>7} {tflops['bf16']:>10.1f} {tflops['grouped_mm']:>11.1f} {tflops['fp8']:>9.1f} "
-                  f"{point['bf16_vs_grouped_mm']:>9.3f} {point['fp8_vs_bf16']:>9.3f} "
-                  f"{err['bf16']:>9.2e} {err['grouped_mm']:>9.2e} {err['fp8']:>9.2e}", flush=True)
-            if num_tokens == profile_tokens:
-                profiles[name] = {"tokens": num_tokens, "bf16": profile_kernels(ours),
-                                  "grouped_mm": profile_kernels(gmm), "fp8": profile_kernels(fp8)}
+            if point["tokens"] == profile_tokens:
+                x, tw, ti = layer.inputs(profile_tokens)
+                triton_cfg = MoEConfig.from_json(point["config_bf16_triton"])
+                calls = {
+                    "bf16": lambda: fused_experts(x, layer.w13, layer.w2, tw, ti),
+                    "bf16_triton": lambda: fused_experts(x, layer.w13, layer.w2, tw, ti, config=triton_cfg),
+                    "grouped_mm": lambda: grouped_mm_baseline(x, layer.w13, layer.w2, tw, ti),
+                    "fp8": lambda: fused_experts(x, layer.w13_fp8, layer.w2_fp8, tw, ti,
+                                                 w13_scale=layer.w13_scale, w2_scale=layer.w2_scale),
+                    "fp8_rowwise": lambda: fused_experts(x, layer.w13_fp8_rowwise, layer.w2_fp8_rowwise, tw, ti,
+                                                         w13_scale=layer.w13_rowwise_scale,
+                                                         w2_scale=layer.w2_rowwise_scale)}
+                profiles[name] = {"tokens": profile_tokens}
+                for side, fn in calls.items():
+                    if side in point["ms"]:  # paths that failed above are not profiled
+                        profiles[name][side] = profile_kernels(fn)
         del layer
         torch.cuda.empty_cache()
 
-    big = [p for p in points if p["tokens"] >= 8192]
+    def worst(key: str) -> float | None:
+        values = [p[key] for p in points if p["tokens"] >= 8192 and p.get(key) is not None]
+        return min(values) if values else None
+
     summary = {
-        "bf16_vs_grouped_mm_min_8k_plus": min(p["bf16_vs_grouped_mm"] for p in big) if big else None,
-        "fp8_vs_bf16_min_8k_plus": min(p["fp8_vs_bf16"] for p in big) if big else None,
+        "bf16_vs_grouped_mm_min_8k_plus": worst("bf16_vs_grouped_mm"),
+        "fp8_vs_bf16_min_8k_plus": worst("fp8_vs_bf16"),
+        "fp8_rowwise_vs_bf16_min_8k_plus": worst("fp8_rowwise_vs_bf16"),
         "targets": {"bf16_vs_grouped_mm": 1.05, "fp8_vs_bf16": 1.6},
     }
     for name, prof in profiles.items():  # GEMM kernels alone, without permutation/combine
-        gemm_ms = {side: sum(v for k, v in prof[side].items() if "cutlass" in k or "_gemm" in k)
-                   for side in ("bf16", "grouped_mm", "fp8")}
-        summary[f"gemm_kernels_only_ms_{name}_{prof['tokens']}"] = {k: round(v, 3) for k, v in gemm_ms.items()}
+        gemm_ms = {side: sum(v for k_, v in prof[side].items() if "cutlass" in k_ or "_gemm" in k_)
+                   for side in prof if side != "tokens"}
+        summary[f"gemm_kernels_only_ms_{name}_{prof['tokens']}"] = {k_: round(v, 3) for k_, v in gemm_ms.items()}
     return {"summary": summary, "points": points, "profile_ms_per_call": profiles,
-            "compiled_kernels": compiled_kernel_stats()}
+            "failures": failures, "compiled_kernels": compiled_kernel_stats()}
+
+
+def finish_point(point: dict, layer: Layer) -> None:
+    """The shipped bf16 choice (after any table rewrite), TFLOP/s and ratios; print one row."""
+    ms = point["ms"]
+    backend = get_config(point["tokens"], layer.top_k, layer.num_experts, layer.hidden, layer.inter, False,
+                         torch.device("cuda")).backend
+    point["bf16_backend"] = backend
+    shipped = "bf16_gmm_ours" if backend == GROUPED_MM else "bf16_triton"
+    if shipped in ms:
+        ms["bf16"] = ms[shipped]  # the shipped call is exactly this forced call: same kernels, same config
+    tflops = {side: point["flops"] / (v * 1e-3) / 1e12 for side, v in ms.items()}
+    point["ms"] = {side: round(v, 4) for side, v in ms.items()}
+    point["tflops"] = {side: round(v, 1) for side, v in tflops.items()}
+
+    def ratio(a: str, b: str) -> float | None:
+        return round(tflops[a] / tflops[b], 3) if a in tflops and b in tflops else None
+
+    point["bf16_vs_grouped_mm"] = ratio("bf16", "grouped_mm")
+    point["fp8_vs_bf16"] = ratio("fp8", "bf16")
+    point["fp8_rowwise_vs_bf16"] = ratio("fp8_rowwise", "bf16")
+    nan = float("nan")
+    row = [f"{point['tokens']:>7}", f"{tflops.get('bf16', nan):>7.1f}", f"{backend:>10}",
+           f"{tflops.get('bf16_triton', nan):>7.1f}", f"{tflops.get('bf16_gmm_ours', nan):>8.1f}",
+           f"{tflops.get('grouped_mm', nan):>7.1f}", f"{tflops.get('fp8', nan):>7.1f}",
+           f"{tflops.get('fp8_rowwise', nan):>7.1f}"]
+    row += [f"{point[key] if point[key] is not None else nan:>8.3f}"
+            for key in ("bf16_vs_grouped_mm", "fp8_vs_bf16", "fp8_rowwise_vs_bf16")]
+    errors = " ".join(f"{point['max_rel_err'].get(side, nan):.1e}"
+                      for side in ("bf16_triton", "bf16_gmm_ours", "fp8", "fp8_rowwise"))
+    print(" ".join(row) + "  " + errors, flush=True)
+
+
+def write_backend_choice(name: str, shape: tuple[int, int, int, int], shape_points: list[dict]) -> None:
+    """Per measured token count, write the faster bf16 backend into the shipped table.
+
+    A Triton winner keeps the tile config it was measured with; token counts already in the
+    table but not measured here keep their entry.
+    """
+    num_experts, _, hidden, inter = shape
+    path = CONFIG_DIR / f"{arch_name(torch.device('cuda'))}.json"
+    table = json.loads(path.read_text()) if path.exists() else {"configs": {}}
+    entries = table["configs"].setdefault(problem_key(False, num_experts, hidden, inter), {})
+    for point in shape_points:
+        ms = point["ms"]
+        if "bf16_triton" not in ms and "bf16_gmm_ours" not in ms:
+            continue
+        grouped_wins = ms.get("bf16_gmm_ours", float("inf")) < ms.get("bf16_triton", float("inf"))
+        entries[str(point["tokens"])] = ({"backend": GROUPED_MM} if grouped_wins
+                                         else point["config_bf16_triton"])
+    table["configs"][problem_key(False, num_experts, hidden, inter)] = dict(
+        sorted(entries.items(), key=lambda kv: int(kv[0])))
+    table["note"] = ("written by benchmarks/moe_kernels.py (--tune: Triton tiles; --select-backends: the faster "
+                     "bf16 backend per measured token count); lookups take the nearest token count")
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    clear_config_cache()
+    print(f"  {name}: bf16 backends written to {path}")
 
 
 def main() -> None:
@@ -271,6 +373,8 @@ def main() -> None:
     parser.add_argument("--tune-only", action="store_true", help="tune and exit")
     parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    parser.add_argument("--select-backends", action="store_true",
+                        help="write the faster bf16 backend per measured token count into the table")
     parser.add_argument("--profile-tokens", type=int, default=16384)
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/moe_kernels-<gpu>.json)")
     args = parser.parse_args()
@@ -282,11 +386,13 @@ def main() -> None:
         print(f"tuning -> {tune(shapes, TUNE_TOKENS)} ({time.time() - start:.0f} s)")
         if args.tune_only:
             return
-    results = run_benchmark(shapes, tokens, args.profile_tokens)
+    results = run_benchmark(shapes, tokens, args.profile_tokens, args.select_backends)
     results["meta"] = {
         "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
         "timing": "triton.testing.do_bench median, L2 flushed; span = (x, topk_weights, topk_ids) -> out [T, H] "
-                  "on every side, permutation/alignment and combine counted on both sides, routing excluded",
+                  "on every side, permutation/alignment and combine counted on all sides, routing excluded; "
+                  "'bf16' is the shipped choice (bf16_backend), whose time is that of the forced backend it names",
+        "selected_backends_in_this_run": args.select_backends,
         "flops": "2*T*K*(2*I*H + H*I)",
         "error": "max|out-ref|/max|ref| vs fused_experts_reference (fp32; FP8: dequantised weights + same "
                  "activation quantisation); fp8_vs_bf16_reference is FP8 vs the bf16-weight reference",

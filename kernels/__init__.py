@@ -1,32 +1,44 @@
 """Triton kernels for Mixture-of-Experts prefill: routing, alignment, grouped expert GEMMs.
 
     router_logits --[topk_routing]--> (topk_weights, topk_ids)
-        --[fused_experts: moe_align_block_size -> GEMM1 (gate/up + SiLU*mul) -> GEMM2 (down,
-           routing weight, scatter) -> K-slot sum]--> out [T, H]
+        --[fused_experts, one of two backends]--> out [T, H]
+    triton      (fused_moe.py): moe_align_block_size -> GEMM1 (gate/up + SiLU*mul) -> GEMM2
+                (down, routing weight, scatter) -> K-slot sum
+    grouped_mm  (grouped_mm_moe.py): align -> scatter token rows -> torch._grouped_mm ->
+                SiLU*mul -> torch._grouped_mm -> weighted combine
 
-bf16/fp16/fp32 weights take the plain path; float8_e4m3fn weights with 128x128 block scales
-take the FP8 path (tokens quantised per 1x128 group inside the call). Every kernel has its
-plain-torch definition beside it (``*_reference``), which the tests compare against. No vLLM or
-SGLang imports: the AsyncEP layer plugs ``fused_experts`` in as its experts kernel.
+bf16 picks its backend per token count from the shipped table (``moe_config.py``); fp16/fp32
+run the Triton one. float8_e4m3fn weights with 128x128 block scales take the Triton FP8 path
+(tokens quantised per 1x128 group inside the call); with per-output-channel scales, the
+FP8-rowwise path on ``torch._scaled_grouped_mm`` (tokens quantised per row). Every kernel has
+its plain-torch definition beside it (``*_reference``), which the tests compare against. No
+vLLM or SGLang imports: the AsyncEP layer plugs ``fused_experts`` in as its experts kernel.
 """
 
 from .align import ExpertAlignment, moe_align_block_size
 from .fused_moe import fused_experts, fused_experts_reference
-from .moe_config import GemmConfig, MoEConfig, get_config
-from .quant import dequantize_fp8_block, quantize_tokens_fp8_group, quantize_weights_fp8_block
+from .grouped_mm_moe import grouped_mm_experts
+from .moe_config import GROUPED_MM, TRITON, GemmConfig, MoEConfig, get_config
+from .quant import (dequantize_fp8_block, dequantize_fp8_rowwise, quantize_tokens_fp8_group,
+                    quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
 from .routing import topk_routing, topk_routing_reference
 
 __all__ = [
     "ExpertAlignment",
+    "GROUPED_MM",
     "GemmConfig",
     "MoEConfig",
+    "TRITON",
     "dequantize_fp8_block",
+    "dequantize_fp8_rowwise",
     "fused_experts",
     "fused_experts_reference",
     "get_config",
+    "grouped_mm_experts",
     "moe_align_block_size",
     "quantize_tokens_fp8_group",
     "quantize_weights_fp8_block",
+    "quantize_weights_fp8_rowwise",
     "topk_routing",
     "topk_routing_reference",
 ]

@@ -5,6 +5,9 @@
     sorted_row_ids [max_padded_rows]   row r, or the sentinel T*K in padding slots
     block_expert_ids [max_blocks]      the expert of each block of block_m padded rows
     num_padded_rows [1]                rows actually used (device tensor: no host sync)
+    expert_ends [E]                    padded end of each expert's segment (the ``offs`` of
+                                       ``torch._grouped_mm``)
+    position_of_row [T*K]              where row r sits in the padded order (inverse of the sort)
 
 The grouped GEMMs launch one program row per block of ``block_m`` padded rows, read the
 block's expert from ``block_expert_ids``, and return at once when the block lies past
@@ -29,6 +32,8 @@ class ExpertAlignment:
     sorted_row_ids: torch.Tensor    # int32 [max_padded_rows]; row t*K+k, or num_rows as padding
     block_expert_ids: torch.Tensor  # int32 [max_padded_rows // block_m]
     num_padded_rows: torch.Tensor   # int32 [1], on the device
+    expert_ends: torch.Tensor       # int32 [E]; cumulative padded rows, expert e ends at [e]
+    position_of_row: torch.Tensor   # int32 [T*K]; padded position of row t*K+k
     num_rows: int                   # T*K (also the padding sentinel)
     block_m: int
 
@@ -66,8 +71,11 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int)
     sorted_row_ids[destination] = rows_sorted.to(torch.int32)
     block_starts = torch.arange(0, padded_total, block_m, device=device)
     block_expert_ids = torch.searchsorted(padded_end, block_starts, right=True).to(torch.int32)
-    num_padded_rows = padded_end[-1:].to(torch.int32)
-    return ExpertAlignment(sorted_row_ids, block_expert_ids, num_padded_rows, num_rows, block_m)
+    expert_ends = padded_end.to(torch.int32)
+    position_of_row = torch.empty(num_rows, dtype=torch.int32, device=device)
+    position_of_row[rows_sorted] = destination.to(torch.int32)
+    return ExpertAlignment(sorted_row_ids, block_expert_ids, expert_ends[-1:], expert_ends,
+                           position_of_row, num_rows, block_m)
 
 
 def moe_align_block_size_reference(topk_ids: torch.Tensor, num_experts: int,

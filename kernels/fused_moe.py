@@ -39,9 +39,11 @@ import triton
 import triton.language as tl
 
 from .align import ExpertAlignment, moe_align_block_size
-from .moe_config import GemmConfig, MoEConfig, get_config
+from .grouped_mm_moe import ALIGN_M as GROUPED_MM_ALIGN_M
+from .grouped_mm_moe import grouped_mm_experts
+from .moe_config import GROUPED_MM, GemmConfig, MoEConfig, get_config
 from .quant import FP8_DTYPE, GROUP_SIZE, ROUND_E4M3_IN_FP32, dequantize_fp8_block, \
-    quantize_tokens_fp8_group, quantize_weights_fp8_block, round_to_e4m3
+    dequantize_fp8_rowwise, quantize_tokens_fp8_group, quantize_weights_fp8_block, round_to_e4m3
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -236,18 +238,15 @@ def _check_inputs(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
     if topk_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
 
-    use_fp8 = w13.dtype == FP8_DTYPE
-    if use_fp8:
+    fp8_format = None
+    if w13.dtype == FP8_DTYPE:
         if w2.dtype != FP8_DTYPE:
             raise TypeError(f"w13 is {w13.dtype} but w2 is {w2.dtype}; both must be {FP8_DTYPE}")
-        expected = {"w13_scale": (w13_scale, (num_experts, triton.cdiv(two_inter, 128), triton.cdiv(hidden, 128))),
-                    "w2_scale": (w2_scale, (num_experts, triton.cdiv(hidden, 128), triton.cdiv(inter, 128)))}
-        for name, (scale, shape) in expected.items():
-            if scale is None:
-                raise ValueError(f"FP8 weights need {name} (float32 128x128 block scales of shape {shape})")
-            if scale.dtype != torch.float32 or tuple(scale.shape) != shape or not scale.is_contiguous():
-                raise ValueError(f"{name} must be contiguous float32 {shape}, got {scale.dtype} "
-                                 f"{tuple(scale.shape)} contiguous={scale.is_contiguous()}")
+        fp8_format = fp8_scale_format(w13, w2, w13_scale, w2_scale)
+        for name, scale in (("w13_scale", w13_scale), ("w2_scale", w2_scale)):
+            if scale.dtype != torch.float32 or not scale.is_contiguous():
+                raise ValueError(f"{name} must be contiguous float32, got {scale.dtype} "
+                                 f"contiguous={scale.is_contiguous()}")
             if scale.device != hidden_states.device:
                 raise ValueError(f"{name} is on {scale.device}, hidden_states on {hidden_states.device}")
     else:
@@ -262,7 +261,38 @@ def _check_inputs(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
         if low < 0 or high >= num_experts:
             bad = low if low < 0 else high
             raise ValueError(f"topk_ids contains {bad}, outside [0, num_experts={num_experts})")
-    return use_fp8
+    return fp8_format
+
+
+def fp8_scale_format(w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor | None,
+                     w2_scale: torch.Tensor | None) -> str:
+    """``"block"`` (128x128 block scales) or ``"rowwise"`` (one scale per output channel).
+
+    Block: ``w13_scale [E, ceil(2I/128), ceil(H/128)]``, ``w2_scale [E, ceil(H/128), ceil(I/128)]``.
+    Rowwise: ``w13_scale [E, 2I]``, ``w2_scale [E, H]`` (a trailing dim of 1, as vLLM's
+    channel-wise checkpoints store them, is accepted too).
+    """
+    num_experts, two_inter, hidden = w13.shape
+    inter = two_inter // 2
+    block = {"w13_scale": (num_experts, triton.cdiv(two_inter, 128), triton.cdiv(hidden, 128)),
+             "w2_scale": (num_experts, triton.cdiv(hidden, 128), triton.cdiv(inter, 128))}
+    rowwise = {"w13_scale": (num_experts, two_inter), "w2_scale": (num_experts, hidden)}
+    formats = []
+    for name, scale in (("w13_scale", w13_scale), ("w2_scale", w2_scale)):
+        if scale is None:
+            raise ValueError(f"FP8 weights need {name}: float32 128x128 block scales {block[name]} "
+                             f"or per-output-channel scales {rowwise[name]}")
+        shape = tuple(scale.shape)
+        if shape == block[name]:
+            formats.append("block")
+        elif shape in (rowwise[name], rowwise[name] + (1,)):
+            formats.append("rowwise")
+        else:
+            raise ValueError(f"{name} has shape {shape}; expected 128x128 block scales {block[name]} "
+                             f"or per-output-channel scales {rowwise[name]}")
+    if formats[0] != formats[1]:
+        raise ValueError(f"w13_scale is {formats[0]} but w2_scale is {formats[1]}; use one FP8 format")
+    return formats[0]
 
 
 def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
@@ -273,10 +303,13 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
 
     ``w13`` is ``[E, 2I, H]`` with gate rows ``[0, I)`` and up rows ``[I, 2I)``; ``w2`` is
     ``[E, H, I]``. bf16/fp16/fp32 weights must match ``hidden_states``; float8_e4m3fn weights
-    need ``w13_scale``/``w2_scale`` (128x128 block scales) and run the FP8 path. ``config``
-    overrides the shipped tile table (tuning and tests only).
+    need ``w13_scale``/``w2_scale``: 128x128 block scales run the Triton FP8 path, per-output-
+    channel scales (``[E, 2I]``, ``[E, H]``) the FP8-rowwise path on ``torch._scaled_grouped_mm``
+    (CUDA only). bf16 picks the Triton or the grouped_mm backend from the shipped table.
+    ``config`` overrides the table (tuning, benchmarks and tests only).
     """
-    use_fp8 = _check_inputs(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    fp8_format = _check_inputs(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    use_fp8 = fp8_format is not None
     num_tokens, hidden = hidden_states.shape
     num_experts, two_inter, _ = w13.shape
     inter = two_inter // 2
@@ -284,8 +317,23 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
     device = hidden_states.device
     if num_tokens == 0:
         return torch.zeros(0, hidden, dtype=hidden_states.dtype, device=device)
+    if fp8_format == "rowwise":  # one backend: torch._scaled_grouped_mm
+        if config is not None and config.backend != GROUPED_MM:
+            raise ValueError(f"FP8-rowwise weights run on backend='grouped_mm' only, got {config}")
+        alignment = moe_align_block_size(topk_ids, num_experts, GROUPED_MM_ALIGN_M)
+        return grouped_mm_experts(hidden_states, w13, w2, topk_weights, alignment,
+                                  w13_scale.reshape(num_experts, two_inter),
+                                  w2_scale.reshape(num_experts, hidden))
+    is_bf16 = hidden_states.dtype == torch.bfloat16
     if config is None:
-        config = get_config(num_tokens, top_k, num_experts, hidden, inter, use_fp8, device)
+        config = get_config(num_tokens, top_k, num_experts, hidden, inter, use_fp8, device,
+                            allow_grouped_mm=is_bf16 and not use_fp8)
+    if config.backend == GROUPED_MM:
+        if use_fp8 or not is_bf16:
+            raise ValueError(f"backend='grouped_mm' runs bf16 weights and activations (or FP8-rowwise "
+                             f"weights), got {hidden_states.dtype} activations, {w13.dtype} weights")
+        alignment = moe_align_block_size(topk_ids, num_experts, GROUPED_MM_ALIGN_M)
+        return grouped_mm_experts(hidden_states, w13, w2, topk_weights, alignment)
     if use_fp8 and (config.gemm1.block_n != GROUP_SIZE or config.gemm1.block_k != GROUP_SIZE
                     or config.gemm2.block_k != GROUP_SIZE):
         raise ValueError(f"FP8 needs gemm1 block_n=block_k=128 and gemm2 block_k=128, got {config}")
@@ -386,28 +434,36 @@ def fused_experts_reference(hidden_states: torch.Tensor, w13: torch.Tensor, w2: 
                             w2_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Plain-torch definition of :func:`fused_experts`: a loop over experts in fp32.
 
-    FP8 weights are dequantised; the activations go through the same 1x128 e4m3
-    quantise-dequantise as in the kernel (input tokens and the SiLU*mul output), so the
-    reference differs from the kernel only by accumulation order and rounding.
+    FP8 weights are dequantised; the activations go through the same e4m3 quantise-dequantise
+    as in the kernels (input tokens and the SiLU*mul output): 1x128 groups with block-scaled
+    weights, whole rows with per-channel (rowwise) weights. So the reference differs from the
+    kernels only by accumulation order and rounding.
     """
-    use_fp8 = w13.dtype == FP8_DTYPE
     num_tokens, hidden = hidden_states.shape
-    inter = w13.shape[1] // 2
+    num_experts, two_inter, _ = w13.shape
+    inter = two_inter // 2
+    fp8_format = fp8_scale_format(w13, w2, w13_scale, w2_scale) if w13.dtype == FP8_DTYPE else None
     x = hidden_states.float()
-    if use_fp8:
-        x = dequantize_fp8_block(*quantize_weights_fp8_block(x, (1, GROUP_SIZE)), (1, GROUP_SIZE))
+    if fp8_format == "block":
+        x_group, act_group = (1, GROUP_SIZE), (1, GROUP_SIZE)
         w13_f, w2_f = dequantize_fp8_block(w13, w13_scale), dequantize_fp8_block(w2, w2_scale)
+    elif fp8_format == "rowwise":
+        x_group, act_group = (1, hidden), (1, inter)
+        w13_f = dequantize_fp8_rowwise(w13, w13_scale.reshape(num_experts, two_inter))
+        w2_f = dequantize_fp8_rowwise(w2, w2_scale.reshape(num_experts, hidden))
     else:
         w13_f, w2_f = w13.float(), w2.float()
+    if fp8_format is not None:
+        x = dequantize_fp8_block(*quantize_weights_fp8_block(x, x_group), x_group)
     out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=hidden_states.device)
-    for expert in range(w13.shape[0]):
+    for expert in range(num_experts):
         token_idx, slot_idx = torch.nonzero(topk_ids == expert, as_tuple=True)
         if token_idx.numel() == 0:
             continue
         gate_up = x[token_idx] @ w13_f[expert].T
         act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        if use_fp8:
-            act = dequantize_fp8_block(*quantize_weights_fp8_block(act, (1, GROUP_SIZE)), (1, GROUP_SIZE))
+        if fp8_format is not None:
+            act = dequantize_fp8_block(*quantize_weights_fp8_block(act, act_group), act_group)
         y = act @ w2_f[expert].T
         out.index_add_(0, token_idx, y * topk_weights[token_idx, slot_idx, None])
     return out.to(hidden_states.dtype)

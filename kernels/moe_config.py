@@ -8,6 +8,10 @@ count nearest to the actual one (in log space). Untuned shapes fall back to a he
 
 Both GEMMs of one call share ``block_m``: the token→expert alignment pads every expert's rows
 to that size, and both kernels walk the same padded row blocks.
+
+An entry may instead name the other backend, ``{"backend": "grouped_mm"}``: torch's CUTLASS
+grouped GEMMs with our permutation and combine around them (``grouped_mm_moe.py``, bf16 only).
+The benchmark writes, per tuned token count, whichever of the two it measured faster.
 """
 
 from __future__ import annotations
@@ -35,14 +39,28 @@ class GemmConfig:
     num_stages: int = 3
 
 
+TRITON = "triton"          # our two grouped Triton GEMMs (fused_moe.py)
+GROUPED_MM = "grouped_mm"  # torch._grouped_mm GEMMs with our Triton permutation/combine (bf16)
+BACKENDS = (TRITON, GROUPED_MM)
+
+
 @dataclass(frozen=True)
 class MoEConfig:
-    """The configurations of both GEMMs of one ``fused_experts`` call."""
+    """How one ``fused_experts`` call runs: the backend, and for Triton both GEMMs' tiles."""
 
-    gemm1: GemmConfig  # up/gate projection with SiLU*mul epilogue
-    gemm2: GemmConfig  # down projection with routing weight and scatter to token order
+    gemm1: GemmConfig | None = None  # up/gate projection with SiLU*mul epilogue
+    gemm2: GemmConfig | None = None  # down projection with routing weight and scatter to token order
+    backend: str = TRITON
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} is not one of {BACKENDS}")
+        if self.backend == GROUPED_MM:
+            if self.gemm1 is not None or self.gemm2 is not None:
+                raise ValueError("backend='grouped_mm' takes no Triton tile configs; leave gemm1/gemm2 unset")
+            return
+        if self.gemm1 is None or self.gemm2 is None:
+            raise ValueError("backend='triton' needs both gemm1 and gemm2 tile configs")
         if self.gemm1.block_m != self.gemm2.block_m:
             raise ValueError(
                 f"gemm1.block_m={self.gemm1.block_m} != gemm2.block_m={self.gemm2.block_m}; "
@@ -54,10 +72,14 @@ class MoEConfig:
         return self.gemm1.block_m
 
     def to_json(self) -> dict:
+        if self.backend == GROUPED_MM:
+            return {"backend": GROUPED_MM}
         return {"gemm1": asdict(self.gemm1), "gemm2": asdict(self.gemm2)}
 
     @staticmethod
     def from_json(entry: dict) -> "MoEConfig":
+        if entry.get("backend", TRITON) == GROUPED_MM:
+            return MoEConfig(backend=GROUPED_MM)
         return MoEConfig(GemmConfig(**entry["gemm1"]), GemmConfig(**entry["gemm2"]))
 
 
@@ -107,12 +129,19 @@ def heuristic_config(num_tokens: int, top_k: int, num_experts: int, use_fp8: boo
 
 
 def get_config(num_tokens: int, top_k: int, num_experts: int, hidden_size: int,
-               intermediate_size: int, use_fp8: bool, device: torch.device) -> MoEConfig:
-    """The shipped configuration for this shape and token count, or the heuristic one."""
+               intermediate_size: int, use_fp8: bool, device: torch.device,
+               allow_grouped_mm: bool = True) -> MoEConfig:
+    """The shipped configuration for this shape and token count, or the heuristic one.
+
+    With ``allow_grouped_mm=False`` (fp16/fp32 activations: torch's grouped GEMM is bf16-only)
+    only Triton entries are considered.
+    """
     on_gpu = device.type == "cuda"
     if on_gpu:
         entries = _load_table(arch_name(device)).get(
-            problem_key(use_fp8, num_experts, hidden_size, intermediate_size))
+            problem_key(use_fp8, num_experts, hidden_size, intermediate_size)) or {}
+        if not allow_grouped_mm:
+            entries = {t: e for t, e in entries.items() if e.get("backend", TRITON) == TRITON}
         if entries:
             nearest = min(entries, key=lambda t: abs(math.log(int(t)) - math.log(max(num_tokens, 1))))
             return MoEConfig.from_json(entries[nearest])

@@ -1,10 +1,17 @@
-"""FP8 (e4m3) quantisation: 128x128 block scales for weights, 1x128 group scales for activations.
+"""FP8 (e4m3) quantisation in two formats.
 
-The layout is the one of the Qwen3-FP8 and DeepSeek-V3 checkpoints:
+Block (Qwen3-FP8, DeepSeek-V3 checkpoints): 128x128 weight blocks, 1x128 activation groups:
 
     weight  w [.., N, K]  ->  w_fp8 [.., N, K],  scale [.., ceil(N/128), ceil(K/128)]  (float32)
     tokens  x [T, K]      ->  x_fp8 [T, K],      scale [T, ceil(K/128)]                (float32)
-    dequantised value = w_fp8 * scale[block]; scale = amax(block) / 448
+
+Rowwise (FP8-dynamic checkpoints): one scale per weight output channel, one per token row
+(the row quantisers are fused into ``grouped_mm_moe.py``'s kernels):
+
+    weight  w [.., N, K]  ->  w_fp8 [.., N, K],  scale [.., N]                         (float32)
+    tokens  x [T, K]      ->  x_fp8 [T, K],      scale [T]                             (float32)
+
+In both, dequantised value = w_fp8 * scale[block]; scale = amax(block) / 448.
 
 Weights are quantised once, offline (plain torch is fine). Activations are quantised on every
 call, so that is a Triton kernel (one program per ``BLOCK_T`` tokens x one 128-wide group).
@@ -32,13 +39,17 @@ ROUND_E4M3_IN_FP32 = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def round_to_e4m3(x, ROUND_IN_FP32: tl.constexpr):
     """``x`` (fp32, |x| <= 448) rounded to the e4m3 grid, as a value the e4m3 cast keeps exactly.
 
-    A no-op unless ``ROUND_IN_FP32`` (the interpreter); there it rounds half away from zero,
-    which differs from the hardware's round-to-nearest-even only on exact ties.
+    A no-op unless ``ROUND_IN_FP32`` (the interpreter); there it rounds to nearest, ties to
+    even, like the hardware cast (ties are common with bf16 inputs).
     """
     if ROUND_IN_FP32:
         magnitude = tl.abs(x)
         step = tl.exp2(tl.floor(tl.log2(tl.maximum(magnitude, 0.015625))) - 3.0)  # 3 mantissa bits
-        rounded = tl.floor(magnitude / step + 0.5) * step
+        steps = magnitude / step
+        nearest = tl.floor(steps + 0.5)
+        odd = nearest - 2.0 * tl.floor(nearest * 0.5) == 1.0
+        nearest = tl.where((nearest - steps == 0.5) & odd, nearest - 1.0, nearest)
+        rounded = nearest * step
         x = tl.where(x < 0, -rounded, rounded)
     return x
 
@@ -71,6 +82,17 @@ def dequantize_fp8_block(w_fp8: torch.Tensor, scales: torch.Tensor,
     n, k = w_fp8.shape[-2:]
     full = scales.repeat_interleave(block[0], dim=-2).repeat_interleave(block[1], dim=-1)
     return w_fp8.float() * full[..., :n, :k]
+
+
+def quantize_weights_fp8_rowwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise ``w [..., N, K]`` to e4m3 with one float32 scale per output channel: ``scales [..., N]``."""
+    w_fp8, scales = quantize_weights_fp8_block(w, (1, w.shape[-1]))
+    return w_fp8, scales.squeeze(-1).contiguous()
+
+
+def dequantize_fp8_rowwise(w_fp8: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quantize_weights_fp8_rowwise`, in float32."""
+    return w_fp8.float() * scales.unsqueeze(-1)
 
 
 @triton.jit

@@ -10,6 +10,11 @@ Tolerances, as max|out - ref| / max|ref| (the reference is fp32 math):
 - FP8: against the dequantised-weight reference that applies the same 1x128 activation
   quantisation; fp32 output 1e-4 in the interpreter, otherwise 3e-2 (bf16 output rounding, and
   on GPU a different accumulation order can flip an activation's e4m3 rounding).
+- grouped_mm backend (bf16): 2e-2, as bf16 above; torch._grouped_mm has a CPU fallback, so the
+  Triton permutation/SiLU/combine kernels around it run in the interpreter here.
+- FP8-rowwise: torch._scaled_grouped_mm is CUDA-only; on CPU the test swaps in an fp32 loop
+  over experts with the same contract, so everything of ours around the GEMMs is still checked
+  (3e-2: the GEMM outputs are bf16 before the SiLU and its row quantisation).
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
 
-from zeroprefill.kernels import (MoEConfig, GemmConfig, dequantize_fp8_block, fused_experts,  # noqa: E402
-                                 fused_experts_reference, moe_align_block_size,
-                                 quantize_tokens_fp8_group, quantize_weights_fp8_block,
+from zeroprefill.kernels import (GROUPED_MM, MoEConfig, GemmConfig, dequantize_fp8_block,  # noqa: E402
+                                 dequantize_fp8_rowwise, fused_experts, fused_experts_reference,
+                                 moe_align_block_size, quantize_tokens_fp8_group,
+                                 quantize_weights_fp8_block, quantize_weights_fp8_rowwise,
                                  topk_routing, topk_routing_reference)
-from zeroprefill.kernels import fused_moe  # noqa: E402
+from zeroprefill.kernels import fused_moe, grouped_mm_moe  # noqa: E402
 from zeroprefill.kernels.quant import quantize_tokens_fp8_group_reference  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -100,6 +106,14 @@ def test_moe_align_block_size(block_m):
     expected = {e: [r for r, x in enumerate(flat) if x == e] for e in set(flat)}
     assert seen == expected  # every row exactly once, in stable order; experts 2, 4 get no block
     assert all(r == num_rows for r in sorted_ids[used:])
+    # the grouped_mm view of the same layout: segment ends and the inverse permutation
+    ends = al.expert_ends.cpu().tolist()
+    assert ends[-1] == used and all(e % block_m == 0 for e in ends)
+    starts = [0] + ends[:-1]
+    for expert in range(num_experts):
+        assert ends[expert] - starts[expert] == -(-len(expected.get(expert, [])) // block_m) * block_m
+    positions = al.position_of_row.cpu().tolist()
+    assert [sorted_ids[p] for p in positions] == list(range(num_rows))
 
 
 # ---------------------------------------------------------------------------- FP8 quantisers
@@ -110,6 +124,17 @@ def test_quantize_tokens_matches_reference():
     ref_q, ref_scale = quantize_tokens_fp8_group_reference(x)
     torch.testing.assert_close(scale, ref_scale)
     assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))
+
+
+def test_quantize_weights_rowwise():
+    w = torch.randn(3, 20, 300, generator=torch.Generator().manual_seed(5))
+    w[1, 7] = 0.0  # an all-zero channel quantises to zeros, no division by zero
+    q, scale = quantize_weights_fp8_rowwise(w)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (3, 20) and scale.dtype == torch.float32
+    torch.testing.assert_close(scale, w.abs().amax(-1).div(448.0).clamp_min(1e-10))
+    assert q.float().abs().amax(-1)[0].eq(448.0).all()  # each channel's max maps to e4m3's max
+    back = dequantize_fp8_rowwise(q, scale)
+    assert back[1, 7].eq(0).all() and rel_err(back, w) < 2 ** -4
 
 
 def test_quantize_weights_roundtrip():
@@ -188,6 +213,72 @@ def test_fused_experts_fp8(num_tokens, num_experts, top_k, hidden, inter, act_dt
     assert rel_err(out, fused_experts_reference(x, w13.to(act_dtype), w2.to(act_dtype), weights, ids)) < 0.1
 
 
+def _scaled_grouped_gemm_fp32(a, a_scale, w, w_scale, offs):
+    """torch._scaled_grouped_mm's contract, as an fp32 loop over expert segments (CPU stand-in)."""
+    out = torch.zeros(a.shape[0], w.shape[1], dtype=torch.bfloat16, device=a.device)
+    start = 0
+    for expert, end in enumerate(offs.tolist()):
+        w_f = dequantize_fp8_rowwise(w[expert], w_scale[expert])
+        out[start:end] = ((a[start:end].float() * a_scale[start:end, None]) @ w_f.T).bfloat16()
+        start = end
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_grouped_mm_backend_bf16(case):
+    num_tokens, num_experts, top_k, hidden, inter = CASES[case]
+    w13, w2 = make_layer(num_experts, hidden, inter, torch.bfloat16)
+    x, weights, ids = make_tokens(num_tokens, hidden, num_experts, top_k, torch.bfloat16)
+    out = fused_experts(x, w13, w2, weights, ids, config=MoEConfig(backend=GROUPED_MM))
+    assert out.dtype == torch.bfloat16 and out.shape == (num_tokens, hidden)
+    assert rel_err(out, fused_experts_reference(x, w13, w2, weights, ids)) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("num_tokens,num_experts,top_k,hidden,inter",
+                         [(9, 4, 2, 160, 96), (21, 5, 3, 64, 48)])
+def test_fused_experts_fp8_rowwise(num_tokens, num_experts, top_k, hidden, inter, monkeypatch):
+    if not ON_GPU:
+        monkeypatch.setattr(grouped_mm_moe, "scaled_grouped_gemm", _scaled_grouped_gemm_fp32)
+    w13, w2 = make_layer(num_experts, hidden, inter, torch.float32)
+    (w13_q, w13_s), (w2_q, w2_s) = quantize_weights_fp8_rowwise(w13), quantize_weights_fp8_rowwise(w2)
+    x, weights, ids = make_tokens(num_tokens, hidden, num_experts, top_k, torch.bfloat16)
+    out = fused_experts(x, w13_q, w2_q, weights, ids, w13_scale=w13_s, w2_scale=w2_s)
+    ref = fused_experts_reference(x, w13_q, w2_q, weights, ids, w13_scale=w13_s, w2_scale=w2_s)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 3e-2
+    # vLLM's channel-wise layout [E, N, 1] is the same format
+    out_3d = fused_experts(x, w13_q, w2_q, weights, ids, w13_scale=w13_s[..., None], w2_scale=w2_s[..., None])
+    assert torch.equal(out_3d, out)
+    assert rel_err(out, fused_experts_reference(x, w13.bfloat16(), w2.bfloat16(), weights, ids)) < 0.1
+
+
+def test_backend_config_validation():
+    with pytest.raises(ValueError, match="not one of"):
+        MoEConfig(backend="cublas")
+    with pytest.raises(ValueError, match="takes no Triton tile configs"):
+        MoEConfig(GemmConfig(16, 32, 32), GemmConfig(16, 32, 32), backend=GROUPED_MM)
+    with pytest.raises(ValueError, match="needs both gemm1 and gemm2"):
+        MoEConfig(GemmConfig(16, 32, 32))
+    grouped = MoEConfig(backend=GROUPED_MM)
+    assert MoEConfig.from_json(grouped.to_json()) == grouped
+    tiles = MoEConfig(GemmConfig(16, 32, 32), GemmConfig(16, 64, 32))
+    assert MoEConfig.from_json(tiles.to_json()) == tiles
+
+
+def test_grouped_mm_backend_rejects_what_it_cannot_run():
+    w13, w2 = make_layer(4, 32, 16, torch.float16)
+    x, weights, ids = make_tokens(5, 32, 4, 2, torch.float16)
+    with pytest.raises(ValueError, match="runs bf16"):
+        fused_experts(x, w13, w2, weights, ids, config=MoEConfig(backend=GROUPED_MM))
+    w13, w2 = make_layer(4, 36, 16, torch.bfloat16)
+    x, weights, ids = make_tokens(5, 36, 4, 2, torch.bfloat16)
+    with pytest.raises(ValueError, match="divisible by 8, got H=36"):
+        fused_experts(x, w13, w2, weights, ids, config=MoEConfig(backend=GROUPED_MM))
+    (w13_q, w13_s), (w2_q, w2_s) = quantize_weights_fp8_rowwise(w13), quantize_weights_fp8_rowwise(w2)
+    with pytest.raises(ValueError, match="divisible by 16, got H=36"):
+        fused_experts(x, w13_q, w2_q, weights, ids, w13_scale=w13_s, w2_scale=w2_s)
+
+
 # ---------------------------------------------------------------------------- bad inputs
 
 def _valid():
@@ -230,3 +321,10 @@ def test_fp8_needs_scales():
     with pytest.raises(TypeError, match="both must be"):
         fused_experts(args["hidden_states"], w13_q, args["w2"], args["topk_weights"], args["topk_ids"],
                       w13_scale=w13_s)
+    w2_q_row, w2_s_row = quantize_weights_fp8_rowwise(args["w2"])
+    with pytest.raises(ValueError, match="w13_scale is block but w2_scale is rowwise"):
+        fused_experts(args["hidden_states"], w13_q, w2_q_row, args["topk_weights"], args["topk_ids"],
+                      w13_scale=w13_s, w2_scale=w2_s_row)
+    with pytest.raises(ValueError, match=r"w2_scale has shape \(4, 7\)"):
+        fused_experts(args["hidden_states"], w13_q, w2_q_row, args["topk_weights"], args["topk_ids"],
+                      w13_scale=w13_s, w2_scale=torch.ones(4, 7, device=DEVICE))

@@ -1,0 +1,205 @@
+"""MoE experts on torch's grouped GEMMs (CUTLASS), with the permutation and combine in Triton.
+
+    hidden_states [T, H]           topk_ids/topk_weights [T, K]
+          |                                  |
+          |     [moe_align_block_size] rows r = t*K+k sorted by expert, each expert padded to 16
+          v                                  v
+    [scatter_token_rows]  x[t] -> rows position_of_row[t*K+k], k < K  (one read of x per token;
+                          FP8-rowwise: quantise the row to e4m3 + one scale first, once per token)
+          v
+    x_sorted [R, H]  --[torch._grouped_mm / _scaled_grouped_mm, offs = expert_ends]-->  gate_up [R, 2I]
+          v
+    [silu_mul]  act[p] = silu(gate_up[p, :I]) * gate_up[p, I:]   (FP8-rowwise: + row quantisation)
+          v
+    act [R, I]  --[torch._grouped_mm / _scaled_grouped_mm]-->  y [R, H]  (expert-sorted order)
+          v
+    [weighted_combine]  out[t] = sum_k topk_weights[t, k] * y[position_of_row[t*K+k]]  (fp32 sum)
+
+Why this path exists: at large token counts the GEMMs dominate, and torch's CUTLASS grouped
+GEMM kernels (TMA, warp-specialised, persistent) beat our Triton GEMMs; what torch lacks is a
+cheap permutation, so the three bandwidth-bound steps around the GEMMs are ours: one read of
+each token, no separate SiLU pass over a strided view, and the K-slot sum fused with the
+un-permute and the routing weights. ``kernels/configs/<arch>.json`` says per token count
+whether this path or the Triton one runs for bf16 (``backend: "grouped_mm"``).
+
+FP8-rowwise (weights e4m3 with one float32 scale per output channel, ``w13_scale [E, 2I]``,
+``w2_scale [E, H]``; activations quantised per row on the fly) is the format of FP8-dynamic
+checkpoints and always takes this path, through ``torch._scaled_grouped_mm``. Block-scaled
+checkpoints (128x128, Qwen3-FP8, DeepSeek-V3) take the Triton path of ``fused_moe.py``.
+
+Rows are padded to a multiple of ``ALIGN_M`` per expert (16: FP8 GEMMs want 16-byte aligned
+groups; CUTLASS's row tiles are 64-128 rows, so the padding adds almost no work). Padding rows
+of ``x_sorted`` and ``gate_up`` hold unspecified values (each GEMM output row depends on its
+own input row only); SiLU*mul writes zeros there, and the combine reads real rows only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .align import ExpertAlignment
+from .quant import FP8_DTYPE, ROUND_E4M3_IN_FP32, round_to_e4m3
+
+ALIGN_M = 16
+
+
+@triton.jit
+def _scatter_token_rows_kernel(
+    x_ptr, out_ptr, out_scale_ptr, position_of_row_ptr, hidden, stride_x, stride_out,
+    TOP_K: tl.constexpr, QUANTIZE: tl.constexpr, ROUND_IN_FP32: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Copy token t's row to its K sorted positions (FP8: quantised once, e4m3 + row scale)."""
+    token = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_H)
+    mask = offs < hidden
+    row = tl.load(x_ptr + token * stride_x + offs, mask=mask, other=0.0)
+    if QUANTIZE:
+        row = row.to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(row)) / 448.0, 1e-10)
+        row = round_to_e4m3(tl.clamp(row / scale, -448.0, 448.0), ROUND_IN_FP32)
+    row = row.to(out_ptr.dtype.element_ty)
+    for k in tl.static_range(TOP_K):
+        position = tl.load(position_of_row_ptr + token * TOP_K + k).to(tl.int64)
+        tl.store(out_ptr + position * stride_out + offs, row, mask=mask)
+        if QUANTIZE:
+            tl.store(out_scale_ptr + position, scale)
+
+
+@triton.jit
+def _silu_mul_kernel(
+    gate_up_ptr, act_ptr, act_scale_ptr, sorted_row_ids_ptr, num_padded_rows_ptr, num_rows, inter,
+    stride_gate_up, stride_act,
+    QUANTIZE: tl.constexpr, ROUND_IN_FP32: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    """act[p] = silu(gate_up[p, :I]) * gate_up[p, I:] for the used rows; padding rows get zeros.
+
+    FP8: each row is quantised to e4m3 with one scale.
+    """
+    position = tl.program_id(0)
+    if position >= tl.load(num_padded_rows_ptr):
+        return
+    is_row = tl.load(sorted_row_ids_ptr + position) < num_rows  # else padding: unspecified input
+    position = position.to(tl.int64)
+    offs = tl.arange(0, BLOCK_I)
+    mask = offs < inter
+    load_mask = offs < tl.where(is_row, inter, 0)
+    gate = tl.load(gate_up_ptr + position * stride_gate_up + offs, mask=load_mask, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + position * stride_gate_up + inter + offs, mask=load_mask, other=0.0).to(tl.float32)
+    act = gate / (1.0 + tl.exp(-gate)) * up
+    if QUANTIZE:
+        scale = tl.maximum(tl.max(tl.abs(act)) / 448.0, 1e-10)
+        act = round_to_e4m3(tl.clamp(act / scale, -448.0, 448.0), ROUND_IN_FP32)
+        tl.store(act_scale_ptr + position, scale)
+    tl.store(act_ptr + position * stride_act + offs, act.to(act_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _weighted_combine_kernel(
+    y_ptr, out_ptr, topk_weights_ptr, position_of_row_ptr, hidden, stride_y, stride_out,
+    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """out[t] = sum_k topk_weights[t, k] * y[position_of_row[t*K + k]], summed in fp32."""
+    token = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = offs < hidden
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        position = tl.load(position_of_row_ptr + token * TOP_K + k).to(tl.int64)
+        weight = tl.load(topk_weights_ptr + token * TOP_K + k)
+        acc += weight * tl.load(y_ptr + position * stride_y + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def scatter_token_rows(x: torch.Tensor, alignment: ExpertAlignment,
+                       quantize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x [T, H]`` -> ``x_sorted [max_padded_rows, H]`` (+ per-row float32 scales if ``quantize``)."""
+    num_tokens, hidden = x.shape
+    rows = alignment.max_padded_rows
+    out = torch.empty(rows, hidden, dtype=FP8_DTYPE if quantize else x.dtype, device=x.device)
+    scale = torch.empty(rows, dtype=torch.float32, device=x.device) if quantize else None
+    _scatter_token_rows_kernel[(num_tokens,)](
+        x, out, scale if quantize else out, alignment.position_of_row, hidden, x.stride(0), out.stride(0),
+        TOP_K=alignment.num_rows // num_tokens, QUANTIZE=quantize, ROUND_IN_FP32=ROUND_E4M3_IN_FP32,
+        BLOCK_H=triton.next_power_of_2(hidden), num_warps=4 if hidden <= 4096 else 8,
+    )
+    return out, scale
+
+
+def silu_mul(gate_up: torch.Tensor, alignment: ExpertAlignment,
+             quantize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``gate_up [R, 2I]`` -> ``act [R, I]`` (+ per-row float32 scales if ``quantize``)."""
+    rows, two_inter = gate_up.shape
+    inter = two_inter // 2
+    act = torch.empty(rows, inter, dtype=FP8_DTYPE if quantize else gate_up.dtype, device=gate_up.device)
+    scale = torch.empty(rows, dtype=torch.float32, device=gate_up.device) if quantize else None
+    _silu_mul_kernel[(rows,)](
+        gate_up, act, scale if quantize else act, alignment.sorted_row_ids, alignment.num_padded_rows,
+        alignment.num_rows, inter, gate_up.stride(0), act.stride(0),
+        QUANTIZE=quantize, ROUND_IN_FP32=ROUND_E4M3_IN_FP32, BLOCK_I=triton.next_power_of_2(inter),
+        num_warps=4,
+    )
+    return act, scale
+
+
+def weighted_combine(y: torch.Tensor, topk_weights: torch.Tensor, alignment: ExpertAlignment,
+                     out_dtype: torch.dtype) -> torch.Tensor:
+    """``y [R, H]`` in sorted order -> ``out [T, H]``: each token's K rows, weighted, summed in fp32."""
+    num_tokens, top_k = topk_weights.shape
+    hidden = y.shape[1]
+    out = torch.empty(num_tokens, hidden, dtype=out_dtype, device=y.device)
+    block_h = min(triton.next_power_of_2(hidden), 4096)
+    _weighted_combine_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
+        y, out, topk_weights, alignment.position_of_row, hidden, y.stride(0), out.stride(0),
+        TOP_K=top_k, BLOCK_H=block_h, num_warps=4,
+    )
+    return out
+
+
+def grouped_gemm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``a [R, K] . w[e]^T`` per expert segment (bf16): ``torch._grouped_mm``."""
+    return torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
+
+
+def scaled_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor,
+                        w_scale: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``(a_scale[r] * a[r]) . (w_scale[e, n] * w[e, n])`` per expert segment (e4m3 in, bf16 out)."""
+    if a.device.type != "cuda":
+        raise RuntimeError(f"FP8-rowwise experts need torch._scaled_grouped_mm on a CUDA GPU (sm90), "
+                           f"got tensors on {a.device}; use bf16 or 128x128 block-scaled weights there")
+    return torch._scaled_grouped_mm(a, w.transpose(1, 2), a_scale, w_scale, offs=offs,
+                                    out_dtype=torch.bfloat16)
+
+
+def grouped_mm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                       topk_weights: torch.Tensor, alignment: ExpertAlignment,
+                       w13_scale: torch.Tensor | None = None,
+                       w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The experts layer on torch's grouped GEMMs; bf16, or FP8-rowwise when scales are given.
+
+    ``alignment`` must come from ``moe_align_block_size(topk_ids, E, ALIGN_M)``. FP8-rowwise
+    scales are ``w13_scale [E, 2I]`` and ``w2_scale [E, H]`` (float32, per output channel).
+    """
+    if alignment.block_m != ALIGN_M:
+        raise ValueError(f"grouped_mm_experts needs rows aligned to {ALIGN_M}, got block_m={alignment.block_m}")
+    rowwise = w13_scale is not None
+    multiple = 16 if rowwise else 8  # torch's grouped GEMMs want 16-byte aligned row strides
+    hidden, inter = hidden_states.shape[1], w2.shape[2]
+    if hidden % multiple or inter % multiple:
+        raise ValueError(f"{'FP8-rowwise' if rowwise else 'grouped_mm'} experts need hidden and intermediate "
+                         f"sizes divisible by {multiple}, got H={hidden}, I={inter}; "
+                         f"use {'128x128 block-scaled' if rowwise else 'the Triton backend for these'} weights")
+    offs = alignment.expert_ends
+    x_sorted, x_scale = scatter_token_rows(hidden_states, alignment, quantize=rowwise)
+    if rowwise:
+        gate_up = scaled_grouped_gemm(x_sorted, x_scale, w13, w13_scale, offs)
+    else:
+        gate_up = grouped_gemm(x_sorted, w13, offs)
+    act, act_scale = silu_mul(gate_up, alignment, quantize=rowwise)
+    del gate_up
+    if rowwise:
+        y = scaled_grouped_gemm(act, act_scale, w2, w2_scale, offs)
+    else:
+        y = grouped_gemm(act, w2, offs)
+    return weighted_combine(y, topk_weights, alignment, hidden_states.dtype)
