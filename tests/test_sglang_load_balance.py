@@ -1,0 +1,119 @@
+"""``--load-balance-method zeroprefill``: decisions, inferred completions, SGLang's contracts."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sglang_cpu import import_sglang  # noqa: E402
+
+import_sglang()
+
+from sglang.srt.managers.data_parallel_controller import DataParallelController  # noqa: E402
+from sglang.srt.managers.load_snapshot import LoadSnapshot  # noqa: E402
+
+from zeroprefill.common.cost_model import request_flops  # noqa: E402
+from zeroprefill.common.model_spec import MoEModelSpec  # noqa: E402
+from sglang_zeroprefill import load_balance  # noqa: E402
+from sglang_zeroprefill.load_balance import ZeroPrefillLoadBalancer  # noqa: E402
+
+CONFIG = Path(__file__).resolve().parents[1] / "common" / "model_configs" / "qwen3-30b-a3b.json"
+BLOCK = 16
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now_s = 100.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+@pytest.fixture(scope="module")
+def spec() -> MoEModelSpec:
+    return MoEModelSpec.from_pretrained(CONFIG)
+
+
+def _balancer(spec: MoEModelSpec, saturation_flops: float = 0.0, num_ranks: int = 2):
+    clock = Clock()
+    return ZeroPrefillLoadBalancer(spec, num_ranks, BLOCK, saturation_flops, clock=clock), clock
+
+
+def test_prefix_affinity_below_saturation(spec: MoEModelSpec) -> None:
+    balancer, _ = _balancer(spec, saturation_flops=1e18)
+    assert {balancer.choose("x", [7] * 64), balancer.choose("y", [8] * 64)} == {0, 1}  # an idle rank first
+    shared = list(range(512))
+    first = balancer.choose("a", shared + [1000])
+    # Both ranks busy and below the threshold, where a rank finishes in one floor-bound forward
+    # however much it has: the prefix hit wins over the rank with less outstanding work.
+    assert balancer.choose("b", shared + [2000]) == first
+    assert balancer.choose("c", shared + [3000]) == first
+
+
+def test_earliest_finish_in_true_flops_above_saturation(spec: MoEModelSpec) -> None:
+    balancer, _ = _balancer(spec, saturation_flops=0.0)
+    shared = list(range(512))
+    first = balancer.choose("a", shared + [1000])
+    # No tie zone: the idle rank finishes a fresh 513-token prefill before the busy one
+    # finishes its queued work plus the cached-prefix remainder.
+    assert balancer.choose("b", shared + [2000]) == 1 - first
+    # Load is true FLOPs: one 8K-token prompt outweighs many short ones by attention cost.
+    assert request_flops(spec, 8192) > 16 * request_flops(spec, 512)
+
+
+def test_long_prompt_counts_attention_flops_not_tokens(spec: MoEModelSpec) -> None:
+    balancer, _ = _balancer(spec)
+    long_rank = balancer.choose("long", list(range(10_000, 18_192)))  # 8192 tokens
+    for i in range(15):  # 15 x 512 = 7680 tokens < 8192, but they go to the other rank
+        assert balancer.choose(f"s{i}", list(range(i * 1000, i * 1000 + 512))) == 1 - long_rank
+    outstanding = balancer.outstanding_flops()
+    assert outstanding[long_rank] == request_flops(spec, 8192)
+    assert outstanding[1 - long_rank] == 15 * request_flops(spec, 512)
+
+
+def test_snapshots_retire_finished_requests(spec: MoEModelSpec) -> None:
+    balancer, clock = _balancer(spec, num_ranks=1)
+    for i in range(3):
+        balancer.choose(f"r{i}", list(range(i * 100, i * 100 + 64)))
+    stale = LoadSnapshot(timestamp=clock.now_s - 1.0, dp_rank=0, num_running_reqs=0, num_waiting_reqs=0)
+    assert balancer.observe([stale]) == 0  # taken before the requests were sent: proves nothing
+    clock.now_s += 1.0
+    snapshot = LoadSnapshot(timestamp=clock.now_s, dp_rank=0, num_running_reqs=1, num_waiting_reqs=0)
+    assert balancer.observe([snapshot]) == 2  # 3 sent before it, 1 still in the system
+    assert balancer.outstanding_flops() == [request_flops(spec, 64)]
+    assert balancer.observe([snapshot]) == 0  # the same snapshot again changes nothing
+    clock.now_s += 1.0
+    assert balancer.observe([LoadSnapshot(timestamp=clock.now_s, dp_rank=0)]) == 1
+    assert balancer.outstanding_flops() == [0]
+
+
+def test_installed_dispatch_honours_routed_dp_rank_and_active_workers(
+    spec: MoEModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[tuple[str, str]] = []
+    monkeypatch.setattr("sglang.srt.managers.io_struct.sock_send", lambda worker, req: sent.append((worker, req.rid)))
+    monkeypatch.setattr(
+        "sglang.srt.managers.data_parallel_controller.sock_send", lambda worker, req: sent.append((worker, req.rid))
+    )
+    controller = SimpleNamespace(
+        workers=["w0", "w1", "w2"],
+        _active_workers=[0, 2],  # rank 1 is inactive
+        load_snapshot_reader=SimpleNamespace(read_all=lambda: []),
+    )
+    # SGLang's own external-routing contract, bound to our stand-in controller.
+    controller.maybe_external_dp_rank_routing = types.MethodType(
+        DataParallelController.maybe_external_dp_rank_routing, controller
+    )
+    balancer, _ = _balancer(spec, num_ranks=3)
+    load_balance.install(controller, balancer)
+    controller.dispatching(SimpleNamespace(rid="pinned", input_ids=[1, 2, 3], routed_dp_rank=2))
+    for i in range(4):
+        controller.dispatching(SimpleNamespace(rid=f"r{i}", input_ids=list(range(64)), routed_dp_rank=None))
+    assert sent[0] == ("w2", "pinned")
+    assert {worker for worker, _ in sent[1:]} <= {"w0", "w2"}
+    assert balancer.policy.placement_of("pinned") is None  # externally routed: not ours to track
