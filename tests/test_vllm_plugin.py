@@ -1,0 +1,112 @@
+"""``--moe-backend asyncep`` reaches vLLM through its plugin entry points; bad deployments
+fail while the engine config is built (in the API server, before any worker starts)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from zeroprefill.tiny_model import TinyMoEConfig, generate_tiny_moe  # noqa: E402
+
+# A fresh interpreter: nothing of ours is imported by hand, so the value can only come from
+# the vllm.platform_plugins entry point, run while vLLM builds its parser.
+_PARSE_CLI = """
+from vllm.engine.arg_utils import EngineArgs
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+print("moe_backend=" + parser.parse_args(["--moe-backend", "asyncep"]).moe_backend)
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    return generate_tiny_moe(tmp_path_factory.mktemp("tiny-qwen3-moe"), TinyMoEConfig())
+
+
+@pytest.fixture(scope="module")
+def tiny_dense(tmp_path_factory, tiny_moe):
+    """A dense Qwen3 config beside the MoE one (only the config is read)."""
+    out = tmp_path_factory.mktemp("tiny-qwen3-dense")
+    config = json.loads((tiny_moe / "config.json").read_text())
+    for key in ("num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
+                "decoder_sparse_step", "mlp_only_layers", "norm_topk_prob", "router_aux_loss_coef",
+                "output_router_logits"):
+        config.pop(key, None)
+    config.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
+    (out / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_moe / name, out / name)
+    return out
+
+
+def test_cli_accepts_asyncep_through_the_platform_plugin():
+    result = subprocess.run([sys.executable, "-c", _PARSE_CLI], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "moe_backend=asyncep" in result.stdout
+
+
+def test_cli_still_rejects_unknown_backends():
+    code = _PARSE_CLI.replace('"asyncep"', '"asyncepp"')
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0
+    assert "invalid choice: 'asyncepp'" in result.stderr
+
+
+def _engine_config(model, **overrides):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_zeroprefill.plugin import register
+
+    register()
+    kwargs = dict(
+        model=str(model), runner="pooling", convert="embed", dtype="float32", enforce_eager=True,
+        max_model_len=256, moe_backend="asyncep", data_parallel_size=2, enable_expert_parallel=True,
+    )
+    kwargs.update(overrides)
+    return EngineArgs(**kwargs).create_engine_config()
+
+
+def test_asyncep_pooling_gets_the_prefill_only_scheduler(tiny_moe):
+    config = _engine_config(tiny_moe)
+    assert config.kernel_config.moe_backend == "asyncep"
+    assert config.scheduler_config.scheduler_cls == "vllm_zeroprefill.scheduler.PrefillOnlyScheduler"
+
+
+def test_explicit_scheduler_cls_is_kept(tiny_moe):
+    config = _engine_config(tiny_moe, scheduler_cls="vllm.v1.core.sched.scheduler.Scheduler")
+    assert config.scheduler_config.scheduler_cls == "vllm.v1.core.sched.scheduler.Scheduler"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(enable_expert_parallel=False), "add --enable-expert-parallel"),
+        (dict(tensor_parallel_size=2, data_parallel_size=1), "use --tensor-parallel-size 1 and --data-parallel-size 2"),
+        (dict(data_parallel_size=16), "--data-parallel-size 16 exceeds the model's 8 experts"),
+    ],
+)
+def test_unsupported_deployments_fail_with_what_to_change(tiny_moe, overrides, message):
+    from vllm_zeroprefill.asyncep_method import AsyncEPConfigError
+
+    with pytest.raises(AsyncEPConfigError, match=message.replace("-", r"\-")):
+        _engine_config(tiny_moe, **overrides)
+
+
+def test_non_moe_model_fails_with_what_to_change(tiny_dense):
+    # (With --enable-expert-parallel vLLM itself already rejects a model without experts.)
+    from vllm_zeroprefill.asyncep_method import AsyncEPConfigError
+
+    with pytest.raises(AsyncEPConfigError, match="needs a Mixture-of-Experts model.*drop --moe-backend asyncep"):
+        _engine_config(tiny_dense, enable_expert_parallel=False, data_parallel_size=1)
+
+
+def test_other_backends_are_left_alone(tiny_moe):
+    config = _engine_config(tiny_moe, moe_backend="auto", enable_expert_parallel=False, data_parallel_size=1)
+    assert config.kernel_config.moe_backend == "auto"
+    assert config.scheduler_config.scheduler_cls is None

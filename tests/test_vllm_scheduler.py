@@ -1,0 +1,137 @@
+"""The prefill-only scheduler's batching decisions, against the true-FLOPs cost model.
+
+The policy (:func:`plan_prefill_step`) is a pure function; the candidates here carry the
+FLOPs our cost model gives Qwen3-235B-A22B requests, so every expectation below follows
+from the cost model, not from numbers typed into the test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from zeroprefill.common.cost_model import matmul_params_per_token, request_flops  # noqa: E402
+from zeroprefill.common.model_spec import MoEModelSpec  # noqa: E402
+from vllm_zeroprefill.scheduler import (  # noqa: E402
+    BUDGET_ENV,
+    PrefillCandidate,
+    plan_prefill_step,
+    step_flops_budget,
+)
+
+SPEC = MoEModelSpec.from_pretrained(Path(__file__).resolve().parents[1] / "common" / "model_configs" / "qwen3-235b-a22b.json")
+
+
+def candidate(request_id: str, prompt_tokens: int, cached_tokens: int = 0, prefix: str | None = None) -> PrefillCandidate:
+    flops = request_flops(SPEC, prompt_tokens, cached_tokens, head_tokens=0)
+    return PrefillCandidate(request_id, prefix, cached_tokens, flops)
+
+
+def test_budget_counts_flops_not_tokens():
+    # Same budget, same 32K tokens offered: 16 x 2K-token prompts fit where 4 x 8K ones do not,
+    # because each 8K prompt carries 4x the tokens and a longer causal attention triangle.
+    budget = 16 * request_flops(SPEC, 2048, 0, head_tokens=0)
+    short = [candidate(f"s{i}", 2048) for i in range(16)]
+    long = [candidate(f"l{i}", 8192) for i in range(4)]
+    assert len(plan_prefill_step(short, budget).admitted) == 16
+    admitted_long = plan_prefill_step(long, budget).admitted
+    assert len(admitted_long) == 3  # 4 x 8K costs more than 16 x 2K: attention is quadratic
+    assert 4 * request_flops(SPEC, 8192, 0, 0) > budget >= 3 * request_flops(SPEC, 8192, 0, 0)
+
+
+def test_prefix_hit_makes_room():
+    # A cached 7K-token prefix removes most of an 8K request's cost, so more fit in the step.
+    budget = 2.5 * request_flops(SPEC, 8192, 0, head_tokens=0)
+    cold = [candidate(f"c{i}", 8192, prefix=f"p{i}") for i in range(6)]
+    warm = [candidate(f"w{i}", 8192, cached_tokens=7168, prefix=f"p{i}") for i in range(6)]
+    assert len(plan_prefill_step(cold, budget).admitted) == 2
+    assert len(plan_prefill_step(warm, budget).admitted) == 6
+
+
+def test_warm_prefix_group_is_pulled_into_the_same_step():
+    queue = [
+        candidate("a", 1024, cached_tokens=512, prefix="doc"),
+        candidate("b", 1024, prefix="other"),
+        candidate("c", 1024, cached_tokens=512, prefix="doc"),
+    ]
+    plan = plan_prefill_step(queue, 1e18)
+    assert plan.admitted == ("a", "c", "b")
+    assert plan.deferred == ()
+
+
+def test_cold_prefix_group_sends_only_its_leader():
+    # Nothing cached yet: computing the shared prefix twice in one step is waste; the second
+    # request waits one step and then hits the blocks the first one cached.
+    queue = [
+        candidate("a", 1024, prefix="doc"),
+        candidate("b", 1024, prefix="other"),
+        candidate("c", 1024, prefix="doc"),
+    ]
+    plan = plan_prefill_step(queue, 1e18)
+    assert plan.admitted == ("a", "b")
+    assert plan.deferred == ("c",)
+
+
+def test_requests_without_a_full_block_are_their_own_group():
+    queue = [candidate("a", 10), candidate("b", 10), candidate("c", 10)]
+    assert plan_prefill_step(queue, 1e18).admitted == ("a", "b", "c")
+
+
+def test_oversized_request_runs_alone_but_not_beside_other_work():
+    huge = candidate("huge", 32768)
+    small_budget = request_flops(SPEC, 1024, 0, 0)
+    assert plan_prefill_step([huge], small_budget).admitted == ("huge",)
+    plan = plan_prefill_step([huge], small_budget, in_flight_flops=1)
+    assert plan.admitted == () and plan.deferred == ("huge",)
+
+
+def test_in_flight_work_counts_against_the_budget():
+    one = request_flops(SPEC, 2048, 0, 0)
+    queue = [candidate(f"r{i}", 2048) for i in range(4)]
+    assert len(plan_prefill_step(queue, 4 * one).admitted) == 4
+    plan = plan_prefill_step(queue, 4 * one, in_flight_flops=2 * one)
+    assert len(plan.admitted) == 2
+    assert plan.admitted_flops == 2 * one
+
+
+def test_admission_is_head_of_line_fair():
+    # A small request behind one that does not fit waits too (no starving the large one).
+    budget = request_flops(SPEC, 4096, 0, 0)
+    queue = [candidate("first", 2048), candidate("big", 4096), candidate("small", 512)]
+    plan = plan_prefill_step(queue, budget)
+    assert plan.admitted == ("first",)
+    assert plan.deferred == ("big", "small")
+
+
+def test_rejects_a_non_positive_budget():
+    with pytest.raises(ValueError, match="flops_budget must be positive"):
+        plan_prefill_step([candidate("a", 10)], 0)
+
+
+def _config(additional_config=None, max_num_batched_tokens=8192):
+    return SimpleNamespace(
+        additional_config=additional_config or {},
+        scheduler_config=SimpleNamespace(max_num_batched_tokens=max_num_batched_tokens),
+    )
+
+
+def test_budget_default_is_a_full_token_budget_of_linear_flops(monkeypatch):
+    monkeypatch.delenv(BUDGET_ENV, raising=False)
+    assert step_flops_budget(_config(), SPEC) == 2 * 8192 * matmul_params_per_token(SPEC)
+
+
+def test_budget_from_additional_config_wins_over_env(monkeypatch):
+    monkeypatch.setenv(BUDGET_ENV, "5e12")
+    assert step_flops_budget(_config(), SPEC) == 5e12
+    assert step_flops_budget(_config({"zeroprefill": {"step_flops_budget": 7e12}}), SPEC) == 7e12
+
+
+@pytest.mark.parametrize("bad", ["lots", "-1", "0"])
+def test_budget_rejects_bad_values(monkeypatch, bad):
+    monkeypatch.setenv(BUDGET_ENV, bad)
+    with pytest.raises(ValueError, match="step_flops_budget must be"):
+        step_flops_budget(_config(), SPEC)

