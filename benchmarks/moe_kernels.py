@@ -16,8 +16,9 @@ Columns (TFLOP/s): bf16 = ``fused_experts`` as shipped (the table picks the back
 count), bf16 on each backend forced (``triton``: our Triton GEMMs; ``gmm+ours``: torch's
 CUTLASS grouped GEMMs inside our permutation/SiLU/combine kernels), the plain torch._grouped_mm
 baseline, FP8 with 128x128 weight blocks (Triton; 1x128 token groups quantised inside the
-call) and FP8-rowwise (per-channel weight scales, per-row activation scales,
-torch._scaled_grouped_mm). Errors are max|out - ref| / max|ref| against
+call), FP8-rowwise (per-channel weight scales, per-row activation scales,
+torch._scaled_grouped_mm) as shipped, and FP8-rowwise with fast accumulation (``row+fa``, not
+shipped: measured to show what exact accumulation costs). Errors are max|out - ref| / max|ref| against
 ``fused_experts_reference`` (fp32 math; for FP8 the reference uses the dequantised weights and
 the same activation quantisation).
 
@@ -38,10 +39,11 @@ import torch.nn.functional as F
 import triton
 
 from zeroprefill.kernels import (GROUPED_MM, GemmConfig, MoEConfig, fused_experts,
-                                 fused_experts_reference, get_config, moe_align_block_size,
+                                 fused_experts_reference, get_config, grouped_mm_experts, moe_align_block_size,
                                  quantize_weights_fp8_block, quantize_weights_fp8_rowwise, topk_routing)
 from zeroprefill.kernels.fused_moe import (_gemm1_gate_up_silu_kernel, _gemm2_down_scatter_kernel,
                                            run_gemm1, run_gemm2)
+from zeroprefill.kernels.grouped_mm_moe import ALIGN_M as GROUPED_MM_ALIGN_M
 from zeroprefill.kernels.moe_config import CONFIG_DIR, arch_name, clear_config_cache, problem_key
 from zeroprefill.kernels.quant import quantize_tokens_fp8_group
 
@@ -223,7 +225,8 @@ def run_benchmark(shapes: dict, tokens: list[int], profile_tokens: int, select_b
         e, k, h, i = layer.num_experts, layer.top_k, layer.hidden, layer.inter
         print(f"\n{name}: E={e} top-{k} H={h} I={i}")
         print(f"{'tokens':>7} {'bf16':>7} {'backend':>10} {'triton':>7} {'gmm+ours':>8} {'gmm':>7} {'fp8':>7} "
-              f"{'fp8 row':>7} {'bf16/gmm':>8} {'fp8/bf16':>8} {'row/bf16':>8}  max rel err (bf16 trit/gmm+ours, fp8, row)")
+              f"{'fp8 row':>7} {'row+fa':>7} {'bf16/gmm':>8} {'fp8/bf16':>8} {'row/bf16':>8}  "
+              f"max rel err (bf16 trit/gmm+ours, fp8, row, row+fa)")
         shape_points = []
         for num_tokens in tokens:
             x, tw, ti = layer.inputs(num_tokens)
@@ -238,6 +241,10 @@ def run_benchmark(shapes: dict, tokens: list[int], profile_tokens: int, select_b
                 "fp8_rowwise": lambda: fused_experts(x, layer.w13_fp8_rowwise, layer.w2_fp8_rowwise, tw, ti,
                                                      w13_scale=layer.w13_rowwise_scale,
                                                      w2_scale=layer.w2_rowwise_scale),
+                "fp8_rowwise_fast_accum": lambda: grouped_mm_experts(  # same span: alignment included
+                    x, layer.w13_fp8_rowwise, layer.w2_fp8_rowwise, tw,
+                    moe_align_block_size(ti, e, GROUPED_MM_ALIGN_M), layer.w13_rowwise_scale,
+                    layer.w2_rowwise_scale, fast_accum=True),
             }
             refs = {"bf16": fused_experts_reference(x, layer.w13, layer.w2, tw, ti).float()}
             err, ms = {}, {}
@@ -246,7 +253,7 @@ def run_benchmark(shapes: dict, tokens: list[int], profile_tokens: int, select_b
                     if side == "fp8":
                         ref = fused_experts_reference(x, layer.w13_fp8, layer.w2_fp8, tw, ti,
                                                       w13_scale=layer.w13_scale, w2_scale=layer.w2_scale).float()
-                    elif side == "fp8_rowwise":
+                    elif side.startswith("fp8_rowwise"):
                         ref = fused_experts_reference(x, layer.w13_fp8_rowwise, layer.w2_fp8_rowwise, tw, ti,
                                                       w13_scale=layer.w13_rowwise_scale,
                                                       w2_scale=layer.w2_rowwise_scale).float()
@@ -300,6 +307,7 @@ def run_benchmark(shapes: dict, tokens: list[int], profile_tokens: int, select_b
         "bf16_vs_grouped_mm_min_8k_plus": worst("bf16_vs_grouped_mm"),
         "fp8_vs_bf16_min_8k_plus": worst("fp8_vs_bf16"),
         "fp8_rowwise_vs_bf16_min_8k_plus": worst("fp8_rowwise_vs_bf16"),
+        "fp8_rowwise_fast_accum_vs_bf16_min_8k_plus": worst("fp8_rowwise_fast_accum_vs_bf16"),
         "targets": {"bf16_vs_grouped_mm": 1.05, "fp8_vs_bf16": 1.6},
     }
     for name, prof in profiles.items():  # GEMM kernels alone, without permutation/combine
@@ -329,15 +337,16 @@ def finish_point(point: dict, layer: Layer) -> None:
     point["bf16_vs_grouped_mm"] = ratio("bf16", "grouped_mm")
     point["fp8_vs_bf16"] = ratio("fp8", "bf16")
     point["fp8_rowwise_vs_bf16"] = ratio("fp8_rowwise", "bf16")
+    point["fp8_rowwise_fast_accum_vs_bf16"] = ratio("fp8_rowwise_fast_accum", "bf16")
     nan = float("nan")
     row = [f"{point['tokens']:>7}", f"{tflops.get('bf16', nan):>7.1f}", f"{backend:>10}",
            f"{tflops.get('bf16_triton', nan):>7.1f}", f"{tflops.get('bf16_gmm_ours', nan):>8.1f}",
            f"{tflops.get('grouped_mm', nan):>7.1f}", f"{tflops.get('fp8', nan):>7.1f}",
-           f"{tflops.get('fp8_rowwise', nan):>7.1f}"]
+           f"{tflops.get('fp8_rowwise', nan):>7.1f}", f"{tflops.get('fp8_rowwise_fast_accum', nan):>7.1f}"]
     row += [f"{point[key] if point[key] is not None else nan:>8.3f}"
             for key in ("bf16_vs_grouped_mm", "fp8_vs_bf16", "fp8_rowwise_vs_bf16")]
     errors = " ".join(f"{point['max_rel_err'].get(side, nan):.1e}"
-                      for side in ("bf16_triton", "bf16_gmm_ours", "fp8", "fp8_rowwise"))
+                      for side in ("bf16_triton", "bf16_gmm_ours", "fp8", "fp8_rowwise", "fp8_rowwise_fast_accum"))
     print(" ".join(row) + "  " + errors, flush=True)
 
 

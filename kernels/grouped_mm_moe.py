@@ -43,6 +43,14 @@ from .align import ExpertAlignment
 from .quant import FP8_DTYPE, ROUND_E4M3_IN_FP32, round_to_e4m3
 
 ALIGN_M = 16
+# torch's sm90 FP8 grouped GEMM (torch 2.11, ScaledGroupMM.cu) picks its CUTLASS tile from the
+# average rows per group, M = a.shape[0] / groups: M <= 128 -> 64x128x128 ping-pong; M >= 2048
+# (with N or K >= 2048) -> 128x128x128 (256x128x128 with fast accumulation); otherwise
+# 128x256x64, which measured 1.5-2x slower on the Qwen3 shapes (H200: 16K tokens vs 32K). It
+# never touches rows past offs[-1], so above the small-tile range the FP8 operand buffers get at
+# least this many rows per expert: address space from the caching allocator, no extra work.
+FP8_LARGE_TILE_ROWS_PER_EXPERT = 2048
+FP8_SMALL_TILE_MAX_ROWS_PER_EXPERT = 128
 
 
 @triton.jit
@@ -112,11 +120,13 @@ def _weighted_combine_kernel(
     tl.store(out_ptr + token * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def scatter_token_rows(x: torch.Tensor, alignment: ExpertAlignment,
-                       quantize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``x [T, H]`` -> ``x_sorted [max_padded_rows, H]`` (+ per-row float32 scales if ``quantize``)."""
+def scatter_token_rows(x: torch.Tensor, alignment: ExpertAlignment, quantize: bool,
+                       rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x [T, H]`` -> ``x_sorted [rows, H]`` (+ per-row float32 scales if ``quantize``).
+
+    ``rows >= alignment.max_padded_rows``; rows that no token lands on are left unwritten.
+    """
     num_tokens, hidden = x.shape
-    rows = alignment.max_padded_rows
     out = torch.empty(rows, hidden, dtype=FP8_DTYPE if quantize else x.dtype, device=x.device)
     scale = torch.empty(rows, dtype=torch.float32, device=x.device) if quantize else None
     _scatter_token_rows_kernel[(num_tokens,)](
@@ -129,12 +139,15 @@ def scatter_token_rows(x: torch.Tensor, alignment: ExpertAlignment,
 
 def silu_mul(gate_up: torch.Tensor, alignment: ExpertAlignment,
              quantize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``gate_up [R, 2I]`` -> ``act [R, I]`` (+ per-row float32 scales if ``quantize``)."""
+    """``gate_up [R, 2I]`` -> ``act [R, I]`` (+ per-row float32 scales if ``quantize``).
+
+    Only the first ``alignment.max_padded_rows`` rows are computed (R may be larger).
+    """
     rows, two_inter = gate_up.shape
     inter = two_inter // 2
     act = torch.empty(rows, inter, dtype=FP8_DTYPE if quantize else gate_up.dtype, device=gate_up.device)
     scale = torch.empty(rows, dtype=torch.float32, device=gate_up.device) if quantize else None
-    _silu_mul_kernel[(rows,)](
+    _silu_mul_kernel[(alignment.max_padded_rows,)](
         gate_up, act, scale if quantize else act, alignment.sorted_row_ids, alignment.num_padded_rows,
         alignment.num_rows, inter, gate_up.stride(0), act.stride(0),
         QUANTIZE=quantize, ROUND_IN_FP32=ROUND_E4M3_IN_FP32, BLOCK_I=triton.next_power_of_2(inter),
@@ -163,23 +176,28 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.
 
 
 def scaled_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor,
-                        w_scale: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """``(a_scale[r] * a[r]) . (w_scale[e, n] * w[e, n])`` per expert segment (e4m3 in, bf16 out)."""
+                        w_scale: torch.Tensor, offs: torch.Tensor, fast_accum: bool = False) -> torch.Tensor:
+    """``(a_scale[r] * a[r]) . (w_scale[e, n] * w[e, n])`` per expert segment (e4m3 in, bf16 out).
+
+    ``fast_accum`` keeps the whole K loop in the tensor cores' FP8 accumulator (no periodic
+    promotion to fp32): faster, less exact.
+    """
     if a.device.type != "cuda":
         raise RuntimeError(f"FP8-rowwise experts need torch._scaled_grouped_mm on a CUDA GPU (sm90), "
                            f"got tensors on {a.device}; use bf16 or 128x128 block-scaled weights there")
     return torch._scaled_grouped_mm(a, w.transpose(1, 2), a_scale, w_scale, offs=offs,
-                                    out_dtype=torch.bfloat16)
+                                    out_dtype=torch.bfloat16, use_fast_accum=fast_accum)
 
 
 def grouped_mm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                        topk_weights: torch.Tensor, alignment: ExpertAlignment,
-                       w13_scale: torch.Tensor | None = None,
-                       w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+                       w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+                       fast_accum: bool = False) -> torch.Tensor:
     """The experts layer on torch's grouped GEMMs; bf16, or FP8-rowwise when scales are given.
 
     ``alignment`` must come from ``moe_align_block_size(topk_ids, E, ALIGN_M)``. FP8-rowwise
-    scales are ``w13_scale [E, 2I]`` and ``w2_scale [E, H]`` (float32, per output channel).
+    scales are ``w13_scale [E, 2I]`` and ``w2_scale [E, H]`` (float32, per output channel);
+    ``fast_accum`` is passed to ``torch._scaled_grouped_mm`` (off in ``fused_experts``).
     """
     if alignment.block_m != ALIGN_M:
         raise ValueError(f"grouped_mm_experts needs rows aligned to {ALIGN_M}, got block_m={alignment.block_m}")
@@ -191,15 +209,19 @@ def grouped_mm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch
                          f"sizes divisible by {multiple}, got H={hidden}, I={inter}; "
                          f"use {'128x128 block-scaled' if rowwise else 'the Triton backend for these'} weights")
     offs = alignment.expert_ends
-    x_sorted, x_scale = scatter_token_rows(hidden_states, alignment, quantize=rowwise)
+    num_experts = w13.shape[0]
+    rows = alignment.max_padded_rows
+    if rowwise and rows > FP8_SMALL_TILE_MAX_ROWS_PER_EXPERT * num_experts:
+        rows = max(rows, FP8_LARGE_TILE_ROWS_PER_EXPERT * num_experts)  # see FP8_LARGE_TILE_ROWS_PER_EXPERT
+    x_sorted, x_scale = scatter_token_rows(hidden_states, alignment, quantize=rowwise, rows=rows)
     if rowwise:
-        gate_up = scaled_grouped_gemm(x_sorted, x_scale, w13, w13_scale, offs)
+        gate_up = scaled_grouped_gemm(x_sorted, x_scale, w13, w13_scale, offs, fast_accum)
     else:
         gate_up = grouped_gemm(x_sorted, w13, offs)
     act, act_scale = silu_mul(gate_up, alignment, quantize=rowwise)
     del gate_up
     if rowwise:
-        y = scaled_grouped_gemm(act, act_scale, w2, w2_scale, offs)
+        y = scaled_grouped_gemm(act, act_scale, w2, w2_scale, offs, fast_accum)
     else:
         y = grouped_gemm(act, w2, offs)
     return weighted_combine(y, topk_weights, alignment, hidden_states.dtype)

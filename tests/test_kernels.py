@@ -213,7 +213,7 @@ def test_fused_experts_fp8(num_tokens, num_experts, top_k, hidden, inter, act_dt
     assert rel_err(out, fused_experts_reference(x, w13.to(act_dtype), w2.to(act_dtype), weights, ids)) < 0.1
 
 
-def _scaled_grouped_gemm_fp32(a, a_scale, w, w_scale, offs):
+def _scaled_grouped_gemm_fp32(a, a_scale, w, w_scale, offs, fast_accum=False):
     """torch._scaled_grouped_mm's contract, as an fp32 loop over expert segments (CPU stand-in)."""
     out = torch.zeros(a.shape[0], w.shape[1], dtype=torch.bfloat16, device=a.device)
     start = 0
@@ -249,6 +249,10 @@ def test_fused_experts_fp8_rowwise(num_tokens, num_experts, top_k, hidden, inter
     # vLLM's channel-wise layout [E, N, 1] is the same format
     out_3d = fused_experts(x, w13_q, w2_q, weights, ids, w13_scale=w13_s[..., None], w2_scale=w2_s[..., None])
     assert torch.equal(out_3d, out)
+    # operand buffers with spare rows past the last expert (the large-tile allocation) change nothing
+    monkeypatch.setattr(grouped_mm_moe, "FP8_SMALL_TILE_MAX_ROWS_PER_EXPERT", 0)
+    monkeypatch.setattr(grouped_mm_moe, "FP8_LARGE_TILE_ROWS_PER_EXPERT", 64)
+    assert torch.equal(fused_experts(x, w13_q, w2_q, weights, ids, w13_scale=w13_s, w2_scale=w2_s), out)
     assert rel_err(out, fused_experts_reference(x, w13.bfloat16(), w2.bfloat16(), weights, ids)) < 0.1
 
 
