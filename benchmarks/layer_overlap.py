@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from _layouts import AllToAllEP, time_passes
 from zeroprefill.common.asyncep_moe import AsyncEPMoE, default_experts_kernel, experts_grouped_mm, select_experts
 from zeroprefill.common.cost_model import moe_layer_flops
 from zeroprefill.common.expert_sharding import ExpertShardLayout
@@ -51,63 +51,6 @@ def _kernel(name: str, device: torch.device):
     if name == "grouped_mm":
         return experts_grouped_mm
     return default_experts_kernel(device, torch.bfloat16)
-
-
-def _time_passes(run_pass, warmup: int, iters: int) -> float:
-    """Median milliseconds of one pass, all ranks aligned by a barrier before each."""
-    for _ in range(warmup):
-        run_pass()
-    times = []
-    for _ in range(iters):
-        dist.barrier()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run_pass()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-class AllToAllEP:
-    """Plain expert parallelism: dispatch token copies to the experts' owners, combine back."""
-
-    def __init__(self, layout: ExpertShardLayout, shards: list[dict[str, torch.Tensor]], top_k: int, kernel) -> None:
-        self.layout, self.shards, self.top_k, self.kernel = layout, shards, top_k, kernel
-        rank = dist.get_rank()
-        owner = torch.empty(layout.num_experts, dtype=torch.int64)
-        local = torch.empty(layout.num_experts, dtype=torch.int64)
-        for r in range(layout.world_size):
-            for j, e in enumerate(layout.experts_of_rank(r)):
-                owner[e], local[e] = r, j
-        self.owner, self.local_id = owner.cuda(), local.cuda()
-        self.rank = rank
-
-    def forward(self, layer: int, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        n = self.layout.world_size
-        weights, ids = select_experts(logits, self.top_k, renormalize=True)
-        flat_ids = ids.reshape(-1)
-        dest = self.owner[flat_ids]
-        order = torch.argsort(dest, stable=True)
-        send_counts = torch.bincount(dest, minlength=n)
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts)
-        send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()  # host sync, as in EP
-        token_of_row = order // self.top_k
-        rows = x[token_of_row]
-        meta = torch.stack([self.local_id[flat_ids[order]].float(), weights.reshape(-1)[order]], dim=1)
-        recv_rows = rows.new_empty((sum(recv_splits), x.shape[1]))
-        recv_meta = meta.new_empty((sum(recv_splits), 2))
-        dist.all_to_all_single(recv_rows, rows, recv_splits, send_splits)
-        dist.all_to_all_single(recv_meta, meta, recv_splits, send_splits)
-        shard = self.shards[layer]
-        y = self.kernel(recv_rows, shard["w13"], shard["w2"], recv_meta[:, 1:].contiguous(), recv_meta[:, :1].long().contiguous())
-        back = torch.empty_like(rows)
-        dist.all_to_all_single(back, y, send_splits, recv_splits)
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        out.index_add_(0, token_of_row, back.float())
-        return out.to(x.dtype)
 
 
 def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, result_file: str) -> None:
@@ -149,7 +92,7 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
                 weights, ids = select_experts(logits[layer], k, renormalize=True)
                 kernel(x, full[layer]["w13"], full[layer]["w2"], weights, ids)
 
-        points[t]["compute_only_ms"] = _time_passes(compute_pass, args.warmup, args.iters) / args.layers
+        points[t]["compute_only_ms"] = time_passes(compute_pass, args.warmup, args.iters, device) / args.layers
         log(f"compute_only  T={t:6d}  {points[t]['compute_only_ms']:.3f} ms/layer")
     del full
     torch.cuda.empty_cache()
@@ -166,7 +109,7 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
                 for j, layer in enumerate(layers):
                     layer(x, logits[j])
 
-            points[t][f"asyncep_{transport_name}_ms"] = _time_passes(asyncep_pass, args.warmup, args.iters) / args.layers
+            points[t][f"asyncep_{transport_name}_ms"] = time_passes(asyncep_pass, args.warmup, args.iters, device) / args.layers
             log(f"asyncep/{transport_name:11s} T={t:6d}  {points[t][f'asyncep_{transport_name}_ms']:.3f} ms/layer")
         streamer.close()
         del streamer, layers, transport
@@ -183,7 +126,7 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
                     ep.forward(layer, x, logits[layer])
 
             # EP's time is that of the slowest rank: take the max over ranks.
-            ms = torch.tensor([_time_passes(ep_pass, args.warmup, args.iters) / args.layers], device=device)
+            ms = torch.tensor([time_passes(ep_pass, args.warmup, args.iters, device) / args.layers], device=device)
             dist.all_reduce(ms, op=dist.ReduceOp.MAX)
             points[t]["alltoall_ep_ms"] = ms.item()
             log(f"alltoall_ep   T={t:6d}  {points[t]['alltoall_ep_ms']:.3f} ms/layer")
