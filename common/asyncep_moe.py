@@ -162,24 +162,39 @@ class AsyncEPMoE:
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """MoE output ``[T, H]`` for this rank's ``T`` tokens (``T`` may be 0: still joins)."""
-        if hidden_states.dim() != 2 or hidden_states.shape[1] != self.hidden_size:
-            raise ValueError(
-                f"hidden_states must be [tokens, {self.hidden_size}], got shape {tuple(hidden_states.shape)}"
-            )
+        self._check_hidden(hidden_states)
         expected_logits = (hidden_states.shape[0], self.streamer.layout.num_experts)
         if tuple(router_logits.shape) != expected_logits:
             raise ValueError(f"router_logits must have shape {expected_logits}, got {tuple(router_logits.shape)}")
         topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize, self.scoring_func)
+        return self.forward_routed(hidden_states, topk_weights, topk_ids)
+
+    def forward_routed(
+        self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Like :meth:`forward` for an engine that has routed already (global expert ids)."""
+        self._check_hidden(hidden_states)
+        if topk_ids.shape != topk_weights.shape or topk_ids.shape[:1] != hidden_states.shape[:1]:
+            raise ValueError(
+                f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} must both be "
+                f"[tokens={hidden_states.shape[0]}, top_k]"
+            )
         experts = self.streamer.acquire(self.layer)
         try:
             if experts.slot_of_expert is not None:
-                topk_ids = experts.slot_of_expert[topk_ids]
+                topk_ids = experts.slot_of_expert[topk_ids.long()]
             scales = {name: t for name, t in experts.items() if name.endswith("_scale")}
             return self.experts_kernel(
                 hidden_states.contiguous(), experts["w13"], experts["w2"], topk_weights, topk_ids, **scales
             )
         finally:
             self.streamer.release(self.layer)
+
+    def _check_hidden(self, hidden_states: torch.Tensor) -> None:
+        if hidden_states.dim() != 2 or hidden_states.shape[1] != self.hidden_size:
+            raise ValueError(
+                f"hidden_states must be [tokens, {self.hidden_size}], got shape {tuple(hidden_states.shape)}"
+            )
 
     __call__ = forward
 

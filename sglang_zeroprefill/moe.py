@@ -8,8 +8,8 @@ Where SGLang's MoE layer is extended (each box names the SGLang object and what 
                               moe_a2a_backend=none: moves no tokens; after set-up its EP view is
                               collapsed (as DWDP's ``bind_full_expert_weights`` does) so ids stay
                               global
-    [FusedMoE.run_moe_core]   AROUND hook: streamer.acquire(l) -> experts kernel on this rank's
-                              tokens with all experts -> streamer.release(l)
+    [FusedMoE.run_moe_core]   AROUND hook: AsyncEPMoE.forward_routed on this rank's tokens
+                              (streamer.acquire(l) -> all experts -> streamer.release(l))
     [combine]                 StandardDispatcher.combine: identity
 
 and at model level, ``is_moe_input_scattered_across_dp_ranks()`` and
@@ -165,20 +165,14 @@ def asyncep_run_moe_core(layer: Any, moe: AsyncEPMoE, dispatch_output: Any) -> A
     hidden_states = dispatch_output.hidden_states
     topk_weights = topk_output.topk_weights.float()
     topk_ids = topk_output.topk_ids.long()
-    dropped = topk_ids < 0  # SGLang's sentinel for DP pad rows
-    if dropped.any():
-        topk_weights = topk_weights.masked_fill(dropped, 0.0)
-        topk_ids = topk_ids.masked_fill(dropped, 0)
+    # SGLang marks DP pad rows with id -1: give them weight 0 on expert 0 (no host sync).
+    dropped = topk_ids < 0
+    topk_weights = topk_weights.masked_fill(dropped, 0.0)
+    topk_ids = topk_ids.masked_fill(dropped, 0)
     scaling = layer.moe_runner_config.routed_scaling_factor
     if scaling is not None and not layer.should_fuse_routed_scaling_factor_in_topk:
         topk_weights = topk_weights * scaling
-    experts = moe.streamer.acquire(moe.layer)
-    try:
-        if experts.slot_of_expert is not None:
-            topk_ids = experts.slot_of_expert[topk_ids]
-        out = moe.experts_kernel(hidden_states.contiguous(), experts["w13"], experts["w2"], topk_weights, topk_ids)
-    finally:
-        moe.streamer.release(moe.layer)
+    out = moe.forward_routed(hidden_states, topk_weights, topk_ids)
     return StandardCombineInput(hidden_states=out)
 
 

@@ -104,3 +104,13 @@ def test_prefetch_issues_ahead_and_is_idempotent():
     x, logits = torch.randn(4, H), torch.randn(4, E)
     out = AsyncEPMoE(streamer, 0, 2, True)(x, logits)
     torch.testing.assert_close(out, moe_reference(x, logits, full[0]["w13"], full[0]["w2"], 2, True))
+
+
+def test_forward_routed_equals_forward_and_checks_shapes():
+    full, streamer = _streamer(num_layers=1)
+    layer = AsyncEPMoE(streamer, 0, 2, True)
+    x, logits = torch.randn(5, H), torch.randn(5, E)
+    weights, ids = select_experts(logits, 2, True)
+    torch.testing.assert_close(layer.forward_routed(x, weights, ids.int()), layer(x, logits))
+    with pytest.raises(ValueError, match=r"must both be \[tokens=5, top_k\]"):
+        layer.forward_routed(x, weights[:, :1], ids)
