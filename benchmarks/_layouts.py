@@ -210,8 +210,8 @@ class PackedBatch:
     lengths: tuple[int, ...]
     router_bias: torch.Tensor | None
     bias_per_layer: bool
-    cos: torch.Tensor = field(init=False)
-    sin: torch.Tensor = field(init=False)
+    cos: torch.Tensor | None = field(init=False, default=None)  # [T, 1, D] after set_rope
+    sin: torch.Tensor | None = field(init=False, default=None)
     groups: tuple[tuple[int, int, int], ...] = field(init=False)  # (first token, count, length)
 
     def __post_init__(self) -> None:
@@ -251,7 +251,8 @@ class PackedBatch:
             if bias is not None and not self.bias_per_layer:
                 bias = bias[sl]
             part = PackedBatch(self.hidden[sl], tuple(lengths), bias, self.bias_per_layer)
-            part.cos, part.sin = self.cos[sl], self.sin[sl]
+            if self.cos is not None:
+                part.cos, part.sin = self.cos[sl], self.sin[sl]
             parts.append(part)
         return parts[0], parts[1]
 
