@@ -408,17 +408,6 @@ class LocalStack(_Stack):
         return h
 
 
-def _fp8_from_bytes(kernel: ExpertsKernel) -> ExpertsKernel:
-    """Wrap an experts kernel whose weights arrive as uint8 views of e4m3 tensors."""
-
-    def run(hidden, w13, w2, topk_weights, topk_ids, **scales):
-        if w13.dtype == torch.uint8:
-            w13, w2 = w13.view(FP8_DTYPE), w2.view(FP8_DTYPE)
-        return kernel(hidden, w13, w2, topk_weights, topk_ids, **scales)
-
-    return run
-
-
 class AsyncEPStack(_Stack):
     """Attention data-parallel; experts streamed by :class:`ExpertWeightStreamer` ("asyncep")."""
 
@@ -427,10 +416,6 @@ class AsyncEPStack(_Stack):
     def __init__(self, cfg, dense, kernel, shards: Sequence[dict[str, torch.Tensor]], layout: ExpertShardLayout,
                  transport: str, prefetch_depth: int, device: torch.device) -> None:
         super().__init__(cfg, dense, kernel)
-        if transport == "gloo":  # gloo cannot all-gather float8: move FP8 shards as bytes
-            shards = [{name: t.view(torch.uint8) if t.dtype == FP8_DTYPE else t for name, t in layer.items()}
-                      for layer in shards]
-            kernel = _fp8_from_bytes(kernel)
         self.streamer = ExpertWeightStreamer(shards, layout, make_transport(transport, None, device),
                                              prefetch_depth=prefetch_depth)
         self.moe = [AsyncEPMoE(self.streamer, j, cfg.top_k, cfg.renormalize, experts_kernel=kernel)

@@ -98,7 +98,10 @@ class _ProcessGroupAllGather(GatherTransport):
         if self.world_size == 1:
             out.copy_(shard, non_blocking=True)
             return GatherHandle()
-        work = dist.all_gather_into_tensor(out, shard, group=self.group, async_op=True)
+        # A gather copies bytes: byte views let every dtype through (gloo has no float8).
+        work = dist.all_gather_into_tensor(
+            out.view(torch.uint8), shard.view(torch.uint8), group=self.group, async_op=True
+        )
         return self._after_issue(work)
 
     def _after_issue(self, work: dist.Work) -> GatherHandle:

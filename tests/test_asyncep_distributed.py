@@ -137,3 +137,21 @@ def _skip_a_layer(rank: int, world_size: int) -> None:
 
 def test_stuck_gather_names_layer_and_rank() -> None:
     run_on_ranks(2, _skip_a_layer)
+
+
+def _gather_fp8(rank: int, world_size: int) -> None:
+    layout = ExpertShardLayout(4, world_size)
+    torch.manual_seed(0)  # the same full weights on every rank
+    full = {"w13": (torch.randn(4, 2 * INTERMEDIATE, HIDDEN) * 8).to(torch.float8_e4m3fn),
+            "w13_scale": torch.rand(4, 1, 1)}
+    streamer = ExpertWeightStreamer([layout.shard_all(full, rank)], layout, make_transport("gloo"))
+    gathered = streamer.acquire(0)
+    assert gathered["w13"].dtype == torch.float8_e4m3fn
+    assert torch.equal(gathered["w13"].view(torch.uint8), full["w13"].view(torch.uint8))
+    assert torch.equal(gathered["w13_scale"], full["w13_scale"])
+    streamer.release(0)
+    streamer.close()
+
+
+def test_gloo_gathers_fp8_shards_bytewise() -> None:
+    run_on_ranks(2, _gather_fp8)
