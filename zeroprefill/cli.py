@@ -68,6 +68,11 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         add_arguments=_lazy("zeroprefill.selftest", "add_arguments"),
         run=_lazy("zeroprefill.selftest", "run"),
     ),
+    "demo": Subcommand(
+        help="start a DP=2 AsyncEP vLLM server on the tiny MoE, send embedding/score requests, check them",
+        add_arguments=_lazy("zeroprefill.demo", "add_arguments"),
+        run=_lazy("zeroprefill.demo", "run"),
+    ),
     "router": Subcommand(
         help="prefill-only gateway: true-FLOPs, prefix-aware, saturation-aware routing over replicas",
         add_arguments=_lazy("zeroprefill.router.cli", "add_arguments"),

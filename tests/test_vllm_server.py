@@ -1,0 +1,261 @@
+"""End to end: a DP=2 AsyncEP vLLM server answers the pooling APIs exactly like stock vLLM.
+
+For each model case, two servers run side by side on the same generated checkpoint (fp32):
+
+- stock: one rank, vLLM's own CPU MoE kernel (stock vLLM cannot serve a MoE model with DP>1
+  or EP on CPU at all);
+- AsyncEP: ``--data-parallel-size 2 --enable-expert-parallel --moe-backend asyncep``: each rank
+  stores half of every layer's experts, streams the rest over gloo, keeps its tokens local.
+
+Every answer of the AsyncEP server must equal the stock one to fp32 tolerance. Servers start
+once per case (module-scoped fixture), each pair concurrently; teardown kills both process
+groups. Runtime on 2 cores: about 4-5 minutes for the module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from dataclasses import dataclass
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import openai  # noqa: E402
+
+from vllm_zeroprefill.server import VllmServer, asyncep_args  # noqa: E402
+from zeroprefill.tiny_model import TinyMoEConfig, generate_tiny_moe  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+EMBED = ["--runner", "pooling", "--convert", "embed"]
+# One logit per input: a cross-encoder, so /score and /rerank are served too.
+CLASSIFY = ["--runner", "pooling", "--convert", "classify", "--hf-overrides", '{"num_labels": 1}']
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    model: TinyMoEConfig
+    runner_args: tuple[str, ...]
+
+    @property
+    def task(self) -> str:
+        return "classify" if "classify" in self.runner_args else "embed"
+
+
+CASES = [
+    Case("qwen3_moe-8x2-embed", TinyMoEConfig(), tuple(EMBED)),
+    Case("qwen3_moe-8x2-classify", TinyMoEConfig(), tuple(CLASSIFY)),
+    # Shared experts, 9 experts (5 + 4 per rank: a padded shard), top-3, no renormalisation.
+    Case("qwen2_moe-9x3-embed", TinyMoEConfig(architecture="qwen2_moe", num_experts=9, top_k=3), tuple(EMBED)),
+]
+
+TEXTS = [
+    "Mixture-of-experts models route every token to a few experts.",
+    "Paris is the capital of France.",
+    "a",
+    "Rerank these documents by how well they answer the question. " * 6,
+    "0123456789 + - * / = ( ) [ ] { } < > , . ; : ! ?",
+]
+
+
+@dataclass
+class ServerPair:
+    case: Case
+    model: str
+    stock: VllmServer
+    asyncep: VllmServer
+
+
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: c.name)
+def pair(request, tmp_path_factory):
+    case: Case = request.param
+    model_dir = generate_tiny_moe(tmp_path_factory.mktemp(case.name), case.model)
+    if case.task == "classify":
+        add_classifier_head(model_dir, case.model.hidden_size)
+    logs = tmp_path_factory.mktemp(f"{case.name}-logs")
+    stock = VllmServer(model_dir, case.runner_args, logs / "stock.log", num_ranks=1)
+    asyncep = VllmServer(model_dir, [*case.runner_args, *asyncep_args(2)], logs / "asyncep.log", num_ranks=2)
+    try:
+        stock.start()
+        asyncep.start()
+        stock.wait_healthy()
+        asyncep.wait_healthy()
+        yield ServerPair(case, str(model_dir), stock, asyncep)
+    finally:
+        asyncep.stop()
+        stock.stop()
+
+
+def add_classifier_head(model_dir, hidden_size: int) -> None:
+    """A trained-looking ``score`` head: without one vLLM's classify conversion leaves it unset."""
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn((1, hidden_size), generator=generator) / hidden_size**0.5
+    save_file({"score.weight": weight}, str(model_dir / "score.safetensors"))
+
+
+def post(server: VllmServer, path: str, body: dict) -> dict:
+    response = httpx.post(server.url + path, json=body, timeout=120)
+    assert response.status_code == 200, f"{path}: {response.status_code} {response.text[:500]}"
+    return response.json()
+
+
+def assert_close(got, want, what: str) -> None:
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5, err_msg=what)
+
+
+def test_embeddings_through_the_openai_client(pair):
+    if pair.case.task != "embed":
+        pytest.skip("embedding case only")
+
+    def embed(server):
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=120)
+        return [d.embedding for d in client.embeddings.create(model=pair.model, input=TEXTS).data]
+
+    assert_close(embed(pair.asyncep), embed(pair.stock), "/v1/embeddings (openai client)")
+
+
+def test_embeddings_over_raw_http(pair):
+    if pair.case.task != "embed":
+        pytest.skip("embedding case only")
+    body = {"model": pair.model, "input": TEXTS}
+    got = [d["embedding"] for d in post(pair.asyncep, "/v1/embeddings", body)["data"]]
+    want = [d["embedding"] for d in post(pair.stock, "/v1/embeddings", body)["data"]]
+    assert_close(got, want, "/v1/embeddings")
+    assert len(got) == len(TEXTS) and len(got[0]) == pair.case.model.hidden_size
+
+
+def test_pooling(pair):
+    body = {"model": pair.model, "input": TEXTS}
+    got = [d["data"] for d in post(pair.asyncep, "/pooling", body)["data"]]
+    want = [d["data"] for d in post(pair.stock, "/pooling", body)["data"]]
+    assert_close(got, want, "/pooling")
+
+
+@pytest.mark.parametrize("path", ["/score", "/v1/score"])
+def test_score(pair, path):
+    body = {"model": pair.model, "text_1": "What do experts do in a MoE model?", "text_2": TEXTS}
+    if pair.case.task == "classify":
+        body["use_activation"] = False  # raw logits: a sigmoid near 0 or 1 would hide differences
+    got = [d["score"] for d in post(pair.asyncep, path, body)["data"]]
+    want = [d["score"] for d in post(pair.stock, path, body)["data"]]
+    assert_close(got, want, path)
+
+
+def test_classify_and_rerank(pair):
+    if pair.case.task != "classify":
+        pytest.skip("classification case only")
+    body = {"model": pair.model, "input": TEXTS, "use_activation": False}
+    got = [d["probs"] for d in post(pair.asyncep, "/classify", body)["data"]]
+    want = [d["probs"] for d in post(pair.stock, "/classify", body)["data"]]
+    assert_close(got, want, "/classify")
+
+    body = {"model": pair.model, "query": "Which city is the capital of France?", "documents": TEXTS}
+    got = post(pair.asyncep, "/rerank", body)["results"]
+    want = post(pair.stock, "/rerank", body)["results"]
+    assert [r["index"] for r in got] == [r["index"] for r in want]
+    assert_close([r["relevance_score"] for r in got], [r["relevance_score"] for r in want], "/rerank")
+
+
+def _mixed_requests(model: str, count: int, seed: int = 0) -> list[tuple[str, dict]]:
+    """Embeddings of varied lengths (many sharing long prefixes), scores and pooling calls."""
+    rng = random.Random(seed)
+    prefixes = [" ".join(rng.choice(TEXTS[:2] + TEXTS[3:4]).split()[: rng.randint(4, 40)]) for _ in range(6)]
+    requests = []
+    for i in range(count):
+        words = " ".join(rng.choice(TEXTS).split()[: rng.randint(1, 12)])
+        text = f"{rng.choice(prefixes)} {words} #{i}" if rng.random() < 0.5 else f"{words} #{i}"
+        kind = rng.random()
+        if kind < 0.7:
+            requests.append(("/v1/embeddings", {"model": model, "input": text}))
+        elif kind < 0.85:
+            requests.append(("/score", {"model": model, "text_1": text, "text_2": [rng.choice(TEXTS), words]}))
+        else:
+            requests.append(("/pooling", {"model": model, "input": [text, words]}))
+    return requests
+
+
+def _values(path: str, answer: dict) -> list:
+    if path == "/v1/embeddings":
+        return [d["embedding"] for d in answer["data"]]
+    if path == "/score":
+        return [d["score"] for d in answer["data"]]
+    return [d["data"] for d in answer["data"]]
+
+
+async def _send_all(server: VllmServer, requests, concurrency: int) -> list[tuple[int, dict]]:
+    limit = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+
+        async def send(path, body):
+            async with limit:
+                response = await client.post(path, json=body)
+                return response.status_code, response.json()
+
+        return await asyncio.gather(*(send(path, body) for path, body in requests))
+
+
+def test_many_concurrent_mixed_requests(pair):
+    if pair.case.name != CASES[0].name:
+        pytest.skip("run once, on the first case")
+    requests = _mixed_requests(pair.model, 240)
+    # First a few one at a time (one DP rank idle, joining every gather with dummy batches),
+    # then everything at once.
+    got = [asyncio.run(_send_all(pair.asyncep, requests[:8], concurrency=1))]
+    got.append(asyncio.run(_send_all(pair.asyncep, requests[8:], concurrency=64)))
+    got = got[0] + got[1]
+    want = asyncio.run(_send_all(pair.stock, requests, concurrency=32))
+    assert [status for status, _ in got] == [200] * len(requests)
+    for (path, _), (_, answer), (_, reference) in zip(requests, got, want):
+        assert_close(_values(path, answer), _values(path, reference), path)
+    assert httpx.get(pair.asyncep.url + "/health", timeout=10).status_code == 200
+    post(pair.asyncep, "/v1/embeddings", {"model": pair.model, "input": "still serving"})
+
+
+def test_bad_input_gets_4xx_and_the_server_keeps_serving(pair):
+    if pair.case.name != CASES[0].name:
+        pytest.skip("run once, on the first case")
+    url = pair.asyncep.url
+    too_long = {"model": pair.model, "input": "expert " * 2000}
+    empty = {"model": pair.model, "input": ""}
+    wrong_model = {"model": "no-such-model", "input": "hello"}
+    for name, send in [
+        ("over-long prompt", lambda: httpx.post(url + "/v1/embeddings", json=too_long, timeout=60)),
+        ("empty input", lambda: httpx.post(url + "/v1/embeddings", json=empty, timeout=60)),
+        ("wrong model name", lambda: httpx.post(url + "/v1/embeddings", json=wrong_model, timeout=60)),
+        ("malformed JSON", lambda: httpx.post(
+            url + "/v1/embeddings", content=b'{"model": "x", "input": ', headers={"content-type": "application/json"},
+            timeout=60)),
+        ("score without text_2", lambda: httpx.post(url + "/score", json={"model": pair.model, "text_1": "q"}, timeout=60)),
+    ]:
+        response = send()
+        assert 400 <= response.status_code < 500, f"{name}: {response.status_code} {response.text[:300]}"
+        body = response.json()
+        message = body.get("error", {}).get("message") if isinstance(body.get("error"), dict) else body.get("detail")
+        assert message, f"{name}: no error message in {json.dumps(body)[:300]}"
+    assert httpx.get(url + "/health", timeout=10).status_code == 200
+    got = post(pair.asyncep, "/v1/embeddings", {"model": pair.model, "input": TEXTS[:2]})
+    want = post(pair.stock, "/v1/embeddings", {"model": pair.model, "input": TEXTS[:2]})
+    assert_close(_values("/v1/embeddings", got), _values("/v1/embeddings", want), "after bad input")
+
+
+def test_missing_expert_parallel_fails_at_start_up(tmp_path):
+    model_dir = generate_tiny_moe(tmp_path / "model", TinyMoEConfig())
+    args = [*EMBED, "--data-parallel-size", "2", "--moe-backend", "asyncep"]
+    server = VllmServer(model_dir, args, tmp_path / "server.log", num_ranks=2).start()
+    try:
+        code = server.wait_exit(timeout_s=180)
+        assert code is not None and code != 0, "server started without --enable-expert-parallel"
+        assert "add --enable-expert-parallel" in server.log_tail(80)
+    finally:
+        server.stop()
