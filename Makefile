@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml requirements/sglang-cpu.txt Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/zeroprefill selftest
+	$(VENV)/bin/zeroprefill demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -76,9 +76,6 @@ def run_demo(model_dir: Path, ranks: int, log_path: Path) -> bool:
             print(f"zeroprefill demo: {exc}")
             return False
         print(f"server ready at {server.url} after {time.monotonic() - started:.0f} s")
-        for line in log_path.read_text(errors="replace").splitlines():
-            if "AsyncEP: streaming" in line:
-                print("  " + line.split("] ", 1)[-1])
 
         model = str(model_dir)
         embeddings = httpx.post(
@@ -92,6 +89,9 @@ def run_demo(model_dir: Path, ranks: int, log_path: Path) -> bool:
     finally:
         server.stop()
         print("server stopped")
+    for line in log_path.read_text(errors="replace").splitlines():
+        if "AsyncEP: streaming" in line:  # one line per rank: what it stores, what it streams
+            print("  " + line.split("] ", 1)[-1])
 
     print("\n/v1/embeddings (first 4 of", len(vectors[0]), "dims):")
     for text, vector in zip([QUERY, *DOCUMENTS], vectors):
