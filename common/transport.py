@@ -179,6 +179,14 @@ class CopyEngineGather(GatherTransport):
         return GatherHandle()
 
 
+def _has_symmetric_memory() -> bool:
+    try:
+        from torch.distributed import _symmetric_memory  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def make_transport(name: str, group: dist.ProcessGroup | None = None, device: torch.device | None = None) -> GatherTransport:
     """Build a transport by name; ``"auto"`` picks the measured-fastest one for the device.
 
@@ -190,12 +198,7 @@ def make_transport(name: str, group: dist.ProcessGroup | None = None, device: to
         if not on_cuda:
             name = "gloo"
         else:
-            try:
-                import torch.distributed._symmetric_memory  # noqa: F401
-
-                name = "copy_engine"
-            except ImportError:
-                name = "nccl"
+            name = "copy_engine" if _has_symmetric_memory() else "nccl"
     if name == "gloo":
         return GlooAllGather(group)
     if name == "nccl":

@@ -114,3 +114,8 @@ def test_forward_routed_equals_forward_and_checks_shapes():
     torch.testing.assert_close(layer.forward_routed(x, weights, ids.int()), layer(x, logits))
     with pytest.raises(ValueError, match=r"must both be \[tokens=5, top_k\]"):
         layer.forward_routed(x, weights[:, :1], ids)
+
+
+def test_auto_transport_is_gloo_on_cpu():
+    assert make_transport("auto", None, torch.device("cpu")).name == "gloo"
+    assert make_transport("auto").name == "gloo"

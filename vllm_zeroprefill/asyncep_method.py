@@ -112,12 +112,10 @@ class AsyncEPModelState:
         shards = [self.layer_shards[name] for name in self.layer_order]
         device = shards[0]["w13"].device
         ep_group = get_ep_group()
-        if device.type == "cpu":
-            # A group of our own: our asynchronous gathers never interleave with vLLM's ops.
-            group = dist.new_group(ranks=ep_group.ranks, backend="gloo", use_local_synchronization=True)
-            transport = make_transport("gloo", group, device)
-        else:
-            transport = make_transport("auto", ep_group.device_group, device)
+        # A communicator of our own: the side-stream gathers never interleave with vLLM's ops.
+        backend = "gloo" if device.type == "cpu" else "nccl"
+        group = dist.new_group(ranks=ep_group.ranks, backend=backend, use_local_synchronization=True)
+        transport = make_transport("auto", group, device)
         self.streamer = ExpertWeightStreamer(shards, self.layout, transport, prefetch_depth=1)
         kernel = default_experts_kernel(device, shards[0]["w13"].dtype)
         for index, name in enumerate(self.layer_order):
