@@ -8,6 +8,7 @@ top-level parser stays small.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,15 +42,17 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lazy(module: str, attribute: str) -> Callable:
-    """A function from a subcommand module, imported only when that subcommand runs."""
+def _from_module(module: str, help: str) -> Subcommand:
+    """A subcommand whose ``add_arguments``/``run`` live in ``module``, imported only when used."""
+    import importlib
 
-    def call(*args):
-        import importlib
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        importlib.import_module(module).add_arguments(parser)
 
-        return getattr(importlib.import_module(module), attribute)(*args)
+    def run(args: argparse.Namespace) -> int:
+        return importlib.import_module(module).run(args)
 
-    return call
+    return Subcommand(help=help, add_arguments=add_arguments, run=run)
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
@@ -58,40 +61,33 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         add_arguments=_add_info_arguments,
         run=_run_info,
     ),
-    "tiny-model": Subcommand(
-        help="generate a tiny random-weight MoE checkpoint with a trained tokenizer",
-        add_arguments=_lazy("zeroprefill.tiny_model", "add_arguments"),
-        run=_lazy("zeroprefill.tiny_model", "run"),
+    "tiny-model": _from_module(
+        "zeroprefill.tiny_model",
+        "generate a tiny random-weight MoE checkpoint with a trained tokenizer",
     ),
-    "selftest": Subcommand(
-        help="check AsyncEP over N gloo ranks against transformers' MoE blocks on a checkpoint",
-        add_arguments=_lazy("zeroprefill.selftest", "add_arguments"),
-        run=_lazy("zeroprefill.selftest", "run"),
+    "selftest": _from_module(
+        "zeroprefill.selftest",
+        "check AsyncEP over N gloo ranks against transformers' MoE blocks on a checkpoint",
     ),
-    "demo": Subcommand(
-        help="start a DP=2 AsyncEP vLLM server on the tiny MoE, send embedding/score requests, check them",
-        add_arguments=_lazy("zeroprefill.demo", "add_arguments"),
-        run=_lazy("zeroprefill.demo", "run"),
+    "demo": _from_module(
+        "zeroprefill.demo",
+        "start a DP=2 AsyncEP vLLM server on the tiny MoE, send embedding/score requests, check them",
     ),
-    "router": Subcommand(
-        help="prefill-only gateway: true-FLOPs, prefix-aware, saturation-aware routing over replicas",
-        add_arguments=_lazy("zeroprefill.router.cli", "add_arguments"),
-        run=_lazy("zeroprefill.router.cli", "run"),
+    "router": _from_module(
+        "zeroprefill.router.cli",
+        "prefill-only gateway: true-FLOPs, prefix-aware, saturation-aware routing over replicas",
     ),
-    "simulate": Subcommand(
-        help="discrete-event simulation of routing policies over N AsyncEP replicas",
-        add_arguments=_lazy("zeroprefill.simulate", "add_arguments"),
-        run=_lazy("zeroprefill.simulate", "run"),
+    "simulate": _from_module(
+        "zeroprefill.simulate",
+        "discrete-event simulation of routing policies over N AsyncEP replicas",
     ),
-    "plan": Subcommand(
-        help="saturation threshold, memory per GPU and predicted throughput of AsyncEP/EP/TP",
-        add_arguments=_lazy("zeroprefill.plan", "add_arguments"),
-        run=_lazy("zeroprefill.plan", "run"),
+    "plan": _from_module(
+        "zeroprefill.plan",
+        "saturation threshold, memory per GPU and predicted throughput of AsyncEP/EP/TP",
     ),
-    "calibrate": Subcommand(
-        help="measure this machine's hardware profile (GEMM, HBM, AllGather, overlap tax)",
-        add_arguments=_lazy("zeroprefill.calibrate", "add_arguments"),
-        run=_lazy("zeroprefill.calibrate", "run"),
+    "calibrate": _from_module(
+        "zeroprefill.calibrate",
+        "measure this machine's hardware profile (GEMM, HBM, AllGather, overlap tax)",
     ),
 }
 
@@ -115,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return SUBCOMMANDS[args.command].run(args)
+    try:
+        return SUBCOMMANDS[args.command].run(args)
+    except BrokenPipeError:  # output piped into e.g. `head`, which closed early
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

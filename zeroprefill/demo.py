@@ -118,7 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from zeroprefill.tiny_model import TinyMoEConfig, generate_tiny_moe
+    from zeroprefill.tiny_model import default_tiny_model
 
     if args.ranks < 1:
         print(f"zeroprefill demo: --ranks must be >= 1, got {args.ranks}")
@@ -129,10 +129,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"zeroprefill demo: {model_dir} has no config.json; pass a checkpoint directory")
             return 2
     else:
-        model_dir = Path(".work") / "tiny-qwen3-moe"
-        if not (model_dir / "config.json").is_file():
-            print(f"generating the tiny Qwen3-MoE checkpoint in {model_dir} ...")
-            generate_tiny_moe(model_dir, TinyMoEConfig())
+        model_dir = default_tiny_model()
     log_path = Path(".work") / "demo-server.log"
     return 0 if run_demo(model_dir.resolve(), args.ranks, log_path) else 1
 

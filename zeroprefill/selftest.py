@@ -117,16 +117,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from zeroprefill.tiny_model import TinyMoEConfig, generate_tiny_moe
+    from zeroprefill.tiny_model import default_tiny_model
 
     if args.ranks < 1:
         print(f"zeroprefill selftest: --ranks must be >= 1, got {args.ranks}")
         return 2
-    if args.model:
-        model_dir = Path(args.model)
-    else:
-        model_dir = Path(".work") / "tiny-qwen3-moe"
-        if not (model_dir / "config.json").is_file():
-            print(f"generating the tiny Qwen3-MoE checkpoint in {model_dir} ...")
-            generate_tiny_moe(model_dir, TinyMoEConfig())
+    model_dir = Path(args.model) if args.model else default_tiny_model()
     return 0 if run_selftest(model_dir, args.ranks) else 1

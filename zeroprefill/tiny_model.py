@@ -175,6 +175,17 @@ def generate_tiny_moe(out_dir: str | Path, config: TinyMoEConfig | None = None) 
     return out
 
 
+DEFAULT_TINY_MODEL_DIR = Path(".work") / "tiny-qwen3-moe"
+
+
+def default_tiny_model() -> Path:
+    """The demo's checkpoint (default config) in ``.work/``, generated on first use."""
+    if not (DEFAULT_TINY_MODEL_DIR / "config.json").is_file():
+        print(f"generating the tiny Qwen3-MoE checkpoint in {DEFAULT_TINY_MODEL_DIR} ...", flush=True)
+        generate_tiny_moe(DEFAULT_TINY_MODEL_DIR, TinyMoEConfig())
+    return DEFAULT_TINY_MODEL_DIR
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TinyMoEConfig()
     parser.add_argument("out_dir", help="directory to write the checkpoint to")
