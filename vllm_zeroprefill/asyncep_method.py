@@ -17,8 +17,9 @@ Weights: vLLM's expert-parallel loader gives every rank its 1/N of each layer's 
 ``round_robin``). After loading, each layer hands its shard, padded to the layout's
 capacity, to the process's :class:`AsyncEPModelState`. Layers arrive one by one during weight
 loading, but the streamer needs all of them, so the state builds the streamer at the first
-MoE forward (the start-up profile run, on every rank at the same point), over a dedicated
-gloo group on CPU or the EP device group on GPU (``make_transport("auto", ...)``).
+MoE forward (the start-up profile run, on every rank at the same point), over a communicator
+of its own spanning the EP ranks (gloo on CPU; NCCL or the copy engine on GPU, chosen by
+``make_transport("auto", ...)``).
 
 Lockstep: every forward pass — real or vLLM's DP dummy batch — runs every MoE layer on every
 rank, so every rank issues every gather in the same order.
