@@ -10,7 +10,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from zeroprefill.common.model_spec import MoEModelSpec
 from zeroprefill.router.app import RouterApp, RouterConfig
@@ -42,9 +41,9 @@ class Harness:
     """Fake backends + a router on loopback ports, driven from one event loop."""
 
     def __init__(self, router: RouterApp, backends: list[FakeBackend], ports: list[int],
-                 router_url: str, runner: web.AppRunner, session: aiohttp.ClientSession) -> None:
+                 router_url: str, session: aiohttp.ClientSession) -> None:
         self.router, self.backends, self.ports = router, backends, ports
-        self.url, self.runner, self.session = router_url, runner, session
+        self.url, self.session = router_url, session
 
     def backend_url(self, i: int) -> str:
         return f"http://127.0.0.1:{self.ports[i]}"
@@ -74,17 +73,13 @@ def run_with_router(
         pool = BackendPool([f"http://127.0.0.1:{p}" for p in ports], "auto",
                            health_interval_s=0.1, health_timeout_s=1.0)
         router = RouterApp(_config(model_dir, bound_flops), pool)
-        runner = web.AppRunner(router.build(), access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
+        port = await router.start()
         session = aiohttp.ClientSession()
         try:
-            await body(Harness(router, backends, ports, f"http://127.0.0.1:{port}", runner, session))
+            await body(Harness(router, backends, ports, f"http://127.0.0.1:{port}", session))
         finally:
             await session.close()
-            await runner.cleanup()
+            await router.close()
             for b in backends:
                 if b.server is not None and b.server.is_serving():
                     await b.kill()

@@ -1,36 +1,37 @@
-"""The gateway: an aiohttp server that places each prefill-only request with the policy.
+"""The gateway: places each prefill-only request with the policy and relays it to a replica.
 
 Per routed request (``/v1/embeddings``, ``/pooling``, ``/classify``, ``/score``, ``/rerank``
 and their ``/v1`` forms)::
 
-    [parse JSON, check model]  -> 400/404 without forwarding
-    [tokenise: prompts.py]     -> 400 if a prompt is over the model's length
-    [RouterPolicy.submit]      -> Placement now, or wait in the global queue
-    [forward the raw body over the keep-alive pool to the chosen backend]
+    [parse JSON (orjson), check model]  -> 400/404 without forwarding
+    [tokenise: prompts.py]              -> 400 if a prompt is over the model's length
+    [RouterPolicy.submit]               -> Placement now, or wait in the global queue
+    [forward the raw body (unchanged) over the backend's keep-alive pool]
        ok / 4xx / 500 -> relay it; RouterPolicy.complete -> wake queued requests
-       connection error or 503 -> backend marked unhealthy, RouterPolicy.fail,
+       connection error or 502/503/504 -> backend marked unhealthy, RouterPolicy.fail,
                                   resubmit elsewhere (prefill-only requests are idempotent)
-    [request timeout]          -> 504
+    [request timeout]                   -> 504
 
 ``/v1/models`` is passed to any healthy backend; ``/health`` is the router's own (200 while a
-backend is healthy); ``/metrics`` is the router's Prometheus text (``metrics.py``).
+backend is healthy); ``/metrics`` is the router's Prometheus text (``metrics.py``). The HTTP
+layer on both sides is ``http.py`` (asyncio protocols on ``httptools``), not a framework: at
+a few thousand requests per second per core a framework's per-request objects were the cost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import time
 from dataclasses import dataclass
 
-import aiohttp
-from aiohttp import web
+import orjson
 
 from zeroprefill.common.model_spec import MoEModelSpec
 from zeroprefill.common.prefix_index import block_hashes
 from zeroprefill.common.router_policy import Placement, PromptShape, RoutedRequest, RouterPolicy
+from zeroprefill.router import http
 from zeroprefill.router.backends import Backend, BackendPool
 from zeroprefill.router.metrics import RouterMetrics
 from zeroprefill.router.prompts import (
@@ -45,8 +46,7 @@ logger = logging.getLogger(__name__)
 
 #: Backend answers that mean "this replica cannot serve now": retried on another one.
 RETRY_STATUSES = frozenset({502, 503, 504})
-_HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "host",
-                         "content-encoding"})
+_JSON_CONTENT_TYPE = b"content-type: application/json\r\n"
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class _NoBackend(Exception):
 
 
 class RouterApp:
-    """Holds the policy, the backend pool and the metrics; builds the aiohttp application."""
+    """Holds the policy, the backend pool and the metrics; serves HTTP with :meth:`handle`."""
 
     def __init__(self, config: RouterConfig, pool: BackendPool) -> None:
         self.config = config
@@ -88,87 +88,101 @@ class RouterApp:
         self.metrics = RouterMetrics()
         self._waiters: dict[str, asyncio.Future[Placement]] = {}
         self._ids = itertools.count()
+        self._expired: set[asyncio.Task] = set()
+        self._server: asyncio.Server | None = None
+        self._connections: set[http.ServerConnection] = set()
 
-    def build(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        for path in sorted(ROUTED_PATHS):
-            app.router.add_post(path, self.handle_routed)
-        app.router.add_get("/v1/models", self.handle_models)
-        app.router.add_get("/health", self.handle_health)
-        app.router.add_get("/metrics", self.handle_metrics)
-        app.on_startup.append(self._start)
-        app.on_cleanup.append(self._stop)
-        return app
-
-    async def _start(self, _: web.Application) -> None:
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Probe the backends, then listen on ``host:port`` (0: a free port); returns the port."""
         await self.pool.start()
+        self._server, self._connections = await http.serve(self.handle, host, port)
+        return self._server.sockets[0].getsockname()[1]
 
-    async def _stop(self, _: web.Application) -> None:
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for connection in list(self._connections):
+                connection.close()
+            await self._server.wait_closed()
         await self.pool.close()
+
+    async def handle(self, method: bytes, path: str, headers: dict[bytes, bytes], body: bytes) -> http.Response:
+        """Every HTTP request the gateway receives."""
+        if path in ROUTED_PATHS:
+            if method != b"POST":
+                return _error(405, f"{path} takes POST", "MethodNotAllowed")
+            return await self.handle_routed(path, headers, body)
+        if method != b"GET":
+            return _error(405 if path in _GET_PATHS else 404, f"no {method.decode()} {path}", "NotFoundError")
+        if path == "/health":
+            return self.handle_health()
+        if path == "/metrics":
+            return http.Response(200, self.metrics.render(self.policy, self.pool).encode(), b"text/plain")
+        if path == "/v1/models":
+            return await self.handle_models()
+        return _error(404, f"no route {path}", "NotFoundError")
 
     # --------------------------------------------------------------------------- handlers
 
-    async def handle_health(self, _: web.Request) -> web.Response:
+    def handle_health(self) -> http.Response:
         healthy = sum(b.healthy for b in self.pool.backends)
-        return web.json_response(
-            {"healthy_backends": healthy, "backends": len(self.pool.backends)},
-            status=200 if healthy else 503,
-        )
+        return http.Response(200 if healthy else 503, orjson.dumps(
+            {"healthy_backends": healthy, "backends": len(self.pool.backends)}))
 
-    async def handle_metrics(self, _: web.Request) -> web.Response:
-        return web.Response(text=self.metrics.render(self.policy, self.pool), content_type="text/plain")
-
-    async def handle_models(self, request: web.Request) -> web.Response:
+    async def handle_models(self) -> http.Response:
         backend = self.pool.any_healthy()
         if backend is None:
             return _error(503, "no healthy backend")
-        assert self.pool.session is not None
         try:
-            async with self.pool.session.get(backend.url + "/v1/models") as response:
-                return await _relay(response)
-        except (aiohttp.ClientError, OSError) as exc:
+            response = await backend.upstream.request(b"GET", "/v1/models")
+        except OSError as exc:  # ConnectionError included
             self.pool.mark(backend, False, f"{type(exc).__name__}: {exc}")
             return _error(502, f"backend {backend.url} failed: {exc}")
+        return _relay(response)
 
-    async def handle_routed(self, request: web.Request) -> web.StreamResponse:
+    async def handle_routed(self, path: str, headers: dict[bytes, bytes], body: bytes) -> http.Response:
         arrival_s = time.perf_counter()
-        path = request.path
-        body = await request.read()
         try:
             routed = self._parse(path, body, arrival_s)
         except BadRequest as exc:
             return self._answer(path, arrival_s, _error(400, str(exc)))
         except _UnknownModel as exc:
             return self._answer(path, arrival_s, _error(404, str(exc), "NotFoundError"))
+        task = asyncio.current_task()
+        assert task is not None
+        timer = asyncio.get_running_loop().call_later(self.config.request_timeout_s, self._expire, task)
         try:
-            response = await asyncio.wait_for(
-                self._dispatch_and_forward(routed, path, body, request.headers),
-                self.config.request_timeout_s,
-            )
-        except asyncio.TimeoutError:
+            response = await self._dispatch_and_forward(routed, path, body, headers)
+        except asyncio.CancelledError:
             self._abandon(routed.request_id)
+            if task not in self._expired:
+                raise  # the client went away
+            self._expired.discard(task)
             response = _error(504, f"request timed out after {self.config.request_timeout_s} s "
                                    "(raise --request-timeout-s)", "TimeoutError")
         except _NoBackend as exc:
             response = _error(503, str(exc), "ServiceUnavailableError")
         except BadRequest as exc:
             response = _error(400, str(exc))
-        except asyncio.CancelledError:  # the client went away
-            self._abandon(routed.request_id)
-            raise
+        finally:
+            timer.cancel()
         return self._answer(path, arrival_s, response)
 
     # --------------------------------------------------------------------------- internals
 
-    def _answer(self, path: str, arrival_s: float, response: web.StreamResponse) -> web.StreamResponse:
+    def _expire(self, task: asyncio.Task) -> None:
+        self._expired.add(task)
+        task.cancel()
+
+    def _answer(self, path: str, arrival_s: float, response: http.Response) -> http.Response:
         self.metrics.requests[(path, response.status)] += 1
         self.metrics.latency_s.observe(time.perf_counter() - arrival_s)
         return response
 
     def _parse(self, path: str, body: bytes, arrival_s: float) -> RoutedRequest:
         try:
-            payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
             raise BadRequest(f"request body is not valid JSON: {exc}") from None
         if not isinstance(payload, dict):
             raise BadRequest("request body must be a JSON object")
@@ -192,12 +206,13 @@ class RouterApp:
         return RoutedRequest(f"r{next(self._ids)}", shapes, arrival_s)
 
     async def _dispatch_and_forward(
-        self, routed: RoutedRequest, path: str, body: bytes, headers
-    ) -> web.StreamResponse:
+        self, routed: RoutedRequest, path: str, body: bytes, headers: dict[bytes, bytes]
+    ) -> http.Response:
         excluded: frozenset[int] = frozenset()
-        forward_headers = {"Content-Type": "application/json"}
-        if "Authorization" in headers:
-            forward_headers["Authorization"] = headers["Authorization"]
+        forward_headers = _JSON_CONTENT_TYPE
+        authorization = headers.get(b"authorization")
+        if authorization is not None:
+            forward_headers += b"authorization: " + authorization + b"\r\n"
         for attempt in range(self.config.max_retries + 1):
             placement = await self._place(routed, excluded)
             backend = self.pool.backends[placement.replica]
@@ -205,16 +220,11 @@ class RouterApp:
             if backend_path is None:
                 self._finish(routed.request_id, failed=True)
                 raise BadRequest(f"{backend.kind} backends have no {path} endpoint; use /v1/embeddings")
-            assert self.pool.session is not None
             try:
-                async with self.pool.session.post(
-                    backend.url + backend_path, data=body, headers=forward_headers
-                ) as response:
-                    if response.status in RETRY_STATUSES:
-                        await response.read()
-                        raise _BackendUnavailable(f"{backend_path} answered {response.status}")
-                    relayed = await _relay(response)
-            except (aiohttp.ClientError, OSError, _BackendUnavailable) as exc:
+                response = await backend.upstream.request(b"POST", backend_path, body, forward_headers)
+                if response.status in RETRY_STATUSES:
+                    raise _BackendUnavailable(f"{backend_path} answered {response.status}")
+            except (OSError, _BackendUnavailable) as exc:  # ConnectionError included
                 self.pool.mark(backend, False, f"{type(exc).__name__}: {exc}")
                 self._finish(routed.request_id, failed=True)
                 excluded = excluded | {placement.replica}
@@ -224,7 +234,7 @@ class RouterApp:
                 self._finish(routed.request_id, failed=True)
                 raise
             self._finish(routed.request_id, failed=False)
-            return relayed
+            return _relay(response)
         raise _NoBackend(f"every attempt failed ({self.config.max_retries + 1} tries)")
 
     async def _place(self, routed: RoutedRequest, excluded: frozenset[int]) -> Placement:
@@ -233,10 +243,15 @@ class RouterApp:
             raise _NoBackend("no healthy backend")
         if healthy <= excluded:
             excluded = frozenset()  # every healthy replica failed it once: let any try again
+        dispatched = self.policy.submit(routed, excluded)
+        if dispatched and dispatched[0][0] is routed:  # placed at once: no need to wait
+            self._wake(dispatched[1:])
+            self.metrics.queue_wait_s.observe(time.perf_counter() - routed.arrival_s)
+            return dispatched[0][1]
         waiter = asyncio.get_running_loop().create_future()
         self._waiters[routed.request_id] = waiter
         try:
-            self._wake(self.policy.submit(routed, excluded))
+            self._wake(dispatched)
             placement = await waiter
         finally:
             self._waiters.pop(routed.request_id, None)
@@ -272,13 +287,21 @@ class _BackendUnavailable(Exception):
     pass
 
 
-async def _relay(response: aiohttp.ClientResponse) -> web.Response:
-    payload = await response.read()
-    headers = {k: v for k, v in response.headers.items() if k.lower() not in _HOP_BY_HOP}
-    return web.Response(body=payload, status=response.status, headers=headers)
+_GET_PATHS = frozenset({"/health", "/metrics", "/v1/models"})
 
 
-def _error(status: int, message: str, kind: str = "BadRequestError") -> web.Response:
-    return web.json_response(
-        {"error": {"message": message, "type": kind, "code": status}, "object": "error"}, status=status
-    )
+def _relay(response: http.UpstreamResponse) -> http.Response:
+    """The backend's answer as the client will get it: status, body and headers unchanged."""
+    content_type = b"application/json"
+    headers = []
+    for name, value in response.headers:
+        if name == b"content-type":
+            content_type = value
+        elif name not in http.HOP_BY_HOP:
+            headers.append((name, value))
+    return http.Response(response.status, response.body, content_type, tuple(headers))
+
+
+def _error(status: int, message: str, kind: str = "BadRequestError") -> http.Response:
+    return http.Response(status, orjson.dumps(
+        {"error": {"message": message, "type": kind, "code": status}, "object": "error"}))

@@ -1,8 +1,8 @@
 """The engine replicas behind the router: one keep-alive HTTP pool, health checks, dialects.
 
 Each :class:`Backend` is one engine replica (a vLLM or SGLang server, itself possibly a DP /
-AsyncEP group). :class:`BackendPool` owns one ``aiohttp`` client session (keep-alive
-connections, reused across requests) and a background loop that probes every backend's
+AsyncEP group). :class:`BackendPool` owns one keep-alive connection pool per backend
+(:class:`~zeroprefill.router.http.UpstreamPool`) and a background loop that probes every backend's
 ``/health``; a failed probe or a connection error on a forwarded request marks a backend
 unhealthy, and the next successful probe brings it back. Probing ``/v1/models`` on the first
 success learns the served model names and the engine kind (``owned_by``: ``vllm`` or
@@ -12,11 +12,12 @@ success learns the served model names and the engine kind (``owned_by``: ``vllm`
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import aiohttp
+from zeroprefill.router.http import UpstreamPool, UpstreamResponse
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +39,15 @@ class Backend:
     index: int
     url: str
     kind: str = "auto"
+    upstream: UpstreamPool = field(init=False, repr=False)
     healthy: bool = False
     model_ids: tuple[str, ...] = ()
     consecutive_failures: int = 0
     last_error: str = ""
     health_transitions: int = 0
+
+    def __post_init__(self) -> None:
+        self.upstream = UpstreamPool(self.url)
 
     def path_for(self, path: str) -> str | None:
         """The backend's path for a client path, or ``None`` if its engine has none."""
@@ -52,7 +57,7 @@ class Backend:
 
 
 class BackendPool:
-    """Backends plus the shared client session and the health-check loop.
+    """Backends (each with its keep-alive connection pool) and the health-check loop.
 
     ``on_health_change(backend)`` is called whenever a backend turns healthy or unhealthy.
     """
@@ -63,7 +68,6 @@ class BackendPool:
         kind: str = "auto",
         health_interval_s: float = 1.0,
         health_timeout_s: float = 2.0,
-        max_connections: int = 1024,
         on_health_change: Callable[[Backend], None] | None = None,
     ) -> None:
         if not urls:
@@ -74,17 +78,11 @@ class BackendPool:
         self.auto_kind = kind == "auto"
         self.health_interval_s = health_interval_s
         self.health_timeout_s = health_timeout_s
-        self.max_connections = max_connections
         self.on_health_change = on_health_change
-        self.session: aiohttp.ClientSession | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._next_passthrough = 0
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self.max_connections, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=None
-        )
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         await self.check_all()
         self._health_task = asyncio.create_task(self._health_loop())
 
@@ -95,8 +93,8 @@ class BackendPool:
                 await self._health_task
             except asyncio.CancelledError:
                 pass
-        if self.session is not None:
-            await self.session.close()
+        for backend in self.backends:
+            backend.upstream.close()
 
     @property
     def model_ids(self) -> set[str]:
@@ -130,26 +128,28 @@ class BackendPool:
         await asyncio.gather(*(self.check(b) for b in self.backends))
 
     async def check(self, backend: Backend) -> None:
-        assert self.session is not None
-        timeout = aiohttp.ClientTimeout(total=self.health_timeout_s)
         try:
-            async with self.session.get(backend.url + "/health", timeout=timeout) as response:
-                await response.read()
-                ok = response.status == 200
-                error = "" if ok else f"/health answered {response.status}"
+            response = await self._get(backend, "/health")
+            ok = response.status == 200
+            error = "" if ok else f"/health answered {response.status}"
             if ok and not backend.model_ids:
-                await self._describe(backend, timeout)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                await self._describe(backend)
+        except (ConnectionError, asyncio.TimeoutError, OSError) as exc:
             ok, error = False, f"{type(exc).__name__}: {exc}"
         self.mark(backend, ok, error)
 
-    async def _describe(self, backend: Backend, timeout: aiohttp.ClientTimeout) -> None:
+    async def _get(self, backend: Backend, path: str) -> UpstreamResponse:
+        return await asyncio.wait_for(backend.upstream.request(b"GET", path), self.health_timeout_s)
+
+    async def _describe(self, backend: Backend) -> None:
         """Learn served model names and, with ``auto``, the engine kind from ``/v1/models``."""
-        assert self.session is not None
-        async with self.session.get(backend.url + "/v1/models", timeout=timeout) as response:
-            if response.status != 200:
-                return
-            payload = await response.json(content_type=None)
+        response = await self._get(backend, "/v1/models")
+        if response.status != 200:
+            return
+        try:
+            payload = json.loads(response.body)
+        except ValueError:
+            return
         models = payload.get("data", []) if isinstance(payload, dict) else []
         backend.model_ids = tuple(str(m["id"]) for m in models if isinstance(m, dict) and "id" in m)
         if self.auto_kind:

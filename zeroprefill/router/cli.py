@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -57,8 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
     from zeroprefill.common.model_spec import ModelSpecError, MoEModelSpec
     from zeroprefill.router.app import RouterApp, RouterConfig
     from zeroprefill.router.backends import BackendPool
@@ -109,10 +108,28 @@ def run(args: argparse.Namespace) -> int:
         return 2
     router = RouterApp(config, pool)
     _use_uvloop()
-    print(f"zeroprefill router on http://{args.host}:{args.port} -> {', '.join(args.backend)} "
-          f"(bound {bound_flops:.3g} FLOPs per replica)", flush=True)
-    web.run_app(router.build(), host=args.host, port=args.port, print=None, access_log=None)
+    try:
+        asyncio.run(_serve(router, args.host, args.port, bound_flops))
+    except OSError as exc:  # e.g. the port is taken
+        print(f"zeroprefill router: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+async def _serve(router, host: str, port: int, bound_flops: float) -> None:
+    """Serve until SIGINT / SIGTERM, then close every connection and the backend pools."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await router.start(host, port)
+    try:
+        print(f"zeroprefill router on http://{host}:{port} -> "
+              f"{', '.join(b.url for b in router.pool.backends)} (bound {bound_flops:.3g} FLOPs per replica)",
+              flush=True)
+        await stop.wait()
+    finally:
+        await router.close()
 
 
 def _planner_saturation_flops(spec, args: argparse.Namespace) -> float:
