@@ -1,4 +1,4 @@
-"""Prefill-only routing policy: true-FLOPs cost, prefix affinity, saturation-aware dispatch.
+"""Prefill-only routing policy: true-FLOPs cost, prefix affinity, step-aware dispatch.
 
 A prefill-only request is known in full when it arrives, so its cost on each replica can be
 computed before any GPU work::
@@ -6,23 +6,34 @@ computed before any GPU work::
     [RoutedRequest: prompts' token counts + block hashes]
         -> [PrefixIndex.match_all: leading cached blocks per replica]         (prefix_index.py)
         -> [request_flops(L, P): true FLOPs per replica, P = predicted hit]   (cost_model.py)
-        -> [placement among replicas under their bound: earliest finish
-            max(outstanding + cost, saturation), then best prefix hit, then least outstanding]
+        -> [placement among replicas whose next forward has room: earliest
+            estimated finish, then best prefix hit, then least outstanding]
         -> dispatched (outstanding FLOPs += cost)  |  global queue (no replica has room)
     [complete / fail] -> outstanding FLOPs -= cost -> drain the queue into freed replicas
 
-*Placement*: a replica's forward takes ``max(F / rate, floor)`` — work below its saturation
-threshold finishes in one floor-bound forward no matter how much there is — so replicas whose
-outstanding work plus this request stays under the threshold tie, and among them the best
-prefix hit wins (affinity is free there); past the threshold the earliest finish in FLOPs wins
-(a hit only helps through the FLOPs it saves). Pure hit-first placement under a loose bound was
-measured in the simulator to pile hot prefixes onto one replica while others idle.
+*Replica model*: a prefill-only engine runs one forward at a time over the requests it holds
+(continuous batching without decode); requests that arrive while a forward runs wait for the
+next one. A forward of ``F`` FLOPs takes ``max(F, saturation_flops) / flops_per_s`` — below
+the saturation threshold it waits on the expert-weight stream (a floor). The policy mirrors
+that per replica from its own dispatch/completion events: the *running* forward (what was
+dispatched to it while idle, or was waiting when the previous forward's requests completed)
+and the *next* forward (what was dispatched while one runs). No engine feedback is needed.
 
-*Bound*: a replica's outstanding work is kept at ``bound_flops`` — its saturation threshold
-(the per-forward FLOPs that hide the expert-weight stream, from the planner) times a small
-factor — not at a request count. Work above it would only queue inside the engine, where it
-can no longer move to a replica that frees up sooner. An idle replica always takes one
-request, however large.
+*Placement*: the replica where the request finishes first: the end of the running forward
+(estimated from its start and ``flops_per_s``; without a rate, its length in FLOPs) plus
+``max(next + cost, saturation)``. Below the threshold extra work in a forward is free, so
+replicas tie on the forward length and the earliest-ending running forward wins: a request
+arriving just after a forward started on one replica goes to another whose forward is about
+to end, instead of waiting a whole floor. Among equal finishes the best prefix hit wins
+(affinity where it costs nothing), then the least outstanding work. A hit also shortens the
+forward past the threshold, so it enters the finish estimate there.
+
+*Bound*: the work waiting for a replica's next forward is kept under ``bound_flops`` (its
+saturation threshold times a small factor) — enough to fill that forward past the threshold,
+no more: work beyond it would only wait inside the engine, where it can no longer move to a
+replica that frees up sooner. An empty next forward always takes one request, however large.
+The running forward is not counted against the bound (it is already committed), so a replica
+can be filling its next forward while the current one runs.
 
 *Global queue*: shortest true FLOPs first with linear aging. A request's priority key is
 ``cost_flops - aging_flops_per_s * waited_s``; at any instant all waiting requests have waited
@@ -33,7 +44,7 @@ nothing starves. The head is dispatched strictly first (no overtaking when it do
 
 The policy is engine-agnostic and synchronous: the gateway (``zeroprefill.router``), the
 simulator (``zeroprefill.simulate``) and engine-side load balancers drive it with their own
-clocks.
+clocks (``now_s`` arguments; a request's ``arrival_s`` when omitted).
 """
 
 from __future__ import annotations
@@ -89,12 +100,18 @@ class _Waiting:
 
 @dataclass
 class ReplicaLoad:
-    """What the policy tracks per replica."""
+    """What the policy tracks per replica (``outstanding = running + next forward``)."""
 
     bound_flops: float
     saturation_flops: float = 0.0
+    flops_per_s: float = 0.0
     outstanding_flops: int = 0
     in_flight: int = 0
+    running_flops: int = 0
+    next_flops: int = 0
+    step_start_s: float = 0.0
+    running: set[str] = field(default_factory=set)
+    next_step: set[str] = field(default_factory=set)
     healthy: bool = True
     dispatched_total: int = 0
     completed_total: int = 0
@@ -130,6 +147,8 @@ class RouterPolicy:
         aging_flops_per_s: priority a queued request gains per second waited; defaults to the
             smallest finite bound per second (a request that waited 1 s ranks like one a full
             bound cheaper).
+        flops_per_s: per-replica effective compute rate (FLOP/s) to estimate when a running
+            forward ends from its start time; empty: rank by forward lengths in FLOPs only.
     """
 
     spec: MoEModelSpec
@@ -138,6 +157,7 @@ class RouterPolicy:
     block_size: int = 16
     cache_capacity_blocks: int | Sequence[int] = 1 << 20
     aging_flops_per_s: float | None = None
+    flops_per_s: Sequence[float] = ()
     replicas: list[ReplicaLoad] = field(init=False)
     index: PrefixIndex = field(init=False)
     stats: PolicyStats = field(init=False)
@@ -152,7 +172,12 @@ class RouterPolicy:
             raise ValueError(
                 f"saturation_flops needs {len(self.bound_flops)} values >= 0, got {list(saturation)}"
             )
-        self.replicas = [ReplicaLoad(float(b), float(f)) for b, f in zip(self.bound_flops, saturation)]
+        rates = [float(r) for r in self.flops_per_s]
+        if rates and (len(rates) != len(self.bound_flops) or any(not r > 0 for r in rates)):
+            raise ValueError(f"flops_per_s needs {len(self.bound_flops)} values > 0, got {rates}")
+        rates = rates or [0.0] * len(self.bound_flops)
+        self.replicas = [ReplicaLoad(float(b), float(f), float(r))
+                         for b, f, r in zip(self.bound_flops, saturation, rates)]
         self.index = PrefixIndex(len(self.replicas), self.cache_capacity_blocks)
         self.stats = PolicyStats()
         if self.aging_flops_per_s is None:
@@ -163,6 +188,7 @@ class RouterPolicy:
         self._queue: list[tuple[float, int, _Waiting]] = []
         self._sequence = itertools.count()
         self._in_flight: dict[str, Placement] = {}
+        self._now_s = 0.0
 
     # ----------------------------------------------------------------------------- queries
 
@@ -192,40 +218,44 @@ class RouterPolicy:
     # ----------------------------------------------------------------------------- events
 
     def submit(
-        self, request: RoutedRequest, excluded: frozenset[int] = frozenset()
+        self, request: RoutedRequest, excluded: frozenset[int] = frozenset(), now_s: float | None = None
     ) -> list[tuple[RoutedRequest, Placement]]:
         """Queue ``request`` and dispatch what fits; returns every request dispatched now.
 
         The list holds ``request`` itself unless it must wait (all replicas at their bound, or
         a request ahead of it in the queue does not fit yet); it is then dispatched by a later
         :meth:`complete`, :meth:`fail` or :meth:`set_healthy`. ``excluded`` replicas (e.g. ones
-        that already failed this request) are not chosen for it.
+        that already failed this request) are not chosen for it. ``now_s`` is the caller's
+        clock (default: ``request.arrival_s``).
         """
         if request.request_id in self._in_flight:
             raise ValueError(f"request {request.request_id!r} is already in flight")
+        now_s = request.arrival_s if now_s is None else now_s
         if not self._queue:
-            placement = self._try_place(request, excluded)
+            placement = self._try_place(request, excluded, now_s)
             if placement is not None:
                 return [(request, placement)]
         base_cost = self._uncached_cost(request)
         key = base_cost + self.aging_flops_per_s * request.arrival_s
         heapq.heappush(self._queue, (key, next(self._sequence), _Waiting(request, excluded, base_cost)))
         self.stats.queued_total += 1
-        return self.drain_queue()
+        return self.drain_queue(now_s)
 
-    def complete(self, request_id: str) -> list[tuple[RoutedRequest, Placement]]:
+    def complete(self, request_id: str, now_s: float | None = None) -> list[tuple[RoutedRequest, Placement]]:
         """A request finished: release its FLOPs; returns queued requests dispatched now."""
-        placement = self._release(request_id)
+        placement = self._release(request_id, now_s)
         self.replicas[placement.replica].completed_total += 1
-        return self.drain_queue()
+        return self.drain_queue(now_s)
 
-    def fail(self, request_id: str) -> list[tuple[RoutedRequest, Placement]]:
+    def fail(self, request_id: str, now_s: float | None = None) -> list[tuple[RoutedRequest, Placement]]:
         """A request failed on its replica: release its FLOPs (the caller may resubmit it)."""
-        placement = self._release(request_id)
+        placement = self._release(request_id, now_s)
         self.replicas[placement.replica].failed_total += 1
-        return self.drain_queue()
+        return self.drain_queue(now_s)
 
-    def set_healthy(self, replica: int, healthy: bool) -> list[tuple[RoutedRequest, Placement]]:
+    def set_healthy(
+        self, replica: int, healthy: bool, now_s: float | None = None
+    ) -> list[tuple[RoutedRequest, Placement]]:
         """Drain (``False``) or restore (``True``) a replica; returns requests dispatched now."""
         load = self.replicas[replica]
         if load.healthy == healthy:
@@ -235,7 +265,7 @@ class RouterPolicy:
             # Whatever it had cached is gone if it died; forget it either way.
             self.index.clear(replica)
             return []
-        return self.drain_queue()
+        return self.drain_queue(now_s)
 
     def cancel(self, request_id: str) -> bool:
         """Drop a queued request (client gone or timed out). Returns whether it was queued."""
@@ -247,12 +277,16 @@ class RouterPolicy:
                 return True
         return False
 
-    def drain_queue(self) -> list[tuple[RoutedRequest, Placement]]:
-        """Dispatch queued requests in priority order while the head fits somewhere."""
+    def drain_queue(self, now_s: float | None = None) -> list[tuple[RoutedRequest, Placement]]:
+        """Dispatch queued requests in priority order while the head fits somewhere.
+
+        ``now_s`` defaults to the latest time the policy was told of.
+        """
+        now_s = self._now_s if now_s is None else now_s
         dispatched: list[tuple[RoutedRequest, Placement]] = []
         while self._queue:
             waiting = self._queue[0][2]
-            placement = self._try_place(waiting.request, waiting.excluded)
+            placement = self._try_place(waiting.request, waiting.excluded, now_s)
             if placement is None:
                 break
             heapq.heappop(self._queue)
@@ -264,25 +298,41 @@ class RouterPolicy:
     def _uncached_cost(self, request: RoutedRequest) -> int:
         return sum(request_flops(self.spec, p.num_tokens, 0, p.head_tokens) for p in request.prompts)
 
-    def _try_place(self, request: RoutedRequest, excluded: frozenset[int]) -> Placement | None:
-        best: tuple[float, bool, int, int, int] | None = None
-        best_cost = 0
+    def _try_place(self, request: RoutedRequest, excluded: frozenset[int], now_s: float) -> Placement | None:
+        self._now_s = max(self._now_s, now_s)
+        best: tuple[float, int, int, int] | None = None
+        best_cost, best_joins = 0, False
         for replica, load in enumerate(self.replicas):
             if not load.healthy or replica in excluded:
                 continue
             cost, cached = self.cost_on(request, replica)
-            fits = load.in_flight == 0 or load.outstanding_flops + cost <= load.bound_flops
-            if not fits:
-                continue
-            after = load.outstanding_flops + cost
-            rank = (max(after, load.saturation_flops), load.in_flight > 0, -cached, after, replica)
+            # Work dispatched at the very instant a forward starts (the queue draining into a
+            # replica whose forward just ended) is batched into it by the engine.
+            joins_running = not load.running or (
+                load.flops_per_s > 0 and now_s == load.step_start_s
+                and load.running_flops + cost <= load.bound_flops)
+            if joins_running:
+                finish = self._forward_time(load, load.running_flops + cost)
+            else:
+                if load.next_step and load.next_flops + cost > load.bound_flops:
+                    continue
+                finish = self._running_left(load, now_s) + self._forward_time(load, load.next_flops + cost)
+            rank = (finish, -cached, load.outstanding_flops + cost, replica)
             if best is None or rank < best:
-                best, best_cost = rank, cost
+                best, best_cost, best_joins = rank, cost, joins_running
         if best is None:
             return None
-        replica = best[4]
-        placement = Placement(replica=replica, cost_flops=best_cost, cached_tokens=-best[2])
+        replica = best[3]
+        placement = Placement(replica=replica, cost_flops=best_cost, cached_tokens=-best[1])
         load = self.replicas[replica]
+        if best_joins:
+            if not load.running:
+                load.step_start_s = now_s
+            load.running.add(request.request_id)
+            load.running_flops += best_cost
+        else:
+            load.next_step.add(request.request_id)
+            load.next_flops += best_cost
         load.outstanding_flops += best_cost
         load.in_flight += 1
         load.dispatched_total += 1
@@ -293,11 +343,36 @@ class RouterPolicy:
             self.index.insert(prompt.block_hashes, replica)
         return placement
 
-    def _release(self, request_id: str) -> Placement:
+    @staticmethod
+    def _forward_time(load: ReplicaLoad, flops: int) -> float:
+        """A forward's length: seconds with a rate, else FLOPs (the floor counts as saturation)."""
+        length = max(flops, load.saturation_flops)
+        return length / load.flops_per_s if load.flops_per_s else length
+
+    def _running_left(self, load: ReplicaLoad, now_s: float) -> float:
+        """How long until the running forward ends (its whole length without a rate)."""
+        total = self._forward_time(load, load.running_flops)
+        if not load.flops_per_s:
+            return total
+        return max(load.step_start_s + total - now_s, 0.0)
+
+    def _release(self, request_id: str, now_s: float | None) -> Placement:
         placement = self._in_flight.pop(request_id, None)
         if placement is None:
             raise KeyError(f"request {request_id!r} is not in flight")
+        if now_s is not None:
+            self._now_s = max(self._now_s, now_s)
         load = self.replicas[placement.replica]
         load.outstanding_flops -= placement.cost_flops
         load.in_flight -= 1
+        if request_id in load.running:
+            load.running.discard(request_id)
+            load.running_flops -= placement.cost_flops
+            if not load.running:  # the forward ended: the next one starts with what waited
+                load.running, load.next_step = load.next_step, load.running
+                load.running_flops, load.next_flops = load.next_flops, 0
+                load.step_start_s = self._now_s
+        else:
+            load.next_step.discard(request_id)
+            load.next_flops -= placement.cost_flops
         return placement

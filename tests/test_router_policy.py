@@ -1,4 +1,4 @@
-"""Router policy: prefix index, placement under the FLOPs bound, queue order, bookkeeping."""
+"""Router policy: prefix index, step-aware placement, the next-forward bound, queue order, bookkeeping."""
 
 from __future__ import annotations
 
@@ -78,54 +78,76 @@ def test_places_on_prefix_hit_while_under_saturation(spec):
     assert second.cached_tokens == 64
     assert second.cost_flops == request_flops(spec, 80, 64)
     assert policy.stats.prefix_hit_rate == pytest.approx(64 / 168)
-    # Past the threshold the earliest finish in FLOPs wins over the hit.
-    tight = _policy(spec, [10 * cost, 10 * cost], saturation=[cost, cost])
-    _placed(tight, _request("a", shared + [1000 + i for i in range(16)]))
+    # Past the threshold the earliest finish in FLOPs wins over the hit: replica 0's running
+    # forward (the hit's owner) is long, replica 1's short.
+    tight = _policy(spec, [10 * cost, 10 * cost], saturation=[1.0, 1.0])
+    _placed(tight, _request("a", shared + [1000 + i for i in range(400)]))
     _placed(tight, _request("x", [3000 + i for i in range(8)]))
     assert _placed(tight, _request("b", shared + [2000 + i for i in range(16)])).replica == 1
 
 
-def test_least_outstanding_flops_when_no_hit_and_hit_ignored_over_bound(spec):
+def test_bound_limits_the_next_forward_and_queue_drains_into_freed_room(spec):
     cost = request_flops(spec, 80)
-    policy = _policy(spec, [cost, 3 * cost])
-    first = _placed(policy, _request("a", list(range(80))))
-    assert first.replica == 0  # both idle: lowest outstanding + cost, then lowest index
-    # No hit anywhere: the least loaded replica.
+    policy = _policy(spec, [cost, cost])
+    assert _placed(policy, _request("a", list(range(80)))).replica == 0  # both idle: lowest index
+    # No hit anywhere: the idle replica (it starts at once, before a's forward ends).
     assert _placed(policy, _request("b", [5000 + i for i in range(80)])).replica == 1
-    # A full hit on replica 0, but it is at its bound: replica 1 still has room.
-    moved = _placed(policy, _request("c", list(range(80))))
-    assert (moved.replica, moved.cached_tokens) == (1, 0)
-    assert policy.replicas[1].outstanding_flops == 2 * cost
+    # Both busy, next forwards empty: the full hit on replica 0 makes its next forward shortest.
+    hit = _placed(policy, _request("c", list(range(80))))
+    assert (hit.replica, hit.cached_tokens) == (0, 79)
+    assert hit.cost_flops == request_flops(spec, 80, 79)
+    # Replica 0's next forward has no room left for a full request: replica 1's has.
     assert _placed(policy, _request("d", [6000 + i for i in range(80)])).replica == 1
-    # Both at their bound: queued, then dispatched where room frees up.
+    # Both next forwards at their bound: queued, then dispatched where room frees up.
     assert _placed(policy, _request("e", [7000 + i for i in range(80)], arrival_s=1.0)) is None
     assert policy.queue_depth == 1
+    # a's forward ends: c's starts, and e fills replica 0's next one.
     dispatched = policy.complete("a")
     assert [(r.request_id, p.replica) for r, p in dispatched] == [("e", 0)]
     assert policy.queue_depth == 0
+    assert policy.replicas[0].outstanding_flops == hit.cost_flops + cost
+    assert (policy.replicas[0].running_flops, policy.replicas[0].next_flops) == (hit.cost_flops, cost)
 
 
-def test_idle_replica_takes_a_request_larger_than_its_bound(spec):
+def test_empty_next_forward_takes_a_request_larger_than_its_bound(spec):
     policy = _policy(spec, [1.0, 1.0])  # bound far below any request
-    assert _placed(policy, _request("a", list(range(40)))) is not None
-    assert _placed(policy, _request("b", list(range(100, 140)))) is not None
-    assert _placed(policy, _request("c", list(range(200, 240)))) is None
+    for name in "abcd":  # running forward, then next forward, on each replica
+        assert _placed(policy, _request(name, [ord(name)] * 40)) is not None
+    assert _placed(policy, _request("e", list(range(200, 240)))) is None
+
+
+def test_request_goes_where_the_running_forward_ends_first(spec):
+    saturation = 1e15
+    rate = 1e15  # one-second floor per forward
+    policy = RouterPolicy(spec, [2 * saturation] * 2, [saturation] * 2, block_size=BLOCK,
+                          flops_per_s=[rate, rate])
+    policy.submit(_request("a", [1] * 40, arrival_s=0.0))  # replica 0: forward over [0, 1)
+    policy.submit(_request("b", [2] * 40, arrival_s=0.5))  # replica 1 (idle): forward over [0.5, 1.5)
+    assert policy.placement_of("b").replica == 1
+    # Both busy, both next forwards floor-bound: replica 0's running forward ends first.
+    assert _placed(policy, _request("c", [3] * 40, arrival_s=0.6)).replica == 0
+    # Without a rate the policy cannot tell the phases apart: the tie goes to least outstanding.
+    blind = RouterPolicy(spec, [2 * saturation] * 2, [saturation] * 2, block_size=BLOCK)
+    blind.submit(_request("a", [1] * 40, arrival_s=0.0))
+    blind.submit(_request("b", [2] * 8, arrival_s=0.5))
+    assert _placed(blind, _request("c", [3] * 40, arrival_s=0.6)).replica == 1
 
 
 def test_queue_is_shortest_flops_first(spec):
     policy = _policy(spec, [1.0], capacity=0)
     policy.aging_flops_per_s = 0.0
-    _placed(policy, _request("busy", [1] * 8))
+    in_flight = [_request("busy", [1] * 8), _request("next", [1] * 8)]
+    for request in in_flight:
+        _placed(policy, request)
+    in_flight = [r.request_id for r in in_flight]
     lengths = {"long": 200, "short": 20, "mid": 60}
     for name, length in lengths.items():
         assert _placed(policy, _request(name, [2] * length, arrival_s=0.0)) is None
     order = []
-    running = "busy"
-    while running:
-        dispatched = policy.complete(running)
-        running = dispatched[0][0].request_id if dispatched else None
-        if running:
-            order.append(running)
+    while in_flight:
+        dispatched = policy.complete(in_flight.pop(0))  # forwards end in order
+        in_flight += [r.request_id for r, _ in dispatched]
+        order += [r.request_id for r, _ in dispatched]
     assert order == ["short", "mid", "long"]
 
 
@@ -135,16 +157,18 @@ def test_aging_prevents_starvation(spec):
     def served_before_long(aging: float) -> int:
         policy = _policy(spec, [1.0], capacity=0)
         policy.aging_flops_per_s = aging
+        in_flight = ["busy", "next"]
         _placed(policy, _request("busy", [1] * 8))
+        _placed(policy, _request("next", [1] * 8))
         _placed(policy, _request("long", [3] * 400, arrival_s=0.0))
-        running, served = "busy", 0
+        served = 0
         for step in range(1, 200):
             _placed(policy, _request(f"s{step}", [4] * 10, arrival_s=float(step)))
-            dispatched = policy.complete(running)
-            running = dispatched[0][0].request_id
-            if running == "long":
+            dispatched = [r.request_id for r, _ in policy.complete(in_flight.pop(0))]
+            if "long" in dispatched:
                 return served
-            served += 1
+            in_flight += dispatched
+            served += len(dispatched)
         return served
 
     cost_long = request_flops(spec, 400)

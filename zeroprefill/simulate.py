@@ -11,8 +11,10 @@ A replica runs continuous batching: when idle it takes its waiting requests firs
 first-served up to ``max_batch_tokens`` uncached tokens (cached ones are not computed, as in
 vLLM's scheduler budget) and runs one forward; all of them finish at its end.
 Its prefix cache is a capacity-bounded LRU of chained block hashes (the engine's ground
-truth, separate from any router's belief); a request's cached tokens are looked up when its
-step starts and its blocks are cached when the step ends.
+truth, separate from any router's belief). As in vLLM v1 (``KVCacheManager.allocate_slots``
+caches a request's full blocks when it is scheduled), a request's blocks enter the cache when
+it is scheduled into a forward, so a later request of the *same* forward already hits them
+(its KV is written layer by layer before attention reads it).
 
 Policies, side by side on the same requests:
 
@@ -375,10 +377,11 @@ class ZeroPrefill(SimPolicy):
         routed = RoutedRequest(str(request.request_id),
                                [PromptShape(len(request.tokens), request.hashes)], now_s)
         self._requests[routed.request_id] = request
-        return [(self._requests[r.request_id], p.replica) for r, p in self.policy.submit(routed)]
+        return [(self._requests[r.request_id], p.replica) for r, p in self.policy.submit(routed, now_s=now_s)]
 
     def complete(self, request, replica, now_s):
-        return [(self._requests[r.request_id], p.replica) for r, p in self.policy.complete(str(request.request_id))]
+        dispatched = self.policy.complete(str(request.request_id), now_s)
+        return [(self._requests[r.request_id], p.replica) for r, p in dispatched]
 
 
 # ----------------------------------------------------------------------------- simulation
@@ -440,6 +443,7 @@ def simulate(
             if batch and new_tokens + len(request.tokens) - hit > hardware.max_batch_tokens:
                 break
             replica.waiting.popleft()
+            replica.cache.insert(request.hashes, 0)
             batch.append(request)
             new_tokens += len(request.tokens) - hit
             flops += request_flops(spec, len(request.tokens), hit)
@@ -469,7 +473,6 @@ def simulate(
         last_done_s = now_s
         released: list[tuple[SimRequest, int]] = []
         for request in batch:
-            replica.cache.insert(request.hashes, 0)
             latencies.append(now_s - request.arrival_s)
             released += policy.complete(request, index, now_s)
         dispatch(released, now_s)
@@ -504,7 +507,8 @@ def make_policy(
         bound = hardware.saturation_flops(spec) * bound_factor
         saturation = hardware.saturation_flops(spec)
         policy = RouterPolicy(spec, [bound] * num_replicas, [saturation] * num_replicas, block_size=block_size,
-                              cache_capacity_blocks=hardware.cache_capacity_tokens // block_size)
+                              cache_capacity_blocks=hardware.cache_capacity_tokens // block_size,
+                              flops_per_s=[hardware.effective_flops_per_s()] * num_replicas)
         return ZeroPrefill(policy, block_size)
     raise ValueError(f"unknown policy {name!r}; choose from {POLICIES}")
 
