@@ -49,6 +49,7 @@ clocks (``now_s`` arguments; a request's ``arrival_s`` when omitted).
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import math
@@ -189,6 +190,9 @@ class RouterPolicy:
         self._sequence = itertools.count()
         self._in_flight: dict[str, Placement] = {}
         self._now_s = 0.0
+        # request_flops is pure in (tokens, cached, head) for the fixed spec and costs ~10 us:
+        # memoised, since prompt lengths repeat (placement evaluates it per replica).
+        self._request_flops = functools.lru_cache(maxsize=1 << 16)(functools.partial(request_flops, self.spec))
 
     # ----------------------------------------------------------------------------- queries
 
@@ -211,7 +215,7 @@ class RouterPolicy:
             hit_blocks = self.index.match(prompt.block_hashes, replica)
             # An engine always recomputes at least the last prompt token.
             hit_tokens = min(hit_blocks * self.block_size, max(prompt.num_tokens - 1, 0))
-            flops += request_flops(self.spec, prompt.num_tokens, hit_tokens, prompt.head_tokens)
+            flops += self._request_flops(prompt.num_tokens, hit_tokens, prompt.head_tokens)
             cached += hit_tokens
         return flops, cached
 
@@ -296,7 +300,7 @@ class RouterPolicy:
     # ----------------------------------------------------------------------------- internals
 
     def _uncached_cost(self, request: RoutedRequest) -> int:
-        return sum(request_flops(self.spec, p.num_tokens, 0, p.head_tokens) for p in request.prompts)
+        return sum(self._request_flops(p.num_tokens, 0, p.head_tokens) for p in request.prompts)
 
     def _try_place(self, request: RoutedRequest, excluded: frozenset[int], now_s: float) -> Placement | None:
         self._now_s = max(self._now_s, now_s)
