@@ -238,3 +238,34 @@ def test_sglang_backends_get_their_paths(model_dir):
         assert status == 400 and b"sglang backends have no /pooling" in payload
 
     run_with_router(model_dir, body, num_backends=1, kind="sglang")
+
+
+def test_raw_http_pipelined_chunked_and_expect_continue(model_dir):
+    """HTTP/1.1 details of the gateway's own server, over a raw socket."""
+
+    async def body(h: Harness) -> None:
+        port = int(h.url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        payload = json.dumps({"input": "pipelined"}).encode()
+        plain = (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        half = len(payload) // 2
+        chunked = (b"POST /classify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (half, payload[:half], len(payload) - half, payload[half:]))
+        writer.write(plain + chunked + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # pipelined
+        statuses = []
+        for _ in range(3):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            statuses.append((head.split(b" ")[1], await reader.readexactly(length)))
+        assert [s for s, _ in statuses] == [b"200", b"200", b"200"]
+        assert statuses[0][1] == (await h.post("/v1/embeddings", payload))[1]  # answered in order
+        assert b"healthy_backends" in statuses[2][1]
+        writer.write(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(payload))
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.5) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(payload)
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 200")
+        writer.close()
+
+    run_with_router(model_dir, body)

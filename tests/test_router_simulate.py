@@ -77,3 +77,20 @@ def test_cache_aware_switches_to_shortest_queue_when_imbalanced():
     # Cache affinity sends the same prompt to one worker until the loads differ by more than 2
     # (and by 1.5x); then the least-loaded worker gets it, and affinity resumes once balanced.
     assert placed == [0, 0, 0, 1, 0, 1]
+
+
+def test_engine_caches_blocks_at_scheduling_so_one_forward_shares_a_new_prefix(spec):
+    """As vLLM v1: a request's blocks are cached when scheduled, so a later one in the same
+    forward hits them (the router's prediction for requests batched together)."""
+    from zeroprefill.common.prefix_index import block_hashes
+    from zeroprefill.simulate import RoundRobin, simulate
+
+    prefix = tuple(range(1000, 1512))
+    # A first request occupies the replica; the three sharing a new prefix wait for one forward.
+    prompts = [(7,) * 16] + [prefix + (i,) * 16 for i in range(3)]
+    requests = [SimRequest(i, 0.0, p, tuple(block_hashes(p, 16))) for i, p in enumerate(prompts)]
+    result = simulate(spec, ReplicaHardware(), requests, RoundRobin(1), num_replicas=1, block_size=16)
+    assert result.completed == 4
+    # In that forward the first of them computes the prefix, the other two hit all 512 tokens.
+    assert result.prefix_hit_rate == pytest.approx(2 * 512 / (16 + 3 * 528))
+    assert result.latency_p99_s == pytest.approx(2 * ReplicaHardware().forward_floor_s(spec))
