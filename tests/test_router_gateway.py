@@ -269,3 +269,19 @@ def test_raw_http_pipelined_chunked_and_expect_continue(model_dir):
         writer.close()
 
     run_with_router(model_dir, body)
+
+
+def test_planner_gives_the_replica_threshold_and_compute_rate():
+    import argparse
+
+    from zeroprefill.common.hardware import shipped_profile
+    from zeroprefill.common.model_spec import MoEModelSpec
+    from zeroprefill.common.planner import forward_flops_at_threshold
+    from zeroprefill.router.cli import _planner_replica_model
+
+    spec = MoEModelSpec.from_pretrained("common/model_configs/qwen3-235b-a22b.json")
+    args = argparse.Namespace(gpus=4, gpu="h200", dtype="bf16", context_tokens=2048)
+    saturation, rate = _planner_replica_model(spec, args)
+    profile = shipped_profile("h200", 4)
+    assert saturation == 4 * forward_flops_at_threshold(spec, profile, 4, 2048, "bf16")
+    assert rate == pytest.approx(4 * profile.effective_tflops("bf16") * 1e12)

@@ -58,6 +58,7 @@ class RouterConfig:
     max_model_len: int
     bound_flops: float
     saturation_flops: float = 0.0
+    flops_per_s: float = 0.0  # a replica's effective compute rate; 0: rank by FLOPs alone
     block_size: int = 16
     cache_capacity_blocks: int = 1 << 16
     request_timeout_s: float = 300.0
@@ -81,6 +82,7 @@ class RouterApp:
             [config.saturation_flops] * len(pool.backends),
             block_size=config.block_size,
             cache_capacity_blocks=config.cache_capacity_blocks,
+            flops_per_s=[config.flops_per_s] * len(pool.backends) if config.flops_per_s else (),
         )
         for backend in pool.backends:
             self.policy.set_healthy(backend.index, backend.healthy)
@@ -259,8 +261,9 @@ class RouterApp:
         return placement
 
     def _finish(self, request_id: str, failed: bool) -> None:
-        dispatched = self.policy.fail(request_id) if failed else self.policy.complete(request_id)
-        self._wake(dispatched)
+        now_s = time.perf_counter()  # the clock the policy's step estimates run on
+        finish = self.policy.fail if failed else self.policy.complete
+        self._wake(finish(request_id, now_s))
 
     def _abandon(self, request_id: str) -> None:
         """A timed-out request: take it out of the queue or release its FLOPs."""
@@ -273,10 +276,10 @@ class RouterApp:
             if waiter is not None and not waiter.done():
                 waiter.set_result(placement)
             else:  # its client is gone: give the slot back
-                self._wake(self.policy.fail(routed.request_id))
+                self._wake(self.policy.fail(routed.request_id, time.perf_counter()))
 
     def _on_health_change(self, backend: Backend) -> None:
-        self._wake(self.policy.set_healthy(backend.index, backend.healthy))
+        self._wake(self.policy.set_healthy(backend.index, backend.healthy, time.perf_counter()))
 
 
 class _UnknownModel(Exception):

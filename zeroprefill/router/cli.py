@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--saturation-flops", type=float, default=None,
                         help="per-replica saturation threshold in FLOPs of outstanding work")
     parser.add_argument("--gpus", type=int, default=None,
-                        help="GPUs per replica: derive --saturation-flops from the planner")
+                        help="GPUs per replica: derive the saturation threshold and the replica compute rate from the planner")
     parser.add_argument("--gpu", default="h200", help="planner hardware profile (with --gpus)")
     parser.add_argument("--dtype", default="bf16", help="planner weight/compute dtype (with --gpus)")
     parser.add_argument("--context-tokens", type=int, default=2048,
@@ -82,12 +82,15 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     saturation_flops = args.saturation_flops
-    if saturation_flops is None and args.gpus is not None:
+    flops_per_s = 0.0
+    if args.gpus is not None:
         try:
-            saturation_flops = _planner_saturation_flops(spec, args)
+            planned_saturation, flops_per_s = _planner_replica_model(spec, args)
         except ValueError as exc:
             print(f"zeroprefill router: {exc}", file=sys.stderr)
             return 2
+        if saturation_flops is None:
+            saturation_flops = planned_saturation
     bound_flops = saturation_flops * args.bound_factor if saturation_flops is not None else math.inf
     config = RouterConfig(
         spec=spec,
@@ -95,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         max_model_len=max_model_len,
         bound_flops=bound_flops,
         saturation_flops=saturation_flops or 0.0,
+        flops_per_s=flops_per_s,
         block_size=args.block_size,
         cache_capacity_blocks=max(args.cache_capacity_tokens // args.block_size, 1),
         request_timeout_s=args.request_timeout_s,
@@ -132,8 +136,9 @@ async def _serve(router, host: str, port: int, bound_flops: float) -> None:
         await router.close()
 
 
-def _planner_saturation_flops(spec, args: argparse.Namespace) -> float:
-    """Per-replica saturation threshold: ``gpus`` x the planner's threshold forward, per GPU."""
+def _planner_replica_model(spec, args: argparse.Namespace) -> tuple[float, float]:
+    """Per replica: the saturation threshold (``gpus`` x the planner's threshold forward per
+    GPU) and the effective compute rate in FLOP/s (``gpus`` x R_eff under the gather)."""
     from zeroprefill.common.hardware import shipped_profile
     from zeroprefill.common.planner import forward_flops_at_threshold
 
@@ -141,7 +146,8 @@ def _planner_saturation_flops(spec, args: argparse.Namespace) -> float:
         raise ValueError(f"--gpus and --context-tokens must be > 0, got {args.gpus}, {args.context_tokens}")
     profile = shipped_profile(args.gpu, args.gpus)
     per_gpu = forward_flops_at_threshold(spec, profile, args.gpus, args.context_tokens, args.dtype)
-    return float(args.gpus * per_gpu)
+    rate_flops_per_s = args.gpus * profile.effective_tflops(args.dtype) * 1e12
+    return float(args.gpus * per_gpu), rate_flops_per_s
 
 
 def _max_position_embeddings(model_dir: Path) -> int:
