@@ -35,13 +35,18 @@ models (balanced, skewed) of ``e2e_prefill.py``.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import socket
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from zeroprefill.common.asyncep_moe import AsyncEPMoE, experts_reference, select_experts
@@ -59,6 +64,22 @@ ExpertsKernel = Callable[..., torch.Tensor]
 
 
 # -- timing --------------------------------------------------------------------------------
+def run_ranks(rank_main: Callable[..., None], num_ranks: int, args: object) -> dict:
+    """Spawn ``rank_main(rank, num_ranks, port, args, result_file)`` per rank; return rank 0's JSON.
+
+    ``port`` is a free loopback port for the rendezvous; rank 0 writes its result to
+    ``result_file``.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = os.path.join(tmp, "raw.json")
+        mp.spawn(rank_main, args=(num_ranks, port, args, result_file), nprocs=num_ranks, join=True)
+        with open(result_file) as f:
+            return json.load(f)
+
+
 def time_passes(run_pass: Callable[[], object], warmup: int, iters: int, device: torch.device) -> float:
     """Median milliseconds of one pass on this rank, all ranks aligned by a barrier before each.
 

@@ -53,17 +53,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
-import tempfile
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from _layouts import (PackedBatch, StackConfig, balanced_router_bias, build_stack, dense_weights,
+from _layouts import (PackedBatch, run_ranks, StackConfig, balanced_router_bias, build_stack, dense_weights,
                       expert_weights_bf16, fp8_supported, mixed_request_lengths, parse_layout,
                       quantize_experts_fp8, routing_balance, skewed_router_bias, time_passes)
 from zeroprefill.common.cost_model import causal_query_key_pairs, layer_flops
@@ -535,13 +532,7 @@ def main(argv: list[str] | None = None) -> None:
     if not points(args.tokens, args.contexts):
         parser.error(f"no point has tokens >= context: tokens {args.tokens}, contexts {args.contexts}")
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        result_file = os.path.join(tmp, "raw.json")
-        mp.spawn(_rank_main, args=(args.gpus, port, args, result_file), nprocs=args.gpus, join=True)
-        raw = json.loads(Path(result_file).read_text())
+    raw = run_ranks(_rank_main, args.gpus, args)
     finish(summarize(raw, command), args.out)
 
 

@@ -26,16 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from _layouts import AllToAllEP, time_passes
+from _layouts import AllToAllEP, run_ranks, time_passes
 from zeroprefill.common.asyncep_moe import AsyncEPMoE, default_experts_kernel, experts_grouped_mm, select_experts
 from zeroprefill.common.cost_model import moe_layer_flops
 from zeroprefill.common.expert_sharding import ExpertShardLayout
@@ -221,13 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("needs CUDA GPUs (run it through the device tool)")
     args.tokens = [int(t) for t in args.tokens.split(",")]
     args.transports = args.transports.split(",")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        result_file = os.path.join(tmp, "raw.json")
-        mp.spawn(_rank_main, args=(args.gpus, port, args, result_file), nprocs=args.gpus, join=True)
-        raw = json.loads(Path(result_file).read_text())
+    raw = run_ranks(_rank_main, args.gpus, args)
     result = summarize(raw, args)
     print_table(result, args.transports)
     if args.out:

@@ -97,7 +97,6 @@ def _parse_contexts(text: str) -> tuple[int, ...]:
 
 def format_plan(plan: Plan) -> str:
     """The plan as a readable report: gather and threshold, then one table per quantity."""
-    gb = 1e9
     lines = [
         f"{plan.model} on {plan.num_gpus} GPU(s), profile {plan.profile}, {plan.dtype}, "
         f"AllGather {plan.transport}, prefetch depth {plan.prefetch_depth}",
