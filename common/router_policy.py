@@ -316,12 +316,20 @@ class RouterPolicy:
                 load.flops_per_s > 0 and now_s == load.step_start_s
                 and load.running_flops + cost <= load.bound_flops)
             if joins_running:
-                finish = self._forward_time(load, load.running_flops + cost)
+                before, sharing = load.running_flops, len(load.running)
+                finish = self._forward_time(load, before + cost)
             else:
                 if load.next_step and load.next_flops + cost > load.bound_flops:
                     continue
-                finish = self._running_left(load, now_s) + self._forward_time(load, load.next_flops + cost)
-            rank = (finish, -cached, load.outstanding_flops + cost, replica)
+                before, sharing = load.next_flops, len(load.next_step)
+                finish = self._running_left(load, now_s) + self._forward_time(load, before + cost)
+            # What placing it here costs the requests already in that forward: each finishes
+            # later by the forward's growth (0 below the saturation threshold, cost / rate past
+            # it, less where the prefix is cached). Minimising own finish + this is the classic
+            # marginal-cost rule for total completion time.
+            growth = self._forward_time(load, before + cost) - self._forward_time(load, before)
+            delay_to_others = sharing * growth
+            rank = (finish + delay_to_others, -cached, load.outstanding_flops + cost, replica)
             if best is None or rank < best:
                 best, best_cost, best_joins = rank, cost, joins_running
         if best is None:
