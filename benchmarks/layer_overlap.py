@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from _layouts import AllToAllEP, run_ranks, time_passes
-from zeroprefill.common.asyncep_moe import AsyncEPMoE, default_experts_kernel, experts_grouped_mm, select_experts
+from zeroprefill.common.asyncep_moe import AsyncEPMoE, default_experts_kernel, select_experts
 from zeroprefill.common.cost_model import moe_layer_flops
 from zeroprefill.common.expert_sharding import ExpertShardLayout
 from zeroprefill.common.model_spec import MoEModelSpec
@@ -44,12 +44,6 @@ CONFIGS = Path(__file__).resolve().parent.parent / "common" / "model_configs"
 EXPOSED_TARGET = 0.05
 
 
-def _kernel(name: str, device: torch.device):
-    if name == "grouped_mm":
-        return experts_grouped_mm
-    return default_experts_kernel(device, torch.bfloat16)
-
-
 def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, result_file: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
@@ -58,7 +52,7 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
     spec = MoEModelSpec.from_pretrained(CONFIGS / f"{args.model}.json")
     h, i, e, k = spec.hidden_size, spec.expert_intermediate_size, spec.num_experts, spec.top_k
     layout = ExpertShardLayout(e, world_size)
-    kernel = _kernel(args.kernel, device)
+    kernel = default_experts_kernel(device, torch.bfloat16)
     gen = torch.Generator(device=device).manual_seed(0)  # same weights on every rank
 
     full = [
@@ -172,7 +166,7 @@ def summarize(raw: dict, args: argparse.Namespace) -> dict:
         "gpu": raw["meta"]["gpu"],
         "layers": args.layers,
         "prefetch_depth": args.prefetch_depth,
-        "kernel": args.kernel,
+        "kernel": "zeroprefill.kernels.fused_experts (shipped backend table)",
         "knee_tokens_per_gpu": knee,
         "max_exposed_comm_above_knee": max(above) if above else None,
         "exposed_target": EXPOSED_TARGET,
@@ -208,7 +202,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", default="1024,2048,4096,8192,16384,32768")
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--transports", default="nccl,copy_engine")
-    parser.add_argument("--kernel", choices=("auto", "grouped_mm"), default="auto")
     parser.add_argument("--prefetch-depth", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)

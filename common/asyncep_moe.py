@@ -8,7 +8,7 @@ the tokens never leave the rank. Expert load balance is perfect by construction.
     hidden [T, H], router_logits [T, E]
         -> select_experts            top-k per the model's rule (softmax / sigmoid, renorm)
         -> streamer.acquire(layer)   gathered w13 [S, 2I, H], w2 [S, H, I] (S >= E slots)
-        -> experts kernel            pluggable: Triton on GPU, grouped_mm, or a reference loop
+        -> experts kernel            pluggable: zeroprefill.kernels on GPU, a reference loop on CPU
         -> streamer.release(layer)
         -> out [T, H]
 
@@ -86,42 +86,13 @@ def experts_reference(
     return out.to(hidden_states.dtype)
 
 
-def experts_grouped_mm(
-    hidden_states: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-) -> torch.Tensor:
-    """Experts with ``torch._grouped_mm`` (CUDA, bf16): sort by expert, two grouped GEMMs."""
-    num_tokens, hidden = hidden_states.shape
-    num_slots, intermediate = w13.shape[0], w2.shape[2]
-    top_k = topk_ids.shape[1]
-    flat_ids = topk_ids.reshape(-1)
-    order = torch.argsort(flat_ids, stable=True)
-    token_of_row = order // top_k
-    counts = torch.bincount(flat_ids, minlength=num_slots)
-    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-    x = hidden_states[token_of_row]
-    gate_up = torch._grouped_mm(x, w13.transpose(1, 2), offs=offsets)
-    act = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
-    y = torch._grouped_mm(act, w2.transpose(1, 2), offs=offsets)
-    y = y.float() * topk_weights.reshape(-1)[order, None].float()
-    out = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=hidden_states.device)
-    out.index_add_(0, token_of_row, y)
-    return out.to(hidden_states.dtype)
-
-
 def default_experts_kernel(device: torch.device, weight_dtype: torch.dtype) -> ExpertsKernel:
-    """Our Triton kernel on CUDA when it is importable, else grouped_mm (bf16), else the loop."""
+    """``zeroprefill.kernels.fused_experts`` on CUDA (Triton, or CUTLASS grouped GEMMs with our
+    fused permutation, per its shipped table), the reference loop elsewhere."""
     if torch.device(device).type == "cuda":
-        try:
-            from zeroprefill.kernels import fused_experts
+        from zeroprefill.kernels import fused_experts
 
-            return fused_experts
-        except ImportError:
-            if weight_dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
-                return experts_grouped_mm
+        return fused_experts
     return experts_reference
 
 
