@@ -129,6 +129,8 @@ class AsyncEPMoE:
         self.scoring_func = scoring_func
         w13_shape, w13_dtype = streamer.expert_shapes["w13"]
         self.hidden_size = w13_shape[1]
+        # FP8 block scales travel with the weights and reach the kernel as keyword arguments.
+        self.scale_names = tuple(name for name in streamer.expert_shapes if name.endswith("_scale"))
         self.experts_kernel = experts_kernel or default_experts_kernel(streamer.device, w13_dtype)
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
@@ -138,7 +140,7 @@ class AsyncEPMoE:
         if tuple(router_logits.shape) != expected_logits:
             raise ValueError(f"router_logits must have shape {expected_logits}, got {tuple(router_logits.shape)}")
         topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize, self.scoring_func)
-        return self.forward_routed(hidden_states, topk_weights, topk_ids)
+        return self._run_experts(hidden_states, topk_weights, topk_ids)
 
     def forward_routed(
         self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
@@ -150,11 +152,17 @@ class AsyncEPMoE:
                 f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} must both be "
                 f"[tokens={hidden_states.shape[0]}, top_k]"
             )
+        return self._run_experts(hidden_states, topk_weights, topk_ids)
+
+    def _run_experts(
+        self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Acquire this layer's gathered experts, run the kernel on local tokens, release."""
         experts = self.streamer.acquire(self.layer)
         try:
             if experts.slot_of_expert is not None:
                 topk_ids = experts.slot_of_expert[topk_ids.long()]
-            scales = {name: t for name, t in experts.items() if name.endswith("_scale")}
+            scales = {name: experts[name] for name in self.scale_names}
             return self.experts_kernel(
                 hidden_states.contiguous(), experts["w13"], experts["w2"], topk_weights, topk_ids, **scales
             )
