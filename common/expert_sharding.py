@@ -89,11 +89,16 @@ class ExpertShardLayout:
             raise ValueError(
                 f"expected a tensor with num_experts={self.num_experts} rows, got shape {tuple(full.shape)}"
             )
-        owned = self._owned[rank]
-        out = full.new_zeros((self.capacity, *full.shape[1:]))
-        if owned:
-            out[: len(owned)] = full[list(owned)]
-        return out
+        return self.pad_shard(full[list(self._owned[rank])])
+
+    def pad_shard(self, owned: torch.Tensor) -> torch.Tensor:
+        """Zero-pad a rank's own experts ``[n <= capacity, ...]`` to ``[capacity, ...]``."""
+        missing = self.capacity - owned.shape[0]
+        if missing < 0:
+            raise ValueError(f"a shard holds at most capacity={self.capacity} experts, got {owned.shape[0]}")
+        if missing == 0:
+            return owned.contiguous()
+        return torch.cat([owned, owned.new_zeros((missing, *owned.shape[1:]))])
 
     def shard_all(self, full: Mapping[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
         return {name: self.shard(tensor, rank) for name, tensor in full.items()}

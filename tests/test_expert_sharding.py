@@ -53,3 +53,11 @@ def test_bad_layouts_are_rejected(kwargs, match):
 def test_shard_rejects_wrong_expert_count():
     with pytest.raises(ValueError, match="num_experts=4 rows"):
         ExpertShardLayout(4, 2).shard(torch.zeros(5, 2), 0)
+
+
+def test_pad_shard_pads_short_shards_and_rejects_long_ones():
+    layout = ExpertShardLayout(7, 2)  # capacity 4; rank 1 owns 3 experts
+    padded = layout.pad_shard(torch.ones(3, 2))
+    assert padded.shape == (4, 2) and padded[3].eq(0).all() and padded[:3].eq(1).all()
+    with pytest.raises(ValueError, match="at most capacity=4 experts, got 5"):
+        layout.pad_shard(torch.ones(5, 2))

@@ -192,13 +192,9 @@ class AsyncEPFusedMoEMethod(FusedMoEMethodBase):
         parallel = self.moe.moe_parallel_config
         layout = ExpertShardLayout(layer.global_num_experts, parallel.ep_size, layer.expert_placement_strategy)
         _check_layout_matches_vllm(layer, layout, parallel.ep_rank)
-        capacity = layout.capacity
-        w13, w2 = layer.w13_weight.data, layer.w2_weight.data
-        local = w13.shape[0]
-        if local < capacity:  # this rank owns one expert fewer than the largest shard
-            w13 = torch.cat([w13, w13.new_zeros((capacity - local, *w13.shape[1:]))])
-            w2 = torch.cat([w2, w2.new_zeros((capacity - local, *w2.shape[1:]))])
-        self.state.add_layer(layer, layout, w13.contiguous(), w2.contiguous())
+        # A rank may own one expert fewer than the largest shard: pad to the layout's capacity.
+        w13, w2 = layout.pad_shard(layer.w13_weight.data), layout.pad_shard(layer.w2_weight.data)
+        self.state.add_layer(layer, layout, w13, w2)
         # The shard now lives in the streamer's transport; drop vLLM's copy of it.
         layer.w13_weight.data = torch.empty(0, dtype=w13.dtype, device=w13.device)
         layer.w2_weight.data = torch.empty(0, dtype=w2.dtype, device=w2.device)
