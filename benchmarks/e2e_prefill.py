@@ -39,8 +39,8 @@ with the shipped hardware profile of the GPU and GPU count.
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \\
         python benchmarks/e2e_prefill.py --gpus 2 --out benchmarks/results/e2e_prefill-h200x2.json
-    python benchmarks/e2e_prefill.py --gpus 1 --quick --out /tmp/e2e-1gpu.json      # code paths
-    python benchmarks/e2e_prefill.py --device cpu --gpus 2 --quick --out /tmp/e.json  # gloo, tiny
+    python benchmarks/e2e_prefill.py --gpus 1 --quick --out e2e-1gpu.json      # code paths
+    python benchmarks/e2e_prefill.py --device cpu --gpus 2 --quick --out e.json  # gloo, tiny
     python benchmarks/e2e_prefill.py --merge a.json b.json --out all.json            # join runs
 
 A full sweep of both models is long; split it with ``--models`` (one run per model) and

@@ -29,3 +29,10 @@ def test_checkpoint_reader_layout_and_errors(tmp_path):
         ckpt.moe_layer(spec, 5)
     with pytest.raises(CheckpointError, match="no .safetensors files"):
         ExpertCheckpoint(tmp_path / "missing")
+
+
+def test_selftest_cli_rejects_a_directory_without_a_checkpoint(tmp_path, capsys):
+    from zeroprefill.cli import main
+
+    assert main(["selftest", "--model", str(tmp_path)]) == 2
+    assert "zeroprefill selftest: no config.json" in capsys.readouterr().out

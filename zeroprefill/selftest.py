@@ -117,10 +117,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from zeroprefill.common.checkpoint import CheckpointError, ExpertCheckpoint
+    from zeroprefill.common.model_spec import ModelSpecError, MoEModelSpec
     from zeroprefill.tiny_model import default_tiny_model
 
     if args.ranks < 1:
         print(f"zeroprefill selftest: --ranks must be >= 1, got {args.ranks}")
         return 2
     model_dir = Path(args.model) if args.model else default_tiny_model()
+    try:
+        spec = MoEModelSpec.from_pretrained(model_dir)
+        ExpertCheckpoint(model_dir).moe_layer(spec, spec.moe_layer_indices[0])
+    except (ModelSpecError, CheckpointError) as exc:
+        print(f"zeroprefill selftest: {exc}")
+        return 2
     return 0 if run_selftest(model_dir, args.ranks) else 1
