@@ -157,8 +157,13 @@ def test_backend_killed_mid_load_every_request_answered_then_recovers(model_dir)
         await asyncio.gather(killer(), *(client() for _ in range(concurrency)))
         assert statuses == [200] * total
         assert h.router.metrics.retries_total > 0
-        _, metrics = await h.get("/metrics")
-        assert f'zeroprefill_router_backend_healthy{{backend="{h.backend_url(0)}"}} 0' in metrics.decode()
+        unhealthy = f'zeroprefill_router_backend_healthy{{backend="{h.backend_url(0)}"}} 0'
+        for _ in range(100):  # the health loop confirms a dead backend within a few probes
+            _, metrics = await h.get("/metrics")
+            if unhealthy in metrics.decode():
+                break
+            await asyncio.sleep(0.05)
+        assert unhealthy in metrics.decode()
         assert h.router.policy.replicas[0].outstanding_flops == 0
         assert h.router.policy.replicas[1].outstanding_flops == 0
         # The replica comes back on the same port: the health loop restores it.

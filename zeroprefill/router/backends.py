@@ -128,6 +128,7 @@ class BackendPool:
         await asyncio.gather(*(self.check(b) for b in self.backends))
 
     async def check(self, backend: Backend) -> None:
+        transitions_at_start = backend.health_transitions
         try:
             response = await self._get(backend, "/health")
             ok = response.status == 200
@@ -136,6 +137,10 @@ class BackendPool:
                 await self._describe(backend)
         except (ConnectionError, asyncio.TimeoutError, OSError) as exc:
             ok, error = False, f"{type(exc).__name__}: {exc}"
+        if ok and backend.health_transitions != transitions_at_start:
+            # The backend changed state while this probe was in flight (e.g. a forwarded
+            # request failed on it): a 200 sent before that is stale evidence, not recovery.
+            return
         self.mark(backend, ok, error)
 
     async def _get(self, backend: Backend, path: str) -> UpstreamResponse:
