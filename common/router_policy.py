@@ -8,8 +8,8 @@ computed before any GPU work::
         -> [request_flops(L, P): true FLOPs per replica, P = predicted hit]   (cost_model.py)
         -> [placement among replicas whose next forward has room: earliest
             estimated finish, then best prefix hit, then least outstanding]
-        -> dispatched (outstanding FLOPs += cost)  |  global queue (no replica has room)
-    [complete / fail] -> outstanding FLOPs -= cost -> drain the queue into freed replicas
+        -> dispatched (outstanding FLOPs += cost)  |  queued at its home replica (no room)
+    [complete / fail] -> outstanding FLOPs -= cost -> freed replicas pull from their homes
 
 *Replica model*: a prefill-only engine runs one forward at a time over the requests it holds
 (continuous batching without decode); requests that arrive while a forward runs wait for the
@@ -35,12 +35,20 @@ replica that frees up sooner. An empty next forward always takes one request, ho
 The running forward is not counted against the bound (it is already committed), so a replica
 can be filling its next forward while the current one runs.
 
-*Global queue*: shortest true FLOPs first with linear aging. A request's priority key is
-``cost_flops - aging_flops_per_s * waited_s``; at any instant all waiting requests have waited
-from their own arrival, so ordering by the static key ``cost_flops + aging_flops_per_s *
-arrival_s`` is the same order, and a heap keeps it. Every later arrival's key grows with its
-arrival time, so any waiting request reaches the head after a bounded number of others:
-nothing starves. The head is dispatched strictly first (no overtaking when it does not fit).
+*Global queue* (:mod:`.home_queue`): when no replica has room, a request waits at a *home*:
+the replica that holds most of its prefix, counting requests already waiting there (so a burst
+with a new prefix gathers at one replica); new prefixes, and ties, go to the replica with the
+least work queued and in flight. A replica with room serves its own home; it takes the head of
+the largest other home only when its own is empty, so no replica idles while work waits
+(work-conserving), and under a backlog each prefix keeps being served where it is cached —
+the affinity that sgl-router's cache-aware policy gets by pinning, without its load
+thresholds. Each home is ordered shortest true FLOPs first (as charged at the home) with
+linear aging: the key ``cost_flops - aging_flops_per_s * waited_s`` orders the same as the
+static ``cost_flops + aging_flops_per_s * arrival_s``, which a heap keeps; every later
+arrival's key grows with its arrival time, so a waiting request reaches the head of its home
+after a bounded number of others: nothing starves. A head is dispatched strictly first (no
+overtaking within a home when it does not fit). A drained replica's waiting requests move to
+new homes.
 
 The policy is engine-agnostic and synchronous: the gateway (``zeroprefill.router``), the
 simulator (``zeroprefill.simulate``) and engine-side load balancers drive it with their own
@@ -50,14 +58,13 @@ clocks (``now_s`` arguments; a request's ``arrival_s`` when omitted).
 from __future__ import annotations
 
 import functools
-import heapq
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from zeroprefill.common.cost_model import request_flops
 from zeroprefill.common.model_spec import MoEModelSpec
+from zeroprefill.common.home_queue import HomeQueues, QueuedRequest
 from zeroprefill.common.prefix_index import PrefixIndex
 
 
@@ -90,13 +97,6 @@ class Placement:
     replica: int
     cost_flops: int
     cached_tokens: int
-
-
-@dataclass
-class _Waiting:
-    request: RoutedRequest
-    excluded: frozenset[int]
-    base_cost_flops: int
 
 
 @dataclass
@@ -186,8 +186,8 @@ class RouterPolicy:
             self.aging_flops_per_s = min(finite) if finite else 0.0
         if self.aging_flops_per_s < 0:
             raise ValueError(f"aging_flops_per_s must be >= 0, got {self.aging_flops_per_s}")
-        self._queue: list[tuple[float, int, _Waiting]] = []
-        self._sequence = itertools.count()
+        # Home num_replicas holds requests that no healthy replica may take.
+        self._queue = HomeQueues(len(self.replicas) + 1)
         self._in_flight: dict[str, Placement] = {}
         self._now_s = 0.0
         # request_flops is pure in (tokens, cached, head) for the fixed spec and costs ~10 us:
@@ -203,6 +203,11 @@ class RouterPolicy:
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def queued_per_replica(self) -> list[int]:
+        """Requests waiting at each replica as their home (those no replica may take: none)."""
+        return [self._queue.size(replica) for replica in range(self.num_replicas)]
 
     def placement_of(self, request_id: str) -> Placement | None:
         return self._in_flight.get(request_id)
@@ -227,21 +232,19 @@ class RouterPolicy:
         """Queue ``request`` and dispatch what fits; returns every request dispatched now.
 
         The list holds ``request`` itself unless it must wait (all replicas at their bound, or
-        a request ahead of it in the queue does not fit yet); it is then dispatched by a later
-        :meth:`complete`, :meth:`fail` or :meth:`set_healthy`. ``excluded`` replicas (e.g. ones
-        that already failed this request) are not chosen for it. ``now_s`` is the caller's
-        clock (default: ``request.arrival_s``).
+        requests ahead of it in its home queue do not fit yet); it is then dispatched by a
+        later :meth:`complete`, :meth:`fail` or :meth:`set_healthy`. ``excluded`` replicas
+        (e.g. ones that already failed this request) are not chosen for it. ``now_s`` is the
+        caller's clock (default: ``request.arrival_s``).
         """
         if request.request_id in self._in_flight:
             raise ValueError(f"request {request.request_id!r} is already in flight")
         now_s = request.arrival_s if now_s is None else now_s
-        if not self._queue:
+        if not self.queue_depth:
             placement = self._try_place(request, excluded, now_s)
             if placement is not None:
                 return [(request, placement)]
-        base_cost = self._uncached_cost(request)
-        key = base_cost + self.aging_flops_per_s * request.arrival_s
-        heapq.heappush(self._queue, (key, next(self._sequence), _Waiting(request, excluded, base_cost)))
+        self._enqueue(request, excluded)
         self.stats.queued_total += 1
         return self.drain_queue(now_s)
 
@@ -260,7 +263,11 @@ class RouterPolicy:
     def set_healthy(
         self, replica: int, healthy: bool, now_s: float | None = None
     ) -> list[tuple[RoutedRequest, Placement]]:
-        """Drain (``False``) or restore (``True``) a replica; returns requests dispatched now."""
+        """Drain (``False``) or restore (``True``) a replica; returns requests dispatched now.
+
+        Requests waiting at a drained replica, and on recovery those that no healthy replica
+        could take, are queued again at new homes.
+        """
         load = self.replicas[replica]
         if load.healthy == healthy:
             return []
@@ -268,39 +275,102 @@ class RouterPolicy:
         if not healthy:
             # Whatever it had cached is gone if it died; forget it either way.
             self.index.clear(replica)
-            return []
+        for entry in self._queue.drain_home(replica if not healthy else self.num_replicas):
+            self._enqueue(entry.request, entry.excluded)
         return self.drain_queue(now_s)
 
     def cancel(self, request_id: str) -> bool:
         """Drop a queued request (client gone or timed out). Returns whether it was queued."""
-        for position, (_, _, waiting) in enumerate(self._queue):
-            if waiting.request.request_id == request_id:
-                self._queue[position] = self._queue[-1]
-                self._queue.pop()
-                heapq.heapify(self._queue)
+        for entry in self._queue:
+            if entry.request.request_id == request_id:
+                self._queue.remove(entry)
                 return True
         return False
 
     def drain_queue(self, now_s: float | None = None) -> list[tuple[RoutedRequest, Placement]]:
-        """Dispatch queued requests in priority order while the head fits somewhere.
+        """Let every replica with room pull queued requests until none fits anywhere.
 
-        ``now_s`` defaults to the latest time the policy was told of.
+        A replica takes the head of its own home queue, or of another when its own is empty
+        (:meth:`_next_home`). ``now_s`` defaults to the latest time the policy was told of.
         """
         now_s = self._now_s if now_s is None else now_s
+        self._now_s = max(self._now_s, now_s)
         dispatched: list[tuple[RoutedRequest, Placement]] = []
-        while self._queue:
-            waiting = self._queue[0][2]
-            placement = self._try_place(waiting.request, waiting.excluded, now_s)
-            if placement is None:
-                break
-            heapq.heappop(self._queue)
-            dispatched.append((waiting.request, placement))
+        pulled = True
+        while pulled and self.queue_depth:
+            pulled = False
+            for replica, load in enumerate(self.replicas):
+                while load.healthy:
+                    home = self._next_home(replica)
+                    if home is None:
+                        break
+                    entry = self._queue.head(home)
+                    cost, cached = self.cost_on(entry.request, replica)
+                    joins_running = self._room_for(load, cost, now_s)
+                    if joins_running is None:
+                        break
+                    self._queue.remove(entry)
+                    placement = self._commit(entry.request, replica, cost, cached, joins_running, now_s)
+                    dispatched.append((entry.request, placement))
+                    pulled = True
         return dispatched
 
     # ----------------------------------------------------------------------------- internals
 
+    def _enqueue(self, request: RoutedRequest, excluded: frozenset[int]) -> None:
+        """Queue ``request`` at its home: the replica holding (or about to hold) most of it.
+
+        "About to hold" counts requests already waiting there: a burst of requests with a new
+        prefix gathers at one replica instead of spreading before the first is dispatched.
+        Ties go to the replica with the least work queued and in flight.
+        """
+        chains = tuple(tuple(prompt.block_hashes) for prompt in request.prompts)
+        home, home_cost = self.num_replicas, self._uncached_cost(request)
+        best: tuple[int, int, int] | None = None
+        for replica, load in enumerate(self.replicas):
+            if not load.healthy or replica in excluded:
+                continue
+            cost, cached = self.cost_on(request, replica)
+            waiting = sum(self._queue.shared_depth(chain, replica) for chain in chains) * self.block_size
+            rank = (-max(cached, waiting), self._queue.backlog_flops(replica) + load.outstanding_flops, replica)
+            if best is None or rank < best:
+                best, home, home_cost = rank, replica, cost
+        entry = QueuedRequest(request, chains, excluded, home, home_cost)
+        self._queue.push(entry, home_cost + self.aging_flops_per_s * request.arrival_s)
+
+    def _next_home(self, replica: int) -> int | None:
+        """Which home queue ``replica`` pulls from next: its own, else the largest it may take.
+
+        Work stays at its home, where its prefix is cached, for as long as that replica has
+        work of its own; a replica whose own queue is empty takes the head of the largest
+        backlog instead of idling (work-conserving). New prefixes, and prefixes cached on
+        several replicas, are queued at the least-loaded candidate home, which is what keeps
+        the backlogs level.
+        """
+        if self._queue.size(replica):
+            return replica
+        by_backlog = sorted(range(self.num_replicas), key=self._queue.backlog_flops, reverse=True)
+        for home in by_backlog:
+            head = self._queue.head(home)
+            if home != replica and head is not None and replica not in head.excluded:
+                return home
+        return None
+
     def _uncached_cost(self, request: RoutedRequest) -> int:
         return sum(self._request_flops(p.num_tokens, 0, p.head_tokens) for p in request.prompts)
+
+    def _room_for(self, load: ReplicaLoad, cost: int, now_s: float) -> bool | None:
+        """Where ``cost`` fits on a replica: the running forward (True), the next (False), or None.
+
+        Work dispatched at the very instant a forward starts (the queue draining into a replica
+        whose forward just ended) is batched into it by the engine.
+        """
+        if not load.running or (load.flops_per_s > 0 and now_s == load.step_start_s
+                                and load.running_flops + cost <= load.bound_flops):
+            return True
+        if load.next_step and load.next_flops + cost > load.bound_flops:
+            return None
+        return False
 
     def _try_place(self, request: RoutedRequest, excluded: frozenset[int], now_s: float) -> Placement | None:
         self._now_s = max(self._now_s, now_s)
@@ -310,17 +380,13 @@ class RouterPolicy:
             if not load.healthy or replica in excluded:
                 continue
             cost, cached = self.cost_on(request, replica)
-            # Work dispatched at the very instant a forward starts (the queue draining into a
-            # replica whose forward just ended) is batched into it by the engine.
-            joins_running = not load.running or (
-                load.flops_per_s > 0 and now_s == load.step_start_s
-                and load.running_flops + cost <= load.bound_flops)
+            joins_running = self._room_for(load, cost, now_s)
+            if joins_running is None:
+                continue
             if joins_running:
                 before, sharing = load.running_flops, len(load.running)
                 finish = self._forward_time(load, before + cost)
             else:
-                if load.next_step and load.next_flops + cost > load.bound_flops:
-                    continue
                 before, sharing = load.next_flops, len(load.next_step)
                 finish = self._running_left(load, now_s) + self._forward_time(load, before + cost)
             # What placing it here costs the requests already in that forward: each finishes
@@ -334,18 +400,22 @@ class RouterPolicy:
                 best, best_cost, best_joins = rank, cost, joins_running
         if best is None:
             return None
-        replica = best[3]
-        placement = Placement(replica=replica, cost_flops=best_cost, cached_tokens=-best[1])
+        return self._commit(request, best[3], best_cost, -best[1], best_joins, now_s)
+
+    def _commit(
+        self, request: RoutedRequest, replica: int, cost: int, cached: int, joins_running: bool, now_s: float
+    ) -> Placement:
+        placement = Placement(replica=replica, cost_flops=cost, cached_tokens=cached)
         load = self.replicas[replica]
-        if best_joins:
+        if joins_running:
             if not load.running:
                 load.step_start_s = now_s
             load.running.add(request.request_id)
-            load.running_flops += best_cost
+            load.running_flops += cost
         else:
             load.next_step.add(request.request_id)
-            load.next_flops += best_cost
-        load.outstanding_flops += best_cost
+            load.next_flops += cost
+        load.outstanding_flops += cost
         load.in_flight += 1
         load.dispatched_total += 1
         self._in_flight[request.request_id] = placement

@@ -225,3 +225,57 @@ def test_invalid_arguments_are_named(spec):
     _placed(policy, _request("a", [1] * 8))
     with pytest.raises(ValueError, match="already in flight"):
         _placed(policy, _request("a", [1] * 8))
+
+
+def _fill_two_replicas(spec):
+    """Replica 0 holds prefix P, replica 1 prefix Q; each has a running and a next forward."""
+    policy = _policy(spec, [1.0, 1.0])  # every next forward takes exactly one request
+    p_prefix, q_prefix = list(range(64)), list(range(1000, 1064))
+    prompt = {"P": lambda i: p_prefix + [5000 + 16 * i + j for j in range(16)],
+              "Q": lambda i: q_prefix + [9000 + 16 * i + j for j in range(16)]}
+    assert _placed(policy, _request("a", prompt["P"](0))).replica == 0
+    assert _placed(policy, _request("b", prompt["Q"](0))).replica == 1
+    assert _placed(policy, _request("c", prompt["P"](1))).replica == 0  # its hit is cheaper there
+    assert _placed(policy, _request("d", prompt["Q"](1))).replica == 1
+    return policy, prompt
+
+
+def test_backlog_waits_at_the_replica_holding_its_prefix(spec):
+    policy, prompt = _fill_two_replicas(spec)
+    for arrival, (name, group) in enumerate([("e", "P"), ("f", "Q"), ("g", "P"), ("h", "Q")], start=1):
+        assert _placed(policy, _request(name, prompt[group](arrival + 1), arrival_s=float(arrival))) is None
+    assert policy.queued_per_replica == [2, 2]
+    # Replica 1 frees room first: it serves its own prefix's backlog (f), although e is older.
+    assert [(r.request_id, p.replica, p.cached_tokens) for r, p in policy.complete("b")] == [("f", 1, 64)]
+    assert [(r.request_id, p.replica) for r, p in policy.complete("a")] == [("e", 0)]
+    assert policy.cancel("h") and not policy.cancel("h")
+    # Nothing of its own left at replica 1: rather than idle, it takes replica 0's backlog.
+    assert [(r.request_id, p.replica, p.cached_tokens) for r, p in policy.complete("d")] == [("g", 1, 0)]
+    assert policy.queue_depth == 0
+
+
+def test_idle_replica_takes_the_largest_backlog_and_a_new_prefix_gathers_at_one_home(spec):
+    policy, prompt = _fill_two_replicas(spec)
+    for i in range(3):  # a burst of a prefix nobody holds yet: all wait at one home
+        assert _placed(policy, _request(f"n{i}", list(range(2000, 2064)) + [7000 + i] * 16, float(i))) is None
+    (home,) = [replica for replica, waiting in enumerate(policy.queued_per_replica) if waiting]
+    assert policy.queued_per_replica[home] == 3
+    for i in range(2):
+        assert _placed(policy, _request(f"p{i}", prompt["P"](10 + i), arrival_s=10.0 + i)) is None
+    assert policy.queued_per_replica[0] >= 2
+    # A replica whose own home is empty does not idle: it takes the largest backlog's head.
+    other = 1 - home
+    assert policy.queued_per_replica[other] == (2 if other == 0 else 0)
+    finished = {0: "a", 1: "b"}[other]
+    dispatched = policy.complete(finished)
+    assert len(dispatched) == 1 and dispatched[0][1].replica == other
+    assert policy.queue_depth == 4
+
+
+def test_drained_replica_waiting_requests_move_to_a_new_home(spec):
+    policy, prompt = _fill_two_replicas(spec)
+    assert _placed(policy, _request("e", prompt["P"](5), arrival_s=1.0)) is None
+    assert policy.queued_per_replica == [1, 0]
+    assert policy.set_healthy(0, False) == []
+    assert policy.queued_per_replica == [0, 1]
+    assert [(r.request_id, p.replica) for r, p in policy.complete("b")] == [("e", 1)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from zeroprefill.common.model_spec import MoEModelSpec
+from zeroprefill.common.prefix_index import block_hashes
 from zeroprefill.simulate import (
     POLICIES,
     REFERENCE_MODEL,
@@ -14,6 +15,7 @@ from zeroprefill.simulate import (
     SGLangCacheAware,
     SimRequest,
     WorkloadParams,
+    prefix_hit_ceiling,
     run_comparison,
     summarize,
 )
@@ -40,9 +42,19 @@ def test_simulation_is_deterministic_for_a_seed_and_serves_everything(spec):
                 assert run["completed"] == 150
                 assert 0.0 < run["busy_fraction"] <= 1.0 + 1e-9
                 assert run["latency_p50_s"] <= run["latency_p99_s"]
+        for policy in workload["policies"].values():  # no policy beats an unbounded shared cache
+            assert policy["throughput"]["prefix_hit_rate"] <= workload["prefix_hit_ceiling"] + 1e-12
     summary = summarize(first)
     assert set(summary["per_workload"]) == {"rerank", "long_context"}
     assert summary["p99_ratio_vs_best_other"] > 0
+
+
+def test_prefix_hit_ceiling_counts_each_distinct_block_once():
+    # Blocks of 2 tokens. b shares a's first block, c repeats a whole (less its last token).
+    a, b, c = (1, 2, 3, 4), (1, 2, 5, 6), (1, 2, 3, 4)
+    prompts = [(len(p), block_hashes(p, 2)) for p in (a, b, c)]
+    assert prefix_hit_ceiling(prompts, 2) == pytest.approx((0 + 2 + 3) / 12)
+    assert prefix_hit_ceiling([], 2) == 0.0
 
 
 def test_saturation_threshold_from_design_anchors(spec):

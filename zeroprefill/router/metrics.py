@@ -3,7 +3,7 @@
 Exposed at ``/metrics``:
 
 - ``zeroprefill_router_queue_depth``: requests held in the global queue (all replicas at their
-  FLOPs bound).
+  FLOPs bound); ``..._queued{backend}``: those of them waiting at that backend as their home.
 - ``zeroprefill_router_outstanding_flops{backend}``, ``..._in_flight{backend}``,
   ``..._bound_flops{backend}``, ``..._backend_healthy{backend}``, ``..._dispatched_total{backend}``,
   ``..._failed_total{backend}``.
@@ -67,7 +67,11 @@ class RouterMetrics:
             f"# HELP {p}_queue_depth Requests waiting in the global queue.",
             f"# TYPE {p}_queue_depth gauge",
             f"{p}_queue_depth {policy.queue_depth}",
+            f"# HELP {p}_queued Requests in the global queue waiting at this backend as their home.",
+            f"# TYPE {p}_queued gauge",
         ]
+        for backend, queued in zip(pool.backends, policy.queued_per_replica):
+            lines.append(f'{p}_queued{{backend="{backend.url}"}} {queued}')
         per_backend = (
             ("outstanding_flops", "gauge", "True FLOPs dispatched and not yet completed.",
              lambda r: r.outstanding_flops),

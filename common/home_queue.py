@@ -1,0 +1,120 @@
+"""The router's global queue, partitioned by *home* replica.
+
+When every replica is at its bound, requests wait in the router. Where they wait decides what
+they cost later: a request whose prefix one replica holds is cheap only there. So a waiting
+request is queued at a home — the replica that holds, or is about to hold, most of its
+prefix — and a replica with room serves its own home first::
+
+    [enqueue] -> heap of its home (priority key) + its blocks counted at that home
+    [replica r has room] -> head of r's heap (another's when r's is empty) -> dispatched
+
+"About to hold" is what :meth:`HomeQueues.shared_depth` answers: the blocks that requests
+already waiting at a home have, so a burst of requests with a new prefix gathers at one
+replica before the first of them is dispatched (and before the router's prefix index, which
+records dispatches, knows the prefix). Prompts' block hashes are chained
+(:mod:`.prefix_index`), so a block shared with a waiting request implies all blocks before it.
+
+Each heap is ordered by a caller-given priority key (FIFO on ties); removal is lazy (a
+cancelled request is skipped when it reaches the top).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(eq=False)
+class QueuedRequest:
+    """A waiting request and what it was charged at its home when queued."""
+
+    request: Any
+    chains: tuple[tuple[int, ...], ...]
+    excluded: frozenset[int]
+    home: int
+    cost_flops: int
+    queued: bool = field(default=True, repr=False)
+
+
+class HomeQueues:
+    """One priority heap and one count of waiting requests' blocks per home.
+
+    Args:
+        num_homes: homes indexed ``0 .. num_homes - 1`` (the router adds one for requests
+            that no healthy replica may take).
+    """
+
+    def __init__(self, num_homes: int) -> None:
+        self._heaps: list[list[tuple[float, int, QueuedRequest]]] = [[] for _ in range(num_homes)]
+        self._blocks: list[Counter[int]] = [Counter() for _ in range(num_homes)]
+        self._flops = [0] * num_homes
+        self._sizes = [0] * num_homes
+        self._sequence = itertools.count()
+
+    def __len__(self) -> int:
+        return sum(self._sizes)
+
+    def __iter__(self) -> Iterator[QueuedRequest]:
+        for heap in self._heaps:
+            for _, _, entry in heap:
+                if entry.queued:
+                    yield entry
+
+    def size(self, home: int) -> int:
+        return self._sizes[home]
+
+    def backlog_flops(self, home: int) -> int:
+        """FLOPs queued at ``home``, as charged there when queued."""
+        return self._flops[home]
+
+    def push(self, entry: QueuedRequest, key: float) -> None:
+        """Queue ``entry`` at ``entry.home`` with priority ``key`` (lower first; FIFO on ties)."""
+        entry.queued = True
+        heapq.heappush(self._heaps[entry.home], (key, next(self._sequence), entry))
+        self._flops[entry.home] += entry.cost_flops
+        self._sizes[entry.home] += 1
+        for chain in entry.chains:
+            self._blocks[entry.home].update(chain)
+
+    def head(self, home: int) -> QueuedRequest | None:
+        """The highest-priority request waiting at ``home`` (left queued)."""
+        heap = self._heaps[home]
+        while heap and not heap[0][2].queued:
+            heapq.heappop(heap)
+        return heap[0][2] if heap else None
+
+    def remove(self, entry: QueuedRequest) -> None:
+        """Take ``entry`` out (dispatched or cancelled); its heap slot is dropped lazily."""
+        if not entry.queued:
+            raise ValueError(f"{entry.request!r} is not queued")
+        entry.queued = False
+        self._flops[entry.home] -= entry.cost_flops
+        self._sizes[entry.home] -= 1
+        blocks = self._blocks[entry.home]
+        for chain in entry.chains:
+            for block_hash in chain:
+                blocks[block_hash] -= 1
+                if not blocks[block_hash]:
+                    del blocks[block_hash]
+
+    def shared_depth(self, chain: Sequence[int], home: int) -> int:
+        """Leading blocks of ``chain`` that some request waiting at ``home`` also has."""
+        blocks = self._blocks[home]
+        depth = 0
+        for block_hash in chain:
+            if block_hash not in blocks:
+                break
+            depth += 1
+        return depth
+
+    def drain_home(self, home: int) -> list[QueuedRequest]:
+        """Take every request waiting at ``home`` out, in priority order."""
+        entries = [entry for _, _, entry in sorted(self._heaps[home], key=lambda item: item[:2]) if entry.queued]
+        for entry in entries:
+            self.remove(entry)
+        self._heaps[home].clear()
+        return entries
