@@ -27,6 +27,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from zeroprefill.common.prefix_index import leading_blocks_in
+
 
 @dataclass(eq=False)
 class QueuedRequest:
@@ -103,13 +105,7 @@ class HomeQueues:
 
     def shared_depth(self, chain: Sequence[int], home: int) -> int:
         """Leading blocks of ``chain`` that some request waiting at ``home`` also has."""
-        blocks = self._blocks[home]
-        depth = 0
-        for block_hash in chain:
-            if block_hash not in blocks:
-                break
-            depth += 1
-        return depth
+        return leading_blocks_in(chain, self._blocks[home])
 
     def drain_home(self, home: int) -> list[QueuedRequest]:
         """Take every request waiting at ``home`` out, in priority order."""

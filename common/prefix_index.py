@@ -19,7 +19,7 @@ hold?" for every replica in one call; :func:`block_hashes` turns token ids into 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 
 #: Parent of the first block of every prompt.
 ROOT_BLOCK_HASH = 0x5EED
@@ -36,6 +36,16 @@ def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
         parent = hash((parent, tokens[start : start + block_size]))
         hashes.append(parent)
     return hashes
+
+
+def leading_blocks_in(hashes: Sequence[int], blocks: Container[int]) -> int:
+    """How many leading hashes of a chain ``blocks`` contains (a chain breaks at its first miss)."""
+    hit = 0
+    for block_hash in hashes:
+        if block_hash not in blocks:
+            break
+        hit += 1
+    return hit
 
 
 class PrefixIndex:
@@ -73,13 +83,7 @@ class PrefixIndex:
 
     def match(self, hashes: Sequence[int], replica: int) -> int:
         """Leading blocks of ``hashes`` that ``replica`` holds (stops at the first miss)."""
-        blocks = self._blocks[replica]
-        hit = 0
-        for block_hash in hashes:
-            if block_hash not in blocks:
-                break
-            hit += 1
-        return hit
+        return leading_blocks_in(hashes, self._blocks[replica])
 
     def match_all(self, hashes: Sequence[int]) -> list[int]:
         """:meth:`match` for every replica."""

@@ -63,7 +63,7 @@ import numpy as np
 
 from zeroprefill.common.cost_model import request_flops
 from zeroprefill.common.model_spec import MoEModelSpec
-from zeroprefill.common.prefix_index import PrefixIndex, block_hashes
+from zeroprefill.common.prefix_index import PrefixIndex, block_hashes, leading_blocks_in
 from zeroprefill.common.router_policy import PromptShape, RoutedRequest, RouterPolicy
 
 REFERENCE_MODEL = Path(__file__).resolve().parent.parent / "common" / "model_configs" / "qwen3-235b-a22b.json"
@@ -504,12 +504,7 @@ def prefix_hit_ceiling(prompts: Sequence[tuple[int, Sequence[int]]], block_size:
     seen: set[int] = set()
     hit_tokens = total_tokens = 0
     for num_tokens, hashes in prompts:
-        blocks = 0
-        for block_hash in hashes:
-            if block_hash not in seen:
-                break
-            blocks += 1
-        hit_tokens += min(blocks * block_size, max(num_tokens - 1, 0))
+        hit_tokens += min(leading_blocks_in(hashes, seen) * block_size, max(num_tokens - 1, 0))
         total_tokens += num_tokens
         seen.update(hashes)
     return hit_tokens / total_tokens if total_tokens else 0.0
