@@ -39,6 +39,8 @@ class QueuedRequest:
     excluded: frozenset[int]
     home: int
     cost_flops: int
+    key: float = field(default=0.0, repr=False)
+    sequence: int = field(default=0, repr=False)
     queued: bool = field(default=True, repr=False)
 
 
@@ -69,14 +71,14 @@ class HomeQueues:
     def size(self, home: int) -> int:
         return self._sizes[home]
 
-    def backlog_flops(self, home: int) -> int:
-        """FLOPs queued at ``home``, as charged there when queued."""
-        return self._flops[home]
+    def backlog_flops(self, home: int | None = None) -> int:
+        """FLOPs queued at ``home`` (all homes: None), as charged at their homes when queued."""
+        return sum(self._flops) if home is None else self._flops[home]
 
     def push(self, entry: QueuedRequest, key: float) -> None:
         """Queue ``entry`` at ``entry.home`` with priority ``key`` (lower first; FIFO on ties)."""
-        entry.queued = True
-        heapq.heappush(self._heaps[entry.home], (key, next(self._sequence), entry))
+        entry.key, entry.sequence, entry.queued = key, next(self._sequence), True
+        heapq.heappush(self._heaps[entry.home], (key, entry.sequence, entry))
         self._flops[entry.home] += entry.cost_flops
         self._sizes[entry.home] += 1
         for chain in entry.chains:
@@ -88,6 +90,11 @@ class HomeQueues:
         while heap and not heap[0][2].queued:
             heapq.heappop(heap)
         return heap[0][2] if heap else None
+
+    def first(self, homes: Sequence[int]) -> QueuedRequest | None:
+        """The highest-priority request waiting at any of ``homes`` (left queued)."""
+        heads = [entry for entry in map(self.head, homes) if entry is not None]
+        return min(heads, key=lambda entry: (entry.key, entry.sequence), default=None)
 
     def remove(self, entry: QueuedRequest) -> None:
         """Take ``entry`` out (dispatched or cancelled); its heap slot is dropped lazily."""

@@ -38,11 +38,13 @@ can be filling its next forward while the current one runs.
 *Global queue* (:mod:`.home_queue`): when no replica has room, a request waits at a *home*:
 the replica that holds most of its prefix, counting requests already waiting there (so a burst
 with a new prefix gathers at one replica); new prefixes, and ties, go to the replica with the
-least work queued and in flight. A replica with room serves its own home; it takes the head of
-the largest other home only when its own is empty, so no replica idles while work waits
-(work-conserving), and under a backlog each prefix keeps being served where it is cached —
-the affinity that sgl-router's cache-aware policy gets by pinning, without its load
-thresholds. Each home is ordered shortest true FLOPs first (as charged at the home) with
+least work queued and in flight. While the backlog could fill every healthy replica's next
+forward (at least the sum of their bounds), a replica with room serves its own home and takes
+the head of the largest other home only when its own is empty: no replica idles while work
+waits (work-conserving), and each prefix keeps being served where it is cached — the affinity
+that sgl-router's cache-aware policy gets by pinning, without its load thresholds. Below that
+the rest decides when each replica finishes, so the highest-priority request is placed by
+earliest finish, as on arrival. Each home is ordered shortest true FLOPs first (as charged at the home) with
 linear aging: the key ``cost_flops - aging_flops_per_s * waited_s`` orders the same as the
 static ``cost_flops + aging_flops_per_s * arrival_s``, which a heap keeps; every later
 arrival's key grows with its arrival time, so a waiting request reaches the head of its home
@@ -288,31 +290,29 @@ class RouterPolicy:
         return False
 
     def drain_queue(self, now_s: float | None = None) -> list[tuple[RoutedRequest, Placement]]:
-        """Let every replica with room pull queued requests until none fits anywhere.
+        """Dispatch queued requests into replicas with room until none fits anywhere.
 
-        A replica takes the head of its own home queue, or of another when its own is empty
-        (:meth:`_next_home`). ``now_s`` defaults to the latest time the policy was told of.
+        While the backlog could fill every healthy replica's next forward (at least the sum of
+        their bounds), replicas pull from their homes (:meth:`_pull_from_home`): all of them
+        stay busy either way, so affinity decides. Below that, what is left decides when each
+        replica finishes, so the highest-priority request goes where it finishes first, as on
+        arrival. ``now_s`` defaults to the latest time the policy was told of.
         """
         now_s = self._now_s if now_s is None else now_s
         self._now_s = max(self._now_s, now_s)
         dispatched: list[tuple[RoutedRequest, Placement]] = []
-        pulled = True
-        while pulled and self.queue_depth:
-            pulled = False
-            for replica, load in enumerate(self.replicas):
-                while load.healthy:
-                    home = self._next_home(replica)
-                    if home is None:
-                        break
-                    entry = self._queue.head(home)
-                    cost, cached = self.cost_on(entry.request, replica)
-                    joins_running = self._room_for(load, cost, now_s)
-                    if joins_running is None:
-                        break
-                    self._queue.remove(entry)
-                    placement = self._commit(entry.request, replica, cost, cached, joins_running, now_s)
-                    dispatched.append((entry.request, placement))
-                    pulled = True
+        while self.queue_depth:
+            healthy_bounds = sum(load.bound_flops for load in self.replicas if load.healthy)
+            if self._queue.backlog_flops() >= healthy_bounds:
+                if not any(self._pull_from_home(replica, now_s, dispatched) for replica in range(self.num_replicas)):
+                    break
+                continue
+            entry = self._queue.first(range(self.num_replicas))
+            placement = None if entry is None else self._try_place(entry.request, entry.excluded, now_s)
+            if placement is None:
+                break
+            self._queue.remove(entry)
+            dispatched.append((entry.request, placement))
         return dispatched
 
     # ----------------------------------------------------------------------------- internals
@@ -337,6 +337,23 @@ class RouterPolicy:
                 best, home, home_cost = rank, replica, cost
         entry = QueuedRequest(request, chains, excluded, home, home_cost)
         self._queue.push(entry, home_cost + self.aging_flops_per_s * request.arrival_s)
+
+    def _pull_from_home(
+        self, replica: int, now_s: float, dispatched: list[tuple[RoutedRequest, Placement]]
+    ) -> bool:
+        """``replica`` takes the head of its home queue (:meth:`_next_home`) if it has room."""
+        load = self.replicas[replica]
+        home = self._next_home(replica) if load.healthy else None
+        if home is None:
+            return False
+        entry = self._queue.head(home)
+        cost, cached = self.cost_on(entry.request, replica)
+        joins_running = self._room_for(load, cost, now_s)
+        if joins_running is None:
+            return False
+        self._queue.remove(entry)
+        dispatched.append((entry.request, self._commit(entry.request, replica, cost, cached, joins_running, now_s)))
+        return True
 
     def _next_home(self, replica: int) -> int | None:
         """Which home queue ``replica`` pulls from next: its own, else the largest it may take.

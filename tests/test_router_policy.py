@@ -279,3 +279,25 @@ def test_drained_replica_waiting_requests_move_to_a_new_home(spec):
     assert policy.set_healthy(0, False) == []
     assert policy.queued_per_replica == [0, 1]
     assert [(r.request_id, p.replica) for r, p in policy.complete("b")] == [("e", 1)]
+
+
+def test_shallow_backlog_goes_where_it_finishes_first_not_home(spec):
+    """Below the sum of the bounds the backlog cannot keep every replica busy: priority order
+    and earliest finish decide, not the home (the deep-backlog case is the test above)."""
+    full = request_flops(spec, 80)
+    policy = _policy(spec, [0.9 * full, 0.9 * full])  # a next forward holds one 40-token request
+    unique = iter(range(10_000, 1_000_000, 100))
+
+    def fresh(name: str, length: int, arrival_s: float = 0.0) -> RoutedRequest:
+        start = next(unique)
+        return _request(name, list(range(start, start + length)), arrival_s)
+
+    assert _placed(policy, fresh("a", 80)).replica == 0
+    assert _placed(policy, fresh("b", 80)).replica == 1
+    assert _placed(policy, fresh("c", 40)).replica == 0
+    assert _placed(policy, fresh("d", 40)).replica == 1
+    assert _placed(policy, fresh("e", 40, arrival_s=1.0)) is None
+    assert _placed(policy, fresh("f", 40, arrival_s=2.0)) is None
+    assert policy.queued_per_replica == [1, 1]  # e waits at replica 0, f at replica 1
+    # Replica 1 frees room: the older e goes there (the only replica with room), not f.
+    assert [(r.request_id, p.replica) for r, p in policy.complete("b")] == [("e", 1)]
