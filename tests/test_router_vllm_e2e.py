@@ -3,14 +3,17 @@
 Each replica is ``python -m vllm.entrypoints.openai.api_server --runner pooling`` pinned to
 its own core (``VLLM_CPU_OMP_THREADS_BIND``); the router runs as ``zeroprefill router``.
 Checks: the stock ``openai`` client and raw HTTP get the same answers through the router as
-directly; 2,000 requests at 32 concurrent lose nothing while replica 0 is killed mid-load;
-the router reports it unhealthy, then healthy again once it is restarted on its port.
+directly; the replicas' KV-cache events (``--kv-events-config``) reach the router's prefix
+index with the same block hashes the router computed itself; 2,000 requests at 32 concurrent
+lose nothing while replica 0 is killed mid-load; the router reports it unhealthy, then healthy
+again once it is restarted on its port.
 Budget: about 2-3 minutes on a 2-core machine (two vLLM start-ups dominate).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -29,6 +32,7 @@ openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow
 
 STARTUP_TIMEOUT_S = 240.0
+ENGINE_BLOCK_SIZE = 128  # vLLM's CPU backend caches 128-token blocks
 TOTAL_REQUESTS = 2000
 CONCURRENCY = 32
 
@@ -39,11 +43,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_vllm(model_dir: Path, port: int, core: int, log: Path) -> subprocess.Popen:
+def _start_vllm(model_dir: Path, port: int, core: int, log: Path, kv_events_port: int) -> subprocess.Popen:
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND=str(core))
+    kv_events = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{kv_events_port}"}
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--runner", "pooling", "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
-           "--host", "127.0.0.1", "--port", str(port)]
+           "--host", "127.0.0.1", "--port", str(port), "--kv-events-config", json.dumps(kv_events)]
     return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -83,8 +88,9 @@ def cluster(tmp_path_factory):
     work = tmp_path_factory.mktemp("router-e2e")
     model_dir = generate_tiny_moe(work / "tiny-moe")
     ports = [_free_port(), _free_port()]
+    kv_ports = [_free_port(), _free_port()]
     logs = [work / "vllm0.log", work / "vllm1.log"]
-    replicas = [_start_vllm(model_dir, ports[i], i, logs[i]) for i in range(2)]
+    replicas = [_start_vllm(model_dir, ports[i], i, logs[i], kv_ports[i]) for i in range(2)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     router_port = _free_port()
     router_log = work / "router.log"
@@ -95,12 +101,15 @@ def cluster(tmp_path_factory):
         router = subprocess.Popen(
             [sys.executable, "-m", "zeroprefill.cli", "router", "--backend", urls[0], "--backend", urls[1],
              "--model", str(model_dir), "--port", str(router_port), "--health-interval-s", "0.5",
+             "--block-size", str(ENGINE_BLOCK_SIZE),
+             "--kv-events", f"tcp://127.0.0.1:{kv_ports[0]}", "--kv-events", f"tcp://127.0.0.1:{kv_ports[1]}",
              "--log-level", "info"],
             stdout=router_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
         )
         router_url = f"http://127.0.0.1:{router_port}"
         _wait_healthy(router_url, router, router_log, 60)
-        yield {"model_dir": model_dir, "urls": urls, "ports": ports, "logs": logs, "replicas": replicas,
+        yield {"model_dir": model_dir, "urls": urls, "ports": ports, "kv_ports": kv_ports, "logs": logs,
+               "replicas": replicas,
                "router_url": router_url, "router_log": router_log}
     finally:
         if router is not None:
@@ -128,6 +137,27 @@ def test_openai_client_and_raw_http_match_direct(cluster):
     assert httpx.get(cluster["router_url"] + "/v1/models").json()["data"][0]["id"] == model
     bad = httpx.post(cluster["router_url"] + "/v1/embeddings", json={"model": model, "input": [1] * 600})
     assert bad.status_code == 400 and "maximum of 512" in bad.text
+
+
+def test_kv_events_give_the_router_the_engines_blocks_under_its_own_hashes(cluster):
+    """The engine's cache events reach the router, and its blocks hash as the router's own do."""
+    model = str(cluster["model_dir"])
+    text = " ".join(f"word{i % 50}" for i in range(60))  # ~290 tokens: two full 128-token blocks
+    response = httpx.post(cluster["router_url"] + "/v1/embeddings", json={"model": model, "input": text}, timeout=60)
+    assert response.status_code == 200
+    assert response.json()["usage"]["prompt_tokens"] >= 2 * ENGINE_BLOCK_SIZE
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        metrics = httpx.get(cluster["router_url"] + "/metrics").text
+        stored = sum(_counter(metrics, "zeroprefill_router_kv_stored_blocks_total", url) for url in cluster["urls"])
+        if stored >= 2:
+            break
+        time.sleep(0.2)
+    assert stored >= 2, metrics
+    # Every stored block was the one the router predicted when it dispatched the request.
+    confirmed = sum(_counter(metrics, "zeroprefill_router_kv_confirmed_blocks_total", url) for url in cluster["urls"])
+    assert confirmed == stored
+    assert sum(_counter(metrics, "zeroprefill_router_kv_skipped_blocks_total", url) for url in cluster["urls"]) == 0
 
 
 def test_load_with_a_replica_killed_mid_load_loses_nothing_and_recovers(cluster):
@@ -169,7 +199,8 @@ def test_load_with_a_replica_killed_mid_load_loses_nothing_and_recovers(cluster)
     print(f"{TOTAL_REQUESTS} requests in {elapsed_s:.1f} s; killed after {killed_at[0]}")
 
     # Restart replica 0 on its port: the router's health loop brings it back.
-    cluster["replicas"][0] = _start_vllm(cluster["model_dir"], cluster["ports"][0], 0, cluster["logs"][0])
+    cluster["replicas"][0] = _start_vllm(cluster["model_dir"], cluster["ports"][0], 0, cluster["logs"][0],
+                                         cluster["kv_ports"][0])
     _wait_healthy(cluster["urls"][0], cluster["replicas"][0], cluster["logs"][0])
     deadline = time.monotonic() + 10
     while not _backend_healthy(router_url, cluster["urls"][0]) and time.monotonic() < deadline:
@@ -184,6 +215,10 @@ def test_load_with_a_replica_killed_mid_load_loses_nothing_and_recovers(cluster)
 
 
 def _dispatched(metrics: str, backend_url: str) -> int:
-    prefix = f'zeroprefill_router_dispatched_total{{backend="{backend_url}"}} '
+    return _counter(metrics, "zeroprefill_router_dispatched_total", backend_url)
+
+
+def _counter(metrics: str, name: str, backend_url: str) -> int:
+    prefix = f'{name}{{backend="{backend_url}"}} '
     line = next(line for line in metrics.splitlines() if line.startswith(prefix))
     return int(line[len(prefix):])

@@ -33,6 +33,7 @@ from zeroprefill.common.prefix_index import block_hashes
 from zeroprefill.common.router_policy import Placement, PromptShape, RoutedRequest, RouterPolicy
 from zeroprefill.router import http
 from zeroprefill.router.backends import Backend, BackendPool
+from zeroprefill.router.kv_events import KVEventFeed, KVEventIndexer
 from zeroprefill.router.metrics import RouterMetrics
 from zeroprefill.router.prompts import (
     EMBEDDING_LIKE_PATHS,
@@ -64,6 +65,7 @@ class RouterConfig:
     request_timeout_s: float = 300.0
     max_retries: int = 3
     served_model_names: tuple[str, ...] = ()
+    kv_event_endpoints: tuple[tuple[str, ...], ...] = ()  # per backend, its DP ranks' ZMQ endpoints
 
 
 class _NoBackend(Exception):
@@ -88,6 +90,10 @@ class RouterApp:
             self.policy.set_healthy(backend.index, backend.healthy)
         pool.on_health_change = self._on_health_change
         self.metrics = RouterMetrics()
+        self.kv_events: KVEventFeed | None = None
+        if config.kv_event_endpoints:
+            indexer = KVEventIndexer(self.policy.index, config.block_size)
+            self.kv_events = KVEventFeed(indexer, config.kv_event_endpoints)
         self._waiters: dict[str, asyncio.Future[Placement]] = {}
         self._ids = itertools.count()
         self._expired: set[asyncio.Task] = set()
@@ -97,6 +103,8 @@ class RouterApp:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Probe the backends, then listen on ``host:port`` (0: a free port); returns the port."""
         await self.pool.start()
+        if self.kv_events is not None:
+            await self.kv_events.start()
         self._server, self._connections = await http.serve(self.handle, host, port)
         return self._server.sockets[0].getsockname()[1]
 
@@ -106,6 +114,8 @@ class RouterApp:
             for connection in list(self._connections):
                 connection.close()
             await self._server.wait_closed()
+        if self.kv_events is not None:
+            await self.kv_events.close()
         await self.pool.close()
 
     async def handle(self, method: bytes, path: str, headers: dict[bytes, bytes], body: bytes) -> http.Response:
@@ -119,7 +129,8 @@ class RouterApp:
         if path == "/health":
             return self.handle_health()
         if path == "/metrics":
-            return http.Response(200, self.metrics.render(self.policy, self.pool).encode(), b"text/plain")
+            kv_stats = self.kv_events.indexer.stats if self.kv_events is not None else None
+            return http.Response(200, self.metrics.render(self.policy, self.pool, kv_stats).encode(), b"text/plain")
         if path == "/v1/models":
             return await self.handle_models()
         return _error(404, f"no route {path}", "NotFoundError")

@@ -8,7 +8,8 @@ count and hash prompt tokens). The per-replica bound on outstanding work is the 
 threshold x ``--bound-factor``; the threshold is ``--saturation-flops``, or the planner's
 (``zeroprefill plan``) for ``--gpus`` GPUs of ``--gpu`` at ``--dtype`` and ``--context-tokens``.
 With neither, the router does not hold requests back (prefix affinity and
-least-outstanding-FLOPs placement only).
+least-outstanding-FLOPs placement only). ``--kv-events`` (once per backend) subscribes to the
+replicas' vLLM KV-cache events so the prefix index follows what the engines really cache.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bound-factor", type=float, default=1.25,
                         help="outstanding-FLOPs bound = saturation threshold x this factor")
     parser.add_argument("--block-size", type=int, default=16, help="the engine's prefix-cache block size")
+    parser.add_argument("--kv-events", action="append", default=[], metavar="ENDPOINT[,ENDPOINT...]",
+                        help="a replica's vLLM KV-event ZMQ endpoints, one per DP rank (e.g. "
+                             "tcp://10.0.0.1:5557,tcp://10.0.0.1:5558); repeat per --backend, in order. "
+                             "The engine needs --kv-events-config and the same --block-size")
     parser.add_argument("--cache-capacity-tokens", type=int, default=1 << 20,
                         help="each replica's prefix-cache size in tokens (LRU beyond it)")
     parser.add_argument("--request-timeout-s", type=float, default=300.0)
@@ -92,6 +97,11 @@ def run(args: argparse.Namespace) -> int:
         if saturation_flops is None:
             saturation_flops = planned_saturation
     bound_flops = saturation_flops * args.bound_factor if saturation_flops is not None else math.inf
+    try:
+        kv_event_endpoints = _kv_event_endpoints(args.kv_events, len(args.backend))
+    except ValueError as exc:
+        print(f"zeroprefill router: {exc}", file=sys.stderr)
+        return 2
     config = RouterConfig(
         spec=spec,
         tokenizer=tokenizer,
@@ -104,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout_s,
         max_retries=args.max_retries,
         served_model_names=tuple(args.served_model_name),
+        kv_event_endpoints=kv_event_endpoints,
     )
     try:
         pool = BackendPool(args.backend, args.backend_kind, args.health_interval_s, args.health_timeout_s)
@@ -118,6 +129,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"zeroprefill router: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _kv_event_endpoints(values: list[str], num_backends: int) -> tuple[tuple[str, ...], ...]:
+    """``--kv-events`` values -> per backend, its DP ranks' endpoints (validated)."""
+    if not values:
+        return ()
+    if len(values) != num_backends:
+        raise ValueError(f"--kv-events is given {len(values)} times for {num_backends} --backend; "
+                         "give it once per backend, in the same order")
+    endpoints = tuple(tuple(e.strip() for e in value.split(",") if e.strip()) for value in values)
+    for value, ranks in zip(values, endpoints):
+        bad = [e for e in ranks if not e.startswith(("tcp://", "ipc://"))]
+        if not ranks or bad:
+            raise ValueError(f"--kv-events {value!r}: expected tcp://HOST:PORT or ipc://PATH endpoints, "
+                             "comma-separated per DP rank")
+    try:
+        import msgspec  # noqa: F401
+        import zmq  # noqa: F401
+    except ImportError as exc:
+        raise ValueError(f"--kv-events needs pyzmq and msgspec ({exc}); pip install 'zeroprefill[router]'") from exc
+    return endpoints
 
 
 async def _serve(router, host: str, port: int, bound_flops: float) -> None:

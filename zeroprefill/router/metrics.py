@@ -10,6 +10,8 @@ Exposed at ``/metrics``:
 - ``zeroprefill_router_prefix_hit_rate``: predicted cached prompt tokens / dispatched prompt
   tokens; ``..._prompt_tokens_total``, ``..._cached_tokens_total``.
 - ``zeroprefill_router_requests_total{endpoint,status}``, ``..._retries_total``.
+- With ``--kv-events``: ``zeroprefill_router_kv_{batches,stored_blocks,confirmed_blocks,
+  removed_blocks,skipped_blocks,gaps}_total{backend}`` (``kv_events.py``).
 - Histograms ``zeroprefill_router_request_latency_seconds`` (arrival to response) and
   ``zeroprefill_router_queue_wait_seconds`` (arrival to dispatch).
 """
@@ -19,9 +21,11 @@ from __future__ import annotations
 import bisect
 import math
 from collections import Counter
+from collections.abc import Sequence
 
 from zeroprefill.common.router_policy import RouterPolicy
 from zeroprefill.router.backends import BackendPool
+from zeroprefill.router.kv_events import KVEventStats
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -52,6 +56,16 @@ class Histogram:
         return lines
 
 
+_KV_EVENT_COUNTERS = (
+    ("batches", "KV-event batches received from the backend's engine."),
+    ("stored_blocks", "Blocks the engine reported cached, applied to the prefix index."),
+    ("confirmed_blocks", "Stored blocks the router had already predicted there (same tokens, same hash)."),
+    ("removed_blocks", "Blocks the engine reported evicted, removed from the prefix index."),
+    ("skipped_blocks", "Stored blocks not applied: unknown parent, other block size, other medium, extra keys."),
+    ("gaps", "Lost KV-event batches or engine restarts (that rank's blocks are forgotten)."),
+)
+
+
 class RouterMetrics:
     """Counters the gateway updates per request, rendered with the policy's live state."""
 
@@ -61,7 +75,8 @@ class RouterMetrics:
         self.latency_s = Histogram()
         self.queue_wait_s = Histogram()
 
-    def render(self, policy: RouterPolicy, pool: BackendPool) -> str:
+    def render(self, policy: RouterPolicy, pool: BackendPool,
+               kv_events: Sequence[KVEventStats] | None = None) -> str:
         p = "zeroprefill_router"
         lines = [
             f"# HELP {p}_queue_depth Requests waiting in the global queue.",
@@ -86,6 +101,11 @@ class RouterMetrics:
             lines += [f"# HELP {p}_{name} {help_text}", f"# TYPE {p}_{name} {kind}"]
             for backend, load in zip(pool.backends, policy.replicas):
                 lines.append(f'{p}_{name}{{backend="{backend.url}"}} {value(load)}')
+        if kv_events is not None:
+            for name, help_text in _KV_EVENT_COUNTERS:
+                lines += [f"# HELP {p}_kv_{name}_total {help_text}", f"# TYPE {p}_kv_{name}_total counter"]
+                for backend, counters in zip(pool.backends, kv_events):
+                    lines.append(f'{p}_kv_{name}_total{{backend="{backend.url}"}} {getattr(counters, name)}')
         stats = policy.stats
         lines += [
             f"# HELP {p}_prefix_hit_rate Predicted cached prompt tokens / dispatched prompt tokens.",
