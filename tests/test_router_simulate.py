@@ -18,6 +18,7 @@ from zeroprefill.simulate import (
     prefix_hit_ceiling,
     run_comparison,
     summarize,
+    summarize_seeds,
 )
 
 
@@ -47,6 +48,23 @@ def test_simulation_is_deterministic_for_a_seed_and_serves_everything(spec):
     summary = summarize(first)
     assert set(summary["per_workload"]) == {"rerank", "long_context"}
     assert summary["p99_ratio_vs_best_other"] > 0
+
+
+def test_seed_summary_reports_mean_and_worst_seed():
+    def one(p99: float, tput: float) -> dict:
+        ratios = {"p99_ratio_vs_best_other": p99, "throughput_ratio_vs_best_other": tput}
+        return {"per_workload": {"rerank": ratios, "classify": {"p99_ratio_vs_best_other": 0.9,
+                                                              "throughput_ratio_vs_best_other": 1.0}},
+                "no_sharing_throughput_ratio_vs_least_requests": tput}
+
+    summary = summarize_seeds([one(0.8, 0.99), one(1.0, 1.05)])
+    assert summary["seeds"] == 2
+    assert summary["p99_ratio_vs_best_other"] == pytest.approx(0.9)
+    assert summary["throughput_ratio_vs_best_other"] == pytest.approx(1.0)  # classify's mean is lower
+    assert summary["throughput_ratio_vs_best_other_worst_seed"] == pytest.approx(0.99)
+    assert summary["p99_ratio_vs_best_other_worst_seed"] == pytest.approx(1.0)
+    assert summary["per_workload"]["rerank"]["throughput_ratio_vs_best_other_per_seed"] == [0.99, 1.05]
+    assert summary["no_sharing_throughput_ratio_vs_least_requests"] == pytest.approx(1.02)
 
 
 def test_prefix_hit_ceiling_counts_each_distinct_block_once():
