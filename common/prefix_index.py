@@ -71,7 +71,9 @@ class PrefixIndex:
                 f"got {capacity_blocks!r}"
             )
         self.capacity_blocks = capacities
-        self._blocks: list[OrderedDict[int, None]] = [OrderedDict() for _ in capacities]
+        # Per replica: block hash -> when it was last recorded (a counter over all inserts).
+        self._blocks: list[OrderedDict[int, int]] = [OrderedDict() for _ in capacities]
+        self._clock = 0
 
     @property
     def num_replicas(self) -> int:
@@ -85,6 +87,10 @@ class PrefixIndex:
         """Leading blocks of ``hashes`` that ``replica`` holds (stops at the first miss)."""
         return leading_blocks_in(hashes, self._blocks[replica])
 
+    def last_used(self, hashes: Sequence[int], blocks: int, replica: int) -> int:
+        """When ``replica`` last recorded block ``blocks - 1`` of ``hashes`` (0: never / none)."""
+        return self._blocks[replica].get(hashes[blocks - 1], 0) if blocks > 0 else 0
+
     def match_all(self, hashes: Sequence[int]) -> list[int]:
         """:meth:`match` for every replica."""
         return [self.match(hashes, replica) for replica in range(len(self._blocks))]
@@ -93,12 +99,12 @@ class PrefixIndex:
         """Record that ``replica`` now holds ``hashes`` (a prompt's chain), evicting LRU blocks."""
         blocks = self._blocks[replica]
         capacity = self.capacity_blocks[replica]
+        self._clock += 1
         # Leaf first, root last: the root ends most recently used and is evicted last.
         for block_hash in reversed(hashes):
             if block_hash in blocks:
                 blocks.move_to_end(block_hash)
-            else:
-                blocks[block_hash] = None
+            blocks[block_hash] = self._clock
         while len(blocks) > capacity:
             blocks.popitem(last=False)
 

@@ -17,7 +17,9 @@ next one. A forward of ``F`` FLOPs takes ``max(F, saturation_flops) / flops_per_
 the saturation threshold it waits on the expert-weight stream (a floor). The policy mirrors
 that per replica from its own dispatch/completion events: the *running* forward (what was
 dispatched to it while idle, or was waiting when the previous forward's requests completed)
-and the *next* forward (what was dispatched while one runs). No engine feedback is needed.
+and the *next* forward (what was dispatched while one runs; an engine starts its next forward
+before the router hears of the completions, so work sent in reply to them lands in the next
+forward too). No engine feedback is needed.
 
 *Placement*: the replica where the request finishes first: the end of the running forward
 (estimated from its start and ``flops_per_s``; without a rate, its length in FLOPs) plus
@@ -37,20 +39,23 @@ can be filling its next forward while the current one runs.
 
 *Global queue* (:mod:`.home_queue`): when no replica has room, a request waits at a *home*:
 the replica that holds most of its prefix, counting requests already waiting there (so a burst
-with a new prefix gathers at one replica); new prefixes, and ties, go to the replica with the
-least work queued and in flight. While the backlog could fill every healthy replica's next
-forward (at least the sum of their bounds), a replica with room serves its own home and takes
-the head of the largest other home only when its own is empty: no replica idles while work
-waits (work-conserving), and each prefix keeps being served where it is cached — the affinity
-that sgl-router's cache-aware policy gets by pinning, without its load thresholds. Below that
-the rest decides when each replica finishes, so the highest-priority request is placed by
-earliest finish, as on arrival. Each home is ordered shortest true FLOPs first (as charged at the home) with
-linear aging: the key ``cost_flops - aging_flops_per_s * waited_s`` orders the same as the
-static ``cost_flops + aging_flops_per_s * arrival_s``, which a heap keeps; every later
-arrival's key grows with its arrival time, so a waiting request reaches the head of its home
-after a bounded number of others: nothing starves. A head is dispatched strictly first (no
-overtaking within a home when it does not fit). A drained replica's waiting requests move to
-new homes.
+with a new prefix gathers at one replica); among replicas holding as much, the one that used
+it last (so a copy used elsewhere ages out instead of being kept warm beside it), then the
+least work queued and in flight. A replica with room serves its own home first — each prefix
+keeps being served where it is cached, the affinity that sgl-router's cache-aware policy gets
+by pinning, without its load thresholds. A replica whose home is empty does not idle
+(work-conserving): while the backlog could fill every healthy replica's next forward (at least
+the sum of their bounds) it takes the head of the largest other home; below that, what is
+left decides when each replica finishes, so it takes the highest-priority request anywhere,
+placed by earliest finish with its FLOPs charged at the compute rate even below the threshold
+(the backlog fills every forward anyway, so a miss's FLOPs displace queued work).
+
+Each home is ordered shortest true FLOPs first (as charged at the home) with linear aging: the
+key ``cost_flops - aging_flops_per_s * waited_s`` orders the same as the static ``cost_flops +
+aging_flops_per_s * arrival_s``, which a heap keeps; every later arrival's key grows with its
+arrival time, so a waiting request reaches the head of its home after a bounded number of
+others: nothing starves. A head is dispatched strictly first (no overtaking within a home when
+it does not fit). A drained replica's waiting requests move to new homes.
 
 The policy is engine-agnostic and synchronous: the gateway (``zeroprefill.router``), the
 simulator (``zeroprefill.simulate``) and engine-side load balancers drive it with their own
@@ -292,23 +297,27 @@ class RouterPolicy:
     def drain_queue(self, now_s: float | None = None) -> list[tuple[RoutedRequest, Placement]]:
         """Dispatch queued requests into replicas with room until none fits anywhere.
 
-        While the backlog could fill every healthy replica's next forward (at least the sum of
-        their bounds), replicas pull from their homes (:meth:`_pull_from_home`): all of them
-        stay busy either way, so affinity decides. Below that, what is left decides when each
-        replica finishes, so the highest-priority request goes where it finishes first, as on
-        arrival. ``now_s`` defaults to the latest time the policy was told of.
+        Replicas with room pull from their own homes (:meth:`_pull_from_home`). While the
+        backlog could fill every healthy replica's next forward (at least the sum of their
+        bounds), one whose home is empty takes the largest backlog's head; below that, the
+        highest-priority request anywhere goes where it finishes first. ``now_s`` defaults to
+        the latest time the policy was told of.
         """
         now_s = self._now_s if now_s is None else now_s
         self._now_s = max(self._now_s, now_s)
         dispatched: list[tuple[RoutedRequest, Placement]] = []
+        healthy_bounds = sum(load.bound_flops for load in self.replicas if load.healthy)
         while self.queue_depth:
-            healthy_bounds = sum(load.bound_flops for load in self.replicas if load.healthy)
-            if self._queue.backlog_flops() >= healthy_bounds:
-                if not any(self._pull_from_home(replica, now_s, dispatched) for replica in range(self.num_replicas)):
-                    break
+            deep = self._queue.backlog_flops() >= healthy_bounds
+            # One request per replica per round, so replicas with room fill side by side.
+            pulled = [self._pull_from_home(replica, now_s, dispatched, steal=deep)
+                      for replica in range(self.num_replicas)]
+            if any(pulled):
                 continue
+            if deep:
+                break
             entry = self._queue.first(range(self.num_replicas))
-            placement = None if entry is None else self._try_place(entry.request, entry.excluded, now_s)
+            placement = None if entry is None else self._try_place(entry.request, entry.excluded, now_s, backlog=True)
             if placement is None:
                 break
             self._queue.remove(entry)
@@ -322,33 +331,45 @@ class RouterPolicy:
 
         "About to hold" counts requests already waiting there: a burst of requests with a new
         prefix gathers at one replica instead of spreading before the first is dispatched.
-        Ties go to the replica with the least work queued and in flight.
+        Among replicas holding as much, the one that used it last (copies used elsewhere age
+        out of the other caches instead of being kept warm side by side), then the one with
+        the least work queued and in flight.
         """
         chains = tuple(tuple(prompt.block_hashes) for prompt in request.prompts)
         home, home_cost = self.num_replicas, self._uncached_cost(request)
-        best: tuple[int, int, int] | None = None
+        best: tuple[float, ...] | None = None
         for replica, load in enumerate(self.replicas):
             if not load.healthy or replica in excluded:
                 continue
-            cost, cached = self.cost_on(request, replica)
-            waiting = sum(self._queue.shared_depth(chain, replica) for chain in chains) * self.block_size
-            rank = (-max(cached, waiting), self._queue.backlog_flops(replica) + load.outstanding_flops, replica)
+            held = [self.index.match(chain, replica) for chain in chains]
+            waiting = [self._queue.shared_depth(chain, replica) for chain in chains]
+            if sum(waiting) and sum(waiting) >= sum(held):
+                depth, last_used = sum(waiting), math.inf
+            else:
+                depth = sum(held)
+                last_used = max(self.index.last_used(chain, blocks, replica) for chain, blocks in zip(chains, held))
+            rank = (-depth, -last_used, self._queue.backlog_flops(replica) + load.outstanding_flops, replica)
             if best is None or rank < best:
-                best, home, home_cost = rank, replica, cost
+                best, home = rank, replica
+        if home < self.num_replicas:
+            home_cost = self.cost_on(request, home)[0]
         entry = QueuedRequest(request, chains, excluded, home, home_cost)
         self._queue.push(entry, home_cost + self.aging_flops_per_s * request.arrival_s)
 
     def _pull_from_home(
-        self, replica: int, now_s: float, dispatched: list[tuple[RoutedRequest, Placement]]
+        self, replica: int, now_s: float, dispatched: list[tuple[RoutedRequest, Placement]], steal: bool = True
     ) -> bool:
-        """``replica`` takes the head of its home queue (:meth:`_next_home`) if it has room."""
+        """``replica`` takes the head of its home queue (of another: :meth:`_next_home`, with
+        ``steal``) if it has room."""
         load = self.replicas[replica]
-        home = self._next_home(replica) if load.healthy else None
+        home = None
+        if load.healthy:
+            home = self._next_home(replica) if steal else (replica if self._queue.size(replica) else None)
         if home is None:
             return False
         entry = self._queue.head(home)
         cost, cached = self.cost_on(entry.request, replica)
-        joins_running = self._room_for(load, cost, now_s)
+        joins_running = self._room_for(load, cost)
         if joins_running is None:
             return False
         self._queue.remove(entry)
@@ -376,41 +397,51 @@ class RouterPolicy:
     def _uncached_cost(self, request: RoutedRequest) -> int:
         return sum(self._request_flops(p.num_tokens, 0, p.head_tokens) for p in request.prompts)
 
-    def _room_for(self, load: ReplicaLoad, cost: int, now_s: float) -> bool | None:
-        """Where ``cost`` fits on a replica: the running forward (True), the next (False), or None.
+    @staticmethod
+    def _room_for(load: ReplicaLoad, cost: int) -> bool | None:
+        """Where ``cost`` fits on a replica: a forward it starts now (True: the replica is idle),
+        the next forward (False), or nowhere (None).
 
-        Work dispatched at the very instant a forward starts (the queue draining into a replica
-        whose forward just ended) is batched into it by the engine.
+        A replica that finishes a forward starts the next one with what it holds before the
+        router hears of the completions, so work sent in reply waits for the forward after.
         """
-        if not load.running or (load.flops_per_s > 0 and now_s == load.step_start_s
-                                and load.running_flops + cost <= load.bound_flops):
+        if not load.running:
             return True
         if load.next_step and load.next_flops + cost > load.bound_flops:
             return None
         return False
 
-    def _try_place(self, request: RoutedRequest, excluded: frozenset[int], now_s: float) -> Placement | None:
+    def _try_place(
+        self, request: RoutedRequest, excluded: frozenset[int], now_s: float, backlog: bool = False
+    ) -> Placement | None:
+        """Place ``request`` where it finishes first (marginal cost); None if nowhere has room.
+
+        With a ``backlog`` (requests wait in the router) every forward will be filled past the
+        saturation threshold anyway, so FLOPs a placement adds displace queued work: they are
+        charged at the compute rate even below the threshold, and a prefix hit counts in full.
+        """
         self._now_s = max(self._now_s, now_s)
+        floor = not backlog
         best: tuple[float, int, int, int] | None = None
         best_cost, best_joins = 0, False
         for replica, load in enumerate(self.replicas):
             if not load.healthy or replica in excluded:
                 continue
             cost, cached = self.cost_on(request, replica)
-            joins_running = self._room_for(load, cost, now_s)
+            joins_running = self._room_for(load, cost)
             if joins_running is None:
                 continue
             if joins_running:
                 before, sharing = load.running_flops, len(load.running)
-                finish = self._forward_time(load, before + cost)
+                finish = self._forward_time(load, before + cost, floor)
             else:
                 before, sharing = load.next_flops, len(load.next_step)
-                finish = self._running_left(load, now_s) + self._forward_time(load, before + cost)
+                finish = self._running_left(load, now_s) + self._forward_time(load, before + cost, floor)
             # What placing it here costs the requests already in that forward: each finishes
             # later by the forward's growth (0 below the saturation threshold, cost / rate past
             # it, less where the prefix is cached). Minimising own finish + this is the classic
             # marginal-cost rule for total completion time.
-            growth = self._forward_time(load, before + cost) - self._forward_time(load, before)
+            growth = self._forward_time(load, before + cost, floor) - self._forward_time(load, before, floor)
             delay_to_others = sharing * growth
             rank = (finish + delay_to_others, -cached, load.outstanding_flops + cost, replica)
             if best is None or rank < best:
@@ -443,9 +474,9 @@ class RouterPolicy:
         return placement
 
     @staticmethod
-    def _forward_time(load: ReplicaLoad, flops: int) -> float:
+    def _forward_time(load: ReplicaLoad, flops: int, floor: bool = True) -> float:
         """A forward's length: seconds with a rate, else FLOPs (the floor counts as saturation)."""
-        length = max(flops, load.saturation_flops)
+        length = max(flops, load.saturation_flops) if floor else flops
         return length / load.flops_per_s if load.flops_per_s else length
 
     def _running_left(self, load: ReplicaLoad, now_s: float) -> float:

@@ -281,23 +281,26 @@ def test_drained_replica_waiting_requests_move_to_a_new_home(spec):
     assert [(r.request_id, p.replica) for r, p in policy.complete("b")] == [("e", 1)]
 
 
-def test_shallow_backlog_goes_where_it_finishes_first_not_home(spec):
-    """Below the sum of the bounds the backlog cannot keep every replica busy: priority order
-    and earliest finish decide, not the home (the deep-backlog case is the test above)."""
+def test_shallow_backlog_serves_homes_first_then_the_oldest_where_it_finishes_first(spec):
+    """Below the sum of the bounds, a replica with room still serves its own home first; one
+    whose home is empty takes the highest-priority request anywhere (not the largest backlog's
+    head, as with a deep backlog), placed where it finishes first."""
     full = request_flops(spec, 80)
-    policy = _policy(spec, [0.9 * full, 0.9 * full])  # a next forward holds one 40-token request
+    policy = _policy(spec, [0.9 * full] * 3)  # a next forward holds one 40-token request
     unique = iter(range(10_000, 1_000_000, 100))
 
-    def fresh(name: str, length: int, arrival_s: float = 0.0) -> RoutedRequest:
+    def tokens(length: int) -> list[int]:
         start = next(unique)
-        return _request(name, list(range(start, start + length)), arrival_s)
+        return list(range(start, start + length))
 
-    assert _placed(policy, fresh("a", 80)).replica == 0
-    assert _placed(policy, fresh("b", 80)).replica == 1
-    assert _placed(policy, fresh("c", 40)).replica == 0
-    assert _placed(policy, fresh("d", 40)).replica == 1
-    assert _placed(policy, fresh("e", 40, arrival_s=1.0)) is None
-    assert _placed(policy, fresh("f", 40, arrival_s=2.0)) is None
-    assert policy.queued_per_replica == [1, 1]  # e waits at replica 0, f at replica 1
-    # Replica 1 frees room: the older e goes there (the only replica with room), not f.
-    assert [(r.request_id, p.replica) for r, p in policy.complete("b")] == [("e", 1)]
+    p_prefix, q_prefix = tokens(64), tokens(64)
+    assert _placed(policy, _request("a", p_prefix + tokens(16))).replica == 0
+    assert _placed(policy, _request("b", tokens(80))).replica == 1
+    assert _placed(policy, _request("c", q_prefix + tokens(16))).replica == 2
+    assert [_placed(policy, _request(n, tokens(40))).replica for n in "def"] == [0, 1, 2]
+    # y (Q-prefixed, older, cheaper) waits at replica 2; x (P-prefixed, larger) at replica 0.
+    assert _placed(policy, _request("y", q_prefix + tokens(40), arrival_s=1.0)) is None
+    assert _placed(policy, _request("x", p_prefix + tokens(56), arrival_s=2.0)) is None
+    assert policy.queued_per_replica == [1, 0, 1]
+    # Replica 1 frees room with nothing of its own waiting: it takes y, the oldest.
+    assert [(r.request_id, p.replica) for r, p in policy.complete("b")] == [("y", 1)]
