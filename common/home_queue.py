@@ -6,7 +6,7 @@ request is queued at a home — the replica that holds, or is about to hold, mos
 prefix — and a replica with room serves its own home first::
 
     [enqueue] -> heap of its home (priority key) + its blocks counted at that home
-    [replica r has room] -> head of r's heap (another's when r's is empty) -> dispatched
+    [replica r has room] -> head of r's heap, or (r's empty) one near another's top -> dispatched
 
 "About to hold" is what :meth:`HomeQueues.shared_depth` answers: the blocks that requests
 already waiting at a home have, so a burst of requests with a new prefix gathers at one
@@ -91,10 +91,19 @@ class HomeQueues:
             heapq.heappop(heap)
         return heap[0][2] if heap else None
 
-    def first(self, homes: Sequence[int]) -> QueuedRequest | None:
-        """The highest-priority request waiting at any of ``homes`` (left queued)."""
-        heads = [entry for entry in map(self.head, homes) if entry is not None]
-        return min(heads, key=lambda entry: (entry.key, entry.sequence), default=None)
+    def near_head(self, home: int, count: int) -> list[QueuedRequest]:
+        """Up to ``count`` requests waiting at ``home`` from the top of its heap (the head first;
+        the rest in heap order, which is near, not exactly, priority order)."""
+        head = self.head(home)
+        if head is None:
+            return []
+        entries = [head]
+        for _, _, entry in self._heaps[home][1:]:
+            if len(entries) == count:
+                break
+            if entry.queued:
+                entries.append(entry)
+        return entries
 
     def remove(self, entry: QueuedRequest) -> None:
         """Take ``entry`` out (dispatched or cancelled); its heap slot is dropped lazily."""

@@ -44,11 +44,11 @@ it last (so a copy used elsewhere ages out instead of being kept warm beside it)
 least work queued and in flight. A replica with room serves its own home first — each prefix
 keeps being served where it is cached, the affinity that sgl-router's cache-aware policy gets
 by pinning, without its load thresholds. A replica whose home is empty does not idle
-(work-conserving): while the backlog could fill every healthy replica's next forward (at least
-the sum of their bounds) it takes the head of the largest other home; below that, what is
-left decides when each replica finishes, so it takes the highest-priority request anywhere,
-placed by earliest finish with its FLOPs charged at the compute rate even below the threshold
-(the backlog fills every forward anyway, so a miss's FLOPs displace queued work).
+(work-conserving): it takes, from the top of the other homes, the request that costs it least
+beyond its cost at home, so after the first request of a prefix it does not hold come the
+others sharing it (now hits there), not one miss per request; while the backlog could fill
+every healthy replica's next forward (at least the sum of their bounds) it draws on the
+largest backlog only, below that on every home.
 
 Each home is ordered shortest true FLOPs first (as charged at the home) with linear aging: the
 key ``cost_flops - aging_flops_per_s * waited_s`` orders the same as the static ``cost_flops +
@@ -73,6 +73,9 @@ from zeroprefill.common.cost_model import request_flops
 from zeroprefill.common.model_spec import MoEModelSpec
 from zeroprefill.common.home_queue import HomeQueues, QueuedRequest
 from zeroprefill.common.prefix_index import PrefixIndex
+
+#: Waiting requests a replica with nothing of its own considers per home it may steal from.
+STEAL_CANDIDATES = 32
 
 
 @dataclass(frozen=True)
@@ -297,31 +300,18 @@ class RouterPolicy:
     def drain_queue(self, now_s: float | None = None) -> list[tuple[RoutedRequest, Placement]]:
         """Dispatch queued requests into replicas with room until none fits anywhere.
 
-        Replicas with room pull from their own homes (:meth:`_pull_from_home`). While the
-        backlog could fill every healthy replica's next forward (at least the sum of their
-        bounds), one whose home is empty takes the largest backlog's head; below that, the
-        highest-priority request anywhere goes where it finishes first. ``now_s`` defaults to
-        the latest time the policy was told of.
+        In rounds of one request per replica with room: its own home's head, else a request
+        taken from another home (:meth:`_steal`). ``now_s`` defaults to the latest time the
+        policy was told of.
         """
         now_s = self._now_s if now_s is None else now_s
         self._now_s = max(self._now_s, now_s)
         dispatched: list[tuple[RoutedRequest, Placement]] = []
-        healthy_bounds = sum(load.bound_flops for load in self.replicas if load.healthy)
-        while self.queue_depth:
-            deep = self._queue.backlog_flops() >= healthy_bounds
-            # One request per replica per round, so replicas with room fill side by side.
-            pulled = [self._pull_from_home(replica, now_s, dispatched, steal=deep)
-                      for replica in range(self.num_replicas)]
-            if any(pulled):
-                continue
-            if deep:
-                break
-            entry = self._queue.first(range(self.num_replicas))
-            placement = None if entry is None else self._try_place(entry.request, entry.excluded, now_s, backlog=True)
-            if placement is None:
-                break
-            self._queue.remove(entry)
-            dispatched.append((entry.request, placement))
+        pulled = True
+        while pulled and self.queue_depth:
+            pulled = False
+            for replica in range(self.num_replicas):
+                pulled |= self._pull(replica, now_s, dispatched)
         return dispatched
 
     # ----------------------------------------------------------------------------- internals
@@ -356,18 +346,14 @@ class RouterPolicy:
         entry = QueuedRequest(request, chains, excluded, home, home_cost)
         self._queue.push(entry, home_cost + self.aging_flops_per_s * request.arrival_s)
 
-    def _pull_from_home(
-        self, replica: int, now_s: float, dispatched: list[tuple[RoutedRequest, Placement]], steal: bool = True
-    ) -> bool:
-        """``replica`` takes the head of its home queue (of another: :meth:`_next_home`, with
-        ``steal``) if it has room."""
+    def _pull(self, replica: int, now_s: float, dispatched: list[tuple[RoutedRequest, Placement]]) -> bool:
+        """``replica`` takes one waiting request if it has room: its own home's head, else a steal."""
         load = self.replicas[replica]
-        home = None
-        if load.healthy:
-            home = self._next_home(replica) if steal else (replica if self._queue.size(replica) else None)
-        if home is None:
+        if not load.healthy:
             return False
-        entry = self._queue.head(home)
+        entry = self._queue.head(replica) if self._queue.size(replica) else self._steal(replica)
+        if entry is None:
+            return False
         cost, cached = self.cost_on(entry.request, replica)
         joins_running = self._room_for(load, cost)
         if joins_running is None:
@@ -376,23 +362,32 @@ class RouterPolicy:
         dispatched.append((entry.request, self._commit(entry.request, replica, cost, cached, joins_running, now_s)))
         return True
 
-    def _next_home(self, replica: int) -> int | None:
-        """Which home queue ``replica`` pulls from next: its own, else the largest it may take.
+    def _steal(self, replica: int) -> QueuedRequest | None:
+        """What ``replica``, with nothing of its own waiting, takes from other homes.
 
-        Work stays at its home, where its prefix is cached, for as long as that replica has
-        work of its own; a replica whose own queue is empty takes the head of the largest
-        backlog instead of idling (work-conserving). New prefixes, and prefixes cached on
-        several replicas, are queued at the least-loaded candidate home, which is what keeps
-        the backlogs level.
+        Rather than idle (work-conserving), it takes, from the top of the homes it may draw
+        on, the request that costs it least beyond what it costs at its home: after the first
+        request of a prefix it does not hold, the others sharing that prefix come next (now
+        hits here) instead of one miss per request on prefixes it never held. While the backlog
+        could fill every healthy replica's next forward (at least the sum of their bounds) it
+        draws on the largest backlog only; below that, on every home, ties going to the
+        highest priority.
         """
-        if self._queue.size(replica):
-            return replica
-        by_backlog = sorted(range(self.num_replicas), key=self._queue.backlog_flops, reverse=True)
-        for home in by_backlog:
-            head = self._queue.head(home)
-            if home != replica and head is not None and replica not in head.excluded:
-                return home
-        return None
+        healthy_bounds = sum(load.bound_flops for load in self.replicas if load.healthy)
+        homes = [home for home in range(self.num_replicas) if home != replica and self._queue.size(home)]
+        if self._queue.backlog_flops() >= healthy_bounds and homes:
+            homes = [max(homes, key=self._queue.backlog_flops)]
+        best: tuple[float, float, int] | None = None
+        chosen = None
+        for home in homes:
+            for entry in self._queue.near_head(home, STEAL_CANDIDATES):
+                if replica in entry.excluded:
+                    continue
+                extra = self.cost_on(entry.request, replica)[0] - entry.cost_flops
+                rank = (extra, entry.key, entry.sequence)
+                if best is None or rank < best:
+                    best, chosen = rank, entry
+        return chosen
 
     def _uncached_cost(self, request: RoutedRequest) -> int:
         return sum(self._request_flops(p.num_tokens, 0, p.head_tokens) for p in request.prompts)
@@ -411,17 +406,9 @@ class RouterPolicy:
             return None
         return False
 
-    def _try_place(
-        self, request: RoutedRequest, excluded: frozenset[int], now_s: float, backlog: bool = False
-    ) -> Placement | None:
-        """Place ``request`` where it finishes first (marginal cost); None if nowhere has room.
-
-        With a ``backlog`` (requests wait in the router) every forward will be filled past the
-        saturation threshold anyway, so FLOPs a placement adds displace queued work: they are
-        charged at the compute rate even below the threshold, and a prefix hit counts in full.
-        """
+    def _try_place(self, request: RoutedRequest, excluded: frozenset[int], now_s: float) -> Placement | None:
+        """Place ``request`` where it finishes first (marginal cost); None if nowhere has room."""
         self._now_s = max(self._now_s, now_s)
-        floor = not backlog
         best: tuple[float, int, int, int] | None = None
         best_cost, best_joins = 0, False
         for replica, load in enumerate(self.replicas):
@@ -433,15 +420,15 @@ class RouterPolicy:
                 continue
             if joins_running:
                 before, sharing = load.running_flops, len(load.running)
-                finish = self._forward_time(load, before + cost, floor)
+                finish = self._forward_time(load, before + cost)
             else:
                 before, sharing = load.next_flops, len(load.next_step)
-                finish = self._running_left(load, now_s) + self._forward_time(load, before + cost, floor)
+                finish = self._running_left(load, now_s) + self._forward_time(load, before + cost)
             # What placing it here costs the requests already in that forward: each finishes
             # later by the forward's growth (0 below the saturation threshold, cost / rate past
             # it, less where the prefix is cached). Minimising own finish + this is the classic
             # marginal-cost rule for total completion time.
-            growth = self._forward_time(load, before + cost, floor) - self._forward_time(load, before, floor)
+            growth = self._forward_time(load, before + cost) - self._forward_time(load, before)
             delay_to_others = sharing * growth
             rank = (finish + delay_to_others, -cached, load.outstanding_flops + cost, replica)
             if best is None or rank < best:
@@ -474,9 +461,9 @@ class RouterPolicy:
         return placement
 
     @staticmethod
-    def _forward_time(load: ReplicaLoad, flops: int, floor: bool = True) -> float:
+    def _forward_time(load: ReplicaLoad, flops: int) -> float:
         """A forward's length: seconds with a rate, else FLOPs (the floor counts as saturation)."""
-        length = max(flops, load.saturation_flops) if floor else flops
+        length = max(flops, load.saturation_flops)
         return length / load.flops_per_s if load.flops_per_s else length
 
     def _running_left(self, load: ReplicaLoad, now_s: float) -> float:

@@ -281,10 +281,10 @@ def test_drained_replica_waiting_requests_move_to_a_new_home(spec):
     assert [(r.request_id, p.replica) for r, p in policy.complete("b")] == [("e", 1)]
 
 
-def test_shallow_backlog_serves_homes_first_then_the_oldest_where_it_finishes_first(spec):
+def test_shallow_backlog_serves_homes_first_then_steals_from_any_home(spec):
     """Below the sum of the bounds, a replica with room still serves its own home first; one
-    whose home is empty takes the highest-priority request anywhere (not the largest backlog's
-    head, as with a deep backlog), placed where it finishes first."""
+    whose home is empty draws on every home (not only the largest backlog, as with a deep
+    one): the request costing it least extra, ties going to the highest priority."""
     full = request_flops(spec, 80)
     policy = _policy(spec, [0.9 * full] * 3)  # a next forward holds one 40-token request
     unique = iter(range(10_000, 1_000_000, 100))
@@ -302,5 +302,26 @@ def test_shallow_backlog_serves_homes_first_then_the_oldest_where_it_finishes_fi
     assert _placed(policy, _request("y", q_prefix + tokens(40), arrival_s=1.0)) is None
     assert _placed(policy, _request("x", p_prefix + tokens(56), arrival_s=2.0)) is None
     assert policy.queued_per_replica == [1, 0, 1]
-    # Replica 1 frees room with nothing of its own waiting: it takes y, the oldest.
+    # Replica 1 frees room with nothing of its own waiting: it holds neither prefix, and y (the
+    # older, smaller one, in the smaller backlog) costs it least extra.
     assert [(r.request_id, p.replica) for r, p in policy.complete("b")] == [("y", 1)]
+
+
+def test_a_replica_stealing_follows_the_prefix_it_just_took(spec):
+    policy = _policy(spec, [1.0, 1.0])  # every next forward takes exactly one request
+    p_prefix, q_prefix = list(range(64)), list(range(1000, 1064))
+
+    def prompt(prefix: list[int], tail: int) -> list[int]:
+        return prefix + [5000 + 16 * tail + j for j in range(16)]
+
+    assert _placed(policy, _request("a", prompt(p_prefix, 0))).replica == 0
+    assert _placed(policy, _request("b", list(range(9000, 9080)))).replica == 1
+    assert _placed(policy, _request("c", prompt(q_prefix, 1))).replica == 0
+    assert _placed(policy, _request("d", list(range(9100, 9180)))).replica == 1
+    for arrival, (name, prefix) in enumerate([("p1", p_prefix), ("q1", q_prefix), ("p2", p_prefix)], start=1):
+        assert _placed(policy, _request(name, prompt(prefix, 10 + arrival), arrival_s=float(arrival))) is None
+    assert policy.queued_per_replica == [3, 0]  # both prefixes are cached at replica 0
+    # Replica 1 has nothing of its own: it takes the oldest (all cost it the same miss)...
+    assert [(r.request_id, p.replica, p.cached_tokens) for r, p in policy.complete("b")] == [("p1", 1, 0)]
+    # ...then p2, which now hits the prefix p1 brought, ahead of the older q1 (a second miss).
+    assert [(r.request_id, p.replica, p.cached_tokens) for r, p in policy.complete("d")] == [("p2", 1, 64)]
