@@ -25,13 +25,16 @@ from collections.abc import Container, Sequence
 ROOT_BLOCK_HASH = 0x5EED
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int) -> list[int]:
-    """Chained hashes of the full ``block_size``-token blocks of ``token_ids``."""
+def block_hashes(token_ids: Sequence[int], block_size: int, parent: int = ROOT_BLOCK_HASH) -> list[int]:
+    """Chained hashes of the full ``block_size``-token blocks of ``token_ids``.
+
+    ``parent`` is the hash of the block before ``token_ids[0]`` (a chain continued from the
+    middle, as a KV-cache event reports it); the root for a whole prompt.
+    """
     if block_size <= 0:
         raise ValueError(f"block_size must be > 0, got {block_size}")
     tokens = tuple(token_ids)
     hashes: list[int] = []
-    parent = ROOT_BLOCK_HASH
     for start in range(0, len(tokens) - block_size + 1, block_size):
         parent = hash((parent, tokens[start : start + block_size]))
         hashes.append(parent)

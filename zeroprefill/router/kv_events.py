@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from zeroprefill.common.prefix_index import ROOT_BLOCK_HASH, PrefixIndex
+from zeroprefill.common.prefix_index import ROOT_BLOCK_HASH, PrefixIndex, block_hashes
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +92,9 @@ class KVEventIndexer:
         for event in batch[1]:
             kind = event.get("type") if isinstance(event, dict) else None
             if kind == "BlockStored":
-                self._stored(replica, rank, state, event)
+                self._stored(replica, state, event)
             elif kind == "BlockRemoved":
-                self._removed(replica, rank, state, event)
+                self._removed(replica, state, event)
             elif kind == "AllBlocksCleared":
                 self.forget(replica, rank)
                 self._ranks[replica][rank] = _RankState(last_seq=seq)
@@ -106,7 +106,7 @@ class KVEventIndexer:
         if state is not None:
             self._release(replica, state.blocks.values())
 
-    def _stored(self, replica: int, rank: int, state: _RankState, event: dict) -> None:
+    def _stored(self, replica: int, state: _RankState, event: dict) -> None:
         hashes = event.get("block_hashes") or []
         stats = self.stats[replica]
         block_size = event.get("block_size")
@@ -132,14 +132,12 @@ class KVEventIndexer:
         if len(tokens) != len(hashes) * block_size:
             stats.skipped_blocks += len(hashes)
             return
-        chain: list[int] = []
+        chain = block_hashes(tokens, block_size, parent)
         holders = self._holders[replica]
-        for position, vllm_hash in enumerate(hashes):
-            parent = hash((parent, tuple(tokens[position * block_size:(position + 1) * block_size])))
-            chain.append(parent)
+        for vllm_hash, ours in zip(hashes, chain):
             if vllm_hash not in state.blocks:
-                state.blocks[vllm_hash] = parent
-                holders[parent] = holders.get(parent, 0) + 1
+                state.blocks[vllm_hash] = ours
+                holders[ours] = holders.get(ours, 0) + 1
         stats.stored_blocks += len(chain)
         # The leading run the index already has was predicted by the router's own dispatch of
         # the same tokens (or stored by another DP rank): a zero count while blocks are stored
@@ -147,7 +145,7 @@ class KVEventIndexer:
         stats.confirmed_blocks += self.index.match(chain, replica)
         self.index.insert(chain, replica)
 
-    def _removed(self, replica: int, rank: int, state: _RankState, event: dict) -> None:
+    def _removed(self, replica: int, state: _RankState, event: dict) -> None:
         if event.get("medium") not in _GPU_MEDIA:
             return
         ours = [state.blocks.pop(vllm_hash) for vllm_hash in event.get("block_hashes") or ()
