@@ -349,7 +349,7 @@ class RouterPolicy:
     def _pull(self, replica: int, now_s: float, dispatched: list[tuple[RoutedRequest, Placement]]) -> bool:
         """``replica`` takes one waiting request if it has room: its own home's head, else a steal."""
         load = self.replicas[replica]
-        if not load.healthy:
+        if not load.healthy or self._room_for(load, 1) is None:  # full: no request (>= 1 FLOP) fits
             return False
         entry = self._queue.head(replica) if self._queue.size(replica) else self._steal(replica)
         if entry is None:
@@ -442,9 +442,8 @@ class RouterPolicy:
     ) -> Placement:
         placement = Placement(replica=replica, cost_flops=cost, cached_tokens=cached)
         load = self.replicas[replica]
-        if joins_running:
-            if not load.running:
-                load.step_start_s = now_s
+        if joins_running:  # the replica was idle: this starts its forward
+            load.step_start_s = now_s
             load.running.add(request.request_id)
             load.running_flops += cost
         else:
