@@ -15,7 +15,7 @@ from zeroprefill.simulate import (
     SGLangCacheAware,
     SimRequest,
     WorkloadParams,
-    prefix_hit_ceiling,
+    ceiling_hits,
     run_comparison,
     summarize,
     summarize_seeds,
@@ -71,8 +71,9 @@ def test_prefix_hit_ceiling_counts_each_distinct_block_once():
     # Blocks of 2 tokens. b shares a's first block, c repeats a whole (less its last token).
     a, b, c = (1, 2, 3, 4), (1, 2, 5, 6), (1, 2, 3, 4)
     prompts = [(len(p), block_hashes(p, 2)) for p in (a, b, c)]
-    assert prefix_hit_ceiling(prompts, 2) == pytest.approx((0 + 2 + 3) / 12)
-    assert prefix_hit_ceiling([], 2) == 0.0
+    assert ceiling_hits(prompts, 2) == [0, 2, 3]
+    assert sum(ceiling_hits(prompts, 2)) / 12 == pytest.approx((0 + 2 + 3) / 12)
+    assert ceiling_hits([], 2) == []
 
 
 def test_saturation_threshold_from_design_anchors(spec):

@@ -519,12 +519,6 @@ def ceiling_hits(prompts: Sequence[tuple[int, Sequence[int]]], block_size: int) 
     return hits
 
 
-def prefix_hit_ceiling(prompts: Sequence[tuple[int, Sequence[int]]], block_size: int) -> float:
-    """The prefix-hit rate no policy exceeds on ``prompts`` (:func:`ceiling_hits`)."""
-    total_tokens = sum(num_tokens for num_tokens, _ in prompts)
-    return sum(ceiling_hits(prompts, block_size)) / total_tokens if total_tokens else 0.0
-
-
 def make_policy(
     name: str, spec: MoEModelSpec, hardware: ReplicaHardware, num_replicas: int, block_size: int,
     bound_factor: float,
