@@ -140,3 +140,12 @@ def test_cli_validates_kv_event_endpoints():
         _kv_event_endpoints(["tcp://a:1"], 2)
     with pytest.raises(ValueError, match="tcp://HOST:PORT"):
         _kv_event_endpoints(["a:1"], 1)
+
+
+def test_an_endpoint_zmq_rejects_is_a_value_error_naming_it():
+    async def start() -> None:
+        feed = KVEventFeed(_indexer(1), [("tcp://nohostport",)])
+        await feed.start()
+
+    with pytest.raises(ValueError, match="nohostport"):
+        asyncio.run(start())

@@ -103,9 +103,13 @@ class RouterApp:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         """Probe the backends, then listen on ``host:port`` (0: a free port); returns the port."""
         await self.pool.start()
-        if self.kv_events is not None:
-            await self.kv_events.start()
-        self._server, self._connections = await http.serve(self.handle, host, port)
+        try:
+            if self.kv_events is not None:
+                await self.kv_events.start()
+            self._server, self._connections = await http.serve(self.handle, host, port)
+        except BaseException:
+            await self.close()
+            raise
         return self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:

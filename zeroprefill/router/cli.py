@@ -128,6 +128,9 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:  # e.g. the port is taken
         print(f"zeroprefill router: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # e.g. a KV-event endpoint ZMQ cannot connect to
+        print(f"zeroprefill router: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

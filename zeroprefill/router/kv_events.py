@@ -197,7 +197,12 @@ class KVEventFeed:
             for rank, endpoint in enumerate(endpoints):
                 socket = self._context.socket(zmq.SUB)
                 socket.setsockopt(zmq.SUBSCRIBE, self.topic)
-                socket.connect(endpoint)
+                try:
+                    socket.connect(endpoint)
+                except zmq.ZMQError as exc:
+                    socket.close(linger=0)
+                    await self.close()
+                    raise ValueError(f"KV-event endpoint {endpoint!r} of replica {replica}: {exc}") from exc
                 self._tasks.append(asyncio.create_task(self._receive(socket, decoder, replica, rank, endpoint)))
 
     async def _receive(self, socket, decoder, replica: int, rank: int, endpoint: str) -> None:
