@@ -123,6 +123,27 @@ class HomeQueues:
         """Leading blocks of ``chain`` that some request waiting at ``home`` also has."""
         return leading_blocks_in(chain, self._blocks[home])
 
+    def count_with(self, home: int, block_hash: int) -> int:
+        """Requests waiting at ``home`` with ``block_hash`` (so the prefix up to it) in a chain."""
+        return self._blocks[home].get(block_hash, 0)
+
+    def sharing(self, home: int, marks: Sequence[tuple[int, int]]) -> list[QueuedRequest]:
+        """Requests waiting at ``home`` with a chain whose block ``i`` is ``block_hash`` for some
+        ``(i, block_hash)`` in ``marks`` (chained hashes: they share the prefix up to it), in
+        priority order."""
+        found = [
+            (key, sequence, entry) for key, sequence, entry in self._heaps[home]
+            if entry.queued and any(len(chain) > i and chain[i] == block_hash
+                                    for chain in entry.chains for i, block_hash in marks)
+        ]
+        return [entry for *_, entry in sorted(found, key=lambda item: item[:2])]
+
+    def move(self, entry: QueuedRequest, home: int, cost_flops: int, key: float) -> None:
+        """Queue ``entry`` at another ``home``, charged ``cost_flops`` there, with priority ``key``."""
+        self.remove(entry)
+        entry.home, entry.cost_flops = home, cost_flops
+        self.push(entry, key)
+
     def drain_home(self, home: int) -> list[QueuedRequest]:
         """Take every request waiting at ``home`` out, in priority order."""
         entries = [entry for _, _, entry in sorted(self._heaps[home], key=lambda item: item[:2]) if entry.queued]

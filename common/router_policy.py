@@ -44,11 +44,15 @@ it last (so a copy used elsewhere ages out instead of being kept warm beside it)
 least work queued and in flight. A replica with room serves its own home first — each prefix
 keeps being served where it is cached, the affinity that sgl-router's cache-aware policy gets
 by pinning, without its load thresholds. A replica whose home is empty does not idle
-(work-conserving): it takes, from the top of the other homes, the request that costs it least
-beyond its cost at home, so after the first request of a prefix it does not hold come the
-others sharing it (now hits there), not one miss per request; while the backlog could fill
-every healthy replica's next forward (at least the sum of their bounds) it draws on the
-largest backlog only, below that on every home.
+(work-conserving): it takes, from the top of the other homes, the request whose extra cost
+(beyond its cost at home) per request sharing the prefix it lacks is least, and the requests
+waiting at the victim with the prefix it brought move to the thief's home with it (hits there
+now; moved while the thief's home stays below the victim's), so a prefix is copied once per
+steal, not once per request; while the backlog could fill every healthy replica's next forward
+(at least the sum of their bounds) it draws on the largest backlog only, below that on every
+home. A waiting request is charged at its home as a hit on the prefix it shares with requests
+already waiting there (one of them computes it, the rest hit it), so a burst of a new prefix
+does not count as one miss per request in the backlogs that steals balance.
 
 Each home is ordered shortest true FLOPs first (as charged at the home) with linear aging: the
 key ``cost_flops - aging_flops_per_s * waited_s`` orders the same as the static ``cost_flops +
@@ -219,17 +223,26 @@ class RouterPolicy:
         """Requests waiting at each replica as their home (those no replica may take: none)."""
         return [self._queue.size(replica) for replica in range(self.num_replicas)]
 
+    @property
+    def queued_flops_per_replica(self) -> list[int]:
+        """True FLOPs waiting at each replica as their home, as charged there when queued."""
+        return [self._queue.backlog_flops(replica) for replica in range(self.num_replicas)]
+
     def placement_of(self, request_id: str) -> Placement | None:
         return self._in_flight.get(request_id)
 
     def cost_on(self, request: RoutedRequest, replica: int) -> tuple[int, int]:
         """``(true FLOPs, predicted cached tokens)`` of ``request`` on ``replica`` now."""
+        return self._cost(request, [self.index.match(prompt.block_hashes, replica) for prompt in request.prompts])
+
+    def _cost(self, request: RoutedRequest, hit_blocks: Sequence[int]) -> tuple[int, int]:
+        """``(true FLOPs, cached tokens)`` of ``request`` with ``hit_blocks`` leading blocks of each
+        prompt cached."""
         flops = 0
         cached = 0
-        for prompt in request.prompts:
-            hit_blocks = self.index.match(prompt.block_hashes, replica)
+        for prompt, blocks in zip(request.prompts, hit_blocks):
             # An engine always recomputes at least the last prompt token.
-            hit_tokens = min(hit_blocks * self.block_size, max(prompt.num_tokens - 1, 0))
+            hit_tokens = min(blocks * self.block_size, max(prompt.num_tokens - 1, 0))
             flops += self._request_flops(prompt.num_tokens, hit_tokens, prompt.head_tokens)
             cached += hit_tokens
         return flops, cached
@@ -326,7 +339,7 @@ class RouterPolicy:
         the least work queued and in flight.
         """
         chains = tuple(tuple(prompt.block_hashes) for prompt in request.prompts)
-        home, home_cost = self.num_replicas, self._uncached_cost(request)
+        home, home_blocks = self.num_replicas, [0] * len(chains)
         best: tuple[float, ...] | None = None
         for replica, load in enumerate(self.replicas):
             if not load.healthy or replica in excluded:
@@ -341,8 +354,9 @@ class RouterPolicy:
             rank = (-depth, -last_used, self._queue.backlog_flops(replica) + load.outstanding_flops, replica)
             if best is None or rank < best:
                 best, home = rank, replica
-        if home < self.num_replicas:
-            home_cost = self.cost_on(request, home)[0]
+                home_blocks = [max(h, w) for h, w in zip(held, waiting)]
+        # Charged as a hit on what waits there too: one of them computes it, the rest follow.
+        home_cost = self._cost(request, home_blocks)[0]
         entry = QueuedRequest(request, chains, excluded, home, home_cost)
         self._queue.push(entry, home_cost + self.aging_flops_per_s * request.arrival_s)
 
@@ -351,27 +365,54 @@ class RouterPolicy:
         load = self.replicas[replica]
         if not load.healthy or self._room_for(load, 1) is None:  # full: no request (>= 1 FLOP) fits
             return False
-        entry = self._queue.head(replica) if self._queue.size(replica) else self._steal(replica)
+        stolen = not self._queue.size(replica)
+        entry = self._steal(replica) if stolen else self._queue.head(replica)
         if entry is None:
             return False
         cost, cached = self.cost_on(entry.request, replica)
         joins_running = self._room_for(load, cost)
         if joins_running is None:
             return False
+        held_before = [self.index.match(chain, replica) for chain in entry.chains]
         self._queue.remove(entry)
         dispatched.append((entry.request, self._commit(entry.request, replica, cost, cached, joins_running, now_s)))
+        if stolen:
+            self._follow(entry, replica, held_before)
         return True
+
+    def _follow(self, stolen: QueuedRequest, thief: int, held_before: Sequence[int]) -> None:
+        """Move to ``thief``'s home the requests waiting at the victim that share the prefix the
+        steal just brought to ``thief`` (blocks it did not hold before), in priority order, while
+        the thief's home stays below the victim's: the next ones are hits there, and the prefix
+        is not copied again by the next steal."""
+        victim = stolen.home
+        marks = []
+        for chain, before in zip(stolen.chains, held_before):
+            depth = self._queue.shared_depth(chain, victim)
+            if depth > before:
+                marks.append((depth - 1, chain[depth - 1]))
+        if not marks:
+            return
+        for follower in self._queue.sharing(victim, marks):
+            if thief in follower.excluded:
+                continue
+            cost = self.cost_on(follower.request, thief)[0]
+            if cost > follower.cost_flops:
+                continue
+            if self._queue.backlog_flops(thief) + cost > self._queue.backlog_flops(victim) - follower.cost_flops:
+                break
+            self._queue.move(follower, thief, cost, cost + self.aging_flops_per_s * follower.request.arrival_s)
 
     def _steal(self, replica: int) -> QueuedRequest | None:
         """What ``replica``, with nothing of its own waiting, takes from other homes.
 
         Rather than idle (work-conserving), it takes, from the top of the homes it may draw
-        on, the request that costs it least beyond what it costs at its home: after the first
-        request of a prefix it does not hold, the others sharing that prefix come next (now
-        hits here) instead of one miss per request on prefixes it never held. While the backlog
-        could fill every healthy replica's next forward (at least the sum of their bounds) it
-        draws on the largest backlog only; below that, on every home, ties going to the
-        highest priority.
+        on, the request whose extra cost here (beyond its cost at its home) per request waiting
+        there with the prefix it lacks is least: a prefix many wait for is worth copying, one
+        that a single request needs is not (:meth:`_follow` then moves the others along). While
+        the backlog could fill every healthy replica's next forward (at least the sum of their
+        bounds) it draws on the largest backlog only; below that, on every home, ties going to
+        the highest priority.
         """
         healthy_bounds = sum(load.bound_flops for load in self.replicas if load.healthy)
         homes = [home for home in range(self.num_replicas) if home != replica and self._queue.size(home)]
@@ -384,13 +425,14 @@ class RouterPolicy:
                 if replica in entry.excluded:
                     continue
                 extra = self.cost_on(entry.request, replica)[0] - entry.cost_flops
-                rank = (extra, entry.key, entry.sequence)
+                # Requests that would follow it (waiting there with the prefix the thief lacks).
+                followers = min((self._queue.count_with(home, chain[held])
+                                 for chain in entry.chains
+                                 if (held := self.index.match(chain, replica)) < len(chain)), default=1)
+                rank = (extra / max(followers, 1), entry.key, entry.sequence)
                 if best is None or rank < best:
                     best, chosen = rank, entry
         return chosen
-
-    def _uncached_cost(self, request: RoutedRequest) -> int:
-        return sum(self._request_flops(p.num_tokens, 0, p.head_tokens) for p in request.prompts)
 
     @staticmethod
     def _room_for(load: ReplicaLoad, cost: int) -> bool | None:

@@ -221,6 +221,7 @@ def test_saturation_bound_queues_and_metrics_report_it(model_dir):
         assert h.router.policy.queue_depth == 0
         text = (await h.get("/metrics"))[1].decode()
         for name in ("zeroprefill_router_queue_depth 0", "zeroprefill_router_queued{",
+                     "zeroprefill_router_queued_flops{",
                      "zeroprefill_router_outstanding_flops{", "zeroprefill_router_bound_flops{", "zeroprefill_router_prefix_hit_rate ",
                      'zeroprefill_router_requests_total{endpoint="/v1/embeddings",status="200"} 64',
                      'zeroprefill_router_request_latency_seconds_bucket{le="+Inf"} 64',

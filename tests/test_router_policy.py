@@ -325,3 +325,62 @@ def test_a_replica_stealing_follows_the_prefix_it_just_took(spec):
     assert [(r.request_id, p.replica, p.cached_tokens) for r, p in policy.complete("b")] == [("p1", 1, 0)]
     # ...then p2, which now hits the prefix p1 brought, ahead of the older q1 (a second miss).
     assert [(r.request_id, p.replica, p.cached_tokens) for r, p in policy.complete("d")] == [("p2", 1, 64)]
+
+
+def test_requests_waiting_with_a_prefix_are_charged_one_miss_between_them(spec):
+    """A burst with a prefix nobody holds waits at one home; only the first is charged the
+    prefix (one of them computes it, the rest hit it), so the home's backlog is not inflated."""
+    policy, _ = _fill_two_replicas(spec)
+    prefix = list(range(2000, 2064))
+    for i in range(3):
+        assert _placed(policy, _request(f"n{i}", prefix + [7000 + 16 * i + j for j in range(16)], float(i))) is None
+    (home,) = [replica for replica, waiting in enumerate(policy.queued_per_replica) if waiting]
+    assert policy.queued_flops_per_replica[home] == request_flops(spec, 80) + 2 * request_flops(spec, 80, 64)
+    assert policy.queued_flops_per_replica[1 - home] == 0
+
+
+def test_a_steal_takes_the_requests_sharing_its_prefix_along_until_homes_balance(spec):
+    """The requests of the stolen prefix that wait at the victim move to the thief's home (hits
+    there now), but only while the thief's home stays below the victim's."""
+    policy = _policy(spec, [1.0, 1.0])  # every next forward takes exactly one request
+    p_prefix, q_prefix = list(range(64)), list(range(1000, 1064))
+
+    def prompt(prefix: list[int], tail: int) -> list[int]:
+        return prefix + [5000 + 16 * tail + j for j in range(16)]
+
+    assert _placed(policy, _request("a", prompt(p_prefix, 0))).replica == 0
+    assert _placed(policy, _request("b", list(range(9000, 9080)))).replica == 1
+    assert _placed(policy, _request("c", prompt(q_prefix, 1))).replica == 0
+    assert _placed(policy, _request("d", list(range(9100, 9180)))).replica == 1
+    waiting = [f"p{i}" for i in range(6)] + [f"q{i}" for i in range(2)]
+    for arrival, name in enumerate(waiting, start=1):
+        prefix = p_prefix if name[0] == "p" else q_prefix
+        assert _placed(policy, _request(name, prompt(prefix, 10 + arrival), arrival_s=float(arrival))) is None
+    assert policy.queued_per_replica == [8, 0]
+    # Replica 1 steals p0 (the oldest; every candidate costs it the same miss)...
+    assert [(r.request_id, p.replica, p.cached_tokens) for r, p in policy.complete("b")] == [("p0", 1, 0)]
+    # ...and the P requests follow it home, three of the five: a fourth would leave replica
+    # 1's home above replica 0's (two P, two Q).
+    hit = request_flops(spec, 80, 64)
+    assert policy.queued_per_replica == [4, 3]
+    assert policy.queued_flops_per_replica == [4 * hit, 3 * hit]
+    assert [(r.request_id, p.replica, p.cached_tokens) for r, p in policy.complete("d")] == [("p1", 1, 64)]
+
+
+def test_a_thief_copies_the_prefix_most_requests_wait_for(spec):
+    """Among misses of the same size, a steal takes the prefix with the most requests waiting
+    for it (its copy serves them all), not the oldest request's, which only it needs."""
+    policy = _policy(spec, [1.0, 1.0])  # every next forward takes exactly one request
+    p_prefix, q_prefix = list(range(64)), list(range(1000, 1064))
+
+    def prompt(prefix: list[int], tail: int) -> list[int]:
+        return prefix + [5000 + 16 * tail + j for j in range(16)]
+
+    assert _placed(policy, _request("a", prompt(p_prefix, 0))).replica == 0
+    assert _placed(policy, _request("b", list(range(9000, 9080)))).replica == 1
+    assert _placed(policy, _request("c", prompt(q_prefix, 1))).replica == 0
+    assert _placed(policy, _request("d", list(range(9100, 9180)))).replica == 1
+    for arrival, name in enumerate(["q0", "p0", "p1", "p2"], start=1):
+        prefix = p_prefix if name[0] == "p" else q_prefix
+        assert _placed(policy, _request(name, prompt(prefix, 10 + arrival), arrival_s=float(arrival))) is None
+    assert [r.request_id for r, _ in policy.complete("b")] == ["p0"]

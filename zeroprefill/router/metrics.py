@@ -3,7 +3,8 @@
 Exposed at ``/metrics``:
 
 - ``zeroprefill_router_queue_depth``: requests held in the global queue (all replicas at their
-  FLOPs bound); ``..._queued{backend}``: those of them waiting at that backend as their home.
+  FLOPs bound); ``..._queued{backend}``: those of them waiting at that backend as their home,
+  ``..._queued_flops{backend}``: their true FLOPs as charged there.
 - ``zeroprefill_router_outstanding_flops{backend}``, ``..._in_flight{backend}``,
   ``..._bound_flops{backend}``, ``..._backend_healthy{backend}``, ``..._dispatched_total{backend}``,
   ``..._failed_total{backend}``.
@@ -87,6 +88,10 @@ class RouterMetrics:
         ]
         for backend, queued in zip(pool.backends, policy.queued_per_replica):
             lines.append(f'{p}_queued{{backend="{backend.url}"}} {queued}')
+        lines += [f"# HELP {p}_queued_flops True FLOPs waiting at this backend as their home.",
+                  f"# TYPE {p}_queued_flops gauge"]
+        for backend, flops in zip(pool.backends, policy.queued_flops_per_replica):
+            lines.append(f'{p}_queued_flops{{backend="{backend.url}"}} {flops}')
         per_backend = (
             ("outstanding_flops", "gauge", "True FLOPs dispatched and not yet completed.",
              lambda r: r.outstanding_flops),
