@@ -15,7 +15,7 @@ records dispatches, knows the prefix). Prompts' block hashes are chained
 (:mod:`.prefix_index`), so a block shared with a waiting request implies all blocks before it.
 
 Each heap is ordered by a caller-given priority key (FIFO on ties); removal is lazy (a
-cancelled request is skipped when it reaches the top).
+cancelled, dispatched or moved request's slot is skipped when it reaches the top).
 """
 
 from __future__ import annotations
@@ -44,6 +44,11 @@ class QueuedRequest:
     queued: bool = field(default=True, repr=False)
 
 
+def _live(sequence: int, entry: QueuedRequest) -> bool:
+    """Whether a heap slot still holds its entry (not dispatched, cancelled or moved since)."""
+    return entry.queued and entry.sequence == sequence
+
+
 class HomeQueues:
     """One priority heap and one count of waiting requests' blocks per home.
 
@@ -64,8 +69,8 @@ class HomeQueues:
 
     def __iter__(self) -> Iterator[QueuedRequest]:
         for heap in self._heaps:
-            for _, _, entry in heap:
-                if entry.queued:
+            for _, sequence, entry in heap:
+                if _live(sequence, entry):
                     yield entry
 
     def size(self, home: int) -> int:
@@ -87,7 +92,7 @@ class HomeQueues:
     def head(self, home: int) -> QueuedRequest | None:
         """The highest-priority request waiting at ``home`` (left queued)."""
         heap = self._heaps[home]
-        while heap and not heap[0][2].queued:
+        while heap and not _live(heap[0][1], heap[0][2]):
             heapq.heappop(heap)
         return heap[0][2] if heap else None
 
@@ -98,10 +103,10 @@ class HomeQueues:
         if head is None:
             return []
         entries = [head]
-        for _, _, entry in self._heaps[home][1:]:
+        for _, sequence, entry in self._heaps[home][1:]:
             if len(entries) == count:
                 break
-            if entry.queued:
+            if _live(sequence, entry):
                 entries.append(entry)
         return entries
 
@@ -133,8 +138,8 @@ class HomeQueues:
         priority order."""
         found = [
             (key, sequence, entry) for key, sequence, entry in self._heaps[home]
-            if entry.queued and any(len(chain) > i and chain[i] == block_hash
-                                    for chain in entry.chains for i, block_hash in marks)
+            if _live(sequence, entry)
+            and any(len(chain) > i and chain[i] == block_hash for chain in entry.chains for i, block_hash in marks)
         ]
         return [entry for *_, entry in sorted(found, key=lambda item: item[:2])]
 
@@ -146,7 +151,8 @@ class HomeQueues:
 
     def drain_home(self, home: int) -> list[QueuedRequest]:
         """Take every request waiting at ``home`` out, in priority order."""
-        entries = [entry for _, _, entry in sorted(self._heaps[home], key=lambda item: item[:2]) if entry.queued]
+        entries = [entry for _, sequence, entry in sorted(self._heaps[home], key=lambda item: item[:2])
+                   if _live(sequence, entry)]
         for entry in entries:
             self.remove(entry)
         self._heaps[home].clear()

@@ -35,7 +35,16 @@ saturation threshold times a small factor) — enough to fill that forward past 
 no more: work beyond it would only wait inside the engine, where it can no longer move to a
 replica that frees up sooner. An empty next forward always takes one request, however large.
 The running forward is not counted against the bound (it is already committed), so a replica
-can be filling its next forward while the current one runs.
+can be filling its next forward while the current one runs. Nor does a next forward exceed the
+engine's token budget (``max_batch_tokens`` uncached tokens), past which the engine would
+leave the rest for a forward after.
+
+*Tail*: when less waits than would fill every healthy replica's next forward again, and nothing
+arrived while the running forwards ran, the queue is the end of a backlog (a batch job's last
+requests). Held back, it would make one more forward on some replicas while the others idle,
+so it is dispatched at once past the bounds: largest first, each where it finishes first
+(greedy list scheduling), within the token budget. A shallow queue that arrivals keep
+refilling (the start of a backlog) is held back as usual.
 
 *Global queue* (:mod:`.home_queue`): when no replica has room, a request waits at a *home*:
 the replica that holds most of its prefix, counting requests already waiting there (so a burst
@@ -111,6 +120,7 @@ class Placement:
     replica: int
     cost_flops: int
     cached_tokens: int
+    new_tokens: int = 0
 
 
 @dataclass
@@ -124,9 +134,11 @@ class ReplicaLoad:
     in_flight: int = 0
     running_flops: int = 0
     next_flops: int = 0
+    next_tokens: int = 0
     step_start_s: float = 0.0
     running: set[str] = field(default_factory=set)
     next_step: set[str] = field(default_factory=set)
+    finishing: set[str] = field(default_factory=set)  # of the forward that ended, not yet reported
     healthy: bool = True
     dispatched_total: int = 0
     completed_total: int = 0
@@ -164,6 +176,9 @@ class RouterPolicy:
             bound cheaper).
         flops_per_s: per-replica effective compute rate (FLOP/s) to estimate when a running
             forward ends from its start time; empty: rank by forward lengths in FLOPs only.
+        max_batch_tokens: the engines' budget of uncached tokens per forward (vLLM's
+            ``--max-num-batched-tokens``): a next forward is not filled past it, since the
+            engine would leave the rest for a forward after. None: no limit.
     """
 
     spec: MoEModelSpec
@@ -173,6 +188,7 @@ class RouterPolicy:
     cache_capacity_blocks: int | Sequence[int] = 1 << 20
     aging_flops_per_s: float | None = None
     flops_per_s: Sequence[float] = ()
+    max_batch_tokens: int | None = None
     replicas: list[ReplicaLoad] = field(init=False)
     index: PrefixIndex = field(init=False)
     stats: PolicyStats = field(init=False)
@@ -198,12 +214,15 @@ class RouterPolicy:
         if self.aging_flops_per_s is None:
             finite = [b for b in self.bound_flops if math.isfinite(b)]
             self.aging_flops_per_s = min(finite) if finite else 0.0
+        if self.max_batch_tokens is not None and self.max_batch_tokens <= 0:
+            raise ValueError(f"max_batch_tokens must be > 0, got {self.max_batch_tokens}")
         if self.aging_flops_per_s < 0:
             raise ValueError(f"aging_flops_per_s must be >= 0, got {self.aging_flops_per_s}")
         # Home num_replicas holds requests that no healthy replica may take.
         self._queue = HomeQueues(len(self.replicas) + 1)
         self._in_flight: dict[str, Placement] = {}
         self._now_s = 0.0
+        self._last_submit_s = -math.inf
         # request_flops is pure in (tokens, cached, head) for the fixed spec and costs ~10 us:
         # memoised, since prompt lengths repeat (placement evaluates it per replica).
         self._request_flops = functools.lru_cache(maxsize=1 << 16)(functools.partial(request_flops, self.spec))
@@ -263,6 +282,7 @@ class RouterPolicy:
         if request.request_id in self._in_flight:
             raise ValueError(f"request {request.request_id!r} is already in flight")
         now_s = request.arrival_s if now_s is None else now_s
+        self._last_submit_s = now_s
         if not self.queue_depth:
             placement = self._try_place(request, excluded, now_s)
             if placement is not None:
@@ -314,14 +334,17 @@ class RouterPolicy:
         """Dispatch queued requests into replicas with room until none fits anywhere.
 
         In rounds of one request per replica with room: its own home's head, else a request
-        taken from another home (:meth:`_steal`). ``now_s`` defaults to the latest time the
-        policy was told of.
+        taken from another home (:meth:`_steal`). The tail of a backlog is split at once
+        (:meth:`_drain_tail`). ``now_s`` defaults to the latest time the policy was told of.
         """
         now_s = self._now_s if now_s is None else now_s
         self._now_s = max(self._now_s, now_s)
         dispatched: list[tuple[RoutedRequest, Placement]] = []
         pulled = True
         while pulled and self.queue_depth:
+            if self._in_tail():
+                self._drain_tail(now_s, dispatched)
+                break
             pulled = False
             for replica in range(self.num_replicas):
                 pulled |= self._pull(replica, now_s, dispatched)
@@ -360,17 +383,48 @@ class RouterPolicy:
         entry = QueuedRequest(request, chains, excluded, home, home_cost)
         self._queue.push(entry, home_cost + self.aging_flops_per_s * request.arrival_s)
 
+    def _in_tail(self) -> bool:
+        """Whether the queue is the tail of a backlog: less waits than would fill every healthy
+        replica's next forward again, and nothing arrived while the running forwards ran (a
+        shallow queue that arrivals keep refilling, as at the start of a backlog, is not)."""
+        healthy = [load for load in self.replicas if load.healthy]
+        if not healthy or self._queue.backlog_flops() >= sum(load.bound_flops for load in healthy):
+            return False
+        return all(self._last_submit_s < load.step_start_s for load in healthy if load.running)
+
+    def _drain_tail(self, now_s: float, dispatched: list[tuple[RoutedRequest, Placement]]) -> None:
+        """Dispatch the tail of a backlog now, past the bounds: held back, it would make one more
+        forward on some replicas while the others idle. Largest first, each where it finishes
+        first (greedy list scheduling), within the engines' token budget."""
+        for entry in sorted(self._queue, key=lambda entry: (-entry.cost_flops, entry.key, entry.sequence)):
+            best: tuple[float, int, int, int, bool] | None = None
+            for replica, load in enumerate(self.replicas):
+                if not load.healthy or replica in entry.excluded:
+                    continue
+                cost, cached = self.cost_on(entry.request, replica)
+                joins_running = self._room_for(load, cost, entry.request.num_tokens - cached, math.inf)
+                if joins_running is None:
+                    continue
+                rank = (self._finish(load, cost, joins_running, now_s), -cached, replica, cost, joins_running)
+                if best is None or rank < best:
+                    best = rank
+            if best is not None:
+                _, minus_cached, replica, cost, joins_running = best
+                self._queue.remove(entry)
+                placement = self._commit(entry.request, replica, cost, -minus_cached, joins_running, now_s)
+                dispatched.append((entry.request, placement))
+
     def _pull(self, replica: int, now_s: float, dispatched: list[tuple[RoutedRequest, Placement]]) -> bool:
         """``replica`` takes one waiting request if it has room: its own home's head, else a steal."""
         load = self.replicas[replica]
-        if not load.healthy or self._room_for(load, 1) is None:  # full: no request (>= 1 FLOP) fits
+        if not load.healthy or self._room_for(load, 1, 1) is None:  # full: no request fits
             return False
         stolen = not self._queue.size(replica)
         entry = self._steal(replica) if stolen else self._queue.head(replica)
         if entry is None:
             return False
         cost, cached = self.cost_on(entry.request, replica)
-        joins_running = self._room_for(load, cost)
+        joins_running = self._room_for(load, cost, entry.request.num_tokens - cached)
         if joins_running is None:
             return False
         held_before = [self.index.match(chain, replica) for chain in entry.chains]
@@ -424,27 +478,30 @@ class RouterPolicy:
             for entry in self._queue.near_head(home, STEAL_CANDIDATES):
                 if replica in entry.excluded:
                     continue
-                extra = self.cost_on(entry.request, replica)[0] - entry.cost_flops
+                held = [self.index.match(chain, replica) for chain in entry.chains]
+                extra = self._cost(entry.request, held)[0] - entry.cost_flops
                 # Requests that would follow it (waiting there with the prefix the thief lacks).
-                followers = min((self._queue.count_with(home, chain[held])
-                                 for chain in entry.chains
-                                 if (held := self.index.match(chain, replica)) < len(chain)), default=1)
+                followers = min((self._queue.count_with(home, chain[blocks])
+                                 for chain, blocks in zip(entry.chains, held) if blocks < len(chain)), default=1)
                 rank = (extra / max(followers, 1), entry.key, entry.sequence)
                 if best is None or rank < best:
                     best, chosen = rank, entry
         return chosen
 
-    @staticmethod
-    def _room_for(load: ReplicaLoad, cost: int) -> bool | None:
-        """Where ``cost`` fits on a replica: a forward it starts now (True: the replica is idle),
-        the next forward (False), or nowhere (None).
+    def _room_for(self, load: ReplicaLoad, cost: int, new_tokens: int, limit: float | None = None) -> bool | None:
+        """Where ``cost`` FLOPs (``new_tokens`` uncached tokens) fit on a replica: a forward it
+        starts now (True: the replica is idle), the next forward (False: under ``limit``, by
+        default its bound, and the engine's token budget), or nowhere (None).
 
         A replica that finishes a forward starts the next one with what it holds before the
         router hears of the completions, so work sent in reply waits for the forward after.
         """
         if not load.running:
             return True
-        if load.next_step and load.next_flops + cost > load.bound_flops:
+        if load.next_step and (
+            load.next_flops + cost > (load.bound_flops if limit is None else limit)
+            or (self.max_batch_tokens is not None and load.next_tokens + new_tokens > self.max_batch_tokens)
+        ):
             return None
         return False
 
@@ -457,15 +514,12 @@ class RouterPolicy:
             if not load.healthy or replica in excluded:
                 continue
             cost, cached = self.cost_on(request, replica)
-            joins_running = self._room_for(load, cost)
+            joins_running = self._room_for(load, cost, request.num_tokens - cached)
             if joins_running is None:
                 continue
-            if joins_running:
-                before, sharing = load.running_flops, len(load.running)
-                finish = self._forward_time(load, before + cost)
-            else:
-                before, sharing = load.next_flops, len(load.next_step)
-                finish = self._running_left(load, now_s) + self._forward_time(load, before + cost)
+            finish = self._finish(load, cost, joins_running, now_s)
+            before, sharing = (load.running_flops, len(load.running)) if joins_running else (
+                load.next_flops, len(load.next_step))
             # What placing it here costs the requests already in that forward: each finishes
             # later by the forward's growth (0 below the saturation threshold, cost / rate past
             # it, less where the prefix is cached). Minimising own finish + this is the classic
@@ -482,7 +536,8 @@ class RouterPolicy:
     def _commit(
         self, request: RoutedRequest, replica: int, cost: int, cached: int, joins_running: bool, now_s: float
     ) -> Placement:
-        placement = Placement(replica=replica, cost_flops=cost, cached_tokens=cached)
+        placement = Placement(replica=replica, cost_flops=cost, cached_tokens=cached,
+                              new_tokens=request.num_tokens - cached)
         load = self.replicas[replica]
         if joins_running:  # the replica was idle: this starts its forward
             load.step_start_s = now_s
@@ -491,6 +546,7 @@ class RouterPolicy:
         else:
             load.next_step.add(request.request_id)
             load.next_flops += cost
+            load.next_tokens += placement.new_tokens
         load.outstanding_flops += cost
         load.in_flight += 1
         load.dispatched_total += 1
@@ -500,6 +556,13 @@ class RouterPolicy:
         for prompt in request.prompts:
             self.index.insert(prompt.block_hashes, replica)
         return placement
+
+    def _finish(self, load: ReplicaLoad, cost: int, joins_running: bool, now_s: float) -> float:
+        """When work of ``cost`` FLOPs added now would finish: with the forward it starts (the
+        replica is idle), else at the end of the next forward, after the running one."""
+        if joins_running:
+            return self._forward_time(load, load.running_flops + cost)
+        return self._running_left(load, now_s) + self._forward_time(load, load.next_flops + cost)
 
     @staticmethod
     def _forward_time(load: ReplicaLoad, flops: int) -> float:
@@ -523,14 +586,18 @@ class RouterPolicy:
         load = self.replicas[placement.replica]
         load.outstanding_flops -= placement.cost_flops
         load.in_flight -= 1
-        if request_id in load.running:
+        if request_id in load.finishing:
+            load.finishing.discard(request_id)
+        elif request_id in load.running:
+            # The forward ended (its requests finish together; the others' reports follow):
+            # the engine has started the next one with what waited.
             load.running.discard(request_id)
-            load.running_flops -= placement.cost_flops
-            if not load.running:  # the forward ended: the next one starts with what waited
-                load.running, load.next_step = load.next_step, load.running
-                load.running_flops, load.next_flops = load.next_flops, 0
-                load.step_start_s = self._now_s
+            load.finishing |= load.running
+            load.running, load.next_step = load.next_step, set()
+            load.running_flops, load.next_flops, load.next_tokens = load.next_flops, 0, 0
+            load.step_start_s = self._now_s
         else:
             load.next_step.discard(request_id)
             load.next_flops -= placement.cost_flops
+            load.next_tokens -= placement.new_tokens
         return placement

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import math
@@ -292,3 +293,16 @@ def test_planner_gives_the_replica_threshold_and_compute_rate():
     profile = shipped_profile("h200", 4)
     assert saturation == 4 * forward_flops_at_threshold(spec, profile, 4, 2048, "bf16")
     assert rate == pytest.approx(4 * profile.effective_tflops("bf16") * 1e12)
+
+
+@pytest.mark.parametrize("flag, value", [("--max-num-batched-tokens", "0"), ("--bound-factor", "-1"),
+                                         ("--saturation-flops", "0")])
+def test_cli_rejects_bad_numbers_in_one_line(model_dir, capsys, flag, value):
+    from zeroprefill.router import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--backend", "http://127.0.0.1:9", "--model", str(model_dir), flag, value])
+    assert cli.run(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"zeroprefill router: {flag} must be > 0, got ") and err.count("\n") == 1

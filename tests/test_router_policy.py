@@ -384,3 +384,89 @@ def test_a_thief_copies_the_prefix_most_requests_wait_for(spec):
         prefix = p_prefix if name[0] == "p" else q_prefix
         assert _placed(policy, _request(name, prompt(prefix, 10 + arrival), arrival_s=float(arrival))) is None
     assert [r.request_id for r, _ in policy.complete("b")] == ["p0"]
+
+
+def _staggered_backlog(spec, max_batch_tokens=None, late_arrival=False):
+    """Two replicas, one 80-token request per next forward; e, f (80 tokens) and g (8) wait.
+    Replica 0's forward ends at t1, replica 1's half a forward later, at t2. Returns the policy
+    and what t2's completion dispatched."""
+    cost = request_flops(spec, 80)
+    rate = cost / 10.0  # a forward of one request: 10 s
+    policy = RouterPolicy(spec, [cost, cost], [0.0, 0.0], block_size=BLOCK, cache_capacity_blocks=1000,
+                          flops_per_s=[rate, rate], max_batch_tokens=max_batch_tokens)
+    tokens = iter(range(0, 1_000_000, 80))
+
+    def request(name: str, arrival_s: float = 0.0, length: int = 80) -> RoutedRequest:
+        start = next(tokens)
+        return _request(name, list(range(start, start + length)), arrival_s)
+
+    assert [_placed(policy, request(n)).replica for n in "abcd"] == [0, 1, 0, 1]
+    for name, length, arrival_s in (("e", 80, 0.0), ("f", 80, 0.0), ("g", 8, 1.0)):  # g aged behind e, f
+        assert _placed(policy, request(name, arrival_s, length)) is None
+    t1 = cost / rate
+    assert [(r.request_id, p.replica) for r, p in policy.complete("a", t1)] == [("e", 0)]
+    if late_arrival:  # a small request arrives while replica 0's new forward runs
+        assert _placed(policy, request("h", t1 + 1.0, length=8)) is None
+    t2 = t1 * 1.5
+    return policy, {r.request_id: p.replica for r, p in policy.complete("b", t2)}
+
+
+def test_the_tail_of_a_backlog_is_split_past_the_bounds_when_nothing_more_arrives(spec):
+    """With less waiting than one more round of next forwards and no arrivals since the running
+    forwards started, holding the rest back would cost a forward more on one replica: the
+    replica whose queued work ends first (0) takes it past its bound."""
+    policy, dispatched = _staggered_backlog(spec)
+    assert dispatched == {"f": 1, "g": 0}
+    assert policy.queue_depth == 0
+
+
+def test_a_shallow_queue_that_arrivals_refill_stays_within_the_bounds(spec):
+    policy, dispatched = _staggered_backlog(spec, late_arrival=True)
+    assert dispatched == {"f": 1}
+    assert policy.queue_depth == 2
+
+
+def test_a_next_forward_stays_within_the_engines_token_budget(spec):
+    """The engine computes at most ``max_batch_tokens`` uncached tokens per forward: the tail
+    is not split into a next forward that would exceed it (the engine would defer the rest)."""
+    policy, dispatched = _staggered_backlog(spec, max_batch_tokens=85)
+    assert dispatched == {"f": 1}
+    assert policy.queue_depth == 1
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        RouterPolicy(spec, [1.0], max_batch_tokens=0)
+
+
+def test_home_queues_move_leaves_no_live_copy_behind():
+    from zeroprefill.common.home_queue import HomeQueues, QueuedRequest
+
+    queues = HomeQueues(2)
+    entries = [QueuedRequest(name, ((i, 100 + i),), frozenset(), 0, 10) for i, name in enumerate("abc")]
+    for key, entry in enumerate(entries):
+        queues.push(entry, float(key))
+    queues.move(entries[0], 1, 4, 0.0)
+    assert queues.head(0) is entries[1] and queues.head(1) is entries[0]
+    assert sorted(entry.request for entry in queues) == ["a", "b", "c"]
+    assert [queues.size(0), queues.size(1)] == [2, 1]
+    assert [queues.backlog_flops(0), queues.backlog_flops(1)] == [20, 4]
+    assert queues.shared_depth((0, 100), 0) == 0 and queues.shared_depth((0, 100), 1) == 2
+    assert [entry.request for entry in queues.near_head(0, 5)] == ["b", "c"]
+    assert [entry.request for entry in queues.drain_home(0)] == ["b", "c"]
+    assert [entry.request for entry in queues] == ["a"]
+
+
+def test_the_first_completion_of_a_forward_starts_the_next(spec):
+    """A forward's requests finish together: after the first of them reports, the engine is
+    on its next forward (here: none, so it is idle), whatever the others' reports' order."""
+    policy = _policy(spec, [math.inf])
+    for name, offset in (("a", 0), ("b", 100), ("c", 200)):
+        _placed(policy, _request(name, list(range(offset, offset + 40))))
+    load = policy.replicas[0]
+    assert load.running == {"a"} and load.next_step == {"b", "c"}
+    policy.complete("a")
+    assert load.running == {"b", "c"} and not load.next_step
+    policy.complete("b")
+    assert not load.running and load.finishing == {"c"}
+    _placed(policy, _request("d", list(range(300, 340))))
+    assert load.running == {"d"}  # it starts a forward now, not after c's
+    policy.complete("c")
+    assert load.running == {"d"} and not load.finishing and load.in_flight == 1

@@ -534,7 +534,8 @@ def make_policy(
         saturation = hardware.saturation_flops(spec)
         policy = RouterPolicy(spec, [bound] * num_replicas, [saturation] * num_replicas, block_size=block_size,
                               cache_capacity_blocks=hardware.cache_capacity_tokens // block_size,
-                              flops_per_s=[hardware.effective_flops_per_s()] * num_replicas)
+                              flops_per_s=[hardware.effective_flops_per_s()] * num_replicas,
+                              max_batch_tokens=hardware.max_batch_tokens)
         return ZeroPrefill(policy, block_size)
     raise ValueError(f"unknown policy {name!r}; choose from {POLICIES}")
 

@@ -62,6 +62,7 @@ class RouterConfig:
     flops_per_s: float = 0.0  # a replica's effective compute rate; 0: rank by FLOPs alone
     block_size: int = 16
     cache_capacity_blocks: int = 1 << 16
+    max_batch_tokens: int | None = None  # the engines' --max-num-batched-tokens
     request_timeout_s: float = 300.0
     max_retries: int = 3
     served_model_names: tuple[str, ...] = ()
@@ -85,6 +86,7 @@ class RouterApp:
             block_size=config.block_size,
             cache_capacity_blocks=config.cache_capacity_blocks,
             flops_per_s=[config.flops_per_s] * len(pool.backends) if config.flops_per_s else (),
+            max_batch_tokens=config.max_batch_tokens,
         )
         for backend in pool.backends:
             self.policy.set_healthy(backend.index, backend.healthy)

@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a replica's vLLM KV-event ZMQ endpoints, one per DP rank (e.g. "
                              "tcp://10.0.0.1:5557,tcp://10.0.0.1:5558); repeat per --backend, in order. "
                              "The engine needs --kv-events-config and the same --block-size")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="the engines' --max-num-batched-tokens: a replica's next forward is not filled "
+                             "past it (default: no limit)")
     parser.add_argument("--cache-capacity-tokens", type=int, default=1 << 20,
                         help="each replica's prefix-cache size in tokens (LRU beyond it)")
     parser.add_argument("--request-timeout-s", type=float, default=300.0)
@@ -82,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
         if not value > 0:
             print(f"zeroprefill router: {name} must be > 0, got {value}", file=sys.stderr)
             return 2
+    if args.max_num_batched_tokens is not None and not args.max_num_batched_tokens > 0:
+        print(f"zeroprefill router: --max-num-batched-tokens must be > 0, got {args.max_num_batched_tokens}",
+              file=sys.stderr)
+        return 2
     if args.saturation_flops is not None and not args.saturation_flops > 0:
         print(f"zeroprefill router: --saturation-flops must be > 0, got {args.saturation_flops}",
               file=sys.stderr)
@@ -111,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         flops_per_s=flops_per_s,
         block_size=args.block_size,
         cache_capacity_blocks=max(args.cache_capacity_tokens // args.block_size, 1),
+        max_batch_tokens=args.max_num_batched_tokens,
         request_timeout_s=args.request_timeout_s,
         max_retries=args.max_retries,
         served_model_names=tuple(args.served_model_name),
