@@ -307,19 +307,27 @@ def test_shallow_backlog_serves_homes_first_then_steals_from_any_home(spec):
     assert [(r.request_id, p.replica) for r, p in policy.complete("b")] == [("y", 1)]
 
 
-def test_a_replica_stealing_follows_the_prefix_it_just_took(spec):
-    policy = _policy(spec, [1.0, 1.0])  # every next forward takes exactly one request
-    p_prefix, q_prefix = list(range(64)), list(range(1000, 1064))
+def _both_prefixes_at_replica_0(spec, waiting: list[str]) -> RouterPolicy:
+    """Replica 0 caches prefixes P and Q, replica 1 neither; every next forward takes one
+    request and holds one; then ``waiting`` (names starting with p or q: their prefix) queue,
+    in arrival order. Completing b or d frees replica 1."""
+    policy = _policy(spec, [1.0, 1.0])
+    prefixes = {"p": list(range(64)), "q": list(range(1000, 1064))}
 
-    def prompt(prefix: list[int], tail: int) -> list[int]:
-        return prefix + [5000 + 16 * tail + j for j in range(16)]
+    def prompt(prefix: str, tail: int) -> list[int]:
+        return prefixes[prefix] + [5000 + 16 * tail + j for j in range(16)]
 
-    assert _placed(policy, _request("a", prompt(p_prefix, 0))).replica == 0
+    assert _placed(policy, _request("a", prompt("p", 0))).replica == 0
     assert _placed(policy, _request("b", list(range(9000, 9080)))).replica == 1
-    assert _placed(policy, _request("c", prompt(q_prefix, 1))).replica == 0
+    assert _placed(policy, _request("c", prompt("q", 1))).replica == 0
     assert _placed(policy, _request("d", list(range(9100, 9180)))).replica == 1
-    for arrival, (name, prefix) in enumerate([("p1", p_prefix), ("q1", q_prefix), ("p2", p_prefix)], start=1):
-        assert _placed(policy, _request(name, prompt(prefix, 10 + arrival), arrival_s=float(arrival))) is None
+    for arrival, name in enumerate(waiting, start=1):
+        assert _placed(policy, _request(name, prompt(name[0], 10 + arrival), arrival_s=float(arrival))) is None
+    return policy
+
+
+def test_a_replica_stealing_follows_the_prefix_it_just_took(spec):
+    policy = _both_prefixes_at_replica_0(spec, ["p1", "q1", "p2"])
     assert policy.queued_per_replica == [3, 0]  # both prefixes are cached at replica 0
     # Replica 1 has nothing of its own: it takes the oldest (all cost it the same miss)...
     assert [(r.request_id, p.replica, p.cached_tokens) for r, p in policy.complete("b")] == [("p1", 1, 0)]
@@ -342,20 +350,7 @@ def test_requests_waiting_with_a_prefix_are_charged_one_miss_between_them(spec):
 def test_a_steal_takes_the_requests_sharing_its_prefix_along_until_homes_balance(spec):
     """The requests of the stolen prefix that wait at the victim move to the thief's home (hits
     there now), but only while the thief's home stays below the victim's."""
-    policy = _policy(spec, [1.0, 1.0])  # every next forward takes exactly one request
-    p_prefix, q_prefix = list(range(64)), list(range(1000, 1064))
-
-    def prompt(prefix: list[int], tail: int) -> list[int]:
-        return prefix + [5000 + 16 * tail + j for j in range(16)]
-
-    assert _placed(policy, _request("a", prompt(p_prefix, 0))).replica == 0
-    assert _placed(policy, _request("b", list(range(9000, 9080)))).replica == 1
-    assert _placed(policy, _request("c", prompt(q_prefix, 1))).replica == 0
-    assert _placed(policy, _request("d", list(range(9100, 9180)))).replica == 1
-    waiting = [f"p{i}" for i in range(6)] + [f"q{i}" for i in range(2)]
-    for arrival, name in enumerate(waiting, start=1):
-        prefix = p_prefix if name[0] == "p" else q_prefix
-        assert _placed(policy, _request(name, prompt(prefix, 10 + arrival), arrival_s=float(arrival))) is None
+    policy = _both_prefixes_at_replica_0(spec, [f"p{i}" for i in range(6)] + [f"q{i}" for i in range(2)])
     assert policy.queued_per_replica == [8, 0]
     # Replica 1 steals p0 (the oldest; every candidate costs it the same miss)...
     assert [(r.request_id, p.replica, p.cached_tokens) for r, p in policy.complete("b")] == [("p0", 1, 0)]
@@ -370,19 +365,7 @@ def test_a_steal_takes_the_requests_sharing_its_prefix_along_until_homes_balance
 def test_a_thief_copies_the_prefix_most_requests_wait_for(spec):
     """Among misses of the same size, a steal takes the prefix with the most requests waiting
     for it (its copy serves them all), not the oldest request's, which only it needs."""
-    policy = _policy(spec, [1.0, 1.0])  # every next forward takes exactly one request
-    p_prefix, q_prefix = list(range(64)), list(range(1000, 1064))
-
-    def prompt(prefix: list[int], tail: int) -> list[int]:
-        return prefix + [5000 + 16 * tail + j for j in range(16)]
-
-    assert _placed(policy, _request("a", prompt(p_prefix, 0))).replica == 0
-    assert _placed(policy, _request("b", list(range(9000, 9080)))).replica == 1
-    assert _placed(policy, _request("c", prompt(q_prefix, 1))).replica == 0
-    assert _placed(policy, _request("d", list(range(9100, 9180)))).replica == 1
-    for arrival, name in enumerate(["q0", "p0", "p1", "p2"], start=1):
-        prefix = p_prefix if name[0] == "p" else q_prefix
-        assert _placed(policy, _request(name, prompt(prefix, 10 + arrival), arrival_s=float(arrival))) is None
+    policy = _both_prefixes_at_replica_0(spec, ["q0", "p0", "p1", "p2"])
     assert [r.request_id for r, _ in policy.complete("b")] == ["p0"]
 
 
