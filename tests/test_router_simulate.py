@@ -48,13 +48,18 @@ def test_simulation_is_deterministic_for_a_seed_and_serves_everything(spec):
     summary = summarize(first)
     assert set(summary["per_workload"]) == {"rerank", "long_context"}
     assert summary["p99_ratio_vs_best_other"] > 0
+    for workload in summary["per_workload"].values():  # nothing computes less than the ceiling
+        assert set(workload["throughput_vs_ceiling_capacity"]) == set(POLICIES)
+        assert all(0 < share <= 1 + 1e-9 for share in workload["throughput_vs_ceiling_capacity"].values())
 
 
 def test_seed_summary_reports_mean_and_worst_seed():
     def one(p99: float, tput: float) -> dict:
-        ratios = {"p99_ratio_vs_best_other": p99, "throughput_ratio_vs_best_other": tput}
+        ratios = {"p99_ratio_vs_best_other": p99, "throughput_ratio_vs_best_other": tput,
+                  "throughput_vs_ceiling_capacity": {"ours": tput / 2}}
         return {"per_workload": {"rerank": ratios, "classify": {"p99_ratio_vs_best_other": 0.9,
-                                                              "throughput_ratio_vs_best_other": 1.0}},
+                                                              "throughput_ratio_vs_best_other": 1.0,
+                                                              "throughput_vs_ceiling_capacity": {"ours": 0.5}}},
                 "no_sharing_throughput_ratio_vs_least_requests": tput}
 
     summary = summarize_seeds([one(0.8, 0.99), one(1.0, 1.05)])
@@ -65,6 +70,7 @@ def test_seed_summary_reports_mean_and_worst_seed():
     assert summary["p99_ratio_vs_best_other_worst_seed"] == pytest.approx(1.0)
     assert summary["per_workload"]["rerank"]["throughput_ratio_vs_best_other_per_seed"] == [0.99, 1.05]
     assert summary["no_sharing_throughput_ratio_vs_least_requests"] == pytest.approx(1.02)
+    assert summary["per_workload"]["rerank"]["throughput_vs_ceiling_capacity"] == {"ours": pytest.approx(0.51)}
 
 
 def test_prefix_hit_ceiling_counts_each_distinct_block_once():

@@ -31,7 +31,8 @@ Policies, side by side on the same requests:
   ``max_tree_size`` every ``eviction_interval_s``. Defaults are the Python CLI's: 0.3, 64, 1.5,
   120 s, 2^26.
 - ``zeroprefill``: :class:`~zeroprefill.common.router_policy.RouterPolicy` (true FLOPs, prefix
-  index, bound = saturation threshold x ``bound_factor``, queue by home replica, SJF with aging).
+  index, bound = saturation threshold x ``bound_factor``, queue by home replica, SJF with aging;
+  given the replica rate and the engine's token budget).
 
 Workloads (token ids drawn from a seeded generator; segment lengths uniform in the ranges):
 
@@ -597,6 +598,11 @@ def summarize(results: dict, ours: str = "zeroprefill") -> dict:
         per_workload[workload] = {
             "p99_ratio_vs_best_other": policies[ours]["latency"]["latency_p99_s"] / best_p99,
             "throughput_ratio_vs_best_other": policies[ours]["throughput"]["throughput_rps"] / best_tput,
+            # What each policy's throughput reaches of the most any policy could (every request
+            # hitting its ceiling, replicas never idle): the headroom left.
+            "throughput_vs_ceiling_capacity": {
+                name: runs["throughput"]["throughput_rps"] / entry["ceiling_capacity_rps"]
+                for name, runs in policies.items()},
         }
     sharing = [per_workload[w] for w in PREFIX_SHARING_WORKLOADS if w in per_workload]
     summary: dict = {"per_workload": per_workload}
@@ -628,6 +634,8 @@ def summarize_seeds(summaries: Sequence[dict]) -> dict:
             entry[key] = float(np.mean(values))
             entry[f"{key}_worst_seed"] = worst(values)
             entry[f"{key}_per_seed"] = values
+        entry["throughput_vs_ceiling_capacity"] = mean_results(
+            [s["per_workload"][workload]["throughput_vs_ceiling_capacity"] for s in summaries])
         per_workload[workload] = entry
     summary: dict = {"seeds": len(summaries), "per_workload": per_workload}
     sharing = [per_workload[w] for w in PREFIX_SHARING_WORKLOADS if w in per_workload]
@@ -779,6 +787,10 @@ def run(args: argparse.Namespace) -> int:
     for key, value in summary.items():
         if isinstance(value, float):
             print(f"{key}: {value:.3f}")
+    print("throughput / ceiling capacity: " + "; ".join(
+        f"{workload} " + ", ".join(f"{name} {100 * share:.1f} %" for name, share in
+                                   entry["throughput_vs_ceiling_capacity"].items())
+        for workload, entry in summary["per_workload"].items()))
     if args.json is not None:
         payload = {"summary": summary, "config": {"model": Path(args.model).name, "replicas": args.replicas,
                    "hardware": asdict(hardware), "workload": asdict(params), "block_size": args.block_size,
