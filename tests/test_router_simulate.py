@@ -45,6 +45,9 @@ def test_simulation_is_deterministic_for_a_seed_and_serves_everything(spec):
                 assert run["latency_p50_s"] <= run["latency_p99_s"]
         for policy in workload["policies"].values():  # no policy beats an unbounded shared cache
             assert policy["throughput"]["prefix_hit_rate"] <= workload["prefix_hit_ceiling"] + 1e-12
+        for run in ("latency", "throughput"):  # every distinct block is computed first exactly once
+            assert len({policy[run]["blocks_first"] for policy in workload["policies"].values()}) == 1
+        assert workload["policies"]["round_robin"]["throughput"]["blocks_copied"] > 0
     summary = summarize(first)
     assert set(summary["per_workload"]) == {"rerank", "long_context"}
     assert summary["p99_ratio_vs_best_other"] > 0

@@ -17,7 +17,9 @@ Its prefix cache is a capacity-bounded LRU of chained block hashes (the engine's
 truth, separate from any router's belief). As in vLLM v1 (``KVCacheManager.allocate_slots``
 caches a request's full blocks when it is scheduled), a request's blocks enter the cache when
 it is scheduled into a forward, so a later request of the *same* forward already hits them
-(its KV is written layer by layer before attention reads it).
+(its KV is written layer by layer before attention reads it). Each run counts the full blocks
+computed rather than hit, by why: the first time on any replica (every policy computes these),
+copied (computed before on another replica only) or recomputed (evicted from this one).
 
 Policies, side by side on the same requests:
 
@@ -399,6 +401,7 @@ class ZeroPrefill(SimPolicy):
 @dataclass
 class _Replica:
     cache: PrefixIndex
+    computed: set[int] = field(default_factory=set)  # every block it ever computed
     waiting: deque[SimRequest] = field(default_factory=deque)
     busy: bool = False
     busy_s: float = 0.0
@@ -418,6 +421,11 @@ class RunResult:
     prefix_hit_rate: float
     busy_fraction: float
     flops_utilization: float
+    # Full prompt blocks computed (not hit), by why: first time on any replica (unavoidable),
+    # copied (computed before on another replica only), recomputed (evicted from this one).
+    blocks_first: int = 0
+    blocks_copied: int = 0
+    blocks_recomputed: int = 0
 
 
 def simulate(
@@ -440,6 +448,8 @@ def simulate(
     latencies: list[float] = []
     prompt_tokens = cached_tokens = 0
     last_done_s = 0.0
+    computed_anywhere: set[int] = set()
+    blocks = {"first": 0, "copied": 0, "recomputed": 0}
 
     def start_step(index: int, now_s: float) -> None:
         nonlocal prompt_tokens, cached_tokens
@@ -448,11 +458,18 @@ def simulate(
         new_tokens = flops = 0
         while replica.waiting:
             request = replica.waiting[0]
-            hit = min(replica.cache.match(request.hashes, 0) * block_size, len(request.tokens) - 1)
+            hit_blocks = replica.cache.match(request.hashes, 0)
+            hit = min(hit_blocks * block_size, len(request.tokens) - 1)
             if batch and new_tokens + len(request.tokens) - hit > hardware.max_batch_tokens:
                 break
             replica.waiting.popleft()
             replica.cache.insert(request.hashes, 0)
+            for block_hash in request.hashes[hit_blocks:]:
+                why = ("recomputed" if block_hash in replica.computed
+                       else "copied" if block_hash in computed_anywhere else "first")
+                blocks[why] += 1
+                replica.computed.add(block_hash)
+                computed_anywhere.add(block_hash)
             batch.append(request)
             new_tokens += len(request.tokens) - hit
             flops += request_flops(spec, len(request.tokens), hit)
@@ -501,6 +518,9 @@ def simulate(
         prefix_hit_rate=cached_tokens / prompt_tokens,
         busy_fraction=sum(r.busy_s for r in replicas) / (num_replicas * makespan_s),
         flops_utilization=sum(r.flops_done for r in replicas) / (num_replicas * makespan_s * rate),
+        blocks_first=blocks["first"],
+        blocks_copied=blocks["copied"],
+        blocks_recomputed=blocks["recomputed"],
     )
 
 
