@@ -195,10 +195,7 @@ def _values(path: str, answer: dict) -> list:
 
 async def _send_all(server: VllmServer, requests, concurrency: int) -> list[tuple[int, dict]]:
     limit = asyncio.Semaphore(concurrency)
-    # Idle connections are dropped after 2 s, before uvicorn's 5 s keep-alive timeout closes
-    # them from its side: reusing one the server is closing resets it (httpx.ReadError).
-    limits = httpx.Limits(max_connections=concurrency, keepalive_expiry=2.0)
-    async with httpx.AsyncClient(base_url=server.url, timeout=300, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
 
         async def send(path, body):
             async with limit:

@@ -45,6 +45,10 @@ def cpu_env(num_ranks: int) -> dict[str, str]:
     env["VLLM_CPU_KVCACHE_SPACE"] = "1"
     env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(num_ranks)) if num_ranks > 1 else "auto"
     env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+    # The API server's event loop (uvloop) can stall for seconds on an oversubscribed CPU, and
+    # libuv runs expired timers before it reads sockets: with the default 5 s keep-alive, a
+    # connection whose next request already waits is closed under it (the client sees a reset).
+    env.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "60")
     return env
 
 
