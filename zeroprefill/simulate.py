@@ -716,7 +716,6 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xticks(range(len(workloads)), workloads)
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_yscale("log")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
