@@ -381,14 +381,22 @@ class RouterPolicy:
         # Charged as a hit on what waits there too: one of them computes it, the rest follow.
         home_cost = self._cost(request, home_blocks)[0]
         entry = QueuedRequest(request, chains, excluded, home, home_cost)
-        self._queue.push(entry, home_cost + self.aging_flops_per_s * request.arrival_s)
+        self._queue.push(entry, self._priority(request, home_cost))
+
+    def _priority(self, request: RoutedRequest, cost_flops: int) -> float:
+        """Heap key at a home: shortest true FLOPs first, with linear aging (module docstring)."""
+        return cost_flops + self.aging_flops_per_s * request.arrival_s
+
+    def _backlog_fills_next_forwards(self) -> bool:
+        """Whether the queue could fill every healthy replica's next forward (the sum of their bounds)."""
+        return self._queue.backlog_flops() >= sum(load.bound_flops for load in self.replicas if load.healthy)
 
     def _in_tail(self) -> bool:
         """Whether the queue is the tail of a backlog: less waits than would fill every healthy
         replica's next forward again, and nothing arrived while the running forwards ran (a
         shallow queue that arrivals keep refilling, as at the start of a backlog, is not)."""
         healthy = [load for load in self.replicas if load.healthy]
-        if not healthy or self._queue.backlog_flops() >= sum(load.bound_flops for load in healthy):
+        if not healthy or self._backlog_fills_next_forwards():
             return False
         return all(self._last_submit_s < load.step_start_s for load in healthy if load.running)
 
@@ -423,15 +431,15 @@ class RouterPolicy:
         entry = self._steal(replica) if stolen else self._queue.head(replica)
         if entry is None:
             return False
-        cost, cached = self.cost_on(entry.request, replica)
+        held = [self.index.match(chain, replica) for chain in entry.chains]
+        cost, cached = self._cost(entry.request, held)
         joins_running = self._room_for(load, cost, entry.request.num_tokens - cached)
         if joins_running is None:
             return False
-        held_before = [self.index.match(chain, replica) for chain in entry.chains]
         self._queue.remove(entry)
         dispatched.append((entry.request, self._commit(entry.request, replica, cost, cached, joins_running, now_s)))
         if stolen:
-            self._follow(entry, replica, held_before)
+            self._follow(entry, replica, held)
         return True
 
     def _follow(self, stolen: QueuedRequest, thief: int, held_before: Sequence[int]) -> None:
@@ -455,7 +463,7 @@ class RouterPolicy:
                 continue
             if self._queue.backlog_flops(thief) + cost > self._queue.backlog_flops(victim) - follower.cost_flops:
                 break
-            self._queue.move(follower, thief, cost, cost + self.aging_flops_per_s * follower.request.arrival_s)
+            self._queue.move(follower, thief, cost, self._priority(follower.request, cost))
 
     def _steal(self, replica: int) -> QueuedRequest | None:
         """What ``replica``, with nothing of its own waiting, takes from other homes.
@@ -468,9 +476,8 @@ class RouterPolicy:
         bounds) it draws on the largest backlog only; below that, on every home, ties going to
         the highest priority.
         """
-        healthy_bounds = sum(load.bound_flops for load in self.replicas if load.healthy)
         homes = [home for home in range(self.num_replicas) if home != replica and self._queue.size(home)]
-        if self._queue.backlog_flops() >= healthy_bounds and homes:
+        if homes and self._backlog_fills_next_forwards():
             homes = [max(homes, key=self._queue.backlog_flops)]
         best: tuple[float, float, int] | None = None
         chosen = None

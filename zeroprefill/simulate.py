@@ -624,11 +624,8 @@ def summarize(results: dict, ours: str = "zeroprefill") -> dict:
                 name: runs["throughput"]["throughput_rps"] / entry["ceiling_capacity_rps"]
                 for name, runs in policies.items()},
         }
-    sharing = [per_workload[w] for w in PREFIX_SHARING_WORKLOADS if w in per_workload]
     summary: dict = {"per_workload": per_workload}
-    if sharing:
-        summary["p99_ratio_vs_best_other"] = max(s["p99_ratio_vs_best_other"] for s in sharing)
-        summary["throughput_ratio_vs_best_other"] = min(s["throughput_ratio_vs_best_other"] for s in sharing)
+    _worst_over_sharing(summary)
     if "no_sharing" in results and {ours, "least_requests"} <= set(results["no_sharing"]["policies"]):
         p = results["no_sharing"]["policies"]
         summary["no_sharing_p99_ratio_vs_least_requests"] = (
@@ -637,6 +634,15 @@ def summarize(results: dict, ours: str = "zeroprefill") -> dict:
             p[ours]["throughput"]["throughput_rps"] / p["least_requests"]["throughput"]["throughput_rps"])
     return summary
 
+
+def _worst_over_sharing(summary: dict, suffix: str = "") -> None:
+    """Top-level ratios of ``summary``: the worst prefix-sharing workload's (``suffix`` picks the
+    per-workload figure: the value, or ``_worst_seed``)."""
+    sharing = [summary["per_workload"][w] for w in PREFIX_SHARING_WORKLOADS if w in summary["per_workload"]]
+    if sharing:
+        summary[f"p99_ratio_vs_best_other{suffix}"] = max(s[f"p99_ratio_vs_best_other{suffix}"] for s in sharing)
+        summary[f"throughput_ratio_vs_best_other{suffix}"] = min(
+            s[f"throughput_ratio_vs_best_other{suffix}"] for s in sharing)
 
 
 def summarize_seeds(summaries: Sequence[dict]) -> dict:
@@ -658,14 +664,8 @@ def summarize_seeds(summaries: Sequence[dict]) -> dict:
             [s["per_workload"][workload]["throughput_vs_ceiling_capacity"] for s in summaries])
         per_workload[workload] = entry
     summary: dict = {"seeds": len(summaries), "per_workload": per_workload}
-    sharing = [per_workload[w] for w in PREFIX_SHARING_WORKLOADS if w in per_workload]
-    if sharing:
-        summary["p99_ratio_vs_best_other"] = max(s["p99_ratio_vs_best_other"] for s in sharing)
-        summary["throughput_ratio_vs_best_other"] = min(s["throughput_ratio_vs_best_other"] for s in sharing)
-        summary["p99_ratio_vs_best_other_worst_seed"] = max(
-            s["p99_ratio_vs_best_other_worst_seed"] for s in sharing)
-        summary["throughput_ratio_vs_best_other_worst_seed"] = min(
-            s["throughput_ratio_vs_best_other_worst_seed"] for s in sharing)
+    _worst_over_sharing(summary)
+    _worst_over_sharing(summary, "_worst_seed")
     for key in ("no_sharing_p99_ratio_vs_least_requests", "no_sharing_throughput_ratio_vs_least_requests"):
         if all(key in s for s in summaries):
             summary[key] = float(np.mean([s[key] for s in summaries]))
