@@ -40,6 +40,7 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
+from vllm_zeroprefill.compat import prefix_cache_lookup_enabled
 from zeroprefill.common.cost_model import matmul_params_per_token, request_flops
 from zeroprefill.common.model_spec import MoEModelSpec
 
@@ -156,7 +157,7 @@ class PrefillOnlySchedulerMixin:
     def _candidate(self, request: Request) -> PrefillCandidate:
         cached = request.num_computed_tokens
         manager = self.kv_cache_manager
-        if request.block_hashes and manager.prefix_cache_lookup_enabled(request):
+        if request.block_hashes and prefix_cache_lookup_enabled(manager, request):
             _, hit_tokens, _ = manager.coordinator.find_longest_cache_hit(request.block_hashes, request.num_tokens - 1)
             cached = max(cached, hit_tokens)
         prefix_key = request.block_hashes[0] if request.block_hashes else None

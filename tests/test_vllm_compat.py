@@ -1,0 +1,44 @@
+"""The vLLM version range and the API variants ``vllm_zeroprefill.compat`` bridges."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from vllm_zeroprefill.compat import prefix_cache_lookup_enabled, unsupported_vllm_message
+
+
+@pytest.mark.parametrize("version", ["0.26.0", "0.27.1", "0.32.0+cpu", "0.33.0", "0.33.1.post1"])
+def test_supported_releases_pass(version):
+    assert unsupported_vllm_message(version) is None
+
+
+@pytest.mark.parametrize("version", ["0.25.2", "0.34.0", "0.34.0rc1", "1.0.0", "0.11.0"])
+def test_releases_outside_the_range_get_one_line(version):
+    message = unsupported_vllm_message(version)
+    assert message is not None and "\n" not in message
+    assert f"found {version}" in message and ">= 0.26.0, < 0.34.0" in message
+
+
+def test_unreadable_version_gets_one_line():
+    message = unsupported_vllm_message("nightly")
+    assert message is not None and "'nightly'" in message
+
+
+def test_prefix_cache_lookup_uses_the_method_where_vllm_has_it():
+    request = SimpleNamespace(skip_reading_prefix_cache=False)
+    seen = []
+    manager = SimpleNamespace(enable_caching=True, prefix_cache_lookup_enabled=lambda r: seen.append(r) or False)
+    assert prefix_cache_lookup_enabled(manager, request) is False  # the method's answer wins
+    assert seen == [request]
+
+
+@pytest.mark.parametrize(
+    ("enable_caching", "skip", "expected"), [(True, False, True), (True, True, False), (False, False, False)]
+)
+def test_prefix_cache_lookup_on_vllm_0_26(enable_caching, skip, expected):
+    # vLLM 0.26's KVCacheManager has no prefix_cache_lookup_enabled: the same test, inline.
+    manager = SimpleNamespace(enable_caching=enable_caching)
+    request = SimpleNamespace(skip_reading_prefix_cache=skip)
+    assert prefix_cache_lookup_enabled(manager, request) is expected

@@ -1,0 +1,57 @@
+"""The vLLM releases this plugin supports, and the few APIs that differ between them.
+
+Every vLLM API the plugin touches was read in each release from 0.26.0 to 0.33.0; all but
+the ones below are the same in all of them (``KernelConfig.moe_backend``, the
+``RoutedExperts._get_quant_method`` seam, ``FusedMoEMethodBase``, ``EngineArgs.
+create_engine_config``, the v1 ``Scheduler`` queues, ``coordinator.find_longest_cache_hit``,
+and the weight offloader's CUDA-graph hooks that :mod:`vllm_zeroprefill.asyncep_method` uses).
+What differs is detected here, by the presence of the API, never by the version number:
+
+- ``KVCacheManager.prefix_cache_lookup_enabled(request)`` appears in 0.27; 0.26 spells the
+  same test inline (``enable_caching and not request.skip_reading_prefix_cache``).
+
+Outside the supported range, ``--moe-backend asyncep`` fails at start-up with one line
+(:func:`unsupported_vllm_message`); other backends are left alone.
+"""
+
+from __future__ import annotations
+
+from packaging.version import Version
+
+# [first supported, first unsupported): the releases checked above.
+SUPPORTED_VLLM = (Version("0.26.0"), Version("0.34.0"))
+
+
+def supported_range_text() -> str:
+    low, high = SUPPORTED_VLLM
+    return f">= {low}, < {high}"
+
+
+def unsupported_vllm_message(version: str) -> str | None:
+    """``None`` if ``version`` is supported, else the one-line start-up error to show."""
+    try:
+        parsed = Version(version)
+    except ValueError:
+        return f"--moe-backend asyncep cannot read the vLLM version {version!r}; it supports vLLM {supported_range_text()}"
+    low, high = SUPPORTED_VLLM
+    # A local build tag (0.32.0+cpu) or a post release of a supported release is that release.
+    if low <= Version(parsed.base_version) < high:
+        return None
+    return (
+        f"--moe-backend asyncep supports vLLM {supported_range_text()}, found {version}: "
+        f"install a vLLM in that range or drop --moe-backend asyncep"
+    )
+
+
+def installed_vllm_version() -> str:
+    import vllm
+
+    return str(vllm.__version__)
+
+
+def prefix_cache_lookup_enabled(kv_cache_manager, request) -> bool:
+    """Whether the engine would look ``request`` up in its prefix cache now."""
+    lookup = getattr(kv_cache_manager, "prefix_cache_lookup_enabled", None)
+    if lookup is not None:  # vLLM >= 0.27
+        return bool(lookup(request))
+    return bool(kv_cache_manager.enable_caching and not request.skip_reading_prefix_cache)
