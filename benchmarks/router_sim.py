@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/router_sim.py [--requests 16000] [--seeds 5] [any simulate flag]
 
-Runs ``zeroprefill simulate`` (see ``zeroprefill/simulate.py`` for the replica model, the
+Runs ``zeroprefill simulate`` (see the ``zeroprefill/simulate/`` package for the replica model, the
 workloads and the policies) with results written to ``benchmarks/results/router_sim.json``
 and ``benchmarks/results/router_sim.png``. The JSON's ``summary`` holds ours vs the best
 other policy on the prefix-sharing workloads, worst workload of the mean over 5 seeds:

@@ -78,7 +78,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
         "prefill-only gateway: true-FLOPs, prefix-aware, saturation-aware routing over replicas",
     ),
     "simulate": _from_module(
-        "zeroprefill.simulate",
+        "zeroprefill.simulate.cli",
         "discrete-event simulation of routing policies over N AsyncEP replicas",
     ),
     "plan": _from_module(
