@@ -8,6 +8,7 @@ top-level parser stays small.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from collections.abc import Callable
@@ -23,6 +24,23 @@ class Subcommand:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default (an option without help shows just that),
+    unless the help already names one; descriptions keep their line breaks."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and action.default is not argparse.SUPPRESS:
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        if any(marker in help_text for marker in ("%(default)", "(default", "default:")):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _add_info_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,11 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zeroprefill",
         description="Prefill-only MoE serving: AsyncEP weight streaming and a true-FLOPs router.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"zeroprefill {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, sub in SUBCOMMANDS.items():
-        sub_parser = subparsers.add_parser(name, help=sub.help, description=sub.help)
+        sub_parser = subparsers.add_parser(name, help=sub.help, description=sub.help, formatter_class=HelpFormatter)
         sub.add_arguments(sub_parser)
     return parser
 
