@@ -425,42 +425,69 @@ def print_table(result: dict) -> None:
         print(f"not run: {item}")
 
 
+#: Panels side by side at most; more (routing, context) pairs wrap to one routing per row.
+PLOT_PANELS_PER_ROW = 4
+
+
 def plot(result: dict, path: Path) -> None:
-    """Throughput vs tokens per GPU: one panel per (model, dtype) x (routing, context)."""
+    """Throughput vs tokens per GPU, one panel per (model, dtype, routing, context), in a grid.
+
+    A row holds one (model, dtype)'s (routing, context) panels when there are at most
+    :data:`PLOT_PANELS_PER_ROW` of them, else one (model, dtype, routing)'s contexts. One
+    legend for the figure (a layout has one colour in every panel); the predicted saturation
+    threshold is a dotted vertical line labelled with its value.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     rows = result["points"]
-    panel_rows = sorted({(r["model"], r["dtype"]) for r in rows})
-    panel_cols = sorted({(r["routing"], r["context"]) for r in rows})
-    if not panel_rows:
+    panels = sorted({(r["model"], r["dtype"], r["routing"], r["context"]) for r in rows})
+    if not panels:
         return
-    fig, axes = plt.subplots(len(panel_rows), len(panel_cols), squeeze=False,
-                             figsize=(4.2 * len(panel_cols), 3.4 * len(panel_rows)))
-    for i, (model, dtype) in enumerate(panel_rows):
-        for j, (routing, context) in enumerate(panel_cols):
-            ax = axes[i][j]
-            panel = [r for r in rows if (r["model"], r["dtype"], r["routing"], r["context"]) ==
-                     (model, dtype, routing, context)]
-            for layout in sorted({r["layout"] for r in panel}):
-                line = sorted((r["tokens_per_gpu"], r["tokens_per_s_per_gpu"]) for r in panel if r["layout"] == layout)
-                ax.plot([x for x, _ in line], [y for _, y in line], marker="o", ms=3, label=layout,
-                        linestyle="--" if layout == "dp" else "-")
-            limit = result["thresholds"].get(f"{model}/{dtype}/{context}", {}).get("tokens_per_gpu")
-            if limit:
-                ax.axvline(limit, color="grey", linestyle=":", label=f"predicted threshold {limit}")
-            ax.set_xscale("log", base=2)
-            ax.set_title(f"{model} {dtype}, {routing}, ctx {context}", fontsize=8)
+    columns = len({(routing, context) for _, _, routing, context in panels})
+    if columns > PLOT_PANELS_PER_ROW:
+        columns = min(len({context for *_, context in panels}), PLOT_PANELS_PER_ROW)
+    grid_rows = (len(panels) + columns - 1) // columns
+    layouts = sorted({r["layout"] for r in rows})
+    palette = plt.get_cmap("tab10")
+    styles = {layout: {"color": palette(k % palette.N), "linestyle": "--" if layout == "dp" else "-",
+                       "marker": "o", "ms": 3} for k, layout in enumerate(layouts)}
+    threshold_style = {"color": "grey", "linestyle": ":"}
+    fig, axes = plt.subplots(grid_rows, columns, squeeze=False, layout="constrained",
+                             figsize=(4.2 * columns, 3.0 * grid_rows + 1.2))
+    any_threshold = False
+    for index, (ax, (model, dtype, routing, context)) in enumerate(zip(axes.flat, panels)):
+        panel = [r for r in rows if (r["model"], r["dtype"], r["routing"], r["context"]) ==
+                 (model, dtype, routing, context)]
+        for layout in sorted({r["layout"] for r in panel}):
+            line = sorted((r["tokens_per_gpu"], r["tokens_per_s_per_gpu"]) for r in panel if r["layout"] == layout)
+            ax.plot([x for x, _ in line], [y for _, y in line], **styles[layout])
+        limit = result["thresholds"].get(f"{model}/{dtype}/{context}", {}).get("tokens_per_gpu")
+        if limit:
+            any_threshold = True
+            ax.axvline(limit, **threshold_style)
+            ax.annotate(f"threshold\n{limit:,} tok/GPU", xy=(limit, 0.02), xycoords=("data", "axes fraction"),
+                        xytext=(3, 0), textcoords="offset points", fontsize=6, color="dimgrey")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{model} {dtype}, {routing}, ctx {context}", fontsize=8)
+        if index + columns >= len(panels):  # the lowest panel of its column
             ax.set_xlabel("tokens per GPU", fontsize=7)
-            ax.set_ylabel("tokens/s per GPU (full model)", fontsize=7)
-            ax.tick_params(labelsize=6)
-            ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=6)
+        ax.tick_params(labelsize=6)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    handles = [Line2D([], [], **styles[layout]) for layout in layouts]
+    labels = list(layouts)
+    if any_threshold:
+        handles.append(Line2D([], [], **threshold_style))
+        labels.append("predicted saturation threshold")
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 5), fontsize=7, frameon=False)
+    fig.supylabel("tokens/s per GPU (full model)", fontsize=8)
     meta = result["meta"]
-    fig.suptitle(f"e2e prefill, {meta['world_size']} x {meta['gpu']}, {meta['layers']} layers per pass")
-    fig.tight_layout()
+    fig.suptitle(f"e2e prefill, {meta['world_size']} x {meta['gpu']}, {meta['layers']} layers per pass", fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
