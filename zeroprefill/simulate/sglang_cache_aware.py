@@ -21,6 +21,8 @@ from zeroprefill.simulate.workloads import SimRequest
 
 
 class _TreeNode:
+    """A radix-tree node: its text, its children by first token, each tenant's last access."""
+
     __slots__ = ("text", "children", "tenants", "parent")
 
     def __init__(self, text: tuple[int, ...], parent: _TreeNode | None) -> None:
