@@ -6,7 +6,7 @@ Data path of one MoE layer on one rank (each box names the class that owns it)::
           |
     [transport: gather l+d]  side stream, async, lockstep across ranks   GatherTransport
           |
-    [ring buffer slot]       (d + 1) slots of one full layer each       ExpertWeightStreamer
+    [ring buffer slot]       min(d + 1, L) slots of one full layer each  ExpertWeightStreamer
           |
     [experts kernel on       all experts, this rank's own tokens only   AsyncEPMoE
      local tokens]
@@ -15,9 +15,13 @@ Data path of one MoE layer on one rank (each box names the class that owns it)::
                              gather waits on it
 
 The streamer sees MoE layers as one endless sequence ``k = pass * L + l`` and keeps the
-gathers of ``k+1 .. k+d`` in flight while ``k`` computes (``d`` = prefetch depth). With
-``prefetch_across_passes`` the next forward pass's first layers stream during this pass's
-last ones, so layer 0's gather is exposed only on the very first pass.
+gathers of ``k+1 .. k+d`` in flight while ``k`` computes (``d`` = prefetch depth). Slots
+are *pass-aligned*: layer ``l`` always lives in slot ``l % S`` (``S = min(d + 1, L)``
+slots), so every pass begins in the same state: slots ``0 .. S-1`` hold (or are
+receiving) layers ``0 .. S-1``. The next pass's first layers stream during this pass's
+last ones, so layer 0's gather is exposed only on the very first pass. A gather into a slot
+waits until the slot's previous layer is released; a slot that only ever holds one layer
+(when ``s + S >= L``) is gathered once and kept.
 
 Ordering without host syncs (CUDA): ``issue(k)`` makes the side stream wait on the
 ``released`` event of the slot's previous layer, enqueues the gather and records
@@ -25,6 +29,19 @@ Ordering without host syncs (CUDA): ``issue(k)`` makes the side stream wait on t
 ``release(k)`` records ``released[slot]`` on the compute stream. Gather buffers are allocated
 once and never freed, so the caching allocator cannot recycle them under a pending copy.
 On CPU the same sequence runs with gloo's asynchronous work objects and host waits.
+
+CUDA graphs: a layer run while the current stream is being captured takes the *captured*
+path, which keeps the pass-aligned state without any host-side bookkeeping (nothing of
+ours runs when a graph replays). Layer ``l`` forks the next layer's gather (when its slot
+holds another layer) onto the side stream at acquire, so it overlaps this layer's experts,
+and joins it back before release returns; the last layer re-gathers the slots the pass
+overwrote (``l < S`` with ``l + S < L``), so a replayed pass ends in the same state as an
+eager one. The gathers a replay issues are the ones an eager pass issues, in the same order,
+so collective transports stay in lockstep whichever ranks replay. Eager gathers still in
+flight when a graph replays are the one hazard the graph cannot see: before every capture
+and replay the engine must order its stream after the side stream
+(:meth:`ExpertWeightStreamer.order_after_side_stream`; the vLLM plugin does this through
+vLLM's weight-offloader hook, which vLLM calls at exactly those points).
 
 Collective transports need every rank to issue every gather in the same order, so a rank
 with no tokens still acquires and releases every layer (``AsyncEPMoE`` does this for an
@@ -66,7 +83,7 @@ class GatheredExperts(Mapping[str, torch.Tensor]):
 
 
 class ExpertWeightStreamer:
-    """Streams every MoE layer's full experts into a ring of ``prefetch_depth + 1`` buffers.
+    """Streams every MoE layer's full experts into a ring of ``min(prefetch_depth + 1, L)`` buffers.
 
     Args:
         layer_shards: per MoE layer (in execution order), this rank's shard of each named
@@ -75,7 +92,6 @@ class ExpertWeightStreamer:
         layout: how experts are split over the transport's ranks.
         transport: how shards are gathered (see ``transport.py``).
         prefetch_depth: layers gathered ahead of the one computing (``d >= 1``).
-        prefetch_across_passes: start the next pass's first gathers during this pass.
         timeout_s: how long a gather may take before it is reported as stuck.
     """
 
@@ -85,7 +101,6 @@ class ExpertWeightStreamer:
         layout: ExpertShardLayout,
         transport: GatherTransport,
         prefetch_depth: int = 1,
-        prefetch_across_passes: bool = True,
         timeout_s: float = 300.0,
     ) -> None:
         if prefetch_depth < 1:
@@ -100,9 +115,7 @@ class ExpertWeightStreamer:
         self.layout = layout
         self.transport = transport
         self.num_layers = len(layer_shards)
-        # Within one pass there is nothing to prefetch beyond the last layer.
-        self.prefetch_depth = prefetch_depth if prefetch_across_passes else min(prefetch_depth, self.num_layers)
-        self.prefetch_across_passes = prefetch_across_passes
+        self.prefetch_depth = prefetch_depth
         self.timeout_s = timeout_s
         self.rank = transport.rank
 
@@ -112,7 +125,7 @@ class ExpertWeightStreamer:
         self.device = next(iter(self._shards[0].values())).device
         self._cuda = self.device.type == "cuda"
 
-        num_slots = self.prefetch_depth + 1
+        num_slots = min(prefetch_depth + 1, self.num_layers)
         self._slots = [
             {
                 name: torch.empty((layout.num_slots, *shape), dtype=dtype, device=self.device)
@@ -130,18 +143,27 @@ class ExpertWeightStreamer:
             self._side_stream.wait_stream(torch.cuda.current_stream(self.device))
             self._gathered = [torch.cuda.Event() for _ in range(num_slots)]
             self._released = [torch.cuda.Event() for _ in range(num_slots)]
-        self._slot_used = [False] * num_slots
-        # (sequence number, handles, issue time) of every gather not yet consumed.
+        self._slot_layer: list[int | None] = [None] * num_slots  # layer last issued into each slot
+        self._slot_seq = [-1] * num_slots  # sequence number of each slot's current occupant
+        # (handles, issue time) of every gather not yet consumed, by sequence number.
         self._in_flight: dict[int, tuple[list[GatherHandle], float]] = {}
         self._next_to_issue = 0  # sequence number of the next gather to issue
         self._next_to_acquire = 0  # sequence number of the next layer to compute
         self._acquired: int | None = None
+        self._captured: _CapturedLayer | None = None
 
     # -- public API -----------------------------------------------------------------------
+    @property
+    def num_slots(self) -> int:
+        return len(self._slots)
+
     @property
     def gather_buffer_bytes(self) -> int:
         """Device memory held by the ring of gather buffers."""
         return sum(t.numel() * t.element_size() for slot in self._slots for t in slot.values())
+
+    def slot_of_layer(self, layer: int) -> int:
+        return layer % self.num_slots
 
     def prefetch(self) -> None:
         """Issue the gathers of the next ``prefetch_depth + 1`` layers now.
@@ -157,6 +179,8 @@ class ExpertWeightStreamer:
         Layers must be acquired in execution order ``0, 1, ..., L-1, 0, 1, ...`` and each
         released before the next is acquired.
         """
+        if self._capturing():
+            return self._acquire_captured(layer)
         if self._acquired is not None:
             raise RuntimeError(
                 f"MoE layer {self._acquired % self.num_layers} is still acquired on rank {self.rank}; "
@@ -170,9 +194,10 @@ class ExpertWeightStreamer:
             )
         seq = self._next_to_acquire
         self._issue_up_to(seq + self.prefetch_depth)
-        slot = seq % len(self._slots)
-        handles, issued_at = self._in_flight.pop(seq)
-        self._wait(seq, handles, issued_at)
+        slot = self.slot_of_layer(layer)
+        pending = self._in_flight.pop(seq, None)  # None: the slot already held this layer
+        if pending is not None:
+            self._wait(seq, *pending)
         if self._cuda:
             torch.cuda.current_stream(self.device).wait_event(self._gathered[slot])
         self._acquired = seq
@@ -180,53 +205,68 @@ class ExpertWeightStreamer:
 
     def release(self, layer: int) -> None:
         """Mark ``layer``'s ring slot reusable once the compute enqueued so far has run."""
+        if self._captured is not None:
+            self._release_captured(layer)
+            return
         if self._acquired is None or self._acquired % self.num_layers != layer:
             raise RuntimeError(f"rank {self.rank} released MoE layer {layer}, which is not acquired")
-        slot = self._acquired % len(self._slots)
+        slot = self.slot_of_layer(layer)
         if self._cuda:
             self._released[slot].record(torch.cuda.current_stream(self.device))
         self._acquired = None
         self._next_to_acquire += 1
-        at_pass_end = self._next_to_acquire % self.num_layers == 0
-        if at_pass_end and not self.prefetch_across_passes:
-            return
         # Start the gather that reuses this slot now, so it overlaps the next layer's compute.
         self._issue_up_to(self._next_to_acquire + self.prefetch_depth)
+
+    def order_after_side_stream(self) -> None:
+        """Make the current stream wait for every gather issued so far (no host wait).
+
+        An engine calls this before it captures or replays a CUDA graph that runs MoE layers:
+        a replay cannot see the eager gathers still in flight on the side stream, and would
+        otherwise write the ring slots under them.
+        """
+        if self._cuda and not self._capturing():
+            torch.cuda.current_stream(self.device).wait_stream(self._side_stream)
 
     def close(self) -> None:
         """Wait for every gather still in flight (e.g. the next pass's prefetch) to finish."""
         for seq in sorted(self._in_flight):
-            handles, issued_at = self._in_flight.pop(seq)
-            self._wait(seq, handles, issued_at)
+            self._wait(seq, *self._in_flight.pop(seq))
         if self._cuda:
             self._side_stream.synchronize()
 
-    # -- internals ------------------------------------------------------------------------
+    # -- eager path -----------------------------------------------------------------------
     def _issue_up_to(self, last_seq: int) -> None:
-        if not self.prefetch_across_passes:
-            pass_end = (self._next_to_acquire // self.num_layers + 1) * self.num_layers - 1
-            last_seq = min(last_seq, pass_end)
         while self._next_to_issue <= last_seq:
-            self._issue(self._next_to_issue)
+            seq = self._next_to_issue
+            slot = self.slot_of_layer(seq % self.num_layers)
+            if self._slot_seq[slot] >= self._next_to_acquire:
+                return  # the slot's current layer has not been released yet
+            self._issue(seq)
             self._next_to_issue += 1
 
     def _issue(self, seq: int) -> None:
-        slot = seq % len(self._slots)
-        if seq - len(self._slots) >= self._next_to_acquire:
-            raise AssertionError(f"ring overrun: gather {seq} would overwrite a slot not yet computed")
         layer = seq % self.num_layers
+        slot = self.slot_of_layer(layer)
+        self._slot_seq[slot] = seq
+        if self._slot_layer[slot] == layer:
+            return  # a slot that only ever holds this layer: gathered once, kept
         self._check_stalled()
         buffers = self._slots[slot]
         if self._cuda:
             with torch.cuda.stream(self._side_stream):
-                if self._slot_used[slot]:
-                    self._side_stream.wait_event(self._released[slot])
+                if self._slot_layer[slot] is not None:
+                    self._wait_for_release(slot)
                 handles = [self.transport.gather(layer, name, out) for name, out in buffers.items()]
                 self._gathered[slot].record(self._side_stream)
         else:
             handles = [self.transport.gather(layer, name, out) for name, out in buffers.items()]
-        self._slot_used[slot] = True
+        self._slot_layer[slot] = layer
         self._in_flight[seq] = (handles, time.monotonic())
+
+    def _wait_for_release(self, slot: int) -> None:
+        """The side stream waits until the slot's previous layer has been computed."""
+        self._side_stream.wait_event(self._released[slot])
 
     def _wait(self, seq: int, handles: list[GatherHandle], issued_at: float) -> None:
         remaining = max(self.timeout_s - (time.monotonic() - issued_at), 0.0)
@@ -247,12 +287,75 @@ class ExpertWeightStreamer:
             return
         oldest = min(self._in_flight)
         _, issued_at = self._in_flight[oldest]
-        if time.monotonic() - issued_at > self.timeout_s and not self._gathered[oldest % len(self._slots)].query():
+        slot = self.slot_of_layer(oldest % self.num_layers)
+        if time.monotonic() - issued_at > self.timeout_s and not self._gathered[slot].query():
             raise GatherTimeoutError(
                 f"expert-weight gather for MoE layer {oldest % self.num_layers} has not completed on "
                 f"rank {self.rank} after {self.timeout_s:.0f} s (transport {self.transport.name})"
             )
 
+    # -- captured path (CUDA graphs) ------------------------------------------------------
+    def _capturing(self) -> bool:
+        return self._cuda and torch.cuda.is_current_stream_capturing()
+
+    def _captured_gathers(self, layer: int) -> list[int]:
+        """The layers whose gathers a captured ``layer`` issues: the eager pass's, in order."""
+        following = layer + 1
+        if following < self.num_layers:
+            # Layers below num_slots are in their slots when a pass starts; each later layer
+            # is gathered while the one before it computes.
+            return [following] if following >= self.num_slots else []
+        # The pass ends: re-gather the slots it overwrote, as the eager pass's prefetch does.
+        return [j for j in range(self.num_slots) if j + self.num_slots < self.num_layers]
+
+    def _acquire_captured(self, layer: int) -> GatheredExperts:
+        if self._next_to_acquire < self.num_layers or self._acquired is not None:
+            raise RuntimeError(
+                f"MoE layer {layer} is being captured into a CUDA graph on rank {self.rank} before a "
+                "whole eager forward pass has run: run one (the engine's warm-up) before capturing"
+            )
+        if self._captured is not None:
+            raise RuntimeError(
+                f"MoE layer {self._captured.layer} is still acquired in a CUDA-graph capture on rank "
+                f"{self.rank}; release it before acquiring layer {layer}"
+            )
+        slot = self.slot_of_layer(layer)
+        owed = self._captured_gathers(layer)
+        # A gather into this layer's own slot must wait for its experts; those after it too,
+        # so that the gathers keep the eager order (collective transports are in lockstep).
+        into_own_slot = [i for i, j in enumerate(owed) if self.slot_of_layer(j) == slot]
+        split = into_own_slot[0] if into_own_slot else len(owed)
+        forked = self._fork_gathers(owed[:split])
+        self._captured = _CapturedLayer(layer, owed[split:], [forked] if forked is not None else [])
+        return GatheredExperts(self._slots[slot], self._slot_of_expert)
+
+    def _release_captured(self, layer: int) -> None:
+        captured = self._captured
+        if captured is None or captured.layer != layer:
+            raise RuntimeError(f"rank {self.rank} released MoE layer {layer}, which is not acquired")
+        forked = self._fork_gathers(captured.after_experts)
+        if forked is not None:
+            captured.joins.append(forked)
+        compute = torch.cuda.current_stream(self.device)
+        for done in captured.joins:  # a capture must end with every forked stream joined back
+            compute.wait_event(done)
+        self._captured = None
+
+    def _fork_gathers(self, layers: Sequence[int]) -> torch.cuda.Event | None:
+        """Gather ``layers`` on the side stream, forked from the current (capturing) stream."""
+        if not layers:
+            return None
+        fork, done = torch.cuda.Event(), torch.cuda.Event()
+        fork.record(torch.cuda.current_stream(self.device))
+        self._side_stream.wait_event(fork)
+        with torch.cuda.stream(self._side_stream):
+            for layer in layers:
+                for name, out in self._slots[self.slot_of_layer(layer)].items():
+                    self.transport.gather(layer, name, out)
+            done.record(self._side_stream)
+        return done
+
+    # -- set-up checks --------------------------------------------------------------------
     def _check_same_shapes_across_ranks(self) -> None:
         if not self.transport.is_collective or self.transport.world_size == 1 or not dist.is_initialized():
             return
@@ -265,6 +368,15 @@ class ExpertWeightStreamer:
                     f"expert shard shapes differ between rank {self.rank} {mine} and rank {rank} "
                     f"{theirs}: every rank must hold a [capacity, ...] shard of the same tensors"
                 )
+
+
+@dataclass
+class _CapturedLayer:
+    """A layer acquired inside a CUDA-graph capture: gathers still to fork, and to join."""
+
+    layer: int
+    after_experts: list[int]
+    joins: list[torch.cuda.Event]
 
 
 def _check_shards(

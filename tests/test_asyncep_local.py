@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from zeroprefill.common.asyncep_moe import AsyncEPMoE, moe_reference, select_experts
+from zeroprefill.common.asyncep_moe import AsyncEPMoE, experts_reference, moe_reference, select_experts
 from zeroprefill.common.expert_sharding import ExpertShardLayout
 from zeroprefill.common.streamer import ExpertWeightStreamer
-from zeroprefill.common.transport import make_transport
+from zeroprefill.common.transport import GatherHandle, GatherTransport, make_transport
 
 E, H, I = 6, 8, 4
 
@@ -119,3 +119,75 @@ def test_forward_routed_equals_forward_and_checks_shapes():
 def test_auto_transport_is_gloo_on_cpu():
     assert make_transport("auto", None, torch.device("cpu")).name == "gloo"
     assert make_transport("auto").name == "gloo"
+
+
+class _RecordingTransport(GatherTransport):
+    """One rank; records which layer each gather fetches, in issue order."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.layers: list[int] = []
+
+    def register(self, layer_shards):
+        self._shards = [dict(s) for s in layer_shards]
+        return self._shards
+
+    def gather(self, layer, name, out):
+        if name == "w13":
+            self.layers.append(layer)
+        out.copy_(self._shards[layer][name])
+        return GatherHandle()
+
+
+def _recorded_streamer(num_layers: int, prefetch_depth: int):
+    g = torch.Generator().manual_seed(0)
+    full = [{"w13": torch.randn(E, 2 * I, H, generator=g), "w2": torch.randn(E, H, I, generator=g)}
+            for _ in range(num_layers)]
+    layout = ExpertShardLayout(E, 1)
+    transport = _RecordingTransport()
+    streamer = ExpertWeightStreamer([layout.shard_all(f, 0) for f in full], layout, transport,
+                                    prefetch_depth=prefetch_depth)
+    return full, streamer, transport
+
+
+@pytest.mark.parametrize("num_layers,depth", [(4, 1), (5, 1), (3, 1), (5, 2), (2, 1), (3, 2), (1, 1), (7, 3)])
+def test_slots_are_pass_aligned_and_single_layer_slots_are_gathered_once(num_layers, depth):
+    full, streamer, transport = _recorded_streamer(num_layers, depth)
+    slots = min(depth + 1, num_layers)
+    buffers_read = []
+
+    def kernel(hidden, w13, w2, topk_weights, topk_ids):
+        buffers_read.append(w13.data_ptr())
+        return experts_reference(hidden, w13, w2, topk_weights, topk_ids)
+
+    layers = [AsyncEPMoE(streamer, j, 2, True, experts_kernel=kernel) for j in range(num_layers)]
+    per_pass = []
+    for _ in range(3):
+        before = len(transport.layers)
+        for j, layer in enumerate(layers):
+            x, logits = torch.randn(3, H), torch.randn(3, E)
+            torch.testing.assert_close(layer(x, logits), moe_reference(x, logits, full[j]["w13"], full[j]["w2"], 2, True))
+            assert buffers_read[-1] == streamer._slots[j % slots]["w13"].data_ptr()  # layer j: slot j % S
+        per_pass.append(transport.layers[before:])
+    # A slot holding a single layer (s + S >= L) is gathered on the first pass only.
+    overwritten = [j for j in range(slots) if j + slots < num_layers]
+    steady = list(range(slots, num_layers)) + overwritten  # this pass's late layers, the next's first
+    assert per_pass[1] == per_pass[2] == steady
+    assert per_pass[0] == list(range(num_layers)) + overwritten
+
+
+@pytest.mark.parametrize("num_layers,depth", [(4, 1), (5, 1), (3, 1), (5, 2), (2, 1), (3, 2), (1, 1), (7, 3), (48, 1), (94, 2)])
+def test_a_captured_pass_issues_the_eager_pass_gathers_in_the_same_order(num_layers, depth):
+    # Collective transports stay in lockstep only if a replayed pass and an eager one gather
+    # the same layers in the same order (the capture-time schedule is a pure function).
+    _, streamer, transport = _recorded_streamer(num_layers, depth)
+    layers = [AsyncEPMoE(streamer, j, 2, True) for j in range(num_layers)]
+    for _ in range(2):
+        before = len(transport.layers)
+        for layer in layers:
+            layer(torch.randn(2, H), torch.randn(2, E))
+    eager_steady = transport.layers[before:]
+    captured = [j for layer in range(num_layers) for j in streamer._captured_gathers(layer)]
+    assert captured == eager_steady
