@@ -92,7 +92,7 @@ def test_explicit_scheduler_cls_is_kept(tiny_moe):
     ],
 )
 def test_unsupported_deployments_fail_with_what_to_change(tiny_moe, overrides, message):
-    from vllm_zeroprefill.asyncep_method import AsyncEPConfigError
+    from zeroprefill.common.asyncep_model import AsyncEPConfigError
 
     with pytest.raises(AsyncEPConfigError, match=message.replace("-", r"\-")):
         _engine_config(tiny_moe, **overrides)
@@ -100,7 +100,7 @@ def test_unsupported_deployments_fail_with_what_to_change(tiny_moe, overrides, m
 
 def test_non_moe_model_fails_with_what_to_change(tiny_dense):
     # (With --enable-expert-parallel vLLM itself already rejects a model without experts.)
-    from vllm_zeroprefill.asyncep_method import AsyncEPConfigError
+    from zeroprefill.common.asyncep_model import AsyncEPConfigError
 
     with pytest.raises(AsyncEPConfigError, match="needs a Mixture-of-Experts model.*drop --moe-backend asyncep"):
         _engine_config(tiny_dense, enable_expert_parallel=False, data_parallel_size=1)
@@ -110,3 +110,64 @@ def test_other_backends_are_left_alone(tiny_moe):
     config = _engine_config(tiny_moe, moe_backend="auto", enable_expert_parallel=False, data_parallel_size=1)
     assert config.kernel_config.moe_backend == "auto"
     assert config.scheduler_config.scheduler_cls is None
+
+
+def _start_up(code: str, env_overrides: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter, where vLLM loads our entry points by itself."""
+    import os
+
+    env = dict(os.environ)
+    env.update(env_overrides or {})
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+
+
+# As ``vllm serve`` does: build the parser (vLLM detects its platform there, running the
+# platform plugins), parse the flags, create the engine config.
+_BUILD_CONFIG = """
+import vllm
+{patch}
+from vllm.engine.arg_utils import EngineArgs
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+args = parser.parse_args(["--model", {model!r}, "--runner", "pooling", "--convert", "embed",
+                          "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
+                          "--moe-backend", {backend!r}, "--data-parallel-size", "2",
+                          "--enable-expert-parallel"])
+EngineArgs.from_cli_args(args).create_engine_config()
+print("config built")
+"""
+
+
+def test_vllm_plugins_leaving_the_general_plugin_out_fails_in_one_line(tiny_moe):
+    code = _BUILD_CONFIG.format(patch="", model=str(tiny_moe), backend="asyncep")
+    result = _start_up(code, {"VLLM_PLUGINS": "zeroprefill_moe_backend"})
+    assert result.returncode != 0 and "config built" not in result.stdout
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --moe-backend asyncep needs vLLM to load the 'zeroprefill' plugin, but "
+        "VLLM_PLUGINS='zeroprefill_moe_backend' leaves it out: add zeroprefill to VLLM_PLUGINS"
+    )
+
+
+def test_vllm_outside_the_supported_range_refuses_asyncep_only(tiny_moe):
+    patch = 'vllm.__version__ = "0.25.0"'
+    refused = _start_up(_BUILD_CONFIG.format(patch=patch, model=str(tiny_moe), backend="asyncep"))
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        "error: --moe-backend asyncep supports vLLM >= 0.26.0, < 0.34.0, found 0.25.0"
+    )
+    other = _start_up(_BUILD_CONFIG.format(patch=patch, model=str(tiny_moe), backend="auto")
+                      .replace(', "--data-parallel-size", "2",\n                          "--enable-expert-parallel"', ""))
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert "config built" in other.stdout
+
+
+def test_dual_batch_overlap_is_refused(tiny_moe):
+    # vLLM on CPU switches --enable-dbo off itself; the check sees a GPU config's flag.
+    from vllm_zeroprefill.validation import check_asyncep_config
+    from zeroprefill.common.asyncep_model import AsyncEPConfigError
+
+    config = _engine_config(tiny_moe)
+    config.parallel_config.enable_dbo = True
+    with pytest.raises(AsyncEPConfigError, match="drop --enable-dbo"):
+        check_asyncep_config(config)

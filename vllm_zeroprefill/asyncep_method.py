@@ -15,11 +15,15 @@ Where this sits in vLLM's MoE data path (``fused_moe/runner/moe_runner.py``)::
 Weights: vLLM's expert-parallel loader gives every rank its 1/N of each layer's experts
 (``w13_weight [E_local, 2I, H]``, ``w2_weight [E_local, H, I]``, placement ``linear`` or
 ``round_robin``). After loading, each layer hands its shard, padded to the layout's
-capacity, to the process's :class:`AsyncEPModelState`. Layers arrive one by one during weight
-loading, but the streamer needs all of them, so the state builds the streamer at the first
-MoE forward (the start-up profile run, on every rank at the same point), over a communicator
-of its own spanning the EP ranks (gloo on CPU; NCCL or the copy engine on GPU, chosen by
-``make_transport("auto", ...)``).
+capacity, to the process's :class:`AsyncEPModelLoader`. Layers arrive one by one during
+weight loading, but the streamer needs all of them, so the loader builds the model
+(``zeroprefill.common.asyncep_model.build_asyncep_model``) at the first MoE forward (the
+start-up profile run, eager, on every rank at the same point), over a communicator of its
+own spanning the EP ranks, with the settings of ``AsyncEPConfig.from_env()`` (transport
+``auto``: gloo on CPU, the copy engine on GPU).
+
+CUDA graphs: the streamer is capture-safe, and :mod:`vllm_zeroprefill.cuda_graphs` orders
+every graph capture and replay after the eager gathers in flight (docs/design.md).
 
 Lockstep: every forward pass — real or vLLM's DP dummy batch — runs every MoE layer on every
 rank, so every rank issues every gather in the same order.
@@ -38,17 +42,12 @@ from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, FusedMoE
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 from vllm.model_executor.utils import set_weight_attrs
 
+from zeroprefill.common.asyncep_model import AsyncEPConfig, AsyncEPConfigError, AsyncEPModel, build_asyncep_model
 from zeroprefill.common.asyncep_moe import SCORING_FUNCS, AsyncEPMoE, default_experts_kernel
 from zeroprefill.common.expert_sharding import ExpertShardLayout
-from zeroprefill.common.streamer import ExpertWeightStreamer
-from zeroprefill.common.transport import make_transport
 
 # Under vLLM's logger namespace, so these lines appear in the server log like vLLM's own.
 logger = init_logger(f"vllm.{__name__}")
-
-
-class AsyncEPConfigError(ValueError):
-    """A model or deployment that ``--moe-backend asyncep`` cannot run (a user mistake)."""
 
 
 def check_routed_experts_supported(layer) -> None:
@@ -78,17 +77,16 @@ def check_routed_experts_supported(layer) -> None:
 
 
 @dataclass
-class AsyncEPModelState:
-    """The AsyncEP state of one worker process: every MoE layer's shard, one streamer."""
+class AsyncEPModelLoader:
+    """Collects every MoE layer's shard as vLLM loads it; builds the AsyncEP model at first use."""
 
     layer_shards: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
-    layer_order: list[str] = field(default_factory=list)
     layout: ExpertShardLayout | None = None
-    streamer: ExpertWeightStreamer | None = None
-    moe_layers: dict[str, AsyncEPMoE] = field(default_factory=dict)
+    model: AsyncEPModel | None = None
+    layer_of: dict[str, AsyncEPMoE] = field(default_factory=dict)
 
     def add_layer(self, layer, layout: ExpertShardLayout, w13: torch.Tensor, w2: torch.Tensor) -> None:
-        if self.streamer is not None:
+        if self.model is not None:
             raise RuntimeError(f"MoE layer {layer.layer_name} was loaded after AsyncEP started streaming")
         if self.layout is not None and self.layout != layout:
             raise AsyncEPConfigError(
@@ -99,50 +97,56 @@ class AsyncEPModelState:
         self.layer_shards[layer.layer_name] = {"w13": w13, "w2": w2}
 
     def moe(self, layer) -> AsyncEPMoE:
-        """The AsyncEP layer for ``layer``; builds the streamer on the first call."""
-        if self.streamer is None:
-            self._start_streaming(layer)
-        return self.moe_layers[layer.layer_name]
+        """The AsyncEP layer for ``layer``; builds the model on the first call."""
+        if self.model is None:
+            self._build(layer)
+        return self.layer_of[layer.layer_name]
 
-    def _start_streaming(self, any_layer) -> None:
+    def _build(self, any_layer) -> None:
         from vllm.model_executor.models.utils import extract_layer_index
 
         if self.layout is None:
             raise RuntimeError("no MoE layer registered with AsyncEP before the first forward pass")
-        self.layer_order = sorted(self.layer_shards, key=extract_layer_index)
-        shards = [self.layer_shards[name] for name in self.layer_order]
+        order = sorted(self.layer_shards, key=extract_layer_index)
+        shards = [self.layer_shards[name] for name in order]
         device = shards[0]["w13"].device
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "AsyncEP's first MoE forward is a CUDA-graph capture: vLLM runs an eager profile pass "
+                "before capturing, so this vLLM release is not supported; use --enforce-eager"
+            )
         ep_group = get_ep_group()
         # A communicator of our own: the side-stream gathers never interleave with vLLM's ops.
         backend = "gloo" if device.type == "cpu" else "nccl"
         group = dist.new_group(ranks=ep_group.ranks, backend=backend, use_local_synchronization=True)
-        transport = make_transport("auto", group, device)
-        self.streamer = ExpertWeightStreamer(shards, self.layout, transport, prefetch_depth=1)
-        kernel = default_experts_kernel(device, shards[0]["w13"].dtype)
-        for index, name in enumerate(self.layer_order):
-            self.moe_layers[name] = AsyncEPMoE(
-                self.streamer,
-                index,
-                any_layer.top_k,
-                any_layer.renormalize,
-                any_layer.scoring_func,
-                experts_kernel=kernel,
-            )
+        self.model = build_asyncep_model(
+            shards, self.layout, AsyncEPConfig.from_env(),
+            top_k=any_layer.top_k, renormalize=any_layer.renormalize, scoring_func=any_layer.scoring_func,
+            group=group, device=device, experts_kernel=default_experts_kernel(device, shards[0]["w13"].dtype),
+        )
+        self.layer_of = dict(zip(order, self.model.layers))
         self.layer_shards.clear()  # the transport holds the shards now
+        streamer = self.model.streamer
+        if device.type == "cuda":
+            from vllm_zeroprefill.cuda_graphs import order_graph_launches_after
+
+            order_graph_launches_after(streamer)
         logger.info(
-            "AsyncEP: streaming %d MoE layers of %d experts over %d EP ranks (transport %s, "
-            "this rank stores experts %s, experts kernel %s)",
-            len(self.layer_order), self.layout.num_experts, self.layout.world_size,
-            transport.name, list(self.layout.experts_of_rank(transport.rank)), kernel.__name__,
+            "AsyncEP: streaming %d MoE layers of %d experts over %d EP ranks (transport %s, prefetch "
+            "depth %d, %d gather buffers = %.2f GiB on this GPU, this rank stores experts %s, experts "
+            "kernel %s)",
+            len(order), self.layout.num_experts, self.layout.world_size, streamer.transport.name,
+            streamer.prefetch_depth, streamer.num_slots, streamer.gather_buffer_bytes / 2**30,
+            list(self.layout.experts_of_rank(streamer.rank)), self.model.layers[0].experts_kernel.__name__,
         )
 
 
-_STATE = AsyncEPModelState()
+_LOADER = AsyncEPModelLoader()
 
 
-def model_state() -> AsyncEPModelState:
-    """This process's AsyncEP state (one model per worker process)."""
-    return _STATE
+def model_loader() -> AsyncEPModelLoader:
+    """This process's AsyncEP model (one model per worker process)."""
+    return _LOADER
 
 
 class AsyncEPFusedMoEMethod(FusedMoEMethodBase):
@@ -150,7 +154,7 @@ class AsyncEPFusedMoEMethod(FusedMoEMethodBase):
 
     def __init__(self, moe: FusedMoEConfig):
         super().__init__(moe)
-        self.state = model_state()
+        self.loader = model_loader()
 
     # The runner's naive DP/EP dispatch and combine move tokens between ranks; AsyncEP owns
     # its communication (weights only), so it reports itself as the internal kernel path.
@@ -194,13 +198,13 @@ class AsyncEPFusedMoEMethod(FusedMoEMethodBase):
         _check_layout_matches_vllm(layer, layout, parallel.ep_rank)
         # A rank may own one expert fewer than the largest shard: pad to the layout's capacity.
         w13, w2 = layout.pad_shard(layer.w13_weight.data), layout.pad_shard(layer.w2_weight.data)
-        self.state.add_layer(layer, layout, w13, w2)
+        self.loader.add_layer(layer, layout, w13, w2)
         # The shard now lives in the streamer's transport; drop vLLM's copy of it.
         layer.w13_weight.data = torch.empty(0, dtype=w13.dtype, device=w13.device)
         layer.w2_weight.data = torch.empty(0, dtype=w2.dtype, device=w2.device)
 
     def apply_monolithic(self, layer, x: torch.Tensor, router_logits: torch.Tensor, input_ids=None) -> torch.Tensor:
-        return self.state.moe(layer).forward(x, router_logits)
+        return self.loader.moe(layer).forward(x, router_logits)
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
         raise AssertionError("AsyncEP is a monolithic MoE method: the runner calls apply_monolithic")

@@ -15,41 +15,104 @@ keeps its meaning. It must run before the CLI parser is built, which is why it i
 happens on import of the engine arguments, before ``add_cli_args``); it returns ``None`` so it
 never claims a platform. The general plugin calls it again (idempotent) for the Python API
 ``LLM(..., moe_backend="asyncep")`` and for processes that never detect a platform.
+
+``VLLM_PLUGINS`` selects which entry points vLLM loads, by name. If it keeps this one but
+leaves the general plugin (``zeroprefill``) out, ``asyncep`` would parse and then run as
+nothing of ours: the platform plugin makes it fail at start-up instead, naming the fix. If it
+leaves both out, vLLM's own parser rejects ``asyncep`` as an invalid choice.
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+import os
+from collections.abc import Mapping
+from typing import Annotated, Literal, get_args, get_origin
 
 ASYNCEP = "asyncep"
+#: The ``vllm.general_plugins`` entry point's name (pyproject.toml), as VLLM_PLUGINS lists it.
+GENERAL_PLUGIN_NAME = "zeroprefill"
 
 
-def _moe_backend_field_choices() -> tuple[str, ...]:
-    from vllm.config.kernel import KernelConfig
+def _moe_backend_literal(annotation):
+    """The ``Literal`` of the field's annotation (ours may wrap it in ``Annotated``)."""
+    return get_args(annotation)[0] if get_origin(annotation) is Annotated else annotation
 
-    return get_args(KernelConfig.__dataclass_fields__["moe_backend"].type)
 
+def register_moe_backend(refusal: str | None = None) -> None:
+    """Add ``asyncep`` to ``KernelConfig.moe_backend``'s accepted values (idempotent).
 
-def register_moe_backend() -> None:
-    """Add ``asyncep`` to ``KernelConfig.moe_backend``'s accepted values (idempotent)."""
+    With ``refusal``, the value still parses but a ``KernelConfig`` refuses to hold it, with
+    that message, before any worker starts: when built (an ``AfterValidator`` in the field's
+    ``Annotated`` type, which pydantic applies and vLLM's argument parser looks through) and
+    when assigned (``EngineArgs.create_engine_config`` sets the flag on a copy of the config,
+    which pydantic does not validate).
+    """
+    from pydantic import AfterValidator
     from pydantic.dataclasses import rebuild_dataclass
     from vllm.config.kernel import KernelConfig
 
-    choices = _moe_backend_field_choices()
-    if ASYNCEP in choices:
+    current = KernelConfig.__dataclass_fields__["moe_backend"].type
+    literal = _moe_backend_literal(current)
+    choices = get_args(literal)
+    refused = get_origin(current) is Annotated
+    if ASYNCEP in choices and (refusal is None or refused):
         return
-    widened = Literal[(*choices, ASYNCEP)]  # type: ignore[valid-type]
-    KernelConfig.__dataclass_fields__["moe_backend"].type = widened
-    KernelConfig.__annotations__["moe_backend"] = widened
-    KernelConfig.__pydantic_fields__["moe_backend"].annotation = widened
+    widened = literal if ASYNCEP in choices else Literal[(*choices, ASYNCEP)]  # type: ignore[valid-type]
+    annotation = widened if refusal is None else Annotated[widened, AfterValidator(_refuser(refusal))]
+    KernelConfig.__dataclass_fields__["moe_backend"].type = annotation
+    KernelConfig.__annotations__["moe_backend"] = annotation
+    KernelConfig.__pydantic_fields__["moe_backend"].annotation = annotation
     rebuild_dataclass(KernelConfig, force=True)
 
     from vllm.engine import arg_utils
 
-    arg_utils._compute_kwargs.cache_clear()
+    # vLLM may detect its platform (running this) while arg_utils is still being imported,
+    # before the cache of parser arguments exists: then there is nothing to clear.
+    compute_kwargs = getattr(arg_utils, "_compute_kwargs", None)
+    if compute_kwargs is not None:
+        compute_kwargs.cache_clear()
+    if refusal is not None:
+        from vllm_zeroprefill.errors import install_one_line_errors
+
+        _refuse_assignment(KernelConfig, refusal)
+        install_one_line_errors()
+
+
+def _refuser(message: str):
+    from zeroprefill.common.asyncep_model import AsyncEPConfigError
+
+    def refuse(value: str) -> str:
+        if value == ASYNCEP:
+            raise AsyncEPConfigError(message)
+        return value
+
+    return refuse
+
+
+def _refuse_assignment(kernel_config_cls: type, message: str) -> None:
+    refuse = _refuser(message)
+    vllm_setattr = kernel_config_cls.__setattr__
+
+    def setattr_refusing_asyncep(self, name: str, value) -> None:
+        if name == "moe_backend":
+            refuse(value)
+        vllm_setattr(self, name, value)
+
+    kernel_config_cls.__setattr__ = setattr_refusing_asyncep
+
+
+def general_plugin_excluded(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The start-up error to give if ``VLLM_PLUGINS`` leaves the general plugin out, else ``None``."""
+    allowed = environ.get("VLLM_PLUGINS")
+    if allowed is None or GENERAL_PLUGIN_NAME in allowed.split(","):
+        return None
+    return (
+        f"--moe-backend asyncep needs vLLM to load the {GENERAL_PLUGIN_NAME!r} plugin, but "
+        f"VLLM_PLUGINS={allowed!r} leaves it out: add {GENERAL_PLUGIN_NAME} to VLLM_PLUGINS"
+    )
 
 
 def platform_plugin() -> None:
     """``vllm.platform_plugins`` entry point: register the CLI value, claim no platform."""
-    register_moe_backend()
+    register_moe_backend(refusal=general_plugin_excluded())
     return None

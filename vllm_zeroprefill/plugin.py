@@ -10,13 +10,21 @@ core and in every worker. Three seams, each as narrow as vLLM allows:
 3. ``EngineArgs.create_engine_config`` checks an ``asyncep`` deployment before any worker
    starts (:func:`vllm_zeroprefill.validation.check_asyncep_config`) and, for the pooling
    runner, selects the prefill-only scheduler unless ``--scheduler-cls`` was given.
+
+On a vLLM outside the supported range (:mod:`vllm_zeroprefill.compat`) only a refusal is
+installed: ``--moe-backend asyncep`` fails at start-up with one line
+(:func:`~vllm_zeroprefill.moe_backend.register_moe_backend`), other backends run as they
+would without the plugin. Start-up refusals print one line (:mod:`vllm_zeroprefill.errors`).
 """
 
 from __future__ import annotations
 
 import functools
 
+from vllm_zeroprefill.compat import installed_vllm_version, unsupported_vllm_message
+from vllm_zeroprefill.errors import install_one_line_errors
 from vllm_zeroprefill.moe_backend import ASYNCEP, register_moe_backend
+from zeroprefill.common.asyncep_model import AsyncEPConfigError
 
 PREFILL_ONLY_SCHEDULER = "vllm_zeroprefill.scheduler.PrefillOnlyScheduler"
 ASYNC_PREFILL_ONLY_SCHEDULER = "vllm_zeroprefill.scheduler.AsyncPrefillOnlyScheduler"
@@ -30,7 +38,11 @@ def register() -> None:
     if _installed:
         return
     _installed = True
-    register_moe_backend()
+    problem = unsupported_vllm_message(installed_vllm_version())
+    register_moe_backend(refusal=problem)
+    install_one_line_errors()
+    if problem is not None:
+        return
     _install_quant_method_hook()
     _install_engine_config_hook()
 
@@ -44,7 +56,7 @@ def _install_quant_method_hook() -> None:
     def get_quant_method(self, prefix, quant_config, moe_config):
         if moe_config.moe_backend != ASYNCEP:
             return vllm_get_quant_method(self, prefix, quant_config, moe_config)
-        from vllm_zeroprefill.asyncep_method import AsyncEPConfigError, AsyncEPFusedMoEMethod
+        from vllm_zeroprefill.asyncep_method import AsyncEPFusedMoEMethod
 
         if quant_config is not None:
             raise AsyncEPConfigError(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from vllm.config import VllmConfig
 
 from zeroprefill.common.model_spec import ModelSpecError, MoEModelSpec
-from vllm_zeroprefill.asyncep_method import AsyncEPConfigError
+from zeroprefill.common.asyncep_model import AsyncEPConfigError
 
 
 def model_spec_of(config: VllmConfig) -> MoEModelSpec:
@@ -56,6 +56,11 @@ def check_asyncep_config(config: VllmConfig) -> MoEModelSpec:
         raise AsyncEPConfigError(
             "--moe-backend asyncep runs every expert on every rank, so expert load balancing has "
             "nothing to balance: drop --enable-eplb"
+        )
+    if getattr(parallel, "enable_dbo", False):
+        raise AsyncEPConfigError(
+            "--moe-backend asyncep streams each MoE layer once per forward pass, but --enable-dbo "
+            "runs every layer twice (two micro-batches): drop --enable-dbo"
         )
     if parallel.data_parallel_size > spec.num_experts:
         raise AsyncEPConfigError(

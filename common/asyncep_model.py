@@ -1,0 +1,106 @@
+"""AsyncEP for a whole model on one rank: its settings, its errors, and the one builder.
+
+Every engine adapter (the vLLM FusedMoE method, the SGLang FusedMoE hook) and every tool
+(``zeroprefill selftest``, the benchmark harness) assembles AsyncEP the same way::
+
+    AsyncEPConfig (read once)  ->  make_transport  ->  ExpertWeightStreamer  ->  AsyncEPMoE per layer
+                                   (transport.py)      (streamer.py)             (asyncep_moe.py)
+
+:func:`build_asyncep_model` is that assembly; :class:`AsyncEPConfig` holds the settings a
+deployment chooses (transport, prefetch depth), read from the environment once per process
+by :meth:`AsyncEPConfig.from_env` in both engine plugins.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from zeroprefill.common.asyncep_moe import SCORING_FUNCS, AsyncEPMoE, ExpertsKernel
+from zeroprefill.common.expert_sharding import ExpertShardLayout
+from zeroprefill.common.streamer import ExpertWeightStreamer
+from zeroprefill.common.transport import TRANSPORTS, make_transport
+
+TRANSPORT_ENV = "ZEROPREFILL_ASYNCEP_TRANSPORT"
+PREFETCH_DEPTH_ENV = "ZEROPREFILL_ASYNCEP_PREFETCH_DEPTH"
+
+
+class AsyncEPConfigError(ValueError):
+    """A model, flag or setting AsyncEP cannot run: a user mistake, reported in one line."""
+
+
+@dataclass(frozen=True)
+class AsyncEPConfig:
+    """How a deployment streams its experts.
+
+    Attributes:
+        transport: ``auto`` (gloo on CPU; on CUDA the copy engine where torch has symmetric
+            memory, else NCCL), or one of ``gloo``, ``nccl``, ``copy_engine``.
+        prefetch_depth: layers gathered ahead of the one computing; the ring holds
+            ``prefetch_depth + 1`` layers of experts per GPU.
+    """
+
+    transport: str = "auto"
+    prefetch_depth: int = 1
+
+    def __post_init__(self) -> None:
+        if self.transport not in ("auto", *TRANSPORTS):
+            raise AsyncEPConfigError(
+                f"{TRANSPORT_ENV}={self.transport!r} is not a transport; choose one of "
+                f"{', '.join(('auto', *TRANSPORTS))}"
+            )
+        if self.prefetch_depth < 1:
+            raise AsyncEPConfigError(f"{PREFETCH_DEPTH_ENV}={self.prefetch_depth} must be at least 1")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> AsyncEPConfig:
+        """The settings from ``ZEROPREFILL_ASYNCEP_TRANSPORT`` / ``..._PREFETCH_DEPTH`` (defaults otherwise)."""
+        depth_text = environ.get(PREFETCH_DEPTH_ENV, "1")
+        try:
+            depth = int(depth_text)
+        except ValueError:
+            raise AsyncEPConfigError(f"{PREFETCH_DEPTH_ENV}={depth_text!r} is not a whole number of layers") from None
+        return cls(transport=environ.get(TRANSPORT_ENV, "auto"), prefetch_depth=depth)
+
+
+@dataclass
+class AsyncEPModel:
+    """Every MoE layer of one model on one rank, fed by one weight streamer."""
+
+    streamer: ExpertWeightStreamer
+    layers: list[AsyncEPMoE] = field(default_factory=list)
+
+    def close(self) -> None:
+        self.streamer.close()
+
+
+def build_asyncep_model(
+    layer_shards: Sequence[Mapping[str, torch.Tensor]],
+    layout: ExpertShardLayout,
+    config: AsyncEPConfig,
+    *,
+    top_k: int,
+    renormalize: bool,
+    scoring_func: str = "softmax",
+    group: dist.ProcessGroup | None = None,
+    device: torch.device | None = None,
+    experts_kernel: ExpertsKernel | None = None,
+) -> AsyncEPModel:
+    """Stream ``layer_shards`` (this rank's shard of each MoE layer, in execution order).
+
+    Collective on ``group`` (some transports register the shards with every peer): call on
+    every rank of it, at the same point.
+    """
+    if scoring_func not in SCORING_FUNCS:
+        raise AsyncEPConfigError(f"AsyncEP routes with {', '.join(SCORING_FUNCS)}, not scoring_func={scoring_func!r}")
+    transport = make_transport(config.transport, group, device)
+    streamer = ExpertWeightStreamer(layer_shards, layout, transport, prefetch_depth=config.prefetch_depth)
+    layers = [
+        AsyncEPMoE(streamer, index, top_k, renormalize, scoring_func, experts_kernel=experts_kernel)
+        for index in range(len(layer_shards))
+    ]
+    return AsyncEPModel(streamer, layers)
