@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 from dataclasses import dataclass
 
 import pytest
@@ -27,14 +26,14 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import openai  # noqa: E402
 
+from tests.vllm_servers import (  # noqa: E402
+    CLASSIFY, EMBED, TEXTS, add_classifier_head, mixed_requests, post, send_all, values,
+)
 from vllm_zeroprefill.server import VllmServer, asyncep_args  # noqa: E402
 from zeroprefill.tiny_model import TinyMoEConfig, generate_tiny_moe  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-EMBED = ["--runner", "pooling", "--convert", "embed"]
-# One logit per input: a cross-encoder, so /score and /rerank are served too.
-CLASSIFY = ["--runner", "pooling", "--convert", "classify", "--hf-overrides", '{"num_labels": 1}']
 
 
 @dataclass(frozen=True)
@@ -54,15 +53,6 @@ CASES = [
     # Shared experts, 9 experts (5 + 4 per rank: a padded shard), top-3, no renormalisation.
     Case("qwen2_moe-9x3-embed", TinyMoEConfig(architecture="qwen2_moe", num_experts=9, top_k=3), tuple(EMBED)),
 ]
-
-TEXTS = [
-    "Mixture-of-experts models route every token to a few experts.",
-    "Paris is the capital of France.",
-    "a",
-    "Rerank these documents by how well they answer the question. " * 6,
-    "0123456789 + - * / = ( ) [ ] { } < > , . ; : ! ?",
-]
-
 
 @dataclass
 class ServerPair:
@@ -90,22 +80,6 @@ def pair(request, tmp_path_factory):
     finally:
         asyncep.stop()
         stock.stop()
-
-
-def add_classifier_head(model_dir, hidden_size: int) -> None:
-    """A trained-looking ``score`` head: without one vLLM's classify conversion leaves it unset."""
-    import torch
-    from safetensors.torch import save_file
-
-    generator = torch.Generator().manual_seed(1)
-    weight = torch.randn((1, hidden_size), generator=generator) / hidden_size**0.5
-    save_file({"score.weight": weight}, str(model_dir / "score.safetensors"))
-
-
-def post(server: VllmServer, path: str, body: dict) -> dict:
-    response = httpx.post(server.url + path, json=body, timeout=120)
-    assert response.status_code == 200, f"{path}: {response.status_code} {response.text[:500]}"
-    return response.json()
 
 
 def assert_close(got, want, what: str) -> None:
@@ -167,57 +141,19 @@ def test_classify_and_rerank(pair):
     assert_close([r["relevance_score"] for r in got], [r["relevance_score"] for r in want], "/rerank")
 
 
-def _mixed_requests(model: str, count: int, seed: int = 0) -> list[tuple[str, dict]]:
-    """Embeddings of varied lengths (many sharing long prefixes), scores and pooling calls."""
-    rng = random.Random(seed)
-    prefixes = [" ".join(rng.choice(TEXTS[:2] + TEXTS[3:4]).split()[: rng.randint(4, 40)]) for _ in range(6)]
-    requests = []
-    for i in range(count):
-        words = " ".join(rng.choice(TEXTS).split()[: rng.randint(1, 12)])
-        text = f"{rng.choice(prefixes)} {words} #{i}" if rng.random() < 0.5 else f"{words} #{i}"
-        kind = rng.random()
-        if kind < 0.7:
-            requests.append(("/v1/embeddings", {"model": model, "input": text}))
-        elif kind < 0.85:
-            requests.append(("/score", {"model": model, "text_1": text, "text_2": [rng.choice(TEXTS), words]}))
-        else:
-            requests.append(("/pooling", {"model": model, "input": [text, words]}))
-    return requests
-
-
-def _values(path: str, answer: dict) -> list:
-    if path == "/v1/embeddings":
-        return [d["embedding"] for d in answer["data"]]
-    if path == "/score":
-        return [d["score"] for d in answer["data"]]
-    return [d["data"] for d in answer["data"]]
-
-
-async def _send_all(server: VllmServer, requests, concurrency: int) -> list[tuple[int, dict]]:
-    limit = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
-
-        async def send(path, body):
-            async with limit:
-                response = await client.post(path, json=body)
-                return response.status_code, response.json()
-
-        return await asyncio.gather(*(send(path, body) for path, body in requests))
-
-
-def test_many_concurrent_mixed_requests(pair):
+def test_many_concurrentmixed_requests(pair):
     if pair.case.name != CASES[0].name:
         pytest.skip("run once, on the first case")
-    requests = _mixed_requests(pair.model, 240)
+    requests = mixed_requests(pair.model, 240)
     # First a few one at a time (one DP rank idle, joining every gather with dummy batches),
     # then everything at once.
-    got = [asyncio.run(_send_all(pair.asyncep, requests[:8], concurrency=1))]
-    got.append(asyncio.run(_send_all(pair.asyncep, requests[8:], concurrency=64)))
+    got = [asyncio.run(send_all(pair.asyncep, requests[:8], concurrency=1))]
+    got.append(asyncio.run(send_all(pair.asyncep, requests[8:], concurrency=64)))
     got = got[0] + got[1]
-    want = asyncio.run(_send_all(pair.stock, requests, concurrency=32))
+    want = asyncio.run(send_all(pair.stock, requests, concurrency=32))
     assert [status for status, _ in got] == [200] * len(requests)
     for (path, _), (_, answer), (_, reference) in zip(requests, got, want):
-        assert_close(_values(path, answer), _values(path, reference), path)
+        assert_close(values(path, answer), values(path, reference), path)
     assert httpx.get(pair.asyncep.url + "/health", timeout=10).status_code == 200
     post(pair.asyncep, "/v1/embeddings", {"model": pair.model, "input": "still serving"})
 
@@ -246,7 +182,7 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(pair):
     assert httpx.get(url + "/health", timeout=10).status_code == 200
     got = post(pair.asyncep, "/v1/embeddings", {"model": pair.model, "input": TEXTS[:2]})
     want = post(pair.stock, "/v1/embeddings", {"model": pair.model, "input": TEXTS[:2]})
-    assert_close(_values("/v1/embeddings", got), _values("/v1/embeddings", want), "after bad input")
+    assert_close(values("/v1/embeddings", got), values("/v1/embeddings", want), "after bad input")
 
 
 def test_missing_expert_parallel_fails_at_start_up(tmp_path):

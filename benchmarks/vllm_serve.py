@@ -1,0 +1,424 @@
+"""AsyncEP against stock vLLM's layouts, through the real server, same GPUs, same requests.
+
+The choice a user makes is ``vllm serve MODEL ...`` as it is, or with ``--moe-backend
+asyncep``. For every (model, layout, ``--max-num-batched-tokens``) this script starts that
+server (``--load-format dummy`` with the shipped config, the layer count reduced to N — the
+same N for every layout — so per-layer figures scale to the full model), waits until it is
+healthy (torch.compile and CUDA-graph capture happen then, outside all timing), sends a
+warm-up burst, and measures prefill-only embedding requests of each context length:
+
+- closed loop: ``--concurrency`` clients send back to back for ``--duration-s``: peak input
+  tokens/s per GPU, requests/s, p50/p99 latency;
+- open loop (``--open-loop-rates``, requests/s): Poisson arrivals at each rate for
+  ``--duration-s``: achieved throughput and p50/p99 at equal offered load for every layout.
+
+Requests carry fresh random token ids (no prefix-cache hits) and ask for base64 embeddings
+(so the client parses little). MFU counts the true FLOPs of the N-layer model
+(``zeroprefill.common.cost_model.request_flops``: linear layers, causal attention) against
+989 TFLOP/s bf16 per GPU. GPU memory is nvidia-smi's peak during the run.
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 python benchmarks/vllm_serve.py \\
+        --models qwen3-235b-a22b:16 --contexts 512 4096 --out benchmarks/results/vllm_serve-h200x2.json
+
+A layout whose server does not start, or dies, is recorded with its log tail; the rest run.
+The JSON is rewritten after every measurement, and ``--merge`` adds to an existing file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from vllm_zeroprefill.server import ServerStartError, VllmServer, asyncep_args, free_port  # noqa: E402
+from zeroprefill.common.cost_model import request_flops  # noqa: E402
+from zeroprefill.common.model_spec import MoEModelSpec  # noqa: E402
+
+PEAK_BF16_TFLOPS = 989.0
+NUM_GPUS = 2
+TRANSPORT_ENV = "ZEROPREFILL_ASYNCEP_TRANSPORT"
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    args: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def is_asyncep(self) -> bool:
+        return self.name.startswith("asyncep")
+
+
+LAYOUTS = {
+    layout.name: layout
+    for layout in [
+        Layout("stock-dp2-ep", ("--data-parallel-size", "2", "--enable-expert-parallel")),
+        Layout("stock-dp2-ep-naive", ("--data-parallel-size", "2", "--enable-expert-parallel",
+                                      "--all2all-backend", "naive")),
+        Layout("stock-tp2", ("--tensor-parallel-size", "2")),
+        Layout("stock-tp2-ep", ("--tensor-parallel-size", "2", "--enable-expert-parallel")),
+        Layout("asyncep-copy-engine", tuple(asyncep_args(2)), ((TRANSPORT_ENV, "copy_engine"),)),
+        Layout("asyncep-nccl", tuple(asyncep_args(2)), ((TRANSPORT_ENV, "nccl"),)),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    name: str  # a config in common/model_configs
+    layers: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}:{self.layers}"
+
+
+def parse_model(text: str) -> ModelChoice:
+    name, _, layers = text.partition(":")
+    config = REPO / "common" / "model_configs" / f"{name}.json"
+    if not config.exists():
+        shipped = sorted(p.stem for p in config.parent.glob("*.json"))
+        raise argparse.ArgumentTypeError(f"no shipped config {name!r}; choose one of {shipped}")
+    full = json.loads(config.read_text())["num_hidden_layers"]
+    count = int(layers) if layers else full
+    if not 1 <= count <= full:
+        raise argparse.ArgumentTypeError(f"{name} has {full} layers; asked for {count}")
+    return ModelChoice(name, count)
+
+
+def model_dir(work: Path, model: ModelChoice) -> Path:
+    """The shipped config plus a tokenizer (a generated one; requests send token ids < 500)."""
+    from zeroprefill.tiny_model import TinyMoEConfig, generate_tiny_moe
+
+    out = work / model.name
+    if not (out / "config.json").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / "common" / "model_configs" / f"{model.name}.json", out / "config.json")
+        source = generate_tiny_moe(work / "tokenizer-source", TinyMoEConfig())
+        for item in source.iterdir():
+            if item.name.startswith(("tokenizer", "special_tokens")):
+                shutil.copy(item, out / item.name)
+    return out
+
+
+def model_spec(model: ModelChoice) -> MoEModelSpec:
+    config = json.loads((REPO / "common" / "model_configs" / f"{model.name}.json").read_text())
+    config["num_hidden_layers"] = model.layers
+    return MoEModelSpec.from_hf_config(config)
+
+
+# -- load generation --------------------------------------------------------------------------
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+async def _drive(url: str, model: str, context: int, *, concurrency: int | None, rate: float | None,
+                 duration_s: float, seed: int) -> dict:
+    """Closed loop (``concurrency`` clients) or open loop (Poisson at ``rate``) for ``duration_s``."""
+    import aiohttp
+
+    rng = random.Random(seed)
+    latencies: list[float] = []
+    failures = 0
+    tokens_done = 0
+    start = time.monotonic()
+    stop_at = start + duration_s
+
+    def body() -> dict:
+        return {"model": model, "input": [rng.randrange(3, 500) for _ in range(context)], "encoding_format": "base64"}
+
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one() -> None:
+            nonlocal failures, tokens_done
+            sent = time.monotonic()
+            try:
+                async with session.post(url + "/v1/embeddings", json=body()) as response:
+                    await response.read()
+                    ok = response.status == 200
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                ok = False
+            done = time.monotonic()
+            if not ok:
+                failures += 1
+            elif done <= stop_at:
+                latencies.append(done - sent)
+                tokens_done += context
+
+        if concurrency is not None:
+            async def client() -> None:
+                while time.monotonic() < stop_at:
+                    await one()
+
+            await asyncio.gather(*(client() for _ in range(concurrency)))
+        else:
+            pending = []
+            next_at = start
+            while next_at < stop_at:
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                pending.append(asyncio.ensure_future(one()))
+                next_at += rng.expovariate(rate)
+            await asyncio.gather(*pending)
+    elapsed = duration_s
+    return {
+        "requests": len(latencies),
+        "failed": failures,
+        "requests_per_s": len(latencies) / elapsed,
+        "input_tokens_per_s_per_gpu": tokens_done / elapsed / NUM_GPUS,
+        "p50_s": _percentile(latencies, 50),
+        "p99_s": _percentile(latencies, 99),
+    }
+
+
+class MemorySampler:
+    """Peak GPU memory in use (MiB per GPU) while running, from nvidia-smi."""
+
+    def __init__(self) -> None:
+        self.peak_mib: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=10).stdout
+            except (OSError, subprocess.TimeoutExpired):
+                return
+            used = [int(x) for x in out.split()]
+            self.peak_mib = [max(a, b) for a, b in zip(self.peak_mib, used)] if self.peak_mib else used
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+
+# -- one server -------------------------------------------------------------------------------
+
+
+def concurrency_for(context: int, batched_tokens: int, requested: int | None) -> int:
+    """Enough clients to keep both GPUs' steps full with a queue behind them."""
+    if requested is not None:
+        return requested
+    return max(4, min(512, 3 * NUM_GPUS * batched_tokens // context))
+
+
+def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, work: Path, log) -> dict:
+    directory = model_dir(work, model)
+    server_args = ["--runner", "pooling", "--convert", "embed", "--dtype", "bfloat16", "--load-format", "dummy",
+                   "--hf-overrides", json.dumps({"num_hidden_layers": model.layers}),
+                   "--max-model-len", str(max(args.contexts) + 64), "--max-num-batched-tokens", str(batched_tokens),
+                   *layout.args]
+    if "--data-parallel-size" in layout.args:
+        server_args += ["--data-parallel-rpc-port", str(free_port())]
+    name = f"{model.key}-{layout.name}-{batched_tokens}"
+    server = VllmServer(directory, server_args, work / f"{name}.log".replace(":", "_"), device="cuda",
+                        env=dict(layout.env))
+    result: dict = {"model": model.key, "layout": layout.name, "max_num_batched_tokens": batched_tokens,
+                    "server_args": server_args, "env": dict(layout.env)}
+    started = time.monotonic()
+    try:
+        server.start().wait_healthy(timeout_s=args.start_timeout_s,
+                                    progress=lambda s: log(f"  starting {name}: {s:.0f} s") if int(s) % 30 == 0 else None)
+    except ServerStartError as exc:
+        server.stop()
+        log(f"  {name}: did not start")
+        return result | {"started": False, "error": str(exc)[-3000:]}
+    result["start_s"] = round(time.monotonic() - started, 1)
+    spec = model_spec(model)
+    measurements = []
+    try:
+        with MemorySampler() as memory:
+            for context in args.contexts:
+                clients = concurrency_for(context, batched_tokens, args.concurrency)
+                asyncio.run(_drive(server.url, str(directory), context, concurrency=clients, rate=None,
+                                   duration_s=args.warmup_s, seed=1))
+                closed = asyncio.run(_drive(server.url, str(directory), context, concurrency=clients, rate=None,
+                                            duration_s=args.duration_s, seed=2))
+                flops_per_token = request_flops(spec, context, 0, head_tokens=0) / context
+                closed["mfu"] = closed["input_tokens_per_s_per_gpu"] * flops_per_token / (PEAK_BF16_TFLOPS * 1e12)
+                entry = {"context": context, "concurrency": clients, "closed_loop": closed, "open_loop": []}
+                log(f"  {name} ctx {context}: {closed['input_tokens_per_s_per_gpu']:,.0f} tok/s/GPU, "
+                    f"p50 {closed['p50_s']}, p99 {closed['p99_s']}, failed {closed['failed']}")
+                for rate in args.open_loop_rates.get(context, []):
+                    point = asyncio.run(_drive(server.url, str(directory), context, concurrency=None, rate=rate,
+                                               duration_s=args.duration_s, seed=3))
+                    entry["open_loop"].append({"offered_requests_per_s": rate} | point)
+                    log(f"    open loop {rate} req/s: p50 {point['p50_s']}, p99 {point['p99_s']}")
+                measurements.append(entry)
+                if server.process is None or server.process.poll() is not None:
+                    raise ServerStartError(f"server exited during the run:\n{server.log_tail()}")
+        result["gpu_memory_peak_mib"] = memory.peak_mib
+    except ServerStartError as exc:
+        result["error"] = str(exc)[-3000:]
+    finally:
+        log_text = server.log_path.read_text(errors="replace") if server.log_path.exists() else ""
+        server.stop()
+    result["asyncep_log"] = [line[line.index("AsyncEP:"):] for line in log_text.splitlines() if "AsyncEP: streaming" in line]
+    result["cudagraphs_captured"] = "Graph capturing finished" in log_text
+    return result | {"started": True, "measurements": measurements}
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def best_by_layout(runs: list[dict], model: str, context: int) -> dict[str, dict]:
+    """Each layout's best closed-loop point over its token-budget sweep."""
+    best: dict[str, dict] = {}
+    for run in runs:
+        if run["model"] != model or not run.get("started"):
+            continue
+        for entry in run.get("measurements", []):
+            if entry["context"] != context or entry["closed_loop"]["failed"]:
+                continue
+            point = entry["closed_loop"] | {"max_num_batched_tokens": run["max_num_batched_tokens"]}
+            if run["layout"] not in best or point["input_tokens_per_s_per_gpu"] > best[run["layout"]]["input_tokens_per_s_per_gpu"]:
+                best[run["layout"]] = point
+    return best
+
+
+def summarize(runs: list[dict], vllm_version: str) -> dict:
+    summary: dict = {"vllm_version": vllm_version, "comparisons": {}}
+    for model in sorted({r["model"] for r in runs}):
+        contexts = sorted({e["context"] for r in runs if r["model"] == model for e in r.get("measurements", [])})
+        for context in contexts:
+            best = best_by_layout(runs, model, context)
+            stock = {k: v for k, v in best.items() if not LAYOUTS[k].is_asyncep}
+            ours = {k: v for k, v in best.items() if LAYOUTS[k].is_asyncep}
+            if not stock or not ours:
+                continue
+            best_stock = max(stock, key=lambda k: stock[k]["input_tokens_per_s_per_gpu"])
+            best_ours = max(ours, key=lambda k: ours[k]["input_tokens_per_s_per_gpu"])
+            ratio = ours[best_ours]["input_tokens_per_s_per_gpu"] / stock[best_stock]["input_tokens_per_s_per_gpu"]
+            key = f"{model.split(':')[0]}_{context}"
+            summary["comparisons"][key] = {
+                "best_stock_layout": best_stock, "best_asyncep_layout": best_ours,
+                "asyncep_vs_best_stock": round(ratio, 3),
+                "best_stock": stock[best_stock], "best_asyncep": ours[best_ours],
+            }
+    for short, model_prefix, context in (("235b_512", "qwen3-235b-a22b", 512), ("235b_4k", "qwen3-235b-a22b", 4096),
+                                          ("30b_4k", "qwen3-30b-a3b", 4096)):
+        found = summary["comparisons"].get(f"{model_prefix}_{context}")
+        summary[f"asyncep_vs_best_stock_{short}"] = found["asyncep_vs_best_stock"] if found else None
+        summary[f"best_stock_layout_{short}"] = found["best_stock_layout"] if found else None
+    return summary
+
+
+def print_table(runs: list[dict]) -> None:
+    print(f"{'model':<22}{'layout':<22}{'tokens':>8}{'ctx':>7}{'tok/s/GPU':>12}{'req/s':>9}{'p50 s':>8}{'p99 s':>8}{'MFU':>7}")
+    for run in runs:
+        if not run.get("started"):
+            print(f"{run['model']:<22}{run['layout']:<22}{run['max_num_batched_tokens']:>8}  did not start")
+            continue
+        for entry in run.get("measurements", []):
+            c = entry["closed_loop"]
+            p50 = f"{c['p50_s']:.2f}" if c["p50_s"] is not None else "-"
+            p99 = f"{c['p99_s']:.2f}" if c["p99_s"] is not None else "-"
+            print(f"{run['model']:<22}{run['layout']:<22}{run['max_num_batched_tokens']:>8}{entry['context']:>7}"
+                  f"{c['input_tokens_per_s_per_gpu']:>12,.0f}{c['requests_per_s']:>9.1f}{p50:>8}{p99:>8}{c['mfu']:>7.1%}")
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in runs})
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        contexts = sorted({e["context"] for r in runs if r["model"] == model for e in r.get("measurements", [])})
+        layouts = sorted({r["layout"] for r in runs if r["model"] == model and r.get("started")})
+        width = 0.8 / max(1, len(layouts))
+        for i, layout in enumerate(layouts):
+            values = [best_by_layout(runs, model, c).get(layout, {}).get("input_tokens_per_s_per_gpu", 0) / 1e3
+                      for c in contexts]
+            ax.bar([x + i * width for x in range(len(contexts))], values, width, label=layout)
+        ax.set_xticks([x + width * (len(layouts) - 1) / 2 for x in range(len(contexts))], [str(c) for c in contexts])
+        ax.set_xlabel("tokens per request")
+        ax.set_ylabel("peak input K tokens/s per GPU")
+        ax.set_title(f"{model} layers, 2 GPUs (best --max-num-batched-tokens)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--models", nargs="+", type=parse_model, default=[parse_model("qwen3-235b-a22b:16")],
+                        help="shipped config name, ':N' keeps its first N layers")
+    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
+    parser.add_argument("--batched-tokens", nargs="+", type=int, default=[8192, 16384, 32768, 65536],
+                        help="--max-num-batched-tokens values; each layout keeps its best")
+    parser.add_argument("--contexts", nargs="+", type=int, default=[512, 4096, 32768], help="tokens per request")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="closed-loop clients (default: 3 x GPUs x batched tokens / context)")
+    parser.add_argument("--open-loop-rates", type=json.loads, default={},
+                        help='JSON {context: [requests/s, ...]}, e.g. \'{"4096": [20, 40]}\'')
+    parser.add_argument("--duration-s", type=float, default=30.0, help="timed seconds per measurement")
+    parser.add_argument("--warmup-s", type=float, default=8.0, help="untimed load before each measurement")
+    parser.add_argument("--start-timeout-s", type=float, default=900.0)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "vllm_serve-h200x2.json")
+    parser.add_argument("--merge", action="store_true", help="add to the runs already in --out")
+    args = parser.parse_args(argv)
+    args.open_loop_rates = {int(k): [float(r) for r in v] for k, v in args.open_loop_rates.items()}
+
+    import vllm
+
+    runs: list[dict] = []
+    if args.merge and args.out.exists():
+        runs = json.loads(args.out.read_text())["runs"]
+    started = time.monotonic()
+
+    def log(message: str) -> None:
+        print(f"[{time.monotonic() - started:6.0f} s] {message}", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        plan = [(m, LAYOUTS[name], b) for m in args.models for name in args.layouts for b in args.batched_tokens]
+        for index, (model, layout, batched) in enumerate(plan, 1):
+            log(f"({index}/{len(plan)}) {model.key} {layout.name} --max-num-batched-tokens {batched}")
+            runs = [r for r in runs if (r["model"], r["layout"], r["max_num_batched_tokens"]) != (model.key, layout.name, batched)]
+            runs.append(run_server(args, model, layout, batched, work, log))
+            result = {"command": " ".join(["python", "benchmarks/vllm_serve.py", *(argv or sys.argv[1:])]),
+                      "gpus": NUM_GPUS, "peak_bf16_tflops": PEAK_BF16_TFLOPS,
+                      "timing": "after start-up (compile, CUDA-graph capture) and a warm-up burst",
+                      "summary": summarize(runs, vllm.__version__), "runs": runs}
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(runs)
+    print(json.dumps(summarize(runs, vllm.__version__), indent=2)[:3000])
+    plot(runs, args.out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+    raise SystemExit(main())

@@ -1,0 +1,341 @@
+"""Real vLLM on two GPUs: ``--moe-backend asyncep`` serves with CUDA graphs and agrees with stock.
+
+How to run (a machine with 2 GPUs and vLLM 0.26-0.33; docs/gpu.md)::
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 python -m pytest -m gpu tests/test_vllm_gpu.py
+
+With ``ZEROPREFILL_GPU_CHECK_JSON=FILE`` the measurements are also merged into ``FILE``
+(``benchmarks/results/vllm_gpu_check-h200x2.json``); ``-k tiny`` and ``-k shapes`` run the
+two parts separately and merge into the same file.
+
+tiny: four generated checkpoints (Qwen3-MoE; Qwen2-MoE, which adds shared experts) x (embed,
+classify), served in bf16 with vLLM's defaults (torch.compile, CUDA graphs). For each, stock
+vLLM (one GPU) and AsyncEP (``--data-parallel-size 2 --enable-expert-parallel --moe-backend
+asyncep``) start side by side; ``/v1/embeddings``, ``/score``, ``/rerank``, ``/classify`` and
+500 mixed concurrent requests must agree (cosine >= 0.999, scores within 1e-2: bf16), every
+request answered, no error in any log, and CUDA graphs captured on the AsyncEP server. The
+Qwen2 models have three layers: an odd count, so the ring's last layer and first layer share
+a slot (the wrap-around case).
+
+shapes: Qwen3-30B-A3B (48 layers) and Qwen3-235B-A22B reduced to the most layers that fit
+two H200s with AsyncEP (``--load-format dummy``, the shipped configs): the server starts,
+logs its gather buffers and answers 32K-token requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from tests.vllm_servers import (  # noqa: E402
+    CLASSIFY, EMBED, TEXTS, add_classifier_head, mixed_requests, post, send_all, values,
+)
+from vllm_zeroprefill.server import ServerStartError, VllmServer, asyncep_args, free_port  # noqa: E402
+from zeroprefill.tiny_model import TinyMoEConfig, generate_tiny_moe  # noqa: E402
+
+pytestmark = [pytest.mark.gpu, pytest.mark.multigpu, pytest.mark.slow]
+if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+    pytest.skip("needs two CUDA GPUs", allow_module_level=True)
+
+REPO = Path(__file__).resolve().parents[1]
+MIN_COSINE, MAX_SCORE_DIFF = 0.999, 1e-2
+# Small enough that eight servers share two GPUs while they start together.
+TINY_SERVER_ARGS = ["--dtype", "bfloat16", "--max-model-len", "2048", "--gpu-memory-utilization", "0.05",
+                    "--kv-cache-memory-bytes", str(1 << 30)]
+LONG_TEXTS = [" ".join(TEXTS) * 12, "expert " * 1500]
+
+
+@dataclass(frozen=True)
+class TinyCase:
+    name: str
+    model: TinyMoEConfig
+    runner_args: tuple[str, ...]
+
+    @property
+    def task(self) -> str:
+        return "classify" if "classify" in self.runner_args else "embed"
+
+
+def _tiny(architecture: str, layers: int) -> TinyMoEConfig:
+    return TinyMoEConfig(architecture=architecture, num_experts=16, top_k=4, num_layers=layers, hidden_size=256,
+                         expert_intermediate_size=128, num_attention_heads=4, num_kv_heads=2, head_dim=64,
+                         max_position_embeddings=2048, shared_expert_intermediate_size=256)
+
+
+TINY_CASES = [
+    TinyCase(f"{arch}-{task}", _tiny(arch, layers), tuple(args))
+    for arch, layers in (("qwen3_moe", 4), ("qwen2_moe", 3))
+    for task, args in (("embed", EMBED), ("classify", CLASSIFY))
+]
+
+
+@dataclass
+class Pair:
+    case: TinyCase
+    model: str
+    stock: VllmServer
+    asyncep: VllmServer
+
+
+@dataclass
+class Record:
+    """What the tests measured; merged into ZEROPREFILL_GPU_CHECK_JSON at the end."""
+
+    tiny: dict[str, dict] = field(default_factory=dict)
+    shapes: dict[str, dict] = field(default_factory=dict)
+
+    def case(self, name: str) -> dict:
+        return self.tiny.setdefault(name, {"min_cosine": 1.0, "max_score_diff": 0.0, "requests": 0,
+                                           "requests_failed": 0})
+
+
+@pytest.fixture(scope="module")
+def record():
+    rec = Record()
+    yield rec
+    path = os.environ.get("ZEROPREFILL_GPU_CHECK_JSON")
+    if path:
+        _merge_json(Path(path), rec)
+
+
+def _merge_json(path: Path, rec: Record) -> None:
+    import vllm
+
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.setdefault("tiny", {}).update(rec.tiny)
+    data.setdefault("shapes", {}).update(rec.shapes)
+    data["vllm_version"] = vllm.__version__
+    data["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    data["command"] = ("ZEROPREFILL_GPU_CHECK_JSON=<file> NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 "
+                       "python -m pytest -m gpu tests/test_vllm_gpu.py")
+    tiny = data["tiny"].values()
+    data["summary"] = {
+        "vllm_version": vllm.__version__,
+        "cudagraphs": bool(tiny) and all(c.get("cudagraphs_captured") for c in tiny),
+        "min_cosine": min((c["min_cosine"] for c in tiny), default=None),
+        "max_score_diff": max((c["max_score_diff"] for c in tiny), default=None),
+        "requests_failed": sum(c["requests_failed"] for c in tiny),
+        "real_shapes_served": sorted(name for name, s in data["shapes"].items() if s.get("answered_32k")),
+    }
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _server_env(tmp: Path, name: str) -> dict[str, str]:
+    # One compile cache per server: servers that start together never write the same entry.
+    return {"VLLM_CACHE_ROOT": str(tmp / f"cache-{name}"), "VLLM_LOGGING_LEVEL": "INFO"}
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("vllm-gpu")
+    started: dict[str, Pair] = {}
+    servers: list[VllmServer] = []
+    try:
+        for case in TINY_CASES:
+            model_dir = generate_tiny_moe(tmp / case.name, case.model)
+            if case.task == "classify":
+                add_classifier_head(model_dir, case.model.hidden_size)
+            args = [*case.runner_args, *TINY_SERVER_ARGS]
+            stock = VllmServer(model_dir, args, tmp / f"{case.name}-stock.log", device="cuda",
+                               env=_server_env(tmp, f"{case.name}-stock"))
+            # Servers started together must not share vLLM's default DP coordination port.
+            dp_port = ["--data-parallel-rpc-port", str(free_port())]
+            asyncep = VllmServer(model_dir, [*args, *asyncep_args(2), *dp_port], tmp / f"{case.name}-asyncep.log",
+                                 device="cuda", env=_server_env(tmp, f"{case.name}-asyncep"))
+            servers += [stock.start(), asyncep.start()]
+            started[case.name] = Pair(case, str(model_dir), stock, asyncep)
+        for server in servers:
+            server.wait_healthy(timeout_s=900)
+        yield started
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def _cosines(got: list, want: list) -> np.ndarray:
+    a, b = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert a.shape == b.shape, f"shape {a.shape} != {b.shape}"
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def _compare(rec: dict, what: str, got: list, want: list, vectors: bool) -> None:
+    if vectors:
+        worst = float(_cosines(got, want).min())
+        rec["min_cosine"] = min(rec["min_cosine"], worst)
+        assert worst >= MIN_COSINE, f"{what}: cosine {worst:.6f} < {MIN_COSINE}"
+    else:
+        diff = float(np.abs(np.asarray(got, dtype=np.float64) - np.asarray(want, dtype=np.float64)).max())
+        rec["max_score_diff"] = max(rec["max_score_diff"], diff)
+        assert diff <= MAX_SCORE_DIFF, f"{what}: score difference {diff:.4g} > {MAX_SCORE_DIFF}"
+
+
+@pytest.mark.parametrize("name", [c.name for c in TINY_CASES])
+def test_tiny_pooling_endpoints_agree(pairs, record, name):
+    pair = pairs[name]
+    rec = record.case(name)
+    texts = TEXTS + LONG_TEXTS
+    body = {"model": pair.model, "input": texts}
+    got = [d["data"] for d in post(pair.asyncep, "/pooling", body)["data"]]
+    want = [d["data"] for d in post(pair.stock, "/pooling", body)["data"]]
+    _compare(rec, "/pooling", got, want, vectors=pair.case.task == "embed")
+    score = {"model": pair.model, "text_1": "What do experts do in a MoE model?", "text_2": texts}
+    got = [d["score"] for d in post(pair.asyncep, "/score", score)["data"]]
+    want = [d["score"] for d in post(pair.stock, "/score", score)["data"]]
+    _compare(rec, "/score", got, want, vectors=False)
+    if pair.case.task == "embed":
+        got = values("/v1/embeddings", post(pair.asyncep, "/v1/embeddings", body))
+        want = values("/v1/embeddings", post(pair.stock, "/v1/embeddings", body))
+        _compare(rec, "/v1/embeddings", got, want, vectors=True)
+        return
+    got = [d["probs"] for d in post(pair.asyncep, "/classify", body)["data"]]
+    want = [d["probs"] for d in post(pair.stock, "/classify", body)["data"]]
+    _compare(rec, "/classify", got, want, vectors=False)
+    rerank = {"model": pair.model, "query": "Which city is the capital of France?", "documents": texts}
+    got = sorted(post(pair.asyncep, "/rerank", rerank)["results"], key=lambda r: r["index"])
+    want = sorted(post(pair.stock, "/rerank", rerank)["results"], key=lambda r: r["index"])
+    _compare(rec, "/rerank", [r["relevance_score"] for r in got], [r["relevance_score"] for r in want], vectors=False)
+
+
+def _classify_mix(model: str, count: int) -> list[tuple[str, dict]]:
+    """/classify, /score and /rerank calls of varied lengths for a cross-encoder."""
+    requests = []
+    for i, (_, body) in enumerate(mixed_requests(model, count)):
+        text = body.get("input") if isinstance(body.get("input"), str) else body.get("text_1", TEXTS[i % 5])
+        kind = i % 3
+        if kind == 0:
+            requests.append(("/classify", {"model": model, "input": [text]}))
+        elif kind == 1:
+            requests.append(("/score", {"model": model, "text_1": text, "text_2": [TEXTS[i % 5]]}))
+        else:
+            requests.append(("/rerank", {"model": model, "query": text, "documents": TEXTS[:3]}))
+    return requests
+
+
+def _answer_values(path: str, answer: dict) -> list:
+    if path == "/classify":
+        return [d["probs"] for d in answer["data"]]
+    if path == "/rerank":
+        return [r["relevance_score"] for r in sorted(answer["results"], key=lambda r: r["index"])]
+    return values(path, answer)
+
+
+@pytest.mark.parametrize("name", [c.name for c in TINY_CASES])
+def test_tiny_500_mixed_concurrent_requests_all_answered_and_agree(pairs, record, name):
+    pair = pairs[name]
+    rec = record.case(name)
+    count = 500
+    requests = (mixed_requests(pair.model, count) if pair.case.task == "embed"
+                else _classify_mix(pair.model, count))
+    got = asyncio.run(send_all(pair.asyncep, requests, concurrency=128))
+    want = asyncio.run(send_all(pair.stock, requests, concurrency=128))
+    failed = sum(status != 200 for status, _ in got)
+    rec["requests"] += count
+    rec["requests_failed"] += failed
+    assert failed == 0, f"{failed} of {count} requests failed on the AsyncEP server"
+    for (path, _), (_, answer), (status, reference) in zip(requests, got, want):
+        assert status == 200, f"stock server failed {path}: {reference}"
+        vectors = path in ("/v1/embeddings", "/pooling")
+        _compare(rec, path, _answer_values(path, answer), _answer_values(path, reference), vectors)
+
+
+_ERROR_LINE = re.compile(r"\bERROR\b|Traceback \(most recent call last\)")
+
+
+@pytest.mark.parametrize("name", [c.name for c in TINY_CASES])
+def test_tiny_logs_clean_and_cuda_graphs_captured(pairs, record, name):
+    # After the requests above (test order): the logs hold the whole session.
+    pair = pairs[name]
+    rec = record.case(name)
+    for label, server in (("stock", pair.stock), ("asyncep", pair.asyncep)):
+        log = server.log_path.read_text(errors="replace")
+        errors = [line for line in log.splitlines() if _ERROR_LINE.search(line)]
+        assert not errors, f"{label} log has errors:\n" + "\n".join(errors[:20])
+        captured = "Graph capturing finished" in log
+        rec[f"{label}_cudagraphs_captured"] = captured
+        assert captured, f"{label} server captured no CUDA graph:\n{server.log_tail(30)}"
+    asyncep_log = pair.asyncep.log_path.read_text(errors="replace")
+    assert "AsyncEP: streaming" in asyncep_log
+    rec["cudagraphs_captured"] = True
+    rec["gather_buffers"] = _gather_buffer_lines(asyncep_log)
+
+
+def _gather_buffer_lines(log: str) -> list[str]:
+    return [line[line.index("AsyncEP: streaming"):] for line in log.splitlines() if "AsyncEP: streaming" in line]
+
+
+# -- real shapes --------------------------------------------------------------------------------
+
+SHAPES = {
+    # model config shipped in common/model_configs, layer counts to try (largest first)
+    "qwen3-30b-a3b": [48],
+    # 2 x H200, bf16, AsyncEP: per GPU 2.56 GB per layer (half the experts + attention) and two
+    # 4.83 GB gather buffers; 40 layers leave ~4 GB for activations, graphs and a 40K-token KV.
+    "qwen3-235b-a22b": [40, 36],
+}
+
+
+def _dummy_model_dir(tmp: Path, name: str) -> Path:
+    """The shipped config.json with a tokenizer (the tiny model's: its ids are all < 512)."""
+    out = tmp / name
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "common" / "model_configs" / f"{name}.json", out / "config.json")
+    tokenizer_source = generate_tiny_moe(tmp / "tokenizer-source", TinyMoEConfig())
+    for item in tokenizer_source.iterdir():
+        if item.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(item, out / item.name)
+    return out
+
+
+async def _long_requests(server: VllmServer, model: str, lengths: list[int]) -> list[tuple[int, dict]]:
+    generator = np.random.default_rng(0)
+    requests = [("/v1/embeddings", {"model": model, "input": generator.integers(3, 500, n).tolist()})
+                for n in lengths]
+    return await send_all(server, requests, concurrency=len(requests))
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_shapes_start_and_answer_32k_token_requests(tmp_path, record, name):
+    model_dir = _dummy_model_dir(tmp_path, name)
+    hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
+    attempts = []
+    for layers in SHAPES[name]:
+        args = [*EMBED, "--dtype", "bfloat16", "--load-format", "dummy", "--max-model-len", "40960",
+                "--max-num-batched-tokens", "32768", "--hf-overrides", json.dumps({"num_hidden_layers": layers}),
+                *asyncep_args(2)]
+        server = VllmServer(model_dir, args, tmp_path / f"{name}-{layers}.log", device="cuda",
+                            env=_server_env(tmp_path, f"{name}-{layers}"))
+        try:
+            server.start().wait_healthy(timeout_s=900)
+        except ServerStartError as exc:
+            attempts.append({"layers": layers, "started": False, "log_tail": str(exc)[-1500:]})
+            server.stop()
+            continue
+        try:
+            answers = asyncio.run(_long_requests(server, str(model_dir), [32000, 32000, 128]))
+            log = server.log_path.read_text(errors="replace")
+        finally:
+            server.stop()
+        ok = all(status == 200 for status, _ in answers)
+        dims = [len(a["data"][0]["embedding"]) for status, a in answers if status == 200]
+        finite = all(np.isfinite(a["data"][0]["embedding"]).all() for status, a in answers if status == 200)
+        record.shapes[name] = {"layers": layers, "attempts": attempts, "answered_32k": ok and finite,
+                               "embedding_dims": dims, "gather_buffers": _gather_buffer_lines(log),
+                               "cudagraphs_captured": "Graph capturing finished" in log}
+        assert ok, f"{name} ({layers} layers): {[s for s, _ in answers]}\n{server.log_tail(40)}"
+        assert dims == [hidden] * 3 and finite
+        assert record.shapes[name]["gather_buffers"], "no AsyncEP start-up line in the log"
+        return
+    record.shapes[name] = {"attempts": attempts, "answered_32k": False}
+    pytest.fail(f"{name} did not start with any of {SHAPES[name]} layers:\n{attempts[-1]['log_tail']}")

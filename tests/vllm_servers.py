@@ -1,0 +1,78 @@
+"""Requests and helpers shared by the vLLM server tests (CPU: fp32; GPU: bf16, CUDA graphs)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import httpx
+
+from vllm_zeroprefill.server import VllmServer
+
+EMBED = ["--runner", "pooling", "--convert", "embed"]
+# One logit per input: a cross-encoder, so /score and /rerank are served too.
+CLASSIFY = ["--runner", "pooling", "--convert", "classify", "--hf-overrides", '{"num_labels": 1}']
+
+TEXTS = [
+    "Mixture-of-experts models route every token to a few experts.",
+    "Paris is the capital of France.",
+    "a",
+    "Rerank these documents by how well they answer the question. " * 6,
+    "0123456789 + - * / = ( ) [ ] { } < > , . ; : ! ?",
+]
+
+
+def add_classifier_head(model_dir, hidden_size: int) -> None:
+    """A trained-looking ``score`` head: without one vLLM's classify conversion leaves it unset."""
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn((1, hidden_size), generator=generator) / hidden_size**0.5
+    save_file({"score.weight": weight}, str(model_dir / "score.safetensors"))
+
+
+def post(server: VllmServer, path: str, body: dict) -> dict:
+    response = httpx.post(server.url + path, json=body, timeout=120)
+    assert response.status_code == 200, f"{path}: {response.status_code} {response.text[:500]}"
+    return response.json()
+
+
+def mixed_requests(model: str, count: int, seed: int = 0) -> list[tuple[str, dict]]:
+    """Embeddings of varied lengths (many sharing long prefixes), scores and pooling calls."""
+    rng = random.Random(seed)
+    prefixes = [" ".join(rng.choice(TEXTS[:2] + TEXTS[3:4]).split()[: rng.randint(4, 40)]) for _ in range(6)]
+    requests = []
+    for i in range(count):
+        words = " ".join(rng.choice(TEXTS).split()[: rng.randint(1, 12)])
+        text = f"{rng.choice(prefixes)} {words} #{i}" if rng.random() < 0.5 else f"{words} #{i}"
+        kind = rng.random()
+        if kind < 0.7:
+            requests.append(("/v1/embeddings", {"model": model, "input": text}))
+        elif kind < 0.85:
+            requests.append(("/score", {"model": model, "text_1": text, "text_2": [rng.choice(TEXTS), words]}))
+        else:
+            requests.append(("/pooling", {"model": model, "input": [text, words]}))
+    return requests
+
+
+def values(path: str, answer: dict) -> list:
+    if path == "/v1/embeddings":
+        return [d["embedding"] for d in answer["data"]]
+    if path == "/score":
+        return [d["score"] for d in answer["data"]]
+    return [d["data"] for d in answer["data"]]
+
+
+async def send_all(server: VllmServer, requests, concurrency: int) -> list[tuple[int, dict]]:
+    limit = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+
+        async def send(path, body):
+            async with limit:
+                response = await client.post(path, json=body)
+                return response.status_code, response.json()
+
+        return await asyncio.gather(*(send(path, body) for path, body in requests))
+
+
