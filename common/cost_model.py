@@ -14,7 +14,7 @@ attends causally to ``i + 1`` keys (cached ones included). Per transformer layer
     dense MLP              2 * N * 3 * hidden * ffn                           (dense layers)
 
 and once per request ``head = 2 * hidden * vocab * head_tokens`` (LM head on the scored
-positions; 0 for pooling). Embedding lookups, norms, biases, softmax and activations are not
+positions; :func:`lm_head_tokens` decides how many, for every caller). Embedding lookups, norms, biases, softmax and activations are not
 matmuls and are not counted (they are < 0.1% of the total). ``flops_per_query_key_pair`` is
 ``2 * heads * (qk_head_dim + v_head_dim)``: ``q·k`` and ``p·v`` over all heads.
 
@@ -192,8 +192,8 @@ def request_flops(
     Args:
         prompt_tokens: ``L``, the whole prompt.
         cached_tokens: ``P``, the prompt prefix already in the prefix cache (``0 <= P <= L``).
-        head_tokens: positions that go through the LM head (1 for last-token scoring,
-            0 for embeddings/pooling that read hidden states).
+        head_tokens: positions that go through the LM head (:func:`lm_head_tokens`: 1 for
+            a generate request, 0 for pooling ones, which read hidden states).
     """
     _check_counts(prompt_tokens, cached_tokens)
     if head_tokens < 0:
@@ -209,6 +209,49 @@ def attention_flops(spec: MoEModelSpec, new_tokens: int, cached_tokens: int = 0)
     """Score and value FLOPs of causal attention over all layers (the quadratic term)."""
     pairs = causal_query_key_pairs(new_tokens, cached_tokens)
     return spec.attention.flops_per_query_key_pair * spec.num_layers * pairs
+
+
+#: Engine runners, as vLLM names them: ``generate`` answers from next-token logits (the LM
+#: head), ``pooling`` from hidden states (a pooler, or a classifier head of a few rows).
+RUNNERS = ("generate", "pooling")
+#: Prefill-only HTTP endpoints of vLLM and SGLang (each with or without ``/v1``) by the runner
+#: that answers them. SGLang's ``/v1/score`` reads label-token probabilities from next-token
+#: logits, one LM-head position per item; it is counted as the pooling endpoint vLLM's is
+#: (the gateway does not know the engine when it costs a request; one position is < 0.1% of
+#: a prompt's FLOPs).
+ENDPOINT_RUNNERS = {
+    "embeddings": "pooling",
+    "pooling": "pooling",
+    "encode": "pooling",
+    "classify": "pooling",
+    "score": "pooling",
+    "rerank": "pooling",
+}
+
+
+def endpoint_runner(path: str) -> str:
+    """The runner that answers ``path``; ``/v1/x`` and ``/x`` are the same endpoint."""
+    name = path.removeprefix("/v1/").lstrip("/")
+    if name not in ENDPOINT_RUNNERS:
+        raise ValueError(
+            f"no prefill-only endpoint {path!r}; known: {', '.join(sorted(ENDPOINT_RUNNERS))} "
+            "(each also under /v1)"
+        )
+    return ENDPOINT_RUNNERS[name]
+
+
+def lm_head_tokens(runner: str) -> int:
+    """Prompt positions that go through the vocabulary-sized LM head, by the serving runner.
+
+    The one decision of ``head_tokens`` for the router, the vLLM scheduler and the SGLang
+    balancer: a ``generate`` request computes next-token logits at its last position (1); a
+    ``pooling`` request (embeddings, pooling, classify, score, rerank) reads hidden states
+    through a pooler or a classifier head of a few rows, never the LM head (0: like norms and
+    biases, the classifier head is not counted).
+    """
+    if runner not in RUNNERS:
+        raise ValueError(f"unknown runner {runner!r}; choose one of {', '.join(RUNNERS)}")
+    return 1 if runner == "generate" else 0
 
 
 def head_flops(spec: MoEModelSpec, head_tokens: int) -> int:

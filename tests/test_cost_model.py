@@ -7,9 +7,12 @@ from pathlib import Path
 import pytest
 
 from zeroprefill.common.cost_model import (
+    ENDPOINT_RUNNERS,
     causal_query_key_pairs,
+    endpoint_runner,
     layer_flops,
     layer_flops_at_context,
+    lm_head_tokens,
     request_flops,
     request_flops_breakdown,
 )
@@ -134,3 +137,16 @@ def test_bad_counts_raise(q30):
         request_flops(q30, 10, 11)
     with pytest.raises(ValueError, match="context_tokens"):
         layer_flops_at_context(q30, 0, 10, 0)
+
+
+def test_lm_head_is_charged_by_the_runner_and_an_endpoint_with_or_without_v1_agrees():
+    assert lm_head_tokens("generate") == 1  # next-token logits at the last position
+    assert lm_head_tokens("pooling") == 0  # a pooler or classifier head reads hidden states
+    for name in ENDPOINT_RUNNERS:
+        assert endpoint_runner(f"/{name}") == endpoint_runner(f"/v1/{name}")
+    assert lm_head_tokens(endpoint_runner("/classify")) == lm_head_tokens(endpoint_runner("/v1/classify")) == 0
+    assert {endpoint_runner(p) for p in ("/v1/embeddings", "/pooling", "/score", "/v1/rerank")} == {"pooling"}
+    with pytest.raises(ValueError, match="unknown runner 'draft'"):
+        lm_head_tokens("draft")
+    with pytest.raises(ValueError, match="no prefill-only endpoint '/v1/completions'"):
+        endpoint_runner("/v1/completions")

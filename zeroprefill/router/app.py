@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from zeroprefill.common.cost_model import endpoint_runner, lm_head_tokens
 from zeroprefill.common.model_spec import MoEModelSpec
 from zeroprefill.common.prefix_index import block_hashes
 from zeroprefill.common.router_policy import Placement, PromptShape, RoutedRequest, RouterPolicy
@@ -36,7 +37,6 @@ from zeroprefill.router.backends import Backend, BackendPool
 from zeroprefill.router.kv_events import KVEventFeed, KVEventIndexer
 from zeroprefill.router.metrics import RouterMetrics
 from zeroprefill.router.prompts import (
-    EMBEDDING_LIKE_PATHS,
     ROUTED_PATHS,
     BadRequest,
     PromptTokenizer,
@@ -211,7 +211,7 @@ class RouterApp:
             raise _UnknownModel(f"The model `{model}` does not exist; served: {sorted(known)}")
         prompts = request_prompts(path, payload, self.config.tokenizer)
         truncate = payload.get("truncate_prompt_tokens")
-        head_tokens = 0 if path in EMBEDDING_LIKE_PATHS and path != "/classify" else 1
+        head_tokens = lm_head_tokens(endpoint_runner(path))
         shapes = []
         for ids in prompts:
             if isinstance(truncate, int) and 0 < truncate < len(ids):
