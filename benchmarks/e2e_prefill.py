@@ -276,7 +276,7 @@ def _gpu_kind(gpu_name: str) -> str | None:
 def thresholds(raw: dict) -> dict[str, dict]:
     """Predicted saturation threshold (tokens/GPU) per model, dtype, context and transport."""
     from zeroprefill.common.hardware import HardwareProfileError, shipped_profile
-    from zeroprefill.common.planner import saturation_threshold_tokens
+    from zeroprefill.common.planner import Deployment, saturation_threshold_tokens
 
     meta = raw["meta"]
     kind = _gpu_kind(meta["gpu"])
@@ -295,7 +295,7 @@ def thresholds(raw: dict) -> dict[str, dict]:
                                                           f"x{meta['world_size']} or no NCCL/copy-engine AsyncEP run"}
             continue
         spec, _ = load_model(r["model"])
-        per_transport = {tr: saturation_threshold_tokens(spec, profile, meta["world_size"], r["context"], r["dtype"], tr)
+        per_transport = {tr: saturation_threshold_tokens(Deployment(spec, profile, meta["world_size"], r["dtype"], tr), r["context"])
                          for tr in transports}
         out[key] = {"tokens_per_gpu": max(per_transport.values()), "per_transport": per_transport,
                     "source": f"zeroprefill.common.planner.saturation_threshold_tokens, shipped profile "

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from zeroprefill.common.hardware import load_profile, shipped_profile
 from zeroprefill.common.model_spec import MoEModelSpec
-from zeroprefill.common.planner import saturation_threshold_tokens
+from zeroprefill.common.planner import Deployment, saturation_threshold_tokens
 
 CONFIGS = Path(__file__).resolve().parent.parent / "common" / "model_configs"
 
@@ -86,7 +86,7 @@ def validate(e2e: dict, profile_arg: str | None, exposed_target: float) -> dict:
         if not config.is_file():
             raise SystemExit(f"no shipped config for model {model!r} in common/model_configs/")
         spec = MoEModelSpec.from_pretrained(config)
-        predicted = saturation_threshold_tokens(spec, profile, num_gpus, context, dtype, transport)
+        predicted = saturation_threshold_tokens(Deployment(spec, profile, num_gpus, dtype, transport), context)
         knee = measured_knee(pts, exposed_target)
         error = abs(predicted - knee) / knee if knee else None
         rows.append({

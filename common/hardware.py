@@ -226,6 +226,12 @@ def shipped_profile_names() -> list[str]:
     return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
 
 
+def shipped_gpu_for(device_name: str) -> str | None:
+    """The shipped GPU kind of a CUDA device name (``"NVIDIA H200"`` -> ``"h200"``), else None."""
+    name = device_name.lower()
+    return next((gpu for gpu in SHIPPED_GPUS if gpu in name), None)
+
+
 def shipped_profile(gpu: str, num_gpus: int) -> HardwareProfile:
     """The shipped profile for ``gpu`` (``"h100"``/``"h200"``) in a group of ``num_gpus``."""
     gpu = gpu.lower()

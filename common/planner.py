@@ -1,23 +1,30 @@
 """Saturation threshold, memory plan and predicted step time of MoE prefill layouts.
 
-API (all per GPU unless the name says otherwise; ``spec`` a ``MoEModelSpec``, ``profile`` a
-``HardwareProfile`` from :mod:`zeroprefill.common.hardware`):
+Every answer is about a :class:`Deployment`: the model (``spec``, a ``MoEModelSpec``), the
+hardware (``profile``, a ``HardwareProfile`` from :mod:`zeroprefill.common.hardware`), the
+AsyncEP group (``num_gpus`` GPUs over ``nodes`` nodes), the weight format, the AllGather
+transport, the prefetch depth and the share of GPU memory to plan for. Whoever knows the
+deployment builds it once (``zeroprefill plan``, the router, the engine plugins) and passes it
+down. API (all per GPU unless the name says otherwise):
 
-- ``gather_time_s(spec, profile, num_gpus, dtype, transport="nccl", nodes=1)``: time to
-  AllGather one MoE layer's experts, ``t_g = shard_bytes * (N - 1) / bus_bw``.
-- ``saturation_threshold_flops(spec, profile, num_gpus, dtype, transport="nccl", nodes=1)``:
-  true FLOPs of ONE transformer layer a GPU must run to hide one layer's gather,
-  ``F* = t_g * R_eff``.
-- ``saturation_threshold_tokens(spec, profile, num_gpus, context_tokens, dtype, ...)``:
-  the same threshold as a token batch of ``context_tokens``-long prompts.
-- ``forward_flops_at_threshold(spec, profile, num_gpus, context_tokens, dtype, ...)``: the
-  whole forward's true FLOPs (all layers, no head) of that batch: the router's per-replica
-  bound is ``num_gpus`` times this (times a small factor), in units of ``request_flops``.
-- ``step_flops_budget(spec, profile, num_gpus, context_tokens, dtype, headroom=1.1, ...)``:
-  the engine scheduler's per-step, per-GPU true-FLOPs budget: saturated plus ``headroom``.
-- ``memory_plan(spec, profile, layout, num_gpus, dtype, tokens_per_gpu, context_tokens, ...)``
-  -> :class:`MemoryPlan`; ``predict_step(...)`` -> :class:`StepPrediction`;
-  ``make_plan(...)`` -> :class:`Plan` (what ``zeroprefill plan`` prints; ``.to_dict()``).
+- ``resolve_transport(transport, nodes)``: ``"auto"`` as the runtime resolves it on GPUs (the
+  copy engine inside a node); a :class:`Deployment` resolves its transport with it.
+- ``gather_time_s(deployment)``: time to AllGather one MoE layer's experts,
+  ``t_g = shard_bytes * (N - 1) / bus_bw``.
+- ``saturation_threshold_flops(deployment)``: true FLOPs of ONE transformer layer a GPU must
+  run to hide one layer's gather, ``F* = t_g * R_eff``.
+- ``saturation_threshold_tokens(deployment, context_tokens)``: the same threshold as a token
+  batch of ``context_tokens``-long prompts.
+- ``forward_flops_at_threshold(deployment, context_tokens)``: the whole forward's true FLOPs
+  (all layers, no head) of that batch, in units of ``request_flops``.
+- ``step_flops_budget(deployment, context_tokens, headroom)``: THE per-step, per-GPU
+  true-FLOPs budget: the threshold forward times ``headroom``. The vLLM scheduler fills each
+  step to it; at ``headroom=1`` it is the SGLang balancer's per-rank saturation threshold and,
+  times the GPUs of a replica, the router's per-replica one.
+- ``memory_plan(deployment, layout, tokens_per_gpu, context_tokens)`` -> :class:`MemoryPlan`;
+  ``predict_step(deployment, layout, tokens_per_gpu, context_tokens)`` ->
+  :class:`StepPrediction`; ``make_plan(deployment, context_tokens, deploy_nodes)`` ->
+  :class:`Plan` (what ``zeroprefill plan`` prints; ``.to_dict()``).
 
 What overlaps what (AsyncEP, ``d`` = prefetch depth, ``d + 1`` gather buffers). The gather of
 MoE layer ``l + 1`` runs on a side stream while the compute stream runs layer ``l``'s MoE and
@@ -45,7 +52,7 @@ measured interference beyond the GEMM slowdown (DESIGN.md, section 4) is not mod
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from zeroprefill.common.cost_model import (
@@ -53,7 +60,7 @@ from zeroprefill.common.cost_model import (
     layer_flops_at_context,
     layer_matmul_params,
 )
-from zeroprefill.common.hardware import HardwareProfile, HardwareProfileError
+from zeroprefill.common.hardware import TRANSPORTS, HardwareProfile, HardwareProfileError, shipped_profile
 from zeroprefill.common.model_spec import BYTES_PER_ELEMENT, FP8_WEIGHT_BLOCK, MoEModelSpec
 
 #: Parallel layouts the planner compares.
@@ -61,6 +68,10 @@ LAYOUTS = ("asyncep", "alltoall_ep", "tp")
 LAYOUT_TITLES = {"asyncep": "AsyncEP", "alltoall_ep": "AllToAll-EP", "tp": "TP"}
 #: Weight formats the planner plans for (compute runs in the same format).
 PLAN_DTYPES = ("bf16", "fp8")
+#: The runtime's default transport (``make_transport("auto", ...)``); :func:`resolve_transport`.
+AUTO_TRANSPORT = "auto"
+#: Transports a deployment may name: ``auto`` or one the hardware profiles measure.
+PLAN_TRANSPORTS = (AUTO_TRANSPORT, *TRANSPORTS)
 #: Activations and KV cache stay bf16 whatever the weight format.
 ACTIVATION_BYTES = 2
 #: Resident activation tensors per token outside attention and experts: residual stream,
@@ -69,10 +80,86 @@ RESIDUAL_COPIES = 4
 #: Fraction of GPU memory a plan may use (vLLM's ``gpu_memory_utilization`` default); the rest
 #: is CUDA context, NCCL and cuBLAS workspaces and allocator slack.
 DEFAULT_MEMORY_UTILIZATION = 0.9
+#: Prompt length a threshold is computed at when the caller knows no typical one (the router's
+#: ``--context-tokens``, the engine plugins' budgets). The threshold forward in FLOPs barely
+#: depends on it: every MoE layer of it runs ``F*``.
+DEFAULT_CONTEXT_TOKENS = 2048
+#: A scheduler's step budget over the threshold forward: a step a little past saturation.
+DEFAULT_STEP_HEADROOM = 1.1
 
 
 class PlanError(ValueError):
     """A plan cannot be made from these inputs; the message names the bad value."""
+
+
+def resolve_transport(transport: str, nodes: int = 1) -> str:
+    """The AllGather transport a GPU deployment runs: ``"auto"`` resolved as the runtime does.
+
+    ``make_transport("auto", ...)`` (:mod:`zeroprefill.common.transport`) takes the copy engine
+    on CUDA when torch has symmetric memory, which every torch this package supports (>= 2.6)
+    has. The copy engine reads peer memory inside one node, so a group spanning nodes gathers
+    over NCCL. A named transport is returned unchanged.
+    """
+    if transport not in PLAN_TRANSPORTS:
+        raise PlanError(
+            f"unknown transport {transport!r} (--transport); choose one of {', '.join(PLAN_TRANSPORTS)}"
+        )
+    if transport != AUTO_TRANSPORT:
+        return transport
+    return "copy_engine" if nodes == 1 else "nccl"
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One AsyncEP group and every knob the planner's answers depend on.
+
+    ``num_gpus`` GPUs, one rank each, over ``nodes`` nodes (``num_gpus / nodes`` in each).
+    ``transport`` may be ``"auto"``: it is resolved on construction
+    (:func:`resolve_transport`), so ``deployment.transport`` is the one that gathers. Bad
+    values raise :class:`PlanError` naming the ``zeroprefill plan`` flag to change.
+    """
+
+    spec: MoEModelSpec
+    profile: HardwareProfile
+    num_gpus: int
+    dtype: str = "bf16"
+    transport: str = AUTO_TRANSPORT
+    nodes: int = 1
+    prefetch_depth: int = 1
+    memory_utilization: float = DEFAULT_MEMORY_UTILIZATION
+
+    def __post_init__(self) -> None:
+        _check_dtype(self.dtype)
+        _check_group(self.num_gpus, self.nodes)
+        if self.prefetch_depth < 1:
+            raise PlanError(f"--prefetch-depth must be >= 1, got {self.prefetch_depth}")
+        if not 0.0 < self.memory_utilization <= 1.0:
+            raise PlanError(f"--memory-utilization must be in (0, 1], got {self.memory_utilization}")
+        transport = resolve_transport(self.transport, self.nodes)
+        if self.nodes > 1 and transport == "copy_engine":
+            raise PlanError(
+                "the copy_engine transport reads peer GPU memory inside one node; use nccl across nodes"
+            )
+        object.__setattr__(self, "transport", transport)
+
+    @classmethod
+    def on_shipped_gpu(
+        cls,
+        spec: MoEModelSpec,
+        gpu: str,
+        num_gpus: int,
+        dtype: str = "bf16",
+        transport: str = AUTO_TRANSPORT,
+        nodes: int = 1,
+    ) -> Deployment:
+        """A group of ``num_gpus`` ``gpu`` GPUs (``"h200"``, ...) on the shipped profile of
+        ``num_gpus / nodes`` of them (raises ``HardwareProfileError`` where none is shipped)."""
+        _check_group(num_gpus, nodes)
+        return cls(spec, shipped_profile(gpu, num_gpus // nodes), num_gpus, dtype, transport, nodes)
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.num_gpus // self.nodes
 
 
 # -- gather and threshold ------------------------------------------------------------------
@@ -87,80 +174,54 @@ def shard_capacity(spec: MoEModelSpec, num_gpus: int) -> int:
     return -(-spec.num_experts // num_gpus)
 
 
-def gather_message_bytes(spec: MoEModelSpec, num_gpus: int, dtype: str) -> int:
+def gather_message_bytes(deployment: Deployment) -> int:
     """Bytes each rank contributes to one layer's AllGather: its padded expert shard."""
-    return shard_capacity(spec, num_gpus) * expert_bytes(spec, dtype)
+    spec = deployment.spec
+    return shard_capacity(spec, deployment.num_gpus) * expert_bytes(spec, deployment.dtype)
 
 
-def gather_bus_gbps(
-    spec: MoEModelSpec,
-    profile: HardwareProfile,
-    num_gpus: int,
-    dtype: str,
-    transport: str = "nccl",
-    nodes: int = 1,
-) -> float:
-    """AllGather bus bandwidth of one layer's gather over ``num_gpus`` GPUs on ``nodes`` nodes.
+def gather_bus_gbps(deployment: Deployment) -> float:
+    """AllGather bus bandwidth of one layer's gather over the deployment's GPUs and nodes.
 
     Across nodes a ring AllGather sends, per step, one shard out of each node, spread over the
     node's NICs, so its bus bandwidth is capped by the network bandwidth of the node's share
     of GPUs: ``min(intra-node bus bw, internode_gbps_per_node * gpus_in_node / gpus_per_node)``.
     """
-    _check_group(num_gpus, nodes)
-    if nodes > 1 and transport == "copy_engine":
-        raise PlanError(
-            "the copy_engine transport reads peer GPU memory inside one node; use nccl across nodes"
-        )
-    intra = profile.gather(transport).bus_gbps(gather_message_bytes(spec, num_gpus, dtype))
-    if nodes == 1:
+    profile = deployment.profile
+    intra = profile.gather(deployment.transport).bus_gbps(gather_message_bytes(deployment))
+    if deployment.nodes == 1:
         return intra
-    gpus_in_node = num_gpus // nodes
-    share = min(1.0, gpus_in_node / profile.gpus_per_node)
+    share = min(1.0, deployment.gpus_per_node / profile.gpus_per_node)
     return min(intra, profile.internode_gbps_per_node.value * share)
 
 
-def gather_time_s(
-    spec: MoEModelSpec,
-    profile: HardwareProfile,
-    num_gpus: int,
-    dtype: str = "bf16",
-    transport: str = "nccl",
-    nodes: int = 1,
-) -> float:
+def gather_time_s(deployment: Deployment) -> float:
     """``t_g = shard_bytes * (N - 1) / bus_bw``: one MoE layer's expert AllGather (0 for N=1)."""
-    _check_group(num_gpus, nodes)
-    if num_gpus == 1:
+    n = deployment.num_gpus
+    if n == 1:
         return 0.0
-    bus_gbps = gather_bus_gbps(spec, profile, num_gpus, dtype, transport, nodes)
-    return gather_message_bytes(spec, num_gpus, dtype) * (num_gpus - 1) / (bus_gbps * 1e9)
+    return gather_message_bytes(deployment) * (n - 1) / (gather_bus_gbps(deployment) * 1e9)
 
 
-def saturation_threshold_flops(
-    spec: MoEModelSpec,
-    profile: HardwareProfile,
-    num_gpus: int,
-    dtype: str = "bf16",
-    transport: str = "nccl",
-    nodes: int = 1,
-) -> float:
+def effective_tflops(deployment: Deployment) -> float:
+    """``R_eff``: the GEMM rate while the deployment's gather runs; ``R`` on one GPU (no gather)."""
+    dtype = deployment.dtype
+    if deployment.num_gpus == 1:
+        return deployment.profile.compute_tflops(dtype)
+    return deployment.profile.effective_tflops(dtype, deployment.transport)
+
+
+def saturation_threshold_flops(deployment: Deployment) -> float:
     """``F* = t_g * R_eff``: one transformer layer's true FLOPs per GPU that hide one gather."""
-    if num_gpus == 1:
+    if deployment.num_gpus == 1:
         return 0.0
-    t_g = gather_time_s(spec, profile, num_gpus, dtype, transport, nodes)
-    return t_g * profile.effective_tflops(dtype, transport) * 1e12
+    return gather_time_s(deployment) * effective_tflops(deployment) * 1e12
 
 
-def saturation_threshold_tokens(
-    spec: MoEModelSpec,
-    profile: HardwareProfile,
-    num_gpus: int,
-    context_tokens: int,
-    dtype: str = "bf16",
-    transport: str = "nccl",
-    nodes: int = 1,
-) -> int:
+def saturation_threshold_tokens(deployment: Deployment, context_tokens: int) -> int:
     """Smallest per-GPU batch (tokens of ``context_tokens``-long prompts) reaching ``F*``."""
-    threshold = saturation_threshold_flops(spec, profile, num_gpus, dtype, transport, nodes)
+    spec = deployment.spec
+    threshold = saturation_threshold_flops(deployment)
     layer = _representative_moe_layer(spec)
     per_token = layer_flops_at_context(spec, layer, 2, context_tokens).total / 2
     tokens = max(0, math.ceil(threshold / per_token) - 1)
@@ -169,39 +230,24 @@ def saturation_threshold_tokens(
     return tokens
 
 
-def forward_flops_at_threshold(
-    spec: MoEModelSpec,
-    profile: HardwareProfile,
-    num_gpus: int,
-    context_tokens: int,
-    dtype: str = "bf16",
-    transport: str = "nccl",
-    nodes: int = 1,
-) -> int:
+def forward_flops_at_threshold(deployment: Deployment, context_tokens: int) -> int:
     """True FLOPs of a whole forward (all layers, no head) of the threshold batch, per GPU."""
-    tokens = saturation_threshold_tokens(
-        spec, profile, num_gpus, context_tokens, dtype, transport, nodes
-    )
-    return _forward_flops(spec, tokens, context_tokens)
+    tokens = saturation_threshold_tokens(deployment, context_tokens)
+    return _forward_flops(deployment.spec, tokens, context_tokens)
 
 
 def step_flops_budget(
-    spec: MoEModelSpec,
-    profile: HardwareProfile,
-    num_gpus: int,
-    context_tokens: int,
-    dtype: str = "bf16",
-    headroom: float = 1.1,
-    transport: str = "nccl",
-    nodes: int = 1,
+    deployment: Deployment, context_tokens: int, headroom: float = DEFAULT_STEP_HEADROOM
 ) -> float:
-    """Per-step, per-GPU true-FLOPs budget for an engine scheduler: saturated, plus headroom."""
+    """Per-step, per-GPU true-FLOPs budget: the threshold forward times ``headroom`` (>= 1).
+
+    0 on one GPU (nothing is gathered, nothing to hide). The one budget every consumer uses:
+    the vLLM scheduler (default headroom), the SGLang balancer per rank and the router per
+    replica (``num_gpus`` times it), both at ``headroom=1``: the saturation threshold itself.
+    """
     if headroom < 1.0:
         raise PlanError(f"headroom must be >= 1.0 (below it the gather is exposed), got {headroom}")
-    flops = forward_flops_at_threshold(
-        spec, profile, num_gpus, context_tokens, dtype, transport, nodes
-    )
-    return flops * headroom
+    return forward_flops_at_threshold(deployment, context_tokens) * headroom
 
 
 # -- memory --------------------------------------------------------------------------------
@@ -288,15 +334,7 @@ def activation_bytes_per_token(spec: MoEModelSpec, layout: str, num_gpus: int) -
 
 
 def memory_plan(
-    spec: MoEModelSpec,
-    profile: HardwareProfile,
-    layout: str,
-    num_gpus: int,
-    dtype: str,
-    tokens_per_gpu: int,
-    context_tokens: int,
-    prefetch_depth: int = 1,
-    memory_utilization: float = DEFAULT_MEMORY_UTILIZATION,
+    deployment: Deployment, layout: str, tokens_per_gpu: int, context_tokens: int
 ) -> MemoryPlan:
     """Memory per GPU of ``layout`` with ``tokens_per_gpu`` in flight per GPU.
 
@@ -307,18 +345,14 @@ def memory_plan(
     its earlier chunks' keys stay).
     """
     _check_layout(layout)
-    _check_dtype(dtype)
-    if prefetch_depth < 1:
-        raise PlanError(f"prefetch_depth must be >= 1, got {prefetch_depth}")
-    if not 0.0 < memory_utilization <= 1.0:
-        raise PlanError(f"memory_utilization must be in (0, 1], got {memory_utilization}")
+    spec, num_gpus, dtype = deployment.spec, deployment.num_gpus, deployment.dtype
     layer_expert_bytes = shard_capacity(spec, num_gpus) * expert_bytes(spec, dtype)
     dense = dense_weight_bytes(spec, dtype)
     experts = spec.num_moe_layers * layer_expert_bytes
     buffers = 0
     tokens = tokens_per_gpu
     if layout == "asyncep" and num_gpus > 1:
-        buffers = (prefetch_depth + 1) * num_gpus * layer_expert_bytes
+        buffers = (deployment.prefetch_depth + 1) * num_gpus * layer_expert_bytes
     if layout == "tp":
         dense = -(-dense // num_gpus)
         experts = -(-spec.num_moe_layers * spec.expert_bytes_per_layer(dtype) // num_gpus)
@@ -335,7 +369,7 @@ def memory_plan(
         gather_buffer_bytes=buffers,
         activation_bytes=tokens * activation_bytes_per_token(spec, layout, num_gpus),
         kv_cache_bytes=kv_tokens * kv_bytes_per_token(spec, layout, num_gpus),
-        budget_bytes=int(profile.gpu_memory_bytes.value * memory_utilization),
+        budget_bytes=int(deployment.profile.gpu_memory_bytes.value * deployment.memory_utilization),
     )
 
 
@@ -363,15 +397,7 @@ class StepPrediction:
 
 
 def predict_step(
-    spec: MoEModelSpec,
-    profile: HardwareProfile,
-    layout: str,
-    num_gpus: int,
-    dtype: str,
-    tokens_per_gpu: int,
-    context_tokens: int,
-    transport: str = "nccl",
-    nodes: int = 1,
+    deployment: Deployment, layout: str, tokens_per_gpu: int, context_tokens: int
 ) -> StepPrediction:
     """Forward time of ``layout`` with ``tokens_per_gpu`` tokens of ``C``-token prompts per GPU.
 
@@ -384,12 +410,12 @@ def predict_step(
     its weights to stream from HBM. No LM head.
     """
     _check_layout(layout)
-    _check_group(num_gpus, nodes)
+    spec, profile, dtype = deployment.spec, deployment.profile, deployment.dtype
     rate = profile.compute_tflops(dtype) * 1e12
     hbm = profile.hbm_gbps.value * 1e9
-    n, t = num_gpus, tokens_per_gpu
-    t_g = gather_time_s(spec, profile, n, dtype, transport, nodes) if layout == "asyncep" else 0.0
-    r_eff = profile.effective_tflops(dtype, transport) * 1e12 if t_g else rate
+    n, t = deployment.num_gpus, tokens_per_gpu
+    t_g = gather_time_s(deployment) if layout == "asyncep" else 0.0
+    r_eff = effective_tflops(deployment) * 1e12 if t_g else rate
     attention_bytes = attention_matmul_params(spec.attention, spec.hidden_size) * _weight_bytes(dtype)
     flops_total = 0
     step = 0.0
@@ -530,166 +556,121 @@ class Plan:
 
 
 def make_plan(
-    spec: MoEModelSpec,
-    profile: HardwareProfile,
-    num_gpus: int,
-    dtype: str = "bf16",
+    deployment: Deployment,
     context_tokens: tuple[int, ...] = (512, 4096, 32768),
-    prefetch_depth: int = 1,
-    transport: str = "nccl",
-    nodes: int = 1,
-    memory_utilization: float = DEFAULT_MEMORY_UTILIZATION,
+    deploy_nodes: int = 1,
     model_name: str = "model",
 ) -> Plan:
-    """Threshold, memory and step predictions of every layout for ``num_gpus`` GPUs of a node.
+    """Threshold, memory and step predictions of every layout for a group inside one node.
 
-    With ``nodes > 1`` the plan adds :class:`MultiNodePlan`: one AsyncEP group spanning all
-    ``nodes * num_gpus`` GPUs vs ``nodes`` in-node groups behind the router.
+    With ``deploy_nodes > 1`` the plan adds :class:`MultiNodePlan`: one AsyncEP group spanning
+    all ``deploy_nodes * num_gpus`` GPUs vs ``deploy_nodes`` in-node groups behind the router.
     """
-    _check_dtype(dtype)
-    if num_gpus < 1:
-        raise PlanError(f"num_gpus must be >= 1, got {num_gpus}")
-    if num_gpus > profile.gpus_per_node:
+    d = deployment
+    profile = d.profile
+    if d.nodes != 1:
         raise PlanError(
-            f"num_gpus={num_gpus} exceeds the {profile.gpus_per_node} GPUs of a node in profile "
+            f"make_plan plans a group inside one node, got one spanning {d.nodes} nodes; plan "
+            f"--gpus {d.gpus_per_node} --nodes {d.nodes} to compare spanning with one group per node"
+        )
+    if d.num_gpus > profile.gpus_per_node:
+        raise PlanError(
+            f"--gpus {d.num_gpus} exceeds the {profile.gpus_per_node} GPUs of a node in profile "
             f"{profile.name!r}; use --gpus {profile.gpus_per_node} --nodes K for more"
         )
     if not context_tokens or min(context_tokens) < 1:
-        raise PlanError(f"context lengths must be positive, got {list(context_tokens)}")
-    if nodes < 1:
-        raise PlanError(f"nodes must be >= 1, got {nodes}")
-    threshold = saturation_threshold_flops(spec, profile, num_gpus, dtype, transport)
-    contexts = tuple(
-        _context_plan(spec, profile, num_gpus, dtype, c, prefetch_depth, transport, memory_utilization)
-        for c in sorted(set(context_tokens))
-    )
+        raise PlanError(f"--context lengths must be positive, got {list(context_tokens)}")
+    if deploy_nodes < 1:
+        raise PlanError(f"--nodes must be >= 1, got {deploy_nodes}")
+    contexts = tuple(_context_plan(d, c) for c in sorted(set(context_tokens)))
     fits = {layout: all(c.memory[layout].fits for c in contexts) for layout in LAYOUTS}
     worst = max(contexts, key=lambda c: c.operating_tokens)
-    suggestions = () if fits["asyncep"] else _what_would_fit(
-        spec, profile, num_gpus, dtype, worst, prefetch_depth, memory_utilization
-    )
+    suggestions = () if fits["asyncep"] else _what_would_fit(d, worst)
     notes = []
-    if num_gpus > 1 and profile.num_gpus != num_gpus:
+    if d.num_gpus > 1 and profile.num_gpus != d.num_gpus:
         notes.append(
             f"profile {profile.name!r} was measured on {profile.num_gpus} GPU(s); its interconnect "
-            f"numbers are used for {num_gpus}"
+            f"numbers are used for {d.num_gpus}"
         )
     multinode = None
-    if nodes > 1:
-        multinode = _multinode_plan(
-            spec, profile, num_gpus, nodes, dtype, transport, worst, prefetch_depth,
-            memory_utilization, fits["asyncep"],
-        )
+    if deploy_nodes > 1:
+        multinode = _multinode_plan(d, deploy_nodes, worst, fits["asyncep"])
     return Plan(
         model=model_name,
         profile=profile.name,
-        num_gpus=num_gpus,
-        dtype=dtype,
-        transport=transport,
-        prefetch_depth=prefetch_depth,
-        memory_utilization=memory_utilization,
-        layer_expert_bytes=num_gpus * shard_capacity(spec, num_gpus) * expert_bytes(spec, dtype),
-        gather_message_bytes=gather_message_bytes(spec, num_gpus, dtype),
-        gather_bus_gbps=gather_bus_gbps(spec, profile, num_gpus, dtype, transport) if num_gpus > 1 else 0.0,
-        gather_time_s=gather_time_s(spec, profile, num_gpus, dtype, transport),
-        compute_tflops=profile.compute_tflops(dtype),
-        effective_tflops=profile.effective_tflops(dtype, transport) if num_gpus > 1 else profile.compute_tflops(dtype),
-        threshold_flops=threshold,
+        num_gpus=d.num_gpus,
+        dtype=d.dtype,
+        transport=d.transport,
+        prefetch_depth=d.prefetch_depth,
+        memory_utilization=d.memory_utilization,
+        layer_expert_bytes=d.num_gpus * gather_message_bytes(d),
+        gather_message_bytes=gather_message_bytes(d),
+        gather_bus_gbps=gather_bus_gbps(d) if d.num_gpus > 1 else 0.0,
+        gather_time_s=gather_time_s(d),
+        compute_tflops=profile.compute_tflops(d.dtype),
+        effective_tflops=effective_tflops(d),
+        threshold_flops=saturation_threshold_flops(d),
         contexts=contexts,
         fits=fits,
         suggestions=suggestions,
-        recommendation=multinode.recommendation if multinode else _single_node_recommendation(contexts, fits, suggestions),
+        recommendation=multinode.recommendation if multinode else _single_node_recommendation(contexts, fits),
         multinode=multinode,
         notes=tuple(notes),
     )
 
 
-def _context_plan(
-    spec: MoEModelSpec,
-    profile: HardwareProfile,
-    num_gpus: int,
-    dtype: str,
-    context: int,
-    prefetch_depth: int,
-    transport: str,
-    memory_utilization: float,
-) -> ContextPlan:
-    threshold_tokens = saturation_threshold_tokens(spec, profile, num_gpus, context, dtype, transport)
+def _context_plan(deployment: Deployment, context: int) -> ContextPlan:
+    threshold_tokens = saturation_threshold_tokens(deployment, context)
     # Below one prompt nothing needs hiding (single GPU): run one prompt.
     operating = threshold_tokens if threshold_tokens else context
     return ContextPlan(
         context_tokens=context,
         threshold_tokens=threshold_tokens,
         operating_tokens=operating,
-        forward_flops_at_threshold=_forward_flops(spec, threshold_tokens, context),
-        memory={
-            layout: memory_plan(
-                spec, profile, layout, num_gpus, dtype, operating, context, prefetch_depth,
-                memory_utilization,
-            )
-            for layout in LAYOUTS
-        },
-        steps={
-            layout: predict_step(spec, profile, layout, num_gpus, dtype, operating, context, transport)
-            for layout in LAYOUTS
-        },
+        forward_flops_at_threshold=_forward_flops(deployment.spec, threshold_tokens, context),
+        memory={layout: memory_plan(deployment, layout, operating, context) for layout in LAYOUTS},
+        steps={layout: predict_step(deployment, layout, operating, context) for layout in LAYOUTS},
     )
 
 
-def _what_would_fit(
-    spec: MoEModelSpec,
-    profile: HardwareProfile,
-    num_gpus: int,
-    dtype: str,
-    worst: ContextPlan,
-    prefetch_depth: int,
-    memory_utilization: float,
-) -> tuple[str, ...]:
+def _what_would_fit(deployment: Deployment, worst: ContextPlan) -> tuple[str, ...]:
     """Alternatives that fit AsyncEP at the same batch: FP8, more GPUs in the node."""
     options = []
+    num_gpus, dtype = deployment.num_gpus, deployment.dtype
+    gpus_per_node = deployment.profile.gpus_per_node
     candidates = [(num_gpus, "fp8")] if dtype != "fp8" else []
     n = num_gpus * 2
-    while n <= profile.gpus_per_node:
+    while n <= gpus_per_node:
         candidates.append((n, dtype))
         n *= 2
     for n, dt in candidates:
         plan = memory_plan(
-            spec, profile, "asyncep", n, dt, worst.operating_tokens, worst.context_tokens,
-            prefetch_depth, memory_utilization,
+            replace(deployment, num_gpus=n, dtype=dt), "asyncep", worst.operating_tokens,
+            worst.context_tokens,
         )
         if plan.fits:
             flag = f"--dtype {dt}" if n == num_gpus else f"--gpus {n}" + (f" --dtype {dt}" if dt != dtype else "")
             options.append(f"{flag}: {_gb(plan.total_bytes)} of {_gb(plan.budget_bytes)} per GPU")
     if not options:
         options.append(
-            f"nothing in one node of {profile.gpus_per_node} GPUs fits: use --nodes K (AsyncEP "
+            f"nothing in one node of {gpus_per_node} GPUs fits: use --nodes K (AsyncEP "
             f"spanning nodes) or a smaller model"
         )
     return tuple(options)
 
 
 def _multinode_plan(
-    spec: MoEModelSpec,
-    profile: HardwareProfile,
-    num_gpus: int,
-    nodes: int,
-    dtype: str,
-    transport: str,
-    worst: ContextPlan,
-    prefetch_depth: int,
-    memory_utilization: float,
-    in_node_fits: bool,
+    deployment: Deployment, nodes: int, worst: ContextPlan, in_node_fits: bool
 ) -> MultiNodePlan:
+    num_gpus, dtype = deployment.num_gpus, deployment.dtype
     total = num_gpus * nodes
     # Both over NCCL, like with like: the copy engine reaches peers inside a node only.
-    spanning_transport = "nccl"
-    in_node = saturation_threshold_flops(spec, profile, num_gpus, dtype, spanning_transport)
-    spanning = saturation_threshold_flops(spec, profile, total, dtype, spanning_transport, nodes)
-    span_memory = memory_plan(
-        spec, profile, "asyncep", total, dtype, worst.operating_tokens, worst.context_tokens,
-        prefetch_depth, memory_utilization,
-    )
-    ratio = spanning / in_node if in_node else math.inf
+    in_node = replace(deployment, transport="nccl")
+    spanning = replace(deployment, num_gpus=total, nodes=nodes, transport="nccl")
+    in_node_threshold = saturation_threshold_flops(in_node)
+    spanning_threshold = saturation_threshold_flops(spanning)
+    span_memory = memory_plan(spanning, "asyncep", worst.operating_tokens, worst.context_tokens)
+    ratio = spanning_threshold / in_node_threshold if in_node_threshold else math.inf
     if in_node_fits:
         recommendation = (
             f"deploy AsyncEP over {num_gpus} GPUs inside each node and {nodes} replicas behind the "
@@ -710,23 +691,22 @@ def _multinode_plan(
     return MultiNodePlan(
         nodes=nodes,
         gpus_per_group_in_node=num_gpus,
-        spanning_bus_gbps=gather_bus_gbps(spec, profile, total, dtype, spanning_transport, nodes),
-        spanning_gather_time_s=gather_time_s(spec, profile, total, dtype, spanning_transport, nodes),
-        spanning_threshold_flops=spanning,
+        spanning_bus_gbps=gather_bus_gbps(spanning),
+        spanning_gather_time_s=gather_time_s(spanning),
+        spanning_threshold_flops=spanning_threshold,
         spanning_fits=span_memory.fits,
         spanning_memory_bytes=span_memory.total_bytes,
-        in_node_threshold_flops=in_node,
+        in_node_threshold_flops=in_node_threshold,
         in_node_fits=in_node_fits,
         recommendation=recommendation,
     )
 
 
-def _single_node_recommendation(
-    contexts: tuple[ContextPlan, ...], fits: dict[str, bool], suggestions: tuple[str, ...]
-) -> str:
+def _single_node_recommendation(contexts: tuple[ContextPlan, ...], fits: dict[str, bool]) -> str:
+    """The layout to deploy; where AsyncEP does not fit, the plan's suggestions say what would."""
     fitting = [layout for layout in LAYOUTS if fits[layout]]
     if not fitting:
-        return "no layout fits; " + "; ".join(suggestions)
+        return "no layout fits; see the suggestions for what would"
     throughput = {
         layout: sum(c.steps[layout].tokens_per_s for c in contexts) / len(contexts)
         for layout in fitting
@@ -734,7 +714,7 @@ def _single_node_recommendation(
     best = max(fitting, key=throughput.__getitem__)
     text = f"{LAYOUT_TITLES[best]} (highest predicted throughput among layouts that fit)"
     if best != "asyncep" and not fits["asyncep"]:
-        text += "; AsyncEP would need: " + "; ".join(suggestions)
+        text += "; AsyncEP does not fit: see the suggestions for what would"
     return text
 
 
@@ -780,5 +760,6 @@ def _check_layout(layout: str) -> None:
 def _check_group(num_gpus: int, nodes: int) -> None:
     if num_gpus < 1 or nodes < 1 or num_gpus % nodes:
         raise PlanError(
-            f"num_gpus={num_gpus} must be a positive multiple of nodes={nodes} (GPUs of the group)"
+            f"an AsyncEP group of {num_gpus} GPUs cannot span {nodes} nodes evenly: GPUs (--gpus) "
+            "and nodes (--nodes) must be positive, the GPUs a multiple of the nodes"
         )

@@ -13,16 +13,20 @@ from zeroprefill.common.cost_model import layer_flops_at_context
 from zeroprefill.common.hardware import shipped_profile
 from zeroprefill.common.model_spec import MoEModelSpec
 from zeroprefill.common.planner import (
+    Deployment,
     PlanError,
+    effective_tflops,
     forward_flops_at_threshold,
     gather_time_s,
     make_plan,
     memory_plan,
     predict_step,
     saturation_threshold_flops,
+    resolve_transport,
     saturation_threshold_tokens,
     step_flops_budget,
 )
+from zeroprefill.plan import LAYOUT_COLUMN
 
 CONFIGS = Path(__file__).resolve().parents[1] / "common" / "model_configs"
 EXPERT_BF16 = 3 * 4096 * 1536 * 2  # one Qwen3-235B expert: 37,748,736 bytes
@@ -40,19 +44,24 @@ def h200x4():
     return shipped_profile("h200", 4)
 
 
+def nccl(spec: MoEModelSpec, profile, num_gpus: int, dtype: str, **knobs) -> Deployment:
+    """The deployments the hand-computed numbers below were worked out for: NCCL gathers."""
+    return Deployment(spec, profile, num_gpus, dtype, "nccl", **knobs)
+
+
 def test_gather_time_and_threshold_qwen3_235b_bf16_4xh200(q235, h200x4):
     # W = 128 experts * 37,748,736 B = 4.83 GB; each rank sends W/4, receives 3 W/4 at 339 GB/s.
     t_g = 32 * EXPERT_BF16 * 3 / 339e9
-    assert gather_time_s(q235, h200x4, 4, "bf16") == pytest.approx(t_g)
+    assert gather_time_s(nccl(q235, h200x4, 4, "bf16")) == pytest.approx(t_g)
     assert t_g == pytest.approx(10.69e-3, rel=1e-3)  # DESIGN.md: ~10.7 ms
     threshold = t_g * 709e12 / 1.12  # R_eff = 709 / (1 + 12%) TFLOP/s
-    assert saturation_threshold_flops(q235, h200x4, 4, "bf16") == pytest.approx(threshold)
-    assert saturation_threshold_flops(q235, h200x4, 1, "bf16") == 0.0
+    assert saturation_threshold_flops(nccl(q235, h200x4, 4, "bf16")) == pytest.approx(threshold)
+    assert saturation_threshold_flops(nccl(q235, h200x4, 1, "bf16")) == 0.0
 
 
 def test_threshold_in_tokens_falls_with_context(q235, h200x4):
-    threshold = saturation_threshold_flops(q235, h200x4, 4, "bf16")
-    tokens = {c: saturation_threshold_tokens(q235, h200x4, 4, c, "bf16") for c in (512, 4096, 32768)}
+    threshold = saturation_threshold_flops(nccl(q235, h200x4, 4, "bf16"))
+    tokens = {c: saturation_threshold_tokens(nccl(q235, h200x4, 4, "bf16"), c) for c in (512, 4096, 32768)}
     assert tokens[512] > tokens[4096] > tokens[32768]
     # Short context: ~15K tokens per GPU (DESIGN.md: "~16K tokens ... at short context");
     # per token 2 * 222,822,400 + 32,768 * 513 / 2 = 454,049,792 FLOPs per layer.
@@ -62,19 +71,19 @@ def test_threshold_in_tokens_falls_with_context(q235, h200x4):
         assert layer_flops_at_context(q235, 0, count - 1, context).total < threshold
     # Every layer is MoE: a forward at the threshold is 94 threshold layers, whatever the context.
     for context in tokens:
-        forward = forward_flops_at_threshold(q235, h200x4, 4, context, "bf16")
+        forward = forward_flops_at_threshold(nccl(q235, h200x4, 4, "bf16"), context)
         assert forward == pytest.approx(94 * threshold, rel=1e-3)
-    budget = step_flops_budget(q235, h200x4, 4, 4096, "bf16", headroom=1.25)
-    assert budget == pytest.approx(1.25 * forward_flops_at_threshold(q235, h200x4, 4, 4096, "bf16"))
+    budget = step_flops_budget(nccl(q235, h200x4, 4, "bf16"), 4096, headroom=1.25)
+    assert budget == pytest.approx(1.25 * forward_flops_at_threshold(nccl(q235, h200x4, 4, "bf16"), 4096))
     with pytest.raises(PlanError, match="headroom"):
-        step_flops_budget(q235, h200x4, 4, 4096, "bf16", headroom=0.5)
+        step_flops_budget(nccl(q235, h200x4, 4, "bf16"), 4096, headroom=0.5)
 
 
 def test_fp8_weights_and_compute_keep_the_threshold_in_tokens_close(q235, h200x4):
     # Half the bytes, 1299/709 the rate, and the smaller (604 MB) shard gathers a little slower
     # than the 1.2 GB bf16 one (interpolated 326..339 GB/s): 0.93x the tokens.
-    bf16 = saturation_threshold_tokens(q235, h200x4, 4, 4096, "bf16")
-    fp8 = saturation_threshold_tokens(q235, h200x4, 4, 4096, "fp8")
+    bf16 = saturation_threshold_tokens(nccl(q235, h200x4, 4, "bf16"), 4096)
+    fp8 = saturation_threshold_tokens(nccl(q235, h200x4, 4, "fp8"), 4096)
     slower_wire = 339 / h200x4.gather().bus_gbps(32 * EXPERT_FP8)
     expected = 1299 / 709 * EXPERT_FP8 / EXPERT_BF16 * slower_wire
     assert fp8 / bf16 == pytest.approx(expected, rel=2e-3)
@@ -82,7 +91,7 @@ def test_fp8_weights_and_compute_keep_the_threshold_in_tokens_close(q235, h200x4
 
 
 def test_memory_qwen3_235b_bf16_on_4xh200_does_not_fit_fp8_does(q235, h200x4):
-    bf16 = memory_plan(q235, h200x4, "asyncep", 4, "bf16", tokens_per_gpu=16384, context_tokens=4096)
+    bf16 = memory_plan(nccl(q235, h200x4, 4, "bf16"), "asyncep", tokens_per_gpu=16384, context_tokens=4096)
     # dense: 7,997,238,784 non-expert params x 2 B = 16.0 GB (embeddings + head 2.5 GB of it)
     assert bf16.dense_weight_bytes == 7_997_238_784 * 2
     # experts: 94 layers x 32 experts per rank x 37.7 MB = 113.5 GB
@@ -99,7 +108,7 @@ def test_memory_qwen3_235b_bf16_on_4xh200_does_not_fit_fp8_does(q235, h200x4):
     assert not bf16.fits
     assert bf16.dense_weight_bytes + bf16.expert_weight_bytes + bf16.gather_buffer_bytes > H200_BUDGET
 
-    fp8 = memory_plan(q235, h200x4, "asyncep", 4, "fp8", tokens_per_gpu=16384, context_tokens=4096)
+    fp8 = memory_plan(nccl(q235, h200x4, 4, "fp8"), "asyncep", tokens_per_gpu=16384, context_tokens=4096)
     # FP8 linear weights: 94 x 71,303,168 attention params at 1 B + a 4 B scale per 128x128
     # block; embeddings, head, router and norms (1,294,740,992 params) stay bf16.
     assert fp8.dense_weight_bytes == 94 * 71_303_168 + 4 * 94 * 71_303_168 // 16384 + 1_294_740_992 * 2
@@ -110,27 +119,27 @@ def test_memory_qwen3_235b_bf16_on_4xh200_does_not_fit_fp8_does(q235, h200x4):
 
 
 def test_memory_grows_with_prefetch_depth_and_kv_holds_whole_prompts(q235, h200x4):
-    d1 = memory_plan(q235, h200x4, "asyncep", 4, "fp8", 6000, 32768)
-    d2 = memory_plan(q235, h200x4, "asyncep", 4, "fp8", 6000, 32768, prefetch_depth=2)
+    d1 = memory_plan(nccl(q235, h200x4, 4, "fp8"), "asyncep", 6000, 32768)
+    d2 = memory_plan(nccl(q235, h200x4, 4, "fp8", prefetch_depth=2), "asyncep", 6000, 32768)
     assert d2.gather_buffer_bytes - d1.gather_buffer_bytes == 128 * EXPERT_FP8
     assert d1.kv_cache_bytes == 32768 * 94 * 2 * 4 * 128 * 2  # one whole 32K prompt's keys
-    ep = memory_plan(q235, h200x4, "alltoall_ep", 4, "fp8", 6000, 32768)
+    ep = memory_plan(nccl(q235, h200x4, 4, "fp8"), "alltoall_ep", 6000, 32768)
     assert ep.gather_buffer_bytes == 0 and ep.expert_weight_bytes == d1.expert_weight_bytes
-    tp = memory_plan(q235, h200x4, "tp", 4, "fp8", 6000, 32768)
+    tp = memory_plan(nccl(q235, h200x4, 4, "fp8"), "tp", 6000, 32768)
     assert tp.expert_weight_bytes == -(-94 * 128 * EXPERT_FP8 // 4)
 
 
 def test_asyncep_step_is_comm_bound_below_threshold_and_taxed_above(q235, h200x4):
-    t_g = gather_time_s(q235, h200x4, 4, "bf16")
-    tokens = saturation_threshold_tokens(q235, h200x4, 4, 4096, "bf16")
-    below = predict_step(q235, h200x4, "asyncep", 4, "bf16", tokens // 2, 4096)
+    t_g = gather_time_s(nccl(q235, h200x4, 4, "bf16"))
+    tokens = saturation_threshold_tokens(nccl(q235, h200x4, 4, "bf16"), 4096)
+    below = predict_step(nccl(q235, h200x4, 4, "bf16"), "asyncep", tokens // 2, 4096)
     assert below.step_time_s == pytest.approx(94 * t_g)  # every layer waits for its gather
-    at = predict_step(q235, h200x4, "asyncep", 4, "bf16", tokens, 4096)
+    at = predict_step(nccl(q235, h200x4, 4, "bf16"), "asyncep", tokens, 4096)
     assert at.step_time_s == pytest.approx(94 * t_g, rel=1e-3)
     assert at.exposed_fraction == pytest.approx(1 - 1 / 1.12, abs=1e-3)  # only the overlap tax
-    above = predict_step(q235, h200x4, "asyncep", 4, "bf16", 4 * tokens, 4096)
+    above = predict_step(nccl(q235, h200x4, 4, "bf16"), "asyncep", 4 * tokens, 4096)
     assert above.exposed_fraction < at.exposed_fraction / 3
-    ep = predict_step(q235, h200x4, "alltoall_ep", 4, "bf16", tokens, 4096)
+    ep = predict_step(nccl(q235, h200x4, 4, "bf16"), "alltoall_ep", tokens, 4096)
     # Dispatch + combine: 2 x tokens x 8 x 4096 x 2 B x 3/4 at 312 GB/s per layer, not hidden.
     a2a = 2 * tokens * 8 * 4096 * 2 * 3 / 4 / 312e9
     assert ep.step_time_s == pytest.approx(ep.compute_time_s + 94 * a2a, rel=1e-6)
@@ -138,11 +147,11 @@ def test_asyncep_step_is_comm_bound_below_threshold_and_taxed_above(q235, h200x4
 
 
 def test_plan_suggests_what_fits_and_multinode_recommends_replicas(q235, h200x4):
-    plan = make_plan(q235, h200x4, 4, "bf16", (512, 4096))
+    plan = make_plan(nccl(q235, h200x4, 4, "bf16"), (512, 4096))
     assert not plan.fits["asyncep"]
     assert any(s.startswith("--dtype fp8") for s in plan.suggestions)
     assert any(s.startswith("--gpus 8") for s in plan.suggestions)
-    fp8 = make_plan(q235, h200x4, 4, "fp8", (512, 4096), nodes=2)
+    fp8 = make_plan(nccl(q235, h200x4, 4, "fp8"), (512, 4096), deploy_nodes=2)
     assert fp8.fits["asyncep"] and not fp8.suggestions
     multi = fp8.multinode
     # 4 of a node's 8 NICs (8 x 400 Gb/s = 400 GB/s) carry the cross-node ring: 200 GB/s < 339.
@@ -152,8 +161,8 @@ def test_plan_suggests_what_fits_and_multinode_recommends_replicas(q235, h200x4)
     assert fp8.recommendation == multi.recommendation
     # The copy engine reads peer memory inside a node: never across nodes.
     with pytest.raises(PlanError, match="inside one node"):
-        gather_time_s(q235, h200x4, 8, "fp8", "copy_engine", nodes=2)
-    copy = make_plan(q235, h200x4, 4, "fp8", (4096,), transport="copy_engine", nodes=2)
+        gather_time_s(Deployment(q235, h200x4, 8, "fp8", "copy_engine", nodes=2))
+    copy = make_plan(Deployment(q235, h200x4, 4, "fp8", "copy_engine"), (4096,), deploy_nodes=2)
     assert copy.multinode.threshold_ratio == pytest.approx(multi.threshold_ratio)
 
 
@@ -184,10 +193,95 @@ def test_plan_cli_table_and_json(capsys):
         (["--model", "qwen3-30b-a3b", "--gpu", "a100"], "no shipped profile for gpu 'a100'"),
         (["--model", "qwen3-30b-a3b", "--profile", "missing.json"], "no profile file"),
         (["--model", "qwen3-30b-a3b", "--transport", "ib"], "unknown transport 'ib'"),
-        (["--model", "qwen3-30b-a3b", "--prefetch-depth", "0"], "prefetch_depth must be >= 1"),
+        (["--model", "qwen3-30b-a3b", "--prefetch-depth", "0"], "--prefetch-depth must be >= 1, got 0"),
+        (["--model", "qwen3-30b-a3b", "--memory-utilization", "1.5"], "--memory-utilization must be in (0, 1]"),
+        (["--model", "qwen3-30b-a3b", "--nodes", "0"], "--nodes must be >= 1, got 0"),
     ],
 )
 def test_plan_cli_errors_are_one_line_exit_2(capsys, argv, message):
     assert main(["plan", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_auto_transport_is_what_the_runtime_gathers_with(q235, h200x4):
+    # make_transport("auto") on CUDA: the copy engine (torch >= 2.6 has symmetric memory);
+    # the copy engine reads peers inside one node only, so a group spanning nodes uses NCCL.
+    assert resolve_transport("auto") == "copy_engine"
+    assert resolve_transport("auto", nodes=2) == "nccl"
+    assert resolve_transport("nccl") == "nccl"
+    auto = Deployment(q235, h200x4, 4, "bf16")
+    assert auto.transport == "copy_engine"
+    assert saturation_threshold_flops(auto) == saturation_threshold_flops(Deployment(q235, h200x4, 4, "bf16", "copy_engine"))
+    assert saturation_threshold_flops(auto) != saturation_threshold_flops(nccl(q235, h200x4, 4, "bf16"))
+    assert effective_tflops(auto) == pytest.approx(709 / 1.06)  # the copy engine's 6% GEMM slowdown
+    assert effective_tflops(Deployment(q235, shipped_profile("h200", 1), 1)) == 709  # nothing gathered
+    assert Deployment(q235, h200x4, 8, "bf16", nodes=2).transport == "nccl"
+    with pytest.raises(PlanError, match="unknown transport 'ib'"):
+        Deployment(q235, h200x4, 4, "bf16", "ib")
+
+
+def test_plan_cli_uses_the_runtime_transport_and_says_what_it_assumed(capsys):
+    assert main(["plan", "--model", "qwen3-30b-a3b", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["transport"] == "copy_engine"
+    assert data["assumed"] == {"gpus": 4, "gpu": "h200", "dtype": "bf16", "transport": "copy_engine"}
+    assert main(["plan", "--model", "qwen3-30b-a3b"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "Assumed (not given): --gpus 4, --gpu h200, --dtype bf16, --transport auto (copy_engine)"
+    # Given flags are not listed; the defaults' values given explicitly are not assumptions.
+    assert main(["plan", "--model", "qwen3-30b-a3b", "--gpus", "4", "--dtype", "bf16", "--transport", "nccl"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "AllGather nccl" in lines[0] and lines[1] == "Assumed (not given): --gpu h200"
+    assert main(["plan", "--model", "qwen3-30b-a3b", "--gpus", "2", "--gpu", "h100", "--dtype", "fp8",
+                 "--transport", "auto"]) == 0
+    assert not any(line.startswith("Assumed") for line in capsys.readouterr().out.splitlines())
+
+
+def test_plan_tables_keep_their_columns_apart_on_a_tiny_model(tmp_path, capsys):
+    config = {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 128,
+        "head_dim": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+        "intermediate_size": 128, "moe_intermediate_size": 64, "num_experts": 8, "num_experts_per_tok": 2,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 512, "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert main(["plan", "--model", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    width = 2 + 8 + 3 * LAYOUT_COLUMN
+    rows = [line for line in lines if line[:10].strip().isdigit() and len(line) > 40]
+    assert len(rows) == 6  # three contexts in the memory table, three in the step table
+    for row in rows:
+        assert len(row) == width, row
+        cells = [row[10 + i * LAYOUT_COLUMN: 10 + (i + 1) * LAYOUT_COLUMN] for i in range(3)]
+        assert all(cell.startswith("  ") for cell in cells), row  # never touching the cell before
+    step_rows = rows[3:]
+    assert all(" us |" in row and " 0 |" not in row for row in step_rows)  # microseconds, not "0 ms"
+
+
+@pytest.mark.parametrize("transport, recommendation", [
+    ("nccl", "TP (highest predicted throughput among layouts that fit); AsyncEP does not fit"),
+    ("copy_engine", "no layout fits"),  # its larger threshold batch fits no layout
+])
+def test_plan_gives_the_what_would_fit_advice_once(capsys, transport, recommendation):
+    assert main(["plan", "--model", "qwen3-235b-a22b", "--gpus", "4", "--transport", transport]) == 0
+    out = capsys.readouterr().out
+    assert "AsyncEP does not fit; what would:" in out
+    assert out.count("--dtype fp8:") == 1 and out.count("--gpus 8:") == 1
+    assert f"Recommendation: {recommendation}" in out
+
+
+def test_every_plan_option_has_help_and_the_formatter_names_its_default_once():
+    import argparse
+
+    from zeroprefill import plan
+
+    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    plan.add_arguments(parser)
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert all(a.help for a in options), [a.dest for a in options if not a.help]
+    assert not [a.dest for a in options if "default" in a.help]  # the formatter adds it, once
+    text = parser.format_help()
+    for shown in ("(default: 4)", "(default: h200)", "(default: bf16)", "(default: auto)", "(default: 0.9)"):
+        assert shown in text

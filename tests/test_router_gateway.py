@@ -279,20 +279,54 @@ def test_raw_http_pipelined_chunked_and_expect_continue(model_dir):
     run_with_router(model_dir, body)
 
 
-def test_planner_gives_the_replica_threshold_and_compute_rate():
-    import argparse
+def _router_args(model_dir: Path, *argv: str) -> argparse.Namespace:
+    from zeroprefill.router import cli
 
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return parser.parse_args(["--backend", "http://127.0.0.1:9", "--model", str(model_dir), *argv])
+
+
+def test_planner_gives_the_replica_threshold_and_compute_rate(model_dir):
     from zeroprefill.common.hardware import shipped_profile
-    from zeroprefill.common.model_spec import MoEModelSpec
-    from zeroprefill.common.planner import forward_flops_at_threshold
+    from zeroprefill.common.planner import Deployment, step_flops_budget
     from zeroprefill.router.cli import _planner_replica_model
 
     spec = MoEModelSpec.from_pretrained("common/model_configs/qwen3-235b-a22b.json")
-    args = argparse.Namespace(gpus=4, gpu="h200", dtype="bf16", context_tokens=2048)
-    saturation, rate = _planner_replica_model(spec, args)
+    saturation, rate = _planner_replica_model(spec, _router_args(model_dir, "--gpus", "4"))
     profile = shipped_profile("h200", 4)
-    assert saturation == 4 * forward_flops_at_threshold(spec, profile, 4, 2048, "bf16")
-    assert rate == pytest.approx(4 * profile.effective_tflops("bf16") * 1e12)
+    # The runtime's transport ("auto": the copy engine on GPUs), not NCCL, and 2048-token prompts.
+    runtime = Deployment(spec, profile, 4, "bf16", "copy_engine")
+    assert saturation == 4 * step_flops_budget(runtime, 2048, headroom=1.0)
+    assert saturation != 4 * step_flops_budget(Deployment(spec, profile, 4, "bf16", "nccl"), 2048, headroom=1.0)
+    assert rate == pytest.approx(4 * profile.effective_tflops("bf16", "copy_engine") * 1e12)
+    nccl_saturation, nccl_rate = _planner_replica_model(spec, _router_args(model_dir, "--gpus", "4", "--transport", "nccl"))
+    assert nccl_saturation == 4 * step_flops_budget(Deployment(spec, profile, 4, "bf16", "nccl"), 2048, headroom=1.0)
+    assert nccl_rate == pytest.approx(4 * profile.effective_tflops("bf16", "nccl") * 1e12)
+
+
+def test_one_gpu_replicas_have_no_threshold_and_run_at_the_full_rate(model_dir):
+    from zeroprefill.common.hardware import shipped_profile
+    from zeroprefill.router.cli import _planner_replica_model
+
+    spec = MoEModelSpec.from_pretrained("common/model_configs/qwen3-30b-a3b.json")
+    saturation, rate = _planner_replica_model(spec, _router_args(model_dir, "--gpus", "1"))
+    assert saturation == 0.0  # nothing is gathered: the router holds nothing back
+    assert rate == shipped_profile("h200", 1).compute_tflops("bf16") * 1e12
+
+
+def test_classify_with_and_without_v1_costs_the_same(model_dir):
+    from zeroprefill.common.cost_model import lm_head_tokens
+    from zeroprefill.router.prompts import ROUTED_PATHS
+
+    app = RouterApp(_config(model_dir), BackendPool(["http://127.0.0.1:9"]))
+    body = json.dumps({"input": "Classify the sentiment of this review."}).encode()
+    classify, v1_classify = (app._parse(path, body, 0.0).prompts for path in ("/classify", "/v1/classify"))
+    assert classify == v1_classify
+    # Every routed endpoint is a pooling endpoint: no prompt pays for the LM head.
+    heads = {path: app._parse(path, json.dumps(BODIES[path]).encode(), 0.0).prompts[0].head_tokens
+             for path in ROUTED_PATHS if path in BODIES}
+    assert heads == dict.fromkeys(heads, lm_head_tokens("pooling"))
 
 
 @pytest.mark.parametrize("flag, value", [("--max-num-batched-tokens", "0"), ("--bound-factor", "-1"),
@@ -306,3 +340,16 @@ def test_cli_rejects_bad_numbers_in_one_line(model_dir, capsys, flag, value):
     assert cli.run(args) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"zeroprefill router: {flag} must be > 0, got ") and err.count("\n") == 1
+
+
+def test_every_router_option_has_help_and_the_formatter_names_its_default_once():
+    from zeroprefill.router import cli
+
+    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cli.add_arguments(parser)
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert all(a.help for a in options), [a.dest for a in options if not a.help]
+    assert not [a.dest for a in options if "default" in a.help]  # the formatter adds it, once
+    text = parser.format_help()
+    for shown in ("(default: auto)", "(default: 2048)", "(default: 1.25)", "(default: h200)"):
+        assert shown in text

@@ -7,7 +7,7 @@ import pytest
 from benchmarks.threshold_validation import measured_knee, validate
 from zeroprefill.common.hardware import shipped_profile
 from zeroprefill.common.model_spec import MoEModelSpec
-from zeroprefill.common.planner import saturation_threshold_tokens
+from zeroprefill.common.planner import Deployment, saturation_threshold_tokens
 
 
 def test_knee_interpolates_the_last_crossing_in_log_tokens():
@@ -38,7 +38,7 @@ def test_validate_compares_with_the_planner():
     result = validate(e2e, None, 0.05)
     (row,) = result["rows"]
     spec = MoEModelSpec.from_pretrained("common/model_configs/qwen3-235b-a22b.json")
-    predicted = saturation_threshold_tokens(spec, shipped_profile("h200", 2), 2, 512, "bf16", "nccl")
+    predicted = saturation_threshold_tokens(Deployment(spec, shipped_profile("h200", 2), 2, "bf16", "nccl"), 512)
     knee = math.exp(math.log(8192) + (0.12 - 0.05) / (0.12 - 0.04) * math.log(2))
     assert row["predicted_tokens_per_gpu"] == predicted
     assert row["measured_knee_tokens_per_gpu"] == pytest.approx(knee)

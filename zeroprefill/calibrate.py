@@ -30,8 +30,8 @@ from typing import Any
 
 from zeroprefill.common.hardware import (
     SHIPPED_GPU_COUNTS,
-    SHIPPED_GPUS,
     HardwareProfile,
+    shipped_gpu_for,
     shipped_profile,
 )
 
@@ -46,8 +46,8 @@ MIN_MEASURE_S = 0.25
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", help="profile JSON to write (default: <gpu>x<N>-calibrated.json)")
-    parser.add_argument("--gpus", type=int, help="GPUs to measure over (default: all visible)")
+    parser.add_argument("--out", help="profile JSON to write; unset: <gpu>x<N>-calibrated.json here")
+    parser.add_argument("--gpus", type=int, help="GPUs to measure over; unset: all visible")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     gpu_name = torch.cuda.get_device_name(0)
-    kind = _gpu_kind(gpu_name)
+    kind = shipped_gpu_for(gpu_name)
     steps = 4 + (3 if num_gpus > 1 else 0)
     progress = Progress(steps)
     measured: dict[str, Any] = {"single": measure_single_gpu(progress)}
@@ -409,14 +409,6 @@ def _empty_profile(single: dict[str, Any]) -> dict[str, Any]:
         "internode_gbps_per_node": {"value": 400.0, "source": "estimated: nominal 8 x 400 Gb/s per node"},
         "notes": [],
     }
-
-
-def _gpu_kind(gpu_name: str) -> str | None:
-    """``"h200"``/``"h100"`` for GPUs with a shipped profile, else None."""
-    for kind in SHIPPED_GPUS:
-        if kind in gpu_name.lower():
-            return kind
-    return None
 
 
 def _slug(text: str) -> str:

@@ -13,39 +13,75 @@ import json
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from zeroprefill.common.hardware import (
     SHIPPED_GPUS,
-    TRANSPORTS,
     HardwareProfile,
     HardwareProfileError,
     load_profile,
     shipped_profile,
 )
 from zeroprefill.common.model_spec import MoEModelSpec, ModelSpecError
-from zeroprefill.common.planner import LAYOUT_TITLES, LAYOUTS, PLAN_DTYPES, Plan, PlanError, make_plan
+from zeroprefill.common.planner import (
+    DEFAULT_MEMORY_UTILIZATION,
+    LAYOUT_TITLES,
+    LAYOUTS,
+    PLAN_DTYPES,
+    PLAN_TRANSPORTS,
+    Deployment,
+    Plan,
+    PlanError,
+    make_plan,
+)
+
+#: Width of one layout's column in the memory and step tables.
+LAYOUT_COLUMN = 24
+
+
+class _Given(argparse.Action):
+    """Stores the option's value and records that it was given (``plan`` lists what it assumed)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.plan_flags_given = namespace.plan_flags_given | {self.dest}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(plan_flags_given=frozenset())
     parser.add_argument(
         "--model", required=True,
         help="model directory, config.json, or a shipped config name "
         f"({', '.join(shipped_model_names())})",
     )
-    parser.add_argument("--gpus", type=int, default=4, help="GPUs per AsyncEP group in one node")
-    parser.add_argument("--gpu", default="h200", help=f"shipped profile: {', '.join(SHIPPED_GPUS)}")
-    parser.add_argument("--profile", help="hardware profile JSON (overrides --gpu)")
-    parser.add_argument("--dtype", default="bf16", help=f"weights and compute: {', '.join(PLAN_DTYPES)}")
-    parser.add_argument("--nodes", type=int, default=1, help="nodes to deploy on (compares layouts)")
-    parser.add_argument("--prefetch-depth", type=int, default=1, help="AsyncEP prefetch depth d")
-    parser.add_argument("--transport", default="nccl", help=f"AllGather: {', '.join(TRANSPORTS)}")
-    parser.add_argument(
-        "--context", default="512,4096,32768", help="comma-separated prompt lengths in tokens"
-    )
-    parser.add_argument(
-        "--memory-utilization", type=float, default=0.9, help="fraction of GPU memory to plan for"
-    )
-    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.add_argument("--gpus", type=int, default=4, action=_Given,
+                        help="GPUs of one AsyncEP group inside one node (one rank each)")
+    parser.add_argument("--gpu", default="h200", action=_Given,
+                        help=f"GPU kind of the shipped hardware profile: {', '.join(SHIPPED_GPUS)}")
+    parser.add_argument("--profile",
+                        help="hardware profile JSON from `zeroprefill calibrate`, used instead of "
+                        "the shipped --gpu profile when set")
+    parser.add_argument("--dtype", default="bf16", action=_Given,
+                        help=f"weight and compute format: {', '.join(PLAN_DTYPES)}")
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="nodes to deploy on; above 1 the plan compares one AsyncEP group spanning "
+                        "them with one group per node behind the router")
+    parser.add_argument("--prefetch-depth", type=int, default=1,
+                        help="AsyncEP prefetch depth d: d + 1 gather buffers of one MoE layer")
+    parser.add_argument("--transport", default="auto", action=_Given,
+                        help=f"AllGather transport: {', '.join(PLAN_TRANSPORTS)}; auto is what the "
+                        "runtime picks on GPUs (copy_engine inside a node)")
+    parser.add_argument("--context", default="512,4096,32768",
+                        help="comma-separated prompt lengths in tokens to plan at")
+    parser.add_argument("--memory-utilization", type=float, default=DEFAULT_MEMORY_UTILIZATION,
+                        help="fraction of GPU memory a plan may use (as vLLM's --gpu-memory-utilization)")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
 
 
 def shipped_model_names() -> list[str]:
@@ -74,15 +110,35 @@ def run(args: argparse.Namespace) -> int:
         profile: HardwareProfile = (
             load_profile(args.profile) if args.profile else shipped_profile(args.gpu, args.gpus)
         )
-        plan = make_plan(
-            spec, profile, args.gpus, args.dtype, contexts, args.prefetch_depth, args.transport,
-            args.nodes, args.memory_utilization, name,
+        deployment = Deployment(
+            spec, profile, args.gpus, args.dtype, args.transport,
+            prefetch_depth=args.prefetch_depth, memory_utilization=args.memory_utilization,
         )
+        plan = make_plan(deployment, contexts, args.nodes, name)
     except (ModelSpecError, HardwareProfileError, PlanError) as exc:
         print(f"zeroprefill plan: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+    assumed = assumed_flags(args, plan)
+    if args.json:
+        print(json.dumps({**plan.to_dict(), "assumed": assumed}, indent=2))
+    else:
+        print(format_plan(plan, assumed))
     return 0
+
+
+def assumed_flags(args: argparse.Namespace, plan: Plan) -> dict[str, Any]:
+    """The deployment flags left out, with the values the plan assumed for them."""
+    assumed: dict[str, Any] = {}
+    given = args.plan_flags_given
+    if "gpus" not in given:
+        assumed["gpus"] = args.gpus
+    if "gpu" not in given and not args.profile:
+        assumed["gpu"] = args.gpu
+    if "dtype" not in given:
+        assumed["dtype"] = args.dtype
+    if "transport" not in given:
+        assumed["transport"] = plan.transport
+    return assumed
 
 
 def _parse_contexts(text: str) -> tuple[int, ...]:
@@ -95,13 +151,20 @@ def _parse_contexts(text: str) -> tuple[int, ...]:
     return values
 
 
-def format_plan(plan: Plan) -> str:
-    """The plan as a readable report: gather and threshold, then one table per quantity."""
+def format_plan(plan: Plan, assumed: dict[str, Any] | None = None) -> str:
+    """The plan as a readable report: what was assumed, gather and threshold, then one table
+    per quantity."""
     lines = [
         f"{plan.model} on {plan.num_gpus} GPU(s), profile {plan.profile}, {plan.dtype}, "
         f"AllGather {plan.transport}, prefetch depth {plan.prefetch_depth}",
-        "",
     ]
+    if assumed:
+        values = ", ".join(
+            f"--transport auto ({value})" if flag == "transport" else f"--{flag} {value}"
+            for flag, value in assumed.items()
+        )
+        lines.append(f"Assumed (not given): {values}")
+    lines.append("")
     if plan.num_gpus == 1:
         lines += [
             "Single GPU: every expert stays resident, nothing is gathered (threshold 0);",
@@ -115,50 +178,52 @@ def format_plan(plan: Plan) -> str:
 
 
 def _threshold_lines(plan: Plan) -> list[str]:
-    gb = 1e9
     lines = [
         "Gather and saturation threshold (per GPU, one MoE transformer layer)",
-        f"  layer experts W        {plan.layer_expert_bytes / gb:8.2f} GB "
-        f"(shard {plan.gather_message_bytes / gb:.2f} GB per rank)",
-        f"  AllGather bus bw       {plan.gather_bus_gbps:8.0f} GB/s",
-        f"  gather time t_g        {plan.gather_time_s * 1e3:8.2f} ms = W (N-1)/N / bus bw",
-        f"  compute R / R_eff      {plan.compute_tflops:8.0f} / {plan.effective_tflops:.0f} TFLOP/s "
+        f"  layer experts W        {_bytes(plan.layer_expert_bytes):>10} "
+        f"(shard {_bytes(plan.gather_message_bytes)} per rank)",
+        f"  AllGather bus bw       {plan.gather_bus_gbps:>7.0f} GB/s",
+        f"  gather time t_g        {_duration(plan.gather_time_s):>10} = W (N-1)/N / bus bw",
+        f"  compute R / R_eff      {plan.compute_tflops:>7.0f} / {plan.effective_tflops:.0f} TFLOP/s "
         "(R_eff under the concurrent gather)",
-        f"  threshold F*           {plan.threshold_flops / 1e12:8.2f} TFLOP per layer = t_g x R_eff",
+        f"  threshold F*           {_flops(plan.threshold_flops):>10} per layer = t_g x R_eff",
         "",
     ]
-    header = f"  {'context':>8} {'tokens/GPU':>11} {'fwd TFLOP':>10}"
+    header = f"  {'context':>8} {'tokens/GPU':>11} {'fwd FLOP':>11}"
     lines.append("Threshold in tokens (a stream of prompts of this length; fwd = all layers)")
     lines.append(header)
     for c in plan.contexts:
         lines.append(
-            f"  {c.context_tokens:>8} {c.threshold_tokens:>11} {c.forward_flops_at_threshold / 1e12:>10.1f}"
+            f"  {c.context_tokens:>8} {c.threshold_tokens:>11} {_flops(c.forward_flops_at_threshold):>11}"
         )
     lines.append("")
     return lines
 
 
 def _table_lines(plan: Plan) -> list[str]:
-    gb = 1e9
-    titles = "".join(f"{LAYOUT_TITLES[layout]:>22}" for layout in LAYOUTS)
+    titles = "".join(f"{LAYOUT_TITLES[layout]:>{LAYOUT_COLUMN}}" for layout in LAYOUTS)
     lines = [f"Memory per GPU at the threshold batch (budget {_budget(plan)})", f"  {'context':>8}{titles}"]
     for c in plan.contexts:
         cells = "".join(
-            f"{c.memory[l].total_bytes / gb:>15.1f} GB {'ok ' if c.memory[l].fits else 'NO '}"
-            for l in LAYOUTS
+            f"{f'{_bytes(m.total_bytes):>8} {_fits(m.fits)}':>{LAYOUT_COLUMN}}"
+            for m in (c.memory[layout] for layout in LAYOUTS)
         )
         lines.append(f"  {c.context_tokens:>8}{cells}")
     worst = max(plan.contexts, key=lambda c: c.operating_tokens).memory["asyncep"]
     lines.append(
-        f"  AsyncEP at {worst.tokens_per_gpu} tokens: dense {worst.dense_weight_bytes / gb:.1f} + "
-        f"experts {worst.expert_weight_bytes / gb:.1f} + buffers {worst.gather_buffer_bytes / gb:.1f} + "
-        f"activations {worst.activation_bytes / gb:.1f} + KV {worst.kv_cache_bytes / gb:.1f} GB"
+        f"  AsyncEP at {worst.tokens_per_gpu} tokens: dense {_bytes(worst.dense_weight_bytes)} + "
+        f"experts {_bytes(worst.expert_weight_bytes)} + buffers {_bytes(worst.gather_buffer_bytes)} + "
+        f"activations {_bytes(worst.activation_bytes)} + KV {_bytes(worst.kv_cache_bytes)}"
     )
-    lines += ["", "Predicted step at the threshold batch: ms | tokens/s/GPU | MFU", f"  {'context':>8}{titles}"]
+    lines += [
+        "",
+        "Predicted step at the threshold batch: step time | tokens/s per GPU | MFU",
+        f"  {'context':>8}{titles}",
+    ]
     for c in plan.contexts:
         cells = "".join(
-            f"{s.step_time_s * 1e3:>8.0f} |{s.tokens_per_s:>7.0f} |{s.mfu:>4.0%}"
-            for s in (c.steps[l] for l in LAYOUTS)
+            f"{f'{_duration(s.step_time_s):>8} | {_count(s.tokens_per_s):>5} | {s.mfu:>4.0%}':>{LAYOUT_COLUMN}}"
+            for s in (c.steps[layout] for layout in LAYOUTS)
         )
         lines.append(f"  {c.context_tokens:>8}{cells}")
     lines.append("  (GEMM-rate bound: real kernels run slower; AllToAll-EP assumes perfect balance)")
@@ -169,10 +234,10 @@ def _table_lines(plan: Plan) -> list[str]:
         lines += [
             "",
             f"Across {m.nodes} nodes: AsyncEP group spanning nodes vs one group per node (both NCCL)",
-            f"  spanning: bus bw {m.spanning_bus_gbps:.0f} GB/s, t_g {m.spanning_gather_time_s * 1e3:.2f} ms, "
-            f"threshold {m.spanning_threshold_flops / 1e12:.2f} TFLOP/layer "
+            f"  spanning: bus bw {m.spanning_bus_gbps:.0f} GB/s, t_g {_duration(m.spanning_gather_time_s)}, "
+            f"threshold {_flops(m.spanning_threshold_flops)}/layer "
             f"({m.threshold_ratio:.2f}x in-node), fits: {'yes' if m.spanning_fits else 'no'}",
-            f"  per node: threshold {m.in_node_threshold_flops / 1e12:.2f} TFLOP/layer, "
+            f"  per node: threshold {_flops(m.in_node_threshold_flops)}/layer, "
             f"fits: {'yes' if m.in_node_fits else 'no'}",
         ]
     lines += ["", f"Recommendation: {plan.recommendation}"]
@@ -182,4 +247,40 @@ def _table_lines(plan: Plan) -> list[str]:
 
 def _budget(plan: Plan) -> str:
     budget = plan.contexts[0].memory["asyncep"].budget_bytes
-    return f"{budget / 1e9:.1f} GB = {plan.memory_utilization:.0%} of the GPU"
+    return f"{_bytes(budget)} = {plan.memory_utilization:.0%} of the GPU"
+
+
+def _fits(fits: bool) -> str:
+    return "ok" if fits else "NO"
+
+
+def _three_digits(value: float) -> str:
+    """``value`` (>= 0, below 1000 after scaling) to about three significant digits."""
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+def _scaled(value: float, units: tuple[tuple[str, float], ...]) -> str:
+    """``value`` in the largest unit it reaches (the last one below all), three digits."""
+    for unit, scale in units:
+        if value >= scale:
+            return f"{_three_digits(value / scale)}{unit}"
+    unit, scale = units[-1]
+    return f"{_three_digits(value / scale)}{unit}"
+
+
+def _bytes(num_bytes: float) -> str:
+    return _scaled(num_bytes, ((" GB", 1e9), (" MB", 1e6), (" kB", 1e3), (" B", 1.0)))
+
+
+def _duration(seconds: float) -> str:
+    return _scaled(seconds, ((" s", 1.0), (" ms", 1e-3), (" us", 1e-6)))
+
+
+def _flops(flops: float) -> str:
+    return _scaled(flops, ((" PFLOP", 1e15), (" TFLOP", 1e12), (" GFLOP", 1e9), (" MFLOP", 1e6), (" FLOP", 1.0)))
+
+
+def _count(value: float) -> str:
+    return _scaled(value, (("G", 1e9), ("M", 1e6), ("k", 1e3), ("", 1.0)))

@@ -1,13 +1,15 @@
 """``zeroprefill router``: run the gateway in front of vLLM / SGLang replicas.
 
     zeroprefill router --backend http://h1:8000 --backend http://h2:8000 --model DIR \\
-        [--port 8080] [--saturation-flops 2.2e15 --bound-factor 2] [--backend-kind auto]
+        [--port 8080] [--gpus 4 --gpu h200 | --saturation-flops 2.2e15] [--bound-factor 1.25]
 
 ``--model`` is the model directory (``config.json`` for the cost model, ``tokenizer.json`` to
 count and hash prompt tokens). The per-replica bound on outstanding work is the saturation
 threshold x ``--bound-factor``; the threshold is ``--saturation-flops``, or the planner's
-(``zeroprefill plan``) for ``--gpus`` GPUs of ``--gpu`` at ``--dtype`` and ``--context-tokens``.
-With neither, the router does not hold requests back (prefix affinity and
+(:func:`zeroprefill.common.planner.step_flops_budget` at headroom 1, times the GPUs) for a
+replica of ``--gpus`` GPUs of ``--gpu`` at ``--dtype``, ``--transport`` (``auto``: what the
+runtime gathers with) and ``--context-tokens``. With neither, or one GPU per replica (nothing
+is gathered), the router does not hold requests back (prefix affinity and
 least-outstanding-FLOPs placement only). ``--kv-events`` (once per backend) subscribes to the
 replicas' vLLM KV-cache events so the prefix index follows what the engines really cache.
 """
@@ -23,46 +25,67 @@ import signal
 import sys
 from pathlib import Path
 
+from zeroprefill.common.hardware import SHIPPED_GPUS
+from zeroprefill.common.planner import (
+    AUTO_TRANSPORT,
+    DEFAULT_CONTEXT_TOKENS,
+    PLAN_DTYPES,
+    PLAN_TRANSPORTS,
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", action="append", required=True, metavar="URL",
                         help="a replica's base URL, e.g. http://127.0.0.1:8000 (repeat per replica)")
     parser.add_argument("--model", required=True, metavar="DIR",
                         help="model directory with config.json and tokenizer.json")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8080, help="port to listen on")
     parser.add_argument("--backend-kind", choices=("auto", "vllm", "sglang"), default="auto",
                         help="engine of the replicas; auto reads owned_by from /v1/models")
-    parser.add_argument("--served-model-name", action="append", default=[],
-                        help="model names clients may ask for (default: what the backends serve)")
+    parser.add_argument("--served-model-name", action="append", default=[], metavar="NAME",
+                        help="a model name clients may ask for (repeat); none given: what the backends serve")
     parser.add_argument("--max-model-len", type=int, default=None,
-                        help="longest prompt in tokens (default: max_position_embeddings)")
+                        help="longest prompt in tokens; unset: the model's max_position_embeddings")
     parser.add_argument("--saturation-flops", type=float, default=None,
-                        help="per-replica saturation threshold in FLOPs of outstanding work")
+                        help="per-replica saturation threshold in FLOPs of outstanding work; unset: the "
+                             "planner's with --gpus, else no holding back")
     parser.add_argument("--gpus", type=int, default=None,
-                        help="GPUs per replica: derive the saturation threshold and the replica compute rate from the planner")
-    parser.add_argument("--gpu", default="h200", help="planner hardware profile (with --gpus)")
-    parser.add_argument("--dtype", default="bf16", help="planner weight/compute dtype (with --gpus)")
-    parser.add_argument("--context-tokens", type=int, default=2048,
+                        help="GPUs per replica (one AsyncEP group): derive the saturation threshold and the "
+                             "replica compute rate from the planner; unset: no planner")
+    parser.add_argument("--gpu", default="h200",
+                        help=f"planner hardware profile (with --gpus): {', '.join(SHIPPED_GPUS)}")
+    parser.add_argument("--dtype", default="bf16",
+                        help=f"planner weight and compute format (with --gpus): {', '.join(PLAN_DTYPES)}")
+    parser.add_argument("--transport", default=AUTO_TRANSPORT,
+                        help=f"planner AllGather transport (with --gpus): {', '.join(PLAN_TRANSPORTS)}; auto is "
+                             "what the runtime picks on GPUs (copy_engine inside a node)")
+    parser.add_argument("--context-tokens", type=int, default=DEFAULT_CONTEXT_TOKENS,
                         help="typical prompt length for the planner's threshold (with --gpus)")
     parser.add_argument("--bound-factor", type=float, default=1.25,
                         help="outstanding-FLOPs bound = saturation threshold x this factor")
-    parser.add_argument("--block-size", type=int, default=16, help="the engine's prefix-cache block size")
+    parser.add_argument("--block-size", type=int, default=16,
+                        help="the engine's prefix-cache block size in tokens")
     parser.add_argument("--kv-events", action="append", default=[], metavar="ENDPOINT[,ENDPOINT...]",
                         help="a replica's vLLM KV-event ZMQ endpoints, one per DP rank (e.g. "
                              "tcp://10.0.0.1:5557,tcp://10.0.0.1:5558); repeat per --backend, in order. "
-                             "The engine needs --kv-events-config and the same --block-size")
+                             "The engine needs --kv-events-config and the same --block-size; none given: "
+                             "the prefix index guesses evictions (LRU)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="the engines' --max-num-batched-tokens: a replica's next forward is not filled "
-                             "past it (default: no limit)")
+                             "past it; unset: no limit")
     parser.add_argument("--cache-capacity-tokens", type=int, default=1 << 20,
                         help="each replica's prefix-cache size in tokens (LRU beyond it)")
-    parser.add_argument("--request-timeout-s", type=float, default=300.0)
+    parser.add_argument("--request-timeout-s", type=float, default=300.0,
+                        help="seconds before a request is answered 504")
     parser.add_argument("--max-retries", type=int, default=3,
                         help="re-dispatches of a request whose replica failed")
-    parser.add_argument("--health-interval-s", type=float, default=1.0)
-    parser.add_argument("--health-timeout-s", type=float, default=2.0)
-    parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--health-interval-s", type=float, default=1.0,
+                        help="seconds between two health probes of a backend")
+    parser.add_argument("--health-timeout-s", type=float, default=2.0,
+                        help="seconds a health probe may take before its backend counts as unhealthy")
+    parser.add_argument("--log-level", default="warning",
+                        help="logging level: debug, info, warning, error")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"zeroprefill router: {exc}", file=sys.stderr)
             return 2
-        if saturation_flops is None:
+        if saturation_flops is None and planned_saturation > 0:  # 0: one GPU, nothing to hide
             saturation_flops = planned_saturation
     bound_flops = saturation_flops * args.bound_factor if saturation_flops is not None else math.inf
     try:
@@ -180,17 +203,15 @@ async def _serve(router, host: str, port: int, bound_flops: float) -> None:
 
 
 def _planner_replica_model(spec, args: argparse.Namespace) -> tuple[float, float]:
-    """Per replica: the saturation threshold (``gpus`` x the planner's threshold forward per
-    GPU) and the effective compute rate in FLOP/s (``gpus`` x R_eff under the gather)."""
-    from zeroprefill.common.hardware import shipped_profile
-    from zeroprefill.common.planner import forward_flops_at_threshold
+    """Per replica: the saturation threshold (``gpus`` x the planner's step budget per GPU at
+    headroom 1) and the effective compute rate in FLOP/s (``gpus`` x R_eff under the gather)."""
+    from zeroprefill.common.planner import Deployment, effective_tflops, step_flops_budget
 
     if args.gpus <= 0 or args.context_tokens <= 0:
         raise ValueError(f"--gpus and --context-tokens must be > 0, got {args.gpus}, {args.context_tokens}")
-    profile = shipped_profile(args.gpu, args.gpus)
-    per_gpu = forward_flops_at_threshold(spec, profile, args.gpus, args.context_tokens, args.dtype)
-    rate_flops_per_s = args.gpus * profile.effective_tflops(args.dtype) * 1e12
-    return float(args.gpus * per_gpu), rate_flops_per_s
+    deployment = Deployment.on_shipped_gpu(spec, args.gpu, args.gpus, args.dtype, args.transport)
+    per_gpu = step_flops_budget(deployment, args.context_tokens, headroom=1.0)
+    return args.gpus * per_gpu, args.gpus * effective_tflops(deployment) * 1e12
 
 
 def _max_position_embeddings(model_dir: Path) -> int:
