@@ -24,7 +24,14 @@ scheduler that reorders them makes this an approximation of *which* finished, ne
 many). And the controller has no timer of its own to release held-back work, so the policy
 runs with an unbounded outstanding-FLOPs bound: every request is dispatched at once and waits,
 if it must, in its rank's scheduler queue. The saturation threshold still shapes placement.
-Knobs (environment): ``ZEROPREFILL_SATURATION_FLOPS`` (per DP rank; from ``zeroprefill plan``),
+
+Per-rank saturation threshold: ``ZEROPREFILL_SATURATION_FLOPS`` when set; else, under
+``--moe-a2a-backend asyncep`` on GPUs with a shipped hardware profile (H100, H200, named by
+NVML), the planner's (:func:`zeroprefill.common.planner.step_flops_budget` at headroom 1 for
+the DP ranks, one GPU each: bf16, the transport the runtime picks, 2048-token prompts); else 0
+(no tie zone). A request's cost includes the LM head as
+:func:`zeroprefill.common.cost_model.lm_head_tokens` decides: embedding requests none,
+generate requests (SGLang's ``/v1/score``) their last position. Other knob:
 ``ZEROPREFILL_PREFIX_BLOCK_TOKENS`` (prefix-index granularity, default ``max(page_size, 16)``).
 """
 
@@ -39,11 +46,14 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from zeroprefill.common.cost_model import lm_head_tokens
+from zeroprefill.common.hardware import HardwareProfileError, shipped_gpu_for
 from zeroprefill.common.model_spec import MoEModelSpec
+from zeroprefill.common.planner import DEFAULT_CONTEXT_TOKENS, Deployment, PlanError, step_flops_budget
 from zeroprefill.common.prefix_index import block_hashes
 from zeroprefill.common.router_policy import PromptShape, RoutedRequest, RouterPolicy
 
-from sglang_zeroprefill.args import zeroprefill_load_balance_enabled
+from sglang_zeroprefill.args import asyncep_enabled, zeroprefill_load_balance_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +71,7 @@ class ZeroPrefillLoadBalancer:
         num_ranks: DP ranks the controller dispatches to.
         block_tokens: prefix-index block size in tokens.
         saturation_flops: per-rank saturation threshold (FLOPs of outstanding work that hides
-            the expert-weight stream); 0 disables the tie zone.
+            the expert-weight stream; :func:`planned_saturation_flops`); 0 disables the tie zone.
         clock: wall-clock seconds, comparable with the snapshots' ``timestamp``.
     """
 
@@ -89,14 +99,24 @@ class ZeroPrefillLoadBalancer:
     def num_ranks(self) -> int:
         return self.policy.num_replicas
 
-    def choose(self, request_id: str, input_ids: Sequence[int], active_ranks: Iterable[int] | None = None) -> int:
-        """The rank for one request; records it as outstanding there."""
+    def choose(
+        self,
+        request_id: str,
+        input_ids: Sequence[int],
+        active_ranks: Iterable[int] | None = None,
+        runner: str = "generate",
+    ) -> int:
+        """The rank for one request; records it as outstanding there.
+
+        ``runner``: what answers the request, ``"generate"`` (SGLang's default request) or
+        ``"pooling"`` (an embedding request); it decides whether the LM head is charged.
+        """
         now = self.clock()
         active = set(range(self.num_ranks) if active_ranks is None else active_ranks)
         for rank in range(self.num_ranks):
             self.policy.set_healthy(rank, rank in active)
         tokens = list(input_ids)
-        prompt = PromptShape(len(tokens), tuple(block_hashes(tokens, self.block_tokens)))
+        prompt = PromptShape(len(tokens), tuple(block_hashes(tokens, self.block_tokens)), lm_head_tokens(runner))
         routed = RoutedRequest(request_id, [prompt], arrival_s=now)
         dispatched = self.policy.submit(routed)
         placement = next(p for r, p in dispatched if r.request_id == request_id)
@@ -140,13 +160,46 @@ def build_for_controller(controller: Any) -> ZeroPrefillLoadBalancer:
     view = resolved_view(controller.server_args)
     page_size = view.page_size or 1
     block_tokens = int(os.environ.get(BLOCK_TOKENS_ENV, max(page_size, 16)))
-    saturation_flops = float(os.environ.get(SATURATION_ENV, "0"))
-    return ZeroPrefillLoadBalancer(
-        spec_for_model(view.model_path),
-        num_ranks=controller.max_dp_size,
-        block_tokens=block_tokens,
-        saturation_flops=saturation_flops,
-    )
+    spec = spec_for_model(view.model_path)
+    num_ranks = controller.max_dp_size
+    if os.environ.get(SATURATION_ENV):
+        saturation_flops = float(os.environ[SATURATION_ENV])
+    else:
+        saturation_flops = planned_saturation_flops(spec, num_ranks, local_gpu_name())
+    logger.info("zeroprefill DP balancer: saturation threshold %.3g FLOPs per rank", saturation_flops)
+    return ZeroPrefillLoadBalancer(spec, num_ranks=num_ranks, block_tokens=block_tokens, saturation_flops=saturation_flops)
+
+
+def planned_saturation_flops(spec: MoEModelSpec, num_ranks: int, device_name: str | None) -> float:
+    """The planner's per-rank saturation threshold of this AsyncEP deployment; 0 where none
+    applies (no AsyncEP, one rank, no GPU or one without a shipped profile)."""
+    gpu = shipped_gpu_for(device_name) if device_name else None
+    if not asyncep_enabled() or gpu is None or num_ranks == 1:
+        return 0.0
+    try:
+        deployment = Deployment.on_shipped_gpu(spec, gpu, num_ranks)
+    except (HardwareProfileError, PlanError) as exc:
+        logger.warning("zeroprefill DP balancer: no planned saturation threshold for %d x %s (%s); "
+                       "set %s to give one", num_ranks, device_name, exc, SATURATION_ENV)
+        return 0.0
+    return step_flops_budget(deployment, DEFAULT_CONTEXT_TOKENS, headroom=1.0)
+
+
+def local_gpu_name() -> str | None:
+    """The first GPU's name from NVML (no CUDA context in the controller), or None without one."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None
+    try:
+        name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))
+    finally:
+        pynvml.nvmlShutdown()
+    return name.decode() if isinstance(name, bytes) else name
 
 
 def after_controller_init(result: Any, controller: Any, *args: Any, **kwargs: Any) -> Any:
@@ -158,7 +211,7 @@ def after_controller_init(result: Any, controller: Any, *args: Any, **kwargs: An
 
 def install(controller: Any, balancer: ZeroPrefillLoadBalancer) -> None:
     """Route ``controller``'s requests through ``balancer``."""
-    from sglang.srt.managers.io_struct import sock_send
+    from sglang.srt.managers.io_struct import TokenizedEmbeddingReqInput, sock_send
 
     last_refresh = [0.0]
 
@@ -169,7 +222,8 @@ def install(controller: Any, balancer: ZeroPrefillLoadBalancer) -> None:
         if now - last_refresh[0] >= SNAPSHOT_REFRESH_S:
             last_refresh[0] = now
             balancer.observe(controller.load_snapshot_reader.read_all())
-        rank = balancer.choose(req.rid, req.input_ids, controller._active_workers)
+        runner = "pooling" if isinstance(req, TokenizedEmbeddingReqInput) else "generate"
+        rank = balancer.choose(req.rid, req.input_ids, controller._active_workers, runner)
         sock_send(controller.workers[rank], req)
 
     controller.zeroprefill_balancer = balancer

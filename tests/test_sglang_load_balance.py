@@ -119,3 +119,63 @@ def test_installed_dispatch_honours_routed_dp_rank_and_active_workers(
     assert sent[0] == ("w2", "pinned")
     assert {worker for worker, _ in sent[1:]} <= {"w0", "w2"}
     assert balancer.policy.placement_of("pinned") is None  # externally routed: not ours to track
+
+
+def test_embedding_requests_pay_no_lm_head_generate_requests_one_position(
+    spec: MoEModelSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sglang.srt.managers.io_struct import TokenizedEmbeddingReqInput
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    monkeypatch.setattr("sglang.srt.managers.io_struct.sock_send", lambda worker, req: None)
+    controller = SimpleNamespace(
+        workers=["w0"], _active_workers=[0], load_snapshot_reader=SimpleNamespace(read_all=lambda: []),
+        maybe_external_dp_rank_routing=lambda req: False,
+    )
+    balancer, _ = _balancer(spec, num_ranks=1)
+    load_balance.install(controller, balancer)
+    embedding = TokenizedEmbeddingReqInput(rid="e", input_text=None, input_ids=list(range(300)), mm_inputs=None,
+                                           token_type_ids=None, sampling_params=SamplingParams())
+    controller.dispatching(embedding)
+    assert balancer.outstanding_flops() == [request_flops(spec, 300, head_tokens=0)]
+    controller.dispatching(SimpleNamespace(rid="g", input_ids=list(range(1000, 1300)), routed_dp_rank=None))
+    assert balancer.outstanding_flops() == [request_flops(spec, 300, head_tokens=0) + request_flops(spec, 300)]
+
+
+@pytest.fixture
+def asyncep(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sglang_zeroprefill.args import ASYNCEP_ENV
+
+    monkeypatch.setenv(ASYNCEP_ENV, "1")
+    monkeypatch.delenv(load_balance.SATURATION_ENV, raising=False)
+
+
+def test_saturation_threshold_defaults_to_the_planners_on_a_known_gpu(spec: MoEModelSpec, asyncep, monkeypatch) -> None:
+    from zeroprefill.common.planner import Deployment, step_flops_budget
+
+    planned = load_balance.planned_saturation_flops(spec, 4, "NVIDIA H200")
+    deployment = Deployment.on_shipped_gpu(spec, "h200", 4)  # the runtime's transport: copy engine
+    assert deployment.transport == "copy_engine"
+    assert planned == step_flops_budget(deployment, 2048, headroom=1.0) > 0
+    # The controller's balancer gets it when no environment value overrides it.
+    view = SimpleNamespace(page_size=1, model_path=str(CONFIG))
+    monkeypatch.setattr("sglang.srt.arg_groups.overrides.resolved_view", lambda server_args: view)
+    monkeypatch.setattr(load_balance, "local_gpu_name", lambda: "NVIDIA H200")
+    controller = SimpleNamespace(server_args=None, max_dp_size=4)
+    balancer = load_balance.build_for_controller(controller)
+    assert [r.saturation_flops for r in balancer.policy.replicas] == [planned] * 4
+    monkeypatch.setenv(load_balance.SATURATION_ENV, "3e12")
+    assert load_balance.build_for_controller(controller).policy.replicas[0].saturation_flops == 3e12
+
+
+@pytest.mark.parametrize("num_ranks, device_name", [(4, None), (4, "NVIDIA A100-SXM4-80GB"), (1, "NVIDIA H200"),
+                                                    (3, "NVIDIA H200")])
+def test_saturation_threshold_is_0_without_a_profile(spec: MoEModelSpec, asyncep, num_ranks, device_name) -> None:
+    assert load_balance.planned_saturation_flops(spec, num_ranks, device_name) == 0.0
+
+
+def test_saturation_threshold_is_0_without_asyncep(spec: MoEModelSpec, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sglang_zeroprefill.args import ASYNCEP_ENV
+
+    monkeypatch.delenv(ASYNCEP_ENV, raising=False)  # nothing is gathered: no threshold
+    assert load_balance.planned_saturation_flops(spec, 4, "NVIDIA H200") == 0.0

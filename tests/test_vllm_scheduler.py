@@ -7,6 +7,8 @@ from the cost model, not from numbers typed into the test.
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,16 +16,19 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from zeroprefill.common.cost_model import matmul_params_per_token, request_flops  # noqa: E402
+from zeroprefill.common.cost_model import lm_head_tokens, matmul_params_per_token, request_flops  # noqa: E402
 from zeroprefill.common.model_spec import MoEModelSpec  # noqa: E402
+from zeroprefill.common.planner import Deployment, forward_flops_at_threshold, step_flops_budget  # noqa: E402
 from vllm_zeroprefill.scheduler import (  # noqa: E402
     BUDGET_ENV,
     PrefillCandidate,
+    PrefillOnlySchedulerMixin,
     plan_prefill_step,
-    step_flops_budget,
+    resolve_step_flops_budget,
 )
 
-SPEC = MoEModelSpec.from_pretrained(Path(__file__).resolve().parents[1] / "common" / "model_configs" / "qwen3-235b-a22b.json")
+CONFIG = Path(__file__).resolve().parents[1] / "common" / "model_configs" / "qwen3-235b-a22b.json"
+SPEC = MoEModelSpec.from_pretrained(CONFIG)
 
 
 def candidate(request_id: str, prompt_tokens: int, cached_tokens: int = 0, prefix: str | None = None) -> PrefillCandidate:
@@ -112,26 +117,90 @@ def test_rejects_a_non_positive_budget():
         plan_prefill_step([candidate("a", 10)], 0)
 
 
-def _config(additional_config=None, max_num_batched_tokens=8192):
+def _config(additional_config=None, max_num_batched_tokens=8192, moe_backend="asyncep", data_parallel_size=4,
+            runner_type="pooling"):
+    hf_config = json.loads(CONFIG.read_text())
     return SimpleNamespace(
         additional_config=additional_config or {},
         scheduler_config=SimpleNamespace(max_num_batched_tokens=max_num_batched_tokens),
+        kernel_config=SimpleNamespace(moe_backend=moe_backend),
+        parallel_config=SimpleNamespace(data_parallel_size=data_parallel_size),
+        model_config=SimpleNamespace(max_model_len=32768, runner_type=runner_type,
+                                     hf_text_config=SimpleNamespace(to_dict=lambda: hf_config)),
     )
 
 
-def test_budget_default_is_a_full_token_budget_of_linear_flops(monkeypatch):
+@pytest.fixture
+def on_gpu(monkeypatch):
+    """vLLM's platform reports a CUDA GPU of the given name (as NVML would)."""
+    from vllm.platforms import current_platform
+
+    def use(device_name: str) -> None:
+        monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
+        monkeypatch.setattr(current_platform, "get_device_name", lambda device_id=0: device_name)
+
     monkeypatch.delenv(BUDGET_ENV, raising=False)
-    assert step_flops_budget(_config(), SPEC) == 2 * 8192 * matmul_params_per_token(SPEC)
+    return use
 
 
-def test_budget_from_additional_config_wins_over_env(monkeypatch):
+def test_budget_off_gpu_is_a_full_token_budget_of_linear_flops(monkeypatch):
+    from vllm.platforms import current_platform
+
+    monkeypatch.delenv(BUDGET_ENV, raising=False)
+    monkeypatch.setattr(current_platform, "is_cuda", lambda: False)  # no GPU a profile describes
+    assert resolve_step_flops_budget(_config(), SPEC) == 2 * 8192 * matmul_params_per_token(SPEC)
+
+
+def test_budget_on_a_known_gpu_is_the_planners_saturation_budget(on_gpu):
+    on_gpu("NVIDIA H200")
+    planned = resolve_step_flops_budget(_config(), SPEC)
+    # 4 DP ranks of H200, the runtime's transport (the copy engine), 2048-token prompts.
+    deployment = Deployment.on_shipped_gpu(SPEC, "h200", 4)
+    assert deployment.transport == "copy_engine"
+    assert planned == step_flops_budget(deployment, 2048)
+    assert planned == pytest.approx(1.1 * forward_flops_at_threshold(deployment, 2048))
+    assert planned != 2 * 8192 * matmul_params_per_token(SPEC)
+
+
+@pytest.mark.parametrize("device_name, config", [
+    ("NVIDIA A100-SXM4-80GB", _config()),  # no shipped profile for the GPU
+    ("NVIDIA H200", _config(moe_backend="auto")),  # nothing gathered: no threshold
+    ("NVIDIA H200", _config(data_parallel_size=1)),  # one rank: nothing gathered
+    ("NVIDIA H200", _config(data_parallel_size=3)),  # no shipped profile for 3 GPUs
+])
+def test_budget_falls_back_to_the_token_budget_without_a_profile(on_gpu, caplog, device_name, config):
+    on_gpu(device_name)
+    with caplog.at_level(logging.WARNING, logger="vllm_zeroprefill.scheduler"):
+        assert resolve_step_flops_budget(config, SPEC) == 2 * 8192 * matmul_params_per_token(SPEC)
+    if config.parallel_config.data_parallel_size == 3:
+        assert "no shipped h200 profile for 3 GPUs" in caplog.text
+
+
+def test_budget_from_additional_config_wins_over_env(monkeypatch, on_gpu):
+    on_gpu("NVIDIA H200")  # an override wins over the planner too
     monkeypatch.setenv(BUDGET_ENV, "5e12")
-    assert step_flops_budget(_config(), SPEC) == 5e12
-    assert step_flops_budget(_config({"zeroprefill": {"step_flops_budget": 7e12}}), SPEC) == 7e12
+    assert resolve_step_flops_budget(_config(), SPEC) == 5e12
+    assert resolve_step_flops_budget(_config({"zeroprefill": {"step_flops_budget": 7e12}}), SPEC) == 7e12
 
 
 @pytest.mark.parametrize("bad", ["lots", "-1", "0"])
 def test_budget_rejects_bad_values(monkeypatch, bad):
     monkeypatch.setenv(BUDGET_ENV, bad)
-    with pytest.raises(ValueError, match="step_flops_budget must be"):
-        step_flops_budget(_config(), SPEC)
+    with pytest.raises(ValueError, match=f"step_flops_budget must be .*{BUDGET_ENV}"):
+        resolve_step_flops_budget(_config(), SPEC)
+
+
+class _BaseScheduler:
+    def __init__(self, vllm_config) -> None:
+        self.vllm_config = vllm_config
+
+
+class _Scheduler(PrefillOnlySchedulerMixin, _BaseScheduler):
+    """The mixin over a stand-in for vLLM's scheduler (it only needs the config)."""
+
+
+@pytest.mark.parametrize("runner_type", ["pooling", "generate"])
+def test_scheduler_charges_the_lm_head_as_lm_head_tokens_decides(monkeypatch, runner_type):
+    monkeypatch.delenv(BUDGET_ENV, raising=False)
+    scheduler = _Scheduler(_config(runner_type=runner_type))
+    assert scheduler.head_tokens == lm_head_tokens(runner_type) == (runner_type == "generate")

@@ -20,11 +20,21 @@ Nothing is held back for decoding: a pooling request finishes at the end of its 
 so the whole budget goes to prefills (vLLM's own token budget and KV-cache checks still
 apply on top, in the base scheduler).
 
-Budget: ``--additional-config '{"zeroprefill": {"step_flops_budget": 3e12}}'`` or the
-``ZEROPREFILL_STEP_FLOPS_BUDGET`` environment variable (FLOPs per step per data-parallel
-rank; e.g. from ``zeroprefill plan``). Default: the linear FLOPs of a full token budget
-(``2 * max_num_batched_tokens * matmul params per token``): equal to vLLM's token budget for
-short prompts, and tighter for long-context ones, whose attention FLOPs it also counts.
+Budget (FLOPs per step per data-parallel rank), the first that applies:
+
+1. ``--additional-config '{"zeroprefill": {"step_flops_budget": 3e12}}'``, then the
+   ``ZEROPREFILL_STEP_FLOPS_BUDGET`` environment variable;
+2. on GPUs with a shipped hardware profile (H100, H200) under ``--moe-backend asyncep`` with
+   2+ DP ranks in one node: the planner's saturation budget,
+   :func:`zeroprefill.common.planner.step_flops_budget` of the deployment (bf16, the transport
+   the runtime picks, prompts of ``min(max_model_len, 2048)`` tokens): enough work to hide one
+   layer's weight gather, plus 10%;
+3. otherwise (CPU, other GPUs, one rank, no AsyncEP): the linear FLOPs of a full token budget
+   (``2 * max_num_batched_tokens * matmul params per token``): equal to vLLM's token budget
+   for short prompts, and tighter for long-context ones, whose attention FLOPs it also counts.
+
+What a request costs includes the LM head only where the engine runs it
+(:func:`zeroprefill.common.cost_model.lm_head_tokens` of the runner: none for pooling).
 
 :func:`plan_prefill_step` is the whole policy as a pure function; the scheduler classes
 only translate vLLM's queue into it and back.
@@ -32,6 +42,7 @@ only translate vLLM's queue into it and back.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -41,8 +52,13 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
 
 from vllm_zeroprefill.compat import prefix_cache_lookup_enabled
-from zeroprefill.common.cost_model import matmul_params_per_token, request_flops
+from vllm_zeroprefill.moe_backend import ASYNCEP
+from zeroprefill.common.cost_model import lm_head_tokens, matmul_params_per_token, request_flops
+from zeroprefill.common.hardware import HardwareProfileError, shipped_gpu_for
 from zeroprefill.common.model_spec import MoEModelSpec
+from zeroprefill.common.planner import DEFAULT_CONTEXT_TOKENS, Deployment, PlanError, step_flops_budget
+
+logger = logging.getLogger(__name__)
 
 BUDGET_ENV = "ZEROPREFILL_STEP_FLOPS_BUDGET"
 ADDITIONAL_CONFIG_KEY = "zeroprefill"
@@ -108,21 +124,58 @@ def plan_prefill_step(
     return StepPlan(tuple(admitted), deferred, total - in_flight_flops)
 
 
-def step_flops_budget(vllm_config, spec: MoEModelSpec) -> float:
-    """The configured per-step budget, or the default (see the module docstring)."""
+def resolve_step_flops_budget(vllm_config, spec: MoEModelSpec) -> float:
+    """The step budget that applies to this engine (module docstring: override, planner, tokens)."""
+    configured = _configured_budget(vllm_config)
+    if configured is not None:
+        return configured
+    planned = planned_step_flops_budget(vllm_config, spec)
+    if planned:
+        return planned
+    max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
+    return float(2 * max_tokens * matmul_params_per_token(spec))
+
+
+def planned_step_flops_budget(vllm_config, spec: MoEModelSpec) -> float:
+    """The planner's saturation budget of this AsyncEP deployment; 0 where none applies.
+
+    The GPU is what vLLM's platform reports (through NVML on CUDA, so the engine core creates
+    no CUDA context); the group is the data-parallel ranks, one GPU each, in one node.
+    """
+    from vllm.platforms import current_platform
+
+    if vllm_config.kernel_config.moe_backend != ASYNCEP or not current_platform.is_cuda():
+        return 0.0  # no weight gather to hide, or no GPU a profile describes
+    device_name = current_platform.get_device_name()
+    gpu = shipped_gpu_for(device_name)
+    num_ranks = vllm_config.parallel_config.data_parallel_size
+    if gpu is None or num_ranks == 1:
+        return 0.0
+    try:
+        deployment = Deployment.on_shipped_gpu(spec, gpu, num_ranks)
+    except (HardwareProfileError, PlanError) as exc:
+        logger.warning("zeroprefill: no saturation budget for %d x %s (%s); the step budget is a full "
+                       "token budget's FLOPs, set %s to change it", num_ranks, device_name, exc, BUDGET_ENV)
+        return 0.0
+    context = min(vllm_config.model_config.max_model_len, DEFAULT_CONTEXT_TOKENS)
+    return step_flops_budget(deployment, context)
+
+
+def _configured_budget(vllm_config) -> float | None:
+    """The user's budget (additional config, then environment), validated; None if unset."""
     additional = vllm_config.additional_config or {}
     configured = additional.get(ADDITIONAL_CONFIG_KEY, {}).get("step_flops_budget") if isinstance(additional, dict) else None
+    source = f"--additional-config {ADDITIONAL_CONFIG_KEY}.step_flops_budget"
     if configured is None and os.environ.get(BUDGET_ENV):
-        configured = os.environ[BUDGET_ENV]
+        configured, source = os.environ[BUDGET_ENV], BUDGET_ENV
     if configured is None:
-        max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
-        return float(2 * max_tokens * matmul_params_per_token(spec))
+        return None
     try:
         budget = float(configured)
     except ValueError:
-        raise ValueError(f"step_flops_budget must be a number of FLOPs, got {configured!r}") from None
+        raise ValueError(f"step_flops_budget must be a number of FLOPs, got {configured!r} ({source})") from None
     if budget <= 0:
-        raise ValueError(f"step_flops_budget must be positive, got {configured!r}")
+        raise ValueError(f"step_flops_budget must be positive, got {configured!r} ({source})")
     return budget
 
 
@@ -134,8 +187,8 @@ class PrefillOnlySchedulerMixin:
         from vllm_zeroprefill.validation import model_spec_of
 
         self.model_spec = model_spec_of(self.vllm_config)
-        self.step_flops_budget = step_flops_budget(self.vllm_config, self.model_spec)
-        self.head_tokens = 0 if self.vllm_config.model_config.runner_type == "pooling" else 1
+        self.step_flops_budget = resolve_step_flops_budget(self.vllm_config, self.model_spec)
+        self.head_tokens = lm_head_tokens(self.vllm_config.model_config.runner_type)
         self.last_plan: StepPlan | None = None
 
     def schedule(self, *args, **kwargs):
