@@ -89,6 +89,8 @@ class ExpertWeightStreamer:
         layer_shards: per MoE layer (in execution order), this rank's shard of each named
             expert tensor, ``[layout.capacity, ...]``; e.g. ``{"w13": ..., "w2": ...}`` and,
             for FP8, their block scales. Every layer must have the same names and shapes.
+            The streamer takes them over: a transport that moves shards into shareable
+            memory replaces them in these dicts, freeing originals nobody else holds.
         layout: how experts are split over the transport's ranks.
         transport: how shards are gathered (see ``transport.py``).
         prefetch_depth: layers gathered ahead of the one computing (``d >= 1``).
@@ -121,7 +123,8 @@ class ExpertWeightStreamer:
 
         self.expert_shapes = _check_shards(layer_shards, layout.capacity)
         self._check_same_shapes_across_ranks()
-        self._shards = transport.register([dict(s) for s in layer_shards])
+        # The transport takes the shards over (and may replace them in these dicts).
+        self._shards = transport.register(list(layer_shards))
         self.device = next(iter(self._shards[0].values())).device
         self._cuda = self.device.type == "cuda"
 

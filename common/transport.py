@@ -73,8 +73,12 @@ class GatherTransport(ABC):
         self.world_size = dist.get_world_size(group) if dist.is_initialized() else 1
 
     def register(self, layer_shards: Sequence[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-        """Adopt every layer's shards; returns the tensors the streamer must use from now on."""
-        return [dict(shards) for shards in layer_shards]
+        """Take every layer's shards over; returns the tensors the streamer must use from now on.
+
+        A transport may move shards into memory it can share; it then replaces them in
+        ``layer_shards`` itself, so an original the caller no longer holds is freed early.
+        """
+        return list(layer_shards)
 
     @property
     def is_collective(self) -> bool:
@@ -131,43 +135,60 @@ class CopyEngineGather(GatherTransport):
         return False
 
     def register(self, layer_shards: Sequence[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """Move every shard into symmetric memory, one layer at a time.
+
+        Each layer gets a symmetric buffer of its own, and its shards in ``layer_shards`` are
+        replaced by their copies there as soon as they are made, so an original nobody else
+        holds is freed before the next layer is copied: the peak is the shards plus one layer
+        (a single pool for all layers would need twice the experts' memory at once).
+        """
         import torch.distributed._symmetric_memory as symm_mem
 
-        tensors = [(layer, name, t) for layer, shards in enumerate(layer_shards) for name, t in shards.items()]
-        if not tensors:
+        if not layer_shards or not any(layer_shards):
             raise ValueError("no expert shards to register")
-        device = tensors[0][2].device
-        dtype_bytes = {t.dtype: t.element_size() for _, _, t in tensors}
-        # One symmetric byte pool per rank holding every shard, each 256-byte aligned.
-        offsets: list[int] = []
-        total_bytes = 0
-        for _, _, t in tensors:
-            offsets.append(total_bytes)
-            total_bytes += -(-t.numel() * t.element_size() // 256) * 256
-        pool = symm_mem.empty(total_bytes, dtype=torch.uint8, device=device)
         group = self.group or dist.group.WORLD
         if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before torch 2.9, a no-op after
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 symm_mem.enable_symm_mem_for_group(group.group_name)
-        handle = symm_mem.rendezvous(pool, group.group_name)
-        adopted: list[dict[str, torch.Tensor]] = [{} for _ in layer_shards]
-        self._peer_views: list[dict[str, list[torch.Tensor]]] = [{} for _ in layer_shards]
-        for (layer, name, t), offset in zip(tensors, offsets):
-            local = pool[offset : offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
-            local.copy_(t)
-            adopted[layer][name] = local
-            element_offset = offset // dtype_bytes[t.dtype]
-            self._peer_views[layer][name] = [
-                local if peer == self.rank
-                else handle.get_buffer(peer, tuple(t.shape), t.dtype, element_offset)
-                for peer in range(self.world_size)
-            ]
-        self._handle = handle  # keeps the peers' mappings alive
-        self._pool = pool
+        self._handles = []  # keep the peers' mappings alive
+        self._peer_views: list[dict[str, list[torch.Tensor]]] = []
+        for shards in layer_shards:
+            self._peer_views.append(self._adopt_layer(shards, group, symm_mem))
+            torch.cuda.empty_cache()  # the originals' memory back to the driver for the next buffer
+        device = next(iter(layer_shards[0].values())).device
         torch.cuda.synchronize(device)
         dist.barrier(group=group)  # every peer has written its shards before anyone pulls
-        return adopted
+        return list(layer_shards)
+
+    def _adopt_layer(self, shards: dict[str, torch.Tensor], group, symm_mem) -> dict[str, list[torch.Tensor]]:
+        """Copy one layer's shards into a symmetric buffer; ``shards`` then holds the copies."""
+        names = list(shards)
+        offsets: list[int] = []
+        total_bytes = 0
+        for name in names:
+            offsets.append(total_bytes)
+            tensor = shards[name]
+            total_bytes += -(-tensor.numel() * tensor.element_size() // 256) * 256  # 256-byte aligned
+        device = shards[names[0]].device
+        buffer = symm_mem.empty(total_bytes, dtype=torch.uint8, device=device)
+        handle = symm_mem.rendezvous(buffer, group.group_name)
+        self._handles.append(handle)
+        views: dict[str, list[torch.Tensor]] = {}
+        for name, offset in zip(names, offsets):
+            original = shards[name]
+            shape, dtype, nbytes = tuple(original.shape), original.dtype, original.numel() * original.element_size()
+            local = buffer[offset : offset + nbytes].view(dtype).view(shape)
+            local.copy_(original)
+            shards[name] = local
+            del original
+            element_offset = offset // local.element_size()
+            views[name] = [
+                local if peer == self.rank else handle.get_buffer(peer, shape, dtype, element_offset)
+                for peer in range(self.world_size)
+            ]
+        torch.cuda.current_stream(device).synchronize()  # the copies are done before the originals go
+        return views
 
     def gather(self, layer: int, name: str, out: torch.Tensor) -> GatherHandle:
         views = self._peer_views[layer][name]

@@ -108,7 +108,8 @@ class AsyncEPModelLoader:
         if self.layout is None:
             raise RuntimeError("no MoE layer registered with AsyncEP before the first forward pass")
         order = sorted(self.layer_shards, key=extract_layer_index)
-        shards = [self.layer_shards[name] for name in order]
+        # Hand the shards over: the copy-engine transport frees each one once it is copied.
+        shards = [self.layer_shards.pop(name) for name in order]
         device = shards[0]["w13"].device
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
@@ -125,7 +126,6 @@ class AsyncEPModelLoader:
             group=group, device=device, experts_kernel=default_experts_kernel(device, shards[0]["w13"].dtype),
         )
         self.layer_of = dict(zip(order, self.model.layers))
-        self.layer_shards.clear()  # the transport holds the shards now
         streamer = self.model.streamer
         if device.type == "cuda":
             from vllm_zeroprefill.cuda_graphs import order_graph_launches_after
