@@ -49,11 +49,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from zeroprefill.common.asyncep_moe import AsyncEPMoE, experts_reference, select_experts
+from zeroprefill.common.asyncep_model import AsyncEPConfig, build_asyncep_model
+from zeroprefill.common.asyncep_moe import experts_reference, select_experts
 from zeroprefill.common.expert_sharding import ExpertShardLayout
 from zeroprefill.common.model_spec import MoEModelSpec
-from zeroprefill.common.streamer import ExpertWeightStreamer
-from zeroprefill.common.transport import make_transport
 
 FP8_DTYPE = torch.float8_e4m3fn
 LAYOUT_FAMILIES = ("dp", "asyncep", "a2a_ep", "a2a_tbo", "tp")
@@ -430,17 +429,17 @@ class LocalStack(_Stack):
 
 
 class AsyncEPStack(_Stack):
-    """Attention data-parallel; experts streamed by :class:`ExpertWeightStreamer` ("asyncep")."""
+    """Attention data-parallel; experts streamed by AsyncEP's weight streamer ("asyncep")."""
 
     family = "asyncep"
 
     def __init__(self, cfg, dense, kernel, shards: Sequence[dict[str, torch.Tensor]], layout: ExpertShardLayout,
                  transport: str, prefetch_depth: int, device: torch.device) -> None:
         super().__init__(cfg, dense, kernel)
-        self.streamer = ExpertWeightStreamer(shards, layout, make_transport(transport, None, device),
-                                             prefetch_depth=prefetch_depth)
-        self.moe = [AsyncEPMoE(self.streamer, j, cfg.top_k, cfg.renormalize, experts_kernel=kernel)
-                    for j in range(len(shards))]
+        asyncep = build_asyncep_model(shards, layout, AsyncEPConfig(transport, prefetch_depth), top_k=cfg.top_k,
+                                      renormalize=cfg.renormalize, device=device, experts_kernel=kernel)
+        self.streamer = asyncep.streamer
+        self.moe = asyncep.layers
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         self.streamer.prefetch()  # layer 0's gather overlaps layer 0's attention

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from zeroprefill.common.asyncep_moe import SCORING_FUNCS, AsyncEPMoE, ExpertsKernel
 from zeroprefill.common.expert_sharding import ExpertShardLayout
 from zeroprefill.common.streamer import ExpertWeightStreamer
-from zeroprefill.common.transport import TRANSPORTS, make_transport
+from zeroprefill.common.transport import TRANSPORTS, GatherTransport, make_transport
 
 TRANSPORT_ENV = "ZEROPREFILL_ASYNCEP_TRANSPORT"
 PREFETCH_DEPTH_ENV = "ZEROPREFILL_ASYNCEP_PREFETCH_DEPTH"
@@ -89,15 +89,18 @@ def build_asyncep_model(
     group: dist.ProcessGroup | None = None,
     device: torch.device | None = None,
     experts_kernel: ExpertsKernel | None = None,
+    transport: GatherTransport | None = None,
 ) -> AsyncEPModel:
     """Stream ``layer_shards`` (this rank's shard of each MoE layer, in execution order).
 
     Collective on ``group`` (some transports register the shards with every peer): call on
-    every rank of it, at the same point.
+    every rank of it, at the same point. ``transport``: one made earlier from ``config`` (an
+    engine that hands layers over as it loads them, see ``GatherTransport.adopt``).
     """
     if scoring_func not in SCORING_FUNCS:
         raise AsyncEPConfigError(f"AsyncEP routes with {', '.join(SCORING_FUNCS)}, not scoring_func={scoring_func!r}")
-    transport = make_transport(config.transport, group, device)
+    if transport is None:
+        transport = make_transport(config.transport, group, device)
     streamer = ExpertWeightStreamer(layer_shards, layout, transport, prefetch_depth=config.prefetch_depth)
     layers = [
         AsyncEPMoE(streamer, index, top_k, renormalize, scoring_func, experts_kernel=experts_kernel)

@@ -15,9 +15,13 @@ into which ring slot; a transport only decides *how*:
   weights are read-only while serving, so a pull needs no handshake with the peer: no
   lockstep, no barrier per layer.
 
-All transports are used the same way: ``register(layer_shards)`` once (a transport may move
-shards into memory it can share), then ``gather(layer, name, out)`` per tensor per layer, on
-whatever stream is current, returning a :class:`GatherHandle`.
+All transports are used the same way: every MoE layer's shards are handed over once, in
+layer order — ``adopt(shards)`` per layer as an engine loads them, or ``register(layer_shards)``
+for all at once — then ``gather(layer, name, out)`` per tensor per layer, on whatever stream
+is current, returning a :class:`GatherHandle`. Adopting may move a shard into memory the
+transport can share; it replaces the tensor in the caller's dict, so the original is freed
+as soon as nobody else holds it (an engine adopting layer by layer as it loads never holds
+two copies of the experts).
 """
 
 from __future__ import annotations
@@ -71,14 +75,43 @@ class GatherTransport(ABC):
         self.group = group
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
         self.world_size = dist.get_world_size(group) if dist.is_initialized() else 1
+        self._adopted: list[dict[str, torch.Tensor]] = []
+
+    @property
+    def num_layers(self) -> int:
+        """How many layers have been handed over."""
+        return len(self._adopted)
+
+    def adopt(self, shards: dict[str, torch.Tensor]) -> None:
+        """Take the next layer's shards over (collective for some transports: every rank, in order).
+
+        Replaces tensors in ``shards`` by the ones :meth:`gather` will read.
+        """
+        self._adopt(shards)
+        self._adopted.append(shards)
 
     def register(self, layer_shards: Sequence[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-        """Take every layer's shards over; returns the tensors the streamer must use from now on.
+        """Hand over every layer not adopted yet; returns all layers' shards, in order.
 
-        A transport may move shards into memory it can share; it then replaces them in
-        ``layer_shards`` itself, so an original the caller no longer holds is freed early.
+        ``layer_shards`` lists every layer: those already adopted (the same dicts) first.
         """
-        return list(layer_shards)
+        if len(layer_shards) < self.num_layers or any(
+            given is not adopted for given, adopted in zip(layer_shards, self._adopted)
+        ):
+            raise ValueError(
+                f"{self.name}: {self.num_layers} layers were adopted already; register must list them "
+                "first, as the same dicts"
+            )
+        for shards in layer_shards[self.num_layers :]:
+            self.adopt(shards)
+        self._after_register()
+        return list(self._adopted)
+
+    def _adopt(self, shards: dict[str, torch.Tensor]) -> None:
+        """Transport-specific adoption of one layer (default: use the tensors as they are)."""
+
+    def _after_register(self) -> None:
+        """Runs once every layer is adopted (default: nothing)."""
 
     @property
     def is_collective(self) -> bool:
@@ -93,12 +126,12 @@ class GatherTransport(ABC):
 class _ProcessGroupAllGather(GatherTransport):
     """AllGather through ``torch.distributed`` on the registered shards."""
 
-    def register(self, layer_shards: Sequence[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-        self._shards = [{k: v.contiguous() for k, v in shards.items()} for shards in layer_shards]
-        return self._shards
+    def _adopt(self, shards: dict[str, torch.Tensor]) -> None:
+        for name, tensor in shards.items():
+            shards[name] = tensor.contiguous()
 
     def gather(self, layer: int, name: str, out: torch.Tensor) -> GatherHandle:
-        shard = self._shards[layer][name]
+        shard = self._adopted[layer][name]
         if self.world_size == 1:
             out.copy_(shard, non_blocking=True)
             return GatherHandle()
@@ -130,65 +163,56 @@ class CopyEngineGather(GatherTransport):
 
     name = "copy_engine"
 
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        super().__init__(group)
+        self._handles: list[object] = []
+        self._peer_views: list[dict[str, list[torch.Tensor]]] = []
+
     @property
     def is_collective(self) -> bool:
         return False
 
-    def register(self, layer_shards: Sequence[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
-        """Move every shard into symmetric memory, one layer at a time.
+    def _adopt(self, shards: dict[str, torch.Tensor]) -> None:
+        """Copy one layer's shards into a symmetric buffer of its own; ``shards`` then holds the copies.
 
-        Each layer gets a symmetric buffer of its own, and its shards in ``layer_shards`` are
-        replaced by their copies there as soon as they are made, so an original nobody else
-        holds is freed before the next layer is copied: the peak is the shards plus one layer
-        (a single pool for all layers would need twice the experts' memory at once).
+        One buffer per layer: the original of each layer is freed before the next is copied,
+        so the peak is the shards plus one layer (one pool for all would need twice the
+        experts' memory at once). Collective over the group: every rank, every layer, in order.
         """
         import torch.distributed._symmetric_memory as symm_mem
 
-        if not layer_shards or not any(layer_shards):
-            raise ValueError("no expert shards to register")
+        if not shards:
+            raise ValueError("a MoE layer with no expert shards to adopt")
         group = self.group or dist.group.WORLD
-        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed before torch 2.9, a no-op after
+        if not self._adopted and hasattr(symm_mem, "enable_symm_mem_for_group"):  # before torch 2.9
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 symm_mem.enable_symm_mem_for_group(group.group_name)
-        self._handles = []  # keep the peers' mappings alive
-        self._peer_views: list[dict[str, list[torch.Tensor]]] = []
-        for shards in layer_shards:
-            self._peer_views.append(self._adopt_layer(shards, group, symm_mem))
-            torch.cuda.empty_cache()  # the originals' memory back to the driver for the next buffer
-        device = next(iter(layer_shards[0].values())).device
-        torch.cuda.synchronize(device)
-        dist.barrier(group=group)  # every peer has written its shards before anyone pulls
-        return list(layer_shards)
-
-    def _adopt_layer(self, shards: dict[str, torch.Tensor], group, symm_mem) -> dict[str, list[torch.Tensor]]:
-        """Copy one layer's shards into a symmetric buffer; ``shards`` then holds the copies."""
         names = list(shards)
-        offsets: list[int] = []
-        total_bytes = 0
-        for name in names:
-            offsets.append(total_bytes)
-            tensor = shards[name]
-            total_bytes += -(-tensor.numel() * tensor.element_size() // 256) * 256  # 256-byte aligned
+        sizes = [shards[name].numel() * shards[name].element_size() for name in names]
+        offsets = [sum(-(-size // 256) * 256 for size in sizes[:i]) for i in range(len(names))]  # 256-byte aligned
         device = shards[names[0]].device
-        buffer = symm_mem.empty(total_bytes, dtype=torch.uint8, device=device)
+        buffer = symm_mem.empty(offsets[-1] + -(-sizes[-1] // 256) * 256, dtype=torch.uint8, device=device)
         handle = symm_mem.rendezvous(buffer, group.group_name)
-        self._handles.append(handle)
         views: dict[str, list[torch.Tensor]] = {}
-        for name, offset in zip(names, offsets):
-            original = shards[name]
-            shape, dtype, nbytes = tuple(original.shape), original.dtype, original.numel() * original.element_size()
-            local = buffer[offset : offset + nbytes].view(dtype).view(shape)
-            local.copy_(original)
-            shards[name] = local
-            del original
-            element_offset = offset // local.element_size()
+        for name, offset, size in zip(names, offsets, sizes):
+            shape, dtype = tuple(shards[name].shape), shards[name].dtype
+            local = buffer[offset : offset + size].view(dtype).view(shape)
+            local.copy_(shards[name])
+            shards[name] = local  # the original goes once nobody else holds it
             views[name] = [
-                local if peer == self.rank else handle.get_buffer(peer, shape, dtype, element_offset)
+                local if peer == self.rank else handle.get_buffer(peer, shape, dtype, offset // local.element_size())
                 for peer in range(self.world_size)
             ]
-        torch.cuda.current_stream(device).synchronize()  # the copies are done before the originals go
-        return views
+        torch.cuda.current_stream(device).synchronize()  # copies done before the originals are freed
+        torch.cuda.empty_cache()  # their memory back to the driver, for the next layer's buffer
+        self._handles.append(handle)  # keeps the peers' mappings alive
+        self._peer_views.append(views)
+
+    def _after_register(self) -> None:
+        device = self._peer_views[0][next(iter(self._peer_views[0]))][self.rank].device
+        torch.cuda.synchronize(device)
+        dist.barrier(group=self.group or dist.group.WORLD)  # every peer has written its shards
 
     def gather(self, layer: int, name: str, out: torch.Tensor) -> GatherHandle:
         views = self._peer_views[layer][name]

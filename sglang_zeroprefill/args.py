@@ -28,6 +28,8 @@ import logging
 import os
 from typing import Any, Callable
 
+from zeroprefill.common.asyncep_model import AsyncEPConfigError
+
 logger = logging.getLogger(__name__)
 
 ASYNCEP_BACKEND = "asyncep"
@@ -36,18 +38,11 @@ ZEROPREFILL_LOAD_BALANCE = "zeroprefill"
 #: Set (to "1") in the launching process during resolution; inherited by SGLang's subprocesses.
 ASYNCEP_ENV = "ZEROPREFILL_SGLANG_ASYNCEP"
 LOAD_BALANCE_ENV = "ZEROPREFILL_SGLANG_LOAD_BALANCE"
-#: Optional knobs read where the streamer is built (see README.md).
-TRANSPORT_ENV = "ZEROPREFILL_ASYNCEP_TRANSPORT"
-PREFETCH_DEPTH_ENV = "ZEROPREFILL_ASYNCEP_PREFETCH_DEPTH"
 
 _FLAG_CHOICES = {
     "--moe-a2a-backend": ASYNCEP_BACKEND,
     "--load-balance-method": ZEROPREFILL_LOAD_BALANCE,
 }
-
-
-class AsyncEPConfigError(ValueError):
-    """An SGLang flag combination AsyncEP or the zeroprefill load balancer cannot run."""
 
 
 def asyncep_enabled() -> bool:

@@ -19,7 +19,7 @@ import os
 import sys
 
 from sglang_zeroprefill import register, verify_hooks
-from sglang_zeroprefill.args import AsyncEPConfigError
+from zeroprefill.common.asyncep_model import AsyncEPConfigError
 
 #: Our entry-point name in the ``sglang.srt.plugins`` group (pyproject.toml).
 PLUGIN_NAME = "zeroprefill"

@@ -27,18 +27,15 @@ the model is loaded (``ModelRunner.maybe_init_dwdp``, DWDP's own set-up point, A
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
+from sglang_zeroprefill.args import asyncep_enabled
+from zeroprefill.common.asyncep_model import AsyncEPConfig, AsyncEPConfigError, AsyncEPModel, build_asyncep_model
 from zeroprefill.common.asyncep_moe import AsyncEPMoE
 from zeroprefill.common.expert_sharding import ExpertShardLayout
-from zeroprefill.common.streamer import ExpertWeightStreamer
-from zeroprefill.common.transport import make_transport
-
-from sglang_zeroprefill.args import PREFETCH_DEPTH_ENV, TRANSPORT_ENV, AsyncEPConfigError, asyncep_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +44,14 @@ _BINDING_ATTR = "_zeroprefill_asyncep"
 
 
 @dataclass
-class AsyncEPModelState:
-    """What :func:`setup_asyncep` built for one model on one rank."""
+class AsyncEPBinding:
+    """What :func:`setup_asyncep` built for one model on one rank: the model and its FusedMoEs."""
 
-    streamer: ExpertWeightStreamer
-    layers: list[Any]  # FusedMoE modules in execution order
+    model: AsyncEPModel
+    fused_moe_layers: list[Any]  # SGLang FusedMoE modules, in execution order
 
     def close(self) -> None:
-        self.streamer.close()
+        self.model.close()
 
 
 def check_fused_moe(layer: Any) -> None:
@@ -89,14 +86,13 @@ def after_fused_moe_init(result: Any, layer: Any, *args: Any, **kwargs: Any) -> 
 def setup_asyncep(
     model: torch.nn.Module,
     group: Any,
-    transport_name: str | None = None,
-    prefetch_depth: int | None = None,
+    config: AsyncEPConfig | None = None,
     experts_kernel: Callable[..., torch.Tensor] | None = None,
-) -> AsyncEPModelState:
+) -> AsyncEPBinding:
     """Give every ``FusedMoE`` of ``model`` to one weight streamer over ``group`` (the EP group).
 
     Call once, after the weights are loaded and on every rank of ``group`` (registration of
-    the shards is collective for some transports).
+    the shards is collective for some transports). ``config``: ``AsyncEPConfig.from_env()``.
     """
     from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
 
@@ -108,6 +104,9 @@ def setup_asyncep(
     num_experts = {layer.num_experts for layer in layers}
     if len(num_experts) != 1:
         raise AsyncEPConfigError(f"--moe-a2a-backend asyncep needs the same expert count in every MoE layer, got {sorted(num_experts)}")
+    top_ks = {layer.top_k if layer.top_k is not None else layer.moe_runner_config.top_k for layer in layers}
+    if len(top_ks) != 1:
+        raise AsyncEPConfigError(f"--moe-a2a-backend asyncep needs the same top-k in every MoE layer, got {sorted(top_ks)}")
     world_size = layers[0].moe_ep_size
     layout = ExpertShardLayout(num_experts.pop(), world_size, placement="linear")
     if layers[0].num_local_experts != layout.capacity:
@@ -115,22 +114,20 @@ def setup_asyncep(
             f"--moe-a2a-backend asyncep: FusedMoE holds {layers[0].num_local_experts} experts per rank, "
             f"the shard layout expects {layout.capacity}"
         )
-    device = layers[0].w13_weight.device
-    transport = make_transport(transport_name or os.environ.get(TRANSPORT_ENV, "auto"), group, device)
-    depth = prefetch_depth if prefetch_depth is not None else int(os.environ.get(PREFETCH_DEPTH_ENV, "1"))
+    config = config or AsyncEPConfig.from_env()
     shards = [{"w13": layer.w13_weight.data, "w2": layer.w2_weight.data} for layer in layers]
-    streamer = ExpertWeightStreamer(shards, layout, transport, prefetch_depth=depth)
-    for index, layer in enumerate(layers):
-        top_k = layer.top_k if layer.top_k is not None else layer.moe_runner_config.top_k
-        # Routing stays SGLang's (TopK runs before run_moe_core); only streaming and experts are ours.
-        moe = AsyncEPMoE(streamer, index, top_k=top_k, renormalize=True, experts_kernel=experts_kernel)
+    # Routing stays SGLang's (TopK runs before run_moe_core); only streaming and experts are ours.
+    asyncep = build_asyncep_model(shards, layout, config, top_k=top_ks.pop(), renormalize=True, group=group,
+                                  device=layers[0].w13_weight.device, experts_kernel=experts_kernel)
+    for layer, moe in zip(layers, asyncep.layers):
         _collapse_ep_view(layer)
         setattr(layer, _BINDING_ATTR, moe)
+    streamer = asyncep.streamer
     logger.info(
         "AsyncEP: %d MoE layers streamed over %d ranks (transport %s, prefetch depth %d, %.2f GB of gather buffers)",
-        len(layers), world_size, transport.name, depth, streamer.gather_buffer_bytes / 1e9,
+        len(layers), world_size, streamer.transport.name, streamer.prefetch_depth, streamer.gather_buffer_bytes / 1e9,
     )
-    return AsyncEPModelState(streamer, layers)
+    return AsyncEPBinding(asyncep, layers)
 
 
 def _collapse_ep_view(layer: Any) -> None:

@@ -130,14 +130,10 @@ class _RecordingTransport(GatherTransport):
         super().__init__(None)
         self.layers: list[int] = []
 
-    def register(self, layer_shards):
-        self._shards = [dict(s) for s in layer_shards]
-        return self._shards
-
     def gather(self, layer, name, out):
         if name == "w13":
             self.layers.append(layer)
-        out.copy_(self._shards[layer][name])
+        out.copy_(self._adopted[layer][name])
         return GatherHandle()
 
 
@@ -191,3 +187,24 @@ def test_a_captured_pass_issues_the_eager_pass_gathers_in_the_same_order(num_lay
     eager_steady = transport.layers[before:]
     captured = [j for layer in range(num_layers) for j in streamer._captured_gathers(layer)]
     assert captured == eager_steady
+
+
+def test_layers_adopted_while_loading_are_not_adopted_again():
+    # An engine hands each layer over as it loads it; the streamer built later lists them all.
+    g = torch.Generator().manual_seed(0)
+    full = [{"w13": torch.randn(E, 2 * I, H, generator=g), "w2": torch.randn(E, H, I, generator=g)} for _ in range(3)]
+    layout = ExpertShardLayout(E, 1)
+    transport = make_transport("gloo")
+    shards = [layout.shard_all(f, 0) for f in full]
+    transport.adopt(shards[0])
+    transport.adopt(shards[1])
+    streamer = ExpertWeightStreamer(shards, layout, transport)
+    assert transport.num_layers == 3
+    x, logits = torch.randn(4, H), torch.randn(4, E)
+    for j in range(3):
+        got = AsyncEPMoE(streamer, j, 2, True)(x, logits)
+        torch.testing.assert_close(got, moe_reference(x, logits, full[j]["w13"], full[j]["w2"], 2, True))
+    other = make_transport("gloo")
+    other.adopt(shards[0])
+    with pytest.raises(ValueError, match="register must list them first"):
+        other.register([shards[1], shards[0]])

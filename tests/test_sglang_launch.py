@@ -17,7 +17,8 @@ from sglang.srt.managers.data_parallel_controller import LoadBalanceMethod  # no
 from sglang.srt.server_args import prepare_server_args  # noqa: E402
 
 from sglang_zeroprefill import HOOK_TARGETS, launch_server  # noqa: E402
-from sglang_zeroprefill.args import ASYNCEP_ENV, LOAD_BALANCE_ENV, AsyncEPConfigError  # noqa: E402
+from sglang_zeroprefill.args import ASYNCEP_ENV, LOAD_BALANCE_ENV  # noqa: E402
+from zeroprefill.common.asyncep_model import AsyncEPConfigError  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "common" / "model_configs" / "qwen3-30b-a3b.json"
 ISSUE_COMMAND = "--is-embedding --dp-size 4 --enable-dp-attention --tp-size 4 --ep-size 4 --moe-a2a-backend asyncep"

@@ -49,6 +49,7 @@ def _worker(rank: int, world_size: int, port: int, model_dir: str) -> None:
 
     from sglang_zeroprefill import launch_server
     from sglang_zeroprefill.moe import setup_asyncep
+    from zeroprefill.common.asyncep_model import AsyncEPConfig
 
     n = str(world_size)
     server_args = launch_server.prepare([
@@ -98,7 +99,7 @@ def _worker(rank: int, world_size: int, port: int, model_dir: str) -> None:
                 layer.weight_loader(param, weights[shard_id][expert], name, shard_id, expert)
         model.append(layer)
 
-    state = setup_asyncep(model, get_parallel().moe_ep_group.device_group, transport_name="gloo")
+    state = setup_asyncep(model, get_parallel().moe_ep_group.device_group, AsyncEPConfig(transport="gloo"))
     topks = [TopK(top_k=TOP_K, renormalize=True, layer_id=layer.layer_id) for layer in model]
     tokens = torch.Generator().manual_seed(100 + rank)  # different tokens on every rank
     remote_ids_seen = False  # tokens routed to experts this rank does not store

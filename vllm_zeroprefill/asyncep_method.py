@@ -15,12 +15,13 @@ Where this sits in vLLM's MoE data path (``fused_moe/runner/moe_runner.py``)::
 Weights: vLLM's expert-parallel loader gives every rank its 1/N of each layer's experts
 (``w13_weight [E_local, 2I, H]``, ``w2_weight [E_local, H, I]``, placement ``linear`` or
 ``round_robin``). After loading, each layer hands its shard, padded to the layout's
-capacity, to the process's :class:`AsyncEPModelLoader`. Layers arrive one by one during
-weight loading, but the streamer needs all of them, so the loader builds the model
+capacity, to the process's :class:`AsyncEPModelLoader`, which hands it to the transport at
+once (the copy engine moves it into symmetric memory and vLLM's copy is freed), over a
+communicator of AsyncEP's own spanning the EP ranks, with the settings of
+``AsyncEPConfig.from_env()`` (transport ``auto``: gloo on CPU, the copy engine on GPU). The
+streamer needs every layer, so the loader builds the model
 (``zeroprefill.common.asyncep_model.build_asyncep_model``) at the first MoE forward (the
-start-up profile run, eager, on every rank at the same point), over a communicator of its
-own spanning the EP ranks, with the settings of ``AsyncEPConfig.from_env()`` (transport
-``auto``: gloo on CPU, the copy engine on GPU).
+start-up profile run, eager, on every rank at the same point).
 
 CUDA graphs: the streamer is capture-safe, and :mod:`vllm_zeroprefill.cuda_graphs` orders
 every graph capture and replay after the eager gathers in flight (docs/design.md).
@@ -45,6 +46,7 @@ from vllm.model_executor.utils import set_weight_attrs
 from zeroprefill.common.asyncep_model import AsyncEPConfig, AsyncEPConfigError, AsyncEPModel, build_asyncep_model
 from zeroprefill.common.asyncep_moe import SCORING_FUNCS, AsyncEPMoE, default_experts_kernel
 from zeroprefill.common.expert_sharding import ExpertShardLayout
+from zeroprefill.common.transport import GatherTransport, make_transport
 
 # Under vLLM's logger namespace, so these lines appear in the server log like vLLM's own.
 logger = init_logger(f"vllm.{__name__}")
@@ -78,10 +80,12 @@ def check_routed_experts_supported(layer) -> None:
 
 @dataclass
 class AsyncEPModelLoader:
-    """Collects every MoE layer's shard as vLLM loads it; builds the AsyncEP model at first use."""
+    """Hands every MoE layer's shard to the transport as vLLM loads it; builds the model at first use."""
 
-    layer_shards: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    layer_shards: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # in load order
     layout: ExpertShardLayout | None = None
+    config: AsyncEPConfig | None = None
+    transport: GatherTransport | None = None
     model: AsyncEPModel | None = None
     layer_of: dict[str, AsyncEPMoE] = field(default_factory=dict)
 
@@ -94,7 +98,15 @@ class AsyncEPModelLoader:
                 f"have {self.layout.num_experts}: AsyncEP streams layers of one shape"
             )
         self.layout = layout
-        self.layer_shards[layer.layer_name] = {"w13": w13, "w2": w2}
+        if self.transport is None:
+            self.config = AsyncEPConfig.from_env()
+            self.transport = _make_transport(self.config, w13.device)
+        shards = {"w13": w13, "w2": w2}
+        # Hand the layer over now, while vLLM loads: a transport that moves shards into shareable
+        # memory frees vLLM's copy before the next layer, and vLLM's memory profile (weights at
+        # load, everything else at the profile run) counts the experts once.
+        self.transport.adopt(shards)
+        self.layer_shards[layer.layer_name] = shards
 
     def moe(self, layer) -> AsyncEPMoE:
         """The AsyncEP layer for ``layer``; builds the model on the first call."""
@@ -105,27 +117,25 @@ class AsyncEPModelLoader:
     def _build(self, any_layer) -> None:
         from vllm.model_executor.models.utils import extract_layer_index
 
-        if self.layout is None:
+        if self.layout is None or self.transport is None or self.config is None:
             raise RuntimeError("no MoE layer registered with AsyncEP before the first forward pass")
-        order = sorted(self.layer_shards, key=extract_layer_index)
-        # Hand the shards over: the copy-engine transport frees each one once it is copied.
-        shards = [self.layer_shards.pop(name) for name in order]
+        order = list(self.layer_shards)
+        if order != sorted(order, key=extract_layer_index):
+            raise RuntimeError(f"vLLM loaded the MoE layers out of execution order: {order}")
+        shards = [self.layer_shards[name] for name in order]
         device = shards[0]["w13"].device
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 "AsyncEP's first MoE forward is a CUDA-graph capture: vLLM runs an eager profile pass "
                 "before capturing, so this vLLM release is not supported; use --enforce-eager"
             )
-        ep_group = get_ep_group()
-        # A communicator of our own: the side-stream gathers never interleave with vLLM's ops.
-        backend = "gloo" if device.type == "cpu" else "nccl"
-        group = dist.new_group(ranks=ep_group.ranks, backend=backend, use_local_synchronization=True)
         self.model = build_asyncep_model(
-            shards, self.layout, AsyncEPConfig.from_env(),
+            shards, self.layout, self.config,
             top_k=any_layer.top_k, renormalize=any_layer.renormalize, scoring_func=any_layer.scoring_func,
-            group=group, device=device, experts_kernel=default_experts_kernel(device, shards[0]["w13"].dtype),
+            experts_kernel=default_experts_kernel(device, shards[0]["w13"].dtype), transport=self.transport,
         )
         self.layer_of = dict(zip(order, self.model.layers))
+        self.layer_shards.clear()
         streamer = self.model.streamer
         if device.type == "cuda":
             from vllm_zeroprefill.cuda_graphs import order_graph_launches_after
@@ -139,6 +149,17 @@ class AsyncEPModelLoader:
             streamer.prefetch_depth, streamer.num_slots, streamer.gather_buffer_bytes / 2**30,
             list(self.layout.experts_of_rank(streamer.rank)), self.model.layers[0].experts_kernel.__name__,
         )
+
+
+def _make_transport(config: AsyncEPConfig, device: torch.device) -> GatherTransport:
+    """The transport over a communicator of AsyncEP's own, spanning vLLM's EP ranks.
+
+    Its own: the side-stream gathers never interleave with vLLM's collectives. Collective: every
+    EP rank creates it at its first MoE layer, as vLLM loads the same layers on every rank.
+    """
+    backend = "gloo" if device.type == "cpu" else "nccl"
+    group = dist.new_group(ranks=get_ep_group().ranks, backend=backend, use_local_synchronization=True)
+    return make_transport(config.transport, group, device)
 
 
 _LOADER = AsyncEPModelLoader()

@@ -53,12 +53,10 @@ def _rank_main(rank: int, world_size: int, init_file: str, model_dir: str, resul
     import torch
     import torch.distributed as dist
 
-    from zeroprefill.common.asyncep_moe import AsyncEPMoE
+    from zeroprefill.common.asyncep_model import AsyncEPConfig, build_asyncep_model
     from zeroprefill.common.checkpoint import ExpertCheckpoint
     from zeroprefill.common.expert_sharding import ExpertShardLayout
     from zeroprefill.common.model_spec import MoEModelSpec
-    from zeroprefill.common.streamer import ExpertWeightStreamer
-    from zeroprefill.common.transport import make_transport
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
@@ -68,8 +66,9 @@ def _rank_main(rank: int, world_size: int, init_file: str, model_dir: str, resul
         layout = ExpertShardLayout(spec.num_experts, world_size)
         layers = [checkpoint.moe_layer(spec, i) for i in spec.moe_layer_indices]
         shards = [layout.shard_all({"w13": t["w13"], "w2": t["w2"]}, rank) for t in layers]
-        streamer = ExpertWeightStreamer(shards, layout, make_transport("gloo"), prefetch_depth=1)
-        moe = [AsyncEPMoE(streamer, k, spec.top_k, spec.renormalize_topk, spec.scoring_func) for k in range(len(layers))]
+        asyncep = build_asyncep_model(shards, layout, AsyncEPConfig(transport="gloo"), top_k=spec.top_k,
+                                      renormalize=spec.renormalize_topk, scoring_func=spec.scoring_func)
+        moe = asyncep.layers
         my_prompts = PROMPTS[rank::world_size]  # uneven token counts across ranks
         io = _moe_block_io(Path(model_dir), my_prompts)
         worst = 0.0
@@ -80,7 +79,7 @@ def _rank_main(rank: int, world_size: int, init_file: str, model_dir: str, resul
             got = moe[k](x, logits)
             worst = max(worst, (got - want).abs().max().item() if x.shape[0] else 0.0)
             tokens = x.shape[0]
-        streamer.close()
+        asyncep.close()
         results.put((rank, len(my_prompts), tokens, worst, layout.experts_of_rank(rank)))
     finally:
         dist.destroy_process_group()
