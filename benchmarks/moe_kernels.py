@@ -40,7 +40,8 @@ import triton
 
 from zeroprefill.kernels import (GROUPED_MM, GemmConfig, MoEConfig, fused_experts,
                                  fused_experts_reference, get_config, grouped_mm_experts, moe_align_block_size,
-                                 quantize_weights_fp8_block, quantize_weights_fp8_rowwise, topk_routing)
+                                 quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
+from zeroprefill.common.asyncep_moe import select_experts
 from zeroprefill.kernels.fused_moe import (_gemm1_gate_up_silu_kernel, _gemm2_down_scatter_kernel,
                                            run_gemm1, run_gemm2)
 from zeroprefill.kernels.grouped_mm_moe import ALIGN_M as GROUPED_MM_ALIGN_M
@@ -122,7 +123,7 @@ class Layer:
         self.w2_fp8_rowwise, self.w2_rowwise_scale = quantize_weights_fp8_rowwise(self.w2)
         self.x = torch.randn(max_tokens, h, device="cuda", generator=gen).bfloat16()
         logits = torch.randn(max_tokens, e, device="cuda", generator=gen)
-        self.topk_weights, self.topk_ids = topk_routing(logits, self.top_k, renormalize=True)
+        self.topk_weights, self.topk_ids = select_experts(logits, self.top_k, renormalize=True)
 
     def inputs(self, num_tokens: int):
         return (self.x[:num_tokens], self.topk_weights[:num_tokens].contiguous(),

@@ -34,13 +34,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+#: The GPU transports a profile measures and a GPU deployment chooses between (the runtime's
+#: ``zeroprefill.common.transport`` adds gloo, for CPU). Here, not there: the planner and the
+#: router read profiles without importing torch.
+GPU_TRANSPORTS = ("nccl", "copy_engine")
+
 #: GPU kinds with shipped profiles and the group sizes shipped for each.
 SHIPPED_GPUS = ("h100", "h200")
 SHIPPED_GPU_COUNTS = (1, 2, 4, 8)
 #: Compute/weight formats a profile rates.
 DTYPES = ("bf16", "fp8")
 #: AllGather transports (names as in ``zeroprefill.common.transport``).
-TRANSPORTS = ("nccl", "copy_engine")
 
 
 class HardwareProfileError(ValueError):
@@ -112,9 +116,9 @@ class HardwareProfile:
         return self._dtype_entry(self.peak_tflops, dtype, "peak_tflops").value
 
     def gather(self, transport: str = "nccl") -> AllGatherProfile:
-        if transport not in TRANSPORTS:
+        if transport not in GPU_TRANSPORTS:
             raise HardwareProfileError(
-                f"unknown transport {transport!r}; choose one of {', '.join(TRANSPORTS)}"
+                f"unknown transport {transport!r}; choose one of {', '.join(GPU_TRANSPORTS)}"
             )
         if transport not in self.allgather:
             have = ", ".join(self.allgather) or "none (single-GPU profile)"
@@ -181,7 +185,7 @@ class HardwareProfile:
 
         allgather = {}
         for name, entry in data["allgather"].items():
-            if name not in TRANSPORTS:
+            if name not in GPU_TRANSPORTS:
                 raise ValueError(f"unknown transport {name!r} in allgather")
             points = sorted(
                 (

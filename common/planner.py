@@ -60,7 +60,7 @@ from zeroprefill.common.cost_model import (
     layer_flops_at_context,
     layer_matmul_params,
 )
-from zeroprefill.common.hardware import TRANSPORTS, HardwareProfile, HardwareProfileError, shipped_profile
+from zeroprefill.common.hardware import GPU_TRANSPORTS, HardwareProfile, HardwareProfileError, shipped_profile
 from zeroprefill.common.model_spec import BYTES_PER_ELEMENT, FP8_WEIGHT_BLOCK, MoEModelSpec
 
 #: Parallel layouts the planner compares.
@@ -71,7 +71,7 @@ PLAN_DTYPES = ("bf16", "fp8")
 #: The runtime's default transport (``make_transport("auto", ...)``); :func:`resolve_transport`.
 AUTO_TRANSPORT = "auto"
 #: Transports a deployment may name: ``auto`` or one the hardware profiles measure.
-PLAN_TRANSPORTS = (AUTO_TRANSPORT, *TRANSPORTS)
+PLAN_TRANSPORTS = (AUTO_TRANSPORT, *GPU_TRANSPORTS)
 #: Activations and KV cache stay bf16 whatever the weight format.
 ACTIVATION_BYTES = 2
 #: Resident activation tensors per token outside attention and experts: residual stream,

@@ -11,7 +11,7 @@ into which ring slot; a transport only decides *how*:
   side stream. SM-based: its kernels share SMs and HBM with the compute they hide behind.
 - :class:`CopyEngineGather`: every rank's shards live in torch symmetric memory; a gather is
   ``world_size - 1`` peer-to-peer ``cudaMemcpyAsync`` pulls on the side stream, executed by
-  the copy engines, not SMs (DESIGN.md: about half the compute slowdown of NCCL). Expert
+  the copy engines, not SMs (about half the compute slowdown of NCCL: docs/design.md). Expert
   weights are read-only while serving, so a pull needs no handshake with the peer: no
   lockstep, no barrier per layer.
 
@@ -34,10 +34,12 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-TRANSPORTS = ("gloo", "nccl", "copy_engine")
+from zeroprefill.common.hardware import GPU_TRANSPORTS
 
-# torch >= 2.13 renames all_gather_into_tensor; the old name is what torch 2.6-2.12 have.
-warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")
+TRANSPORTS = ("gloo", *GPU_TRANSPORTS)
+
+# torch 2.13 renames all_gather_into_tensor to all_gather_single (the old name warns).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class GatherTimeoutError(RuntimeError):
@@ -136,9 +138,7 @@ class _ProcessGroupAllGather(GatherTransport):
             out.copy_(shard, non_blocking=True)
             return GatherHandle()
         # A gather copies bytes: byte views let every dtype through (gloo has no float8).
-        work = dist.all_gather_into_tensor(
-            out.view(torch.uint8), shard.view(torch.uint8), group=self.group, async_op=True
-        )
+        work = _all_gather_single(out.view(torch.uint8), shard.view(torch.uint8), group=self.group, async_op=True)
         return self._after_issue(work)
 
     def _after_issue(self, work: dist.Work) -> GatherHandle:
@@ -235,8 +235,8 @@ def _has_symmetric_memory() -> bool:
 def make_transport(name: str, group: dist.ProcessGroup | None = None, device: torch.device | None = None) -> GatherTransport:
     """Build a transport by name; ``"auto"`` picks the measured-fastest one for the device.
 
-    ``auto``: gloo on CPU; on CUDA the copy engine when torch has symmetric memory (DESIGN.md:
-    it halves the compute slowdown of NCCL), else NCCL.
+    ``auto``: gloo on CPU; on CUDA the copy engine when torch has symmetric memory (it halves
+    the compute slowdown of NCCL: docs/design.md), else NCCL.
     """
     if name == "auto":
         on_cuda = device is not None and torch.device(device).type == "cuda"

@@ -1,6 +1,6 @@
-"""Triton kernels for Mixture-of-Experts prefill: routing, alignment, grouped expert GEMMs.
+"""Triton kernels for Mixture-of-Experts prefill: alignment, grouped expert GEMMs.
 
-    router_logits --[topk_routing]--> (topk_weights, topk_ids)
+    (topk_weights, topk_ids) from the engine's router or AsyncEP's (select_experts, plain torch)
         --[fused_experts, one of two backends]--> out [T, H]
     triton      (fused_moe.py): moe_align_block_size -> GEMM1 (gate/up + SiLU*mul) -> GEMM2
                 (down, routing weight, scatter) -> K-slot sum
@@ -21,7 +21,6 @@ from .grouped_mm_moe import grouped_mm_experts
 from .moe_config import GROUPED_MM, TRITON, GemmConfig, MoEConfig, get_config
 from .quant import (dequantize_fp8_block, dequantize_fp8_rowwise, quantize_tokens_fp8_group,
                     quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
-from .routing import topk_routing, topk_routing_reference
 
 __all__ = [
     "ExpertAlignment",
@@ -39,6 +38,4 @@ __all__ = [
     "quantize_tokens_fp8_group",
     "quantize_weights_fp8_block",
     "quantize_weights_fp8_rowwise",
-    "topk_routing",
-    "topk_routing_reference",
 ]

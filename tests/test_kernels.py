@@ -31,8 +31,8 @@ if not ON_GPU:
 from zeroprefill.kernels import (GROUPED_MM, MoEConfig, GemmConfig, dequantize_fp8_block,  # noqa: E402
                                  dequantize_fp8_rowwise, fused_experts, fused_experts_reference,
                                  moe_align_block_size, quantize_tokens_fp8_group,
-                                 quantize_weights_fp8_block, quantize_weights_fp8_rowwise,
-                                 topk_routing, topk_routing_reference)
+                                 quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
+from zeroprefill.common.asyncep_moe import select_experts  # noqa: E402
 from zeroprefill.kernels import fused_moe, grouped_mm_moe  # noqa: E402
 from zeroprefill.kernels.quant import quantize_tokens_fp8_group_reference  # noqa: E402
 
@@ -56,32 +56,8 @@ def make_tokens(num_tokens: int, hidden: int, num_experts: int, top_k: int, dtyp
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(num_tokens, hidden, generator=gen).to(dtype).to(DEVICE)
     logits = torch.randn(num_tokens, num_experts, generator=gen).to(DEVICE)
-    weights, ids = topk_routing_reference(logits, top_k, renormalize=True)
+    weights, ids = select_experts(logits, top_k, renormalize=True)  # the router AsyncEP serves with
     return x, weights.contiguous(), ids.contiguous()
-
-
-# ---------------------------------------------------------------------------- routing
-
-@pytest.mark.parametrize("renormalize", [True, False])
-@pytest.mark.parametrize("num_tokens,num_experts,top_k", [(37, 8, 2), (5, 12, 4), (3, 6, 6)])
-def test_topk_routing_matches_reference(num_tokens, num_experts, top_k, renormalize):
-    logits = torch.randn(num_tokens, num_experts, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    weights, ids = topk_routing(logits, top_k, renormalize)
-    ref_weights, ref_ids = topk_routing_reference(logits, top_k, renormalize)
-    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
-    assert torch.equal(ids, ref_ids)
-    torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
-    if renormalize:
-        torch.testing.assert_close(weights.sum(-1), torch.ones(num_tokens, device=DEVICE))
-
-
-def test_topk_routing_bad_inputs():
-    with pytest.raises(ValueError, match="top_k=9"):
-        topk_routing(torch.randn(4, 8, device=DEVICE), 9, True)
-    with pytest.raises(ValueError, match="2-D"):
-        topk_routing(torch.randn(4, 8, 2, device=DEVICE), 2, True)
-    weights, ids = topk_routing(torch.randn(0, 8, device=DEVICE), 2, True)
-    assert weights.shape == ids.shape == (0, 2)
 
 
 # ---------------------------------------------------------------------------- alignment

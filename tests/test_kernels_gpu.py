@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from zeroprefill.kernels import (GROUPED_MM, MoEConfig, fused_experts, fused_experts_reference,
-                                 quantize_weights_fp8_block, quantize_weights_fp8_rowwise, topk_routing)
+                                 quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
+from zeroprefill.common.asyncep_moe import select_experts
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -29,7 +30,7 @@ def test_layer_shapes_bf16_and_fp8(num_tokens, hidden, inter):
     w13 = (torch.randn(num_experts, 2 * inter, hidden, device="cuda", generator=gen) * hidden ** -0.5).bfloat16()
     w2 = (torch.randn(num_experts, hidden, inter, device="cuda", generator=gen) * inter ** -0.5).bfloat16()
     x = torch.randn(num_tokens, hidden, device="cuda", generator=gen).bfloat16()
-    weights, ids = topk_routing(torch.randn(num_tokens, num_experts, device="cuda", generator=gen), top_k, True)
+    weights, ids = select_experts(torch.randn(num_tokens, num_experts, device="cuda", generator=gen), top_k, True)
 
     ref = fused_experts_reference(x, w13, w2, weights, ids)
     assert rel_err(fused_experts(x, w13, w2, weights, ids), ref) < 2e-2
