@@ -73,6 +73,8 @@ LAYOUTS = {
         Layout("stock-tp2-ep", ("--tensor-parallel-size", "2", "--enable-expert-parallel")),
         Layout("asyncep-copy-engine", tuple(asyncep_args(2)), ((TRANSPORT_ENV, "copy_engine"),)),
         Layout("asyncep-nccl", tuple(asyncep_args(2)), ((TRANSPORT_ENV, "nccl"),)),
+        # CUDA graphs against none, for the batches graphs are captured for (<= 512 tokens).
+        Layout("asyncep-copy-engine-eager", (*asyncep_args(2), "--enforce-eager"), ((TRANSPORT_ENV, "copy_engine"),)),
     ]
 }
 
@@ -374,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--models", nargs="+", type=parse_model, default=[parse_model("qwen3-235b-a22b:16")],
                         help="shipped config name, ':N' keeps its first N layers")
-    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
+    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS),
+                        default=[name for name in LAYOUTS if not name.endswith("-eager")])
     parser.add_argument("--batched-tokens", nargs="+", type=int, default=[8192, 16384, 32768, 65536],
                         help="--max-num-batched-tokens values; each layout keeps its best")
     parser.add_argument("--contexts", nargs="+", type=int, default=[512, 4096, 32768], help="tokens per request")

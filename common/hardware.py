@@ -18,7 +18,7 @@ takes ``S * (N - 1) / busbw`` (AllGather: ``S`` = shard sent by each rank). The 
 ``s`` is the fractional increase of GEMM time while the collective runs, so the rate under
 concurrent communication is ``R_eff = R / (1 + s)``.
 
-Every number carries its provenance (``source``): ``"measured: ..."`` (DESIGN.md
+Every number carries its provenance (``source``): ``"measured: ..."`` (docs/design.md
 measurements or ``zeroprefill calibrate``), ``"estimated: ..."`` (derived from a datasheet)
 or ``"extrapolated: ..."`` (carried over from a measured neighbour). Shipped profiles live in
 ``profiles/<gpu>x<num_gpus>.json`` inside this package.

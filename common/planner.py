@@ -46,7 +46,7 @@ One rate per dtype (``profile.compute_tflops``: GEMM rate at MoE shapes) times e
 attention scores included; real kernels (token permutation, SiLU, flash attention) run below
 it, so predicted step times are lower bounds and the threshold in tokens an upper bound
 (slower compute hides the gather with fewer tokens). Gathering is bandwidth-only: the
-measured interference beyond the GEMM slowdown (DESIGN.md, section 4) is not modelled.
+measured interference beyond the GEMM slowdown (docs/design.md, measured anchors) is not modelled.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def test_qwen3_235b_request_flops_by_hand(q235):
     assert expected == 92_256_001_327_104
     assert request_flops(q235, 2048) == expected
     assert request_flops_breakdown(q235, 2048).total == expected
-    # 32K context: attention is ~120% of the linear FLOPs (DESIGN.md section 5).
+    # 32K context: attention is ~120% of the linear FLOPs (docs/design.md, measured anchors).
     scores = 94 * Q235_PAIR * (32768 * 32769 // 2)
     linear = 2 * 32768 * 94 * Q235_LAYER
     assert request_flops(q235, 32768) == linear + scores + Q235_HEAD

@@ -55,7 +55,7 @@ def test_h200_anchors_from_design_measurements():
     assert four.compute_tflops("bf16") == 709 and four.hbm_gbps.value == 4270
     assert four.alltoall_bus_gbps.value == 312
     assert four.effective_tflops("bf16") == pytest.approx(709 / 1.12)
-    assert four.gather().gemm_slowdown.source.startswith("measured: DESIGN.md")
+    assert four.gather().gemm_slowdown.source.startswith("measured: docs/design.md")
     assert shipped_profile("h200", 8).gather().gemm_slowdown.source.startswith("extrapolated")
 
 

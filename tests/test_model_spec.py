@@ -13,7 +13,7 @@ QWEN3_235B = "common/model_configs/qwen3-235b-a22b.json"
 def test_qwen3_235b_shapes_and_sizes():
     spec = MoEModelSpec.from_pretrained(QWEN3_235B)
     assert (spec.num_layers, spec.num_moe_layers, spec.num_experts, spec.top_k) == (94, 94, 128, 8)
-    # One layer's experts: 128 experts * 3 * 4096 * 1536 weights * 2 bytes = 4.83 GB (DESIGN.md).
+    # One layer's experts: 128 experts * 3 * 4096 * 1536 weights * 2 bytes = 4.83 GB (docs/design.md).
     assert spec.expert_bytes_per_layer("bf16") == 128 * 3 * 4096 * 1536 * 2
     # FP8: one byte a weight + fp32 scale per 128x128 block: w13 (3072/128)*(4096/128) = 768
     # blocks, w2 (4096/128)*(1536/128) = 384, per expert.

@@ -53,7 +53,7 @@ def test_gather_time_and_threshold_qwen3_235b_bf16_4xh200(q235, h200x4):
     # W = 128 experts * 37,748,736 B = 4.83 GB; each rank sends W/4, receives 3 W/4 at 339 GB/s.
     t_g = 32 * EXPERT_BF16 * 3 / 339e9
     assert gather_time_s(nccl(q235, h200x4, 4, "bf16")) == pytest.approx(t_g)
-    assert t_g == pytest.approx(10.69e-3, rel=1e-3)  # DESIGN.md: ~10.7 ms
+    assert t_g == pytest.approx(10.69e-3, rel=1e-3)  # docs/design.md: ~10.7 ms
     threshold = t_g * 709e12 / 1.12  # R_eff = 709 / (1 + 12%) TFLOP/s
     assert saturation_threshold_flops(nccl(q235, h200x4, 4, "bf16")) == pytest.approx(threshold)
     assert saturation_threshold_flops(nccl(q235, h200x4, 1, "bf16")) == 0.0
@@ -63,7 +63,7 @@ def test_threshold_in_tokens_falls_with_context(q235, h200x4):
     threshold = saturation_threshold_flops(nccl(q235, h200x4, 4, "bf16"))
     tokens = {c: saturation_threshold_tokens(nccl(q235, h200x4, 4, "bf16"), c) for c in (512, 4096, 32768)}
     assert tokens[512] > tokens[4096] > tokens[32768]
-    # Short context: ~15K tokens per GPU (DESIGN.md: "~16K tokens ... at short context");
+    # Short context: ~15K tokens per GPU (docs/design.md: "~16K tokens ... at short context");
     # per token 2 * 222,822,400 + 32,768 * 513 / 2 = 454,049,792 FLOPs per layer.
     assert tokens[512] == pytest.approx(threshold / 454_049_792, abs=1)
     for context, count in tokens.items():  # smallest batch: one token fewer falls short
@@ -114,7 +114,7 @@ def test_memory_qwen3_235b_bf16_on_4xh200_does_not_fit_fp8_does(q235, h200x4):
     assert fp8.dense_weight_bytes == 94 * 71_303_168 + 4 * 94 * 71_303_168 // 16384 + 1_294_740_992 * 2
     assert fp8.expert_weight_bytes == 94 * 32 * EXPERT_FP8
     assert fp8.gather_buffer_bytes == 2 * 128 * EXPERT_FP8
-    # 9.3 + 56.8 + 4.8 + 4.2 + 3.2 = 78.3 GB (DESIGN.md: "~75 GB/GPU"): fits with room.
+    # 9.3 + 56.8 + 4.8 + 4.2 + 3.2 = 78.3 GB (about 75 GB per GPU): fits with room.
     assert fp8.total_bytes == 78_263_014_400 and fp8.fits
 
 

@@ -4,7 +4,7 @@ Prefill-only requests (embeddings, scores, classification) are known in full whe
 arrive, so their cost is computable before any work: ``request_flops`` from our cost model,
 with the prefix-cache hit the engine would give the request right now. Each step the
 scheduler admits waiting requests until the step's true FLOPs reach a budget (the saturation
-budget of DESIGN.md: enough work to hide one layer's weight gather, no more), instead of
+budget of docs/design.md: enough work to hide one layer's weight gather, no more), instead of
 filling a token count. Two prompts with equal token counts can differ several-fold in cost
 (attention is quadratic, a prefix hit removes compute but not tokens); the budget sees it.
 
