@@ -32,8 +32,11 @@ def reference_embeddings(model_dir: Path, texts: list[str]) -> list[list[float]]
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from zeroprefill.tiny_model import no_transformers_progress_bars
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with no_transformers_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     out = []
     with torch.no_grad():
         for text in texts:

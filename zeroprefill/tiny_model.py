@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -146,6 +148,20 @@ def train_tokenizer(vocab_size: int, out_dir: Path) -> None:
     fast.save_pretrained(out_dir)
 
 
+@contextmanager
+def no_transformers_progress_bars() -> Iterator[None]:
+    """transformers' own progress bars off (writing and loading a tiny model is instant)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def generate_tiny_moe(out_dir: str | Path, config: TinyMoEConfig | None = None) -> Path:
     """Write a random-weight MoE checkpoint with a trained tokenizer to ``out_dir``.
 
@@ -170,7 +186,8 @@ def generate_tiny_moe(out_dir: str | Path, config: TinyMoEConfig | None = None) 
                 param.uniform_(0.8, 1.2)
             else:
                 param.normal_(0.0, 1.0 / param.shape[-1] ** 0.5)
-    model.save_pretrained(out, safe_serialization=True)
+    with no_transformers_progress_bars():
+        model.save_pretrained(out, safe_serialization=True)
     (out / "zeroprefill_tiny_model.json").write_text(json.dumps(asdict(config), indent=2))
     return out
 
