@@ -143,7 +143,7 @@ class AsyncEPModelLoader:
             order_graph_launches_after(streamer)
         logger.info(
             "AsyncEP: streaming %d MoE layers of %d experts over %d EP ranks (transport %s, prefetch "
-            "depth %d, %d gather buffers = %.2f GiB on this GPU, this rank stores experts %s, experts "
+            "depth %d, %d gather buffers = %.2f GiB on this rank, which stores experts %s, experts "
             "kernel %s)",
             len(order), self.layout.num_experts, self.layout.world_size, streamer.transport.name,
             streamer.prefetch_depth, streamer.num_slots, streamer.gather_buffer_bytes / 2**30,
