@@ -208,3 +208,21 @@ def test_layers_adopted_while_loading_are_not_adopted_again():
     other.adopt(shards[0])
     with pytest.raises(ValueError, match="register must list them first"):
         other.register([shards[1], shards[0]])
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"ZEROPREFILL_ASYNCEP_TRANSPORT": "pigeon"}, "ZEROPREFILL_ASYNCEP_TRANSPORT='pigeon' is not a transport"),
+        ({"ZEROPREFILL_ASYNCEP_PREFETCH_DEPTH": "two"}, "ZEROPREFILL_ASYNCEP_PREFETCH_DEPTH='two' is not a whole number"),
+        ({"ZEROPREFILL_ASYNCEP_PREFETCH_DEPTH": "0"}, "ZEROPREFILL_ASYNCEP_PREFETCH_DEPTH=0 must be at least 1"),
+    ],
+)
+def test_asyncep_config_from_the_environment_names_the_variable(environ, message):
+    from zeroprefill.common.asyncep_model import AsyncEPConfig, AsyncEPConfigError
+
+    with pytest.raises(AsyncEPConfigError, match=message):
+        AsyncEPConfig.from_env(environ)
+    assert AsyncEPConfig.from_env({}) == AsyncEPConfig("auto", 1)
+    assert AsyncEPConfig.from_env({"ZEROPREFILL_ASYNCEP_TRANSPORT": "nccl",
+                                   "ZEROPREFILL_ASYNCEP_PREFETCH_DEPTH": "2"}) == AsyncEPConfig("nccl", 2)
