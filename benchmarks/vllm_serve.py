@@ -31,7 +31,6 @@ import asyncio
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,7 @@ sys.path.insert(0, str(REPO))
 from vllm_zeroprefill.server import ServerStartError, VllmServer, asyncep_args, free_port  # noqa: E402
 from zeroprefill.common.cost_model import request_flops  # noqa: E402
 from zeroprefill.common.model_spec import MoEModelSpec  # noqa: E402
+from zeroprefill.tiny_model import write_dummy_checkpoint  # noqa: E402
 
 PEAK_BF16_TFLOPS = 989.0
 NUM_GPUS = 2
@@ -103,17 +103,10 @@ def parse_model(text: str) -> ModelChoice:
 
 
 def model_dir(work: Path, model: ModelChoice) -> Path:
-    """The shipped config plus a tokenizer (a generated one; requests send token ids < 500)."""
-    from zeroprefill.tiny_model import TinyMoEConfig, generate_tiny_moe
-
+    """The shipped config plus a generated tokenizer (requests send token ids below 500)."""
     out = work / model.name
     if not (out / "config.json").exists():
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(REPO / "common" / "model_configs" / f"{model.name}.json", out / "config.json")
-        source = generate_tiny_moe(work / "tokenizer-source", TinyMoEConfig())
-        for item in source.iterdir():
-            if item.name.startswith(("tokenizer", "special_tokens")):
-                shutil.copy(item, out / item.name)
+        write_dummy_checkpoint(REPO / "common" / "model_configs" / f"{model.name}.json", out)
     return out
 
 

@@ -60,7 +60,8 @@ from zeroprefill.common.cost_model import (
     layer_flops_at_context,
     layer_matmul_params,
 )
-from zeroprefill.common.hardware import GPU_TRANSPORTS, HardwareProfile, HardwareProfileError, shipped_profile
+from zeroprefill.common.hardware import (GPU_TRANSPORTS, HardwareProfile, HardwareProfileError, shipped_gpu_for,
+                                         shipped_profile)
 from zeroprefill.common.model_spec import BYTES_PER_ELEMENT, FP8_WEIGHT_BLOCK, MoEModelSpec
 
 #: Parallel layouts the planner compares.
@@ -248,6 +249,22 @@ def step_flops_budget(
     if headroom < 1.0:
         raise PlanError(f"headroom must be >= 1.0 (below it the gather is exposed), got {headroom}")
     return forward_flops_at_threshold(deployment, context_tokens) * headroom
+
+
+def step_flops_budget_on_gpus(
+    spec: MoEModelSpec, device_name: str, num_ranks: int, context_tokens: int, headroom: float = DEFAULT_STEP_HEADROOM
+) -> float | None:
+    """:func:`step_flops_budget` of ``num_ranks`` GPUs called ``device_name`` in one node, at
+    bf16 with the runtime's transport: what an engine plugin uses by default.
+
+    ``None`` where no budget applies: a GPU without a shipped profile, or one rank (nothing
+    is gathered). Raises ``HardwareProfileError`` / ``PlanError`` where the deployment has no
+    plan (e.g. a GPU count without a shipped profile): the caller says so.
+    """
+    gpu = shipped_gpu_for(device_name)
+    if gpu is None or num_ranks == 1:
+        return None
+    return step_flops_budget(Deployment.on_shipped_gpu(spec, gpu, num_ranks), context_tokens, headroom=headroom)
 
 
 # -- memory --------------------------------------------------------------------------------

@@ -47,9 +47,9 @@ from pathlib import Path
 from typing import Any
 
 from zeroprefill.common.cost_model import lm_head_tokens
-from zeroprefill.common.hardware import HardwareProfileError, shipped_gpu_for
+from zeroprefill.common.hardware import HardwareProfileError
 from zeroprefill.common.model_spec import MoEModelSpec
-from zeroprefill.common.planner import DEFAULT_CONTEXT_TOKENS, Deployment, PlanError, step_flops_budget
+from zeroprefill.common.planner import DEFAULT_CONTEXT_TOKENS, PlanError, step_flops_budget_on_gpus
 from zeroprefill.common.prefix_index import block_hashes
 from zeroprefill.common.router_policy import PromptShape, RoutedRequest, RouterPolicy
 
@@ -173,16 +173,15 @@ def build_for_controller(controller: Any) -> ZeroPrefillLoadBalancer:
 def planned_saturation_flops(spec: MoEModelSpec, num_ranks: int, device_name: str | None) -> float:
     """The planner's per-rank saturation threshold of this AsyncEP deployment; 0 where none
     applies (no AsyncEP, one rank, no GPU or one without a shipped profile)."""
-    gpu = shipped_gpu_for(device_name) if device_name else None
-    if not asyncep_enabled() or gpu is None or num_ranks == 1:
+    if not asyncep_enabled() or not device_name:
         return 0.0
     try:
-        deployment = Deployment.on_shipped_gpu(spec, gpu, num_ranks)
+        budget = step_flops_budget_on_gpus(spec, device_name, num_ranks, DEFAULT_CONTEXT_TOKENS, headroom=1.0)
     except (HardwareProfileError, PlanError) as exc:
         logger.warning("zeroprefill DP balancer: no planned saturation threshold for %d x %s (%s); "
                        "set %s to give one", num_ranks, device_name, exc, SATURATION_ENV)
         return 0.0
-    return step_flops_budget(deployment, DEFAULT_CONTEXT_TOKENS, headroom=1.0)
+    return budget or 0.0
 
 
 def local_gpu_name() -> str | None:

@@ -28,7 +28,6 @@ import asyncio
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,10 +38,10 @@ import torch
 pytest.importorskip("vllm")
 
 from tests.vllm_servers import (  # noqa: E402
-    CLASSIFY, EMBED, TEXTS, add_classifier_head, mixed_requests, post, send_all, values,
+    CLASSIFY, EMBED, TEXTS, ServerCase, add_classifier_head, mixed_requests, post, send_all, values,
 )
 from vllm_zeroprefill.server import ServerStartError, VllmServer, asyncep_args, free_port  # noqa: E402
-from zeroprefill.tiny_model import TinyMoEConfig, generate_tiny_moe  # noqa: E402
+from zeroprefill.tiny_model import TinyMoEConfig, generate_tiny_moe, write_dummy_checkpoint  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu, pytest.mark.slow]
 if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
@@ -56,17 +55,6 @@ TINY_SERVER_ARGS = ["--dtype", "bfloat16", "--max-model-len", "2048", "--gpu-mem
 LONG_TEXTS = [" ".join(TEXTS) * 3, "expert " * 400]  # under --max-model-len 2048
 
 
-@dataclass(frozen=True)
-class TinyCase:
-    name: str
-    model: TinyMoEConfig
-    runner_args: tuple[str, ...]
-
-    @property
-    def task(self) -> str:
-        return "classify" if "classify" in self.runner_args else "embed"
-
-
 def _tiny(architecture: str, layers: int) -> TinyMoEConfig:
     return TinyMoEConfig(architecture=architecture, num_experts=16, top_k=4, num_layers=layers, hidden_size=256,
                          expert_intermediate_size=128, num_attention_heads=4, num_kv_heads=2, head_dim=64,
@@ -74,7 +62,7 @@ def _tiny(architecture: str, layers: int) -> TinyMoEConfig:
 
 
 TINY_CASES = [
-    TinyCase(f"{arch}-{task}", _tiny(arch, layers), tuple(args))
+    ServerCase(f"{arch}-{task}", _tiny(arch, layers), tuple(args))
     for arch, layers in (("qwen3_moe", 4), ("qwen2_moe", 3))
     for task, args in (("embed", EMBED), ("classify", CLASSIFY))
 ]
@@ -82,7 +70,7 @@ TINY_CASES = [
 
 @dataclass
 class Pair:
-    case: TinyCase
+    case: ServerCase
     model: str
     stock: VllmServer
     asyncep: VllmServer
@@ -318,15 +306,7 @@ SHAPES = {
 
 
 def _dummy_model_dir(tmp: Path, name: str) -> Path:
-    """The shipped config.json with a tokenizer (the tiny model's: its ids are all < 512)."""
-    out = tmp / name
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "common" / "model_configs" / f"{name}.json", out / "config.json")
-    tokenizer_source = generate_tiny_moe(tmp / "tokenizer-source", TinyMoEConfig())
-    for item in tokenizer_source.iterdir():
-        if item.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(item, out / item.name)
-    return out
+    return write_dummy_checkpoint(REPO / "common" / "model_configs" / f"{name}.json", tmp / name)
 
 
 async def _long_requests(server: VllmServer, model: str, lengths: list[int]) -> list[tuple[int, dict]]:

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import openai  # noqa: E402
 
 from tests.vllm_servers import (  # noqa: E402
-    CLASSIFY, EMBED, TEXTS, add_classifier_head, mixed_requests, post, send_all, values,
+    CLASSIFY, EMBED, TEXTS, ServerCase, add_classifier_head, mixed_requests, post, send_all, values,
 )
 from vllm_zeroprefill.server import VllmServer, asyncep_args  # noqa: E402
 from zeroprefill.tiny_model import TinyMoEConfig, generate_tiny_moe  # noqa: E402
@@ -36,27 +36,16 @@ pytestmark = pytest.mark.slow
 
 
 
-@dataclass(frozen=True)
-class Case:
-    name: str
-    model: TinyMoEConfig
-    runner_args: tuple[str, ...]
-
-    @property
-    def task(self) -> str:
-        return "classify" if "classify" in self.runner_args else "embed"
-
-
 CASES = [
-    Case("qwen3_moe-8x2-embed", TinyMoEConfig(), tuple(EMBED)),
-    Case("qwen3_moe-8x2-classify", TinyMoEConfig(), tuple(CLASSIFY)),
+    ServerCase("qwen3_moe-8x2-embed", TinyMoEConfig(), tuple(EMBED)),
+    ServerCase("qwen3_moe-8x2-classify", TinyMoEConfig(), tuple(CLASSIFY)),
     # Shared experts, 9 experts (5 + 4 per rank: a padded shard), top-3, no renormalisation.
-    Case("qwen2_moe-9x3-embed", TinyMoEConfig(architecture="qwen2_moe", num_experts=9, top_k=3), tuple(EMBED)),
+    ServerCase("qwen2_moe-9x3-embed", TinyMoEConfig(architecture="qwen2_moe", num_experts=9, top_k=3), tuple(EMBED)),
 ]
 
 @dataclass
 class ServerPair:
-    case: Case
+    case: ServerCase
     model: str
     stock: VllmServer
     asyncep: VllmServer
@@ -64,7 +53,7 @@ class ServerPair:
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: c.name)
 def pair(request, tmp_path_factory):
-    case: Case = request.param
+    case: ServerCase = request.param
     model_dir = generate_tiny_moe(tmp_path_factory.mktemp(case.name), case.model)
     if case.task == "classify":
         add_classifier_head(model_dir, case.model.hidden_size)

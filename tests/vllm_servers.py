@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import dataclass
 
 import httpx
 
 from vllm_zeroprefill.server import VllmServer
+from zeroprefill.tiny_model import TinyMoEConfig
 
 EMBED = ["--runner", "pooling", "--convert", "embed"]
 # One logit per input: a cross-encoder, so /score and /rerank are served too.
 CLASSIFY = ["--runner", "pooling", "--convert", "classify", "--hf-overrides", '{"num_labels": 1}']
+
+@dataclass(frozen=True)
+class ServerCase:
+    """A generated checkpoint and the runner flags it is served with."""
+
+    name: str
+    model: TinyMoEConfig
+    runner_args: tuple[str, ...]
+
+    @property
+    def task(self) -> str:
+        return "classify" if "classify" in self.runner_args else "embed"
+
 
 TEXTS = [
     "Mixture-of-experts models route every token to a few experts.",

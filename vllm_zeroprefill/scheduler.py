@@ -54,9 +54,9 @@ from vllm.v1.request import Request
 from vllm_zeroprefill.compat import prefix_cache_lookup_enabled
 from vllm_zeroprefill.moe_backend import ASYNCEP
 from zeroprefill.common.cost_model import lm_head_tokens, matmul_params_per_token, request_flops
-from zeroprefill.common.hardware import HardwareProfileError, shipped_gpu_for
+from zeroprefill.common.hardware import HardwareProfileError
 from zeroprefill.common.model_spec import MoEModelSpec
-from zeroprefill.common.planner import DEFAULT_CONTEXT_TOKENS, Deployment, PlanError, step_flops_budget
+from zeroprefill.common.planner import DEFAULT_CONTEXT_TOKENS, PlanError, step_flops_budget_on_gpus
 
 logger = logging.getLogger(__name__)
 
@@ -147,18 +147,15 @@ def planned_step_flops_budget(vllm_config, spec: MoEModelSpec) -> float:
     if vllm_config.kernel_config.moe_backend != ASYNCEP or not current_platform.is_cuda():
         return 0.0  # no weight gather to hide, or no GPU a profile describes
     device_name = current_platform.get_device_name()
-    gpu = shipped_gpu_for(device_name)
     num_ranks = vllm_config.parallel_config.data_parallel_size
-    if gpu is None or num_ranks == 1:
-        return 0.0
+    context = min(vllm_config.model_config.max_model_len, DEFAULT_CONTEXT_TOKENS)
     try:
-        deployment = Deployment.on_shipped_gpu(spec, gpu, num_ranks)
+        budget = step_flops_budget_on_gpus(spec, device_name, num_ranks, context)
     except (HardwareProfileError, PlanError) as exc:
         logger.warning("zeroprefill: no saturation budget for %d x %s (%s); the step budget is a full "
                        "token budget's FLOPs, set %s to change it", num_ranks, device_name, exc, BUDGET_ENV)
         return 0.0
-    context = min(vllm_config.model_config.max_model_len, DEFAULT_CONTEXT_TOKENS)
-    return step_flops_budget(deployment, context)
+    return budget or 0.0
 
 
 def _configured_budget(vllm_config) -> float | None:

@@ -192,6 +192,17 @@ def generate_tiny_moe(out_dir: str | Path, config: TinyMoEConfig | None = None) 
     return out
 
 
+def write_dummy_checkpoint(model_config: str | Path, out_dir: str | Path, vocab_size: int = 512) -> Path:
+    """A model directory for vLLM's ``--load-format dummy``: a real model's ``config.json``
+    (e.g. one of ``common/model_configs``) and a tokenizer trained here, whose token ids are
+    all below ``vocab_size`` (no weights: vLLM fills them with random values)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(Path(model_config).read_text())
+    train_tokenizer(vocab_size, out)
+    return out
+
+
 DEFAULT_TINY_MODEL_DIR = Path(".work") / "tiny-qwen3-moe"
 
 
