@@ -14,22 +14,31 @@ and the ways to run it on N ranks (each class is one layout):
   experts, :class:`~zeroprefill.common.streamer.ExpertWeightStreamer` gathers layer l+d while
   layer l computes, :class:`~zeroprefill.common.asyncep_moe.AsyncEPMoE` runs all experts on
   the rank's own tokens.
-- :class:`AllToAllEPStack` ("a2a_ep"): attention data-parallel, experts sharded, tokens
-  dispatched to the experts' owners and combined back with NCCL ``all_to_all_single``
-  (:class:`AllToAllEP`).
-- :class:`TwoBatchOverlapStack` ("a2a_tbo"): AllToAll-EP with the batch split in two
-  micro-batches (at a request boundary), one CUDA stream each, the collectives of one issued
-  while the other computes (SGLang's two-batch overlap).
+- :class:`ExpertParallelStack` ("a2a_ep"): attention data-parallel, experts sharded, MoE by
+  :class:`DeduplicatedEP`, expert parallelism as DeepEP's normal mode and vLLM run it: each
+  token goes once to every rank holding one of its experts, the expert side applies the
+  routing weights and sums its experts per token, one row per (token, rank) comes back.
+- :class:`TwoBatchOverlapStack` ("a2a_tbo"): the same EP over two micro-batches cut at half
+  the tokens (inside a request if need be), each with its own stream and communicator; one
+  micro-batch's dispatch and combine run while the other computes (SGLang's two-batch
+  overlap).
 - :class:`TensorParallelStack` ("tp"): every rank runs the whole group's batch with 1/N of
   the attention heads and 1/N of every expert's FFN columns; two all-reduces per layer.
 
 Attention runs one ``scaled_dot_product_attention(is_causal=True)`` call per run of
 same-length requests (requests are packed sorted by length, so such a run is one
 ``[count, heads, length, head_dim]`` batch): a request's tokens attend only within the
-request, no padding, no mask; on CUDA the flash backend is forced.
+request, no padding, no mask; on CUDA the flash backend is forced. A micro-batch that
+starts inside a request attends that request's earlier tokens through their keys and values
+(bottom-right-aligned causal mask), as a prefill chunk reads its prefix from the KV cache.
 
-Also here: :func:`time_passes` (the timing helper of every benchmark) and the routing-bias
-models (balanced, skewed) of ``e2e_prefill.py``.
+Every stack can record the bytes it sends per layer beside the minimum its algorithm needs
+(:class:`LayerTraffic`; the minimums are the pure functions :func:`ep_minimum_bytes`,
+:func:`asyncep_minimum_bytes`, :func:`tp_minimum_bytes`).
+
+Also here: :func:`time_passes` (the timing helper of every benchmark: passes back to back,
+one synchronisation at the end) and the routing-bias models (balanced, skewed) of
+``e2e_prefill.py``.
 """
 
 from __future__ import annotations
@@ -79,30 +88,42 @@ def run_ranks(rank_main: Callable[..., None], num_ranks: int, args: object) -> d
             return json.load(f)
 
 
-def time_passes(run_pass: Callable[[], object], warmup: int, iters: int, device: torch.device) -> float:
-    """Median milliseconds of one pass on this rank, all ranks aligned by a barrier before each.
+#: How :func:`time_passes` times (written into every benchmark's JSON).
+TIMING_METHOD = "back-to-back"
 
-    CUDA: events around the pass on the current stream; CPU: wall clock.
+
+def time_passes(run_pass: Callable[[], object], warmup: int, iters: int, device: torch.device) -> float:
+    """Mean milliseconds of one pass on this rank, ``iters`` passes timed back to back.
+
+    After ``warmup`` passes, one barrier and device synchronisation align the ranks; one more
+    pass runs untimed so that the timer starts in steady state (the streamer's gathers for
+    the next pass already in flight, as they are between any two passes of a model); then
+    ``iters`` passes run with no synchronisation between them, and the window from the end of
+    the lead-in pass to the end of the last one is divided by ``iters``. Both ends of the
+    window are points of the compute stream in steady state, so no pass gets gathers done for
+    free in an untimed gap. CUDA: events on the current stream; CPU: wall clock.
     """
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
     for _ in range(warmup):
         run_pass()
-    times = []
+    if dist.is_initialized():
+        dist.barrier()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        run_pass()
+        start.record()
+        for _ in range(iters):
+            run_pass()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / iters
+    run_pass()
+    start_s = time.perf_counter()
     for _ in range(iters):
-        if dist.is_initialized():
-            dist.barrier()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run_pass()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            start_s = time.perf_counter()
-            run_pass()
-            times.append((time.perf_counter() - start_s) * 1e3)
-    return statistics.median(times)
+        run_pass()
+    return (time.perf_counter() - start_s) * 1e3 / iters
 
 
 # -- model shapes and weights --------------------------------------------------------------
@@ -224,12 +245,17 @@ class PackedBatch:
 
     ``router_bias`` is added to the router logits of every layer: ``[T, E]`` (balanced
     regime) or ``[layers, E]`` (skewed regime: row ``l`` for layer ``l``), or ``None``.
+    ``continued_tokens`` > 0 marks a micro-batch that starts inside a request: its first
+    request's first ``continued_tokens`` tokens lie in the previous micro-batch, so its
+    positions start there and its queries also attend those tokens (their keys and values
+    are handed over by the caller, see :func:`causal_attention`).
     """
 
     hidden: torch.Tensor
     lengths: tuple[int, ...]
     router_bias: torch.Tensor | None
     bias_per_layer: bool
+    continued_tokens: int = 0
     cos: torch.Tensor | None = field(init=False, default=None)  # [T, 1, D] after set_rope
     sin: torch.Tensor | None = field(init=False, default=None)
     groups: tuple[tuple[int, int, int], ...] = field(init=False)  # (first token, count, length)
@@ -237,9 +263,12 @@ class PackedBatch:
     def __post_init__(self) -> None:
         if sum(self.lengths) != self.hidden.shape[0]:
             raise ValueError(f"request lengths sum to {sum(self.lengths)}, hidden has {self.hidden.shape[0]} tokens")
+        if self.continued_tokens and not self.lengths:
+            raise ValueError("a batch with continued_tokens needs a first request to continue")
         groups, start = [], 0
-        for length in self.lengths:
-            if groups and groups[-1][2] == length:
+        for index, length in enumerate(self.lengths):
+            after_continued = index == 1 and self.continued_tokens > 0  # the continued request stays alone
+            if groups and groups[-1][2] == length and not after_continued:
                 groups[-1] = (groups[-1][0], groups[-1][1] + 1, length)
             else:
                 groups.append((start, 1, length))
@@ -249,8 +278,9 @@ class PackedBatch:
     def set_rope(self, head_dim: int, theta: float) -> None:
         """RoPE tables ``[T, 1, D]`` at each token's position inside its request."""
         device = self.hidden.device
-        positions = torch.cat([torch.arange(n, device=device) for n in self.lengths]).float() if self.lengths else \
-            torch.zeros(0, device=device)
+        firsts = [self.continued_tokens if i == 0 else 0 for i in range(len(self.lengths))]
+        positions = torch.cat([torch.arange(f, f + n, device=device) for f, n in zip(firsts, self.lengths)]).float() \
+            if self.lengths else torch.zeros(0, device=device)
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
         freqs = positions[:, None] * inv_freq[None, :]
         angles = torch.cat([freqs, freqs], dim=-1)[:, None, :]  # [T, 1, D]
@@ -262,30 +292,38 @@ class PackedBatch:
             return None
         return self.router_bias[layer] if self.bias_per_layer else self.router_bias
 
-    def split(self, num_requests: int) -> tuple[PackedBatch, PackedBatch]:
-        """The first ``num_requests`` requests and the rest."""
-        cut = sum(self.lengths[:num_requests])
+    def split_at(self, cut: int) -> tuple[PackedBatch, PackedBatch]:
+        """Tokens ``[0, cut)`` and ``[cut, T)``; a request across the cut is split in two.
+
+        The second part's ``continued_tokens`` is then the number of that request's tokens in
+        the first part (its last request). RoPE tables, if set, are sliced (positions kept).
+        """
+        total = self.hidden.shape[0]
+        if not 0 < cut < total:
+            raise ValueError(f"cut={cut} must lie strictly inside the batch of {total} tokens")
+        if self.continued_tokens:
+            raise ValueError("only a whole batch is split, not a micro-batch that continues a request")
+        index, start = 0, 0
+        while start + self.lengths[index] <= cut:
+            start += self.lengths[index]
+            index += 1
+        inside = cut - start  # tokens of request `index` before the cut (0: the cut is a boundary)
+        first_lengths = self.lengths[:index] + ((inside,) if inside else ())
+        second_lengths = (self.lengths[index] - inside,) + self.lengths[index + 1:]
         parts = []
-        for sl, lengths in ((slice(0, cut), self.lengths[:num_requests]), (slice(cut, None), self.lengths[num_requests:])):
+        for rows, lengths, continued in ((slice(0, cut), first_lengths, 0), (slice(cut, None), second_lengths, inside)):
             bias = self.router_bias
             if bias is not None and not self.bias_per_layer:
-                bias = bias[sl]
-            part = PackedBatch(self.hidden[sl], tuple(lengths), bias, self.bias_per_layer)
+                bias = bias[rows]
+            part = PackedBatch(self.hidden[rows], lengths, bias, self.bias_per_layer, continued)
             if self.cos is not None:
-                part.cos, part.sin = self.cos[sl], self.sin[sl]
+                part.cos, part.sin = self.cos[rows], self.sin[rows]
             parts.append(part)
         return parts[0], parts[1]
 
-    def split_in_two(self) -> tuple[PackedBatch, PackedBatch]:
-        """Two micro-batches cut at the request boundary nearest half the tokens."""
-        total, best, best_gap, acc = sum(self.lengths), 0, None, 0
-        for n in range(len(self.lengths) + 1):
-            gap = abs(2 * acc - total)
-            if best_gap is None or gap < best_gap:
-                best, best_gap = n, gap
-            if n < len(self.lengths):
-                acc += self.lengths[n]
-        return self.split(best)
+    def split_in_half(self) -> tuple[PackedBatch, PackedBatch]:
+        """Two micro-batches of ``T // 2`` and ``T - T // 2`` tokens (SGLang's two-batch split)."""
+        return self.split_at(self.hidden.shape[0] // 2)
 
 
 def balanced_router_bias(first_token: int, tokens: int, cfg: StackConfig, device: torch.device) -> torch.Tensor:
@@ -350,30 +388,68 @@ def _sdpa_context(device: torch.device):
     return contextlib.nullcontext()
 
 
+KeyValue = tuple[torch.Tensor, torch.Tensor]
+
+
+def qkv_projection(x: torch.Tensor, w: dict[str, torch.Tensor], batch: PackedBatch, cfg: StackConfig,
+                   num_heads: int, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries ``[T, num_heads, D]``, keys and values ``[T, num_kv_heads, D]`` (q/k RMSNorm, RoPE)."""
+    tokens, d = x.shape[0], cfg.head_dim
+    qkv = F.linear(x, w["qkv"])
+    q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
+    q = apply_rope(rms_norm(q.view(tokens, num_heads, d), w["q_norm"], cfg.rms_norm_eps), batch.cos, batch.sin)
+    k = apply_rope(rms_norm(k.view(tokens, num_kv_heads, d), w["k_norm"], cfg.rms_norm_eps), batch.cos, batch.sin)
+    return q, k, v.view(tokens, num_kv_heads, d)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch,
+                     prefix_kv: KeyValue | None = None) -> torch.Tensor:
+    """Causal attention within each request: ``[T, heads * D]``.
+
+    When ``batch.continued_tokens`` > 0 the first request's queries also attend
+    ``prefix_kv`` (the keys and values ``[continued_tokens, kv_heads, D]`` of its tokens in
+    the previous micro-batch), through a bottom-right-aligned causal mask.
+    """
+    tokens, num_heads, d = q.shape
+    gqa = num_heads != k.shape[1]
+    out = torch.empty_like(q)
+
+    def heads_major(t: torch.Tensor, rows: slice, count: int, length: int) -> torch.Tensor:
+        return t[rows].view(count, length, t.shape[1], d).transpose(1, 2)
+
+    groups = batch.groups
+    with _sdpa_context(q.device):
+        if batch.continued_tokens:
+            from torch.nn.attention.bias import causal_lower_right  # imports triton: not at module import
+
+            if prefix_kv is None or prefix_kv[0].shape[0] != batch.continued_tokens:
+                raise ValueError(f"the batch continues a request after {batch.continued_tokens} tokens: "
+                                 "prefix_kv must hold their keys and values")
+            length, known = batch.lengths[0], batch.continued_tokens
+            rows, everything = slice(0, length), slice(None)
+            keys, values = torch.cat([prefix_kv[0], k[rows]]), torch.cat([prefix_kv[1], v[rows]])
+            o = F.scaled_dot_product_attention(
+                heads_major(q, rows, 1, length), heads_major(keys, everything, 1, known + length),
+                heads_major(values, everything, 1, known + length),
+                attn_mask=causal_lower_right(length, known + length), enable_gqa=gqa)
+            out[rows] = o.transpose(1, 2).reshape(length, num_heads, d)
+            groups = groups[1:]
+        for first, count, length in groups:
+            rows = slice(first, first + count * length)
+            o = F.scaled_dot_product_attention(heads_major(q, rows, count, length), heads_major(k, rows, count, length),
+                                               heads_major(v, rows, count, length), is_causal=True, enable_gqa=gqa)
+            out[rows] = o.transpose(1, 2).reshape(count * length, num_heads, d)
+    return out.view(tokens, num_heads * d)
+
+
 def attention(x: torch.Tensor, w: dict[str, torch.Tensor], batch: PackedBatch, cfg: StackConfig,
               num_heads: int, num_kv_heads: int) -> torch.Tensor:
     """Causal self-attention of ``num_heads`` query heads over each request: ``[T, H]``.
 
     Without the o-projection's reduction over ranks (tensor parallelism all-reduces it).
     """
-    tokens, d = x.shape[0], cfg.head_dim
-    qkv = F.linear(x, w["qkv"])
-    q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
-    q = apply_rope(rms_norm(q.view(tokens, num_heads, d), w["q_norm"], cfg.rms_norm_eps), batch.cos, batch.sin)
-    k = apply_rope(rms_norm(k.view(tokens, num_kv_heads, d), w["k_norm"], cfg.rms_norm_eps), batch.cos, batch.sin)
-    v = v.view(tokens, num_kv_heads, d)
-    out = torch.empty(tokens, num_heads, d, device=x.device, dtype=x.dtype)
-    with _sdpa_context(x.device):
-        for first, count, length in batch.groups:
-            rows = slice(first, first + count * length)
-
-            def heads_major(t: torch.Tensor) -> torch.Tensor:
-                return t[rows].view(count, length, t.shape[1], d).transpose(1, 2)
-
-            o = F.scaled_dot_product_attention(heads_major(q), heads_major(k), heads_major(v), is_causal=True,
-                                               enable_gqa=num_heads != num_kv_heads)
-            out[rows] = o.transpose(1, 2).reshape(count * length, num_heads, d)
-    return F.linear(out.view(tokens, num_heads * d), w["o"])
+    q, k, v = qkv_projection(x, w, batch, cfg, num_heads, num_kv_heads)
+    return F.linear(causal_attention(q, k, v, batch), w["o"])
 
 
 def router_logits(x: torch.Tensor, w: dict[str, torch.Tensor], batch: PackedBatch, layer: int) -> torch.Tensor:
@@ -382,14 +458,61 @@ def router_logits(x: torch.Tensor, w: dict[str, torch.Tensor], batch: PackedBatc
     return logits if bias is None else logits + bias.to(logits.dtype)
 
 
+# -- bytes moved per layer -----------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerTraffic:
+    """Bytes one rank sends over links in one layer: what the layout moved, and the minimum
+    its algorithm needs (see the ``*_minimum_bytes`` functions)."""
+
+    moved: float
+    minimum: float
+
+    def __add__(self, other: LayerTraffic) -> LayerTraffic:
+        return LayerTraffic(self.moved + other.moved, self.minimum + other.minimum)
+
+
+def remote_token_rank_pairs(expert_ids: torch.Tensor, expert_owner: torch.Tensor, rank: int, world_size: int) -> int:
+    """(token, rank) pairs where a rank other than the tokens' own ``rank`` owns at least one
+    of the token's experts (``expert_ids [T, K]``; ``expert_owner [E]``: each expert's rank)."""
+    owners = expert_owner[expert_ids]
+    holds = torch.zeros(expert_ids.shape[0], world_size, dtype=torch.bool, device=expert_ids.device)
+    holds.scatter_(1, owners, True)
+    holds[:, rank] = False
+    return int(holds.sum())
+
+
+def ep_minimum_bytes(remote_pairs: int, hidden: int, element_bytes: int) -> int:
+    """Expert parallelism: one hidden row per (token, remote rank holding one of its experts)
+    out in the dispatch and one back in the combine (``remote_pairs`` from
+    :func:`remote_token_rank_pairs`)."""
+    return 2 * remote_pairs * hidden * element_bytes
+
+
+def asyncep_minimum_bytes(layer_expert_bytes: int, world_size: int) -> float:
+    """AsyncEP: a rank receives (and, all ranks alike, sends) the ``(N - 1) / N`` of a layer's
+    experts it does not store."""
+    return layer_expert_bytes * (world_size - 1) / world_size
+
+
+def tp_minimum_bytes(group_tokens: int, hidden: int, element_bytes: int, world_size: int) -> float:
+    """Tensor parallelism: two all-reduces of ``[group_tokens, hidden]`` per layer; a ring
+    all-reduce (bandwidth-optimal) sends ``2 (N - 1) / N`` of the tensor from each rank."""
+    return 2 * 2 * (world_size - 1) / world_size * group_tokens * hidden * element_bytes
+
+
 # -- layouts -------------------------------------------------------------------------------
 class _Stack:
-    """A K-layer stack under one layout; ``forward(batch) -> hidden [T, H]``."""
+    """A K-layer stack under one layout; ``forward(batch) -> hidden [T, H]``.
+
+    Set ``traffic`` to a list to have the next forward append one :class:`LayerTraffic` per
+    layer (an accounting pass: it may synchronise; not for timed passes).
+    """
 
     family: str
 
     def __init__(self, cfg: StackConfig, dense: Sequence[dict[str, torch.Tensor]], kernel: ExpertsKernel) -> None:
         self.cfg, self.dense, self.kernel = cfg, list(dense), kernel
+        self.traffic: list[LayerTraffic] | None = None
 
     def attention_residual(self, h: torch.Tensor, layer: int, batch: PackedBatch) -> torch.Tensor:
         w = self.dense[layer]
@@ -401,8 +524,12 @@ class _Stack:
         x = rms_norm(h, w["post_norm"], self.cfg.rms_norm_eps)
         return x, router_logits(x, w, batch, layer)
 
+    def record(self, traffic: LayerTraffic) -> None:
+        if self.traffic is not None:
+            self.traffic.append(traffic)
+
     def close(self) -> None:
-        """Release communication resources (streamer gathers in flight)."""
+        """Release communication resources (streamer gathers in flight, communicators)."""
 
 
 class LocalStack(_Stack):
@@ -425,17 +552,26 @@ class LocalStack(_Stack):
                 self.recorded_ids.append(ids)
             scales = {name: t for name, t in experts.items() if name.endswith("_scale")}
             h = h + self.kernel(x.contiguous(), experts["w13"], experts["w2"], weights, ids, **scales)
+            self.record(LayerTraffic(0, 0))
         return h
 
 
 class AsyncEPStack(_Stack):
-    """Attention data-parallel; experts streamed by AsyncEP's weight streamer ("asyncep")."""
+    """Attention data-parallel; experts streamed by AsyncEP's weight streamer ("asyncep").
+
+    Traffic: the transport moves ``N - 1`` shards per layer (padded to ``ceil(E / N)``
+    experts, FP8 scales included); the minimum is ``(N - 1) / N`` of the layer's experts.
+    """
 
     family = "asyncep"
 
     def __init__(self, cfg, dense, kernel, shards: Sequence[dict[str, torch.Tensor]], layout: ExpertShardLayout,
                  transport: str, prefetch_depth: int, device: torch.device) -> None:
         super().__init__(cfg, dense, kernel)
+        shard_bytes = sum(t.numel() * t.element_size() for t in shards[0].values())
+        layer_bytes = shard_bytes // layout.capacity * layout.num_experts
+        self.layer_traffic = LayerTraffic((layout.world_size - 1) * shard_bytes,
+                                          asyncep_minimum_bytes(layer_bytes, layout.world_size))
         asyncep = build_asyncep_model(shards, layout, AsyncEPConfig(transport, prefetch_depth), top_k=cfg.top_k,
                                       renormalize=cfg.renormalize, device=device, experts_kernel=kernel)
         self.streamer = asyncep.streamer
@@ -448,46 +584,75 @@ class AsyncEPStack(_Stack):
             h = self.attention_residual(h, layer, batch)
             x, logits = self.moe_input(h, layer, batch)
             h = h + moe(x.contiguous(), logits)
+            self.record(self.layer_traffic)
         return h
 
     def close(self) -> None:
         self.streamer.close()
 
 
+def _items_in_row_order(row_of_item: torch.Tensor, rows: int, padding_item: int) -> torch.Tensor:
+    """``[rows + 1]``: the item that goes to each row, then ``padding_item``.
+
+    ``row_of_item[i]`` is item i's row, or ``rows`` for an item without one. The inverse of
+    a compaction whose size the host already knows, so no host synchronisation.
+    """
+    items = torch.arange(row_of_item.numel(), device=row_of_item.device)
+    order = torch.empty(rows + 1, dtype=torch.int64, device=row_of_item.device).scatter_(0, row_of_item, items)
+    order[rows] = padding_item
+    return order
+
+
 @dataclass
 class _EPStep:
-    """One micro-batch's trip through an AllToAll-EP MoE layer (state between stages)."""
+    """One micro-batch's trip through a :class:`DeduplicatedEP` layer (state between stages)."""
 
-    tokens: int
-    token_of_row: torch.Tensor
-    rows: torch.Tensor
-    meta: torch.Tensor
-    send_counts: torch.Tensor
-    recv_counts: torch.Tensor
+    x: torch.Tensor             # [T, H] this rank's tokens
+    ids: torch.Tensor           # [T, K] their experts
+    weights: torch.Tensor       # [T, K] routing weights (float32)
+    holds: torch.Tensor         # [N, T] rank r holds at least one of token t's experts
+    send_counts: torch.Tensor   # [N, 2] (tokens, (token, expert) pairs) for each rank
+    recv_counts: torch.Tensor   # [N, 2] the same, from each rank
     works: list = field(default_factory=list)
-    send_splits: list[int] = field(default_factory=list)
-    recv_splits: list[int] = field(default_factory=list)
-    recv_rows: torch.Tensor | None = None
-    recv_meta: torch.Tensor | None = None
-    back: torch.Tensor | None = None
-    expert_out: torch.Tensor | None = None
+    send_rows: list[int] = field(default_factory=list)  # host copies, after the count exchange
+    recv_rows: list[int] = field(default_factory=list)
+    recv_pairs: int = 0
+    row_of_hold: torch.Tensor | None = None  # [N, T] send row of (rank, token), or the zero row
+    recv_x: torch.Tensor | None = None       # [received + 1, H]; the last row is zero
+    recv_meta: torch.Tensor | None = None    # [received + 1, 2K]: local expert ids (-1: elsewhere), weights
+    expert_out: torch.Tensor | None = None   # [received, H]
+    back: torch.Tensor | None = None         # [sent + 1, H]; the last row is zero
 
 
-class AllToAllEP:
-    """Plain expert parallelism: dispatch token copies to the experts' owners, combine back.
+class DeduplicatedEP:
+    """Expert parallelism with DeepEP normal-mode semantics, over ``all_to_all_single``.
 
-    Stages (each issues its collectives asynchronously, so a caller can interleave two
-    micro-batches): :meth:`route` (top-k, sort rows by owner, exchange counts),
-    :meth:`dispatch` (host sync on the counts, as EP's split sizes need; rows and routing
-    metadata all_to_all), :meth:`compute` (experts on the received rows), :meth:`combine`
-    (all_to_all back), :meth:`finish` (weighted rows summed per token). :meth:`forward` runs
-    them in order.
+    Per MoE layer, for this rank's T tokens (top-k, N ranks):
+
+    1. :meth:`route`: top-k; per rank, the tokens with at least one expert there (each
+       once) and their (token, expert) pairs are counted; the counts are exchanged (async).
+    2. :meth:`dispatch`: the one host wait (``all_to_all_single`` takes its split sizes on
+       the host, as DeepEP's normal mode waits on the host for its receive counts), then one
+       row per (token, rank) with its K routing slots relative to that rank (local expert
+       id, or -1 for an expert elsewhere, and the weight) goes out.
+    3. :meth:`compute`: the rank's experts on its (received token, local expert) pairs, each
+       times its routing weight, summed per received token (fp32 accumulation).
+    4. :meth:`combine`: one row per received token goes back (the dispatch reversed).
+    5. :meth:`finish`: each token sums its at most N partial rows (fp32 accumulation).
+
+    The experts kernel takes K slots per token and has no "skip" id, so the expert side
+    lists the (token, local expert) pairs and runs the kernel on one slot per pair: no padded
+    FLOP, at the price of gathering the pairs' rows (one extra activation pass). Stages issue
+    their collectives asynchronously on ``group``, so a caller can interleave two
+    micro-batches (:class:`TwoBatchOverlapStack`); :meth:`forward` runs them in order.
     """
 
     def __init__(self, layout: ExpertShardLayout, shards: Sequence[dict[str, torch.Tensor]], top_k: int,
-                 kernel: ExpertsKernel, renormalize: bool = True) -> None:
+                 kernel: ExpertsKernel, renormalize: bool = True, group: dist.ProcessGroup | None = None) -> None:
         self.layout, self.shards, self.top_k, self.kernel = layout, list(shards), top_k, kernel
-        self.renormalize = renormalize
+        self.renormalize, self.group = renormalize, group
+        self.world_size = layout.world_size
+        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
         device = next(iter(self.shards[0].values())).device
         owner = torch.empty(layout.num_experts, dtype=torch.int64)
         local = torch.empty(layout.num_experts, dtype=torch.int64)
@@ -498,138 +663,209 @@ class AllToAllEP:
 
     def route(self, x: torch.Tensor, logits: torch.Tensor) -> _EPStep:
         weights, ids = select_experts(logits, self.top_k, self.renormalize)
-        flat_ids = ids.reshape(-1)
-        dest = self.owner[flat_ids]
-        order = torch.argsort(dest, stable=True)
-        send_counts = torch.bincount(dest, minlength=self.layout.world_size)
+        owners = self.owner[ids]
+        holds = torch.zeros(self.world_size, x.shape[0], dtype=torch.bool, device=x.device)
+        holds.scatter_(0, owners.t(), True)
+        pairs = torch.zeros(self.world_size, dtype=torch.int64, device=x.device)  # bincount would sync on CUDA
+        pairs.scatter_add_(0, owners.reshape(-1), torch.ones_like(owners.reshape(-1)))
+        send_counts = torch.stack([holds.sum(dim=1), pairs], dim=1)
         recv_counts = torch.empty_like(send_counts)
-        token_of_row = order // self.top_k
-        meta = torch.stack([self.local_id[flat_ids[order]].float(), weights.reshape(-1)[order]], dim=1)
-        step = _EPStep(x.shape[0], token_of_row, x[token_of_row], meta, send_counts, recv_counts)
-        step.works.append(dist.all_to_all_single(recv_counts, send_counts, async_op=True))
+        step = _EPStep(x, ids, weights, holds, send_counts, recv_counts)
+        step.works = [dist.all_to_all_single(recv_counts, send_counts, group=self.group, async_op=True)]
         return step
 
     def dispatch(self, step: _EPStep) -> None:
         for work in step.works:
             work.wait()
-        step.send_splits, step.recv_splits = step.send_counts.tolist(), step.recv_counts.tolist()  # host sync
-        received = sum(step.recv_splits)
-        step.recv_rows = step.rows.new_empty((received, step.rows.shape[1]))
-        step.recv_meta = step.meta.new_empty((received, 2))
+        counts = torch.cat([step.send_counts, step.recv_counts]).tolist()  # the host wait
+        n, (tokens, hidden) = self.world_size, step.x.shape
+        step.send_rows, step.recv_rows = [c[0] for c in counts[:n]], [c[0] for c in counts[n:]]
+        step.recv_pairs = sum(c[1] for c in counts[n:])
+        sent, received = sum(step.send_rows), sum(step.recv_rows)
+        holds = step.holds.reshape(-1)  # (rank, token), rank-major: the send order
+        row_of_hold = torch.where(holds, holds.cumsum(0) - 1, sent)
+        step.row_of_hold = row_of_hold.view(n, tokens)
+        hold_of_row = _items_in_row_order(row_of_hold, sent, padding_item=0)[:sent]
+        token_of_row, rank_of_row = hold_of_row % tokens, hold_of_row // tokens
+        row_ids = step.ids[token_of_row]
+        local_ids = torch.where(self.owner[row_ids] == rank_of_row[:, None], self.local_id[row_ids], -1)
+        meta = torch.cat([local_ids.float(), step.weights[token_of_row]], dim=1)
+        step.recv_x = step.x.new_empty(received + 1, hidden)
+        step.recv_x[received].zero_()
+        step.recv_meta = meta.new_empty(received + 1, meta.shape[1])
+        step.recv_meta[received].zero_()
         step.works = [
-            dist.all_to_all_single(step.recv_rows, step.rows, step.recv_splits, step.send_splits, async_op=True),
-            dist.all_to_all_single(step.recv_meta, step.meta, step.recv_splits, step.send_splits, async_op=True),
+            dist.all_to_all_single(step.recv_x[:received], step.x[token_of_row], step.recv_rows, step.send_rows,
+                                   group=self.group, async_op=True),
+            dist.all_to_all_single(step.recv_meta[:received], meta, step.recv_rows, step.send_rows,
+                                   group=self.group, async_op=True),
         ]
 
     def compute(self, layer: int, step: _EPStep) -> None:
         for work in step.works:
             work.wait()
+        k, pairs = self.top_k, step.recv_pairs
+        received = step.recv_x.shape[0] - 1
+        slot_ids, slot_weights = step.recv_meta[:, :k].reshape(-1), step.recv_meta[:, k:].reshape(-1)
+        valid = slot_ids[:received * k] >= 0
+        pair_of_slot = torch.where(valid, valid.cumsum(0) - 1, pairs)  # `pairs`: the padding pair
+        # the padding pair is slot 0 of the zero row: expert 0, weight 0, so its output is 0
+        slot_of_pair = _items_in_row_order(pair_of_slot, pairs, padding_item=received * k)
         shard = self.shards[layer]
         scales = {name: t for name, t in shard.items() if name.endswith("_scale")}
-        step.expert_out = self.kernel(step.recv_rows, shard["w13"], shard["w2"], step.recv_meta[:, 1:].contiguous(),
-                                      step.recv_meta[:, :1].long().contiguous(), **scales)
+        pair_out = self.kernel(step.recv_x[slot_of_pair // k], shard["w13"], shard["w2"],
+                               slot_weights[slot_of_pair][:, None], slot_ids[slot_of_pair].long()[:, None], **scales)
+        step.expert_out = pair_out[pair_of_slot.view(received, k)].sum(dim=1)
+        step.recv_x = step.recv_meta = None  # consumed: free them before the combine
 
     def combine(self, step: _EPStep) -> None:
-        step.back = torch.empty_like(step.rows)
-        step.works = [dist.all_to_all_single(step.back, step.expert_out, step.send_splits, step.recv_splits,
-                                             async_op=True)]
+        sent = sum(step.send_rows)
+        step.back = step.x.new_empty(sent + 1, step.x.shape[1])
+        step.back[sent].zero_()
+        step.works = [dist.all_to_all_single(step.back[:sent], step.expert_out, step.send_rows, step.recv_rows,
+                                             group=self.group, async_op=True)]
 
     def finish(self, step: _EPStep) -> torch.Tensor:
         for work in step.works:
             work.wait()
-        out = torch.zeros((step.tokens, step.rows.shape[1]), dtype=torch.float32, device=step.rows.device)
-        out.index_add_(0, step.token_of_row, step.back.float())
-        return out.to(step.rows.dtype)
+        back, step.back, step.expert_out = step.back, None, None
+        return back[step.row_of_hold].sum(dim=0)
 
-    def forward(self, layer: int, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: int, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, _EPStep]:
+        """The MoE output ``[T, H]`` and the finished step (for :meth:`traffic_of`)."""
         step = self.route(x, logits)
         self.dispatch(step)
         self.compute(layer, step)
         self.combine(step)
-        return self.finish(step)
+        return self.finish(step), step
+
+    def traffic_of(self, step: _EPStep) -> LayerTraffic:
+        """Bytes this rank sent in ``step`` (counts, rows and routing slots to other ranks, rows
+        back), beside :func:`ep_minimum_bytes` of its tokens' routing."""
+        row = step.x.shape[1] * step.x.element_size()
+        slots = 2 * self.top_k * 4
+        others = [r for r in range(self.world_size) if r != self.rank]
+        moved = (sum(step.send_rows[r] for r in others) * (row + slots) + sum(step.recv_rows[r] for r in others) * row
+                 + len(others) * step.send_counts.shape[1] * step.send_counts.element_size())
+        pairs = remote_token_rank_pairs(step.ids, self.owner, self.rank, self.world_size)
+        return LayerTraffic(moved, ep_minimum_bytes(pairs, step.x.shape[1], step.x.element_size()))
 
 
-class AllToAllEPStack(_Stack):
-    """Attention data-parallel, MoE by :class:`AllToAllEP` ("a2a_ep")."""
+class ExpertParallelStack(_Stack):
+    """Attention data-parallel, MoE by :class:`DeduplicatedEP` ("a2a_ep")."""
 
     family = "a2a_ep"
 
-    def __init__(self, cfg, dense, kernel, shards: Sequence[dict[str, torch.Tensor]], layout: ExpertShardLayout) -> None:
+    def __init__(self, cfg, dense, kernel, shards: Sequence[dict[str, torch.Tensor]],
+                 layout: ExpertShardLayout) -> None:
         super().__init__(cfg, dense, kernel)
-        self.ep = AllToAllEP(layout, shards, cfg.top_k, kernel, cfg.renormalize)
+        self.ep = DeduplicatedEP(layout, shards, cfg.top_k, kernel, cfg.renormalize)
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         h = batch.hidden
         for layer in range(len(self.dense)):
             h = self.attention_residual(h, layer, batch)
             x, logits = self.moe_input(h, layer, batch)
-            h = h + self.ep.forward(layer, x.contiguous(), logits)
+            out, step = self.ep.forward(layer, x.contiguous(), logits)
+            h = h + out
+            if self.traffic is not None:
+                self.record(self.ep.traffic_of(step))
         return h
 
 
-class TwoBatchOverlapStack(AllToAllEPStack):
-    """AllToAll-EP over two micro-batches A and B, one CUDA stream each ("a2a_tbo").
+class TwoBatchOverlapStack(_Stack):
+    """:class:`DeduplicatedEP` over two micro-batches A and B, as SGLang's two-batch overlap ("a2a_tbo").
 
-    Host issue order per layer (collectives in brackets run on NCCL's stream, in this order
-    on every rank, each after the work its own micro-batch enqueued before it)::
+    The batch is cut at half its tokens (:meth:`PackedBatch.split_in_half`), inside a request
+    if one spans the cut: B's part of that request attends A's part through the keys and
+    values A computed in the same layer. Each micro-batch has its own CUDA stream and its own
+    communicator (process group), so one's collectives never queue behind the other's. Host
+    issue order per layer (brackets: collectives; ``||``: what the GPU overlaps)::
 
-        A: attention, route [counts A]     B: -
-        A: host waits counts; [dispatch A] B: attention, route [counts B]   (dispatch A || attn B)
-        A: experts                         B: host waits counts; [dispatch B] (experts A || dispatch B)
-        A: [combine A]                     B: experts                        (combine A || experts B)
-        A: sum rows (next: attention A)    B: [combine B], sum rows          (attn A' || combine B)
+        A: attention, route [counts A]
+        B: attention, route [counts B]                  [counts A] || B attention
+        A: wait counts A; [dispatch A]; experts A       [dispatch A] || B attention
+        B: wait counts B; [dispatch B]                  [dispatch B] || A experts
+        A: [combine A]
+        B: experts B                                    [combine A] || B experts
+        A: sum partials (next layer: attention A)       [combine B] || A's next attention
+        B: [combine B], sum partials
 
-    The micro-batches are cut at the request boundary nearest half the tokens (attention
-    stays per request). On CPU the same order runs on one thread (the tests check its result).
+    The host waits only on a count exchange, each time with the other micro-batch's compute
+    already queued, so the GPU does not idle on the host. On CPU (gloo) the same order runs
+    with host waits; the tests check its result.
     """
 
     family = "a2a_tbo"
 
-    def __init__(self, cfg, dense, kernel, shards: Sequence[dict[str, torch.Tensor]], layout: ExpertShardLayout) -> None:
-        super().__init__(cfg, dense, kernel, shards, layout)
-        device = self.ep.owner.device
+    def __init__(self, cfg, dense, kernel, shards: Sequence[dict[str, torch.Tensor]],
+                 layout: ExpertShardLayout) -> None:
+        super().__init__(cfg, dense, kernel)
+        ranks = list(range(layout.world_size))
+        self.groups = [dist.new_group(ranks) for _ in range(2)]
+        self.eps = [DeduplicatedEP(layout, shards, cfg.top_k, kernel, cfg.renormalize, group) for group in self.groups]
+        device = self.eps[0].owner.device
         self.streams = [torch.cuda.Stream(device) for _ in range(2)] if device.type == "cuda" else None
 
+    def _on(self, micro_batch: int):
+        return torch.cuda.stream(self.streams[micro_batch]) if self.streams is not None else contextlib.nullcontext()
+
+    def _attention_residual(self, h: torch.Tensor, layer: int, batch: PackedBatch,
+                            prefix_kv: KeyValue | None) -> tuple[torch.Tensor, KeyValue]:
+        """``h`` + attention, and the layer's keys and values (B continues A's last request)."""
+        w, cfg = self.dense[layer], self.cfg
+        q, k, v = qkv_projection(rms_norm(h, w["input_norm"], cfg.rms_norm_eps), w, batch, cfg, cfg.num_heads,
+                                 cfg.num_kv_heads)
+        return h + F.linear(causal_attention(q, k, v, batch, prefix_kv), w["o"]), (k, v)
+
     def forward(self, batch: PackedBatch) -> torch.Tensor:
-        halves = batch.split_in_two()
+        halves = batch.split_in_half()
+        continued = halves[1].continued_tokens
         if self.streams is not None:
             main = torch.cuda.current_stream(batch.hidden.device)
             for stream in self.streams:
                 stream.wait_stream(main)
-
-        def on(i: int):
-            return torch.cuda.stream(self.streams[i]) if self.streams is not None else contextlib.nullcontext()
-
+        ep_a, ep_b = self.eps
         h = [halves[0].hidden, halves[1].hidden]
         for layer in range(len(self.dense)):
-            steps: list[_EPStep | None] = [None, None]
-            with on(0):
-                h[0] = self.attention_residual(h[0], layer, halves[0])
-                x0, logits0 = self.moe_input(h[0], layer, halves[0])
-                steps[0] = self.ep.route(x0.contiguous(), logits0)
-                self.ep.dispatch(steps[0])
-            with on(1):
-                h[1] = self.attention_residual(h[1], layer, halves[1])
-                x1, logits1 = self.moe_input(h[1], layer, halves[1])
-                steps[1] = self.ep.route(x1.contiguous(), logits1)
-            with on(0):
-                self.ep.compute(layer, steps[0])
-            with on(1):
-                self.ep.dispatch(steps[1])
-            with on(0):
-                self.ep.combine(steps[0])
-            with on(1):
-                self.ep.compute(layer, steps[1])
-                self.ep.combine(steps[1])
-            with on(0):
-                h[0] = h[0] + self.ep.finish(steps[0])
-            with on(1):
-                h[1] = h[1] + self.ep.finish(steps[1])
+            with self._on(0):
+                h[0], (k, v) = self._attention_residual(h[0], layer, halves[0], None)
+                x, logits = self.moe_input(h[0], layer, halves[0])
+                step_a = ep_a.route(x.contiguous(), logits)
+            prefix_kv = (k[-continued:], v[-continued:]) if continued else None
+            if prefix_kv is not None and self.streams is not None:
+                self.streams[1].wait_stream(self.streams[0])
+                for t in prefix_kv:
+                    t.record_stream(self.streams[1])
+            with self._on(1):
+                h[1], _ = self._attention_residual(h[1], layer, halves[1], prefix_kv)
+                x, logits = self.moe_input(h[1], layer, halves[1])
+                step_b = ep_b.route(x.contiguous(), logits)
+            with self._on(0):
+                ep_a.dispatch(step_a)
+                ep_a.compute(layer, step_a)
+            with self._on(1):
+                ep_b.dispatch(step_b)
+            with self._on(0):
+                ep_a.combine(step_a)
+            with self._on(1):
+                ep_b.compute(layer, step_b)
+            with self._on(0):
+                h[0] = h[0] + ep_a.finish(step_a)
+            with self._on(1):
+                ep_b.combine(step_b)
+                h[1] = h[1] + ep_b.finish(step_b)
+            if self.traffic is not None:
+                self.record(ep_a.traffic_of(step_a) + ep_b.traffic_of(step_b))
         if self.streams is not None:
             for stream, part in zip(self.streams, h):
                 main.wait_stream(stream)
                 part.record_stream(main)  # allocated on the side stream, read by the main one
         return torch.cat(h)
+
+    def close(self) -> None:
+        for group in self.groups:
+            dist.destroy_process_group(group)
 
 
 class TensorParallelStack(_Stack):
@@ -638,7 +874,8 @@ class TensorParallelStack(_Stack):
     Rank r holds query heads ``[r Hq/N, (r+1) Hq/N)`` and the kv heads they read (replicated
     when ``Hkv < N``), the matching o-projection columns, and columns
     ``[r I/N, (r+1) I/N)`` of every expert's gate/up (rows of w2's input); router and norms
-    are replicated. Every rank runs the whole group's batch. FP8: each rank quantises its own
+    are replicated. Every rank runs the whole group's batch. Traffic: NCCL's all-reduces,
+    counted as rings (:func:`tp_minimum_bytes`), so moved and minimum are the same. FP8: each rank quantises its own
     bf16 slice (block scales follow the slice; equal to slicing the quantised whole when
     ``I / N`` is a multiple of 128).
     """
@@ -664,6 +901,7 @@ class TensorParallelStack(_Stack):
                              w["qkv"][v_base + first_kv * d: v_base + (last_kv + 1) * d]])
             local_dense.append({**w, "qkv": qkv.contiguous(), "o": w["o"][:, q_rows].contiguous()})
         super().__init__(cfg, local_dense, kernel)
+        self.world_size = world_size
         i_local = cfg.intermediate // world_size
         cols = slice(rank * i_local, (rank + 1) * i_local)
         self.experts = []
@@ -687,6 +925,9 @@ class TensorParallelStack(_Stack):
             partial = self.kernel(x.contiguous(), experts["w13"], experts["w2"], weights, ids, **scales)
             dist.all_reduce(partial)
             h = h + partial
+            if self.traffic is not None:
+                all_reduces = tp_minimum_bytes(h.shape[0], h.shape[1], h.element_size(), self.world_size)
+                self.record(LayerTraffic(all_reduces, all_reduces))
         return h
 
 
@@ -758,5 +999,5 @@ def build_stack(name: str, cfg: StackConfig, dense: Sequence[dict[str, torch.Ten
     if family == "asyncep":
         return AsyncEPStack(cfg, dense, kernel, shards, layout, transport, depth, device)
     if family == "a2a_ep":
-        return AllToAllEPStack(cfg, dense, kernel, shards, layout)
+        return ExpertParallelStack(cfg, dense, kernel, shards, layout)
     return TwoBatchOverlapStack(cfg, dense, kernel, shards, layout)

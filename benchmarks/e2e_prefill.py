@@ -11,8 +11,13 @@ per GPU over NCCL. Every layout runs the same kernels on the same inputs:
                            the model fits one GPU: 30B-A3B)
     asyncep-<tr>-d<d>      DP attention, experts sharded, weight gather of layer l+d while
                            layer l computes (transports nccl / copy_engine, d = 1, 2)
-    a2a_ep                 DP attention, EP MoE with NCCL all_to_all dispatch/combine
-    a2a_tbo                a2a_ep with two micro-batches on two streams (two-batch overlap)
+    a2a_ep                 DP attention, EP MoE as DeepEP's normal mode / vLLM: each token
+                           dispatched once per rank holding one of its experts, weighted
+                           combine on the expert side, one row per (token, rank) back
+                           (NCCL all_to_all)
+    a2a_tbo                a2a_ep as SGLang's two-batch overlap: micro-batches cut at half
+                           the tokens (inside a request if need be), each on its own stream
+                           and communicator, one's dispatch/combine under the other's compute
     tp                     heads and expert FFN columns split, two all-reduces per layer
 
 Baselines (for "speedup vs the best baseline") are a2a_ep, a2a_tbo and tp; dp is reported
@@ -21,20 +26,29 @@ as the ceiling, not as a baseline.
 Workload per GPU: ``tokens_per_gpu`` tokens of packed requests whose lengths are drawn from
 ``{C/2, 3C/4, C, 5C/4, 3C/2}`` (``C`` the context length; the last request cut to fit), so
 a point needs ``tokens >= C``. Routing regimes: ``balanced`` (a logit bias makes global token
-g pick experts ``(gK + j) mod E``: every expert and every EP rank gets exactly the same load)
-and ``skewed`` (per-layer expert popularity: logit bias ``alpha_l * z_l``, ``z_l ~ N(0,1)^E``,
-``alpha_l`` bisected for max/mean expert load 1.5; the achieved expert- and EP-rank-level
-max/mean are measured on the run's own routing and reported per point).
+g pick experts ``(gK + j) mod E``: every expert and every EP rank gets exactly the same load;
+with experts in contiguous runs per rank, vLLM's placement, a token's K experts then sit on
+one rank, so deduplicated EP sends each token to one rank: EP's best case) and ``skewed``
+(per-layer expert popularity: logit bias ``alpha_l * z_l``, ``z_l ~ N(0,1)^E``, ``alpha_l``
+bisected for max/mean expert load 1.5; the achieved expert- and EP-rank-level max/mean are
+measured on the run's own routing and reported per point).
 
-Numbers: a pass of the K layers is timed (CUDA events, median of ``--iters`` after
-``--warmup``; the slowest rank's median: EP pays its hottest rank); per layer = pass / K.
+Timing (``"timing": "back-to-back"`` in the JSON): after ``--warmup`` passes of the K layers,
+one synchronisation and one untimed lead-in pass, ``--iters`` passes run back to back with
+no synchronisation between them and CUDA events (CPU: wall clock) around the whole loop;
+per layer = window / (iters K), the slowest rank's (EP pays its hottest rank). No pass starts
+after an untimed gap in which AsyncEP's streamer could prefetch its first layers for free.
 All Qwen3-MoE layers have the same shapes and every one is an MoE layer, so per-layer
 figures scale to the full model (embedding and LM head excluded, < 1% of the FLOPs):
 ``tokens/s per GPU = tokens_per_gpu / (ms_per_layer * num_layers)``. MFU = true FLOPs of a
 layer per GPU (``zeroprefill.common.cost_model.layer_flops``: projections, causal score
 pairs of the actual requests, router, experts) / time / 989 TFLOP/s (dense bf16 peak of
-H100 and H200 SXM; used for FP8 rows too). ``exposed = (t - t_dp) / t``. The predicted
-saturation threshold comes from ``zeroprefill.common.planner.saturation_threshold_tokens``
+H100 and H200 SXM; used for FP8 rows too). ``exposed = (t - t_dp) / t``. Bytes per layer:
+what each layout sends over links per rank (mean over ranks), beside the minimum its
+algorithm needs (``_layouts.*_minimum_bytes``: EP one hidden row per (token, remote rank
+holding one of its experts) each way; AsyncEP (N-1)/N of a layer's expert bytes; TP two
+ring all-reduces), from one untimed accounting pass per point. The predicted saturation
+threshold comes from ``zeroprefill.common.planner.saturation_threshold_tokens``
 with the shipped hardware profile of the GPU and GPU count.
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \\
@@ -54,15 +68,16 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from _layouts import (PackedBatch, run_ranks, StackConfig, balanced_router_bias, build_stack, dense_weights,
-                      expert_weights_bf16, fp8_supported, mixed_request_lengths, parse_layout,
-                      quantize_experts_fp8, routing_balance, skewed_router_bias, time_passes)
+from _layouts import (TIMING_METHOD, PackedBatch, StackConfig, balanced_router_bias, build_stack, dense_weights,
+                      expert_weights_bf16, fp8_supported, mixed_request_lengths, parse_layout, quantize_experts_fp8,
+                      routing_balance, run_ranks, skewed_router_bias, time_passes)
 from zeroprefill.common.cost_model import causal_query_key_pairs, layer_flops
 from zeroprefill.common.expert_sharding import ExpertShardLayout
 from zeroprefill.common.model_spec import MoEModelSpec
@@ -73,6 +88,10 @@ BASELINES = ("a2a_ep", "a2a_tbo", "tp")
 SKEW_TARGET = 1.5
 SHORT_CONTEXT = 512
 LONG_CONTEXT = 32768
+#: Tokens per GPU from which issue 18's targets apply (exposed communication, fair speedup).
+LARGE_BATCH_TOKENS = 16384
+#: What result files written before back-to-back timing measured (no ``timing`` in meta).
+LEGACY_TIMING = "per pass, barrier and synchronisation before each (prefetch across the gap untimed)"
 #: A CPU-sized Qwen3-MoE (gloo runs and tests): FP8 blocks of 128 divide I / 2 ranks.
 TINY_CONFIG = {
     "model_type": "qwen3_moe", "hidden_size": 128, "moe_intermediate_size": 256, "num_hidden_layers": 2,
@@ -81,7 +100,7 @@ TINY_CONFIG = {
     "rms_norm_eps": 1e-6,
 }
 FULL = {"tokens": (1024, 2048, 4096, 8192, 16384, 32768, 65536), "contexts": (512, 4096, 32768),
-        "layers": 4, "warmup": 2, "iters": 5}
+        "layers": 4, "warmup": 2, "iters": 6}
 QUICK = {"tokens": (4096, 16384, 32768), "contexts": (512, 32768), "layers": 2, "warmup": 1, "iters": 3}
 CPU_FULL = {"tokens": (64, 128, 256), "contexts": (16, 64), "layers": 2, "warmup": 1, "iters": 3}
 CPU_QUICK = {"tokens": (64, 128), "contexts": (16, 64), "layers": 2, "warmup": 0, "iters": 1}
@@ -148,7 +167,29 @@ def activation_bytes_estimate(cfg: StackConfig, tokens_in_layer: int, family: st
     return int(1.5 * tokens_in_layer * per_token)
 
 
+def bytes_text(count: float) -> str:
+    """``count`` bytes with a decimal unit and three significant digits (``"1.5 GB"``)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.3g} {unit}"
+    return f"{count:.0f} B"
+
+
 # -- one rank --------------------------------------------------------------------------------
+def traffic_per_layer(stack, batch: PackedBatch, world_size: int, device: torch.device) -> dict[str, float]:
+    """One untimed accounting pass: bytes sent per layer per rank (mean over layers and
+    ranks), moved and the algorithm's minimum."""
+    stack.traffic = []
+    stack.forward(batch)
+    layers = len(stack.traffic)
+    mean = torch.tensor([sum(t.moved for t in stack.traffic) / layers, sum(t.minimum for t in stack.traffic) / layers],
+                        device=device, dtype=torch.float64)
+    stack.traffic = None
+    dist.all_reduce(mean)
+    moved, minimum = (mean / world_size).tolist()
+    return {"moved": moved, "minimum": minimum}
+
+
 def _profile_pass(run_pass, device: torch.device, top: int = 12) -> list[dict]:
     """Kernel time summary of one pass (torch.profiler), largest first."""
     from torch.profiler import ProfilerActivity, profile
@@ -241,14 +282,18 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
                             record["routing_balance"] = routing_balance(stack.recorded_ids,
                                                                         ExpertShardLayout(cfg.num_experts, world_size))
                             stack.recorded_ids = None
+                        record["bytes_per_layer"] = traffic_per_layer(stack, batch, world_size, device)
                         if family == "a2a_tbo":
-                            first, second = batch.split_in_two()
+                            first, second = batch.split_in_half()
                             record["microbatch_tokens"] = [first.hidden.shape[0], second.hidden.shape[0]]
+                            record["microbatch_split_request_tokens"] = second.continued_tokens
                         if args.profile and routing == "balanced" and tokens == max(args.tokens):
                             record["profile"] = _profile_pass(run_pass, device)
                         records.append(record)
                         log(f"   {model:16s} {dtype:4s} {name:24s} C={context:6d} T={tokens:6d} {routing:8s} "
-                            f"{record['ms_per_layer']:9.3f} ms/layer")
+                            f"{record['ms_per_layer']:9.3f} ms/layer  "
+                            f"{bytes_text(record['bytes_per_layer']['moved'])} moved/layer "
+                            f"(minimum {bytes_text(record['bytes_per_layer']['minimum'])})")
                         del batch
                 stack.close()
                 del stack
@@ -259,7 +304,7 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
     if rank == 0:
         gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         meta = {"gpu": gpu, "world_size": world_size, "device": args.device, "torch": torch.__version__,
-                "layers": args.layers, "warmup": args.warmup, "iters": args.iters}
+                "layers": args.layers, "warmup": args.warmup, "iters": args.iters, "timing": TIMING_METHOD}
         Path(result_file).write_text(json.dumps({"meta": meta, "records": records, "skipped": skipped}))
     dist.barrier()
     dist.destroy_process_group()
@@ -336,51 +381,66 @@ def summarize(raw: dict, command: str) -> dict:
             "points": rows, "skipped": raw.get("skipped", []), "records": raw["records"], "command": command}
 
 
-def _best_asyncep(rows: list[dict], model: str, dtype: str, routing: str, context: int | None) -> list[dict]:
-    """Per point above threshold: the fastest AsyncEP row."""
+def _best_asyncep(rows: list[dict], keep: Callable[[dict], bool]) -> list[dict]:
+    """Per (routing, context, tokens) point among the rows ``keep`` accepts: the fastest AsyncEP row."""
     best: dict[tuple, dict] = {}
     for r in rows:
-        if (r["family"] != "asyncep" or r["model"] != model or r["dtype"] != dtype or r["routing"] != routing
-                or (context is not None and r["context"] != context) or not r["above_threshold"]):
+        if r["family"] != "asyncep" or not keep(r):
             continue
-        key = (r["context"], r["tokens_per_gpu"])
+        key = (r["routing"], r["context"], r["tokens_per_gpu"])
         if key not in best or r["ms_per_layer"] < best[key]["ms_per_layer"]:
             best[key] = r
     return [best[k] for k in sorted(best)]
 
 
 def headline(rows: list[dict], meta: dict, skipped: list[dict]) -> dict:
-    """The issue's summary keys on Qwen3-235B-A22B bf16 above the threshold; null + reason if not run.
+    """The summary keys of issues 9 and 18 on Qwen3-235B-A22B bf16; null + reason if not run.
 
     Each value is the worst case over the qualifying points (min of MFU and speedups, max of
-    exposed communication), so a target holds at every point iff the value meets it.
+    exposed communication), so a target holds at every point iff the value meets it. The
+    ``*_above_threshold`` and ``speedup_*_ctx*`` keys take the points at or above the predicted
+    saturation threshold; the ``*_16k_plus`` keys (issue 18) those from 16K tokens/GPU, with
+    the deduplicated-EP, two-batch-overlap and TP baselines.
     """
     model = "qwen3-235b-a22b"
     summary: dict = {"peak_tflops_used": PEAK_TFLOPS, "gpus": meta["world_size"], "gpu": meta["gpu"],
-                     "layers_per_pass": meta["layers"], "skew_target_expert_max_over_mean": SKEW_TARGET,
-                     "reasons": {}}
-    selections = {
-        "mfu_235b_bf16_above_threshold": ("balanced", None, "mfu", min),
-        "exposed_comm_above_threshold": ("balanced", None, "exposed_comm", max),
-        "speedup_short_ctx_balanced": ("balanced", SHORT_CONTEXT, "speedup_vs_best_baseline", min),
-        "speedup_short_ctx_skewed": ("skewed", SHORT_CONTEXT, "speedup_vs_best_baseline", min),
-        "speedup_32k_ctx": ("balanced", LONG_CONTEXT, "speedup_vs_best_baseline", min),
+                     "layers_per_pass": meta["layers"], "timing": meta.get("timing", LEGACY_TIMING),
+                     "skew_target_expert_max_over_mean": SKEW_TARGET, "reasons": {}}
+
+    def above_threshold(context: int | None) -> tuple[str, Callable[[dict], bool]]:
+        where = "at or above the saturation threshold" + (f" at context {context}" if context else "")
+        return where, lambda r: r["above_threshold"] and (context is None or r["context"] == context)
+
+    large_batch = (f"from {LARGE_BATCH_TOKENS} tokens/GPU", lambda r: r["tokens_per_gpu"] >= LARGE_BATCH_TOKENS)
+    selections = {  # key: (routings, field, worst case, (which points, their test))
+        "mfu_235b_bf16_above_threshold": (("balanced",), "mfu", min, above_threshold(None)),
+        "exposed_comm_above_threshold": (("balanced",), "exposed_comm", max, above_threshold(None)),
+        "speedup_short_ctx_balanced": (("balanced",), "speedup_vs_best_baseline", min, above_threshold(SHORT_CONTEXT)),
+        "speedup_short_ctx_skewed": (("skewed",), "speedup_vs_best_baseline", min, above_threshold(SHORT_CONTEXT)),
+        "speedup_32k_ctx": (("balanced",), "speedup_vs_best_baseline", min, above_threshold(LONG_CONTEXT)),
+        "exposed_comm_16k_plus": (("balanced",), "exposed_comm", max, large_batch),
+        "speedup_vs_fair_best_16k_plus": (("balanced", "skewed"), "speedup_vs_best_baseline", min, large_batch),
     }
-    for key, (routing, context, field, reduce) in selections.items():
+    for key, (routings, field, reduce, (where, qualifies)) in selections.items():
         summary[key] = None
         if meta["world_size"] < 2:
             summary["reasons"][key] = ("ran on 1 GPU: nothing crosses a link (the gather is a local copy, "
                                        "no baseline communicates); needs >= 2 GPUs (nvidia-h200-x2)")
             continue
-        chosen = _best_asyncep(rows, model, "bf16", routing, context)
+        chosen = _best_asyncep(rows, lambda r: r["model"] == model and r["dtype"] == "bf16"
+                               and r["routing"] in routings and qualifies(r))
         values = [r[field] for r in chosen if r[field] is not None]
         if not values:
-            summary["reasons"][key] = (f"no {model} bf16 {routing} AsyncEP point above the saturation threshold"
-                                       + (f" at context {context}" if context else "") + " was run")
+            summary["reasons"][key] = f"no {model} bf16 {'/'.join(routings)} AsyncEP point {where} was run"
             continue
         summary[key] = reduce(values)
-        summary[f"{key}_points"] = [{"context": r["context"], "tokens_per_gpu": r["tokens_per_gpu"],
-                                     "layout": r["layout"], field: r[field]} for r in chosen]
+        summary[f"{key}_points"] = [{"routing": r["routing"], "context": r["context"],
+                                     "tokens_per_gpu": r["tokens_per_gpu"], "layout": r["layout"], field: r[field]}
+                                    for r in chosen]
+    summary["baseline_bytes_per_layer"] = _bytes_at_large_batch(rows, model)
+    if summary["baseline_bytes_per_layer"] is None:
+        summary["reasons"]["baseline_bytes_per_layer"] = (f"no {model} bf16 point at {LARGE_BATCH_TOKENS} "
+                                                          "tokens/GPU with bytes per layer was run")
     skew = [r["routing_balance"] for r in rows if r["routing"] == "skewed" and r["family"] == "dp"
             and "routing_balance" in r]
     if skew:
@@ -397,26 +457,46 @@ def headline(rows: list[dict], meta: dict, skipped: list[dict]) -> dict:
     return summary
 
 
+def _bytes_at_large_batch(rows: list[dict], model: str) -> dict | None:
+    """Bytes per layer per rank of every communicating layout at 16K tokens/GPU (``model``
+    bf16, the shortest context run), moved and minimum, per ``layout/routing``."""
+    at = [r for r in rows if r["model"] == model and r["dtype"] == "bf16" and r["family"] != "dp"
+          and r["tokens_per_gpu"] == LARGE_BATCH_TOKENS and "bytes_per_layer" in r]
+    if not at:
+        return None
+    context = min(r["context"] for r in at)
+    return {"tokens_per_gpu": LARGE_BATCH_TOKENS, "context": context,
+            "layouts": {f"{r['layout']}/{r['routing']}": r["bytes_per_layer"] for r in at if r["context"] == context}}
+
+
+HEADLINE_KEYS = ("mfu_235b_bf16_above_threshold", "exposed_comm_above_threshold", "speedup_short_ctx_balanced",
+                 "speedup_short_ctx_skewed", "speedup_32k_ctx", "exposed_comm_16k_plus",
+                 "speedup_vs_fair_best_16k_plus")
+
+
 def print_table(result: dict) -> None:
     header = ["model", "dtype", "routing", "ctx", "tok/GPU", "layout", "ms/layer", "tok/s/GPU", "MFU", "exposed",
-              "vs best base"]
-    widths = [16, 5, 8, 6, 7, 24, 9, 10, 6, 8, 12]
+              "vs best base", "moved/layer", "minimum"]
+    widths = [16, 5, 8, 6, 7, 24, 9, 10, 6, 8, 12, 11, 10]
     print(" ".join(f"{h:>{w}}" for h, w in zip(header, widths)))
     previous = None
     for r in result["points"]:
         point = (r["model"], r["dtype"], r["routing"], r["context"], r["tokens_per_gpu"])
+        traffic = r.get("bytes_per_layer")
         cells = [*(point if point != previous else [""] * 5), r["layout"], f"{r['ms_per_layer']:.3f}",
                  f"{r['tokens_per_s_per_gpu']:.0f}", f"{100 * r['mfu']:.1f}%",
                  "-" if r["exposed_comm"] is None else f"{100 * r['exposed_comm']:.1f}%",
-                 "-" if r["speedup_vs_best_baseline"] is None else f"{r['speedup_vs_best_baseline']:.2f}x"]
+                 "-" if r["speedup_vs_best_baseline"] is None else f"{r['speedup_vs_best_baseline']:.2f}x",
+                 "-" if traffic is None else bytes_text(traffic["moved"]),
+                 "-" if traffic is None else bytes_text(traffic["minimum"])]
         print(" ".join(f"{str(c):>{w}}" for c, w in zip(cells, widths)))
         previous = point
         for k in r.get("profile", []):
             print(f"{'':>40} {100 * k['share']:5.1f}% {k['ms']:8.3f} ms  {k['name']}")
     s = result["summary"]
-    print(f"peak used: {s['peak_tflops_used']} TFLOP/s (dense bf16) on {s['gpus']} x {s['gpu']}")
-    for key in ("mfu_235b_bf16_above_threshold", "exposed_comm_above_threshold", "speedup_short_ctx_balanced",
-                "speedup_short_ctx_skewed", "speedup_32k_ctx"):
+    print(f"peak used: {s['peak_tflops_used']} TFLOP/s (dense bf16) on {s['gpus']} x {s['gpu']}; "
+          f"timing: {s['timing']}")
+    for key in (*HEADLINE_KEYS, "baseline_bytes_per_layer"):
         print(f"{key}: {s[key]}" + (f"  ({s['reasons'][key]})" if key in s["reasons"] else ""))
     for key in ("skew_achieved_expert_max_over_mean", "skew_achieved_ep_rank_max_over_mean"):
         if key in s:
@@ -520,9 +600,10 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.merge:
         parts = [json.loads(p.read_text()) for p in args.merge]
-        shapes = {(p["meta"]["gpu"], p["meta"]["world_size"], p["meta"]["layers"]) for p in parts}
+        shapes = {(p["meta"]["gpu"], p["meta"]["world_size"], p["meta"]["layers"],
+                   p["meta"].get("timing", LEGACY_TIMING)) for p in parts}
         if len(shapes) != 1:
-            parser.error(f"--merge needs runs on the same GPUs with the same layers, got {sorted(shapes)}")
+            parser.error(f"--merge needs runs on the same GPUs with the same layers and timing, got {sorted(shapes)}")
         raw = {"meta": parts[0]["meta"], "records": [r for p in parts for r in p["records"]],
                "skipped": [s for p in parts for s in p["skipped"]]}
         finish(summarize(raw, " && ".join(p["command"] for p in parts)), args.out)

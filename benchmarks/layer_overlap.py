@@ -7,11 +7,16 @@ H=4096, I=1536), random bf16 weights, random router logits, run on every GPU of 
 - ``compute_only``: every expert resident on every GPU, no communication (the ceiling);
 - ``asyncep/<transport>``: each GPU stores 1/N of the experts; the streamer gathers layer
   l+1 while layer l computes (transports: ``nccl``, ``copy_engine``);
-- ``alltoall_ep``: each GPU stores 1/N of the experts; tokens are dispatched to the experts'
-  owners and combined back with NCCL ``all_to_all_single`` (split sizes exchanged first);
+- ``alltoall_ep``: each GPU stores 1/N of the experts; expert parallelism as DeepEP's normal
+  mode (``_layouts.DeduplicatedEP``): each token dispatched once to every GPU holding one of
+  its experts, weighted combine on the expert side, one row per (token, GPU) back, over NCCL
+  ``all_to_all_single`` (counts exchanged first);
 
-all with the same experts kernel. ``exposed = (asyncep - compute_only) / asyncep``. The knee
-is the smallest measured token count from which exposed communication stays under 5%.
+all with the same experts kernel. Each layout's time is the mean of ``--iters`` passes run
+back to back after a synchronised lead-in pass (``_layouts.time_passes``; ``"timing":
+"back-to-back"`` in the summary), the slowest GPU's.
+``exposed = (asyncep - compute_only) / asyncep``. The knee is the smallest measured token
+count from which exposed communication stays under 5%.
 FLOPs per layer = ``2 * T * top_k * 3 * H * I`` (the routed experts; routing not counted).
 
     python benchmarks/layer_overlap.py --gpus 2 --out benchmarks/results/layer_overlap-h200x2.json
@@ -32,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from _layouts import AllToAllEP, run_ranks, time_passes
+from _layouts import TIMING_METHOD, DeduplicatedEP, run_ranks, time_passes
 from zeroprefill.common.asyncep_moe import AsyncEPMoE, default_experts_kernel, select_experts
 from zeroprefill.common.cost_model import moe_layer_flops
 from zeroprefill.common.expert_sharding import ExpertShardLayout
@@ -108,7 +113,7 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
 
     # 3. AllToAll expert parallelism on the same shards.
     if world_size > 1:
-        ep = AllToAllEP(layout, shards, k, kernel)
+        ep = DeduplicatedEP(layout, shards, k, kernel)
         for t in args.tokens:
             x, logits = inputs[t]
 
@@ -166,6 +171,7 @@ def summarize(raw: dict, args: argparse.Namespace) -> dict:
         "gpu": raw["meta"]["gpu"],
         "layers": args.layers,
         "prefetch_depth": args.prefetch_depth,
+        "timing": TIMING_METHOD,
         "kernel": "zeroprefill.kernels.fused_experts (shipped backend table)",
         "knee_tokens_per_gpu": knee,
         "max_exposed_comm_above_knee": max(above) if above else None,

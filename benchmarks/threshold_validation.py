@@ -21,7 +21,10 @@ Run the sweep first (2 GPUs of one host; a fine token grid, balanced routing, tw
         --out benchmarks/results/threshold_validation-h200x2.json
 
 ``--profile`` takes the JSON ``zeroprefill calibrate`` wrote on the same machine (default:
-the shipped profile for the GPU and GPU count the sweep ran on).
+the shipped profile for the GPU and GPU count the sweep ran on). The summary's ``timing``
+repeats how the sweep timed its passes (``"back-to-back"``); ``null`` marks a sweep written
+before that field, whose passes were timed one by one after a barrier, so AsyncEP's
+prefetch across the untimed gap flattered its exposed communication (issue 18).
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ def validate(e2e: dict, profile_arg: str | None, exposed_target: float) -> dict:
             "exposed_target": exposed_target,
             "gpus": num_gpus,
             "gpu": meta["gpu"],
+            "timing": meta.get("timing"),
             "profile": profile.name,
             "series_without_knee": sum(r["measured_knee_tokens_per_gpu"] is None for r in rows),
         },
@@ -122,7 +126,8 @@ def print_table(result: dict) -> None:
         print(f"{r['model']:>16} {r['dtype']:>5} {r['transport']:>11} {r['prefetch_depth']:>2} "
               f"{r['context']:>7} {r['predicted_tokens_per_gpu']:>10} {knee_text:>10} {error:>7}")
     s = result["summary"]
-    print(f"max relative error: {s['max_relative_error']} (target 10%), profile {s['profile']}")
+    print(f"max relative error: {s['max_relative_error']} (target 10%), profile {s['profile']}, "
+          f"sweep timing: {s['timing'] or 'not recorded (passes timed one by one)'}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,14 +2,20 @@
 
 Two gloo ranks build the same tiny Qwen3-MoE stack from seeds (``benchmarks/_layouts.py``),
 each runs its own packed requests (TP: the whole group's) through every layout — dp,
-AsyncEP (gloo transport, prefetch depth 1 and 2), AllToAll-EP, AllToAll-EP with two-batch
+AsyncEP (gloo transport, prefetch depth 1 and 2), deduplicated EP, EP with two-batch
 overlap, TP — with bf16 and FP8 experts and both routing regimes, over two passes (the
 streamer's cross-pass prefetch), and compares the output with a single-process
 :class:`LocalStack` run over all ranks' requests at once: every token with balanced routing
 (a forced, tie-free expert choice), 90% of tokens with skewed routing (bf16 rounding in
-another summation order may flip a near-tied top-k choice, which changes that token). Also: the workload helpers
-(request packing, micro-batch split, balanced and skewed routing bias) and the benchmark
-script end to end on CPU (table, JSON summary with null reasons, PNG).
+another summation order may flip a near-tied top-k choice, which changes that token). The
+two EP layouts are also checked on uneven token counts, a request cut across the two
+micro-batches on both ranks, and forced routings where one rank receives nothing, where
+every token needs both ranks, and a mix; with the bytes they send counted by hand. Also:
+the bytes-minimum functions against hand-computed values, the workload helpers (request
+packing, micro-batch split inside a request, attention continuing a split request,
+balanced and skewed routing bias), back-to-back timing, and the benchmark script end to
+end on CPU (table, JSON summary with null reasons and the timing method, bytes per layer,
+PNG).
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks._layouts import (LocalStack, PackedBatch, StackConfig, balanced_router_bias, build_stack,
-                                 dense_weights, expert_weights_bf16, experts_kernel_for, max_over_mean,
-                                 mixed_request_lengths, quantize_experts_fp8, routing_balance, skewed_router_bias)
+from benchmarks._layouts import (BALANCED_LOGIT_BOOST, LocalStack, PackedBatch, StackConfig, asyncep_minimum_bytes,
+                                 balanced_router_bias, build_stack, causal_attention, dense_weights,
+                                 ep_minimum_bytes, expert_weights_bf16, experts_kernel_for, max_over_mean,
+                                 mixed_request_lengths, quantize_experts_fp8, remote_token_rank_pairs,
+                                 routing_balance, skewed_router_bias, time_passes, tp_minimum_bytes)
 from tests.multiprocess import run_on_ranks
 from zeroprefill.common.expert_sharding import ExpertShardLayout
 from zeroprefill.common.model_spec import MoEModelSpec
@@ -116,6 +124,69 @@ def _check_layouts(rank: int, world_size: int, dtypes: tuple[str, ...]) -> None:
                     stack.close()
 
 
+#: Uneven tokens per rank (48, 37); on both the two-batch cut (24, 18) falls inside a request.
+EDGE_LENGTHS = ((10, 30, 8), (37,))
+#: Forced top-2 experts of global token t (of 8: rank 0 owns 0-3, rank 1 owns 4-7).
+FORCED_ROUTINGS = {
+    "one_rank": lambda t: (0, 1),  # rank 1 receives nothing, its tokens all go to rank 0
+    "both_ranks": lambda t: (t % 4, 4 + (3 * t) % 4),  # every token needs both ranks
+    "mixed": lambda t: ((0, 5), (1, 2), (6, 7))[t % 3],
+}
+ROW_BYTES = TINY["hidden_size"] * 2  # a bf16 hidden row
+SLOT_BYTES = 2 * TINY["num_experts_per_tok"] * 4  # its routing slots: local ids and weights (float32)
+COUNT_BYTES = 2 * 8  # (tokens, pairs) to one rank, int64
+
+
+def _forced_batch(cfg: StackConfig, ranks: list[int], routing: str) -> PackedBatch:
+    hidden, lengths, biases = [], [], []
+    for rank in ranks:
+        tokens, first = sum(EDGE_LENGTHS[rank]), sum(sum(n) for n in EDGE_LENGTHS[:rank])
+        hidden.append(torch.randn(tokens, cfg.hidden, generator=torch.Generator().manual_seed(200 + rank))
+                      .to(torch.bfloat16))
+        lengths += EDGE_LENGTHS[rank]
+        bias = torch.zeros(tokens, cfg.num_experts, dtype=torch.bfloat16)
+        for t in range(tokens):
+            bias[t, list(FORCED_ROUTINGS[routing](first + t))] = BALANCED_LOGIT_BOOST
+        biases.append(bias)
+    batch = PackedBatch(torch.cat(hidden), tuple(lengths), torch.cat(biases), bias_per_layer=False)
+    batch.set_rope(cfg.head_dim, cfg.rope_theta)
+    return batch
+
+
+def _check_expert_parallel_edge_cases(rank: int, world_size: int) -> None:
+    cfg = _config()
+    device = torch.device("cpu")
+    dense = dense_weights(cfg, LAYERS, seed=1, device=device)
+    experts_bf16 = [expert_weights_bf16(cfg, layer, seed=2, device=device) for layer in range(LAYERS)]
+    reference_stack = LocalStack(cfg, dense, experts_kernel_for(device, False), experts_bf16)
+    first = sum(sum(n) for n in EDGE_LENGTHS[:rank])
+    mine = slice(first, first + sum(EDGE_LENGTHS[rank]))
+    for routing in FORCED_ROUTINGS:
+        reference = reference_stack.forward(_forced_batch(cfg, list(range(world_size)), routing))
+        for name, count_exchanges in (("a2a_ep", 1), ("a2a_tbo", 2)):
+            stack = build_stack(name, cfg, dense, experts_bf16, None, rank, world_size, device)
+            try:
+                batch = _forced_batch(cfg, [rank], routing)
+                assert batch.split_in_half()[1].continued_tokens > 0, "the cut must split a request"
+                stack.traffic = []
+                out = stack.forward(batch)
+                error = _relative_error(out, reference[mine])
+                assert error < TOLERANCE, f"{name} {routing} rank {rank}: error {error:.3g}"
+                assert len(stack.traffic) == LAYERS
+                if routing == "one_rank":  # rank 1 sends its 37 tokens out, rank 0 sends 37 rows back
+                    tokens_of_rank_1 = sum(EDGE_LENGTHS[1])
+                    rows = tokens_of_rank_1 * (ROW_BYTES + SLOT_BYTES if rank == 1 else ROW_BYTES)
+                    minimum = 2 * tokens_of_rank_1 * ROW_BYTES if rank == 1 else 0
+                    for layer in stack.traffic:
+                        assert (layer.moved, layer.minimum) == (rows + count_exchanges * COUNT_BYTES, minimum)
+            finally:
+                stack.close()
+
+
+def test_expert_parallel_edge_cases():
+    run_on_ranks(2, _check_expert_parallel_edge_cases)
+
+
 @pytest.mark.parametrize("dtypes", [("bf16",), ("fp8",)], ids=["bf16", "fp8"])
 def test_layouts_match_single_process_reference(dtypes):
     if "fp8" in dtypes and not _fp8_available():
@@ -133,8 +204,64 @@ def test_request_packing_and_microbatch_split():
     hidden = torch.zeros(sum((10, 10, 20, 40)), 4)
     batch = PackedBatch(hidden, (10, 10, 20, 40), None, bias_per_layer=False)
     assert batch.groups == ((0, 2, 10), (20, 1, 20), (40, 1, 40))
-    first, second = batch.split_in_two()
-    assert (first.lengths, second.lengths) == ((10, 10, 20), (40,))
+    first, second = batch.split_in_half()  # 40 | 40: the cut is a request boundary
+    assert (first.lengths, second.lengths, second.continued_tokens) == ((10, 10, 20), (40,), 0)
+    # a cut inside a request: its first 4 tokens stay in the first micro-batch
+    bias = torch.arange(16.0)[:, None]
+    batch = PackedBatch(torch.zeros(16, 4), (4, 8, 4), bias, bias_per_layer=False)
+    batch.set_rope(head_dim=4, theta=10000.0)
+    first, second = batch.split_in_half()
+    assert (first.lengths, second.lengths, second.continued_tokens) == ((4, 4), (4, 4), 4)
+    assert first.groups == ((0, 2, 4),) and second.groups == ((0, 1, 4), (4, 1, 4))  # the continued one alone
+    assert torch.equal(second.router_bias, bias[8:]) and torch.equal(second.cos, batch.cos[8:])
+    second.set_rope(head_dim=4, theta=10000.0)  # positions continue inside the split request
+    assert torch.equal(second.cos, batch.cos[8:]) and torch.equal(second.sin, batch.sin[8:])
+    odd = PackedBatch(torch.zeros(37, 4), (37,), None, bias_per_layer=False).split_in_half()
+    assert [p.hidden.shape[0] for p in odd] == [18, 19] and odd[1].continued_tokens == 18
+    with pytest.raises(ValueError, match="strictly inside"):
+        batch.split_at(16)
+    with pytest.raises(ValueError, match="whole batch"):
+        second.split_at(2)
+
+
+def test_attention_continues_a_split_request():
+    """Queries after the cut attend the keys and values before it: equal to the whole request."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(10, heads, 8, generator=gen) for heads in (4, 2, 2))
+    whole = causal_attention(q, k, v, PackedBatch(torch.zeros(10, 1), (10,), None, bias_per_layer=False))
+    second = PackedBatch(torch.zeros(6, 1), (6,), None, bias_per_layer=False, continued_tokens=4)
+    tail = causal_attention(q[4:], k[4:], v[4:], second, prefix_kv=(k[:4], v[:4]))
+    torch.testing.assert_close(tail, whole[4:])
+    with pytest.raises(ValueError, match="prefix_kv"):
+        causal_attention(q[4:], k[4:], v[4:], second)
+
+
+def test_minimum_bytes_by_hand():
+    # 4 experts, 2 per rank: token 0 -> rank 0 only, 1 -> rank 1 only, 2 and 3 -> both ranks
+    owner = torch.tensor([0, 0, 1, 1])
+    ids = torch.tensor([[0, 1], [2, 3], [0, 3], [1, 2]])
+    assert remote_token_rank_pairs(ids, owner, rank=0, world_size=2) == 3  # tokens 1, 2, 3 need rank 1
+    assert remote_token_rank_pairs(ids, owner, rank=1, world_size=2) == 3  # tokens 0, 2, 3 need rank 0
+    # 4 ranks, 2 experts each: token 0 -> ranks {0, 2}, token 1 -> ranks {0, 1}; from rank 0: 2 remote pairs
+    assert remote_token_rank_pairs(torch.tensor([[0, 5], [1, 2]]), torch.arange(8) // 2, 0, 4) == 2
+    # 3 pairs x 4096 hidden x 2 bytes, out and back
+    assert ep_minimum_bytes(3, 4096, 2) == 49_152
+    # Qwen3-235B bf16 layer: 128 experts x 3 x 4096 x 1536 x 2 bytes = 4,831,838,208 B
+    layer = 128 * 3 * 4096 * 1536 * 2
+    assert asyncep_minimum_bytes(layer, 2) == 2_415_919_104
+    assert asyncep_minimum_bytes(layer, 4) == 3_623_878_656
+    assert asyncep_minimum_bytes(layer, 1) == 0
+    # 2 ranks x 16K tokens: two all-reduces of 256 MiB, a ring sends half of each from each rank
+    assert tp_minimum_bytes(32768, 4096, 2, 2) == 536_870_912
+    assert tp_minimum_bytes(32768, 4096, 2, 4) == 805_306_368  # 2 x 2 x 3/4 x 256 MiB
+
+
+def test_time_passes_back_to_back():
+    calls = []
+    ms = time_passes(lambda: calls.append(1), warmup=2, iters=3, device=torch.device("cpu"))
+    assert len(calls) == 2 + 1 + 3 and ms >= 0  # warmup, the lead-in pass, the timed ones
+    with pytest.raises(ValueError, match="iters"):
+        time_passes(lambda: None, warmup=0, iters=0, device=torch.device("cpu"))
 
 
 def test_routing_bias_regimes():
@@ -168,11 +295,19 @@ def test_benchmark_script_on_cpu(tmp_path):
     assert layouts == set(LAYOUTS)
     summary = result["summary"]
     assert summary["peak_tflops_used"] == 989.0
+    assert summary["timing"] == result["meta"]["timing"] == "back-to-back"
     for key in ("mfu_235b_bf16_above_threshold", "speedup_short_ctx_balanced", "speedup_short_ctx_skewed",
-                "speedup_32k_ctx", "exposed_comm_above_threshold"):
+                "speedup_32k_ctx", "exposed_comm_above_threshold", "exposed_comm_16k_plus",
+                "speedup_vs_fair_best_16k_plus", "baseline_bytes_per_layer"):
         assert summary[key] is None and summary["reasons"][key]
     for row in result["points"]:
         assert row["ms_per_layer"] > 0 and row["mfu"] > 0
         assert (row["exposed_comm"] is None) == (row["layout"] == "dp")
         assert row["speedup_vs_best_baseline"] > 0
-    assert "tiny" in proc.stdout and "a2a_tbo" in proc.stdout
+        moved, minimum = row["bytes_per_layer"]["moved"], row["bytes_per_layer"]["minimum"]
+        assert moved >= minimum and (moved > 0) == (row["layout"] != "dp")
+        if row["layout"].startswith("a2a"):  # rows at their minimum, plus routing slots and counts
+            assert minimum < moved < 1.2 * minimum
+    tbo = [row for row in result["points"] if row["layout"] == "a2a_tbo"]
+    assert tbo and all(row["microbatch_tokens"] == [32, 32] for row in tbo)
+    assert "tiny" in proc.stdout and "a2a_tbo" in proc.stdout and "timing: back-to-back" in proc.stdout

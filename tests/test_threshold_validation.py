@@ -43,6 +43,9 @@ def test_validate_compares_with_the_planner():
     assert row["predicted_tokens_per_gpu"] == predicted
     assert row["measured_knee_tokens_per_gpu"] == pytest.approx(knee)
     assert result["summary"]["max_relative_error"] == pytest.approx(abs(predicted - knee) / knee)
+    assert result["summary"]["timing"] is None  # a sweep from before the timing field: passes timed one by one
+    e2e["meta"]["timing"] = "back-to-back"
+    assert validate(e2e, None, 0.05)["summary"]["timing"] == "back-to-back"
 
 
 def test_validate_refuses_sweeps_without_a_gpu_link():
