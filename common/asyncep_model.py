@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from zeroprefill.common.asyncep_moe import SCORING_FUNCS, AsyncEPMoE, ExpertsKernel
+from zeroprefill.common.asyncep_moe import AsyncEPMoE, ExpertsKernel
 from zeroprefill.common.expert_sharding import ExpertShardLayout
 from zeroprefill.common.streamer import ExpertWeightStreamer
 from zeroprefill.common.transport import TRANSPORTS, GatherTransport, make_transport
@@ -41,7 +41,7 @@ class AsyncEPConfig:
         transport: ``auto`` (gloo on CPU; on CUDA the copy engine where torch has symmetric
             memory, else NCCL), or one of ``gloo``, ``nccl``, ``copy_engine``.
         prefetch_depth: layers gathered ahead of the one computing; the ring holds
-            ``prefetch_depth + 1`` layers of experts per GPU.
+            ``min(prefetch_depth + 1, L)`` layers of experts per GPU.
     """
 
     transport: str = "auto"
@@ -72,7 +72,7 @@ class AsyncEPModel:
     """Every MoE layer of one model on one rank, fed by one weight streamer."""
 
     streamer: ExpertWeightStreamer
-    layers: list[AsyncEPMoE] = field(default_factory=list)
+    layers: list[AsyncEPMoE]
 
     def close(self) -> None:
         self.streamer.close()
@@ -97,8 +97,6 @@ def build_asyncep_model(
     every rank of it, at the same point. ``transport``: one made earlier from ``config`` (an
     engine that hands layers over as it loads them, see ``GatherTransport.adopt``).
     """
-    if scoring_func not in SCORING_FUNCS:
-        raise AsyncEPConfigError(f"AsyncEP routes with {', '.join(SCORING_FUNCS)}, not scoring_func={scoring_func!r}")
     if transport is None:
         transport = make_transport(config.transport, group, device)
     streamer = ExpertWeightStreamer(layer_shards, layout, transport, prefetch_depth=config.prefetch_depth)

@@ -167,6 +167,7 @@ class CopyEngineGather(GatherTransport):
         super().__init__(group)
         self._handles: list[object] = []
         self._peer_views: list[dict[str, list[torch.Tensor]]] = []
+        self._device: torch.device | None = None
 
     @property
     def is_collective(self) -> bool:
@@ -191,7 +192,7 @@ class CopyEngineGather(GatherTransport):
         names = list(shards)
         sizes = [shards[name].numel() * shards[name].element_size() for name in names]
         offsets = [sum(-(-size // 256) * 256 for size in sizes[:i]) for i in range(len(names))]  # 256-byte aligned
-        device = shards[names[0]].device
+        device = self._device = shards[names[0]].device
         buffer = symm_mem.empty(offsets[-1] + -(-sizes[-1] // 256) * 256, dtype=torch.uint8, device=device)
         handle = symm_mem.rendezvous(buffer, group.group_name)
         views: dict[str, list[torch.Tensor]] = {}
@@ -210,8 +211,7 @@ class CopyEngineGather(GatherTransport):
         self._peer_views.append(views)
 
     def _after_register(self) -> None:
-        device = self._peer_views[0][next(iter(self._peer_views[0]))][self.rank].device
-        torch.cuda.synchronize(device)
+        torch.cuda.synchronize(self._device)
         dist.barrier(group=self.group or dist.group.WORLD)  # every peer has written its shards
 
     def gather(self, layer: int, name: str, out: torch.Tensor) -> GatherHandle:
