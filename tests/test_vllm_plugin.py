@@ -171,3 +171,11 @@ def test_dual_batch_overlap_is_refused(tiny_moe):
     config.parallel_config.enable_dbo = True
     with pytest.raises(AsyncEPConfigError, match="drop --enable-dbo"):
         check_asyncep_config(config)
+
+
+def test_bad_streaming_setting_fails_before_any_worker(tiny_moe, monkeypatch):
+    from zeroprefill.common.asyncep_model import AsyncEPConfigError
+
+    monkeypatch.setenv("ZEROPREFILL_ASYNCEP_TRANSPORT", "pigeon")
+    with pytest.raises(AsyncEPConfigError, match="ZEROPREFILL_ASYNCEP_TRANSPORT='pigeon' is not a transport"):
+        _engine_config(tiny_moe)

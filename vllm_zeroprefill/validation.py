@@ -11,7 +11,7 @@ from __future__ import annotations
 from vllm.config import VllmConfig
 
 from zeroprefill.common.model_spec import ModelSpecError, MoEModelSpec
-from zeroprefill.common.asyncep_model import AsyncEPConfigError
+from zeroprefill.common.asyncep_model import AsyncEPConfig, AsyncEPConfigError
 
 
 def model_spec_of(config: VllmConfig) -> MoEModelSpec:
@@ -57,6 +57,7 @@ def check_asyncep_config(config: VllmConfig) -> MoEModelSpec:
             "--moe-backend asyncep runs every expert on every rank, so expert load balancing has "
             "nothing to balance: drop --enable-eplb"
         )
+    AsyncEPConfig.from_env()  # a bad ZEROPREFILL_ASYNCEP_* setting fails here, not in a worker
     if getattr(parallel, "enable_dbo", False):
         raise AsyncEPConfigError(
             "--moe-backend asyncep streams each MoE layer once per forward pass, but --enable-dbo "
