@@ -9,11 +9,16 @@ warm-up burst, and measures prefill-only embedding requests of each context leng
 
 - closed loop: ``--concurrency`` clients send back to back for ``--duration-s``: peak input
   tokens/s per GPU, requests/s, p50/p99 latency;
-- open loop (``--open-loop-rates``, requests/s): Poisson arrivals at each rate for
-  ``--duration-s``: achieved throughput and p50/p99 at equal offered load for every layout.
+- open loop: Poisson arrivals for ``--duration-s`` at fractions (``--open-loop-fractions``) of
+  the reference layout's closed-loop requests/s at that context (``--reference-layout``, run
+  first), so every layout sees the same offered rates: achieved throughput and p50/p99 at
+  equal offered load.
 
 Requests carry fresh random token ids (no prefix-cache hits) and ask for base64 embeddings
-(so the client parses little). MFU counts the true FLOPs of the N-layer model
+(so the client parses little). AsyncEP runs under its own prefill-only scheduler, whose
+default step budget is the planner's saturation budget (logged; recorded as ``step_budget``);
+``asyncep-copy-engine-token-budget`` gives it ``--max-num-batched-tokens``' worth of FLOPs per
+step instead, as the stock layouts fill. MFU counts the true FLOPs of the N-layer model
 (``zeroprefill.common.cost_model.request_flops``: linear layers, causal attention) against
 989 TFLOP/s bf16 per GPU. GPU memory is nvidia-smi's peak during the run.
 
@@ -21,6 +26,7 @@ Requests carry fresh random token ids (no prefix-cache hits) and ask for base64 
         --models qwen3-235b-a22b:16 --contexts 512 4096 --out benchmarks/results/vllm_serve-h200x2.json
 
 A layout whose server does not start, or dies, is recorded with its log tail; the rest run.
+Each server's log is kept beside the JSON (``<out>-logs/``).
 The JSON is rewritten after every measurement, and ``--merge`` adds to an existing file.
 """
 
@@ -43,13 +49,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vllm_zeroprefill.server import ServerStartError, VllmServer, asyncep_args, free_port  # noqa: E402
-from zeroprefill.common.cost_model import request_flops  # noqa: E402
+from zeroprefill.common.cost_model import matmul_params_per_token, request_flops  # noqa: E402
 from zeroprefill.common.model_spec import MoEModelSpec  # noqa: E402
 from zeroprefill.tiny_model import write_dummy_checkpoint  # noqa: E402
 
 PEAK_BF16_TFLOPS = 989.0
 NUM_GPUS = 2
 TRANSPORT_ENV = "ZEROPREFILL_ASYNCEP_TRANSPORT"
+BUDGET_ENV = "ZEROPREFILL_STEP_FLOPS_BUDGET"
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,7 @@ class Layout:
     name: str
     args: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
+    token_budget_steps: bool = False  # AsyncEP steps filled to --max-num-batched-tokens, not the planner's budget
 
     @property
     def is_asyncep(self) -> bool:
@@ -72,6 +80,8 @@ LAYOUTS = {
         Layout("stock-tp2", ("--tensor-parallel-size", "2")),
         Layout("stock-tp2-ep", ("--tensor-parallel-size", "2", "--enable-expert-parallel")),
         Layout("asyncep-copy-engine", tuple(asyncep_args(2)), ((TRANSPORT_ENV, "copy_engine"),)),
+        Layout("asyncep-copy-engine-token-budget", tuple(asyncep_args(2)), ((TRANSPORT_ENV, "copy_engine"),),
+               token_budget_steps=True),
         Layout("asyncep-nccl", tuple(asyncep_args(2)), ((TRANSPORT_ENV, "nccl"),)),
         # CUDA graphs against none, for the batches graphs are captured for (<= 512 tokens).
         Layout("asyncep-copy-engine-eager", (*asyncep_args(2), "--enforce-eager"), ((TRANSPORT_ENV, "copy_engine"),)),
@@ -117,6 +127,10 @@ def model_spec(model: ModelChoice) -> MoEModelSpec:
 
 
 # -- load generation --------------------------------------------------------------------------
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} s"
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -223,7 +237,19 @@ def concurrency_for(context: int, batched_tokens: int, requested: int | None) ->
     return max(4, min(512, 3 * NUM_GPUS * batched_tokens // context))
 
 
-def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, work: Path, log) -> dict:
+def open_loop_rates(args, runs: list[dict], model: ModelChoice, context: int, own_peak: float | None) -> list[float]:
+    """``--open-loop-fractions`` of the reference layout's best closed-loop requests/s here.
+
+    ``own_peak``: this run's closed-loop requests/s if it is the reference layout's (used when
+    no earlier run of the reference exists).
+    """
+    reference = best_by_layout(runs, model.key, context).get(args.reference_layout, {}).get("requests_per_s")
+    peak = reference or own_peak
+    return [round(f * peak, 2) for f in args.open_loop_fractions] if peak else []
+
+
+def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, work: Path, log,
+               runs: list[dict]) -> dict:
     directory = model_dir(work, model)
     server_args = ["--runner", "pooling", "--convert", "embed", "--dtype", "bfloat16", "--load-format", "dummy",
                    "--hf-overrides", json.dumps({"num_hidden_layers": model.layers}),
@@ -232,10 +258,14 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
     if "--data-parallel-size" in layout.args:
         server_args += ["--data-parallel-rpc-port", str(free_port())]
     name = f"{model.key}-{layout.name}-{batched_tokens}"
-    server = VllmServer(directory, server_args, work / f"{name}.log".replace(":", "_"), device="cuda",
-                        env=dict(layout.env))
+    spec = model_spec(model)
+    env = dict(layout.env)
+    if layout.token_budget_steps:
+        env[BUDGET_ENV] = f"{2 * batched_tokens * matmul_params_per_token(spec):.6g}"
+    log_path = args.out.parent / f"{args.out.stem}-logs" / f"{name}.log".replace(":", "_")
+    server = VllmServer(directory, server_args, log_path, device="cuda", env=env)
     result: dict = {"model": model.key, "layout": layout.name, "max_num_batched_tokens": batched_tokens,
-                    "server_args": server_args, "env": dict(layout.env)}
+                    "server_args": server_args, "env": env}
     started = time.monotonic()
     try:
         server.start().wait_healthy(timeout_s=args.start_timeout_s,
@@ -245,7 +275,6 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
         log(f"  {name}: did not start")
         return result | {"started": False, "error": str(exc)[-3000:]}
     result["start_s"] = round(time.monotonic() - started, 1)
-    spec = model_spec(model)
     measurements = []
     try:
         with MemorySampler() as memory:
@@ -259,12 +288,14 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
                 closed["mfu"] = closed["input_tokens_per_s_per_gpu"] * flops_per_token / (PEAK_BF16_TFLOPS * 1e12)
                 entry = {"context": context, "concurrency": clients, "closed_loop": closed, "open_loop": []}
                 log(f"  {name} ctx {context}: {closed['input_tokens_per_s_per_gpu']:,.0f} tok/s/GPU, "
-                    f"p50 {closed['p50_s']}, p99 {closed['p99_s']}, failed {closed['failed']}")
-                for rate in args.open_loop_rates.get(context, []):
+                    f"p50 {_seconds(closed['p50_s'])}, p99 {_seconds(closed['p99_s'])}, failed {closed['failed']}")
+                own_peak = closed["requests_per_s"] if layout.name == args.reference_layout else None
+                for rate in open_loop_rates(args, runs, model, context, own_peak):
                     point = asyncio.run(_drive(server.url, str(directory), context, concurrency=None, rate=rate,
                                                duration_s=args.duration_s, seed=3))
                     entry["open_loop"].append({"offered_requests_per_s": rate} | point)
-                    log(f"    open loop {rate} req/s: p50 {point['p50_s']}, p99 {point['p99_s']}")
+                    log(f"    open loop {rate} req/s: p50 {_seconds(point['p50_s'])}, p99 {_seconds(point['p99_s'])}, "
+                        f"failed {point['failed']}")
                 measurements.append(entry)
                 if server.process is None or server.process.poll() is not None:
                     raise ServerStartError(f"server exited during the run:\n{server.log_tail()}")
@@ -276,6 +307,8 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
         server.stop()
     result["asyncep_log"] = [line[line.index("AsyncEP:"):] for line in log_text.splitlines() if "AsyncEP: streaming" in line]
     result["cudagraphs_captured"] = "Graph capturing finished" in log_text
+    result["step_budget"] = [line[line.index("zeroprefill: step budget"):] for line in log_text.splitlines()
+                             if "zeroprefill: step budget" in line][:1]
     return result | {"started": True, "measurements": measurements}
 
 
@@ -297,6 +330,21 @@ def best_by_layout(runs: list[dict], model: str, context: int) -> dict[str, dict
     return best
 
 
+def open_loop_p99(runs: list[dict], model: str, context: int) -> dict[str, dict[str, float | None]]:
+    """p99 latency per offered rate (requests/s), per layout: equal load, side by side."""
+    table: dict[str, dict[str, float | None]] = {}
+    for run in runs:
+        if run["model"] != model:
+            continue
+        for entry in run.get("measurements", []):
+            if entry["context"] != context:
+                continue
+            for point in entry["open_loop"]:
+                label = f"{run['layout']}@{run['max_num_batched_tokens']}"
+                table.setdefault(str(point["offered_requests_per_s"]), {})[label] = point["p99_s"]
+    return table
+
+
 def summarize(runs: list[dict], vllm_version: str) -> dict:
     summary: dict = {"vllm_version": vllm_version, "comparisons": {}}
     for model in sorted({r["model"] for r in runs}):
@@ -315,6 +363,7 @@ def summarize(runs: list[dict], vllm_version: str) -> dict:
                 "best_stock_layout": best_stock, "best_asyncep_layout": best_ours,
                 "asyncep_vs_best_stock": round(ratio, 3),
                 "best_stock": stock[best_stock], "best_asyncep": ours[best_ours],
+                "p99_s_at_offered_requests_per_s": open_loop_p99(runs, model, context),
             }
     for short, model_prefix, context in (("235b_512", "qwen3-235b-a22b", 512), ("235b_4k", "qwen3-235b-a22b", 4096),
                                           ("30b_4k", "qwen3-30b-a3b", 4096)):
@@ -325,16 +374,16 @@ def summarize(runs: list[dict], vllm_version: str) -> dict:
 
 
 def print_table(runs: list[dict]) -> None:
-    print(f"{'model':<22}{'layout':<22}{'tokens':>8}{'ctx':>7}{'tok/s/GPU':>12}{'req/s':>9}{'p50 s':>8}{'p99 s':>8}{'MFU':>7}")
+    print(f"{'model':<22}{'layout':<34}{'tokens':>8}{'ctx':>7}{'tok/s/GPU':>12}{'req/s':>9}{'p50 s':>8}{'p99 s':>8}{'MFU':>7}")
     for run in runs:
         if not run.get("started"):
-            print(f"{run['model']:<22}{run['layout']:<22}{run['max_num_batched_tokens']:>8}  did not start")
+            print(f"{run['model']:<22}{run['layout']:<34}{run['max_num_batched_tokens']:>8}  did not start")
             continue
         for entry in run.get("measurements", []):
             c = entry["closed_loop"]
             p50 = f"{c['p50_s']:.2f}" if c["p50_s"] is not None else "-"
             p99 = f"{c['p99_s']:.2f}" if c["p99_s"] is not None else "-"
-            print(f"{run['model']:<22}{run['layout']:<22}{run['max_num_batched_tokens']:>8}{entry['context']:>7}"
+            print(f"{run['model']:<22}{run['layout']:<34}{run['max_num_batched_tokens']:>8}{entry['context']:>7}"
                   f"{c['input_tokens_per_s_per_gpu']:>12,.0f}{c['requests_per_s']:>9.1f}{p50:>8}{p99:>8}{c['mfu']:>7.1%}")
 
 
@@ -376,15 +425,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", nargs="+", type=int, default=[512, 4096, 32768], help="tokens per request")
     parser.add_argument("--concurrency", type=int, default=None,
                         help="closed-loop clients (default: 3 x GPUs x batched tokens / context)")
-    parser.add_argument("--open-loop-rates", type=json.loads, default={},
-                        help='JSON {context: [requests/s, ...]}, e.g. \'{"4096": [20, 40]}\'')
+    parser.add_argument("--reference-layout", choices=list(LAYOUTS), default="stock-dp2-ep",
+                        help="run first; open-loop rates are fractions of its closed-loop requests/s")
+    parser.add_argument("--open-loop-fractions", nargs="*", type=float, default=[0.5, 0.8],
+                        help="offered rates as fractions of the reference layout's peak requests/s")
     parser.add_argument("--duration-s", type=float, default=30.0, help="timed seconds per measurement")
     parser.add_argument("--warmup-s", type=float, default=8.0, help="untimed load before each measurement")
     parser.add_argument("--start-timeout-s", type=float, default=900.0)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "vllm_serve-h200x2.json")
     parser.add_argument("--merge", action="store_true", help="add to the runs already in --out")
     args = parser.parse_args(argv)
-    args.open_loop_rates = {int(k): [float(r) for r in v] for k, v in args.open_loop_rates.items()}
 
     import vllm
 
@@ -398,11 +448,12 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        plan = [(m, LAYOUTS[name], b) for m in args.models for name in args.layouts for b in args.batched_tokens]
+        layouts = sorted(args.layouts, key=lambda name: name != args.reference_layout)  # reference first
+        plan = [(m, LAYOUTS[name], b) for m in args.models for name in layouts for b in args.batched_tokens]
         for index, (model, layout, batched) in enumerate(plan, 1):
             log(f"({index}/{len(plan)}) {model.key} {layout.name} --max-num-batched-tokens {batched}")
             runs = [r for r in runs if (r["model"], r["layout"], r["max_num_batched_tokens"]) != (model.key, layout.name, batched)]
-            runs.append(run_server(args, model, layout, batched, work, log))
+            runs.append(run_server(args, model, layout, batched, work, log, runs))
             result = {"command": " ".join(["python", "benchmarks/vllm_serve.py", *(argv or sys.argv[1:])]),
                       "gpus": NUM_GPUS, "peak_bf16_tflops": PEAK_BF16_TFLOPS,
                       "timing": "after start-up (compile, CUDA-graph capture) and a warm-up burst",

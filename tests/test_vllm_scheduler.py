@@ -19,6 +19,7 @@ pytest.importorskip("vllm")
 from zeroprefill.common.cost_model import lm_head_tokens, matmul_params_per_token, request_flops  # noqa: E402
 from zeroprefill.common.model_spec import MoEModelSpec  # noqa: E402
 from zeroprefill.common.planner import Deployment, forward_flops_at_threshold, step_flops_budget  # noqa: E402
+from vllm_zeroprefill import scheduler as scheduler_module  # noqa: E402
 from vllm_zeroprefill.scheduler import (  # noqa: E402
     BUDGET_ENV,
     PrefillCandidate,
@@ -168,18 +169,31 @@ def test_budget_on_a_known_gpu_is_the_planners_saturation_budget(on_gpu):
     ("NVIDIA H200", _config(data_parallel_size=1)),  # one rank: nothing gathered
     ("NVIDIA H200", _config(data_parallel_size=3)),  # no shipped profile for 3 GPUs
 ])
-def test_budget_falls_back_to_the_token_budget_without_a_profile(on_gpu, caplog, device_name, config):
+def test_budget_falls_back_to_the_token_budget_without_a_profile(on_gpu, scheduler_log, device_name, config):
     on_gpu(device_name)
-    with caplog.at_level(logging.WARNING, logger="vllm_zeroprefill.scheduler"):
-        assert resolve_step_flops_budget(config, SPEC) == 2 * 8192 * matmul_params_per_token(SPEC)
+    assert resolve_step_flops_budget(config, SPEC) == 2 * 8192 * matmul_params_per_token(SPEC)
     if config.parallel_config.data_parallel_size == 3:
-        assert "no shipped h200 profile for 3 GPUs" in caplog.text
+        assert "no shipped h200 profile for 3 GPUs" in scheduler_log.text
+    assert "step budget" in scheduler_log.text and "(--max-num-batched-tokens; 8192 tokens of linear work)" in scheduler_log.text
 
 
-def test_budget_from_additional_config_wins_over_env(monkeypatch, on_gpu):
+@pytest.fixture
+def scheduler_log(caplog):
+    """What the scheduler logs (vLLM's loggers do not propagate to pytest's root handler)."""
+    logger = scheduler_module.logger
+    logger.addHandler(caplog.handler)
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.setLevel(previous)
+
+
+def test_budget_from_additional_config_wins_over_env(monkeypatch, on_gpu, scheduler_log):
     on_gpu("NVIDIA H200")  # an override wins over the planner too
     monkeypatch.setenv(BUDGET_ENV, "5e12")
     assert resolve_step_flops_budget(_config(), SPEC) == 5e12
+    assert "step budget 5e+12 FLOPs per rank (configured;" in scheduler_log.text
     assert resolve_step_flops_budget(_config({"zeroprefill": {"step_flops_budget": 7e12}}), SPEC) == 7e12
 
 

@@ -42,11 +42,11 @@ only translate vLLM's queue into it and back.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
+from vllm.logger import init_logger
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request
@@ -58,7 +58,7 @@ from zeroprefill.common.hardware import HardwareProfileError
 from zeroprefill.common.model_spec import MoEModelSpec
 from zeroprefill.common.planner import DEFAULT_CONTEXT_TOKENS, PlanError, step_flops_budget_on_gpus
 
-logger = logging.getLogger(__name__)
+logger = init_logger(f"vllm.{__name__}")  # vLLM's handlers: the line reaches the server log
 
 BUDGET_ENV = "ZEROPREFILL_STEP_FLOPS_BUDGET"
 ADDITIONAL_CONFIG_KEY = "zeroprefill"
@@ -126,14 +126,21 @@ def plan_prefill_step(
 
 def resolve_step_flops_budget(vllm_config, spec: MoEModelSpec) -> float:
     """The step budget that applies to this engine (module docstring: override, planner, tokens)."""
+    budget, source = _step_flops_budget_and_source(vllm_config, spec)
+    tokens = budget / (2 * matmul_params_per_token(spec))
+    logger.info("zeroprefill: step budget %.3g FLOPs per rank (%s; %.0f tokens of linear work)", budget, source, tokens)
+    return budget
+
+
+def _step_flops_budget_and_source(vllm_config, spec: MoEModelSpec) -> tuple[float, str]:
     configured = _configured_budget(vllm_config)
     if configured is not None:
-        return configured
+        return configured, "configured"
     planned = planned_step_flops_budget(vllm_config, spec)
     if planned:
-        return planned
+        return planned, "planner saturation budget"
     max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
-    return float(2 * max_tokens * matmul_params_per_token(spec))
+    return float(2 * max_tokens * matmul_params_per_token(spec)), "--max-num-batched-tokens"
 
 
 def planned_step_flops_budget(vllm_config, spec: MoEModelSpec) -> float:

@@ -1,0 +1,186 @@
+"""``benchmarks/vllm_serve.py`` end to end on CPU, against a fake OpenAI embeddings server.
+
+The benchmark only runs for real on GPUs (it starts ``vllm serve`` with real model shapes);
+here ``VllmServer`` is replaced by an aiohttp app with the same surface, so the load
+generator, the open-loop rates derived from the reference layout, the step-budget override,
+the per-run JSON, the summary, the table and the plot are all exercised before any device
+time is spent on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("aiohttp")
+pytest.importorskip("vllm")  # main() records vllm.__version__
+
+from aiohttp import web  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import vllm_serve  # noqa: E402
+
+SERVICE_S = 0.02  # the fake server's time per request
+
+
+class FakeServer:
+    """``VllmServer``'s surface over an in-process aiohttp app.
+
+    ``fail_every``: every n-th request answers 500; ``fail_start``: the server never starts.
+    """
+
+    def __init__(self, model, args, log_path, device="cpu", env=None, fail_start=False, fail_every=0) -> None:
+        self.args, self.env, self.log_path = list(args), dict(env or {}), Path(log_path)
+        self.fail_start, self.fail_every = fail_start, fail_every
+        self.port = vllm_serve.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = self  # poll() below: "still running"
+        self.requests = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def poll(self) -> None:
+        return None
+
+    async def _embed(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests += 1
+        await asyncio.sleep(SERVICE_S)
+        if self.fail_every and self.requests % self.fail_every == 0:
+            return web.Response(status=500)
+        assert body["encoding_format"] == "base64" and all(3 <= t < 500 for t in body["input"])
+        return web.json_response({"data": [{"embedding": "AAAA"}]})
+
+    def start(self) -> FakeServer:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path.write_text("INFO zeroprefill: step budget 1e+12 FLOPs per rank (configured; 8 tokens)\n"
+                                 "INFO AsyncEP: streaming 2 layers\nGraph capturing finished in 3 secs\n")
+        app = web.Application()
+        app.router.add_post("/v1/embeddings", self._embed)
+        runner = web.AppRunner(app)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(runner.setup(), self._loop).result()
+        site = web.TCPSite(runner, "127.0.0.1", self.port)
+        asyncio.run_coroutine_threadsafe(site.start(), self._loop).result()
+        self._runner = runner
+        return self
+
+    def wait_healthy(self, timeout_s, progress=None) -> None:
+        if self.fail_start:
+            raise vllm_serve.ServerStartError("vLLM server exited with code 1 during start-up")
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+
+
+@pytest.fixture
+def fake_servers(monkeypatch):
+    """TP layouts do not start; the NCCL-transport AsyncEP layout fails some requests."""
+    started: list[FakeServer] = []
+
+    def make(model, args, log_path, device="cpu", env=None):
+        server = FakeServer(model, args, log_path, device, env, fail_start="--tensor-parallel-size" in args,
+                            fail_every=3 if (env or {}).get(vllm_serve.TRANSPORT_ENV) == "nccl" else 0)
+        started.append(server)
+        return server
+
+    monkeypatch.setattr(vllm_serve, "VllmServer", make)
+    monkeypatch.setattr(vllm_serve, "model_dir", lambda work, model: work / model.name)
+    return started
+
+
+def test_closed_and_open_loop_count_what_was_answered_in_the_window(fake_servers, tmp_path):
+    server = FakeServer("m", [], tmp_path / "log", fail_every=5).start()
+    try:
+        closed = asyncio.run(vllm_serve._drive(server.url, "m", 64, concurrency=4, rate=None, duration_s=1.0, seed=0))
+        sent_closed = server.requests
+        opened = asyncio.run(vllm_serve._drive(server.url, "m", 64, concurrency=None, rate=40.0, duration_s=1.0, seed=0))
+    finally:
+        server.stop()
+    # 4 clients x 1 s / 20 ms per request, minus the failures (every 5th) and the stragglers.
+    assert 100 <= sent_closed <= 210 and closed["failed"] >= sent_closed // 5 - 1
+    assert closed["requests"] + closed["failed"] <= sent_closed
+    assert closed["input_tokens_per_s_per_gpu"] == pytest.approx(closed["requests"] * 64 / 1.0 / vllm_serve.NUM_GPUS)
+    assert SERVICE_S <= closed["p50_s"] <= closed["p99_s"] < 0.5
+    assert 20 <= opened["requests"] + opened["failed"] <= 65  # Poisson at 40/s for 1 s
+    assert opened["p99_s"] < 0.5
+
+
+def test_runs_every_layout_keeps_failures_and_compares_at_equal_offered_load(fake_servers, tmp_path, capsys):
+    out = tmp_path / "results" / "serve.json"
+    argv = ["--models", "qwen3-30b-a3b:2", "--layouts", "asyncep-copy-engine-token-budget", "stock-tp2",
+            "stock-dp2-ep", "asyncep-nccl", "--batched-tokens", "4096", "--contexts", "64", "--duration-s", "1", "--warmup-s", "0.2",
+            "--open-loop-fractions", "0.5", "--out", str(out)]
+    assert vllm_serve.main(argv) == 0
+    result = json.loads(out.read_text())
+    runs = {run["layout"]: run for run in result["runs"]}
+    assert [run["layout"] for run in result["runs"]] == [
+        "stock-dp2-ep", "asyncep-copy-engine-token-budget", "stock-tp2", "asyncep-nccl"]
+
+    assert runs["stock-tp2"]["started"] is False and "exited with code 1" in runs["stock-tp2"]["error"]
+    asyncep = runs["asyncep-copy-engine-token-budget"]
+    spec = vllm_serve.model_spec(vllm_serve.parse_model("qwen3-30b-a3b:2"))
+    budget = float(asyncep["env"][vllm_serve.BUDGET_ENV])
+    assert budget == pytest.approx(2 * 4096 * vllm_serve.matmul_params_per_token(spec), rel=1e-5)
+    assert vllm_serve.BUDGET_ENV not in runs["stock-dp2-ep"]["env"]
+    assert asyncep["step_budget"] == ["zeroprefill: step budget 1e+12 FLOPs per rank (configured; 8 tokens)"]
+    assert asyncep["cudagraphs_captured"] and asyncep["asyncep_log"] == ["AsyncEP: streaming 2 layers"]
+    assert (out.parent / "serve-logs" / "qwen3-30b-a3b_2-stock-dp2-ep-4096.log").exists()
+
+    # Both started layouts are offered the same rate: half the reference's closed-loop peak.
+    reference_peak = runs["stock-dp2-ep"]["measurements"][0]["closed_loop"]["requests_per_s"]
+    for layout in ("stock-dp2-ep", "asyncep-copy-engine-token-budget"):
+        (point,) = runs[layout]["measurements"][0]["open_loop"]
+        assert point["offered_requests_per_s"] == round(0.5 * reference_peak, 2)
+    comparison = result["summary"]["comparisons"]["qwen3-30b-a3b_64"]
+    assert comparison["best_stock_layout"] == "stock-dp2-ep"
+    # A layout that failed requests is never anyone's peak, however fast it answered the rest.
+    assert runs["asyncep-nccl"]["measurements"][0]["closed_loop"]["failed"] > 0
+    assert comparison["best_asyncep_layout"] == "asyncep-copy-engine-token-budget"
+    ours = runs["asyncep-copy-engine-token-budget"]["measurements"][0]["closed_loop"]["input_tokens_per_s_per_gpu"]
+    theirs = runs["stock-dp2-ep"]["measurements"][0]["closed_loop"]["input_tokens_per_s_per_gpu"]
+    assert comparison["asyncep_vs_best_stock"] == round(ours / theirs, 3)
+    (rate_row,) = comparison["p99_s_at_offered_requests_per_s"].values()
+    assert set(rate_row) == {"stock-dp2-ep@4096", "asyncep-copy-engine-token-budget@4096", "asyncep-nccl@4096"}
+    assert result["summary"]["asyncep_vs_best_stock_235b_512"] is None  # no such run here
+
+    printed = capsys.readouterr().out
+    assert "stock-tp2" in printed and "did not start" in printed and "open loop" in printed
+    assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_merge_keeps_earlier_runs_and_reuses_the_reference_rate(fake_servers, tmp_path):
+    out = tmp_path / "serve.json"
+    common = ["--models", "qwen3-30b-a3b:2", "--batched-tokens", "4096", "--contexts", "64", "--duration-s", "0.6",
+              "--warmup-s", "0.1", "--open-loop-fractions", "0.8", "--out", str(out)]
+    vllm_serve.main([*common, "--layouts", "stock-dp2-ep"])
+    vllm_serve.main([*common, "--layouts", "asyncep-copy-engine", "--merge"])
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["layout"] for r in runs] == ["stock-dp2-ep", "asyncep-copy-engine"]
+    rates = [r["measurements"][0]["open_loop"][0]["offered_requests_per_s"] for r in runs]
+    assert rates[0] == rates[1]
+
+
+def test_model_argument_names_a_shipped_config_and_a_layer_count():
+    assert vllm_serve.parse_model("qwen3-235b-a22b:40").layers == 40
+    assert vllm_serve.parse_model("qwen3-30b-a3b").layers == 48
+    with pytest.raises(Exception, match="no shipped config"):
+        vllm_serve.parse_model("llama:2")
+    with pytest.raises(Exception, match="has 48 layers; asked for 49"):
+        vllm_serve.parse_model("qwen3-30b-a3b:49")
+
+
+def test_concurrency_keeps_a_queue_behind_both_gpus():
+    assert vllm_serve.concurrency_for(512, 32768, None) == 384
+    assert vllm_serve.concurrency_for(32768, 32768, None) == 6
+    assert vllm_serve.concurrency_for(4096, 8192, 3) == 3
