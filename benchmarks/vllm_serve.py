@@ -79,6 +79,10 @@ LAYOUTS = {
                                       "--all2all-backend", "naive")),
         Layout("stock-tp2", ("--tensor-parallel-size", "2")),
         Layout("stock-tp2-ep", ("--tensor-parallel-size", "2", "--enable-expert-parallel")),
+        # TP=2 fuses all-reduce with RMSNorm through FlashInfer, whose "auto" backend picks
+        # MNNVL; with NVLink multicast off (shared hosts) stock TP=2 crashed in CUDA-graph
+        # profiling on 2 x H200. TRT-LLM's backend is vLLM's single-node alternative.
+        Layout("stock-tp2-trtllm-ar", ("--tensor-parallel-size", "2"), (("VLLM_FLASHINFER_ALLREDUCE_BACKEND", "trtllm"),)),
         Layout("asyncep-copy-engine", tuple(asyncep_args(2)), ((TRANSPORT_ENV, "copy_engine"),)),
         Layout("asyncep-copy-engine-token-budget", tuple(asyncep_args(2)), ((TRANSPORT_ENV, "copy_engine"),),
                token_budget_steps=True),
@@ -439,8 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     import vllm
 
     runs: list[dict] = []
+    commands = [" ".join(["python", "benchmarks/vllm_serve.py", *(argv if argv is not None else sys.argv[1:])])]
     if args.merge and args.out.exists():
-        runs = json.loads(args.out.read_text())["runs"]
+        earlier = json.loads(args.out.read_text())
+        runs, commands = earlier["runs"], [*earlier.get("commands", []), *commands]
     started = time.monotonic()
 
     def log(message: str) -> None:
@@ -454,8 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"({index}/{len(plan)}) {model.key} {layout.name} --max-num-batched-tokens {batched}")
             runs = [r for r in runs if (r["model"], r["layout"], r["max_num_batched_tokens"]) != (model.key, layout.name, batched)]
             runs.append(run_server(args, model, layout, batched, work, log, runs))
-            result = {"command": " ".join(["python", "benchmarks/vllm_serve.py", *(argv or sys.argv[1:])]),
-                      "gpus": NUM_GPUS, "peak_bf16_tflops": PEAK_BF16_TFLOPS,
+            result = {"commands": commands, "gpus": NUM_GPUS, "peak_bf16_tflops": PEAK_BF16_TFLOPS,
                       "timing": "after start-up (compile, CUDA-graph capture) and a warm-up burst",
                       "summary": summarize(runs, vllm.__version__), "runs": runs}
             args.out.parent.mkdir(parents=True, exist_ok=True)

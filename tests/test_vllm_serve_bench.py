@@ -165,8 +165,10 @@ def test_merge_keeps_earlier_runs_and_reuses_the_reference_rate(fake_servers, tm
               "--warmup-s", "0.1", "--open-loop-fractions", "0.8", "--out", str(out)]
     vllm_serve.main([*common, "--layouts", "stock-dp2-ep"])
     vllm_serve.main([*common, "--layouts", "asyncep-copy-engine", "--merge"])
-    runs = json.loads(out.read_text())["runs"]
+    result = json.loads(out.read_text())
+    runs = result["runs"]
     assert [r["layout"] for r in runs] == ["stock-dp2-ep", "asyncep-copy-engine"]
+    assert [c.split("--layouts ")[1].split()[0] for c in result["commands"]] == ["stock-dp2-ep", "asyncep-copy-engine"]
     rates = [r["measurements"][0]["open_loop"][0]["offered_requests_per_s"] for r in runs]
     assert rates[0] == rates[1]
 
