@@ -5,10 +5,11 @@ Where this sits in vLLM's MoE data path (``fused_moe/runner/moe_runner.py``)::
     MoERunner.forward
       gate -> router_logits [T, E]                               vLLM (replicated weights)
       _maybe_dispatch            skipped: supports_internal_mk   (no all-gather of tokens)
-      RoutedExperts.forward_monolithic
-        AsyncEPFusedMoEMethod.apply_monolithic                    this module
-          AsyncEPMoE.forward(x, router_logits)                    zeroprefill.common
-            select_experts -> streamer.acquire(l) -> experts kernel -> streamer.release(l)
+      router.select_experts -> topk_weights, topk_ids [T, K]     vLLM (global expert ids)
+      RoutedExperts.forward_modular
+        AsyncEPFusedMoEMethod.apply                              this module
+          AsyncEPMoE.forward_routed(x, topk_weights, topk_ids)   zeroprefill.common
+            streamer.acquire(l) -> experts kernel -> streamer.release(l)
       _maybe_combine             skipped: supports_internal_mk   (tokens never left the rank)
       shared experts, final TP all-reduce (TP = 1: a no-op)       vLLM
 
@@ -22,6 +23,9 @@ communicator of AsyncEP's own spanning the EP ranks, with the settings of
 streamer needs every layer, so the loader builds the model
 (``zeroprefill.common.asyncep_model.build_asyncep_model``) at the first MoE forward (the
 start-up profile run, eager, on every rank at the same point).
+
+Routing is vLLM's own (the same top-k kernel, tie-breaking included, as every other
+backend), so AsyncEP picks exactly the experts stock vLLM picks from the same logits.
 
 CUDA graphs: the streamer is capture-safe, and :mod:`vllm_zeroprefill.cuda_graphs` orders
 every graph capture and replay after the eager gathers in flight (docs/design.md).
@@ -183,10 +187,6 @@ class AsyncEPFusedMoEMethod(FusedMoEMethodBase):
     def supports_internal_mk(self) -> bool:
         return True
 
-    @property
-    def is_monolithic(self) -> bool:
-        return True
-
     def create_weights(
         self,
         layer,
@@ -224,11 +224,9 @@ class AsyncEPFusedMoEMethod(FusedMoEMethodBase):
         layer.w13_weight.data = torch.empty(0, dtype=w13.dtype, device=w13.device)
         layer.w2_weight.data = torch.empty(0, dtype=w2.dtype, device=w2.device)
 
-    def apply_monolithic(self, layer, x: torch.Tensor, router_logits: torch.Tensor, input_ids=None) -> torch.Tensor:
-        return self.loader.moe(layer).forward(x, router_logits)
-
-    def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
-        raise AssertionError("AsyncEP is a monolithic MoE method: the runner calls apply_monolithic")
+    def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input) -> torch.Tensor:
+        # Shared experts are the runner's (before or beside this call), as for every backend.
+        return self.loader.moe(layer).forward_routed(x, topk_weights, topk_ids)
 
 
 def _check_layout_matches_vllm(layer, layout: ExpertShardLayout, ep_rank: int) -> None:
