@@ -250,8 +250,15 @@ def test_tiny_500_mixed_concurrent_requests_all_answered_and_agree(pairs, record
     # AsyncEP may differ from stock by the bf16 bounds, or by as much as stock differs from itself.
     cosine_floor = min(MIN_COSINE, 1 - 1.5 * (1 - stock_self["min_cosine"]))
     score_ceiling = max(MAX_SCORE_DIFF, 1.5 * stock_self["max_score_diff"])
-    for path, got_values, ref, vectors in deviations:
-        worst = _deviation(rec, got_values, ref, vectors)
+    # Every request's deviation first, so the record says how many strayed, not only the worst.
+    worst_per_request = [(path, _deviation(rec, got_values, ref, vectors), vectors)
+                         for path, got_values, ref, vectors in deviations]
+    rec["requests_past_bound"] = sum(
+        worst < cosine_floor if vectors else worst > score_ceiling for _, worst, vectors in worst_per_request)
+    cosines = sorted(worst for _, worst, vectors in worst_per_request if vectors)
+    if cosines:
+        rec["cosine_percentiles"] = {q: cosines[min(len(cosines) - 1, int(q / 100 * len(cosines)))] for q in (0, 1, 5, 50)}
+    for path, worst, vectors in worst_per_request:
         if vectors:
             assert worst >= cosine_floor, f"{path}: cosine {worst:.6f} < {cosine_floor:.6f}"
         else:
