@@ -119,6 +119,20 @@ def test_calibrated_multi_gpu_profile_uses_its_measurements():
     assert math.isclose(profile.peak("bf16"), 700)  # unknown datasheet: set to the measured rate
 
 
+def test_calibrated_copy_engine_replaces_the_shipped_extrapolation():
+    collectives = {"allgather": [(GiB, 280.0)], "alltoall_bus_gbps": 250.0, "gemm_slowdown": 0.08,
+                   "copy_engine": {"allgather": [(256 * MiB, 150.0), (GiB, 170.0)], "gemm_slowdown": 0.03}}
+    profile = build_profile("NVIDIA H200", "h200", 2, 2, {"single": SINGLE, "collectives": collectives})
+    copy_engine = profile.gather("copy_engine")
+    assert copy_engine.bus_gbps(GiB) == 170 and copy_engine.gemm_slowdown.value == 0.03
+    assert copy_engine.gemm_slowdown.source.startswith("measured: zeroprefill calibrate, 2 x NVIDIA H200")
+    assert profile.gather("nccl").bus_gbps(GiB) == 280
+    # Without a copy-engine measurement (no symmetric memory), the shipped value stays, marked.
+    del collectives["copy_engine"]
+    kept = build_profile("NVIDIA H200", "h200", 2, 2, {"single": SINGLE, "collectives": collectives})
+    assert kept.gather("copy_engine").gemm_slowdown.source.startswith("not measured by calibrate; shipped value:")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
 def test_calibrate_without_cuda_exits_2_with_one_line(capsys):
     assert main(["calibrate"]) == 2

@@ -11,9 +11,12 @@ Measures, on the GPUs it runs on, what the saturation threshold is made of and w
 3. With 2+ GPUs (one process per GPU, NCCL): AllGather bus bandwidth at 16 MiB .. 1 GiB per
    rank, AllToAll bus bandwidth at 256 MiB per rank, and the bf16 GEMM slowdown while
    AllGathers run on a side stream (the overlap tax).
+4. With 2+ GPUs and torch symmetric memory: the same for the copy-engine transport AsyncEP
+   uses by default (``CopyEngineGather``: peer pulls by the copy engines), at 256 MiB and
+   1 GiB per rank, and its overlap tax.
 
-What it cannot measure (one GPU: no collectives; the copy-engine transport; the network
-between nodes) keeps the shipped profile's value for this GPU with a source saying so.
+What it cannot measure (one GPU: no collectives; the network between nodes) keeps the
+shipped profile's value for this GPU with a source saying so.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ GiB = 1 << 30
 #: Qwen3-235B-A22B expert shapes at 16K tokens per GPU, top-8 of 128 experts.
 MOE_HIDDEN, MOE_FFN, TOKENS_PER_EXPERT, EXPERTS_PER_BATCH = 4096, 1536, 1024, 32
 ALLGATHER_MESSAGE_BYTES = (16 * MiB, 64 * MiB, 256 * MiB, 1 * GiB)
+COPY_ENGINE_MESSAGE_BYTES = (256 * MiB, 1 * GiB)
 ALLTOALL_MESSAGE_BYTES = 256 * MiB
 SLOWDOWN_MESSAGE_BYTES = 256 * MiB
 MIN_MEASURE_S = 0.25
@@ -292,11 +296,57 @@ def _measure_collectives(rank: int, n: int, device: Any, queue: Any) -> dict[str
     del send, recv
 
     gemm, _ = moe_gemm_bf16(device)
-    shard = torch.empty(SLOWDOWN_MESSAGE_BYTES, dtype=torch.uint8, device=device)
-    out = torch.empty(n * SLOWDOWN_MESSAGE_BYTES, dtype=torch.uint8, device=device)
-    gather_s = timed(lambda: dist.all_gather_into_tensor(out, shard))
     gemm_runs = 20
     alone_s = timed(lambda: [gemm() for _ in range(gemm_runs)])
+    shard = torch.empty(SLOWDOWN_MESSAGE_BYTES, dtype=torch.uint8, device=device)
+    out = torch.empty(n * SLOWDOWN_MESSAGE_BYTES, dtype=torch.uint8, device=device)
+    results["gemm_slowdown"] = _gemm_slowdown(
+        lambda: dist.all_gather_into_tensor(out, shard), gemm, gemm_runs, alone_s, timed, device)
+    del shard, out
+    report("GEMM slowdown under NCCL AllGather", f"{results['gemm_slowdown']:.1%}")
+
+    from zeroprefill.common.transport import _has_symmetric_memory
+
+    if _has_symmetric_memory():
+        results["copy_engine"] = _measure_copy_engine(n, device, gemm, gemm_runs, alone_s, timed, report)
+    return results
+
+
+def _copy_engine_gather(n: int, size: int, device: Any) -> Callable[[], None]:
+    """One layer's gather through AsyncEP's copy-engine transport, ``size`` bytes per rank."""
+    import torch
+
+    from zeroprefill.common.transport import CopyEngineGather
+
+    transport = CopyEngineGather()
+    transport.register([{"experts": torch.zeros(size, dtype=torch.uint8, device=device)}])
+    out = torch.empty(n * size, dtype=torch.uint8, device=device)
+    return lambda: transport.gather(0, "experts", out)
+
+
+def _measure_copy_engine(n: int, device: Any, gemm: Callable[[], None], gemm_runs: int, alone_s: float,
+                         timed: Callable[[Callable[[], None]], float],
+                         report: Callable[[str, str], None]) -> dict[str, Any]:
+    """Bus bandwidth (local shard copy included, as a layer's gather does it) and overlap tax."""
+    results: dict[str, Any] = {"allgather": []}
+    for size in COPY_ENGINE_MESSAGE_BYTES:
+        gather = _copy_engine_gather(n, size, device)
+        results["allgather"].append((size, size * (n - 1) / timed(gather) / 1e9))
+    sweep = ", ".join(f"{s // MiB} MiB {bw:.0f}" for s, bw in results["allgather"])
+    report("copy-engine gather bus bw (GB/s)", sweep)
+    gather = _copy_engine_gather(n, SLOWDOWN_MESSAGE_BYTES, device)
+    results["gemm_slowdown"] = _gemm_slowdown(gather, gemm, gemm_runs, alone_s, timed, device)
+    report("GEMM slowdown under copy-engine gathers", f"{results['gemm_slowdown']:.1%}")
+    return results
+
+
+def _gemm_slowdown(gather: Callable[[], object], gemm: Callable[[], None], gemm_runs: int, alone_s: float,
+                   timed: Callable[[Callable[[], None]], float], device: Any) -> float:
+    """How much slower ``gemm_runs`` GEMMs run while gathers stream on a side stream."""
+    import torch
+    import torch.distributed as dist
+
+    gather_s = timed(gather)
     # Enough gathers on the side stream to cover the whole GEMM run, same count on every rank.
     gathers = int(alone_s * 1.5 / gather_s) + 2
     side = torch.cuda.Stream(device)
@@ -304,7 +354,7 @@ def _measure_collectives(rank: int, n: int, device: Any, queue: Any) -> dict[str
     dist.barrier()
     with torch.cuda.stream(side):
         for _ in range(gathers):
-            dist.all_gather_into_tensor(out, shard)
+            gather()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(gemm_runs):
@@ -314,9 +364,7 @@ def _measure_collectives(rank: int, n: int, device: Any, queue: Any) -> dict[str
     side.synchronize()
     concurrent = torch.tensor([start.elapsed_time(end) / 1e3], device=device)
     dist.all_reduce(concurrent, op=dist.ReduceOp.MAX)
-    results["gemm_slowdown"] = max(0.0, float(concurrent.item()) / alone_s - 1.0)
-    report("GEMM slowdown under NCCL AllGather", f"{results['gemm_slowdown']:.1%}")
-    return results
+    return max(0.0, float(concurrent.item()) / alone_s - 1.0)
 
 
 # -- the profile ---------------------------------------------------------------------------
@@ -372,6 +420,20 @@ def build_profile(
             "value": round(collectives["alltoall_bus_gbps"], 1),
             "source": f"{tag} (all_to_all_single, {ALLTOALL_MESSAGE_BYTES // MiB} MiB per rank)",
         }
+    copy_engine = (collectives or {}).get("copy_engine")
+    if copy_engine:
+        data["allgather"]["copy_engine"] = {
+            "bus_gbps_by_message_bytes": [
+                {"message_bytes": size, "bus_gbps": round(bw, 1),
+                 "source": f"{tag} (CopyEngineGather: peer pulls plus the local shard's copy)"}
+                for size, bw in copy_engine["allgather"]
+            ],
+            "gemm_slowdown": {
+                "value": round(copy_engine["gemm_slowdown"], 4),
+                "source": f"{tag} (bf16 MoE GEMMs vs the same under {SLOWDOWN_MESSAGE_BYTES // MiB} MiB "
+                          "copy-engine gathers on a side stream)",
+            },
+        }
     _mark_unmeasured(data, num_gpus, tag)
     return HardwareProfile.from_dict(data, "calibrated profile")
 
@@ -385,9 +447,7 @@ def _mark_unmeasured(data: dict[str, Any], num_gpus: int, tag: str) -> None:
             entry["source"] = why + entry["source"]
 
     for name, transport in data["allgather"].items():
-        why = why_collective if num_gpus == 1 or name != "nccl" else "not measured by calibrate; shipped value: "
-        if name == "copy_engine":
-            why = "not measured by calibrate (copy-engine transport); shipped value: "
+        why = why_collective if num_gpus == 1 else "not measured by calibrate; shipped value: "
         for point in transport["bus_gbps_by_message_bytes"]:
             mark(point, why)
         mark(transport["gemm_slowdown"], why)
