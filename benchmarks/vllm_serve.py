@@ -15,7 +15,10 @@ warm-up burst, and measures prefill-only embedding requests of each context leng
   equal offered load.
 
 Requests carry fresh random token ids (no prefix-cache hits) and ask for base64 embeddings
-(so the client parses little). AsyncEP runs under its own prefill-only scheduler, whose
+(so the client parses little). With ``--profile-context C`` each server is also profiled at
+that context: vLLM's torch profiler over a few engine steps of closed-loop load, broken down
+by ``trace_breakdown.py`` into GPU time per kernel category and exposed communication
+(``profile`` in each run). AsyncEP runs under its own prefill-only scheduler, whose
 default step budget is the planner's saturation budget (logged; recorded as ``step_budget``);
 ``asyncep-copy-engine-token-budget`` gives it ``--max-num-batched-tokens``' worth of FLOPs per
 step instead, as the stock layouts fill. MFU counts the true FLOPs of the N-layer model
@@ -45,9 +48,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from trace_breakdown import breakdown_dir  # noqa: E402
 from vllm_zeroprefill.server import ServerStartError, VllmServer, asyncep_args, free_port  # noqa: E402
 from zeroprefill.common.cost_model import matmul_params_per_token, request_flops  # noqa: E402
 from zeroprefill.common.model_spec import MoEModelSpec  # noqa: E402
@@ -252,6 +258,40 @@ def open_loop_rates(args, runs: list[dict], model: ModelChoice, context: int, ow
     return [round(f * peak, 2) for f in args.open_loop_fractions] if peak else []
 
 
+PROFILED_STEPS = 6
+
+
+def profiler_config(trace_dir: Path) -> dict:
+    """vLLM's torch profiler over a few engine steps, GPU timeline only (small traces)."""
+    return {"profiler": "torch", "torch_profiler_dir": str(trace_dir), "torch_profiler_with_stack": False,
+            "ignore_frontend": True, "delay_iterations": 2, "max_iterations": PROFILED_STEPS}
+
+
+def profile_server(server, model: str, context: int, clients: int, args, trace_dir: Path, log) -> dict:
+    """Profile a few steps under closed-loop load; the traces' breakdown (traces then deleted)."""
+    try:
+        httpx.post(server.url + "/start_profile", timeout=120).raise_for_status()
+        asyncio.run(_drive(server.url, model, context, concurrency=clients, rate=None, duration_s=args.profile_s,
+                           seed=4))
+        httpx.post(server.url + "/stop_profile", timeout=600).raise_for_status()
+    except httpx.HTTPError as exc:
+        return {"context": context, "error": f"{type(exc).__name__}: {exc}"}
+    deadline = time.monotonic() + 120  # workers may still be writing their traces
+    traces: list[dict] = []
+    while time.monotonic() < deadline and not traces:
+        time.sleep(2)
+        traces = breakdown_dir(trace_dir) if trace_dir.exists() else []
+    if not args.keep_traces and trace_dir.exists():
+        for path in trace_dir.rglob("*"):
+            if path.is_file():
+                path.unlink()
+    for trace in traces:
+        shares = ", ".join(f"{k} {v / trace['window_s']:.0%}" for k, v in list(trace["seconds_by_category"].items())[:5])
+        log(f"    profile {trace['trace'][:40]}: {shares}; exposed communication "
+            f"{trace['exposed_communication_fraction']:.1%}")
+    return {"context": context, "steps": PROFILED_STEPS, "traces": traces} | ({} if traces else {"error": "no trace"})
+
+
 def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, work: Path, log,
                runs: list[dict]) -> dict:
     directory = model_dir(work, model)
@@ -267,6 +307,9 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
     if layout.token_budget_steps:
         env[BUDGET_ENV] = f"{2 * batched_tokens * matmul_params_per_token(spec):.6g}"
     log_path = args.out.parent / f"{args.out.stem}-logs" / f"{name}.log".replace(":", "_")
+    trace_dir = (log_path.parent / f"{log_path.stem}-traces").resolve()
+    if args.profile_context is not None:
+        server_args += ["--profiler-config", json.dumps(profiler_config(trace_dir))]
     server = VllmServer(directory, server_args, log_path, device="cuda", env=env)
     result: dict = {"model": model.key, "layout": layout.name, "max_num_batched_tokens": batched_tokens,
                     "server_args": server_args, "env": env}
@@ -300,6 +343,8 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
                     entry["open_loop"].append({"offered_requests_per_s": rate} | point)
                     log(f"    open loop {rate} req/s: p50 {_seconds(point['p50_s'])}, p99 {_seconds(point['p99_s'])}, "
                         f"failed {point['failed']}")
+                if context == args.profile_context:
+                    result["profile"] = profile_server(server, str(directory), context, clients, args, trace_dir, log)
                 measurements.append(entry)
                 if server.process is None or server.process.poll() is not None:
                     raise ServerStartError(f"server exited during the run:\n{server.log_tail()}")
@@ -434,11 +479,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--open-loop-fractions", nargs="*", type=float, default=[0.5, 0.8],
                         help="offered rates as fractions of the reference layout's peak requests/s")
     parser.add_argument("--duration-s", type=float, default=30.0, help="timed seconds per measurement")
+    parser.add_argument("--profile-context", type=int, default=None,
+                        help="also profile each server at this context (one of --contexts)")
+    parser.add_argument("--profile-s", type=float, default=4.0, help="seconds of load while profiling")
+    parser.add_argument("--keep-traces", action="store_true", help="keep the raw traces beside the logs")
     parser.add_argument("--warmup-s", type=float, default=8.0, help="untimed load before each measurement")
     parser.add_argument("--start-timeout-s", type=float, default=900.0)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "vllm_serve-h200x2.json")
     parser.add_argument("--merge", action="store_true", help="add to the runs already in --out")
     args = parser.parse_args(argv)
+    if args.profile_context is not None and args.profile_context not in args.contexts:
+        parser.error(f"--profile-context {args.profile_context} is not one of --contexts {args.contexts}")
 
     import vllm
 

@@ -10,6 +10,7 @@ time is spent on them.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import sys
 import threading
@@ -25,6 +26,7 @@ from aiohttp import web  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import trace_breakdown as vllm_serve_trace  # noqa: E402
 import vllm_serve  # noqa: E402
 
 SERVICE_S = 0.02  # the fake server's time per request
@@ -49,6 +51,23 @@ class FakeServer:
     def poll(self) -> None:
         return None
 
+    async def _start_profile(self, request: web.Request) -> web.Response:
+        self.profiling = True
+        return web.Response()
+
+    async def _stop_profile(self, request: web.Request) -> web.Response:
+        # What a worker leaves: a gzipped Chrome trace, here one MoE kernel, one peer copy
+        # half hidden under it, and one all-reduce alone on the timeline.
+        config = json.loads(self.args[self.args.index("--profiler-config") + 1])
+        trace_dir = Path(config["torch_profiler_dir"])
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        events = [{"cat": "kernel", "name": "fused_moe_kernel", "ts": 0, "dur": 100},
+                  {"cat": "gpu_memcpy", "name": "Memcpy PtoP (Device -> Device)", "ts": 50, "dur": 100},
+                  {"cat": "kernel", "name": "ncclDevKernel_AllReduce_Sum_bf16", "ts": 200, "dur": 50}]
+        with gzip.open(trace_dir / "rank0.123.pt.trace.json.gz", "wt") as handle:
+            json.dump({"traceEvents": events}, handle)
+        return web.Response()
+
     async def _embed(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.requests += 1
@@ -64,6 +83,8 @@ class FakeServer:
                                  "INFO AsyncEP: streaming 2 layers\nGraph capturing finished in 3 secs\n")
         app = web.Application()
         app.router.add_post("/v1/embeddings", self._embed)
+        app.router.add_post("/start_profile", self._start_profile)
+        app.router.add_post("/stop_profile", self._stop_profile)
         runner = web.AppRunner(app)
         self._thread.start()
         asyncio.run_coroutine_threadsafe(runner.setup(), self._loop).result()
@@ -171,6 +192,40 @@ def test_merge_keeps_earlier_runs_and_reuses_the_reference_rate(fake_servers, tm
     assert [c.split("--layouts ")[1].split()[0] for c in result["commands"]] == ["stock-dp2-ep", "asyncep-copy-engine"]
     rates = [r["measurements"][0]["open_loop"][0]["offered_requests_per_s"] for r in runs]
     assert rates[0] == rates[1]
+
+
+def test_profile_runs_vllms_profiler_and_keeps_the_breakdown_not_the_traces(fake_servers, tmp_path):
+    out = tmp_path / "serve.json"
+    vllm_serve.main(["--models", "qwen3-30b-a3b:2", "--layouts", "stock-dp2-ep", "--batched-tokens", "4096",
+                     "--contexts", "64", "--duration-s", "0.3", "--warmup-s", "0.1", "--open-loop-fractions",
+                     "--profile-context", "64", "--profile-s", "0.3", "--out", str(out)])
+    (run,) = json.loads(out.read_text())["runs"]
+    config = json.loads(run["server_args"][run["server_args"].index("--profiler-config") + 1])
+    assert config["profiler"] == "torch" and Path(config["torch_profiler_dir"]).is_absolute()
+    (trace,) = run["profile"]["traces"]
+    assert trace["seconds_by_category"] == pytest.approx({"moe_experts": 1e-4, "peer_copy": 1e-4, "communication": 5e-5})
+    # Exposed: the copy's 50 us past the MoE kernel and the all-reduce's 50 us, of a 250 us window.
+    assert trace["exposed_communication_s"] == pytest.approx(1e-4)
+    assert trace["exposed_communication_fraction"] == pytest.approx(0.4)
+    assert not list(Path(config["torch_profiler_dir"]).rglob("*.gz"))  # raw traces deleted
+
+
+def test_profile_context_must_be_measured():
+    with pytest.raises(SystemExit):
+        vllm_serve.main(["--contexts", "512", "--profile-context", "4096"])
+
+
+def test_trace_categories_follow_kernel_names():
+    categorize = vllm_serve_trace.categorize
+    assert categorize("fused_moe_kernel_gptq", "kernel") == "moe_experts"
+    assert categorize("_gemm1_gate_up_silu_kernel", "kernel") == "moe_experts"
+    assert categorize("flash_fwd_splitkv_kernel", "kernel") == "attention"
+    assert categorize("ncclDevKernel_AllGather_RING_LL", "kernel") == "communication"
+    assert categorize("cross_device_reduce_1stage", "kernel") == "communication"
+    assert categorize("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNN", "kernel") == "gemm"
+    assert categorize("Memcpy PtoP (Device -> Device)", "gpu_memcpy") == "peer_copy"
+    assert categorize("Memcpy DtoD (Device -> Device)", "gpu_memcpy") == "memcpy"
+    assert categorize("triton_red_fused_rms_norm_0", "kernel") == "other"
 
 
 def test_model_argument_names_a_shipped_config_and_a_layer_count():

@@ -1,0 +1,156 @@
+"""Where a server's GPU time goes, from the torch-profiler (Chrome JSON) traces vLLM writes.
+
+``vllm serve --profiler-config '{"profiler": "torch", "torch_profiler_dir": DIR, ...}'`` plus
+``POST /start_profile`` … ``POST /stop_profile`` leaves one trace per worker in ``DIR``
+(``*.pt.trace.json.gz``). For each, this module sums GPU time per category of kernel name:
+
+- ``moe_experts``: the experts' kernels, routing and permutation (vLLM's ``fused_moe``, ours,
+  DeepGEMM);
+- ``attention``: attention and KV-cache writes;
+- ``communication``: NCCL and the all-reduce / all-to-all kernels;
+- ``gemm``: the other matrix multiplies (QKV, output projection, gate, LM head);
+- ``peer_copy`` / ``memcpy``: copy-engine transfers (AsyncEP's copy-engine gathers are the
+  peer-to-peer ones);
+- ``other``: norms, activations, elementwise work, pooling.
+
+and measures, on the GPU's timeline, the *exposed* communication: time during which a
+``communication`` kernel or a peer copy runs and no other kernel does.
+
+    python benchmarks/trace_breakdown.py DIR        # prints the table for every trace in DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+# First match wins, so the specific patterns come before the generic GEMM one.
+CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (name, re.compile(pattern, re.IGNORECASE))
+    for name, pattern in (
+        ("moe_experts", r"fused_moe|moe_align|moe_sum|topk|gate_up_silu|down_scatter|grouped_mm|scatter_token_rows"
+                        r"|weighted_combine|silu_mul|deep_gemm|m_grouped|count_and_sort|expert"),
+        ("attention", r"flash|fmha|attention|attn|reshape_and_cache|paged|mla"),
+        ("communication", r"nccl|all_?reduce|all_?gather|all_?to_?all|all2all|cross_device|lamport|one_?shot"
+                          r"|two_?shot|reduce_?scatter|dispatch|combine"),
+        ("gemm", r"gemm|nvjet|cutlass|xmma|matmul|cublas|sm90_|wgmma"),
+    )
+)
+COMMUNICATION = ("communication", "peer_copy")
+
+
+def categorize(name: str, cat: str) -> str:
+    """The category of one GPU event (``cat`` is the trace's own: kernel, gpu_memcpy, ...)."""
+    if cat == "gpu_memcpy":
+        return "peer_copy" if "ptop" in name.lower().replace(" ", "") else "memcpy"
+    if cat == "gpu_memset":
+        return "other"
+    for category, pattern in CATEGORIES:
+        if pattern.search(name):
+            return category
+    return "other"
+
+
+def _union_s(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of ``(start, end)`` intervals."""
+    total, current_start, current_end = 0.0, None, None
+    for start, end in sorted(intervals):
+        if current_end is None or start > current_end:
+            if current_end is not None:
+                total += current_end - current_start
+            current_start, current_end = start, end
+        else:
+            current_end = max(current_end, end)
+    if current_end is not None:
+        total += current_end - current_start
+    return total
+
+
+def breakdown(events: list[dict]) -> dict:
+    """Per-category GPU time, the busy and exposed-communication time, and the top kernels.
+
+    ``events``: Chrome-trace events; those with ``cat`` kernel / gpu_memcpy / gpu_memset and
+    a ``dur`` (microseconds) are the GPU's.
+    """
+    gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    if not gpu:
+        return {"gpu_events": 0}
+    seconds: dict[str, float] = defaultdict(float)
+    per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    compute: list[tuple[float, float]] = []
+    communication: list[tuple[float, float]] = []
+    for event in gpu:
+        start, duration = float(event["ts"]) / 1e6, float(event["dur"]) / 1e6
+        category = categorize(event.get("name", ""), event["cat"])
+        seconds[category] += duration
+        entry = per_kernel[event.get("name", "?")]
+        entry[0] += duration
+        entry[1] += 1
+        (communication if category in COMMUNICATION else compute).append((start, start + duration))
+    window = max(s + d for s, d in ((float(e["ts"]) / 1e6, float(e["dur"]) / 1e6) for e in gpu)) - min(
+        float(e["ts"]) / 1e6 for e in gpu)
+    compute_busy = _union_s(compute)
+    busy = _union_s(compute + communication)
+    top = sorted(per_kernel.items(), key=lambda item: -item[1][0])[:15]
+    return {
+        "gpu_events": len(gpu),
+        "window_s": window,
+        "busy_s": busy,
+        "compute_busy_s": compute_busy,
+        "exposed_communication_s": busy - compute_busy,
+        "exposed_communication_fraction": (busy - compute_busy) / window if window else 0.0,
+        "seconds_by_category": dict(sorted(seconds.items(), key=lambda item: -item[1])),
+        "top_kernels": [{"name": name[:160], "seconds": s, "count": count} for name, (s, count) in top],
+    }
+
+
+def load_events(path: Path) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as handle:
+        data = json.load(handle)
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def breakdown_dir(directory: Path) -> list[dict]:
+    """:func:`breakdown` of every trace under ``directory`` that holds GPU events."""
+    results = []
+    for path in sorted(directory.rglob("*.json*")):
+        if not path.name.endswith((".json", ".json.gz")):
+            continue
+        result = breakdown(load_events(path))
+        if result["gpu_events"]:
+            results.append({"trace": path.name} | result)
+    return results
+
+
+def print_breakdown(results: list[dict]) -> None:
+    for result in results:
+        print(f"{result['trace']}: window {result['window_s'] * 1e3:.1f} ms, GPU busy {result['busy_s'] * 1e3:.1f} ms, "
+              f"exposed communication {result['exposed_communication_s'] * 1e3:.1f} ms "
+              f"({result['exposed_communication_fraction']:.1%})")
+        for category, seconds in result["seconds_by_category"].items():
+            print(f"  {category:<15}{seconds * 1e3:>10.1f} ms  {seconds / result['window_s']:>6.1%} of the window")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("directory", type=Path, help="a folder of torch-profiler traces")
+    args = parser.parse_args(argv)
+    if not args.directory.is_dir():
+        print(f"trace_breakdown: error: {args.directory} is not a folder", file=sys.stderr)
+        return 2
+    results = breakdown_dir(args.directory)
+    if not results:
+        print(f"trace_breakdown: error: no trace with GPU events under {args.directory}", file=sys.stderr)
+        return 2
+    print_breakdown(results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
