@@ -204,6 +204,16 @@ def gather_time_s(deployment: Deployment) -> float:
     return gather_message_bytes(deployment) * (n - 1) / (gather_bus_gbps(deployment) * 1e9)
 
 
+def light_load_pass_time_s(deployment: Deployment) -> float:
+    """AsyncEP's shortest forward pass: ``num_moe_layers * t_g``, however few tokens it carries.
+
+    Every pass streams every MoE layer's remote experts; below the saturation threshold the
+    gathers, not the compute, set the pass time (AllToAll-EP, which moves activations, has no
+    such floor). 0 on one GPU.
+    """
+    return deployment.spec.num_moe_layers * gather_time_s(deployment)
+
+
 def effective_tflops(deployment: Deployment) -> float:
     """``R_eff``: the GEMM rate while the deployment's gather runs; ``R`` on one GPU (no gather)."""
     dtype = deployment.dtype
@@ -545,6 +555,7 @@ class Plan:
     gather_message_bytes: int
     gather_bus_gbps: float
     gather_time_s: float
+    light_load_pass_time_s: float
     compute_tflops: float
     effective_tflops: float
     threshold_flops: float
@@ -561,7 +572,7 @@ class Plan:
             for k in (
                 "model", "profile", "num_gpus", "dtype", "transport", "prefetch_depth",
                 "memory_utilization", "layer_expert_bytes", "gather_message_bytes",
-                "gather_bus_gbps", "gather_time_s", "compute_tflops", "effective_tflops",
+                "gather_bus_gbps", "gather_time_s", "light_load_pass_time_s", "compute_tflops", "effective_tflops",
                 "threshold_flops", "fits", "recommendation",
             )
         }
@@ -624,6 +635,7 @@ def make_plan(
         gather_message_bytes=gather_message_bytes(d),
         gather_bus_gbps=gather_bus_gbps(d) if d.num_gpus > 1 else 0.0,
         gather_time_s=gather_time_s(d),
+        light_load_pass_time_s=light_load_pass_time_s(d),
         compute_tflops=profile.compute_tflops(d.dtype),
         effective_tflops=effective_tflops(d),
         threshold_flops=saturation_threshold_flops(d),

@@ -18,6 +18,7 @@ from zeroprefill.common.planner import (
     effective_tflops,
     forward_flops_at_threshold,
     gather_time_s,
+    light_load_pass_time_s,
     make_plan,
     memory_plan,
     predict_step,
@@ -166,13 +167,22 @@ def test_plan_suggests_what_fits_and_multinode_recommends_replicas(q235, h200x4)
     assert copy.multinode.threshold_ratio == pytest.approx(multi.threshold_ratio)
 
 
+def test_light_load_pass_is_every_moe_layer_gathered_once(q235, h200x4):
+    deployment = nccl(q235, h200x4, 4, "bf16")
+    plan = make_plan(deployment, (512,))
+    assert plan.light_load_pass_time_s == pytest.approx(94 * gather_time_s(deployment))
+    assert light_load_pass_time_s(nccl(q235, h200x4, 1, "bf16")) == 0.0  # nothing gathered
+    # FP8 experts stream half the bytes: half the floor.
+    assert light_load_pass_time_s(nccl(q235, h200x4, 4, "fp8")) == pytest.approx(plan.light_load_pass_time_s / 2, rel=0.02)
+
+
 def test_plan_cli_table_and_json(capsys):
     assert main(["plan", "--model", "qwen3-235b-a22b", "--gpus", "4", "--gpu", "h200", "--dtype", "fp8",
                  "--context", "512,32768"]) == 0
     out = capsys.readouterr().out
     assert main(["plan", "--model", "qwen3-30b-a3b", "--gpus", "1"]) == 0
     assert "nothing is gathered" in capsys.readouterr().out
-    for text in ("threshold F*", "AsyncEP", "AllToAll-EP", "TP", "Recommendation:", "32768"):
+    for text in ("threshold F*", "AsyncEP", "AllToAll-EP", "TP", "Recommendation:", "32768", "light-load pass"):
         assert text in out
     assert main(["plan", "--model", str(CONFIGS / "qwen3-30b-a3b.json"), "--gpus", "2", "--json",
                  "--nodes", "2"]) == 0

@@ -187,6 +187,8 @@ def _threshold_lines(plan: Plan) -> list[str]:
         f"  compute R / R_eff      {plan.compute_tflops:>7.0f} / {plan.effective_tflops:.0f} TFLOP/s "
         "(R_eff under the concurrent gather)",
         f"  threshold F*           {_flops(plan.threshold_flops):>10} per layer = t_g x R_eff",
+        f"  light-load pass        {_duration(plan.light_load_pass_time_s):>10} = MoE layers x t_g "
+        "(a pass streams every layer, however few tokens it carries)",
         "",
     ]
     header = f"  {'context':>8} {'tokens/GPU':>11} {'fwd FLOP':>11}"
