@@ -28,6 +28,11 @@ step instead, as the stock layouts fill. MFU counts the true FLOPs of the N-laye
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 python benchmarks/vllm_serve.py \\
         --models qwen3-235b-a22b:16 --contexts 512 4096 --out benchmarks/results/vllm_serve-h200x2.json
 
+Stock vLLM ships no tuned MoE tiles for some expert-parallel shapes (it logs "Using
+default MoE config"); ``--stock-moe-configs DIR`` gives the stock layouts the tables
+``tune_vllm_moe.py`` writes, and each run records which table its kernel used
+(``moe_kernel_configs``).
+
 A layout whose server does not start, or dies, is recorded with its log tail; the rest run.
 Each server's log is kept beside the JSON (``<out>-logs/``).
 The JSON is rewritten after every measurement, and ``--merge`` adds to an existing file.
@@ -304,6 +309,8 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
     name = f"{model.key}-{layout.name}-{batched_tokens}"
     spec = model_spec(model)
     env = dict(layout.env)
+    if args.stock_moe_configs is not None and not layout.is_asyncep:
+        env["VLLM_TUNED_CONFIG_FOLDER"] = str(args.stock_moe_configs.resolve())
     if layout.token_budget_steps:
         env[BUDGET_ENV] = f"{2 * batched_tokens * matmul_params_per_token(spec):.6g}"
     log_path = args.out.parent / f"{args.out.stem}-logs" / f"{name}.log".replace(":", "_")
@@ -356,6 +363,9 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
         server.stop()
     result["asyncep_log"] = [line[line.index("AsyncEP:"):] for line in log_text.splitlines() if "AsyncEP: streaming" in line]
     result["cudagraphs_captured"] = "Graph capturing finished" in log_text
+    # Which tile table vLLM's MoE kernel found (or that it fell back to its default tile).
+    result["moe_kernel_configs"] = sorted({line.split("] ", 1)[-1] for line in log_text.splitlines()
+                                           if "MoE config" in line or "for MoE layer" in line})
     result["step_budget"] = [line[line.index("zeroprefill: step budget"):] for line in log_text.splitlines()
                              if "zeroprefill: step budget" in line][:1]
     return result | {"started": True, "measurements": measurements}
@@ -371,8 +381,8 @@ def best_by_layout(runs: list[dict], model: str, context: int) -> dict[str, dict
         if run["model"] != model or not run.get("started"):
             continue
         for entry in run.get("measurements", []):
-            if entry["context"] != context or entry["closed_loop"]["failed"]:
-                continue
+            if entry["context"] != context or entry["closed_loop"]["failed"] or not entry["closed_loop"]["requests"]:
+                continue  # a point with failures, or nothing answered in its window, is no peak
             point = entry["closed_loop"] | {"max_num_batched_tokens": run["max_num_batched_tokens"]}
             if run["layout"] not in best or point["input_tokens_per_s_per_gpu"] > best[run["layout"]]["input_tokens_per_s_per_gpu"]:
                 best[run["layout"]] = point
@@ -479,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--open-loop-fractions", nargs="*", type=float, default=[0.5, 0.8],
                         help="offered rates as fractions of the reference layout's peak requests/s")
     parser.add_argument("--duration-s", type=float, default=30.0, help="timed seconds per measurement")
+    parser.add_argument("--stock-moe-configs", type=Path, default=None,
+                        help="a VLLM_TUNED_CONFIG_FOLDER for the stock layouts (benchmarks/tune_vllm_moe.py)")
     parser.add_argument("--profile-context", type=int, default=None,
                         help="also profile each server at this context (one of --contexts)")
     parser.add_argument("--profile-s", type=float, default=4.0, help="seconds of load while profiling")

@@ -71,15 +71,20 @@ class FakeServer:
     async def _embed(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.requests += 1
+        number = self.requests
         await asyncio.sleep(SERVICE_S)
-        if self.fail_every and self.requests % self.fail_every == 0:
+        if self.fail_every and number % self.fail_every == 0:
             return web.Response(status=500)
         assert body["encoding_format"] == "base64" and all(3 <= t < 500 for t in body["input"])
         return web.json_response({"data": [{"embedding": "AAAA"}]})
 
     def start(self) -> FakeServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log_path.write_text("INFO zeroprefill: step budget 1e+12 FLOPs per rank (configured; 8 tokens)\n"
+        tile_table = (f"INFO [fused_moe.py:1094] Using configuration from {self.env['VLLM_TUNED_CONFIG_FOLDER']}/E=64.json "
+                      "for MoE layer." if "VLLM_TUNED_CONFIG_FOLDER" in self.env else
+                      "WARNING [fused_moe.py:1107] Using default MoE config. Performance might be sub-optimal!")
+        self.log_path.write_text(f"{tile_table}\n"
+                                 "INFO zeroprefill: step budget 1e+12 FLOPs per rank (configured; 8 tokens)\n"
                                  "INFO AsyncEP: streaming 2 layers\nGraph capturing finished in 3 secs\n")
         app = web.Application()
         app.router.add_post("/v1/embeddings", self._embed)
@@ -128,19 +133,19 @@ def test_closed_and_open_loop_count_what_was_answered_in_the_window(fake_servers
         opened = asyncio.run(vllm_serve._drive(server.url, "m", 64, concurrency=None, rate=40.0, duration_s=1.0, seed=0))
     finally:
         server.stop()
-    # 4 clients x 1 s / 20 ms per request, minus the failures (every 5th) and the stragglers.
-    assert 100 <= sent_closed <= 210 and closed["failed"] >= sent_closed // 5 - 1
+    # At most 4 clients x 1 s / 20 ms per request (fewer on a busy machine), every 5th failing.
+    assert 20 <= sent_closed <= 210 and closed["failed"] == sent_closed // 5
     assert closed["requests"] + closed["failed"] <= sent_closed
     assert closed["input_tokens_per_s_per_gpu"] == pytest.approx(closed["requests"] * 64 / 1.0 / vllm_serve.NUM_GPUS)
-    assert SERVICE_S <= closed["p50_s"] <= closed["p99_s"] < 0.5
-    assert 20 <= opened["requests"] + opened["failed"] <= 65  # Poisson at 40/s for 1 s
-    assert opened["p99_s"] < 0.5
+    assert SERVICE_S <= closed["p50_s"] <= closed["p99_s"] < 2.0
+    assert 15 <= opened["requests"] + opened["failed"] <= 65  # Poisson at 40/s for 1 s
+    assert opened["p99_s"] < 2.0
 
 
 def test_runs_every_layout_keeps_failures_and_compares_at_equal_offered_load(fake_servers, tmp_path, capsys):
     out = tmp_path / "results" / "serve.json"
     argv = ["--models", "qwen3-30b-a3b:2", "--layouts", "asyncep-copy-engine-token-budget", "stock-tp2",
-            "stock-dp2-ep", "asyncep-nccl", "--batched-tokens", "4096", "--contexts", "64", "--duration-s", "1", "--warmup-s", "0.2",
+            "stock-dp2-ep", "asyncep-nccl", "--batched-tokens", "4096", "--concurrency", "8", "--contexts", "64", "--duration-s", "1", "--warmup-s", "0.2",
             "--open-loop-fractions", "0.5", "--out", str(out)]
     assert vllm_serve.main(argv) == 0
     result = json.loads(out.read_text())
@@ -182,7 +187,7 @@ def test_runs_every_layout_keeps_failures_and_compares_at_equal_offered_load(fak
 
 def test_merge_keeps_earlier_runs_and_reuses_the_reference_rate(fake_servers, tmp_path):
     out = tmp_path / "serve.json"
-    common = ["--models", "qwen3-30b-a3b:2", "--batched-tokens", "4096", "--contexts", "64", "--duration-s", "0.6",
+    common = ["--models", "qwen3-30b-a3b:2", "--batched-tokens", "4096", "--concurrency", "8", "--contexts", "64", "--duration-s", "1",
               "--warmup-s", "0.1", "--open-loop-fractions", "0.8", "--out", str(out)]
     vllm_serve.main([*common, "--layouts", "stock-dp2-ep"])
     vllm_serve.main([*common, "--layouts", "asyncep-copy-engine", "--merge"])
@@ -196,7 +201,7 @@ def test_merge_keeps_earlier_runs_and_reuses_the_reference_rate(fake_servers, tm
 
 def test_profile_runs_vllms_profiler_and_keeps_the_breakdown_not_the_traces(fake_servers, tmp_path):
     out = tmp_path / "serve.json"
-    vllm_serve.main(["--models", "qwen3-30b-a3b:2", "--layouts", "stock-dp2-ep", "--batched-tokens", "4096",
+    vllm_serve.main(["--models", "qwen3-30b-a3b:2", "--layouts", "stock-dp2-ep", "--batched-tokens", "4096", "--concurrency", "8",
                      "--contexts", "64", "--duration-s", "0.3", "--warmup-s", "0.1", "--open-loop-fractions",
                      "--profile-context", "64", "--profile-s", "0.3", "--out", str(out)])
     (run,) = json.loads(out.read_text())["runs"]
@@ -226,6 +231,51 @@ def test_trace_categories_follow_kernel_names():
     assert categorize("Memcpy PtoP (Device -> Device)", "gpu_memcpy") == "peer_copy"
     assert categorize("Memcpy DtoD (Device -> Device)", "gpu_memcpy") == "memcpy"
     assert categorize("triton_red_fused_rms_norm_0", "kernel") == "other"
+
+
+def test_stock_layouts_get_the_tuned_moe_tiles_and_each_run_says_which_table_it_used(fake_servers, tmp_path):
+    out = tmp_path / "serve.json"
+    tiles = tmp_path / "tiles"
+    vllm_serve.main(["--models", "qwen3-30b-a3b:2", "--layouts", "stock-dp2-ep", "asyncep-copy-engine",
+                     "--batched-tokens", "4096", "--concurrency", "8", "--contexts", "64", "--duration-s", "1", "--warmup-s", "0.1",
+                     "--open-loop-fractions", "--stock-moe-configs", str(tiles), "--out", str(out)])
+    stock, asyncep = json.loads(out.read_text())["runs"]
+    assert stock["env"]["VLLM_TUNED_CONFIG_FOLDER"] == str(tiles.resolve())
+    assert "VLLM_TUNED_CONFIG_FOLDER" not in asyncep["env"]  # AsyncEP runs its own kernel and tables
+    assert stock["moe_kernel_configs"] == [f"Using configuration from {tiles.resolve()}/E=64.json for MoE layer."]
+    assert asyncep["moe_kernel_configs"] == ["Using default MoE config. Performance might be sub-optimal!"]
+
+
+def test_tuner_keeps_the_fastest_runnable_tile_per_batch_size_and_records_the_default(tmp_path):
+    import tune_vllm_moe
+
+    small, large, broken = {"BLOCK_SIZE_M": 16}, {"BLOCK_SIZE_M": 128}, {"BLOCK_SIZE_M": 256}
+
+    def timer(config, m):  # small tiles win small batches, large ones large; 256 does not run
+        if config is broken:
+            raise RuntimeError("out of shared memory")
+        if config is None:
+            return 2.0 * m
+        return m * (0.5 if (config["BLOCK_SIZE_M"] == 16) == (m < 1000) else 1.5)
+
+    result = tune_vllm_moe.tune(timer, [broken, small, large], [16, 4096], budget_s=60, log=lambda s: None)
+    assert result["tried"] == 3
+    assert result["by_tokens"][16]["best"] == small and result["by_tokens"][4096]["best"] == large
+    path = tune_vllm_moe.write_configs(tmp_path, "E=64,N=1536,device_name=NVIDIA_H200.json", result, {"gpu": "x"})
+    assert json.loads(path.read_text()) == {"16": small, "4096": large}
+    record = json.loads((tmp_path / "E=64,N=1536,device_name=NVIDIA_H200.tuning.json").read_text())
+    assert record["by_tokens"]["4096"]["speedup"] == pytest.approx(4.0)
+
+
+def test_tuner_candidates_are_vllms_shipped_tiles_for_the_gpu_most_used_first(tmp_path):
+    import tune_vllm_moe
+
+    a, b = {"BLOCK_SIZE_M": 16, "num_warps": 4}, {"BLOCK_SIZE_M": 64, "num_warps": 8}
+    (tmp_path / "E=8,N=14336,device_name=NVIDIA_H200.json").write_text(json.dumps({"1": a, "2": b, "4": b}))
+    (tmp_path / "E=64,N=640,device_name=NVIDIA_H200.json").write_text(json.dumps({"1": b, "triton_version": "3"}))
+    (tmp_path / "E=64,N=640,device_name=NVIDIA_H200,dtype=fp8_w8a8.json").write_text(json.dumps({"1": {"x": 1}}))
+    (tmp_path / "E=64,N=640,device_name=NVIDIA_H100.json").write_text(json.dumps({"1": {"y": 1}}))
+    assert tune_vllm_moe.shipped_candidates(tmp_path, "NVIDIA_H200") == [b, a]
 
 
 def test_model_argument_names_a_shipped_config_and_a_layer_count():
