@@ -13,7 +13,9 @@ the tokens never leave the rank. Expert load balance is perfect by construction.
         -> out [T, H]
 
 The experts kernel is any callable ``fn(hidden, w13, w2, topk_weights, topk_ids, **scales)``
-with vLLM's weight layout (``w13`` rows ``[0, I)`` gate, ``[I, 2I)`` up; SiLU-gated).
+with vLLM's weight layout (``w13`` rows ``[0, I)`` gate, ``[I, 2I)`` up; SiLU-gated). Block-FP8
+experts stream their 128x128 scales beside the weights (tensors named ``w13_scale`` and
+``w2_scale``), and every tensor whose name ends in ``_scale`` reaches the kernel by name.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from zeroprefill.common.block_fp8 import FP8_DTYPE, dequantize_block_fp8
 from zeroprefill.common.streamer import ExpertWeightStreamer
 
 ExpertsKernel = Callable[..., torch.Tensor]
@@ -65,8 +68,18 @@ def experts_reference(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    *,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain-torch experts: a loop over the experts that received tokens (any device)."""
+    """Plain-torch experts: a loop over the experts that received tokens (any device).
+
+    Block-FP8 weights (float8_e4m3fn with ``w13_scale [E, 2I/128, H/128]`` and ``w2_scale
+    [E, H/128, I/128]``, 128x128 blocks as vLLM loads them) are dequantised one expert at a
+    time and run in float32 on unquantised activations: the exact math the FP8 weights stand
+    for (the GPU kernels also quantise the activations per 1x128 group).
+    """
+    block_fp8 = _check_block_fp8(w13, w2, w13_scale, w2_scale)
     num_tokens, hidden = hidden_states.shape
     out = torch.zeros((num_tokens, hidden), dtype=torch.float32, device=hidden_states.device)
     if num_tokens == 0:
@@ -78,12 +91,34 @@ def experts_reference(
     for expert in torch.unique(flat_ids).tolist():
         rows = (flat_ids == expert).nonzero(as_tuple=True)[0]
         tokens = flat_tokens[rows]
-        x = hidden_states[tokens]
-        gate_up = x @ w13[expert].t()
+        if block_fp8:
+            w13_e = dequantize_block_fp8(w13[expert], w13_scale[expert])
+            w2_e = dequantize_block_fp8(w2[expert], w2_scale[expert])
+        else:
+            w13_e, w2_e = w13[expert], w2[expert]
+        x = hidden_states[tokens].to(w13_e.dtype)
+        gate_up = x @ w13_e.t()
         act = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
-        y = (act @ w2[expert].t()).float() * flat_weights[rows, None]
+        y = (act @ w2_e.t()).float() * flat_weights[rows, None]
         out.index_add_(0, tokens, y)
     return out.to(hidden_states.dtype)
+
+
+def _check_block_fp8(
+    w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None
+) -> bool:
+    """Whether the experts are block FP8; raises if weights and scales do not go together."""
+    fp8 = [w.dtype == FP8_DTYPE for w in (w13, w2)]
+    scaled = [scale is not None for scale in (w13_scale, w2_scale)]
+    if fp8 == [True, True] and scaled == [True, True]:
+        return True
+    if fp8 == [False, False] and scaled == [False, False]:
+        return False
+    raise ValueError(
+        f"block-FP8 experts need float8_e4m3fn w13 and w2 with both w13_scale and w2_scale; got "
+        f"w13 {w13.dtype}, w2 {w2.dtype}, w13_scale {'given' if scaled[0] else 'None'}, "
+        f"w2_scale {'given' if scaled[1] else 'None'}"
+    )
 
 
 def default_experts_kernel(device: torch.device, weight_dtype: torch.dtype) -> ExpertsKernel:

@@ -262,10 +262,16 @@ def step_flops_budget(
 
 
 def step_flops_budget_on_gpus(
-    spec: MoEModelSpec, device_name: str, num_ranks: int, context_tokens: int, headroom: float = DEFAULT_STEP_HEADROOM
+    spec: MoEModelSpec,
+    device_name: str,
+    num_ranks: int,
+    context_tokens: int,
+    headroom: float = DEFAULT_STEP_HEADROOM,
+    dtype: str = "bf16",
 ) -> float | None:
-    """:func:`step_flops_budget` of ``num_ranks`` GPUs called ``device_name`` in one node, at
-    bf16 with the runtime's transport: what an engine plugin uses by default.
+    """:func:`step_flops_budget` of ``num_ranks`` GPUs called ``device_name`` in one node, with
+    the runtime's transport and the served weights' ``dtype`` (``"fp8"`` for a block-FP8
+    checkpoint): what an engine plugin uses by default.
 
     ``None`` where no budget applies: a GPU without a shipped profile, or one rank (nothing
     is gathered). Raises ``HardwareProfileError`` / ``PlanError`` where the deployment has no
@@ -274,7 +280,8 @@ def step_flops_budget_on_gpus(
     gpu = shipped_gpu_for(device_name)
     if gpu is None or num_ranks == 1:
         return None
-    return step_flops_budget(Deployment.on_shipped_gpu(spec, gpu, num_ranks), context_tokens, headroom=headroom)
+    deployment = Deployment.on_shipped_gpu(spec, gpu, num_ranks, dtype)
+    return step_flops_budget(deployment, context_tokens, headroom=headroom)
 
 
 # -- memory --------------------------------------------------------------------------------

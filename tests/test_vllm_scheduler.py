@@ -119,14 +119,14 @@ def test_rejects_a_non_positive_budget():
 
 
 def _config(additional_config=None, max_num_batched_tokens=8192, moe_backend="asyncep", data_parallel_size=4,
-            runner_type="pooling"):
+            runner_type="pooling", quantization=None):
     hf_config = json.loads(CONFIG.read_text())
     return SimpleNamespace(
         additional_config=additional_config or {},
         scheduler_config=SimpleNamespace(max_num_batched_tokens=max_num_batched_tokens),
         kernel_config=SimpleNamespace(moe_backend=moe_backend),
         parallel_config=SimpleNamespace(data_parallel_size=data_parallel_size),
-        model_config=SimpleNamespace(max_model_len=32768, runner_type=runner_type,
+        model_config=SimpleNamespace(max_model_len=32768, runner_type=runner_type, quantization=quantization,
                                      hf_text_config=SimpleNamespace(to_dict=lambda: hf_config)),
     )
 
@@ -161,6 +161,15 @@ def test_budget_on_a_known_gpu_is_the_planners_saturation_budget(on_gpu):
     assert planned == step_flops_budget(deployment, 2048)
     assert planned == pytest.approx(1.1 * forward_flops_at_threshold(deployment, 2048))
     assert planned != 2 * 8192 * matmul_params_per_token(SPEC)
+
+
+def test_budget_of_a_block_fp8_checkpoint_is_the_planners_fp8_budget(on_gpu):
+    # FP8 experts gather half the bytes per layer: less work per step hides the gather.
+    on_gpu("NVIDIA H200")
+    planned = resolve_step_flops_budget(_config(quantization="fp8"), SPEC)
+    fp8 = Deployment.on_shipped_gpu(SPEC, "h200", 4, dtype="fp8")
+    assert planned == step_flops_budget(fp8, 2048)
+    assert planned < resolve_step_flops_budget(_config(), SPEC)
 
 
 @pytest.mark.parametrize("device_name, config", [

@@ -15,7 +15,11 @@ Where this sits in vLLM's MoE data path (``fused_moe/runner/moe_runner.py``)::
 
 Weights: vLLM's expert-parallel loader gives every rank its 1/N of each layer's experts
 (``w13_weight [E_local, 2I, H]``, ``w2_weight [E_local, H, I]``, placement ``linear`` or
-``round_robin``). After loading, each layer hands its shard, padded to the layout's
+``round_robin``); a block-FP8 checkpoint adds their 128x128 scales
+(``w13_weight_scale_inv [E_local, 2I/128, H/128]``, ``w2_weight_scale_inv [E_local, H/128,
+I/128]``), created exactly as vLLM's ``Fp8MoEMethod`` creates them, so the same loader fills
+them (:class:`AsyncEPBlockFp8FusedMoEMethod`). After loading, each layer hands its shard
+(the weights, and the scales as ``w13_scale`` / ``w2_scale``), padded to the layout's
 capacity, to the process's :class:`AsyncEPModelLoader`, which hands it to the transport at
 once (the copy engine moves it into symmetric memory and vLLM's copy is freed), over a
 communicator of AsyncEP's own spanning the EP ranks, with the settings of
@@ -42,13 +46,17 @@ import torch
 import torch.distributed as dist
 from vllm.distributed import get_ep_group
 from vllm.logger import init_logger
+from vllm.model_executor.layers.fused_moe import FusedMoeWeightScaleSupported
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, FusedMoEQuantConfig
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.utils import set_weight_attrs
 
+from vllm_zeroprefill.validation import block_fp8_weight_block
 from zeroprefill.common.asyncep_model import AsyncEPConfig, AsyncEPConfigError, AsyncEPModel, build_asyncep_model
 from zeroprefill.common.asyncep_moe import SCORING_FUNCS, AsyncEPMoE, default_experts_kernel
+from zeroprefill.common.block_fp8 import FP8_DTYPE
 from zeroprefill.common.expert_sharding import ExpertShardLayout
 from zeroprefill.common.transport import GatherTransport, make_transport
 
@@ -93,7 +101,8 @@ class AsyncEPModelLoader:
     model: AsyncEPModel | None = None
     layer_of: dict[str, AsyncEPMoE] = field(default_factory=dict)
 
-    def add_layer(self, layer, layout: ExpertShardLayout, w13: torch.Tensor, w2: torch.Tensor) -> None:
+    def add_layer(self, layer, layout: ExpertShardLayout, shards: dict[str, torch.Tensor]) -> None:
+        """Hand over one layer's padded shards (``w13``, ``w2``, and ``*_scale`` for block FP8)."""
         if self.model is not None:
             raise RuntimeError(f"MoE layer {layer.layer_name} was loaded after AsyncEP started streaming")
         if self.layout is not None and self.layout != layout:
@@ -101,11 +110,18 @@ class AsyncEPModelLoader:
                 f"MoE layer {layer.layer_name} has {layout.num_experts} experts but earlier layers "
                 f"have {self.layout.num_experts}: AsyncEP streams layers of one shape"
             )
+        if self.layer_shards:
+            first = _expert_format(next(iter(self.layer_shards.values())))
+            if _expert_format(shards) != first:
+                raise AsyncEPConfigError(
+                    f"MoE layer {layer.layer_name} stores its experts as {_expert_format(shards)} but earlier "
+                    f"layers as {first} (the checkpoint leaves some MoE layers unquantized): AsyncEP streams "
+                    "layers of one format; drop --moe-backend asyncep for this checkpoint"
+                )
         self.layout = layout
         if self.transport is None:
             self.config = AsyncEPConfig.from_env()
-            self.transport = _make_transport(self.config, w13.device)
-        shards = {"w13": w13, "w2": w2}
+            self.transport = _make_transport(self.config, shards["w13"].device)
         # Hand the layer over now, while vLLM loads: a transport that moves shards into shareable
         # memory frees vLLM's copy before the next layer, and vLLM's memory profile (weights at
         # load, everything else at the profile run) counts the experts once.
@@ -146,13 +162,20 @@ class AsyncEPModelLoader:
 
             order_graph_launches_after(streamer)
         logger.info(
-            "AsyncEP: streaming %d MoE layers of %d experts over %d EP ranks (transport %s, prefetch "
-            "depth %d, %d gather buffers = %.2f GiB on this rank, which stores experts %s, experts "
-            "kernel %s)",
-            len(order), self.layout.num_experts, self.layout.world_size, streamer.transport.name,
-            streamer.prefetch_depth, streamer.num_slots, streamer.gather_buffer_bytes / 2**30,
-            list(self.layout.experts_of_rank(streamer.rank)), self.model.layers[0].experts_kernel.__name__,
+            "AsyncEP: streaming %d MoE layers of %d experts (%s) over %d EP ranks (transport %s, "
+            "prefetch depth %d, %d gather buffers = %.2f GiB on this rank, which stores experts %s, "
+            "experts kernel %s)",
+            len(order), self.layout.num_experts, _expert_format(shards[0]), self.layout.world_size,
+            streamer.transport.name, streamer.prefetch_depth, streamer.num_slots,
+            streamer.gather_buffer_bytes / 2**30, list(self.layout.experts_of_rank(streamer.rank)),
+            self.model.layers[0].experts_kernel.__name__,
         )
+
+
+def _expert_format(shards: dict[str, torch.Tensor]) -> str:
+    """``"bfloat16"``, ``"float8_e4m3fn + block scales"``, ...: how a layer stores its experts."""
+    weights = str(shards["w13"].dtype).removeprefix("torch.")
+    return f"{weights} + block scales" if "w13_scale" in shards else weights
 
 
 def _make_transport(config: AsyncEPConfig, device: torch.device) -> GatherTransport:
@@ -164,6 +187,31 @@ def _make_transport(config: AsyncEPConfig, device: torch.device) -> GatherTransp
     backend = "gloo" if device.type == "cpu" else "nccl"
     group = dist.new_group(ranks=get_ep_group().ranks, backend=backend, use_local_synchronization=True)
     return make_transport(config.transport, group, device)
+
+
+def asyncep_method_for(
+    prefix: str, quant_config: QuantizationConfig | None, moe: FusedMoEConfig
+) -> AsyncEPFusedMoEMethod:
+    """The AsyncEP method of the FusedMoE layer ``prefix``, in the checkpoint's weight format.
+
+    Unquantized, or block FP8 (raises :class:`AsyncEPConfigError` for any other scheme). A
+    layer the FP8 config leaves unquantized (its ``ignored_layers`` /
+    ``modules_to_not_convert``, matched as vLLM's ``Fp8Config`` matches them) gets the
+    unquantized method, as vLLM gives it ``UnquantizedFusedMoEMethod``.
+    """
+    weight_block = block_fp8_weight_block(quant_config)
+    if weight_block is None or _ignored_by(quant_config, prefix):
+        return AsyncEPFusedMoEMethod(moe)
+    return AsyncEPBlockFp8FusedMoEMethod(moe, weight_block)
+
+
+def _ignored_by(quant_config: QuantizationConfig, prefix: str) -> bool:
+    from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
+
+    # vLLM 0.32 added a match mode (exact by default); 0.26 matches exactly.
+    match_mode = getattr(quant_config, "ignored_layers_match_mode", None)
+    options = {} if match_mode is None else {"match_mode": match_mode}
+    return is_layer_skipped(prefix, quant_config.ignored_layers, quant_config.packed_modules_mapping, **options)
 
 
 _LOADER = AsyncEPModelLoader()
@@ -211,22 +259,85 @@ class AsyncEPFusedMoEMethod(FusedMoEMethodBase):
         set_weight_attrs(w2, extra_weight_attrs)
 
     def get_fused_moe_quant_config(self, layer) -> FusedMoEQuantConfig:
+        # The runner hands apply() unquantized activations; the experts kernel quantizes them
+        # itself where the weights are FP8. Nothing of vLLM's quantizes for us.
         return FusedMoEQuantConfig.make()
+
+    def loaded_experts(self, layer) -> dict[str, torch.nn.Parameter]:
+        """The layer's expert parameters vLLM filled, by the name the AsyncEP core streams them under."""
+        return {"w13": layer.w13_weight, "w2": layer.w2_weight}
 
     def process_weights_after_loading(self, layer) -> None:
         parallel = self.moe.moe_parallel_config
         layout = ExpertShardLayout(layer.global_num_experts, parallel.ep_size, layer.expert_placement_strategy)
         _check_layout_matches_vllm(layer, layout, parallel.ep_rank)
+        loaded = self.loaded_experts(layer)
         # A rank may own one expert fewer than the largest shard: pad to the layout's capacity.
-        w13, w2 = layout.pad_shard(layer.w13_weight.data), layout.pad_shard(layer.w2_weight.data)
-        self.loader.add_layer(layer, layout, w13, w2)
+        self.loader.add_layer(layer, layout, {name: layout.pad_shard(p.data) for name, p in loaded.items()})
         # The shard now lives in the streamer's transport; drop vLLM's copy of it.
-        layer.w13_weight.data = torch.empty(0, dtype=w13.dtype, device=w13.device)
-        layer.w2_weight.data = torch.empty(0, dtype=w2.dtype, device=w2.device)
+        for param in loaded.values():
+            param.data = torch.empty(0, dtype=param.dtype, device=param.device)
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input) -> torch.Tensor:
         # Shared experts are the runner's (before or beside this call), as for every backend.
         return self.loader.moe(layer).forward_routed(x, topk_weights, topk_ids)
+
+
+class AsyncEPBlockFp8FusedMoEMethod(AsyncEPFusedMoEMethod):
+    """AsyncEP on block-FP8 experts: e4m3 weights and 128x128 scales, gathered together.
+
+    ``create_weights`` registers the parameters vLLM's ``Fp8MoEMethod`` registers for a
+    block-quantized checkpoint (vLLM 0.26-0.33, tensor parallel size 1), so vLLM's FusedMoE
+    weight loader fills them unchanged: ``w13_weight`` / ``w2_weight`` in float8_e4m3fn and
+    float32 ``w13_weight_scale_inv [E, 2 * ceil(I/bn), ceil(H/bk)]`` /
+    ``w2_weight_scale_inv [E, ceil(H/bn), ceil(I/bk)]`` with ``quant_method="block"`` (the
+    attribute the loader dispatches block scales on). Activations stay unquantized until the
+    experts kernel, which quantizes them per 1x128 group (dynamic, as the checkpoint asks).
+    """
+
+    def __init__(self, moe: FusedMoEConfig, weight_block: tuple[int, int]):
+        super().__init__(moe)
+        self.weight_block = weight_block
+
+    def create_weights(
+        self,
+        layer,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs,
+    ) -> None:
+        block_n, block_k = self.weight_block
+        intermediate = intermediate_size_per_partition
+        if intermediate % block_n:  # vLLM's Fp8MoEMethod refuses it too: gate and up share scale rows
+            raise AsyncEPConfigError(
+                f"{layer.layer_name}: block-FP8 experts need an intermediate size that is a multiple of "
+                f"{block_n}, got {intermediate}"
+            )
+        super().create_weights(layer, num_experts, hidden_size, intermediate, FP8_DTYPE, **extra_weight_attrs)
+        # What vLLM's Fp8MoEMethod.create_weights records on the layer besides the parameters.
+        layer.num_experts = num_experts
+        layer.orig_dtype = params_dtype
+        layer.weight_block_size = list(self.weight_block)
+        layer.w13_input_scale = None  # dynamic activation scales: none in the checkpoint
+        layer.w2_input_scale = None
+        # Gate and up are two logical shards of w13: each has its own ceil(I / block_n) scale rows.
+        scales = {
+            "w13_weight_scale_inv": (num_experts, 2 * -(-intermediate // block_n), -(-hidden_size // block_k)),
+            "w2_weight_scale_inv": (num_experts, -(-hidden_size // block_n), -(-intermediate // block_k)),
+        }
+        scale_attrs = {**extra_weight_attrs, "quant_method": FusedMoeWeightScaleSupported.BLOCK.value}
+        for name, shape in scales.items():
+            scale = torch.nn.Parameter(torch.ones(shape, dtype=torch.float32), requires_grad=False)
+            layer.register_parameter(name, scale)
+            set_weight_attrs(scale, scale_attrs)
+
+    def loaded_experts(self, layer) -> dict[str, torch.nn.Parameter]:
+        return super().loaded_experts(layer) | {
+            "w13_scale": layer.w13_weight_scale_inv,
+            "w2_scale": layer.w2_weight_scale_inv,
+        }
 
 
 def _check_layout_matches_vllm(layer, layout: ExpertShardLayout, ep_rank: int) -> None:

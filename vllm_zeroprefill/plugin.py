@@ -4,9 +4,10 @@ vLLM loads general plugins in the API server (``EngineArgs.__post_init__``), in 
 core and in every worker. Three seams, each as narrow as vLLM allows:
 
 1. ``KernelConfig.moe_backend`` accepts ``asyncep`` (:mod:`vllm_zeroprefill.moe_backend`).
-2. ``RoutedExperts._get_quant_method`` — the one place a FusedMoE layer picks its method —
-   returns :class:`~vllm_zeroprefill.asyncep_method.AsyncEPFusedMoEMethod` when the engine's
-   MoE backend is ``asyncep``, and defers to vLLM otherwise.
+2. ``RoutedExperts._get_quant_method`` — the one place a FusedMoE layer picks its method,
+   quantized or not — returns an AsyncEP method when the engine's MoE backend is ``asyncep``
+   (:func:`~vllm_zeroprefill.asyncep_method.asyncep_method_for`: unquantized, or block FP8
+   in place of vLLM's ``Fp8MoEMethod``), and defers to vLLM otherwise.
 3. ``EngineArgs.create_engine_config`` checks an ``asyncep`` deployment before any worker
    starts (:func:`vllm_zeroprefill.validation.check_asyncep_config`) and, for the pooling
    runner, selects the prefill-only scheduler unless ``--scheduler-cls`` was given.
@@ -24,7 +25,6 @@ import functools
 from vllm_zeroprefill.compat import installed_vllm_version, unsupported_vllm_message
 from vllm_zeroprefill.errors import install_one_line_errors
 from vllm_zeroprefill.moe_backend import ASYNCEP, register_moe_backend
-from zeroprefill.common.asyncep_model import AsyncEPConfigError
 
 PREFILL_ONLY_SCHEDULER = "vllm_zeroprefill.scheduler.PrefillOnlyScheduler"
 ASYNC_PREFILL_ONLY_SCHEDULER = "vllm_zeroprefill.scheduler.AsyncPrefillOnlyScheduler"
@@ -56,15 +56,9 @@ def _install_quant_method_hook() -> None:
     def get_quant_method(self, prefix, quant_config, moe_config):
         if moe_config.moe_backend != ASYNCEP:
             return vllm_get_quant_method(self, prefix, quant_config, moe_config)
-        from vllm_zeroprefill.asyncep_method import AsyncEPFusedMoEMethod
+        from vllm_zeroprefill.asyncep_method import asyncep_method_for
 
-        if quant_config is not None:
-            raise AsyncEPConfigError(
-                f"--moe-backend asyncep runs unquantized expert weights; {prefix} is quantized "
-                f"with {quant_config.get_name()!r}: serve an unquantized checkpoint or drop "
-                "--moe-backend asyncep"
-            )
-        return AsyncEPFusedMoEMethod(moe_config)
+        return asyncep_method_for(prefix, quant_config, moe_config)
 
     RoutedExperts._get_quant_method = get_quant_method
 

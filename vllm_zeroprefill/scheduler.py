@@ -26,9 +26,9 @@ Budget (FLOPs per step per data-parallel rank), the first that applies:
    ``ZEROPREFILL_STEP_FLOPS_BUDGET`` environment variable;
 2. on GPUs with a shipped hardware profile (H100, H200) under ``--moe-backend asyncep`` with
    2+ DP ranks in one node: the planner's saturation budget,
-   :func:`zeroprefill.common.planner.step_flops_budget` of the deployment (bf16, the transport
-   the runtime picks, prompts of ``min(max_model_len, 2048)`` tokens): enough work to hide one
-   layer's weight gather, plus 10%;
+   :func:`zeroprefill.common.planner.step_flops_budget` of the deployment (bf16, or fp8 for a
+   block-FP8 checkpoint; the transport the runtime picks, prompts of ``min(max_model_len,
+   2048)`` tokens): enough work to hide one layer's weight gather, plus 10%;
 3. otherwise (CPU, other GPUs, one rank, no AsyncEP): the linear FLOPs of a full token budget
    (``2 * max_num_batched_tokens * matmul params per token``): equal to vLLM's token budget
    for short prompts, and tighter for long-context ones, whose attention FLOPs it also counts.
@@ -153,11 +153,13 @@ def planned_step_flops_budget(vllm_config, spec: MoEModelSpec) -> float:
 
     if vllm_config.kernel_config.moe_backend != ASYNCEP or not current_platform.is_cuda():
         return 0.0  # no weight gather to hide, or no GPU a profile describes
+    from vllm_zeroprefill.validation import expert_weight_dtype
+
     device_name = current_platform.get_device_name()
     num_ranks = vllm_config.parallel_config.data_parallel_size
     context = min(vllm_config.model_config.max_model_len, DEFAULT_CONTEXT_TOKENS)
     try:
-        budget = step_flops_budget_on_gpus(spec, device_name, num_ranks, context)
+        budget = step_flops_budget_on_gpus(spec, device_name, num_ranks, context, dtype=expert_weight_dtype(vllm_config))
     except (HardwareProfileError, PlanError) as exc:
         logger.warning("zeroprefill: no saturation budget for %d x %s (%s); the step budget is a full "
                        "token budget's FLOPs, set %s to change it", num_ranks, device_name, exc, BUDGET_ENV)

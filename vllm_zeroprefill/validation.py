@@ -2,16 +2,62 @@
 
 Each check names the offending setting and what to change, so a bad deployment fails in
 the API server at start-up rather than in a worker at the first request. Layer-level checks
-(routing rules, activation, quantised experts) run when the model is built
+(routing rules, activation) run when the model is built
 (:func:`vllm_zeroprefill.asyncep_method.check_routed_experts_supported`).
+
+Quantisation: unquantised checkpoints, and block-FP8 ones as Qwen3-*-FP8 ship them (vLLM's
+``fp8`` method with ``weight_block_size`` [128, 128]: e4m3 weights, 128x128 scales, dynamic
+1x128 activation scales). Every other scheme is refused here, in one line
+(:func:`block_fp8_weight_block`).
 """
 
 from __future__ import annotations
 
 from vllm.config import VllmConfig
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-from zeroprefill.common.model_spec import ModelSpecError, MoEModelSpec
+from zeroprefill.common.model_spec import FP8_WEIGHT_BLOCK, ModelSpecError, MoEModelSpec
 from zeroprefill.common.asyncep_model import AsyncEPConfig, AsyncEPConfigError
+
+SUPPORTED_QUANTIZATION = (
+    "unquantized checkpoints and block-FP8 ones (quantization_config quant_method 'fp8' with "
+    f"weight_block_size [{FP8_WEIGHT_BLOCK}, {FP8_WEIGHT_BLOCK}], as Qwen3-*-FP8 ship)"
+)
+
+
+def block_fp8_weight_block(quant_config: QuantizationConfig | None) -> tuple[int, int] | None:
+    """``None`` for an unquantized model, the weight block of a block-FP8 one AsyncEP runs.
+
+    Raises :class:`AsyncEPConfigError` for any other quantization, naming what is supported.
+    """
+    if quant_config is None:
+        return None
+    from vllm.model_executor.layers.quantization.fp8 import Fp8Config
+
+    supported_block = [FP8_WEIGHT_BLOCK, FP8_WEIGHT_BLOCK]
+    if type(quant_config) is not Fp8Config:  # subclasses (e.g. DeepSeek-V4's) store other formats
+        scheme = repr(quant_config.get_name())
+    elif quant_config.weight_block_size is None:
+        scheme = "'fp8' without weight_block_size (per-tensor scales, or quantized online)"
+    elif getattr(quant_config, "store_dtype", None) is not None:
+        scheme = f"'fp8' stored as {quant_config.store_dtype!r}"
+    elif list(quant_config.weight_block_size) != supported_block:
+        scheme = f"'fp8' with weight_block_size {list(quant_config.weight_block_size)}"
+    else:
+        return FP8_WEIGHT_BLOCK, FP8_WEIGHT_BLOCK
+    raise AsyncEPConfigError(
+        f"--moe-backend asyncep serves {SUPPORTED_QUANTIZATION}; this model is quantized with "
+        f"{scheme}: serve a supported checkpoint or drop --moe-backend asyncep"
+    )
+
+
+def expert_weight_dtype(config: VllmConfig) -> str:
+    """What AsyncEP streams, as the planner names it: ``"fp8"`` or ``"bf16"``.
+
+    ``check_asyncep_config`` admits block FP8 as the only quantization, so a quantized
+    deployment that passed it streams block FP8.
+    """
+    return "fp8" if config.model_config.quantization is not None else "bf16"
 
 
 def model_spec_of(config: VllmConfig) -> MoEModelSpec:
@@ -31,10 +77,12 @@ def check_asyncep_config(config: VllmConfig) -> MoEModelSpec:
             f"--moe-backend asyncep needs a Mixture-of-Experts model; {model.model!r} is not one "
             f"AsyncEP supports ({exc}); drop --moe-backend asyncep for this model"
         ) from None
-    if model.quantization is not None:
+    weight_block = block_fp8_weight_block(config.quant_config)
+    if weight_block is not None and spec.expert_intermediate_size % weight_block[0]:
         raise AsyncEPConfigError(
-            f"--moe-backend asyncep runs unquantized expert weights, but the model is quantized "
-            f"with {model.quantization!r}: serve an unquantized checkpoint or drop --moe-backend asyncep"
+            f"--moe-backend asyncep runs block-FP8 experts whose intermediate size is a multiple of "
+            f"{weight_block[0]}; this model's is {spec.expert_intermediate_size}: serve it unquantized "
+            "or drop --moe-backend asyncep"
         )
     if not parallel.enable_expert_parallel:
         raise AsyncEPConfigError(

@@ -5,7 +5,12 @@ and a tokenizer saved with ``save_pretrained`` — so vLLM, SGLang and transform
 through their ordinary code paths. Weights are random (seeded); the byte-level BPE tokenizer
 is trained here with ``tokenizers`` on a small built-in corpus.
 
-    zeroprefill tiny-model OUT_DIR [--arch qwen3_moe] [--experts 8] [--top-k 2] ...
+    zeroprefill tiny-model OUT_DIR [--arch qwen3_moe] [--experts 8] [--top-k 2] ... [--block-fp8]
+
+``--block-fp8`` (Qwen3-MoE) then rewrites the checkpoint in the format Qwen3-*-FP8 ships:
+every decoder-layer projection (attention, router, experts) in e4m3 with 128x128
+``weight_scale_inv`` block scales, embeddings, norms and the LM head in bf16, and vLLM's
+``fp8`` ``quantization_config`` (:func:`quantize_checkpoint_block_fp8`).
 """
 
 from __future__ import annotations
@@ -203,6 +208,66 @@ def write_dummy_checkpoint(model_config: str | Path, out_dir: str | Path, vocab_
     return out
 
 
+#: ``config.json``'s ``quantization_config`` of a block-FP8 checkpoint, as Qwen3-*-FP8 ship it.
+BLOCK_FP8_QUANTIZATION_CONFIG = {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "weight_block_size": [128, 128],
+}
+
+
+def quantize_checkpoint_block_fp8(model_dir: str | Path, experts_only: bool = False) -> Path:
+    """Rewrite a generated Qwen3-MoE checkpoint in ``model_dir`` as block FP8, in place.
+
+    Every 2-D weight of a decoder layer (q/k/v/o projections, the router gate, each expert's
+    gate/up/down projections) becomes e4m3 plus a float32 ``<name>_scale_inv`` of 128x128
+    blocks; the rest is stored in bf16, and ``config.json`` gets
+    :data:`BLOCK_FP8_QUANTIZATION_CONFIG`. vLLM needs the projections' output sizes to be
+    multiples of 128 (the expert intermediate size, the k/v heads' width).
+
+    ``experts_only``: only the routed experts become FP8; the attention projections and the
+    router stay bf16 and are listed in ``modules_to_not_convert`` (vLLM's CPU build runs FP8
+    linear layers only on CPUs with AMX, so a CPU test serves FP8 experts this way).
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from zeroprefill.common.block_fp8 import quantize_block_fp8
+
+    out = Path(model_dir)
+    config_path = out / "config.json"
+    hf_config = json.loads(config_path.read_text())
+    if hf_config.get("model_type") != "qwen3_moe":
+        raise ValueError(f"block-FP8 tiny checkpoints are Qwen3-MoE ones; {out} is {hf_config.get('model_type')!r}")
+    block = BLOCK_FP8_QUANTIZATION_CONFIG["weight_block_size"][0]
+    widths = {"moe_intermediate_size": hf_config["moe_intermediate_size"]}
+    if not experts_only:
+        widths["k/v width (num_key_value_heads * head_dim)"] = hf_config["num_key_value_heads"] * hf_config["head_dim"]
+    for what, width in widths.items():
+        if width % block:
+            raise ValueError(f"block FP8 needs a {what} that is a multiple of {block}, got {width}")
+    weights_path = out / "model.safetensors"
+    quantized: dict[str, torch.Tensor] = {}
+    not_converted: list[str] = []
+    for name, tensor in load_file(str(weights_path)).items():
+        projection = name.startswith("model.layers.") and name.endswith(".weight") and tensor.dim() == 2
+        if projection and experts_only and ".mlp.experts." not in name:
+            not_converted.append(name.removesuffix(".weight"))
+            projection = False
+        if projection:
+            quantized[name], quantized[name + "_scale_inv"] = quantize_block_fp8(tensor, block)
+        else:
+            quantized[name] = tensor.to(torch.bfloat16)
+    save_file(quantized, str(weights_path), metadata={"format": "pt"})
+    quantization_config = dict(BLOCK_FP8_QUANTIZATION_CONFIG)
+    if not_converted:
+        quantization_config["modules_to_not_convert"] = sorted(not_converted)
+    hf_config.update(dtype="bfloat16", quantization_config=quantization_config)
+    config_path.write_text(json.dumps(hf_config, indent=2))
+    return out
+
+
 DEFAULT_TINY_MODEL_DIR = Path(".work") / "tiny-qwen3-moe"
 
 
@@ -221,16 +286,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("num_experts", "top_k", "num_layers", "hidden_size", "expert_intermediate_size",
                  "num_attention_heads", "num_kv_heads", "head_dim", "vocab_size", "seed"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    parser.add_argument("--block-fp8", action="store_true",
+                        help="store the decoder layers in block FP8 (128x128 scales), as Qwen3-*-FP8 ship")
 
 
 def run(args: argparse.Namespace) -> int:
     fields = {k: v for k, v in vars(args).items() if k in TinyMoEConfig.__dataclass_fields__}
     try:
         config = TinyMoEConfig(**fields)
+        path = generate_tiny_moe(args.out_dir, config)
+        if args.block_fp8:
+            quantize_checkpoint_block_fp8(path)
     except ValueError as exc:
         print(f"zeroprefill tiny-model: {exc}")
         return 2
-    path = generate_tiny_moe(args.out_dir, config)
+    weights = "block FP8" if args.block_fp8 else "float32"
     print(f"wrote {config.architecture} ({config.num_experts} experts, top-{config.top_k}, "
-          f"{config.num_layers} layers, hidden {config.hidden_size}) to {path}")
+          f"{config.num_layers} layers, hidden {config.hidden_size}, {weights}) to {path}")
     return 0
