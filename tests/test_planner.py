@@ -176,6 +176,16 @@ def test_light_load_pass_is_every_moe_layer_gathered_once(q235, h200x4):
     assert light_load_pass_time_s(nccl(q235, h200x4, 4, "fp8")) == pytest.approx(plan.light_load_pass_time_s / 2, rel=0.02)
 
 
+def test_plan_takes_a_block_fp8_checkpoints_format_unless_told_otherwise(capsys):
+    assert main(["plan", "--model", "qwen3-235b-a22b-fp8", "--gpus", "2", "--json"]) == 0
+    stored = json.loads(capsys.readouterr().out)
+    assert stored["dtype"] == "fp8" and stored["assumed"]["dtype"] == "fp8"
+    assert main(["plan", "--model", "qwen3-235b-a22b-fp8", "--gpus", "2", "--dtype", "bf16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dtype"] == "bf16"
+    assert main(["plan", "--model", "qwen3-235b-a22b", "--gpus", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dtype"] == "bf16"
+
+
 def test_plan_cli_table_and_json(capsys):
     assert main(["plan", "--model", "qwen3-235b-a22b", "--gpus", "4", "--gpu", "h200", "--dtype", "fp8",
                  "--context", "512,32768"]) == 0

@@ -89,24 +89,38 @@ def shipped_model_names() -> list[str]:
     return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
 
 
-def load_model(model: str) -> tuple[MoEModelSpec, str]:
-    """A spec from a path, or from a shipped reference config by name."""
+def load_model(model: str) -> tuple[MoEModelSpec, str, str | None]:
+    """A spec from a path, or from a shipped reference config by name; with the checkpoint's
+    own weight format where its config names one (``"fp8"`` for block FP8), else None."""
     path = Path(model)
     if not path.exists() and model in shipped_model_names():
         resource = resources.files("zeroprefill.common") / "model_configs" / f"{model}.json"
-        return MoEModelSpec.from_hf_config(json.loads(resource.read_text())), model
+        config = json.loads(resource.read_text())
+        return MoEModelSpec.from_hf_config(config), model, checkpoint_dtype(config)
     if not path.exists():
         raise ModelSpecError(
             f"--model {model!r} is neither a path nor a shipped config "
             f"({', '.join(shipped_model_names())})"
         )
-    return MoEModelSpec.from_pretrained(path), path.resolve().name if path.is_dir() else path.name
+    config_path = path / "config.json" if path.is_dir() else path
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    return MoEModelSpec.from_pretrained(path), path.resolve().name if path.is_dir() else path.name, checkpoint_dtype(config)
+
+
+def checkpoint_dtype(config: dict[str, Any]) -> str | None:
+    """``"fp8"`` for a block-FP8 checkpoint (``quant_method`` fp8 with ``weight_block_size``)."""
+    quantization = config.get("quantization_config") or {}
+    if quantization.get("quant_method") == "fp8" and quantization.get("weight_block_size"):
+        return "fp8"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         contexts = _parse_contexts(args.context)
-        spec, name = load_model(args.model)
+        spec, name, stored_dtype = load_model(args.model)
+        if stored_dtype and "dtype" not in args.plan_flags_given:
+            args.dtype = stored_dtype  # plan the checkpoint as it is stored
         profile: HardwareProfile = (
             load_profile(args.profile) if args.profile else shipped_profile(args.gpu, args.gpus)
         )
