@@ -1,28 +1,35 @@
 """Triton kernels for Mixture-of-Experts prefill: alignment, grouped expert GEMMs.
 
     (topk_weights, topk_ids) from the engine's router or AsyncEP's (select_experts, plain torch)
-        --[fused_experts, one of two backends]--> out [T, H]
+        --[fused_experts, one of three backends]--> out [T, H]
     triton      (fused_moe.py): moe_align_block_size -> GEMM1 (gate/up + SiLU*mul) -> GEMM2
                 (down, routing weight, scatter) -> K-slot sum
     grouped_mm  (grouped_mm_moe.py): align -> scatter token rows -> torch._grouped_mm ->
                 SiLU*mul -> torch._grouped_mm -> weighted combine
+    deepgemm    (deepgemm.py, optional): the grouped_mm pipeline with DeepGEMM's sm90 grouped
+                GEMMs in place of torch's (bf16, and block FP8 with 1x128 activation groups)
 
 bf16 picks its backend per token count from the shipped table (``moe_config.py``); fp16/fp32
 run the Triton one. float8_e4m3fn weights with 128x128 block scales take the Triton FP8 path
 (tokens quantised per 1x128 group inside the call); with per-output-channel scales, the
-FP8-rowwise path on ``torch._scaled_grouped_mm`` (tokens quantised per row). Every kernel has
-its plain-torch definition beside it (``*_reference``), which the tests compare against. No
-vLLM or SGLang imports: the AsyncEP layer plugs ``fused_experts`` in as its experts kernel.
+FP8-rowwise path on ``torch._scaled_grouped_mm`` (tokens quantised per row). Where
+``deep_gemm`` (the ``deepgemm`` extra) loads on an sm90 GPU, bf16 and block-FP8 layers run on
+DeepGEMM instead; ``ZEROPREFILL_EXPERTS_KERNEL`` (``auto``, ``triton``, ``deepgemm``) says
+which. Every kernel has its plain-torch definition beside it (``*_reference``), which the tests
+compare against. No vLLM or SGLang imports: the AsyncEP layer plugs ``fused_experts`` in as its
+experts kernel.
 """
 
 from .align import ExpertAlignment, moe_align_block_size
-from .fused_moe import fused_experts, fused_experts_reference
+from .deepgemm import deepgemm_experts, deepgemm_unavailable_reason
+from .fused_moe import EXPERTS_KERNEL_ENV, experts_kernel_setting, fused_experts, fused_experts_reference
 from .grouped_mm_moe import grouped_mm_experts
 from .moe_config import GROUPED_MM, TRITON, GemmConfig, MoEConfig, get_config
 from .quant import (dequantize_fp8_block, dequantize_fp8_rowwise, quantize_tokens_fp8_group,
                     quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
 
 __all__ = [
+    "EXPERTS_KERNEL_ENV",
     "ExpertAlignment",
     "GROUPED_MM",
     "GemmConfig",
@@ -30,6 +37,9 @@ __all__ = [
     "TRITON",
     "dequantize_fp8_block",
     "dequantize_fp8_rowwise",
+    "deepgemm_experts",
+    "deepgemm_unavailable_reason",
+    "experts_kernel_setting",
     "fused_experts",
     "fused_experts_reference",
     "get_config",

@@ -7,6 +7,7 @@
     num_padded_rows [1]                rows actually used (device tensor: no host sync)
     expert_ends [E]                    padded end of each expert's segment (the ``offs`` of
                                        ``torch._grouped_mm``)
+    rows_per_expert [E]                rows each expert receives, padding excluded
     position_of_row [T*K]              where row r sits in the padded order (inverse of the sort)
 
 The grouped GEMMs launch one program row per block of ``block_m`` padded rows, read the
@@ -34,6 +35,7 @@ class ExpertAlignment:
     num_padded_rows: torch.Tensor   # int32 [1], on the device
     expert_ends: torch.Tensor       # int32 [E]; cumulative padded rows, expert e ends at [e]
     position_of_row: torch.Tensor   # int32 [T*K]; padded position of row t*K+k
+    rows_per_expert: torch.Tensor   # int64 [E]; rows each expert receives (padding excluded)
     num_rows: int                   # T*K (also the padding sentinel)
     block_m: int
 
@@ -75,7 +77,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int)
     position_of_row = torch.empty(num_rows, dtype=torch.int32, device=device)
     position_of_row[rows_sorted] = destination.to(torch.int32)
     return ExpertAlignment(sorted_row_ids, block_expert_ids, expert_ends[-1:], expert_ends,
-                           position_of_row, num_rows, block_m)
+                           position_of_row, rows_per_expert, num_rows, block_m)
 
 
 def moe_align_block_size_reference(topk_ids: torch.Tensor, num_experts: int,

@@ -31,6 +31,7 @@ one FMA per accumulator element.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -41,7 +42,7 @@ import triton.language as tl
 from .align import ExpertAlignment, moe_align_block_size
 from .grouped_mm_moe import ALIGN_M as GROUPED_MM_ALIGN_M
 from .grouped_mm_moe import grouped_mm_experts
-from .moe_config import GROUPED_MM, GemmConfig, MoEConfig, get_config
+from .moe_config import GROUPED_MM, TRITON, GemmConfig, MoEConfig, get_config
 from .quant import FP8_DTYPE, GROUP_SIZE, ROUND_E4M3_IN_FP32, dequantize_fp8_block, \
     dequantize_fp8_rowwise, quantize_tokens_fp8_group, quantize_weights_fp8_block, round_to_e4m3
 
@@ -50,6 +51,13 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Checking that every topk id is in [0, E) needs a host sync; done on CPU tensors always and on
 # GPU tensors only when this is set (the serving path must not stall the host per layer).
 CHECK_IDS_ON_GPU = os.environ.get("ZEROPREFILL_CHECK_TOPK_IDS", "0") == "1"
+# Which experts kernel ``fused_experts`` runs when no ``config`` is given (read on every call).
+EXPERTS_KERNEL_ENV = "ZEROPREFILL_EXPERTS_KERNEL"
+AUTO, DEEPGEMM = "auto", "deepgemm"
+EXPERTS_KERNELS = (AUTO, TRITON, DEEPGEMM)
+
+logger = logging.getLogger(__name__)
+_logged_choices: set[str] = set()
 
 
 @triton.jit
@@ -196,10 +204,11 @@ def _gemm2_down_scatter_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _check_inputs(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                  topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                  w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None) -> bool:
-    """Validate the ``fused_experts`` arguments; returns whether this is the FP8 path."""
+def check_inputs(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                 topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                 w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None) -> str | None:
+    """Validate the ``fused_experts`` arguments; returns the FP8 format (:func:`fp8_scale_format`),
+    None for unquantised weights."""
     names = {"hidden_states": hidden_states, "w13": w13, "w2": w2,
              "topk_weights": topk_weights, "topk_ids": topk_ids}
     for name, t in names.items():
@@ -306,9 +315,15 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
     need ``w13_scale``/``w2_scale``: 128x128 block scales run the Triton FP8 path, per-output-
     channel scales (``[E, 2I]``, ``[E, H]``) the FP8-rowwise path on ``torch._scaled_grouped_mm``
     (CUDA only). bf16 picks the Triton or the grouped_mm backend from the shipped table.
-    ``config`` overrides the table (tuning, benchmarks and tests only).
+
+    ``ZEROPREFILL_EXPERTS_KERNEL`` (see :func:`experts_kernel_setting`) may send bf16 and
+    block-FP8 layers to DeepGEMM instead (``deepgemm.py``). ``config`` runs ours with those
+    tiles, whatever the variable says (tuning, benchmarks and tests only).
     """
-    fp8_format = _check_inputs(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    fp8_format = check_inputs(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    if config is None and _runs_on_deepgemm(hidden_states, w13, fp8_format):
+        from .deepgemm import run_deepgemm_experts  # deepgemm.py imports this module
+        return run_deepgemm_experts(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     use_fp8 = fp8_format is not None
     num_tokens, hidden = hidden_states.shape
     num_experts, two_inter, _ = w13.shape
@@ -341,6 +356,43 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
     alignment = moe_align_block_size(topk_ids, num_experts, config.block_m)
     return _grouped_experts(hidden_states, w13, w2, topk_weights, alignment, config,
                             w13_scale if use_fp8 else None, w2_scale if use_fp8 else None)
+
+
+def experts_kernel_setting() -> str:
+    """``ZEROPREFILL_EXPERTS_KERNEL``: ``auto`` (default), ``triton`` or ``deepgemm``.
+
+    ``auto``: DeepGEMM where it loads (sm90, ``deep_gemm`` importable) and takes the layer
+    (bf16 activations; bf16 or 128x128 block-FP8 weights; H and I aligned), ours otherwise.
+    ``triton``: ours always (Triton, or the grouped_mm backend the table picks).
+    ``deepgemm``: DeepGEMM always; a layer it cannot take raises, with the reason.
+    """
+    value = os.environ.get(EXPERTS_KERNEL_ENV, AUTO).strip().lower() or AUTO
+    if value not in EXPERTS_KERNELS:
+        raise ValueError(f"{EXPERTS_KERNEL_ENV}={value!r} is not one of {', '.join(EXPERTS_KERNELS)}")
+    return value
+
+
+def _log_choice_once(message: str) -> None:
+    if message not in _logged_choices:
+        _logged_choices.add(message)
+        logger.info("zeroprefill.kernels: MoE experts on %s", message)
+
+
+def _runs_on_deepgemm(hidden_states: torch.Tensor, w13: torch.Tensor, fp8_format: str | None) -> bool:
+    """Apply ``ZEROPREFILL_EXPERTS_KERNEL`` to this layer; logs each distinct choice once."""
+    setting = experts_kernel_setting()
+    if setting == TRITON:
+        _log_choice_once(f"ours ({EXPERTS_KERNEL_ENV}={TRITON})")
+        return False
+    from .deepgemm import deepgemm_reason  # deepgemm.py imports this module
+    reason = deepgemm_reason(hidden_states, w13, fp8_format)
+    if reason is None:
+        _log_choice_once(f"DeepGEMM, {'block FP8' if fp8_format else 'bf16'} ({EXPERTS_KERNEL_ENV}={setting})")
+        return True
+    if setting == DEEPGEMM:
+        raise RuntimeError(f"{EXPERTS_KERNEL_ENV}={DEEPGEMM}, but DeepGEMM cannot run this MoE layer: {reason}")
+    _log_choice_once(f"ours, not DeepGEMM: {reason}")
+    return False
 
 
 def _grouped_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,

@@ -25,7 +25,11 @@ whether this path or the Triton one runs for bf16 (``backend: "grouped_mm"``).
 FP8-rowwise (weights e4m3 with one float32 scale per output channel, ``w13_scale [E, 2I]``,
 ``w2_scale [E, H]``; activations quantised per row on the fly) is the format of FP8-dynamic
 checkpoints and always takes this path, through ``torch._scaled_grouped_mm``. Block-scaled
-checkpoints (128x128, Qwen3-FP8, DeepSeek-V3) take the Triton path of ``fused_moe.py``.
+checkpoints (128x128, Qwen3-FP8, DeepSeek-V3) take the Triton path of ``fused_moe.py``, or DeepGEMM.
+
+The scatter and SiLU*mul kernels also quantise in 1x128 groups (``group_size=128``), with the
+scales stored MN-major: that is the DeepGEMM path (``deepgemm.py``), which runs DeepGEMM's
+grouped GEMMs between these same kernels.
 
 Rows are padded to a multiple of ``ALIGN_M`` per expert (16: FP8 GEMMs want 16-byte aligned
 groups; CUTLASS's row tiles are 64-128 rows, so the padding adds almost no work). Padding rows
@@ -54,36 +58,50 @@ FP8_SMALL_TILE_MAX_ROWS_PER_EXPERT = 128
 
 
 @triton.jit
+def _quantize_e4m3_groups(x, BLOCK: tl.constexpr, GROUP: tl.constexpr, ROUND_IN_FP32: tl.constexpr):
+    """``x [BLOCK]`` (fp32, zeros past the valid part) -> e4m3-grid values and one scale per GROUP.
+
+    ``GROUP == BLOCK``: one scale for the whole row (FP8-rowwise); 128: 1x128 groups (block FP8).
+    """
+    groups = tl.reshape(x, (BLOCK // GROUP, GROUP))
+    scale = tl.maximum(tl.max(tl.abs(groups), axis=1) / 448.0, 1e-10)
+    groups = round_to_e4m3(tl.clamp(groups / scale[:, None], -448.0, 448.0), ROUND_IN_FP32)
+    return tl.reshape(groups, (BLOCK,)), scale
+
+
+@triton.jit
 def _scatter_token_rows_kernel(
-    x_ptr, out_ptr, out_scale_ptr, position_of_row_ptr, hidden, stride_x, stride_out,
+    x_ptr, out_ptr, out_scale_ptr, position_of_row_ptr, hidden, num_scales, stride_x, stride_out,
+    stride_scale_row, stride_scale_group,
     TOP_K: tl.constexpr, QUANTIZE: tl.constexpr, ROUND_IN_FP32: tl.constexpr, BLOCK_H: tl.constexpr,
+    GROUP: tl.constexpr,
 ):
-    """Copy token t's row to its K sorted positions (FP8: quantised once, e4m3 + row scale)."""
+    """Copy token t's row to its K sorted positions (FP8: quantised once, e4m3 + a scale per GROUP)."""
     token = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_H)
     mask = offs < hidden
     row = tl.load(x_ptr + token * stride_x + offs, mask=mask, other=0.0)
     if QUANTIZE:
-        row = row.to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(row)) / 448.0, 1e-10)
-        row = round_to_e4m3(tl.clamp(row / scale, -448.0, 448.0), ROUND_IN_FP32)
+        row, scale = _quantize_e4m3_groups(row.to(tl.float32), BLOCK_H, GROUP, ROUND_IN_FP32)
+        offs_scale = tl.arange(0, BLOCK_H // GROUP)
     row = row.to(out_ptr.dtype.element_ty)
     for k in tl.static_range(TOP_K):
         position = tl.load(position_of_row_ptr + token * TOP_K + k).to(tl.int64)
         tl.store(out_ptr + position * stride_out + offs, row, mask=mask)
         if QUANTIZE:
-            tl.store(out_scale_ptr + position, scale)
+            tl.store(out_scale_ptr + position * stride_scale_row + offs_scale * stride_scale_group, scale,
+                     mask=offs_scale < num_scales)
 
 
 @triton.jit
 def _silu_mul_kernel(
-    gate_up_ptr, act_ptr, act_scale_ptr, sorted_row_ids_ptr, num_padded_rows_ptr, num_rows, inter,
-    stride_gate_up, stride_act,
-    QUANTIZE: tl.constexpr, ROUND_IN_FP32: tl.constexpr, BLOCK_I: tl.constexpr,
+    gate_up_ptr, act_ptr, act_scale_ptr, sorted_row_ids_ptr, num_padded_rows_ptr, num_rows, inter, num_scales,
+    stride_gate_up, stride_act, stride_scale_row, stride_scale_group,
+    QUANTIZE: tl.constexpr, ROUND_IN_FP32: tl.constexpr, BLOCK_I: tl.constexpr, GROUP: tl.constexpr,
 ):
     """act[p] = silu(gate_up[p, :I]) * gate_up[p, I:] for the used rows; padding rows get zeros.
 
-    FP8: each row is quantised to e4m3 with one scale.
+    FP8: each row is quantised to e4m3 with one scale per GROUP columns.
     """
     position = tl.program_id(0)
     if position >= tl.load(num_padded_rows_ptr):
@@ -97,9 +115,10 @@ def _silu_mul_kernel(
     up = tl.load(gate_up_ptr + position * stride_gate_up + inter + offs, mask=load_mask, other=0.0).to(tl.float32)
     act = gate / (1.0 + tl.exp(-gate)) * up
     if QUANTIZE:
-        scale = tl.maximum(tl.max(tl.abs(act)) / 448.0, 1e-10)
-        act = round_to_e4m3(tl.clamp(act / scale, -448.0, 448.0), ROUND_IN_FP32)
-        tl.store(act_scale_ptr + position, scale)
+        act, scale = _quantize_e4m3_groups(act, BLOCK_I, GROUP, ROUND_IN_FP32)
+        offs_scale = tl.arange(0, BLOCK_I // GROUP)
+        tl.store(act_scale_ptr + position * stride_scale_row + offs_scale * stride_scale_group, scale,
+                 mask=offs_scale < num_scales)
     tl.store(act_ptr + position * stride_act + offs, act.to(act_ptr.dtype.element_ty), mask=mask)
 
 
@@ -120,37 +139,60 @@ def _weighted_combine_kernel(
     tl.store(out_ptr + token * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def scatter_token_rows(x: torch.Tensor, alignment: ExpertAlignment, quantize: bool,
-                       rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``x [T, H]`` -> ``x_sorted [rows, H]`` (+ per-row float32 scales if ``quantize``).
+def fp8_scales(rows: int, cols: int, group_size: int | None,
+               device: torch.device) -> tuple[torch.Tensor, int, int, int]:
+    """Scale buffer for ``rows`` quantised rows of ``cols`` columns: ``(scales, count, stride_row, stride_group)``.
+
+    ``group_size=None``: one scale per row, ``[rows]``. Otherwise ``[rows, ceil(cols/group_size)]``
+    stored MN-major (the row index is contiguous) with the column stride padded to 16 bytes: the
+    layout DeepGEMM's sm90 FP8 kernels read through TMA, which they take as is.
+    """
+    if group_size is None:
+        return torch.empty(rows, dtype=torch.float32, device=device), 1, 1, 0
+    count = triton.cdiv(cols, group_size)
+    aligned_rows = triton.cdiv(rows, 4) * 4  # TMA: 16-byte aligned strides
+    storage = torch.empty(count, aligned_rows, dtype=torch.float32, device=device)
+    return storage.t()[:rows], count, 1, aligned_rows
+
+
+def scatter_token_rows(x: torch.Tensor, alignment: ExpertAlignment, quantize: bool, rows: int,
+                       group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x [T, H]`` -> ``x_sorted [rows, H]`` (+ float32 scales if ``quantize``, see :func:`fp8_scales`).
 
     ``rows >= alignment.max_padded_rows``; rows that no token lands on are left unwritten.
+    ``group_size`` (with ``quantize``): one scale per ``group_size`` columns instead of per row.
     """
     num_tokens, hidden = x.shape
     out = torch.empty(rows, hidden, dtype=FP8_DTYPE if quantize else x.dtype, device=x.device)
-    scale = torch.empty(rows, dtype=torch.float32, device=x.device) if quantize else None
+    block_h = max(triton.next_power_of_2(hidden), group_size or 1)
+    scale, num_scales, stride_row, stride_group = (fp8_scales(rows, hidden, group_size, x.device) if quantize
+                                                   else (None, 0, 0, 0))
     _scatter_token_rows_kernel[(num_tokens,)](
-        x, out, scale if quantize else out, alignment.position_of_row, hidden, x.stride(0), out.stride(0),
+        x, out, scale if quantize else out, alignment.position_of_row, hidden, num_scales,
+        x.stride(0), out.stride(0), stride_row, stride_group,
         TOP_K=alignment.num_rows // num_tokens, QUANTIZE=quantize, ROUND_IN_FP32=ROUND_E4M3_IN_FP32,
-        BLOCK_H=triton.next_power_of_2(hidden), num_warps=4 if hidden <= 4096 else 8,
+        BLOCK_H=block_h, GROUP=group_size or block_h, num_warps=4 if hidden <= 4096 else 8,
     )
     return out, scale
 
 
-def silu_mul(gate_up: torch.Tensor, alignment: ExpertAlignment,
-             quantize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``gate_up [R, 2I]`` -> ``act [R, I]`` (+ per-row float32 scales if ``quantize``).
+def silu_mul(gate_up: torch.Tensor, alignment: ExpertAlignment, quantize: bool,
+             group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``gate_up [R, 2I]`` -> ``act [R, I]`` (+ float32 scales if ``quantize``, see :func:`fp8_scales`).
 
     Only the first ``alignment.max_padded_rows`` rows are computed (R may be larger).
+    ``group_size`` (with ``quantize``): one scale per ``group_size`` columns instead of per row.
     """
     rows, two_inter = gate_up.shape
     inter = two_inter // 2
     act = torch.empty(rows, inter, dtype=FP8_DTYPE if quantize else gate_up.dtype, device=gate_up.device)
-    scale = torch.empty(rows, dtype=torch.float32, device=gate_up.device) if quantize else None
+    block_i = max(triton.next_power_of_2(inter), group_size or 1)
+    scale, num_scales, stride_row, stride_group = (fp8_scales(rows, inter, group_size, gate_up.device)
+                                                   if quantize else (None, 0, 0, 0))
     _silu_mul_kernel[(alignment.max_padded_rows,)](
         gate_up, act, scale if quantize else act, alignment.sorted_row_ids, alignment.num_padded_rows,
-        alignment.num_rows, inter, gate_up.stride(0), act.stride(0),
-        QUANTIZE=quantize, ROUND_IN_FP32=ROUND_E4M3_IN_FP32, BLOCK_I=triton.next_power_of_2(inter),
+        alignment.num_rows, inter, num_scales, gate_up.stride(0), act.stride(0), stride_row, stride_group,
+        QUANTIZE=quantize, ROUND_IN_FP32=ROUND_E4M3_IN_FP32, BLOCK_I=block_i, GROUP=group_size or block_i,
         num_warps=4,
     )
     return act, scale

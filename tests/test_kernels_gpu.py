@@ -2,7 +2,9 @@
 
 Skipped without CUDA. Tolerances as max|out - ref| / max|ref| (fp32 reference): bf16 2e-2 (both
 backends), FP8 3e-2 against the dequantised-weight reference with the same activation
-quantisation (block: 1x128 groups; rowwise: whole rows).
+quantisation (block: 1x128 groups; rowwise: whole rows). The DeepGEMM tests also need
+``deep_gemm`` on an sm90 GPU (the ``deepgemm`` extra); the same tolerances against the
+reference, and twice them between DeepGEMM and our Triton path (each may err either way).
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zeroprefill.kernels import (GROUPED_MM, MoEConfig, fused_experts, fused_experts_reference,
+from zeroprefill.kernels import (EXPERTS_KERNEL_ENV, GROUPED_MM, MoEConfig, deepgemm_experts,
+                                 deepgemm_unavailable_reason, fused_experts, fused_experts_reference, get_config,
                                  quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
 from zeroprefill.common.asyncep_moe import select_experts
 
@@ -50,3 +53,35 @@ def test_layer_shapes_bf16_and_fp8(num_tokens, hidden, inter):
     ref_row = fused_experts_reference(x, w13_r, w2_r, weights, ids, w13_scale=w13_rs, w2_scale=w2_rs)
     assert rel_err(out_row, ref_row) < 3e-2
     assert rel_err(out_row, ref) < 0.1
+
+
+DEEPGEMM_REASON = deepgemm_unavailable_reason() if torch.cuda.is_available() else "needs a CUDA GPU"
+
+
+@pytest.mark.skipif(DEEPGEMM_REASON is not None, reason=f"DeepGEMM unavailable: {DEEPGEMM_REASON}")
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("num_tokens", [1, 8192])
+def test_deepgemm_matches_triton_at_qwen3_235b_shapes(num_tokens, fp8, monkeypatch):
+    """DeepGEMM vs our Triton kernels: 128 experts, H 4096, I 1536, top-8 (Qwen3-235B-A22B)."""
+    num_experts, top_k, hidden, inter = 128, 8, 4096, 1536
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden, device="cuda", generator=gen) * hidden ** -0.5).bfloat16()
+    w2 = (torch.randn(num_experts, hidden, inter, device="cuda", generator=gen) * inter ** -0.5).bfloat16()
+    x = torch.randn(num_tokens, hidden, device="cuda", generator=gen).bfloat16()
+    weights, ids = select_experts(torch.randn(num_tokens, num_experts, device="cuda", generator=gen), top_k, True)
+    layer = {"w13": w13, "w2": w2}
+    if fp8:
+        (w13_q, w13_s), (w2_q, w2_s) = quantize_weights_fp8_block(w13), quantize_weights_fp8_block(w2)
+        layer = {"w13": w13_q, "w2": w2_q, "w13_scale": w13_s, "w2_scale": w2_s}
+    del w13, w2
+
+    ref = fused_experts_reference(x, topk_weights=weights, topk_ids=ids, **layer)
+    triton_config = get_config(num_tokens, top_k, num_experts, hidden, inter, fp8, x.device, allow_grouped_mm=False)
+    ours = fused_experts(x, topk_weights=weights, topk_ids=ids, config=triton_config, **layer)
+    dg = deepgemm_experts(x, topk_weights=weights, topk_ids=ids, **layer)
+    tolerance = 3e-2 if fp8 else 2e-2
+    assert rel_err(ours, ref) < tolerance
+    assert rel_err(dg, ref) < tolerance
+    assert rel_err(dg, ours) < 2 * tolerance
+    monkeypatch.delenv(EXPERTS_KERNEL_ENV, raising=False)  # auto: the same DeepGEMM call
+    assert torch.equal(fused_experts(x, topk_weights=weights, topk_ids=ids, **layer), dg)

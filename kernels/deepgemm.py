@@ -1,0 +1,210 @@
+"""MoE experts on DeepGEMM's grouped GEMMs (sm90), inside our permutation, SiLU*mul and combine.
+
+    hidden_states [T, H]           topk_ids/topk_weights [T, K]
+          |                                  |
+          |     [moe_align_block_size] rows r = t*K+k sorted by expert, each expert padded to 128
+          |     (DeepGEMM's M alignment on sm90, ``get_mk_alignment_for_contiguous_layout()``)
+          v                                  v
+    [scatter_token_rows]  x[t] -> its K sorted rows (block FP8: quantised once per token to
+                          e4m3 + one float32 scale per 1x128 group, scales written MN-major)
+          v
+    x_sorted [R, H] + the layout: FP8 m_indices [R] (the row's expert, -1 on padding rows);
+                                  bf16 psum [E] (where each expert's real rows end)
+          v
+    [m_grouped_{fp8,bf16}_gemm_nt_contiguous]  x_sorted . w13[e]^T  ->  gate_up [R, 2I] (bf16)
+          v
+    [silu_mul]  act = silu(gate_up[:, :I]) * gate_up[:, I:]  (block FP8: re-quantised per 1x128
+                group, MN-major scales; padding rows are zeros)
+          v
+    [m_grouped_{fp8,bf16}_gemm_nt_contiguous]  act . w2[e]^T  ->  y [R, H] (bf16)
+          v
+    [weighted_combine]  out[t] = sum_k topk_weights[t, k] * y[position_of_row[t*K+k]]  (fp32 sum)
+
+Only the two GEMMs are DeepGEMM's; alignment, scatter (with the activation quantiser), SiLU*mul
+and combine are the kernels of the grouped_mm path (``grouped_mm_moe.py``), the FP8 ones with
+1x128 groups here. Nothing waits on the GPU: R is the host-known bound
+``T*K + min(T*K, E) * 127`` rounded up to 128.
+
+DeepGEMM's contract, as read in sgl-project/DeepGEMM (the source of the ``sgl-deep-gemm``
+wheel: ``csrc/apis/gemm.hpp``, ``csrc/apis/layout.hpp``, ``csrc/utils/layout.hpp``,
+``deep_gemm/include/deep_gemm/common/scheduler.cuh``, the sm90 kernels, ``tests/generators.py``):
+
+- ``m_grouped_fp8_gemm_nt_contiguous((a, sfa), (b, sfb), d, m_indices)``: ``a [M, K]`` e4m3
+  with ``sfa [M, ceil(K/128)]`` float32 (1x128 groups), ``b [G, N, K]`` e4m3 with
+  ``sfb [G, ceil(N/128), ceil(K/128)]`` float32 (128x128 blocks, contiguous), ``d [M, N]`` bf16,
+  ``m_indices [M]`` int32. With float32 scales the sm90 recipe defaults to ``(1, 128, 128)``.
+  ``sfa`` is transposed to MN-major with a 16-byte aligned column stride unless it already is;
+  ours is written that way, so no transpose kernel runs. A block of rows takes its expert from
+  its first row, and the math of a 64-row slice whose first row is -1 is skipped (its loads
+  still run); what -1 rows hold in ``d`` is unspecified.
+- ``m_grouped_bf16_gemm_nt_contiguous(a, b, d, psum, use_psum_layout=True)``: bf16 ``a [M, K]``,
+  ``b [G, N, K]``, ``d [M, N]``; sm90 needs ``K % 64 == 0``. ``psum [G]`` int32: expert e's rows
+  are ``[align(psum[e-1], 128), psum[e])``, and only the row blocks inside those ranges are
+  scheduled. (The sm90 bf16 kernel never checks -1 rows, so with ``m_indices`` it would
+  multiply every padding block as well; the sm90 FP8 kernel traps on the psum layout, hence
+  the two layouts.) What ``d`` holds outside those rows is unspecified.
+
+So every expert's segment starts at a multiple of 128, and only the real rows of ``y`` are read.
+Requirements checked before this path is taken (:func:`deepgemm_reason`): a CUDA sm90 device,
+``deep_gemm`` importable, bf16 activations (DeepGEMM writes bf16), bf16 weights with H and I
+divisible by 64, or e4m3 weights with 128x128 block scales and H, I divisible by 128.
+FP8-rowwise weights stay on ``torch._scaled_grouped_mm``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from .align import ExpertAlignment, moe_align_block_size
+from .fused_moe import check_inputs
+from .grouped_mm_moe import scatter_token_rows, silu_mul, weighted_combine
+from .moe_config import MoEConfig
+from .quant import GROUP_SIZE
+
+INSTALL_HINT = "pip install 'zeroprefill[deepgemm]'"
+REQUIRED_FUNCTIONS = ("get_mk_alignment_for_contiguous_layout", "m_grouped_bf16_gemm_nt_contiguous",
+                      "m_grouped_fp8_gemm_nt_contiguous")
+PSUM_ALIGNMENT = 128  # DeepGEMM's psum scheduler rounds each expert's end up to 128 (scheduler.cuh)
+BF16_MULTIPLE = 64   # sm90 bf16 grouped GEMM: K % 64 == 0 (both GEMMs: K = H, then K = I)
+FP8_MULTIPLE = 128   # 1x128 activation groups and 128x128 weight blocks, whole in H and I
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def device_unsupported_reason(device: torch.device) -> str | None:
+    """Why DeepGEMM's kernels cannot run on ``device``, or None (a CUDA sm90 GPU)."""
+    if device.type != "cuda":
+        return f"tensors are on {device}; DeepGEMM runs on CUDA GPUs"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    index = torch.cuda.current_device() if device.index is None else device.index
+    major, minor = _capability(index)
+    if (major, minor) != (9, 0):
+        return f"cuda:{index} is sm{major}{minor}; this path runs DeepGEMM's sm90 kernels (H100/H200) only"
+    return None
+
+
+@functools.cache
+def _load() -> tuple[ModuleType | None, str | None]:
+    """Import ``deep_gemm`` once: ``(module, None)``, or ``(None, why not)`` in one line."""
+    try:
+        module = importlib.import_module("deep_gemm")
+    except Exception as exc:  # not installed, or broken: missing CUDA libraries, an ABI mismatch, no CUDA home
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "deep_gemm":
+            return None, f"deep_gemm is not installed ({INSTALL_HINT})"
+        detail = " ".join(str(exc).split())
+        return None, f"import deep_gemm failed: {type(exc).__name__}{': ' + detail if detail else ''}"
+    missing = [name for name in REQUIRED_FUNCTIONS if not hasattr(module, name)]
+    if missing:
+        version = getattr(module, "__version__", "of unknown version")
+        return None, f"deep_gemm {version} lacks {', '.join(missing)} (sgl-deep-gemm 0.1.3 has them)"
+    return module, None
+
+
+def deepgemm_unavailable_reason() -> str | None:
+    """Why DeepGEMM cannot run in this process (current CUDA device, the install), or None."""
+    return device_unsupported_reason(torch.device("cuda")) or _load()[1]
+
+
+def deepgemm_reason(hidden_states: torch.Tensor, w13: torch.Tensor, fp8_format: str | None) -> str | None:
+    """Why DeepGEMM cannot run this layer, or None: the device, the install, dtypes, alignment.
+
+    ``fp8_format`` is what :func:`check_inputs` returned for the call (None for bf16 weights).
+    """
+    reason = device_unsupported_reason(hidden_states.device) or _load()[1]
+    if reason is not None:
+        return reason
+    if hidden_states.dtype != torch.bfloat16:
+        return f"activations are {hidden_states.dtype}; DeepGEMM's grouped GEMMs take and write bf16"
+    if fp8_format == "rowwise":
+        return "FP8-rowwise weights (per-channel scales); DeepGEMM's sm90 grouped GEMM takes 128x128 block scales"
+    hidden, inter = hidden_states.shape[1], w13.shape[1] // 2
+    multiple = FP8_MULTIPLE if fp8_format == "block" else BF16_MULTIPLE
+    if hidden % multiple or inter % multiple:
+        kind = "block-FP8" if fp8_format == "block" else "bf16"
+        return f"H={hidden}, I={inter}: DeepGEMM's {kind} grouped GEMM needs both divisible by {multiple}"
+    return None
+
+
+def grouped_layout(alignment: ExpertAlignment) -> torch.Tensor:
+    """The FP8 GEMM's ``m_indices [R]`` (int32): each padded row's expert, -1 on padding rows."""
+    experts = alignment.block_expert_ids.repeat_interleave(alignment.block_m)
+    return torch.where(alignment.sorted_row_ids < alignment.num_rows, experts, -1)
+
+
+def psum_layout(alignment: ExpertAlignment) -> torch.Tensor:
+    """The bf16 GEMM's ``psum [E]`` (int32): the end of each expert's real rows.
+
+    Needs ``alignment.block_m == PSUM_ALIGNMENT``: expert e's segment then starts at
+    ``align(psum[e-1], 128)``, which is where the alignment put it.
+    """
+    segment_starts = F.pad(alignment.expert_ends[:-1], (1, 0))
+    return (segment_starts + alignment.rows_per_expert).to(torch.int32)
+
+
+def _grouped_gemm(deep_gemm: ModuleType, a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor,
+                  w_scale: torch.Tensor | None, layout: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[r] = a[r] . w[e]^T`` for the rows of each expert e: block FP8 (``layout`` is
+    ``m_indices``) when ``a_scale`` is given, bf16 (``layout`` is ``psum``) otherwise."""
+    if a_scale is None:
+        deep_gemm.m_grouped_bf16_gemm_nt_contiguous(a, w, out, layout, use_psum_layout=True)
+    else:
+        deep_gemm.m_grouped_fp8_gemm_nt_contiguous((a, a_scale), (w, w_scale), out, layout)
+
+
+def run_deepgemm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                         topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13_scale: torch.Tensor | None,
+                         w2_scale: torch.Tensor | None) -> torch.Tensor:
+    """The experts layer on DeepGEMM, for arguments that passed :func:`check_inputs` and
+    :func:`deepgemm_reason`; ``w13_scale``/``w2_scale`` (128x128 blocks) select block FP8."""
+    deep_gemm = _load()[0]
+    num_tokens, hidden = hidden_states.shape
+    num_experts, two_inter, _ = w13.shape
+    device = hidden_states.device
+    if num_tokens == 0:
+        return torch.zeros(0, hidden, dtype=hidden_states.dtype, device=device)
+    use_fp8 = w13_scale is not None
+    if use_fp8:
+        block_m = int(deep_gemm.get_mk_alignment_for_contiguous_layout())
+        alignment = moe_align_block_size(topk_ids, num_experts, block_m)
+        layout = grouped_layout(alignment)
+    else:
+        alignment = moe_align_block_size(topk_ids, num_experts, PSUM_ALIGNMENT)
+        layout = psum_layout(alignment)
+    rows = alignment.max_padded_rows
+    group_size = GROUP_SIZE if use_fp8 else None
+    x_sorted, x_scale = scatter_token_rows(hidden_states, alignment, use_fp8, rows, group_size)
+    gate_up = torch.empty(rows, two_inter, dtype=torch.bfloat16, device=device)
+    _grouped_gemm(deep_gemm, x_sorted, x_scale, w13, w13_scale, layout, gate_up)
+    del x_sorted, x_scale
+    act, act_scale = silu_mul(gate_up, alignment, use_fp8, group_size)
+    del gate_up
+    y = torch.empty(rows, hidden, dtype=torch.bfloat16, device=device)
+    _grouped_gemm(deep_gemm, act, act_scale, w2, w2_scale, layout, y)
+    return weighted_combine(y, topk_weights, alignment, hidden_states.dtype)
+
+
+def deepgemm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                     topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
+                     w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+                     config: MoEConfig | None = None) -> torch.Tensor:
+    """:func:`~zeroprefill.kernels.fused_experts` on DeepGEMM, whatever ``ZEROPREFILL_EXPERTS_KERNEL``
+    says; raises ``RuntimeError`` with the reason where DeepGEMM cannot run the layer.
+
+    ``config`` (tiles of our kernels) must be None: DeepGEMM picks its own.
+    """
+    if config is not None:
+        raise ValueError(f"config={config} holds tiles of our kernels; DeepGEMM picks its own, pass None")
+    fp8_format = check_inputs(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    reason = deepgemm_reason(hidden_states, w13, fp8_format)
+    if reason is not None:
+        raise RuntimeError(f"DeepGEMM cannot run this MoE layer: {reason}")
+    return run_deepgemm_experts(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
