@@ -18,7 +18,13 @@ CUTLASS grouped GEMMs inside our permutation/SiLU/combine kernels), the plain to
 baseline, FP8 with 128x128 weight blocks (Triton; 1x128 token groups quantised inside the
 call), FP8-rowwise (per-channel weight scales, per-row activation scales,
 torch._scaled_grouped_mm) as shipped, and FP8-rowwise with fast accumulation (``row+fa``, not
-shipped: measured to show what exact accumulation costs). Errors are max|out - ref| / max|ref| against
+shipped: measured to show what exact accumulation costs). Where DeepGEMM loads
+(``deepgemm_unavailable_reason()`` is None: sm90, the ``deepgemm`` extra installed), two more
+columns, ``dg bf16`` and ``dg fp8`` (``deepgemm_experts``: DeepGEMM's grouped GEMMs inside our
+permutation, SiLU*mul and combine; FP8 with 128x128 weight blocks and 1x128 token groups), and
+``dgfp8/bf16``, DeepGEMM FP8 against our bf16; otherwise the JSON's ``meta.deepgemm`` says why
+not. All columns but those force our kernels (an explicit config), whatever
+``ZEROPREFILL_EXPERTS_KERNEL`` says. Errors are max|out - ref| / max|ref| against
 ``fused_experts_reference`` (fp32 math; for FP8 the reference uses the dequantised weights and
 the same activation quantisation).
 
@@ -38,9 +44,9 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from zeroprefill.kernels import (GROUPED_MM, GemmConfig, MoEConfig, fused_experts,
-                                 fused_experts_reference, get_config, grouped_mm_experts, moe_align_block_size,
-                                 quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
+from zeroprefill.kernels import (GROUPED_MM, GemmConfig, MoEConfig, deepgemm_experts, deepgemm_unavailable_reason,
+                                 fused_experts, fused_experts_reference, get_config, grouped_mm_experts,
+                                 moe_align_block_size, quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
 from zeroprefill.common.asyncep_moe import select_experts
 from zeroprefill.kernels.fused_moe import (_gemm1_gate_up_silu_kernel, _gemm2_down_scatter_kernel,
                                            run_gemm1, run_gemm2)
@@ -219,39 +225,53 @@ def profile_kernels(fn, steps: int = 3) -> dict[str, float]:
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
+def deepgemm_calls(layer: Layer, x: torch.Tensor, tw: torch.Tensor, ti: torch.Tensor) -> dict:
+    """The DeepGEMM sides (bf16, block FP8), or none where DeepGEMM does not load."""
+    if deepgemm_unavailable_reason() is not None:
+        return {}
+    return {"deepgemm_bf16": lambda: deepgemm_experts(x, layer.w13, layer.w2, tw, ti),
+            "deepgemm_fp8": lambda: deepgemm_experts(x, layer.w13_fp8, layer.w2_fp8, tw, ti,
+                                                     w13_scale=layer.w13_scale, w2_scale=layer.w2_scale)}
+
+
 def run_benchmark(shapes: dict, tokens: list[int], profile_tokens: int, select_backends: bool) -> dict:
     points, profiles, failures = [], {}, {}
+    with_deepgemm = deepgemm_unavailable_reason() is None
     for name, shape in shapes.items():
         layer = Layer(shape, max(tokens))
         e, k, h, i = layer.num_experts, layer.top_k, layer.hidden, layer.inter
         print(f"\n{name}: E={e} top-{k} H={h} I={i}")
+        dg_header = f" {'dg bf16':>7} {'dg fp8':>7} {'dgfp8/bf16':>10}" if with_deepgemm else ""
         print(f"{'tokens':>7} {'bf16':>7} {'backend':>10} {'triton':>7} {'gmm+ours':>8} {'gmm':>7} {'fp8':>7} "
-              f"{'fp8 row':>7} {'row+fa':>7} {'bf16/gmm':>8} {'fp8/bf16':>8} {'row/bf16':>8}  "
-              f"max rel err (bf16 trit/gmm+ours, fp8, row, row+fa)")
+              f"{'fp8 row':>7} {'row+fa':>7} {'bf16/gmm':>8} {'fp8/bf16':>8} {'row/bf16':>8}{dg_header}  "
+              f"max rel err (bf16 trit/gmm+ours, fp8, row, row+fa{', dg bf16, dg fp8' if with_deepgemm else ''})")
         shape_points = []
         for num_tokens in tokens:
             x, tw, ti = layer.inputs(num_tokens)
             triton_cfg = get_config(num_tokens, k, e, h, i, False, x.device, allow_grouped_mm=False)
+            fp8_cfg = get_config(num_tokens, k, e, h, i, True, x.device)
             fns = {
                 "bf16_triton": lambda: fused_experts(x, layer.w13, layer.w2, tw, ti, config=triton_cfg),
                 "bf16_gmm_ours": lambda: fused_experts(x, layer.w13, layer.w2, tw, ti,
                                                        config=MoEConfig(backend=GROUPED_MM)),
                 "grouped_mm": lambda: grouped_mm_baseline(x, layer.w13, layer.w2, tw, ti),
-                "fp8": lambda: fused_experts(x, layer.w13_fp8, layer.w2_fp8, tw, ti,
-                                             w13_scale=layer.w13_scale, w2_scale=layer.w2_scale),
+                "fp8": lambda: fused_experts(x, layer.w13_fp8, layer.w2_fp8, tw, ti, w13_scale=layer.w13_scale,
+                                             w2_scale=layer.w2_scale, config=fp8_cfg),
                 "fp8_rowwise": lambda: fused_experts(x, layer.w13_fp8_rowwise, layer.w2_fp8_rowwise, tw, ti,
                                                      w13_scale=layer.w13_rowwise_scale,
-                                                     w2_scale=layer.w2_rowwise_scale),
+                                                     w2_scale=layer.w2_rowwise_scale,
+                                                     config=MoEConfig(backend=GROUPED_MM)),
                 "fp8_rowwise_fast_accum": lambda: grouped_mm_experts(  # same span: alignment included
                     x, layer.w13_fp8_rowwise, layer.w2_fp8_rowwise, tw,
                     moe_align_block_size(ti, e, GROUPED_MM_ALIGN_M), layer.w13_rowwise_scale,
                     layer.w2_rowwise_scale, fast_accum=True),
+                **deepgemm_calls(layer, x, tw, ti),
             }
             refs = {"bf16": fused_experts_reference(x, layer.w13, layer.w2, tw, ti).float()}
             err, ms = {}, {}
             for side, fn in fns.items():
                 try:
-                    if side == "fp8":
+                    if side in ("fp8", "deepgemm_fp8"):
                         ref = fused_experts_reference(x, layer.w13_fp8, layer.w2_fp8, tw, ti,
                                                       w13_scale=layer.w13_scale, w2_scale=layer.w2_scale).float()
                     elif side.startswith("fp8_rowwise"):
@@ -262,7 +282,7 @@ def run_benchmark(shapes: dict, tokens: list[int], profile_tokens: int, select_b
                         ref = refs["bf16"]
                     out = fn()
                     err[side] = rel_err(out, ref)
-                    if side.startswith("fp8"):
+                    if "fp8" in side:
                         err[f"{side}_vs_bf16_reference"] = rel_err(out, refs["bf16"])
                     del out, ref
                     ms[side] = bench_ms(fn)
@@ -273,26 +293,29 @@ def run_benchmark(shapes: dict, tokens: list[int], profile_tokens: int, select_b
             point = {"shape": name, "tokens": num_tokens,
                      "flops": moe_flops(num_tokens, k, h, i), "ms": ms,
                      "max_rel_err": {s_: float(f"{v:.3g}") for s_, v in err.items()},
-                     "config_bf16_triton": triton_cfg.to_json(),
-                     "config_fp8": get_config(num_tokens, k, e, h, i, True, x.device).to_json()}
+                     "config_bf16_triton": triton_cfg.to_json(), "config_fp8": fp8_cfg.to_json()}
             shape_points.append(point)
         if select_backends:
             write_backend_choice(name, shape, shape_points)
         for point in shape_points:
-            finish_point(point, layer)
+            finish_point(point, layer, with_deepgemm)
             points.append(point)
             if point["tokens"] == profile_tokens:
                 x, tw, ti = layer.inputs(profile_tokens)
                 triton_cfg = MoEConfig.from_json(point["config_bf16_triton"])
+                shipped_cfg = get_config(profile_tokens, k, e, h, i, False, x.device)
+                fp8_cfg = MoEConfig.from_json(point["config_fp8"])
                 calls = {
-                    "bf16": lambda: fused_experts(x, layer.w13, layer.w2, tw, ti),
+                    "bf16": lambda: fused_experts(x, layer.w13, layer.w2, tw, ti, config=shipped_cfg),
                     "bf16_triton": lambda: fused_experts(x, layer.w13, layer.w2, tw, ti, config=triton_cfg),
                     "grouped_mm": lambda: grouped_mm_baseline(x, layer.w13, layer.w2, tw, ti),
-                    "fp8": lambda: fused_experts(x, layer.w13_fp8, layer.w2_fp8, tw, ti,
-                                                 w13_scale=layer.w13_scale, w2_scale=layer.w2_scale),
+                    "fp8": lambda: fused_experts(x, layer.w13_fp8, layer.w2_fp8, tw, ti, w13_scale=layer.w13_scale,
+                                                 w2_scale=layer.w2_scale, config=fp8_cfg),
                     "fp8_rowwise": lambda: fused_experts(x, layer.w13_fp8_rowwise, layer.w2_fp8_rowwise, tw, ti,
                                                          w13_scale=layer.w13_rowwise_scale,
-                                                         w2_scale=layer.w2_rowwise_scale)}
+                                                         w2_scale=layer.w2_rowwise_scale,
+                                                         config=MoEConfig(backend=GROUPED_MM)),
+                    **deepgemm_calls(layer, x, tw, ti)}
                 profiles[name] = {"tokens": profile_tokens}
                 for side, fn in calls.items():
                     if side in point["ms"]:  # paths that failed above are not profiled
@@ -309,6 +332,8 @@ def run_benchmark(shapes: dict, tokens: list[int], profile_tokens: int, select_b
         "fp8_vs_bf16_min_8k_plus": worst("fp8_vs_bf16"),
         "fp8_rowwise_vs_bf16_min_8k_plus": worst("fp8_rowwise_vs_bf16"),
         "fp8_rowwise_fast_accum_vs_bf16_min_8k_plus": worst("fp8_rowwise_fast_accum_vs_bf16"),
+        "deepgemm_bf16_vs_bf16_min_8k_plus": worst("deepgemm_bf16_vs_bf16"),
+        "deepgemm_fp8_vs_bf16_min_8k_plus": worst("deepgemm_fp8_vs_bf16"),
         "targets": {"bf16_vs_grouped_mm": 1.05, "fp8_vs_bf16": 1.6},
     }
     for name, prof in profiles.items():  # GEMM kernels alone, without permutation/combine
@@ -319,7 +344,7 @@ def run_benchmark(shapes: dict, tokens: list[int], profile_tokens: int, select_b
             "failures": failures, "compiled_kernels": compiled_kernel_stats()}
 
 
-def finish_point(point: dict, layer: Layer) -> None:
+def finish_point(point: dict, layer: Layer, with_deepgemm: bool) -> None:
     """The shipped bf16 choice (after any table rewrite), TFLOP/s and ratios; print one row."""
     ms = point["ms"]
     backend = get_config(point["tokens"], layer.top_k, layer.num_experts, layer.hidden, layer.inter, False,
@@ -339,6 +364,8 @@ def finish_point(point: dict, layer: Layer) -> None:
     point["fp8_vs_bf16"] = ratio("fp8", "bf16")
     point["fp8_rowwise_vs_bf16"] = ratio("fp8_rowwise", "bf16")
     point["fp8_rowwise_fast_accum_vs_bf16"] = ratio("fp8_rowwise_fast_accum", "bf16")
+    point["deepgemm_bf16_vs_bf16"] = ratio("deepgemm_bf16", "bf16")
+    point["deepgemm_fp8_vs_bf16"] = ratio("deepgemm_fp8", "bf16")
     nan = float("nan")
     row = [f"{point['tokens']:>7}", f"{tflops.get('bf16', nan):>7.1f}", f"{backend:>10}",
            f"{tflops.get('bf16_triton', nan):>7.1f}", f"{tflops.get('bf16_gmm_ours', nan):>8.1f}",
@@ -346,8 +373,13 @@ def finish_point(point: dict, layer: Layer) -> None:
            f"{tflops.get('fp8_rowwise', nan):>7.1f}", f"{tflops.get('fp8_rowwise_fast_accum', nan):>7.1f}"]
     row += [f"{point[key] if point[key] is not None else nan:>8.3f}"
             for key in ("bf16_vs_grouped_mm", "fp8_vs_bf16", "fp8_rowwise_vs_bf16")]
-    errors = " ".join(f"{point['max_rel_err'].get(side, nan):.1e}"
-                      for side in ("bf16_triton", "bf16_gmm_ours", "fp8", "fp8_rowwise", "fp8_rowwise_fast_accum"))
+    error_sides = ["bf16_triton", "bf16_gmm_ours", "fp8", "fp8_rowwise", "fp8_rowwise_fast_accum"]
+    if with_deepgemm:
+        ratio_dg = point["deepgemm_fp8_vs_bf16"]
+        row += [f"{tflops.get('deepgemm_bf16', nan):>7.1f}", f"{tflops.get('deepgemm_fp8', nan):>7.1f}",
+                f"{ratio_dg if ratio_dg is not None else nan:>10.3f}"]
+        error_sides += ["deepgemm_bf16", "deepgemm_fp8"]
+    errors = " ".join(f"{point['max_rel_err'].get(side, nan):.1e}" for side in error_sides)
     print(" ".join(row) + "  " + errors, flush=True)
 
 
@@ -377,6 +409,21 @@ def write_backend_choice(name: str, shape: tuple[int, int, int, int], shape_poin
     print(f"  {name}: bf16 backends written to {path}")
 
 
+def deepgemm_version() -> str | None:
+    """``sgl-deep-gemm <version>`` with its ``apache-tvm-ffi``, where DeepGEMM loads."""
+    if deepgemm_unavailable_reason() is not None:
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed as a distribution"
+
+    return f"sgl-deep-gemm {installed('sgl-deep-gemm')}, apache-tvm-ffi {installed('apache-tvm-ffi')}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tune", action="store_true", help="retune kernels/configs/<arch>.json first")
@@ -403,6 +450,7 @@ def main() -> None:
                   "on every side, permutation/alignment and combine counted on all sides, routing excluded; "
                   "'bf16' is the shipped choice (bf16_backend), whose time is that of the forced backend it names",
         "selected_backends_in_this_run": args.select_backends,
+        "deepgemm": deepgemm_version() or f"not measured: {deepgemm_unavailable_reason()}",
         "flops": "2*T*K*(2*I*H + H*I)",
         "error": "max|out-ref|/max|ref| vs fused_experts_reference (fp32; FP8: dequantised weights + same "
                  "activation quantisation); fp8_vs_bf16_reference is FP8 vs the bf16-weight reference",
