@@ -447,27 +447,57 @@ def print_table(runs: list[dict]) -> None:
 
 
 def plot(runs: list[dict], path: Path) -> None:
+    """Per model: peak throughput per context (bars), then per context throughput and p99
+    against offered load (open-loop points, and the closed loop at the rate it reached)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = sorted({r["model"] for r in runs})
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.2), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        contexts = sorted({e["context"] for r in runs if r["model"] == model for e in r.get("measurements", [])})
-        layouts = sorted({r["layout"] for r in runs if r["model"] == model and r.get("started")})
+    contexts_of = {m: sorted({e["context"] for r in runs if r["model"] == m for e in r.get("measurements", [])})
+                   for m in models}
+    columns = 1 + max((len(c) for c in contexts_of.values()), default=0)
+    fig, axes = plt.subplots(len(models), columns, figsize=(5.2 * columns, 4.2 * len(models)), squeeze=False)
+    layouts = sorted({r["layout"] for r in runs if r.get("started")})
+    colors = {layout: f"C{i}" for i, layout in enumerate(layouts)}
+    for row, model in zip(axes, models):
+        contexts = contexts_of[model]
+        ax = row[0]
         width = 0.8 / max(1, len(layouts))
         for i, layout in enumerate(layouts):
             values = [best_by_layout(runs, model, c).get(layout, {}).get("input_tokens_per_s_per_gpu", 0) / 1e3
                       for c in contexts]
-            ax.bar([x + i * width for x in range(len(contexts))], values, width, label=layout)
+            ax.bar([x + i * width for x in range(len(contexts))], values, width, label=layout, color=colors[layout])
         ax.set_xticks([x + width * (len(layouts) - 1) / 2 for x in range(len(contexts))], [str(c) for c in contexts])
         ax.set_xlabel("tokens per request")
         ax.set_ylabel("peak input K tokens/s per GPU")
-        ax.set_title(f"{model} layers, 2 GPUs (best --max-num-batched-tokens)")
+        ax.set_title(f"{model} layers: peak (best --max-num-batched-tokens)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+        ax.legend(fontsize=7)
+        for ax, context in zip(row[1:], contexts):
+            latency = ax.twinx()
+            for run in runs:
+                if run["model"] != model or not run.get("started"):
+                    continue
+                for entry in run.get("measurements", []):
+                    if entry["context"] != context:
+                        continue
+                    closed = entry["closed_loop"]
+                    points = sorted([(p["offered_requests_per_s"], p) for p in entry["open_loop"]]
+                                    + [(closed["requests_per_s"], closed)], key=lambda item: item[0])
+                    offered = [x for x, _ in points]
+                    color = colors[run["layout"]]
+                    ax.plot(offered, [p["input_tokens_per_s_per_gpu"] / 1e3 for _, p in points], "o-", color=color,
+                            label=f"{run['layout']}@{run['max_num_batched_tokens']}")
+                    latency.plot(offered, [p["p99_s"] for _, p in points], "s--", color=color, alpha=0.6)
+            ax.set_xlabel("offered requests/s (last point: closed loop)")
+            ax.set_ylabel("achieved K tokens/s per GPU (solid)")
+            latency.set_ylabel("p99 latency, s (dashed)")
+            ax.set_title(f"{context} tokens per request", fontsize=9)
+            ax.grid(alpha=0.3)
+        for ax in row[1 + len(contexts):]:
+            ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -499,9 +529,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-timeout-s", type=float, default=900.0)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "vllm_serve-h200x2.json")
     parser.add_argument("--merge", action="store_true", help="add to the runs already in --out")
+    parser.add_argument("--replot", action="store_true", help="only redraw the table and plot of --out")
     args = parser.parse_args(argv)
     if args.profile_context is not None and args.profile_context not in args.contexts:
         parser.error(f"--profile-context {args.profile_context} is not one of --contexts {args.contexts}")
+
+    if args.replot:
+        if not args.out.exists():
+            parser.error(f"--replot: no results at {args.out}")
+        runs = json.loads(args.out.read_text())["runs"]
+        print_table(runs)
+        plot(runs, args.out.with_suffix(".png"))
+        return 0
 
     import vllm
 

@@ -185,6 +185,17 @@ def test_runs_every_layout_keeps_failures_and_compares_at_equal_offered_load(fak
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_replot_redraws_from_the_json_alone(tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    committed = REPO / "benchmarks" / "results" / "vllm_serve-h200x2.json"
+    out.write_text(committed.read_text())
+    assert vllm_serve.main(["--replot", "--out", str(out)]) == 0
+    assert "asyncep-copy-engine" in capsys.readouterr().out
+    assert out.with_suffix(".png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        vllm_serve.main(["--replot", "--out", str(tmp_path / "missing.json")])
+
+
 def test_merge_keeps_earlier_runs_and_reuses_the_reference_rate(fake_servers, tmp_path):
     out = tmp_path / "serve.json"
     common = ["--models", "qwen3-30b-a3b:2", "--batched-tokens", "4096", "--concurrency", "8", "--contexts", "64", "--duration-s", "1",
