@@ -40,8 +40,10 @@ import torch
 
 pytest.importorskip("vllm")
 
-from tests.vllm_servers import EMBED, TEXTS, mixed_requests, post, send_all, values  # noqa: E402
-from vllm_zeroprefill.server import ServerStartError, VllmServer, asyncep_args, free_port  # noqa: E402
+from tests.vllm_servers import (  # noqa: E402
+    EMBED, TEXTS, gather_buffer_lines, gpu_server_env, mixed_requests, post, send_all, serve_long_requests, values,
+)
+from vllm_zeroprefill.server import VllmServer, asyncep_args, free_port  # noqa: E402
 from zeroprefill.common.model_spec import MoEModelSpec  # noqa: E402
 from zeroprefill.tiny_model import (  # noqa: E402
     TinyMoEConfig, generate_tiny_moe, quantize_checkpoint_block_fp8, write_dummy_checkpoint,
@@ -96,18 +98,14 @@ def _merge_json(path: Path, record: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _server_env(tmp: Path, name: str) -> dict[str, str]:
-    return {"VLLM_CACHE_ROOT": str(tmp / f"cache-{name}"), "VLLM_LOGGING_LEVEL": "INFO"}
-
-
 @pytest.fixture(scope="module")
 def tiny_pair(tmp_path_factory):
     """Stock vLLM (1 GPU) and AsyncEP (DP=2) on the same block-FP8 checkpoint."""
     tmp = tmp_path_factory.mktemp("vllm-fp8-gpu")
     model = quantize_checkpoint_block_fp8(generate_tiny_moe(tmp / "tiny-qwen3-moe-fp8", TINY))
-    stock = VllmServer(model, TINY_SERVER_ARGS, tmp / "stock.log", device="cuda", env=_server_env(tmp, "stock"))
+    stock = VllmServer(model, TINY_SERVER_ARGS, tmp / "stock.log", device="cuda", env=gpu_server_env(tmp, "stock"))
     asyncep = VllmServer(model, [*TINY_SERVER_ARGS, *asyncep_args(2), "--data-parallel-rpc-port", str(free_port())],
-                         tmp / "asyncep.log", device="cuda", env=_server_env(tmp, "asyncep"))
+                         tmp / "asyncep.log", device="cuda", env=gpu_server_env(tmp, "asyncep"))
     try:
         for server in (stock.start(), asyncep.start()):
             server.wait_healthy(timeout_s=900)
@@ -167,21 +165,10 @@ def test_tiny_fp8_logs_clean_graphs_captured_fp8_streamed(tiny_pair, record):
         assert not errors, f"{label} log has errors:\n" + "\n".join(errors[:20])
         record["tiny"][f"{label}_cudagraphs_captured"] = "Graph capturing finished" in log
         assert record["tiny"][f"{label}_cudagraphs_captured"], f"{label}: no CUDA graph captured"
-    lines = _gather_buffer_lines(asyncep.log_path.read_text(errors="replace"))
+    lines = gather_buffer_lines(asyncep.log_path.read_text(errors="replace"))
     record["tiny"]["gather_buffers"] = lines
     assert lines and all("(float8_e4m3fn + block scales)" in line for line in lines), lines
     assert not any("experts kernel experts_reference" in line for line in lines), lines  # the GPU kernel
-
-
-def _gather_buffer_lines(log: str) -> list[str]:
-    return [line[line.index("AsyncEP: streaming"):] for line in log.splitlines() if "AsyncEP: streaming" in line]
-
-
-async def _long_requests(server: VllmServer, model: str, lengths: list[int]) -> list[tuple[int, dict]]:
-    generator = np.random.default_rng(0)
-    requests = [("/v1/embeddings", {"model": model, "input": generator.integers(3, 500, n).tolist()})
-                for n in lengths]
-    return await send_all(server, requests, concurrency=len(requests))
 
 
 def test_shapes_qwen3_235b_fp8_starts_and_answers_32k_token_requests(tmp_path, record):
@@ -191,38 +178,23 @@ def test_shapes_qwen3_235b_fp8_starts_and_answers_32k_token_requests(tmp_path, r
     spec = MoEModelSpec.from_hf_config(hf_config)
     # Two ring slots, each one full layer of FP8 experts with their block scales.
     planned_gib = 2 * spec.expert_bytes_per_layer("fp8") / 2**30
-    attempts = []
-    for layers in SHAPE_LAYERS:
-        args = [*EMBED, "--dtype", "bfloat16", "--load-format", "dummy", "--max-model-len", "40960",
-                "--max-num-batched-tokens", "32768", "--hf-overrides", json.dumps({"num_hidden_layers": layers}),
-                *asyncep_args(2)]
-        server = VllmServer(model_dir, args, tmp_path / f"{SHAPE_MODEL}-{layers}.log", device="cuda",
-                            env=_server_env(tmp_path, f"{SHAPE_MODEL}-{layers}"))
-        try:
-            server.start().wait_healthy(timeout_s=900)
-        except ServerStartError as exc:
-            attempts.append({"layers": layers, "started": False, "log_tail": str(exc)[-1500:]})
-            server.stop()
-            continue
-        try:
-            answers = asyncio.run(_long_requests(server, str(model_dir), [32000, 32000, 128]))
-            log = server.log_path.read_text(errors="replace")
-        finally:
-            server.stop()
-        ok = all(status == 200 for status, _ in answers)
-        dims = [len(a["data"][0]["embedding"]) for status, a in answers if status == 200]
-        finite = all(np.isfinite(a["data"][0]["embedding"]).all() for status, a in answers if status == 200)
-        lines = _gather_buffer_lines(log)
-        logged_gib = [float(m.group(1)) for line in lines if (m := _GATHER_GIB.search(line))]
-        record["shapes"][SHAPE_MODEL] = {
-            "layers": layers, "attempts": attempts, "answered_32k": ok and finite, "embedding_dims": dims,
-            "gather_buffers": lines, "gather_buffers_gib": logged_gib, "planned_gather_buffers_gib": planned_gib,
-            "cudagraphs_captured": "Graph capturing finished" in log,
-        }
-        assert ok, f"{SHAPE_MODEL} ({layers} layers): {[s for s, _ in answers]}\n{server.log_tail(40)}"
-        assert dims == [hf_config["hidden_size"]] * 3 and finite
-        assert logged_gib and all(abs(gib - planned_gib) <= 0.01 for gib in logged_gib), (logged_gib, planned_gib)
-        assert all("(float8_e4m3fn + block scales)" in line for line in lines), lines
-        return
-    record["shapes"][SHAPE_MODEL] = {"attempts": attempts, "answered_32k": False}
-    pytest.fail(f"{SHAPE_MODEL} did not start with any of {SHAPE_LAYERS} layers:\n{attempts[-1]['log_tail']}")
+    args = [*EMBED, "--dtype", "bfloat16", "--load-format", "dummy", "--max-model-len", "40960",
+            "--max-num-batched-tokens", "32768"]
+    run = serve_long_requests(model_dir, SHAPE_MODEL, SHAPE_LAYERS, args, tmp_path)
+    if run.layers is None:
+        record["shapes"][SHAPE_MODEL] = {"attempts": run.attempts, "answered_32k": False}
+        pytest.fail(f"{SHAPE_MODEL} did not start with any of {SHAPE_LAYERS} layers:\n{run.log_tail}")
+    ok = all(status == 200 for status, _ in run.answers)
+    dims = [len(a["data"][0]["embedding"]) for status, a in run.answers if status == 200]
+    finite = all(np.isfinite(a["data"][0]["embedding"]).all() for status, a in run.answers if status == 200)
+    lines = gather_buffer_lines(run.log)
+    logged_gib = [float(m.group(1)) for line in lines if (m := _GATHER_GIB.search(line))]
+    record["shapes"][SHAPE_MODEL] = {
+        "layers": run.layers, "attempts": run.attempts, "answered_32k": ok and finite, "embedding_dims": dims,
+        "gather_buffers": lines, "gather_buffers_gib": logged_gib, "planned_gather_buffers_gib": planned_gib,
+        "cudagraphs_captured": "Graph capturing finished" in run.log,
+    }
+    assert ok, f"{SHAPE_MODEL} ({run.layers} layers): {[s for s, _ in run.answers]}\n{run.log_tail}"
+    assert dims == [hf_config["hidden_size"]] * 3 and finite
+    assert logged_gib and all(abs(gib - planned_gib) <= 0.01 for gib in logged_gib), (logged_gib, planned_gib)
+    assert all("(float8_e4m3fn + block scales)" in line for line in lines), lines

@@ -38,9 +38,10 @@ import torch
 pytest.importorskip("vllm")
 
 from tests.vllm_servers import (  # noqa: E402
-    CLASSIFY, EMBED, TEXTS, ServerCase, add_classifier_head, mixed_requests, post, send_all, values,
+    CLASSIFY, EMBED, TEXTS, ServerCase, add_classifier_head, gather_buffer_lines, gpu_server_env, mixed_requests, post,
+    send_all, serve_long_requests, values,
 )
-from vllm_zeroprefill.server import ServerStartError, VllmServer, asyncep_args, free_port  # noqa: E402
+from vllm_zeroprefill.server import VllmServer, asyncep_args, free_port  # noqa: E402
 from zeroprefill.tiny_model import TinyMoEConfig, generate_tiny_moe, write_dummy_checkpoint  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu, pytest.mark.slow]
@@ -124,11 +125,6 @@ def _merge_json(path: Path, rec: Record) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _server_env(tmp: Path, name: str) -> dict[str, str]:
-    # One compile cache per server: servers that start together never write the same entry.
-    return {"VLLM_CACHE_ROOT": str(tmp / f"cache-{name}"), "VLLM_LOGGING_LEVEL": "INFO"}
-
-
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vllm-gpu")
@@ -141,11 +137,11 @@ def pairs(tmp_path_factory):
                 add_classifier_head(model_dir, case.model.hidden_size)
             args = [*case.runner_args, *TINY_SERVER_ARGS]
             stock = VllmServer(model_dir, args, tmp / f"{case.name}-stock.log", device="cuda",
-                               env=_server_env(tmp, f"{case.name}-stock"))
+                               env=gpu_server_env(tmp, f"{case.name}-stock"))
             # Servers started together must not share vLLM's default DP coordination port.
             dp_port = ["--data-parallel-rpc-port", str(free_port())]
             asyncep = VllmServer(model_dir, [*args, *asyncep_args(2), *dp_port], tmp / f"{case.name}-asyncep.log",
-                                 device="cuda", env=_server_env(tmp, f"{case.name}-asyncep"))
+                                 device="cuda", env=gpu_server_env(tmp, f"{case.name}-asyncep"))
             servers += [stock.start(), asyncep.start()]
             started[case.name] = Pair(case, str(model_dir), stock, asyncep)
         for server in servers:
@@ -294,11 +290,7 @@ def test_tiny_logs_clean_and_cuda_graphs_captured(pairs, record, name):
     asyncep_log = pair.asyncep.log_path.read_text(errors="replace")
     assert "AsyncEP: streaming" in asyncep_log
     rec["cudagraphs_captured"] = True
-    rec["gather_buffers"] = _gather_buffer_lines(asyncep_log)
-
-
-def _gather_buffer_lines(log: str) -> list[str]:
-    return [line[line.index("AsyncEP: streaming"):] for line in log.splitlines() if "AsyncEP: streaming" in line]
+    rec["gather_buffers"] = gather_buffer_lines(asyncep_log)
 
 
 # -- real shapes --------------------------------------------------------------------------------
@@ -312,48 +304,22 @@ SHAPES = {
 }
 
 
-def _dummy_model_dir(tmp: Path, name: str) -> Path:
-    return write_dummy_checkpoint(REPO / "common" / "model_configs" / f"{name}.json", tmp / name)
-
-
-async def _long_requests(server: VllmServer, model: str, lengths: list[int]) -> list[tuple[int, dict]]:
-    generator = np.random.default_rng(0)
-    requests = [("/v1/embeddings", {"model": model, "input": generator.integers(3, 500, n).tolist()})
-                for n in lengths]
-    return await send_all(server, requests, concurrency=len(requests))
-
-
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_shapes_start_and_answer_32k_token_requests(tmp_path, record, name):
-    model_dir = _dummy_model_dir(tmp_path, name)
+    model_dir = write_dummy_checkpoint(REPO / "common" / "model_configs" / f"{name}.json", tmp_path / name)
     hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
-    attempts = []
-    for layers in SHAPES[name]:
-        args = [*EMBED, "--dtype", "bfloat16", "--load-format", "dummy", "--max-model-len", "40960",
-                "--max-num-batched-tokens", "32768", "--hf-overrides", json.dumps({"num_hidden_layers": layers}),
-                *asyncep_args(2)]
-        server = VllmServer(model_dir, args, tmp_path / f"{name}-{layers}.log", device="cuda",
-                            env=_server_env(tmp_path, f"{name}-{layers}"))
-        try:
-            server.start().wait_healthy(timeout_s=900)
-        except ServerStartError as exc:
-            attempts.append({"layers": layers, "started": False, "log_tail": str(exc)[-1500:]})
-            server.stop()
-            continue
-        try:
-            answers = asyncio.run(_long_requests(server, str(model_dir), [32000, 32000, 128]))
-            log = server.log_path.read_text(errors="replace")
-        finally:
-            server.stop()
-        ok = all(status == 200 for status, _ in answers)
-        dims = [len(a["data"][0]["embedding"]) for status, a in answers if status == 200]
-        finite = all(np.isfinite(a["data"][0]["embedding"]).all() for status, a in answers if status == 200)
-        record.shapes[name] = {"layers": layers, "attempts": attempts, "answered_32k": ok and finite,
-                               "embedding_dims": dims, "gather_buffers": _gather_buffer_lines(log),
-                               "cudagraphs_captured": "Graph capturing finished" in log}
-        assert ok, f"{name} ({layers} layers): {[s for s, _ in answers]}\n{server.log_tail(40)}"
-        assert dims == [hidden] * 3 and finite
-        assert record.shapes[name]["gather_buffers"], "no AsyncEP start-up line in the log"
-        return
-    record.shapes[name] = {"attempts": attempts, "answered_32k": False}
-    pytest.fail(f"{name} did not start with any of {SHAPES[name]} layers:\n{attempts[-1]['log_tail']}")
+    args = [*EMBED, "--dtype", "bfloat16", "--load-format", "dummy", "--max-model-len", "40960",
+            "--max-num-batched-tokens", "32768"]
+    run = serve_long_requests(model_dir, name, SHAPES[name], args, tmp_path)
+    if run.layers is None:
+        record.shapes[name] = {"attempts": run.attempts, "answered_32k": False}
+        pytest.fail(f"{name} did not start with any of {SHAPES[name]} layers:\n{run.log_tail}")
+    ok = all(status == 200 for status, _ in run.answers)
+    dims = [len(a["data"][0]["embedding"]) for status, a in run.answers if status == 200]
+    finite = all(np.isfinite(a["data"][0]["embedding"]).all() for status, a in run.answers if status == 200)
+    record.shapes[name] = {"layers": run.layers, "attempts": run.attempts, "answered_32k": ok and finite,
+                           "embedding_dims": dims, "gather_buffers": gather_buffer_lines(run.log),
+                           "cudagraphs_captured": "Graph capturing finished" in run.log}
+    assert ok, f"{name} ({run.layers} layers): {[s for s, _ in run.answers]}\n{run.log_tail}"
+    assert dims == [hidden] * 3 and finite
+    assert record.shapes[name]["gather_buffers"], "no AsyncEP start-up line in the log"

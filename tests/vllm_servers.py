@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
-from vllm_zeroprefill.server import VllmServer
+from vllm_zeroprefill.server import ServerStartError, VllmServer, asyncep_args
 from zeroprefill.tiny_model import TinyMoEConfig
 
 EMBED = ["--runner", "pooling", "--convert", "embed"]
@@ -91,3 +93,56 @@ async def send_all(server: VllmServer, requests, concurrency: int) -> list[tuple
         return await asyncio.gather(*(send(path, body) for path, body in requests))
 
 
+
+
+# -- GPU servers ---------------------------------------------------------------------------------
+
+
+def gpu_server_env(tmp: Path, name: str) -> dict[str, str]:
+    """One compile cache per server: servers that start together never write the same entry."""
+    return {"VLLM_CACHE_ROOT": str(tmp / f"cache-{name}"), "VLLM_LOGGING_LEVEL": "INFO"}
+
+
+def gather_buffer_lines(log: str) -> list[str]:
+    """AsyncEP's start-up lines (one per rank): layers, transport, gather buffers' memory."""
+    return [line[line.index("AsyncEP: streaming"):] for line in log.splitlines() if "AsyncEP: streaming" in line]
+
+
+@dataclass
+class LongRequestRun:
+    """What :func:`serve_long_requests` saw: the layer count that started (None: none did)."""
+
+    layers: int | None
+    attempts: list[dict]  # the layer counts that did not start, with their log tails
+    answers: list[tuple[int, dict]]
+    log: str
+    log_tail: str
+
+
+def serve_long_requests(model_dir: Path, name: str, layer_counts: list[int], extra_args: list[str], tmp: Path,
+                        lengths: tuple[int, ...] = (32000, 32000, 128)) -> LongRequestRun:
+    """Start AsyncEP (DP=2) on ``model_dir`` with the first of ``layer_counts`` that starts, send
+    embedding requests of ``lengths`` random tokens at once, stop it; what happened."""
+    import numpy as np
+
+    attempts: list[dict] = []
+    for layers in layer_counts:
+        args = [*extra_args, "--hf-overrides", json.dumps({"num_hidden_layers": layers}), *asyncep_args(2)]
+        server = VllmServer(model_dir, args, tmp / f"{name}-{layers}.log", device="cuda",
+                            env=gpu_server_env(tmp, f"{name}-{layers}"))
+        try:
+            server.start().wait_healthy(timeout_s=900)
+        except ServerStartError as exc:
+            attempts.append({"layers": layers, "started": False, "log_tail": str(exc)[-1500:]})
+            server.stop()
+            continue
+        generator = np.random.default_rng(0)
+        requests = [("/v1/embeddings", {"model": str(model_dir), "input": generator.integers(3, 500, n).tolist()})
+                    for n in lengths]
+        try:
+            answers = asyncio.run(send_all(server, requests, concurrency=len(requests)))
+            log, tail = server.log_path.read_text(errors="replace"), server.log_tail(40)
+        finally:
+            server.stop()
+        return LongRequestRun(layers, attempts, answers, log, tail)
+    return LongRequestRun(None, attempts, [], "", attempts[-1]["log_tail"] if attempts else "")
