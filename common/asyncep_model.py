@@ -27,6 +27,8 @@ from zeroprefill.common.transport import TRANSPORTS, GatherTransport, make_trans
 
 TRANSPORT_ENV = "ZEROPREFILL_ASYNCEP_TRANSPORT"
 PREFETCH_DEPTH_ENV = "ZEROPREFILL_ASYNCEP_PREFETCH_DEPTH"
+COPY_STREAMS_ENV = "ZEROPREFILL_ASYNCEP_COPY_STREAMS"
+MAX_COPY_STREAMS = 8
 
 
 class AsyncEPConfigError(ValueError):
@@ -42,10 +44,12 @@ class AsyncEPConfig:
             memory, else NCCL), or one of ``gloo``, ``nccl``, ``copy_engine``.
         prefetch_depth: layers gathered ahead of the one computing; the ring holds
             ``min(prefetch_depth + 1, L)`` layers of experts per GPU.
+        copy_streams: the copy-engine transport's concurrent pulls per remote shard (1 to 8).
     """
 
     transport: str = "auto"
     prefetch_depth: int = 1
+    copy_streams: int = 1
 
     def __post_init__(self) -> None:
         if self.transport not in ("auto", *TRANSPORTS):
@@ -55,16 +59,24 @@ class AsyncEPConfig:
             )
         if self.prefetch_depth < 1:
             raise AsyncEPConfigError(f"{PREFETCH_DEPTH_ENV}={self.prefetch_depth} must be at least 1")
+        if not 1 <= self.copy_streams <= MAX_COPY_STREAMS:
+            raise AsyncEPConfigError(f"{COPY_STREAMS_ENV}={self.copy_streams} must be 1 to {MAX_COPY_STREAMS}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> AsyncEPConfig:
-        """The settings from ``ZEROPREFILL_ASYNCEP_TRANSPORT`` / ``..._PREFETCH_DEPTH`` (defaults otherwise)."""
-        depth_text = environ.get(PREFETCH_DEPTH_ENV, "1")
-        try:
-            depth = int(depth_text)
-        except ValueError:
-            raise AsyncEPConfigError(f"{PREFETCH_DEPTH_ENV}={depth_text!r} is not a whole number of layers") from None
-        return cls(transport=environ.get(TRANSPORT_ENV, "auto"), prefetch_depth=depth)
+        """The settings from ``ZEROPREFILL_ASYNCEP_TRANSPORT`` / ``..._PREFETCH_DEPTH`` /
+        ``..._COPY_STREAMS`` (defaults otherwise)."""
+        return cls(transport=environ.get(TRANSPORT_ENV, "auto"),
+                   prefetch_depth=_whole_number(environ, PREFETCH_DEPTH_ENV, "1", "layers"),
+                   copy_streams=_whole_number(environ, COPY_STREAMS_ENV, "1", "streams"))
+
+
+def _whole_number(environ: Mapping[str, str], name: str, default: str, unit: str) -> int:
+    text = environ.get(name, default)
+    try:
+        return int(text)
+    except ValueError:
+        raise AsyncEPConfigError(f"{name}={text!r} is not a whole number of {unit}") from None
 
 
 @dataclass
@@ -98,7 +110,7 @@ def build_asyncep_model(
     engine that hands layers over as it loads them, see ``GatherTransport.adopt``).
     """
     if transport is None:
-        transport = make_transport(config.transport, group, device)
+        transport = make_transport(config.transport, group, device, config.copy_streams)
     streamer = ExpertWeightStreamer(layer_shards, layout, transport, prefetch_depth=config.prefetch_depth)
     layers = [
         AsyncEPMoE(streamer, index, top_k, renormalize, scoring_func, experts_kernel=experts_kernel)

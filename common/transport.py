@@ -13,7 +13,9 @@ into which ring slot; a transport only decides *how*:
   ``world_size - 1`` peer-to-peer ``cudaMemcpyAsync`` pulls on the side stream, executed by
   the copy engines, not SMs (about half the compute slowdown of NCCL: docs/design.md). Expert
   weights are read-only while serving, so a pull needs no handshake with the peer: no
-  lockstep, no barrier per layer.
+  lockstep, no barrier per layer. With ``copy_streams`` > 1 each remote shard is pulled in
+  that many chunks of experts on as many streams at once, so several copy engines share it
+  (one copy engine may not fill an NVLink; ``zeroprefill calibrate`` measures 1, 2 and 4).
 
 All transports are used the same way: every MoE layer's shards are handed over once, in
 layer order — ``adopt(shards)`` per layer as an engine loads them, or ``register(layer_shards)``
@@ -163,11 +165,15 @@ class CopyEngineGather(GatherTransport):
 
     name = "copy_engine"
 
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, group: dist.ProcessGroup | None = None, copy_streams: int = 1) -> None:
         super().__init__(group)
+        if copy_streams < 1:
+            raise ValueError(f"copy_streams must be at least 1, got {copy_streams}")
+        self.copy_streams = copy_streams
         self._handles: list[object] = []
         self._peer_views: list[dict[str, list[torch.Tensor]]] = []
         self._device: torch.device | None = None
+        self._streams: list[torch.cuda.Stream] = []  # copy_streams > 1: made at registration, before any capture
 
     @property
     def is_collective(self) -> bool:
@@ -212,15 +218,34 @@ class CopyEngineGather(GatherTransport):
 
     def _after_register(self) -> None:
         torch.cuda.synchronize(self._device)
+        if self.copy_streams > 1:
+            self._streams = [torch.cuda.Stream(self._device) for _ in range(self.copy_streams)]
         dist.barrier(group=self.group or dist.group.WORLD)  # every peer has written its shards
 
     def gather(self, layer: int, name: str, out: torch.Tensor) -> GatherHandle:
         views = self._peer_views[layer][name]
         capacity = views[0].shape[0]
-        # Remote shards first (they take longest), the local shard last (HBM copy).
-        order = [p for p in range(self.world_size) if p != self.rank] + [self.rank]
-        for peer in order:
-            out[peer * capacity : (peer + 1) * capacity].copy_(views[peer], non_blocking=True)
+        remote = [p for p in range(self.world_size) if p != self.rank]
+        if not self._streams:
+            # Remote shards first (they take longest), the local shard last (HBM copy).
+            for peer in [*remote, self.rank]:
+                out[peer * capacity : (peer + 1) * capacity].copy_(views[peer], non_blocking=True)
+            return GatherHandle()
+        # Each remote shard in chunks of experts, one chunk per stream, the streams forked from
+        # the caller's stream and joined back to it: capture-safe, and ordered for the caller
+        # as a single-stream gather is.
+        current = torch.cuda.current_stream(out.device)
+        for stream in self._streams:
+            stream.wait_stream(current)
+        for peer in remote:
+            destination = out[peer * capacity : (peer + 1) * capacity]
+            chunks = zip(destination.tensor_split(len(self._streams)), views[peer].tensor_split(len(self._streams)))
+            for stream, (chunk_out, chunk_in) in zip(self._streams, chunks):
+                with torch.cuda.stream(stream):
+                    chunk_out.copy_(chunk_in, non_blocking=True)
+        out[self.rank * capacity : (self.rank + 1) * capacity].copy_(views[self.rank], non_blocking=True)
+        for stream in self._streams:
+            current.wait_stream(stream)
         return GatherHandle()
 
 
@@ -232,11 +257,13 @@ def _has_symmetric_memory() -> bool:
     return True
 
 
-def make_transport(name: str, group: dist.ProcessGroup | None = None, device: torch.device | None = None) -> GatherTransport:
+def make_transport(name: str, group: dist.ProcessGroup | None = None, device: torch.device | None = None,
+                   copy_streams: int = 1) -> GatherTransport:
     """Build a transport by name; ``"auto"`` picks the measured-fastest one for the device.
 
     ``auto``: gloo on CPU; on CUDA the copy engine when torch has symmetric memory (it halves
-    the compute slowdown of NCCL: docs/design.md), else NCCL.
+    the compute slowdown of NCCL: docs/design.md), else NCCL. ``copy_streams``: the copy
+    engine's concurrent pulls per remote shard (other transports ignore it).
     """
     if name == "auto":
         on_cuda = device is not None and torch.device(device).type == "cuda"
@@ -249,5 +276,5 @@ def make_transport(name: str, group: dist.ProcessGroup | None = None, device: to
     if name == "nccl":
         return NcclAllGather(group)
     if name == "copy_engine":
-        return CopyEngineGather(group)
+        return CopyEngineGather(group, copy_streams)
     raise ValueError(f"unknown transport {name!r}; choose one of {('auto', *TRANSPORTS)}")

@@ -216,6 +216,8 @@ def test_layers_adopted_while_loading_are_not_adopted_again():
         ({"ZEROPREFILL_ASYNCEP_TRANSPORT": "pigeon"}, "ZEROPREFILL_ASYNCEP_TRANSPORT='pigeon' is not a transport"),
         ({"ZEROPREFILL_ASYNCEP_PREFETCH_DEPTH": "two"}, "ZEROPREFILL_ASYNCEP_PREFETCH_DEPTH='two' is not a whole number"),
         ({"ZEROPREFILL_ASYNCEP_PREFETCH_DEPTH": "0"}, "ZEROPREFILL_ASYNCEP_PREFETCH_DEPTH=0 must be at least 1"),
+        ({"ZEROPREFILL_ASYNCEP_COPY_STREAMS": "many"}, "ZEROPREFILL_ASYNCEP_COPY_STREAMS='many' is not a whole number"),
+        ({"ZEROPREFILL_ASYNCEP_COPY_STREAMS": "9"}, "ZEROPREFILL_ASYNCEP_COPY_STREAMS=9 must be 1 to 8"),
     ],
 )
 def test_asyncep_config_from_the_environment_names_the_variable(environ, message):
@@ -226,3 +228,13 @@ def test_asyncep_config_from_the_environment_names_the_variable(environ, message
     assert AsyncEPConfig.from_env({}) == AsyncEPConfig("auto", 1)
     assert AsyncEPConfig.from_env({"ZEROPREFILL_ASYNCEP_TRANSPORT": "nccl",
                                    "ZEROPREFILL_ASYNCEP_PREFETCH_DEPTH": "2"}) == AsyncEPConfig("nccl", 2)
+    assert AsyncEPConfig.from_env({"ZEROPREFILL_ASYNCEP_COPY_STREAMS": "4"}).copy_streams == 4
+
+
+def test_copy_engine_transport_takes_its_stream_count():
+    from zeroprefill.common.transport import CopyEngineGather, make_transport
+
+    assert make_transport("copy_engine", copy_streams=3).copy_streams == 3
+    assert make_transport("copy_engine").copy_streams == 1
+    with pytest.raises(ValueError, match="copy_streams must be at least 1, got 0"):
+        CopyEngineGather(copy_streams=0)

@@ -41,12 +41,13 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
 
 
-def _eager_and_graph_passes(rank: int, world_size: int, transport_name: str, depth: int) -> None:
+def _eager_and_graph_passes(rank: int, world_size: int, transport_name: str, depth: int, copy_streams: int) -> None:
     device = torch.device("cuda", rank)
     full = _full_weights(device)
     layout = ExpertShardLayout(E, world_size)
     shards = [layout.shard_all(w, rank) for w in full]
-    streamer = ExpertWeightStreamer(shards, layout, make_transport(transport_name, None, device), prefetch_depth=depth)
+    transport = make_transport(transport_name, None, device, copy_streams)
+    streamer = ExpertWeightStreamer(shards, layout, transport, prefetch_depth=depth)
     layers = [AsyncEPMoE(streamer, j, TOP_K, True) for j in range(LAYERS)]
     inputs = torch.Generator(device=device).manual_seed(100 + rank)
     static_x = [torch.empty(TOKENS, H, device=device, dtype=torch.bfloat16) for _ in layers]
@@ -80,17 +81,20 @@ def _eager_and_graph_passes(rank: int, world_size: int, transport_name: str, dep
             got = [out.clone() for out in outs]
         for j in range(LAYERS):
             error = _relative_error(got[j], wants[j])
-            assert error < 3e-2, f"rank {rank} {transport_name} depth {depth} {step} layer {j}: error {error:.3g}"
+            assert error < 3e-2, (f"rank {rank} {transport_name} x{copy_streams} depth {depth} {step} layer {j}: "
+                                  f"error {error:.3g}")
     torch.cuda.synchronize()
     streamer.close()
 
 
-def _run(rank: int, world_size: int, transport_name: str) -> None:
+def _run(rank: int, world_size: int, transport_name: str, copy_streams: int) -> None:
     random.seed(0)
     for depth in (1, 2):
-        _eager_and_graph_passes(rank, world_size, transport_name, depth)
+        _eager_and_graph_passes(rank, world_size, transport_name, depth, copy_streams)
 
 
-@pytest.mark.parametrize("transport_name", ["nccl", "copy_engine"])
-def test_two_gpus_eager_and_graph_passes_match_reference(transport_name):
-    run_on_ranks(2, _run, transport_name, backend="nccl")
+# The copy engine also with 3 streams: E/2 = 8 experts per shard split 3-3-2, forked and joined
+# inside every captured gather.
+@pytest.mark.parametrize(("transport_name", "copy_streams"), [("nccl", 1), ("copy_engine", 1), ("copy_engine", 3)])
+def test_two_gpus_eager_and_graph_passes_match_reference(transport_name, copy_streams):
+    run_on_ranks(2, _run, transport_name, copy_streams, backend="nccl")

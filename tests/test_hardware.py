@@ -121,12 +121,15 @@ def test_calibrated_multi_gpu_profile_uses_its_measurements():
 
 def test_calibrated_copy_engine_replaces_the_shipped_extrapolation():
     collectives = {"allgather": [(GiB, 280.0)], "alltoall_bus_gbps": 250.0, "gemm_slowdown": 0.08,
-                   "copy_engine": {"allgather": [(256 * MiB, 150.0), (GiB, 170.0)], "gemm_slowdown": 0.03}}
+                   "copy_engine": {"allgather": [(256 * MiB, 150.0), (GiB, 170.0)], "gemm_slowdown": 0.03,
+                                   "by_copy_streams": [(1, 170.0), (2, 300.0), (4, 330.0)]}}
     profile = build_profile("NVIDIA H200", "h200", 2, 2, {"single": SINGLE, "collectives": collectives})
     copy_engine = profile.gather("copy_engine")
     assert copy_engine.bus_gbps(GiB) == 170 and copy_engine.gemm_slowdown.value == 0.03
     assert copy_engine.gemm_slowdown.source.startswith("measured: zeroprefill calibrate, 2 x NVIDIA H200")
     assert profile.gather("nccl").bus_gbps(GiB) == 280
+    assert any("COPY_STREAMS: 1 stream(s) 170 GB/s, 2 stream(s) 300 GB/s, 4 stream(s) 330 GB/s" in note
+               for note in profile.notes)
     # Without a copy-engine measurement (no symmetric memory), the shipped value stays, marked.
     del collectives["copy_engine"]
     kept = build_profile("NVIDIA H200", "h200", 2, 2, {"single": SINGLE, "collectives": collectives})

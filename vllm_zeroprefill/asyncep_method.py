@@ -186,7 +186,7 @@ def _make_transport(config: AsyncEPConfig, device: torch.device) -> GatherTransp
     """
     backend = "gloo" if device.type == "cpu" else "nccl"
     group = dist.new_group(ranks=get_ep_group().ranks, backend=backend, use_local_synchronization=True)
-    return make_transport(config.transport, group, device)
+    return make_transport(config.transport, group, device, config.copy_streams)
 
 
 def asyncep_method_for(

@@ -13,7 +13,8 @@ Measures, on the GPUs it runs on, what the saturation threshold is made of and w
    AllGathers run on a side stream (the overlap tax).
 4. With 2+ GPUs and torch symmetric memory: the same for the copy-engine transport AsyncEP
    uses by default (``CopyEngineGather``: peer pulls by the copy engines), at 256 MiB and
-   1 GiB per rank, and its overlap tax.
+   1 GiB per rank, and its overlap tax; then 1 GiB pulled over 1, 2 and 4 streams at once
+   (``ZEROPREFILL_ASYNCEP_COPY_STREAMS``), recorded in the profile's notes.
 
 What it cannot measure (one GPU: no collectives; the network between nodes) keeps the
 shipped profile's value for this GPU with a source saying so.
@@ -44,6 +45,7 @@ GiB = 1 << 30
 MOE_HIDDEN, MOE_FFN, TOKENS_PER_EXPERT, EXPERTS_PER_BATCH = 4096, 1536, 1024, 32
 ALLGATHER_MESSAGE_BYTES = (16 * MiB, 64 * MiB, 256 * MiB, 1 * GiB)
 COPY_ENGINE_MESSAGE_BYTES = (256 * MiB, 1 * GiB)
+COPY_STREAM_COUNTS = (1, 2, 4)
 ALLTOALL_MESSAGE_BYTES = 256 * MiB
 SLOWDOWN_MESSAGE_BYTES = 256 * MiB
 MIN_MEASURE_S = 0.25
@@ -317,13 +319,13 @@ def _measure_collectives(rank: int, n: int, device: Any, queue: Any) -> dict[str
     return results
 
 
-def _copy_engine_gather(n: int, size: int, device: Any) -> Callable[[], None]:
+def _copy_engine_gather(n: int, size: int, device: Any, copy_streams: int = 1) -> Callable[[], None]:
     """One layer's gather through AsyncEP's copy-engine transport, ``size`` bytes per rank."""
     import torch
 
     from zeroprefill.common.transport import CopyEngineGather
 
-    transport = CopyEngineGather()
+    transport = CopyEngineGather(copy_streams=copy_streams)
     transport.register([{"experts": torch.zeros(size, dtype=torch.uint8, device=device)}])
     out = torch.empty(n * size, dtype=torch.uint8, device=device)
     return lambda: transport.gather(0, "experts", out)
@@ -339,6 +341,12 @@ def _measure_copy_engine(n: int, device: Any, gemm: Callable[[], None], gemm_run
         results["allgather"].append((size, size * (n - 1) / timed(gather) / 1e9))
     sweep = ", ".join(f"{s // MiB} MiB {bw:.0f}" for s, bw in results["allgather"])
     report("copy-engine gather bus bw (GB/s)", sweep)
+    results["by_copy_streams"] = []
+    for streams in COPY_STREAM_COUNTS:
+        gather = _copy_engine_gather(n, GiB, device, streams)
+        results["by_copy_streams"].append((streams, GiB * (n - 1) / timed(gather) / 1e9))
+    sweep = ", ".join(f"{streams}: {bw:.0f}" for streams, bw in results["by_copy_streams"])
+    report("copy-engine 1 GiB gather by streams (GB/s)", sweep)
     gather = _copy_engine_gather(n, SLOWDOWN_MESSAGE_BYTES, device)
     results["gemm_slowdown"] = _gemm_slowdown(gather, gemm, gemm_runs, alone_s, timed, device)
     report("GEMM slowdown under copy-engine gathers", f"{results['gemm_slowdown']:.1%}")
@@ -439,6 +447,10 @@ def build_profile(
                           "copy-engine gathers on a side stream)",
             },
         }
+        if copy_engine.get("by_copy_streams"):
+            sweep = ", ".join(f"{streams} stream(s) {bw:.0f} GB/s" for streams, bw in copy_engine["by_copy_streams"])
+            data["notes"] = [*data.get("notes", []), f"{tag}: copy-engine 1 GiB gather by "
+                             f"ZEROPREFILL_ASYNCEP_COPY_STREAMS: {sweep} (the bandwidths above are 1 stream's)"]
     _mark_unmeasured(data, num_gpus, tag)
     return HardwareProfile.from_dict(data, "calibrated profile")
 
