@@ -397,3 +397,13 @@ def test_device_check(monkeypatch):
     assert deepgemm_unavailable_reason() == "cuda:0 is sm80; this path runs DeepGEMM's sm90 kernels (H100/H200) only"
     monkeypatch.setattr(deepgemm, "_capability", lambda index: (9, 0))
     assert deepgemm.device_unsupported_reason(torch.device("cuda", 1)) is None
+
+
+def test_info_says_whether_deepgemm_is_usable_here(monkeypatch):
+    from zeroprefill.environment import collect_environment, format_environment
+
+    report = collect_environment()
+    assert report["backends"]["deepgemm"] == deepgemm.deepgemm_unavailable_reason()  # CPU: why not
+    assert "deepgemm" in format_environment(report)
+    monkeypatch.setattr("zeroprefill.kernels.deepgemm_unavailable_reason", lambda: None)
+    assert collect_environment()["backends"]["deepgemm"].startswith("usable")
