@@ -566,13 +566,14 @@ class AsyncEPStack(_Stack):
     family = "asyncep"
 
     def __init__(self, cfg, dense, kernel, shards: Sequence[dict[str, torch.Tensor]], layout: ExpertShardLayout,
-                 transport: str, prefetch_depth: int, device: torch.device) -> None:
+                 transport: str, prefetch_depth: int, device: torch.device, copy_streams: int = 1) -> None:
         super().__init__(cfg, dense, kernel)
         shard_bytes = sum(t.numel() * t.element_size() for t in shards[0].values())
         layer_bytes = shard_bytes // layout.capacity * layout.num_experts
         self.layer_traffic = LayerTraffic((layout.world_size - 1) * shard_bytes,
                                           asyncep_minimum_bytes(layer_bytes, layout.world_size))
-        asyncep = build_asyncep_model(shards, layout, AsyncEPConfig(transport, prefetch_depth), top_k=cfg.top_k,
+        asyncep = build_asyncep_model(shards, layout, AsyncEPConfig(transport, prefetch_depth, copy_streams),
+                                      top_k=cfg.top_k,
                                       renormalize=cfg.renormalize, device=device, experts_kernel=kernel)
         self.streamer = asyncep.streamer
         self.moe = asyncep.layers
@@ -967,16 +968,30 @@ def fp8_supported(device: torch.device) -> tuple[bool, str | None]:
 
 
 
-def parse_layout(name: str) -> tuple[str, str | None, int | None]:
-    """``"asyncep-<transport>-d<depth>"`` -> ``("asyncep", transport, depth)``; others as is."""
+@dataclass(frozen=True)
+class LayoutName:
+    """A parsed ``--layouts`` entry: the family, and AsyncEP's transport settings."""
+
+    family: str
+    transport: str | None = None
+    prefetch_depth: int | None = None
+    copy_streams: int = 1
+
+
+def parse_layout(name: str) -> LayoutName:
+    """``"asyncep-<transport>-d<depth>[-s<copy streams>]"`` -> AsyncEP's settings; others as is."""
     if name.startswith("asyncep-"):
         parts = name.split("-")
-        if len(parts) == 3 and parts[2].startswith("d") and parts[2][1:].isdigit():
-            return "asyncep", parts[1], int(parts[2][1:])
+        depth_ok = len(parts) in (3, 4) and parts[2].startswith("d") and parts[2][1:].isdigit()
+        streams_ok = len(parts) == 3 or (len(parts) == 4 and parts[3].startswith("s") and parts[3][1:].isdigit()
+                                         and int(parts[3][1:]) >= 1)
+        if depth_ok and streams_ok:
+            return LayoutName("asyncep", parts[1], int(parts[2][1:]), int(parts[3][1:]) if len(parts) == 4 else 1)
     elif name in LAYOUT_FAMILIES:
-        return name, None, None
+        return LayoutName(name)
     raise ValueError(f"unknown layout {name!r}; use one of {LAYOUT_FAMILIES[:1] + LAYOUT_FAMILIES[2:]} "
-                     "or asyncep-<transport>-d<prefetch depth>, e.g. asyncep-nccl-d1")
+                     "or asyncep-<transport>-d<prefetch depth>[-s<copy streams>], e.g. asyncep-nccl-d1, "
+                     "asyncep-copy_engine-d1-s2")
 
 
 def build_stack(name: str, cfg: StackConfig, dense: Sequence[dict[str, torch.Tensor]],
@@ -986,7 +1001,8 @@ def build_stack(name: str, cfg: StackConfig, dense: Sequence[dict[str, torch.Ten
 
     ``experts_fp8`` (quantised ``experts_bf16``) selects FP8 experts; ``None`` runs bf16.
     """
-    family, transport, depth = parse_layout(name)
+    parsed = parse_layout(name)
+    family = parsed.family
     fp8 = experts_fp8 is not None
     experts = experts_fp8 if fp8 else experts_bf16
     kernel = experts_kernel_for(device, fp8)
@@ -997,7 +1013,8 @@ def build_stack(name: str, cfg: StackConfig, dense: Sequence[dict[str, torch.Ten
     layout = ExpertShardLayout(cfg.num_experts, world_size)
     shards = [layout.shard_all(e, rank) for e in experts]
     if family == "asyncep":
-        return AsyncEPStack(cfg, dense, kernel, shards, layout, transport, depth, device)
+        return AsyncEPStack(cfg, dense, kernel, shards, layout, parsed.transport, parsed.prefetch_depth, device,
+                            parsed.copy_streams)
     if family == "a2a_ep":
         return ExpertParallelStack(cfg, dense, kernel, shards, layout)
     return TwoBatchOverlapStack(cfg, dense, kernel, shards, layout)

@@ -243,7 +243,8 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
                     continue
             experts_fp8 = [quantize_experts_fp8(e) for e in experts_bf16] if dtype == "fp8" else None
             for name in args.layouts:
-                family, transport, depth = parse_layout(name)
+                parsed = parse_layout(name)
+                family, transport, depth = parsed.family, parsed.transport, parsed.prefetch_depth
                 if family == "tp" and (cfg.num_heads % world_size or cfg.intermediate % world_size):
                     skipped.append({"model": model, "dtype": dtype, "layout": name,
                                     "reason": f"heads {cfg.num_heads} or FFN {cfg.intermediate} not divisible by {world_size}"})
@@ -272,7 +273,8 @@ def _rank_main(rank: int, world_size: int, port: int, args: argparse.Namespace, 
                         slowest = torch.tensor([ms], device=device, dtype=torch.float64)
                         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
                         record = {"model": model, "dtype": dtype, "layout": name, "family": family,
-                                  "transport": transport, "prefetch_depth": depth, "context": context,
+                                  "transport": transport, "prefetch_depth": depth,
+                                  "copy_streams": parsed.copy_streams, "context": context,
                                   "tokens_per_gpu": tokens, "routing": routing, "ms_per_layer": slowest.item(),
                                   "requests_per_gpu": len(request_lengths(rank, tokens, context)),
                                   "flops_per_gpu_per_layer": flops_per_gpu_per_layer(spec, world_size, tokens, context)}
@@ -584,7 +586,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", type=_csv(str), default=None,
                         help="comma-separated: qwen3-235b-a22b, qwen3-30b-a3b, tiny (default: both Qwen3; cpu: tiny)")
     parser.add_argument("--dtypes", type=_csv(str), default=["bf16", "fp8"])
-    parser.add_argument("--layouts", type=_csv(str), default=None)
+    parser.add_argument("--layouts", type=_csv(str), default=None,
+                        help="dp, a2a_ep, a2a_tbo, tp, asyncep-<transport>-d<prefetch depth>[-s<copy streams>] "
+                             "(e.g. asyncep-copy_engine-d1-s2); default: every layout the device runs")
     parser.add_argument("--routing", type=_csv(str), default=["balanced", "skewed"])
     parser.add_argument("--tokens", type=_csv(int), default=None, help="tokens per GPU, comma-separated")
     parser.add_argument("--contexts", type=_csv(int), default=None)

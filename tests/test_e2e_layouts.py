@@ -311,3 +311,14 @@ def test_benchmark_script_on_cpu(tmp_path):
     tbo = [row for row in result["points"] if row["layout"] == "a2a_tbo"]
     assert tbo and all(row["microbatch_tokens"] == [32, 32] for row in tbo)
     assert "tiny" in proc.stdout and "a2a_tbo" in proc.stdout and "timing: back-to-back" in proc.stdout
+
+
+def test_layout_names_carry_asyncep_transport_depth_and_copy_streams():
+    from benchmarks._layouts import LayoutName, parse_layout
+
+    assert parse_layout("asyncep-nccl-d1") == LayoutName("asyncep", "nccl", 1, 1)
+    assert parse_layout("asyncep-copy_engine-d2-s4") == LayoutName("asyncep", "copy_engine", 2, 4)
+    assert parse_layout("dp") == LayoutName("dp")
+    for bad in ("asyncep-nccl", "asyncep-nccl-d1-s0", "asyncep-nccl-d1-x2", "asyncep-nccl-d1-s2-z", "ep-fast"):
+        with pytest.raises(ValueError, match="unknown layout"):
+            parse_layout(bad)
