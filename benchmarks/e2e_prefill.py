@@ -10,7 +10,8 @@ per GPU over NCCL. Every layout runs the same kernels on the same inputs:
                            reference for exposed communication (a deployable layout only where
                            the model fits one GPU: 30B-A3B)
     asyncep-<tr>-d<d>      DP attention, experts sharded, weight gather of layer l+d while
-                           layer l computes (transports nccl / copy_engine, d = 1, 2)
+                           layer l computes (transports nccl / copy_engine, d = 1, 2); a
+                           suffix -s<k> pulls with k copy-engine streams at once
     a2a_ep                 DP attention, EP MoE as DeepEP's normal mode / vLLM: each token
                            dispatched once per rank holding one of its experts, weighted
                            combine on the expert side, one row per (token, rank) back
