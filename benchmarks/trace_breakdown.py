@@ -10,7 +10,8 @@
 - ``communication``: NCCL and the all-reduce / all-to-all kernels;
 - ``gemm``: the other matrix multiplies (QKV, output projection, gate, LM head);
 - ``peer_copy`` / ``memcpy``: copy-engine transfers (AsyncEP's copy-engine gathers are the
-  peer-to-peer ones);
+  peer-to-peer ones; the torch profiler may not record peer-to-peer copies at all, so check a
+  trace for them before reading AsyncEP's exposed communication, and read ``idle_s`` with it);
 - ``other``: norms, activations, elementwise work, pooling.
 
 and measures, on the GPU's timeline, the *exposed* communication: time during which a
@@ -35,9 +36,10 @@ CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     for name, pattern in (
         ("moe_experts", r"fused_moe|moe_align|moe_sum|topk|gate_up_silu|down_scatter|grouped_mm|scatter_token_rows"
                         r"|weighted_combine|silu_mul|deep_gemm|m_grouped|count_and_sort|expert"),
+        # Before attention: FlashInfer's all-reduce kernels carry "flashinfer" in their names.
+        ("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter|cross_device|lamport"),
         ("attention", r"flash|fmha|attention|attn|reshape_and_cache|paged|mla"),
-        ("communication", r"nccl|all_?reduce|all_?gather|all_?to_?all|all2all|cross_device|lamport|one_?shot"
-                          r"|two_?shot|reduce_?scatter|dispatch|combine"),
+        ("communication", r"all_?to_?all|all2all|one_?shot|two_?shot|dispatch|combine"),
         ("gemm", r"gemm|nvjet|cutlass|xmma|matmul|cublas|sm90_|wgmma"),
     )
 )
@@ -104,6 +106,9 @@ def breakdown(events: list[dict]) -> dict:
         "compute_busy_s": compute_busy,
         "exposed_communication_s": busy - compute_busy,
         "exposed_communication_fraction": (busy - compute_busy) / window if window else 0.0,
+        # No kernel at all: host gaps, and compute waiting on a gather the trace may not show
+        # (CUPTI records peer-to-peer copies apart from the memcpy records the profiler asks for).
+        "idle_s": window - busy,
         "seconds_by_category": dict(sorted(seconds.items(), key=lambda item: -item[1])),
         "top_kernels": [{"name": name[:160], "seconds": s, "count": count} for name, (s, count) in top],
     }

@@ -31,7 +31,8 @@ from pathlib import Path
 
 Config = dict[str, int]
 
-DEFAULT_TOKENS = (1, 16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+# Batch sizes as the kernel sees them: under all-gather EP, every DP rank's tokens of a step.
+DEFAULT_TOKENS = (1, 16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
 
 def shipped_candidates(config_dir: Path, device_file_name: str) -> list[Config]:
@@ -49,17 +50,22 @@ def tune(
     candidates: Sequence[Config],
     tokens: Sequence[int],
     budget_s: float,
+    default_config: Callable[[int], Config],
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Fastest candidate per batch size; ``time_config(None, M)`` times vLLM's default tile.
+    """Fastest tile per batch size, vLLM's default (``default_config(M)``, timed as
+    ``time_config(None, M)``) included.
 
     ``time_config`` raises ``RuntimeError``/``ValueError`` for a configuration the kernel
     cannot run (too much shared memory, ...); such a candidate is skipped. Candidates are
     tried in order until ``budget_s`` runs out (the number tried is recorded).
     """
     started = time.monotonic()
-    results: dict[int, dict] = {m: {"default_s": time_config(None, m), "best_s": float("inf"), "best": None}
-                                for m in tokens}
+    # The default tile is where every batch size starts: a table never makes a size slower.
+    results: dict[int, dict] = {}
+    for m in tokens:
+        default_s = time_config(None, m)
+        results[m] = {"default_s": default_s, "best_s": default_s, "best": default_config(m)}
     tried = 0
     for config in candidates:
         if time.monotonic() - started > budget_s:
@@ -78,11 +84,24 @@ def tune(
 
 
 def _fused_experts_timer(experts: int, ep_size: int, hidden: int, intermediate: int, top_k: int,
-                         device: str) -> Callable[[Config | None, int], float]:
-    """Time vLLM's ``fused_experts`` on one EP rank's shard (bf16), as the server calls it."""
+                         device: str) -> tuple[Callable[[Config | None, int], float], Callable[[int], Config]]:
+    """Time vLLM's ``fused_experts`` on one EP rank's shard (bf16), as the server runs it.
+
+    The server's ``TritonExperts`` keeps the other ranks' (token, expert) rows in the kernel's
+    launch (expert -1, blocks that write zeros); the ``fused_experts`` function drops them. The
+    timer makes ``fused_experts`` keep them too, so tiles are ranked on the server's work.
+    """
     import torch
     from vllm.model_executor.layers.fused_moe import fused_experts, override_config
+    from vllm.model_executor.layers.fused_moe import fused_moe as vllm_fused_moe
     from vllm.model_executor.layers.fused_moe.fused_moe import get_default_config
+
+    prepare = vllm_fused_moe._prepare_expert_assignment
+
+    def keep_other_ranks_rows(*args, **kwargs):
+        return prepare(*args, **(kwargs | {"ignore_invalid_experts": False}))
+
+    vllm_fused_moe._prepare_expert_assignment = keep_other_ranks_rows
 
     local = experts // ep_size
     generator = torch.Generator(device=device).manual_seed(0)
@@ -100,9 +119,12 @@ def _fused_experts_timer(experts: int, ep_size: int, hidden: int, intermediate: 
             inputs[m] = (x, (weights / weights.sum(-1, keepdim=True)).float(), ids.to(torch.int32))
         return inputs[m]
 
+    def default(m: int) -> Config:
+        return get_default_config(m, local, intermediate, hidden, top_k, None, None)
+
     def run(config: Config | None, m: int) -> float:
         x, weights, ids = batch(m)
-        tile = config or get_default_config(m, local, intermediate, hidden, top_k, None, None)
+        tile = config or default(m)
         with override_config(tile):
             call = lambda: fused_experts(x, w1, w2, weights, ids, global_num_experts=experts,  # noqa: E731
                                          expert_map=expert_map)
@@ -124,7 +146,7 @@ def _fused_experts_timer(experts: int, ep_size: int, hidden: int, intermediate: 
                     return elapsed / reps
                 reps *= 4
 
-    return run
+    return run, default
 
 
 def write_configs(out_dir: Path, file_name: str, result: dict, meta: dict) -> Path:
@@ -166,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     device_file_name = file_name.split("device_name=")[1].removesuffix(".json")
     candidates = shipped_candidates(Path(vllm_fused_moe.__file__).parent / "configs", device_file_name)
     print(f"{file_name}: {len(candidates)} candidate tiles from vLLM's {device_file_name} configs", flush=True)
-    timer = _fused_experts_timer(args.experts, args.ep_size, args.hidden, args.intermediate, args.top_k, "cuda")
-    result = tune(timer, candidates, args.tokens, args.budget_s, log=lambda s: print(s, flush=True))
+    timer, default = _fused_experts_timer(args.experts, args.ep_size, args.hidden, args.intermediate, args.top_k,
+                                          "cuda")
+    result = tune(timer, candidates, args.tokens, args.budget_s, default, log=lambda s: print(s, flush=True))
     meta = {"vllm_version": vllm.__version__, "gpu": torch.cuda.get_device_name(), "experts": args.experts,
             "ep_size": args.ep_size, "hidden": args.hidden, "intermediate": args.intermediate, "top_k": args.top_k}
     path = write_configs(args.out_dir, file_name, result, meta)

@@ -82,12 +82,13 @@ class Layout:
         return self.name.startswith("asyncep")
 
 
+# Stock DP=2 + EP runs vLLM's default all-to-all (all-gather / reduce-scatter). The image has
+# no DeepEP or pplx, and vLLM 0.26 maps "--all2all-backend naive" to that same default, so no
+# other all-to-all backend can be compared here.
 LAYOUTS = {
     layout.name: layout
     for layout in [
         Layout("stock-dp2-ep", ("--data-parallel-size", "2", "--enable-expert-parallel")),
-        Layout("stock-dp2-ep-naive", ("--data-parallel-size", "2", "--enable-expert-parallel",
-                                      "--all2all-backend", "naive")),
         Layout("stock-tp2", ("--tensor-parallel-size", "2")),
         Layout("stock-tp2-ep", ("--tensor-parallel-size", "2", "--enable-expert-parallel")),
         # TP=2 fuses all-reduce with RMSNorm through FlashInfer, whose "auto" backend picks
@@ -269,7 +270,8 @@ PROFILED_STEPS = 6
 def profiler_config(trace_dir: Path) -> dict:
     """vLLM's torch profiler over a few engine steps, GPU timeline only (small traces)."""
     return {"profiler": "torch", "torch_profiler_dir": str(trace_dir), "torch_profiler_with_stack": False,
-            "ignore_frontend": True, "delay_iterations": 2, "max_iterations": PROFILED_STEPS}
+            "torch_profiler_dump_cuda_time_total": False, "ignore_frontend": True, "delay_iterations": 2,
+            "max_iterations": PROFILED_STEPS}
 
 
 def profile_server(server, model: str, context: int, clients: int, args, trace_dir: Path, log) -> dict:
@@ -285,7 +287,10 @@ def profile_server(server, model: str, context: int, clients: int, args, trace_d
     traces: list[dict] = []
     while time.monotonic() < deadline and not traces:
         time.sleep(2)
-        traces = breakdown_dir(trace_dir) if trace_dir.exists() else []
+        try:
+            traces = breakdown_dir(trace_dir) if trace_dir.exists() else []
+        except (OSError, EOFError, ValueError):  # a trace still being written
+            traces = []
     if not args.keep_traces and trace_dir.exists():
         for path in trace_dir.rglob("*"):
             if path.is_file():

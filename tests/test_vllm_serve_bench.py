@@ -238,6 +238,8 @@ def test_trace_categories_follow_kernel_names():
     assert categorize("flash_fwd_splitkv_kernel", "kernel") == "attention"
     assert categorize("ncclDevKernel_AllGather_RING_LL", "kernel") == "communication"
     assert categorize("cross_device_reduce_1stage", "kernel") == "communication"
+    assert categorize("flashinfer::trtllm_allreduce_fusion::allreduce_fusion_kernel_oneshot", "kernel") == "communication"
+    assert categorize("flash_fwd_splitkv_combine_kernel", "kernel") == "attention"
     assert categorize("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNN", "kernel") == "gemm"
     assert categorize("Memcpy PtoP (Device -> Device)", "gpu_memcpy") == "peer_copy"
     assert categorize("Memcpy DtoD (Device -> Device)", "gpu_memcpy") == "memcpy"
@@ -269,9 +271,15 @@ def test_tuner_keeps_the_fastest_runnable_tile_per_batch_size_and_records_the_de
             return 2.0 * m
         return m * (0.5 if (config["BLOCK_SIZE_M"] == 16) == (m < 1000) else 1.5)
 
-    result = tune_vllm_moe.tune(timer, [broken, small, large], [16, 4096], budget_s=60, log=lambda s: None)
+    default = {"BLOCK_SIZE_M": 64}
+    result = tune_vllm_moe.tune(timer, [broken, small, large], [16, 4096], budget_s=60,
+                                default_config=lambda m: default, log=lambda s: None)
     assert result["tried"] == 3
     assert result["by_tokens"][16]["best"] == small and result["by_tokens"][4096]["best"] == large
+    # Where no candidate beats vLLM's default tile, the table keeps the default.
+    kept = tune_vllm_moe.tune(lambda config, m: 1.0 if config is None else 2.0, [small], [16], budget_s=60,
+                              default_config=lambda m: default, log=lambda s: None)
+    assert kept["by_tokens"][16]["best"] == default
     path = tune_vllm_moe.write_configs(tmp_path, "E=64,N=1536,device_name=NVIDIA_H200.json", result, {"gpu": "x"})
     assert json.loads(path.read_text()) == {"16": small, "4096": large}
     record = json.loads((tmp_path / "E=64,N=1536,device_name=NVIDIA_H200.tuning.json").read_text())

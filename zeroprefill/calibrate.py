@@ -14,7 +14,8 @@ Measures, on the GPUs it runs on, what the saturation threshold is made of and w
 4. With 2+ GPUs and torch symmetric memory: the same for the copy-engine transport AsyncEP
    uses by default (``CopyEngineGather``: peer pulls by the copy engines), at 256 MiB and
    1 GiB per rank, and its overlap tax; then 1 GiB pulled over 1, 2 and 4 streams at once
-   (``ZEROPREFILL_ASYNCEP_COPY_STREAMS``), recorded in the profile's notes.
+   (``ZEROPREFILL_ASYNCEP_COPY_STREAMS``), recorded in the profile's notes (with one stream the
+   local shard's copy follows the pulls, with more it overlaps them: a few percent of the gap).
 
 What it cannot measure (one GPU: no collectives; the network between nodes) keeps the
 shipped profile's value for this GPU with a source saying so.
