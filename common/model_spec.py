@@ -189,17 +189,7 @@ class MoEModelSpec:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> MoEModelSpec:
         """Read a model directory (or a ``config.json`` path) into a spec."""
-        path = Path(path)
-        config_path = path / "config.json" if path.is_dir() else path
-        if not config_path.is_file():
-            raise ModelSpecError(
-                f"no config.json at {str(path)!r}: pass a model directory or a config.json file"
-            )
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ModelSpecError(f"{config_path.name} is not valid JSON: {exc}") from exc
-        return cls.from_hf_config(config)
+        return cls.from_hf_config(read_hf_config(path))
 
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any]) -> MoEModelSpec:
@@ -372,3 +362,24 @@ _READERS = {
     "deepseek_v2": _read_deepseek,
     "deepseek_v3": _read_deepseek,
 }
+
+
+def read_hf_config(path: str | Path) -> dict[str, Any]:
+    """A model directory's (or a ``config.json`` path's) config, with a clear error if absent."""
+    path = Path(path)
+    config_path = path / "config.json" if path.is_dir() else path
+    if not config_path.is_file():
+        raise ModelSpecError(f"no config.json at {str(path)!r}: pass a model directory or a config.json file")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelSpecError(f"{config_path.name} is not valid JSON: {exc}") from exc
+
+
+def stored_weight_dtype(config: Mapping[str, Any]) -> str | None:
+    """``"fp8"`` for a block-FP8 checkpoint (``quant_method`` fp8 with ``weight_block_size``),
+    else None: what the checkpoint stores, as the planner names formats."""
+    quantization = config.get("quantization_config") or {}
+    if quantization.get("quant_method") == "fp8" and quantization.get("weight_block_size"):
+        return "fp8"
+    return None

@@ -22,7 +22,7 @@ from zeroprefill.common.hardware import (
     load_profile,
     shipped_profile,
 )
-from zeroprefill.common.model_spec import MoEModelSpec, ModelSpecError
+from zeroprefill.common.model_spec import MoEModelSpec, ModelSpecError, read_hf_config, stored_weight_dtype
 from zeroprefill.common.planner import (
     DEFAULT_MEMORY_UTILIZATION,
     LAYOUT_TITLES,
@@ -90,29 +90,20 @@ def shipped_model_names() -> list[str]:
 
 
 def load_model(model: str) -> tuple[MoEModelSpec, str, str | None]:
-    """A spec from a path, or from a shipped reference config by name; with the checkpoint's
-    own weight format where its config names one (``"fp8"`` for block FP8), else None."""
+    """A spec from a path, or from a shipped reference config by name; with the format the
+    checkpoint stores its weights in where its config names one (:func:`stored_weight_dtype`)."""
     path = Path(model)
     if not path.exists() and model in shipped_model_names():
         resource = resources.files("zeroprefill.common") / "model_configs" / f"{model}.json"
-        config = json.loads(resource.read_text())
-        return MoEModelSpec.from_hf_config(config), model, checkpoint_dtype(config)
-    if not path.exists():
+        config, name = json.loads(resource.read_text()), model
+    elif not path.exists():
         raise ModelSpecError(
             f"--model {model!r} is neither a path nor a shipped config "
             f"({', '.join(shipped_model_names())})"
         )
-    config_path = path / "config.json" if path.is_dir() else path
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    return MoEModelSpec.from_pretrained(path), path.resolve().name if path.is_dir() else path.name, checkpoint_dtype(config)
-
-
-def checkpoint_dtype(config: dict[str, Any]) -> str | None:
-    """``"fp8"`` for a block-FP8 checkpoint (``quant_method`` fp8 with ``weight_block_size``)."""
-    quantization = config.get("quantization_config") or {}
-    if quantization.get("quant_method") == "fp8" and quantization.get("weight_block_size"):
-        return "fp8"
-    return None
+    else:
+        config, name = read_hf_config(path), path.resolve().name if path.is_dir() else path.name
+    return MoEModelSpec.from_hf_config(config), name, stored_weight_dtype(config)
 
 
 def run(args: argparse.Namespace) -> int:
