@@ -96,6 +96,8 @@ def _fused_experts_timer(experts: int, ep_size: int, hidden: int, intermediate: 
     from vllm.model_executor.layers.fused_moe import fused_moe as vllm_fused_moe
     from vllm.model_executor.layers.fused_moe.fused_moe import get_default_config
 
+    from zeroprefill.calibrate import time_cuda_s
+
     prepare = vllm_fused_moe._prepare_expert_assignment
 
     def keep_other_ranks_rows(*args, **kwargs):
@@ -132,19 +134,7 @@ def _fused_experts_timer(experts: int, ep_size: int, hidden: int, intermediate: 
                 call()
             except Exception as exc:  # triton's OutOfResources and kin: this tile does not run here
                 raise RuntimeError(f"{tile}: {exc}") from exc
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            reps = 1
-            while True:
-                start.record()
-                for _ in range(reps):
-                    call()
-                end.record()
-                end.synchronize()
-                elapsed = start.elapsed_time(end) / 1e3
-                if elapsed > 0.02 or reps >= 64:
-                    return elapsed / reps
-                reps *= 4
+            return time_cuda_s(call, min_total_s=0.02)
 
     return run, default
 

@@ -41,9 +41,9 @@ import torch
 pytest.importorskip("vllm")
 
 from tests.vllm_servers import (  # noqa: E402
-    EMBED, TEXTS, gather_buffer_lines, gpu_server_env, mixed_requests, post, send_all, serve_long_requests, values,
+    EMBED, TEXTS, cosines, gather_buffer_lines, gpu_server_pair, mixed_requests, post, send_all, serve_long_requests,
+    values,
 )
-from vllm_zeroprefill.server import VllmServer, asyncep_args, free_port  # noqa: E402
 from zeroprefill.common.model_spec import MoEModelSpec  # noqa: E402
 from zeroprefill.tiny_model import (  # noqa: E402
     TinyMoEConfig, generate_tiny_moe, quantize_checkpoint_block_fp8, write_dummy_checkpoint,
@@ -103,9 +103,7 @@ def tiny_pair(tmp_path_factory):
     """Stock vLLM (1 GPU) and AsyncEP (DP=2) on the same block-FP8 checkpoint."""
     tmp = tmp_path_factory.mktemp("vllm-fp8-gpu")
     model = quantize_checkpoint_block_fp8(generate_tiny_moe(tmp / "tiny-qwen3-moe-fp8", TINY))
-    stock = VllmServer(model, TINY_SERVER_ARGS, tmp / "stock.log", device="cuda", env=gpu_server_env(tmp, "stock"))
-    asyncep = VllmServer(model, [*TINY_SERVER_ARGS, *asyncep_args(2), "--data-parallel-rpc-port", str(free_port())],
-                         tmp / "asyncep.log", device="cuda", env=gpu_server_env(tmp, "asyncep"))
+    stock, asyncep = gpu_server_pair(model, TINY_SERVER_ARGS, tmp, "tiny-fp8")
     try:
         for server in (stock.start(), asyncep.start()):
             server.wait_healthy(timeout_s=900)
@@ -115,15 +113,8 @@ def tiny_pair(tmp_path_factory):
         stock.stop()
 
 
-def _cosines(got: list, want: list) -> np.ndarray:
-    a, b = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    assert a.shape == b.shape, f"shape {a.shape} != {b.shape}"
-    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-
-
 def _worst(record: dict, got: list, want: list) -> float:
-    worst = float(_cosines(got, want).min())
+    worst = float(cosines(got, want).min())
     record["tiny"]["min_cosine"] = min(record["tiny"]["min_cosine"], worst)
     return worst
 
@@ -147,7 +138,7 @@ def test_tiny_fp8_500_mixed_concurrent_requests_all_answered_and_agree(tiny_pair
     record["tiny"]["requests_failed"] += failed
     assert failed == 0, f"{failed} of {len(requests)} requests failed on the AsyncEP server"
     assert all(status == 200 for status, _ in want + alone), "the stock server failed requests"
-    stock_self = min(float(_cosines(values(path, single), values(path, reference)).min())
+    stock_self = min(float(cosines(values(path, single), values(path, reference)).min())
                      for (path, _), (_, reference), (_, single) in zip(requests, want, alone))
     record["tiny"]["stock_batching_min_cosine"] = stock_self
     floor = min(MIN_COSINE, 1 - 1.5 * (1 - stock_self))

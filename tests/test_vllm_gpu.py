@@ -38,10 +38,10 @@ import torch
 pytest.importorskip("vllm")
 
 from tests.vllm_servers import (  # noqa: E402
-    CLASSIFY, EMBED, TEXTS, ServerCase, add_classifier_head, gather_buffer_lines, gpu_server_env, mixed_requests, post,
-    send_all, serve_long_requests, values,
+    CLASSIFY, EMBED, TEXTS, ServerCase, add_classifier_head, cosines, gather_buffer_lines, gpu_server_pair,
+    mixed_requests, post, send_all, serve_long_requests, values,
 )
-from vllm_zeroprefill.server import VllmServer, asyncep_args, free_port  # noqa: E402
+from vllm_zeroprefill.server import VllmServer  # noqa: E402
 from zeroprefill.tiny_model import TinyMoEConfig, generate_tiny_moe, write_dummy_checkpoint  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu, pytest.mark.slow]
@@ -135,13 +135,7 @@ def pairs(tmp_path_factory):
             model_dir = generate_tiny_moe(tmp / case.name, case.model)
             if case.task == "classify":
                 add_classifier_head(model_dir, case.model.hidden_size)
-            args = [*case.runner_args, *TINY_SERVER_ARGS]
-            stock = VllmServer(model_dir, args, tmp / f"{case.name}-stock.log", device="cuda",
-                               env=gpu_server_env(tmp, f"{case.name}-stock"))
-            # Servers started together must not share vLLM's default DP coordination port.
-            dp_port = ["--data-parallel-rpc-port", str(free_port())]
-            asyncep = VllmServer(model_dir, [*args, *asyncep_args(2), *dp_port], tmp / f"{case.name}-asyncep.log",
-                                 device="cuda", env=gpu_server_env(tmp, f"{case.name}-asyncep"))
+            stock, asyncep = gpu_server_pair(model_dir, [*case.runner_args, *TINY_SERVER_ARGS], tmp, case.name)
             servers += [stock.start(), asyncep.start()]
             started[case.name] = Pair(case, str(model_dir), stock, asyncep)
         for server in servers:
@@ -150,13 +144,6 @@ def pairs(tmp_path_factory):
     finally:
         for server in servers:
             server.stop()
-
-
-def _cosines(got: list, want: list) -> np.ndarray:
-    a, b = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
-    assert a.shape == b.shape, f"shape {a.shape} != {b.shape}"
-    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 def _compare(rec: dict, what: str, got: list, want: list, vectors: bool) -> None:
@@ -264,7 +251,7 @@ def test_tiny_500_mixed_concurrent_requests_all_answered_and_agree(pairs, record
 def _deviation(rec: dict, got: list, want: list, vectors: bool) -> float:
     """Record and return the worst cosine (vectors) or largest difference (scores)."""
     if vectors:
-        worst = float(_cosines(got, want).min())
+        worst = float(cosines(got, want).min())
         rec["min_cosine"] = min(rec["min_cosine"], worst)
         return worst
     worst = float(np.abs(np.asarray(got, dtype=np.float64) - np.asarray(want, dtype=np.float64)).max())

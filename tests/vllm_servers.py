@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from vllm_zeroprefill.server import ServerStartError, VllmServer, asyncep_args
+from vllm_zeroprefill.server import ServerStartError, VllmServer, asyncep_args, free_port
 from zeroprefill.tiny_model import TinyMoEConfig
 
 EMBED = ["--runner", "pooling", "--convert", "embed"]
@@ -101,6 +101,28 @@ async def send_all(server: VllmServer, requests, concurrency: int) -> list[tuple
 def gpu_server_env(tmp: Path, name: str) -> dict[str, str]:
     """One compile cache per server: servers that start together never write the same entry."""
     return {"VLLM_CACHE_ROOT": str(tmp / f"cache-{name}"), "VLLM_LOGGING_LEVEL": "INFO"}
+
+
+def gpu_server_pair(model_dir: Path, args: list[str], tmp: Path, name: str) -> tuple[VllmServer, VllmServer]:
+    """Stock vLLM (one GPU) and AsyncEP (DP=2) on ``model_dir`` with ``args``, not started.
+
+    The AsyncEP server gets a DP coordination port of its own: servers started together must
+    not share vLLM's default one.
+    """
+    stock = VllmServer(model_dir, args, tmp / f"{name}-stock.log", device="cuda", env=gpu_server_env(tmp, f"{name}-stock"))
+    asyncep = VllmServer(model_dir, [*args, *asyncep_args(2), "--data-parallel-rpc-port", str(free_port())],
+                         tmp / f"{name}-asyncep.log", device="cuda", env=gpu_server_env(tmp, f"{name}-asyncep"))
+    return stock, asyncep
+
+
+def cosines(got: list, want: list):
+    """Per-row cosine similarity of two equally shaped nested lists (numpy array)."""
+    import numpy as np
+
+    a, b = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert a.shape == b.shape, f"shape {a.shape} != {b.shape}"
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 def gather_buffer_lines(log: str) -> list[str]:
