@@ -179,3 +179,7 @@ def test_bad_streaming_setting_fails_before_any_worker(tiny_moe, monkeypatch):
     monkeypatch.setenv("ZEROPREFILL_ASYNCEP_TRANSPORT", "pigeon")
     with pytest.raises(AsyncEPConfigError, match="ZEROPREFILL_ASYNCEP_TRANSPORT='pigeon' is not a transport"):
         _engine_config(tiny_moe)
+    monkeypatch.delenv("ZEROPREFILL_ASYNCEP_TRANSPORT")
+    monkeypatch.setenv("ZEROPREFILL_EXPERTS_KERNEL", "cutlass")
+    with pytest.raises(AsyncEPConfigError, match="ZEROPREFILL_EXPERTS_KERNEL='cutlass' is not one of auto"):
+        _engine_config(tiny_moe)

@@ -106,6 +106,12 @@ def check_asyncep_config(config: VllmConfig) -> MoEModelSpec:
             "nothing to balance: drop --enable-eplb"
         )
     AsyncEPConfig.from_env()  # a bad ZEROPREFILL_ASYNCEP_* setting fails here, not in a worker
+    from zeroprefill.kernels import experts_kernel_setting
+
+    try:
+        experts_kernel_setting()  # likewise ZEROPREFILL_EXPERTS_KERNEL, read by every experts call
+    except ValueError as exc:
+        raise AsyncEPConfigError(str(exc)) from None
     if getattr(parallel, "enable_dbo", False):
         raise AsyncEPConfigError(
             "--moe-backend asyncep streams each MoE layer once per forward pass, but --enable-dbo "
