@@ -729,7 +729,7 @@ class DeduplicatedEP:
     def finish(self, step: _EPStep) -> torch.Tensor:
         for work in step.works:
             work.wait()
-        back, step.back, step.expert_out = step.back, None, None
+        back, step.back, step.expert_out, step.works = step.back, None, None, []
         return back[step.row_of_hold].sum(dim=0)
 
     def forward(self, layer: int, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, _EPStep]:
@@ -865,6 +865,10 @@ class TwoBatchOverlapStack(_Stack):
         return torch.cat(h)
 
     def close(self) -> None:
+        # Every rank finishes its last exchange on the micro-batch groups before any rank
+        # tears them down: gloo completes a rank's op once its own sends and receives are
+        # done, which can be before the peer has read the last bytes.
+        dist.barrier()
         for group in self.groups:
             dist.destroy_process_group(group)
 

@@ -68,6 +68,7 @@ class GatherHandle:
             raise GatherTimeoutError(str(exc).splitlines()[0]) from exc
         if completed is False:
             raise GatherTimeoutError(f"no completion after {timeout_s:.0f} s")
+        self._work = None  # done: the handle no longer keeps the collective (and its tensors) alive
 
 
 class GatherTransport(ABC):

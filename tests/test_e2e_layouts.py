@@ -288,7 +288,7 @@ def test_benchmark_script_on_cpu(tmp_path):
          "--quick", "--dtypes", "bf16", "--tokens", "64", "--contexts", "16", "--out", str(out)],
         capture_output=True, text=True, timeout=300, env=env, cwd=REPO,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
     result = json.loads(out.read_text())
     assert out.with_suffix(".png").stat().st_size > 0
     layouts = {r["layout"] for r in result["points"]}
