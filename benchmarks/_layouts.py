@@ -62,6 +62,7 @@ from zeroprefill.common.asyncep_model import AsyncEPConfig, build_asyncep_model
 from zeroprefill.common.asyncep_moe import experts_reference, select_experts
 from zeroprefill.common.expert_sharding import ExpertShardLayout
 from zeroprefill.common.model_spec import MoEModelSpec
+from zeroprefill.common.routing_skew import popularity_biases
 
 FP8_DTYPE = torch.float8_e4m3fn
 LAYOUT_FAMILIES = ("dp", "asyncep", "a2a_ep", "a2a_tbo", "tp")
@@ -337,35 +338,12 @@ def balanced_router_bias(first_token: int, tokens: int, cfg: StackConfig, device
     return bias
 
 
-def expected_max_over_mean_load(bias: torch.Tensor, top_k: int, samples: int, seed: int) -> float:
-    """Max/mean expert load of top-k routing over N(0, 1) logits plus ``bias [E]`` (simulated)."""
-    gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(samples, bias.numel(), generator=gen) + bias[None, :]
-    ids = torch.topk(logits, top_k, dim=-1).indices.reshape(-1)
-    load = torch.bincount(ids, minlength=bias.numel()).float()
-    return float(load.max() / load.mean())
-
-
 def skewed_router_bias(cfg: StackConfig, num_layers: int, target_ratio: float, seed: int,
                        samples: int = 32768) -> tuple[torch.Tensor, list[float]]:
-    """Per-layer expert popularity: bias ``alpha_l * z_l`` with ``z_l ~ N(0, 1)^E`` (a
-    log-normal popularity, different hot experts per layer), ``alpha_l`` bisected so that
+    """Per-layer expert popularity of the skew model (:mod:`zeroprefill.common.routing_skew`):
     top-k routing of N(0, 1) router logits plus the bias has max/mean expert load
     ``target_ratio``. Returns ``([layers, E] float32 on CPU, alpha per layer)``."""
-    gen = torch.Generator().manual_seed(seed)
-    rows, alphas = [], []
-    for layer in range(num_layers):
-        z = torch.randn(cfg.num_experts, generator=gen)
-        low, high = 0.0, 4.0
-        for _ in range(20):
-            mid = (low + high) / 2
-            if expected_max_over_mean_load(mid * z, cfg.top_k, samples, seed + layer) < target_ratio:
-                low = mid
-            else:
-                high = mid
-        alphas.append((low + high) / 2)
-        rows.append(alphas[-1] * z)
-    return torch.stack(rows), alphas
+    return popularity_biases(cfg.num_experts, cfg.top_k, num_layers, target_ratio, seed, samples)
 
 
 # -- one decoder layer's pieces ------------------------------------------------------------

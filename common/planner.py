@@ -22,8 +22,9 @@ down. API (all per GPU unless the name says otherwise):
   step to it; at ``headroom=1`` it is the SGLang balancer's per-rank saturation threshold and,
   times the GPUs of a replica, the router's per-replica one.
 - ``memory_plan(deployment, layout, tokens_per_gpu, context_tokens)`` -> :class:`MemoryPlan`;
-  ``predict_step(deployment, layout, tokens_per_gpu, context_tokens)`` ->
-  :class:`StepPrediction`; ``make_plan(deployment, context_tokens, deploy_nodes)`` ->
+  ``predict_step(deployment, layout, tokens_per_gpu, context_tokens, rank_imbalance)`` ->
+  :class:`StepPrediction` (layouts: AsyncEP, deduplicated AllToAll-EP, EP with two-batch
+  overlap, TP); ``make_plan(deployment, context_tokens, deploy_nodes)`` ->
   :class:`Plan` (what ``zeroprefill plan`` prints; ``.to_dict()``).
 
 What overlaps what (AsyncEP, ``d`` = prefetch depth, ``d + 1`` gather buffers). The gather of
@@ -65,8 +66,11 @@ from zeroprefill.common.hardware import (GPU_TRANSPORTS, HardwareProfile, Hardwa
 from zeroprefill.common.model_spec import BYTES_PER_ELEMENT, FP8_WEIGHT_BLOCK, MoEModelSpec
 
 #: Parallel layouts the planner compares.
-LAYOUTS = ("asyncep", "alltoall_ep", "tp")
-LAYOUT_TITLES = {"asyncep": "AsyncEP", "alltoall_ep": "AllToAll-EP", "tp": "TP"}
+LAYOUTS = ("asyncep", "alltoall_ep", "alltoall_ep_tbo", "tp")
+LAYOUT_TITLES = {"asyncep": "AsyncEP", "alltoall_ep": "AllToAll-EP", "alltoall_ep_tbo": "EP two-batch overlap",
+                 "tp": "TP"}
+#: Layouts that run a rank's own experts on tokens sent to it (dispatch/combine, rank imbalance).
+EP_LAYOUTS = ("alltoall_ep", "alltoall_ep_tbo")
 #: Weight formats the planner plans for (compute runs in the same format).
 PLAN_DTYPES = ("bf16", "fp8")
 #: The runtime's default transport (``make_transport("auto", ...)``); :func:`resolve_transport`.
@@ -75,6 +79,8 @@ AUTO_TRANSPORT = "auto"
 PLAN_TRANSPORTS = (AUTO_TRANSPORT, *GPU_TRANSPORTS)
 #: Activations and KV cache stay bf16 whatever the weight format.
 ACTIVATION_BYTES = 2
+#: One routing slot of a dispatched row: the expert id (int32) and its weight (fp32).
+ROUTING_SLOT_BYTES = 8
 #: Resident activation tensors per token outside attention and experts: residual stream,
 #: its normed copy, attention output, MoE output.
 RESIDUAL_COPIES = 4
@@ -362,7 +368,7 @@ def activation_bytes_per_token(spec: MoEModelSpec, layout: str, num_gpus: int) -
         qkv = a.num_heads * a.head_dim + 2 * a.num_kv_heads * a.head_dim
     split = num_gpus if layout == "tp" else 1
     moe = k * (2 * h + 3 * i // split)
-    if layout == "alltoall_ep":
+    if layout in EP_LAYOUTS:
         moe += k * 2 * h
     return ACTIVATION_BYTES * (RESIDUAL_COPIES * h + qkv // split + moe)
 
@@ -431,19 +437,31 @@ class StepPrediction:
 
 
 def predict_step(
-    deployment: Deployment, layout: str, tokens_per_gpu: int, context_tokens: int
+    deployment: Deployment, layout: str, tokens_per_gpu: int, context_tokens: int,
+    rank_imbalance: float = 1.0,
 ) -> StepPrediction:
     """Forward time of ``layout`` with ``tokens_per_gpu`` tokens of ``C``-token prompts per GPU.
 
-    AsyncEP: each MoE layer ``t_g + max(0, F - t_g R_eff) / R`` (module docstring). AllToAll-EP
-    (perfectly balanced routing, its best case): ``F / R`` plus dispatch and combine, each
-    ``T * top_k * hidden * 2 bytes * (N - 1) / N / alltoall_bus_bw``, not overlapped. TP: the
-    group runs ``N * T`` tokens, ``F / N / R`` per GPU plus two AllReduces per layer of the
-    ``N * T * hidden`` bf16 activations at ``2 (N - 1) / N`` bytes over the AllGather bus
-    bandwidth (ring AllReduce = ReduceScatter + AllGather). Every layer also waits at least for
-    its weights to stream from HBM. No LM head.
+    AsyncEP: each MoE layer ``t_g + max(0, F - t_g R_eff) / R`` (module docstring). AllToAll-EP,
+    deduplicated as DeepEP's normal mode sends (a token goes once to each remote rank that holds
+    one of its experts, :func:`remote_ranks_per_token`, with its routing slots; the expert side
+    sums its share and sends one row back): ``F / R`` plus dispatch and combine at the AllToAll
+    bus bandwidth, not overlapped. EP with two-batch overlap (SGLang's TBO: two micro-batches,
+    each one's dispatch/combine under the other's compute): the AsyncEP formula with the
+    exchange ``t_x`` = dispatch + combine in place of ``t_g``, ``t_x + max(0, F - t_x R_nccl) /
+    R``, ``R_nccl`` the GEMM rate under an NCCL collective; ideal overlap, the layout's best
+    case (half-size GEMMs are taken to run at ``R``, the host's wait for the counts is free). In both EP layouts the routed
+    experts' FLOPs are multiplied by ``rank_imbalance``, the max/mean EP-rank load
+    (:func:`zeroprefill.common.routing_skew.expected_rank_imbalance`; 1.0 = balanced routing,
+    EP's best case); AsyncEP and TP split tokens, not experts, and ignore it. TP: the group runs
+    ``N * T`` tokens, ``F / N / R`` per GPU plus two AllReduces per layer of the ``N * T *
+    hidden`` bf16 activations at ``2 (N - 1) / N`` bytes over the AllGather bus bandwidth (ring
+    AllReduce = ReduceScatter + AllGather). Every layer also waits at least for its weights to
+    stream from HBM. No LM head.
     """
     _check_layout(layout)
+    if rank_imbalance < 1.0:
+        raise PlanError(f"rank_imbalance is max/mean rank load, at least 1.0; got {rank_imbalance}")
     spec, profile, dtype = deployment.spec, deployment.profile, deployment.dtype
     rate = profile.compute_tflops(dtype) * 1e12
     hbm = profile.hbm_gbps.value * 1e9
@@ -451,10 +469,12 @@ def predict_step(
     t_g = gather_time_s(deployment) if layout == "asyncep" else 0.0
     r_eff = effective_tflops(deployment) * 1e12 if t_g else rate
     attention_bytes = attention_matmul_params(spec.attention, spec.hidden_size) * _weight_bytes(dtype)
+    exchange_s = alltoall_exchange_time_s(deployment, t) if layout in EP_LAYOUTS else 0.0
     flops_total = 0
     step = 0.0
     for layer in range(spec.num_layers):
-        flops = layer_flops_at_context(spec, layer, t, context_tokens).total
+        layer_flops = layer_flops_at_context(spec, layer, t, context_tokens)
+        flops = layer_flops.total
         flops_total += flops
         moe = layer in spec.moe_layer_indices
         if layout == "tp":
@@ -475,15 +495,16 @@ def predict_step(
         floor = (attention_bytes + experts_read * expert_bytes(spec, dtype)) / hbm
         if layout == "asyncep" and t_g:
             layer_time = t_g + max(0.0, flops - t_g * r_eff) / rate
+        elif layout in EP_LAYOUTS:
+            ep_flops = flops + (rank_imbalance - 1.0) * layer_flops.routed_experts
+            if layout == "alltoall_ep_tbo" and exchange_s:
+                # As AsyncEP's gather: compute runs at R_eff while the exchange is on the wire.
+                r_nccl = rate / (1 + profile.gather("nccl").gemm_slowdown.value)
+                layer_time = exchange_s + max(0.0, ep_flops - exchange_s * r_nccl) / rate
+            else:
+                layer_time = ep_flops / rate + exchange_s
         else:
             layer_time = flops / rate
-        if layout == "alltoall_ep" and n > 1:
-            if profile.alltoall_bus_gbps is None:
-                raise HardwareProfileError(
-                    f"profile {profile.name!r} has no AllToAll bandwidth; use a multi-GPU profile"
-                )
-            message = t * spec.top_k * spec.hidden_size * ACTIVATION_BYTES
-            layer_time += 2 * message * (n - 1) / n / (profile.alltoall_bus_gbps.value * 1e9)
         step += max(layer_time, floor)
     compute_time = flops_total / rate
     return StepPrediction(
@@ -496,6 +517,41 @@ def predict_step(
         tokens_per_s=t / step if step else 0.0,
         mfu=flops_total / step / (profile.peak(dtype) * 1e12) if step else 0.0,
     )
+
+
+def remote_ranks_per_token(num_experts: int, top_k: int, num_ranks: int) -> float:
+    """Expected number of *other* ranks holding at least one of a token's ``top_k`` experts.
+
+    Uniform routing over ``E`` experts in ``N`` equal shards: a given rank holds none of the
+    ``k`` experts with probability ``C(E - E/N, k) / C(E, k)``; each of the ``N - 1`` other
+    ranks is hit with the complement. Under top-8 of 128 experts that is 0.99 of 1 other rank at
+    N = 2 and 4.7 of 7 at N = 8, against 4 and 7 (token, expert) pairs a per-pair dispatch sends.
+    """
+    per_rank = num_experts // num_ranks
+    if num_ranks <= 1:
+        return 0.0
+    miss = math.comb(num_experts - per_rank, top_k) / math.comb(num_experts, top_k)
+    return (num_ranks - 1) * (1.0 - miss)
+
+
+def alltoall_exchange_time_s(deployment: Deployment, tokens_per_gpu: int) -> float:
+    """Dispatch + combine of one MoE layer for ``tokens_per_gpu`` tokens, deduplicated.
+
+    Dispatch rows carry the token (bf16) and its ``k`` routing slots (int32 expert id and fp32
+    weight each), combine rows the expert side's summed output (bf16); both at the profile's
+    AllToAll bus bandwidth (``t = bytes to other ranks / bus_bw``).
+    """
+    spec, n = deployment.spec, deployment.num_gpus
+    if n <= 1:
+        return 0.0
+    if deployment.profile.alltoall_bus_gbps is None:
+        raise HardwareProfileError(
+            f"profile {deployment.profile.name!r} has no AllToAll bandwidth; use a multi-GPU profile"
+        )
+    rows = tokens_per_gpu * remote_ranks_per_token(spec.num_experts, spec.top_k, n)
+    dispatch_row = spec.hidden_size * ACTIVATION_BYTES + spec.top_k * ROUTING_SLOT_BYTES
+    combine_row = spec.hidden_size * ACTIVATION_BYTES
+    return rows * (dispatch_row + combine_row) / (deployment.profile.alltoall_bus_gbps.value * 1e9)
 
 
 # -- the plan ------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ arithmetic, step predictions, multi-node, and the `zeroprefill plan` CLI."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,10 @@ from zeroprefill.common.cost_model import layer_flops_at_context
 from zeroprefill.common.hardware import shipped_profile
 from zeroprefill.common.model_spec import MoEModelSpec
 from zeroprefill.common.planner import (
+    LAYOUTS,
     Deployment,
     PlanError,
+    alltoall_exchange_time_s,
     effective_tflops,
     forward_flops_at_threshold,
     gather_time_s,
@@ -22,6 +25,7 @@ from zeroprefill.common.planner import (
     make_plan,
     memory_plan,
     predict_step,
+    remote_ranks_per_token,
     saturation_threshold_flops,
     resolve_transport,
     saturation_threshold_tokens,
@@ -140,11 +144,42 @@ def test_asyncep_step_is_comm_bound_below_threshold_and_taxed_above(q235, h200x4
     assert at.exposed_fraction == pytest.approx(1 - 1 / 1.12, abs=1e-3)  # only the overlap tax
     above = predict_step(nccl(q235, h200x4, 4, "bf16"), "asyncep", 4 * tokens, 4096)
     assert above.exposed_fraction < at.exposed_fraction / 3
-    ep = predict_step(nccl(q235, h200x4, 4, "bf16"), "alltoall_ep", tokens, 4096)
-    # Dispatch + combine: 2 x tokens x 8 x 4096 x 2 B x 3/4 at 312 GB/s per layer, not hidden.
-    a2a = 2 * tokens * 8 * 4096 * 2 * 3 / 4 / 312e9
-    assert ep.step_time_s == pytest.approx(ep.compute_time_s + 94 * a2a, rel=1e-6)
     assert 0 < at.mfu < 709 / 989
+
+
+def test_alltoall_ep_sends_each_token_once_per_remote_rank(q235, h200x4):
+    deployment = nccl(q235, h200x4, 4, "bf16")
+    tokens = 8192
+    # 3 other ranks, each missing all 8 of a token's experts with probability C(96, 8) / C(128, 8).
+    remote = 3 * (1 - math.comb(96, 8) / math.comb(128, 8))
+    assert remote_ranks_per_token(128, 8, 4) == pytest.approx(remote)
+    assert remote_ranks_per_token(128, 8, 1) == 0.0
+    assert 2.7 < remote < 3 and remote_ranks_per_token(128, 8, 8) < 8 * 7 / 8  # fewer rows than pairs
+    # Dispatch rows: the token in bf16 + 8 routing slots of 8 B; combine rows: bf16; at 312 GB/s.
+    exchange = tokens * remote * (4096 * 2 + 8 * 8 + 4096 * 2) / 312e9
+    assert alltoall_exchange_time_s(deployment, tokens) == pytest.approx(exchange)
+    ep = predict_step(deployment, "alltoall_ep", tokens, 4096)
+    assert ep.step_time_s == pytest.approx(ep.compute_time_s + 94 * exchange, rel=1e-6)
+
+
+def test_two_batch_overlap_hides_the_exchange_and_skew_slows_only_ep(q235, h200x4):
+    deployment = nccl(q235, h200x4, 4, "bf16")
+    ep = predict_step(deployment, "alltoall_ep", 16384, 4096)
+    tbo = predict_step(deployment, "alltoall_ep_tbo", 16384, 4096)
+    # Compute-bound at 16K tokens: the exchange is hidden but slows the GEMMs under it.
+    exchange = alltoall_exchange_time_s(deployment, 16384)
+    rate = h200x4.compute_tflops("bf16") * 1e12
+    tax = exchange * (1 - 1 / (1 + h200x4.gather("nccl").gemm_slowdown.value))
+    assert tbo.step_time_s == pytest.approx(ep.compute_time_s + 94 * tax, rel=1e-6)
+    assert tbo.step_time_s < ep.step_time_s
+    skewed = predict_step(deployment, "alltoall_ep_tbo", 16384, 4096, rank_imbalance=1.2)
+    routed = sum(layer_flops_at_context(q235, layer, 16384, 4096).routed_experts for layer in range(94))
+    assert skewed.step_time_s == pytest.approx(tbo.step_time_s + 0.2 * routed / rate, rel=1e-6)
+    for layout in ("asyncep", "tp"):
+        assert (predict_step(deployment, layout, 16384, 4096, rank_imbalance=1.2)
+                == predict_step(deployment, layout, 16384, 4096))
+    with pytest.raises(PlanError, match="at least 1.0"):
+        predict_step(deployment, "alltoall_ep", 16384, 4096, rank_imbalance=0.9)
 
 
 def test_plan_suggests_what_fits_and_multinode_recommends_replicas(q235, h200x4):
@@ -200,7 +235,7 @@ def test_plan_cli_table_and_json(capsys):
     assert data["num_gpus"] == 2 and data["profile"] == "h200x2"
     assert [c["context_tokens"] for c in data["contexts"]] == [512, 4096, 32768]
     assert data["multinode"]["nodes"] == 2
-    assert set(data["contexts"][0]["steps"]) == {"asyncep", "alltoall_ep", "tp"}
+    assert set(data["contexts"][0]["steps"]) == {"asyncep", "alltoall_ep", "alltoall_ep_tbo", "tp"}
 
 
 @pytest.mark.parametrize(
@@ -269,12 +304,12 @@ def test_plan_tables_keep_their_columns_apart_on_a_tiny_model(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert main(["plan", "--model", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    width = 2 + 8 + 3 * LAYOUT_COLUMN
+    width = 2 + 8 + len(LAYOUTS) * LAYOUT_COLUMN
     rows = [line for line in lines if line[:10].strip().isdigit() and len(line) > 40]
     assert len(rows) == 6  # three contexts in the memory table, three in the step table
     for row in rows:
         assert len(row) == width, row
-        cells = [row[10 + i * LAYOUT_COLUMN: 10 + (i + 1) * LAYOUT_COLUMN] for i in range(3)]
+        cells = [row[10 + i * LAYOUT_COLUMN: 10 + (i + 1) * LAYOUT_COLUMN] for i in range(len(LAYOUTS))]
         assert all(cell.startswith("  ") for cell in cells), row  # never touching the cell before
     step_rows = rows[3:]
     assert all(" us |" in row and " 0 |" not in row for row in step_rows)  # microseconds, not "0 ms"
