@@ -89,6 +89,11 @@ LAYOUTS = {
     layout.name: layout
     for layout in [
         Layout("stock-dp2-ep", ("--data-parallel-size", "2", "--enable-expert-parallel")),
+        # vLLM's dual-batch overlap (its two-batch overlap: two micro-batches, one's exchange
+        # under the other's compute; steps above --dbo-prefill-token-threshold, 512 tokens).
+        # It yields inside the modular MoE kernels' dispatch/combine; whether the default
+        # all-gather/reduce-scatter backend overlaps anything is what the run shows.
+        Layout("stock-dp2-ep-dbo", ("--data-parallel-size", "2", "--enable-expert-parallel", "--enable-dbo")),
         Layout("stock-tp2", ("--tensor-parallel-size", "2")),
         Layout("stock-tp2-ep", ("--tensor-parallel-size", "2", "--enable-expert-parallel")),
         # TP=2 fuses all-reduce with RMSNorm through FlashInfer, whose "auto" backend picks
