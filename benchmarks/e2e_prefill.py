@@ -50,7 +50,10 @@ algorithm needs (``_layouts.*_minimum_bytes``: EP one hidden row per (token, rem
 holding one of its experts) each way; AsyncEP (N-1)/N of a layer's expert bytes; TP two
 ring all-reduces), from one untimed accounting pass per point. The predicted saturation
 threshold comes from ``zeroprefill.common.planner.saturation_threshold_tokens``
-with the shipped hardware profile of the GPU and GPU count.
+with the shipped hardware profile of the GPU and GPU count, and every point carries the
+planner's ``predict_step`` for its layout beside the measurement (``predicted_ms_per_layer``,
+``planner_error`` = predicted / measured - 1; ``summary.planner_max_error`` over Qwen3-235B
+bf16 from 16K tokens/GPU: issue 18's ±10% check).
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \\
         python benchmarks/e2e_prefill.py --gpus 2 --out benchmarks/results/e2e_prefill-h200x2.json
@@ -351,10 +354,65 @@ def thresholds(raw: dict) -> dict[str, dict]:
     return out
 
 
+#: The planner layout each harness family is predicted as (``dp``: AsyncEP on one GPU, no gather).
+PLANNER_LAYOUT = {"dp": "asyncep", "asyncep": "asyncep", "a2a_ep": "alltoall_ep", "a2a_tbo": "alltoall_ep_tbo",
+                  "tp": "tp"}
+
+
+def predictions(raw: dict) -> dict[str, float] | str:
+    """The planner's ms per layer for every record (keyed by :func:`_record_key`), or why not.
+
+    ``predict_step`` on the shipped profile of the GPU and GPU count the sweep ran on, for the
+    same model, format, context and tokens per GPU, divided by the model's layer count (the
+    harness's layers have the model's shapes). AsyncEP with the record's transport. EP layouts:
+    under balanced routing a token's experts sit on one rank, so a token goes to
+    ``(N - 1) / N`` other ranks on average; under skewed routing to as many as uniform routing
+    sends it, at the EP-rank imbalance the sweep achieved (its ``dp`` record's routing
+    balance), else the skew model's expectation.
+    """
+    from zeroprefill.common.hardware import HardwareProfileError, shipped_profile
+    from zeroprefill.common.planner import Deployment, predict_step
+    from zeroprefill.common.routing_skew import expected_rank_imbalance
+
+    meta = raw["meta"]
+    kind = _gpu_kind(meta["gpu"])
+    try:
+        profile = shipped_profile(kind, meta["world_size"]) if kind else None
+    except HardwareProfileError:
+        profile = None
+    if profile is None:
+        return f"no shipped hardware profile for {meta['gpu']!r} x{meta['world_size']}"
+    achieved = {(r["model"], r["dtype"], r["context"], r["tokens_per_gpu"]): r["routing_balance"]["ep_rank_max_over_mean"]
+                for r in raw["records"] if r["family"] == "dp" and r["routing"] == "skewed" and "routing_balance" in r}
+    out = {}
+    for r in raw["records"]:
+        if r["family"] == "asyncep" and r["transport"] not in ("nccl", "copy_engine"):
+            continue
+        spec, _ = load_model(r["model"])
+        gpus = 1 if r["family"] == "dp" else meta["world_size"]
+        transport = r["transport"] if r["family"] == "asyncep" else "nccl"
+        deployment = Deployment(spec, profile, gpus, r["dtype"], transport, prefetch_depth=r["prefetch_depth"] or 1)
+        imbalance, remote = 1.0, None
+        if r["routing"] == "balanced":
+            remote = (gpus - 1) / gpus
+        elif r["family"] in ("a2a_ep", "a2a_tbo"):
+            imbalance = achieved.get((r["model"], r["dtype"], r["context"], r["tokens_per_gpu"])) or \
+                expected_rank_imbalance(spec.num_experts, spec.top_k, gpus, SKEW_TARGET)
+        step = predict_step(deployment, PLANNER_LAYOUT[r["family"]], r["tokens_per_gpu"], r["context"],
+                            rank_imbalance=max(imbalance, 1.0), remote_ranks=remote)
+        out[_record_key(r)] = step.step_time_s * 1e3 / spec.num_layers
+    return out
+
+
+def _record_key(r: dict) -> str:
+    return f"{r['model']}/{r['dtype']}/{r['layout']}/{r['routing']}/{r['context']}/{r['tokens_per_gpu']}"
+
+
 def summarize(raw: dict, command: str) -> dict:
     meta = raw["meta"]
     world_size = meta["world_size"]
     threshold = thresholds(raw)
+    predicted = predictions(raw)
     by_point: dict[tuple, dict[str, dict]] = {}
     for r in raw["records"]:
         by_point.setdefault((r["model"], r["dtype"], r["context"], r["tokens_per_gpu"], r["routing"]), {})[r["layout"]] = r
@@ -379,9 +437,35 @@ def summarize(raw: dict, command: str) -> dict:
             row["above_threshold"] = None if limit is None else tokens >= limit
             if dp is not None and "routing_balance" in dp:
                 row["routing_balance"] = dp["routing_balance"]
+            row["predicted_ms_per_layer"] = predicted.get(_record_key(r)) if isinstance(predicted, dict) else None
+            row["planner_error"] = None if row["predicted_ms_per_layer"] is None else \
+                row["predicted_ms_per_layer"] / r["ms_per_layer"] - 1.0
             rows.append(row)
-    return {"summary": headline(rows, meta, raw.get("skipped", [])), "meta": meta, "thresholds": threshold,
+    summary = headline(rows, meta, raw.get("skipped", []))
+    summary.update(planner_errors(rows, predicted))
+    return {"summary": summary, "meta": meta, "thresholds": threshold,
             "points": rows, "skipped": raw.get("skipped", []), "records": raw["records"], "command": command}
+
+
+def planner_errors(rows: list[dict], predicted: dict[str, float] | str) -> dict:
+    """``planner_max_error``: the largest ``|predicted / measured - 1|`` of the planner's step
+    time over the Qwen3-235B bf16 points from 16K tokens/GPU, every layout (issue 18's ±10%
+    target), with the signed range per layout (the planner is a GEMM-rate bound: negative
+    means it predicts faster than measured)."""
+    model = "qwen3-235b-a22b"
+    chosen = [r for r in rows if r["model"] == model and r["dtype"] == "bf16"
+              and r["tokens_per_gpu"] >= LARGE_BATCH_TOKENS and r["planner_error"] is not None]
+    if not chosen:
+        reason = predicted if isinstance(predicted, str) else \
+            f"no {model} bf16 point from {LARGE_BATCH_TOKENS} tokens/GPU with a prediction was run"
+        return {"planner_max_error": None, "planner_error_by_layout": None,
+                "planner_error_reason": reason}
+    by_layout: dict[str, list[float]] = {}
+    for r in chosen:
+        by_layout.setdefault(r["layout"], []).append(r["planner_error"])
+    return {"planner_max_error": max(abs(r["planner_error"]) for r in chosen),
+            "planner_error_by_layout": {k: [min(v), max(v)] for k, v in sorted(by_layout.items())},
+            "planner_profile": "shipped (zeroprefill.common.hardware.shipped_profile)"}
 
 
 def _best_asyncep(rows: list[dict], keep: Callable[[dict], bool]) -> list[dict]:
@@ -501,6 +585,9 @@ def print_table(result: dict) -> None:
           f"timing: {s['timing']}")
     for key in (*HEADLINE_KEYS, "baseline_bytes_per_layer"):
         print(f"{key}: {s[key]}" + (f"  ({s['reasons'][key]})" if key in s["reasons"] else ""))
+    print(f"planner_max_error: {s['planner_max_error']}"
+          + (f"  ({s['planner_error_reason']})" if s.get("planner_error_reason") else
+             f"  by layout {s['planner_error_by_layout']}"))
     for key in ("skew_achieved_expert_max_over_mean", "skew_achieved_ep_rank_max_over_mean"):
         if key in s:
             print(f"{key}: {s[key][0]:.2f} .. {s[key][1]:.2f}")

@@ -438,7 +438,7 @@ class StepPrediction:
 
 def predict_step(
     deployment: Deployment, layout: str, tokens_per_gpu: int, context_tokens: int,
-    rank_imbalance: float = 1.0,
+    rank_imbalance: float = 1.0, remote_ranks: float | None = None,
 ) -> StepPrediction:
     """Forward time of ``layout`` with ``tokens_per_gpu`` tokens of ``C``-token prompts per GPU.
 
@@ -453,8 +453,9 @@ def predict_step(
     case (half-size GEMMs are taken to run at ``R``, the host's wait for the counts is free). In both EP layouts the routed
     experts' FLOPs are multiplied by ``rank_imbalance``, the max/mean EP-rank load
     (:func:`zeroprefill.common.routing_skew.expected_rank_imbalance`; 1.0 = balanced routing,
-    EP's best case); AsyncEP and TP split tokens, not experts, and ignore it. TP: the group runs
-    ``N * T`` tokens, ``F / N / R`` per GPU plus two AllReduces per layer of the ``N * T *
+    EP's best case); AsyncEP and TP split tokens, not experts, and ignore it. ``remote_ranks``:
+    the other ranks a token goes to, where the caller knows its routing's locality (default
+    :func:`remote_ranks_per_token`, uniform routing). TP: the group runs ``N * T`` tokens, ``F / N / R`` per GPU plus two AllReduces per layer of the ``N * T *
     hidden`` bf16 activations at ``2 (N - 1) / N`` bytes over the AllGather bus bandwidth (ring
     AllReduce = ReduceScatter + AllGather). Every layer also waits at least for its weights to
     stream from HBM. No LM head.
@@ -469,7 +470,7 @@ def predict_step(
     t_g = gather_time_s(deployment) if layout == "asyncep" else 0.0
     r_eff = effective_tflops(deployment) * 1e12 if t_g else rate
     attention_bytes = attention_matmul_params(spec.attention, spec.hidden_size) * _weight_bytes(dtype)
-    exchange_s = alltoall_exchange_time_s(deployment, t) if layout in EP_LAYOUTS else 0.0
+    exchange_s = alltoall_exchange_time_s(deployment, t, remote_ranks) if layout in EP_LAYOUTS else 0.0
     flops_total = 0
     step = 0.0
     for layer in range(spec.num_layers):
@@ -534,12 +535,13 @@ def remote_ranks_per_token(num_experts: int, top_k: int, num_ranks: int) -> floa
     return (num_ranks - 1) * (1.0 - miss)
 
 
-def alltoall_exchange_time_s(deployment: Deployment, tokens_per_gpu: int) -> float:
+def alltoall_exchange_time_s(deployment: Deployment, tokens_per_gpu: int, remote_ranks: float | None = None) -> float:
     """Dispatch + combine of one MoE layer for ``tokens_per_gpu`` tokens, deduplicated.
 
-    Dispatch rows carry the token (bf16) and its ``k`` routing slots (int32 expert id and fp32
-    weight each), combine rows the expert side's summed output (bf16); both at the profile's
-    AllToAll bus bandwidth (``t = bytes to other ranks / bus_bw``).
+    Each token goes to ``remote_ranks`` other ranks (default :func:`remote_ranks_per_token`,
+    uniform routing). Dispatch rows carry the token (bf16) and its ``k`` routing slots (int32
+    expert id and fp32 weight each), combine rows the expert side's summed output (bf16); both
+    at the profile's AllToAll bus bandwidth (``t = bytes to other ranks / bus_bw``).
     """
     spec, n = deployment.spec, deployment.num_gpus
     if n <= 1:
@@ -548,7 +550,9 @@ def alltoall_exchange_time_s(deployment: Deployment, tokens_per_gpu: int) -> flo
         raise HardwareProfileError(
             f"profile {deployment.profile.name!r} has no AllToAll bandwidth; use a multi-GPU profile"
         )
-    rows = tokens_per_gpu * remote_ranks_per_token(spec.num_experts, spec.top_k, n)
+    if remote_ranks is None:
+        remote_ranks = remote_ranks_per_token(spec.num_experts, spec.top_k, n)
+    rows = tokens_per_gpu * remote_ranks
     dispatch_row = spec.hidden_size * ACTIVATION_BYTES + spec.top_k * ROUTING_SLOT_BYTES
     combine_row = spec.hidden_size * ACTIVATION_BYTES
     return rows * (dispatch_row + combine_row) / (deployment.profile.alltoall_bus_gbps.value * 1e9)

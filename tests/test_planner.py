@@ -158,6 +158,7 @@ def test_alltoall_ep_sends_each_token_once_per_remote_rank(q235, h200x4):
     # Dispatch rows: the token in bf16 + 8 routing slots of 8 B; combine rows: bf16; at 312 GB/s.
     exchange = tokens * remote * (4096 * 2 + 8 * 8 + 4096 * 2) / 312e9
     assert alltoall_exchange_time_s(deployment, tokens) == pytest.approx(exchange)
+    assert alltoall_exchange_time_s(deployment, tokens, remote_ranks=1.5) == pytest.approx(exchange * 1.5 / remote)
     ep = predict_step(deployment, "alltoall_ep", tokens, 4096)
     assert ep.step_time_s == pytest.approx(ep.compute_time_s + 94 * exchange, rel=1e-6)
 
