@@ -39,6 +39,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -227,6 +229,26 @@ def profile_kernels(fn, steps: int = 3) -> dict[str, float]:
     return {name: round(ms, 4) for name, ms in sorted(times.items(), key=lambda kv: -kv[1])}
 
 
+def sides(layer: Layer, x: torch.Tensor, tw: torch.Tensor, ti: torch.Tensor, triton_cfg: MoEConfig,
+          fp8_cfg: MoEConfig) -> dict[str, Callable[[], torch.Tensor]]:
+    """Every measured side at one token count, as calls (the same ones are timed and profiled)."""
+    return {
+        "bf16_triton": lambda: fused_experts(x, layer.w13, layer.w2, tw, ti, config=triton_cfg),
+        "bf16_gmm_ours": lambda: fused_experts(x, layer.w13, layer.w2, tw, ti, config=MoEConfig(backend=GROUPED_MM)),
+        "grouped_mm": lambda: grouped_mm_baseline(x, layer.w13, layer.w2, tw, ti),
+        "fp8": lambda: fused_experts(x, layer.w13_fp8, layer.w2_fp8, tw, ti, w13_scale=layer.w13_scale,
+                                     w2_scale=layer.w2_scale, config=fp8_cfg),
+        "fp8_rowwise": lambda: fused_experts(x, layer.w13_fp8_rowwise, layer.w2_fp8_rowwise, tw, ti,
+                                             w13_scale=layer.w13_rowwise_scale, w2_scale=layer.w2_rowwise_scale,
+                                             config=MoEConfig(backend=GROUPED_MM)),
+        "fp8_rowwise_fast_accum": lambda: grouped_mm_experts(  # same span: alignment included
+            x, layer.w13_fp8_rowwise, layer.w2_fp8_rowwise, tw,
+            moe_align_block_size(ti, layer.num_experts, GROUPED_MM_ALIGN_M), layer.w13_rowwise_scale,
+            layer.w2_rowwise_scale, fast_accum=True),
+        **deepgemm_calls(layer, x, tw, ti),
+    }
+
+
 def deepgemm_calls(layer: Layer, x: torch.Tensor, tw: torch.Tensor, ti: torch.Tensor) -> dict:
     """The DeepGEMM sides (bf16, block FP8), or none where DeepGEMM does not load."""
     if deepgemm_unavailable_reason() is not None:
@@ -252,23 +274,7 @@ def run_benchmark(shapes: dict, tokens: list[int], profile_tokens: int, select_b
             x, tw, ti = layer.inputs(num_tokens)
             triton_cfg = get_config(num_tokens, k, e, h, i, False, x.device, allow_grouped_mm=False)
             fp8_cfg = get_config(num_tokens, k, e, h, i, True, x.device)
-            fns = {
-                "bf16_triton": lambda: fused_experts(x, layer.w13, layer.w2, tw, ti, config=triton_cfg),
-                "bf16_gmm_ours": lambda: fused_experts(x, layer.w13, layer.w2, tw, ti,
-                                                       config=MoEConfig(backend=GROUPED_MM)),
-                "grouped_mm": lambda: grouped_mm_baseline(x, layer.w13, layer.w2, tw, ti),
-                "fp8": lambda: fused_experts(x, layer.w13_fp8, layer.w2_fp8, tw, ti, w13_scale=layer.w13_scale,
-                                             w2_scale=layer.w2_scale, config=fp8_cfg),
-                "fp8_rowwise": lambda: fused_experts(x, layer.w13_fp8_rowwise, layer.w2_fp8_rowwise, tw, ti,
-                                                     w13_scale=layer.w13_rowwise_scale,
-                                                     w2_scale=layer.w2_rowwise_scale,
-                                                     config=MoEConfig(backend=GROUPED_MM)),
-                "fp8_rowwise_fast_accum": lambda: grouped_mm_experts(  # same span: alignment included
-                    x, layer.w13_fp8_rowwise, layer.w2_fp8_rowwise, tw,
-                    moe_align_block_size(ti, e, GROUPED_MM_ALIGN_M), layer.w13_rowwise_scale,
-                    layer.w2_rowwise_scale, fast_accum=True),
-                **deepgemm_calls(layer, x, tw, ti),
-            }
+            fns = sides(layer, x, tw, ti, triton_cfg, fp8_cfg)
             refs = {"bf16": fused_experts_reference(x, layer.w13, layer.w2, tw, ti).float()}
             err, ms = {}, {}
             for side, fn in fns.items():
@@ -304,20 +310,10 @@ def run_benchmark(shapes: dict, tokens: list[int], profile_tokens: int, select_b
             points.append(point)
             if point["tokens"] == profile_tokens:
                 x, tw, ti = layer.inputs(profile_tokens)
-                triton_cfg = MoEConfig.from_json(point["config_bf16_triton"])
                 shipped_cfg = get_config(profile_tokens, k, e, h, i, False, x.device)
-                fp8_cfg = MoEConfig.from_json(point["config_fp8"])
-                calls = {
-                    "bf16": lambda: fused_experts(x, layer.w13, layer.w2, tw, ti, config=shipped_cfg),
-                    "bf16_triton": lambda: fused_experts(x, layer.w13, layer.w2, tw, ti, config=triton_cfg),
-                    "grouped_mm": lambda: grouped_mm_baseline(x, layer.w13, layer.w2, tw, ti),
-                    "fp8": lambda: fused_experts(x, layer.w13_fp8, layer.w2_fp8, tw, ti, w13_scale=layer.w13_scale,
-                                                 w2_scale=layer.w2_scale, config=fp8_cfg),
-                    "fp8_rowwise": lambda: fused_experts(x, layer.w13_fp8_rowwise, layer.w2_fp8_rowwise, tw, ti,
-                                                         w13_scale=layer.w13_rowwise_scale,
-                                                         w2_scale=layer.w2_rowwise_scale,
-                                                         config=MoEConfig(backend=GROUPED_MM)),
-                    **deepgemm_calls(layer, x, tw, ti)}
+                calls = {"bf16": partial(fused_experts, x, layer.w13, layer.w2, tw, ti, config=shipped_cfg),
+                         **sides(layer, x, tw, ti, MoEConfig.from_json(point["config_bf16_triton"]),
+                                 MoEConfig.from_json(point["config_fp8"]))}
                 profiles[name] = {"tokens": profile_tokens}
                 for side, fn in calls.items():
                     if side in point["ms"]:  # paths that failed above are not profiled
