@@ -71,6 +71,14 @@ LAYOUT_TITLES = {"asyncep": "AsyncEP", "alltoall_ep": "AllToAll-EP", "alltoall_e
                  "tp": "TP"}
 #: Layouts that run a rank's own experts on tokens sent to it (dispatch/combine, rank imbalance).
 EP_LAYOUTS = ("alltoall_ep", "alltoall_ep_tbo")
+#: How each layout is served on ``{n}`` GPUs (vLLM; SGLang's two-batch overlap in brackets).
+LAYOUT_COMMANDS = {
+    "asyncep": "vllm serve MODEL --data-parallel-size {n} --enable-expert-parallel --moe-backend asyncep",
+    "alltoall_ep": "vllm serve MODEL --data-parallel-size {n} --enable-expert-parallel",
+    "alltoall_ep_tbo": "vllm serve MODEL --data-parallel-size {n} --enable-expert-parallel --enable-dbo "
+                       "(SGLang: --enable-two-batch-overlap)",
+    "tp": "vllm serve MODEL --tensor-parallel-size {n}",
+}
 #: Weight formats the planner plans for (compute runs in the same format).
 PLAN_DTYPES = ("bf16", "fp8")
 #: The runtime's default transport (``make_transport("auto", ...)``); :func:`resolve_transport`.
@@ -709,7 +717,8 @@ def make_plan(
         contexts=contexts,
         fits=fits,
         suggestions=suggestions,
-        recommendation=multinode.recommendation if multinode else _single_node_recommendation(contexts, fits),
+        recommendation=multinode.recommendation if multinode else _single_node_recommendation(
+            contexts, fits, deployment.num_gpus),
         multinode=multinode,
         notes=tuple(notes),
     )
@@ -798,8 +807,9 @@ def _multinode_plan(
     )
 
 
-def _single_node_recommendation(contexts: tuple[ContextPlan, ...], fits: dict[str, bool]) -> str:
-    """The layout to deploy; where AsyncEP does not fit, the plan's suggestions say what would."""
+def _single_node_recommendation(contexts: tuple[ContextPlan, ...], fits: dict[str, bool], num_gpus: int) -> str:
+    """The layout to deploy and its command; where AsyncEP does not fit, the plan's suggestions
+    say what would."""
     fitting = [layout for layout in LAYOUTS if fits[layout]]
     if not fitting:
         return "no layout fits; see the suggestions for what would"
@@ -811,7 +821,7 @@ def _single_node_recommendation(contexts: tuple[ContextPlan, ...], fits: dict[st
     text = f"{LAYOUT_TITLES[best]} (highest predicted throughput among layouts that fit)"
     if best != "asyncep" and not fits["asyncep"]:
         text += "; AsyncEP does not fit: see the suggestions for what would"
-    return text
+    return f"{text}. Serve it with: {LAYOUT_COMMANDS[best].format(n=num_gpus)}"
 
 
 # -- helpers -------------------------------------------------------------------------------

@@ -326,6 +326,8 @@ def test_plan_gives_the_what_would_fit_advice_once(capsys, transport, recommenda
     assert "AsyncEP does not fit; what would:" in out
     assert out.count("--dtype fp8:") == 1 and out.count("--gpus 8:") == 1
     assert f"Recommendation: {recommendation}" in out
+    if transport == "nccl":
+        assert "Serve it with: vllm serve MODEL --tensor-parallel-size 4" in out
 
 
 def test_every_plan_option_has_help_and_the_formatter_names_its_default_once():
