@@ -73,8 +73,9 @@ def expected_rank_imbalance(num_experts: int, top_k: int, num_ranks: int, expert
                             seed: int = 0) -> float:
     """Mean over :data:`IMBALANCE_LAYERS` layers of max/mean EP-rank load under the skew model.
 
-    Loads are the expected routed-token shares (large batches: sampling noise of a small batch
-    is not included), summed over each rank's experts in vLLM's linear placement.
+    Expert loads are counted over :data:`SAMPLES` simulated tokens per layer (a large batch: the
+    extra imbalance of a small one is not included) and summed over each rank's experts in
+    vLLM's linear placement.
     """
     if num_ranks < 1 or num_ranks > num_experts:
         raise ValueError(f"num_ranks must be in [1, {num_experts}], got {num_ranks}")
