@@ -53,7 +53,8 @@ threshold comes from ``zeroprefill.common.planner.saturation_threshold_tokens``
 with the shipped hardware profile of the GPU and GPU count, and every point carries the
 planner's ``predict_step`` for its layout beside the measurement (``predicted_ms_per_layer``,
 ``planner_error`` = predicted / measured - 1; ``summary.planner_max_error`` over Qwen3-235B
-bf16 from 16K tokens/GPU: issue 18's ±10% check).
+bf16 from 16K tokens/GPU: issue 18's ±10% check). ``summary.projected_speedup_8gpu`` is the
+planner's projection of the same points to 8 GPUs (``project_scaling.py``; a model).
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \\
         python benchmarks/e2e_prefill.py --gpus 2 --out benchmarks/results/e2e_prefill-h200x2.json
@@ -443,8 +444,33 @@ def summarize(raw: dict, command: str) -> dict:
             rows.append(row)
     summary = headline(rows, meta, raw.get("skipped", []))
     summary.update(planner_errors(rows, predicted))
+    summary.update(projection_8gpu(rows, meta))
     return {"summary": summary, "meta": meta, "thresholds": threshold,
             "points": rows, "skipped": raw.get("skipped", []), "records": raw["records"], "command": command}
+
+
+def projection_8gpu(rows: list[dict], meta: dict) -> dict:
+    """``projected_speedup_8gpu``: AsyncEP over the best fitting baseline on 8 GPUs of the
+    sweep's kind, predicted (``project_scaling.py``: planner + skew model, balanced and skewed
+    routing) at the Qwen3-235B bf16 contexts and token counts from 16K tokens/GPU the sweep ran:
+    ``{"min": ..., "max": ...}``, a model, not a measurement."""
+    from project_scaling import project
+
+    model = "qwen3-235b-a22b"
+    kind = _gpu_kind(meta["gpu"])
+    chosen = [r for r in rows if r["model"] == model and r["dtype"] == "bf16" and r["tokens_per_gpu"] >= LARGE_BATCH_TOKENS]
+    if kind is None or not chosen:
+        return {"projected_speedup_8gpu": None,
+                "projected_speedup_8gpu_reason": f"no shipped profile for {meta['gpu']!r}" if kind is None else
+                f"no {model} bf16 point from {LARGE_BATCH_TOKENS} tokens/GPU was run"}
+    points = project(model, kind, [8], ["bf16"], sorted({r["context"] for r in chosen}),
+                     sorted({r["tokens_per_gpu"] for r in chosen}), [1.0, SKEW_TARGET])
+    speedups = [p["speedup"] for p in points if p["speedup"] is not None]
+    if not speedups:
+        return {"projected_speedup_8gpu": None,
+                "projected_speedup_8gpu_reason": "AsyncEP or every baseline does not fit 8 GPUs at these batches"}
+    return {"projected_speedup_8gpu": {"min": min(speedups), "max": max(speedups)},
+            "projected_speedup_8gpu_source": "model: benchmarks/project_scaling.py at this sweep's points"}
 
 
 def planner_errors(rows: list[dict], predicted: dict[str, float] | str) -> dict:
@@ -585,6 +611,8 @@ def print_table(result: dict) -> None:
           f"timing: {s['timing']}")
     for key in (*HEADLINE_KEYS, "baseline_bytes_per_layer"):
         print(f"{key}: {s[key]}" + (f"  ({s['reasons'][key]})" if key in s["reasons"] else ""))
+    print(f"projected_speedup_8gpu (model): {s['projected_speedup_8gpu']}"
+          + (f"  ({s['projected_speedup_8gpu_reason']})" if s.get("projected_speedup_8gpu_reason") else ""))
     print(f"planner_max_error: {s['planner_max_error']}"
           + (f"  ({s['planner_error_reason']})" if s.get("planner_error_reason") else
              f"  by layout {s['planner_error_by_layout']}"))

@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import e2e_prefill  # noqa: E402
+import project_scaling  # noqa: E402
 from zeroprefill.common.hardware import shipped_profile  # noqa: E402
 from zeroprefill.common.model_spec import MoEModelSpec  # noqa: E402
 from zeroprefill.common.planner import Deployment, predict_step  # noqa: E402
@@ -58,6 +59,10 @@ def test_every_layout_is_compared_with_the_planner():
     assert rows[("a2a_ep", "skewed")]["planner_error"] == pytest.approx(0.0, abs=1e-12)
     summary = result["summary"]
     assert summary["planner_max_error"] == pytest.approx(0.2)
+    # The 8-GPU projection at this sweep's points (4096-token prompts, 16K tokens/GPU).
+    projected = project_scaling.project(MODEL, "h200", [8], ["bf16"], [4096], [16384], [1.0, 1.5])
+    assert summary["projected_speedup_8gpu"] == {"min": min(p["speedup"] for p in projected),
+                                                 "max": max(p["speedup"] for p in projected)}
     assert summary["planner_error_by_layout"]["a2a_ep"] == pytest.approx([-0.2, 0.0])
 
 
@@ -66,3 +71,4 @@ def test_no_prediction_without_a_profile_says_why():
     summary = e2e_prefill.summarize(raw, "test")["summary"]
     assert summary["planner_max_error"] is None
     assert "no shipped hardware profile for 'cpu'" in summary["planner_error_reason"]
+    assert summary["projected_speedup_8gpu"] is None and "cpu" in summary["projected_speedup_8gpu_reason"]
