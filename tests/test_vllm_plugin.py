@@ -183,3 +183,29 @@ def test_bad_streaming_setting_fails_before_any_worker(tiny_moe, monkeypatch):
     monkeypatch.setenv("ZEROPREFILL_EXPERTS_KERNEL", "cutlass")
     with pytest.raises(AsyncEPConfigError, match="ZEROPREFILL_EXPERTS_KERNEL='cutlass' is not one of auto"):
         _engine_config(tiny_moe)
+
+
+def test_registration_waits_for_vllm_config_when_vllm_detects_its_platform_mid_import(tmp_path):
+    # vLLM 0.26 detects its platform while vllm.utils.torch_utils is half-imported, so the
+    # platform plugin cannot import vllm.config yet: it registers once vllm.config is imported.
+    package = tmp_path / "late_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "config.py").write_text("VALUE = 1\n")
+    code = f"""
+import sys
+sys.path.insert(0, {str(tmp_path)!r})
+from vllm_zeroprefill.moe_backend import run_after_import
+calls = []
+run_after_import("late_pkg.config", lambda: calls.append(sys.modules["late_pkg.config"].VALUE))
+assert calls == []
+import late_pkg.config
+assert calls == [1], calls
+run_after_import("late_pkg.config", lambda: calls.append("now"))  # already imported: at once
+assert calls == [1, "now"], calls
+import importlib.util
+assert importlib.util.find_spec("late_pkg.config") is not None  # no finder left behind
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]

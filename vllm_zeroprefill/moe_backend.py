@@ -13,8 +13,13 @@ rebuilds the pydantic schema, so both readers accept the new value and every oth
 keeps its meaning. It must run before the CLI parser is built, which is why it is wired as a
 ``vllm.platform_plugins`` entry point (vLLM runs those while it detects the platform, which
 happens on import of the engine arguments, before ``add_cli_args``); it returns ``None`` so it
-never claims a platform. The general plugin calls it again (idempotent) for the Python API
-``LLM(..., moe_backend="asyncep")`` and for processes that never detect a platform.
+never claims a platform. vLLM may detect its platform in the middle of importing its own
+modules (0.26: from ``vllm.utils.torch_utils``, half-imported, which ``vllm.config`` needs),
+and it swallows a platform plugin's exception: then ``vllm.config`` cannot be imported yet,
+and the registration runs the moment ``vllm.config`` has finished importing (a one-shot
+import hook), still before any parser exists. The general plugin calls it again (idempotent)
+for the Python API ``LLM(..., moe_backend="asyncep")`` and for processes that never detect a
+platform.
 
 ``VLLM_PLUGINS`` selects which entry points vLLM loads, by name. If it keeps this one but
 leaves the general plugin (``zeroprefill``) out, ``asyncep`` would parse and then run as
@@ -24,8 +29,13 @@ leaves both out, vLLM's own parser rejects ``asyncep`` as an invalid choice.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
+from types import ModuleType
 from typing import Annotated, Literal, get_args, get_origin
 
 ASYNCEP = "asyncep"
@@ -114,5 +124,50 @@ def general_plugin_excluded(environ: Mapping[str, str] = os.environ) -> str | No
 
 def platform_plugin() -> None:
     """``vllm.platform_plugins`` entry point: register the CLI value, claim no platform."""
-    register_moe_backend(refusal=general_plugin_excluded())
+    refusal = general_plugin_excluded()
+    try:
+        register_moe_backend(refusal=refusal)
+    except ImportError:  # vLLM is detecting its platform mid-import (module docstring)
+        run_after_import("vllm.config", lambda: register_moe_backend(refusal=refusal))
     return None
+
+
+def run_after_import(module_name: str, callback: Callable[[], None]) -> None:
+    """Call ``callback`` once, right after ``module_name`` next finishes importing.
+
+    For a module not (or no longer, after a failed import) in ``sys.modules``: a one-shot
+    ``sys.meta_path`` finder wraps the loader the other finders return.
+    """
+    if module_name in sys.modules:
+        callback()
+        return
+    sys.meta_path.insert(0, _PostImportFinder(module_name, callback))
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    def __init__(self, module_name: str, callback: Callable[[], None]) -> None:
+        self.module_name, self.callback = module_name, callback
+
+    def find_spec(self, fullname: str, path=None, target=None) -> importlib.machinery.ModuleSpec | None:
+        if fullname != self.module_name:
+            return None
+        sys.meta_path.remove(self)  # one shot; the other finders locate the module
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _CallbackLoader(spec.loader, self.callback)
+        return spec
+
+
+class _CallbackLoader(importlib.abc.Loader):
+    def __init__(self, loader: importlib.abc.Loader, callback: Callable[[], None]) -> None:
+        self.loader, self.callback = loader, callback
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.loader.exec_module(module)
+        self.callback()
+
+    def __getattr__(self, name: str):  # resource readers, is_package, ...: the real loader's
+        return getattr(self.loader, name)
