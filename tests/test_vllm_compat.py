@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from vllm_zeroprefill.compat import prefix_cache_lookup_enabled, unsupported_vllm_message
+from vllm_zeroprefill import compat
+from vllm_zeroprefill.compat import prefix_cache_lookup_enabled, unsupported_vllm_message, vllm_router_runs_here
 
 
 @pytest.mark.parametrize("version", ["0.26.0", "0.27.1", "0.32.0+cpu", "0.33.0", "0.33.1.post1"])
@@ -42,3 +43,32 @@ def test_prefix_cache_lookup_on_vllm_0_26(enable_caching, skip, expected):
     manager = SimpleNamespace(enable_caching=enable_caching)
     request = SimpleNamespace(skip_reading_prefix_cache=skip)
     assert prefix_cache_lookup_enabled(manager, request) is expected
+
+
+def test_vllm_routes_on_gpus_and_on_cpu_builds_with_a_cpu_router(monkeypatch):
+    assert vllm_router_runs_here(on_cpu=False)
+    found = {}
+    monkeypatch.setattr(compat.importlib.util, "find_spec", lambda name: found.get(name))
+    assert not vllm_router_runs_here(on_cpu=True)  # vLLM 0.26-0.29's CPU build: CUDA-only router ops
+    found[compat.CPU_ROUTER_MODULE] = object()
+    assert vllm_router_runs_here(on_cpu=True)  # 0.30+
+
+
+def test_asyncep_method_routes_itself_where_vllm_cannot(monkeypatch):
+    from types import SimpleNamespace
+
+    from vllm_zeroprefill import asyncep_method
+
+    monkeypatch.setattr(asyncep_method, "vllm_router_runs_here", lambda on_cpu: False)
+    method = asyncep_method.AsyncEPFusedMoEMethod.__new__(asyncep_method.AsyncEPFusedMoEMethod)
+    calls = []
+    moe = SimpleNamespace(forward=lambda x, logits: calls.append(("forward", x, logits)) or "routed by us",
+                          forward_routed=lambda x, w, i: calls.append(("forward_routed", x, w, i)) or "routed by vLLM")
+    method.loader = SimpleNamespace(moe=lambda layer: moe)
+    method.vllm_routes = asyncep_method.vllm_router_runs_here(on_cpu=True)
+    assert method.is_monolithic
+    assert method.apply_monolithic("layer", "x", "logits") == "routed by us"
+    method.vllm_routes = True
+    assert not method.is_monolithic
+    assert method.apply("layer", "x", "w", "ids", None, None) == "routed by vLLM"
+    assert [c[0] for c in calls] == ["forward", "forward_routed"]

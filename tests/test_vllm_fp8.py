@@ -119,7 +119,7 @@ def test_asyncep_streams_fp8_weights_with_block_scales_on_two_ranks(kernel, monk
 def _compare_with_vllm_fp8_method(rank: int, world_size: int) -> None:
     from vllm.config import KernelConfig, ParallelConfig, VllmConfig, set_current_vllm_config
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
-    from vllm.model_executor.layers.fused_moe import FusedMoEFactory
+    import vllm.model_executor.layers.fused_moe as fused_moe
     from vllm.model_executor.layers.quantization.fp8 import Fp8Config, Fp8MoEMethod
 
     from vllm_zeroprefill.asyncep_method import (
@@ -130,7 +130,10 @@ def _compare_with_vllm_fp8_method(rank: int, world_size: int) -> None:
     register()
     num_experts, top_k = 4, 2
     ignored = "model.layers.3.mlp.experts"
-    block_fp8 = Fp8Config(activation_scheme="dynamic", weight_block_size=[128, 128], ignored_layers=[ignored])
+    # The layer factory: FusedMoEFactory where vLLM has it (0.32), FusedMoE in 0.26.
+    make_fused_moe = getattr(fused_moe, "FusedMoEFactory", None) or fused_moe.FusedMoE
+    block_fp8 = Fp8Config(is_checkpoint_fp8_serialized=True, activation_scheme="dynamic",
+                          weight_block_size=[128, 128], ignored_layers=[ignored])
 
     with set_current_vllm_config(VllmConfig()):
         init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo")
@@ -140,7 +143,7 @@ def _compare_with_vllm_fp8_method(rank: int, world_size: int) -> None:
         config = VllmConfig(kernel_config=KernelConfig(moe_backend=backend),
                             parallel_config=ParallelConfig(enable_expert_parallel=True))
         with set_current_vllm_config(config):
-            return FusedMoEFactory(num_experts=num_experts, top_k=top_k, hidden_size=HIDDEN,
+            return make_fused_moe(num_experts=num_experts, top_k=top_k, hidden_size=HIDDEN,
                                    intermediate_size=INTERMEDIATE, params_dtype=torch.bfloat16,
                                    quant_config=quant_config, prefix=prefix).routed_experts
 
@@ -214,8 +217,10 @@ def _unsupported_quant_configs():
 
     return {
         "'fp8' without weight_block_size": Fp8Config(activation_scheme="dynamic"),
-        "'fp8' with weight_block_size [64, 64]": Fp8Config(activation_scheme="dynamic", weight_block_size=[64, 64]),
-        "'fp8' stored as 'mxfp4'": Fp8Config(weight_block_size=[128, 128], store_dtype="mxfp4"),
+        "'fp8' with weight_block_size [64, 64]": Fp8Config(is_checkpoint_fp8_serialized=True, activation_scheme="dynamic",
+                                                           weight_block_size=[64, 64]),
+        "'fp8' stored as 'mxfp4'": Fp8Config(is_checkpoint_fp8_serialized=True, weight_block_size=[128, 128],
+                                             store_dtype="mxfp4"),
         "'auto_awq'": get_quantization_config("awq").from_config({"bits": 4, "group_size": 128, "zero_point": True}),
         "'auto_gptq'": get_quantization_config("gptq").from_config(
             {"bits": 4, "group_size": 128, "desc_act": False, "sym": True, "lm_head": False}),
@@ -229,7 +234,7 @@ def test_only_block_fp8_is_accepted():
     from vllm_zeroprefill.validation import block_fp8_weight_block
 
     assert block_fp8_weight_block(None) is None
-    assert block_fp8_weight_block(Fp8Config(weight_block_size=[128, 128])) == (128, 128)
+    assert block_fp8_weight_block(Fp8Config(is_checkpoint_fp8_serialized=True, weight_block_size=[128, 128])) == (128, 128)
     for scheme, quant_config in _unsupported_quant_configs().items():
         with pytest.raises(AsyncEPConfigError) as refused:
             block_fp8_weight_block(quant_config)

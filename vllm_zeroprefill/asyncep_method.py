@@ -29,7 +29,12 @@ streamer needs every layer, so the loader builds the model
 start-up profile run, eager, on every rank at the same point).
 
 Routing is vLLM's own (the same top-k kernel, tie-breaking included, as every other
-backend), so AsyncEP picks exactly the experts stock vLLM picks from the same logits.
+backend), so AsyncEP picks exactly the experts stock vLLM picks from the same logits. Where
+vLLM's router cannot run (its CPU build before 0.30: :func:`vllm_zeroprefill.compat.
+vllm_router_runs_here`) the method is monolithic instead: ``apply_monolithic`` hands the
+router logits to ``AsyncEPMoE.forward``, which routes by the layer's own rule (softmax or
+sigmoid top-k, renormalised as configured; :func:`check_routed_experts_supported` refuses
+the rest).
 
 CUDA graphs: the streamer is capture-safe, and :mod:`vllm_zeroprefill.cuda_graphs` orders
 every graph capture and replay after the eager gathers in flight (docs/design.md).
@@ -52,7 +57,9 @@ from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, FusedMoE
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.utils import set_weight_attrs
+from vllm.platforms import current_platform
 
+from vllm_zeroprefill.compat import vllm_router_runs_here
 from vllm_zeroprefill.validation import block_fp8_weight_block
 from zeroprefill.common.asyncep_model import AsyncEPConfig, AsyncEPConfigError, AsyncEPModel, build_asyncep_model
 from zeroprefill.common.asyncep_moe import SCORING_FUNCS, AsyncEPMoE, default_experts_kernel
@@ -228,12 +235,17 @@ class AsyncEPFusedMoEMethod(FusedMoEMethodBase):
     def __init__(self, moe: FusedMoEConfig):
         super().__init__(moe)
         self.loader = model_loader()
+        self.vllm_routes = vllm_router_runs_here(on_cpu=current_platform.is_cpu())
 
     # The runner's naive DP/EP dispatch and combine move tokens between ranks; AsyncEP owns
     # its communication (weights only), so it reports itself as the internal kernel path.
     @property
     def supports_internal_mk(self) -> bool:
         return True
+
+    @property
+    def is_monolithic(self) -> bool:
+        return not self.vllm_routes
 
     def create_weights(
         self,
@@ -281,6 +293,10 @@ class AsyncEPFusedMoEMethod(FusedMoEMethodBase):
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input) -> torch.Tensor:
         # Shared experts are the runner's (before or beside this call), as for every backend.
         return self.loader.moe(layer).forward_routed(x, topk_weights, topk_ids)
+
+    def apply_monolithic(self, layer, x, router_logits, input_ids=None) -> torch.Tensor:
+        """Where vLLM's router cannot run here (``is_monolithic``): route, then the same layer."""
+        return self.loader.moe(layer).forward(x, router_logits)
 
 
 class AsyncEPBlockFp8FusedMoEMethod(AsyncEPFusedMoEMethod):

@@ -9,12 +9,18 @@ What differs is detected here, by the presence of the API, never by the version 
 
 - ``KVCacheManager.prefix_cache_lookup_enabled(request)`` appears in 0.27; 0.26 spells the
   same test inline (``enable_caching and not request.skip_reading_prefix_cache``).
+- vLLM's own top-k router (``FusedMoERouter.select_experts``) runs on GPUs in every release,
+  on the CPU build only from 0.30 (``fused_moe/router/cpu_router.py``): before, the CPU experts
+  route inside their monolithic kernels and the generic router calls CUDA-only ops
+  (``torch.ops._moe_C.topk_softmax``). :func:`vllm_router_runs_here` says which.
 
 Outside the supported range, ``--moe-backend asyncep`` fails at start-up with one line
 (:func:`unsupported_vllm_message`); other backends are left alone.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 from packaging.version import Version
 
@@ -55,3 +61,17 @@ def prefix_cache_lookup_enabled(kv_cache_manager, request) -> bool:
     if lookup is not None:  # vLLM >= 0.27
         return bool(lookup(request))
     return bool(kv_cache_manager.enable_caching and not request.skip_reading_prefix_cache)
+
+
+#: vLLM's CPU router (0.30+): where it exists, vLLM's routing runs on its CPU build too.
+CPU_ROUTER_MODULE = "vllm.model_executor.layers.fused_moe.router.cpu_router"
+
+
+def vllm_router_runs_here(on_cpu: bool) -> bool:
+    """Whether vLLM's own top-k router can route this process's MoE layers."""
+    if not on_cpu:
+        return True
+    try:
+        return importlib.util.find_spec(CPU_ROUTER_MODULE) is not None
+    except ModuleNotFoundError:  # a parent package missing: no CPU router either
+        return False
