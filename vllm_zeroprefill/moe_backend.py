@@ -74,10 +74,10 @@ def register_moe_backend(refusal: str | None = None) -> None:
     KernelConfig.__pydantic_fields__["moe_backend"].annotation = annotation
     rebuild_dataclass(KernelConfig, force=True)
 
-    from vllm.engine import arg_utils
-
-    # vLLM may detect its platform (running this) while arg_utils is still being imported,
-    # before the cache of parser arguments exists: then there is nothing to clear.
+    # The parser arguments' cache, where vLLM has built it. Never imported from here: this runs
+    # while vLLM imports itself (platform detection, or right after vllm.config), and
+    # arg_utils imports half of vLLM; before arg_utils exists there is no cache to clear.
+    arg_utils = sys.modules.get("vllm.engine.arg_utils")
     compute_kwargs = getattr(arg_utils, "_compute_kwargs", None)
     if compute_kwargs is not None:
         compute_kwargs.cache_clear()
