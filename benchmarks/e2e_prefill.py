@@ -91,6 +91,8 @@ CONFIGS = Path(__file__).resolve().parent.parent / "common" / "model_configs"
 PEAK_TFLOPS = 989.0
 BASELINES = ("a2a_ep", "a2a_tbo", "tp")
 SKEW_TARGET = 1.5
+#: The model the summary's headline keys are about (bf16).
+HEADLINE_MODEL = "qwen3-235b-a22b"
 SHORT_CONTEXT = 512
 LONG_CONTEXT = 32768
 #: Tokens per GPU from which issue 18's targets apply (exposed communication, fair speedup).
@@ -325,18 +327,24 @@ def _gpu_kind(gpu_name: str) -> str | None:
     return None
 
 
+def _shipped_profile(meta: dict):
+    """The shipped hardware profile of the GPU kind and count the sweep ran on, or None."""
+    from zeroprefill.common.hardware import HardwareProfileError, shipped_profile
+
+    kind = _gpu_kind(meta["gpu"])
+    try:
+        return shipped_profile(kind, meta["world_size"]) if kind else None
+    except HardwareProfileError:
+        return None
+
+
 def thresholds(raw: dict) -> dict[str, dict]:
     """Predicted saturation threshold (tokens/GPU) per model, dtype, context and transport."""
-    from zeroprefill.common.hardware import HardwareProfileError, shipped_profile
     from zeroprefill.common.planner import Deployment, saturation_threshold_tokens
 
     meta = raw["meta"]
-    kind = _gpu_kind(meta["gpu"])
     out: dict[str, dict] = {}
-    try:
-        profile = shipped_profile(kind, meta["world_size"]) if kind else None
-    except HardwareProfileError:
-        profile = None
+    profile = _shipped_profile(meta)
     transports = sorted({r["transport"] for r in raw["records"] if r["family"] == "asyncep"} & {"nccl", "copy_engine"})
     for r in raw["records"]:
         key = f"{r['model']}/{r['dtype']}/{r['context']}"
@@ -371,16 +379,11 @@ def predictions(raw: dict) -> dict[str, float] | str:
     sends it, at the EP-rank imbalance the sweep achieved (its ``dp`` record's routing
     balance), else the skew model's expectation.
     """
-    from zeroprefill.common.hardware import HardwareProfileError, shipped_profile
     from zeroprefill.common.planner import Deployment, predict_step
     from zeroprefill.common.routing_skew import expected_rank_imbalance
 
     meta = raw["meta"]
-    kind = _gpu_kind(meta["gpu"])
-    try:
-        profile = shipped_profile(kind, meta["world_size"]) if kind else None
-    except HardwareProfileError:
-        profile = None
+    profile = _shipped_profile(meta)
     if profile is None:
         return f"no shipped hardware profile for {meta['gpu']!r} x{meta['world_size']}"
     achieved = {(r["model"], r["dtype"], r["context"], r["tokens_per_gpu"]): r["routing_balance"]["ep_rank_max_over_mean"]
@@ -456,7 +459,7 @@ def projection_8gpu(rows: list[dict], meta: dict) -> dict:
     ``{"min": ..., "max": ...}``, a model, not a measurement."""
     from project_scaling import project
 
-    model = "qwen3-235b-a22b"
+    model = HEADLINE_MODEL
     kind = _gpu_kind(meta["gpu"])
     chosen = [r for r in rows if r["model"] == model and r["dtype"] == "bf16" and r["tokens_per_gpu"] >= LARGE_BATCH_TOKENS]
     if kind is None or not chosen:
@@ -478,7 +481,7 @@ def planner_errors(rows: list[dict], predicted: dict[str, float] | str) -> dict:
     time over the Qwen3-235B bf16 points from 16K tokens/GPU, every layout (issue 18's ±10%
     target), with the signed range per layout (the planner is a GEMM-rate bound: negative
     means it predicts faster than measured)."""
-    model = "qwen3-235b-a22b"
+    model = HEADLINE_MODEL
     chosen = [r for r in rows if r["model"] == model and r["dtype"] == "bf16"
               and r["tokens_per_gpu"] >= LARGE_BATCH_TOKENS and r["planner_error"] is not None]
     if not chosen:
@@ -515,7 +518,7 @@ def headline(rows: list[dict], meta: dict, skipped: list[dict]) -> dict:
     saturation threshold; the ``*_16k_plus`` keys (issue 18) those from 16K tokens/GPU, with
     the deduplicated-EP, two-batch-overlap and TP baselines.
     """
-    model = "qwen3-235b-a22b"
+    model = HEADLINE_MODEL
     summary: dict = {"peak_tflops_used": PEAK_TFLOPS, "gpus": meta["world_size"], "gpu": meta["gpu"],
                      "layers_per_pass": meta["layers"], "timing": meta.get("timing", LEGACY_TIMING),
                      "skew_target_expert_max_over_mean": SKEW_TARGET, "reasons": {}}

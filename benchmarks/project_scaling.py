@@ -38,7 +38,6 @@ from zeroprefill.common.routing_skew import expected_rank_imbalance
 
 CONFIGS = Path(__file__).resolve().parent.parent / "common" / "model_configs"
 RESULTS = Path(__file__).resolve().parent / "results"
-BASELINES = tuple(layout for layout in LAYOUTS if layout != "asyncep")
 
 
 def project(model: str, gpu: str, gpu_counts: list[int], dtypes: list[str], contexts: list[int],

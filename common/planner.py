@@ -450,23 +450,31 @@ def predict_step(
 ) -> StepPrediction:
     """Forward time of ``layout`` with ``tokens_per_gpu`` tokens of ``C``-token prompts per GPU.
 
-    AsyncEP: each MoE layer ``t_g + max(0, F - t_g R_eff) / R`` (module docstring). AllToAll-EP,
-    deduplicated as DeepEP's normal mode sends (a token goes once to each remote rank that holds
-    one of its experts, :func:`remote_ranks_per_token`, with its routing slots; the expert side
-    sums its share and sends one row back): ``F / R`` plus dispatch and combine at the AllToAll
-    bus bandwidth, not overlapped. EP with two-batch overlap (SGLang's TBO: two micro-batches,
-    each one's dispatch/combine under the other's compute): the AsyncEP formula with the
-    exchange ``t_x`` = dispatch + combine in place of ``t_g``, ``t_x + max(0, F - t_x R_nccl) /
-    R``, ``R_nccl`` the GEMM rate under an NCCL collective; ideal overlap, the layout's best
-    case (half-size GEMMs are taken to run at ``R``, the host's wait for the counts is free). In both EP layouts the routed
-    experts' FLOPs are multiplied by ``rank_imbalance``, the max/mean EP-rank load
-    (:func:`zeroprefill.common.routing_skew.expected_rank_imbalance`; 1.0 = balanced routing,
-    EP's best case); AsyncEP and TP split tokens, not experts, and ignore it. ``remote_ranks``:
-    the other ranks a token goes to, where the caller knows its routing's locality (default
-    :func:`remote_ranks_per_token`, uniform routing). TP: the group runs ``N * T`` tokens, ``F / N / R`` per GPU plus two AllReduces per layer of the ``N * T *
-    hidden`` bf16 activations at ``2 (N - 1) / N`` bytes over the AllGather bus bandwidth (ring
-    AllReduce = ReduceScatter + AllGather). Every layer also waits at least for its weights to
-    stream from HBM. No LM head.
+    AsyncEP: each MoE layer ``t_g + max(0, F - t_g R_eff) / R`` (module docstring).
+
+    AllToAll-EP, deduplicated as DeepEP's normal mode sends (a token goes once to each remote
+    rank that holds one of its experts, with its routing slots; the expert side sums its share
+    and sends one row back): ``F / R`` plus dispatch and combine
+    (:func:`alltoall_exchange_time_s`), not overlapped. ``remote_ranks``: the other ranks a
+    token goes to, where the caller knows its routing's locality (default
+    :func:`remote_ranks_per_token`, uniform routing).
+
+    EP with two-batch overlap (SGLang's TBO: two micro-batches, each one's dispatch/combine
+    under the other's compute): the AsyncEP formula with the exchange ``t_x`` in place of
+    ``t_g``, ``t_x + max(0, F - t_x R_nccl) / R``, ``R_nccl`` the GEMM rate under an NCCL
+    collective. Ideal overlap, the layout's best case: half-size GEMMs are taken to run at
+    ``R`` and the host's wait for the counts is free.
+
+    In both EP layouts the routed experts' FLOPs are multiplied by ``rank_imbalance``, the
+    max/mean EP-rank load (:func:`zeroprefill.common.routing_skew.expected_rank_imbalance`;
+    1.0 = balanced routing, EP's best case); AsyncEP and TP split tokens, not experts, and
+    ignore it.
+
+    TP: the group runs ``N * T`` tokens, ``F / N / R`` per GPU plus two AllReduces per layer of
+    the ``N * T * hidden`` bf16 activations at ``2 (N - 1) / N`` bytes over the AllGather bus
+    bandwidth (ring AllReduce = ReduceScatter + AllGather).
+
+    Every layer also waits at least for its weights to stream from HBM. No LM head.
     """
     _check_layout(layout)
     if rank_imbalance < 1.0:
@@ -536,9 +544,9 @@ def remote_ranks_per_token(num_experts: int, top_k: int, num_ranks: int) -> floa
     ranks is hit with the complement. Under top-8 of 128 experts that is 0.99 of 1 other rank at
     N = 2 and 4.7 of 7 at N = 8, against 4 and 7 (token, expert) pairs a per-pair dispatch sends.
     """
-    per_rank = num_experts // num_ranks
     if num_ranks <= 1:
         return 0.0
+    per_rank = num_experts // num_ranks
     miss = math.comb(num_experts - per_rank, top_k) / math.comb(num_experts, top_k)
     return (num_ranks - 1) * (1.0 - miss)
 

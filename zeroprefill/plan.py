@@ -233,8 +233,8 @@ def _table_lines(plan: Plan) -> list[str]:
             for s in (c.steps[layout] for layout in LAYOUTS)
         )
         lines.append(f"  {c.context_tokens:>8}{cells}")
-    lines.append("  (GEMM-rate bound: real kernels run slower; the EP layouts assume balanced routing and, with two-batch\n"
-                 "   overlap, a perfectly hidden exchange: their best case)")
+    lines += ["  (GEMM-rate bound: real kernels run slower; the EP layouts assume balanced routing and, with two-batch",
+              "   overlap, a perfectly hidden exchange: their best case)"]
     if plan.suggestions:
         lines += ["", "AsyncEP does not fit; what would:"] + [f"  {s}" for s in plan.suggestions]
     if plan.multinode:
