@@ -827,6 +827,8 @@ def _single_node_recommendation(contexts: tuple[ContextPlan, ...], fits: dict[st
     }
     best = max(fitting, key=throughput.__getitem__)
     text = f"{LAYOUT_TITLES[best]} (highest predicted throughput among layouts that fit)"
+    if best in EP_LAYOUTS:
+        text += "; a best case: balanced routing" + (", the exchange fully hidden" if best == "alltoall_ep_tbo" else "")
     if best != "asyncep" and not fits["asyncep"]:
         text += "; AsyncEP does not fit: see the suggestions for what would"
     return f"{text}. Serve it with: {LAYOUT_COMMANDS[best].format(n=num_gpus)}"

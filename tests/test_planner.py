@@ -343,3 +343,11 @@ def test_every_plan_option_has_help_and_the_formatter_names_its_default_once():
     text = parser.format_help()
     for shown in ("(default: 4)", "(default: h200)", "(default: bf16)", "(default: auto)", "(default: 0.9)"):
         assert shown in text
+
+
+def test_an_ep_recommendation_says_its_prediction_is_a_best_case():
+    plan = make_plan(Deployment.on_shipped_gpu(MoEModelSpec.from_pretrained(CONFIGS / "qwen3-30b-a3b.json"), "h200", 2),
+                     (512, 4096, 32768))
+    assert plan.recommendation.startswith("EP two-batch overlap")
+    assert "a best case: balanced routing, the exchange fully hidden" in plan.recommendation
+    assert plan.recommendation.endswith("--enable-dbo (SGLang: --enable-two-batch-overlap)")
