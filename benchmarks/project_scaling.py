@@ -130,12 +130,20 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON (default benchmarks/results/project_scaling-<gpu>.json)")
     args = parser.parse_args()
 
-    def ints(text: str) -> list[int]:
-        return [int(v) for v in text.split(",")]
+    def numbers(option: str, kind: type) -> list:
+        text = getattr(args, option)
+        try:
+            return [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise ValueError(f"--{option} {text!r} is not a comma-separated list of {kind.__name__} values") from None
 
-    print("computing EP-rank imbalance of the skew model (a few seconds per GPU count)...", flush=True)
-    points = project(args.model, args.gpu, ints(args.gpus), args.dtypes.split(","), ints(args.contexts),
-                     ints(args.tokens), [float(v) for v in args.skews.split(",")])
+    try:  # a bad value (unknown model, GPU count without a profile, skew < 1, ...) is one line
+        settings = (numbers("gpus", int), args.dtypes.split(","), numbers("contexts", int), numbers("tokens", int),
+                    numbers("skews", float))
+        print("computing EP-rank imbalance of the skew model (a few seconds per GPU count)...", flush=True)
+        points = project(args.model, args.gpu, *settings)
+    except ValueError as exc:
+        parser.error(str(exc))
     print_table(points)
     out = Path(args.out) if args.out else RESULTS / f"project_scaling-{args.gpu}.json"
     large = [p for p in points if p["tokens_per_gpu"] >= 16384 and p["speedup"]]

@@ -42,3 +42,14 @@ def test_projection_compares_asyncep_with_the_best_fitting_baseline(tmp_path):
     # Below the 8-GPU threshold AsyncEP waits for its gathers; above it, it catches up.
     eight = {p["tokens_per_gpu"]: p for p in result["points"] if p["gpus"] == 8}
     assert eight[8192]["threshold_tokens"] > 8192 and eight[8192]["speedup"] < eight[32768]["speedup"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpus", "3"], "no shipped h200 profile for 3 GPUs"),
+    (["--skews", "0.5"], "at least 1.0"),
+    (["--tokens", "abc"], "--tokens 'abc' is not a comma-separated list of int values"),
+])
+def test_bad_settings_are_one_line_errors(tmp_path, argv, message):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "project_scaling.py"), *argv,
+                           "--out", str(tmp_path / "p.json")], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
