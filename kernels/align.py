@@ -8,7 +8,13 @@
     expert_ends [E]                    padded end of each expert's segment (the ``offs`` of
                                        ``torch._grouped_mm``)
     rows_per_expert [E]                rows each expert receives, padding excluded
-    position_of_row [T*K]              where row r sits in the padded order (inverse of the sort)
+    position_of_row [T*K]              where row r sits in the padded order (inverse of the sort);
+                                       ``>= max_padded_rows`` for a skipped row
+
+A row whose expert id is negative (``-1``: the expert is not here, as vLLM's expert maps mark
+experts of other EP ranks) is *skipped*: it gets no padded position, no GEMM row, and
+contributes nothing to its token's output. Every consumer tells a skipped row by
+``position_of_row[r] >= max_padded_rows``.
 
 The grouped GEMMs launch one program row per block of ``block_m`` padded rows, read the
 block's expert from ``block_expert_ids``, and return at once when the block lies past
@@ -53,24 +59,29 @@ def max_padded_rows(num_rows: int, num_experts: int, block_m: int) -> int:
 def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertAlignment:
     """Sort (token, slot) rows by expert and pad every expert's segment to ``block_m``."""
     device = topk_ids.device
-    expert_of_row = topk_ids.reshape(-1)
-    num_rows = expert_of_row.numel()
+    num_rows = topk_ids.numel()
     padded_total = max_padded_rows(num_rows, num_experts, block_m)
+    # Skipped rows (negative ids) go to an extra bin after the last expert; it gets no padded rows.
+    expert_of_row = topk_ids.reshape(-1).long()
+    expert_of_row = torch.where(expert_of_row < 0, num_experts, expert_of_row)
 
-    rows_per_expert = torch.zeros(num_experts, dtype=torch.int64, device=device)
-    rows_per_expert.scatter_add_(0, expert_of_row.long(), torch.ones_like(expert_of_row, dtype=torch.int64))
+    rows_per_bin = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+    rows_per_bin.scatter_add_(0, expert_of_row, torch.ones_like(expert_of_row))
+    rows_per_expert = rows_per_bin[:num_experts]
     padded_per_expert = (rows_per_expert + block_m - 1) // block_m * block_m
     padded_end = torch.cumsum(padded_per_expert, 0)
-    padded_start = padded_end - padded_per_expert
-    unpadded_start = torch.cumsum(rows_per_expert, 0) - rows_per_expert
+    # The skip bin starts past every padded row, so its rows land outside the padded order.
+    padded_start = torch.cat([padded_end - padded_per_expert, padded_end.new_full((1,), padded_total)])
+    unpadded_start = torch.cumsum(rows_per_bin, 0) - rows_per_bin
 
     experts_sorted, rows_sorted = torch.sort(expert_of_row, stable=True)
-    experts_sorted = experts_sorted.long()
     rank_in_expert = torch.arange(num_rows, device=device) - unpadded_start[experts_sorted]
     destination = padded_start[experts_sorted] + rank_in_expert
 
-    sorted_row_ids = torch.full((padded_total,), num_rows, dtype=torch.int32, device=device)
+    # num_rows extra entries take the skipped rows' writes; only the padded order is kept.
+    sorted_row_ids = torch.full((padded_total + num_rows,), num_rows, dtype=torch.int32, device=device)
     sorted_row_ids[destination] = rows_sorted.to(torch.int32)
+    sorted_row_ids = sorted_row_ids[:padded_total]
     block_starts = torch.arange(0, padded_total, block_m, device=device)
     block_expert_ids = torch.searchsorted(padded_end, block_starts, right=True).to(torch.int32)
     expert_ends = padded_end.to(torch.int32)
@@ -82,6 +93,7 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int)
 
 def moe_align_block_size_reference(topk_ids: torch.Tensor, num_experts: int,
                                    block_m: int) -> list[list[int]]:
-    """Per expert, the rows it receives in ascending order (what the alignment must encode)."""
+    """Per expert, the rows it receives in ascending order (what the alignment must encode);
+    rows with a negative id are in no expert's list."""
     flat = topk_ids.reshape(-1).tolist()
     return [[r for r, e in enumerate(flat) if e == expert] for expert in range(num_experts)]

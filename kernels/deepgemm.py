@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from .align import ExpertAlignment, moe_align_block_size
-from .fused_moe import check_inputs
+from .checks import check_add_to, check_inputs
 from .grouped_mm_moe import scatter_token_rows, silu_mul, weighted_combine
 from .moe_config import MoEConfig
 from .quant import GROUP_SIZE
@@ -162,15 +162,16 @@ def _grouped_gemm(deep_gemm: ModuleType, a: torch.Tensor, a_scale: torch.Tensor 
 
 def run_deepgemm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                          topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13_scale: torch.Tensor | None,
-                         w2_scale: torch.Tensor | None) -> torch.Tensor:
+                         w2_scale: torch.Tensor | None, add_to: torch.Tensor | None = None) -> torch.Tensor:
     """The experts layer on DeepGEMM, for arguments that passed :func:`check_inputs` and
-    :func:`deepgemm_reason`; ``w13_scale``/``w2_scale`` (128x128 blocks) select block FP8."""
+    :func:`deepgemm_reason`; ``w13_scale``/``w2_scale`` (128x128 blocks) select block FP8.
+    Skipped slots (id -1) and ``add_to`` as in :func:`~zeroprefill.kernels.fused_experts`."""
     deep_gemm = _load()[0]
     num_tokens, hidden = hidden_states.shape
     num_experts, two_inter, _ = w13.shape
     device = hidden_states.device
     if num_tokens == 0:
-        return torch.zeros(0, hidden, dtype=hidden_states.dtype, device=device)
+        return add_to if add_to is not None else torch.zeros(0, hidden, dtype=hidden_states.dtype, device=device)
     use_fp8 = w13_scale is not None
     if use_fp8:
         block_m = int(deep_gemm.get_mk_alignment_for_contiguous_layout())
@@ -189,13 +190,13 @@ def run_deepgemm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: tor
     del gate_up
     y = torch.empty(rows, hidden, dtype=torch.bfloat16, device=device)
     _grouped_gemm(deep_gemm, act, act_scale, w2, w2_scale, layout, y)
-    return weighted_combine(y, topk_weights, alignment, hidden_states.dtype)
+    return weighted_combine(y, topk_weights, alignment, hidden_states.dtype, add_to)
 
 
 def deepgemm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                      topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
                      w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-                     config: MoEConfig | None = None) -> torch.Tensor:
+                     config: MoEConfig | None = None, add_to: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`~zeroprefill.kernels.fused_experts` on DeepGEMM, whatever ``ZEROPREFILL_EXPERTS_KERNEL``
     says; raises ``RuntimeError`` with the reason where DeepGEMM cannot run the layer.
 
@@ -204,7 +205,8 @@ def deepgemm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.T
     if config is not None:
         raise ValueError(f"config={config} holds tiles of our kernels; DeepGEMM picks its own, pass None")
     fp8_format = check_inputs(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    check_add_to(add_to, hidden_states)
     reason = deepgemm_reason(hidden_states, w13, fp8_format)
     if reason is not None:
         raise RuntimeError(f"DeepGEMM cannot run this MoE layer: {reason}")
-    return run_deepgemm_experts(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    return run_deepgemm_experts(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, add_to)

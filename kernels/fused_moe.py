@@ -13,7 +13,7 @@
           v
     [GEMM 2] act . w2[e]^T, times topk_weights[r], scattered to row r of [T*K, H]
           v
-    [combine] sum over the K slots -> out [T, H]   (one bandwidth-bound torch reduction)
+    [combine] sum over the K slots -> out [T, H]   (one bandwidth-bound pass, fp32 sums)
 
 Each GEMM is one launch over ``max_padded_rows / block_m`` row blocks x the N tiles, with a
 grouped-M swizzle so programs that run together share weight tiles in L2; a row block reads
@@ -25,6 +25,12 @@ product by ``a_scale[row] * b_scale[block]`` before accumulating. Where a tile l
 128-row weight block (gemm1 always for gate, for up when I % 128 == 0; gemm2 when
 ``block_n <= 128``) the weight scale is a scalar folded into the row scale, so the rescale is
 one FMA per accumulator element.
+
+Skipped rows: a ``topk_ids`` entry of ``-1`` means "that expert is not in these weights" (as
+vLLM's expert maps mark other EP ranks' experts); the (token, slot) gets no GEMM row and adds
+nothing. With ``add_to`` the layer's output is added to a given ``[T, H]`` tensor in place, so
+experts held in two tensors (a rank's resident shard and a gather buffer of the others') are
+one layer in two calls, each skipping the other's experts.
 
 ``fused_experts_reference`` is the plain-torch definition (a loop over experts, fp32 math).
 """
@@ -40,17 +46,15 @@ import triton
 import triton.language as tl
 
 from .align import ExpertAlignment, moe_align_block_size
+from .checks import check_add_to, check_inputs, fp8_scale_format
+from .deepgemm import deepgemm_reason, run_deepgemm_experts
 from .grouped_mm_moe import ALIGN_M as GROUPED_MM_ALIGN_M
 from .grouped_mm_moe import grouped_mm_experts
 from .moe_config import GROUPED_MM, TRITON, GemmConfig, MoEConfig, get_config
 from .quant import FP8_DTYPE, GROUP_SIZE, ROUND_E4M3_IN_FP32, dequantize_fp8_block, \
     dequantize_fp8_rowwise, quantize_tokens_fp8_group, quantize_weights_fp8_block, round_to_e4m3
 
-ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Checking that every topk id is in [0, E) needs a host sync; done on CPU tensors always and on
-# GPU tensors only when this is set (the serving path must not stall the host per layer).
-CHECK_IDS_ON_GPU = os.environ.get("ZEROPREFILL_CHECK_TOPK_IDS", "0") == "1"
 # Which experts kernel ``fused_experts`` runs when no ``config`` is given (read on every call).
 EXPERTS_KERNEL_ENV = "ZEROPREFILL_EXPERTS_KERNEL"
 AUTO, DEEPGEMM = "auto", "deepgemm"
@@ -204,110 +208,10 @@ def _gemm2_down_scatter_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def check_inputs(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                 topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                 w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None) -> str | None:
-    """Validate the ``fused_experts`` arguments; returns the FP8 format (:func:`fp8_scale_format`),
-    None for unquantised weights."""
-    names = {"hidden_states": hidden_states, "w13": w13, "w2": w2,
-             "topk_weights": topk_weights, "topk_ids": topk_ids}
-    for name, t in names.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    for name, (t, dims) in {"hidden_states": (hidden_states, 2), "w13": (w13, 3), "w2": (w2, 3),
-                            "topk_weights": (topk_weights, 2), "topk_ids": (topk_ids, 2)}.items():
-        if t.dim() != dims:
-            raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
-    for name, t in names.items():
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (strides {t.stride()} for shape "
-                             f"{tuple(t.shape)}); call .contiguous() first")
-        if t.device != hidden_states.device:
-            raise ValueError(f"{name} is on {t.device}, hidden_states on {hidden_states.device}")
-
-    num_tokens, hidden = hidden_states.shape
-    num_experts, two_inter, w13_hidden = w13.shape
-    if two_inter % 2:
-        raise ValueError(f"w13 must be [E, 2*I, H] (gate rows then up rows), got odd dim 1 = {two_inter}")
-    inter = two_inter // 2
-    if w13_hidden != hidden:
-        raise ValueError(f"w13 hidden size {w13_hidden} != hidden_states hidden size {hidden}")
-    if tuple(w2.shape) != (num_experts, hidden, inter):
-        raise ValueError(f"w2 must be [E, H, I] = {(num_experts, hidden, inter)}, got {tuple(w2.shape)}")
-    if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != num_tokens:
-        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
-                         f"must both be [T={num_tokens}, K]")
-    top_k = topk_ids.shape[1]
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
-    if hidden_states.dtype not in ACTIVATION_DTYPES:
-        raise TypeError(f"hidden_states dtype {hidden_states.dtype} not in {ACTIVATION_DTYPES}")
-    if topk_weights.dtype != torch.float32:
-        raise TypeError(f"topk_weights must be float32, got {topk_weights.dtype}")
-    if topk_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
-
-    fp8_format = None
-    if w13.dtype == FP8_DTYPE:
-        if w2.dtype != FP8_DTYPE:
-            raise TypeError(f"w13 is {w13.dtype} but w2 is {w2.dtype}; both must be {FP8_DTYPE}")
-        fp8_format = fp8_scale_format(w13, w2, w13_scale, w2_scale)
-        for name, scale in (("w13_scale", w13_scale), ("w2_scale", w2_scale)):
-            if scale.dtype != torch.float32 or not scale.is_contiguous():
-                raise ValueError(f"{name} must be contiguous float32, got {scale.dtype} "
-                                 f"contiguous={scale.is_contiguous()}")
-            if scale.device != hidden_states.device:
-                raise ValueError(f"{name} is on {scale.device}, hidden_states on {hidden_states.device}")
-    else:
-        if w13.dtype != hidden_states.dtype or w2.dtype != hidden_states.dtype:
-            raise TypeError(f"w13 ({w13.dtype}) and w2 ({w2.dtype}) must match hidden_states "
-                            f"({hidden_states.dtype}), or both be {FP8_DTYPE} with scales")
-        if w13_scale is not None or w2_scale is not None:
-            raise ValueError(f"w13_scale/w2_scale are only for {FP8_DTYPE} weights, got {w13.dtype}")
-
-    if topk_ids.numel() and (topk_ids.device.type == "cpu" or CHECK_IDS_ON_GPU):
-        low, high = int(topk_ids.min()), int(topk_ids.max())
-        if low < 0 or high >= num_experts:
-            bad = low if low < 0 else high
-            raise ValueError(f"topk_ids contains {bad}, outside [0, num_experts={num_experts})")
-    return fp8_format
-
-
-def fp8_scale_format(w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor | None,
-                     w2_scale: torch.Tensor | None) -> str:
-    """``"block"`` (128x128 block scales) or ``"rowwise"`` (one scale per output channel).
-
-    Block: ``w13_scale [E, ceil(2I/128), ceil(H/128)]``, ``w2_scale [E, ceil(H/128), ceil(I/128)]``.
-    Rowwise: ``w13_scale [E, 2I]``, ``w2_scale [E, H]`` (a trailing dim of 1, as vLLM's
-    channel-wise checkpoints store them, is accepted too).
-    """
-    num_experts, two_inter, hidden = w13.shape
-    inter = two_inter // 2
-    block = {"w13_scale": (num_experts, triton.cdiv(two_inter, 128), triton.cdiv(hidden, 128)),
-             "w2_scale": (num_experts, triton.cdiv(hidden, 128), triton.cdiv(inter, 128))}
-    rowwise = {"w13_scale": (num_experts, two_inter), "w2_scale": (num_experts, hidden)}
-    formats = []
-    for name, scale in (("w13_scale", w13_scale), ("w2_scale", w2_scale)):
-        if scale is None:
-            raise ValueError(f"FP8 weights need {name}: float32 128x128 block scales {block[name]} "
-                             f"or per-output-channel scales {rowwise[name]}")
-        shape = tuple(scale.shape)
-        if shape == block[name]:
-            formats.append("block")
-        elif shape in (rowwise[name], rowwise[name] + (1,)):
-            formats.append("rowwise")
-        else:
-            raise ValueError(f"{name} has shape {shape}; expected 128x128 block scales {block[name]} "
-                             f"or per-output-channel scales {rowwise[name]}")
-    if formats[0] != formats[1]:
-        raise ValueError(f"w13_scale is {formats[0]} but w2_scale is {formats[1]}; use one FP8 format")
-    return formats[0]
-
-
 def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                   topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
                   w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-                  config: MoEConfig | None = None) -> torch.Tensor:
+                  config: MoEConfig | None = None, add_to: torch.Tensor | None = None) -> torch.Tensor:
     """``out[t] = sum_k topk_weights[t,k] * (silu(x W1_e^T) * (x W3_e^T)) W2_e^T``, e = topk_ids[t,k].
 
     ``w13`` is ``[E, 2I, H]`` with gate rows ``[0, I)`` and up rows ``[I, 2I)``; ``w2`` is
@@ -319,11 +223,14 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
     ``ZEROPREFILL_EXPERTS_KERNEL`` (see :func:`experts_kernel_setting`) may send bf16 and
     block-FP8 layers to DeepGEMM instead (``deepgemm.py``). ``config`` runs ours with those
     tiles, whatever the variable says (tuning, benchmarks and tests only).
+
+    A ``topk_ids`` entry of ``-1`` skips that (token, slot); ``add_to`` (``[T, H]``) receives the
+    output added to it in place, and is returned.
     """
     fp8_format = check_inputs(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+    check_add_to(add_to, hidden_states)
     if config is None and _runs_on_deepgemm(hidden_states, w13, fp8_format):
-        from .deepgemm import run_deepgemm_experts  # deepgemm.py imports this module
-        return run_deepgemm_experts(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
+        return run_deepgemm_experts(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, add_to)
     use_fp8 = fp8_format is not None
     num_tokens, hidden = hidden_states.shape
     num_experts, two_inter, _ = w13.shape
@@ -331,14 +238,14 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
     top_k = topk_ids.shape[1]
     device = hidden_states.device
     if num_tokens == 0:
-        return torch.zeros(0, hidden, dtype=hidden_states.dtype, device=device)
+        return add_to if add_to is not None else torch.zeros(0, hidden, dtype=hidden_states.dtype, device=device)
     if fp8_format == "rowwise":  # one backend: torch._scaled_grouped_mm
         if config is not None and config.backend != GROUPED_MM:
             raise ValueError(f"FP8-rowwise weights run on backend='grouped_mm' only, got {config}")
         alignment = moe_align_block_size(topk_ids, num_experts, GROUPED_MM_ALIGN_M)
         return grouped_mm_experts(hidden_states, w13, w2, topk_weights, alignment,
                                   w13_scale.reshape(num_experts, two_inter),
-                                  w2_scale.reshape(num_experts, hidden))
+                                  w2_scale.reshape(num_experts, hidden), add_to=add_to)
     is_bf16 = hidden_states.dtype == torch.bfloat16
     if config is None:
         config = get_config(num_tokens, top_k, num_experts, hidden, inter, use_fp8, device,
@@ -348,14 +255,14 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
             raise ValueError(f"backend='grouped_mm' runs bf16 weights and activations (or FP8-rowwise "
                              f"weights), got {hidden_states.dtype} activations, {w13.dtype} weights")
         alignment = moe_align_block_size(topk_ids, num_experts, GROUPED_MM_ALIGN_M)
-        return grouped_mm_experts(hidden_states, w13, w2, topk_weights, alignment)
+        return grouped_mm_experts(hidden_states, w13, w2, topk_weights, alignment, add_to=add_to)
     if use_fp8 and (config.gemm1.block_n != GROUP_SIZE or config.gemm1.block_k != GROUP_SIZE
                     or config.gemm2.block_k != GROUP_SIZE):
         raise ValueError(f"FP8 needs gemm1 block_n=block_k=128 and gemm2 block_k=128, got {config}")
 
     alignment = moe_align_block_size(topk_ids, num_experts, config.block_m)
     return _grouped_experts(hidden_states, w13, w2, topk_weights, alignment, config,
-                            w13_scale if use_fp8 else None, w2_scale if use_fp8 else None)
+                            w13_scale if use_fp8 else None, w2_scale if use_fp8 else None, add_to)
 
 
 def experts_kernel_setting() -> str:
@@ -384,7 +291,6 @@ def _runs_on_deepgemm(hidden_states: torch.Tensor, w13: torch.Tensor, fp8_format
     if setting == TRITON:
         _log_choice_once(f"ours ({EXPERTS_KERNEL_ENV}={TRITON})")
         return False
-    from .deepgemm import deepgemm_reason  # deepgemm.py imports this module
     reason = deepgemm_reason(hidden_states, w13, fp8_format)
     if reason is None:
         _log_choice_once(f"DeepGEMM, {'block FP8' if fp8_format else 'bf16'} ({EXPERTS_KERNEL_ENV}={setting})")
@@ -397,9 +303,9 @@ def _runs_on_deepgemm(hidden_states: torch.Tensor, w13: torch.Tensor, fp8_format
 
 def _grouped_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                      topk_weights: torch.Tensor, alignment: ExpertAlignment, config: MoEConfig,
-                     w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None) -> torch.Tensor:
+                     w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None,
+                     add_to: torch.Tensor | None) -> torch.Tensor:
     """Token quantisation (FP8), the two GEMM launches and the K-slot combine."""
-    num_tokens, hidden = hidden_states.shape
     if w13_scale is not None:
         x, x_scale = quantize_tokens_fp8_group(hidden_states)
     else:
@@ -407,7 +313,43 @@ def _grouped_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.T
     act, act_scale = run_gemm1(x, x_scale, w13, w13_scale, alignment, config.gemm1)
     slots = run_gemm2(act, act_scale, w2, w2_scale, topk_weights, alignment, config.gemm2,
                       hidden_states.dtype)
-    return slots.view(num_tokens, alignment.num_rows // num_tokens, hidden).sum(dim=1)
+    return sum_slots(slots, alignment, hidden_states.shape[0], add_to)
+
+
+@triton.jit
+def _sum_slots_kernel(
+    slots_ptr, out_ptr, position_of_row_ptr, hidden, num_positions, stride_slots, stride_out,
+    TOP_K: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """out[t] (+)= sum_k slots[t*K + k] over the slots that were computed (not skipped), in fp32."""
+    token = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = offs < hidden
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        row = token * TOP_K + k
+        used = offs < tl.where(tl.load(position_of_row_ptr + row) < num_positions, hidden, 0)
+        acc += tl.load(slots_ptr + row * stride_slots + offs, mask=used, other=0.0).to(tl.float32)
+    out_ptrs = out_ptr + token * stride_out + offs
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def sum_slots(slots: torch.Tensor, alignment: ExpertAlignment, num_tokens: int,
+              add_to: torch.Tensor | None = None) -> torch.Tensor:
+    """``slots [T*K, H]`` (row t*K+k: token t's k-th weighted expert output) -> ``out [T, H]``.
+
+    Rows the alignment skipped were never written and add nothing; ``add_to`` receives the sum.
+    """
+    hidden = slots.shape[1]
+    out = add_to if add_to is not None else torch.empty(num_tokens, hidden, dtype=slots.dtype, device=slots.device)
+    block_h = min(triton.next_power_of_2(hidden), 4096)
+    _sum_slots_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
+        slots, out, alignment.position_of_row, hidden, alignment.max_padded_rows, slots.stride(0), out.stride(0),
+        TOP_K=alignment.num_rows // num_tokens, ACCUMULATE=add_to is not None, BLOCK_H=block_h, num_warps=4,
+    )
+    return out
 
 
 def run_gemm1(x: torch.Tensor, x_scale: torch.Tensor | None, w13: torch.Tensor,

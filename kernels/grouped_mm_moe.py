@@ -71,12 +71,14 @@ def _quantize_e4m3_groups(x, BLOCK: tl.constexpr, GROUP: tl.constexpr, ROUND_IN_
 
 @triton.jit
 def _scatter_token_rows_kernel(
-    x_ptr, out_ptr, out_scale_ptr, position_of_row_ptr, hidden, num_scales, stride_x, stride_out,
+    x_ptr, out_ptr, out_scale_ptr, position_of_row_ptr, hidden, num_scales, num_positions, stride_x, stride_out,
     stride_scale_row, stride_scale_group,
     TOP_K: tl.constexpr, QUANTIZE: tl.constexpr, ROUND_IN_FP32: tl.constexpr, BLOCK_H: tl.constexpr,
     GROUP: tl.constexpr,
 ):
-    """Copy token t's row to its K sorted positions (FP8: quantised once, e4m3 + a scale per GROUP)."""
+    """Copy token t's row to its K sorted positions (FP8: quantised once, e4m3 + a scale per GROUP).
+
+    A skipped row (position ``>= num_positions``) is not written."""
     token = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_H)
     mask = offs < hidden
@@ -87,10 +89,11 @@ def _scatter_token_rows_kernel(
     row = row.to(out_ptr.dtype.element_ty)
     for k in tl.static_range(TOP_K):
         position = tl.load(position_of_row_ptr + token * TOP_K + k).to(tl.int64)
-        tl.store(out_ptr + position * stride_out + offs, row, mask=mask)
+        placed = position < num_positions  # as a bound (a scalar & a block mask fails in the interpreter)
+        tl.store(out_ptr + position * stride_out + offs, row, mask=offs < tl.where(placed, hidden, 0))
         if QUANTIZE:
             tl.store(out_scale_ptr + position * stride_scale_row + offs_scale * stride_scale_group, scale,
-                     mask=offs_scale < num_scales)
+                     mask=offs_scale < tl.where(placed, num_scales, 0))
 
 
 @triton.jit
@@ -124,10 +127,12 @@ def _silu_mul_kernel(
 
 @triton.jit
 def _weighted_combine_kernel(
-    y_ptr, out_ptr, topk_weights_ptr, position_of_row_ptr, hidden, stride_y, stride_out,
-    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    y_ptr, out_ptr, topk_weights_ptr, position_of_row_ptr, hidden, num_positions, stride_y, stride_out,
+    TOP_K: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """out[t] = sum_k topk_weights[t, k] * y[position_of_row[t*K + k]], summed in fp32."""
+    """out[t] (+)= sum_k topk_weights[t, k] * y[position_of_row[t*K + k]], summed in fp32.
+
+    Skipped rows (position ``>= num_positions``) add nothing; ``ACCUMULATE`` adds to ``out``."""
     token = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = offs < hidden
@@ -135,8 +140,12 @@ def _weighted_combine_kernel(
     for k in tl.static_range(TOP_K):
         position = tl.load(position_of_row_ptr + token * TOP_K + k).to(tl.int64)
         weight = tl.load(topk_weights_ptr + token * TOP_K + k)
-        acc += weight * tl.load(y_ptr + position * stride_y + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + token * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        used = offs < tl.where(position < num_positions, hidden, 0)  # skipped rows read nothing
+        acc += weight * tl.load(y_ptr + position * stride_y + offs, mask=used, other=0.0).to(tl.float32)
+    out_ptrs = out_ptr + token * stride_out + offs
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def fp8_scales(rows: int, cols: int, group_size: int | None,
@@ -169,7 +178,7 @@ def scatter_token_rows(x: torch.Tensor, alignment: ExpertAlignment, quantize: bo
                                                    else (None, 0, 0, 0))
     _scatter_token_rows_kernel[(num_tokens,)](
         x, out, scale if quantize else out, alignment.position_of_row, hidden, num_scales,
-        x.stride(0), out.stride(0), stride_row, stride_group,
+        alignment.max_padded_rows, x.stride(0), out.stride(0), stride_row, stride_group,
         TOP_K=alignment.num_rows // num_tokens, QUANTIZE=quantize, ROUND_IN_FP32=ROUND_E4M3_IN_FP32,
         BLOCK_H=block_h, GROUP=group_size or block_h, num_warps=4 if hidden <= 4096 else 8,
     )
@@ -199,15 +208,18 @@ def silu_mul(gate_up: torch.Tensor, alignment: ExpertAlignment, quantize: bool,
 
 
 def weighted_combine(y: torch.Tensor, topk_weights: torch.Tensor, alignment: ExpertAlignment,
-                     out_dtype: torch.dtype) -> torch.Tensor:
-    """``y [R, H]`` in sorted order -> ``out [T, H]``: each token's K rows, weighted, summed in fp32."""
+                     out_dtype: torch.dtype, add_to: torch.Tensor | None = None) -> torch.Tensor:
+    """``y [R, H]`` in sorted order -> ``out [T, H]``: each token's K rows, weighted, summed in fp32.
+
+    Skipped rows add nothing. ``add_to`` (``[T, H]``, ``out_dtype``): the sum is added to it, in place.
+    """
     num_tokens, top_k = topk_weights.shape
     hidden = y.shape[1]
-    out = torch.empty(num_tokens, hidden, dtype=out_dtype, device=y.device)
+    out = add_to if add_to is not None else torch.empty(num_tokens, hidden, dtype=out_dtype, device=y.device)
     block_h = min(triton.next_power_of_2(hidden), 4096)
     _weighted_combine_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
-        y, out, topk_weights, alignment.position_of_row, hidden, y.stride(0), out.stride(0),
-        TOP_K=top_k, BLOCK_H=block_h, num_warps=4,
+        y, out, topk_weights, alignment.position_of_row, hidden, alignment.max_padded_rows,
+        y.stride(0), out.stride(0), TOP_K=top_k, ACCUMULATE=add_to is not None, BLOCK_H=block_h, num_warps=4,
     )
     return out
 
@@ -234,12 +246,13 @@ def scaled_grouped_gemm(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor,
 def grouped_mm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                        topk_weights: torch.Tensor, alignment: ExpertAlignment,
                        w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-                       fast_accum: bool = False) -> torch.Tensor:
+                       fast_accum: bool = False, add_to: torch.Tensor | None = None) -> torch.Tensor:
     """The experts layer on torch's grouped GEMMs; bf16, or FP8-rowwise when scales are given.
 
     ``alignment`` must come from ``moe_align_block_size(topk_ids, E, ALIGN_M)``. FP8-rowwise
     scales are ``w13_scale [E, 2I]`` and ``w2_scale [E, H]`` (float32, per output channel);
     ``fast_accum`` is passed to ``torch._scaled_grouped_mm`` (off in ``fused_experts``).
+    ``add_to``: the output is added to it in place (see :func:`weighted_combine`).
     """
     if alignment.block_m != ALIGN_M:
         raise ValueError(f"grouped_mm_experts needs rows aligned to {ALIGN_M}, got block_m={alignment.block_m}")
@@ -266,4 +279,4 @@ def grouped_mm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch
         y = scaled_grouped_gemm(act, act_scale, w2, w2_scale, offs, fast_accum)
     else:
         y = grouped_gemm(act, w2, offs)
-    return weighted_combine(y, topk_weights, alignment, hidden_states.dtype)
+    return weighted_combine(y, topk_weights, alignment, hidden_states.dtype, add_to)

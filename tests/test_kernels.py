@@ -33,7 +33,7 @@ from zeroprefill.kernels import (GROUPED_MM, MoEConfig, GemmConfig, dequantize_f
                                  moe_align_block_size, quantize_tokens_fp8_group,
                                  quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
 from zeroprefill.common.asyncep_moe import select_experts  # noqa: E402
-from zeroprefill.kernels import fused_moe, grouped_mm_moe  # noqa: E402
+from zeroprefill.kernels import checks, fused_moe, grouped_mm_moe  # noqa: E402
 from zeroprefill.kernels.quant import quantize_tokens_fp8_group_reference  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -90,6 +90,19 @@ def test_moe_align_block_size(block_m):
         assert ends[expert] - starts[expert] == -(-len(expected.get(expert, [])) // block_m) * block_m
     positions = al.position_of_row.cpu().tolist()
     assert [sorted_ids[p] for p in positions] == list(range(num_rows))
+
+
+def test_moe_align_skips_negative_ids():
+    """Rows with id -1 get no padded position, no block, and positions past the padded order."""
+    ids = torch.tensor([[0, -1], [-1, 2], [2, 0], [-1, -1]], dtype=torch.int32, device=DEVICE)
+    al = moe_align_block_size(ids, 3, 4)
+    placed = [r for r, e in enumerate(ids.flatten().tolist()) if e >= 0]
+    positions = al.position_of_row.cpu().tolist()
+    assert sorted(r for r, p in enumerate(positions) if p < al.max_padded_rows) == placed
+    sorted_ids = al.sorted_row_ids.cpu().tolist()
+    assert sorted(r for r in sorted_ids if r != ids.numel()) == placed
+    assert al.rows_per_expert.cpu().tolist() == [2, 0, 2]
+    assert int(al.num_padded_rows) == 8  # experts 0 and 2, one block of 4 each
 
 
 # ---------------------------------------------------------------------------- FP8 quantisers
@@ -189,6 +202,44 @@ def test_fused_experts_fp8(num_tokens, num_experts, top_k, hidden, inter, act_dt
     assert rel_err(out, fused_experts_reference(x, w13.to(act_dtype), w2.to(act_dtype), weights, ids)) < 0.1
 
 
+SPLIT_CONFIGS = {  # how the split-experts test runs each backend
+    "triton": dict(config=None),
+    "grouped_mm": dict(config=MoEConfig(backend=GROUPED_MM)),
+}
+
+
+@pytest.mark.parametrize("backend", list(SPLIT_CONFIGS))
+def test_experts_in_two_tensors_with_skipped_slots(backend):
+    """A layer whose experts live in two tensors = two calls, each skipping the other's experts
+    (id -1) and adding into one output: the resident-shard + gather-buffer split of AsyncEP."""
+    num_tokens, num_experts, top_k, hidden, inter, first = 17, 6, 3, 64, 48, 2
+    w13, w2 = make_layer(num_experts, hidden, inter, torch.bfloat16)
+    x, weights, ids = make_tokens(num_tokens, hidden, num_experts, top_k, torch.bfloat16)
+    ids[3] = torch.tensor([4, 5, 3])  # a token with no expert in the first tensor
+    ids[5] = torch.tensor([0, 1, 0])[:top_k]  # ... and one with none in the second
+    in_first = ids < first
+    ids_first = torch.where(in_first, ids, -1)
+    ids_second = torch.where(in_first, -1, ids - first)
+    config = SPLIT_CONFIGS[backend]["config"]
+    out = fused_experts(x, w13[:first].contiguous(), w2[:first].contiguous(), weights, ids_first, config=config)
+    assert out[3].abs().max() == 0  # its slots were all skipped
+    returned = fused_experts(x, w13[first:].contiguous(), w2[first:].contiguous(), weights, ids_second,
+                             config=config, add_to=out)
+    assert returned is out
+    assert rel_err(out, fused_experts_reference(x, w13, w2, weights, ids)) < TOLERANCE[torch.bfloat16]
+
+
+def test_fp8_experts_with_skipped_slots():
+    num_tokens, num_experts, top_k, hidden, inter = 9, 4, 2, 128, 128
+    w13, w2 = make_layer(num_experts, hidden, inter, torch.float32)
+    (w13_q, w13_s), (w2_q, w2_s) = quantize_weights_fp8_block(w13), quantize_weights_fp8_block(w2)
+    x, weights, ids = make_tokens(num_tokens, hidden, num_experts, top_k, torch.float32)
+    kept = torch.where(ids % 2 == 0, ids, -1)
+    out = fused_experts(x, w13_q, w2_q, weights, kept, w13_scale=w13_s, w2_scale=w2_s)
+    ref = fused_experts_reference(x, w13_q, w2_q, weights, kept, w13_scale=w13_s, w2_scale=w2_s)
+    assert rel_err(out, ref) < (1e-4 if not ON_GPU else 3e-2)
+
+
 def _scaled_grouped_gemm_fp32(a, a_scale, w, w_scale, offs, fast_accum=False):
     """torch._scaled_grouped_mm's contract, as an fp32 loop over expert segments (CPU stand-in)."""
     out = torch.zeros(a.shape[0], w.shape[1], dtype=torch.bfloat16, device=a.device)
@@ -277,14 +328,15 @@ def _valid():
     (lambda a: a.update(w13=a["w13"][:, :31].contiguous()), ValueError, "odd dim 1 = 31"),
     (lambda a: a.update(hidden_states=a["hidden_states"].t().contiguous().t()), ValueError, "contiguous"),
     (lambda a: a.update(topk_ids=a["topk_ids"][:4]), ValueError, r"\[T=5, K\]"),
-    (lambda a: a.update(topk_ids=torch.zeros(5, 5, dtype=torch.int32, device=DEVICE),
-                        topk_weights=torch.zeros(5, 5, device=DEVICE)), ValueError, "top_k=5"),
+    (lambda a: a.update(topk_ids=torch.zeros(5, 0, dtype=torch.int32, device=DEVICE),
+                        topk_weights=torch.zeros(5, 0, device=DEVICE)), ValueError, "top_k=0"),
     (lambda a: a["topk_ids"].__setitem__((2, 1), 7), ValueError, "topk_ids contains 7"),
-    (lambda a: a["topk_ids"].__setitem__((0, 0), -1), ValueError, "topk_ids contains -1"),
+    (lambda a: a["topk_ids"].__setitem__((0, 0), -2), ValueError, "topk_ids contains -2"),
+    (lambda a: a.update(add_to=torch.zeros(5, 31, dtype=torch.bfloat16, device=DEVICE)), ValueError, "add_to must be"),
     (lambda a: a.update(w13_scale=torch.ones(4, 1, 1, device=DEVICE)), ValueError, "only for"),
 ])
 def test_bad_inputs_raise(change, error, message, monkeypatch):
-    monkeypatch.setattr(fused_moe, "CHECK_IDS_ON_GPU", True)
+    monkeypatch.setattr(checks, "CHECK_IDS_ON_GPU", True)
     args = _valid()
     change(args)
     with pytest.raises(error, match=message):
