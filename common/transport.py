@@ -1,9 +1,12 @@
 """Transports that assemble one MoE layer's expert shards into a full gather buffer.
 
 A transport moves *weights*, never activations: every rank contributes its shard
-``[capacity, ...]`` of a named expert tensor and receives all ranks' shards in rank order,
-``[world_size * capacity, ...]``. The streamer (``streamer.py``) decides *when* to gather and
-into which ring slot; a transport only decides *how*:
+``[capacity, ...]`` of a named expert tensor and receives the other ranks' shards into a gather
+buffer of :meth:`GatherTransport.gathered_rows` rows, each peer's shard at
+:meth:`GatherTransport.gathered_row_of_rank`. A rank's own shard is read where it lives, never
+copied; a collective's buffer still has room for it (AllGather writes every rank's part), the
+copy engine's holds the others' only. The streamer (``streamer.py``) decides *when* to gather
+and into which ring slot; a transport only decides *how*:
 
 - :class:`GlooAllGather`: ``torch.distributed`` all-gather over gloo (CPU; tests, CPU serving).
   Asynchronous on gloo's worker threads, so it overlaps the caller's compute on CPU too.
@@ -13,7 +16,8 @@ into which ring slot; a transport only decides *how*:
   ``world_size - 1`` peer-to-peer ``cudaMemcpyAsync`` pulls on the side stream, executed by
   the copy engines, not SMs (about half the compute slowdown of NCCL: docs/design.md). Expert
   weights are read-only while serving, so a pull needs no handshake with the peer: no
-  lockstep, no barrier per layer. With ``copy_streams`` > 1 each remote shard is pulled in
+  lockstep, no barrier per layer. Its buffer holds only the N-1 remote shards. With
+  ``copy_streams`` > 1 each remote shard is pulled in
   that many chunks of experts on as many streams at once, so several copy engines share it
   (one copy engine may not fill an NVLink; ``zeroprefill calibrate`` measures 1, 2 and 4).
 
@@ -123,9 +127,17 @@ class GatherTransport(ABC):
         """True if every rank must issue every gather in the same order (lockstep)."""
         return True
 
+    def gathered_rows(self, capacity: int) -> int:
+        """Expert rows of a gather buffer for shards of ``capacity`` experts (all ranks' by default)."""
+        return self.world_size * capacity
+
+    def gathered_row_of_rank(self, rank: int, capacity: int) -> int | None:
+        """First row of ``rank``'s shard in a gather buffer; None if the buffer has no copy of it."""
+        return rank * capacity
+
     @abstractmethod
     def gather(self, layer: int, name: str, out: torch.Tensor) -> GatherHandle:
-        """Fill ``out`` (``[world_size * capacity, ...]``) with all ranks' shards of ``name``."""
+        """Fill ``out`` (``[gathered_rows(capacity), ...]``) with the other ranks' shards of ``name``."""
 
 
 class _ProcessGroupAllGather(GatherTransport):
@@ -180,6 +192,14 @@ class CopyEngineGather(GatherTransport):
     def is_collective(self) -> bool:
         return False
 
+    def gathered_rows(self, capacity: int) -> int:
+        return (self.world_size - 1) * capacity  # the remote shards only: the local one is read in place
+
+    def gathered_row_of_rank(self, rank: int, capacity: int) -> int | None:
+        if rank == self.rank:
+            return None
+        return (rank if rank < self.rank else rank - 1) * capacity
+
     def _adopt(self, shards: dict[str, torch.Tensor]) -> None:
         """Copy one layer's shards into a symmetric buffer of its own; ``shards`` then holds the copies.
 
@@ -227,10 +247,10 @@ class CopyEngineGather(GatherTransport):
         views = self._peer_views[layer][name]
         capacity = views[0].shape[0]
         remote = [p for p in range(self.world_size) if p != self.rank]
+        destinations = [out[row : row + capacity] for row in (self.gathered_row_of_rank(p, capacity) for p in remote)]
         if not self._streams:
-            # Remote shards first (they take longest), the local shard last (HBM copy).
-            for peer in [*remote, self.rank]:
-                out[peer * capacity : (peer + 1) * capacity].copy_(views[peer], non_blocking=True)
+            for peer, destination in zip(remote, destinations):
+                destination.copy_(views[peer], non_blocking=True)
             return GatherHandle()
         # Each remote shard in chunks of experts, one chunk per stream, the streams forked from
         # the caller's stream and joined back to it: capture-safe, and ordered for the caller
@@ -238,16 +258,33 @@ class CopyEngineGather(GatherTransport):
         current = torch.cuda.current_stream(out.device)
         for stream in self._streams:
             stream.wait_stream(current)
-        for peer in remote:
-            destination = out[peer * capacity : (peer + 1) * capacity]
+        for peer, destination in zip(remote, destinations):
             chunks = zip(destination.tensor_split(len(self._streams)), views[peer].tensor_split(len(self._streams)))
             for stream, (chunk_out, chunk_in) in zip(self._streams, chunks):
                 with torch.cuda.stream(stream):
                     chunk_out.copy_(chunk_in, non_blocking=True)
-        out[self.rank * capacity : (self.rank + 1) * capacity].copy_(views[self.rank], non_blocking=True)
         for stream in self._streams:
             current.wait_stream(stream)
         return GatherHandle()
+
+
+class ResidentOnly(GatherTransport):
+    """One rank holds every expert: nothing to gather, shards are used where they are loaded."""
+
+    name = "none (one rank)"
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.rank, self.world_size = 0, 1
+
+    def gathered_rows(self, capacity: int) -> int:
+        return 0
+
+    def gathered_row_of_rank(self, rank: int, capacity: int) -> int | None:
+        return None
+
+    def gather(self, layer: int, name: str, out: torch.Tensor) -> GatherHandle:
+        raise RuntimeError("one rank holds every expert: there is nothing to gather")
 
 
 def _has_symmetric_memory() -> bool:
@@ -264,8 +301,11 @@ def make_transport(name: str, group: dist.ProcessGroup | None = None, device: to
 
     ``auto``: gloo on CPU; on CUDA the copy engine when torch has symmetric memory (it halves
     the compute slowdown of NCCL: docs/design.md), else NCCL. ``copy_streams``: the copy
-    engine's concurrent pulls per remote shard (other transports ignore it).
+    engine's concurrent pulls per remote shard (other transports ignore it). A group of one
+    rank gets :class:`ResidentOnly`, whatever the name: it holds every expert.
     """
+    if (dist.get_world_size(group) if dist.is_initialized() else 1) == 1:
+        return ResidentOnly()
     if name == "auto":
         on_cuda = device is not None and torch.device(device).type == "cuda"
         if not on_cuda:
