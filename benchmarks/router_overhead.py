@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,15 +33,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+from zeroprefill.ports import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 BODY = json.dumps({"model": "fake-model", "input": "Rerank these documents by how well they answer the question."})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(cmd: list[str], log: Path) -> subprocess.Popen:
@@ -133,24 +128,24 @@ def main(argv: list[str]) -> int:
 
     model_dir = generate_tiny_moe(work / "tiny-moe")
     python = Path(sys.executable)
-    backend_port = _free_port()
+    backend_port = free_port()
     backend_url = f"http://127.0.0.1:{backend_port}"
     rust_python = args.rust_venv / "bin" / "python"
     targets: dict[str, list[str] | str] = {"direct": []}
-    port = _free_port()
+    port = free_port()
     targets["zeroprefill"] = [str(python), "-m", "zeroprefill.cli", "router", "--backend", backend_url,
                               "--model", str(model_dir), "--served-model-name", "fake-model",
                               "--port", str(port)]
     if (args.rust_venv / "bin" / "vllm-router").exists():
         targets["vllm_router"] = [str(args.rust_venv / "bin" / "vllm-router"), "--worker-urls", backend_url,
                                   "--policy", "round_robin", "--log-level", "error",
-                                  "--prometheus-port", str(_free_port()), "--port", str(_free_port())]
+                                  "--prometheus-port", str(free_port()), "--port", str(free_port())]
     else:
         targets["vllm_router"] = f"not installed in {args.rust_venv}"
     if (args.rust_venv / "bin" / "sglang-router").exists():
         targets["sglang_router"] = [str(rust_python), "-m", "sglang_router.launch_router", "--worker-urls",
                                     backend_url, "--policy", "round_robin", "--log-level", "error",
-                                    "--prometheus-port", str(_free_port()), "--port", str(_free_port())]
+                                    "--prometheus-port", str(free_port()), "--port", str(free_port())]
     else:
         targets["sglang_router"] = f"not installed in {args.rust_venv}"
 

@@ -4,7 +4,6 @@ failing loudly on any rank's error."""
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from collections.abc import Callable
 from datetime import timedelta
@@ -12,12 +11,6 @@ from typing import Any
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, world_size: int, init_file: str, backend: str, fn: Callable[..., Any], args: tuple) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 
 import pytest
@@ -13,6 +12,7 @@ kv_events = pytest.importorskip("vllm.distributed.kv_events")
 msgspec = pytest.importorskip("msgspec")
 
 from zeroprefill.common.prefix_index import PrefixIndex, block_hashes  # noqa: E402
+from zeroprefill.ports import free_port  # noqa: E402
 from zeroprefill.router.cli import _kv_event_endpoints  # noqa: E402
 from zeroprefill.router.kv_events import KVEventFeed, KVEventIndexer  # noqa: E402
 
@@ -101,9 +101,7 @@ def test_lost_events_or_an_engine_restart_forget_that_ranks_blocks():
 
 
 def test_feed_reads_vllms_zmq_publisher():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     publisher = kv_events.ZmqEventPublisher(data_parallel_rank=0, endpoint=f"tcp://*:{port}",
                                             replay_endpoint=None)
     tokens = list(range(300, 312))

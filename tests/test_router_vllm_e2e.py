@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+
+from zeroprefill.ports import free_port
 
 pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
@@ -35,12 +36,6 @@ STARTUP_TIMEOUT_S = 240.0
 ENGINE_BLOCK_SIZE = 128  # vLLM's CPU backend caches 128-token blocks
 TOTAL_REQUESTS = 2000
 CONCURRENCY = 32
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start_vllm(model_dir: Path, port: int, core: int, log: Path, kv_events_port: int) -> subprocess.Popen:
@@ -87,12 +82,12 @@ def cluster(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("router-e2e")
     model_dir = generate_tiny_moe(work / "tiny-moe")
-    ports = [_free_port(), _free_port()]
-    kv_ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
+    kv_ports = [free_port(), free_port()]
     logs = [work / "vllm0.log", work / "vllm1.log"]
     replicas = [_start_vllm(model_dir, ports[i], i, logs[i], kv_ports[i]) for i in range(2)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
-    router_port = _free_port()
+    router_port = free_port()
     router_log = work / "router.log"
     router = None
     try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 
 import pytest
 import torch
@@ -25,6 +24,7 @@ from zeroprefill.common.asyncep_moe import AsyncEPMoE, moe_reference
 from zeroprefill.common.expert_sharding import ExpertShardLayout
 from zeroprefill.common.streamer import ExpertWeightStreamer
 from zeroprefill.common.transport import GatherHandle, GatherTransport, make_transport
+from zeroprefill.ports import free_port
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -189,9 +189,7 @@ def test_capture_before_any_eager_pass_is_refused():
 
 @pytest.fixture(scope="module")
 def one_rank_nccl_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
     yield
     dist.destroy_process_group()

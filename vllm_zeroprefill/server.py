@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,14 +23,10 @@ from pathlib import Path
 
 import httpx
 
+from zeroprefill.ports import free_port
+
 # Settings every CPU server needs (see shared notes): fp32, eager, a small KV cache.
 CPU_SERVER_ARGS = ("--dtype", "float32", "--enforce-eager", "--max-model-len", "256")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def asyncep_args(data_parallel_size: int) -> list[str]:

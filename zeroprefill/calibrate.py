@@ -27,7 +27,6 @@ import argparse
 import datetime
 import os
 import re
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from zeroprefill.common.hardware import (
     shipped_gpu_for,
     shipped_profile,
 )
+from zeroprefill.ports import free_port
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -205,9 +205,7 @@ def measure_collectives(num_gpus: int, progress: Progress) -> dict[str, Any]:
     """AllGather sweep, AllToAll and the overlap tax over ``num_gpus`` NCCL ranks."""
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
     workers = [
