@@ -34,17 +34,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-#: The GPU transports a profile measures and a GPU deployment chooses between (the runtime's
-#: ``zeroprefill.common.transport`` adds gloo, for CPU). Here, not there: the planner and the
-#: router read profiles without importing torch.
-GPU_TRANSPORTS = ("nccl", "copy_engine")
+from zeroprefill.common.transport_choice import GPU_TRANSPORTS
 
 #: GPU kinds with shipped profiles and the group sizes shipped for each.
 SHIPPED_GPUS = ("h100", "h200")
 SHIPPED_GPU_COUNTS = (1, 2, 4, 8)
 #: Compute/weight formats a profile rates.
 DTYPES = ("bf16", "fp8")
-#: AllGather transports (names as in ``zeroprefill.common.transport``).
 
 
 class HardwareProfileError(ValueError):

@@ -40,9 +40,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from zeroprefill.common.hardware import GPU_TRANSPORTS
-
-TRANSPORTS = ("gloo", *GPU_TRANSPORTS)
+# TRANSPORTS: the names, importable from here as before (asyncep_model validates its setting with them).
+from zeroprefill.common.transport_choice import TRANSPORTS, resolve_transport  # noqa: F401
 
 # torch 2.13 renames all_gather_into_tensor to all_gather_single (the old name warns).
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -297,25 +296,18 @@ def _has_symmetric_memory() -> bool:
 
 def make_transport(name: str, group: dist.ProcessGroup | None = None, device: torch.device | None = None,
                    copy_streams: int = 1) -> GatherTransport:
-    """Build a transport by name; ``"auto"`` picks the measured-fastest one for the device.
-
-    ``auto``: gloo on CPU; on CUDA the copy engine when torch has symmetric memory (it halves
-    the compute slowdown of NCCL: docs/design.md), else NCCL. ``copy_streams``: the copy
-    engine's concurrent pulls per remote shard (other transports ignore it). A group of one
-    rank gets :class:`ResidentOnly`, whatever the name: it holds every expert.
+    """Build a transport by name; ``"auto"`` as :func:`~zeroprefill.common.transport_choice.
+    resolve_transport` decides for ``device`` (gloo off CUDA; on CUDA the copy engine where torch
+    has symmetric memory, else NCCL). ``copy_streams``: the copy engine's concurrent pulls per
+    remote shard (other transports ignore it). A group of one rank gets :class:`ResidentOnly`,
+    whatever the name: it holds every expert.
     """
+    device_type = torch.device(device).type if device is not None else "cpu"
+    name = resolve_transport(name, device_type, symmetric_memory=device_type == "cuda" and _has_symmetric_memory())
     if (dist.get_world_size(group) if dist.is_initialized() else 1) == 1:
         return ResidentOnly()
-    if name == "auto":
-        on_cuda = device is not None and torch.device(device).type == "cuda"
-        if not on_cuda:
-            name = "gloo"
-        else:
-            name = "copy_engine" if _has_symmetric_memory() else "nccl"
     if name == "gloo":
         return GlooAllGather(group)
     if name == "nccl":
         return NcclAllGather(group)
-    if name == "copy_engine":
-        return CopyEngineGather(group, copy_streams)
-    raise ValueError(f"unknown transport {name!r}; choose one of {('auto', *TRANSPORTS)}")
+    return CopyEngineGather(group, copy_streams)
