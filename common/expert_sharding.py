@@ -9,8 +9,9 @@ checkpoint loaded by vLLM's EP weight loader is already our shard:
 - ``linear``: rank r owns a contiguous run; the first ``E % N`` ranks own one extra expert.
 - ``round_robin``: rank r owns experts r, r + N, r + 2N, ...
 
-After a gather, expert ``e`` lives in slot ``slot_of_expert[e]``; routing ids are remapped
-through that table before the experts kernel (skipped when it is the identity).
+:meth:`ExpertShardLayout.home_of_expert` says where each expert lives: its rank and its row in
+that rank's shard (the streamer maps routing ids to rows of the resident shard and of the
+gather buffer with it).
 """
 
 from __future__ import annotations
@@ -69,18 +70,13 @@ class ExpertShardLayout:
         self._check_rank(rank)
         return self._owned[rank]
 
-    def slot_of_expert(self) -> list[int]:
-        """Gather-buffer slot of every expert id ``0..E-1``."""
-        slots = [0] * self.num_experts
+    def home_of_expert(self) -> list[tuple[int, int]]:
+        """``(rank, row in that rank's shard)`` of every expert id ``0..E-1``."""
+        homes = [(0, 0)] * self.num_experts
         for rank, experts in enumerate(self._owned):
-            for j, expert in enumerate(experts):
-                slots[expert] = rank * self.capacity + j
-        return slots
-
-    @property
-    def is_identity(self) -> bool:
-        """True when expert ``e`` sits in slot ``e`` (no id remap needed)."""
-        return self.slot_of_expert() == list(range(self.num_experts))
+            for row, expert in enumerate(experts):
+                homes[expert] = (rank, row)
+        return homes
 
     def shard(self, full: torch.Tensor, rank: int) -> torch.Tensor:
         """This rank's padded shard ``[capacity, ...]`` of a full ``[E, ...]`` expert tensor."""

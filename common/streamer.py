@@ -3,16 +3,22 @@
 Data path of one MoE layer on one rank (each box names the class that owns it)::
 
     [expert shards]          each rank stores 1/N of every MoE layer     ExpertShardLayout
-          |
+          |                  (read in place: never copied)
     [transport: gather l+d]  side stream, async, lockstep across ranks   GatherTransport
-          |
-    [ring buffer slot]       min(d + 1, L) slots of one full layer each  ExpertWeightStreamer
-          |
-    [experts kernel on       all experts, this rank's own tokens only   AsyncEPMoE
-     local tokens]
+          |                  (the other N-1 ranks' shards only)
+    [ring buffer slot]       min(d + 1, L) slots of one layer's remote   ExpertWeightStreamer
+          |                  experts each
+    [experts kernel on       all experts, this rank's own tokens only:  AsyncEPMoE
+     local tokens]           resident shard + ring slot, one output
           |
     [release slot]           compute-stream event; the slot's next      ExpertWeightStreamer
                              gather waits on it
+
+:meth:`ExpertWeightStreamer.acquire` returns :class:`LayerExperts`: the rank's own shard where
+it lives and the ring slot with the others' shards, each with a table from global expert id
+to its row there (``-1`` where that tensor does not hold it: the kernels skip those slots). A
+group of one rank has no ring at all: every layer is its resident shard, and nothing is
+gathered or copied.
 
 The streamer sees MoE layers as one endless sequence ``k = pass * L + l`` and keeps the
 gathers of ``k+1 .. k+d`` in flight while ``k`` computes (``d`` = prefetch depth). Slots
@@ -62,28 +68,33 @@ from zeroprefill.common.expert_sharding import ExpertShardLayout
 from zeroprefill.common.transport import GatherHandle, GatherTimeoutError, GatherTransport
 
 
-@dataclass
-class GatheredExperts(Mapping[str, torch.Tensor]):
-    """One MoE layer's full expert tensors in a ring slot, valid until ``release``.
+@dataclass(frozen=True)
+class ExpertRows:
+    """Some of a layer's experts in one set of tensors (``[rows, ...]`` each, named as the
+    shards: ``w13``, ``w2``, FP8 ``*_scale``) and where each global expert id sits in them:
+    ``row_of_expert [E]`` (int64), ``-1`` for an expert these tensors do not hold."""
 
-    ``slot_of_expert`` maps expert ids to buffer slots (``None`` when it is the identity).
+    tensors: Mapping[str, torch.Tensor]
+    row_of_expert: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LayerExperts:
+    """One MoE layer's experts as the kernels read them, valid until ``release``.
+
+    ``resident``: this rank's own shard, where it lives. ``gathered``: the other ranks' shards
+    in a ring slot; None when nothing is gathered (one rank, or a pass that moves tokens).
     """
 
-    tensors: dict[str, torch.Tensor]
-    slot_of_expert: torch.Tensor | None
+    resident: ExpertRows
+    gathered: ExpertRows | None
 
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.tensors[name]
-
-    def __iter__(self):
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
+    def parts(self) -> list[ExpertRows]:
+        return [self.resident] if self.gathered is None else [self.resident, self.gathered]
 
 
 class ExpertWeightStreamer:
-    """Streams every MoE layer's full experts into a ring of ``min(prefetch_depth + 1, L)`` buffers.
+    """Streams every MoE layer's remote experts into a ring of ``min(prefetch_depth + 1, L)`` buffers.
 
     Args:
         layer_shards: per MoE layer (in execution order), this rank's shard of each named
@@ -128,19 +139,23 @@ class ExpertWeightStreamer:
         self.device = next(iter(self._shards[0].values())).device
         self._cuda = self.device.type == "cuda"
 
-        num_slots = min(prefetch_depth + 1, self.num_layers)
+        gathered_rows = transport.gathered_rows(layout.capacity)
+        num_slots = min(prefetch_depth + 1, self.num_layers) if gathered_rows else 0
         self._slots = [
             {
-                name: torch.empty((layout.num_slots, *shape), dtype=dtype, device=self.device)
+                name: torch.empty((gathered_rows, *shape), dtype=dtype, device=self.device)
                 for name, (shape, dtype) in self.expert_shapes.items()
             }
             for _ in range(num_slots)
         ]
-        slot_map = layout.slot_of_expert()
-        self._slot_of_expert = (
-            None if layout.is_identity else torch.tensor(slot_map, dtype=torch.int64, device=self.device)
-        )
-        if self._cuda:
+        resident_rows, gathered_rows_of_expert = [], []
+        for rank, row in layout.home_of_expert():
+            base = transport.gathered_row_of_rank(rank, layout.capacity)
+            resident_rows.append(row if rank == self.rank else -1)
+            gathered_rows_of_expert.append(base + row if rank != self.rank and base is not None else -1)
+        self._resident_row_of_expert = torch.tensor(resident_rows, dtype=torch.int64, device=self.device)
+        self._gathered_row_of_expert = torch.tensor(gathered_rows_of_expert, dtype=torch.int64, device=self.device)
+        if self._cuda and num_slots:
             self._side_stream = torch.cuda.Stream(device=self.device, priority=-1)
             # Shards and buffers were written on the compute stream; gathers read/write them.
             self._side_stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -162,11 +177,20 @@ class ExpertWeightStreamer:
 
     @property
     def gather_buffer_bytes(self) -> int:
-        """Device memory held by the ring of gather buffers."""
+        """Device memory held by the ring of gather buffers (0 with one rank)."""
         return sum(t.numel() * t.element_size() for slot in self._slots for t in slot.values())
+
+    @property
+    def streams_weights(self) -> bool:
+        """False for a group of one rank: every expert is resident, nothing is ever gathered."""
+        return bool(self._slots)
 
     def slot_of_layer(self, layer: int) -> int:
         return layer % self.num_slots
+
+    def resident(self, layer: int) -> LayerExperts:
+        """``layer``'s experts on this rank alone (its shard, in place); no gather, no ordering."""
+        return LayerExperts(ExpertRows(self._shards[layer], self._resident_row_of_expert), None)
 
     def prefetch(self) -> None:
         """Issue the gathers of the next ``prefetch_depth + 1`` layers now.
@@ -174,14 +198,19 @@ class ExpertWeightStreamer:
         Call at the start of a forward pass (before embeddings and the first attention) so
         that, even on the first pass, layer 0's gather overlaps that work. Idempotent.
         """
-        self._issue_up_to(self._next_to_acquire + self.prefetch_depth)
+        if self.streams_weights:
+            self._issue_up_to(self._next_to_acquire + self.prefetch_depth)
 
-    def acquire(self, layer: int) -> GatheredExperts:
-        """Wait (on the compute stream) for ``layer``'s experts and return them.
+    def acquire(self, layer: int) -> LayerExperts:
+        """Wait (on the compute stream) for ``layer``'s remote experts and return all of them.
 
         Layers must be acquired in execution order ``0, 1, ..., L-1, 0, 1, ...`` and each
-        released before the next is acquired.
+        released before the next is acquired. A forward pass that gathers nothing (one that
+        moves tokens instead, see ``AsyncEPMoE``) acquires no layer: the ring keeps the state
+        it had at the pass boundary, the next pass's first layers gathered or in flight.
         """
+        if not self.streams_weights:
+            return self.resident(layer)
         if self._capturing():
             return self._acquire_captured(layer)
         if self._acquired is not None:
@@ -204,10 +233,16 @@ class ExpertWeightStreamer:
         if self._cuda:
             torch.cuda.current_stream(self.device).wait_event(self._gathered[slot])
         self._acquired = seq
-        return GatheredExperts(self._slots[slot], self._slot_of_expert)
+        return self._layer_experts(layer)
+
+    def _layer_experts(self, layer: int) -> LayerExperts:
+        gathered = ExpertRows(self._slots[self.slot_of_layer(layer)], self._gathered_row_of_expert)
+        return LayerExperts(ExpertRows(self._shards[layer], self._resident_row_of_expert), gathered)
 
     def release(self, layer: int) -> None:
         """Mark ``layer``'s ring slot reusable once the compute enqueued so far has run."""
+        if not self.streams_weights:
+            return
         if self._captured is not None:
             self._release_captured(layer)
             return
@@ -228,14 +263,14 @@ class ExpertWeightStreamer:
         a replay cannot see the eager gathers still in flight on the side stream, and would
         otherwise write the ring slots under them.
         """
-        if self._cuda and not self._capturing():
+        if self._cuda and self.streams_weights and not self._capturing():
             torch.cuda.current_stream(self.device).wait_stream(self._side_stream)
 
     def close(self) -> None:
         """Wait for every gather still in flight (e.g. the next pass's prefetch) to finish."""
         for seq in sorted(self._in_flight):
             self._wait(seq, *self._in_flight.pop(seq))
-        if self._cuda:
+        if self._cuda and self.streams_weights:
             self._side_stream.synchronize()
 
     # -- eager path -----------------------------------------------------------------------
@@ -272,7 +307,8 @@ class ExpertWeightStreamer:
         self._side_stream.wait_event(self._released[slot])
 
     def _wait(self, seq: int, handles: list[GatherHandle], issued_at: float) -> None:
-        remaining = max(self.timeout_s - (time.monotonic() - issued_at), 0.0)
+        # A gather issued before passes that moved tokens may be long done: wait at least a second.
+        remaining = max(self.timeout_s - (time.monotonic() - issued_at), 1.0)
         try:
             for handle in handles:
                 handle.wait(remaining)
@@ -311,7 +347,7 @@ class ExpertWeightStreamer:
         # The pass ends: re-gather the slots it overwrote, as the eager pass's prefetch does.
         return [j for j in range(self.num_slots) if j + self.num_slots < self.num_layers]
 
-    def _acquire_captured(self, layer: int) -> GatheredExperts:
+    def _acquire_captured(self, layer: int) -> LayerExperts:
         if self._next_to_acquire < self.num_layers or self._acquired is not None:
             raise RuntimeError(
                 f"MoE layer {layer} is being captured into a CUDA graph on rank {self.rank} before a "
@@ -330,7 +366,7 @@ class ExpertWeightStreamer:
         split = into_own_slot[0] if into_own_slot else len(owed)
         forked = self._fork_gathers(owed[:split])
         self._captured = _CapturedLayer(layer, owed[split:], [forked] if forked is not None else [])
-        return GatheredExperts(self._slots[slot], self._slot_of_expert)
+        return self._layer_experts(layer)
 
     def _release_captured(self, layer: int) -> None:
         captured = self._captured

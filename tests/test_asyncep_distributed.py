@@ -5,7 +5,10 @@ the layers with the real transport and streamer, and compares its own tokens' ou
 the dense reference computed from the full weights. Scenarios cover uneven token counts, a
 rank with zero tokens, E not divisible by N, both placements, prefetch depth 1 and 2,
 several layers and several passes (cross-pass prefetch), and a perturbed schedule (random
-delays in the transport and a kernel that checks its weights do not change under it).
+delays in the transport and a kernel that checks its weights do not change under it). Each
+scenario runs with a switch point: passes below it move tokens to the resident experts
+(``TokenExchange``) instead of streaming weights; scenarios force either mode, or cross the
+switch point pass by pass, and check that a pass that moves tokens leaves the ring as it was.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from tests.multiprocess import run_on_ranks
 from zeroprefill.common.asyncep_moe import AsyncEPMoE, experts_reference, moe_reference
 from zeroprefill.common.expert_sharding import ExpertShardLayout
 from zeroprefill.common.streamer import ExpertWeightStreamer
+from zeroprefill.common.token_exchange import TokenExchange
 from zeroprefill.common.transport import GatherTimeoutError, GlooAllGather, make_transport
 
 HIDDEN, INTERMEDIATE = 16, 8
@@ -39,6 +43,9 @@ class Scenario:
     placement: str = "linear"
     renormalize: bool = True
     perturb: bool = False
+    switch_tokens: int = 0  # passes whose largest per-rank token count is below it move tokens
+    # tokens per rank for each pass (overrides tokens_per_rank; lets passes cross the switch point)
+    tokens_by_pass: tuple[tuple[int, ...], ...] = ()
 
 
 def _full_weights(num_experts: int, num_layers: int) -> list[dict[str, torch.Tensor]]:
@@ -60,11 +67,11 @@ class _DelayedGloo(GlooAllGather):
         return super().gather(layer, name, out)
 
 
-def _checking_kernel(hidden, w13, w2, topk_weights, topk_ids):
+def _checking_kernel(hidden, w13, w2, topk_weights, topk_ids, add_to=None):
     """Reference experts that fail if the gathered weights change while they compute."""
     before = (w13.sum().item(), w2.sum().item())
     time.sleep(random.uniform(0.0, 0.02))
-    out = experts_reference(hidden, w13, w2, topk_weights, topk_ids)
+    out = experts_reference(hidden, w13, w2, topk_weights, topk_ids, add_to=add_to)
     after = (w13.sum().item(), w2.sum().item())
     assert before == after, "a gather overwrote a ring slot while its layer was computing"
     return out
@@ -79,33 +86,53 @@ def _run_scenarios(rank: int, world_size: int, scenarios: list[Scenario]) -> Non
         transport = _DelayedGloo(None) if scenario.perturb else make_transport("gloo")
         streamer = ExpertWeightStreamer(shards, layout, transport, prefetch_depth=scenario.prefetch_depth)
         kernel = _checking_kernel if scenario.perturb else None
+        exchange = TokenExchange(layout, streamer.resident(0).resident.row_of_expert)
         layers = [
-            AsyncEPMoE(streamer, i, scenario.top_k, scenario.renormalize, experts_kernel=kernel)
+            AsyncEPMoE(streamer, i, scenario.top_k, scenario.renormalize, experts_kernel=kernel,
+                       exchange=exchange, switch_tokens=scenario.switch_tokens)
             for i in range(scenario.num_layers)
         ]
         g = torch.Generator().manual_seed(100 + rank)
-        for _ in range(scenario.passes):
-            x = torch.randn(scenario.tokens_per_rank[rank], HIDDEN, generator=g)
+        passes = scenario.tokens_by_pass or (scenario.tokens_per_rank,) * scenario.passes
+        for tokens in passes:
+            x = torch.randn(tokens[rank], HIDDEN, generator=g)
+            moves_tokens = layers[0].moves_tokens(max(tokens))
+            ring_before = (sorted(streamer._in_flight), streamer._next_to_acquire, streamer._next_to_issue)
             for i, layer in enumerate(layers):
                 logits = torch.randn(x.shape[0], scenario.num_experts, generator=g)
-                got = layer(x, logits)
+                got = layer(x, logits, max_tokens=max(tokens))
                 want = moe_reference(x, logits, full[i]["w13"], full[i]["w2"], scenario.top_k, scenario.renormalize)
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{scenario} rank {rank} layer {i}: {m}")
                 x = got + x  # residual: later layers see earlier layers' output
+            if moves_tokens:  # no gather issued or consumed: the ring is as the last streamed pass left it
+                assert (sorted(streamer._in_flight), streamer._next_to_acquire, streamer._next_to_issue) == ring_before
         streamer.close()
 
 
+ALWAYS_MOVE_TOKENS = 10**6
 SCENARIOS_2 = [
     Scenario(num_experts=8, top_k=2, tokens_per_rank=(5, 0)),  # rank 1 idle
     Scenario(num_experts=7, top_k=3, tokens_per_rank=(9, 2), prefetch_depth=2),  # E % N != 0
     Scenario(num_experts=6, top_k=2, tokens_per_rank=(4, 7), placement="round_robin", renormalize=False),
     Scenario(num_experts=8, top_k=2, tokens_per_rank=(6, 3), num_layers=4, passes=3, perturb=True),
     Scenario(num_experts=5, top_k=2, tokens_per_rank=(3, 4), num_layers=2, prefetch_depth=2, perturb=True),
+    # moving tokens in every pass: a rank with no tokens still joins every exchange
+    Scenario(num_experts=8, top_k=2, tokens_per_rank=(5, 0), switch_tokens=ALWAYS_MOVE_TOKENS),
+    Scenario(num_experts=6, top_k=3, tokens_per_rank=(4, 7), placement="round_robin", renormalize=False,
+             switch_tokens=ALWAYS_MOVE_TOKENS),
+    # crossing the switch point (6 tokens) pass by pass, the ring's prefetch kept across token passes
+    Scenario(num_experts=8, top_k=2, tokens_per_rank=(), num_layers=3, switch_tokens=6,
+             tokens_by_pass=((3, 2), (9, 4), (0, 5), (1, 1), (6, 0), (2, 7), (5, 5))),
+    Scenario(num_experts=7, top_k=3, tokens_per_rank=(), num_layers=4, prefetch_depth=2, switch_tokens=6, perturb=True,
+             tokens_by_pass=((8, 8), (2, 3), (3, 2), (7, 1), (0, 0), (4, 9))),
 ]
 SCENARIOS_3 = [
     Scenario(num_experts=8, top_k=2, tokens_per_rank=(3, 11, 0), prefetch_depth=2),  # 8 % 3 != 0
     Scenario(num_experts=9, top_k=4, tokens_per_rank=(0, 0, 5), num_layers=2, passes=3),
     Scenario(num_experts=7, top_k=2, tokens_per_rank=(4, 1, 6), perturb=True),
+    Scenario(num_experts=8, top_k=3, tokens_per_rank=(0, 6, 2), switch_tokens=ALWAYS_MOVE_TOKENS),
+    Scenario(num_experts=9, top_k=4, tokens_per_rank=(), num_layers=3, switch_tokens=5,
+             tokens_by_pass=((1, 0, 3), (6, 2, 2), (4, 4, 0), (0, 9, 1), (2, 2, 2))),
 ]
 
 
@@ -145,7 +172,7 @@ def _gather_fp8(rank: int, world_size: int) -> None:
     full = {"w13": (torch.randn(4, 2 * INTERMEDIATE, HIDDEN) * 8).to(torch.float8_e4m3fn),
             "w13_scale": torch.rand(4, 1, 1)}
     streamer = ExpertWeightStreamer([layout.shard_all(full, rank)], layout, make_transport("gloo"))
-    gathered = streamer.acquire(0)
+    gathered = streamer.acquire(0).gathered.tensors  # gloo's AllGather fills every rank's rows
     assert gathered["w13"].dtype == torch.float8_e4m3fn
     assert torch.equal(gathered["w13"].view(torch.uint8), full["w13"].view(torch.uint8))
     assert torch.equal(gathered["w13_scale"], full["w13_scale"])

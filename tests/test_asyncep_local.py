@@ -1,4 +1,9 @@
-"""AsyncEP layer and streamer in one process (world size 1): routing, errors, ordering."""
+"""AsyncEP layer and streamer in one process: routing, errors, ordering, resident shards.
+
+One rank has nothing to stream (every expert is resident). The streaming logic is exercised in
+one process by :class:`_LoopbackTransport`, which plays rank 0 of two and serves rank 1's
+shards from the full weights it was given.
+"""
 
 import pytest
 import torch
@@ -6,17 +11,59 @@ import torch
 from zeroprefill.common.asyncep_moe import AsyncEPMoE, experts_reference, moe_reference, select_experts
 from zeroprefill.common.expert_sharding import ExpertShardLayout
 from zeroprefill.common.streamer import ExpertWeightStreamer
-from zeroprefill.common.transport import GatherHandle, GatherTransport, make_transport
+from zeroprefill.common.transport import GatherHandle, GatherTransport, ResidentOnly, make_transport
 
 E, H, I = 6, 8, 4
 
 
-def _streamer(num_layers=2, **kwargs):
+class _LoopbackTransport(GatherTransport):
+    """Rank 0 of two, in one process: rank 1's shards come from the full weights; records which
+    layer each gather fetches, in issue order. Its buffers hold the remote shard only, as the
+    copy engine's do."""
+
+    name = "loopback"
+
+    def __init__(self, full: list[dict[str, torch.Tensor]], layout: ExpertShardLayout) -> None:
+        super().__init__(None)
+        self.rank, self.world_size = 0, 2
+        self.peer_shards = [layout.shard_all(f, 1) for f in full]
+        self.layers: list[int] = []
+
+    @property
+    def is_collective(self) -> bool:
+        return False
+
+    def gathered_rows(self, capacity: int) -> int:
+        return capacity
+
+    def gathered_row_of_rank(self, rank: int, capacity: int) -> int | None:
+        return 0 if rank == 1 else None
+
+    def gather(self, layer, name, out):
+        if name == "w13":
+            self.layers.append(layer)
+        out.copy_(self.peer_shards[layer][name])
+        return GatherHandle()
+
+
+def _full(num_layers: int) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(0)
-    full = [{"w13": torch.randn(E, 2 * I, H, generator=g), "w2": torch.randn(E, H, I, generator=g)}
+    return [{"w13": torch.randn(E, 2 * I, H, generator=g), "w2": torch.randn(E, H, I, generator=g)}
             for _ in range(num_layers)]
-    layout = ExpertShardLayout(E, 1)
-    return full, ExpertWeightStreamer([layout.shard_all(f, 0) for f in full], layout, make_transport("gloo"), **kwargs)
+
+
+def _recorded_streamer(num_layers: int, prefetch_depth: int):
+    full = _full(num_layers)
+    layout = ExpertShardLayout(E, 2)
+    transport = _LoopbackTransport(full, layout)
+    streamer = ExpertWeightStreamer([layout.shard_all(f, 0) for f in full], layout, transport,
+                                    prefetch_depth=prefetch_depth)
+    return full, streamer, transport
+
+
+def _streamer(num_layers=2, prefetch_depth=1):
+    full, streamer, _ = _recorded_streamer(num_layers, prefetch_depth)
+    return full, streamer
 
 
 def test_select_experts_softmax_renormalised_and_sigmoid():
@@ -31,7 +78,7 @@ def test_select_experts_softmax_renormalised_and_sigmoid():
     torch.testing.assert_close(w_sig[0], torch.sigmoid(logits[0, [3, 2]]))
 
 
-def test_single_rank_layer_equals_reference_over_passes():
+def test_streamed_layer_equals_reference_over_passes():
     full, streamer = _streamer(num_layers=3, prefetch_depth=2)
     layers = [AsyncEPMoE(streamer, i, 2, True) for i in range(3)]
     for _ in range(3):
@@ -81,7 +128,7 @@ def test_out_of_order_layers_are_rejected():
 def test_mismatched_shards_are_rejected():
     layout = ExpertShardLayout(4, 1)
     good = {"w13": torch.zeros(4, 2 * I, H), "w2": torch.zeros(4, H, I)}
-    transport = make_transport("gloo")
+    transport = ResidentOnly()
     with pytest.raises(ValueError, match=r"layer 1 shard 'w2' has shape \(4, 8, 5\), expected \(4, 8, 4\)"):
         ExpertWeightStreamer([good, {"w13": good["w13"], "w2": torch.zeros(4, H, I + 1)}], layout, transport)
     with pytest.raises(ValueError, match=r"shard 'w13' has shape \(3, 8, 8\), expected \(4, 8, 8\)"):
@@ -116,36 +163,47 @@ def test_forward_routed_equals_forward_and_checks_shapes():
         layer.forward_routed(x, weights[:, :1], ids)
 
 
-def test_auto_transport_is_gloo_on_cpu():
-    assert make_transport("auto", None, torch.device("cpu")).name == "gloo"
-    assert make_transport("auto").name == "gloo"
-
-
-class _RecordingTransport(GatherTransport):
-    """One rank; records which layer each gather fetches, in issue order."""
-
-    name = "recording"
-
-    def __init__(self) -> None:
-        super().__init__(None)
-        self.layers: list[int] = []
-
-    def gather(self, layer, name, out):
-        if name == "w13":
-            self.layers.append(layer)
-        out.copy_(self._adopted[layer][name])
-        return GatherHandle()
-
-
-def _recorded_streamer(num_layers: int, prefetch_depth: int):
-    g = torch.Generator().manual_seed(0)
-    full = [{"w13": torch.randn(E, 2 * I, H, generator=g), "w2": torch.randn(E, H, I, generator=g)}
-            for _ in range(num_layers)]
+def test_one_rank_has_no_gather_buffers_and_reads_its_shards_in_place():
+    full = _full(3)
     layout = ExpertShardLayout(E, 1)
-    transport = _RecordingTransport()
-    streamer = ExpertWeightStreamer([layout.shard_all(f, 0) for f in full], layout, transport,
-                                    prefetch_depth=prefetch_depth)
-    return full, streamer, transport
+    shards = [layout.shard_all(f, 0) for f in full]
+    transport = make_transport("auto")
+    assert isinstance(transport, ResidentOnly)
+    streamer = ExpertWeightStreamer(shards, layout, transport, prefetch_depth=2)
+    assert streamer.gather_buffer_bytes == 0 and streamer.num_slots == 0 and not streamer.streams_weights
+    read = []
+
+    def kernel(hidden, w13, w2, topk_weights, topk_ids, add_to=None):
+        read.append(w13.data_ptr())
+        return experts_reference(hidden, w13, w2, topk_weights, topk_ids, add_to=add_to)
+
+    layers = [AsyncEPMoE(streamer, j, 2, True, experts_kernel=kernel) for j in range(3)]
+    for j in (0, 1, 2, 0):  # no ordering to keep: nothing is in flight
+        x, logits = torch.randn(4, H), torch.randn(4, E)
+        torch.testing.assert_close(layers[j](x, logits), moe_reference(x, logits, full[j]["w13"], full[j]["w2"], 2, True))
+        assert read[-1] == shards[j]["w13"].data_ptr()
+
+
+def test_two_ranks_read_the_resident_shard_in_place_and_gather_only_the_other():
+    full, streamer, transport = _recorded_streamer(num_layers=2, prefetch_depth=1)
+    capacity = streamer.layout.capacity
+    assert streamer.gather_buffer_bytes == streamer.num_slots * capacity * (2 * I * H + H * I) * 4
+    read = []
+
+    def kernel(hidden, w13, w2, topk_weights, topk_ids, add_to=None):
+        read.append((w13.data_ptr(), topk_ids.clone()))
+        return experts_reference(hidden, w13, w2, topk_weights, topk_ids, add_to=add_to)
+
+    layer = AsyncEPMoE(streamer, 0, 2, True, experts_kernel=kernel)
+    x, logits = torch.randn(6, H), torch.randn(6, E)
+    torch.testing.assert_close(layer(x, logits), moe_reference(x, logits, full[0]["w13"], full[0]["w2"], 2, True))
+    (resident_ptr, resident_ids), (gathered_ptr, gathered_ids) = read
+    assert resident_ptr == streamer.resident(0).resident.tensors["w13"].data_ptr()
+    assert gathered_ptr == streamer._slots[0]["w13"].data_ptr()
+    _, ids = select_experts(logits, 2, True)
+    mine = ids < capacity  # rank 0 holds experts 0..2
+    assert torch.equal(resident_ids, torch.where(mine, ids, -1))
+    assert torch.equal(gathered_ids, torch.where(mine, -1, ids - capacity))
 
 
 @pytest.mark.parametrize("num_layers,depth", [(4, 1), (5, 1), (3, 1), (5, 2), (2, 1), (3, 2), (1, 1), (7, 3)])
@@ -154,9 +212,10 @@ def test_slots_are_pass_aligned_and_single_layer_slots_are_gathered_once(num_lay
     slots = min(depth + 1, num_layers)
     buffers_read = []
 
-    def kernel(hidden, w13, w2, topk_weights, topk_ids):
-        buffers_read.append(w13.data_ptr())
-        return experts_reference(hidden, w13, w2, topk_weights, topk_ids)
+    def kernel(hidden, w13, w2, topk_weights, topk_ids, add_to=None):
+        if add_to is not None:  # the second call of a layer reads the ring slot
+            buffers_read.append(w13.data_ptr())
+        return experts_reference(hidden, w13, w2, topk_weights, topk_ids, add_to=add_to)
 
     layers = [AsyncEPMoE(streamer, j, 2, True, experts_kernel=kernel) for j in range(num_layers)]
     per_pass = []
@@ -193,8 +252,8 @@ def test_layers_adopted_while_loading_are_not_adopted_again():
     # An engine hands each layer over as it loads it; the streamer built later lists them all.
     g = torch.Generator().manual_seed(0)
     full = [{"w13": torch.randn(E, 2 * I, H, generator=g), "w2": torch.randn(E, H, I, generator=g)} for _ in range(3)]
-    layout = ExpertShardLayout(E, 1)
-    transport = make_transport("gloo")
+    layout = ExpertShardLayout(E, 2)
+    transport = _LoopbackTransport(full, layout)
     shards = [layout.shard_all(f, 0) for f in full]
     transport.adopt(shards[0])
     transport.adopt(shards[1])
@@ -204,7 +263,7 @@ def test_layers_adopted_while_loading_are_not_adopted_again():
     for j in range(3):
         got = AsyncEPMoE(streamer, j, 2, True)(x, logits)
         torch.testing.assert_close(got, moe_reference(x, logits, full[j]["w13"], full[j]["w2"], 2, True))
-    other = make_transport("gloo")
+    other = _LoopbackTransport(full, layout)
     other.adopt(shards[0])
     with pytest.raises(ValueError, match="register must list them first"):
         other.register([shards[1], shards[0]])
@@ -232,9 +291,10 @@ def test_asyncep_config_from_the_environment_names_the_variable(environ, message
 
 
 def test_copy_engine_transport_takes_its_stream_count():
-    from zeroprefill.common.transport import CopyEngineGather, make_transport
+    from zeroprefill.common.transport import CopyEngineGather
 
-    assert make_transport("copy_engine", copy_streams=3).copy_streams == 3
-    assert make_transport("copy_engine").copy_streams == 1
+    assert CopyEngineGather(copy_streams=3).copy_streams == 3
+    assert CopyEngineGather().copy_streams == 1
+    assert isinstance(make_transport("copy_engine", copy_streams=3), ResidentOnly)  # one rank: nothing to pull
     with pytest.raises(ValueError, match="copy_streams must be at least 1, got 0"):
         CopyEngineGather(copy_streams=0)

@@ -16,7 +16,7 @@ def test_every_expert_owned_once_and_slot_map_points_at_it(num_experts, world_si
     full = torch.arange(num_experts, dtype=torch.float32)[:, None].expand(num_experts, 3).contiguous() + 1
     gathered = torch.cat([layout.shard(full, r) for r in range(world_size)])
     assert gathered.shape[0] == layout.num_slots
-    slots = layout.slot_of_expert()
+    slots = [rank * layout.capacity + row for rank, row in layout.home_of_expert()]
     assert torch.equal(gathered[slots], full)
     padding = sorted(set(range(layout.num_slots)) - set(slots))
     assert torch.all(gathered[padding] == 0)
@@ -26,15 +26,13 @@ def test_linear_placement_matches_vllm_expert_map():
     # vLLM determine_expert_map: base = E // N, the first E % N ranks get one more, contiguous.
     layout = ExpertShardLayout(7, 3)
     assert [layout.experts_of_rank(r) for r in range(3)] == [(0, 1, 2), (3, 4), (5, 6)]
-    assert layout.slot_of_expert() == [0, 1, 2, 3, 4, 6, 7]
-    assert not layout.is_identity
-    assert ExpertShardLayout(8, 2).is_identity
+    assert layout.home_of_expert() == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0), (2, 1)]
 
 
 def test_round_robin_placement():
     layout = ExpertShardLayout(6, 2, "round_robin")
     assert layout.experts_of_rank(0) == (0, 2, 4)
-    assert layout.slot_of_expert() == [0, 3, 1, 4, 2, 5]
+    assert layout.home_of_expert() == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
 
 
 @pytest.mark.parametrize(
