@@ -22,7 +22,8 @@ experts kernel.
 
 from .align import ExpertAlignment, moe_align_block_size
 from .deepgemm import deepgemm_experts, deepgemm_unavailable_reason
-from .fused_moe import EXPERTS_KERNEL_ENV, experts_kernel_setting, fused_experts, fused_experts_reference
+from .fused_moe import (EXPERTS_KERNEL_ENV, experts_kernel_setting, fused_experts, fused_experts_reference,
+                        precompile_experts)
 from .grouped_mm_moe import grouped_mm_experts
 from .moe_config import GROUPED_MM, TRITON, GemmConfig, MoEConfig, get_config
 from .quant import (dequantize_fp8_block, dequantize_fp8_rowwise, quantize_tokens_fp8_group,
@@ -45,6 +46,7 @@ __all__ = [
     "get_config",
     "grouped_mm_experts",
     "moe_align_block_size",
+    "precompile_experts",
     "quantize_tokens_fp8_group",
     "quantize_weights_fp8_block",
     "quantize_weights_fp8_rowwise",

@@ -265,6 +265,29 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
                             w13_scale if use_fp8 else None, w2_scale if use_fp8 else None, add_to)
 
 
+def precompile_experts(w13: torch.Tensor, w2: torch.Tensor, top_k: int, max_tokens: int, *,
+                       w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+                       activation_dtype: torch.dtype = torch.bfloat16) -> list[int]:
+    """Run :func:`fused_experts` once at every power-of-two token count up to ``max_tokens``.
+
+    Each lookup of the shipped table (nearest tuned token count, in log space) or the heuristic
+    (tiles by rows per expert) lands on a power of two's choice, so this compiles every Triton
+    variant, and every DeepGEMM kernel, a serving process can select for this layer shape:
+    at start-up, not in the middle of serving. Returns the token counts run.
+    """
+    device = w13.device
+    hidden = w13.shape[2]
+    generator = torch.Generator(device=device).manual_seed(0)
+    counts = [1 << i for i in range(max(max_tokens, 1).bit_length()) if 1 << i <= max_tokens]
+    for num_tokens in counts:
+        x = torch.randn(num_tokens, hidden, generator=generator, device=device).to(activation_dtype)
+        # top_k slots whatever the expert count (a shard may hold fewer): the kernels' TOP_K
+        topk_ids = torch.randint(0, w13.shape[0], (num_tokens, top_k), generator=generator, device=device)
+        topk_weights = torch.full((num_tokens, top_k), 1.0 / top_k, device=device)
+        fused_experts(x, w13, w2, topk_weights, topk_ids, w13_scale=w13_scale, w2_scale=w2_scale)
+    return counts
+
+
 def experts_kernel_setting() -> str:
     """``ZEROPREFILL_EXPERTS_KERNEL``: ``auto`` (default), ``triton`` or ``deepgemm``.
 

@@ -360,3 +360,8 @@ def test_fp8_needs_scales():
     with pytest.raises(ValueError, match=r"w2_scale has shape \(4, 7\)"):
         fused_experts(args["hidden_states"], w13_q, w2_q_row, args["topk_weights"], args["topk_ids"],
                       w13_scale=w13_s, w2_scale=torch.ones(4, 7, device=DEVICE))
+
+
+def test_precompile_runs_every_power_of_two_up_to_the_budget():
+    w13, w2 = make_layer(4, 32, 16, torch.float32)
+    assert fused_moe.precompile_experts(w13, w2, 2, 20, activation_dtype=torch.float32) == [1, 2, 4, 8, 16]
