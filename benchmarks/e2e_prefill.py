@@ -49,7 +49,7 @@ what each layout sends over links per rank (mean over ranks), beside the minimum
 algorithm needs (``_layouts.*_minimum_bytes``: EP one hidden row per (token, remote rank
 holding one of its experts) each way; AsyncEP (N-1)/N of a layer's expert bytes; TP two
 ring all-reduces), from one untimed accounting pass per point. The predicted saturation
-threshold comes from ``zeroprefill.common.planner.saturation_threshold_tokens``
+threshold comes from ``zeroprefill.common.saturation.saturation_threshold_tokens``
 with the shipped hardware profile of the GPU and GPU count, and every point carries the
 planner's ``predict_step`` for its layout beside the measurement (``predicted_ms_per_layer``,
 ``planner_error`` = predicted / measured - 1; ``summary.planner_max_error`` over Qwen3-235B
@@ -340,7 +340,7 @@ def _shipped_profile(meta: dict):
 
 def thresholds(raw: dict) -> dict[str, dict]:
     """Predicted saturation threshold (tokens/GPU) per model, dtype, context and transport."""
-    from zeroprefill.common.planner import Deployment, saturation_threshold_tokens
+    from zeroprefill.common.saturation import Deployment, saturation_threshold_tokens
 
     meta = raw["meta"]
     out: dict[str, dict] = {}
@@ -358,7 +358,7 @@ def thresholds(raw: dict) -> dict[str, dict]:
         per_transport = {tr: saturation_threshold_tokens(Deployment(spec, profile, meta["world_size"], r["dtype"], tr), r["context"])
                          for tr in transports}
         out[key] = {"tokens_per_gpu": max(per_transport.values()), "per_transport": per_transport,
-                    "source": f"zeroprefill.common.planner.saturation_threshold_tokens, shipped profile "
+                    "source": f"zeroprefill.common.saturation.saturation_threshold_tokens, shipped profile "
                               f"{profile.name}; the larger over transports"}
     return out
 
@@ -379,7 +379,8 @@ def predictions(raw: dict) -> dict[str, float] | str:
     sends it, at the EP-rank imbalance the sweep achieved (its ``dp`` record's routing
     balance), else the skew model's expectation.
     """
-    from zeroprefill.common.planner import Deployment, predict_step
+    from zeroprefill.common.layouts import predict_step
+    from zeroprefill.common.saturation import Deployment
     from zeroprefill.common.routing_skew import expected_rank_imbalance
 
     meta = raw["meta"]

@@ -1,6 +1,6 @@
 """Projected step time of AsyncEP and the fair baselines on 2, 4 and 8 GPUs of one host.
 
-A model, not a measurement: every number comes from ``zeroprefill.common.planner.predict_step``
+A model, not a measurement: every number comes from ``zeroprefill.common.layouts.predict_step``
 on the shipped hardware profiles (``common/profiles/<gpu>x<N>.json``, each number marked
 measured, estimated or extrapolated) and the routing-skew model
 (``zeroprefill.common.routing_skew``). Per GPU count, weight format, context and tokens per
@@ -32,8 +32,9 @@ import json
 from pathlib import Path
 
 from zeroprefill.common.model_spec import MoEModelSpec
-from zeroprefill.common.planner import (LAYOUTS, Deployment, memory_plan, predict_step,
-                                        saturation_threshold_tokens)
+from zeroprefill.common.layouts import LAYOUTS, predict_step
+from zeroprefill.common.memory_plan import memory_plan
+from zeroprefill.common.saturation import Deployment, saturation_threshold_tokens
 from zeroprefill.common.routing_skew import expected_rank_imbalance
 
 CONFIGS = Path(__file__).resolve().parent.parent / "common" / "model_configs"

@@ -2,7 +2,7 @@
 
 The planner predicts, from model shapes and a hardware profile alone, the per-GPU batch
 above which one layer's expert-weight gather is hidden behind that layer's compute
-(``zeroprefill.common.planner.saturation_threshold_tokens``). The end-to-end benchmark
+(``zeroprefill.common.saturation.saturation_threshold_tokens``). The end-to-end benchmark
 measures, per tokens-per-GPU point, AsyncEP's exposed communication
 ``(asyncep - dp) / asyncep`` against the same layers with every expert resident. The
 *measured knee* is where exposed communication falls to ``--exposed`` (5%) for good: the
@@ -38,7 +38,7 @@ from pathlib import Path
 
 from zeroprefill.common.hardware import load_profile, shipped_profile
 from zeroprefill.common.model_spec import MoEModelSpec
-from zeroprefill.common.planner import Deployment, saturation_threshold_tokens
+from zeroprefill.common.saturation import Deployment, saturation_threshold_tokens
 
 CONFIGS = Path(__file__).resolve().parent.parent / "common" / "model_configs"
 

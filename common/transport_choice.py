@@ -28,8 +28,9 @@ AUTO_TRANSPORT = "auto"
 TRANSPORT_SETTINGS = (AUTO_TRANSPORT, *TRANSPORTS)
 
 
-def resolve_transport(setting: str, device_type: str, nodes: int = 1, symmetric_memory: bool = True) -> str:
-    """The transport that gathers for ``setting`` on ``device_type`` over ``nodes`` nodes.
+def resolve_transport(setting: str, device_type: str = "cuda", nodes: int = 1, symmetric_memory: bool = True) -> str:
+    """The transport that gathers for ``setting`` on ``device_type`` (a torch device type; a GPU
+    deployment unless told) over ``nodes`` nodes.
 
     ``auto``: gloo off CUDA; on CUDA the copy engine (about half NCCL's slowdown of the GEMMs it
     hides behind: docs/design.md) when torch has symmetric memory and the group is inside one

@@ -14,7 +14,8 @@ import e2e_prefill  # noqa: E402
 import project_scaling  # noqa: E402
 from zeroprefill.common.hardware import shipped_profile  # noqa: E402
 from zeroprefill.common.model_spec import MoEModelSpec  # noqa: E402
-from zeroprefill.common.planner import Deployment, predict_step  # noqa: E402
+from zeroprefill.common.layouts import predict_step  # noqa: E402
+from zeroprefill.common.saturation import Deployment  # noqa: E402
 
 MODEL = "qwen3-235b-a22b"
 FAMILIES = {"dp": ("dp", None, None), "asyncep-copy_engine-d1": ("asyncep", "copy_engine", 1),

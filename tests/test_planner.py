@@ -13,24 +13,22 @@ from zeroprefill.cli import main
 from zeroprefill.common.cost_model import layer_flops_at_context
 from zeroprefill.common.hardware import shipped_profile
 from zeroprefill.common.model_spec import MoEModelSpec
-from zeroprefill.common.planner import (
-    LAYOUTS,
+from zeroprefill.common.layouts import (LAYOUTS, alltoall_exchange_time_s, predict_step, remote_ranks_per_token,
+                                       switch_point_tokens)
+from zeroprefill.common.memory_plan import memory_plan
+from zeroprefill.common.planner import make_plan
+from zeroprefill.common.saturation import (
     Deployment,
     PlanError,
-    alltoall_exchange_time_s,
     effective_tflops,
     forward_flops_at_threshold,
     gather_time_s,
     light_load_pass_time_s,
-    make_plan,
-    memory_plan,
-    predict_step,
-    remote_ranks_per_token,
     saturation_threshold_flops,
-    resolve_transport,
     saturation_threshold_tokens,
     step_flops_budget,
 )
+from zeroprefill.common.transport_choice import resolve_transport
 from zeroprefill.plan import LAYOUT_COLUMN
 
 CONFIGS = Path(__file__).resolve().parents[1] / "common" / "model_configs"
@@ -181,6 +179,27 @@ def test_two_batch_overlap_hides_the_exchange_and_skew_slows_only_ep(q235, h200x
                 == predict_step(deployment, layout, 16384, 4096))
     with pytest.raises(PlanError, match="at least 1.0"):
         predict_step(deployment, "alltoall_ep", 16384, 4096, rank_imbalance=0.9)
+
+
+@pytest.mark.parametrize("transport", ["nccl", "copy_engine"])
+def test_switch_point_is_the_batch_where_ep_stops_being_faster(q235, h200x4, transport):
+    deployment = nccl(q235, h200x4, 4, "bf16") if transport == "nccl" else Deployment(q235, h200x4, 4, "bf16", transport)
+
+    def ep_lead_s(tokens: int) -> float:
+        asyncep = predict_step(deployment, "asyncep", tokens, 4096).step_time_s
+        return asyncep - predict_step(deployment, "alltoall_ep", tokens, 4096).step_time_s
+
+    switch = switch_point_tokens(deployment, 4096)
+    assert ep_lead_s(switch - 1) > 0 >= ep_lead_s(switch)
+    assert ep_lead_s(1) > 0 >= ep_lead_s(4 * switch)
+    # Here EP wins only below AsyncEP's threshold, where a pass waits on its gathers.
+    assert 0.5 * saturation_threshold_tokens(deployment, 4096) < switch < saturation_threshold_tokens(deployment, 4096)
+    # A skewed EP (its busiest rank runs 1.2x the mean) gives up its lead earlier.
+    assert switch_point_tokens(deployment, 4096, rank_imbalance=1.2) < switch
+
+
+def test_ep_never_wins_on_one_gpu(q235):
+    assert switch_point_tokens(Deployment(q235, shipped_profile("h200", 1), 1), 4096) is None
 
 
 def test_plan_suggests_what_fits_and_multinode_recommends_replicas(q235, h200x4):

@@ -289,7 +289,7 @@ def _router_args(model_dir: Path, *argv: str) -> argparse.Namespace:
 
 def test_planner_gives_the_replica_threshold_and_compute_rate(model_dir):
     from zeroprefill.common.hardware import shipped_profile
-    from zeroprefill.common.planner import Deployment, step_flops_budget
+    from zeroprefill.common.saturation import Deployment, step_flops_budget
     from zeroprefill.router.cli import _planner_replica_model
 
     spec = MoEModelSpec.from_pretrained("common/model_configs/qwen3-235b-a22b.json")

@@ -7,7 +7,7 @@ import pytest
 from benchmarks.threshold_validation import measured_knee, validate
 from zeroprefill.common.hardware import shipped_profile
 from zeroprefill.common.model_spec import MoEModelSpec
-from zeroprefill.common.planner import Deployment, saturation_threshold_tokens
+from zeroprefill.common.saturation import Deployment, saturation_threshold_tokens
 
 
 def test_knee_interpolates_the_last_crossing_in_log_tokens():

@@ -18,7 +18,7 @@ pytest.importorskip("vllm")
 
 from zeroprefill.common.cost_model import lm_head_tokens, matmul_params_per_token, request_flops  # noqa: E402
 from zeroprefill.common.model_spec import MoEModelSpec  # noqa: E402
-from zeroprefill.common.planner import Deployment, forward_flops_at_threshold, step_flops_budget  # noqa: E402
+from zeroprefill.common.saturation import Deployment, forward_flops_at_threshold, step_flops_budget  # noqa: E402
 from vllm_zeroprefill import scheduler as scheduler_module  # noqa: E402
 from vllm_zeroprefill.scheduler import (  # noqa: E402
     BUDGET_ENV,
@@ -170,6 +170,22 @@ def test_budget_of_a_block_fp8_checkpoint_is_the_planners_fp8_budget(on_gpu):
     fp8 = Deployment.on_shipped_gpu(SPEC, "h200", 4, dtype="fp8")
     assert planned == step_flops_budget(fp8, 2048)
     assert planned < resolve_step_flops_budget(_config(), SPEC)
+
+
+@pytest.mark.parametrize("transport", ["auto", "nccl", "copy_engine"])
+@pytest.mark.parametrize("quantization, dtype", [(None, "bf16"), ("fp8", "fp8")])
+def test_budget_is_the_engines_common_budget_for_the_transport_in_use(on_gpu, monkeypatch, transport, quantization,
+                                                                      dtype):
+    # The one engine budget both plugins call (SGLang's balancer at headroom 1): here with the
+    # transport AsyncEP gathers with, not auto's, and the checkpoint's format.
+    from zeroprefill.common.asyncep_model import TRANSPORT_ENV
+    from zeroprefill.common.saturation import DEFAULT_STEP_HEADROOM, step_flops_budget_on_gpus
+
+    on_gpu("NVIDIA H200")
+    monkeypatch.setenv(TRANSPORT_ENV, transport)
+    planned = resolve_step_flops_budget(_config(quantization=quantization), SPEC)
+    assert planned == step_flops_budget_on_gpus(SPEC, "NVIDIA H200", 4, 2048, DEFAULT_STEP_HEADROOM, dtype)
+    assert planned == step_flops_budget(Deployment.on_shipped_gpu(SPEC, "h200", 4, dtype, transport), 2048)
 
 
 @pytest.mark.parametrize("device_name, config", [

@@ -23,12 +23,14 @@ apply on top, in the base scheduler).
 Budget (FLOPs per step per data-parallel rank), the first that applies:
 
 1. ``--additional-config '{"zeroprefill": {"step_flops_budget": 3e12}}'``, then the
-   ``ZEROPREFILL_STEP_FLOPS_BUDGET`` environment variable;
+   ``ZEROPREFILL_STEP_FLOPS_BUDGET`` environment variable (the setting both engine plugins
+   read: :func:`zeroprefill.common.saturation.configured_step_flops_budget`);
 2. on GPUs with a shipped hardware profile (H100, H200) under ``--moe-backend asyncep`` with
    2+ DP ranks in one node: the planner's saturation budget,
-   :func:`zeroprefill.common.planner.step_flops_budget` of the deployment (bf16, or fp8 for a
-   block-FP8 checkpoint; the transport the runtime picks, prompts of ``min(max_model_len,
-   2048)`` tokens): enough work to hide one layer's weight gather, plus 10%;
+   :func:`zeroprefill.common.saturation.step_flops_budget_on_gpus` of the deployment (bf16, or
+   fp8 for a block-FP8 checkpoint; the transport AsyncEP gathers with, from
+   ``ZEROPREFILL_ASYNCEP_TRANSPORT``; prompts of ``min(max_model_len, 2048)`` tokens): enough
+   work to hide one layer's weight gather, plus 10%;
 3. otherwise (CPU, other GPUs, one rank, no AsyncEP): the linear FLOPs of a full token budget
    (``2 * max_num_batched_tokens * matmul params per token``): equal to vLLM's token budget
    for short prompts, and tighter for long-context ones, whose attention FLOPs it also counts.
@@ -42,7 +44,6 @@ only translate vLLM's queue into it and back.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -56,11 +57,14 @@ from vllm_zeroprefill.moe_backend import ASYNCEP
 from zeroprefill.common.cost_model import lm_head_tokens, matmul_params_per_token, request_flops
 from zeroprefill.common.hardware import HardwareProfileError
 from zeroprefill.common.model_spec import MoEModelSpec
-from zeroprefill.common.planner import DEFAULT_CONTEXT_TOKENS, PlanError, step_flops_budget_on_gpus
+from zeroprefill.common.saturation import (DEFAULT_CONTEXT_TOKENS, STEP_FLOPS_BUDGET_ENV, PlanError,
+                                           configured_step_flops_budget, parse_step_flops_budget,
+                                           step_flops_budget_on_gpus)
 
 logger = init_logger(f"vllm.{__name__}")  # vLLM's handlers: the line reaches the server log
 
-BUDGET_ENV = "ZEROPREFILL_STEP_FLOPS_BUDGET"
+#: The environment setting of the budget, common to both engine plugins.
+BUDGET_ENV = STEP_FLOPS_BUDGET_ENV
 ADDITIONAL_CONFIG_KEY = "zeroprefill"
 
 
@@ -168,21 +172,12 @@ def planned_step_flops_budget(vllm_config, spec: MoEModelSpec) -> float:
 
 
 def _configured_budget(vllm_config) -> float | None:
-    """The user's budget (additional config, then environment), validated; None if unset."""
+    """The user's budget (additional config, then the environment), validated; None if unset."""
     additional = vllm_config.additional_config or {}
     configured = additional.get(ADDITIONAL_CONFIG_KEY, {}).get("step_flops_budget") if isinstance(additional, dict) else None
-    source = f"--additional-config {ADDITIONAL_CONFIG_KEY}.step_flops_budget"
-    if configured is None and os.environ.get(BUDGET_ENV):
-        configured, source = os.environ[BUDGET_ENV], BUDGET_ENV
     if configured is None:
-        return None
-    try:
-        budget = float(configured)
-    except ValueError:
-        raise ValueError(f"step_flops_budget must be a number of FLOPs, got {configured!r} ({source})") from None
-    if budget <= 0:
-        raise ValueError(f"step_flops_budget must be positive, got {configured!r} ({source})")
-    return budget
+        return configured_step_flops_budget()
+    return parse_step_flops_budget(configured, f"--additional-config {ADDITIONAL_CONFIG_KEY}.step_flops_budget")
 
 
 class PrefillOnlySchedulerMixin:

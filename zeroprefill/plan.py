@@ -23,16 +23,14 @@ from zeroprefill.common.hardware import (
     shipped_profile,
 )
 from zeroprefill.common.model_spec import MoEModelSpec, ModelSpecError, read_hf_config, stored_weight_dtype
-from zeroprefill.common.planner import (
+from zeroprefill.common.layouts import LAYOUT_TABLE, LAYOUTS
+from zeroprefill.common.planner import Plan, make_plan
+from zeroprefill.common.saturation import (
     DEFAULT_MEMORY_UTILIZATION,
-    LAYOUT_TITLES,
-    LAYOUTS,
     PLAN_DTYPES,
     PLAN_TRANSPORTS,
     Deployment,
-    Plan,
     PlanError,
-    make_plan,
 )
 
 #: Width of one layout's column in the memory and step tables.
@@ -208,7 +206,7 @@ def _threshold_lines(plan: Plan) -> list[str]:
 
 
 def _table_lines(plan: Plan) -> list[str]:
-    titles = "".join(f"{LAYOUT_TITLES[layout]:>{LAYOUT_COLUMN}}" for layout in LAYOUTS)
+    titles = "".join(f"{LAYOUT_TABLE[layout].title:>{LAYOUT_COLUMN}}" for layout in LAYOUTS)
     lines = [f"Memory per GPU at the threshold batch (budget {_budget(plan)})", f"  {'context':>8}{titles}"]
     for c in plan.contexts:
         cells = "".join(

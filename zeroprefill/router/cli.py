@@ -6,7 +6,7 @@
 ``--model`` is the model directory (``config.json`` for the cost model, ``tokenizer.json`` to
 count and hash prompt tokens). The per-replica bound on outstanding work is the saturation
 threshold x ``--bound-factor``; the threshold is ``--saturation-flops``, or the planner's
-(:func:`zeroprefill.common.planner.step_flops_budget` at headroom 1, times the GPUs) for a
+(:func:`zeroprefill.common.saturation.step_flops_budget` at headroom 1, times the GPUs) for a
 replica of ``--gpus`` GPUs of ``--gpu`` at ``--dtype``, ``--transport`` (``auto``: what the
 runtime gathers with) and ``--context-tokens``. With neither, or one GPU per replica (nothing
 is gathered), the router does not hold requests back (prefix affinity and
@@ -26,12 +26,8 @@ import sys
 from pathlib import Path
 
 from zeroprefill.common.hardware import SHIPPED_GPUS
-from zeroprefill.common.planner import (
-    AUTO_TRANSPORT,
-    DEFAULT_CONTEXT_TOKENS,
-    PLAN_DTYPES,
-    PLAN_TRANSPORTS,
-)
+from zeroprefill.common.saturation import DEFAULT_CONTEXT_TOKENS, PLAN_DTYPES, PLAN_TRANSPORTS
+from zeroprefill.common.transport_choice import AUTO_TRANSPORT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -205,7 +201,7 @@ async def _serve(router, host: str, port: int, bound_flops: float) -> None:
 def _planner_replica_model(spec, args: argparse.Namespace) -> tuple[float, float]:
     """Per replica: the saturation threshold (``gpus`` x the planner's step budget per GPU at
     headroom 1) and the effective compute rate in FLOP/s (``gpus`` x R_eff under the gather)."""
-    from zeroprefill.common.planner import Deployment, effective_tflops, step_flops_budget
+    from zeroprefill.common.saturation import Deployment, effective_tflops, step_flops_budget
 
     if args.gpus <= 0 or args.context_tokens <= 0:
         raise ValueError(f"--gpus and --context-tokens must be > 0, got {args.gpus}, {args.context_tokens}")
