@@ -232,6 +232,18 @@ def step_flops_budget(
     return forward_flops_at_threshold(deployment, context_tokens) * headroom
 
 
+def replica_saturation_flops(deployment: Deployment, context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> float:
+    """A replica's saturation threshold, in FLOPs of work across its GPUs: ``num_gpus`` times
+    :func:`step_flops_budget` at headroom 1 (0 on one GPU). The router holds each replica's
+    outstanding work near it; the simulator's replicas are priced with it."""
+    return deployment.num_gpus * step_flops_budget(deployment, context_tokens, headroom=1.0)
+
+
+def replica_flops_per_s(deployment: Deployment) -> float:
+    """A replica's compute rate under its gathers: ``num_gpus * R_eff`` (``R`` on one GPU)."""
+    return deployment.num_gpus * effective_tflops(deployment) * 1e12
+
+
 def step_flops_budget_on_gpus(
     spec: MoEModelSpec,
     device_name: str,

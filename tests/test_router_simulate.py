@@ -89,8 +89,10 @@ def test_saturation_threshold_from_design_anchors(spec):
     hardware = ReplicaHardware()
     # Qwen3-235B bf16 on 4xH200: ~10.7 ms per layer's gather x 94 MoE layers.
     assert hardware.forward_floor_s(spec) == pytest.approx(94 * 4.83e9 * 0.75 / 339e9, rel=1e-3)
+    # The shipped profile's rate under the gather, as the planner takes it: R / (1 + s).
+    assert hardware.effective_flops_per_s(spec) == pytest.approx(4 * 709e12 / 1.12)
     assert hardware.saturation_flops(spec) == pytest.approx(
-        hardware.forward_floor_s(spec) * 4 * 613e12 * 0.88)
+        hardware.forward_floor_s(spec) * hardware.effective_flops_per_s(spec), rel=1e-3)
 
 
 def test_approximate_tree_matches_sgl_router_semantics():

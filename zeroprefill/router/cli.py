@@ -201,13 +201,12 @@ async def _serve(router, host: str, port: int, bound_flops: float) -> None:
 def _planner_replica_model(spec, args: argparse.Namespace) -> tuple[float, float]:
     """Per replica: the saturation threshold (``gpus`` x the planner's step budget per GPU at
     headroom 1) and the effective compute rate in FLOP/s (``gpus`` x R_eff under the gather)."""
-    from zeroprefill.common.saturation import Deployment, effective_tflops, step_flops_budget
+    from zeroprefill.common.saturation import Deployment, replica_flops_per_s, replica_saturation_flops
 
     if args.gpus <= 0 or args.context_tokens <= 0:
         raise ValueError(f"--gpus and --context-tokens must be > 0, got {args.gpus}, {args.context_tokens}")
     deployment = Deployment.on_shipped_gpu(spec, args.gpu, args.gpus, args.dtype, args.transport)
-    per_gpu = step_flops_budget(deployment, args.context_tokens, headroom=1.0)
-    return args.gpus * per_gpu, args.gpus * effective_tflops(deployment) * 1e12
+    return replica_saturation_flops(deployment, args.context_tokens), replica_flops_per_s(deployment)
 
 
 def _max_position_embeddings(model_dir: Path) -> int:

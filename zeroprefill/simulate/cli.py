@@ -9,7 +9,9 @@ from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 
+from zeroprefill.common.hardware import SHIPPED_GPU_COUNTS, SHIPPED_GPUS, HardwareProfileError
 from zeroprefill.common.model_spec import ModelSpecError, MoEModelSpec
+from zeroprefill.common.saturation import PLAN_DTYPES, PLAN_TRANSPORTS, PlanError
 from zeroprefill.simulate.comparison import POLICIES, run_comparison
 from zeroprefill.simulate.hardware import ReplicaHardware
 from zeroprefill.simulate.report import HEADER, plot, table_row
@@ -43,13 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zipf-a", type=float, default=defaults_wl.zipf_a,
                         help="Zipf exponent of how often each shared prefix (query, instruction, document) recurs")
     parser.add_argument("--gpus-per-replica", type=int, default=defaults_hw.gpus,
-                        help="GPUs in one replica's AsyncEP group")
-    parser.add_argument("--gemm-tflops", type=float, default=defaults_hw.gemm_tflops_per_gpu,
-                        help="grouped-GEMM TFLOP/s per GPU at the model's MoE shapes")
-    parser.add_argument("--allgather-gbps", type=float, default=defaults_hw.allgather_gbps,
-                        help="AllGather bus bandwidth within a replica, GB/s")
-    parser.add_argument("--weight-dtype", choices=("bf16", "fp8"), default=defaults_hw.weight_dtype,
-                        help="expert weight dtype: the bytes each MoE layer gathers")
+                        help="GPUs in one replica's AsyncEP group (a shipped profile's count: "
+                             f"{', '.join(map(str, SHIPPED_GPU_COUNTS))})")
+    parser.add_argument("--gpu", choices=SHIPPED_GPUS, default=defaults_hw.gpu,
+                        help="GPU kind: the shipped hardware profile the replicas are priced with")
+    parser.add_argument("--transport", choices=PLAN_TRANSPORTS, default=defaults_hw.transport,
+                        help="how a replica gathers its experts (auto: what the runtime picks on GPUs)")
+    parser.add_argument("--weight-dtype", choices=PLAN_DTYPES, default=defaults_hw.weight_dtype,
+                        help="expert weight format: the bytes each MoE layer gathers and the GEMM rate")
     parser.add_argument("--cache-capacity-tokens", type=int, default=defaults_hw.cache_capacity_tokens,
                         help="prefix-cache (KV) capacity per replica, in tokens")
     parser.add_argument("--max-batch-tokens", type=int, default=defaults_hw.max_batch_tokens,
@@ -76,23 +79,23 @@ def run(args: argparse.Namespace) -> int:
             print(f"zeroprefill simulate: --{name.replace('_', '-')} must be > 0, got {getattr(args, name)}",
                   file=sys.stderr)
             return 2
-    for name in ("load", "overload", "arrival_cv", "zipf_a", "bound_factor", "gemm_tflops", "allgather_gbps"):
+    for name in ("load", "overload", "arrival_cv", "zipf_a", "bound_factor"):
         if not getattr(args, name) > 0:
             print(f"zeroprefill simulate: --{name.replace('_', '-')} must be > 0, got {getattr(args, name)}",
                   file=sys.stderr)
             return 2
+    hardware = ReplicaHardware(gpus=args.gpus_per_replica, gpu=args.gpu, transport=args.transport,
+                               weight_dtype=args.weight_dtype, cache_capacity_tokens=args.cache_capacity_tokens,
+                               max_batch_tokens=args.max_batch_tokens)
     try:
         spec = MoEModelSpec.from_pretrained(args.model)
-    except (ModelSpecError, FileNotFoundError) as exc:
+        deployment = hardware.deployment(spec)
+    except (ModelSpecError, FileNotFoundError, HardwareProfileError, PlanError) as exc:
         print(f"zeroprefill simulate: {exc}", file=sys.stderr)
         return 2
-    hardware = ReplicaHardware(gpus=args.gpus_per_replica, gemm_tflops_per_gpu=args.gemm_tflops,
-                               allgather_gbps=args.allgather_gbps, weight_dtype=args.weight_dtype,
-                               cache_capacity_tokens=args.cache_capacity_tokens,
-                               max_batch_tokens=args.max_batch_tokens)
     params = WorkloadParams(num_requests=args.requests, zipf_a=args.zipf_a, arrival_cv=args.arrival_cv,
                             load=args.load, overload=args.overload)
-    print(f"{args.replicas} replicas x {hardware.gpus} GPUs; forward floor "
+    print(f"{args.replicas} replicas x {hardware.gpus} GPUs ({deployment.profile.name}, {deployment.transport}); forward floor "
           f"{hardware.forward_floor_s(spec) * 1e3:.0f} ms, saturation "
           f"{hardware.saturation_flops(spec):.3g} FLOPs, bound x{args.bound_factor}")
     seeds = list(range(args.seed, args.seed + args.seeds))
@@ -123,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         for workload, entry in summary["per_workload"].items()))
     if args.json is not None:
         payload = {"summary": summary, "config": {"model": Path(args.model).name, "replicas": args.replicas,
-                   "hardware": asdict(hardware), "workload": asdict(params), "block_size": args.block_size,
+                   "hardware": {**asdict(hardware), "profile": deployment.profile.name}, "workload": asdict(params), "block_size": args.block_size,
                    "bound_factor": args.bound_factor, "seeds": seeds,
                    "saturation_flops": hardware.saturation_flops(spec),
                    "forward_floor_s": hardware.forward_floor_s(spec)}, "results": results}

@@ -53,7 +53,7 @@ def make_policy(
         saturation = hardware.saturation_flops(spec)
         policy = RouterPolicy(spec, [bound] * num_replicas, [saturation] * num_replicas, block_size=block_size,
                               cache_capacity_blocks=hardware.cache_capacity_tokens // block_size,
-                              flops_per_s=[hardware.effective_flops_per_s()] * num_replicas,
+                              flops_per_s=[hardware.effective_flops_per_s(spec)] * num_replicas,
                               max_batch_tokens=hardware.max_batch_tokens)
         return ZeroPrefill(policy, block_size)
     raise ValueError(f"unknown policy {name!r}; choose from {POLICIES}")
@@ -76,7 +76,7 @@ def run_comparison(
     for w_index, workload in enumerate(workloads):
         prompts = generate_prompts(workload, params, seed + 1000 * w_index)
         shapes = [(p, tuple(block_hashes(p, block_size)), request_flops(spec, len(p))) for p in prompts]
-        rate = num_replicas * hardware.effective_flops_per_s()
+        rate = num_replicas * hardware.effective_flops_per_s(spec)
         capacity_rps = rate / float(np.mean([f for _, _, f in shapes]))
         lengths_and_hashes = [(len(p), h) for p, h, _ in shapes]
         hits = ceiling_hits(lengths_and_hashes, block_size)

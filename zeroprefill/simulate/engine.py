@@ -75,7 +75,7 @@ def simulate(
     block_size: int,
 ) -> RunResult:
     """Run ``requests`` (sorted by arrival) through ``policy`` and ``num_replicas`` replicas."""
-    rate = hardware.effective_flops_per_s()
+    rate = hardware.effective_flops_per_s(spec)
     floor_s = hardware.forward_floor_s(spec)
     replicas = [_Replica(PrefixIndex(1, hardware.cache_capacity_tokens // block_size)) for _ in range(num_replicas)]
     events: list[tuple[float, int, int, object]] = []  # (time, seq, kind, payload)

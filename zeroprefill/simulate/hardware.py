@@ -1,12 +1,19 @@
-"""A simulated replica's hardware: one AsyncEP group modelled by its forward-pass time.
+"""A simulated replica's hardware: one AsyncEP group on a shipped hardware profile, priced by the planner.
 
 ::
 
     step_s = max(batch_true_flops / effective_flops_per_s, forward_floor_s)
 
-``forward_floor_s`` is the time to stream every MoE layer's experts (``num_moe_layers x
-W_layer x (G-1)/G / B_allgather``): below the saturation threshold
-(``forward_floor_s x effective_flops_per_s`` FLOPs per forward) a replica waits on the wire.
+All three numbers are the planner's (:mod:`zeroprefill.common.saturation`) for the replica's
+:class:`~zeroprefill.common.saturation.Deployment` (``gpus`` GPUs of the shipped ``gpu``
+profile, ``weight_dtype``, ``transport``):
+
+- ``effective_flops_per_s``: ``gpus * R_eff``, ``R_eff = R / (1 + s)`` (the profile's GEMM rate
+  at MoE shapes and the transport's GEMM slowdown);
+- ``forward_floor_s``: the light-load pass, ``num_moe_layers * t_g``: every forward streams
+  every MoE layer's remote experts, so below the saturation threshold a replica waits on the wire;
+- ``saturation_flops``: the replica's threshold as the router computes it with ``--gpus``
+  (:func:`~zeroprefill.common.saturation.replica_saturation_flops`, 2048-token prompts).
 """
 
 from __future__ import annotations
@@ -14,27 +21,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from zeroprefill.common.model_spec import MoEModelSpec
+from zeroprefill.common.saturation import (Deployment, light_load_pass_time_s, replica_flops_per_s,
+                                           replica_saturation_flops)
 
 
 @dataclass(frozen=True)
 class ReplicaHardware:
-    """One replica = ``gpus`` GPUs running AsyncEP. Defaults: the 4xH200 measurements
-    (613 TFLOP/s grouped GEMM, 12 % slowdown under gathers, 339 GB/s AllGather, bf16)."""
+    """One replica = ``gpus`` GPUs of the shipped ``gpu`` profile running AsyncEP. Defaults:
+    4xH200 gathering bf16 experts over NCCL, whose rates the shipped profile carries as measured
+    (docs/design.md, measured anchors)."""
 
     gpus: int = 4
-    gemm_tflops_per_gpu: float = 613.0  # torch._grouped_mm at Qwen3-235B MoE shapes
-    comm_slowdown: float = 0.12  # GEMM slowdown under concurrent NCCL AllGathers
-    allgather_gbps: float = 339.0  # NCCL AllGather bus bandwidth
+    gpu: str = "h200"
+    transport: str = "nccl"
     weight_dtype: str = "bf16"
     cache_capacity_tokens: int = 400_000  # prefix-cache (KV) room per replica
     max_batch_tokens: int = 131_072  # uncached tokens one forward may compute
 
-    def effective_flops_per_s(self) -> float:
-        return self.gpus * self.gemm_tflops_per_gpu * 1e12 * (1.0 - self.comm_slowdown)
+    def deployment(self, spec: MoEModelSpec) -> Deployment:
+        """The replica as the planner sees it (raises ``HardwareProfileError`` / ``PlanError``
+        for a GPU kind, count, format or transport without a plan)."""
+        return Deployment.on_shipped_gpu(spec, self.gpu, self.gpus, self.weight_dtype, self.transport)
+
+    def effective_flops_per_s(self, spec: MoEModelSpec) -> float:
+        return replica_flops_per_s(self.deployment(spec))
 
     def forward_floor_s(self, spec: MoEModelSpec) -> float:
-        gathered_bytes = spec.expert_bytes_per_layer(self.weight_dtype) * (self.gpus - 1) / self.gpus
-        return spec.num_moe_layers * gathered_bytes / (self.allgather_gbps * 1e9)
+        return light_load_pass_time_s(self.deployment(spec))
 
     def saturation_flops(self, spec: MoEModelSpec) -> float:
-        return self.forward_floor_s(spec) * self.effective_flops_per_s()
+        return replica_saturation_flops(self.deployment(spec))
