@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from zeroprefill.common.cost_model import LayerFlops, attention_matmul_params, layer_flops_at_context, layer_matmul_params
-from zeroprefill.common.hardware import HardwareProfileError
+from zeroprefill.common.hardware import HardwareProfileError, shipped_gpu_for
 from zeroprefill.common.model_spec import BYTES_PER_ELEMENT, MoEModelSpec
 from zeroprefill.common.saturation import (Deployment, PlanError, effective_tflops, expert_bytes, gather_time_s,
                                            shard_capacity)
@@ -286,6 +286,21 @@ def switch_point_tokens(
         middle = (low + high) // 2
         low, high = (middle, high) if ep_wins(middle) else (low, middle)
     return high
+
+
+def switch_point_on_gpus(
+    spec: MoEModelSpec, device_name: str, num_ranks: int, context_tokens: int, dtype: str = "bf16",
+    transport: str = "auto",
+) -> int | None:
+    """:func:`switch_point_tokens` of an engine's AsyncEP group: ``num_ranks`` GPUs called
+    ``device_name`` (as NVML names them) in one node, ``dtype`` weights, the ``transport``
+    setting resolved as the runtime resolves it. ``None`` where EP never wins or no shipped
+    profile describes the GPU; one rank has nothing to switch (``None``).
+    """
+    gpu = shipped_gpu_for(device_name)
+    if gpu is None or num_ranks == 1:
+        return None
+    return switch_point_tokens(Deployment.on_shipped_gpu(spec, gpu, num_ranks, dtype, transport), context_tokens)
 
 
 def remote_ranks_per_token(num_experts: int, top_k: int, num_ranks: int) -> float:

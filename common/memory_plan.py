@@ -7,7 +7,9 @@
 - dense weights: replicated (TP: split ``N`` ways). FP8 quantises the linear layers (1 B per
   weight + an fp32 scale per 128x128 block); embeddings, LM head, router and norms stay bf16;
 - experts: ``ceil(E / N)`` per MoE layer (TP: every expert's FFN split ``N`` ways);
-- gather buffers: AsyncEP's ``d + 1`` full MoE layers (``N * ceil(E / N)`` expert slots each);
+- gather buffers: AsyncEP's ``d + 1`` MoE layers of the *other* ranks' experts
+  (``(N - 1) * ceil(E / N)`` slots each: a rank reads its own shard in place); over NCCL
+  ``N * ceil(E / N)``, since its AllGather writes every rank's part; none on one GPU;
 - activations: per token, residual copies, q/k/v and the MoE's permuted top-k copies (EP adds
   dispatch buffers; TP splits heads and expert FFN, and holds the group's ``N T`` tokens);
 - KV cache: bf16, the batch's prompts whole (``ceil(T / C) * C`` tokens: a chunked prompt's
@@ -87,11 +89,17 @@ def memory_plan(deployment: Deployment, layout: str, tokens_per_gpu: int, contex
         context_tokens=context_tokens,
         dense_weight_bytes=dense,
         expert_weight_bytes=experts,
-        gather_buffer_bytes=held.gather_buffer_layers(deployment) * num_gpus * layer_expert_bytes,
+        gather_buffer_bytes=held.gather_buffer_layers(deployment) * gathered_shards(deployment) * layer_expert_bytes,
         activation_bytes=tokens * activation_bytes_per_token(spec, held, num_gpus),
         kv_cache_bytes=kv_tokens * kv_bytes_per_token(spec, held, num_gpus),
         budget_bytes=int(deployment.profile.gpu_memory_bytes.value * deployment.memory_utilization),
     )
+
+
+def gathered_shards(deployment: Deployment) -> int:
+    """Expert shards one gather buffer holds: the other ranks' (the copy engine pulls only those),
+    or all ``N`` over NCCL (AllGather writes every rank's part, the local one unused)."""
+    return deployment.num_gpus if deployment.transport == "nccl" else deployment.num_gpus - 1
 
 
 def dense_weight_bytes(spec: MoEModelSpec, dtype: str) -> int:

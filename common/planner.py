@@ -16,7 +16,8 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from zeroprefill.common.layouts import LAYOUT_TABLE, LAYOUTS, ExpertParallelLayout, StepPrediction, predict_step
+from zeroprefill.common.layouts import (LAYOUT_TABLE, LAYOUTS, ExpertParallelLayout, StepPrediction, predict_step,
+                                        switch_point_tokens)
 from zeroprefill.common.memory_plan import MemoryPlan, memory_plan
 from zeroprefill.common.saturation import (Deployment, PlanError, effective_tflops, forward_flops_at_threshold,
                                            gather_bus_gbps, gather_message_bytes, gather_time_s,
@@ -35,6 +36,8 @@ class ContextPlan:
 
     context_tokens: int
     threshold_tokens: int
+    # below this per-GPU batch a pass moves tokens (deduplicated EP) instead of streaming weights
+    switch_point_tokens: int | None
     operating_tokens: int  # per-GPU batch the predictions use: the threshold, >= 1 prompt
     forward_flops_at_threshold: int
     memory: dict[str, MemoryPlan]
@@ -44,6 +47,7 @@ class ContextPlan:
         return {
             "context_tokens": self.context_tokens,
             "threshold_tokens": self.threshold_tokens,
+            "switch_point_tokens": self.switch_point_tokens,
             "operating_tokens": self.operating_tokens,
             "forward_flops_at_threshold": self.forward_flops_at_threshold,
             "memory": {k: v.to_dict() for k, v in self.memory.items()},
@@ -193,6 +197,7 @@ def _context_plan(deployment: Deployment, context: int) -> ContextPlan:
     return ContextPlan(
         context_tokens=context,
         threshold_tokens=threshold_tokens,
+        switch_point_tokens=switch_point_tokens(deployment, context),
         operating_tokens=operating,
         forward_flops_at_threshold=forward_flops_at_threshold(deployment, context),
         memory={layout: memory_plan(deployment, layout, operating, context) for layout in LAYOUTS},

@@ -121,6 +121,15 @@ def test_memory_qwen3_235b_bf16_on_4xh200_does_not_fit_fp8_does(q235, h200x4):
     assert fp8.total_bytes == 78_263_014_400 and fp8.fits
 
 
+def test_gather_buffers_hold_only_the_other_ranks_experts_over_the_copy_engine(q235, h200x4):
+    copy = memory_plan(Deployment(q235, h200x4, 4, "fp8", transport="copy_engine"), "asyncep", 6000, 4096)
+    assert copy.gather_buffer_bytes == 2 * 3 * 32 * EXPERT_FP8  # 2 slots x 3 other ranks x 32 experts
+    nccl_plan = memory_plan(nccl(q235, h200x4, 4, "fp8"), "asyncep", 6000, 4096)
+    assert nccl_plan.gather_buffer_bytes == 2 * 4 * 32 * EXPERT_FP8  # AllGather writes the local part too
+    one = memory_plan(Deployment(q235, h200x4, 1, "fp8"), "asyncep", 6000, 4096)
+    assert one.gather_buffer_bytes == 0
+
+
 def test_memory_grows_with_prefetch_depth_and_kv_holds_whole_prompts(q235, h200x4):
     d1 = memory_plan(nccl(q235, h200x4, 4, "fp8"), "asyncep", 6000, 32768)
     d2 = memory_plan(nccl(q235, h200x4, 4, "fp8", prefetch_depth=2), "asyncep", 6000, 32768)
@@ -247,7 +256,7 @@ def test_plan_cli_table_and_json(capsys):
     out = capsys.readouterr().out
     assert main(["plan", "--model", "qwen3-30b-a3b", "--gpus", "1"]) == 0
     assert "nothing is gathered" in capsys.readouterr().out
-    for text in ("threshold F*", "AsyncEP", "AllToAll-EP", "TP", "Recommendation:", "32768", "light-load pass"):
+    for text in ("threshold F*", "AsyncEP", "AllToAll-EP", "TP", "Recommendation:", "32768", "streamed pass floor", "switch point"):
         assert text in out
     assert main(["plan", "--model", str(CONFIGS / "qwen3-30b-a3b.json"), "--gpus", "2", "--json",
                  "--nodes", "2"]) == 0
@@ -325,7 +334,7 @@ def test_plan_tables_keep_their_columns_apart_on_a_tiny_model(tmp_path, capsys):
     assert main(["plan", "--model", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     width = 2 + 8 + len(LAYOUTS) * LAYOUT_COLUMN
-    rows = [line for line in lines if line[:10].strip().isdigit() and len(line) > 40]
+    rows = [line for line in lines if line[:10].strip().isdigit() and len(line) > 60]  # not the threshold table
     assert len(rows) == 6  # three contexts in the memory table, three in the step table
     for row in rows:
         assert len(row) == width, row

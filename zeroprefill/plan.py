@@ -190,16 +190,18 @@ def _threshold_lines(plan: Plan) -> list[str]:
         f"  compute R / R_eff      {plan.compute_tflops:>7.0f} / {plan.effective_tflops:.0f} TFLOP/s "
         "(R_eff under the concurrent gather)",
         f"  threshold F*           {_flops(plan.threshold_flops):>10} per layer = t_g x R_eff",
-        f"  light-load pass        {_duration(plan.light_load_pass_time_s):>10} = MoE layers x t_g "
-        "(a pass streams every layer, however few tokens it carries)",
+        f"  streamed pass floor    {_duration(plan.light_load_pass_time_s):>10} = MoE layers x t_g "
+        "(however few tokens it carries; below the switch point a pass moves tokens instead)",
         "",
     ]
-    header = f"  {'context':>8} {'tokens/GPU':>11} {'fwd FLOP':>11}"
-    lines.append("Threshold in tokens (a stream of prompts of this length; fwd = all layers)")
+    header = f"  {'context':>8} {'tokens/GPU':>11} {'fwd FLOP':>11} {'switch point':>13}"
+    lines.append("Threshold in tokens (a stream of prompts of this length; fwd = all layers; below the switch "
+                 "point, deduplicated EP's step is shorter, so those passes move tokens, not weights)")
     lines.append(header)
     for c in plan.contexts:
+        switch = "-" if c.switch_point_tokens is None else str(c.switch_point_tokens)
         lines.append(
-            f"  {c.context_tokens:>8} {c.threshold_tokens:>11} {_flops(c.forward_flops_at_threshold):>11}"
+            f"  {c.context_tokens:>8} {c.threshold_tokens:>11} {_flops(c.forward_flops_at_threshold):>11} {switch:>13}"
         )
     lines.append("")
     return lines
