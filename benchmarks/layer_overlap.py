@@ -13,7 +13,7 @@ H=4096, I=1536), random bf16 weights, random router logits, run on every GPU of 
   ``all_to_all_single`` (counts exchanged first);
 
 all with the same experts kernel. Each layout's time is the mean of ``--iters`` passes run
-back to back after a synchronised lead-in pass (``_layouts.time_passes``; ``"timing":
+back to back after a synchronised lead-in pass (``_harness.time_passes``; ``"timing":
 "back-to-back"`` in the summary), the slowest GPU's.
 ``exposed = (asyncep - compute_only) / asyncep``. The knee is the smallest measured token
 count from which exposed communication stays under 5%.
@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from _layouts import TIMING_METHOD, DeduplicatedEP, run_ranks, time_passes
+from _harness import TIMING_METHOD, run_ranks, time_passes
+from _layouts import DeduplicatedEP
 from zeroprefill.common.asyncep_moe import AsyncEPMoE, default_experts_kernel, select_experts
 from zeroprefill.common.cost_model import moe_layer_flops
 from zeroprefill.common.expert_sharding import ExpertShardLayout

@@ -29,16 +29,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks._layouts import (BALANCED_LOGIT_BOOST, LocalStack, PackedBatch, StackConfig, asyncep_minimum_bytes,
-                                 balanced_router_bias, build_stack, causal_attention, dense_weights,
-                                 ep_minimum_bytes, expert_weights_bf16, experts_kernel_for, max_over_mean,
-                                 mixed_request_lengths, quantize_experts_fp8, remote_token_rank_pairs,
-                                 routing_balance, skewed_router_bias, time_passes, tp_minimum_bytes)
-from tests.multiprocess import run_on_ranks
-from zeroprefill.common.expert_sharding import ExpertShardLayout
-from zeroprefill.common.model_spec import MoEModelSpec
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))  # the harness modules import each other as scripts do
+
+from _harness import (asyncep_minimum_bytes, ep_minimum_bytes, max_over_mean, remote_token_rank_pairs,  # noqa: E402
+                      routing_balance, time_passes, tp_minimum_bytes)
+from _layouts import LocalStack, build_stack  # noqa: E402
+from _model import (BALANCED_LOGIT_BOOST, PackedBatch, StackConfig, balanced_router_bias, causal_attention,  # noqa: E402
+                    dense_weights, expert_weights_bf16, experts_kernel_for, mixed_request_lengths,
+                    quantize_experts_fp8, skewed_router_bias)
+from tests.multiprocess import run_on_ranks  # noqa: E402
+from zeroprefill.common.expert_sharding import ExpertShardLayout  # noqa: E402
+from zeroprefill.common.model_spec import MoEModelSpec  # noqa: E402
 TINY = {
     "model_type": "qwen3_moe", "hidden_size": 128, "moe_intermediate_size": 256, "num_hidden_layers": 2,
     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "num_experts": 8,
@@ -314,7 +316,7 @@ def test_benchmark_script_on_cpu(tmp_path):
 
 
 def test_layout_names_carry_asyncep_transport_depth_and_copy_streams():
-    from benchmarks._layouts import LayoutName, parse_layout
+    from _layouts import LayoutName, parse_layout
 
     assert parse_layout("asyncep-nccl-d1") == LayoutName("asyncep", "nccl", 1, 1)
     assert parse_layout("asyncep-copy_engine-d2-s4") == LayoutName("asyncep", "copy_engine", 2, 4)
