@@ -86,6 +86,7 @@ from zeroprefill.common.cost_model import request_flops
 from zeroprefill.common.model_spec import MoEModelSpec
 from zeroprefill.common.home_queue import HomeQueues, QueuedRequest
 from zeroprefill.common.prefix_index import PrefixIndex
+from zeroprefill.common.replica_load import ReplicaLoad
 
 #: Waiting requests a replica with nothing of its own considers per home it may steal from.
 STEAL_CANDIDATES = 32
@@ -121,28 +122,6 @@ class Placement:
     cost_flops: int
     cached_tokens: int
     new_tokens: int = 0
-
-
-@dataclass
-class ReplicaLoad:
-    """What the policy tracks per replica (``outstanding = running + next forward``)."""
-
-    bound_flops: float
-    saturation_flops: float = 0.0
-    flops_per_s: float = 0.0
-    outstanding_flops: int = 0
-    in_flight: int = 0
-    running_flops: int = 0
-    next_flops: int = 0
-    next_tokens: int = 0
-    step_start_s: float = 0.0
-    running: set[str] = field(default_factory=set)
-    next_step: set[str] = field(default_factory=set)
-    finishing: set[str] = field(default_factory=set)  # of the forward that ended, not yet reported
-    healthy: bool = True
-    dispatched_total: int = 0
-    completed_total: int = 0
-    failed_total: int = 0
 
 
 @dataclass
@@ -413,7 +392,7 @@ class RouterPolicy:
                 joins_running = self._room_for(load, cost, entry.request.num_tokens - cached, math.inf)
                 if joins_running is None:
                     continue
-                rank = (self._finish(load, cost, joins_running, now_s), -cached, replica, cost, joins_running)
+                rank = (load.finish_time(cost, joins_running, now_s), -cached, replica, cost, joins_running)
                 if best is None or rank < best:
                     best = rank
             if best is not None:
@@ -524,14 +503,14 @@ class RouterPolicy:
             joins_running = self._room_for(load, cost, request.num_tokens - cached)
             if joins_running is None:
                 continue
-            finish = self._finish(load, cost, joins_running, now_s)
+            finish = load.finish_time(cost, joins_running, now_s)
             before, sharing = (load.running_flops, len(load.running)) if joins_running else (
                 load.next_flops, len(load.next_step))
             # What placing it here costs the requests already in that forward: each finishes
             # later by the forward's growth (0 below the saturation threshold, cost / rate past
             # it, less where the prefix is cached). Minimising own finish + this is the classic
             # marginal-cost rule for total completion time.
-            growth = self._forward_time(load, before + cost) - self._forward_time(load, before)
+            growth = load.forward_time(before + cost) - load.forward_time(before)
             delay_to_others = sharing * growth
             rank = (finish + delay_to_others, -cached, load.outstanding_flops + cost, replica)
             if best is None or rank < best:
@@ -563,26 +542,6 @@ class RouterPolicy:
         for prompt in request.prompts:
             self.index.insert(prompt.block_hashes, replica)
         return placement
-
-    def _finish(self, load: ReplicaLoad, cost: int, joins_running: bool, now_s: float) -> float:
-        """When work of ``cost`` FLOPs added now would finish: with the forward it starts (the
-        replica is idle), else at the end of the next forward, after the running one."""
-        if joins_running:
-            return self._forward_time(load, load.running_flops + cost)
-        return self._running_left(load, now_s) + self._forward_time(load, load.next_flops + cost)
-
-    @staticmethod
-    def _forward_time(load: ReplicaLoad, flops: int) -> float:
-        """A forward's length: seconds with a rate, else FLOPs (the floor counts as saturation)."""
-        length = max(flops, load.saturation_flops)
-        return length / load.flops_per_s if load.flops_per_s else length
-
-    def _running_left(self, load: ReplicaLoad, now_s: float) -> float:
-        """How long until the running forward ends (its whole length without a rate)."""
-        total = self._forward_time(load, load.running_flops)
-        if not load.flops_per_s:
-            return total
-        return max(load.step_start_s + total - now_s, 0.0)
 
     def _release(self, request_id: str, now_s: float | None) -> Placement:
         placement = self._in_flight.pop(request_id, None)
