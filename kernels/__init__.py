@@ -21,9 +21,9 @@ experts kernel.
 """
 
 from .align import ExpertAlignment, moe_align_block_size
-from .deepgemm import deepgemm_experts, deepgemm_unavailable_reason
-from .fused_moe import (EXPERTS_KERNEL_ENV, experts_kernel_setting, fused_experts, fused_experts_reference,
-                        precompile_experts)
+from .deepgemm import deepgemm_experts, deepgemm_source, deepgemm_unavailable_reason
+from .fused_moe import (EXPERTS_KERNEL_ENV, experts_kernel_choice, experts_kernel_setting, fused_experts,
+                        fused_experts_reference, precompile_experts)
 from .grouped_mm_moe import grouped_mm_experts
 from .moe_config import GROUPED_MM, TRITON, GemmConfig, MoEConfig, get_config
 from .quant import (dequantize_fp8_block, dequantize_fp8_rowwise, quantize_tokens_fp8_group,
@@ -39,7 +39,9 @@ __all__ = [
     "dequantize_fp8_block",
     "dequantize_fp8_rowwise",
     "deepgemm_experts",
+    "deepgemm_source",
     "deepgemm_unavailable_reason",
+    "experts_kernel_choice",
     "experts_kernel_setting",
     "fused_experts",
     "fused_experts_reference",

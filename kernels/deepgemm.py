@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 from types import ModuleType
 
 import torch
@@ -66,7 +67,9 @@ from .grouped_mm_moe import scatter_token_rows, silu_mul, weighted_combine
 from .moe_config import MoEConfig
 from .quant import GROUP_SIZE
 
-INSTALL_HINT = "pip install 'zeroprefill[deepgemm]'"
+INSTALL_HINT = "pip install 'zeroprefill[deepgemm]', or serve with a vLLM that ships it"
+#: Where DeepGEMM is looked for, in order: the package, then the copy inside vLLM's wheel.
+MODULES = ("deep_gemm", "vllm.third_party.deep_gemm")
 REQUIRED_FUNCTIONS = ("get_mk_alignment_for_contiguous_layout", "m_grouped_bf16_gemm_nt_contiguous",
                       "m_grouped_fp8_gemm_nt_contiguous")
 PSUM_ALIGNMENT = 128  # DeepGEMM's psum scheduler rounds each expert's end up to 128 (scheduler.cuh)
@@ -94,19 +97,43 @@ def device_unsupported_reason(device: torch.device) -> str | None:
 
 @functools.cache
 def _load() -> tuple[ModuleType | None, str | None]:
-    """Import ``deep_gemm`` once: ``(module, None)``, or ``(None, why not)`` in one line."""
-    try:
-        module = importlib.import_module("deep_gemm")
-    except Exception as exc:  # not installed, or broken: missing CUDA libraries, an ABI mismatch, no CUDA home
-        if isinstance(exc, ModuleNotFoundError) and exc.name == "deep_gemm":
-            return None, f"deep_gemm is not installed ({INSTALL_HINT})"
-        detail = " ".join(str(exc).split())
-        return None, f"import deep_gemm failed: {type(exc).__name__}{': ' + detail if detail else ''}"
-    missing = [name for name in REQUIRED_FUNCTIONS if not hasattr(module, name)]
-    if missing:
-        version = getattr(module, "__version__", "of unknown version")
-        return None, f"deep_gemm {version} lacks {', '.join(missing)} (sgl-deep-gemm 0.1.3 has them)"
-    return module, None
+    """Import DeepGEMM once: ``(module, None)``, or ``(None, why not)`` in one line.
+
+    The ``deep_gemm`` package first (``pip install 'zeroprefill[deepgemm]'``), else the copy
+    vLLM ships inside its wheel (``vllm.third_party.deep_gemm``: DeepGEMM 2.5.0 in vLLM 0.26)
+    where vLLM is loaded already, so a vLLM server has DeepGEMM with no other wheel, whatever
+    apache-tvm-ffi vLLM pins.
+    """
+    reasons = []
+    for name in MODULES:
+        host = name.split(".")[0]
+        if name != host and host not in sys.modules:  # never import vLLM into a process that has not
+            reasons.append(f"{name}: {host} is not loaded here")
+            continue
+        try:
+            module = importlib.import_module(name)
+        except Exception as exc:  # not installed, or broken: missing CUDA libraries, an ABI mismatch, no CUDA home
+            if isinstance(exc, ModuleNotFoundError) and name.startswith(exc.name or "\0"):
+                reasons.append(f"{name} is not installed")
+            else:
+                detail = " ".join(str(exc).split())
+                reasons.append(f"import {name} failed: {type(exc).__name__}{': ' + detail if detail else ''}")
+            continue
+        missing = [function for function in REQUIRED_FUNCTIONS if not hasattr(module, function)]
+        if missing:
+            version = getattr(module, "__version__", "of unknown version")
+            reasons.append(f"{name} {version} lacks {', '.join(missing)}")
+            continue
+        return module, None
+    return None, f"{'; '.join(reasons)} ({INSTALL_HINT})"
+
+
+def deepgemm_source() -> str:
+    """Which DeepGEMM this process runs (``"deep_gemm 0.1.3"``, ...), or why none, in one line."""
+    module, reason = _load()
+    if module is None:
+        return f"none: {reason}"
+    return f"{module.__name__} {getattr(module, '__version__', '(version unknown)')}"
 
 
 def deepgemm_unavailable_reason() -> str | None:

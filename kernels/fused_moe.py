@@ -47,7 +47,7 @@ import triton.language as tl
 
 from .align import ExpertAlignment, moe_align_block_size
 from .checks import check_add_to, check_inputs, fp8_scale_format
-from .deepgemm import deepgemm_reason, run_deepgemm_experts
+from .deepgemm import deepgemm_reason, deepgemm_source, run_deepgemm_experts
 from .grouped_mm_moe import ALIGN_M as GROUPED_MM_ALIGN_M
 from .grouped_mm_moe import grouped_mm_experts
 from .moe_config import GROUPED_MM, TRITON, GemmConfig, MoEConfig, get_config
@@ -291,7 +291,8 @@ def precompile_experts(w13: torch.Tensor, w2: torch.Tensor, top_k: int, max_toke
 def experts_kernel_setting() -> str:
     """``ZEROPREFILL_EXPERTS_KERNEL``: ``auto`` (default), ``triton`` or ``deepgemm``.
 
-    ``auto``: DeepGEMM where it loads (sm90, ``deep_gemm`` importable) and takes the layer
+    ``auto``: DeepGEMM where it loads (sm90; the ``deep_gemm`` package, or the copy vLLM ships
+    as ``vllm.third_party.deep_gemm``) and takes the layer
     (bf16 activations; bf16 or 128x128 block-FP8 weights; H and I aligned), ours otherwise.
     ``triton``: ours always (Triton, or the grouped_mm backend the table picks).
     ``deepgemm``: DeepGEMM always; a layer it cannot take raises, with the reason.
@@ -302,26 +303,35 @@ def experts_kernel_setting() -> str:
     return value
 
 
-def _log_choice_once(message: str) -> None:
-    if message not in _logged_choices:
-        _logged_choices.add(message)
-        logger.info("zeroprefill.kernels: MoE experts on %s", message)
+def experts_kernel_choice(activation_dtype: torch.dtype, w13: torch.Tensor, w2: torch.Tensor,
+                          w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None) -> str:
+    """What :func:`fused_experts` runs for a layer of these weights, and why, in one line (for
+    start-up logs: an engine states its kernel once, before serving)."""
+    hidden_states = torch.empty(0, w13.shape[2], dtype=activation_dtype, device=w13.device)
+    fp8_format = fp8_scale_format(w13, w2, w13_scale, w2_scale) if w13.dtype == FP8_DTYPE else None
+    return _choose_backend(hidden_states, w13, fp8_format)[1]
+
+
+def _choose_backend(hidden_states: torch.Tensor, w13: torch.Tensor, fp8_format: str | None) -> tuple[bool, str]:
+    """``(runs on DeepGEMM, the choice in words)`` under ``ZEROPREFILL_EXPERTS_KERNEL``."""
+    setting = experts_kernel_setting()
+    if setting == TRITON:
+        return False, f"ours ({EXPERTS_KERNEL_ENV}={TRITON})"
+    reason = deepgemm_reason(hidden_states, w13, fp8_format)
+    if reason is None:
+        return True, f"DeepGEMM ({deepgemm_source()}), {'block FP8' if fp8_format else 'bf16'} ({EXPERTS_KERNEL_ENV}={setting})"
+    if setting == DEEPGEMM:
+        raise RuntimeError(f"{EXPERTS_KERNEL_ENV}={DEEPGEMM}, but DeepGEMM cannot run this MoE layer: {reason}")
+    return False, f"ours, not DeepGEMM: {reason}"
 
 
 def _runs_on_deepgemm(hidden_states: torch.Tensor, w13: torch.Tensor, fp8_format: str | None) -> bool:
     """Apply ``ZEROPREFILL_EXPERTS_KERNEL`` to this layer; logs each distinct choice once."""
-    setting = experts_kernel_setting()
-    if setting == TRITON:
-        _log_choice_once(f"ours ({EXPERTS_KERNEL_ENV}={TRITON})")
-        return False
-    reason = deepgemm_reason(hidden_states, w13, fp8_format)
-    if reason is None:
-        _log_choice_once(f"DeepGEMM, {'block FP8' if fp8_format else 'bf16'} ({EXPERTS_KERNEL_ENV}={setting})")
-        return True
-    if setting == DEEPGEMM:
-        raise RuntimeError(f"{EXPERTS_KERNEL_ENV}={DEEPGEMM}, but DeepGEMM cannot run this MoE layer: {reason}")
-    _log_choice_once(f"ours, not DeepGEMM: {reason}")
-    return False
+    on_deepgemm, message = _choose_backend(hidden_states, w13, fp8_format)
+    if message not in _logged_choices:
+        _logged_choices.add(message)
+        logger.info("zeroprefill.kernels: MoE experts on %s", message)
+    return on_deepgemm
 
 
 def _grouped_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,

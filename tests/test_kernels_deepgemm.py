@@ -38,7 +38,7 @@ if not ON_GPU:
 
 from zeroprefill.common.asyncep_moe import select_experts  # noqa: E402
 from zeroprefill.kernels import (EXPERTS_KERNEL_ENV, deepgemm_experts, deepgemm_unavailable_reason,  # noqa: E402
-                                 dequantize_fp8_block, fused_experts, fused_experts_reference,
+                                 dequantize_fp8_block, experts_kernel_choice, fused_experts, fused_experts_reference,
                                  quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
 from zeroprefill.kernels import deepgemm, fused_moe  # noqa: E402
 
@@ -307,7 +307,9 @@ def test_auto_logs_the_choice_once(fake_deep_gemm, fresh_log):
         fused_experts(x, topk_weights=weights, topk_ids=ids, **layer)
     assert fake.calls == ["bf16"] * 4
     assert [r.getMessage() for r in fresh_log.records] == [
-        "zeroprefill.kernels: MoE experts on DeepGEMM, bf16 (ZEROPREFILL_EXPERTS_KERNEL=auto)"]
+        "zeroprefill.kernels: MoE experts on DeepGEMM (deep_gemm 0.1.3+fake), bf16 (ZEROPREFILL_EXPERTS_KERNEL=auto)"]
+    assert experts_kernel_choice(torch.bfloat16, layer["w13"], layer["w2"]) == \
+        "DeepGEMM (deep_gemm 0.1.3+fake), bf16 (ZEROPREFILL_EXPERTS_KERNEL=auto)"
 
 
 @pytest.mark.parametrize("case,reason", [
@@ -365,7 +367,9 @@ def test_forced_deepgemm_says_why_it_cannot_load(monkeypatch, tmp_path):
 
     monkeypatch.setattr(deepgemm, "device_unsupported_reason", lambda device: None)
     monkeypatch.setitem(sys.modules, "deep_gemm", None)  # not installed
-    with pytest.raises(RuntimeError, match=r"deep_gemm is not installed \(pip install 'zeroprefill\[deepgemm\]'\)$"):
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)  # not a vLLM process: vLLM's copy is not looked for
+    with pytest.raises(RuntimeError, match=r"deep_gemm is not installed; vllm.third_party.deep_gemm: vllm is not loaded "
+                                           r"here \(pip install 'zeroprefill\[deepgemm\]', or serve with a vLLM that ships it\)$"):
         fused_experts(x, topk_weights=weights, topk_ids=ids, **layer)
 
     broken = tmp_path / "deep_gemm"  # installed, but its library does not load
@@ -376,7 +380,7 @@ def test_forced_deepgemm_says_why_it_cannot_load(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(tmp_path))
     deepgemm._load.cache_clear()
     with pytest.raises(RuntimeError, match="import deep_gemm failed: OSError: libcudart.so.13: cannot open shared "
-                                           "object file: No such file or directory$"):
+                                           "object file: No such file or directory; "):
         fused_experts(x, topk_weights=weights, topk_ids=ids, **layer)
 
     old = types.ModuleType("deep_gemm")  # an upstream deep_gemm without these entry points
@@ -407,3 +411,16 @@ def test_info_says_whether_deepgemm_is_usable_here(monkeypatch):
     assert "deepgemm" in format_environment(report)
     monkeypatch.setattr("zeroprefill.kernels.deepgemm_unavailable_reason", lambda: None)
     assert collect_environment()["backends"]["deepgemm"].startswith("usable")
+
+
+def test_the_copy_vllm_ships_is_used_when_the_package_is_absent(monkeypatch):
+    """vLLM 0.26+ ships DeepGEMM inside its wheel; a vLLM server needs no other package."""
+    vendored = types.ModuleType("vllm.third_party.deep_gemm")
+    vendored.__version__ = "2.5.0+fake"
+    for name in deepgemm.REQUIRED_FUNCTIONS:
+        setattr(vendored, name, lambda *args, **kwargs: None)
+    monkeypatch.setitem(sys.modules, "deep_gemm", None)
+    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))  # a vLLM process
+    monkeypatch.setitem(sys.modules, "vllm.third_party.deep_gemm", vendored)
+    assert deepgemm._load() == (vendored, None)
+    assert deepgemm.deepgemm_source() == "vllm.third_party.deep_gemm 2.5.0+fake"
