@@ -1,15 +1,19 @@
-"""End to end: a DP=2 AsyncEP vLLM server answers the pooling APIs exactly like stock vLLM.
+"""End to end: AsyncEP vLLM servers (DP=2 and DP=3) answer the pooling APIs exactly like stock vLLM.
 
 For each model case, two servers run side by side on the same generated checkpoint (fp32):
 
 - stock: one rank, vLLM's own CPU MoE kernel (stock vLLM cannot serve a MoE model with DP>1
   or EP on CPU at all);
-- AsyncEP: ``--data-parallel-size 2 --enable-expert-parallel --moe-backend asyncep``: each rank
-  stores half of every layer's experts, streams the rest over gloo, keeps its tokens local.
+- AsyncEP: ``--data-parallel-size N --enable-expert-parallel --moe-backend asyncep``: each rank
+  stores 1/N of every layer's experts (read in place) and, per forward pass, either streams the
+  others' shards over gloo and keeps its tokens local, or, below the switch point
+  (``ZEROPREFILL_ASYNCEP_SWITCH_TOKENS``), sends its tokens to the ranks holding their experts.
+  One case forces each mode; one sets the switch point between single short requests and
+  concurrent batches, so its run of mixed requests crosses it (the server log shows both modes).
 
 Every answer of the AsyncEP server must equal the stock one to fp32 tolerance. Servers start
 once per case (module-scoped fixture), each pair concurrently; teardown kills both process
-groups. Runtime on 2 cores: about 4-5 minutes for the module.
+groups. Runtime on 2 cores: about 5 minutes for the module.
 """
 
 from __future__ import annotations
@@ -36,30 +40,45 @@ pytestmark = pytest.mark.slow
 
 
 
+STREAM_ONLY, TOKENS_ONLY = 0, 10**6
+#: Between single short requests (a few tokens) and concurrent batches (hundreds per rank).
+SWITCH_BETWEEN = 48
+MOVES_TOKENS_LINE = "AsyncEP: first pass that moves tokens"
+STREAMS_LINE = "AsyncEP: first pass that streams expert weights"
+
+
+@dataclass(frozen=True)
+class AsyncEPCase(ServerCase):
+    ranks: int = 2
+    switch_tokens: int = STREAM_ONLY
+
+
 CASES = [
-    ServerCase("qwen3_moe-8x2-embed", TinyMoEConfig(), tuple(EMBED)),
-    ServerCase("qwen3_moe-8x2-classify", TinyMoEConfig(), tuple(CLASSIFY)),
-    # Shared experts, 9 experts (5 + 4 per rank: a padded shard), top-3, no renormalisation.
-    ServerCase("qwen2_moe-9x3-embed", TinyMoEConfig(architecture="qwen2_moe", num_experts=9, top_k=3), tuple(EMBED)),
+    AsyncEPCase("qwen3_moe-8x2-embed", TinyMoEConfig(), tuple(EMBED), ranks=2, switch_tokens=SWITCH_BETWEEN),
+    AsyncEPCase("qwen3_moe-8x2-classify", TinyMoEConfig(), tuple(CLASSIFY), ranks=2, switch_tokens=STREAM_ONLY),
+    # Shared experts, 9 experts (3 per rank), top-3, no renormalisation; tokens moved in every pass.
+    AsyncEPCase("qwen2_moe-9x3-embed", TinyMoEConfig(architecture="qwen2_moe", num_experts=9, top_k=3),
+                tuple(EMBED), ranks=3, switch_tokens=TOKENS_ONLY),
 ]
 
 @dataclass
 class ServerPair:
-    case: ServerCase
+    case: AsyncEPCase
     model: str
     stock: VllmServer
     asyncep: VllmServer
 
 
-@pytest.fixture(scope="module", params=CASES, ids=lambda c: c.name)
+@pytest.fixture(scope="module", params=CASES, ids=lambda c: f"{c.name}-dp{c.ranks}-switch{c.switch_tokens}")
 def pair(request, tmp_path_factory):
-    case: ServerCase = request.param
+    case: AsyncEPCase = request.param
     model_dir = generate_tiny_moe(tmp_path_factory.mktemp(case.name), case.model)
     if case.task == "classify":
         add_classifier_head(model_dir, case.model.hidden_size)
     logs = tmp_path_factory.mktemp(f"{case.name}-logs")
     stock = VllmServer(model_dir, case.runner_args, logs / "stock.log", num_ranks=1)
-    asyncep = VllmServer(model_dir, [*case.runner_args, *asyncep_args(2)], logs / "asyncep.log", num_ranks=2)
+    asyncep = VllmServer(model_dir, [*case.runner_args, *asyncep_args(case.ranks)], logs / "asyncep.log",
+                         num_ranks=case.ranks, env={"ZEROPREFILL_ASYNCEP_SWITCH_TOKENS": str(case.switch_tokens)})
     try:
         stock.start()
         asyncep.start()
@@ -145,6 +164,19 @@ def test_many_concurrentmixed_requests(pair):
         assert_close(values(path, answer), values(path, reference), path)
     assert httpx.get(pair.asyncep.url + "/health", timeout=10).status_code == 200
     post(pair.asyncep, "/v1/embeddings", {"model": pair.model, "input": "still serving"})
+    log = pair.asyncep.log_tail(100_000)
+    assert MOVES_TOKENS_LINE in log and STREAMS_LINE in log, "the mixed requests did not cross the switch point"
+
+
+def test_forced_mode_is_the_only_mode(pair):
+    """After the module's requests, a server forced into one mode has logged that mode only."""
+    if pair.case.switch_tokens not in (STREAM_ONLY, TOKENS_ONLY):
+        pytest.skip("forced-mode cases only")
+    post(pair.asyncep, "/pooling", {"model": pair.model, "input": TEXTS})
+    log = pair.asyncep.log_tail(100_000)
+    expected, absent = (STREAMS_LINE, MOVES_TOKENS_LINE) if pair.case.switch_tokens == STREAM_ONLY else \
+        (MOVES_TOKENS_LINE, STREAMS_LINE)
+    assert expected in log and absent not in log
 
 
 def test_bad_input_gets_4xx_and_the_server_keeps_serving(pair):

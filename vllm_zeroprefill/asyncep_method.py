@@ -8,9 +8,12 @@ Where this sits in vLLM's MoE data path (``fused_moe/runner/moe_runner.py``)::
       router.select_experts -> topk_weights, topk_ids [T, K]     vLLM (global expert ids)
       RoutedExperts.forward_modular
         AsyncEPFusedMoEMethod.apply                              this module
-          AsyncEPMoE.forward_routed(x, topk_weights, topk_ids)   zeroprefill.common
-            streamer.acquire(l) -> experts kernel -> streamer.release(l)
-      _maybe_combine             skipped: supports_internal_mk   (tokens never left the rank)
+          AsyncEPMoE.forward_routed(x, topk_weights, topk_ids,   zeroprefill.common
+                                    max_tokens of any DP rank)
+            >= switch point: streamer.acquire(l) -> experts kernel (resident shard, then the
+                             gathered shards) -> streamer.release(l)
+             < switch point: tokens to the ranks holding their experts and back (TokenExchange)
+      _maybe_combine             skipped: supports_internal_mk   (the layer combined its tokens)
       shared experts, final TP all-reduce (TP = 1: a no-op)       vLLM
 
 Weights: vLLM's expert-parallel loader gives every rank its 1/N of each layer's experts
@@ -26,7 +29,18 @@ communicator of AsyncEP's own spanning the EP ranks, with the settings of
 ``AsyncEPConfig.from_env()`` (transport ``auto``: gloo on CPU, the copy engine on GPU). The
 streamer needs every layer, so the loader builds the model
 (``zeroprefill.common.asyncep_model.build_asyncep_model``) at the first MoE forward (the
-start-up profile run, eager, on every rank at the same point).
+start-up profile run, eager, on every rank at the same point). There, on GPUs, it also runs the
+experts kernel at every power-of-two batch up to ``--max-num-batched-tokens``, so every kernel
+variant serving can pick is compiled before the server accepts a request. A rank's own
+experts are never copied: with one EP rank there are no gather buffers at all.
+
+Per forward pass the layers stream weights or, below the switch point, move tokens; the pass's
+largest per-rank token count comes from vLLM's data-parallel metadata
+(:func:`vllm_zeroprefill.compat.pass_max_tokens`, the counts vLLM already agrees on for its dummy
+batches), so every rank takes the same mode, and a captured graph's size fixes its mode. The
+switch point is ``ZEROPREFILL_ASYNCEP_SWITCH_TOKENS`` when set, else the planner's for this
+deployment on a GPU with a shipped profile (:func:`zeroprefill.common.layouts.
+switch_point_on_gpus`), else 0 (always stream); it is logged at start-up.
 
 Routing is vLLM's own (the same top-k kernel, tie-breaking included, as every other
 backend), so AsyncEP picks exactly the experts stock vLLM picks from the same logits. Where
@@ -45,6 +59,7 @@ rank, so every rank issues every gather in the same order.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -59,9 +74,10 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 
-from vllm_zeroprefill.compat import vllm_router_runs_here
+from vllm_zeroprefill.compat import pass_max_tokens, vllm_router_runs_here
 from vllm_zeroprefill.validation import block_fp8_weight_block
-from zeroprefill.common.asyncep_model import AsyncEPConfig, AsyncEPConfigError, AsyncEPModel, build_asyncep_model
+from zeroprefill.common.asyncep_model import (SWITCH_TOKENS_ENV, AsyncEPConfig, AsyncEPConfigError, AsyncEPModel,
+                                              build_asyncep_model)
 from zeroprefill.common.asyncep_moe import SCORING_FUNCS, AsyncEPMoE, default_experts_kernel
 from zeroprefill.common.block_fp8 import FP8_DTYPE
 from zeroprefill.common.expert_sharding import ExpertShardLayout
@@ -97,6 +113,40 @@ def check_routed_experts_supported(layer) -> None:
         )
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """What the loader needs to know of vLLM's configuration, read while vLLM loads the model."""
+
+    switch_point_tokens: int  # the planner's, 0 where none applies
+    switch_point_source: str
+    max_batch_tokens: int  # --max-num-batched-tokens: the largest batch the kernels will see
+
+    @classmethod
+    def from_current_vllm_config(cls, config: AsyncEPConfig, num_ranks: int) -> ServedModel:
+        from vllm.config import get_current_vllm_config
+
+        vllm_config = get_current_vllm_config()
+        max_batch = vllm_config.scheduler_config.max_num_batched_tokens
+        if config.switch_tokens is not None:
+            return cls(config.switch_tokens, SWITCH_TOKENS_ENV, max_batch)
+        if num_ranks == 1 or not current_platform.is_cuda():
+            return cls(0, "one rank" if num_ranks == 1 else "no GPU profile", max_batch)
+        from vllm_zeroprefill.validation import expert_weight_dtype, model_spec_of
+        from zeroprefill.common.hardware import HardwareProfileError
+        from zeroprefill.common.layouts import switch_point_on_gpus
+        from zeroprefill.common.saturation import DEFAULT_CONTEXT_TOKENS, PlanError
+
+        context = min(vllm_config.model_config.max_model_len, DEFAULT_CONTEXT_TOKENS)
+        try:
+            tokens = switch_point_on_gpus(model_spec_of(vllm_config), current_platform.get_device_name(), num_ranks,
+                                          context, dtype=expert_weight_dtype(vllm_config), transport=config.transport)
+        except (HardwareProfileError, PlanError) as exc:
+            return cls(0, f"no plan: {exc}", max_batch)
+        if tokens is None:
+            return cls(0, "planner: streaming wins at every batch", max_batch)
+        return cls(tokens, f"planner, {context}-token prompts", max_batch)
+
+
 @dataclass
 class AsyncEPModelLoader:
     """Hands every MoE layer's shard to the transport as vLLM loads it; builds the model at first use."""
@@ -105,8 +155,10 @@ class AsyncEPModelLoader:
     layout: ExpertShardLayout | None = None
     config: AsyncEPConfig | None = None
     transport: GatherTransport | None = None
+    served: ServedModel | None = None
     model: AsyncEPModel | None = None
     layer_of: dict[str, AsyncEPMoE] = field(default_factory=dict)
+    modes_seen: set[bool] = field(default_factory=set)  # moves_tokens values of the passes so far
 
     def add_layer(self, layer, layout: ExpertShardLayout, shards: dict[str, torch.Tensor]) -> None:
         """Hand over one layer's padded shards (``w13``, ``w2``, and ``*_scale`` for block FP8)."""
@@ -129,6 +181,7 @@ class AsyncEPModelLoader:
         if self.transport is None:
             self.config = AsyncEPConfig.from_env()
             self.transport = _make_transport(self.config, shards["w13"].device)
+            self.served = ServedModel.from_current_vllm_config(self.config, layout.world_size)
         # Hand the layer over now, while vLLM loads: a transport that moves shards into shareable
         # memory frees vLLM's copy before the next layer, and vLLM's memory profile (weights at
         # load, everything else at the profile run) counts the experts once.
@@ -141,10 +194,20 @@ class AsyncEPModelLoader:
             self._build(layer)
         return self.layer_of[layer.layer_name]
 
+    def note_mode(self, moe: AsyncEPMoE, max_tokens: int | None) -> None:
+        """Log the first pass of each mode (streaming weights, moving tokens), once each."""
+        moves_tokens = moe.moves_tokens(max_tokens)
+        if moves_tokens in self.modes_seen or not moe.streamer.streams_weights:
+            return
+        self.modes_seen.add(moves_tokens)
+        what = "moves tokens to the resident experts" if moves_tokens else "streams expert weights"
+        logger.info("AsyncEP: first pass that %s (largest batch of any rank: %s tokens; switch point %d)",
+                    what, "unknown" if max_tokens is None else max_tokens, moe.switch_tokens)
+
     def _build(self, any_layer) -> None:
         from vllm.model_executor.models.utils import extract_layer_index
 
-        if self.layout is None or self.transport is None or self.config is None:
+        if self.layout is None or self.transport is None or self.config is None or self.served is None:
             raise RuntimeError("no MoE layer registered with AsyncEP before the first forward pass")
         order = list(self.layer_shards)
         if order != sorted(order, key=extract_layer_index):
@@ -160,23 +223,42 @@ class AsyncEPModelLoader:
             shards, self.layout, self.config,
             top_k=any_layer.top_k, renormalize=any_layer.renormalize, scoring_func=any_layer.scoring_func,
             experts_kernel=default_experts_kernel(device, shards[0]["w13"].dtype), transport=self.transport,
+            switch_tokens=self.served.switch_point_tokens,
         )
         self.layer_of = dict(zip(order, self.model.layers))
         self.layer_shards.clear()
         streamer = self.model.streamer
+        kernel = self.model.layers[0].experts_kernel.__name__
         if device.type == "cuda":
             from vllm_zeroprefill.cuda_graphs import order_graph_launches_after
 
             order_graph_launches_after(streamer)
+            kernel = self._precompile_kernels(any_layer)
         logger.info(
-            "AsyncEP: streaming %d MoE layers of %d experts (%s) over %d EP ranks (transport %s, "
-            "prefetch depth %d, %d gather buffers = %.2f GiB on this rank, which stores experts %s, "
-            "experts kernel %s)",
+            "AsyncEP: %d MoE layers of %d experts (%s) over %d EP ranks; this rank stores experts %s and "
+            "reads them in place; transport %s, prefetch depth %d, %d gather buffers = %.2f GiB; passes "
+            "below %d tokens per rank move tokens instead of weights (%s); experts kernel %s",
             len(order), self.layout.num_experts, _expert_format(shards[0]), self.layout.world_size,
-            streamer.transport.name, streamer.prefetch_depth, streamer.num_slots,
-            streamer.gather_buffer_bytes / 2**30, list(self.layout.experts_of_rank(streamer.rank)),
-            self.model.layers[0].experts_kernel.__name__,
+            list(self.layout.experts_of_rank(streamer.rank)), streamer.transport.name, streamer.prefetch_depth,
+            streamer.num_slots, streamer.gather_buffer_bytes / 2**30, self.model.switch_tokens,
+            self.served.switch_point_source if self.model.switch_tokens else "never: " + self.served.switch_point_source,
+            kernel,
         )
+
+    def _precompile_kernels(self, any_layer) -> str:
+        """Compile every experts-kernel variant serving can pick, before any request arrives;
+        returns the kernel choice in words."""
+        from zeroprefill.kernels import experts_kernel_choice, precompile_experts
+
+        resident = self.model.streamer.resident(0).resident.tensors
+        scales = {name: resident[name] for name in ("w13_scale", "w2_scale") if name in resident}
+        activation_dtype = any_layer.moe_config.in_dtype
+        started = time.monotonic()
+        counts = precompile_experts(resident["w13"], resident["w2"], any_layer.top_k, self.served.max_batch_tokens,
+                                    activation_dtype=activation_dtype, **scales)
+        logger.info("AsyncEP: experts kernels compiled for %d batch sizes, 1 to %d tokens, in %.1f s",
+                    len(counts), counts[-1], time.monotonic() - started)
+        return experts_kernel_choice(activation_dtype, resident["w13"], resident["w2"], **scales)
 
 
 def _expert_format(shards: dict[str, torch.Tensor]) -> str:
@@ -292,11 +374,15 @@ class AsyncEPFusedMoEMethod(FusedMoEMethodBase):
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input) -> torch.Tensor:
         # Shared experts are the runner's (before or beside this call), as for every backend.
-        return self.loader.moe(layer).forward_routed(x, topk_weights, topk_ids)
+        moe, max_tokens = self.loader.moe(layer), pass_max_tokens()
+        self.loader.note_mode(moe, max_tokens)
+        return moe.forward_routed(x, topk_weights, topk_ids, max_tokens)
 
     def apply_monolithic(self, layer, x, router_logits, input_ids=None) -> torch.Tensor:
         """Where vLLM's router cannot run here (``is_monolithic``): route, then the same layer."""
-        return self.loader.moe(layer).forward(x, router_logits)
+        moe, max_tokens = self.loader.moe(layer), pass_max_tokens()
+        self.loader.note_mode(moe, max_tokens)
+        return moe.forward(x, router_logits, max_tokens)
 
 
 class AsyncEPBlockFp8FusedMoEMethod(AsyncEPFusedMoEMethod):

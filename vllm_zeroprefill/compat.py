@@ -14,6 +14,10 @@ What differs is detected here, by the presence of the API, never by the version 
   route inside their monolithic kernels and the generic router calls CUDA-only ops
   (``torch.ops._moe_C.topk_softmax``). :func:`vllm_router_runs_here` says which.
 
+- The forward context's ``dp_metadata.num_tokens_across_dp_cpu`` (every DP rank's token count
+  in the pass now running, the figure vLLM pads dummy batches and graphs to) has the same
+  name and meaning in every release; :func:`pass_max_tokens` reads it.
+
 Outside the supported range, ``--moe-backend asyncep`` fails at start-up with one line
 (:func:`unsupported_vllm_message`); other backends are left alone.
 """
@@ -75,3 +79,19 @@ def vllm_router_runs_here(on_cpu: bool) -> bool:
         return importlib.util.find_spec(CPU_ROUTER_MODULE) is not None
     except ModuleNotFoundError:  # a parent package missing: no CPU router either
         return False
+
+
+def pass_max_tokens() -> int | None:
+    """The largest token count of any data-parallel rank in the forward pass now running.
+
+    vLLM agrees on these counts across its DP ranks before every pass (real or dummy, eager or
+    a graph capture); None where it keeps none (one DP rank, or outside a forward pass).
+    """
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return None
+    dp_metadata = get_forward_context().dp_metadata
+    if dp_metadata is None:
+        return None
+    return int(dp_metadata.num_tokens_across_dp_cpu.max())

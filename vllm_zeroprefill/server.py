@@ -25,7 +25,7 @@ import httpx
 
 from zeroprefill.ports import free_port
 
-# Settings every CPU server needs (see shared notes): fp32, eager, a small KV cache.
+# Settings every CPU server needs: fp32 (bf16 kills CPU workers that lack AVX512-BF16), eager, a small KV cache.
 CPU_SERVER_ARGS = ("--dtype", "float32", "--enforce-eager", "--max-model-len", "256")
 
 
@@ -42,7 +42,8 @@ def cpu_env(num_ranks: int) -> dict[str, str]:
     """Environment for ``num_ranks`` CPU workers: one core each, 1 GiB of KV cache."""
     env = dict(os.environ)
     env["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(num_ranks)) if num_ranks > 1 else "auto"
+    cores = os.cpu_count() or 1  # more ranks than cores share them round-robin
+    env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % cores) for i in range(num_ranks)) if num_ranks > 1 else "auto"
     env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
     # The API server's event loop (uvloop) can stall for seconds on an oversubscribed CPU, and
     # libuv runs expired timers before it reads sockets: with the default 5 s keep-alive, a
