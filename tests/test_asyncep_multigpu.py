@@ -7,6 +7,11 @@ piecewise graphs hold one MoE layer each); then eager passes and replays follow 
 both ranks share, as vLLM's data-parallel ranks do. Each output is compared with a dense
 fp32 reference from the full weights. An odd layer count makes the last layer's slot the
 first layer's (the ring's wrap-around case); depth 2 adds a slot that holds a single layer.
+
+Switch point: the layers also run with one between two batch sizes, each size captured as
+vLLM captures its sizes: passes of the small size move tokens (NCCL all-to-all on the
+transport's group, inside the graphs too), passes of the large one stream weights, in an
+order that interleaves both modes, eager and replayed.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from tests.multiprocess import run_on_ranks
 from zeroprefill.common.asyncep_moe import AsyncEPMoE, moe_reference
 from zeroprefill.common.expert_sharding import ExpertShardLayout
 from zeroprefill.common.streamer import ExpertWeightStreamer
+from zeroprefill.common.token_exchange import TokenExchange
 from zeroprefill.common.transport import make_transport
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
@@ -41,48 +47,63 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
 
 
-def _eager_and_graph_passes(rank: int, world_size: int, transport_name: str, depth: int, copy_streams: int) -> None:
+class _Size:
+    """One captured batch size: static inputs, a graph per layer, their outputs."""
+
+    def __init__(self, tokens: int, layers: list[AsyncEPMoE], device: torch.device) -> None:
+        self.tokens = tokens
+        self.x = [torch.empty(tokens, H, device=device, dtype=torch.bfloat16) for _ in layers]
+        self.logits = [torch.empty(tokens, E, device=device) for _ in layers]
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.outs: list[torch.Tensor] = []
+
+    def refill(self, inputs: torch.Generator) -> None:
+        for x, logits in zip(self.x, self.logits):
+            x.copy_(torch.randn(self.tokens, H, device=x.device, generator=inputs))
+            logits.copy_(torch.randn(self.tokens, E, device=x.device, generator=inputs))
+
+
+def _eager_and_graph_passes(rank: int, world_size: int, transport_name: str, depth: int, copy_streams: int,
+                            switch_tokens: int) -> None:
     device = torch.device("cuda", rank)
     full = _full_weights(device)
     layout = ExpertShardLayout(E, world_size)
     shards = [layout.shard_all(w, rank) for w in full]
     transport = make_transport(transport_name, None, device, copy_streams)
     streamer = ExpertWeightStreamer(shards, layout, transport, prefetch_depth=depth)
-    layers = [AsyncEPMoE(streamer, j, TOP_K, True) for j in range(LAYERS)]
+    exchange = TokenExchange(layout, streamer.resident(0).resident.row_of_expert, transport.group)
+    layers = [AsyncEPMoE(streamer, j, TOP_K, True, exchange=exchange, switch_tokens=switch_tokens)
+              for j in range(LAYERS)]
     inputs = torch.Generator(device=device).manual_seed(100 + rank)
-    static_x = [torch.empty(TOKENS, H, device=device, dtype=torch.bfloat16) for _ in layers]
-    static_logits = [torch.empty(TOKENS, E, device=device) for _ in layers]
-
-    def refill() -> None:
-        for x, logits in zip(static_x, static_logits):
-            x.copy_(torch.randn(TOKENS, H, device=device, generator=inputs))
-            logits.copy_(torch.randn(TOKENS, E, device=device, generator=inputs))
-
-    refill()
-    for j, layer in enumerate(layers):
-        layer(static_x[j], static_logits[j])
-    graphs, outs = [], []
-    for j, layer in enumerate(layers):
-        streamer.order_after_side_stream()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outs.append(layer(static_x[j], static_logits[j]))
-        graphs.append(graph)
-    for step in STEPS:
-        refill()
-        wants = [moe_reference(static_x[j].float(), static_logits[j], full[j]["w13"].float(), full[j]["w2"].float(),
+    sizes = [_Size(TOKENS, layers, device), _Size(TOKENS // 3, layers, device)]
+    for size in sizes:  # one eager pass of each size, then every layer captured at each size
+        size.refill(inputs)
+        for j, layer in enumerate(layers):
+            layer(size.x[j], size.logits[j], max_tokens=size.tokens)
+    for size in sizes:
+        for j, layer in enumerate(layers):
+            streamer.order_after_side_stream()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                size.outs.append(layer(size.x[j], size.logits[j], max_tokens=size.tokens))
+            size.graphs.append(graph)
+    for index, step in enumerate(STEPS):
+        size = sizes[index % 2]  # both ranks choose the same size, as vLLM's DP ranks agree on one
+        size.refill(inputs)
+        wants = [moe_reference(size.x[j].float(), size.logits[j], full[j]["w13"].float(), full[j]["w2"].float(),
                                TOP_K, True) for j in range(LAYERS)]
         if step == "eager":
-            got = [layer(static_x[j], static_logits[j]) for j, layer in enumerate(layers)]
+            got = [layer(size.x[j], size.logits[j], max_tokens=size.tokens) for j, layer in enumerate(layers)]
         else:
-            for graph in graphs:
+            for graph in size.graphs:
                 streamer.order_after_side_stream()
                 graph.replay()
-            got = [out.clone() for out in outs]
+            got = [out.clone() for out in size.outs]
         for j in range(LAYERS):
             error = _relative_error(got[j], wants[j])
-            assert error < 3e-2, (f"rank {rank} {transport_name} x{copy_streams} depth {depth} {step} layer {j}: "
-                                  f"error {error:.3g}")
+            mode = "tokens" if layers[j].moves_tokens(size.tokens) else "weights"
+            assert error < 3e-2, (f"rank {rank} {transport_name} x{copy_streams} depth {depth} {step} {size.tokens} "
+                                  f"tokens ({mode}) layer {j}: error {error:.3g}")
     torch.cuda.synchronize()
     streamer.close()
 
@@ -90,7 +111,9 @@ def _eager_and_graph_passes(rank: int, world_size: int, transport_name: str, dep
 def _run(rank: int, world_size: int, transport_name: str, copy_streams: int) -> None:
     random.seed(0)
     for depth in (1, 2):
-        _eager_and_graph_passes(rank, world_size, transport_name, depth, copy_streams)
+        # weights in every pass; then the small size below the switch point, the large one above it
+        for switch_tokens in (0, TOKENS):
+            _eager_and_graph_passes(rank, world_size, transport_name, depth, copy_streams, switch_tokens)
 
 
 # The copy engine also with 3 streams: E/2 = 8 experts per shard split 3-3-2, forked and joined

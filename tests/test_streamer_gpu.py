@@ -7,8 +7,8 @@ dense reference exactly. CUDA graphs: layers captured one graph per layer (as vL
 piecewise graphs hold one MoE layer each) or all in one graph, replayed interleaved with
 eager passes in random order. Negative controls remove one ordering each (the side stream's
 wait on the "released" event; the engine's ``order_after_side_stream`` before a replay) and
-must then produce wrong results, which shows the tests can fail. Real transports (NCCL,
-copy engine) run on a one-rank group to exercise their code paths.
+must then produce wrong results, which shows the tests can fail. A one-rank group has nothing
+to gather: whatever transport is named, its layers read the resident shards, eager and captured.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.distributed as dist
 from zeroprefill.common.asyncep_moe import AsyncEPMoE, moe_reference
 from zeroprefill.common.expert_sharding import ExpertShardLayout
 from zeroprefill.common.streamer import ExpertWeightStreamer
-from zeroprefill.common.transport import GatherHandle, GatherTransport, make_transport
+from zeroprefill.common.transport import GatherHandle, GatherTransport, ResidentOnly, make_transport
 from zeroprefill.ports import free_port
 
 pytestmark = pytest.mark.gpu
@@ -54,17 +54,21 @@ class LoopbackTransport(GatherTransport):
         return GatherHandle()
 
 
-def _slow_kernel(hidden, w13, w2, topk_weights, topk_ids, max_sleep_cycles: int = 3 * SLEEP_CYCLES):
-    """Dense per-(token, k) experts with no host sync, after a device-side sleep.
+def _slow_kernel(hidden, w13, w2, topk_weights, topk_ids, add_to=None, max_sleep_cycles: int = 3 * SLEEP_CYCLES):
+    """Dense per-(token, k) experts with no host sync, after a device-side sleep; an id of -1
+    skips its slot, ``add_to`` receives the sum.
 
     The host runs ahead of a lagging compute stream, as in serving; a gather that does not
     wait for the slot's release then overwrites weights this kernel has not read yet.
     """
     torch.cuda._sleep(random.randint(max_sleep_cycles // 3, max_sleep_cycles))
-    gate_up = torch.einsum("th,tkih->tki", hidden, w13[topk_ids])
+    present = topk_ids >= 0
+    ids = topk_ids.clamp(min=0)
+    gate_up = torch.einsum("th,tkih->tki", hidden, w13[ids])
     act = torch.nn.functional.silu(gate_up[..., :I]) * gate_up[..., I:]
-    y = torch.einsum("tki,tkhi->tkh", act, w2[topk_ids])
-    return (y * topk_weights[..., None]).sum(dim=1)
+    y = torch.einsum("tki,tkhi->tkh", act, w2[ids])
+    out = (y * (topk_weights * present)[..., None]).sum(dim=1)
+    return out if add_to is None else add_to.add_(out)
 
 
 def _weights(device, layers: int = LAYERS):
@@ -171,8 +175,8 @@ def test_negative_control_replay_without_ordering_after_eager_gathers_corrupts()
     random.seed(1)
     full, streamer = _loopback_streamer(2, 1, layers=4, gather_sleep=20 * SLEEP_CYCLES)
 
-    def fast_kernel(*args):
-        return _slow_kernel(*args, max_sleep_cycles=3)
+    def fast_kernel(*args, add_to=None):
+        return _slow_kernel(*args, add_to=add_to, max_sleep_cycles=3)
 
     steps = ["eager", "graph"] * 4
     assert _graph_passes(streamer, full, steps, fast_kernel, order_before_replay=False) > 1e-2
@@ -196,9 +200,11 @@ def one_rank_nccl_group():
 
 
 @pytest.mark.parametrize("transport", ["nccl", "copy_engine"])
-def test_real_transports_on_one_rank(one_rank_nccl_group, transport):
+def test_one_rank_reads_resident_shards_eager_and_captured(one_rank_nccl_group, transport):
     full = _weights("cuda")
     layout = ExpertShardLayout(E, 1)
     streamer = ExpertWeightStreamer([layout.shard_all(w, 0) for w in full], layout,
                                     make_transport(transport, None, torch.device("cuda")))
-    assert _max_error(streamer, full) < 1e-4
+    assert isinstance(streamer.transport, ResidentOnly) and streamer.gather_buffer_bytes == 0
+    steps = ["graph", "eager", "graph", "eager"]
+    assert _graph_passes(streamer, full, steps, _slow_kernel) < 1e-4

@@ -13,6 +13,12 @@ What differs is detected here, by the presence of the API, never by the version 
   on the CPU build only from 0.30 (``fused_moe/router/cpu_router.py``): before, the CPU experts
   route inside their monolithic kernels and the generic router calls CUDA-only ops
   (``torch.ops._moe_C.topk_softmax``). :func:`vllm_router_runs_here` says which.
+- ``Fp8Config.store_dtype`` (a storage format other than e4m3, e.g. ``'mxfp4'``) exists in
+  some releases only: :func:`fp8_store_dtype`. ``ParallelConfig.enable_dbo`` likewise:
+  :func:`dbo_enabled`.
+- vLLM 0.26 detects its platform (running our platform plugin) while it is still importing
+  itself, before ``vllm.engine.arg_utils`` and its cache of parser arguments exist:
+  :func:`clear_cli_argument_cache` clears that cache only where it has been built.
 
 - The forward context's ``dp_metadata.num_tokens_across_dp_cpu`` (every DP rank's token count
   in the pass now running, the figure vLLM pads dummy batches and graphs to) has the same
@@ -25,10 +31,12 @@ Outside the supported range, ``--moe-backend asyncep`` fails at start-up with on
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 from packaging.version import Version
 
-# [first supported, first unsupported): the releases checked above.
+# [first supported, first unsupported): the releases checked above. The one definition code
+# reads; pyproject.toml's ``vllm`` extra states the same range (tests/test_vllm_compat.py).
 SUPPORTED_VLLM = (Version("0.26.0"), Version("0.34.0"))
 
 
@@ -65,6 +73,29 @@ def prefix_cache_lookup_enabled(kv_cache_manager, request) -> bool:
     if lookup is not None:  # vLLM >= 0.27
         return bool(lookup(request))
     return bool(kv_cache_manager.enable_caching and not request.skip_reading_prefix_cache)
+
+
+def fp8_store_dtype(quant_config) -> str | None:
+    """The storage format a vLLM ``Fp8Config`` names besides e4m3 (``store_dtype``), or None:
+    where this vLLM's config has no such field, FP8 weights are stored as e4m3."""
+    return getattr(quant_config, "store_dtype", None)
+
+
+def dbo_enabled(parallel_config) -> bool:
+    """Whether ``--enable-dbo`` (two micro-batches per forward pass) is on, where vLLM has it."""
+    return bool(getattr(parallel_config, "enable_dbo", False))
+
+
+def clear_cli_argument_cache() -> None:
+    """Drop vLLM's cache of parser arguments (``arg_utils._compute_kwargs``, an LRU cache), so
+    the next parser sees a widened ``--moe-backend``; nothing to do before it exists.
+
+    Never imports ``arg_utils``: this runs while vLLM imports itself (platform detection, or
+    right after ``vllm.config``), and ``arg_utils`` imports half of vLLM.
+    """
+    compute_kwargs = getattr(sys.modules.get("vllm.engine.arg_utils"), "_compute_kwargs", None)
+    if compute_kwargs is not None:
+        compute_kwargs.cache_clear()
 
 
 #: vLLM's CPU router (0.30+): where it exists, vLLM's routing runs on its CPU build too.
