@@ -49,6 +49,15 @@ class MemoryPlan:
     activation_bytes: int
     kv_cache_bytes: int
     budget_bytes: int
+    kv_bytes_per_token: int
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """KV-cache tokens the budget holds beside weights, buffers and activations (the figure
+        an engine reports at start-up), 0 when those alone exceed it."""
+        free = self.budget_bytes - (self.dense_weight_bytes + self.expert_weight_bytes + self.gather_buffer_bytes
+                                    + self.activation_bytes)
+        return max(free, 0) // self.kv_bytes_per_token
 
     @property
     def total_bytes(self) -> int:
@@ -65,7 +74,8 @@ class MemoryPlan:
         return self.total_bytes <= self.budget_bytes
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "total_bytes": self.total_bytes, "fits": self.fits}
+        return {**asdict(self), "total_bytes": self.total_bytes, "fits": self.fits,
+                "kv_capacity_tokens": self.kv_capacity_tokens}
 
 
 def memory_plan(deployment: Deployment, layout: str, tokens_per_gpu: int, context_tokens: int) -> MemoryPlan:
@@ -81,6 +91,7 @@ def memory_plan(deployment: Deployment, layout: str, tokens_per_gpu: int, contex
         experts = -(-spec.num_moe_layers * spec.expert_bytes_per_layer(dtype) // num_gpus)
         tokens = tokens_per_gpu * num_gpus
     kv_tokens = -(-tokens // context_tokens) * context_tokens if tokens else 0
+    kv_per_token = kv_bytes_per_token(spec, held, num_gpus)
     return MemoryPlan(
         layout=layout,
         num_gpus=num_gpus,
@@ -91,8 +102,9 @@ def memory_plan(deployment: Deployment, layout: str, tokens_per_gpu: int, contex
         expert_weight_bytes=experts,
         gather_buffer_bytes=held.gather_buffer_layers(deployment) * gathered_shards(deployment) * layer_expert_bytes,
         activation_bytes=tokens * activation_bytes_per_token(spec, held, num_gpus),
-        kv_cache_bytes=kv_tokens * kv_bytes_per_token(spec, held, num_gpus),
+        kv_cache_bytes=kv_tokens * kv_per_token,
         budget_bytes=int(deployment.profile.gpu_memory_bytes.value * deployment.memory_utilization),
+        kv_bytes_per_token=kv_per_token,
     )
 
 

@@ -121,6 +121,14 @@ def test_memory_qwen3_235b_bf16_on_4xh200_does_not_fit_fp8_does(q235, h200x4):
     assert fp8.total_bytes == 78_263_014_400 and fp8.fits
 
 
+def test_kv_capacity_is_what_the_budget_holds_beside_weights_buffers_and_activations(q235, h200x4):
+    plan = memory_plan(Deployment(q235, h200x4, 4, "fp8", transport="copy_engine"), "asyncep", 6000, 4096)
+    held = plan.dense_weight_bytes + plan.expert_weight_bytes + plan.gather_buffer_bytes + plan.activation_bytes
+    assert plan.kv_capacity_tokens == (plan.budget_bytes - held) // (94 * 2 * 4 * 128 * 2)
+    one_gpu = memory_plan(Deployment(q235, h200x4, 1, "bf16"), "asyncep", 6000, 4096)
+    assert one_gpu.kv_capacity_tokens == 0  # 235B in bf16 does not fit one GPU at all
+
+
 def test_gather_buffers_hold_only_the_other_ranks_experts_over_the_copy_engine(q235, h200x4):
     copy = memory_plan(Deployment(q235, h200x4, 4, "fp8", transport="copy_engine"), "asyncep", 6000, 4096)
     assert copy.gather_buffer_bytes == 2 * 3 * 32 * EXPERT_FP8  # 2 slots x 3 other ranks x 32 experts
@@ -335,12 +343,12 @@ def test_plan_tables_keep_their_columns_apart_on_a_tiny_model(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     width = 2 + 8 + len(LAYOUTS) * LAYOUT_COLUMN
     rows = [line for line in lines if line[:10].strip().isdigit() and len(line) > 60]  # not the threshold table
-    assert len(rows) == 6  # three contexts in the memory table, three in the step table
+    assert len(rows) == 9  # three contexts in the memory, KV-capacity and step tables
     for row in rows:
         assert len(row) == width, row
         cells = [row[10 + i * LAYOUT_COLUMN: 10 + (i + 1) * LAYOUT_COLUMN] for i in range(len(LAYOUTS))]
         assert all(cell.startswith("  ") for cell in cells), row  # never touching the cell before
-    step_rows = rows[3:]
+    step_rows = rows[6:]
     assert all(" us |" in row and " 0 |" not in row for row in step_rows)  # microseconds, not "0 ms"
 
 

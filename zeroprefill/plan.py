@@ -222,6 +222,11 @@ def _table_lines(plan: Plan) -> list[str]:
         f"experts {_bytes(worst.expert_weight_bytes)} + buffers {_bytes(worst.gather_buffer_bytes)} + "
         f"activations {_bytes(worst.activation_bytes)} + KV {_bytes(worst.kv_cache_bytes)}"
     )
+    lines += ["", "KV-cache capacity per GPU at the threshold batch (tokens the rest of the budget holds)",
+              f"  {'context':>8}{titles}"]
+    for c in plan.contexts:
+        cells = "".join(f"{_count(m.kv_capacity_tokens):>{LAYOUT_COLUMN}}" for m in (c.memory[layout] for layout in LAYOUTS))
+        lines.append(f"  {c.context_tokens:>8}{cells}")
     lines += [
         "",
         "Predicted step at the threshold batch: step time | tokens/s per GPU | MFU",
