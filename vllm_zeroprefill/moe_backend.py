@@ -38,6 +38,8 @@ from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Annotated, Literal, get_args, get_origin
 
+from vllm_zeroprefill.compat import clear_cli_argument_cache
+
 ASYNCEP = "asyncep"
 #: The ``vllm.general_plugins`` entry point's name (pyproject.toml), as VLLM_PLUGINS lists it.
 GENERAL_PLUGIN_NAME = "zeroprefill"
@@ -74,13 +76,7 @@ def register_moe_backend(refusal: str | None = None) -> None:
     KernelConfig.__pydantic_fields__["moe_backend"].annotation = annotation
     rebuild_dataclass(KernelConfig, force=True)
 
-    # The parser arguments' cache, where vLLM has built it. Never imported from here: this runs
-    # while vLLM imports itself (platform detection, or right after vllm.config), and
-    # arg_utils imports half of vLLM; before arg_utils exists there is no cache to clear.
-    arg_utils = sys.modules.get("vllm.engine.arg_utils")
-    compute_kwargs = getattr(arg_utils, "_compute_kwargs", None)
-    if compute_kwargs is not None:
-        compute_kwargs.cache_clear()
+    clear_cli_argument_cache()
     if refusal is not None:
         from vllm_zeroprefill.errors import install_one_line_errors
 

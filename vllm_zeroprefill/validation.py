@@ -16,6 +16,7 @@ from __future__ import annotations
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
+from vllm_zeroprefill.compat import dbo_enabled, fp8_store_dtype
 from zeroprefill.common.model_spec import FP8_WEIGHT_BLOCK, ModelSpecError, MoEModelSpec
 from zeroprefill.common.asyncep_model import AsyncEPConfig, AsyncEPConfigError
 
@@ -39,8 +40,8 @@ def block_fp8_weight_block(quant_config: QuantizationConfig | None) -> tuple[int
         scheme = repr(quant_config.get_name())
     elif quant_config.weight_block_size is None:
         scheme = "'fp8' without weight_block_size (per-tensor scales, or quantized online)"
-    elif getattr(quant_config, "store_dtype", None) is not None:
-        scheme = f"'fp8' stored as {quant_config.store_dtype!r}"
+    elif (store_dtype := fp8_store_dtype(quant_config)) is not None:
+        scheme = f"'fp8' stored as {store_dtype!r}"
     elif list(quant_config.weight_block_size) != supported_block:
         scheme = f"'fp8' with weight_block_size {list(quant_config.weight_block_size)}"
     else:
@@ -112,7 +113,7 @@ def check_asyncep_config(config: VllmConfig) -> MoEModelSpec:
         experts_kernel_setting()  # likewise ZEROPREFILL_EXPERTS_KERNEL, read by every experts call
     except ValueError as exc:
         raise AsyncEPConfigError(str(exc)) from None
-    if getattr(parallel, "enable_dbo", False):
+    if dbo_enabled(parallel):
         raise AsyncEPConfigError(
             "--moe-backend asyncep streams each MoE layer once per forward pass, but --enable-dbo "
             "runs every layer twice (two micro-batches): drop --enable-dbo"
