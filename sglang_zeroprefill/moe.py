@@ -21,7 +21,9 @@ Weights: ``FusedMoE`` under ``--ep-size N`` already loads only this rank's ``E /
 exactly a linear :class:`~zeroprefill.common.expert_sharding.ExpertShardLayout` shard. After
 the model is loaded (``ModelRunner.maybe_init_dwdp``, DWDP's own set-up point, AFTER hook),
 :func:`setup_asyncep` hands every MoE layer's shard to one
-:class:`~zeroprefill.common.streamer.ExpertWeightStreamer` per rank.
+:class:`~zeroprefill.common.streamer.ExpertWeightStreamer` per rank, whose eager gathers every
+CUDA-graph capture and replay then waits for (:mod:`sglang_zeroprefill.cuda_graphs`). On one
+GPU (``--ep-size 1``) the shard is every expert and nothing is gathered from peers.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from typing import Any, Callable
 import torch
 
 from sglang_zeroprefill.args import asyncep_enabled
+from sglang_zeroprefill.compat import is_draft_layer
+from sglang_zeroprefill.cuda_graphs import order_graph_launches_after, stop_ordering_graph_launches_after
 from zeroprefill.common.asyncep_model import AsyncEPConfig, AsyncEPConfigError, AsyncEPModel, build_asyncep_model
 from zeroprefill.common.asyncep_moe import AsyncEPMoE
 from zeroprefill.common.expert_sharding import ExpertShardLayout
@@ -51,6 +55,7 @@ class AsyncEPBinding:
     fused_moe_layers: list[Any]  # SGLang FusedMoE modules, in execution order
 
     def close(self) -> None:
+        stop_ordering_graph_launches_after(self.model.streamer)
         self.model.close()
 
 
@@ -78,7 +83,7 @@ def check_fused_moe(layer: Any) -> None:
 
 def after_fused_moe_init(result: Any, layer: Any, *args: Any, **kwargs: Any) -> Any:
     """``AFTER`` hook on ``FusedMoE.__init__``: fail at construction, not mid-forward."""
-    if asyncep_enabled() and not layer.is_draft:
+    if asyncep_enabled() and not is_draft_layer(layer):
         check_fused_moe(layer)
     return result
 
@@ -96,7 +101,8 @@ def setup_asyncep(
     """
     from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
 
-    layers = sorted((m for m in model.modules() if isinstance(m, FusedMoE) and not m.is_draft), key=lambda m: m.layer_id)
+    layers = sorted((m for m in model.modules() if isinstance(m, FusedMoE) and not is_draft_layer(m)),
+                    key=lambda m: m.layer_id)
     if not layers:
         raise AsyncEPConfigError(f"--moe-a2a-backend asyncep: {type(model).__name__} has no FusedMoE layers")
     for layer in layers:
@@ -123,6 +129,7 @@ def setup_asyncep(
         _collapse_ep_view(layer)
         setattr(layer, _BINDING_ATTR, moe)
     streamer = asyncep.streamer
+    order_graph_launches_after(streamer)
     logger.info(
         "AsyncEP: %d MoE layers streamed over %d ranks (transport %s, prefetch depth %d, %.2f GB of gather buffers)",
         len(layers), world_size, streamer.transport.name, streamer.prefetch_depth, streamer.gather_buffer_bytes / 1e9,

@@ -1,7 +1,13 @@
-"""The launch flags through SGLang's real parser and resolution pipeline, up to the hand-over."""
+"""The launch flags through SGLang's real parser and resolution, up to the hand-over.
+
+Resolution runs where the installed release runs it: inside ``prepare_server_args`` on SGLang
+0.5.17 - 0.5.18, in ``ServerArgs.resolve_once`` later (``compat.resolve`` does the latter).
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +22,8 @@ from sglang.srt.arg_groups.overrides import resolved_view  # noqa: E402
 from sglang.srt.managers.data_parallel_controller import LoadBalanceMethod  # noqa: E402
 from sglang.srt.server_args import prepare_server_args  # noqa: E402
 
-from sglang_zeroprefill import HOOK_TARGETS, launch_server  # noqa: E402
+import sglang_zeroprefill  # noqa: E402
+from sglang_zeroprefill import args, compat, launch_server  # noqa: E402
 from sglang_zeroprefill.args import ASYNCEP_ENV, LOAD_BALANCE_ENV  # noqa: E402
 from zeroprefill.common.asyncep_model import AsyncEPConfigError  # noqa: E402
 
@@ -41,38 +48,52 @@ def _argv(model_dir: str, flags: str) -> list[str]:
     return ["--model-path", model_dir, "--device", "cpu", *flags.split()]
 
 
-def test_issue_command_resolves_to_asyncep_layout(model_dir: str) -> None:
-    server_args = launch_server.prepare(_argv(model_dir, ISSUE_COMMAND + " --load-balance-method zeroprefill"))
-    assert server_args.moe_a2a_backend == "asyncep"
-    server_args.resolve_once()
-    view = resolved_view(server_args)
-    assert (view.attn_dp_size, view.dp_size, view.tp_size, view.ep_size) == (4, 1, 4, 4)
-    assert view.moe_a2a_backend == "none"  # SGLang's own dispatcher choice: StandardDispatcher
-    assert view.moe_dense_tp_size == 1 and view.enable_dp_lm_head and view.disable_cuda_graph
-    assert LoadBalanceMethod.from_str(view.load_balance_method) == LoadBalanceMethod.ROUND_ROBIN
-    import os
+def _resolved(argv: list[str]):
+    server_args = launch_server.prepare(argv)
+    compat.resolve(server_args)
+    return resolved_view(server_args)
 
+
+def test_issue_command_resolves_to_asyncep_layout(model_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(args, "launched_by_our_launcher", lambda: True)
+    view = _resolved(_argv(model_dir, ISSUE_COMMAND + " --load-balance-method zeroprefill"))
+    assert (compat.attention_dp_size(view), compat.dp_rank_count(view), view.tp_size, view.ep_size) == (4, 4, 4, 4)
+    assert view.moe_a2a_backend == "none"  # SGLang's own dispatcher choice: StandardDispatcher
+    assert view.moe_dense_tp_size == 1 and view.enable_dp_lm_head
+    assert not view.disable_cuda_graph  # graph launches wait for the weight stream instead
+    assert LoadBalanceMethod.from_str(view.load_balance_method) == LoadBalanceMethod.ROUND_ROBIN
     assert os.environ[ASYNCEP_ENV] == "1" and os.environ[LOAD_BALANCE_ENV] == "1"
+
+
+def test_one_gpu_command_resolves_to_local_experts(model_dir: str, capfd: pytest.CaptureFixture) -> None:
+    logging.getLogger("sglang_zeroprefill").setLevel(logging.INFO)  # SGLang's log handler writes to stderr
+    view = _resolved(_argv(model_dir, "--is-embedding --moe-a2a-backend asyncep --load-balance-method zeroprefill"))
+    log = capfd.readouterr().err
+    assert (compat.attention_dp_size(view), view.tp_size, view.ep_size) == (1, 1, 1)
+    assert view.moe_a2a_backend == "none" and not view.disable_cuda_graph
+    assert not view.enable_dp_lm_head  # nothing is data-parallel on one GPU
+    assert os.environ[ASYNCEP_ENV] == "1" and os.environ[LOAD_BALANCE_ENV] == "1"
+    assert "AsyncEP on one GPU" in log
+    # One DP rank: SGLang starts no DP controller, and the log says the policy is idle.
+    assert "zeroprefill with one DP rank: SGLang starts no DP controller" in log
 
 
 def test_plain_sglang_parser_accepts_flags_once_plugin_loaded(model_dir: str) -> None:
     launch_server.prepare(_argv(model_dir, ""))  # loads plugins, applies and checks hooks
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    assert set(HOOK_TARGETS) <= HookRegistry._patched
+    assert {hook.target for hook in sglang_zeroprefill._registered_hooks} <= HookRegistry._patched
     server_args = prepare_server_args(_argv(model_dir, "--moe-a2a-backend asyncep --load-balance-method zeroprefill"))
-    assert (server_args.moe_a2a_backend, server_args.load_balance_method) == ("asyncep", "zeroprefill")
+    compat.resolve(server_args)
+    assert resolved_view(server_args).moe_a2a_backend == "none"
+    assert os.environ[ASYNCEP_ENV] == "1" and os.environ[LOAD_BALANCE_ENV] == "1"
     with pytest.raises(SystemExit):  # argparse still rejects what nobody registered
         prepare_server_args(_argv(model_dir, "--moe-a2a-backend asyncep2"))
 
 
 def test_other_backends_resolve_unchanged(model_dir: str) -> None:
-    server_args = launch_server.prepare(_argv(model_dir, "--tp-size 2 --ep-size 2"))
-    server_args.resolve_once()
-    assert resolved_view(server_args).moe_a2a_backend == "none"
-    assert resolved_view(server_args).load_balance_method == "round_robin"
-    import os
-
+    view = _resolved(_argv(model_dir, "--tp-size 2 --ep-size 2"))
+    assert view.moe_a2a_backend == "none" and view.load_balance_method == "round_robin"
     assert os.environ[ASYNCEP_ENV] == "0" and os.environ[LOAD_BALANCE_ENV] == "0"
 
 
@@ -83,7 +104,7 @@ def test_main_hands_resolved_args_to_sglang_run_server(model_dir: str, monkeypat
     handed_over = []
 
     def run_server(server_args) -> None:  # what SGLang's run_server does first
-        server_args.resolve_once()
+        compat.resolve(server_args)
         handed_over.append(server_args)
 
     monkeypatch.setattr(sglang.launch_server, "run_server", run_server)
@@ -93,36 +114,61 @@ def test_main_hands_resolved_args_to_sglang_run_server(model_dir: str, monkeypat
     assert resolved_view(server_args).ep_size == 4 and resolved_view(server_args).moe_a2a_backend == "none"
 
 
+# "{dp2}": two attention-DP ranks as the installed release spells them.
 UNSUPPORTED = [
-    ("", "--attn-dp-size 1"),
-    ("--attn-dp-size 2 --tp-size 4 --ep-size 4", "--tp-size 4 must equal --attn-dp-size 2"),
-    ("--attn-dp-size 2 --tp-size 2", "pass --ep-size 2"),
-    ("--attn-dp-size 2 --tp-size 2 --ep-size 2 --quantization fp8", "--quantization fp8"),
-    ("--attn-dp-size 2 --tp-size 2 --ep-size 2 --enable-eplb", "--enable-eplb"),
-    ("--attn-dp-size 2 --tp-size 2 --ep-size 2 --enable-two-batch-overlap", "--enable-two-batch-overlap"),
-    ("--attn-dp-size 2 --tp-size 2 --ep-size 2 --moe-runner-backend flashinfer_cutlass", "--moe-runner-backend"),
+    ("--tp-size 2", "--tp-size 2 must equal the attention-DP size 1 (for 2 GPUs pass {dp2})"),
+    ("{dp2} --tp-size 4 --ep-size 4", "--tp-size 4 must equal the attention-DP size 2"),
+    ("{dp2} --tp-size 2", "pass --ep-size 2"),
+    ("{dp2} --tp-size 2 --ep-size 2 --quantization fp8", "--quantization fp8"),
+    ("{dp2} --tp-size 2 --ep-size 2 --enable-eplb", "--enable-eplb"),
+    ("{dp2} --tp-size 2 --ep-size 2 --enable-two-batch-overlap", "--enable-two-batch-overlap"),
+    ("{dp2} --tp-size 2 --ep-size 2 --moe-runner-backend flashinfer_cutlass", "--moe-runner-backend"),
 ]
+
+
+def _in_release_terms(text: str) -> str:
+    return text.replace("{dp2}", compat.attention_dp_flags(2))
 
 
 @pytest.mark.parametrize(("flags", "message"), UNSUPPORTED)
 def test_unsupported_combinations_fail_with_one_line(
     flags: str, message: str, model_dir: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    server_args = launch_server.prepare(_argv(model_dir, flags + " --moe-a2a-backend asyncep"))
-    with pytest.raises(AsyncEPConfigError, match=message.replace("+", r"\+")):
-        server_args.resolve_once()
+    argv = _argv(model_dir, _in_release_terms(flags) + " --moe-a2a-backend asyncep")
+    with pytest.raises(AsyncEPConfigError) as raised:
+        compat.resolve(launch_server.prepare(argv))
+    assert _in_release_terms(message) in str(raised.value)
 
     import sglang.srt.utils
 
     monkeypatch.setattr(sglang.srt.utils, "kill_process_tree", lambda *args, **kwargs: None)
-    assert launch_server.main(_argv(model_dir, flags + " --moe-a2a-backend asyncep")) == 2
+    assert launch_server.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("sglang_zeroprefill: --moe-a2a-backend asyncep") and "Traceback" not in err[-1]
 
 
 def test_zeroprefill_load_balance_rejects_pd_prefill(model_dir: str) -> None:
-    server_args = launch_server.prepare(
-        _argv(model_dir, "--load-balance-method zeroprefill --disaggregation-mode prefill")
-    )
     with pytest.raises(AsyncEPConfigError, match="disaggregation-mode prefill"):
-        server_args.resolve_once()
+        compat.resolve(launch_server.prepare(
+            _argv(model_dir, "--load-balance-method zeroprefill --disaggregation-mode prefill")
+        ))
+
+
+def test_zeroprefill_load_balance_needs_our_launcher_where_the_dp_controller_loads_no_plugins(
+    model_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = _argv(model_dir, "--dp-size 2 --load-balance-method zeroprefill")  # two replicas, one DP controller
+    monkeypatch.setattr(compat, "dp_controller_loads_plugins", lambda: False)  # SGLang before 0.5.22
+    with pytest.raises(AsyncEPConfigError, match="python -m sglang_zeroprefill.launch_server"):
+        compat.resolve(launch_server.prepare(argv))
+    monkeypatch.setattr(args, "launched_by_our_launcher", lambda: True)  # it loads them in its children
+    assert LoadBalanceMethod.from_str(_resolved(argv).load_balance_method) == LoadBalanceMethod.ROUND_ROBIN
+    assert os.environ[LOAD_BALANCE_ENV] == "1"
+
+
+def test_a_release_outside_the_supported_range_fails_with_one_line(
+    model_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(compat, "installed_sglang_version", lambda: "0.5.16")
+    with pytest.raises(AsyncEPConfigError, match=r"supports SGLang >= 0\.5\.17, < 0\.5\.24, found 0\.5\.16"):
+        compat.resolve(launch_server.prepare(_argv(model_dir, "--moe-a2a-backend asyncep")))

@@ -7,7 +7,9 @@ then builds two ``FusedMoE`` layers with SGLang's own constructor (so SGLang's
 rank stores), loads the full expert weights through SGLang's ``weight_loader`` and routes with
 SGLang's ``TopK``. Every rank has *different* tokens. The output of ``FusedMoE.forward`` (our
 ``run_moe_core`` hook: streamer gather + experts) must equal SGLang's
-``fused_moe_forward_native`` over all experts, on every rank, for two passes.
+``fused_moe_forward_native`` over all experts, on every rank, for two passes. The decision
+points where the installed release's decoder layers choose the DP gather before the MoE and
+the sum after it (``compat.py`` names them per release) must skip both.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sglang_cpu import import_sglang  # noqa: E402
+from sglang_cpu import import_sglang, initialize_model_parallel, initialize_moe_config, publish  # noqa: E402
 
 NUM_EXPERTS, TOP_K, HIDDEN, INTERMEDIATE = 8, 2, 32, 16
 NUM_MOE_LAYERS, TOKENS_PER_RANK = 2, 5
@@ -39,41 +41,31 @@ def _worker(rank: int, world_size: int, port: int, model_dir: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     import_sglang()
-    from sglang.srt.distributed.parallel_state import init_distributed_environment, initialize_model_parallel
+    from sglang.srt.distributed.parallel_state import init_distributed_environment
     from sglang.srt.layers.moe.fused_moe_native import fused_moe_forward_native
     from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
     from sglang.srt.layers.moe.token_dispatcher.standard import StandardDispatcher, StandardDispatchOutput
     from sglang.srt.layers.moe.topk import TopK
-    from sglang.srt.layers.moe.utils import initialize_moe_config
-    from sglang.srt.runtime_context import SpawnRanks, get_parallel, publish
+    from sglang.srt.runtime_context import get_parallel
 
-    from sglang_zeroprefill import launch_server
+    from sglang_zeroprefill import compat, cuda_graphs, launch_server
     from sglang_zeroprefill.moe import setup_asyncep
     from zeroprefill.common.asyncep_model import AsyncEPConfig
 
     n = str(world_size)
     server_args = launch_server.prepare([
         "--model-path", model_dir, "--device", "cpu", "--moe-a2a-backend", "asyncep",
-        "--tp-size", n, "--attn-dp-size", n, "--ep-size", n,
+        "--tp-size", n, *compat.attention_dp_flags(world_size).split(), "--ep-size", n,
     ])
-    server_args.resolve_once()
-    publish(server_args, role="test", ranks=SpawnRanks(world_rank=rank))
+    compat.resolve(server_args)
+    publish(server_args, rank)
     init_distributed_environment(
         world_size=world_size, rank=rank, local_rank=rank, backend="gloo",
         distributed_init_method=f"tcp://127.0.0.1:{port}",
     )
-    initialize_model_parallel()
-    initialize_moe_config()
-
-    # Model-level helpers, looked up where models and layer boundaries import them from: no
-    # gather over attention DP before the MoE, no all-reduce after it.
-    import sglang.srt.layers.moe as moe_package
-    from sglang.srt.layers.moe import utils as moe_utils
-
-    assert moe_package.is_moe_input_scattered_across_dp_ranks()
-    assert moe_utils.is_moe_input_scattered_across_dp_ranks()
-    assert moe_utils.should_skip_post_experts_all_reduce(is_tp_path=False)
-    assert moe_utils.should_skip_post_experts_all_reduce(is_tp_path=True)
+    initialize_model_parallel(world_size)
+    initialize_moe_config(server_args)
+    _check_no_dp_gather_and_no_sum_around_the_experts()
 
     generator = torch.Generator().manual_seed(0)  # same full weights on every rank
     full = [
@@ -100,6 +92,7 @@ def _worker(rank: int, world_size: int, port: int, model_dir: str) -> None:
         model.append(layer)
 
     state = setup_asyncep(model, get_parallel().moe_ep_group.device_group, AsyncEPConfig(transport="gloo"))
+    assert state.model.streamer in cuda_graphs._streamers  # every graph launch waits for its gathers
     topks = [TopK(top_k=TOP_K, renormalize=True, layer_id=layer.layer_id) for layer in model]
     tokens = torch.Generator().manual_seed(100 + rank)  # different tokens on every rank
     remote_ids_seen = False  # tokens routed to experts this rank does not store
@@ -125,6 +118,30 @@ def _worker(rank: int, world_size: int, port: int, model_dir: str) -> None:
         empty = layer.forward(torch.empty(0, HIDDEN), topk.empty_topk_output(torch.device("cpu")))
         assert empty.shape == (0, HIDDEN)
     state.close()
+    assert state.model.streamer not in cuda_graphs._streamers
+
+
+def _check_no_dp_gather_and_no_sum_around_the_experts() -> None:
+    """Ask the release's own decision points, through the modules models import them from."""
+    import importlib
+
+    from sglang_zeroprefill import compat
+
+    for target in compat.moe_input_stays_local_targets():
+        module, name = target.rsplit(".", 1)
+        assert getattr(importlib.import_module(module), name)(), target
+    try:  # SGLang 0.5.17 - 0.5.20: the decoder layer's scatter mode for a sparse MLP
+        from sglang.srt.layers.communicator import LayerScatterModes, ScatterMode
+    except ImportError:  # 0.5.21+: the layer boundary's choice of rows for a sparse FFN
+        from sglang.srt.layers.layer_boundary.factories import _ffn_on_rank_rows
+
+        assert _ffn_on_rank_rows(True, 1)
+    else:
+        assert LayerScatterModes._compute_mlp_mode(SimpleNamespace(is_layer_sparse=True)) == ScatterMode.SCATTERED
+    import sglang.srt.layers.moe as moe_package  # where Qwen2/3-MoE blocks import it from
+
+    assert moe_package.should_skip_post_experts_all_reduce(is_tp_path=False)
+    assert moe_package.should_skip_post_experts_all_reduce(is_tp_path=True)
 
 
 def test_asyncep_fused_moe_on_two_gloo_ranks_matches_sglang_native_moe(tmp_path: Path) -> None:
