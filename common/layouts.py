@@ -27,10 +27,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from zeroprefill.common.cost_model import LayerFlops, attention_matmul_params, layer_flops_at_context, layer_matmul_params
-from zeroprefill.common.hardware import HardwareProfileError, shipped_gpu_for
+from zeroprefill.common.hardware import HardwareProfileError
 from zeroprefill.common.model_spec import BYTES_PER_ELEMENT, MoEModelSpec
-from zeroprefill.common.saturation import (Deployment, PlanError, effective_tflops, expert_bytes, gather_time_s,
-                                           shard_capacity)
+from zeroprefill.common.saturation import (Deployment, PlanError, effective_tflops, engine_deployment, expert_bytes,
+                                           gather_time_s, shard_capacity)
 
 #: Activations and KV cache stay bf16 whatever the weight format.
 ACTIVATION_BYTES = 2
@@ -290,17 +290,14 @@ def switch_point_tokens(
 
 def switch_point_on_gpus(
     spec: MoEModelSpec, device_name: str, num_ranks: int, context_tokens: int, dtype: str = "bf16",
-    transport: str = "auto",
+    transport: str | None = None,
 ) -> int | None:
-    """:func:`switch_point_tokens` of an engine's AsyncEP group: ``num_ranks`` GPUs called
-    ``device_name`` (as NVML names them) in one node, ``dtype`` weights, the ``transport``
-    setting resolved as the runtime resolves it. ``None`` where EP never wins or no shipped
-    profile describes the GPU; one rank has nothing to switch (``None``).
+    """:func:`switch_point_tokens` of an engine's AsyncEP deployment (:func:`~zeroprefill.common.
+    saturation.engine_deployment`, the one the step budget is planned for). ``None`` where EP
+    never wins or no plan applies (no shipped profile for the GPU, one rank).
     """
-    gpu = shipped_gpu_for(device_name)
-    if gpu is None or num_ranks == 1:
-        return None
-    return switch_point_tokens(Deployment.on_shipped_gpu(spec, gpu, num_ranks, dtype, transport), context_tokens)
+    deployment = engine_deployment(spec, device_name, num_ranks, dtype, transport)
+    return None if deployment is None else switch_point_tokens(deployment, context_tokens)
 
 
 def remote_ranks_per_token(num_experts: int, top_k: int, num_ranks: int) -> float:

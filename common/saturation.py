@@ -244,6 +244,29 @@ def replica_flops_per_s(deployment: Deployment) -> float:
     return deployment.num_gpus * effective_tflops(deployment) * 1e12
 
 
+def engine_deployment(
+    spec: MoEModelSpec, device_name: str, num_ranks: int, dtype: str = "bf16", transport: str | None = None,
+) -> Deployment | None:
+    """The deployment an engine plugin plans for: ``num_ranks`` GPUs called ``device_name`` (as
+    NVML names them) in one node, in ``dtype`` (the checkpoint's weight format: ``"fp8"`` for
+    block FP8), with the transport AsyncEP gathers with: ``transport`` (a setting, ``auto`` or a
+    name), by default the process's own, ``AsyncEPConfig.from_env().transport``, resolved as the
+    runtime resolves it.
+
+    ``None`` where no plan applies: a GPU without a shipped profile, or one rank (nothing is
+    gathered). Raises ``HardwareProfileError`` / ``PlanError`` where the deployment has no plan
+    (e.g. a GPU count without a shipped profile): the caller says so.
+    """
+    gpu = shipped_gpu_for(device_name)
+    if gpu is None or num_ranks == 1:
+        return None
+    if transport is None:
+        from zeroprefill.common.asyncep_model import AsyncEPConfig  # torch: only when an engine asks
+
+        transport = AsyncEPConfig.from_env().transport
+    return Deployment.on_shipped_gpu(spec, gpu, num_ranks, dtype, transport)
+
+
 def step_flops_budget_on_gpus(
     spec: MoEModelSpec,
     device_name: str,
@@ -253,26 +276,10 @@ def step_flops_budget_on_gpus(
     dtype: str = "bf16",
     transport: str | None = None,
 ) -> float | None:
-    """The step budget of an engine's AsyncEP deployment: what both engine plugins plan with.
-
-    :func:`step_flops_budget` of ``num_ranks`` GPUs called ``device_name`` (as NVML names them)
-    in one node, in ``dtype`` (the checkpoint's weight format: ``"fp8"`` for block FP8), with
-    the transport AsyncEP gathers with: ``transport`` (a setting, ``auto`` or a name), by default
-    the process's own, ``AsyncEPConfig.from_env().transport``, resolved as the runtime resolves it.
-
-    ``None`` where no budget applies: a GPU without a shipped profile, or one rank (nothing
-    is gathered). Raises ``HardwareProfileError`` / ``PlanError`` where the deployment has no
-    plan (e.g. a GPU count without a shipped profile): the caller says so.
-    """
-    gpu = shipped_gpu_for(device_name)
-    if gpu is None or num_ranks == 1:
-        return None
-    if transport is None:
-        from zeroprefill.common.asyncep_model import AsyncEPConfig  # torch: only when an engine asks
-
-        transport = AsyncEPConfig.from_env().transport
-    deployment = Deployment.on_shipped_gpu(spec, gpu, num_ranks, dtype, transport)
-    return step_flops_budget(deployment, context_tokens, headroom=headroom)
+    """The step budget of an engine's AsyncEP deployment (:func:`engine_deployment`): what both
+    engine plugins plan with; ``None`` where no plan applies."""
+    deployment = engine_deployment(spec, device_name, num_ranks, dtype, transport)
+    return None if deployment is None else step_flops_budget(deployment, context_tokens, headroom=headroom)
 
 
 # -- the setting ---------------------------------------------------------------------------

@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 
 from zeroprefill.common.asyncep_model import TRANSPORT_ENV
+from zeroprefill.common.layouts import switch_point_on_gpus, switch_point_tokens
 from zeroprefill.common.model_spec import MoEModelSpec
 from zeroprefill.common.saturation import (
     DEPRECATED_SATURATION_FLOPS_ENV,
     STEP_FLOPS_BUDGET_ENV,
     Deployment,
     configured_step_flops_budget,
+    engine_deployment,
     parse_step_flops_budget,
     step_flops_budget,
     step_flops_budget_on_gpus,
@@ -65,9 +67,18 @@ def test_an_nccl_deployment_is_not_budgeted_as_a_copy_engine_one(monkeypatch):
     assert step_flops_budget_on_gpus(SPEC, "NVIDIA H200", 4) == pytest.approx(1.31e15, rel=0.01)
 
 
+def test_the_engines_budget_and_switch_point_plan_one_deployment(monkeypatch):
+    monkeypatch.setenv(TRANSPORT_ENV, "nccl")
+    deployment = engine_deployment(SPEC, "NVIDIA H200", 4, "fp8")
+    assert deployment == Deployment.on_shipped_gpu(SPEC, "h200", 4, "fp8", "nccl")
+    assert step_flops_budget_on_gpus(SPEC, "NVIDIA H200", 4, 2048, dtype="fp8") == step_flops_budget(deployment, 2048)
+    assert switch_point_on_gpus(SPEC, "NVIDIA H200", 4, 2048, dtype="fp8") == switch_point_tokens(deployment, 2048)
+
+
 def test_no_engine_budget_without_a_profile_or_a_gather():
     assert step_flops_budget_on_gpus(SPEC, "NVIDIA A100-SXM4-80GB", 4) is None
     assert step_flops_budget_on_gpus(SPEC, "NVIDIA H200", 1) is None
+    assert switch_point_on_gpus(SPEC, "NVIDIA H200", 1, 2048) is None
 
 
 def test_the_budget_setting_is_read_and_checked_once():
