@@ -4,6 +4,7 @@
         --stable sort by expert, pad every expert's rows to a multiple of block_m-->
     sorted_row_ids [max_padded_rows]   row r, or the sentinel T*K in padding slots
     block_expert_ids [max_blocks]      the expert of each block of block_m padded rows
+                                       (E for the blocks past the used rows)
     num_padded_rows [1]                rows actually used (device tensor: no host sync)
     expert_ends [E]                    padded end of each expert's segment (the ``offs`` of
                                        ``torch._grouped_mm``)
@@ -11,25 +12,52 @@
     position_of_row [T*K]              where row r sits in the padded order (inverse of the sort);
                                        ``>= max_padded_rows`` for a skipped row
 
-A row whose expert id is negative (``-1``: the expert is not here, as vLLM's expert maps mark
-experts of other EP ranks) is *skipped*: it gets no padded position, no GEMM row, and
-contributes nothing to its token's output. Every consumer tells a skipped row by
-``position_of_row[r] >= max_padded_rows``.
+Within an expert's segment the rows come first, in ascending row order (stable), then the
+padding. A row whose expert id is negative (``-1``: the expert is not here, as vLLM's expert
+maps mark experts of other EP ranks) is *skipped*: it gets no padded position, no GEMM row,
+and contributes nothing to its token's output. Every consumer tells a skipped row by
+``position_of_row[r] >= max_padded_rows`` (skipped rows are numbered on from
+``max_padded_rows`` in row order).
 
 The grouped GEMMs launch one program row per block of ``block_m`` padded rows, read the
 block's expert from ``block_expert_ids``, and return at once when the block lies past
 ``num_padded_rows``. The launch size uses the host-known bound
 ``max_padded_rows = T*K + min(T*K, E) * (block_m - 1)``, so nothing waits on the GPU.
-Experts that receive no token get no block. Everything here is a handful of torch device
-ops (counting scatter, cumsum, one stable sort, searchsorted), a few tens of microseconds
-at 128K rows: no host round trip and no data-dependent shapes.
+Experts that receive no token get no block.
+
+Two Triton kernels do it (:func:`moe_align_block_size_triton`, the default on CUDA), a
+counting sort over P chunks of rows; every value is an exact integer, so the result equals
+the plain-torch definition (:func:`moe_align_block_size_torch`, ~20 small torch ops) bit for bit:
+
+    [count]  program p, rows [p*R, (p+1)*R):  counts[p, e] rows of expert e, skipped[p]
+    [place]  program p: from all counts, each expert's total, its padded segment
+             (prefix sum over E) and the rows of expert e in chunks before p (sum over
+             p' < p) -> the position of the chunk's first row of each expert. Then, BLOCK rows
+             at a time: one-hot [E, BLOCK], its prefix sum along the rows = each row's rank
+             within its expert -> position_of_row[r], sorted_row_ids[position] = r.
+             Finally a grid-stride pass over the padded positions writes the padding sentinel
+             and, at each block start, the block's expert. Program 0 writes expert_ends and
+             rows_per_expert.
+
+Each place program re-reads the whole counts table ([P, E], P <= MAX_PROGRAMS, from L2)
+instead of a third launch scanning it once: at P = 256, E = 128 that is 128 KB per program.
+vLLM's and SGLang's CUDA kernels place rows with atomics (any order within an expert);
+their Triton versions (``moe_align_block_size_stage1..4``) are stable but place one row per
+loop iteration; here a program places BLOCK rows per iteration.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_PROGRAMS = 256      # chunks of rows (programs of both kernels); each place program reads P x E counts
+TILE_ELEMENTS = 8192    # a [bins, rows] one-hot tile: rows per step = TILE_ELEMENTS / bins
 
 
 @dataclass(frozen=True)
@@ -57,7 +85,145 @@ def max_padded_rows(num_rows: int, num_experts: int, block_m: int) -> int:
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertAlignment:
-    """Sort (token, slot) rows by expert and pad every expert's segment to ``block_m``."""
+    """Sort (token, slot) rows by expert and pad every expert's segment to ``block_m``.
+
+    The Triton kernels on CUDA (and on CPU under ``TRITON_INTERPRET=1``), plain torch otherwise
+    and for zero rows; both give identical tensors.
+    """
+    if topk_ids.numel() and (topk_ids.is_cuda or INTERPRETING):
+        return moe_align_block_size_triton(topk_ids, num_experts, block_m)
+    return moe_align_block_size_torch(topk_ids, num_experts, block_m)
+
+
+@triton.jit
+def _expert_of_rows(topk_ids_ptr, rows, num_rows, NUM_BINS: tl.constexpr):
+    """The expert id of each row (int32); NUM_BINS (no expert's bin, not negative) past num_rows."""
+    return tl.load(topk_ids_ptr + rows, mask=rows < num_rows, other=NUM_BINS).to(tl.int32)
+
+
+@triton.jit
+def _count_rows_kernel(
+    topk_ids_ptr, counts_ptr, skipped_ptr, num_rows, rows_per_program,
+    NUM_BINS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """counts[p, e] = rows of expert e in chunk p; skipped[p] = rows with a negative id there."""
+    pid = tl.program_id(0)
+    bins = tl.arange(0, NUM_BINS)
+    counts = tl.zeros([NUM_BINS], dtype=tl.int32)
+    skipped = tl.zeros([BLOCK], dtype=tl.int32)
+    for offset in range(0, rows_per_program, BLOCK):
+        rows = pid * rows_per_program + offset + tl.arange(0, BLOCK)
+        expert = _expert_of_rows(topk_ids_ptr, rows, num_rows, NUM_BINS)
+        counts += tl.sum((bins[:, None] == expert[None, :]).to(tl.int32), axis=1)
+        skipped += (expert < 0).to(tl.int32)
+    tl.store(counts_ptr + pid * NUM_BINS + bins, counts)
+    tl.store(skipped_ptr + pid, tl.sum(skipped, axis=0))
+
+
+@triton.jit
+def _place_rows_kernel(
+    topk_ids_ptr, counts_ptr, skipped_ptr, sorted_row_ids_ptr, position_of_row_ptr, block_expert_ids_ptr,
+    expert_ends_ptr, rows_per_expert_ptr, num_rows, rows_per_program, num_programs, max_padded_rows, block_m,
+    NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK: tl.constexpr, PROGRAM_TILE: tl.constexpr,
+):
+    """Place chunk p's rows (stable within each expert); write the padding and block experts of
+    every num_programs-th BLOCK of padded positions from p on; program 0 writes the segment ends."""
+    pid = tl.program_id(0)
+    bins = tl.arange(0, NUM_BINS)
+    is_expert = bins < NUM_EXPERTS
+
+    # Each expert's total, and its rows in the chunks before this one (skipped rows likewise).
+    total = tl.zeros([NUM_BINS], dtype=tl.int32)
+    before = tl.zeros([NUM_BINS], dtype=tl.int32)
+    skipped_before = tl.zeros([PROGRAM_TILE], dtype=tl.int32)
+    for first in range(0, num_programs, PROGRAM_TILE):
+        programs = first + tl.arange(0, PROGRAM_TILE)
+        counts = tl.load(counts_ptr + programs[:, None] * NUM_BINS + bins[None, :],
+                         mask=programs[:, None] < num_programs, other=0)
+        total += tl.sum(counts, axis=0)
+        before += tl.sum(tl.where(programs[:, None] < pid, counts, 0), axis=0)
+        skipped_before += tl.load(skipped_ptr + programs, mask=programs < pid, other=0)
+    padded = tl.where(is_expert, (total + block_m - 1) // block_m * block_m, 0)
+    padded_end = tl.cumsum(padded, axis=0)
+    segment_start = padded_end - padded
+    if pid == 0:
+        tl.store(expert_ends_ptr + bins, padded_end, mask=is_expert)
+        tl.store(rows_per_expert_ptr + bins, total.to(tl.int64), mask=is_expert)
+
+    # This chunk's rows: position = where the chunk's next row of its expert goes + rank in the step.
+    next_position = segment_start + before
+    next_skipped = tl.zeros([BLOCK], dtype=tl.int32) + max_padded_rows + tl.sum(skipped_before, axis=0)
+    for offset in range(0, rows_per_program, BLOCK):
+        rows = pid * rows_per_program + offset + tl.arange(0, BLOCK)
+        in_range = rows < num_rows
+        expert = _expert_of_rows(topk_ids_ptr, rows, num_rows, NUM_BINS)
+        hit = (bins[:, None] == expert[None, :]).to(tl.int32)  # [NUM_BINS, BLOCK] one-hot
+        rank = tl.cumsum(hit, axis=1)  # 1 + rows of the same expert before it in this step
+        position = tl.sum(tl.where(hit != 0, next_position[:, None] + rank - 1, 0), axis=0)
+        next_position += tl.sum(hit, axis=1)
+        skip = (expert < 0).to(tl.int32)
+        position = tl.where(skip != 0, next_skipped + tl.cumsum(skip, axis=0) - 1, position)
+        next_skipped += tl.sum(skip, axis=0)
+        tl.store(position_of_row_ptr + rows, position, mask=in_range)
+        tl.store(sorted_row_ids_ptr + position, rows, mask=in_range & (skip == 0))
+
+    # Padded positions: the sentinel where no row lands; each block start gets its block's expert
+    # (the experts whose segment ends at or before it: E past the used rows).
+    rows_end = tl.where(is_expert, segment_start + total, 0)
+    ends = tl.where(is_expert, padded_end, max_padded_rows)  # non-experts end at no position
+    for first in range(pid * BLOCK, max_padded_rows, num_programs * BLOCK):
+        positions = first + tl.arange(0, BLOCK)
+        in_range = positions < max_padded_rows
+        in_rows = (segment_start[:, None] <= positions[None, :]) & (positions[None, :] < rows_end[:, None])
+        is_row = tl.sum(in_rows.to(tl.int32), axis=0) > 0
+        expert = tl.sum((ends[:, None] <= positions[None, :]).to(tl.int32), axis=0)
+        tl.store(sorted_row_ids_ptr + positions, tl.zeros([BLOCK], dtype=tl.int32) + num_rows,
+                 mask=in_range & ~is_row)
+        tl.store(block_expert_ids_ptr + positions // block_m, expert,
+                 mask=in_range & (positions % block_m == 0))
+
+
+def launch_shape(num_rows: int, num_experts: int) -> tuple[int, int, int, int]:
+    """``(NUM_BINS, BLOCK, rows_per_program, programs)`` of both kernels.
+
+    NUM_BINS: experts rounded up to a power of two; BLOCK: rows per step, so that a
+    ``[NUM_BINS, BLOCK]`` one-hot tile has ``TILE_ELEMENTS``; rows_per_program: whole steps, at
+    most ``MAX_PROGRAMS`` chunks.
+    """
+    num_bins = max(16, triton.next_power_of_2(num_experts))
+    block = max(16, TILE_ELEMENTS // num_bins)
+    per_program = triton.cdiv(triton.cdiv(num_rows, MAX_PROGRAMS), block) * block
+    return num_bins, block, per_program, triton.cdiv(num_rows, per_program)
+
+
+def moe_align_block_size_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertAlignment:
+    """:func:`moe_align_block_size` in two Triton launches (count, place); needs ``T*K >= 1``."""
+    device = topk_ids.device
+    num_rows = topk_ids.numel()
+    padded_total = max_padded_rows(num_rows, num_experts, block_m)
+    num_bins, block, per_program, programs = launch_shape(num_rows, num_experts)
+    scratch = torch.empty(programs * (num_bins + 1), dtype=torch.int32, device=device)
+    counts, skipped = scratch[:programs * num_bins], scratch[programs * num_bins:]
+    sorted_row_ids = torch.empty(padded_total, dtype=torch.int32, device=device)
+    block_expert_ids = torch.empty(padded_total // block_m, dtype=torch.int32, device=device)
+    expert_ends = torch.empty(num_experts, dtype=torch.int32, device=device)
+    position_of_row = torch.empty(num_rows, dtype=torch.int32, device=device)
+    rows_per_expert = torch.empty(num_experts, dtype=torch.int64, device=device)
+    ids = topk_ids.reshape(-1)
+    _count_rows_kernel[(programs,)](ids, counts, skipped, num_rows, per_program,
+                                    NUM_BINS=num_bins, BLOCK=block, num_warps=4)
+    _place_rows_kernel[(programs,)](
+        ids, counts, skipped, sorted_row_ids, position_of_row, block_expert_ids, expert_ends, rows_per_expert,
+        num_rows, per_program, programs, padded_total, block_m,
+        NUM_EXPERTS=num_experts, NUM_BINS=num_bins, BLOCK=block,
+        PROGRAM_TILE=max(16, min(triton.next_power_of_2(programs), TILE_ELEMENTS // num_bins)), num_warps=8,
+    )
+    return ExpertAlignment(sorted_row_ids, block_expert_ids, expert_ends[-1:], expert_ends,
+                           position_of_row, rows_per_expert, num_rows, block_m)
+
+
+def moe_align_block_size_torch(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertAlignment:
+    """:func:`moe_align_block_size` in plain torch device ops (the definition the kernels match)."""
     device = topk_ids.device
     num_rows = topk_ids.numel()
     padded_total = max_padded_rows(num_rows, num_experts, block_m)

@@ -33,7 +33,7 @@ from zeroprefill.kernels import (GROUPED_MM, MoEConfig, GemmConfig, dequantize_f
                                  moe_align_block_size, quantize_tokens_fp8_group,
                                  quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
 from zeroprefill.common.asyncep_moe import select_experts  # noqa: E402
-from zeroprefill.kernels import checks, fused_moe, grouped_mm_moe  # noqa: E402
+from zeroprefill.kernels import align, checks, fused_moe, grouped_mm_moe  # noqa: E402
 from zeroprefill.kernels.quant import quantize_tokens_fp8_group_reference  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -365,3 +365,55 @@ def test_fp8_needs_scales():
 def test_precompile_runs_every_power_of_two_up_to_the_budget():
     w13, w2 = make_layer(4, 32, 16, torch.float32)
     assert fused_moe.precompile_experts(w13, w2, 2, 20, activation_dtype=torch.float32) == [1, 2, 4, 8, 16]
+
+
+# ---------------------------------------------------------------------------- alignment kernels
+
+ALIGN_CASES = {  # name: (T, K, E, block_m, fraction of skipped slots)
+    "one_row": (1, 1, 1, 1, 0.0),
+    "odd_block": (33, 4, 5, 3, 0.3),
+    "grouped_mm": (100, 8, 16, 16, 0.1),
+    "bins_past_128": (70, 3, 130, 16, 0.05),
+    "deepgemm_block": (64, 2, 3, 128, 0.0),
+    "all_skipped": (9, 2, 4, 4, 1.0),
+}
+
+
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("case", list(ALIGN_CASES))
+def test_moe_align_triton_equals_torch(case, ids_dtype, monkeypatch):
+    """The two Triton kernels give the torch definition's tensors exactly, over several chunks
+    (small MAX_PROGRAMS/TILE_ELEMENTS: many programs, several steps each) and in one."""
+    num_tokens, top_k, num_experts, block_m, skip = ALIGN_CASES[case]
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, num_experts, (num_tokens, top_k), generator=gen)
+    ids[torch.rand(num_tokens, top_k, generator=gen) < skip] = -1
+    ids = ids.to(ids_dtype).to(DEVICE)
+    ref = align.moe_align_block_size_torch(ids, num_experts, block_m)
+    for max_programs, tile_elements in ((4, 64), (align.MAX_PROGRAMS, align.TILE_ELEMENTS)):
+        monkeypatch.setattr(align, "MAX_PROGRAMS", max_programs)
+        monkeypatch.setattr(align, "TILE_ELEMENTS", tile_elements)
+        out = align.moe_align_block_size_triton(ids, num_experts, block_m)
+        for field in ("sorted_row_ids", "block_expert_ids", "num_padded_rows", "expert_ends", "position_of_row",
+                      "rows_per_expert"):
+            got, want = getattr(out, field), getattr(ref, field)
+            assert got.dtype == want.dtype and torch.equal(got, want), field
+        assert (out.num_rows, out.block_m) == (ref.num_rows, ref.block_m)
+    # stable: each expert's rows in ascending order, then its padding
+    sorted_ids, ends = ref.sorted_row_ids.cpu().tolist(), ref.expert_ends.cpu().tolist()
+    for expert, rows in enumerate(align.moe_align_block_size_reference(ids, num_experts, block_m)):
+        start = ends[expert - 1] if expert else 0
+        assert sorted_ids[start:ends[expert]] == rows + [ids.numel()] * (ends[expert] - start - len(rows))
+
+
+def test_moe_align_default_is_triton(monkeypatch):
+    """On CUDA, and on CPU in the interpreter, the default is the Triton pair; zero rows take torch."""
+    calls = []
+    triton_align = align.moe_align_block_size_triton
+    monkeypatch.setattr(align, "moe_align_block_size_triton", lambda *a: calls.append(a) or triton_align(*a))
+    ids = torch.tensor([[1, 0]], dtype=torch.int32, device=DEVICE)
+    assert moe_align_block_size(ids, 2, 4).expert_ends.cpu().tolist() == [4, 8]
+    assert len(calls) == 1
+    empty = moe_align_block_size(ids[:0], 2, 4)
+    assert len(calls) == 1 and empty.max_padded_rows == 0 and empty.expert_ends.cpu().tolist() == [0, 0]
+
