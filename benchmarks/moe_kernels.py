@@ -3,17 +3,23 @@
 One MoE layer, E=128 experts, top-8, at the Qwen3-235B (H=4096, I=1536) and Qwen3-30B-A3B
 (H=2048, I=768) shapes, token counts 512..64K, softmax routing of random logits.
 
-What is timed (median of ``triton.testing.do_bench``, L2 flushed between runs), the same span
-on every side: from (hidden_states, topk_weights, topk_ids) to the combined output [T, H].
-Every side therefore pays its permutation: ours the alignment (sort + pad) and either the
-gathered loads inside GEMM 1 (Triton backend) or the row scatter (grouped_mm backend);
-the baseline a sort, an index_select of the tokens, SiLU*mul, and the weighted gather + K-slot
-sum. Routing (softmax/top-k) is excluded on all sides.
+What is timed, the same span on every side: from (hidden_states, topk_weights, topk_ids) to the
+combined output [T, H]. Every side therefore pays its permutation: ours the alignment (sort + pad)
+and either the gathered loads inside GEMM 1 (Triton backend) or the row scatter (grouped_mm
+backend); the baseline a sort, an index_select of the tokens, SiLU*mul, and the weighted gather +
+K-slot sum. Routing (softmax/top-k) is excluded on all sides. Two timings of each side, both the
+median of ``triton.testing.do_bench`` with L2 flushed between runs:
+
+    ms        eager: the Python call, as a benchmark loop issues it; where the GPU finishes small
+              kernels faster than the host launches them, the gaps count
+    ms_graph  the same call captured once in a CUDA graph (after warm-up), then graph.replay():
+              GPU time without host launch gaps, as a serving engine that replays CUDA graphs
+              (or whose CPU runs ahead) sees the layer
 
     FLOPs = 2 * T * K * (2*I*H + H*I)     (true expert FLOPs, no padding counted)
 
-Columns (TFLOP/s): bf16 = ``fused_experts`` as shipped (the table picks the backend per token
-count), bf16 on each backend forced (``triton``: our Triton GEMMs; ``gmm+ours``: torch's
+Columns (TFLOP/s, eager): bf16 = ``fused_experts`` as shipped (the table picks the backend per
+token count), bf16 on each backend forced (``triton``: our Triton GEMMs; ``gmm+ours``: torch's
 CUTLASS grouped GEMMs inside our permutation/SiLU/combine kernels), the plain torch._grouped_mm
 baseline, FP8 with 128x128 weight blocks (Triton; 1x128 token groups quantised inside the
 call), FP8-rowwise (per-channel weight scales, per-row activation scales,
@@ -23,14 +29,34 @@ shipped: measured to show what exact accumulation costs). Where DeepGEMM loads
 columns, ``dg bf16`` and ``dg fp8`` (``deepgemm_experts``: DeepGEMM's grouped GEMMs inside our
 permutation, SiLU*mul and combine; FP8 with 128x128 weight blocks and 1x128 token groups), and
 ``dgfp8/bf16``, DeepGEMM FP8 against our bf16; otherwise the JSON's ``meta.deepgemm`` says why
-not. All columns but those force our kernels (an explicit config), whatever
-``ZEROPREFILL_EXPERTS_KERNEL`` says. Errors are max|out - ref| / max|ref| against
+not. All those force our kernels or DeepGEMM, whatever ``ZEROPREFILL_EXPERTS_KERNEL`` says; the
+side ``fp8_selected`` is block FP8 through ``fused_experts`` with ``config=None``, so on the
+backend it selects by default (honouring ``ZEROPREFILL_EXPERTS_KERNEL``; its choice is in the
+point's ``fp8_selected_kernel``). Errors are max|out - ref| / max|ref| against
 ``fused_experts_reference`` (fp32 math; for FP8 the reference uses the dequantised weights and
-the same activation quantisation).
+the same activation quantisation). A second line per token count gives the graph timings.
+
+Where the shipped bf16 layer's time goes, at every token count >= 8192 (summary keys, the
+minimum over those points; each point has its own value):
+
+    layer_vs_gemm_only[_eager]    time of the layer's own GEMM kernels (torch.profiler) /
+                                  layer time (graph-replayed; eager)
+    fp8_selected_vs_bf16          bf16 layer / block-FP8 layer on the default backend (graphs)
+    unfused_glue_bound_layer_vs_gemm_only
+                                  the best layer_vs_gemm_only the unfused grouped_mm pipeline
+                                  can reach: its GEMM time / (GEMM time + the bytes its scatter,
+                                  SiLU*mul and combine must move / the HBM bandwidth measured
+                                  here by a 1 GiB device copy), alignment and launch gaps free
 
     python benchmarks/moe_kernels.py                     # table + benchmarks/results/moe_kernels-<gpu>.json
+    python benchmarks/moe_kernels.py --shapes qwen3-235b-a22b qwen3-30b-a3b --tokens 8192 16384
+    python benchmarks/moe_kernels.py --sides bf16_triton,bf16_gmm_ours,fp8_selected --profile-tokens 0
+                                                         # only what the summary's new keys need
     python benchmarks/moe_kernels.py --tune              # retune the Triton tiles (kernels/configs/<arch>.json) first
     python benchmarks/moe_kernels.py --select-backends   # also write the faster bf16 backend per token count
+
+Progress lines carry the time; the JSON is rewritten after every token count (``complete``
+says whether the run finished).
 """
 
 from __future__ import annotations
@@ -47,9 +73,10 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from zeroprefill.kernels import (GROUPED_MM, GemmConfig, MoEConfig, deepgemm_experts, deepgemm_unavailable_reason,
-                                 fused_experts, fused_experts_reference, get_config, grouped_mm_experts,
-                                 moe_align_block_size, quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
+from zeroprefill.kernels import (GROUPED_MM, TRITON, GemmConfig, MoEConfig, deepgemm_experts,
+                                 deepgemm_unavailable_reason, experts_kernel_choice, fused_experts,
+                                 fused_experts_reference, get_config, grouped_mm_experts, moe_align_block_size,
+                                 quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
 from zeroprefill.common.asyncep_moe import select_experts
 from zeroprefill.kernels.fused_moe import (_gemm1_gate_up_silu_kernel, _gemm2_down_scatter_kernel,
                                            run_gemm1, run_gemm2)
@@ -63,6 +90,12 @@ SHAPES = {  # name: (E, K, H, I)
 }
 TOKENS = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
 TUNE_TOKENS = [1024, 4096, 16384]
+SIDES = ("bf16_triton", "bf16_gmm_ours", "grouped_mm", "fp8", "fp8_selected", "fp8_rowwise",
+         "fp8_rowwise_fast_accum", "deepgemm_bf16", "deepgemm_fp8")
+BF16_SIDES = {GROUPED_MM: "bf16_gmm_ours", TRITON: "bf16_triton"}  # the forced side of each bf16 backend
+SUMMARY_MIN_TOKENS = 8192  # summary keys *_min_8k_plus: the worst point at or above this many tokens
+COPY_BYTES = 1 << 30       # the device copy that measures HBM bandwidth
+_START = time.perf_counter()
 
 
 def moe_flops(num_tokens: int, top_k: int, hidden: int, inter: int) -> float:
@@ -109,8 +142,55 @@ def compiled_kernel_stats() -> list[dict]:
     return stats
 
 
-def bench_ms(fn) -> float:
+def log(message: str) -> None:
+    """A progress line: the wall-clock time and the seconds since the script started."""
+    print(f"[{time.strftime('%H:%M:%S')} {time.perf_counter() - _START:6.0f} s] {message}", flush=True)
+
+
+def bench_ms(fn: Callable[[], object]) -> float:
+    """Eager time of one call (ms): do_bench median, L2 flushed before each call."""
     return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def graph_ms(fn: Callable[[], object]) -> float:
+    """Time of one CUDA-graph replay of ``fn`` (ms), captured once after a warm-up call on the
+    capture stream: the GPU time of the call without the host's launch gaps."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench_ms(graph.replay)  # the graph and its memory pool go with this frame
+
+
+def hbm_bandwidth_gb_s(num_bytes: int = COPY_BYTES) -> float:
+    """Measured HBM bandwidth (GB/s): bytes read plus written by a device-to-device copy."""
+    src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return 2 * num_bytes / (ms * 1e-3) / 1e9
+
+
+def unfused_glue_bytes(num_tokens: int, top_k: int, hidden: int, inter: int, act_bytes: int = 2) -> int:
+    """The least the grouped_mm pipeline's glue kernels can move (bytes), real rows only:
+
+        scatter   read x [T, H] and the T*K positions (int32), write x_sorted [T*K, H]
+        SiLU*mul  read gate_up [T*K, 2I], write act [T*K, I]
+        combine   read y [T*K, H], the T*K weights (fp32) and positions, write out [T, H]
+    """
+    rows = num_tokens * top_k
+    scatter = act_bytes * (num_tokens + rows) * hidden + 4 * rows
+    silu_mul = act_bytes * rows * 3 * inter
+    combine = act_bytes * (rows + num_tokens) * hidden + 8 * rows
+    return scatter + silu_mul + combine
+
+
+def is_gemm_kernel(name: str) -> bool:
+    """A profiled kernel that is a grouped GEMM: torch's CUTLASS ones, DeepGEMM's, our two Triton ones."""
+    return "cutlass" in name or "_gemm" in name
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -238,6 +318,8 @@ def sides(layer: Layer, x: torch.Tensor, tw: torch.Tensor, ti: torch.Tensor, tri
         "grouped_mm": lambda: grouped_mm_baseline(x, layer.w13, layer.w2, tw, ti),
         "fp8": lambda: fused_experts(x, layer.w13_fp8, layer.w2_fp8, tw, ti, w13_scale=layer.w13_scale,
                                      w2_scale=layer.w2_scale, config=fp8_cfg),
+        "fp8_selected": lambda: fused_experts(x, layer.w13_fp8, layer.w2_fp8, tw, ti, w13_scale=layer.w13_scale,
+                                              w2_scale=layer.w2_scale),
         "fp8_rowwise": lambda: fused_experts(x, layer.w13_fp8_rowwise, layer.w2_fp8_rowwise, tw, ti,
                                              w13_scale=layer.w13_rowwise_scale, w2_scale=layer.w2_rowwise_scale,
                                              config=MoEConfig(backend=GROUPED_MM)),
@@ -258,71 +340,124 @@ def deepgemm_calls(layer: Layer, x: torch.Tensor, tw: torch.Tensor, ti: torch.Te
                                                      w13_scale=layer.w13_scale, w2_scale=layer.w2_scale)}
 
 
-def run_benchmark(shapes: dict, tokens: list[int], profile_tokens: int, select_backends: bool) -> dict:
+def reference_kind(side: str) -> str:
+    """Which fp32 reference a side is checked against: bf16 weights, block FP8 or FP8-rowwise."""
+    if side in ("fp8", "fp8_selected", "deepgemm_fp8"):
+        return "fp8_block"
+    return "fp8_rowwise" if side.startswith("fp8_rowwise") else "bf16"
+
+
+def measure_point(layer: Layer, name: str, num_tokens: int, side_names: list[str], failures: dict) -> dict:
+    """Errors, eager and graph-replayed times of every side at one token count; at >= 8K tokens
+    also the GEMM kernels' time of each bf16 backend (torch.profiler)."""
+    e, k, h, i = layer.num_experts, layer.top_k, layer.hidden, layer.inter
+    x, tw, ti = layer.inputs(num_tokens)
+    triton_cfg = get_config(num_tokens, k, e, h, i, False, x.device, allow_grouped_mm=False)
+    fp8_cfg = get_config(num_tokens, k, e, h, i, True, x.device)
+    fns = {side: fn for side, fn in sides(layer, x, tw, ti, triton_cfg, fp8_cfg).items() if side in side_names}
+    weights = {"bf16": {}, "fp8_block": {"w13_scale": layer.w13_scale, "w2_scale": layer.w2_scale},
+               "fp8_rowwise": {"w13_scale": layer.w13_rowwise_scale, "w2_scale": layer.w2_rowwise_scale}}
+    matrices = {"bf16": (layer.w13, layer.w2), "fp8_block": (layer.w13_fp8, layer.w2_fp8),
+                "fp8_rowwise": (layer.w13_fp8_rowwise, layer.w2_fp8_rowwise)}
+    refs: dict[str, torch.Tensor] = {}
+
+    def reference(kind: str) -> torch.Tensor:  # each reference once per point
+        if kind not in refs:
+            refs[kind] = fused_experts_reference(x, *matrices[kind], tw, ti, **weights[kind]).float()
+        return refs[kind]
+
+    err, ms, ms_graph, gemm_ms = {}, {}, {}, {}
+    for side, fn in fns.items():
+        key = f"{name}/{num_tokens}/{side}"
+        try:
+            out = fn()
+            err[side] = rel_err(out, reference(reference_kind(side)))
+            if "fp8" in side:
+                err[f"{side}_vs_bf16_reference"] = rel_err(out, reference("bf16"))
+            del out
+            ms[side] = bench_ms(fn)
+        except Exception as exc:  # a path that fails here is reported, not fatal to the run
+            failures[key] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            log(f"{key} failed: {failures[key]}")
+            continue
+        try:
+            ms_graph[side] = graph_ms(fn)
+        except Exception as exc:  # e.g. a host sync inside the call: no graph time for this side
+            failures[f"{key}/graph"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            log(f"{key} graph capture failed: {failures[key + '/graph']}")
+        if num_tokens >= SUMMARY_MIN_TOKENS and side in BF16_SIDES.values():
+            gemm_ms[side] = sum(v for kernel, v in profile_kernels(fn).items() if is_gemm_kernel(kernel))
+        log(f"{key}: eager {ms[side]:.3f} ms, graph {ms_graph.get(side, float('nan')):.3f} ms")
+    try:
+        fp8_kernel = experts_kernel_choice(torch.bfloat16, layer.w13_fp8, layer.w2_fp8, layer.w13_scale,
+                                           layer.w2_scale)
+    except RuntimeError as exc:  # ZEROPREFILL_EXPERTS_KERNEL=deepgemm where DeepGEMM cannot run
+        fp8_kernel = str(exc)
+    return {"shape": name, "tokens": num_tokens, "flops": moe_flops(num_tokens, k, h, i), "ms": ms,
+            "ms_graph": ms_graph, "gemm_kernels_ms": gemm_ms,
+            "max_rel_err": {s_: float(f"{v:.3g}") for s_, v in err.items()},
+            "config_bf16_triton": triton_cfg.to_json(), "config_fp8": fp8_cfg.to_json(),
+            "fp8_selected_kernel": fp8_kernel}
+
+
+def profile_sides(layer: Layer, point: dict) -> dict:
+    """Kernel times per call of every side that ran at this point (the shipped bf16 included)."""
+    e, k, h, i = layer.num_experts, layer.top_k, layer.hidden, layer.inter
+    x, tw, ti = layer.inputs(point["tokens"])
+    shipped_cfg = get_config(point["tokens"], k, e, h, i, False, x.device)
+    calls = {"bf16": partial(fused_experts, x, layer.w13, layer.w2, tw, ti, config=shipped_cfg),
+             **sides(layer, x, tw, ti, MoEConfig.from_json(point["config_bf16_triton"]),
+                     MoEConfig.from_json(point["config_fp8"]))}
+    profile = {"tokens": point["tokens"]}
+    for side, fn in calls.items():
+        if side in point["ms"]:  # paths that failed (or were not asked for) are not profiled
+            profile[side] = profile_kernels(fn)
+    return profile
+
+
+def run_benchmark(shapes: dict, tokens: list[int], profile_tokens: int, select_backends: bool,
+                  side_names: list[str], save: Callable[[dict], None]) -> dict:
+    """Every shape and token count; ``save`` gets the results so far after every point."""
     points, profiles, failures = [], {}, {}
     with_deepgemm = deepgemm_unavailable_reason() is None
+    bandwidth = hbm_bandwidth_gb_s()
+    log(f"HBM bandwidth (1 GiB device copy, read + write): {bandwidth:.0f} GB/s")
+
+    def results() -> dict:
+        return {"summary": summarize(points, profiles, bandwidth), "points": points,
+                "profile_ms_per_call": profiles, "failures": failures, "compiled_kernels": compiled_kernel_stats()}
+
     for name, shape in shapes.items():
         layer = Layer(shape, max(tokens))
         e, k, h, i = layer.num_experts, layer.top_k, layer.hidden, layer.inter
-        print(f"\n{name}: E={e} top-{k} H={h} I={i}")
-        dg_header = f" {'dg bf16':>7} {'dg fp8':>7} {'dgfp8/bf16':>10}" if with_deepgemm else ""
-        print(f"{'tokens':>7} {'bf16':>7} {'backend':>10} {'triton':>7} {'gmm+ours':>8} {'gmm':>7} {'fp8':>7} "
-              f"{'fp8 row':>7} {'row+fa':>7} {'bf16/gmm':>8} {'fp8/bf16':>8} {'row/bf16':>8}{dg_header}  "
-              f"max rel err (bf16 trit/gmm+ours, fp8, row, row+fa{', dg bf16, dg fp8' if with_deepgemm else ''})")
+        log(f"{name}: E={e} top-{k} H={h} I={i}, weights ready")
+        print_header(with_deepgemm)
         shape_points = []
         for num_tokens in tokens:
-            x, tw, ti = layer.inputs(num_tokens)
-            triton_cfg = get_config(num_tokens, k, e, h, i, False, x.device, allow_grouped_mm=False)
-            fp8_cfg = get_config(num_tokens, k, e, h, i, True, x.device)
-            fns = sides(layer, x, tw, ti, triton_cfg, fp8_cfg)
-            refs = {"bf16": fused_experts_reference(x, layer.w13, layer.w2, tw, ti).float()}
-            err, ms = {}, {}
-            for side, fn in fns.items():
-                try:
-                    if side in ("fp8", "deepgemm_fp8"):
-                        ref = fused_experts_reference(x, layer.w13_fp8, layer.w2_fp8, tw, ti,
-                                                      w13_scale=layer.w13_scale, w2_scale=layer.w2_scale).float()
-                    elif side.startswith("fp8_rowwise"):
-                        ref = fused_experts_reference(x, layer.w13_fp8_rowwise, layer.w2_fp8_rowwise, tw, ti,
-                                                      w13_scale=layer.w13_rowwise_scale,
-                                                      w2_scale=layer.w2_rowwise_scale).float()
-                    else:
-                        ref = refs["bf16"]
-                    out = fn()
-                    err[side] = rel_err(out, ref)
-                    if "fp8" in side:
-                        err[f"{side}_vs_bf16_reference"] = rel_err(out, refs["bf16"])
-                    del out, ref
-                    ms[side] = bench_ms(fn)
-                except Exception as exc:  # a path that fails here is reported, not fatal to the run
-                    failures[f"{name}/{num_tokens}/{side}"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-                    print(f"  {side} failed: {failures[f'{name}/{num_tokens}/{side}']}")
-            del refs
-            point = {"shape": name, "tokens": num_tokens,
-                     "flops": moe_flops(num_tokens, k, h, i), "ms": ms,
-                     "max_rel_err": {s_: float(f"{v:.3g}") for s_, v in err.items()},
-                     "config_bf16_triton": triton_cfg.to_json(), "config_fp8": fp8_cfg.to_json()}
+            point = measure_point(layer, name, num_tokens, side_names, failures)
+            finish_point(point, layer, with_deepgemm, bandwidth)
             shape_points.append(point)
-        if select_backends:
-            write_backend_choice(name, shape, shape_points)
-        for point in shape_points:
-            finish_point(point, layer, with_deepgemm)
             points.append(point)
+            save(results())
+        if select_backends:  # the shipped bf16 choice may change: recompute the points' bf16 columns
+            write_backend_choice(name, shape, shape_points)
+            print_header(with_deepgemm)
+            for point in shape_points:
+                finish_point(point, layer, with_deepgemm, bandwidth)
+        for point in shape_points:
             if point["tokens"] == profile_tokens:
-                x, tw, ti = layer.inputs(profile_tokens)
-                shipped_cfg = get_config(profile_tokens, k, e, h, i, False, x.device)
-                calls = {"bf16": partial(fused_experts, x, layer.w13, layer.w2, tw, ti, config=shipped_cfg),
-                         **sides(layer, x, tw, ti, MoEConfig.from_json(point["config_bf16_triton"]),
-                                 MoEConfig.from_json(point["config_fp8"]))}
-                profiles[name] = {"tokens": profile_tokens}
-                for side, fn in calls.items():
-                    if side in point["ms"]:  # paths that failed above are not profiled
-                        profiles[name][side] = profile_kernels(fn)
+                log(f"{name}: profiling every side at {profile_tokens} tokens")
+                profiles[name] = profile_sides(layer, point)
+        save(results())
         del layer
         torch.cuda.empty_cache()
+    return results()
 
+
+def summarize(points: list[dict], profiles: dict, bandwidth_gb_s: float) -> dict:
+    """The summary: per ratio, its worst (minimum) value over the points with >= 8K tokens."""
     def worst(key: str) -> float | None:
-        values = [p[key] for p in points if p["tokens"] >= 8192 and p.get(key) is not None]
+        values = [p[key] for p in points if p["tokens"] >= SUMMARY_MIN_TOKENS and p.get(key) is not None]
         return min(values) if values else None
 
     summary = {
@@ -332,53 +467,89 @@ def run_benchmark(shapes: dict, tokens: list[int], profile_tokens: int, select_b
         "fp8_rowwise_fast_accum_vs_bf16_min_8k_plus": worst("fp8_rowwise_fast_accum_vs_bf16"),
         "deepgemm_bf16_vs_bf16_min_8k_plus": worst("deepgemm_bf16_vs_bf16"),
         "deepgemm_fp8_vs_bf16_min_8k_plus": worst("deepgemm_fp8_vs_bf16"),
-        "targets": {"bf16_vs_grouped_mm": 1.05, "fp8_vs_bf16": 1.6},
+        "fp8_selected_vs_bf16_min_8k_plus": worst("fp8_selected_vs_bf16"),
+        "layer_vs_gemm_only_min_8k_plus": worst("layer_vs_gemm_only"),
+        "layer_vs_gemm_only_eager_min_8k_plus": worst("layer_vs_gemm_only_eager"),
+        "unfused_glue_bound_layer_vs_gemm_only": worst("unfused_glue_bound_layer_vs_gemm_only"),
+        "hbm_copy_bandwidth_gb_s": round(bandwidth_gb_s),
+        "targets": {"bf16_vs_grouped_mm": 1.05, "fp8_vs_bf16": 1.6, "layer_vs_gemm_only": 0.9},
     }
     for name, prof in profiles.items():  # GEMM kernels alone, without permutation/combine
-        gemm_ms = {side: sum(v for k_, v in prof[side].items() if "cutlass" in k_ or "_gemm" in k_)
+        gemm_ms = {side: sum(v for k_, v in prof[side].items() if is_gemm_kernel(k_))
                    for side in prof if side != "tokens"}
         summary[f"gemm_kernels_only_ms_{name}_{prof['tokens']}"] = {k_: round(v, 3) for k_, v in gemm_ms.items()}
-    return {"summary": summary, "points": points, "profile_ms_per_call": profiles,
-            "failures": failures, "compiled_kernels": compiled_kernel_stats()}
+    return summary
 
 
-def finish_point(point: dict, layer: Layer, with_deepgemm: bool) -> None:
-    """The shipped bf16 choice (after any table rewrite), TFLOP/s and ratios; print one row."""
-    ms = point["ms"]
-    backend = get_config(point["tokens"], layer.top_k, layer.num_experts, layer.hidden, layer.inter, False,
-                         torch.device("cuda")).backend
-    point["bf16_backend"] = backend
-    shipped = "bf16_gmm_ours" if backend == GROUPED_MM else "bf16_triton"
-    if shipped in ms:
-        ms["bf16"] = ms[shipped]  # the shipped call is exactly this forced call: same kernels, same config
-    tflops = {side: point["flops"] / (v * 1e-3) / 1e12 for side, v in ms.items()}
-    point["ms"] = {side: round(v, 4) for side, v in ms.items()}
+def add_ratios(point: dict, bandwidth_gb_s: float, hidden: int, inter: int, top_k: int) -> None:
+    """From the point's times (and its ``bf16_backend``): the shipped bf16 entries, TFLOP/s and
+    every ratio; ``None`` where a side it needs did not run."""
+    shipped = BF16_SIDES[point["bf16_backend"]]
+    for table in (point["ms"], point["ms_graph"], point["gemm_kernels_ms"]):
+        table.pop("bf16", None)
+        if shipped in table:  # the shipped call is exactly this forced call: same kernels, same config
+            table["bf16"] = table[shipped]
+    tflops = {side: point["flops"] / (v * 1e-3) / 1e12 for side, v in point["ms"].items()}
+    tflops_graph = {side: point["flops"] / (v * 1e-3) / 1e12 for side, v in point["ms_graph"].items()}
     point["tflops"] = {side: round(v, 1) for side, v in tflops.items()}
+    point["tflops_graph"] = {side: round(v, 1) for side, v in tflops_graph.items()}
 
-    def ratio(a: str, b: str) -> float | None:
-        return round(tflops[a] / tflops[b], 3) if a in tflops and b in tflops else None
+    def ratio(numerator: float | None, denominator: float | None) -> float | None:
+        return round(numerator / denominator, 3) if numerator is not None and denominator else None
 
-    point["bf16_vs_grouped_mm"] = ratio("bf16", "grouped_mm")
-    point["fp8_vs_bf16"] = ratio("fp8", "bf16")
-    point["fp8_rowwise_vs_bf16"] = ratio("fp8_rowwise", "bf16")
-    point["fp8_rowwise_fast_accum_vs_bf16"] = ratio("fp8_rowwise_fast_accum", "bf16")
-    point["deepgemm_bf16_vs_bf16"] = ratio("deepgemm_bf16", "bf16")
-    point["deepgemm_fp8_vs_bf16"] = ratio("deepgemm_fp8", "bf16")
+    for side in ("fp8", "fp8_rowwise", "fp8_rowwise_fast_accum", "deepgemm_bf16", "deepgemm_fp8"):
+        point[f"{side}_vs_bf16"] = ratio(tflops.get(side), tflops.get("bf16"))
+    point["bf16_vs_grouped_mm"] = ratio(tflops.get("bf16"), tflops.get("grouped_mm"))
+    point["fp8_selected_vs_bf16"] = ratio(tflops_graph.get("fp8_selected"), tflops_graph.get("bf16"))
+    gemm = point["gemm_kernels_ms"]
+    point["layer_vs_gemm_only"] = ratio(gemm.get("bf16"), point["ms_graph"].get("bf16"))
+    point["layer_vs_gemm_only_eager"] = ratio(gemm.get("bf16"), point["ms"].get("bf16"))
+    glue_ms = unfused_glue_bytes(point["tokens"], top_k, hidden, inter) / (bandwidth_gb_s * 1e9) * 1e3
+    point["unfused_glue_min_ms"] = round(glue_ms, 4)
+    gmm_gemm = gemm.get(BF16_SIDES[GROUPED_MM])
+    point["unfused_glue_bound_layer_vs_gemm_only"] = (
+        ratio(gmm_gemm, gmm_gemm + glue_ms) if gmm_gemm is not None else None)
+    for table in (point["ms"], point["ms_graph"], point["gemm_kernels_ms"]):
+        for side, v in table.items():
+            table[side] = round(v, 4)
+
+
+def print_header(with_deepgemm: bool) -> None:
+    dg_header = f" {'dg bf16':>7} {'dg fp8':>7} {'dgfp8/bf16':>10}" if with_deepgemm else ""
+    print(f"{'tokens':>7} {'bf16':>7} {'backend':>10} {'triton':>7} {'gmm+ours':>8} {'gmm':>7} {'fp8':>7} "
+          f"{'fp8 row':>7} {'row+fa':>7} {'bf16/gmm':>8} {'fp8/bf16':>8} {'row/bf16':>8}{dg_header}  "
+          f"max rel err (bf16 trit/gmm+ours, fp8, row, row+fa{', dg bf16, dg fp8' if with_deepgemm else ''})",
+          flush=True)
+
+
+def finish_point(point: dict, layer: Layer, with_deepgemm: bool, bandwidth_gb_s: float) -> None:
+    """The shipped bf16 choice (after any table rewrite), TFLOP/s and ratios; print two rows
+    (eager TFLOP/s and errors; graph-replayed TFLOP/s and the layer/GEMM ratios)."""
+    point["bf16_backend"] = get_config(point["tokens"], layer.top_k, layer.num_experts, layer.hidden, layer.inter,
+                                       False, torch.device("cuda")).backend
+    add_ratios(point, bandwidth_gb_s, layer.hidden, layer.inter, layer.top_k)
+    tflops, tflops_graph = point["tflops"], point["tflops_graph"]
     nan = float("nan")
-    row = [f"{point['tokens']:>7}", f"{tflops.get('bf16', nan):>7.1f}", f"{backend:>10}",
+
+    def value(x: float | None) -> float:
+        return nan if x is None else x
+
+    row = [f"{point['tokens']:>7}", f"{tflops.get('bf16', nan):>7.1f}", f"{point['bf16_backend']:>10}",
            f"{tflops.get('bf16_triton', nan):>7.1f}", f"{tflops.get('bf16_gmm_ours', nan):>8.1f}",
            f"{tflops.get('grouped_mm', nan):>7.1f}", f"{tflops.get('fp8', nan):>7.1f}",
            f"{tflops.get('fp8_rowwise', nan):>7.1f}", f"{tflops.get('fp8_rowwise_fast_accum', nan):>7.1f}"]
-    row += [f"{point[key] if point[key] is not None else nan:>8.3f}"
-            for key in ("bf16_vs_grouped_mm", "fp8_vs_bf16", "fp8_rowwise_vs_bf16")]
+    row += [f"{value(point[key]):>8.3f}" for key in ("bf16_vs_grouped_mm", "fp8_vs_bf16", "fp8_rowwise_vs_bf16")]
     error_sides = ["bf16_triton", "bf16_gmm_ours", "fp8", "fp8_rowwise", "fp8_rowwise_fast_accum"]
     if with_deepgemm:
-        ratio_dg = point["deepgemm_fp8_vs_bf16"]
         row += [f"{tflops.get('deepgemm_bf16', nan):>7.1f}", f"{tflops.get('deepgemm_fp8', nan):>7.1f}",
-                f"{ratio_dg if ratio_dg is not None else nan:>10.3f}"]
+                f"{value(point['deepgemm_fp8_vs_bf16']):>10.3f}"]
         error_sides += ["deepgemm_bf16", "deepgemm_fp8"]
     errors = " ".join(f"{point['max_rel_err'].get(side, nan):.1e}" for side in error_sides)
     print(" ".join(row) + "  " + errors, flush=True)
+    graph = " ".join(f"{side} {v:.1f}" for side, v in tflops_graph.items())
+    print(f"{'':>7} graph TFLOP/s: {graph}; fp8 selected/bf16 {value(point['fp8_selected_vs_bf16']):.3f}; "
+          f"GEMMs/layer {value(point['layer_vs_gemm_only']):.3f} (eager {value(point['layer_vs_gemm_only_eager']):.3f},"
+          f" unfused-glue bound {value(point['unfused_glue_bound_layer_vs_gemm_only']):.3f})", flush=True)
 
 
 def write_backend_choice(name: str, shape: tuple[int, int, int, int], shape_points: list[dict]) -> None:
@@ -422,32 +593,64 @@ def deepgemm_version() -> str | None:
     return f"sgl-deep-gemm {installed('sgl-deep-gemm')}, apache-tvm-ffi {installed('apache-tvm-ffi')}"
 
 
+def split_list(values: list[str]) -> list[str]:
+    """``a,b c`` -> ``[a, b, c]``: list arguments take commas, spaces or both."""
+    return [item for value in values for item in value.split(",") if item]
+
+
+TIMING = {
+    "span": "(x, topk_weights, topk_ids) -> out [T, H] on every side, permutation/alignment and combine "
+            "counted on all sides, routing excluded; 'bf16' is the shipped choice (bf16_backend), whose "
+            "times are those of the forced backend it names",
+    "ms, tflops": "eager: triton.testing.do_bench median of the call, L2 flushed (host launch gaps count)",
+    "ms_graph, tflops_graph": "the call captured once in a CUDA graph after warm-up; do_bench median of "
+                              "graph.replay(), L2 flushed (no host launch gaps)",
+    "gemm_kernels_ms": "torch.profiler: GPU time per call of the grouped-GEMM kernels of each bf16 backend "
+                       "(CUTLASS / our Triton GEMMs), at >= 8192 tokens",
+    "bf16_vs_grouped_mm, fp8_vs_bf16, fp8_rowwise_vs_bf16, fp8_rowwise_fast_accum_vs_bf16, "
+    "deepgemm_bf16_vs_bf16, deepgemm_fp8_vs_bf16": "eager TFLOP/s ratios",
+    "fp8_selected_vs_bf16": "graph: bf16 layer time / block-FP8 layer time, fused_experts(config=None) "
+                            "on the backend it selects (fp8_selected_kernel)",
+    "layer_vs_gemm_only": "graph: gemm_kernels_ms.bf16 / ms_graph.bf16",
+    "layer_vs_gemm_only_eager": "eager: gemm_kernels_ms.bf16 / ms.bf16",
+    "unfused_glue_bound_layer_vs_gemm_only": "gemm_kernels_ms.bf16_gmm_ours / (that + unfused_glue_min_ms); "
+                                             "unfused_glue_min_ms = unfused_glue_bytes (scatter, SiLU*mul, "
+                                             "combine; real rows) / hbm_copy_bandwidth_gb_s",
+    "hbm_copy_bandwidth_gb_s": "(read + written bytes) / do_bench median of a 1 GiB device-to-device copy",
+    "*_min_8k_plus": "the minimum over the points with >= 8192 tokens",
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tune", action="store_true", help="retune kernels/configs/<arch>.json first")
     parser.add_argument("--tune-only", action="store_true", help="tune and exit")
-    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
-    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="subset of " + ", ".join(SHAPES))
+    parser.add_argument("--tokens", nargs="+", default=[",".join(map(str, TOKENS))])
+    parser.add_argument("--sides", nargs="+", default=list(SIDES),
+                        help="subset of " + ", ".join(SIDES) + " (DeepGEMM's where it loads)")
     parser.add_argument("--select-backends", action="store_true",
                         help="write the faster bf16 backend per measured token count into the table")
-    parser.add_argument("--profile-tokens", type=int, default=16384)
+    parser.add_argument("--profile-tokens", type=int, default=16384,
+                        help="profile every side's kernels at this token count (0: none)")
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/moe_kernels-<gpu>.json)")
     args = parser.parse_args()
-    shapes = {n: SHAPES[n] for n in args.shapes.split(",")}
-    tokens = [int(t) for t in args.tokens.split(",")]
+    shapes = {n: SHAPES[n] for n in split_list(args.shapes)}
+    tokens = [int(t) for t in split_list(args.tokens)]
+    side_names = split_list(args.sides)
+    unknown = sorted(set(side_names) - set(SIDES))
+    if unknown:
+        parser.error(f"unknown sides {unknown}; choose from {', '.join(SIDES)}")
     gpu = torch.cuda.get_device_name()
     if args.tune or args.tune_only:
         start = time.time()
         print(f"tuning -> {tune(shapes, TUNE_TOKENS)} ({time.time() - start:.0f} s)")
         if args.tune_only:
             return
-    results = run_benchmark(shapes, tokens, args.profile_tokens, args.select_backends)
-    results["meta"] = {
+    meta = {
         "command": "python benchmarks/moe_kernels.py " + " ".join(sys.argv[1:]),
         "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
-        "timing": "triton.testing.do_bench median, L2 flushed; span = (x, topk_weights, topk_ids) -> out [T, H] "
-                  "on every side, permutation/alignment and combine counted on all sides, routing excluded; "
-                  "'bf16' is the shipped choice (bf16_backend), whose time is that of the forced backend it names",
+        "timing": TIMING,
         "selected_backends_in_this_run": args.select_backends,
         "deepgemm": deepgemm_version() or f"not measured: {deepgemm_unavailable_reason()}",
         "flops": "2*T*K*(2*I*H + H*I)",
@@ -457,8 +660,15 @@ def main() -> None:
     tag = "h200" if "H200" in gpu else "h100" if "H100" in gpu else gpu.replace(" ", "_").lower()
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"moe_kernels-{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"\nsummary: {json.dumps(results['summary'])}\nwrote {out}")
+
+    def save(results: dict, complete: bool = False) -> None:
+        out.write_text(json.dumps({**results, "meta": meta, "complete": complete}, indent=1) + "\n")
+
+    log(f"{gpu}: shapes {', '.join(shapes)}, tokens {tokens}, sides {', '.join(side_names)} -> {out}")
+    results = run_benchmark(shapes, tokens, args.profile_tokens, args.select_backends, side_names, save)
+    save(results, complete=True)
+    print(f"\nsummary: {json.dumps(results['summary'])}")
+    log(f"wrote {out}")
 
 
 if __name__ == "__main__":

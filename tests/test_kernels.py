@@ -417,3 +417,41 @@ def test_moe_align_default_is_triton(monkeypatch):
     empty = moe_align_block_size(ids[:0], 2, 4)
     assert len(calls) == 1 and empty.max_padded_rows == 0 and empty.expert_ends.cpu().tolist() == [0, 0]
 
+
+# ---------------------------------------------------------------------------- benchmark summary arithmetic
+
+def test_moe_kernels_benchmark_summary_arithmetic():
+    from benchmarks import moe_kernels as bench
+
+    # scatter 2*(2+4)*4 + 4*4 = 64, SiLU*mul 2*4*3*3 = 72, combine 2*(4+2)*4 + 8*4 = 80
+    assert bench.unfused_glue_bytes(2, 2, 4, 3) == 216
+    glue_bytes = bench.unfused_glue_bytes(16384, 8, 4096, 1536)
+    assert glue_bytes == 3 * 2 * 16384 * 9 * 4096 + 12 * 16384 * 8  # Qwen3-235B: three 1.2 GB passes
+    bandwidth = glue_bytes / 1e9 / 1e-3  # GB/s at which the glue takes exactly 1 ms
+
+    def point(tokens: int, backend: str) -> dict:
+        p = {"shape": "qwen3-235b-a22b", "tokens": tokens, "flops": 1e12, "bf16_backend": backend,
+             "ms": {"bf16_gmm_ours": 10.0, "bf16_triton": 12.5, "grouped_mm": 12.0, "fp8": 8.0},
+             "ms_graph": {"bf16_gmm_ours": 9.5, "fp8_selected": 5.0},
+             "gemm_kernels_ms": {"bf16_gmm_ours": 9.0, "bf16_triton": 11.0}}
+        bench.add_ratios(p, bandwidth, 4096, 1536, 8)
+        return p
+
+    gmm = point(16384, GROUPED_MM)
+    assert gmm["ms"]["bf16"] == 10.0 and gmm["ms_graph"]["bf16"] == 9.5 and gmm["tflops"]["bf16"] == 100.0
+    assert gmm["bf16_vs_grouped_mm"] == 1.2 and gmm["fp8_vs_bf16"] == 1.25 and gmm["fp8_rowwise_vs_bf16"] is None
+    assert gmm["fp8_selected_vs_bf16"] == 1.9  # graph times: 9.5 / 5.0
+    assert gmm["layer_vs_gemm_only"] == 0.947 and gmm["layer_vs_gemm_only_eager"] == 0.9
+    assert gmm["unfused_glue_min_ms"] == 1.0 and gmm["unfused_glue_bound_layer_vs_gemm_only"] == 0.9  # 9 / (9 + 1)
+    triton_point = point(8192, "triton")  # shipped Triton: no graph time of it here, eager 11 / 12.5
+    assert triton_point["layer_vs_gemm_only"] is None and triton_point["layer_vs_gemm_only_eager"] == 0.88
+    small = point(4096, GROUPED_MM)
+    small["layer_vs_gemm_only_eager"] = 0.1  # below 8K tokens: not in the summary
+    summary = bench.summarize([small, gmm, triton_point], {}, bandwidth)
+    assert summary["layer_vs_gemm_only_min_8k_plus"] == 0.947
+    assert summary["layer_vs_gemm_only_eager_min_8k_plus"] == 0.88
+    assert summary["fp8_selected_vs_bf16_min_8k_plus"] == 1.9
+    assert summary["unfused_glue_bound_layer_vs_gemm_only"] == 0.9
+    assert summary["fp8_rowwise_vs_bf16_min_8k_plus"] is None
+    assert summary["hbm_copy_bandwidth_gb_s"] == round(bandwidth)
+    assert bench.split_list(["qwen3-235b-a22b,qwen3-30b-a3b", "8192"]) == ["qwen3-235b-a22b", "qwen3-30b-a3b", "8192"]
