@@ -101,7 +101,8 @@ def _expert_of_rows(topk_ids_ptr, rows, num_rows, NUM_BINS: tl.constexpr):
     return tl.load(topk_ids_ptr + rows, mask=rows < num_rows, other=NUM_BINS).to(tl.int32)
 
 
-@triton.jit
+# The sizes change with every token count: no specialisation on them, so no compile per count.
+@triton.jit(do_not_specialize=["num_rows", "rows_per_program"])
 def _count_rows_kernel(
     topk_ids_ptr, counts_ptr, skipped_ptr, num_rows, rows_per_program,
     NUM_BINS: tl.constexpr, BLOCK: tl.constexpr,
@@ -120,7 +121,7 @@ def _count_rows_kernel(
     tl.store(skipped_ptr + pid, tl.sum(skipped, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "rows_per_program", "num_programs", "max_padded_rows"])
 def _place_rows_kernel(
     topk_ids_ptr, counts_ptr, skipped_ptr, sorted_row_ids_ptr, position_of_row_ptr, block_expert_ids_ptr,
     expert_ends_ptr, rows_per_expert_ptr, num_rows, rows_per_program, num_programs, max_padded_rows, block_m,
