@@ -24,9 +24,9 @@ Parts:
 
 Every server's CUDA graphs are read from its log: prefill and decode capture, and how many
 prefill batches ran in a graph. A server that fails to start is recorded with the reason its log
-gives and its log tail, and the rest runs. The JSON (``--out``, by default
-``benchmarks/results/sglang_gpu_check-<gpu>x1.json``) is rewritten after every measurement; a part
-already in it is kept unless run again. Server logs are kept in ``<out>-logs/``.
+gives and its log tail, and the rest runs. The JSON, ``sglang_gpu_check-<gpu>x<GPUs>.json`` in
+``--results-dir`` (default ``benchmarks/results``), is rewritten after every measurement; a part
+already in it is kept unless run again. Server logs are kept beside it, in ``<name>-logs/``.
 
 Needs this checkout installed (``pip install -e .``) beside SGLang; no network. Stock servers run
 with ``SGLANG_PLUGINS=none`` so that the installed plugin stays out of them.
@@ -144,7 +144,7 @@ class Server:
                         return
             except OSError:
                 pass
-            time.sleep(1.0)
+            time.sleep(0.5)
         self._fail(f"not healthy within {timeout_s:.0f} s")
 
     def _fail(self, what: str) -> None:
@@ -712,15 +712,18 @@ LAYOUTS = {
 
 
 def run_30b(args: argparse.Namespace, results: Results) -> None:
-    part = results.new_part("30b", {
-        "model": f"qwen3-30b-a3b, {args.layers_30b} of 48 layers, dummy weights, bf16", "prompt_tokens": args.prompt_tokens,
-        "concurrency": args.concurrency, "duration_s": args.duration_s, "warmup_s": args.warmup_s,
-        "mem_fraction_static": args.mem_fraction_30b, "requests": "/generate, max_new_tokens 0, random token ids"})
+    """Each layout in ``args.layouts``; layouts measured by an earlier call stay in the part."""
+    earlier = results.data["parts"].get("30b", {}).get("servers", {})
+    settings = {"model": f"qwen3-30b-a3b, {args.layers_30b} of 48 layers, dummy weights, bf16",
+                "prompt_tokens": args.prompt_tokens, "concurrency": args.concurrency, "duration_s": args.duration_s,
+                "warmup_s": args.warmup_s, "mem_fraction_static": args.mem_fraction_30b,
+                "requests": "/generate, max_new_tokens 0, random token ids"}
+    part = results.new_part("30b", {"requests": settings["requests"]})
+    part["servers"] = {name: record for name, record in earlier.items() if name not in args.layouts}
     model = prepare_30b_model(args.work_dir, args.layers_30b)
     vocab_size = json.loads((model / "config.json").read_text())["vocab_size"]
     common = ("--load-format", "dummy", "--dtype", "bfloat16", "--skip-tokenizer-init", "--sampling-backend", "pytorch",
               "--mem-fraction-static", str(args.mem_fraction_30b))
-    part["servers"] = {}
     for name in args.layouts:  # one at a time: each needs most of every GPU it uses
         layout = LAYOUTS[name]
         launcher = args.plugin_launcher if layout.is_plugin else args.stock_launcher
@@ -728,7 +731,7 @@ def run_30b(args: argparse.Namespace, results: Results) -> None:
         baseline_mib = gpu_memory_used_mib()
         with GpuMemoryPeak() as memory:
             servers, records = start_all([spec], args.logs_dir, args.start_timeout_s)
-            record = part["servers"][name] = {"gpus": layout.gpus, **records[name]}
+            record = part["servers"][name] = {"gpus": layout.gpus, "settings": settings, **records[name]}
             server = servers.get(name)
             try:
                 if server is not None:
@@ -772,7 +775,8 @@ def _fraction(text: str) -> float:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", choices=("tiny", "30b"), default=["tiny", "30b"])
-    parser.add_argument("--out", type=Path, help="result JSON (default benchmarks/results/sglang_gpu_check-<gpu>x1.json)")
+    parser.add_argument("--results-dir", type=Path, default=REPO / "benchmarks" / "results",
+                        help="where sglang_gpu_check-<gpu>x<GPUs>.json and its server logs go")
     parser.add_argument("--work-dir", type=Path, default=REPO / ".work" / "sglang_gpu_check",
                         help="where the checkpoints are generated (kept for the next run)")
     parser.add_argument("--start-timeout-s", type=_positive(float), default=420.0)
@@ -811,7 +815,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     needed = max([LAYOUTS[layout].gpus for layout in args.layouts if "30b" in args.parts] + [1])
     if needed > len(names):
         raise SystemExit(f"sglang_gpu_check: the layouts asked for need {needed} GPUs, nvidia-smi names {len(names)}")
-    args.out = args.out or REPO / "benchmarks" / "results" / f"sglang_gpu_check-{gpu_tag(name)}x{needed}.json"
+    args.out = args.results_dir / f"sglang_gpu_check-{gpu_tag(name)}x{needed}.json"
     args.logs_dir = args.out.with_name(args.out.stem + "-logs")
     results = Results(args.out, name, needed)
     progress(f"{name}: parts {', '.join(args.parts)} -> {args.out}")

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,6 +27,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 HIDDEN = 256  # the tiny checkpoint's hidden size, which the script checks embeddings against
 LOGPROB_OFFSET = {"stock": 0.01, "plugin": 0.03}
+RESULT = "sglang_gpu_check-h100x1.json"  # the name the script gives the result on one H100
 EMBEDDING_TILT = {"stock": 0.0, "plugin": 0.01}
 
 
@@ -122,7 +124,7 @@ def stand_ins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     big.mkdir()
     (big / "config.json").write_text(json.dumps({"vocab_size": 1000}))
     monkeypatch.setattr(check, "prepare_30b_model", lambda work_dir, layers: big)
-    return ["--out", str(tmp_path / "out.json"), "--work-dir", str(tmp_path), "--start-timeout-s", "30",
+    return ["--results-dir", str(tmp_path), "--work-dir", str(tmp_path), "--start-timeout-s", "30",
             "--stock-launcher", "tests.test_sglang_gpu_check", "--plugin-launcher", "tests.test_sglang_gpu_check",
             "--requests", "40", "--reference-device", "cpu",
             "--prompt-tokens", "16", "--concurrency", "4", "--duration-s", "1", "--warmup-s", "0.5"]
@@ -132,7 +134,7 @@ def test_both_parts_against_stand_in_servers(stand_ins: list[str], tmp_path: Pat
     started = time.monotonic()
     assert check.main(["--parts", "tiny", "30b", *stand_ins]) == 0
     assert time.monotonic() - started < 25  # failed servers are given up at their log's fatal line
-    result = json.loads((tmp_path / "out.json").read_text())
+    result = json.loads((tmp_path / RESULT).read_text())
     tiny, summary = result["parts"]["tiny"], result["summary"]
 
     logprobs = tiny["comparisons"]["bf16/logprobs"]
@@ -166,7 +168,7 @@ def test_both_parts_against_stand_in_servers(stand_ins: list[str], tmp_path: Pat
         assert big[side]["requests"] > 0 and big[side]["failed"] == 0 and big[side]["max_total_num_tokens"] == 4096
     assert summary["plugin_vs_stock_30b_2k"] == pytest.approx(big["plugin"]["tokens_per_s"] / big["stock"]["tokens_per_s"],
                                                              rel=1e-3)
-    assert (tmp_path / "out-logs" / "plugin-fp8.log").is_file()
+    assert (tmp_path / "sglang_gpu_check-h100x1-logs" / "plugin-fp8.log").is_file()
 
 
 def test_a_cut_short_run_keeps_the_parts_it_finished(stand_ins: list[str], tmp_path: Path,
@@ -177,9 +179,17 @@ def test_a_cut_short_run_keeps_the_parts_it_finished(stand_ins: list[str], tmp_p
     monkeypatch.setattr(check, "prepare_30b_model", interrupted)
     with pytest.raises(KeyboardInterrupt):
         check.main(["--parts", "tiny", "30b", *stand_ins, "--requests", "4"])
-    saved = json.loads((tmp_path / "out.json").read_text())
+    saved = json.loads((tmp_path / RESULT).read_text())
     assert saved["parts"]["tiny"]["mixed_requests"]["sent"] == 4
     assert saved["summary"]["plugin_vs_stock_30b_2k"] is None
+
+
+def test_a_later_call_adds_its_layouts_to_the_30b_part(stand_ins: list[str], tmp_path: Path) -> None:
+    short = ["--duration-s", "0.3", "--warmup-s", "0.1"]
+    check.main(["--parts", "30b", "--layouts", "stock", *stand_ins, *short])
+    check.main(["--parts", "30b", "--layouts", "plugin", *stand_ins, *short, "--concurrency", "2"])
+    servers = json.loads((tmp_path / RESULT).read_text())["parts"]["30b"]["servers"]
+    assert [servers[name]["settings"]["concurrency"] for name in ("stock", "plugin")] == [4, 2]
 
 
 def test_a_second_call_adds_its_part_to_the_file(tmp_path: Path) -> None:
@@ -260,7 +270,7 @@ def test_the_float32_reference_on_generated_checkpoints(tmp_path: Path) -> None:
     shapes = TinyMoEConfig(num_layers=1, hidden_size=128, expert_intermediate_size=128, num_attention_heads=2,
                            num_kv_heads=2, head_dim=64, num_experts=4)
     bf16 = generate_tiny_moe(tmp_path / "bf16", shapes)
-    fp8 = quantize_checkpoint_block_fp8(generate_tiny_moe(tmp_path / "fp8", shapes))
+    fp8 = quantize_checkpoint_block_fp8(shutil.copytree(bf16, tmp_path / "fp8"))
     prompts = [[5, 9, 2, 77], [3, 3]]
     reference = check.fp32_reference(bf16, prompts, "cpu")
     model = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.float32)
