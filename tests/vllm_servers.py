@@ -1,16 +1,22 @@
-"""Requests and helpers shared by the vLLM server tests (CPU: fp32; GPU: bf16, CUDA graphs)."""
+"""Requests and helpers shared by the vLLM server tests (CPU: fp32; GPU: bf16, CUDA graphs).
+
+The GPU tests measure each server against a float32 reference of the same checkpoint
+(:class:`Fp32Reference`): random-weight models amplify bf16 rounding, so AsyncEP is held to
+stock vLLM's own distance from that reference (:func:`judge`), not to stock's answers.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from vllm_zeroprefill.server import ServerStartError, VllmServer, asyncep_args, free_port
+from vllm_zeroprefill.server import ServerStartError, VllmServer, asyncep_args
+from zeroprefill.ports import free_port
 from zeroprefill.tiny_model import TinyMoEConfig
 
 EMBED = ["--runner", "pooling", "--convert", "embed"]
@@ -74,10 +80,15 @@ def mixed_requests(model: str, count: int, seed: int = 0) -> list[tuple[str, dic
 
 
 def values(path: str, answer: dict) -> list:
+    """The numbers of a pooling endpoint's answer, in input order."""
     if path == "/v1/embeddings":
         return [d["embedding"] for d in answer["data"]]
     if path == "/score":
         return [d["score"] for d in answer["data"]]
+    if path == "/classify":
+        return [d["probs"] for d in answer["data"]]
+    if path == "/rerank":
+        return [r["relevance_score"] for r in sorted(answer["results"], key=lambda r: r["index"])]
     return [d["data"] for d in answer["data"]]
 
 
@@ -93,8 +104,6 @@ async def send_all(server: VllmServer, requests, concurrency: int) -> list[tuple
         return await asyncio.gather(*(send(path, body) for path, body in requests))
 
 
-
-
 # -- GPU servers ---------------------------------------------------------------------------------
 
 
@@ -103,16 +112,26 @@ def gpu_server_env(tmp: Path, name: str) -> dict[str, str]:
     return {"VLLM_CACHE_ROOT": str(tmp / f"cache-{name}"), "VLLM_LOGGING_LEVEL": "INFO"}
 
 
-def gpu_server_pair(model_dir: Path, args: list[str], tmp: Path, name: str) -> tuple[VllmServer, VllmServer]:
-    """Stock vLLM (one GPU) and AsyncEP (DP=2) on ``model_dir`` with ``args``, not started.
+def gpu_server_pair(model_dir: Path, args: list[str], tmp: Path, name: str,
+                    asyncep_ranks: int) -> tuple[VllmServer, VllmServer]:
+    """Stock vLLM (one GPU) and AsyncEP (``asyncep_ranks`` data-parallel ranks, one GPU each) on
+    ``model_dir`` with ``args``, not started.
 
-    The AsyncEP server gets a DP coordination port of its own: servers started together must
-    not share vLLM's default one.
+    Each server gets a DP coordination port of its own: servers started together must not
+    share vLLM's default one.
     """
     stock = VllmServer(model_dir, args, tmp / f"{name}-stock.log", device="cuda", env=gpu_server_env(tmp, f"{name}-stock"))
-    asyncep = VllmServer(model_dir, [*args, *asyncep_args(2), "--data-parallel-rpc-port", str(free_port())],
+    asyncep = VllmServer(model_dir, [*args, *asyncep_args(asyncep_ranks), "--data-parallel-rpc-port", str(free_port())],
                          tmp / f"{name}-asyncep.log", device="cuda", env=gpu_server_env(tmp, f"{name}-asyncep"))
     return stock, asyncep
+
+
+def stop_all(servers: list[VllmServer]) -> None:
+    """Stop servers side by side (each waits for its process group to exit)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, len(servers))) as pool:
+        list(pool.map(VllmServer.stop, servers))
 
 
 def cosines(got: list, want: list):
@@ -125,9 +144,245 @@ def cosines(got: list, want: list):
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+# -- the float32 reference ----------------------------------------------------------------------
+
+
+def dequantized_fp32_copy(model_dir: Path, out: Path) -> Path:
+    """``model_dir`` with every block-FP8 weight dequantised (``weight * weight_scale_inv`` per
+    128x128 block) to float32 and no ``quantization_config``: the function the stored weights define."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from zeroprefill.common.block_fp8 import FP8_DTYPE, dequantize_block_fp8
+
+    shutil.copytree(model_dir, out, dirs_exist_ok=True)
+    tensors = load_file(str(out / "model.safetensors"))
+    plain = {name: (dequantize_block_fp8(t, tensors[name + "_scale_inv"]) if t.dtype == FP8_DTYPE else t.float())
+             for name, t in tensors.items() if not name.endswith("_scale_inv")}
+    save_file(plain, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config.pop("quantization_config")
+    config["dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+class Fp32Reference:
+    """The served checkpoint in transformers, float32, in this process: what vLLM's pooling
+    runner computes, without its bf16 (or FP8) rounding.
+
+    vLLM 0.26-0.33 pools a Qwen-MoE served with ``--runner pooling`` by its last token (its
+    start-up log: "Resolved pooling config: pooling_type=LAST ..., use_activation=True"):
+
+    - ``--convert embed``: the final norm's output at the last token, L2-normalised
+      (``/v1/embeddings``; ``/pooling``, whose default task is ``embed``); ``/score`` is the
+      cosine of the two embeddings;
+    - ``--convert classify``, one label: ``sigmoid(score . h_last)`` (``/classify``,
+      ``/pooling``); ``/score`` and ``/rerank`` encode the pair as
+      ``tokenizer(text=query, text_pair=document)`` (vLLM's cross-encoder default).
+
+    A block-FP8 checkpoint is dequantised first (:func:`dequantized_fp32_copy`). Matrix
+    products run in full fp32 (no TF32); the experts run transformers' eager loop (its grouped
+    GEMM is not an fp32 path on every release). Sequences go through in right-padded batches:
+    under causal attention, padding after a sequence does not change its last token.
+    """
+
+    def __init__(self, model_dir: Path, task: str, device: str, scratch: Path, batch: int = 32) -> None:
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from zeroprefill.tiny_model import no_transformers_progress_bars
+
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        if "quantization_config" in config:
+            model_dir = dequantized_fp32_copy(Path(model_dir), scratch / f"{Path(model_dir).name}-fp32")
+        self.task, self.device, self.batch = task, device, batch
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        eager_experts = {"experts_implementation": "eager"} if int(transformers.__version__.split(".")[0]) >= 5 else {}
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with no_transformers_progress_bars():
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **eager_experts)
+        self.backbone = model.model.to(device).eval()
+        self.score = None
+        if task == "classify":
+            from safetensors.torch import load_file
+
+            self.score = load_file(str(Path(model_dir) / "score.safetensors"))["score.weight"].float().to(device)
+        self._last: dict[tuple[int, ...], object] = {}
+
+    def answers(self, requests: list[tuple[str, dict]]) -> list[list]:
+        """What :func:`values` of each request's answer should be, computed in fp32."""
+        plans = [self._plan(path, body) for path, body in requests]
+        self._run([ids for plan in plans for ids in plan[1]])
+        return [self._finish(kind, sequences) for kind, sequences in plans]
+
+    def _ids(self, text: str, pair: str | None = None) -> tuple[int, ...]:
+        return tuple(self.tokenizer(text=text, text_pair=pair)["input_ids"])
+
+    def _plan(self, path: str, body: dict) -> tuple[str, list[tuple[int, ...]]]:
+        """(how to turn last hidden states into the answer, the token sequences it needs)."""
+        if path in ("/v1/embeddings", "/pooling", "/classify"):
+            texts = [body["input"]] if isinstance(body["input"], str) else body["input"]
+            return ("each", [self._ids(t) for t in texts])
+        query, documents = (body["text_1"], body["text_2"]) if path == "/score" else (body["query"], body["documents"])
+        documents = [documents] if isinstance(documents, str) else documents
+        if self.task == "embed":  # an embedding model scores by cosine
+            return ("cosine", [self._ids(query), *(self._ids(d) for d in documents)])
+        return ("each_scalar", [self._ids(query, d) for d in documents])
+
+    def _run(self, sequences: list[tuple[int, ...]]) -> None:
+        import torch
+
+        todo = sorted(set(sequences) - set(self._last), key=len)
+        for start in range(0, len(todo), self.batch):
+            chunk = todo[start:start + self.batch]
+            width = len(chunk[-1])
+            ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, seq in enumerate(chunk):
+                ids[row, :len(seq)] = torch.tensor(seq)
+                mask[row, :len(seq)] = 1
+            with torch.no_grad():
+                hidden = self.backbone(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+            for row, seq in enumerate(chunk):
+                self._last[seq] = hidden[row, len(seq) - 1]
+
+    def _pooled(self, seq: tuple[int, ...]):
+        import torch
+
+        h = self._last[seq]
+        if self.task == "embed":
+            return torch.nn.functional.normalize(h, dim=0)
+        return torch.sigmoid(self.score @ h)  # [1]: the one label's probability
+
+    def _finish(self, kind: str, sequences: list[tuple[int, ...]]) -> list:
+        pooled = [self._pooled(seq) for seq in sequences]
+        if kind == "each":
+            return [p.tolist() for p in pooled]
+        if kind == "each_scalar":
+            return [float(p[0]) for p in pooled]
+        return [float(pooled[0] @ p) for p in pooled[1:]]  # unit vectors: the dot is the cosine
+
+
+def is_vector_answer(path: str, task: str) -> bool:
+    """Answers compared by cosine (embeddings) rather than by absolute difference (scores, probabilities)."""
+    return task == "embed" and path in ("/v1/embeddings", "/pooling")
+
+
+@dataclass
+class Fp32Distance:
+    """How far one server's answers lie from the fp32 reference: a cosine per vector, an
+    absolute difference per score or probability."""
+
+    cosines: list[float] = field(default_factory=list)
+    score_diffs: list[float] = field(default_factory=list)
+
+    def add(self, got: list, want: list, vector: bool) -> None:
+        import numpy as np
+
+        if vector:
+            self.cosines += cosines(got, want).tolist()
+        else:
+            got_, want_ = np.asarray(got, dtype=np.float64).ravel(), np.asarray(want, dtype=np.float64).ravel()
+            assert got_.shape == want_.shape, f"{got_.shape} != {want_.shape}"
+            self.score_diffs += np.abs(got_ - want_).tolist()
+
+    @property
+    def min_cosine(self) -> float | None:
+        return min(self.cosines, default=None)
+
+    @property
+    def max_score_diff(self) -> float | None:
+        return max(self.score_diffs, default=None)
+
+    def record(self) -> dict:
+        import numpy as np
+
+        def quantiles(values: list[float], qs: tuple[float, ...]) -> dict[str, float]:
+            return {f"{q:g}%": float(np.percentile(values, q)) for q in qs} if values else {}
+
+        return {"vectors": len(self.cosines), "min_cosine": self.min_cosine,
+                "cosine_percentiles": quantiles(self.cosines, (0.1, 1, 50)),
+                "scores": len(self.score_diffs), "max_score_diff": self.max_score_diff,
+                "score_diff_percentiles": quantiles(self.score_diffs, (50, 99, 99.9))}
+
+
+def compare_with_fp32(requests: list[tuple[str, dict]], answers: dict[str, list[tuple[int, dict]]],
+                      expected: list[list], task: str) -> dict[str, Fp32Distance]:
+    """Each server's (``answers``: name -> (status, body) per request) distance from the
+    fp32 ``expected`` values; only answered requests count (the callers assert none failed)."""
+    distances = {name: Fp32Distance() for name in answers}
+    for index, (path, _) in enumerate(requests):
+        for name, server_answers in answers.items():
+            status, answer = server_answers[index]
+            if status == 200:
+                distances[name].add(values(path, answer), expected[index], is_vector_answer(path, task))
+    return distances
+
+
+#: The verdict on AsyncEP, relative to stock vLLM, both measured against the fp32 reference as
+#: errors (1 - cosine for vectors, absolute difference for scores and probabilities). bf16 (and
+#: FP8) rounding of random-weight models has a heavy tail: near-tied router logits send some
+#: tokens to other experts, so one correct implementation's worst request lies far from
+#: another's (two bf16 summation orders, simulated on this model, differ by more than a
+#: hundredth in worst cosine over 500 requests) while their medians stay close. So two points
+#: of the distribution are judged, each against stock's:
+MEDIAN_ERROR_RATIO = 2.0  # the typical request: AsyncEP's median error at most twice stock's
+TAIL_MARGIN = 0.05  # the worst request: AsyncEP's worst error at most stock's worst + 0.05
+MEDIAN_MIN_SAMPLES = 100  # with fewer answers a median says little: the tail rule alone applies
+#: Stock's median error above this: the reference is not what vLLM computes (pooling,
+#: tokenisation), and no verdict on AsyncEP can be drawn from it.
+REFERENCE_MAX_MEDIAN_ERROR = 0.05
+VERDICT_RULE = {"median_error_ratio": MEDIAN_ERROR_RATIO, "tail_margin": TAIL_MARGIN,
+                "median_min_samples": MEDIAN_MIN_SAMPLES}
+
+
+def judge(asyncep: Fp32Distance, stock: Fp32Distance) -> list[str]:
+    """What is wrong, if anything: stock far from the reference (then the reference is wrong),
+    or AsyncEP further from it than stock by more than :data:`VERDICT_RULE` allows."""
+    problems = []
+    if stock.cosines:
+        problems += _judge_errors("cosine error", [1 - c for c in asyncep.cosines], [1 - c for c in stock.cosines])
+    if stock.score_diffs:
+        problems += _judge_errors("score difference", asyncep.score_diffs, stock.score_diffs)
+    return problems
+
+
+def _judge_errors(what: str, ours: list[float], theirs: list[float]) -> list[str]:
+    import numpy as np
+
+    their_median = float(np.median(theirs))
+    if their_median > REFERENCE_MAX_MEDIAN_ERROR:
+        return [f"stock's median {what} to fp32 is {their_median:.3g} > {REFERENCE_MAX_MEDIAN_ERROR}: the "
+                "reference is not what vLLM computes"]
+    problems = []
+    our_median = float(np.median(ours))
+    if min(len(ours), len(theirs)) >= MEDIAN_MIN_SAMPLES and our_median > MEDIAN_ERROR_RATIO * their_median + 1e-9:
+        problems.append(f"AsyncEP's median {what} to fp32 {our_median:.3g} > {MEDIAN_ERROR_RATIO} x stock's "
+                        f"{their_median:.3g}")
+    if max(ours) > max(theirs) + TAIL_MARGIN:
+        problems.append(f"AsyncEP's worst {what} to fp32 {max(ours):.4g} > stock's {max(theirs):.4g} + {TAIL_MARGIN}")
+    return problems
+
+
+def fp32_summary(comparisons: list[dict[str, dict]]) -> dict:
+    """Each server's worst distance to fp32 over ``comparisons`` (each: server name ->
+    :meth:`Fp32Distance.record`): ``min_cosine_vs_fp32_<server>``, ``max_score_diff_vs_fp32_<server>``."""
+    summary = {}
+    for server in ("asyncep", "stock"):
+        records = [c[server] for c in comparisons if server in c]
+        summary[f"min_cosine_vs_fp32_{server}"] = min(
+            (r["min_cosine"] for r in records if r["min_cosine"] is not None), default=None)
+        summary[f"max_score_diff_vs_fp32_{server}"] = max(
+            (r["max_score_diff"] for r in records if r["max_score_diff"] is not None), default=None)
+    return summary
+
+
 def gather_buffer_lines(log: str) -> list[str]:
-    """AsyncEP's start-up lines (one per rank): layers, transport, gather buffers' memory."""
-    return [line[line.index("AsyncEP: streaming"):] for line in log.splitlines() if "AsyncEP: streaming" in line]
+    """AsyncEP's start-up lines (one per rank): layers, experts stored, transport, gather buffers' memory."""
+    return [line[line.index("AsyncEP: "):] for line in log.splitlines() if "AsyncEP: " in line and "gather buffers" in line]
 
 
 @dataclass
