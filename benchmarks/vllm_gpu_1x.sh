@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# AsyncEP against stock vLLM on ONE GPU (H100 or H200), in two calls of at most ~9 minutes.
+#
+#   bash benchmarks/vllm_gpu_1x.sh bf16 OUT_DIR   # call 1: the tiny checks against fp32 (bf16 and
+#                                                 # block FP8, stock and AsyncEP, both test files at
+#                                                 # once), then Qwen3-30B-A3B bf16, stock then AsyncEP
+#   bash benchmarks/vllm_gpu_1x.sh fp8 OUT_DIR    # call 2: Qwen3-30B-A3B block FP8, stock then AsyncEP,
+#                                                 # compared with call 1's bf16 AsyncEP run
+#
+# Writes into OUT_DIR (the GPU is h100 or h200, from nvidia-smi):
+#   vllm_gpu_check-<gpu>x1.json  tiny bf16 checks (tests/test_vllm_gpu.py -k tiny)
+#   vllm_fp8-<gpu>x1.json        tiny FP8 checks (call 1), then the FP8 throughput runs (call 2)
+#   vllm_serve-<gpu>x1.json      bf16 throughput runs (call 1)
+#   *-logs/, tiny-*.log          server logs and the pytest output
+# Between the calls, copy OUT_DIR's JSON files into benchmarks/results/: call 2 starts its FP8 file
+# from benchmarks/results/vllm_fp8-<gpu>x1.json (keeping the tiny FP8 record) and imports the
+# bf16 runs of benchmarks/results/vllm_serve-<gpu>x1.json (only if measured on the same GPU kind
+# with the same vLLM) for summary.asyncep_fp8_vs_asyncep_bf16.
+#
+# Settings (environment): LAYERS (48: all of Qwen3-30B-A3B; the same count for every run),
+# BATCHED (--max-num-batched-tokens, 32768, both layouts), CONTEXT (2048 tokens per request),
+# DURATION_S (15), WARMUP_S (5), DRAIN_S (10), OPEN_LOOP (empty: none; e.g. "0.8" adds Poisson
+# arrivals at 0.8 x stock's peak, ~17 s per server), TINY_TIMEOUT_S (270), BUDGET_S (540: the
+# call's whole budget; the throughput runs get what the tiny checks leave), PYTHON (python3).
+set -uo pipefail
+
+phase=${1:?usage: vllm_gpu_1x.sh bf16|fp8 OUT_DIR}
+out=${2:?usage: vllm_gpu_1x.sh bf16|fp8 OUT_DIR}
+python=${PYTHON:-python3}
+layers=${LAYERS:-48}
+budget_s=${BUDGET_S:-540}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200' | head -1 | tr 'A-Z' 'a-z')
+gpu=${gpu:-unknown}
+echo "[$SECONDS s] $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) -> $gpu; vLLM $($python -c 'import vllm; print(vllm.__version__)' 2>/dev/null)"
+
+serve() {  # serve MODEL OUT_JSON [extra vllm_serve.py flags]: stock then AsyncEP, within what the budget leaves
+    local model=$1 json=$2
+    shift 2
+    local left=$((budget_s - SECONDS))
+    echo "[$SECONDS s] vllm_serve.py $model (${left} s left)"
+    # shellcheck disable=SC2086  # OPEN_LOOP: zero or more fractions
+    timeout -s TERM -k 30 "$left" "$python" benchmarks/vllm_serve.py --models "$model:$layers" \
+        --layouts stock asyncep --reference-layout stock --batched-tokens "${BATCHED:-32768}" \
+        --contexts "${CONTEXT:-2048}" --duration-s "${DURATION_S:-15}" --warmup-s "${WARMUP_S:-5}" \
+        --drain-s "${DRAIN_S:-10}" --open-loop-fractions ${OPEN_LOOP:-} --out "$json" "$@"
+    echo "[$SECONDS s] vllm_serve.py exited with $?"
+}
+
+tiny() {  # tiny FILE CHECK_ENV JSON NAME: one GPU test file's tiny checks, logs kept
+    local file=$1 env=$2 json=$3 name=$4
+    env "$env=$json" timeout -s INT -k 30 "${TINY_TIMEOUT_S:-270}" "$python" -m pytest -m gpu "$file" -k tiny -q \
+        -p no:cacheprovider --basetemp "/tmp/zp-$name" > "$out/$name.log" 2>&1
+    echo "[$SECONDS s] $file: $(tail -1 "$out/$name.log")"
+    mkdir -p "$out/$name-logs"
+    if [ -d "/tmp/zp-$name" ]; then
+        find "/tmp/zp-$name" -maxdepth 2 -name '*.log' -exec cp {} "$out/$name-logs/" \;
+    fi
+}
+
+case $phase in
+bf16)
+    tiny tests/test_vllm_gpu.py ZEROPREFILL_GPU_CHECK_JSON "$out/vllm_gpu_check-${gpu}x1.json" tiny-bf16 &
+    tiny tests/test_vllm_fp8_gpu.py ZEROPREFILL_FP8_CHECK_JSON "$out/vllm_fp8-${gpu}x1.json" tiny-fp8 &
+    wait
+    serve qwen3-30b-a3b "$out/vllm_serve-${gpu}x1.json"
+    ;;
+fp8)
+    if [ -f "benchmarks/results/vllm_fp8-${gpu}x1.json" ]; then
+        cp "benchmarks/results/vllm_fp8-${gpu}x1.json" "$out/"
+    fi
+    serve qwen3-30b-a3b-fp8 "$out/vllm_fp8-${gpu}x1.json" --merge --import-runs "benchmarks/results/vllm_serve-${gpu}x1.json"
+    ;;
+*)
+    echo "unknown phase $phase: bf16 or fp8" >&2
+    exit 2
+    ;;
+esac
+
+for json in "$out"/*.json; do  # each file's summary, its per-context comparison tables left out
+    "$python" -c 'import json, sys
+summary = json.load(open(sys.argv[1])).get("summary", {})
+print(sys.argv[1], json.dumps({k: v for k, v in summary.items() if k != "comparisons"}, indent=1))' "$json"
+done
