@@ -27,7 +27,7 @@ if it must, in its rank's scheduler queue. The saturation threshold still shapes
 
 Per-rank saturation threshold: ``ZEROPREFILL_SATURATION_FLOPS`` when set; else, under
 ``--moe-a2a-backend asyncep`` on GPUs with a shipped hardware profile (H100, H200, named by
-NVML), the planner's (:func:`zeroprefill.common.planner.step_flops_budget` at headroom 1 for
+NVML), the planner's (:func:`zeroprefill.common.saturation.step_flops_budget` at headroom 1 for
 the DP ranks, one GPU each: bf16, the transport the runtime picks, 2048-token prompts); else 0
 (no tie zone). A request's cost includes the LM head as
 :func:`zeroprefill.common.cost_model.lm_head_tokens` decides: embedding requests none,
@@ -49,7 +49,7 @@ from typing import Any
 from zeroprefill.common.cost_model import lm_head_tokens
 from zeroprefill.common.hardware import HardwareProfileError
 from zeroprefill.common.model_spec import MoEModelSpec
-from zeroprefill.common.planner import DEFAULT_CONTEXT_TOKENS, PlanError, step_flops_budget_on_gpus
+from zeroprefill.common.saturation import DEFAULT_CONTEXT_TOKENS, PlanError, step_flops_budget_on_gpus
 from zeroprefill.common.prefix_index import block_hashes
 from zeroprefill.common.router_policy import PromptShape, RoutedRequest, RouterPolicy
 

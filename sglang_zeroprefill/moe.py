@@ -12,9 +12,12 @@ Where SGLang's MoE layer is extended (each box names the SGLang object and what 
                               (streamer.acquire(l) -> all experts -> streamer.release(l))
     [combine]                 StandardDispatcher.combine: identity
 
-and at model level, ``is_moe_input_scattered_across_dp_ranks()`` and
-``post_experts_output_is_complete()`` answer ``True`` (AROUND hooks), so the decoder layers
-neither gather tokens over attention DP before the MoE nor all-reduce after it.
+and at model level the helpers the decoder layers ask (``is_moe_input_scattered_across_dp_ranks()``
+and ``post_experts_output_is_complete()``, or their forerunners in older releases:
+:func:`sglang_zeroprefill.compat.moe_input_stays_local_targets`,
+:func:`~sglang_zeroprefill.compat.experts_output_complete_target`) answer ``True`` (AROUND
+hooks), so the decoder layers neither gather tokens over attention DP before the MoE nor
+all-reduce after it.
 
 Weights: ``FusedMoE`` under ``--ep-size N`` already loads only this rank's ``E / N`` experts
 (``w13_weight [E/N, 2I, H]`` gate rows then up rows, ``w2_weight [E/N, H, I]``), which is
@@ -181,7 +184,7 @@ def asyncep_run_moe_core(layer: Any, moe: AsyncEPMoE, dispatch_output: Any) -> A
 
 
 def always_true_when_asyncep(original: Callable[..., bool], *args: Any, **kwargs: Any) -> bool:
-    """``AROUND`` hook for the two model-level MoE helpers (see the module docstring)."""
+    """``AROUND`` hook for the model-level MoE helpers (see the module docstring)."""
     return True if asyncep_enabled() else original(*args, **kwargs)
 
 

@@ -151,7 +151,7 @@ def asyncep(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_saturation_threshold_defaults_to_the_planners_on_a_known_gpu(spec: MoEModelSpec, asyncep, monkeypatch) -> None:
-    from zeroprefill.common.planner import Deployment, step_flops_budget
+    from zeroprefill.common.saturation import Deployment, step_flops_budget
 
     planned = load_balance.planned_saturation_flops(spec, 4, "NVIDIA H200")
     deployment = Deployment.on_shipped_gpu(spec, "h200", 4)  # the runtime's transport: copy engine
