@@ -153,18 +153,24 @@ class Server:
         raise ServerStartError(f"{what}: {failure_reason(text) or 'the log names no error'}", log_tail(text))
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        stop_all([self])
+
+
+def stop_all(servers: Sequence[Server], grace_s: float = 20.0) -> None:
+    """SIGTERM to every server's process group, then SIGKILL to whatever is left of them."""
+    running = [server.process for server in servers if server.process is not None]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for process in running:
             try:
-                os.killpg(self.process.pid, sig)
+                os.killpg(process.pid, sig)
             except ProcessLookupError:
-                return
+                pass
+        deadline = time.monotonic() + grace_s
+        for process in running:
             try:
-                self.process.wait(wait_s)
-                return
+                process.wait(max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
-                continue
+                pass
 
 
 def _free_port() -> int:
@@ -618,8 +624,8 @@ def run_tiny(args: argparse.Namespace, results: Results) -> None:
         else:
             part["mixed_requests"] = {"sent": 0, "failed": None, "why": "a plugin bf16 server did not start"}
     finally:
+        stop_all(list(servers.values()))
         for name, server in servers.items():
-            server.stop()
             records[name].update(log_facts(server.log_text()))
         results.save()
 
