@@ -102,7 +102,9 @@ def initialize_dp_attention(server_args: Any) -> None:
     from sglang.srt.layers import dp_attention
 
     if "model_config" in inspect.signature(dp_attention.initialize_dp_attention).parameters:
-        dp_attention.initialize_dp_attention(server_args, server_args.get_model_config())
+        from sglang.srt.configs.model_config import ModelConfig
+
+        dp_attention.initialize_dp_attention(server_args, ModelConfig.from_server_args(server_args))
     else:
         dp_attention.initialize_dp_attention(server_args)
 
