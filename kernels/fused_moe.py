@@ -457,14 +457,15 @@ def run_gemm2(act: torch.Tensor, act_scale: torch.Tensor | None, w2: torch.Tenso
 
 def fused_experts_reference(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                             topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
-                            w13_scale: torch.Tensor | None = None,
-                            w2_scale: torch.Tensor | None = None) -> torch.Tensor:
+                            w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+                            add_to: torch.Tensor | None = None) -> torch.Tensor:
     """Plain-torch definition of :func:`fused_experts`: a loop over experts in fp32.
 
     FP8 weights are dequantised; the activations go through the same e4m3 quantise-dequantise
     as in the kernels (input tokens and the SiLU*mul output): 1x128 groups with block-scaled
     weights, whole rows with per-channel (rowwise) weights. So the reference differs from the
-    kernels only by accumulation order and rounding.
+    kernels only by accumulation order and rounding. Skipped slots (id -1) and ``add_to`` as in
+    :func:`fused_experts`.
     """
     num_tokens, hidden = hidden_states.shape
     num_experts, two_inter, _ = w13.shape
@@ -493,4 +494,6 @@ def fused_experts_reference(hidden_states: torch.Tensor, w13: torch.Tensor, w2: 
             act = dequantize_fp8_block(*quantize_weights_fp8_block(act, act_group), act_group)
         y = act @ w2_f[expert].T
         out.index_add_(0, token_idx, y * topk_weights[token_idx, slot_idx, None])
+    if add_to is not None:
+        return add_to.copy_(out + add_to.float())
     return out.to(hidden_states.dtype)

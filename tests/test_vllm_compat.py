@@ -84,9 +84,10 @@ def test_asyncep_method_routes_itself_where_vllm_cannot(monkeypatch):
     monkeypatch.setattr(asyncep_method, "vllm_router_runs_here", lambda on_cpu: False)
     method = asyncep_method.AsyncEPFusedMoEMethod.__new__(asyncep_method.AsyncEPFusedMoEMethod)
     calls = []
-    moe = SimpleNamespace(forward=lambda x, logits: calls.append(("forward", x, logits)) or "routed by us",
-                          forward_routed=lambda x, w, i: calls.append(("forward_routed", x, w, i)) or "routed by vLLM")
-    method.loader = SimpleNamespace(moe=lambda layer: moe)
+    moe = SimpleNamespace(
+        forward=lambda x, logits, max_tokens: calls.append(("forward", x, logits)) or "routed by us",
+        forward_routed=lambda x, w, i, max_tokens: calls.append(("forward_routed", x, w, i)) or "routed by vLLM")
+    method.loader = SimpleNamespace(moe=lambda layer: moe, note_mode=lambda moe, max_tokens: None)
     method.vllm_routes = asyncep_method.vllm_router_runs_here(on_cpu=True)
     assert method.is_monolithic
     assert method.apply_monolithic("layer", "x", "logits") == "routed by us"

@@ -349,4 +349,4 @@ def test_asyncep_server_on_fp8_experts_answers_like_stock_on_the_dequantised_wei
     cosines = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
     assert cosines.min() > 0.999, f"cosines {cosines}"  # bf16 activations on both sides
     log = asyncep.log_path.read_text(errors="replace")
-    assert "AsyncEP: streaming 2 MoE layers of 8 experts (float8_e4m3fn + block scales)" in log
+    assert "AsyncEP: 2 MoE layers of 8 experts (float8_e4m3fn + block scales)" in log

@@ -122,10 +122,7 @@ class ServedModel:
     max_batch_tokens: int  # --max-num-batched-tokens: the largest batch the kernels will see
 
     @classmethod
-    def from_current_vllm_config(cls, config: AsyncEPConfig, num_ranks: int) -> ServedModel:
-        from vllm.config import get_current_vllm_config
-
-        vllm_config = get_current_vllm_config()
+    def from_vllm_config(cls, vllm_config, config: AsyncEPConfig, num_ranks: int) -> ServedModel:
         max_batch = vllm_config.scheduler_config.max_num_batched_tokens
         if config.switch_tokens is not None:
             return cls(config.switch_tokens, SWITCH_TOKENS_ENV, max_batch)
@@ -155,10 +152,18 @@ class AsyncEPModelLoader:
     layout: ExpertShardLayout | None = None
     config: AsyncEPConfig | None = None
     transport: GatherTransport | None = None
+    vllm_config: object | None = None  # vLLM's configuration, as the layers were built under it
     served: ServedModel | None = None
     model: AsyncEPModel | None = None
     layer_of: dict[str, AsyncEPMoE] = field(default_factory=dict)
     modes_seen: set[bool] = field(default_factory=set)  # moves_tokens values of the passes so far
+
+    def remember_vllm_config(self) -> None:
+        """Keep vLLM's configuration while it builds the layers (its context is not set later)."""
+        if self.vllm_config is None:
+            from vllm.config import get_current_vllm_config
+
+            self.vllm_config = get_current_vllm_config()
 
     def add_layer(self, layer, layout: ExpertShardLayout, shards: dict[str, torch.Tensor]) -> None:
         """Hand over one layer's padded shards (``w13``, ``w2``, and ``*_scale`` for block FP8)."""
@@ -181,7 +186,7 @@ class AsyncEPModelLoader:
         if self.transport is None:
             self.config = AsyncEPConfig.from_env()
             self.transport = _make_transport(self.config, shards["w13"].device)
-            self.served = ServedModel.from_current_vllm_config(self.config, layout.world_size)
+            self.served = ServedModel.from_vllm_config(self.vllm_config, self.config, layout.world_size)
         # Hand the layer over now, while vLLM loads: a transport that moves shards into shareable
         # memory frees vLLM's copy before the next layer, and vLLM's memory profile (weights at
         # load, everything else at the profile run) counts the experts once.
@@ -339,6 +344,7 @@ class AsyncEPFusedMoEMethod(FusedMoEMethodBase):
         **extra_weight_attrs,
     ) -> None:
         check_routed_experts_supported(layer)
+        self.loader.remember_vllm_config()
         w13 = torch.nn.Parameter(
             torch.empty(num_experts, 2 * intermediate_size_per_partition, hidden_size, dtype=params_dtype),
             requires_grad=False,
