@@ -25,7 +25,8 @@ from zeroprefill.common.asyncep_moe import AsyncEPMoE, ExpertsKernel
 from zeroprefill.common.expert_sharding import ExpertShardLayout
 from zeroprefill.common.streamer import ExpertWeightStreamer
 from zeroprefill.common.token_exchange import TokenExchange
-from zeroprefill.common.transport import TRANSPORTS, GatherTransport, make_transport
+from zeroprefill.common.transport import GatherTransport, make_transport
+from zeroprefill.common.transport_choice import TRANSPORT_SETTINGS
 
 TRANSPORT_ENV = "ZEROPREFILL_ASYNCEP_TRANSPORT"
 PREFETCH_DEPTH_ENV = "ZEROPREFILL_ASYNCEP_PREFETCH_DEPTH"
@@ -60,10 +61,10 @@ class AsyncEPConfig:
     switch_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        if self.transport not in ("auto", *TRANSPORTS):
+        if self.transport not in TRANSPORT_SETTINGS:
             raise AsyncEPConfigError(
                 f"{TRANSPORT_ENV}={self.transport!r} is not a transport; choose one of "
-                f"{', '.join(('auto', *TRANSPORTS))}"
+                f"{', '.join(TRANSPORT_SETTINGS)}"
             )
         if self.prefetch_depth < 1:
             raise AsyncEPConfigError(f"{PREFETCH_DEPTH_ENV}={self.prefetch_depth} must be at least 1")

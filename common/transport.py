@@ -40,8 +40,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-# TRANSPORTS: the names, importable from here as before (asyncep_model validates its setting with them).
-from zeroprefill.common.transport_choice import TRANSPORTS, resolve_transport  # noqa: F401
+from zeroprefill.common.transport_choice import resolve_transport
 
 # torch 2.13 renames all_gather_into_tensor to all_gather_single (the old name warns).
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor

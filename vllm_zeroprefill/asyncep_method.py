@@ -74,7 +74,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.utils import set_weight_attrs
 from vllm.platforms import current_platform
 
-from vllm_zeroprefill.compat import pass_max_tokens, vllm_router_runs_here
+from vllm_zeroprefill.compat import layer_skip_match_options, pass_max_tokens, vllm_router_runs_here
 from vllm_zeroprefill.validation import block_fp8_weight_block
 from zeroprefill.common.asyncep_model import (SWITCH_TOKENS_ENV, AsyncEPConfig, AsyncEPConfigError, AsyncEPModel,
                                               build_asyncep_model)
@@ -302,10 +302,8 @@ def asyncep_method_for(
 def _ignored_by(quant_config: QuantizationConfig, prefix: str) -> bool:
     from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
 
-    # vLLM 0.32 added a match mode (exact by default); 0.26 matches exactly.
-    match_mode = getattr(quant_config, "ignored_layers_match_mode", None)
-    options = {} if match_mode is None else {"match_mode": match_mode}
-    return is_layer_skipped(prefix, quant_config.ignored_layers, quant_config.packed_modules_mapping, **options)
+    return is_layer_skipped(prefix, quant_config.ignored_layers, quant_config.packed_modules_mapping,
+                            **layer_skip_match_options(quant_config))
 
 
 _LOADER = AsyncEPModelLoader()

@@ -20,6 +20,7 @@ What differs is detected here, by the presence of the API, never by the version 
   itself, before ``vllm.engine.arg_utils`` and its cache of parser arguments exist:
   :func:`clear_cli_argument_cache` clears that cache only where it has been built.
 
+- ``Fp8Config.ignored_layers_match_mode`` appears in 0.32 (:func:`layer_skip_match_options`).
 - The forward context's ``dp_metadata.num_tokens_across_dp_cpu`` (every DP rank's token count
   in the pass now running, the figure vLLM pads dummy batches and graphs to) has the same
   name and meaning in every release; :func:`pass_max_tokens` reads it.
@@ -126,3 +127,10 @@ def pass_max_tokens() -> int | None:
     if dp_metadata is None:
         return None
     return int(dp_metadata.num_tokens_across_dp_cpu.max())
+
+
+def layer_skip_match_options(quant_config) -> dict[str, str]:
+    """Keyword arguments for ``is_layer_skipped`` that match ``ignored_layers`` as ``quant_config``
+    asks: vLLM 0.32 added ``ignored_layers_match_mode`` (exact by default); 0.26 matches exactly."""
+    match_mode = getattr(quant_config, "ignored_layers_match_mode", None)
+    return {} if match_mode is None else {"match_mode": match_mode}
