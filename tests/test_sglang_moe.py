@@ -132,10 +132,10 @@ def _check_no_dp_gather_and_no_sum_around_the_experts() -> None:
         assert getattr(importlib.import_module(module), name)(), target
     try:  # SGLang 0.5.17 - 0.5.20: the decoder layer's scatter mode for a sparse MLP
         from sglang.srt.layers.communicator import LayerScatterModes, ScatterMode
-    except ImportError:  # 0.5.21+: the layer boundary's choice of rows for a sparse FFN
-        from sglang.srt.layers.layer_boundary.factories import _ffn_on_rank_rows
+    except ImportError:  # 0.5.21+: the layer boundary picks a sparse FFN's rows with the helper it imported
+        from sglang.srt.layers.layer_boundary import factories
 
-        assert _ffn_on_rank_rows(True, 1)
+        assert factories.is_moe_input_scattered_across_dp_ranks()
     else:
         assert LayerScatterModes._compute_mlp_mode(SimpleNamespace(is_layer_sparse=True)) == ScatterMode.SCATTERED
     import sglang.srt.layers.moe as moe_package  # where Qwen2/3-MoE blocks import it from
