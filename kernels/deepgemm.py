@@ -136,9 +136,21 @@ def deepgemm_source() -> str:
     return f"{module.__name__} {getattr(module, '__version__', '(version unknown)')}"
 
 
+_failed_at_first_use: str | None = None
+
+
+def disable_after_failure(exc: BaseException) -> str:
+    """Stop using DeepGEMM in this process after a call raised (an API or a JIT build this
+    release does not have); returns the reason every later choice reports."""
+    global _failed_at_first_use
+    detail = " ".join(str(exc).split())[:300]
+    _failed_at_first_use = f"{deepgemm_source()} failed at first use: {type(exc).__name__}: {detail}"
+    return _failed_at_first_use
+
+
 def deepgemm_unavailable_reason() -> str | None:
     """Why DeepGEMM cannot run in this process (current CUDA device, the install), or None."""
-    return device_unsupported_reason(torch.device("cuda")) or _load()[1]
+    return device_unsupported_reason(torch.device("cuda")) or _load()[1] or _failed_at_first_use
 
 
 def deepgemm_reason(hidden_states: torch.Tensor, w13: torch.Tensor, fp8_format: str | None) -> str | None:
@@ -146,7 +158,7 @@ def deepgemm_reason(hidden_states: torch.Tensor, w13: torch.Tensor, fp8_format: 
 
     ``fp8_format`` is what :func:`check_inputs` returned for the call (None for bf16 weights).
     """
-    reason = device_unsupported_reason(hidden_states.device) or _load()[1]
+    reason = device_unsupported_reason(hidden_states.device) or _load()[1] or _failed_at_first_use
     if reason is not None:
         return reason
     if hidden_states.dtype != torch.bfloat16:

@@ -47,7 +47,7 @@ import triton.language as tl
 
 from .align import ExpertAlignment, moe_align_block_size
 from .checks import check_add_to, check_inputs, fp8_scale_format
-from .deepgemm import deepgemm_reason, deepgemm_source, run_deepgemm_experts
+from .deepgemm import deepgemm_reason, deepgemm_source, disable_after_failure, run_deepgemm_experts
 from .grouped_mm_moe import ALIGN_M as GROUPED_MM_ALIGN_M
 from .grouped_mm_moe import grouped_mm_experts
 from .moe_config import GROUPED_MM, TRITON, GemmConfig, MoEConfig, get_config
@@ -230,7 +230,12 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
     fp8_format = check_inputs(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     check_add_to(add_to, hidden_states)
     if config is None and _runs_on_deepgemm(hidden_states, w13, fp8_format):
-        return run_deepgemm_experts(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, add_to)
+        try:
+            return run_deepgemm_experts(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, add_to)
+        except (RuntimeError, TypeError, ValueError) as exc:  # before our combine: add_to is untouched
+            if experts_kernel_setting() == DEEPGEMM:
+                raise
+            logger.warning("zeroprefill.kernels: %s; MoE experts on ours from now on", disable_after_failure(exc))
     use_fp8 = fp8_format is not None
     num_tokens, hidden = hidden_states.shape
     num_experts, two_inter, _ = w13.shape
@@ -292,7 +297,8 @@ def experts_kernel_setting() -> str:
     """``ZEROPREFILL_EXPERTS_KERNEL``: ``auto`` (default), ``triton`` or ``deepgemm``.
 
     ``auto``: DeepGEMM where it loads (sm90; the ``deep_gemm`` package, or the copy vLLM ships
-    as ``vllm.third_party.deep_gemm``) and takes the layer
+    as ``vllm.third_party.deep_gemm``), takes the layer and runs it (a call that raises, e.g. an
+    entry point of another signature, switches this process to ours, with a warning)
     (bf16 activations; bf16 or 128x128 block-FP8 weights; H and I aligned), ours otherwise.
     ``triton``: ours always (Triton, or the grouped_mm backend the table picks).
     ``deepgemm``: DeepGEMM always; a layer it cannot take raises, with the reason.

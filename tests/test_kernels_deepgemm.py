@@ -299,6 +299,31 @@ def test_invalid_setting_is_one_line_value_error(monkeypatch):
     assert str(info.value) == "ZEROPREFILL_EXPERTS_KERNEL='cutlass' is not one of auto, triton, deepgemm"
 
 
+def test_auto_falls_back_to_ours_for_good_when_deepgemm_raises(fake_deep_gemm, monkeypatch, fresh_log):
+    """A DeepGEMM whose entry point has another signature (or whose JIT build fails) raises at the
+    first call: auto answers with ours, warns once, and never calls DeepGEMM again; forced raises."""
+    fake = fake_deep_gemm()
+
+    def other_signature(*args, **kwargs):
+        fake.calls.append("bf16")
+        raise TypeError("m_grouped_bf16_gemm_nt_contiguous(): incompatible function arguments")
+
+    monkeypatch.setattr(fake, "m_grouped_bf16_gemm_nt_contiguous", other_signature)
+    monkeypatch.setattr(deepgemm, "_failed_at_first_use", None)
+    layer = make_layer(4, 128, 128, fp8=False)
+    x, weights, ids = make_tokens(5, 128, 4, 2)
+    ours = fused_experts(x, topk_weights=weights, topk_ids=ids, config=fused_moe.get_config(5, 2, 4, 128, 128, False, x.device), **layer)
+    for _ in range(2):
+        assert torch.equal(fused_experts(x, topk_weights=weights, topk_ids=ids, **layer), ours)
+    assert fake.calls == ["bf16"]
+    assert "failed at first use: TypeError" in deepgemm_unavailable_reason()
+    assert sum("MoE experts on ours from now on" in r.getMessage() for r in fresh_log.records) == 1
+    monkeypatch.setattr(deepgemm, "_failed_at_first_use", None)
+    monkeypatch.setenv(EXPERTS_KERNEL_ENV, "deepgemm")
+    with pytest.raises(TypeError, match="incompatible function arguments"):
+        fused_experts(x, topk_weights=weights, topk_ids=ids, **layer)
+
+
 def test_auto_logs_the_choice_once(fake_deep_gemm, fresh_log):
     fake = fake_deep_gemm()
     layer = make_layer(4, 128, 128, fp8=False)
