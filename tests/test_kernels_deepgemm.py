@@ -213,13 +213,14 @@ def run(x, weights, ids, layer: dict, kernel=fused_experts) -> tuple[torch.Tenso
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("num_tokens", [1, 200])
-def test_deepgemm_path_matches_reference(fake_deep_gemm, fp8, num_tokens):
+def test_deepgemm_path_matches_reference(fake_deep_gemm, fp8, num_tokens, monkeypatch):
     fake = fake_deep_gemm()
+    monkeypatch.setenv(EXPERTS_KERNEL_ENV, "deepgemm")  # auto takes DeepGEMM for FP8 only
     num_experts, top_k, hidden, inter = 6, 2, 256, 128
     layer = make_layer(num_experts, hidden, inter, fp8)
     x, weights, ids = make_tokens(num_tokens, hidden, num_experts, top_k, idle_experts=(2, 5))
     out, ref = run(x, weights, ids, layer)
-    assert fake.calls == (["fp8", "fp8"] if fp8 else ["bf16", "bf16"])  # auto picked DeepGEMM
+    assert fake.calls == (["fp8", "fp8"] if fp8 else ["bf16", "bf16"])
     assert out.dtype == torch.bfloat16 and out.shape == (num_tokens, hidden) and not out.isnan().any()
     assert rel_err(out, reference_with_bf16_gemm_outputs(x, weights, ids, layer)) < (1e-2 if fp8 or ON_GPU else 2e-2)
     assert rel_err(out, ref) < (5e-2 if fp8 else 2e-2)
@@ -305,17 +306,17 @@ def test_auto_falls_back_to_ours_for_good_when_deepgemm_raises(fake_deep_gemm, m
     fake = fake_deep_gemm()
 
     def other_signature(*args, **kwargs):
-        fake.calls.append("bf16")
-        raise TypeError("m_grouped_bf16_gemm_nt_contiguous(): incompatible function arguments")
+        fake.calls.append("fp8")
+        raise TypeError("m_grouped_fp8_gemm_nt_contiguous(): incompatible function arguments")
 
-    monkeypatch.setattr(fake, "m_grouped_bf16_gemm_nt_contiguous", other_signature)
+    monkeypatch.setattr(fake, "m_grouped_fp8_gemm_nt_contiguous", other_signature)
     monkeypatch.setattr(deepgemm, "_failed_at_first_use", None)
-    layer = make_layer(4, 128, 128, fp8=False)
+    layer = make_layer(4, 128, 128, fp8=True)
     x, weights, ids = make_tokens(5, 128, 4, 2)
-    ours = fused_experts(x, topk_weights=weights, topk_ids=ids, config=fused_moe.get_config(5, 2, 4, 128, 128, False, x.device), **layer)
+    ours = fused_experts(x, topk_weights=weights, topk_ids=ids, config=fused_moe.get_config(5, 2, 4, 128, 128, True, x.device), **layer)
     for _ in range(2):
         assert torch.equal(fused_experts(x, topk_weights=weights, topk_ids=ids, **layer), ours)
-    assert fake.calls == ["bf16"]
+    assert fake.calls == ["fp8"]
     assert "failed at first use: TypeError" in deepgemm_unavailable_reason()
     assert sum("MoE experts on ours from now on" in r.getMessage() for r in fresh_log.records) == 1
     monkeypatch.setattr(deepgemm, "_failed_at_first_use", None)
@@ -324,17 +325,21 @@ def test_auto_falls_back_to_ours_for_good_when_deepgemm_raises(fake_deep_gemm, m
         fused_experts(x, topk_weights=weights, topk_ids=ids, **layer)
 
 
-def test_auto_logs_the_choice_once(fake_deep_gemm, fresh_log):
+def test_auto_takes_deepgemm_for_block_fp8_and_logs_each_choice_once(fake_deep_gemm, fresh_log):
     fake = fake_deep_gemm()
-    layer = make_layer(4, 128, 128, fp8=False)
+    fp8, bf16 = make_layer(4, 128, 128, fp8=True), make_layer(4, 128, 128, fp8=False)
     x, weights, ids = make_tokens(5, 128, 4, 2)
     for _ in range(2):
-        fused_experts(x, topk_weights=weights, topk_ids=ids, **layer)
-    assert fake.calls == ["bf16"] * 4
+        fused_experts(x, topk_weights=weights, topk_ids=ids, **fp8)
+        fused_experts(x, topk_weights=weights, topk_ids=ids, **bf16)
+    assert fake.calls == ["fp8"] * 4
+    fp8_choice = "DeepGEMM (deep_gemm 0.1.3+fake), block FP8 (ZEROPREFILL_EXPERTS_KERNEL=auto)"
+    bf16_choice = ("ours: bf16 (ZEROPREFILL_EXPERTS_KERNEL=auto takes DeepGEMM for block FP8 only; "
+                   "deepgemm forces it)")
     assert [r.getMessage() for r in fresh_log.records] == [
-        "zeroprefill.kernels: MoE experts on DeepGEMM (deep_gemm 0.1.3+fake), bf16 (ZEROPREFILL_EXPERTS_KERNEL=auto)"]
-    assert experts_kernel_choice(torch.bfloat16, layer["w13"], layer["w2"]) == \
-        "DeepGEMM (deep_gemm 0.1.3+fake), bf16 (ZEROPREFILL_EXPERTS_KERNEL=auto)"
+        f"zeroprefill.kernels: MoE experts on {fp8_choice}", f"zeroprefill.kernels: MoE experts on {bf16_choice}"]
+    assert experts_kernel_choice(torch.bfloat16, fp8["w13"], fp8["w2"], fp8["w13_scale"], fp8["w2_scale"]) == fp8_choice
+    assert experts_kernel_choice(torch.bfloat16, bf16["w13"], bf16["w2"]) == bf16_choice
 
 
 @pytest.mark.parametrize("case,reason", [
@@ -359,7 +364,9 @@ def test_layers_deepgemm_cannot_take(fake_deep_gemm, monkeypatch, fresh_log, cas
     assert fake.calls == []
     assert len(fresh_log.records) == 1
     message = fresh_log.records[0].getMessage()
-    assert message.startswith(f"zeroprefill.kernels: MoE experts on ours, not DeepGEMM: {reason}")
+    fp8_weights = layer["w13"].dtype == torch.float8_e4m3fn
+    expected = f"ours, not DeepGEMM: {reason}" if fp8_weights else "ours: bf16"  # auto leaves bf16 to ours
+    assert message.startswith(f"zeroprefill.kernels: MoE experts on {expected}")
     monkeypatch.setenv(EXPERTS_KERNEL_ENV, "deepgemm")
     with pytest.raises(RuntimeError, match=re.escape(f"ZEROPREFILL_EXPERTS_KERNEL=deepgemm, but DeepGEMM cannot "
                                                      f"run this MoE layer: {reason}")) as info:
