@@ -59,13 +59,15 @@ def collect_environment() -> dict[str, Any]:
     )
     ok, why = _importable("triton")
     backends["triton"] = ("usable" if cuda else "interpreter only (TRITON_INTERPRET=1)") if ok else why
-    from zeroprefill.kernels import deepgemm_unavailable_reason
-
-    deepgemm_reason = deepgemm_unavailable_reason()
-    backends["deepgemm"] = "usable (ZEROPREFILL_EXPERTS_KERNEL=auto picks it)" if deepgemm_reason is None else deepgemm_reason
     for plugin, module in (("vllm plugin", "vllm"), ("sglang plugin", "sglang")):
         ok, why = _importable(module)
         backends[plugin] = "engine importable" if ok else f"engine not importable ({why})"
+    # After the engines: a vLLM that imports brings its own copy of DeepGEMM.
+    from zeroprefill.kernels import deepgemm_source, deepgemm_unavailable_reason
+
+    deepgemm_reason = deepgemm_unavailable_reason()
+    backends["deepgemm"] = (f"usable: {deepgemm_source()} (ZEROPREFILL_EXPERTS_KERNEL=auto picks it for block FP8)"
+                            if deepgemm_reason is None else deepgemm_reason)
     report["backends"] = backends
     return report
 
