@@ -363,9 +363,15 @@ def judge(plugin: dict, stock: dict, margin: float, min_similarity: float | None
 # -- the float32 reference --------------------------------------------------------------------
 
 
+def prompt_token(rng: random.Random, vocab_size: int) -> int:
+    """A random prompt token id in ``[1, vocab_size - 1)``: SGLang reports ids ``>= vocab_size - 1``
+    as 0 in ``input_token_logprobs`` (it clips them, for image-token hashes), so they are avoided."""
+    return rng.randrange(1, vocab_size - 1)
+
+
 def comparison_prompts(vocab_size: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(1, vocab_size) for _ in range(n)] for n in COMPARISON_PROMPT_TOKENS]
+    return [[prompt_token(rng, vocab_size) for _ in range(n)] for n in COMPARISON_PROMPT_TOKENS]
 
 
 def fp32_reference(model_dir: Path, prompts: Sequence[Sequence[int]], device: str) -> dict[str, list[list[float]]]:
@@ -558,7 +564,7 @@ async def mixed_requests(generate_url: str, embedding_url: str, count: int, voca
                          max_tokens: int, seed: int = 1) -> dict:
     """``count`` requests at once, each to one of the two endpoints at random, of random length."""
     rng = random.Random(seed)
-    jobs = [(rng.random() < 0.5, [rng.randrange(1, vocab_size) for _ in range(rng.randint(1, max_tokens))])
+    jobs = [(rng.random() < 0.5, [prompt_token(rng, vocab_size) for _ in range(rng.randint(1, max_tokens))])
             for _ in range(count)]
     errors: list[str] = []
 
@@ -657,7 +663,7 @@ async def closed_loop(url: str, concurrency: int, prompt_tokens: int, vocab_size
 
     async def client(session: Any) -> None:
         while time.monotonic() < stop_at:
-            body = {"input_ids": [rng.randrange(1, vocab_size) for _ in range(prompt_tokens)],
+            body = {"input_ids": [prompt_token(rng, vocab_size) for _ in range(prompt_tokens)],
                     "sampling_params": {"max_new_tokens": 0}}
             sent = time.monotonic()
             try:

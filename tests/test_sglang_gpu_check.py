@@ -283,3 +283,13 @@ def test_the_float32_reference_on_generated_checkpoints(tmp_path: Path) -> None:
     assert [len(x) for x in quantized["logprobs"]] == [3, 1]
     assert 0 < check.logprob_distance(quantized["logprobs"], reference["logprobs"]) < 5  # FP8 rounding, not noise
     assert json.loads((tmp_path / "fp8-dequantized-fp32" / "config.json").read_text()).get("quantization_config") is None
+
+
+def test_prompt_tokens_avoid_the_id_sglang_reports_as_zero() -> None:
+    """SGLang returns ids >= vocab_size - 1 as 0 in input_token_logprobs: prompts never use them."""
+    import random
+
+    rng = random.Random(0)
+    drawn = {check.prompt_token(rng, 8) for _ in range(500)}
+    assert drawn == set(range(1, 7))
+    assert all(max(prompt) < 511 for prompt in check.comparison_prompts(512))
