@@ -273,6 +273,7 @@ def grouped_mm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch
         gate_up = scaled_grouped_gemm(x_sorted, x_scale, w13, w13_scale, offs, fast_accum)
     else:
         gate_up = grouped_gemm(x_sorted, w13, offs)
+    del x_sorted, x_scale  # the peak is one GEMM's input and output, never three [rows, .] buffers
     act, act_scale = silu_mul(gate_up, alignment, quantize=rowwise)
     del gate_up
     if rowwise:
