@@ -5,7 +5,7 @@ gather; then every MoE layer sends each token once to every rank that holds one 
 experts, each rank runs only its own resident shard on what it received, applying the routing
 weights on the expert side, and one partial row per (token, rank) comes back to be summed::
 
-    x [T, H], topk_ids/topk_weights [T, K] (global expert ids)
+    x [T, H], topk_ids/topk_weights [T, K] (global expert ids; -1: a skipped slot)
         -> owner[topk_ids]                rank of each chosen expert
         -> dispatch                       peer p gets the tokens with an expert on p, compacted
                                           into rows [p*C, p*C + count_p) of a [N*C, H] buffer;
@@ -76,9 +76,12 @@ class TokenExchange:
         n, rows = self.world_size, self.world_size * capacity
         device = hidden_states.device
 
-        # Which peers each token needs, and where it lands in each peer's part of the buffer.
-        needs = torch.zeros(n, num_tokens, dtype=torch.bool, device=device)  # [N, T]
-        needs.scatter_(0, self._owner[topk_ids.long()].t(), True)
+        # Which peers each token needs, and where it lands in each peer's part of the buffer; a
+        # skipped slot (id -1, e.g. an engine's padding row) needs no one (an extra row takes it).
+        ids = topk_ids.long()
+        owners = torch.where(ids >= 0, self._owner[ids.clamp(min=0)], n)
+        needs = torch.zeros(n + 1, num_tokens, dtype=torch.bool, device=device)
+        needs = needs.scatter_(0, owners.t(), True)[:n]  # [N, T]
         part_start = torch.arange(n, device=device)[:, None] * capacity
         row_of_need = torch.where(needs, part_start + needs.cumsum(1) - 1, rows).reshape(-1)  # [N*T]; rows: unused
 

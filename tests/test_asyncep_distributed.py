@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from tests.multiprocess import run_on_ranks
-from zeroprefill.common.asyncep_moe import AsyncEPMoE, experts_reference, moe_reference
+from zeroprefill.common.asyncep_moe import AsyncEPMoE, experts_reference, moe_reference, select_experts
 from zeroprefill.common.expert_sharding import ExpertShardLayout
 from zeroprefill.common.streamer import ExpertWeightStreamer
 from zeroprefill.common.token_exchange import TokenExchange
@@ -182,3 +182,28 @@ def _gather_fp8(rank: int, world_size: int) -> None:
 
 def test_gloo_gathers_fp8_shards_bytewise() -> None:
     run_on_ranks(2, _gather_fp8)
+
+
+def _skipped_slots(rank: int, world_size: int) -> None:
+    """An engine's padding rows reach the layer with expert id -1: they count in neither mode."""
+    layout = ExpertShardLayout(8, world_size)
+    full = _full_weights(8, 2)
+    streamer = ExpertWeightStreamer([layout.shard_all(w, rank) for w in full], layout, make_transport("gloo"))
+    exchange = TokenExchange(layout, streamer.resident(0).resident.row_of_expert)
+    g = torch.Generator().manual_seed(7 + rank)
+    for switch_tokens in (0, ALWAYS_MOVE_TOKENS):  # streamed weights, then moved tokens
+        layers = [AsyncEPMoE(streamer, i, 2, True, exchange=exchange, switch_tokens=switch_tokens) for i in range(2)]
+        for i, layer in enumerate(layers):
+            x = torch.randn(6, HIDDEN, generator=g)
+            weights, ids = select_experts(torch.randn(6, 8, generator=g), 2, True)
+            ids[1, 0] = ids[4, 1] = -1
+            ids[5] = -1  # a whole padding row
+            got = layer.forward_routed(x, weights, ids, max_tokens=6)
+            want = experts_reference(x, full[i]["w13"], full[i]["w2"], weights, ids)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            assert got[5].abs().max() == 0
+    streamer.close()
+
+
+def test_skipped_slots_count_in_neither_mode() -> None:
+    run_on_ranks(2, _skipped_slots)
