@@ -39,6 +39,10 @@ What differs, per seam the plugin uses (the Python names are SGLang's):
   spawned without them, and our launcher loads them in every child it spawns.
   :func:`dp_controller_loads_plugins`.
 
+- **The pass's token counts per attention-DP rank** (what the switch between streaming weights
+  and moving tokens reads): ``layers.dp_attention.get_dp_global_num_tokens()`` in every release,
+  set before each forward (eager or a graph capture) with DP attention. :func:`pass_max_tokens`.
+
 Not used: ``register_moe_runner_core`` (0.5.19+): AsyncEP replaces the token exchange, not the
 expert kernel runner, so it hooks ``run_moe_core`` in every release. Missing in all seven: a
 ``get_embedding`` keyword on the MoE causal LMs (:mod:`sglang_zeroprefill.embedding` adds it).
@@ -249,3 +253,12 @@ def dp_controller_loads_plugins() -> bool:
     from sglang.srt.managers import data_parallel_controller
 
     return hasattr(data_parallel_controller, "load_plugins")
+
+
+def pass_max_tokens() -> int | None:
+    """The largest token count of any attention-DP rank in the forward pass now running; None
+    where SGLang keeps none (no DP attention: one rank)."""
+    from sglang.srt.layers.dp_attention import get_dp_global_num_tokens
+
+    counts = get_dp_global_num_tokens()
+    return int(max(counts)) if counts else None

@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 
 from sglang_zeroprefill.args import asyncep_enabled
-from sglang_zeroprefill.compat import is_draft_layer
+from sglang_zeroprefill.compat import is_draft_layer, pass_max_tokens
 from sglang_zeroprefill.cuda_graphs import order_graph_launches_after, stop_ordering_graph_launches_after
 from zeroprefill.common.asyncep_model import AsyncEPConfig, AsyncEPConfigError, AsyncEPModel, build_asyncep_model
 from zeroprefill.common.asyncep_moe import AsyncEPMoE
@@ -125,19 +125,44 @@ def setup_asyncep(
         )
     config = config or AsyncEPConfig.from_env()
     shards = [{"w13": layer.w13_weight.data, "w2": layer.w2_weight.data} for layer in layers]
+    device = layers[0].w13_weight.device
     # Routing stays SGLang's (TopK runs before run_moe_core); only streaming and experts are ours.
     asyncep = build_asyncep_model(shards, layout, config, top_k=top_ks.pop(), renormalize=True, group=group,
-                                  device=layers[0].w13_weight.device, experts_kernel=experts_kernel)
+                                  device=device, experts_kernel=experts_kernel,
+                                  switch_tokens=planned_switch_tokens(model, world_size, device, config))
     for layer, moe in zip(layers, asyncep.layers):
         _collapse_ep_view(layer)
         setattr(layer, _BINDING_ATTR, moe)
     streamer = asyncep.streamer
     order_graph_launches_after(streamer)
     logger.info(
-        "AsyncEP: %d MoE layers streamed over %d ranks (transport %s, prefetch depth %d, %.2f GB of gather buffers)",
+        "AsyncEP: %d MoE layers over %d ranks, own experts read in place (transport %s, prefetch depth %d, "
+        "%.2f GB of gather buffers); passes below %d tokens per rank move tokens instead of weights",
         len(layers), world_size, streamer.transport.name, streamer.prefetch_depth, streamer.gather_buffer_bytes / 1e9,
+        asyncep.switch_tokens,
     )
     return AsyncEPBinding(asyncep, layers)
+
+
+def planned_switch_tokens(model: torch.nn.Module, num_ranks: int, device: torch.device, config: AsyncEPConfig) -> int:
+    """The planner's switch point for this deployment (bf16 experts on ``num_ranks`` GPUs of this
+    kind); 0 (always stream) with one rank, off CUDA, or where no shipped profile describes the GPU.
+    ``ZEROPREFILL_ASYNCEP_SWITCH_TOKENS`` (``config.switch_tokens``) overrides it in the builder."""
+    if num_ranks == 1 or device.type != "cuda":
+        return 0
+    from zeroprefill.common.hardware import HardwareProfileError
+    from zeroprefill.common.layouts import switch_point_on_gpus
+    from zeroprefill.common.model_spec import ModelSpecError, MoEModelSpec
+    from zeroprefill.common.saturation import DEFAULT_CONTEXT_TOKENS, PlanError
+
+    try:
+        spec = MoEModelSpec.from_hf_config(model.config.to_dict())
+        tokens = switch_point_on_gpus(spec, torch.cuda.get_device_name(device), num_ranks, DEFAULT_CONTEXT_TOKENS,
+                                      dtype="bf16", transport=config.transport)
+    except (HardwareProfileError, ModelSpecError, PlanError) as exc:
+        logger.info("AsyncEP: no planned switch point (%s): every pass streams weights", exc)
+        return 0
+    return tokens or 0
 
 
 def _collapse_ep_view(layer: Any) -> None:
@@ -171,15 +196,12 @@ def asyncep_run_moe_core(layer: Any, moe: AsyncEPMoE, dispatch_output: Any) -> A
         )
     hidden_states = dispatch_output.hidden_states
     topk_weights = topk_output.topk_weights.float()
+    # SGLang marks DP pad rows with id -1; the AsyncEP layer skips such slots.
     topk_ids = topk_output.topk_ids.long()
-    # SGLang marks DP pad rows with id -1: give them weight 0 on expert 0 (no host sync).
-    dropped = topk_ids < 0
-    topk_weights = topk_weights.masked_fill(dropped, 0.0)
-    topk_ids = topk_ids.masked_fill(dropped, 0)
     scaling = layer.moe_runner_config.routed_scaling_factor
     if scaling is not None and not layer.should_fuse_routed_scaling_factor_in_topk:
         topk_weights = topk_weights * scaling
-    out = moe.forward_routed(hidden_states, topk_weights, topk_ids)
+    out = moe.forward_routed(hidden_states, topk_weights, topk_ids, pass_max_tokens())
     return StandardCombineInput(hidden_states=out)
 
 
