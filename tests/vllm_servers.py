@@ -108,8 +108,15 @@ async def send_all(server: VllmServer, requests, concurrency: int) -> list[tuple
 
 
 def gpu_server_env(tmp: Path, name: str) -> dict[str, str]:
-    """One compile cache per server: servers that start together never write the same entry."""
-    return {"VLLM_CACHE_ROOT": str(tmp / f"cache-{name}"), "VLLM_LOGGING_LEVEL": "INFO"}
+    """One compile cache per server: servers that start together never write the same entry.
+
+    No DeepGEMM warm-up: on a fresh machine vLLM 0.26 JIT-builds hundreds of DeepGEMM kernels
+    for a block-FP8 model before it serves (451 for the tiny FP8 model; the first H100 run of the
+    FP8 checks ran out of time there). These servers check answers, not speed: a kernel built at
+    first use changes no result.
+    """
+    return {"VLLM_CACHE_ROOT": str(tmp / f"cache-{name}"), "VLLM_LOGGING_LEVEL": "INFO",
+            "VLLM_DEEP_GEMM_WARMUP": "skip"}
 
 
 def gpu_server_pair(model_dir: Path, args: list[str], tmp: Path, name: str,
