@@ -58,8 +58,10 @@ from typing import Any
 
 from packaging.version import Version
 
+from zeroprefill.supported_range import SupportedRange
+
 #: [first supported, first unsupported): the releases read for this module.
-SUPPORTED_SGLANG = (Version("0.5.17"), Version("0.5.24"))
+SUPPORTED_SGLANG = SupportedRange(Version("0.5.17"), Version("0.5.24"))
 
 #: A resolution step: ``fn(server_args, previous)``; ``previous(server_args)`` runs SGLang's own step.
 ResolutionStep = Callable[[Any, Callable[[Any], None]], None]
@@ -97,8 +99,7 @@ class Hook:
 
 
 def supported_range_text() -> str:
-    low, high = SUPPORTED_SGLANG
-    return f">= {low}, < {high}"
+    return SUPPORTED_SGLANG.text()
 
 
 def installed_sglang_version() -> str:
@@ -109,17 +110,10 @@ def installed_sglang_version() -> str:
 
 def unsupported_sglang_message(version: str) -> str | None:
     """``None`` if ``version`` is supported, else the one-line start-up error to show."""
-    try:
-        parsed = Version(version)
-    except ValueError:
-        return f"sglang_zeroprefill cannot read the SGLang version {version!r}; it supports SGLang {supported_range_text()}"
-    low, high = SUPPORTED_SGLANG
-    if low <= Version(parsed.base_version) < high:  # a post or local build of a release is that release
-        return None
-    return (
-        f"sglang_zeroprefill supports SGLang {supported_range_text()}, found {version}: install a "
-        "release in that range or serve without --moe-a2a-backend asyncep / --load-balance-method zeroprefill"
-    )
+    return SUPPORTED_SGLANG.unsupported_message(
+        version, engine="SGLang", subject="sglang_zeroprefill",
+        remedy="install a release in that range or serve without --moe-a2a-backend asyncep / "
+               "--load-balance-method zeroprefill")
 
 
 # -- argument resolution ----------------------------------------------------------------------

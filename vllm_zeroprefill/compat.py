@@ -36,30 +36,22 @@ import sys
 
 from packaging.version import Version
 
+from zeroprefill.supported_range import SupportedRange
+
 # [first supported, first unsupported): the releases checked above. The one definition code
 # reads; pyproject.toml's ``vllm`` extra states the same range (tests/test_vllm_compat.py).
-SUPPORTED_VLLM = (Version("0.26.0"), Version("0.34.0"))
+SUPPORTED_VLLM = SupportedRange(Version("0.26.0"), Version("0.34.0"))
 
 
 def supported_range_text() -> str:
-    low, high = SUPPORTED_VLLM
-    return f">= {low}, < {high}"
+    return SUPPORTED_VLLM.text()
 
 
 def unsupported_vllm_message(version: str) -> str | None:
     """``None`` if ``version`` is supported, else the one-line start-up error to show."""
-    try:
-        parsed = Version(version)
-    except ValueError:
-        return f"--moe-backend asyncep cannot read the vLLM version {version!r}; it supports vLLM {supported_range_text()}"
-    low, high = SUPPORTED_VLLM
-    # A local build tag (0.32.0+cpu) or a post release of a supported release is that release.
-    if low <= Version(parsed.base_version) < high:
-        return None
-    return (
-        f"--moe-backend asyncep supports vLLM {supported_range_text()}, found {version}: "
-        f"install a vLLM in that range or drop --moe-backend asyncep"
-    )
+    return SUPPORTED_VLLM.unsupported_message(
+        version, engine="vLLM", subject="--moe-backend asyncep",
+        remedy="install a vLLM in that range or drop --moe-backend asyncep")
 
 
 def installed_vllm_version() -> str:
