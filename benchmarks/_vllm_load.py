@@ -1,0 +1,206 @@
+"""``vllm_serve.py``'s load generation and what it reads from a server's log.
+
+- the closed loop (``--concurrency`` clients) and the open loop (Poisson arrivals) against
+  ``/v1/embeddings``, and what a window measured: answers inside it, late ones, ones cut off
+  unanswered (:func:`window_point`; :func:`percentile` with cut-off requests as lower bounds);
+- the warm-up before each context's measurements (:func:`warm_up`);
+- the server log: the lines a run added (:class:`LogCursor`), kernel JIT events
+  (:func:`jit_events`) and memory facts (:func:`server_memory`), in vLLM 0.26 to 0.33's words.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from _serving import client_session, closed_loop_clients
+
+# What the server log says, in the wording of vLLM 0.26 to 0.33 (0.32+ appends ", Maximum
+# concurrency ..." to the KV line; the CPU build says "CPU KV cache size").
+KV_TOKENS = re.compile(r"KV cache size: ([\d,]+) tokens")
+KV_MEMORY_GIB = re.compile(r"Available KV cache memory: ([\d.]+) GiB")
+WEIGHTS_GIB = re.compile(r"Model loading took ([\d.]+) GiB")
+GRAPHS = re.compile(r"Graph capturing finished in (\d+) secs?, took ([\d.]+) GiB")
+# vLLM's kernel JIT monitor (active after its start-up warm-up) and Triton's autotuning report.
+JIT_EVENT = re.compile(r"during inference: |Triton autotuning for function")
+
+
+@dataclass
+class Sent:
+    """One request: when it left, when its answer arrived (None: cut off unanswered), whether it was a 200."""
+
+    at: float
+    done: float | None = None
+    ok: bool = False
+
+
+def percentile(observed: list[float], at_least: list[float], q: float) -> tuple[float | None, bool]:
+    """The q-th percentile (nearest rank) of all latencies, ``at_least`` holding lower bounds
+    of the latencies of requests cut off unanswered.
+
+    Returns ``(value, is_lower_bound)``: exact where the cut-off requests cannot move it (every
+    order of their true latencies gives the same value), else its lower bound (each cut-off
+    request at its bound) with ``True``.
+    """
+    count = len(observed) + len(at_least)
+    if not count:
+        return None, False
+    rank = min(count - 1, int(round(q / 100 * (count - 1))))
+    low = sorted(observed + at_least)[rank]
+    ordered = sorted(observed)
+    high = ordered[rank] if rank < len(ordered) else math.inf  # every cut-off request slower than all
+    return low, low != high
+
+
+def window_point(sent: list[Sent], context: int, *, start: float, stop_at: float, cut_at: float,
+                 gpus: int) -> dict:
+    """What a window measured: throughput from the answers inside it; latency over every
+    request sent in it (late answers included, cut-off ones as lower bounds)."""
+    window_s = stop_at - start
+    in_window = [r for r in sent if r.done is not None and r.ok and r.done <= stop_at]
+    late = [r for r in sent if r.done is not None and r.ok and r.done > stop_at]
+    failed = [r for r in sent if r.done is not None and not r.ok]
+    cut = [r for r in sent if r.done is None]
+    latencies = [r.done - r.at for r in in_window + late]
+    bounds = [cut_at - r.at for r in cut]
+    p50, p50_bound = percentile(latencies, bounds, 50)
+    p99, p99_bound = percentile(latencies, bounds, 99)
+    return {
+        "sent": len(sent), "requests": len(in_window), "late": len(late), "unanswered": len(cut),
+        "failed": len(failed), "window_s": round(window_s, 3), "drained_s": round(cut_at - stop_at, 3),
+        "requests_per_s": len(in_window) / window_s,
+        "input_tokens_per_s_per_gpu": len(in_window) * context / window_s / gpus,
+        "p50_s": p50, "p50_at_least": p50_bound, "p99_s": p99, "p99_at_least": p99_bound,
+    }
+
+
+def _body(model: str, length: int, rng: random.Random) -> dict:
+    return {"model": model, "input": [rng.randrange(3, 500) for _ in range(length)], "encoding_format": "base64"}
+
+
+async def _post(session, url: str, body: dict, record: Sent) -> None:
+    """Send one request and fill in ``record``; a cancellation leaves ``record.done`` None."""
+    import aiohttp
+
+    try:
+        async with session.post(url + "/v1/embeddings", json=body) as response:
+            await response.read()
+            record.ok = response.status == 200
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        record.ok = False
+    record.done = time.monotonic()
+
+
+async def _drive(url: str, model: str, context: int, *, concurrency: int | None, rate: float | None,
+                 duration_s: float, drain_s: float, seed: int, gpus: int) -> dict:
+    """Closed loop (``concurrency`` clients) or open loop (Poisson at ``rate``) for ``duration_s``,
+    then up to ``drain_s`` for the late answers; what is still unanswered then is cancelled."""
+    rng = random.Random(seed)
+    sent: list[Sent] = []
+    async with client_session() as session:
+
+        async def one() -> None:
+            record = Sent(time.monotonic())
+            sent.append(record)
+            await _post(session, url, _body(model, context, rng), record)
+
+        start = time.monotonic()
+        stop_at = start + duration_s
+        if concurrency is not None:
+            tasks = closed_loop_clients(concurrency, stop_at, one)
+        else:
+            tasks = []
+            next_at = start
+            while next_at < stop_at:
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                tasks.append(asyncio.ensure_future(one()))
+                next_at += rng.expovariate(rate)
+        pending: set = set()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=max(0.0, stop_at + drain_s - time.monotonic()))
+        cut_at = time.monotonic()
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    return window_point(sent, context, start=start, stop_at=stop_at, cut_at=cut_at, gpus=gpus)
+
+
+def warmup_lengths(context: int) -> list[int]:
+    """Every power-of-two request length below ``context``, then ``context``."""
+    return [*(1 << i for i in range(context.bit_length()) if 1 << i < context), context]
+
+
+def warmup_concurrency(clients: int, batched_tokens: int, context: int, ranks: int) -> list[int]:
+    """Requests in flight at once, doubling from one per rank to the most a timed run reaches:
+    the closed loop's clients, or (an open loop's queue) a full token budget on every rank."""
+    top = max(clients, ranks * -(-batched_tokens // context))
+    levels = []
+    level = ranks
+    while level < top:
+        levels.append(level)
+        level *= 2
+    return [*levels, top]
+
+
+async def _burst(url: str, model: str, lengths: list[int], seed: int) -> list[Sent]:
+    """Requests of ``lengths`` tokens sent at once; returns when all are answered."""
+    rng = random.Random(seed)
+    records = [Sent(time.monotonic()) for _ in lengths]
+    async with client_session() as session:
+        await asyncio.gather(*(_post(session, url, _body(model, n, rng), r) for n, r in zip(lengths, records)))
+    return records
+
+
+def warm_up(url: str, model: str, context: int, *, clients: int, batched_tokens: int, ranks: int,
+            warmup_s: float, drain_s: float, gpus: int) -> dict:
+    """Every step size the timed runs at ``context`` can produce, before they start (module docstring)."""
+    lengths = warmup_lengths(context)
+    levels = warmup_concurrency(clients, batched_tokens, context, ranks)
+    records = [r for n in lengths for r in asyncio.run(_burst(url, model, [n] * ranks, seed=n))]
+    records += [r for k in levels for r in asyncio.run(_burst(url, model, [context] * k, seed=k))]
+    done = {"lengths": lengths, "copies_per_length": ranks, "concurrency": levels,
+            "requests": len(records), "failed": sum(not r.ok for r in records), "closed_loop_s": warmup_s}
+    if warmup_s > 0:
+        closed = asyncio.run(_drive(url, model, context, concurrency=clients, rate=None, duration_s=warmup_s,
+                                    drain_s=drain_s, seed=1, gpus=gpus))
+        done["requests"] += closed["sent"]
+        done["failed"] += closed["failed"]
+    return done
+
+
+class LogCursor:
+    """The lines a growing log file gained since the cursor last looked."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = path.stat().st_size if path.exists() else 0
+
+    def new_lines(self) -> list[str]:
+        if not self.path.exists():
+            return []
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            data = handle.read()
+        complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next look
+        self.offset += len(complete)
+        return complete.decode(errors="replace").splitlines()
+
+
+def jit_events(lines: list[str]) -> list[str]:
+    return [line.strip() for line in lines if JIT_EVENT.search(line)]
+
+
+def server_memory(log_text: str) -> dict:
+    """Memory facts from a server log: KV-cache tokens per engine, GiB per worker."""
+    graphs = GRAPHS.findall(log_text)
+    return {
+        "kv_cache_tokens": [int(n.replace(",", "")) for n in KV_TOKENS.findall(log_text)],
+        "kv_cache_gib": [float(x) for x in KV_MEMORY_GIB.findall(log_text)],
+        "weights_gib": [float(x) for x in WEIGHTS_GIB.findall(log_text)],
+        "cuda_graphs_gib": [float(gib) for _, gib in graphs],
+    }
