@@ -1,0 +1,219 @@
+"""``sglang_gpu_check.py``'s accuracy checks: served values against a float32 reference.
+
+- the requests: prompt log-probabilities from ``/generate``, embeddings from ``/v1/embeddings``
+  (:func:`prompt_token`: ids SGLang reports faithfully), and the mixed concurrent requests;
+- the distances (1 - max |delta logprob|, cosine) and :func:`judge`, the plugin against stock;
+- :func:`fp32_reference`: transformers in float32 on the same checkpoint (an FP8 one
+  dequantised), and :func:`compare_endpoint`, one endpoint of one checkpoint, both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from _serving import client_session
+from _sglang_servers import Server
+
+COMPARISON_PROMPT_TOKENS = (2, 7, 31, 128, 511, 1024, 1900)
+
+# -- requests ---------------------------------------------------------------------------------
+
+
+async def prompt_logprobs(session: Any, url: str, ids: Sequence[int]) -> list[float]:
+    """``logprob(ids[i] | ids[:i])`` for ``i >= 1``, from ``/generate``."""
+    body = {"input_ids": list(ids), "sampling_params": {"max_new_tokens": 0, "temperature": 0.0},
+            "return_logprob": True, "logprob_start_len": 0}
+    async with session.post(f"{url}/generate", json=body) as response:
+        if response.status != 200:
+            raise RuntimeError(f"/generate answered {response.status}: {(await response.text())[:300]}")
+        entries = (await response.json())["meta_info"]["input_token_logprobs"]
+    if [entry[1] for entry in entries] != list(ids):
+        raise RuntimeError(f"/generate returned log-probabilities for other tokens than the {len(ids)} sent")
+    return [float(entry[0]) for entry in entries[1:]]
+
+
+async def embedding(session: Any, url: str, ids: Sequence[int]) -> list[float]:
+    async with session.post(f"{url}/v1/embeddings", json={"input": list(ids)}) as response:
+        if response.status != 200:
+            raise RuntimeError(f"/v1/embeddings answered {response.status}: {(await response.text())[:300]}")
+        return (await response.json())["data"][0]["embedding"]
+
+
+def sglang_session(concurrency: int = 100) -> Any:
+    """At most ``concurrency`` connections; 600 s per request."""
+    return client_session(concurrency, timeout_s=600)
+
+
+# -- comparison arithmetic --------------------------------------------------------------------
+
+
+def logprob_distance(served: Sequence[Sequence[float]], reference: Sequence[Sequence[float]]) -> float:
+    """max |served - reference| over every prompt token of every prompt."""
+    return max(abs(s - r) for got, want in zip(served, reference, strict=True)
+               for s, r in zip(got, want, strict=True))
+
+
+def cosine(a: Sequence[float], b: Sequence[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def embedding_distance(served: Sequence[Sequence[float]], reference: Sequence[Sequence[float]]) -> float:
+    """1 - the smallest cosine between a served embedding and its reference."""
+    return 1.0 - min(cosine(s, r) for s, r in zip(served, reference, strict=True))
+
+
+def judge(plugin: dict, stock: dict, margin: float, min_similarity: float | None = None) -> dict:
+    """Whether the plugin's distance to the reference is within stock's plus ``margin``.
+
+    ``plugin`` / ``stock``: ``{"distance": d}`` where measured, else ``{"served": False, ...}``.
+    Where stock has no distance, ``min_similarity`` (1 - distance) bounds the plugin's instead.
+    """
+    if "distance" not in plugin:
+        return {"plugin_passes": None, "why": f"the plugin did not serve it: {plugin.get('reason')}"}
+    if "distance" in stock:
+        bound = stock["distance"] + margin
+        return {"plugin_passes": plugin["distance"] <= bound,
+                "why": f"plugin distance {plugin['distance']:.4g} vs stock {stock['distance']:.4g} + margin {margin}"}
+    if min_similarity is None:
+        return {"plugin_passes": None, "why": "stock did not serve it and no absolute bound applies"}
+    return {"plugin_passes": 1.0 - plugin["distance"] >= min_similarity,
+            "why": f"stock did not serve it; plugin similarity {1.0 - plugin['distance']:.6f} vs floor {min_similarity}"}
+
+
+# -- the float32 reference --------------------------------------------------------------------
+
+
+def prompt_token(rng: random.Random, vocab_size: int) -> int:
+    """A random prompt token id in ``[1, vocab_size - 1)``: SGLang reports ids ``>= vocab_size - 1``
+    as 0 in ``input_token_logprobs`` (it clips them, for image-token hashes), so they are avoided."""
+    return rng.randrange(1, vocab_size - 1)
+
+
+def comparison_prompts(vocab_size: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[prompt_token(rng, vocab_size) for _ in range(n)] for n in COMPARISON_PROMPT_TOKENS]
+
+
+def fp32_reference(model_dir: Path, prompts: Sequence[Sequence[int]], device: str) -> dict[str, list[list[float]]]:
+    """transformers in float32: prompt log-probabilities and last-token L2-normalised final hidden states."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = _float32_checkpoint(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()
+    logprobs, embeddings = [], []
+    with torch.no_grad():
+        for ids in prompts:
+            input_ids = torch.tensor([list(ids)], device=device)
+            hidden = model.model(input_ids=input_ids).last_hidden_state[0]  # [T, H], after the final norm
+            log_softmax = torch.log_softmax(model.lm_head(hidden).float(), dim=-1)
+            logprobs.append(log_softmax[:-1].gather(1, input_ids[0, 1:, None])[:, 0].tolist())
+            embeddings.append(torch.nn.functional.normalize(hidden[-1], dim=-1).tolist())
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {"logprobs": logprobs, "embeddings": embeddings}
+
+
+def default_reference_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _float32_checkpoint(model_dir: Path) -> Path:
+    """``model_dir`` itself, or for a block-FP8 checkpoint a dequantised float32 copy beside it."""
+    config = json.loads((model_dir / "config.json").read_text())
+    if "quantization_config" not in config:
+        return model_dir
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from zeroprefill.common.block_fp8 import dequantize_block_fp8
+
+    out = model_dir.with_name(model_dir.name + "-dequantized-fp32")
+    out.mkdir(exist_ok=True)
+    block = config["quantization_config"]["weight_block_size"][0]
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    dequantized = {
+        name: (dequantize_block_fp8(t, tensors[name + "_scale_inv"], block) if name + "_scale_inv" in tensors
+               else t.to(torch.float32))
+        for name, t in tensors.items() if not name.endswith("_scale_inv")
+    }
+    save_file(dequantized, str(out / "model.safetensors"), metadata={"format": "pt"})
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps({**config, "dtype": "float32"}, indent=2))
+    for extra in model_dir.iterdir():
+        if extra.name not in ("config.json", "model.safetensors"):
+            shutil.copy(extra, out / extra.name)
+    return out
+
+
+# -- one endpoint, and mixed requests ---------------------------------------------------------
+
+
+async def _served(server: Server, ids_list: Sequence[Sequence[int]]) -> dict:
+    ask = embedding if server.spec.is_embedding else prompt_logprobs
+    async with sglang_session() as session:
+        return {"values": [await ask(session, server.url, ids) for ids in ids_list]}
+
+
+def compare_endpoint(servers: dict[str, Server], records: dict[str, dict], names: dict[str, str],
+                     prompts: Sequence[Sequence[int]], reference: Sequence[Sequence[float]], embeddings: bool) -> dict:
+    """One endpoint of one checkpoint: stock's and the plugin's distance to the reference."""
+    distance = embedding_distance if embeddings else logprob_distance
+    result: dict[str, Any] = {"metric": "cosine" if embeddings else "1 - max |delta logprob|"}
+    values = {}
+    for side, name in names.items():
+        if name not in servers:
+            result[side] = {"served": False, "server": name, "reason": records[name]["reason"]}
+            continue
+        try:
+            values[side] = asyncio.run(_served(servers[name], prompts))["values"]
+        except Exception as exc:  # a served endpoint that fails is a result, not a crash
+            result[side] = {"served": False, "server": name, "reason": f"{type(exc).__name__}: {exc}"}
+            continue
+        d = distance(values[side], reference)
+        result[side] = {"served": True, "server": name, "distance": d, "similarity": 1.0 - d}
+    if len(values) == 2:
+        result["plugin_vs_stock_distance"] = distance(values["plugin"], values["stock"])
+    return result
+
+
+async def mixed_requests(generate_url: str, embedding_url: str, count: int, vocab_size: int, hidden_size: int,
+                         max_tokens: int, seed: int = 1) -> dict:
+    """``count`` requests at once, each to one of the two endpoints at random, of random length."""
+    rng = random.Random(seed)
+    jobs = [(rng.random() < 0.5, [prompt_token(rng, vocab_size) for _ in range(rng.randint(1, max_tokens))])
+            for _ in range(count)]
+    errors: list[str] = []
+
+    async def one(session: Any, is_embedding: bool, ids: list[int]) -> None:
+        try:
+            if is_embedding:
+                vector = await embedding(session, embedding_url, ids)
+                if len(vector) != hidden_size or not all(math.isfinite(x) for x in vector):
+                    raise RuntimeError(f"an embedding of {len(vector)} values, not {hidden_size} finite ones")
+            else:
+                values = await prompt_logprobs(session, generate_url, ids)
+                if not all(math.isfinite(x) for x in values):
+                    raise RuntimeError("a non-finite log-probability")
+        except Exception as exc:
+            errors.append(f"{'/v1/embeddings' if is_embedding else '/generate'} ({len(ids)} tokens): "
+                          f"{type(exc).__name__}: {exc}")
+
+    started = time.monotonic()
+    async with sglang_session(concurrency=count) as session:
+        await asyncio.gather(*(one(session, is_embedding, ids) for is_embedding, ids in jobs))
+    return {"sent": count, "failed": len(errors), "to_embeddings": sum(e for e, _ in jobs),
+            "prompt_tokens": sum(len(ids) for _, ids in jobs), "seconds": round(time.monotonic() - started, 2),
+            "errors": errors[:10]}
