@@ -1,0 +1,345 @@
+"""``moe_kernels.py``'s measurements: one MoE layer's sides, timed, checked and profiled.
+
+- :class:`Layer`: random weights in bf16 and FP8 (block, rowwise) and routing for one shape;
+- :func:`sides`: every measured call on it (ours on each backend, the plain torch._grouped_mm
+  baseline, FP8, DeepGEMM's where it loads), over the same span;
+- the clocks: :func:`bench_ms` (eager), :func:`graph_ms` (CUDA-graph replay),
+  :func:`profile_kernels` (torch.profiler, per kernel), :func:`hbm_bandwidth_gb_s`;
+- :func:`measure_point`: errors and times of every side at one token count;
+- ``--tune``: :func:`tune` searches the Triton tiles and writes ``kernels/configs/<arch>.json``.
+
+The table, the ratios and the summary built from these points are in ``moe_kernels.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from zeroprefill.kernels import (GROUPED_MM, TRITON, GemmConfig, MoEConfig, deepgemm_experts,
+                                 deepgemm_unavailable_reason, experts_kernel_choice, fused_experts,
+                                 fused_experts_reference, get_config, grouped_mm_experts, moe_align_block_size,
+                                 quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
+from zeroprefill.common.asyncep_moe import select_experts
+from zeroprefill.kernels.fused_moe import (_gemm1_gate_up_silu_kernel, _gemm2_down_scatter_kernel,
+                                           run_gemm1, run_gemm2)
+from zeroprefill.kernels.grouped_mm_moe import ALIGN_M as GROUPED_MM_ALIGN_M
+from zeroprefill.kernels.moe_config import CONFIG_DIR, arch_name, clear_config_cache, problem_key
+from zeroprefill.kernels.quant import quantize_tokens_fp8_group
+
+BF16_SIDES = {GROUPED_MM: "bf16_gmm_ours", TRITON: "bf16_triton"}  # the forced side of each bf16 backend
+SUMMARY_MIN_TOKENS = 8192  # summary keys *_min_8k_plus: the worst point at or above this many tokens
+COPY_BYTES = 1 << 30       # the device copy that measures HBM bandwidth
+_START = time.perf_counter()
+
+
+def moe_flops(num_tokens: int, top_k: int, hidden: int, inter: int) -> float:
+    return 2.0 * num_tokens * top_k * (2 * inter * hidden + hidden * inter)
+
+
+def grouped_mm_baseline(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                       topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """The baseline: sort rows by expert, two torch._grouped_mm, un-permute by gather, weighted sum.
+
+    Written to be cheap in plain torch: gathers (index_select) rather than index_put scatters,
+    and the routing weights applied by the batched [1, K] x [K, H] product that also sums the slots.
+    """
+    num_tokens, top_k = topk_ids.shape
+    num_experts, two_inter, hidden = w13.shape
+    expert_of_row = topk_ids.reshape(-1)
+    _, order = torch.sort(expert_of_row, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    rows_per_expert = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
+    rows_per_expert.scatter_add_(0, expert_of_row.long(), torch.ones_like(expert_of_row, dtype=torch.int32))
+    offs = torch.cumsum(rows_per_expert, 0, dtype=torch.int32)
+    x_sorted = x.index_select(0, order // top_k)
+    gate_up = torch._grouped_mm(x_sorted, w13.transpose(1, 2), offs=offs)
+    act = F.silu(gate_up[:, : two_inter // 2]) * gate_up[:, two_inter // 2:]
+    y_sorted = torch._grouped_mm(act, w2.transpose(1, 2), offs=offs)
+    slots = y_sorted.index_select(0, inverse).view(num_tokens, top_k, hidden)
+    return torch.bmm(topk_weights.to(slots.dtype).unsqueeze(1), slots).squeeze(1)
+
+
+def compiled_kernel_stats() -> list[dict]:
+    """Registers, spills and shared memory of every compiled variant of our two GEMM kernels."""
+    stats = []
+    for jit_fn in (_gemm1_gate_up_silu_kernel, _gemm2_down_scatter_kernel):
+        for caches in getattr(jit_fn, "device_caches", {}).values():
+            for kernel in caches[0].values():
+                meta = kernel.metadata
+                constants = getattr(getattr(kernel, "src", None), "constants", {}) or {}
+                stats.append({"kernel": jit_fn.__name__, "n_regs": kernel.n_regs, "n_spills": kernel.n_spills,
+                              "shared_bytes": meta.shared, "num_warps": meta.num_warps,
+                              "num_stages": meta.num_stages,
+                              "constexprs": {str(k): v for k, v in constants.items()
+                                             if isinstance(v, (int, bool))}})
+    return stats
+
+
+def log(message: str) -> None:
+    """A progress line: the wall-clock time and the seconds since the script started."""
+    print(f"[{time.strftime('%H:%M:%S')} {time.perf_counter() - _START:6.0f} s] {message}", flush=True)
+
+
+def bench_ms(fn: Callable[[], object]) -> float:
+    """Eager time of one call (ms): do_bench median, L2 flushed before each call."""
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+
+def graph_ms(fn: Callable[[], object]) -> float:
+    """Time of one CUDA-graph replay of ``fn`` (ms), captured once after a warm-up call on the
+    capture stream: the GPU time of the call without the host's launch gaps."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench_ms(graph.replay)  # the graph and its memory pool go with this frame
+
+
+def hbm_bandwidth_gb_s(num_bytes: int = COPY_BYTES) -> float:
+    """Measured HBM bandwidth (GB/s): bytes read plus written by a device-to-device copy."""
+    src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return 2 * num_bytes / (ms * 1e-3) / 1e9
+
+
+def is_gemm_kernel(name: str) -> bool:
+    """A profiled kernel that is a grouped GEMM: torch's CUTLASS ones, DeepGEMM's, our two Triton ones."""
+    return "cutlass" in name or "_gemm" in name
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
+
+
+class Layer:
+    """Random weights of one MoE layer in bf16, FP8 (block and rowwise), plus routing for up to max_tokens."""
+
+    def __init__(self, shape: tuple[int, int, int, int], max_tokens: int, seed: int = 0):
+        self.num_experts, self.top_k, self.hidden, self.inter = shape
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        e, h, i = self.num_experts, self.hidden, self.inter
+        self.w13 = (torch.randn(e, 2 * i, h, device="cuda", generator=gen) * h ** -0.5).bfloat16()
+        self.w2 = (torch.randn(e, h, i, device="cuda", generator=gen) * i ** -0.5).bfloat16()
+        self.w13_fp8, self.w13_scale = quantize_weights_fp8_block(self.w13)
+        self.w2_fp8, self.w2_scale = quantize_weights_fp8_block(self.w2)
+        self.w13_fp8_rowwise, self.w13_rowwise_scale = quantize_weights_fp8_rowwise(self.w13)
+        self.w2_fp8_rowwise, self.w2_rowwise_scale = quantize_weights_fp8_rowwise(self.w2)
+        self.x = torch.randn(max_tokens, h, device="cuda", generator=gen).bfloat16()
+        logits = torch.randn(max_tokens, e, device="cuda", generator=gen)
+        self.topk_weights, self.topk_ids = select_experts(logits, self.top_k, renormalize=True)
+
+    def inputs(self, num_tokens: int):
+        return (self.x[:num_tokens], self.topk_weights[:num_tokens].contiguous(),
+                self.topk_ids[:num_tokens].contiguous())
+
+
+def candidate_configs(use_fp8: bool, num_tokens: int, top_k: int, num_experts: int):
+    """The tile search space: block_m by load, then gemm1 and gemm2 tiles for each block_m."""
+    rows_per_expert = num_tokens * top_k / num_experts
+    block_ms = [m for m in (32, 64, 128) if m <= 2 * max(rows_per_expert, 16)]
+    bk = 128 if use_fp8 else 64
+    for bm in block_ms:
+        warps = 4 if bm <= 64 else 8
+        if use_fp8:
+            g1 = [GemmConfig(bm, 128, 128, 8, w, s) for w, s in ((warps, 3), (warps, 4), (8, 2), (8, 3))]
+        else:
+            g1 = [GemmConfig(bm, bn, bk, gm, warps, s) for bn, gm, s in
+                  ((64, 8, 4), (128, 8, 3), (128, 8, 4), (128, 32, 4))]
+        g2 = [GemmConfig(bm, bn, bk, gm, w, s) for bn, gm, w, s in
+              ((128, 8, warps, 4), (128, 8, warps, 3), (256, 8, 8, 3), (128, 16, warps, 4), (64, 8, 4, 4))]
+        yield bm, g1, g2
+
+
+def tune_one(layer: Layer, use_fp8: bool, num_tokens: int) -> tuple[MoEConfig, float]:
+    """Tune GEMM 1 and GEMM 2 separately for each block_m; keep the fastest pair."""
+    x, topk_weights, topk_ids = layer.inputs(num_tokens)
+    w13, w2 = (layer.w13_fp8, layer.w2_fp8) if use_fp8 else (layer.w13, layer.w2)
+    w13_scale, w2_scale = (layer.w13_scale, layer.w2_scale) if use_fp8 else (None, None)
+    xq, x_scale = quantize_tokens_fp8_group(x) if use_fp8 else (x, None)
+    best: tuple[float, MoEConfig] | None = None
+    for bm, g1_list, g2_list in candidate_configs(use_fp8, num_tokens, layer.top_k, layer.num_experts):
+        alignment = moe_align_block_size(topk_ids, layer.num_experts, bm)
+        g1_times = {}
+        for cfg in g1_list:
+            try:
+                g1_times[cfg] = bench_ms(lambda: run_gemm1(xq, x_scale, w13, w13_scale, alignment, cfg))
+            except Exception as exc:  # e.g. out of shared memory for this tile
+                print(f"  skip {cfg}: {type(exc).__name__}")
+        g1 = min(g1_times, key=g1_times.get)
+        act, act_scale = run_gemm1(xq, x_scale, w13, w13_scale, alignment, g1)
+        g2_times = {}
+        for cfg in g2_list:
+            try:
+                g2_times[cfg] = bench_ms(lambda: run_gemm2(act, act_scale, w2, w2_scale, topk_weights,
+                                                           alignment, cfg, x.dtype))
+            except Exception as exc:
+                print(f"  skip {cfg}: {type(exc).__name__}")
+        g2 = min(g2_times, key=g2_times.get)
+        total = g1_times[g1] + g2_times[g2]
+        print(f"  T={num_tokens} fp8={use_fp8} block_m={bm}: gemm1 {g1_times[g1]:.3f} ms {g1}, "
+              f"gemm2 {g2_times[g2]:.3f} ms {g2}")
+        if best is None or total < best[0]:
+            best = (total, MoEConfig(g1, g2))
+    return best[1], best[0]
+
+
+def tune(shapes: dict, tokens: list[int]) -> Path:
+    path = CONFIG_DIR / f"{arch_name(torch.device('cuda'))}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = json.loads(path.read_text())["configs"] if path.exists() else {}
+    for name, shape in shapes.items():
+        layer = Layer(shape, max(tokens))
+        for use_fp8 in (False, True):
+            key = problem_key(use_fp8, layer.num_experts, layer.hidden, layer.inter)
+            table[key] = {}
+            for num_tokens in tokens:
+                config, _ = tune_one(layer, use_fp8, num_tokens)
+                table[key][str(num_tokens)] = config.to_json()
+            path.write_text(json.dumps({  # after every problem: a cut-off run keeps what it found
+                "device": torch.cuda.get_device_name(),
+                "triton": triton.__version__,
+                "note": "written by benchmarks/moe_kernels.py --tune; lookups take the nearest token count",
+                "configs": table}, indent=1) + "\n")
+        del layer
+        torch.cuda.empty_cache()
+    clear_config_cache()
+    return path
+
+
+def profile_kernels(fn, steps: int = 3) -> dict[str, float]:
+    """GPU kernel time per call, by kernel name (ms), from torch.profiler."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for evt in prof.key_averages():
+        device_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if device_us > 0:  # kernels whose names differ only past 80 characters are summed
+            name = evt.key[:80]
+            times[name] = times.get(name, 0.0) + device_us / steps / 1000
+    return {name: round(ms, 4) for name, ms in sorted(times.items(), key=lambda kv: -kv[1])}
+
+
+def sides(layer: Layer, x: torch.Tensor, tw: torch.Tensor, ti: torch.Tensor, triton_cfg: MoEConfig,
+          fp8_cfg: MoEConfig) -> dict[str, Callable[[], torch.Tensor]]:
+    """Every measured side at one token count, as calls (the same ones are timed and profiled)."""
+    return {
+        "bf16_triton": lambda: fused_experts(x, layer.w13, layer.w2, tw, ti, config=triton_cfg),
+        "bf16_gmm_ours": lambda: fused_experts(x, layer.w13, layer.w2, tw, ti, config=MoEConfig(backend=GROUPED_MM)),
+        "grouped_mm": lambda: grouped_mm_baseline(x, layer.w13, layer.w2, tw, ti),
+        "fp8": lambda: fused_experts(x, layer.w13_fp8, layer.w2_fp8, tw, ti, w13_scale=layer.w13_scale,
+                                     w2_scale=layer.w2_scale, config=fp8_cfg),
+        "fp8_selected": lambda: fused_experts(x, layer.w13_fp8, layer.w2_fp8, tw, ti, w13_scale=layer.w13_scale,
+                                              w2_scale=layer.w2_scale),
+        "fp8_rowwise": lambda: fused_experts(x, layer.w13_fp8_rowwise, layer.w2_fp8_rowwise, tw, ti,
+                                             w13_scale=layer.w13_rowwise_scale, w2_scale=layer.w2_rowwise_scale,
+                                             config=MoEConfig(backend=GROUPED_MM)),
+        "fp8_rowwise_fast_accum": lambda: grouped_mm_experts(  # same span: alignment included
+            x, layer.w13_fp8_rowwise, layer.w2_fp8_rowwise, tw,
+            moe_align_block_size(ti, layer.num_experts, GROUPED_MM_ALIGN_M), layer.w13_rowwise_scale,
+            layer.w2_rowwise_scale, fast_accum=True),
+        **deepgemm_calls(layer, x, tw, ti),
+    }
+
+
+def deepgemm_calls(layer: Layer, x: torch.Tensor, tw: torch.Tensor, ti: torch.Tensor) -> dict:
+    """The DeepGEMM sides (bf16, block FP8), or none where DeepGEMM does not load."""
+    if deepgemm_unavailable_reason() is not None:
+        return {}
+    return {"deepgemm_bf16": lambda: deepgemm_experts(x, layer.w13, layer.w2, tw, ti),
+            "deepgemm_fp8": lambda: deepgemm_experts(x, layer.w13_fp8, layer.w2_fp8, tw, ti,
+                                                     w13_scale=layer.w13_scale, w2_scale=layer.w2_scale)}
+
+
+def reference_kind(side: str) -> str:
+    """Which fp32 reference a side is checked against: bf16 weights, block FP8 or FP8-rowwise."""
+    if side in ("fp8", "fp8_selected", "deepgemm_fp8"):
+        return "fp8_block"
+    return "fp8_rowwise" if side.startswith("fp8_rowwise") else "bf16"
+
+
+def measure_point(layer: Layer, name: str, num_tokens: int, side_names: list[str], failures: dict) -> dict:
+    """Errors, eager and graph-replayed times of every side at one token count; at >= 8K tokens
+    also the GEMM kernels' time of each bf16 backend (torch.profiler)."""
+    e, k, h, i = layer.num_experts, layer.top_k, layer.hidden, layer.inter
+    x, tw, ti = layer.inputs(num_tokens)
+    triton_cfg = get_config(num_tokens, k, e, h, i, False, x.device, allow_grouped_mm=False)
+    fp8_cfg = get_config(num_tokens, k, e, h, i, True, x.device)
+    fns = {side: fn for side, fn in sides(layer, x, tw, ti, triton_cfg, fp8_cfg).items() if side in side_names}
+    weights = {"bf16": {}, "fp8_block": {"w13_scale": layer.w13_scale, "w2_scale": layer.w2_scale},
+               "fp8_rowwise": {"w13_scale": layer.w13_rowwise_scale, "w2_scale": layer.w2_rowwise_scale}}
+    matrices = {"bf16": (layer.w13, layer.w2), "fp8_block": (layer.w13_fp8, layer.w2_fp8),
+                "fp8_rowwise": (layer.w13_fp8_rowwise, layer.w2_fp8_rowwise)}
+    refs: dict[str, torch.Tensor] = {}
+
+    def reference(kind: str) -> torch.Tensor:  # each reference once per point
+        if kind not in refs:
+            refs[kind] = fused_experts_reference(x, *matrices[kind], tw, ti, **weights[kind]).float()
+        return refs[kind]
+
+    err, ms, ms_graph, gemm_ms = {}, {}, {}, {}
+    for side, fn in fns.items():
+        key = f"{name}/{num_tokens}/{side}"
+        try:
+            out = fn()
+            err[side] = rel_err(out, reference(reference_kind(side)))
+            if "fp8" in side:
+                err[f"{side}_vs_bf16_reference"] = rel_err(out, reference("bf16"))
+            del out
+            ms[side] = bench_ms(fn)
+        except Exception as exc:  # a path that fails here is reported, not fatal to the run
+            failures[key] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            log(f"{key} failed: {failures[key]}")
+            continue
+        try:
+            ms_graph[side] = graph_ms(fn)
+        except Exception as exc:  # e.g. a host sync inside the call: no graph time for this side
+            failures[f"{key}/graph"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            log(f"{key} graph capture failed: {failures[key + '/graph']}")
+        if num_tokens >= SUMMARY_MIN_TOKENS and side in BF16_SIDES.values():
+            gemm_ms[side] = sum(v for kernel, v in profile_kernels(fn).items() if is_gemm_kernel(kernel))
+        log(f"{key}: eager {ms[side]:.3f} ms, graph {ms_graph.get(side, float('nan')):.3f} ms")
+    try:
+        fp8_kernel = experts_kernel_choice(torch.bfloat16, layer.w13_fp8, layer.w2_fp8, layer.w13_scale,
+                                           layer.w2_scale)
+    except RuntimeError as exc:  # ZEROPREFILL_EXPERTS_KERNEL=deepgemm where DeepGEMM cannot run
+        fp8_kernel = str(exc)
+    return {"shape": name, "tokens": num_tokens, "flops": moe_flops(num_tokens, k, h, i), "ms": ms,
+            "ms_graph": ms_graph, "gemm_kernels_ms": gemm_ms,
+            "max_rel_err": {s_: float(f"{v:.3g}") for s_, v in err.items()},
+            "config_bf16_triton": triton_cfg.to_json(), "config_fp8": fp8_cfg.to_json(),
+            "fp8_selected_kernel": fp8_kernel}
+
+
+def profile_sides(layer: Layer, point: dict) -> dict:
+    """Kernel times per call of every side that ran at this point (the shipped bf16 included)."""
+    e, k, h, i = layer.num_experts, layer.top_k, layer.hidden, layer.inter
+    x, tw, ti = layer.inputs(point["tokens"])
+    shipped_cfg = get_config(point["tokens"], k, e, h, i, False, x.device)
+    calls = {"bf16": partial(fused_experts, x, layer.w13, layer.w2, tw, ti, config=shipped_cfg),
+             **sides(layer, x, tw, ti, MoEConfig.from_json(point["config_bf16_triton"]),
+                     MoEConfig.from_json(point["config_fp8"]))}
+    profile = {"tokens": point["tokens"]}
+    for side, fn in calls.items():
+        if side in point["ms"]:  # paths that failed (or were not asked for) are not profiled
+            profile[side] = profile_kernels(fn)
+    return profile
+
+
