@@ -49,6 +49,22 @@ def open_loop_p99(runs: list[dict], model: str, context: int) -> dict[str, dict[
     return table
 
 
+def light_load_p99_ratio(p99_by_rate: dict[str, dict[str, dict]]) -> dict | None:
+    """AsyncEP's best p99 over stock DP+EP's best at the lowest offered rate both ran (from
+    :func:`open_loop_p99`); None if none. ``at_least``: either p99 is a lower bound."""
+    def side(points: dict[str, dict], asyncep: bool) -> dict | None:
+        mine = [p for label, p in points.items()
+                if LAYOUTS[label.split("@")[0]].is_asyncep == asyncep and (asyncep or "-ep" in label)]
+        return min(mine, key=lambda p: p["p99_s"]) if mine else None
+
+    for rate in sorted(p99_by_rate, key=float):
+        ours, stock = side(p99_by_rate[rate], True), side(p99_by_rate[rate], False)
+        if ours and stock and stock["p99_s"]:
+            return {"offered_requests_per_s": float(rate), "ratio": round(ours["p99_s"] / stock["p99_s"], 3),
+                    "at_least": ours["p99_at_least"] or stock["p99_at_least"]}
+    return None
+
+
 def _same_layers_ratio(runs: list[dict], ours: tuple[str, str], theirs: tuple[str, str],
                        value: Callable[[str, str], float | None]) -> float | None:
     """``value(model_key, layout)`` of ``ours`` over ``theirs`` ((config name, layout) each), at
@@ -94,6 +110,9 @@ def summarize(runs: list[dict], vllm_version: str) -> dict:
         found = summary["comparisons"].get(f"{model_prefix}_{context}")
         summary[f"asyncep_vs_best_stock_{short}"] = found["asyncep_vs_best_stock"] if found else None
         summary[f"best_stock_layout_{short}"] = found["best_stock_layout"] if found else None
+    # Two GPUs, light load: p99 at the lowest offered rate both sides ran (0.3x stock's peak in the runbook).
+    found = summary["comparisons"].get("qwen3-235b-a22b_512")
+    summary["p99_light_asyncep_vs_stock"] = light_load_p99_ratio(found["p99_s_at_offered_requests_per_s"]) if found else None
     # One GPU: closed-loop input tokens/s per GPU at 2,048 tokens per request, and KV capacity.
     def throughput(model: str, layout: str) -> float | None:
         return best_by_layout(runs, model, 2048).get(layout, {}).get("input_tokens_per_s_per_gpu")

@@ -550,3 +550,18 @@ def test_concurrency_keeps_a_queue_behind_every_gpu():
     assert vllm_serve.concurrency_for(32768, 32768, None, gpus=2) == 6
     assert vllm_serve.concurrency_for(2048, 32768, None, gpus=1) == 48
     assert vllm_serve.concurrency_for(4096, 8192, 3, gpus=2) == 3
+
+
+def test_light_load_p99_ratio_takes_the_lowest_rate_both_sides_ran():
+    import _vllm_report
+
+    ran = {
+        "8.0": {"stock-dp2-ep@32768": {"p99_s": 0.5, "p99_at_least": False},
+                "asyncep-copy-engine@32768": {"p99_s": 0.6, "p99_at_least": True}},
+        "3.0": {"stock-dp2-ep@32768": {"p99_s": 0.3, "p99_at_least": False},
+                "stock-tp2@32768": {"p99_s": 0.1, "p99_at_least": False},  # not the DP+EP baseline
+                "asyncep-copy-engine@32768": {"p99_s": 0.33, "p99_at_least": False}},
+        "1.0": {"stock-dp2-ep@32768": {"p99_s": 0.2, "p99_at_least": False}},  # AsyncEP did not run it
+    }
+    assert _vllm_report.light_load_p99_ratio(ran) == {"offered_requests_per_s": 3.0, "ratio": 1.1, "at_least": False}
+    assert _vllm_report.light_load_p99_ratio({"1.0": ran["1.0"]}) is None
