@@ -24,11 +24,6 @@ from zeroprefill.common.saturation import (Deployment, PlanError, effective_tflo
                                            light_load_pass_time_s, saturation_threshold_flops,
                                            saturation_threshold_tokens)
 
-# Importable from here until sglang_zeroprefill/load_balance.py and its test import them from
-# zeroprefill.common.saturation (issue 27); nothing in this module uses them.
-from zeroprefill.common.saturation import (DEFAULT_CONTEXT_TOKENS, step_flops_budget,  # noqa: F401
-                                           step_flops_budget_on_gpus)
-
 
 @dataclass(frozen=True)
 class ContextPlan:
