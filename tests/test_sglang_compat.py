@@ -117,3 +117,17 @@ def test_children_spawned_from_our_launcher_load_the_plugins() -> None:
     patched = result.stdout.split("PATCHED", 1)[1]
     assert "sglang.srt.managers.data_parallel_controller.DataParallelController.__init__" in patched
     assert "sglang.srt.layers.moe.fused_moe_triton.layer.FusedMoE.run_moe_core" in patched
+
+
+def test_pyproject_states_the_range_compat_defines():
+    # compat.SUPPORTED_SGLANG is what the plugin reads; the sglang extra must install the same releases.
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    from sglang_zeroprefill import compat
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    (sglang,) = [Requirement(r) for r in project["optional-dependencies"]["sglang"]]
+    bounds = {spec.operator: Version(spec.version) for spec in sglang.specifier}
+    assert bounds == {">=": compat.SUPPORTED_SGLANG[0], "<": compat.SUPPORTED_SGLANG[1]}
