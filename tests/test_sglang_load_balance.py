@@ -179,3 +179,17 @@ def test_saturation_threshold_is_0_without_asyncep(spec: MoEModelSpec, monkeypat
 
     monkeypatch.delenv(ASYNCEP_ENV, raising=False)  # nothing is gathered: no threshold
     assert load_balance.planned_saturation_flops(spec, 4, "NVIDIA H200") == 0.0
+
+
+@pytest.mark.parametrize("transport", ["auto", "nccl", "copy_engine"])
+def test_sglang_plans_the_budget_vllm_plans_for_the_same_deployment(spec: MoEModelSpec, asyncep, monkeypatch,
+                                                                    transport) -> None:
+    """Both plugins call one engine budget (tests/test_vllm_scheduler.py ties vLLM's scheduler to
+    it for every transport and format): SGLang's per-rank threshold is that budget at headroom 1."""
+    from zeroprefill.common.asyncep_model import TRANSPORT_ENV
+    from zeroprefill.common.saturation import DEFAULT_STEP_HEADROOM, step_flops_budget_on_gpus
+
+    monkeypatch.setenv(TRANSPORT_ENV, transport)
+    vllm_budget = step_flops_budget_on_gpus(spec, "NVIDIA H200", 4, 2048, DEFAULT_STEP_HEADROOM, "bf16")
+    sglang_threshold = load_balance.planned_saturation_flops(spec, 4, "NVIDIA H200")
+    assert sglang_threshold * DEFAULT_STEP_HEADROOM == pytest.approx(vllm_budget, rel=1e-12)
