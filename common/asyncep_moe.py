@@ -277,6 +277,8 @@ class AsyncEPMoE:
 
 def _rows_of(part: ExpertRows, topk_ids: torch.Tensor) -> torch.Tensor:
     """``topk_ids`` (global, ``-1`` allowed) as rows of ``part``'s tensors, ``-1`` where it lacks them."""
+    if part.row_of_expert is None:
+        return topk_ids
     ids = topk_ids.long()
     return torch.where(ids >= 0, part.row_of_expert[ids.clamp(min=0)], -1)
 

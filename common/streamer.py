@@ -72,10 +72,11 @@ from zeroprefill.common.transport import GatherHandle, GatherTimeoutError, Gathe
 class ExpertRows:
     """Some of a layer's experts in one set of tensors (``[rows, ...]`` each, named as the
     shards: ``w13``, ``w2``, FP8 ``*_scale``) and where each global expert id sits in them:
-    ``row_of_expert [E]`` (int64), ``-1`` for an expert these tensors do not hold."""
+    ``row_of_expert [E]`` (int64), ``-1`` for an expert these tensors do not hold; None when
+    expert ``e`` is row ``e`` (one rank: the shard is every expert, routing ids need no remap)."""
 
     tensors: Mapping[str, torch.Tensor]
-    row_of_expert: torch.Tensor
+    row_of_expert: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,10 @@ class ExpertWeightStreamer:
             base = transport.gathered_row_of_rank(rank, layout.capacity)
             resident_rows.append(row if rank == self.rank else -1)
             gathered_rows_of_expert.append(base + row if rank != self.rank and base is not None else -1)
-        self._resident_row_of_expert = torch.tensor(resident_rows, dtype=torch.int64, device=self.device)
+        self._resident_row_of_expert = (
+            None if resident_rows == list(range(layout.num_experts))
+            else torch.tensor(resident_rows, dtype=torch.int64, device=self.device)
+        )
         self._gathered_row_of_expert = torch.tensor(gathered_rows_of_expert, dtype=torch.int64, device=self.device)
         if self._cuda and num_slots:
             self._side_stream = torch.cuda.Stream(device=self.device, priority=-1)
