@@ -52,9 +52,9 @@ import torch
 pytest.importorskip("vllm")
 
 from tests.vllm_servers import (  # noqa: E402
-    CLASSIFY, EMBED, TEXTS, VERDICT_RULE, Fp32Reference, ServerCase, add_classifier_head, compare_with_fp32,
-    fp32_summary, gather_buffer_lines, gpu_server_pair, judge, mixed_requests, send_all, serve_long_requests,
-    stop_all,
+    CLASSIFY, EMBED, TEXTS, VERDICT_RULE, Fp32Reference, ServerCase, add_classifier_head, classify_mix,
+    compare_with_fp32, endpoint_requests, fp32_summary, gather_buffer_lines, gpu_server_pair, judge,
+    mixed_requests, send_all, serve_long_requests, stop_all,
 )
 from vllm_zeroprefill.server import VllmServer  # noqa: E402
 from zeroprefill.tiny_model import TinyMoEConfig, generate_tiny_moe, write_dummy_checkpoint  # noqa: E402
@@ -81,31 +81,6 @@ TINY_CASES = [
     for arch, layers in (("qwen3_moe", 4), ("qwen2_moe", 3))
     for task, args in (("embed", EMBED), ("classify", CLASSIFY))
 ]
-
-
-def _endpoint_requests(model: str, task: str, texts: list[str]) -> list[tuple[str, dict]]:
-    """Fixed texts on every pooling endpoint the task serves."""
-    requests = [("/pooling", {"model": model, "input": texts}),
-                ("/score", {"model": model, "text_1": "What do experts do in a MoE model?", "text_2": texts})]
-    if task == "embed":
-        return [*requests, ("/v1/embeddings", {"model": model, "input": texts})]
-    return [*requests, ("/classify", {"model": model, "input": texts}),
-            ("/rerank", {"model": model, "query": "Which city is the capital of France?", "documents": texts})]
-
-
-def _classify_mix(model: str, count: int) -> list[tuple[str, dict]]:
-    """/classify, /score and /rerank calls of varied lengths for a cross-encoder."""
-    requests = []
-    for i, (_, body) in enumerate(mixed_requests(model, count)):
-        text = body.get("input") if isinstance(body.get("input"), str) else body.get("text_1", TEXTS[i % 5])
-        kind = i % 3
-        if kind == 0:
-            requests.append(("/classify", {"model": model, "input": [text]}))
-        elif kind == 1:
-            requests.append(("/score", {"model": model, "text_1": text, "text_2": [TEXTS[i % 5]]}))
-        else:
-            requests.append(("/rerank", {"model": model, "query": text, "documents": TEXTS[:3]}))
-    return requests
 
 
 @dataclass
@@ -176,8 +151,8 @@ def pairs(tmp_path_factory, record):
                                              ASYNCEP_RANKS)
             servers += [stock.start(), asyncep.start()]
             model = str(model_dir)
-            requests = {"endpoints": _endpoint_requests(model, case.task, TEXTS + LONG_TEXTS),
-                        "mixed_500": mixed_requests(model, MIXED) if case.task == "embed" else _classify_mix(model, MIXED)}
+            requests = {"endpoints": endpoint_requests(model, case.task, TEXTS + LONG_TEXTS),
+                        "mixed_500": mixed_requests(model, MIXED) if case.task == "embed" else classify_mix(model, MIXED)}
             started[case.name] = Pair(case, stock, asyncep, requests)
             record.tiny[case.name] = {"asyncep_data_parallel_size": ASYNCEP_RANKS}
         for pair in started.values():  # while the servers compile
@@ -241,37 +216,6 @@ def test_tiny_logs_clean_and_cuda_graphs_captured(pairs, record, name):
     rec["cudagraphs_captured"] = all(captured.values())
     rec["gather_buffers"] = gather_buffer_lines(pair.asyncep.log_path.read_text(errors="replace"))
     assert rec["gather_buffers"], "no AsyncEP start-up line in the AsyncEP server's log"
-
-
-# -- the reference itself, on CPU ---------------------------------------------------------------
-
-
-def test_fp32_reference_is_what_stock_vllm_computes(tmp_path):
-    """Stock vLLM in float32 on CPU against :class:`Fp32Reference` on every endpoint: a Qwen3-MoE
-    cross-encoder (classify, pair scoring, rerank) and a Qwen2-MoE (shared experts) embedding
-    model (embeddings, /pooling, cosine /score), started together."""
-    cases = [ServerCase("qwen3_moe-classify", TinyMoEConfig(), tuple(CLASSIFY)),
-             ServerCase("qwen2_moe-embed", TinyMoEConfig(architecture="qwen2_moe", num_experts=9, top_k=3), tuple(EMBED))]
-    servers = []
-    try:
-        for case in cases:
-            model_dir = generate_tiny_moe(tmp_path / case.name, case.model)
-            if case.task == "classify":
-                add_classifier_head(model_dir, case.model.hidden_size)
-            servers.append(VllmServer(model_dir, case.runner_args, tmp_path / f"{case.name}.log").start())
-        for case, server in zip(cases, servers):
-            server.wait_healthy()
-            mixed = mixed_requests(server.model, 40) if case.task == "embed" else _classify_mix(server.model, 40)
-            requests = [*_endpoint_requests(server.model, case.task, TEXTS), *mixed]  # CPU servers hold 256 tokens
-            expected = Fp32Reference(Path(server.model), case.task, "cpu", tmp_path).answers(requests)
-            answers = asyncio.run(send_all(server, requests, concurrency=8))
-            assert all(status == 200 for status, _ in answers), [a for a in answers if a[0] != 200][:2]
-            distance = compare_with_fp32(requests, {"stock": answers}, expected, case.task)["stock"]
-            assert distance.cosines or case.task == "classify"
-            assert min(distance.cosines, default=1.0) > 1 - 1e-6, case.name
-            assert max(distance.score_diffs) < 1e-5, case.name
-    finally:
-        stop_all(servers)
 
 
 # -- real shapes --------------------------------------------------------------------------------

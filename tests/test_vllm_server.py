@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -31,7 +32,8 @@ import numpy as np  # noqa: E402
 import openai  # noqa: E402
 
 from tests.vllm_servers import (  # noqa: E402
-    CLASSIFY, EMBED, TEXTS, ServerCase, add_classifier_head, mixed_requests, post, send_all, values,
+    CLASSIFY, EMBED, TEXTS, Fp32Reference, ServerCase, add_classifier_head, classify_mix, compare_with_fp32,
+    endpoint_requests, mixed_requests, post, send_all, values,
 )
 from vllm_zeroprefill.server import VllmServer, asyncep_args  # noqa: E402
 from zeroprefill.tiny_model import TinyMoEConfig, generate_tiny_moe  # noqa: E402
@@ -204,6 +206,25 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(pair):
     got = post(pair.asyncep, "/v1/embeddings", {"model": pair.model, "input": TEXTS[:2]})
     want = post(pair.stock, "/v1/embeddings", {"model": pair.model, "input": TEXTS[:2]})
     assert_close(values("/v1/embeddings", got), values("/v1/embeddings", want), "after bad input")
+
+
+def test_stock_vllm_computes_what_the_fp32_reference_computes(pair, tmp_path):
+    """The float32 reference the GPU checks judge both servers by (``Fp32Reference``) is what vLLM
+    computes: stock vLLM in float32 on CPU against it on every endpoint the task serves (the
+    cross-encoder's classify, pair scores and rerank; the Qwen2-MoE's embeddings, /pooling and
+    cosine /score, its shared experts included)."""
+    if pair.case.name == CASES[0].name:
+        pytest.skip("the classify and Qwen2-MoE cases cover both tasks")
+    stock = pair.stock
+    mixed = mixed_requests(pair.model, 40) if pair.case.task == "embed" else classify_mix(pair.model, 40)
+    requests = [*endpoint_requests(pair.model, pair.case.task, TEXTS), *mixed]  # CPU servers hold 256 tokens
+    expected = Fp32Reference(Path(pair.model), pair.case.task, "cpu", tmp_path).answers(requests)
+    answers = asyncio.run(send_all(stock, requests, concurrency=8))
+    assert all(status == 200 for status, _ in answers), [a for a in answers if a[0] != 200][:2]
+    distance = compare_with_fp32(requests, {"stock": answers}, expected, pair.case.task)["stock"]
+    assert distance.cosines or pair.case.task == "classify"
+    assert min(distance.cosines, default=1.0) > 1 - 1e-6, pair.case.name
+    assert max(distance.score_diffs) < 1e-5, pair.case.name
 
 
 def test_missing_expert_parallel_fails_at_start_up(tmp_path):

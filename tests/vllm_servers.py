@@ -104,6 +104,31 @@ async def send_all(server: VllmServer, requests, concurrency: int) -> list[tuple
         return await asyncio.gather(*(send(path, body) for path, body in requests))
 
 
+def endpoint_requests(model: str, task: str, texts: list[str]) -> list[tuple[str, dict]]:
+    """Fixed texts on every pooling endpoint the task serves."""
+    requests = [("/pooling", {"model": model, "input": texts}),
+                ("/score", {"model": model, "text_1": "What do experts do in a MoE model?", "text_2": texts})]
+    if task == "embed":
+        return [*requests, ("/v1/embeddings", {"model": model, "input": texts})]
+    return [*requests, ("/classify", {"model": model, "input": texts}),
+            ("/rerank", {"model": model, "query": "Which city is the capital of France?", "documents": texts})]
+
+
+def classify_mix(model: str, count: int) -> list[tuple[str, dict]]:
+    """/classify, /score and /rerank calls of varied lengths for a cross-encoder."""
+    requests = []
+    for i, (_, body) in enumerate(mixed_requests(model, count)):
+        text = body.get("input") if isinstance(body.get("input"), str) else body.get("text_1", TEXTS[i % 5])
+        kind = i % 3
+        if kind == 0:
+            requests.append(("/classify", {"model": model, "input": [text]}))
+        elif kind == 1:
+            requests.append(("/score", {"model": model, "text_1": text, "text_2": [TEXTS[i % 5]]}))
+        else:
+            requests.append(("/rerank", {"model": model, "query": text, "documents": TEXTS[:3]}))
+    return requests
+
+
 # -- GPU servers ---------------------------------------------------------------------------------
 
 
