@@ -378,7 +378,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help="1 - cosine the plugin may exceed stock's by")
     tiny.add_argument("--embedding-min-cosine", type=_fraction, default=0.99,
                       help="the plugin's floor where stock serves no embeddings")
-    tiny.add_argument("--tiny-mem-fraction", type=_fraction, default=0.06)
+    tiny.add_argument("--tiny-mem-fraction", type=_fraction, default=0.09)  # 0.06 left block-FP8 stock no KV room on an H100 (2026-12-06)
     tiny.add_argument("--reference-device", default=None, help="default: cuda if torch sees a GPU, else cpu")
     big = parser.add_argument_group("30b")
     big.add_argument("--layouts", nargs="+", choices=tuple(LAYOUTS), default=["stock", "plugin"],
