@@ -277,6 +277,8 @@ def test_layers_adopted_while_loading_are_not_adopted_again():
         ({"ZEROPREFILL_ASYNCEP_PREFETCH_DEPTH": "0"}, "ZEROPREFILL_ASYNCEP_PREFETCH_DEPTH=0 must be at least 1"),
         ({"ZEROPREFILL_ASYNCEP_COPY_STREAMS": "many"}, "ZEROPREFILL_ASYNCEP_COPY_STREAMS='many' is not a whole number"),
         ({"ZEROPREFILL_ASYNCEP_COPY_STREAMS": "9"}, "ZEROPREFILL_ASYNCEP_COPY_STREAMS=9 must be 1 to 8"),
+        ({"ZEROPREFILL_ASYNCEP_SWITCH_TOKENS": "lots"}, "ZEROPREFILL_ASYNCEP_SWITCH_TOKENS='lots' is not a whole number"),
+        ({"ZEROPREFILL_ASYNCEP_SWITCH_TOKENS": "-5"}, r"ZEROPREFILL_ASYNCEP_SWITCH_TOKENS=-5 must be a token count >= 0"),
     ],
 )
 def test_asyncep_config_from_the_environment_names_the_variable(environ, message):
@@ -288,6 +290,8 @@ def test_asyncep_config_from_the_environment_names_the_variable(environ, message
     assert AsyncEPConfig.from_env({"ZEROPREFILL_ASYNCEP_TRANSPORT": "nccl",
                                    "ZEROPREFILL_ASYNCEP_PREFETCH_DEPTH": "2"}) == AsyncEPConfig("nccl", 2)
     assert AsyncEPConfig.from_env({"ZEROPREFILL_ASYNCEP_COPY_STREAMS": "4"}).copy_streams == 4
+    assert AsyncEPConfig.from_env({"ZEROPREFILL_ASYNCEP_SWITCH_TOKENS": "4096"}).switch_tokens == 4096
+    assert AsyncEPConfig.from_env({}).switch_tokens is None  # the engine plugin takes the planner's
 
 
 def test_copy_engine_transport_takes_its_stream_count():
