@@ -100,7 +100,11 @@ class AsyncEPModel:
 
     streamer: ExpertWeightStreamer
     layers: list[AsyncEPMoE]
-    switch_tokens: int  # passes below this many tokens per rank move tokens (0: never)
+
+    @property
+    def switch_tokens(self) -> int:
+        """Passes below this many tokens per rank move tokens (0: never); every layer's."""
+        return self.layers[0].switch_tokens
 
     def close(self) -> None:
         self.streamer.close()
@@ -134,7 +138,7 @@ def build_asyncep_model(
     switch = config.switch_tokens if config.switch_tokens is not None else (switch_tokens or 0)
     exchange = None
     if streamer.streams_weights:
-        exchange = TokenExchange(layout, streamer.resident(0).resident.row_of_expert, transport.group)
+        exchange = TokenExchange(layout, streamer.resident(0).row_of_expert, transport.group)
     else:
         switch = 0  # one rank: nothing to stream, nothing to move
     layers = [
@@ -142,4 +146,4 @@ def build_asyncep_model(
                    exchange=exchange, switch_tokens=switch)
         for index in range(len(layer_shards))
     ]
-    return AsyncEPModel(streamer, layers, switch)
+    return AsyncEPModel(streamer, layers)

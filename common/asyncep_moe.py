@@ -246,7 +246,7 @@ class AsyncEPMoE:
     ) -> torch.Tensor:
         hidden_states = hidden_states.contiguous()
         if self.moves_tokens(max_tokens):
-            resident = self.streamer.resident(self.layer).resident
+            resident = self.streamer.resident(self.layer)
             return self.exchange.run(
                 hidden_states, topk_weights, topk_ids, max_tokens,
                 lambda x, weights, rows: self._run_part(x, weights, rows, resident.tensors, None),

@@ -192,9 +192,9 @@ class ExpertWeightStreamer:
     def slot_of_layer(self, layer: int) -> int:
         return layer % self.num_slots
 
-    def resident(self, layer: int) -> LayerExperts:
+    def resident(self, layer: int) -> ExpertRows:
         """``layer``'s experts on this rank alone (its shard, in place); no gather, no ordering."""
-        return LayerExperts(ExpertRows(self._shards[layer], self._resident_row_of_expert), None)
+        return ExpertRows(self._shards[layer], self._resident_row_of_expert)
 
     def prefetch(self) -> None:
         """Issue the gathers of the next ``prefetch_depth + 1`` layers now.
@@ -214,7 +214,7 @@ class ExpertWeightStreamer:
         it had at the pass boundary, the next pass's first layers gathered or in flight.
         """
         if not self.streams_weights:
-            return self.resident(layer)
+            return LayerExperts(self.resident(layer), None)
         if self._capturing():
             return self._acquire_captured(layer)
         if self._acquired is not None:
@@ -241,7 +241,7 @@ class ExpertWeightStreamer:
 
     def _layer_experts(self, layer: int) -> LayerExperts:
         gathered = ExpertRows(self._slots[self.slot_of_layer(layer)], self._gathered_row_of_expert)
-        return LayerExperts(ExpertRows(self._shards[layer], self._resident_row_of_expert), gathered)
+        return LayerExperts(self.resident(layer), gathered)
 
     def release(self, layer: int) -> None:
         """Mark ``layer``'s ring slot reusable once the compute enqueued so far has run."""

@@ -86,7 +86,7 @@ def _run_scenarios(rank: int, world_size: int, scenarios: list[Scenario]) -> Non
         transport = _DelayedGloo(None) if scenario.perturb else make_transport("gloo")
         streamer = ExpertWeightStreamer(shards, layout, transport, prefetch_depth=scenario.prefetch_depth)
         kernel = _checking_kernel if scenario.perturb else None
-        exchange = TokenExchange(layout, streamer.resident(0).resident.row_of_expert)
+        exchange = TokenExchange(layout, streamer.resident(0).row_of_expert)
         layers = [
             AsyncEPMoE(streamer, i, scenario.top_k, scenario.renormalize, experts_kernel=kernel,
                        exchange=exchange, switch_tokens=scenario.switch_tokens)
@@ -189,7 +189,7 @@ def _skipped_slots(rank: int, world_size: int) -> None:
     layout = ExpertShardLayout(8, world_size)
     full = _full_weights(8, 2)
     streamer = ExpertWeightStreamer([layout.shard_all(w, rank) for w in full], layout, make_transport("gloo"))
-    exchange = TokenExchange(layout, streamer.resident(0).resident.row_of_expert)
+    exchange = TokenExchange(layout, streamer.resident(0).row_of_expert)
     g = torch.Generator().manual_seed(7 + rank)
     for switch_tokens in (0, ALWAYS_MOVE_TOKENS):  # streamed weights, then moved tokens
         layers = [AsyncEPMoE(streamer, i, 2, True, exchange=exchange, switch_tokens=switch_tokens) for i in range(2)]

@@ -198,7 +198,7 @@ def test_two_ranks_read_the_resident_shard_in_place_and_gather_only_the_other():
     x, logits = torch.randn(6, H), torch.randn(6, E)
     torch.testing.assert_close(layer(x, logits), moe_reference(x, logits, full[0]["w13"], full[0]["w2"], 2, True))
     (resident_ptr, resident_ids), (gathered_ptr, gathered_ids) = read
-    assert resident_ptr == streamer.resident(0).resident.tensors["w13"].data_ptr()
+    assert resident_ptr == streamer.resident(0).tensors["w13"].data_ptr()
     assert gathered_ptr == streamer._slots[0]["w13"].data_ptr()
     _, ids = select_experts(logits, 2, True)
     mine = ids < capacity  # rank 0 holds experts 0..2

@@ -71,7 +71,7 @@ def _eager_and_graph_passes(rank: int, world_size: int, transport_name: str, dep
     shards = [layout.shard_all(w, rank) for w in full]
     transport = make_transport(transport_name, None, device, copy_streams)
     streamer = ExpertWeightStreamer(shards, layout, transport, prefetch_depth=depth)
-    exchange = TokenExchange(layout, streamer.resident(0).resident.row_of_expert, transport.group)
+    exchange = TokenExchange(layout, streamer.resident(0).row_of_expert, transport.group)
     layers = [AsyncEPMoE(streamer, j, TOP_K, True, exchange=exchange, switch_tokens=switch_tokens)
               for j in range(LAYERS)]
     inputs = torch.Generator(device=device).manual_seed(100 + rank)

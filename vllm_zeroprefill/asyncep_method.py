@@ -255,7 +255,7 @@ class AsyncEPModelLoader:
         returns the kernel choice in words."""
         from zeroprefill.kernels import experts_kernel_choice, precompile_experts
 
-        resident = self.model.streamer.resident(0).resident.tensors
+        resident = self.model.streamer.resident(0).tensors
         scales = {name: resident[name] for name in ("w13_scale", "w2_scale") if name in resident}
         activation_dtype = any_layer.moe_config.in_dtype
         started = time.monotonic()
