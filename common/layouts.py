@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from zeroprefill.common.cost_model import LayerFlops, attention_matmul_params, layer_flops_at_context, layer_matmul_params
-from zeroprefill.common.hardware import HardwareProfileError
-from zeroprefill.common.model_spec import BYTES_PER_ELEMENT, MoEModelSpec
+from zeroprefill.common.hardware import HardwareProfileError, shipped_gpu_for
+from zeroprefill.common.model_spec import BYTES_PER_ELEMENT, ModelSpecError, MoEModelSpec
 from zeroprefill.common.saturation import (Deployment, PlanError, effective_tflops, engine_deployment, expert_bytes,
                                            gather_time_s, shard_capacity)
 
@@ -298,6 +299,29 @@ def switch_point_on_gpus(
     """
     deployment = engine_deployment(spec, device_name, num_ranks, dtype, transport)
     return None if deployment is None else switch_point_tokens(deployment, context_tokens)
+
+
+def planned_switch_point(
+    model: Callable[[], tuple[MoEModelSpec, int, str]], device_name: str | None, num_ranks: int,
+    transport: str | None = None,
+) -> tuple[int, str]:
+    """The switch point an engine serves with when the user sets none, and why, in words: the
+    planner's (:func:`switch_point_on_gpus`), or 0 (always stream) where it has none: one rank,
+    no GPU (``device_name`` None) or no shipped profile, no plan for the group, or EP that never
+    wins. ``model()`` gives the model's spec, the prompt length to plan for and the experts'
+    format (``"bf16"`` / ``"fp8"``); it is read only where a plan applies. Both engine plugins take their default from here."""
+    if num_ranks == 1:
+        return 0, "one rank"
+    if device_name is None or shipped_gpu_for(device_name) is None:
+        return 0, f"no shipped hardware profile for {device_name or 'this device'}"
+    try:
+        spec, context_tokens, dtype = model()
+        tokens = switch_point_on_gpus(spec, device_name, num_ranks, context_tokens, dtype, transport)
+    except (HardwareProfileError, ModelSpecError, PlanError) as exc:
+        return 0, f"no plan: {exc}"
+    if tokens is None:
+        return 0, "planner: streaming weights wins at every batch"
+    return tokens, f"planner, {context_tokens}-token prompts"
 
 
 def remote_ranks_per_token(num_experts: int, top_k: int, num_ranks: int) -> float:

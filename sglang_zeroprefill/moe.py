@@ -146,23 +146,18 @@ def setup_asyncep(
 
 def planned_switch_tokens(model: torch.nn.Module, num_ranks: int, device: torch.device, config: AsyncEPConfig) -> int:
     """The planner's switch point for this deployment (bf16 experts on ``num_ranks`` GPUs of this
-    kind); 0 (always stream) with one rank, off CUDA, or where no shipped profile describes the GPU.
+    kind; :func:`zeroprefill.common.layouts.planned_switch_point`, 0 where it has none).
     ``ZEROPREFILL_ASYNCEP_SWITCH_TOKENS`` (``config.switch_tokens``) overrides it in the builder."""
-    if num_ranks == 1 or device.type != "cuda":
-        return 0
-    from zeroprefill.common.hardware import HardwareProfileError
-    from zeroprefill.common.layouts import switch_point_on_gpus
-    from zeroprefill.common.model_spec import ModelSpecError, MoEModelSpec
-    from zeroprefill.common.saturation import DEFAULT_CONTEXT_TOKENS, PlanError
+    from zeroprefill.common.layouts import planned_switch_point
+    from zeroprefill.common.model_spec import MoEModelSpec
+    from zeroprefill.common.saturation import DEFAULT_CONTEXT_TOKENS
 
-    try:
-        spec = MoEModelSpec.from_hf_config(model.config.to_dict())
-        tokens = switch_point_on_gpus(spec, torch.cuda.get_device_name(device), num_ranks, DEFAULT_CONTEXT_TOKENS,
-                                      dtype="bf16", transport=config.transport)
-    except (HardwareProfileError, ModelSpecError, PlanError) as exc:
-        logger.info("AsyncEP: no planned switch point (%s): every pass streams weights", exc)
-        return 0
-    return tokens or 0
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    tokens, source = planned_switch_point(
+        lambda: (MoEModelSpec.from_hf_config(model.config.to_dict()), DEFAULT_CONTEXT_TOKENS, "bf16"), device_name,
+        num_ranks, config.transport)
+    logger.info("AsyncEP: switch point %d tokens per rank (%s)", tokens, source)
+    return tokens
 
 
 def _collapse_ep_view(layer: Any) -> None:

@@ -101,3 +101,15 @@ def test_a_bad_budget_is_one_line_naming_where_it_was_set(value, message):
     with pytest.raises(ValueError) as raised:
         parse_step_flops_budget(value, "SOURCE")
     assert str(raised.value) == message
+
+
+def test_planned_switch_point_says_why_it_is_0_where_no_plan_applies():
+    from zeroprefill.common.layouts import planned_switch_point
+
+    tokens, source = planned_switch_point(lambda: (SPEC, 2048, "fp8"), "NVIDIA H200", 4)
+    assert tokens == switch_point_on_gpus(SPEC, "NVIDIA H200", 4, 2048, "fp8") > 0 and source.startswith("planner")
+    assert planned_switch_point(lambda: (SPEC, 2048, "bf16"), "NVIDIA H200", 1) == (0, "one rank")
+    assert planned_switch_point(lambda: (SPEC, 2048, "bf16"), None, 4) == (0, "no shipped hardware profile for this device")
+    assert planned_switch_point(lambda: (SPEC, 2048, "bf16"), "NVIDIA A100-SXM4-80GB", 4)[0] == 0
+    tokens, source = planned_switch_point(lambda: (SPEC, 2048, "bf16"), "NVIDIA H200", 3)  # no shipped 3-GPU profile
+    assert tokens == 0 and source.startswith("no plan")

@@ -126,22 +126,17 @@ class ServedModel:
         max_batch = vllm_config.scheduler_config.max_num_batched_tokens
         if config.switch_tokens is not None:
             return cls(config.switch_tokens, SWITCH_TOKENS_ENV, max_batch)
-        if num_ranks == 1 or not current_platform.is_cuda():
-            return cls(0, "one rank" if num_ranks == 1 else "no GPU profile", max_batch)
         from vllm_zeroprefill.validation import expert_weight_dtype, model_spec_of
-        from zeroprefill.common.hardware import HardwareProfileError
-        from zeroprefill.common.layouts import switch_point_on_gpus
-        from zeroprefill.common.saturation import DEFAULT_CONTEXT_TOKENS, PlanError
+        from zeroprefill.common.layouts import planned_switch_point
+        from zeroprefill.common.saturation import DEFAULT_CONTEXT_TOKENS
 
-        context = min(vllm_config.model_config.max_model_len, DEFAULT_CONTEXT_TOKENS)
-        try:
-            tokens = switch_point_on_gpus(model_spec_of(vllm_config), current_platform.get_device_name(), num_ranks,
-                                          context, dtype=expert_weight_dtype(vllm_config), transport=config.transport)
-        except (HardwareProfileError, PlanError) as exc:
-            return cls(0, f"no plan: {exc}", max_batch)
-        if tokens is None:
-            return cls(0, "planner: streaming wins at every batch", max_batch)
-        return cls(tokens, f"planner, {context}-token prompts", max_batch)
+        def model() -> tuple:
+            context = min(vllm_config.model_config.max_model_len, DEFAULT_CONTEXT_TOKENS)
+            return model_spec_of(vllm_config), context, expert_weight_dtype(vllm_config)
+
+        device_name = current_platform.get_device_name() if current_platform.is_cuda() else None
+        tokens, source = planned_switch_point(model, device_name, num_ranks, transport=config.transport)
+        return cls(tokens, source, max_batch)
 
 
 @dataclass
