@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# AsyncEP against stock vLLM on ONE GPU (H100 or H200), in two calls of at most ~9 minutes.
+# AsyncEP against stock vLLM on ONE GPU (H100 or H200), in two calls of at most ~10 minutes.
 #
 #   bash benchmarks/vllm_gpu_1x.sh bf16 OUT_DIR   # call 1: the tiny checks against fp32 (bf16 and
 #                                                 # block FP8, stock and AsyncEP, both test files at
-#                                                 # once), then Qwen3-30B-A3B bf16, stock then AsyncEP
+#                                                 # once), stock vLLM's MoE tile tuned for the 30B
+#                                                 # shape, then Qwen3-30B-A3B bf16, stock (tuned) then
+#                                                 # AsyncEP
 #   bash benchmarks/vllm_gpu_1x.sh fp8 OUT_DIR    # call 2: Qwen3-30B-A3B block FP8, stock then AsyncEP,
 #                                                 # compared with call 1's bf16 AsyncEP run
+#   bash benchmarks/vllm_gpu_1x.sh checks OUT_DIR # the tiny checks of call 1 alone
 #
 # Writes into OUT_DIR (the GPU is h100 or h200, from nvidia-smi):
 #   vllm_gpu_check-<gpu>x1.json  tiny bf16 checks (tests/test_vllm_gpu.py -k tiny)
 #   vllm_fp8-<gpu>x1.json        tiny FP8 checks (call 1), then the FP8 throughput runs (call 2)
 #   vllm_serve-<gpu>x1.json      bf16 throughput runs (call 1)
+#   vllm_moe_configs/            stock vLLM's tuned tile table for the 30B shape and its tuning record
 #   *-logs/, tiny-*.log          server logs and the pytest output
 # Between the calls, copy OUT_DIR's JSON files into benchmarks/results/: call 2 starts its FP8 file
 # from benchmarks/results/vllm_fp8-<gpu>x1.json (keeping the tiny FP8 record) and imports the
@@ -20,12 +24,14 @@
 # Settings (environment): LAYERS (48: all of Qwen3-30B-A3B; the same count for every run),
 # BATCHED (--max-num-batched-tokens, 32768, both layouts), CONTEXT (2048 tokens per request),
 # DURATION_S (15), WARMUP_S (5), DRAIN_S (10), OPEN_LOOP (empty: none; e.g. "0.8" adds Poisson
-# arrivals at 0.8 x stock's peak, ~17 s per server), TINY_TIMEOUT_S (270), BUDGET_S (540: the
-# call's whole budget; the throughput runs get what the tiny checks leave), PYTHON (python3).
+# arrivals at 0.8 x stock's peak, ~17 s per server), TINY_TIMEOUT_S (270), CHECKS (1; 0 skips the
+# tiny checks in call 1), TUNE_BUDGET_S (150: how long tuning may try tiles; 0 skips it and stock
+# runs vLLM's default tile), BUDGET_S (540: the call's whole budget; the throughput runs get what
+# the checks and tuning leave), PYTHON (python3).
 set -uo pipefail
 
-phase=${1:?usage: vllm_gpu_1x.sh bf16|fp8 OUT_DIR}
-out=${2:?usage: vllm_gpu_1x.sh bf16|fp8 OUT_DIR}
+phase=${1:?usage: vllm_gpu_1x.sh bf16|fp8|checks OUT_DIR}
+out=${2:?usage: vllm_gpu_1x.sh bf16|fp8|checks OUT_DIR}
 python=${PYTHON:-python3}
 layers=${LAYERS:-48}
 budget_s=${BUDGET_S:-540}
@@ -60,12 +66,44 @@ tiny() {  # tiny FILE CHECK_ENV JSON NAME: one GPU test file's tiny checks, logs
     fi
 }
 
-case $phase in
-bf16)
+checks() {  # both tiny test files at once (small servers: they share the GPU)
     tiny tests/test_vllm_gpu.py ZEROPREFILL_GPU_CHECK_JSON "$out/vllm_gpu_check-${gpu}x1.json" tiny-bf16 &
     tiny tests/test_vllm_fp8_gpu.py ZEROPREFILL_FP8_CHECK_JSON "$out/vllm_fp8-${gpu}x1.json" tiny-fp8 &
     wait
-    serve qwen3-30b-a3b "$out/vllm_serve-${gpu}x1.json"
+}
+
+tune_stock() {  # tune_stock MODEL: stock vLLM's Triton MoE tile for MODEL's expert shape (one GPU: all experts local)
+    local shape
+    shape=$("$python" -c 'import json, sys
+c = json.load(open(f"common/model_configs/{sys.argv[1]}.json"))
+print(c["num_experts"], c["hidden_size"], c["moe_intermediate_size"], c["num_experts_per_tok"])' "$1") || return 1
+    set -- $shape
+    echo "[$SECONDS s] tune_vllm_moe.py: E=$1 H=$2 I=$3 top-$4, ${TUNE_BUDGET_S:-150} s"
+    "$python" benchmarks/tune_vllm_moe.py --experts "$1" --ep-size 1 --hidden "$2" --intermediate "$3" --top-k "$4" \
+        --tokens 1 16 64 256 1024 2048 4096 8192 16384 32768 --budget-s "${TUNE_BUDGET_S:-150}" \
+        --out-dir "$out/vllm_moe_configs" > "$out/tune_vllm_moe.log" 2>&1
+    local status=$?
+    tail -13 "$out/tune_vllm_moe.log"
+    return $status
+}
+
+case $phase in
+checks)
+    checks
+    ;;
+bf16)
+    if [ "${CHECKS:-1}" != 0 ]; then
+        checks
+    fi
+    stock_tuned=()
+    if [ "${TUNE_BUDGET_S:-150}" != 0 ]; then
+        if tune_stock qwen3-30b-a3b; then
+            stock_tuned=(--stock-moe-configs "$out/vllm_moe_configs")
+        else
+            echo "[$SECONDS s] tuning failed ($out/tune_vllm_moe.log): stock runs vLLM's default tile"
+        fi
+    fi
+    serve qwen3-30b-a3b "$out/vllm_serve-${gpu}x1.json" "${stock_tuned[@]}"
     ;;
 fp8)
     if [ -f "benchmarks/results/vllm_fp8-${gpu}x1.json" ]; then
@@ -74,7 +112,7 @@ fp8)
     serve qwen3-30b-a3b-fp8 "$out/vllm_fp8-${gpu}x1.json" --merge --import-runs "benchmarks/results/vllm_serve-${gpu}x1.json"
     ;;
 *)
-    echo "unknown phase $phase: bf16 or fp8" >&2
+    echo "unknown phase $phase: bf16, fp8 or checks" >&2
     exit 2
     ;;
 esac
