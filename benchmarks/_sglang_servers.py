@@ -79,8 +79,11 @@ class Server:
             env["SGLANG_PLUGINS"] = "none"  # a name no plugin has: stock SGLang, installed plugin or not
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("w") as log:
+            # Not from the repository root: ``python -m`` puts the working directory first on sys.path,
+            # where this checkout's ``kernels/`` would shadow the ``kernels`` package transformers
+            # imports once it is installed (stock SGLang's FP8 start-up died of it, 2026-12-06).
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
+                                            cwd=self.spec.model_dir.parent, start_new_session=True)
         self.started_at = time.monotonic()
 
     def log_text(self) -> str:

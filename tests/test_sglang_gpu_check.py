@@ -116,7 +116,7 @@ def stand_ins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(check, "gpu_memory_used_mib", lambda: [])
     monkeypatch.setattr(check, "prepare_tiny_models",
                         lambda work_dir: {"bf16": tmp_path / "tiny-bf16", "fp8": tmp_path / "tiny-fp8"})
-    monkeypatch.setattr(check, "fp32_reference", lambda model_dir, prompts, device: {
+    monkeypatch.setattr(check, "fp32_reference", lambda model_dir, prompts, device, dtype="float32": {
         "logprobs": [reference_logprobs(ids) for ids in prompts],
         "embeddings": [reference_embedding(ids) for ids in prompts],
     })
@@ -205,15 +205,17 @@ def test_a_second_call_adds_its_part_to_the_file(tmp_path: Path) -> None:
     assert summary["min_cosine_vs_fp32_plugin"] is None  # no comparison ran
 
 
-@pytest.mark.parametrize(("plugin", "stock", "margin", "floor", "passes"), [
+@pytest.mark.parametrize(("plugin", "stock", "margin", "bf16", "passes"), [
     ({"distance": 0.06}, {"distance": 0.02}, 0.05, None, True),
     ({"distance": 0.08}, {"distance": 0.02}, 0.05, None, False),
-    ({"distance": 0.002}, {"served": False, "reason": "died"}, 0.05, 0.99, True),
-    ({"distance": 0.02}, {"served": False, "reason": "died"}, 0.05, 0.99, False),
+    ({"distance": 0.08}, {"distance": 0.02}, 0.05, {"distance": 0.5}, False),  # stock first, when it serves
+    ({"distance": 0.012}, {"served": False, "reason": "died"}, 1e-3, {"distance": 0.0115}, True),
+    ({"distance": 0.012}, {"served": False, "reason": "died"}, 1e-3, {"distance": 0.01}, False),
+    ({"distance": 0.002}, {"served": False, "reason": "died"}, 0.05, None, None),
     ({"served": False, "reason": "refused"}, {"distance": 0.02}, 0.05, None, None),
 ])
-def test_judge(plugin: dict, stock: dict, margin: float, floor: float | None, passes: bool | None) -> None:
-    assert check.judge(plugin, stock, margin, floor)["plugin_passes"] is passes
+def test_judge(plugin: dict, stock: dict, margin: float, bf16: dict | None, passes: bool | None) -> None:
+    assert check.judge(plugin, stock, margin, bf16)["plugin_passes"] is passes
 
 
 def test_distances() -> None:
