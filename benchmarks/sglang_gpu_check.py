@@ -62,7 +62,8 @@ from zeroprefill.tiny_model import TinyMoEConfig, generate_tiny_moe, quantize_ch
 STOCK_LAUNCHER = "sglang.launch_server"
 PLUGIN_LAUNCHER = "sglang_zeroprefill.launch_server"
 QWEN3_30B_CONFIG = REPO / "common" / "model_configs" / "qwen3-30b-a3b.json"
-SIMILARITY_METRIC = "prompt log-probabilities: 1 - max |delta logprob| over all prompt tokens; embeddings: cosine"
+SIMILARITY_METRIC = ("prompt log-probabilities: 1 - max |delta logprob| over all prompt tokens; embeddings: cosine; "
+                     "min_cosine_vs_fp32_* over the comparisons both stock and the plugin served")
 #: The tiny checkpoints: FP8 needs the expert width and the k/v width in whole 128-blocks.
 TINY_MODEL = TinyMoEConfig(num_experts=8, top_k=2, num_layers=4, hidden_size=256, expert_intermediate_size=128,
                            num_attention_heads=4, num_kv_heads=2, head_dim=64, max_position_embeddings=2048)
@@ -112,11 +113,16 @@ def summarize(parts: dict[str, Any]) -> dict[str, Any]:
     """The summary keys, from whatever parts are present."""
     tiny, big = parts.get("tiny", {}), parts.get("30b", {})
     similarity: dict[str, list[float]] = {"plugin": [], "stock": []}
+    by_comparison: dict[str, dict[str, float]] = {}
     verdicts = []
-    for comparison in tiny.get("comparisons", {}).values():
-        for side in similarity:
-            if "similarity" in comparison.get(side, {}):
-                similarity[side].append(comparison[side]["similarity"])
+    for name, comparison in tiny.get("comparisons", {}).items():
+        sides = {side: comparison[side]["similarity"] for side in similarity if "similarity" in comparison.get(side, {})}
+        if "transformers_bf16" in comparison:
+            sides["transformers_bf16"] = 1.0 - comparison["transformers_bf16"]["distance"]
+        by_comparison[name] = sides
+        if "plugin" in sides and "stock" in sides:  # the min keys compare like with like
+            for side in similarity:
+                similarity[side].append(sides[side])
         verdicts.append(comparison.get("plugin_passes"))
     layouts = big.get("servers", {})
     throughput = {side: layouts.get(side, {}).get("tokens_per_s") for side in ("stock", "plugin")}
@@ -125,6 +131,7 @@ def summarize(parts: dict[str, Any]) -> dict[str, Any]:
         "min_cosine_vs_fp32_plugin": min(similarity["plugin"], default=None),
         "min_cosine_vs_fp32_stock": min(similarity["stock"], default=None),
         "similarity_metric": SIMILARITY_METRIC,
+        "similarity_by_comparison": by_comparison,
         "plugin_passes": None if not verdicts else all(v is not False for v in verdicts),
         "requests_failed": tiny.get("mixed_requests", {}).get("failed"),
         "plugin_vs_stock_30b_2k": (round(throughput["plugin"] / throughput["stock"], 4)
