@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
-# AsyncEP against stock vLLM on ONE GPU (H100 or H200), in two calls of at most ~10 minutes.
+# AsyncEP against stock vLLM on ONE GPU (H100 or H200), in three calls of at most ~10 minutes.
 #
-#   bash benchmarks/vllm_gpu_1x.sh bf16 OUT_DIR   # call 1: the tiny checks against fp32 (bf16 and
+#   bash benchmarks/vllm_gpu_1x.sh checks OUT_DIR # call 1: the tiny checks against fp32 (bf16 and
 #                                                 # block FP8, stock and AsyncEP, both test files at
-#                                                 # once), stock vLLM's MoE tile tuned for the 30B
+#                                                 # once; ~5 min)
+#   bash benchmarks/vllm_gpu_1x.sh bf16 OUT_DIR   # call 2: stock vLLM's MoE tile tuned for the 30B
 #                                                 # shape, then Qwen3-30B-A3B bf16, stock (tuned) then
-#                                                 # AsyncEP
-#   bash benchmarks/vllm_gpu_1x.sh fp8 OUT_DIR    # call 2: Qwen3-30B-A3B block FP8, stock then AsyncEP,
-#                                                 # compared with call 1's bf16 AsyncEP run
-#   bash benchmarks/vllm_gpu_1x.sh checks OUT_DIR # the tiny checks of call 1 alone
+#                                                 # AsyncEP (~8 min)
+#   bash benchmarks/vllm_gpu_1x.sh fp8 OUT_DIR    # call 3: Qwen3-30B-A3B block FP8, stock then AsyncEP,
+#                                                 # compared with call 2's bf16 AsyncEP run
 #
 # Writes into OUT_DIR (the GPU is h100 or h200, from nvidia-smi):
 #   vllm_gpu_check-<gpu>x1.json  tiny bf16 checks (tests/test_vllm_gpu.py -k tiny)
-#   vllm_fp8-<gpu>x1.json        tiny FP8 checks (call 1), then the FP8 throughput runs (call 2)
-#   vllm_serve-<gpu>x1.json      bf16 throughput runs (call 1)
+#   vllm_fp8-<gpu>x1.json        tiny FP8 checks (call 1), then the FP8 throughput runs (call 3)
+#   vllm_serve-<gpu>x1.json      bf16 throughput runs (call 2)
 #   vllm_moe_configs/            stock vLLM's tuned tile table for the 30B shape and its tuning record
 #   *-logs/, tiny-*.log          server logs and the pytest output
-# Between the calls, copy OUT_DIR's JSON files into benchmarks/results/: call 2 starts its FP8 file
+# Between the calls, copy OUT_DIR's JSON files into benchmarks/results/: call 3 starts its FP8 file
 # from benchmarks/results/vllm_fp8-<gpu>x1.json (keeping the tiny FP8 record) and imports the
 # bf16 runs of benchmarks/results/vllm_serve-<gpu>x1.json (only if measured on the same GPU kind
 # with the same vLLM) for summary.asyncep_fp8_vs_asyncep_bf16.
@@ -24,23 +24,23 @@
 # Settings (environment): LAYERS (48: all of Qwen3-30B-A3B; the same count for every run),
 # BATCHED (--max-num-batched-tokens, 32768, both layouts), CONTEXT (2048 tokens per request),
 # DURATION_S (15), WARMUP_S (5), DRAIN_S (10), OPEN_LOOP (empty: none; e.g. "0.8" adds Poisson
-# arrivals at 0.8 x stock's peak, ~17 s per server), TINY_TIMEOUT_S (270), CHECKS (1; 0 skips the
-# tiny checks in call 1), TUNE_BUDGET_S (150: how long tuning may try tiles; 0 skips it and stock
-# runs vLLM's default tile), BUDGET_S (540: the call's whole budget; the throughput runs get what
-# the checks and tuning leave), PYTHON (python3).
+# arrivals at 0.8 x stock's peak, ~17 s per server), TINY_TIMEOUT_S (420: the FP8 servers' start-up
+# alone took 150 s on an H100, their graph capture 83 s of it), TUNE_BUDGET_S (150: how long
+# tuning may try tiles; 0 skips it and stock runs vLLM's default tile), BUDGET_S (560: the
+# call's whole budget; the throughput runs get what tuning leaves), PYTHON (python3).
 set -uo pipefail
 
 phase=${1:?usage: vllm_gpu_1x.sh bf16|fp8|checks OUT_DIR}
 out=${2:?usage: vllm_gpu_1x.sh bf16|fp8|checks OUT_DIR}
 python=${PYTHON:-python3}
 layers=${LAYERS:-48}
-budget_s=${BUDGET_S:-540}
+budget_s=${BUDGET_S:-560}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200' | head -1 | tr 'A-Z' 'a-z')
 gpu=${gpu:-unknown}
-echo "[$SECONDS s] $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) -> $gpu; vLLM $($python -c 'import vllm; print(vllm.__version__)' 2>/dev/null)"
+echo "[$SECONDS s] $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) -> $gpu; vLLM $($python -c 'from importlib.metadata import version; print(version("vllm"))' 2>/dev/null)"
 
 serve() {  # serve MODEL OUT_JSON [extra vllm_serve.py flags]: stock then AsyncEP, within what the budget leaves
     local model=$1 json=$2
@@ -57,7 +57,7 @@ serve() {  # serve MODEL OUT_JSON [extra vllm_serve.py flags]: stock then AsyncE
 
 tiny() {  # tiny FILE CHECK_ENV JSON NAME: one GPU test file's tiny checks, logs kept
     local file=$1 env=$2 json=$3 name=$4
-    env "$env=$json" timeout -s INT -k 30 "${TINY_TIMEOUT_S:-270}" "$python" -m pytest -m gpu "$file" -k tiny -q \
+    env "$env=$json" timeout -s INT -k 30 "${TINY_TIMEOUT_S:-420}" "$python" -m pytest -m gpu "$file" -k tiny -q \
         -p no:cacheprovider --basetemp "/tmp/zp-$name" > "$out/$name.log" 2>&1
     echo "[$SECONDS s] $file: $(tail -1 "$out/$name.log")"
     mkdir -p "$out/$name-logs"
@@ -92,9 +92,6 @@ checks)
     checks
     ;;
 bf16)
-    if [ "${CHECKS:-1}" != 0 ]; then
-        checks
-    fi
     stock_tuned=()
     if [ "${TUNE_BUDGET_S:-150}" != 0 ]; then
         if tune_stock qwen3-30b-a3b; then
