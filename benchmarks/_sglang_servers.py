@@ -78,12 +78,13 @@ class Server:
         if not self.spec.is_plugin:
             env["SGLANG_PLUGINS"] = "none"  # a name no plugin has: stock SGLang, installed plugin or not
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # ``python -m`` would put the working directory first on sys.path, where this checkout's
+        # ``kernels/`` shadows the ``kernels`` package transformers imports once it is installed
+        # (stock SGLang's FP8 start-up died of it, run from the repository root, 2026-12-06).
+        env["PYTHONSAFEPATH"] = "1"
         with self.log_path.open("w") as log:
-            # Not from the repository root: ``python -m`` puts the working directory first on sys.path,
-            # where this checkout's ``kernels/`` would shadow the ``kernels`` package transformers
-            # imports once it is installed (stock SGLang's FP8 start-up died of it, 2026-12-06).
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            cwd=self.spec.model_dir.parent, start_new_session=True)
+                                            start_new_session=True)
         self.started_at = time.monotonic()
 
     def log_text(self) -> str:

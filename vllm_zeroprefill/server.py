@@ -86,6 +86,10 @@ class VllmServer:
             entry = ["vllm.entrypoints.cli.main", "serve", self.model]
         self.command = [sys.executable, "-m", *entry, "--port", str(self.port), "--host", "127.0.0.1", *args]
         self.env = cpu_env(num_ranks) if device == "cpu" else dict(os.environ)
+        # ``python -m`` would put the working directory first on sys.path; from a checkout's root
+        # its ``kernels/`` folder then shadows the ``kernels`` package transformers imports when
+        # that is installed (SGLang's environment has it).
+        self.env["PYTHONSAFEPATH"] = "1"
         self.env.update(env or {})
         self.process: subprocess.Popen | None = None
 
