@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 from sglang_zeroprefill import compat
 from zeroprefill.common.asyncep_model import AsyncEPConfigError
+from zeroprefill.common.model_spec import FP8_WEIGHT_BLOCK
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,12 @@ LOAD_BALANCE_ENV = "ZEROPREFILL_SGLANG_LOAD_BALANCE"
 
 #: The module ``python -m`` runs for our launcher (it loads plugins in the children it spawns).
 LAUNCHER_MODULE = "sglang_zeroprefill.launch_server"
+
+#: The experts ``--moe-a2a-backend asyncep`` serves, as the refusals name them.
+SUPPORTED_EXPERTS = (
+    f"unquantized experts and block-FP8 ones ({FP8_WEIGHT_BLOCK}x{FP8_WEIGHT_BLOCK} weight_block_size, "
+    "as Qwen3-*-FP8 ship)"
+)
 
 _FLAG_CHOICES = {
     "--moe-a2a-backend": ASYNCEP_BACKEND,
@@ -127,8 +134,8 @@ def check_asyncep_layout(cfg: Any) -> int:
     unsupported = [
         (cfg.dwdp_size > 1, f"--dwdp-size {cfg.dwdp_size}", "AsyncEP replaces DWDP; drop --dwdp-size"),
         (cfg.pp_size != 1, f"--pp-size {cfg.pp_size}", "use --pp-size 1"),
-        (cfg.quantization is not None, f"--quantization {cfg.quantization}",
-         "the SGLang AsyncEP backend streams unquantized (bf16/fp16/fp32) expert weights only"),
+        (cfg.quantization not in (None, "fp8"), f"--quantization {cfg.quantization}",
+         f"AsyncEP serves {SUPPORTED_EXPERTS}; a block-FP8 checkpoint needs no --quantization (or fp8)"),
         (cfg.enable_eplb, "--enable-eplb", "AsyncEP runs every expert on every rank; expert "
          "load balancing has nothing to move"),
         (cfg.ep_num_redundant_experts != 0, f"--ep-num-redundant-experts {cfg.ep_num_redundant_experts}",

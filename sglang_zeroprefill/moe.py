@@ -27,6 +27,18 @@ the model is loaded (``ModelRunner.maybe_init_dwdp``, DWDP's own set-up point, A
 :class:`~zeroprefill.common.streamer.ExpertWeightStreamer` per rank, whose eager gathers every
 CUDA-graph capture and replay then waits for (:mod:`sglang_zeroprefill.cuda_graphs`). On one
 GPU (``--ep-size 1``) the shard is every expert and nothing is gathered from peers.
+
+Quantization: unquantized experts, and block-FP8 ones as Qwen3-*-FP8 ship them (SGLang's
+``Fp8MoEMethod`` with ``weight_block_size`` [128, 128]: float8_e4m3fn ``w13_weight`` /
+``w2_weight`` and float32 ``w13_weight_scale_inv [E/N, 2I/128, H/128]`` /
+``w2_weight_scale_inv [E/N, H/128, I/128]``, dynamic activation scales). The scales travel
+with the weights as ``w13_scale`` / ``w2_scale``, the names the core's kernels take. SGLang's
+``process_weights_after_loading`` leaves that layout as loaded on CUDA unless DeepGEMM runs the
+experts on a GPU that wants UE8M0 scales (the DeepGEMM runner is refused at resolution), and
+converts it on ROCm (e4m3fnuz, aiter shuffles) and under its CPU engine (AMX packing):
+:func:`expert_shards` checks the layout after loading and refuses the rest in one line. Every
+other scheme is refused at construction (:func:`unsupported_quantization`). The router
+(``mlp.gate``) stays SGLang's (Qwen3-MoE builds it unquantized) and runs before our hook.
 """
 
 from __future__ import annotations
@@ -37,12 +49,14 @@ from typing import Any, Callable
 
 import torch
 
-from sglang_zeroprefill.args import asyncep_enabled
+from sglang_zeroprefill.args import SUPPORTED_EXPERTS, asyncep_enabled
 from sglang_zeroprefill.compat import is_draft_layer, pass_max_tokens
 from sglang_zeroprefill.cuda_graphs import order_graph_launches_after, stop_ordering_graph_launches_after
 from zeroprefill.common.asyncep_model import AsyncEPConfig, AsyncEPConfigError, AsyncEPModel, build_asyncep_model
 from zeroprefill.common.asyncep_moe import AsyncEPMoE
+from zeroprefill.common.block_fp8 import FP8_DTYPE, block_scale_shape
 from zeroprefill.common.expert_sharding import ExpertShardLayout
+from zeroprefill.common.model_spec import FP8_WEIGHT_BLOCK
 
 logger = logging.getLogger(__name__)
 
@@ -62,15 +76,50 @@ class AsyncEPBinding:
         self.model.close()
 
 
-def check_fused_moe(layer: Any) -> None:
-    """Reject a ``FusedMoE`` configuration the AsyncEP path does not compute."""
+def _layer_name(layer: Any) -> str:
+    return getattr(layer, "layer_name", "") or f"layer {layer.layer_id}"
+
+
+def is_block_fp8(quant_method: Any) -> bool:
+    """Whether a ``FusedMoE``'s method stores block-FP8 experts AsyncEP serves."""
+    from sglang.srt.layers.quantization.fp8 import Fp8MoEMethod
+
+    return type(quant_method) is Fp8MoEMethod and unsupported_quantization(quant_method) is None
+
+
+def unsupported_quantization(quant_method: Any) -> str | None:
+    """What AsyncEP cannot serve about a ``FusedMoE``'s experts, in words; None where it serves them.
+
+    SGLang's ``Fp8MoEMethod`` also holds per-tensor FP8 (no ``weight_block_size``: per-tensor
+    scales, or bf16 quantized online by ``--quantization fp8``), MXFP8 (1x32 blocks) and FP4
+    experts; subclasses and wrappers of it (MXFP4 re-quantization, NPU methods) other formats.
+    """
+    from sglang.srt.layers.quantization.fp8 import Fp8MoEMethod
     from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
 
-    name = getattr(layer, "layer_name", "") or f"layer {layer.layer_id}"
+    if isinstance(quant_method, UnquantizedFusedMoEMethod):
+        return None
+    if type(quant_method) is not Fp8MoEMethod:
+        return f"quantized experts ({type(quant_method).__name__})"
+    if quant_method.is_fp4_expert:
+        return "FP4 experts (Fp8MoEMethod)"
+    if quant_method.use_mxfp8:
+        return "MXFP8 experts (Fp8MoEMethod, 1x32 UE8M0 scales)"
+    block = quant_method.weight_block_size
+    if block is None:
+        return ("per-tensor FP8 experts (Fp8MoEMethod without weight_block_size: per-tensor scales, or "
+                "quantized online by --quantization fp8)")
+    if list(block) != [FP8_WEIGHT_BLOCK, FP8_WEIGHT_BLOCK]:
+        return f"block-FP8 experts in {block[0]}x{block[1]} blocks (Fp8MoEMethod)"
+    return None
+
+
+def check_fused_moe(layer: Any) -> None:
+    """Reject a ``FusedMoE`` configuration the AsyncEP path does not compute."""
     config = layer.moe_runner_config
+    quantization = unsupported_quantization(layer.quant_method)
     problems = [
-        (not isinstance(layer.quant_method, UnquantizedFusedMoEMethod),
-         f"quantized experts ({type(layer.quant_method).__name__}); serve an unquantized (bf16) checkpoint"),
+        (quantization is not None, f"{quantization}; AsyncEP serves {SUPPORTED_EXPERTS}"),
         (config.activation != "silu" or not config.is_gated,
          f"activation {config.activation!r} (gated={config.is_gated}); AsyncEP kernels are SiLU-gated"),
         (layer.with_bias, "expert biases"),
@@ -81,7 +130,57 @@ def check_fused_moe(layer: Any) -> None:
     ]
     for bad, what in problems:
         if bad:
-            raise AsyncEPConfigError(f"--moe-a2a-backend asyncep: MoE layer {name} has {what}")
+            raise AsyncEPConfigError(f"--moe-a2a-backend asyncep: MoE layer {_layer_name(layer)} has {what}")
+
+
+def expert_shards(layer: Any) -> dict[str, torch.Tensor]:
+    """A loaded ``FusedMoE``'s shard as the core streams it: ``w13``, ``w2`` and, for block FP8,
+    their scales as ``w13_scale`` / ``w2_scale``.
+
+    Raises :class:`AsyncEPConfigError` where SGLang's ``process_weights_after_loading`` left the
+    experts in a layout other than the checkpoint's, which the kernels would misread.
+    """
+    shards = {"w13": layer.w13_weight.data, "w2": layer.w2_weight.data}
+    if is_block_fp8(layer.quant_method):
+        shards |= {"w13_scale": layer.w13_weight_scale_inv.data, "w2_scale": layer.w2_weight_scale_inv.data}
+    problem = layout_problem_after_loading(layer, shards)
+    if problem is not None:
+        raise AsyncEPConfigError(f"--moe-a2a-backend asyncep: MoE layer {_layer_name(layer)} has {problem}")
+    return shards
+
+
+def layout_problem_after_loading(layer: Any, shards: dict[str, torch.Tensor]) -> str | None:
+    """How SGLang changed the loaded experts away from the checkpoint's layout, with the setting
+    that did it; None where it left them as loaded."""
+    if getattr(layer, "use_intel_amx_backend", False):
+        return ("experts packed for AMX by SGLang's CPU engine (SGLANG_USE_CPU_ENGINE=1); AsyncEP reads "
+                "them unpacked: serve on a GPU")
+    if "w13_scale" not in shards:
+        return None
+    if torch.version.hip is not None:
+        return ("block-FP8 experts on ROCm, which SGLang rescales to float8_e4m3fnuz (and shuffles for aiter "
+                "under SGLANG_USE_AITER); AsyncEP's kernels read float8_e4m3fn: serve a bf16 checkpoint there")
+    if any(getattr(scale, "format_ue8m0", False) for scale in (layer.w13_weight_scale_inv, layer.w2_weight_scale_inv)):
+        return ("block scales requantized to UE8M0 for DeepGEMM (SGLang does so where DeepGEMM runs the "
+                "experts on Blackwell); set SGLANG_ENABLE_JIT_DEEPGEMM=0")
+    num_experts, two_inter, hidden = shards["w13"].shape
+    expected = {
+        "w13": ((num_experts, two_inter, hidden), FP8_DTYPE),
+        "w2": ((num_experts, hidden, two_inter // 2), FP8_DTYPE),
+        "w13_scale": ((num_experts, *block_scale_shape(two_inter, hidden)), torch.float32),
+        "w2_scale": ((num_experts, *block_scale_shape(hidden, two_inter // 2)), torch.float32),
+    }
+    found = {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in shards.items()}
+    if found != expected:
+        return (f"block-FP8 experts in a layout SGLang prepared for another MoE kernel: {found}, where AsyncEP "
+                f"reads {expected}")
+    return None
+
+
+def _expert_format(shards: dict[str, torch.Tensor]) -> str:
+    """``"bfloat16"``, ``"float8_e4m3fn + 128x128 block scales"``: how a layer stores its experts."""
+    weights = str(shards["w13"].dtype).removeprefix("torch.")
+    return f"{weights} + {FP8_WEIGHT_BLOCK}x{FP8_WEIGHT_BLOCK} block scales" if "w13_scale" in shards else weights
 
 
 def after_fused_moe_init(result: Any, layer: Any, *args: Any, **kwargs: Any) -> Any:
@@ -124,38 +223,47 @@ def setup_asyncep(
             f"the shard layout expects {layout.capacity}"
         )
     config = config or AsyncEPConfig.from_env()
-    shards = [{"w13": layer.w13_weight.data, "w2": layer.w2_weight.data} for layer in layers]
+    shards = [expert_shards(layer) for layer in layers]
+    formats = sorted({_expert_format(shard) for shard in shards})
+    if len(formats) != 1:
+        raise AsyncEPConfigError(
+            f"--moe-a2a-backend asyncep streams MoE layers of one format, this model's store experts as "
+            f"{' and as '.join(formats)} (the checkpoint leaves some MoE layers unquantized)"
+        )
+    expert_dtype = "fp8" if "w13_scale" in shards[0] else "bf16"
     device = layers[0].w13_weight.device
     # Routing stays SGLang's (TopK runs before run_moe_core); only streaming and experts are ours.
     asyncep = build_asyncep_model(shards, layout, config, top_k=top_ks.pop(), renormalize=True, group=group,
                                   device=device, experts_kernel=experts_kernel,
-                                  switch_tokens=planned_switch_tokens(model, world_size, device, config))
+                                  switch_tokens=planned_switch_tokens(model, world_size, device, config, expert_dtype))
     for layer, moe in zip(layers, asyncep.layers):
         _collapse_ep_view(layer)
         setattr(layer, _BINDING_ATTR, moe)
     streamer = asyncep.streamer
     order_graph_launches_after(streamer)
     logger.info(
-        "AsyncEP: %d MoE layers over %d ranks, own experts read in place (transport %s, prefetch depth %d, "
-        "%.2f GB of gather buffers); passes below %d tokens per rank move tokens instead of weights",
-        len(layers), world_size, streamer.transport.name, streamer.prefetch_depth, streamer.gather_buffer_bytes / 1e9,
-        asyncep.switch_tokens,
+        "AsyncEP: %d MoE layers of %s experts over %d ranks, own experts read in place (transport %s, prefetch "
+        "depth %d, %.2f GB of gather buffers); passes below %d tokens per rank move tokens instead of weights",
+        len(layers), formats[0], world_size, streamer.transport.name, streamer.prefetch_depth,
+        streamer.gather_buffer_bytes / 1e9, asyncep.switch_tokens,
     )
     return AsyncEPBinding(asyncep, layers)
 
 
-def planned_switch_tokens(model: torch.nn.Module, num_ranks: int, device: torch.device, config: AsyncEPConfig) -> int:
-    """The planner's switch point for this deployment (bf16 experts on ``num_ranks`` GPUs of this
-    kind; :func:`zeroprefill.common.layouts.planned_switch_point`, 0 where it has none).
-    ``ZEROPREFILL_ASYNCEP_SWITCH_TOKENS`` (``config.switch_tokens``) overrides it in the builder."""
+def planned_switch_tokens(model: torch.nn.Module, num_ranks: int, device: torch.device, config: AsyncEPConfig,
+                          expert_dtype: str) -> int:
+    """The planner's switch point for this deployment (``expert_dtype`` experts, ``"bf16"`` or
+    ``"fp8"``, on ``num_ranks`` GPUs of this kind; :func:`zeroprefill.common.layouts.planned_switch_point`,
+    0 where it has none). ``ZEROPREFILL_ASYNCEP_SWITCH_TOKENS`` (``config.switch_tokens``) overrides
+    it in the builder."""
     from zeroprefill.common.layouts import planned_switch_point
     from zeroprefill.common.model_spec import MoEModelSpec
     from zeroprefill.common.saturation import DEFAULT_CONTEXT_TOKENS
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     tokens, source = planned_switch_point(
-        lambda: (MoEModelSpec.from_hf_config(model.config.to_dict()), DEFAULT_CONTEXT_TOKENS, "bf16"), device_name,
-        num_ranks, config.transport)
+        lambda: (MoEModelSpec.from_hf_config(model.config.to_dict()), DEFAULT_CONTEXT_TOKENS, expert_dtype),
+        device_name, num_ranks, config.transport)
     logger.info("AsyncEP: switch point %d tokens per rank (%s)", tokens, source)
     return tokens
 

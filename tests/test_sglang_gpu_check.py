@@ -4,9 +4,9 @@ Run as ``python -m tests.test_sglang_gpu_check --model-path ... --port ...`` thi
 stand-in: a stdlib HTTP server that answers ``/health``, ``/generate`` (prompt log-probabilities)
 and ``/v1/embeddings`` with values derived from the token ids (:func:`reference_logprobs`,
 :func:`reference_embedding`) plus a per-launcher offset, writes SGLang-shaped log lines (KV size,
-CUDA-graph capture, prefill batches), and fails as SGLang does where the real one fails: the
-plugin on a block-FP8 checkpoint, stock with ``--is-embedding`` (each prints its error and then
-lingers, as a crashed SGLang server waits for core dumps). The tests give the script the same
+CUDA-graph capture, prefill batches), and fails as SGLang does where the real one fails: stock
+with ``--is-embedding`` (it prints its error and then lingers, as a crashed SGLang server waits
+for core dumps). The plugin serves the block-FP8 checkpoint too. The tests give the script the same
 functions as its float32 reference, so every distance it reports is known here exactly.
 """
 
@@ -56,11 +56,6 @@ def serve(argv: list[str]) -> None:
     say = lambda line: print(line, flush=True)  # noqa: E731
     if side == "plugin":
         say("ZeRO-Prefill AsyncEP on one GPU: every expert is local, nothing is streamed")
-    if side == "plugin" and "fp8" in args.model_path:
-        say("zeroprefill.common.asyncep_model.AsyncEPConfigError: --moe-a2a-backend asyncep: MoE layer "
-            "model.layers.0.mlp.experts has quantized experts (Fp8MoEMethod); serve an unquantized (bf16) checkpoint")
-        say("Scheduler hit an exception")
-        time.sleep(120)
     say("max_total_num_tokens=4096, chunked_prefill_size=8192")
     say("Capture target prefill CUDA graph end. elapsed=1.00 s, mem usage=0.10 GB")
     say("Capture target decode cuda graph end. elapsed=1.00 s, mem usage=0.10 GB.")
@@ -147,17 +142,15 @@ def test_both_parts_against_stand_in_servers(stand_ins: list[str], tmp_path: Pat
     assert 0.99 < embeddings["plugin"]["similarity"] < 1.0 and embeddings["plugin_passes"] is True
 
     fp8 = tiny["comparisons"]["fp8/logprobs"]
-    assert fp8["stock"]["distance"] == pytest.approx(0.01)
-    assert fp8["plugin"]["served"] is False and "quantized experts (Fp8MoEMethod)" in fp8["plugin"]["reason"]
-    assert fp8["plugin_passes"] is None and "the plugin did not serve it" in fp8["why"]
-    assert "AsyncEPConfigError" in tiny["servers"]["plugin-fp8"]["log_tail"]
+    assert fp8["stock"]["distance"] == pytest.approx(0.01) and fp8["plugin"]["distance"] == pytest.approx(0.03)
+    assert fp8["plugin_passes"] is True and tiny["servers"]["plugin-fp8"]["served"] is True
 
     assert tiny["mixed_requests"]["sent"] == 40 and tiny["mixed_requests"]["failed"] == 0
     assert summary["requests_failed"] == 0
     assert summary["min_cosine_vs_fp32_stock"] == pytest.approx(0.99)  # 1 - 0.01 on both checkpoints
     assert summary["min_cosine_vs_fp32_plugin"] == pytest.approx(0.97)  # logprobs: 1 - 0.03
     assert summary["plugin_passes"] is True
-    assert summary["servers_failed"] == ["plugin-fp8", "stock-bf16-embedding"]
+    assert summary["servers_failed"] == ["stock-bf16-embedding"]
     graphs = summary["cudagraphs"]["plugin-bf16"]
     assert graphs["prefill_captured"] and graphs["decode_captured"]
     assert 0 < graphs["prefill_batches_in_graph"] < graphs["prefill_batches"]

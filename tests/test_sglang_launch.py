@@ -91,6 +91,14 @@ def test_plain_sglang_parser_accepts_flags_once_plugin_loaded(model_dir: str) ->
         prepare_server_args(_argv(model_dir, "--moe-a2a-backend asyncep2"))
 
 
+def test_quantization_fp8_resolves_and_the_layers_decide(model_dir: str) -> None:
+    # A block-FP8 checkpoint needs no flag; with --quantization fp8 its FusedMoE layers are checked
+    # at construction, where a bf16 checkpoint quantized online is refused (tests/test_sglang_moe.py).
+    view = _resolved(_argv(model_dir, f"{compat.attention_dp_flags(2)} --tp-size 2 --ep-size 2 "
+                                      "--quantization fp8 --moe-a2a-backend asyncep"))
+    assert view.quantization == "fp8" and view.moe_a2a_backend == "none"
+
+
 def test_other_backends_resolve_unchanged(model_dir: str) -> None:
     view = _resolved(_argv(model_dir, "--tp-size 2 --ep-size 2"))
     assert view.moe_a2a_backend == "none" and view.load_balance_method == "round_robin"
@@ -119,7 +127,8 @@ UNSUPPORTED = [
     ("--tp-size 2", "--tp-size 2 must equal the attention-DP size 1 (for 2 GPUs pass {dp2})"),
     ("{dp2} --tp-size 4 --ep-size 4", "--tp-size 4 must equal the attention-DP size 2"),
     ("{dp2} --tp-size 2", "pass --ep-size 2"),
-    ("{dp2} --tp-size 2 --ep-size 2 --quantization fp8", "--quantization fp8"),
+    ("{dp2} --tp-size 2 --ep-size 2 --quantization w8a8_fp8",
+     "--quantization w8a8_fp8: AsyncEP serves unquantized experts and block-FP8 ones"),
     ("{dp2} --tp-size 2 --ep-size 2 --enable-eplb", "--enable-eplb"),
     ("{dp2} --tp-size 2 --ep-size 2 --enable-two-batch-overlap", "--enable-two-batch-overlap"),
     ("{dp2} --tp-size 2 --ep-size 2 --moe-runner-backend flashinfer_cutlass", "--moe-runner-backend"),
