@@ -146,14 +146,19 @@ def summarize(parts: dict[str, Any]) -> dict[str, Any]:
 
 
 def prepare_tiny_models(work_dir: Path) -> dict[str, Path]:
-    """The bf16 and block-FP8 checkpoints (generated once; the same seed and shapes)."""
-    models = {"bf16": work_dir / "tiny-qwen3-moe", "fp8": work_dir / "tiny-qwen3-moe-fp8"}
+    """The bf16 and block-FP8 checkpoints (generated once; the same seed and shapes).
+
+    The FP8 one quantizes the routed experts only: SGLang builds Qwen3-MoE's router unquantized
+    and would load a quantized one's e4m3 values without their scales (stock was 3.77 nats off
+    fp32 that way on an H100), which no experts kernel could be judged against.
+    """
+    models = {"bf16": work_dir / "tiny-qwen3-moe", "fp8": work_dir / "tiny-qwen3-moe-fp8-experts"}
     for fmt, path in models.items():
         if not (path / "config.json").is_file():
             progress(f"generating the tiny {fmt} Qwen3-MoE in {path}")
             generate_tiny_moe(path, TINY_MODEL)
             if fmt == "fp8":
-                quantize_checkpoint_block_fp8(path)
+                quantize_checkpoint_block_fp8(path, experts_only=True)
     return models
 
 
@@ -162,7 +167,8 @@ def tiny_server_specs(models: dict[str, Path], args: argparse.Namespace) -> list
               "--max-total-tokens", str(args.tiny_max_total_tokens),
               "--context-length", str(TINY_MODEL.max_position_embeddings), "--sampling-backend", "pytorch")
     asyncep = ("--moe-a2a-backend", "asyncep")
-    no_deepgemm = (("SGLANG_ENABLE_JIT_DEEPGEMM", "0"),)  # Triton FP8 GEMMs: no minutes of JIT at start-up
+    # Triton FP8 GEMMs on both sides: no minutes of DeepGEMM JIT at start-up (SGLang's and ours)
+    no_deepgemm = (("SGLANG_ENABLE_JIT_DEEPGEMM", "0"), ("ZEROPREFILL_EXPERTS_KERNEL", "triton"))
     return [
         ServerSpec("stock-bf16", args.stock_launcher, models["bf16"], common),
         ServerSpec("plugin-bf16", args.plugin_launcher, models["bf16"],
