@@ -14,6 +14,8 @@ uses :func:`quantize_block_fp8` to write a block-FP8 checkpoint.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from zeroprefill.common.model_spec import FP8_WEIGHT_BLOCK
@@ -51,3 +53,10 @@ def dequantize_block_fp8(w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: in
         )
     full = scale_inv.float().repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)
     return w_fp8.float() * full[..., :n, :k]
+
+
+def expert_format(shard: Mapping[str, torch.Tensor]) -> str:
+    """How one layer's expert shard is stored, for start-up logs: ``"bfloat16"``, or
+    ``"float8_e4m3fn + block scales"`` where the shard carries ``w13_scale``."""
+    weights = str(shard["w13"].dtype).removeprefix("torch.")
+    return f"{weights} + block scales" if "w13_scale" in shard else weights

@@ -54,7 +54,7 @@ from sglang_zeroprefill.compat import is_draft_layer, pass_max_tokens
 from sglang_zeroprefill.cuda_graphs import order_graph_launches_after, stop_ordering_graph_launches_after
 from zeroprefill.common.asyncep_model import AsyncEPConfig, AsyncEPConfigError, AsyncEPModel, build_asyncep_model
 from zeroprefill.common.asyncep_moe import AsyncEPMoE
-from zeroprefill.common.block_fp8 import FP8_DTYPE, block_scale_shape
+from zeroprefill.common.block_fp8 import FP8_DTYPE, block_scale_shape, expert_format
 from zeroprefill.common.expert_sharding import ExpertShardLayout
 from zeroprefill.common.model_spec import FP8_WEIGHT_BLOCK
 
@@ -177,12 +177,6 @@ def layout_problem_after_loading(layer: Any, shards: dict[str, torch.Tensor]) ->
     return None
 
 
-def _expert_format(shards: dict[str, torch.Tensor]) -> str:
-    """``"bfloat16"``, ``"float8_e4m3fn + 128x128 block scales"``: how a layer stores its experts."""
-    weights = str(shards["w13"].dtype).removeprefix("torch.")
-    return f"{weights} + {FP8_WEIGHT_BLOCK}x{FP8_WEIGHT_BLOCK} block scales" if "w13_scale" in shards else weights
-
-
 def after_fused_moe_init(result: Any, layer: Any, *args: Any, **kwargs: Any) -> Any:
     """``AFTER`` hook on ``FusedMoE.__init__``: fail at construction, not mid-forward."""
     if asyncep_enabled() and not is_draft_layer(layer):
@@ -224,7 +218,7 @@ def setup_asyncep(
         )
     config = config or AsyncEPConfig.from_env()
     shards = [expert_shards(layer) for layer in layers]
-    formats = sorted({_expert_format(shard) for shard in shards})
+    formats = sorted({expert_format(shard) for shard in shards})
     if len(formats) != 1:
         raise AsyncEPConfigError(
             f"--moe-a2a-backend asyncep streams MoE layers of one format, this model's store experts as "

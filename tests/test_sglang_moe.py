@@ -160,7 +160,7 @@ def _worker(rank: int, world_size: int, port: int, model_dir: str, weight_format
     logging.getLogger("sglang_zeroprefill.moe").addHandler(records)
     logging.getLogger("sglang_zeroprefill.moe").setLevel(logging.INFO)
     state = setup_asyncep(model, group, AsyncEPConfig(transport="gloo"))
-    expert_format = "float8_e4m3fn + 128x128 block scales" if weight_format == "block_fp8" else "float32"
+    expert_format = "float8_e4m3fn + block scales" if weight_format == "block_fp8" else "float32"
     assert any(f"MoE layers of {expert_format} experts" in message for message in records.messages), records.messages
     assert state.model.streamer in cuda_graphs._streamers  # every graph launch waits for its gathers
     scales = sorted(name for name in state.model.streamer.expert_shapes if name.endswith("_scale"))

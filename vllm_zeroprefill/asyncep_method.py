@@ -79,7 +79,7 @@ from vllm_zeroprefill.validation import block_fp8_weight_block
 from zeroprefill.common.asyncep_model import (SWITCH_TOKENS_ENV, AsyncEPConfig, AsyncEPConfigError, AsyncEPModel,
                                               build_asyncep_model)
 from zeroprefill.common.asyncep_moe import SCORING_FUNCS, AsyncEPMoE, default_experts_kernel
-from zeroprefill.common.block_fp8 import FP8_DTYPE
+from zeroprefill.common.block_fp8 import FP8_DTYPE, expert_format
 from zeroprefill.common.expert_sharding import ExpertShardLayout
 from zeroprefill.common.transport import GatherTransport, make_transport
 
@@ -170,10 +170,10 @@ class AsyncEPModelLoader:
                 f"have {self.layout.num_experts}: AsyncEP streams layers of one shape"
             )
         if self.layer_shards:
-            first = _expert_format(next(iter(self.layer_shards.values())))
-            if _expert_format(shards) != first:
+            first = expert_format(next(iter(self.layer_shards.values())))
+            if expert_format(shards) != first:
                 raise AsyncEPConfigError(
-                    f"MoE layer {layer.layer_name} stores its experts as {_expert_format(shards)} but earlier "
+                    f"MoE layer {layer.layer_name} stores its experts as {expert_format(shards)} but earlier "
                     f"layers as {first} (the checkpoint leaves some MoE layers unquantized): AsyncEP streams "
                     "layers of one format; drop --moe-backend asyncep for this checkpoint"
                 )
@@ -238,7 +238,7 @@ class AsyncEPModelLoader:
             "AsyncEP: %d MoE layers of %d experts (%s) over %d EP ranks; this rank stores experts %s and "
             "reads them in place; transport %s, prefetch depth %d, %d gather buffers = %.2f GiB; passes "
             "below %d tokens per rank move tokens instead of weights (%s); experts kernel %s",
-            len(order), self.layout.num_experts, _expert_format(shards[0]), self.layout.world_size,
+            len(order), self.layout.num_experts, expert_format(shards[0]), self.layout.world_size,
             list(self.layout.experts_of_rank(streamer.rank)), streamer.transport.name, streamer.prefetch_depth,
             streamer.num_slots, streamer.gather_buffer_bytes / 2**30, self.model.switch_tokens,
             self.served.switch_point_source if self.model.switch_tokens else "never: " + self.served.switch_point_source,
@@ -259,12 +259,6 @@ class AsyncEPModelLoader:
         logger.info("AsyncEP: experts kernels compiled for %d batch sizes, 1 to %d tokens, in %.1f s",
                     len(counts), counts[-1], time.monotonic() - started)
         return experts_kernel_choice(activation_dtype, resident["w13"], resident["w2"], **scales)
-
-
-def _expert_format(shards: dict[str, torch.Tensor]) -> str:
-    """``"bfloat16"``, ``"float8_e4m3fn + block scales"``, ...: how a layer stores its experts."""
-    weights = str(shards["w13"].dtype).removeprefix("torch.")
-    return f"{weights} + block scales" if "w13_scale" in shards else weights
 
 
 def _make_transport(config: AsyncEPConfig, device: torch.device) -> GatherTransport:
