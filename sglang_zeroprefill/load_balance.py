@@ -28,7 +28,8 @@ if it must, in its rank's scheduler queue. The saturation threshold still shapes
 Per-rank saturation threshold: ``ZEROPREFILL_SATURATION_FLOPS`` when set; else, under
 ``--moe-a2a-backend asyncep`` on GPUs with a shipped hardware profile (H100, H200, named by
 NVML), the planner's (:func:`zeroprefill.common.saturation.step_flops_budget` at headroom 1 for
-the DP ranks, one GPU each: bf16, the transport the runtime picks, 2048-token prompts); else 0
+the DP ranks, one GPU each: the checkpoint's expert format, bf16 or block FP8, the transport the
+runtime picks, 2048-token prompts); else 0
 (no tie zone). A request's cost includes the LM head as
 :func:`zeroprefill.common.cost_model.lm_head_tokens` decides: embedding requests none,
 generate requests (SGLang's ``/v1/score``) their last position. Other knob:
@@ -48,7 +49,7 @@ from typing import Any
 
 from zeroprefill.common.cost_model import lm_head_tokens
 from zeroprefill.common.hardware import HardwareProfileError
-from zeroprefill.common.model_spec import MoEModelSpec
+from zeroprefill.common.model_spec import MoEModelSpec, read_hf_config, stored_weight_dtype
 from zeroprefill.common.saturation import DEFAULT_CONTEXT_TOKENS, PlanError, step_flops_budget_on_gpus
 from zeroprefill.common.prefix_index import block_hashes
 from zeroprefill.common.router_policy import PromptShape, RoutedRequest, RouterPolicy
@@ -144,13 +145,16 @@ class ZeroPrefillLoadBalancer:
         return [load.outstanding_flops for load in self.policy.replicas]
 
 
-def spec_for_model(model_path: str) -> MoEModelSpec:
-    """The served model's spec from a local checkpoint folder or a Hugging Face model id."""
+def model_for_planning(model_path: str) -> tuple[MoEModelSpec, str]:
+    """The served model's spec and its experts' stored format (``"fp8"`` for a block-FP8
+    checkpoint, else ``"bf16"``), from a local checkpoint folder or a Hugging Face model id."""
     if Path(model_path).exists():
-        return MoEModelSpec.from_pretrained(model_path)
-    from transformers import AutoConfig
+        config = read_hf_config(model_path)
+    else:
+        from transformers import AutoConfig
 
-    return MoEModelSpec.from_hf_config(AutoConfig.from_pretrained(model_path).to_dict())
+        config = AutoConfig.from_pretrained(model_path).to_dict()
+    return MoEModelSpec.from_hf_config(config), stored_weight_dtype(config) or "bf16"
 
 
 def build_for_controller(controller: Any) -> ZeroPrefillLoadBalancer:
@@ -160,23 +164,26 @@ def build_for_controller(controller: Any) -> ZeroPrefillLoadBalancer:
     view = resolved_view(controller.server_args)
     page_size = view.page_size or 1
     block_tokens = int(os.environ.get(BLOCK_TOKENS_ENV, max(page_size, 16)))
-    spec = spec_for_model(view.model_path)
+    spec, expert_dtype = model_for_planning(view.model_path)
     num_ranks = controller.max_dp_size
     if os.environ.get(SATURATION_ENV):
         saturation_flops = float(os.environ[SATURATION_ENV])
     else:
-        saturation_flops = planned_saturation_flops(spec, num_ranks, local_gpu_name())
+        saturation_flops = planned_saturation_flops(spec, num_ranks, local_gpu_name(), expert_dtype)
     logger.info("zeroprefill DP balancer: saturation threshold %.3g FLOPs per rank", saturation_flops)
     return ZeroPrefillLoadBalancer(spec, num_ranks=num_ranks, block_tokens=block_tokens, saturation_flops=saturation_flops)
 
 
-def planned_saturation_flops(spec: MoEModelSpec, num_ranks: int, device_name: str | None) -> float:
-    """The planner's per-rank saturation threshold of this AsyncEP deployment; 0 where none
-    applies (no AsyncEP, one rank, no GPU or one without a shipped profile)."""
+def planned_saturation_flops(spec: MoEModelSpec, num_ranks: int, device_name: str | None,
+                             expert_dtype: str = "bf16") -> float:
+    """The planner's per-rank saturation threshold of this AsyncEP deployment with ``expert_dtype``
+    experts (``"bf16"`` or ``"fp8"``: FP8 streams half the bytes); 0 where none applies (no
+    AsyncEP, one rank, no GPU or one without a shipped profile)."""
     if not asyncep_enabled() or not device_name:
         return 0.0
     try:
-        budget = step_flops_budget_on_gpus(spec, device_name, num_ranks, DEFAULT_CONTEXT_TOKENS, headroom=1.0)
+        budget = step_flops_budget_on_gpus(spec, device_name, num_ranks, DEFAULT_CONTEXT_TOKENS, headroom=1.0,
+                                           dtype=expert_dtype)
     except (HardwareProfileError, PlanError) as exc:
         logger.warning("zeroprefill DP balancer: no planned saturation threshold for %d x %s (%s); "
                        "set %s to give one", num_ranks, device_name, exc, SATURATION_ENV)

@@ -193,3 +193,21 @@ def test_sglang_plans_the_budget_vllm_plans_for_the_same_deployment(spec: MoEMod
     vllm_budget = step_flops_budget_on_gpus(spec, "NVIDIA H200", 4, 2048, DEFAULT_STEP_HEADROOM, "bf16")
     sglang_threshold = load_balance.planned_saturation_flops(spec, 4, "NVIDIA H200")
     assert sglang_threshold * DEFAULT_STEP_HEADROOM == pytest.approx(vllm_budget, rel=1e-12)
+
+
+def test_a_block_fp8_checkpoint_is_planned_at_fp8(asyncep, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FP8 experts stream half the bytes, so their threshold is lower than the same model's in bf16;
+    the controller reads the format from the checkpoint's quantization_config."""
+    from zeroprefill.common.saturation import step_flops_budget_on_gpus
+
+    fp8_config = CONFIG.with_name("qwen3-30b-a3b-fp8.json")
+    spec, expert_dtype = load_balance.model_for_planning(str(fp8_config))
+    assert expert_dtype == "fp8" and load_balance.model_for_planning(str(CONFIG))[1] == "bf16"
+    fp8 = load_balance.planned_saturation_flops(spec, 4, "NVIDIA H200", expert_dtype)
+    assert fp8 == pytest.approx(step_flops_budget_on_gpus(spec, "NVIDIA H200", 4, 2048, 1.0, "fp8"), rel=1e-12)
+    assert 0 < fp8 < load_balance.planned_saturation_flops(spec, 4, "NVIDIA H200", "bf16")
+    view = SimpleNamespace(page_size=1, model_path=str(fp8_config))
+    monkeypatch.setattr("sglang.srt.arg_groups.overrides.resolved_view", lambda server_args: view)
+    monkeypatch.setattr(load_balance, "local_gpu_name", lambda: "NVIDIA H200")
+    balancer = load_balance.build_for_controller(SimpleNamespace(server_args=None, max_dp_size=4))
+    assert [r.saturation_flops for r in balancer.policy.replicas] == [fp8] * 4
