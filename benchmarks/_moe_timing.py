@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from zeroprefill.kernels import (GROUPED_MM, TRITON, GemmConfig, MoEConfig, deepgemm_experts,
+from zeroprefill.kernels import (GROUPED_MM, TRITON, TRITON_GROUPED_MM, GemmConfig, MoEConfig, deepgemm_experts,
                                  deepgemm_unavailable_reason, experts_kernel_choice, fused_experts,
                                  fused_experts_reference, get_config, grouped_mm_experts, moe_align_block_size,
                                  quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
@@ -34,7 +34,8 @@ from zeroprefill.kernels.grouped_mm_moe import ALIGN_M as GROUPED_MM_ALIGN_M
 from zeroprefill.kernels.moe_config import CONFIG_DIR, arch_name, clear_config_cache, problem_key
 from zeroprefill.kernels.quant import quantize_tokens_fp8_group
 
-BF16_SIDES = {GROUPED_MM: "bf16_gmm_ours", TRITON: "bf16_triton"}  # the forced side of each bf16 backend
+BF16_SIDES = {GROUPED_MM: "bf16_gmm_ours", TRITON: "bf16_triton",  # the forced side of each bf16 backend
+              TRITON_GROUPED_MM: "bf16_triton_gmm"}
 SUMMARY_MIN_TOKENS = 8192  # summary keys *_min_8k_plus: the worst point at or above this many tokens
 COPY_BYTES = 1 << 30       # the device copy that measures HBM bandwidth
 _START = time.perf_counter()
@@ -243,6 +244,8 @@ def sides(layer: Layer, x: torch.Tensor, tw: torch.Tensor, ti: torch.Tensor, tri
     return {
         "bf16_triton": lambda: fused_experts(x, layer.w13, layer.w2, tw, ti, config=triton_cfg),
         "bf16_gmm_ours": lambda: fused_experts(x, layer.w13, layer.w2, tw, ti, config=MoEConfig(backend=GROUPED_MM)),
+        "bf16_triton_gmm": lambda: fused_experts(x, layer.w13, layer.w2, tw, ti,
+                                                 config=MoEConfig(triton_cfg.gemm1, backend=TRITON_GROUPED_MM)),
         "grouped_mm": lambda: grouped_mm_baseline(x, layer.w13, layer.w2, tw, ti),
         "fp8": lambda: fused_experts(x, layer.w13_fp8, layer.w2_fp8, tw, ti, w13_scale=layer.w13_scale,
                                      w2_scale=layer.w2_scale, config=fp8_cfg),

@@ -20,7 +20,8 @@ median of ``triton.testing.do_bench`` with L2 flushed between runs:
 
 Columns (TFLOP/s, eager): bf16 = ``fused_experts`` as shipped (the table picks the backend per
 token count), bf16 on each backend forced (``triton``: our Triton GEMMs; ``gmm+ours``: torch's
-CUTLASS grouped GEMMs inside our permutation/SiLU/combine kernels), the plain torch._grouped_mm
+CUTLASS grouped GEMMs inside our permutation/SiLU/combine kernels; ``trit+gmm``: our Triton first
+GEMM, its gather and SiLU*mul fused, then torch's second GEMM), the plain torch._grouped_mm
 baseline, FP8 with 128x128 weight blocks (Triton; 1x128 token groups quantised inside the
 call), FP8-rowwise (per-channel weight scales, per-row activation scales,
 torch._scaled_grouped_mm) as shipped, and FP8-rowwise with fast accumulation (``row+fa``, not
@@ -39,8 +40,10 @@ the same activation quantisation). A second line per token count gives the graph
 Where the shipped bf16 layer's time goes, at every token count >= 8192 (summary keys, the
 minimum over those points; each point has its own value):
 
-    layer_vs_gemm_only[_eager]    time of the layer's own GEMM kernels (torch.profiler) /
-                                  layer time (graph-replayed; eager)
+    layer_vs_gemm_only[_eager]    time of the layer's GEMMs alone (torch.profiler: the CUTLASS
+                                  grouped GEMM kernels of the grouped_mm side, glue-free; the
+                                  shipped side's own GEMM kernels where that side did not run) /
+                                  the shipped layer's time (graph-replayed; eager)
     fp8_selected_vs_bf16          bf16 layer / block-FP8 layer on the default backend (graphs)
     unfused_glue_bound_layer_vs_gemm_only
                                   the best layer_vs_gemm_only the unfused grouped_mm pipeline
@@ -78,7 +81,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 
 from _moe_timing import (BF16_SIDES, SUMMARY_MIN_TOKENS, Layer, compiled_kernel_stats, hbm_bandwidth_gb_s,  # noqa: E402
                          is_gemm_kernel, log, measure_point, profile_sides, tune)
-from zeroprefill.kernels import GROUPED_MM, deepgemm_unavailable_reason, get_config  # noqa: E402
+from zeroprefill.kernels import GROUPED_MM, TRITON, TRITON_GROUPED_MM, MoEConfig, deepgemm_unavailable_reason, get_config  # noqa: E402
 from zeroprefill.kernels.moe_config import CONFIG_DIR, arch_name, clear_config_cache, problem_key  # noqa: E402
 
 SHAPES = {  # name: (E, K, H, I)
@@ -87,7 +90,7 @@ SHAPES = {  # name: (E, K, H, I)
 }
 TOKENS = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
 TUNE_TOKENS = [1024, 4096, 16384]
-SIDES = ("bf16_triton", "bf16_gmm_ours", "grouped_mm", "fp8", "fp8_selected", "fp8_rowwise",
+SIDES = ("bf16_triton", "bf16_gmm_ours", "bf16_triton_gmm", "grouped_mm", "fp8", "fp8_selected", "fp8_rowwise",
          "fp8_rowwise_fast_accum", "deepgemm_bf16", "deepgemm_fp8")
 
 
@@ -192,8 +195,11 @@ def add_ratios(point: dict, bandwidth_gb_s: float, hidden: int, inter: int, top_
     point["bf16_vs_grouped_mm"] = ratio(tflops.get("bf16"), tflops.get("grouped_mm"))
     point["fp8_selected_vs_bf16"] = ratio(tflops_graph.get("fp8_selected"), tflops_graph.get("bf16"))
     gemm = point["gemm_kernels_ms"]
-    point["layer_vs_gemm_only"] = ratio(gemm.get("bf16"), point["ms_graph"].get("bf16"))
-    point["layer_vs_gemm_only_eager"] = ratio(gemm.get("bf16"), point["ms"].get("bf16"))
+    # The GEMMs alone: torch's CUTLASS pair (the grouped_mm side's GEMM kernels, no glue in them)
+    # where it ran, else the shipped side's own GEMM kernels (whose epilogues may hold glue).
+    gemm_only = gemm.get(BF16_SIDES[GROUPED_MM], gemm.get("bf16"))
+    point["layer_vs_gemm_only"] = ratio(gemm_only, point["ms_graph"].get("bf16"))
+    point["layer_vs_gemm_only_eager"] = ratio(gemm_only, point["ms"].get("bf16"))
     glue_ms = unfused_glue_bytes(point["tokens"], top_k, hidden, inter) / (bandwidth_gb_s * 1e9) * 1e3
     point["unfused_glue_min_ms"] = round(glue_ms, 4)
     gmm_gemm = gemm.get(BF16_SIDES[GROUPED_MM])
@@ -206,9 +212,9 @@ def add_ratios(point: dict, bandwidth_gb_s: float, hidden: int, inter: int, top_
 
 def print_header(with_deepgemm: bool) -> None:
     dg_header = f" {'dg bf16':>7} {'dg fp8':>7} {'dgfp8/bf16':>10}" if with_deepgemm else ""
-    print(f"{'tokens':>7} {'bf16':>7} {'backend':>10} {'triton':>7} {'gmm+ours':>8} {'gmm':>7} {'fp8':>7} "
-          f"{'fp8 row':>7} {'row+fa':>7} {'bf16/gmm':>8} {'fp8/bf16':>8} {'row/bf16':>8}{dg_header}  "
-          f"max rel err (bf16 trit/gmm+ours, fp8, row, row+fa{', dg bf16, dg fp8' if with_deepgemm else ''})",
+    print(f"{'tokens':>7} {'bf16':>7} {'backend':>17} {'triton':>7} {'gmm+ours':>8} {'trit+gmm':>8} {'gmm':>7} "
+          f"{'fp8':>7} {'fp8 row':>7} {'row+fa':>7} {'bf16/gmm':>8} {'fp8/bf16':>8} {'row/bf16':>8}{dg_header}  "
+          f"max rel err (bf16 trit/gmm+ours/trit+gmm, fp8, row, row+fa{', dg bf16, dg fp8' if with_deepgemm else ''})",
           flush=True)
 
 
@@ -224,12 +230,12 @@ def finish_point(point: dict, layer: Layer, with_deepgemm: bool, bandwidth_gb_s:
     def value(x: float | None) -> float:
         return nan if x is None else x
 
-    row = [f"{point['tokens']:>7}", f"{tflops.get('bf16', nan):>7.1f}", f"{point['bf16_backend']:>10}",
+    row = [f"{point['tokens']:>7}", f"{tflops.get('bf16', nan):>7.1f}", f"{point['bf16_backend']:>17}",
            f"{tflops.get('bf16_triton', nan):>7.1f}", f"{tflops.get('bf16_gmm_ours', nan):>8.1f}",
-           f"{tflops.get('grouped_mm', nan):>7.1f}", f"{tflops.get('fp8', nan):>7.1f}",
+           f"{tflops.get('bf16_triton_gmm', nan):>8.1f}", f"{tflops.get('grouped_mm', nan):>7.1f}", f"{tflops.get('fp8', nan):>7.1f}",
            f"{tflops.get('fp8_rowwise', nan):>7.1f}", f"{tflops.get('fp8_rowwise_fast_accum', nan):>7.1f}"]
     row += [f"{value(point[key]):>8.3f}" for key in ("bf16_vs_grouped_mm", "fp8_vs_bf16", "fp8_rowwise_vs_bf16")]
-    error_sides = ["bf16_triton", "bf16_gmm_ours", "fp8", "fp8_rowwise", "fp8_rowwise_fast_accum"]
+    error_sides = ["bf16_triton", "bf16_gmm_ours", "bf16_triton_gmm", "fp8", "fp8_rowwise", "fp8_rowwise_fast_accum"]
     if with_deepgemm:
         row += [f"{tflops.get('deepgemm_bf16', nan):>7.1f}", f"{tflops.get('deepgemm_fp8', nan):>7.1f}",
                 f"{value(point['deepgemm_fp8_vs_bf16']):>10.3f}"]
@@ -243,10 +249,10 @@ def finish_point(point: dict, layer: Layer, with_deepgemm: bool, bandwidth_gb_s:
 
 
 def write_backend_choice(name: str, shape: tuple[int, int, int, int], shape_points: list[dict]) -> None:
-    """Per measured token count, write the faster bf16 backend into the shipped table.
+    """Per measured token count, write the fastest bf16 backend into the shipped table.
 
-    A Triton winner keeps the tile config it was measured with; token counts already in the
-    table but not measured here keep their entry.
+    A winner with Triton GEMMs keeps the tile config it was measured with; token counts already
+    in the table but not measured here keep their entry.
     """
     num_experts, _, hidden, inter = shape
     path = CONFIG_DIR / f"{arch_name(torch.device('cuda'))}.json"
@@ -254,11 +260,16 @@ def write_backend_choice(name: str, shape: tuple[int, int, int, int], shape_poin
     entries = table["configs"].setdefault(problem_key(False, num_experts, hidden, inter), {})
     for point in shape_points:
         ms = point["ms"]
-        if "bf16_triton" not in ms and "bf16_gmm_ours" not in ms:
+        measured = {backend: ms[side] for backend, side in BF16_SIDES.items() if side in ms}
+        if not measured:
             continue
-        grouped_wins = ms.get("bf16_gmm_ours", float("inf")) < ms.get("bf16_triton", float("inf"))
-        entries[str(point["tokens"])] = ({"backend": GROUPED_MM} if grouped_wins
-                                         else point["config_bf16_triton"])
+        fastest = min(measured, key=measured.get)
+        triton_cfg = MoEConfig.from_json(point["config_bf16_triton"])
+        entries[str(point["tokens"])] = {
+            GROUPED_MM: {"backend": GROUPED_MM},
+            TRITON: point["config_bf16_triton"],
+            TRITON_GROUPED_MM: MoEConfig(triton_cfg.gemm1, backend=TRITON_GROUPED_MM).to_json(),
+        }[fastest]
     table["configs"][problem_key(False, num_experts, hidden, inter)] = dict(
         sorted(entries.items(), key=lambda kv: int(kv[0])))
     table["note"] = ("written by benchmarks/moe_kernels.py (--tune: Triton tiles; --select-backends: the faster "
@@ -301,8 +312,8 @@ TIMING = {
     "deepgemm_bf16_vs_bf16, deepgemm_fp8_vs_bf16": "eager TFLOP/s ratios",
     "fp8_selected_vs_bf16": "graph: bf16 layer time / block-FP8 layer time, fused_experts(config=None) "
                             "on the backend it selects (fp8_selected_kernel)",
-    "layer_vs_gemm_only": "graph: gemm_kernels_ms.bf16 / ms_graph.bf16",
-    "layer_vs_gemm_only_eager": "eager: gemm_kernels_ms.bf16 / ms.bf16",
+    "layer_vs_gemm_only": "graph: gemm_kernels_ms.bf16_gmm_ours (else .bf16) / ms_graph.bf16",
+    "layer_vs_gemm_only_eager": "eager: gemm_kernels_ms.bf16_gmm_ours (else .bf16) / ms.bf16",
     "unfused_glue_bound_layer_vs_gemm_only": "gemm_kernels_ms.bf16_gmm_ours / (that + unfused_glue_min_ms); "
                                              "unfused_glue_min_ms = unfused_glue_bytes (scatter, SiLU*mul, "
                                              "combine; real rows) / hbm_copy_bandwidth_gb_s",

@@ -1,11 +1,13 @@
 """Triton kernels for Mixture-of-Experts prefill: alignment, grouped expert GEMMs.
 
     (topk_weights, topk_ids) from the engine's router or AsyncEP's (select_experts, plain torch)
-        --[fused_experts, one of three backends]--> out [T, H]
+        --[fused_experts, one of four backends]--> out [T, H]
     triton      (fused_moe.py): moe_align_block_size -> GEMM1 (gate/up + SiLU*mul) -> GEMM2
                 (down, routing weight, scatter) -> K-slot sum
     grouped_mm  (grouped_mm_moe.py): align -> scatter token rows -> torch._grouped_mm ->
                 SiLU*mul -> torch._grouped_mm -> weighted combine
+    triton_grouped_mm (fused_moe.py, bf16): align -> the Triton GEMM1 (token gather and
+                SiLU*mul fused) -> torch._grouped_mm -> weighted combine
     deepgemm    (deepgemm.py, optional): the grouped_mm pipeline with DeepGEMM's sm90 grouped
                 GEMMs in place of torch's (bf16, and block FP8 with 1x128 activation groups)
 
@@ -25,7 +27,7 @@ from .deepgemm import deepgemm_experts, deepgemm_source, deepgemm_unavailable_re
 from .fused_moe import (EXPERTS_KERNEL_ENV, experts_kernel_choice, experts_kernel_setting, fused_experts,
                         fused_experts_reference, precompile_experts)
 from .grouped_mm_moe import grouped_mm_experts
-from .moe_config import GROUPED_MM, TRITON, GemmConfig, MoEConfig, get_config
+from .moe_config import GROUPED_MM, TRITON, TRITON_GROUPED_MM, GemmConfig, MoEConfig, get_config
 from .quant import (dequantize_fp8_block, dequantize_fp8_rowwise, quantize_tokens_fp8_group,
                     quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
 
@@ -36,6 +38,7 @@ __all__ = [
     "GemmConfig",
     "MoEConfig",
     "TRITON",
+    "TRITON_GROUPED_MM",
     "dequantize_fp8_block",
     "dequantize_fp8_rowwise",
     "deepgemm_experts",

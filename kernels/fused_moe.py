@@ -49,8 +49,8 @@ from .align import ExpertAlignment, moe_align_block_size
 from .checks import check_add_to, check_inputs, fp8_scale_format
 from .deepgemm import deepgemm_reason, deepgemm_source, disable_after_failure, run_deepgemm_experts
 from .grouped_mm_moe import ALIGN_M as GROUPED_MM_ALIGN_M
-from .grouped_mm_moe import grouped_mm_experts
-from .moe_config import GROUPED_MM, TRITON, GemmConfig, MoEConfig, get_config
+from .grouped_mm_moe import grouped_gemm, grouped_mm_experts, weighted_combine
+from .moe_config import GROUPED_MM, TRITON, TRITON_GROUPED_MM, GemmConfig, MoEConfig, get_config
 from .quant import FP8_DTYPE, GROUP_SIZE, ROUND_E4M3_IN_FP32, dequantize_fp8_block, \
     dequantize_fp8_rowwise, quantize_tokens_fp8_group, quantize_weights_fp8_block, round_to_e4m3
 
@@ -261,6 +261,12 @@ def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
                              f"weights), got {hidden_states.dtype} activations, {w13.dtype} weights")
         alignment = moe_align_block_size(topk_ids, num_experts, GROUPED_MM_ALIGN_M)
         return grouped_mm_experts(hidden_states, w13, w2, topk_weights, alignment, add_to=add_to)
+    if config.backend == TRITON_GROUPED_MM:
+        if use_fp8 or not is_bf16:
+            raise ValueError(f"backend='triton_grouped_mm' runs bf16 weights and activations, got "
+                             f"{hidden_states.dtype} activations, {w13.dtype} weights")
+        alignment = moe_align_block_size(topk_ids, num_experts, config.block_m)
+        return triton_then_grouped_mm_experts(hidden_states, w13, w2, topk_weights, alignment, config.gemm1, add_to)
     if use_fp8 and (config.gemm1.block_n != GROUP_SIZE or config.gemm1.block_k != GROUP_SIZE
                     or config.gemm2.block_k != GROUP_SIZE):
         raise ValueError(f"FP8 needs gemm1 block_n=block_k=128 and gemm2 block_k=128, got {config}")
@@ -343,6 +349,30 @@ def _runs_on_deepgemm(hidden_states: torch.Tensor, w13: torch.Tensor, fp8_format
         _logged_choices.add(message)
         logger.info("zeroprefill.kernels: MoE experts on %s", message)
     return on_deepgemm
+
+
+def triton_then_grouped_mm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                                   topk_weights: torch.Tensor, alignment: ExpertAlignment, gemm1: GemmConfig,
+                                   add_to: torch.Tensor | None = None) -> torch.Tensor:
+    """bf16 experts with the glue of both pipelines fused where it is cheapest.
+
+    Our first GEMM reads each token's row where it lies (no scatter pass) and writes
+    ``act = silu(gate) * up`` in expert-sorted order (no SiLU pass); torch's CUTLASS grouped
+    GEMM then multiplies those rows by ``w2`` over the same padded segments (``offs`` are the
+    alignment's ``expert_ends``: it reads no row past the last one), and the combine sums each
+    token's K rows. Padding rows of ``act`` are never written; the rows of ``y`` they produce
+    are never read. ``alignment`` must come from ``moe_align_block_size(topk_ids, E, gemm1.block_m)``.
+    """
+    if alignment.block_m != gemm1.block_m:
+        raise ValueError(f"alignment.block_m={alignment.block_m} != gemm1.block_m={gemm1.block_m}")
+    hidden, inter = w2.shape[1], w2.shape[2]
+    if hidden % 8 or inter % 8:  # torch's grouped GEMMs want 16-byte aligned row strides
+        raise ValueError(f"backend='triton_grouped_mm' needs hidden and intermediate sizes divisible by 8, "
+                         f"got H={hidden}, I={inter}; use the Triton backend for these")
+    act, _ = run_gemm1(hidden_states, None, w13, None, alignment, gemm1)
+    y = grouped_gemm(act, w2, alignment.expert_ends)
+    del act
+    return weighted_combine(y, topk_weights, alignment, hidden_states.dtype, add_to)
 
 
 def _grouped_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,

@@ -9,9 +9,12 @@ count nearest to the actual one (in log space). Untuned shapes fall back to a he
 Both GEMMs of one call share ``block_m``: the token→expert alignment pads every expert's rows
 to that size, and both kernels walk the same padded row blocks.
 
-An entry may instead name the other backend, ``{"backend": "grouped_mm"}``: torch's CUTLASS
-grouped GEMMs with our permutation and combine around them (``grouped_mm_moe.py``, bf16 only).
-The benchmark writes, per tuned token count, whichever of the two it measured faster.
+An entry may instead name another backend (bf16 only): ``{"backend": "grouped_mm"}``, torch's
+CUTLASS grouped GEMMs with our permutation and combine around them (``grouped_mm_moe.py``); or
+``{"backend": "triton_grouped_mm", "gemm1": {...}}``, our Triton first GEMM (the token gather in
+its A-load, SiLU*mul in its epilogue: no scatter and no SiLU pass) followed by torch's CUTLASS
+second GEMM and our combine. The benchmark writes, per tuned token count, whichever it measured
+fastest.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ class GemmConfig:
 
 TRITON = "triton"          # our two grouped Triton GEMMs (fused_moe.py)
 GROUPED_MM = "grouped_mm"  # torch._grouped_mm GEMMs with our Triton permutation/combine (bf16)
-BACKENDS = (TRITON, GROUPED_MM)
+TRITON_GROUPED_MM = "triton_grouped_mm"  # our Triton GEMM 1 (gather + SiLU*mul fused), then torch's GEMM 2 (bf16)
+BACKENDS = (TRITON, GROUPED_MM, TRITON_GROUPED_MM)
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,10 @@ class MoEConfig:
             if self.gemm1 is not None or self.gemm2 is not None:
                 raise ValueError("backend='grouped_mm' takes no Triton tile configs; leave gemm1/gemm2 unset")
             return
+        if self.backend == TRITON_GROUPED_MM:
+            if self.gemm1 is None or self.gemm2 is not None:
+                raise ValueError("backend='triton_grouped_mm' takes the first GEMM's tile config only (gemm1)")
+            return
         if self.gemm1 is None or self.gemm2 is None:
             raise ValueError("backend='triton' needs both gemm1 and gemm2 tile configs")
         if self.gemm1.block_m != self.gemm2.block_m:
@@ -74,12 +82,17 @@ class MoEConfig:
     def to_json(self) -> dict:
         if self.backend == GROUPED_MM:
             return {"backend": GROUPED_MM}
+        if self.backend == TRITON_GROUPED_MM:
+            return {"backend": TRITON_GROUPED_MM, "gemm1": asdict(self.gemm1)}
         return {"gemm1": asdict(self.gemm1), "gemm2": asdict(self.gemm2)}
 
     @staticmethod
     def from_json(entry: dict) -> "MoEConfig":
-        if entry.get("backend", TRITON) == GROUPED_MM:
+        backend = entry.get("backend", TRITON)
+        if backend == GROUPED_MM:
             return MoEConfig(backend=GROUPED_MM)
+        if backend == TRITON_GROUPED_MM:
+            return MoEConfig(GemmConfig(**entry["gemm1"]), backend=TRITON_GROUPED_MM)
         return MoEConfig(GemmConfig(**entry["gemm1"]), GemmConfig(**entry["gemm2"]))
 
 

@@ -1,7 +1,7 @@
 """GPU-only checks of the MoE kernels at real layer shapes, with the shipped tile table.
 
-Skipped without CUDA. Tolerances as max|out - ref| / max|ref| (fp32 reference): bf16 2e-2 (both
-backends), FP8 3e-2 against the dequantised-weight reference with the same activation
+Skipped without CUDA. Tolerances as max|out - ref| / max|ref| (fp32 reference): bf16 2e-2 (every
+backend), FP8 3e-2 against the dequantised-weight reference with the same activation
 quantisation (block: 1x128 groups; rowwise: whole rows). The DeepGEMM tests also need
 ``deep_gemm`` on an sm90 GPU (the ``deepgemm`` extra); the same tolerances against the
 reference, and twice them between DeepGEMM and our Triton path (each may err either way).
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zeroprefill.kernels import (EXPERTS_KERNEL_ENV, GROUPED_MM, MoEConfig, deepgemm_experts,
+from zeroprefill.kernels import (EXPERTS_KERNEL_ENV, GROUPED_MM, TRITON_GROUPED_MM, MoEConfig, deepgemm_experts,
                                  deepgemm_unavailable_reason, fused_experts, fused_experts_reference, get_config,
                                  quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
 from zeroprefill.common.asyncep_moe import select_experts
@@ -38,6 +38,9 @@ def test_layer_shapes_bf16_and_fp8(num_tokens, hidden, inter):
     ref = fused_experts_reference(x, w13, w2, weights, ids)
     assert rel_err(fused_experts(x, w13, w2, weights, ids), ref) < 2e-2
     assert rel_err(fused_experts(x, w13, w2, weights, ids, config=MoEConfig(backend=GROUPED_MM)), ref) < 2e-2
+    gemm1 = get_config(num_tokens, top_k, num_experts, hidden, inter, False, x.device, allow_grouped_mm=False).gemm1
+    hybrid = MoEConfig(gemm1, backend=TRITON_GROUPED_MM)
+    assert rel_err(fused_experts(x, w13, w2, weights, ids, config=hybrid), ref) < 2e-2
 
     (w13_q, w13_s), (w2_q, w2_s) = quantize_weights_fp8_block(w13), quantize_weights_fp8_block(w2)
     out8 = fused_experts(x, w13_q, w2_q, weights, ids, w13_scale=w13_s, w2_scale=w2_s)
