@@ -16,10 +16,10 @@
 #   vllm_serve-<gpu>x1.json      bf16 throughput runs (call 2)
 #   vllm_moe_configs/            stock vLLM's tuned tile table for the 30B shape and its tuning record
 #   *-logs/, tiny-*.log          server logs and the pytest output
-# Between the calls, copy OUT_DIR's JSON files into benchmarks/results/: call 3 starts its FP8 file
-# from benchmarks/results/vllm_fp8-<gpu>x1.json (keeping the tiny FP8 record) and imports the
-# bf16 runs of benchmarks/results/vllm_serve-<gpu>x1.json (only if measured on the same GPU kind
-# with the same vLLM) for summary.asyncep_fp8_vs_asyncep_bf16.
+# Call 3 adds to OUT_DIR/vllm_fp8-<gpu>x1.json (call 1's tiny FP8 record) and imports the bf16
+# runs of OUT_DIR/vllm_serve-<gpu>x1.json (only if measured on the same GPU kind with the same
+# vLLM) for summary.asyncep_fp8_vs_asyncep_bf16; where OUT_DIR lacks them (calls on different
+# machines), the committed ones in benchmarks/results/.
 #
 # Settings (environment): LAYERS (48: all of Qwen3-30B-A3B; the same count for every run),
 # BATCHED (--max-num-batched-tokens, 32768, both layouts), CONTEXT (2048 tokens per request),
@@ -102,11 +102,13 @@ bf16)
     fi
     serve qwen3-30b-a3b "$out/vllm_serve-${gpu}x1.json" "${stock_tuned[@]}"
     ;;
-fp8)
-    if [ -f "benchmarks/results/vllm_fp8-${gpu}x1.json" ]; then
+fp8)  # OUT_DIR's own files first (calls 1 and 2 into the same folder), else the committed ones
+    if [ ! -f "$out/vllm_fp8-${gpu}x1.json" ] && [ -f "benchmarks/results/vllm_fp8-${gpu}x1.json" ]; then
         cp "benchmarks/results/vllm_fp8-${gpu}x1.json" "$out/"
     fi
-    serve qwen3-30b-a3b-fp8 "$out/vllm_fp8-${gpu}x1.json" --merge --import-runs "benchmarks/results/vllm_serve-${gpu}x1.json"
+    bf16_runs="$out/vllm_serve-${gpu}x1.json"
+    [ -f "$bf16_runs" ] || bf16_runs="benchmarks/results/vllm_serve-${gpu}x1.json"
+    serve qwen3-30b-a3b-fp8 "$out/vllm_fp8-${gpu}x1.json" --merge --import-runs "$bf16_runs"
     ;;
 *)
     echo "unknown phase $phase: bf16, fp8 or checks" >&2

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# The one-GPU runs of benchmarks/GPU_RUNBOOK.md ("One GPU" rows 1-5) as one sequence, for a
+# machine with vLLM and SGLang installed side by side (docs/gpu.md). Meant to run detached, so
+# that no single shell session has to last the whole sequence:
+#
+#   setsid nohup bash benchmarks/gpu_1x_all.sh OUT_DIR > /dev/null 2>&1 < /dev/null &
+#   cat OUT_DIR/progress.log        # one line per step: its start, its end and exit status
+#
+# Steps, in this order (STEPS picks a subset, e.g. STEPS="fp8 kernels sglang-tiny"):
+#   checks       vllm_gpu_1x.sh checks: tiny bf16 and block-FP8 checks against fp32 (~5 min)
+#   bf16         vllm_gpu_1x.sh bf16: stock's MoE tile tuned, then Qwen3-30B-A3B stock vs AsyncEP (~8 min)
+#   fp8          vllm_gpu_1x.sh fp8: Qwen3-30B-A3B block FP8, stock vs AsyncEP (~10 min: stock's
+#                DeepGEMM warm-up JIT-builds 1,849 kernels on a fresh machine)
+#   kernels      moe_kernels.py with --select-backends, in a process that imported vLLM (~4 min);
+#                the rewritten kernels/configs/<arch>.json is copied to OUT_DIR/kernels-configs/
+#   sglang-tiny  sglang_gpu_check.py --parts tiny (~2.5 min)
+#   sglang-30b   sglang_gpu_check.py --parts 30b, all 48 layers (~5 min)
+#
+# Settings (environment): STEPS (all six), VLLM_SITE (/tmp/site) and SGLANG_SITE (/tmp/sgsite):
+# the folders each engine was installed into, put on PYTHONPATH for its steps; each step's own
+# settings (vllm_gpu_1x.sh's LAYERS, BUDGET_S, ...) pass through. Results: OUT_DIR/vllm,
+# OUT_DIR/kernels, OUT_DIR/sglang, each step's output in OUT_DIR/<step>.log.
+set -uo pipefail
+
+out=${1:?usage: gpu_1x_all.sh OUT_DIR}
+steps=${STEPS:-checks bf16 fp8 kernels sglang-tiny sglang-30b}
+vllm_site=${VLLM_SITE:-/tmp/site}
+sglang_site=${SGLANG_SITE:-/tmp/sgsite}
+mkdir -p "$out/vllm" "$out/kernels" "$out/sglang"
+out=$(cd "$out" && pwd)
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export HF_HUB_OFFLINE=1
+
+progress() { echo "[$(date +%T)] $*" >> "$out/progress.log"; }
+
+run_step() {  # run_step NAME: one step, its output in OUT_DIR/NAME.log, its status in progress.log
+    local name=$1 status
+    progress "$name: start"
+    case $name in
+    checks | bf16 | fp8)
+        PYTHONPATH=$vllm_site bash benchmarks/vllm_gpu_1x.sh "$name" "$out/vllm" ;;
+    kernels)
+        PYTHONPATH=$vllm_site python3 -c 'import runpy, sys, vllm  # vLLM first: fp8_selected then runs on its DeepGEMM
+sys.argv = ["moe_kernels.py", "--shapes", "qwen3-235b-a22b", "qwen3-30b-a3b", "--tokens", "8192", "16384", "32768",
+            "--sides", "bf16_triton,bf16_gmm_ours,bf16_triton_gmm,fp8_selected", "--select-backends",
+            "--out", sys.argv[1]]
+runpy.run_path("benchmarks/moe_kernels.py", run_name="__main__")' "$out/kernels/moe_kernels.json" &&
+            mkdir -p "$out/kernels-configs" && cp kernels/configs/*.json "$out/kernels-configs/" ;;
+    sglang-tiny)
+        PYTHONPATH=$sglang_site python3 benchmarks/sglang_gpu_check.py --parts tiny --results-dir "$out/sglang" ;;
+    sglang-30b)
+        PYTHONPATH=$sglang_site python3 benchmarks/sglang_gpu_check.py --parts 30b --results-dir "$out/sglang" ;;
+    *)
+        echo "unknown step $name: checks, bf16, fp8, kernels, sglang-tiny or sglang-30b"; (exit 2) ;;
+    esac > "$out/$name.log" 2>&1
+    status=$?
+    progress "$name: exit $status ($(tail -1 "$out/$name.log" | cut -c1-160))"
+}
+
+progress "steps: $steps"
+for step in $steps; do
+    run_step "$step"
+done
+progress "done"
