@@ -309,7 +309,8 @@ def planned_switch_point(
     planner's (:func:`switch_point_on_gpus`), or 0 (always stream) where it has none: one rank,
     no GPU (``device_name`` None) or no shipped profile, no plan for the group, or EP that never
     wins. ``model()`` gives the model's spec, the prompt length to plan for and the experts'
-    format (``"bf16"`` / ``"fp8"``); it is read only where a plan applies. Both engine plugins take their default from here."""
+    format (``"bf16"`` / ``"fp8"``); it is read only where a plan applies. Both engine plugins
+    take their default from here."""
     if num_ranks == 1:
         return 0, "one rank"
     if device_name is None or shipped_gpu_for(device_name) is None:

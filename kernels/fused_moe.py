@@ -49,7 +49,7 @@ from .align import ExpertAlignment, moe_align_block_size
 from .checks import check_add_to, check_inputs, fp8_scale_format
 from .deepgemm import deepgemm_reason, deepgemm_source, disable_after_failure, run_deepgemm_experts
 from .grouped_mm_moe import ALIGN_M as GROUPED_MM_ALIGN_M
-from .grouped_mm_moe import grouped_gemm, grouped_mm_experts, weighted_combine
+from .grouped_mm_moe import check_row_alignment, grouped_gemm, grouped_mm_experts, weighted_combine
 from .moe_config import GROUPED_MM, TRITON, TRITON_GROUPED_MM, GemmConfig, MoEConfig, get_config
 from .quant import FP8_DTYPE, GROUP_SIZE, ROUND_E4M3_IN_FP32, dequantize_fp8_block, \
     dequantize_fp8_rowwise, quantize_tokens_fp8_group, quantize_weights_fp8_block, round_to_e4m3
@@ -365,10 +365,8 @@ def triton_then_grouped_mm_experts(hidden_states: torch.Tensor, w13: torch.Tenso
     """
     if alignment.block_m != gemm1.block_m:
         raise ValueError(f"alignment.block_m={alignment.block_m} != gemm1.block_m={gemm1.block_m}")
-    hidden, inter = w2.shape[1], w2.shape[2]
-    if hidden % 8 or inter % 8:  # torch's grouped GEMMs want 16-byte aligned row strides
-        raise ValueError(f"backend='triton_grouped_mm' needs hidden and intermediate sizes divisible by 8, "
-                         f"got H={hidden}, I={inter}; use the Triton backend for these")
+    check_row_alignment(w2, hidden_states.dtype, "backend='triton_grouped_mm' experts",
+                        "use the Triton backend for these weights")
     act, _ = run_gemm1(hidden_states, None, w13, None, alignment, gemm1)
     y = grouped_gemm(act, w2, alignment.expert_ends)
     del act

@@ -224,6 +224,17 @@ def weighted_combine(y: torch.Tensor, topk_weights: torch.Tensor, alignment: Exp
     return out
 
 
+def check_row_alignment(w2: torch.Tensor, operand_dtype: torch.dtype, what: str, instead: str) -> None:
+    """torch's grouped GEMMs want 16-byte aligned row strides: H and I (``w2 [E, H, I]``) whole
+    multiples of 16 bytes of ``operand_dtype``; a one-line ``ValueError`` naming ``what`` and
+    what to do ``instead`` otherwise."""
+    hidden, inter = w2.shape[1], w2.shape[2]
+    multiple = 16 // operand_dtype.itemsize
+    if hidden % multiple or inter % multiple:
+        raise ValueError(f"{what} need hidden and intermediate sizes divisible by {multiple}, "
+                         f"got H={hidden}, I={inter}; {instead}")
+
+
 def grouped_gemm(a: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """``a [R, K] . w[e]^T`` per expert segment (bf16): ``torch._grouped_mm``."""
     return torch._grouped_mm(a, w.transpose(1, 2), offs=offs)
@@ -257,12 +268,10 @@ def grouped_mm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch
     if alignment.block_m != ALIGN_M:
         raise ValueError(f"grouped_mm_experts needs rows aligned to {ALIGN_M}, got block_m={alignment.block_m}")
     rowwise = w13_scale is not None
-    multiple = 16 if rowwise else 8  # torch's grouped GEMMs want 16-byte aligned row strides
-    hidden, inter = hidden_states.shape[1], w2.shape[2]
-    if hidden % multiple or inter % multiple:
-        raise ValueError(f"{'FP8-rowwise' if rowwise else 'grouped_mm'} experts need hidden and intermediate "
-                         f"sizes divisible by {multiple}, got H={hidden}, I={inter}; "
-                         f"use {'128x128 block-scaled' if rowwise else 'the Triton backend for these'} weights")
+    if rowwise:
+        check_row_alignment(w2, FP8_DTYPE, "FP8-rowwise experts", "use 128x128 block-scaled weights")
+    else:
+        check_row_alignment(w2, hidden_states.dtype, "grouped_mm experts", "use the Triton backend for these weights")
     offs = alignment.expert_ends
     num_experts = w13.shape[0]
     rows = alignment.max_padded_rows

@@ -29,8 +29,7 @@ Per-rank saturation threshold: ``ZEROPREFILL_SATURATION_FLOPS`` when set; else, 
 ``--moe-a2a-backend asyncep`` on GPUs with a shipped hardware profile (H100, H200, named by
 NVML), the planner's (:func:`zeroprefill.common.saturation.step_flops_budget` at headroom 1 for
 the DP ranks, one GPU each: the checkpoint's expert format, bf16 or block FP8, the transport the
-runtime picks, 2048-token prompts); else 0
-(no tie zone). A request's cost includes the LM head as
+runtime picks, 2048-token prompts); else 0 (no tie zone). A request's cost includes the LM head as
 :func:`zeroprefill.common.cost_model.lm_head_tokens` decides: embedding requests none,
 generate requests (SGLang's ``/v1/score``) their last position. Other knob:
 ``ZEROPREFILL_PREFIX_BLOCK_TOKENS`` (prefix-index granularity, default ``max(page_size, 16)``).
