@@ -9,8 +9,8 @@
 # Steps, in this order (STEPS picks a subset, e.g. STEPS="fp8 kernels sglang-tiny"):
 #   checks       vllm_gpu_1x.sh checks: tiny bf16 and block-FP8 checks against fp32 (~5 min)
 #   bf16         vllm_gpu_1x.sh bf16: stock's MoE tile tuned, then Qwen3-30B-A3B stock vs AsyncEP (~8 min)
-#   fp8          vllm_gpu_1x.sh fp8: Qwen3-30B-A3B block FP8, stock vs AsyncEP (~10 min: stock's
-#                DeepGEMM warm-up JIT-builds 1,849 kernels on a fresh machine)
+#   fp8          vllm_gpu_1x.sh fp8: Qwen3-30B-A3B block FP8, stock vs AsyncEP, then bf16 AsyncEP
+#                (~12 min: stock's DeepGEMM warm-up JIT-builds 1,849 kernels on a fresh machine)
 #   kernels      moe_kernels.py with --select-backends, in a process that imported vLLM (~4 min);
 #                the rewritten kernels/configs/<arch>.json is copied to OUT_DIR/kernels-configs/
 #   sglang-tiny  sglang_gpu_check.py --parts tiny (~2.5 min)
@@ -18,7 +18,8 @@
 #
 # Settings (environment): STEPS (all six), VLLM_SITE (/tmp/site) and SGLANG_SITE (/tmp/sgsite):
 # the folders each engine was installed into, put on PYTHONPATH for its steps; each step's own
-# settings (vllm_gpu_1x.sh's LAYERS, BUDGET_S, ...) pass through. Results: OUT_DIR/vllm,
+# settings (vllm_gpu_1x.sh's LAYERS, ...) pass through, BUDGET_S with a default of 1200 s
+# (no 10-minute call bounds a detached step). Results: OUT_DIR/vllm,
 # OUT_DIR/kernels, OUT_DIR/sglang, each step's output in OUT_DIR/<step>.log.
 set -uo pipefail
 
@@ -38,7 +39,7 @@ run_step() {  # run_step NAME: one step, its output in OUT_DIR/NAME.log, its sta
     progress "$name: start"
     case $name in
     checks | bf16 | fp8)
-        PYTHONPATH=$vllm_site bash benchmarks/vllm_gpu_1x.sh "$name" "$out/vllm" ;;
+        PYTHONPATH=$vllm_site BUDGET_S=${BUDGET_S:-1200} bash benchmarks/vllm_gpu_1x.sh "$name" "$out/vllm" ;;
     kernels)
         PYTHONPATH=$vllm_site python3 -c 'import runpy, sys, vllm  # vLLM first: fp8_selected then runs on its DeepGEMM
 sys.argv = ["moe_kernels.py", "--shapes", "qwen3-235b-a22b", "qwen3-30b-a3b", "--tokens", "8192", "16384", "32768",

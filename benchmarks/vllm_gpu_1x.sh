@@ -8,7 +8,9 @@
 #                                                 # shape, then Qwen3-30B-A3B bf16, stock (tuned) then
 #                                                 # AsyncEP (~8 min)
 #   bash benchmarks/vllm_gpu_1x.sh fp8 OUT_DIR    # call 3: Qwen3-30B-A3B block FP8, stock then AsyncEP,
-#                                                 # compared with call 2's bf16 AsyncEP run
+#                                                 # then bf16 AsyncEP again, so that FP8 against bf16
+#                                                 # is measured on one machine (~12 min on a fresh
+#                                                 # machine: give it BUDGET_S=900 outside a 10-min call)
 #
 # Writes into OUT_DIR (the GPU is h100 or h200, from nvidia-smi):
 #   vllm_gpu_check-<gpu>x1.json  tiny bf16 checks (tests/test_vllm_gpu.py -k tiny)
@@ -16,10 +18,8 @@
 #   vllm_serve-<gpu>x1.json      bf16 throughput runs (call 2)
 #   vllm_moe_configs/            stock vLLM's tuned tile table for the 30B shape and its tuning record
 #   *-logs/, tiny-*.log          server logs and the pytest output
-# Call 3 adds to OUT_DIR/vllm_fp8-<gpu>x1.json (call 1's tiny FP8 record) and imports the bf16
-# runs of OUT_DIR/vllm_serve-<gpu>x1.json (only if measured on the same GPU kind with the same
-# vLLM) for summary.asyncep_fp8_vs_asyncep_bf16; where OUT_DIR lacks them (calls on different
-# machines), the committed ones in benchmarks/results/.
+# Call 3 adds to OUT_DIR/vllm_fp8-<gpu>x1.json (call 1's tiny FP8 record, or the committed one);
+# summary.asyncep_fp8_vs_asyncep_bf16 compares its two AsyncEP runs, both of this call.
 #
 # Settings (environment): LAYERS (48: all of Qwen3-30B-A3B; the same count for every run),
 # BATCHED (--max-num-batched-tokens, 32768, both layouts), CONTEXT (2048 tokens per request),
@@ -42,14 +42,14 @@ gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h
 gpu=${gpu:-unknown}
 echo "[$SECONDS s] $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) -> $gpu; vLLM $($python -c 'from importlib.metadata import version; print(version("vllm"))' 2>/dev/null)"
 
-serve() {  # serve MODEL OUT_JSON [extra vllm_serve.py flags]: stock then AsyncEP, within what the budget leaves
-    local model=$1 json=$2
-    shift 2
+serve() {  # serve MODEL OUT_JSON LAYOUTS [extra vllm_serve.py flags]: each layout in turn, within what the budget leaves
+    local model=$1 json=$2 layouts=$3
+    shift 3
     local left=$((budget_s - SECONDS))
-    echo "[$SECONDS s] vllm_serve.py $model (${left} s left)"
-    # shellcheck disable=SC2086  # OPEN_LOOP: zero or more fractions
+    echo "[$SECONDS s] vllm_serve.py $model: $layouts (${left} s left)"
+    # shellcheck disable=SC2086  # LAYOUTS and OPEN_LOOP: one or more names, zero or more fractions
     timeout -s TERM -k 30 "$left" "$python" benchmarks/vllm_serve.py --models "$model:$layers" \
-        --layouts stock asyncep --reference-layout stock --batched-tokens "${BATCHED:-32768}" \
+        --layouts $layouts --reference-layout stock --batched-tokens "${BATCHED:-32768}" \
         --contexts "${CONTEXT:-2048}" --duration-s "${DURATION_S:-15}" --warmup-s "${WARMUP_S:-5}" \
         --drain-s "${DRAIN_S:-10}" --open-loop-fractions ${OPEN_LOOP:-} --out "$json" "$@"
     echo "[$SECONDS s] vllm_serve.py exited with $?"
@@ -100,15 +100,15 @@ bf16)
             echo "[$SECONDS s] tuning failed ($out/tune_vllm_moe.log): stock runs vLLM's default tile"
         fi
     fi
-    serve qwen3-30b-a3b "$out/vllm_serve-${gpu}x1.json" "${stock_tuned[@]}"
+    serve qwen3-30b-a3b "$out/vllm_serve-${gpu}x1.json" "stock asyncep" "${stock_tuned[@]}"
     ;;
-fp8)  # OUT_DIR's own files first (calls 1 and 2 into the same folder), else the committed ones
+fp8)  # OUT_DIR's tiny FP8 record first (call 1 into the same folder), else the committed one
     if [ ! -f "$out/vllm_fp8-${gpu}x1.json" ] && [ -f "benchmarks/results/vllm_fp8-${gpu}x1.json" ]; then
         cp "benchmarks/results/vllm_fp8-${gpu}x1.json" "$out/"
     fi
-    bf16_runs="$out/vllm_serve-${gpu}x1.json"
-    [ -f "$bf16_runs" ] || bf16_runs="benchmarks/results/vllm_serve-${gpu}x1.json"
-    serve qwen3-30b-a3b-fp8 "$out/vllm_fp8-${gpu}x1.json" --merge --import-runs "$bf16_runs"
+    serve qwen3-30b-a3b-fp8 "$out/vllm_fp8-${gpu}x1.json" "stock asyncep" --merge
+    # bf16 AsyncEP again on this machine: FP8 against bf16 from one machine, not from call 2's
+    serve qwen3-30b-a3b "$out/vllm_fp8-${gpu}x1.json" asyncep --merge
     ;;
 *)
     echo "unknown phase $phase: bf16, fp8 or checks" >&2
