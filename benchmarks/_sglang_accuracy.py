@@ -2,9 +2,10 @@
 
 - the requests: prompt log-probabilities from ``/generate``, embeddings from ``/v1/embeddings``
   (:func:`prompt_token`: ids SGLang reports faithfully), and the mixed concurrent requests;
-- the distances (1 - max |delta logprob|, cosine) and :func:`judge`, the plugin against stock
-  (or, where stock cannot serve the endpoint, against transformers in bf16: what a correct bf16
-  implementation of the same model is off by);
+- the errors (|delta logprob| per prompt token, 1 - cosine per embedding), their summary
+  (median, 90th and 99th percentiles, worst) and :func:`judge`, the plugin against stock by
+  ``zeroprefill.accuracy``'s rule (or, where stock cannot serve the endpoint, against
+  transformers in bf16: what a correct bf16 implementation of the same model is off by);
 - :func:`fp32_reference`: transformers in float32 (or bf16) on the same checkpoint (an FP8 one
   dequantised), and :func:`compare_endpoint`, one endpoint of one checkpoint, both sides.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from _serving import client_session
+from zeroprefill import accuracy
 from _sglang_servers import Server
 
 COMPARISON_PROMPT_TOKENS = (2, 7, 31, 128, 511, 1024, 1900)
@@ -57,10 +59,14 @@ def sglang_session(concurrency: int = 100) -> Any:
 # -- comparison arithmetic --------------------------------------------------------------------
 
 
+def logprob_errors(served: Sequence[Sequence[float]], reference: Sequence[Sequence[float]]) -> list[float]:
+    """|served - reference| of every prompt token of every prompt."""
+    return [abs(s - r) for got, want in zip(served, reference, strict=True) for s, r in zip(got, want, strict=True)]
+
+
 def logprob_distance(served: Sequence[Sequence[float]], reference: Sequence[Sequence[float]]) -> float:
     """max |served - reference| over every prompt token of every prompt."""
-    return max(abs(s - r) for got, want in zip(served, reference, strict=True)
-               for s, r in zip(got, want, strict=True))
+    return max(logprob_errors(served, reference))
 
 
 def cosine(a: Sequence[float], b: Sequence[float]) -> float:
@@ -68,25 +74,37 @@ def cosine(a: Sequence[float], b: Sequence[float]) -> float:
     return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
 
 
+def embedding_errors(served: Sequence[Sequence[float]], reference: Sequence[Sequence[float]]) -> list[float]:
+    """1 - cosine of each served embedding with its reference."""
+    return [1.0 - cosine(s, r) for s, r in zip(served, reference, strict=True)]
+
+
 def embedding_distance(served: Sequence[Sequence[float]], reference: Sequence[Sequence[float]]) -> float:
     """1 - the smallest cosine between a served embedding and its reference."""
-    return 1.0 - min(cosine(s, r) for s, r in zip(served, reference, strict=True))
+    return max(embedding_errors(served, reference))
 
 
-def judge(plugin: dict, stock: dict, margin: float, bf16_reference: dict | None = None) -> dict:
-    """Whether the plugin's distance to the reference is within stock's plus ``margin``.
+def judge(plugin: dict, stock: dict, margin: float, bf16_reference: dict | None = None,
+          what: str = "error") -> dict:
+    """Whether the plugin is as close to the reference as stock is, by ``zeroprefill.accuracy``'s
+    rule (median within 2x stock's, tail within stock's + ``margin``).
 
-    ``plugin`` / ``stock``: ``{"distance": d}`` where measured, else ``{"served": False, ...}``.
-    Where stock has no distance, ``bf16_reference`` (transformers in bf16, ``{"distance": d}``)
-    stands in for it: the plugin must then be as close as a plain bf16 implementation is.
+    ``plugin`` / ``stock``: ``{"error_percentiles": accuracy.error_summary(...)}`` where measured,
+    else ``{"served": False, ...}``. Where stock has none, ``bf16_reference`` (transformers in
+    bf16) stands in for it: the plugin must then be as close as a plain bf16 implementation is.
     """
-    if "distance" not in plugin:
+    if "error_percentiles" not in plugin:
         return {"plugin_passes": None, "why": f"the plugin did not serve it: {plugin.get('reason')}"}
+    ours = plugin["error_percentiles"]
     for name, baseline in (("stock", stock), ("transformers bf16", bf16_reference or {})):
-        if "distance" in baseline:
-            return {"plugin_passes": plugin["distance"] <= baseline["distance"] + margin,
-                    "why": f"plugin distance {plugin['distance']:.4g} vs {name} {baseline['distance']:.4g} "
-                           f"+ margin {margin}"}
+        if "error_percentiles" in baseline:
+            theirs = baseline["error_percentiles"]
+            problems = accuracy.compare(what, ours, theirs, margin, them=name)
+            point, our_tail = accuracy.tail(ours)
+            why = "; ".join(problems) or (
+                f"median {ours['50%']:.3g} vs {name} {theirs['50%']:.3g}, {point} {our_tail:.4g} vs "
+                f"{accuracy.tail(theirs)[1]:.4g} + margin {margin:g}")
+            return {"plugin_passes": not problems, "why": f"{why} (worst {ours['max']:.4g} vs {theirs['max']:.4g})"}
     return {"plugin_passes": None, "why": "stock did not serve it and no bf16 reference was computed"}
 
 
@@ -173,8 +191,9 @@ async def _served(server: Server, ids_list: Sequence[Sequence[int]]) -> dict:
 def compare_endpoint(servers: dict[str, Server], records: dict[str, dict], names: dict[str, str],
                      prompts: Sequence[Sequence[int]], reference: Sequence[Sequence[float]], embeddings: bool) -> dict:
     """One endpoint of one checkpoint: stock's and the plugin's distance to the reference."""
-    distance = embedding_distance if embeddings else logprob_distance
-    result: dict[str, Any] = {"metric": "cosine" if embeddings else "1 - max |delta logprob|"}
+    errors = embedding_errors if embeddings else logprob_errors
+    result: dict[str, Any] = {"metric": "cosine" if embeddings else "1 - max |delta logprob|",
+                              "errors": "1 - cosine per prompt" if embeddings else "|delta logprob| per prompt token"}
     values = {}
     for side, name in names.items():
         if name not in servers:
@@ -185,10 +204,13 @@ def compare_endpoint(servers: dict[str, Server], records: dict[str, dict], names
         except Exception as exc:  # a served endpoint that fails is a result, not a crash
             result[side] = {"served": False, "server": name, "reason": f"{type(exc).__name__}: {exc}"}
             continue
-        d = distance(values[side], reference)
-        result[side] = {"served": True, "server": name, "distance": d, "similarity": 1.0 - d}
+        spread = accuracy.error_summary(errors(values[side], reference))
+        result[side] = {"served": True, "server": name, "distance": spread["max"], "similarity": 1.0 - spread["max"],
+                        "error_percentiles": spread}
     if len(values) == 2:
-        result["plugin_vs_stock_distance"] = distance(values["plugin"], values["stock"])
+        spread = accuracy.error_summary(errors(values["plugin"], values["stock"]))
+        result["plugin_vs_stock_distance"] = spread["max"]
+        result["plugin_vs_stock_error_percentiles"] = spread
     return result
 
 

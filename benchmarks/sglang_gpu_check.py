@@ -11,10 +11,13 @@ Parts:
   --moe-a2a-backend asyncep``, generating and with ``--is-embedding``. Every endpoint a server
   serves is compared with transformers running the same checkpoint in float32 on the GPU, all
   in this process (the FP8 checkpoint dequantised): prompt log-probabilities from ``/generate``
-  (``max_new_tokens`` 0, ``return_logprob``, ``logprob_start_len`` 0) as 1 - max |delta logprob|,
-  embeddings from ``/v1/embeddings`` as the cosine. The plugin passes where its distance to the
-  reference is within stock's plus ``--margin``, or, where stock cannot serve the endpoint, where
-  its cosine reaches ``--embedding-min-cosine``. Then ``--requests`` concurrent requests of
+  (``max_new_tokens`` 0, ``return_logprob``, ``logprob_start_len`` 0), |delta logprob| per prompt
+  token, and embeddings from ``/v1/embeddings``, 1 - cosine per prompt; each side's errors are
+  summarised (median, 90th and 99th percentiles, worst) and the summary keys report 1 - the worst.
+  The plugin passes by ``zeroprefill.accuracy``'s rule: its median error at most twice stock's,
+  its tail (the 99th percentile from 1,000 values up, else the worst) at most stock's plus
+  ``--margin`` (``--embedding-margin`` for embeddings); where stock cannot serve the endpoint,
+  transformers in bf16 stands in for stock. Then ``--requests`` concurrent requests of
   varied lengths, mixed over the plugin's generating and embedding servers, none of which may fail.
 - ``30b``: Qwen3-30B-A3B shapes (``common/model_configs/qwen3-30b-a3b.json`` with ``--layers-30b``
   layers, ``--load-format dummy``), stock then plugin, each alone on the GPU with CUDA graphs on:
@@ -53,10 +56,11 @@ sys.path.insert(0, str(REPO))
 # replace) as sglang_gpu_check.<name> are imported here too.
 from _serving import GpuMemoryPeak, closed_loop_clients, gpu_memory_used_mib, write_json  # noqa: E402
 from _sglang_accuracy import (COMPARISON_PROMPT_TOKENS, comparison_prompts, compare_endpoint, cosine,  # noqa: E402, F401
-                              default_reference_device, embedding_distance, fp32_reference, judge, logprob_distance,
-                              mixed_requests, prompt_token, sglang_session)
+                              default_reference_device, embedding_distance, embedding_errors, fp32_reference, judge, logprob_distance, logprob_errors, mixed_requests, prompt_token,
+                              sglang_session)
 from _sglang_servers import (ServerSpec, failure_reason, gpu_names, gpu_tag, log_facts, progress,  # noqa: E402, F401
                              start_all, stop_all)
+from zeroprefill import accuracy  # noqa: E402
 from zeroprefill.tiny_model import TinyMoEConfig, generate_tiny_moe, quantize_checkpoint_block_fp8, write_dummy_checkpoint  # noqa: E402
 
 STOCK_LAUNCHER = "sglang.launch_server"
@@ -194,10 +198,11 @@ def run_tiny(args: argparse.Namespace, results: Results) -> None:
     references = {fmt: fp32_reference(path, prompts, device) for fmt, path in models.items()}
     progress("the same in bf16 (what a plain bf16 implementation is off by, where stock serves nothing)")
     bf16_values = fp32_reference(models["bf16"], prompts, device, dtype="bfloat16")
-    distances = {"logprobs": logprob_distance, "embeddings": embedding_distance}
-    bf16_references = {f"bf16/{endpoint}": {"distance": distances[endpoint](bf16_values[endpoint],
-                                                                              references["bf16"][endpoint])}
-                       for endpoint in distances}
+    errors = {"logprobs": logprob_errors, "embeddings": embedding_errors}
+    bf16_references = {}
+    for endpoint, endpoint_errors in errors.items():
+        spread = accuracy.error_summary(endpoint_errors(bf16_values[endpoint], references["bf16"][endpoint]))
+        bf16_references[f"bf16/{endpoint}"] = {"distance": spread["max"], "error_percentiles": spread}
     part["prompt_tokens"] = list(COMPARISON_PROMPT_TOKENS)
     results.save()
 
@@ -216,7 +221,7 @@ def run_tiny(args: argparse.Namespace, results: Results) -> None:
                 if f"{fmt}/{endpoint}" in bf16_references:
                     result["transformers_bf16"] = bf16_references[f"{fmt}/{endpoint}"]
                 result.update(judge(result["plugin"], result["stock"], args.margin if not embeddings
-                                    else args.embedding_margin, result.get("transformers_bf16")))
+                                    else args.embedding_margin, result.get("transformers_bf16"), result["errors"]))
                 comparisons[f"{fmt}/{endpoint}"] = result
                 progress(f"{fmt}/{endpoint}: {result['why']} -> plugin passes: {result['plugin_passes']}")
                 results.save()
@@ -395,7 +400,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     tiny = parser.add_argument_group("tiny")
     tiny.add_argument("--requests", type=_positive(int), default=500)
     tiny.add_argument("--margin", type=_positive(float), default=0.05,
-                      help="log-probability distance the plugin may exceed stock's by")
+                      help="nats the plugin's tail |delta logprob| may exceed stock's by")
     tiny.add_argument("--embedding-margin", type=_positive(float), default=1e-3,
                       help="1 - cosine the plugin may exceed stock's by")
     tiny.add_argument("--tiny-max-total-tokens", type=_positive(int), default=65536,

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 
 from vllm_zeroprefill.server import ServerStartError, VllmServer, asyncep_args
+from zeroprefill import accuracy
 from zeroprefill.ports import free_port
 from zeroprefill.tiny_model import TinyMoEConfig
 
@@ -355,20 +356,13 @@ def compare_with_fp32(requests: list[tuple[str, dict]], answers: dict[str, list[
 
 
 #: The verdict on AsyncEP, relative to stock vLLM, both measured against the fp32 reference as
-#: errors (1 - cosine for vectors, absolute difference for scores and probabilities). bf16 (and
-#: FP8) rounding of random-weight models has a heavy tail: near-tied router logits send some
-#: tokens to other experts, so one correct implementation's worst request lies far from
-#: another's (two bf16 summation orders, simulated on this model, differ by more than a
-#: hundredth in worst cosine over 500 requests) while their medians stay close. So two points
-#: of the distribution are judged, each against stock's:
-MEDIAN_ERROR_RATIO = 2.0  # the typical request: AsyncEP's median error at most twice stock's
-TAIL_MARGIN = 0.05  # the worst request: AsyncEP's worst error at most stock's worst + 0.05
-MEDIAN_MIN_SAMPLES = 100  # with fewer answers a median says little: the tail rule alone applies
+#: errors (1 - cosine for vectors, absolute difference for scores and probabilities): the rule of
+#: ``zeroprefill.accuracy`` (median within 2x stock's, tail within stock's + TAIL_MARGIN).
+TAIL_MARGIN = 0.05
 #: Stock's median error above this: the reference is not what vLLM computes (pooling,
 #: tokenisation), and no verdict on AsyncEP can be drawn from it.
 REFERENCE_MAX_MEDIAN_ERROR = 0.05
-VERDICT_RULE = {"median_error_ratio": MEDIAN_ERROR_RATIO, "tail_margin": TAIL_MARGIN,
-                "median_min_samples": MEDIAN_MIN_SAMPLES}
+VERDICT_RULE = {**accuracy.RULE, "tail_margin": TAIL_MARGIN, "reference_max_median_error": REFERENCE_MAX_MEDIAN_ERROR}
 
 
 def judge(asyncep: Fp32Distance, stock: Fp32Distance) -> list[str]:
@@ -383,20 +377,11 @@ def judge(asyncep: Fp32Distance, stock: Fp32Distance) -> list[str]:
 
 
 def _judge_errors(what: str, ours: list[float], theirs: list[float]) -> list[str]:
-    import numpy as np
-
-    their_median = float(np.median(theirs))
-    if their_median > REFERENCE_MAX_MEDIAN_ERROR:
-        return [f"stock's median {what} to fp32 is {their_median:.3g} > {REFERENCE_MAX_MEDIAN_ERROR}: the "
+    their = accuracy.error_summary(theirs)
+    if their["50%"] > REFERENCE_MAX_MEDIAN_ERROR:
+        return [f"stock's median {what} to fp32 is {their['50%']:.3g} > {REFERENCE_MAX_MEDIAN_ERROR}: the "
                 "reference is not what vLLM computes"]
-    problems = []
-    our_median = float(np.median(ours))
-    if min(len(ours), len(theirs)) >= MEDIAN_MIN_SAMPLES and our_median > MEDIAN_ERROR_RATIO * their_median + 1e-9:
-        problems.append(f"AsyncEP's median {what} to fp32 {our_median:.3g} > {MEDIAN_ERROR_RATIO} x stock's "
-                        f"{their_median:.3g}")
-    if max(ours) > max(theirs) + TAIL_MARGIN:
-        problems.append(f"AsyncEP's worst {what} to fp32 {max(ours):.4g} > stock's {max(theirs):.4g} + {TAIL_MARGIN}")
-    return problems
+    return accuracy.compare(f"{what} to fp32", accuracy.error_summary(ours), their, TAIL_MARGIN, us="AsyncEP")
 
 
 def fp32_summary(comparisons: list[dict[str, dict]]) -> dict:
