@@ -533,7 +533,93 @@ def test_tuner_candidates_are_vllms_shipped_tiles_for_the_gpu_most_used_first(tm
     (tmp_path / "E=64,N=640,device_name=NVIDIA_H200.json").write_text(json.dumps({"1": b, "triton_version": "3"}))
     (tmp_path / "E=64,N=640,device_name=NVIDIA_H200,dtype=fp8_w8a8.json").write_text(json.dumps({"1": {"x": 1}}))
     (tmp_path / "E=64,N=640,device_name=NVIDIA_H100.json").write_text(json.dumps({"1": {"y": 1}}))
-    assert tune_vllm_moe.shipped_candidates(tmp_path, "NVIDIA_H200") == [b, a]
+    assert tune_vllm_moe.shipped_candidates(tmp_path, "E=64,N=1536,device_name=NVIDIA_H200.json") == [b, a]
+
+
+H100_FP8_TABLE = "E=128,N=768,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8,block_shape=[128,128].json"
+
+
+def test_fp8_tuning_candidates_are_the_gpus_block_fp8_tiles_with_k_clamped_to_the_block(tmp_path):
+    import tune_vllm_moe
+
+    def tile(m, k, warps=4):
+        return {"BLOCK_SIZE_M": m, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": k, "GROUP_SIZE_M": 1, "num_warps": warps}
+
+    block = "dtype=fp8_w8a8,block_shape=[128,128]"
+    files = {
+        f"E=256,N=128,device_name=NVIDIA_H100_80GB_HBM3,{block}.json": {"1": tile(16, 128), "2": tile(16, 256),
+                                                                        "4": tile(64, 128), "triton_version": "3"},
+        f"E=512,N=256,device_name=NVIDIA_H100_80GB_HBM3,{block}.json": {"1": tile(64, 128, 8)},
+        # Not this GPU's block-FP8 tiles: per-tensor FP8, another block, bf16, another device name.
+        "E=128,N=352,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8.json": {"1": tile(32, 128)},
+        "E=256,N=128,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8,block_shape=[64,64].json": {"1": tile(32, 64)},
+        "E=128,N=768,device_name=NVIDIA_H100_80GB_HBM3.json": {"1": tile(32, 64)},
+        f"E=256,N=128,device_name=NVIDIA_H100,{block}.json": {"1": tile(128, 128)},
+    }
+    for name, table in files.items():
+        (tmp_path / name).write_text(json.dumps(table))
+    # K 256 runs as 128 (vLLM's launcher clamps it to the block): one candidate, counted twice.
+    assert tune_vllm_moe.shipped_candidates(tmp_path, H100_FP8_TABLE, (128, 128)) == [
+        tile(16, 128), tile(64, 128), tile(64, 128, 8)]
+    assert tune_vllm_moe.device_of(H100_FP8_TABLE) == "NVIDIA_H100_80GB_HBM3"
+    assert tune_vllm_moe.device_of("E=64,N=1536,device_name=NVIDIA_H200.json") == "NVIDIA_H200"
+
+
+def test_fp8_table_gets_the_file_name_vllms_lookup_asks_for(monkeypatch):
+    """The name in stock vLLM 0.26's warning on one H100 ("Config file not found at ..."),
+    from this vLLM's own get_config_file_name."""
+    import tune_vllm_moe
+    from vllm.model_executor.layers.fused_moe import fused_moe as vllm_fused_moe
+
+    monkeypatch.setattr(vllm_fused_moe, "get_device_name_as_file_name", lambda: "NVIDIA_H100_80GB_HBM3")
+    name = vllm_fused_moe.get_config_file_name
+    assert tune_vllm_moe.vllm_config_file_name(name, 128, 768, "fp8_w8a8", (128, 128)) == H100_FP8_TABLE
+    assert tune_vllm_moe.vllm_config_file_name(name, 128, 768, "bf16", None) == \
+        "E=128,N=768,device_name=NVIDIA_H100_80GB_HBM3.json"
+    with pytest.raises(RuntimeError, match="no block_shape"):
+        tune_vllm_moe.vllm_config_file_name(lambda E, N, dtype: "", 128, 768, "fp8_w8a8", (128, 128))
+
+
+def test_fp8_call_is_the_quant_config_vllms_triton_fp8_backend_builds():
+    import torch
+    import tune_vllm_moe
+    from vllm.model_executor.layers.fused_moe.config import fp8_w8a8_moe_quant_config
+    from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
+
+    w1_scale, w2_scale = torch.ones(4, 12, 16), torch.ones(4, 16, 6)
+    kwargs = tune_vllm_moe.fp8_call_kwargs(fused_experts, w1_scale, w2_scale, (128, 128), fp8_w8a8_moe_quant_config)
+    quant = kwargs["quant_config"]
+    # Block-quantised e4m3 weights, activations quantised dynamically (no static scale), per
+    # 1 x 128 group (not per token), looked up under vLLM's "fp8_w8a8" tables.
+    assert quant.use_fp8_w8a8 and quant.is_block_quantized and quant.block_shape == [128, 128]
+    assert quant.a1_scale is None and not quant.per_act_token_quant
+    assert quant.config_name(torch.bfloat16) == "fp8_w8a8"
+
+    def legacy(hidden_states, w1, w2, topk_weights, topk_ids, use_fp8_w8a8=False, w1_scale=None, w2_scale=None,
+               block_shape=None):
+        """fused_experts before vLLM had a quant config."""
+
+    assert tune_vllm_moe.fp8_call_kwargs(legacy, w1_scale, w2_scale, (128, 128), None) == {
+        "use_fp8_w8a8": True, "w1_scale": w1_scale, "w2_scale": w2_scale, "block_shape": [128, 128]}
+    with pytest.raises(RuntimeError, match="neither quant_config nor use_fp8_w8a8"):
+        tune_vllm_moe.fp8_call_kwargs(lambda hidden_states, w1, w2: None, w1_scale, w2_scale, (128, 128), None)
+
+
+def test_tuner_arguments_keep_bf16_the_default_and_blocks_for_fp8():
+    import tune_vllm_moe
+
+    shape = ["--experts", "128", "--ep-size", "1", "--hidden", "2048", "--intermediate", "768", "--out-dir", "x"]
+    bf16 = tune_vllm_moe.parse_args(shape)
+    assert (bf16.dtype, bf16.block_shape) == ("bf16", None)
+    fp8 = tune_vllm_moe.parse_args([*shape, "--dtype", "fp8_w8a8"])
+    assert (fp8.dtype, fp8.block_shape) == ("fp8_w8a8", (128, 128))
+    assert tune_vllm_moe.parse_args([*shape, "--dtype", "fp8_w8a8", "--block-shape", "64", "128"]).block_shape == (64, 128)
+    for wrong in (["--block-shape", "128", "128"],  # bf16 has no blocks
+                  ["--dtype", "fp8_w8a8", "--block-shape", "0", "128"],
+                  ["--dtype", "fp8_w8a8", "--block-shape", "512", "128"],  # 768 is no multiple of 512
+                  ["--dtype", "fp8"]):
+        with pytest.raises(SystemExit):
+            tune_vllm_moe.parse_args([*shape, *wrong])
 
 
 def test_model_argument_names_a_shipped_config_and_a_layer_count():
