@@ -56,7 +56,8 @@ class FakeServer:
     """``VllmServer``'s surface over an in-process aiohttp app.
 
     ``fail_every``: every n-th request answers 500; ``fail_start``: the server never starts;
-    ``hang_after``: requests after the n-th are never answered. Its log says what vLLM's would:
+    ``hang_after``: requests after the n-th are never answered. A server forced onto DeepGEMM
+    (``--moe-backend deep_gemm``) answers in half the time. Its log says what vLLM's would:
     a KV-cache capacity (AsyncEP's smaller), and a kernel JIT warning the first time a request
     length falls in a power-of-two size class it has not served.
     """
@@ -106,7 +107,7 @@ class FakeServer:
         if self.hang_after and number > self.hang_after:
             await self._released.wait()  # until stop(): never, as far as the client can tell
             return web.Response(status=503)
-        await asyncio.sleep(SERVICE_S)
+        await asyncio.sleep(SERVICE_S / 2 if "deep_gemm" in self.args else SERVICE_S)
         if self.fail_every and number % self.fail_every == 0:
             return web.Response(status=500)
         assert body["encoding_format"] == "base64" and all(3 <= t < 500 for t in body["input"])
@@ -312,6 +313,7 @@ def test_one_gpu_layouts_give_the_same_token_budget_and_the_summary_keys(fake_se
     summary = result["summary"]
     ours, theirs = (r["measurements"][0]["closed_loop"]["input_tokens_per_s_per_gpu"] for r in (asyncep, stock))
     assert summary["asyncep_vs_stock_30b_2k"] == round(ours / theirs, 3)
+    assert summary["best_stock_layout_30b_2k"] == "stock" and summary["best_stock_layout_fp8"] is None
     assert summary["kv_tokens_asyncep_vs_stock"] == round(655360 / 733760, 3)
     assert summary["asyncep_fp8_vs_stock_fp8"] is None and summary["asyncep_fp8_vs_asyncep_bf16"] is None
     assert summary["jit_events_during_measurement"] == 0
@@ -357,6 +359,60 @@ def test_fp8_file_merges_the_bf16_asyncep_run_and_keeps_the_correctness_record(f
     assert fresh_result["summary"]["asyncep_fp8_vs_asyncep_bf16"] is None
     with pytest.raises(SystemExit):
         vllm_serve.main(["--models", "qwen3-30b-a3b:2", *common, "--out", str(tmp_path / "h200.json"), "--merge"])
+
+
+def test_fp8_summary_compares_asyncep_with_the_fastest_stock_layout_and_names_it(fake_servers, tmp_path):
+    out = tmp_path / "vllm_fp8-h100x1.json"
+    tiles = tmp_path / "tiles"
+    common = ["--reference-layout", "stock", "--batched-tokens", "4096", "--concurrency", "4", "--contexts", "2048",
+              "--duration-s", "0.5", "--warmup-s", "0", "--open-loop-fractions", "--stock-moe-configs", str(tiles),
+              "--out", str(out)]
+    vllm_serve.main(["--models", "qwen3-30b-a3b-fp8:2", "--layouts", "stock", "stock-deepgemm", "asyncep", *common])
+    # DeepGEMM serves block FP8 only: a bf16 model's run is recorded, no server started for it.
+    started = len(fake_servers)
+    vllm_serve.main(["--models", "qwen3-30b-a3b:2", "--layouts", "stock-deepgemm", "--merge", *common])
+    assert len(fake_servers) == started
+    result = json.loads(out.read_text())
+    runs = {(r["model"], r["layout"]): r for r in result["runs"]}
+    refused = runs[("qwen3-30b-a3b:2", "stock-deepgemm")]
+    assert not refused["started"] and refused["error"] == "stock-deepgemm serves fp8 checkpoints only, not bf16"
+    deepgemm = runs[("qwen3-30b-a3b-fp8:2", "stock-deepgemm")]
+    args = deepgemm["server_args"]
+    assert args[args.index("--moe-backend") + 1] == "deep_gemm" and "--data-parallel-size" not in args
+    assert deepgemm["env"]["VLLM_TUNED_CONFIG_FOLDER"] == str(tiles.resolve())  # its Triton fallback: tuned
+
+    def throughput(layout):
+        return runs[("qwen3-30b-a3b-fp8:2", layout)]["measurements"][0]["closed_loop"]["input_tokens_per_s_per_gpu"]
+
+    assert throughput("stock-deepgemm") > throughput("stock")  # the fake DeepGEMM server answers in half the time
+    summary = result["summary"]
+    assert summary["best_stock_layout_fp8"] == "stock-deepgemm"
+    assert summary["asyncep_fp8_vs_stock_fp8"] == round(throughput("asyncep") / throughput("stock-deepgemm"), 3)
+    assert summary["kv_tokens_asyncep_fp8_vs_stock_fp8"] == round(655360 / 733760, 3)
+    assert summary["best_stock_layout_30b_2k"] is None  # no bf16 pair in this file
+
+
+def test_best_stock_layout_is_the_fastest_one_gpu_stock_run_without_failures():
+    import _vllm_report
+
+    def run(model, layout, tokens_per_s, failed=0):
+        closed = {"failed": failed, "requests": 10, "input_tokens_per_s_per_gpu": tokens_per_s}
+        return {"model": model, "layout": layout, "started": True, "max_num_batched_tokens": 32768,
+                "measurements": [{"context": 2048, "closed_loop": closed, "open_loop": []}]}
+
+    fp8 = "qwen3-30b-a3b-fp8"
+    runs = [run(f"{fp8}:48", "stock", 100.0), run(f"{fp8}:48", "stock-deepgemm", 120.0),
+            run(f"{fp8}:48", "stock-flashinfer-cutlass", 500.0, failed=1),  # failed requests: no peak
+            run(f"{fp8}:48", "stock-dp2-ep", 900.0),  # two GPUs: not a one-GPU baseline
+            run(f"{fp8}:48", "asyncep", 110.0), run(f"{fp8}:24", "stock-flashinfer-cutlass", 300.0)]
+    assert _vllm_report.best_stock_layout(runs, f"{fp8}:48") == "stock-deepgemm"
+    assert _vllm_report.best_stock_layout(runs, f"{fp8}:24") == "stock-flashinfer-cutlass"
+    assert _vllm_report.best_stock_layout(runs, "qwen3-30b-a3b:48") is None
+    summary = _vllm_report.summarize(runs, "0.26.0")
+    # At 48 layers, the largest count AsyncEP and a stock layout both ran.
+    assert (summary["asyncep_fp8_vs_stock_fp8"], summary["best_stock_layout_fp8"]) == (round(110 / 120, 3),
+                                                                                       "stock-deepgemm")
+    assert "stock-deepgemm" in _vllm_report.ONE_GPU_STOCK and "stock-dp2-ep" not in _vllm_report.ONE_GPU_STOCK
 
 
 def test_runs_every_layout_keeps_failures_and_compares_at_equal_offered_load(fake_servers, tmp_path, capsys):
