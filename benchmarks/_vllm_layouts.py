@@ -36,6 +36,13 @@ class Layout:
     args: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
     token_budget_steps: bool = False  # AsyncEP steps limited by --max-num-batched-tokens alone, as stock's
+    dtypes: tuple[str, ...] = ()  # the checkpoint formats it serves (ModelChoice.dtype); empty: any
+
+    def refuses(self, dtype: str) -> str | None:
+        """Why this layout does not serve a ``dtype`` checkpoint, or None if it does."""
+        if self.dtypes and dtype not in self.dtypes:
+            return f"{self.name} serves {' and '.join(self.dtypes)} checkpoints only, not {dtype}"
+        return None
 
     @property
     def is_asyncep(self) -> bool:
@@ -70,6 +77,13 @@ LAYOUTS = {
         # One GPU. AsyncEP at DP=1 stores every expert and gathers nothing from another rank.
         Layout("stock", ()),
         Layout("asyncep", tuple(asyncep_args(1)), token_budget_steps=True),
+        # Stock with another MoE backend forced. For block FP8 on Hopper, vLLM 0.26-0.32's
+        # automatic choice puts TRITON first unless EP > 1 (then FlashInfer CUTLASS;
+        # fused_moe/oracle/fp8.py, _get_priority_backends), so DeepGEMM's grouped GEMMs run at
+        # one rank only when asked for. "deep_gemm" serves block FP8 only (vLLM's bf16 MoE
+        # refuses it); FlashInfer's CUTLASS MoE takes bf16 and block FP8 on Hopper.
+        Layout("stock-deepgemm", ("--moe-backend", "deep_gemm"), dtypes=("fp8",)),
+        Layout("stock-flashinfer-cutlass", ("--moe-backend", "flashinfer_cutlass")),
         Layout("stock-dp2-ep", ("--data-parallel-size", "2", "--enable-expert-parallel")),
         # vLLM's dual-batch overlap (its two-batch overlap: two micro-batches, one's exchange
         # under the other's compute; steps above --dbo-prefill-token-threshold, 512 tokens).

@@ -9,8 +9,9 @@
 # Steps, in this order (STEPS picks a subset, e.g. STEPS="fp8 kernels sglang-tiny"):
 #   checks       vllm_gpu_1x.sh checks: tiny bf16 and block-FP8 checks against fp32 (~5 min)
 #   bf16         vllm_gpu_1x.sh bf16: stock's MoE tile tuned, then Qwen3-30B-A3B stock vs AsyncEP (~8 min)
-#   fp8          vllm_gpu_1x.sh fp8: Qwen3-30B-A3B block FP8, stock vs AsyncEP, then bf16 AsyncEP
-#                (~12 min: stock's DeepGEMM warm-up JIT-builds 1,849 kernels on a fresh machine)
+#   fp8          vllm_gpu_1x.sh fp8: stock's block-FP8 tile tuned, then Qwen3-30B-A3B block FP8, stock vs
+#                AsyncEP, bf16 AsyncEP, and stock forced onto DeepGEMM (~16 min: the first stock FP8
+#                start's DeepGEMM warm-up JIT-builds 1,849 kernels on a fresh machine)
 #   kernels      moe_kernels.py with --select-backends, in a process that imported vLLM (~4 min);
 #                the rewritten kernels/configs/<arch>.json is copied to OUT_DIR/kernels-configs/
 #   sglang-tiny  sglang_gpu_check.py --parts tiny (~2.5 min)

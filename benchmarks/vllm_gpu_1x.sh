@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# AsyncEP against stock vLLM on ONE GPU (H100 or H200), in three calls of at most ~10 minutes.
+# AsyncEP against stock vLLM on ONE GPU (H100 or H200), in three calls.
 #
 #   bash benchmarks/vllm_gpu_1x.sh checks OUT_DIR # call 1: the tiny checks against fp32 (bf16 and
 #                                                 # block FP8, stock and AsyncEP, both test files at
@@ -7,27 +7,44 @@
 #   bash benchmarks/vllm_gpu_1x.sh bf16 OUT_DIR   # call 2: stock vLLM's MoE tile tuned for the 30B
 #                                                 # shape, then Qwen3-30B-A3B bf16, stock (tuned) then
 #                                                 # AsyncEP (~8 min)
-#   bash benchmarks/vllm_gpu_1x.sh fp8 OUT_DIR    # call 3: Qwen3-30B-A3B block FP8, stock then AsyncEP,
-#                                                 # then bf16 AsyncEP again, so that FP8 against bf16
-#                                                 # is measured on one machine (~12 min on a fresh
-#                                                 # machine: give it BUDGET_S=900 outside a 10-min call)
+#   bash benchmarks/vllm_gpu_1x.sh fp8 OUT_DIR    # call 3: stock vLLM's block-FP8 Triton tile tuned
+#                                                 # (--dtype fp8_w8a8), then Qwen3-30B-A3B block FP8,
+#                                                 # stock (tuned Triton, vLLM's own backend choice)
+#                                                 # then AsyncEP; bf16 AsyncEP again, so that FP8
+#                                                 # against bf16 is measured on one machine; last,
+#                                                 # stock forced onto DeepGEMM (--moe-backend
+#                                                 # deep_gemm), so that its start-up cannot cut the
+#                                                 # rest (~16 min on a fresh machine: run it detached
+#                                                 # with BUDGET_S=1200, as gpu_1x_all.sh does)
+#
+# Call 3's estimate, on a fresh machine: tuning up to ~3 min (TUNE_BUDGET_S of tile trials, its
+# start-up, Triton compiles); the first stock FP8 server's start JIT-builds ~1,849 DeepGEMM
+# kernels for the dense layers (~5.5 min); AsyncEP FP8 starts in ~1.7 min, bf16 AsyncEP in
+# ~1.3 min; the DeepGEMM-forced stock start reuses the dense kernels and JIT-builds DeepGEMM's
+# grouped MoE kernels (its time not yet measured); each measurement ~30 s.
 #
 # Writes into OUT_DIR (the GPU is h100 or h200, from nvidia-smi):
 #   vllm_gpu_check-<gpu>x1.json  tiny bf16 checks (tests/test_vllm_gpu.py -k tiny)
 #   vllm_fp8-<gpu>x1.json        tiny FP8 checks (call 1), then the FP8 throughput runs (call 3)
 #   vllm_serve-<gpu>x1.json      bf16 throughput runs (call 2)
-#   vllm_moe_configs/            stock vLLM's tuned tile table for the 30B shape and its tuning record
+#   vllm_moe_configs/            stock vLLM's tuned tile tables for the 30B shape (bf16: call 2;
+#                                block FP8: call 3) under vLLM's file names, and their tuning records
+#   tune_vllm_moe*.log           the tuning runs' output (-fp8 for call 3's)
 #   *-logs/, tiny-*.log          server logs and the pytest output
 # Call 3 adds to OUT_DIR/vllm_fp8-<gpu>x1.json (call 1's tiny FP8 record, or the committed one);
-# summary.asyncep_fp8_vs_asyncep_bf16 compares its two AsyncEP runs, both of this call.
+# summary.asyncep_fp8_vs_asyncep_bf16 compares its two AsyncEP runs, both of this call;
+# summary.asyncep_fp8_vs_stock_fp8 compares AsyncEP FP8 with the fastest stock FP8 layout that
+# ran (summary.best_stock_layout_fp8 names it).
 #
 # Settings (environment): LAYERS (48: all of Qwen3-30B-A3B; the same count for every run),
-# BATCHED (--max-num-batched-tokens, 32768, both layouts), CONTEXT (2048 tokens per request),
+# BATCHED (--max-num-batched-tokens, 32768, all layouts), CONTEXT (2048 tokens per request),
 # DURATION_S (15), WARMUP_S (5), DRAIN_S (10), OPEN_LOOP (empty: none; e.g. "0.8" adds Poisson
 # arrivals at 0.8 x stock's peak, ~17 s per server), TINY_TIMEOUT_S (420: the FP8 servers' start-up
 # alone took 150 s on an H100, their graph capture 83 s of it), TUNE_BUDGET_S (150: how long
-# tuning may try tiles; 0 skips it and stock runs vLLM's default tile), BUDGET_S (560: the
-# call's whole budget; the throughput runs get what tuning leaves), PYTHON (python3).
+# tuning may try tiles; 0 skips it and stock runs vLLM's default tile), FP8_FORCED_STOCK
+# (stock-deepgemm: the stock layouts of call 3 with a MoE backend forced, e.g. "stock-deepgemm
+# stock-flashinfer-cutlass"; empty: none), BUDGET_S (560: the call's whole budget; the
+# throughput runs get what tuning leaves), PYTHON (python3).
 set -uo pipefail
 
 phase=${1:?usage: vllm_gpu_1x.sh bf16|fp8|checks OUT_DIR}
@@ -46,6 +63,10 @@ serve() {  # serve MODEL OUT_JSON LAYOUTS [extra vllm_serve.py flags]: each layo
     local model=$1 json=$2 layouts=$3
     shift 3
     local left=$((budget_s - SECONDS))
+    if [ "$left" -le 0 ]; then  # timeout 0 would mean no limit at all
+        echo "[$SECONDS s] vllm_serve.py $model: $layouts skipped, BUDGET_S ($budget_s s) spent"
+        return 1
+    fi
     echo "[$SECONDS s] vllm_serve.py $model: $layouts (${left} s left)"
     # shellcheck disable=SC2086  # LAYOUTS and OPEN_LOOP: one or more names, zero or more fractions
     timeout -s TERM -k 30 "$left" "$python" benchmarks/vllm_serve.py --models "$model:$layers" \
@@ -73,18 +94,33 @@ checks() {  # both tiny test files at once (small servers: they share the GPU)
 }
 
 tune_stock() {  # tune_stock MODEL: stock vLLM's Triton MoE tile for MODEL's expert shape (one GPU: all experts local)
-    local shape
+    # A block-FP8 checkpoint (quantization_config.weight_block_size) tunes the block-FP8 kernel.
+    local shape log
     shape=$("$python" -c 'import json, sys
 c = json.load(open(f"common/model_configs/{sys.argv[1]}.json"))
-print(c["num_experts"], c["hidden_size"], c["moe_intermediate_size"], c["num_experts_per_tok"])' "$1") || return 1
+block = (c.get("quantization_config") or {}).get("weight_block_size")
+print(c["num_experts"], c["hidden_size"], c["moe_intermediate_size"], c["num_experts_per_tok"],
+      *(["--dtype", "fp8_w8a8", "--block-shape", *block] if block else []))' "$1") || return 1
     set -- $shape
-    echo "[$SECONDS s] tune_vllm_moe.py: E=$1 H=$2 I=$3 top-$4, ${TUNE_BUDGET_S:-150} s"
+    log="$out/tune_vllm_moe$([ $# -gt 4 ] && echo -fp8).log"
+    echo "[$SECONDS s] tune_vllm_moe.py: E=$1 H=$2 I=$3 top-$4 ${*:5}, ${TUNE_BUDGET_S:-150} s"
     "$python" benchmarks/tune_vllm_moe.py --experts "$1" --ep-size 1 --hidden "$2" --intermediate "$3" --top-k "$4" \
-        --tokens 1 16 64 256 1024 2048 4096 8192 16384 32768 --budget-s "${TUNE_BUDGET_S:-150}" \
-        --out-dir "$out/vllm_moe_configs" > "$out/tune_vllm_moe.log" 2>&1
+        "${@:5}" --tokens 1 16 64 256 1024 2048 4096 8192 16384 32768 --budget-s "${TUNE_BUDGET_S:-150}" \
+        --out-dir "$out/vllm_moe_configs" > "$log" 2>&1
     local status=$?
-    tail -13 "$out/tune_vllm_moe.log"
+    tail -13 "$log"
     return $status
+}
+
+tuned_stock=()  # --stock-moe-configs for the stock layouts, once tune_stock has written a table
+tune_or_default() {  # tune_or_default MODEL
+    if [ "${TUNE_BUDGET_S:-150}" != 0 ]; then
+        if tune_stock "$1"; then
+            tuned_stock=(--stock-moe-configs "$out/vllm_moe_configs")
+        else
+            echo "[$SECONDS s] tuning failed ($out/tune_vllm_moe*.log): stock runs vLLM's default tile"
+        fi
+    fi
 }
 
 case $phase in
@@ -92,23 +128,24 @@ checks)
     checks
     ;;
 bf16)
-    stock_tuned=()
-    if [ "${TUNE_BUDGET_S:-150}" != 0 ]; then
-        if tune_stock qwen3-30b-a3b; then
-            stock_tuned=(--stock-moe-configs "$out/vllm_moe_configs")
-        else
-            echo "[$SECONDS s] tuning failed ($out/tune_vllm_moe.log): stock runs vLLM's default tile"
-        fi
-    fi
-    serve qwen3-30b-a3b "$out/vllm_serve-${gpu}x1.json" "stock asyncep" "${stock_tuned[@]}"
+    tune_or_default qwen3-30b-a3b
+    serve qwen3-30b-a3b "$out/vllm_serve-${gpu}x1.json" "stock asyncep" "${tuned_stock[@]}"
     ;;
 fp8)  # OUT_DIR's tiny FP8 record first (call 1 into the same folder), else the committed one
     if [ ! -f "$out/vllm_fp8-${gpu}x1.json" ] && [ -f "benchmarks/results/vllm_fp8-${gpu}x1.json" ]; then
         cp "benchmarks/results/vllm_fp8-${gpu}x1.json" "$out/"
     fi
-    serve qwen3-30b-a3b-fp8 "$out/vllm_fp8-${gpu}x1.json" "stock asyncep" --merge
+    tune_or_default qwen3-30b-a3b-fp8
+    serve qwen3-30b-a3b-fp8 "$out/vllm_fp8-${gpu}x1.json" "stock asyncep" --merge "${tuned_stock[@]}"
     # bf16 AsyncEP again on this machine: FP8 against bf16 from one machine, not from call 2's
     serve qwen3-30b-a3b "$out/vllm_fp8-${gpu}x1.json" asyncep --merge
+    # Stock forced onto another MoE backend (vLLM picks Triton for block FP8 at one rank on
+    # Hopper); last, so that a slow start cannot cut the runs above. The summary compares
+    # AsyncEP with the fastest stock layout.
+    forced=${FP8_FORCED_STOCK-stock-deepgemm}
+    if [ -n "$forced" ]; then
+        serve qwen3-30b-a3b-fp8 "$out/vllm_fp8-${gpu}x1.json" "$forced" --merge "${tuned_stock[@]}"
+    fi
     ;;
 *)
     echo "unknown phase $phase: bf16, fp8 or checks" >&2

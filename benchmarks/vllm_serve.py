@@ -65,7 +65,10 @@ shapes (``qwen3-30b-a3b-fp8``) compared with the bf16 AsyncEP run of the first f
 Stock vLLM ships no tuned MoE tiles for some expert-parallel shapes (it logs "Using
 default MoE config"); ``--stock-moe-configs DIR`` gives the stock layouts the tables
 ``tune_vllm_moe.py`` writes, and each run records which table its kernel used
-(``moe_kernel_configs``).
+(``moe_kernel_configs``). For block FP8 at one rank on Hopper, vLLM picks its Triton MoE
+backend on its own; ``stock-deepgemm`` (``--moe-backend deep_gemm``) and
+``stock-flashinfer-cutlass`` force the others, and the one-GPU summary compares AsyncEP with the
+fastest stock layout that ran (``best_stock_layout_fp8``, ``best_stock_layout_30b_2k``).
 
 A layout whose server does not start, or dies, is recorded with its log tail; the rest run.
 Each server's log is kept beside the JSON (``<out>-logs/``). The JSON is rewritten after every
@@ -205,6 +208,10 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
                     "gpus": layout.gpus, "dtype": model.dtype, "peak_tflops": peak_tflops, "peak_source": peak_source,
                     "step_budget_policy": layout.step_budget_policy(batched_tokens),
                     "server_args": server_args, "env": env}
+    refusal = layout.refuses(model.dtype)
+    if refusal:
+        log(f"  {name}: {refusal}")
+        return result | {"started": False, "error": refusal}
     if layout.gpus > len(gpu_names):
         log(f"  {name}: needs {layout.gpus} GPUs, {len(gpu_names)} visible")
         return result | {"started": False, "error": f"needs {layout.gpus} GPUs, {len(gpu_names)} visible"}

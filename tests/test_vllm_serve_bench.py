@@ -56,7 +56,8 @@ class FakeServer:
     """``VllmServer``'s surface over an in-process aiohttp app.
 
     ``fail_every``: every n-th request answers 500; ``fail_start``: the server never starts;
-    ``hang_after``: requests after the n-th are never answered. Its log says what vLLM's would:
+    ``hang_after``: requests after the n-th are never answered. A server forced onto DeepGEMM
+    (``--moe-backend deep_gemm``) answers in half the time. Its log says what vLLM's would:
     a KV-cache capacity (AsyncEP's smaller), and a kernel JIT warning the first time a request
     length falls in a power-of-two size class it has not served.
     """
@@ -106,7 +107,7 @@ class FakeServer:
         if self.hang_after and number > self.hang_after:
             await self._released.wait()  # until stop(): never, as far as the client can tell
             return web.Response(status=503)
-        await asyncio.sleep(SERVICE_S)
+        await asyncio.sleep(SERVICE_S / 2 if "deep_gemm" in self.args else SERVICE_S)
         if self.fail_every and number % self.fail_every == 0:
             return web.Response(status=500)
         assert body["encoding_format"] == "base64" and all(3 <= t < 500 for t in body["input"])
@@ -312,6 +313,7 @@ def test_one_gpu_layouts_give_the_same_token_budget_and_the_summary_keys(fake_se
     summary = result["summary"]
     ours, theirs = (r["measurements"][0]["closed_loop"]["input_tokens_per_s_per_gpu"] for r in (asyncep, stock))
     assert summary["asyncep_vs_stock_30b_2k"] == round(ours / theirs, 3)
+    assert summary["best_stock_layout_30b_2k"] == "stock" and summary["best_stock_layout_fp8"] is None
     assert summary["kv_tokens_asyncep_vs_stock"] == round(655360 / 733760, 3)
     assert summary["asyncep_fp8_vs_stock_fp8"] is None and summary["asyncep_fp8_vs_asyncep_bf16"] is None
     assert summary["jit_events_during_measurement"] == 0
@@ -357,6 +359,60 @@ def test_fp8_file_merges_the_bf16_asyncep_run_and_keeps_the_correctness_record(f
     assert fresh_result["summary"]["asyncep_fp8_vs_asyncep_bf16"] is None
     with pytest.raises(SystemExit):
         vllm_serve.main(["--models", "qwen3-30b-a3b:2", *common, "--out", str(tmp_path / "h200.json"), "--merge"])
+
+
+def test_fp8_summary_compares_asyncep_with_the_fastest_stock_layout_and_names_it(fake_servers, tmp_path):
+    out = tmp_path / "vllm_fp8-h100x1.json"
+    tiles = tmp_path / "tiles"
+    common = ["--reference-layout", "stock", "--batched-tokens", "4096", "--concurrency", "4", "--contexts", "2048",
+              "--duration-s", "0.5", "--warmup-s", "0", "--open-loop-fractions", "--stock-moe-configs", str(tiles),
+              "--out", str(out)]
+    vllm_serve.main(["--models", "qwen3-30b-a3b-fp8:2", "--layouts", "stock", "stock-deepgemm", "asyncep", *common])
+    # DeepGEMM serves block FP8 only: a bf16 model's run is recorded, no server started for it.
+    started = len(fake_servers)
+    vllm_serve.main(["--models", "qwen3-30b-a3b:2", "--layouts", "stock-deepgemm", "--merge", *common])
+    assert len(fake_servers) == started
+    result = json.loads(out.read_text())
+    runs = {(r["model"], r["layout"]): r for r in result["runs"]}
+    refused = runs[("qwen3-30b-a3b:2", "stock-deepgemm")]
+    assert not refused["started"] and refused["error"] == "stock-deepgemm serves fp8 checkpoints only, not bf16"
+    deepgemm = runs[("qwen3-30b-a3b-fp8:2", "stock-deepgemm")]
+    args = deepgemm["server_args"]
+    assert args[args.index("--moe-backend") + 1] == "deep_gemm" and "--data-parallel-size" not in args
+    assert deepgemm["env"]["VLLM_TUNED_CONFIG_FOLDER"] == str(tiles.resolve())  # its Triton fallback: tuned
+
+    def throughput(layout):
+        return runs[("qwen3-30b-a3b-fp8:2", layout)]["measurements"][0]["closed_loop"]["input_tokens_per_s_per_gpu"]
+
+    assert throughput("stock-deepgemm") > throughput("stock")  # the fake DeepGEMM server answers in half the time
+    summary = result["summary"]
+    assert summary["best_stock_layout_fp8"] == "stock-deepgemm"
+    assert summary["asyncep_fp8_vs_stock_fp8"] == round(throughput("asyncep") / throughput("stock-deepgemm"), 3)
+    assert summary["kv_tokens_asyncep_fp8_vs_stock_fp8"] == round(655360 / 733760, 3)
+    assert summary["best_stock_layout_30b_2k"] is None  # no bf16 pair in this file
+
+
+def test_best_stock_layout_is_the_fastest_one_gpu_stock_run_without_failures():
+    import _vllm_report
+
+    def run(model, layout, tokens_per_s, failed=0):
+        closed = {"failed": failed, "requests": 10, "input_tokens_per_s_per_gpu": tokens_per_s}
+        return {"model": model, "layout": layout, "started": True, "max_num_batched_tokens": 32768,
+                "measurements": [{"context": 2048, "closed_loop": closed, "open_loop": []}]}
+
+    fp8 = "qwen3-30b-a3b-fp8"
+    runs = [run(f"{fp8}:48", "stock", 100.0), run(f"{fp8}:48", "stock-deepgemm", 120.0),
+            run(f"{fp8}:48", "stock-flashinfer-cutlass", 500.0, failed=1),  # failed requests: no peak
+            run(f"{fp8}:48", "stock-dp2-ep", 900.0),  # two GPUs: not a one-GPU baseline
+            run(f"{fp8}:48", "asyncep", 110.0), run(f"{fp8}:24", "stock-flashinfer-cutlass", 300.0)]
+    assert _vllm_report.best_stock_layout(runs, f"{fp8}:48") == "stock-deepgemm"
+    assert _vllm_report.best_stock_layout(runs, f"{fp8}:24") == "stock-flashinfer-cutlass"
+    assert _vllm_report.best_stock_layout(runs, "qwen3-30b-a3b:48") is None
+    summary = _vllm_report.summarize(runs, "0.26.0")
+    # At 48 layers, the largest count AsyncEP and a stock layout both ran.
+    assert (summary["asyncep_fp8_vs_stock_fp8"], summary["best_stock_layout_fp8"]) == (round(110 / 120, 3),
+                                                                                       "stock-deepgemm")
+    assert "stock-deepgemm" in _vllm_report.ONE_GPU_STOCK and "stock-dp2-ep" not in _vllm_report.ONE_GPU_STOCK
 
 
 def test_runs_every_layout_keeps_failures_and_compares_at_equal_offered_load(fake_servers, tmp_path, capsys):
@@ -533,7 +589,93 @@ def test_tuner_candidates_are_vllms_shipped_tiles_for_the_gpu_most_used_first(tm
     (tmp_path / "E=64,N=640,device_name=NVIDIA_H200.json").write_text(json.dumps({"1": b, "triton_version": "3"}))
     (tmp_path / "E=64,N=640,device_name=NVIDIA_H200,dtype=fp8_w8a8.json").write_text(json.dumps({"1": {"x": 1}}))
     (tmp_path / "E=64,N=640,device_name=NVIDIA_H100.json").write_text(json.dumps({"1": {"y": 1}}))
-    assert tune_vllm_moe.shipped_candidates(tmp_path, "NVIDIA_H200") == [b, a]
+    assert tune_vllm_moe.shipped_candidates(tmp_path, "E=64,N=1536,device_name=NVIDIA_H200.json") == [b, a]
+
+
+H100_FP8_TABLE = "E=128,N=768,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8,block_shape=[128,128].json"
+
+
+def test_fp8_tuning_candidates_are_the_gpus_block_fp8_tiles_with_k_clamped_to_the_block(tmp_path):
+    import tune_vllm_moe
+
+    def tile(m, k, warps=4):
+        return {"BLOCK_SIZE_M": m, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": k, "GROUP_SIZE_M": 1, "num_warps": warps}
+
+    block = "dtype=fp8_w8a8,block_shape=[128,128]"
+    files = {
+        f"E=256,N=128,device_name=NVIDIA_H100_80GB_HBM3,{block}.json": {"1": tile(16, 128), "2": tile(16, 256),
+                                                                        "4": tile(64, 128), "triton_version": "3"},
+        f"E=512,N=256,device_name=NVIDIA_H100_80GB_HBM3,{block}.json": {"1": tile(64, 128, 8)},
+        # Not this GPU's block-FP8 tiles: per-tensor FP8, another block, bf16, another device name.
+        "E=128,N=352,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8.json": {"1": tile(32, 128)},
+        "E=256,N=128,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8,block_shape=[64,64].json": {"1": tile(32, 64)},
+        "E=128,N=768,device_name=NVIDIA_H100_80GB_HBM3.json": {"1": tile(32, 64)},
+        f"E=256,N=128,device_name=NVIDIA_H100,{block}.json": {"1": tile(128, 128)},
+    }
+    for name, table in files.items():
+        (tmp_path / name).write_text(json.dumps(table))
+    # K 256 runs as 128 (vLLM's launcher clamps it to the block): one candidate, counted twice.
+    assert tune_vllm_moe.shipped_candidates(tmp_path, H100_FP8_TABLE, (128, 128)) == [
+        tile(16, 128), tile(64, 128), tile(64, 128, 8)]
+    assert tune_vllm_moe.device_of(H100_FP8_TABLE) == "NVIDIA_H100_80GB_HBM3"
+    assert tune_vllm_moe.device_of("E=64,N=1536,device_name=NVIDIA_H200.json") == "NVIDIA_H200"
+
+
+def test_fp8_table_gets_the_file_name_vllms_lookup_asks_for(monkeypatch):
+    """The name in stock vLLM 0.26's warning on one H100 ("Config file not found at ..."),
+    from this vLLM's own get_config_file_name."""
+    import tune_vllm_moe
+    from vllm.model_executor.layers.fused_moe import fused_moe as vllm_fused_moe
+
+    monkeypatch.setattr(vllm_fused_moe, "get_device_name_as_file_name", lambda: "NVIDIA_H100_80GB_HBM3")
+    name = vllm_fused_moe.get_config_file_name
+    assert tune_vllm_moe.vllm_config_file_name(name, 128, 768, "fp8_w8a8", (128, 128)) == H100_FP8_TABLE
+    assert tune_vllm_moe.vllm_config_file_name(name, 128, 768, "bf16", None) == \
+        "E=128,N=768,device_name=NVIDIA_H100_80GB_HBM3.json"
+    with pytest.raises(RuntimeError, match="no block_shape"):
+        tune_vllm_moe.vllm_config_file_name(lambda E, N, dtype: "", 128, 768, "fp8_w8a8", (128, 128))
+
+
+def test_fp8_call_is_the_quant_config_vllms_triton_fp8_backend_builds():
+    import torch
+    import tune_vllm_moe
+    from vllm.model_executor.layers.fused_moe.config import fp8_w8a8_moe_quant_config
+    from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
+
+    w1_scale, w2_scale = torch.ones(4, 12, 16), torch.ones(4, 16, 6)
+    kwargs = tune_vllm_moe.fp8_call_kwargs(fused_experts, w1_scale, w2_scale, (128, 128), fp8_w8a8_moe_quant_config)
+    quant = kwargs["quant_config"]
+    # Block-quantised e4m3 weights, activations quantised dynamically (no static scale), per
+    # 1 x 128 group (not per token), looked up under vLLM's "fp8_w8a8" tables.
+    assert quant.use_fp8_w8a8 and quant.is_block_quantized and quant.block_shape == [128, 128]
+    assert quant.a1_scale is None and not quant.per_act_token_quant
+    assert quant.config_name(torch.bfloat16) == "fp8_w8a8"
+
+    def legacy(hidden_states, w1, w2, topk_weights, topk_ids, use_fp8_w8a8=False, w1_scale=None, w2_scale=None,
+               block_shape=None):
+        """fused_experts before vLLM had a quant config."""
+
+    assert tune_vllm_moe.fp8_call_kwargs(legacy, w1_scale, w2_scale, (128, 128), None) == {
+        "use_fp8_w8a8": True, "w1_scale": w1_scale, "w2_scale": w2_scale, "block_shape": [128, 128]}
+    with pytest.raises(RuntimeError, match="neither quant_config nor use_fp8_w8a8"):
+        tune_vllm_moe.fp8_call_kwargs(lambda hidden_states, w1, w2: None, w1_scale, w2_scale, (128, 128), None)
+
+
+def test_tuner_arguments_keep_bf16_the_default_and_blocks_for_fp8():
+    import tune_vllm_moe
+
+    shape = ["--experts", "128", "--ep-size", "1", "--hidden", "2048", "--intermediate", "768", "--out-dir", "x"]
+    bf16 = tune_vllm_moe.parse_args(shape)
+    assert (bf16.dtype, bf16.block_shape) == ("bf16", None)
+    fp8 = tune_vllm_moe.parse_args([*shape, "--dtype", "fp8_w8a8"])
+    assert (fp8.dtype, fp8.block_shape) == ("fp8_w8a8", (128, 128))
+    assert tune_vllm_moe.parse_args([*shape, "--dtype", "fp8_w8a8", "--block-shape", "64", "128"]).block_shape == (64, 128)
+    for wrong in (["--block-shape", "128", "128"],  # bf16 has no blocks
+                  ["--dtype", "fp8_w8a8", "--block-shape", "0", "128"],
+                  ["--dtype", "fp8_w8a8", "--block-shape", "512", "128"],  # 768 is no multiple of 512
+                  ["--dtype", "fp8"]):
+        with pytest.raises(SystemExit):
+            tune_vllm_moe.parse_args([*shape, *wrong])
 
 
 def test_model_argument_names_a_shipped_config_and_a_layer_count():
