@@ -1,7 +1,8 @@
 """``sglang_gpu_check.py``'s accuracy checks: served values against a float32 reference.
 
-- the requests: prompt log-probabilities from ``/generate``, embeddings from ``/v1/embeddings``
-  (:func:`prompt_token`: ids SGLang reports faithfully), and the mixed concurrent requests;
+- the requests: prompt log-probabilities from ``/generate``, embeddings from ``/v1/embeddings``,
+  next-token scores from ``/v1/score`` (:func:`prompt_token`: ids SGLang reports faithfully), and
+  the mixed concurrent requests; :data:`ENDPOINTS` says how each is asked and measured;
 - the errors (|delta logprob| per prompt token, 1 - cosine per embedding), their summary
   (median, 90th and 99th percentiles, worst) and :func:`judge`, the plugin against stock by
   ``zeroprefill.accuracy``'s rule (or, where stock cannot serve the endpoint, against
@@ -18,7 +19,8 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from zeroprefill import accuracy
 from _sglang_servers import Server
 
 COMPARISON_PROMPT_TOKENS = (2, 7, 31, 128, 511, 1024, 1900)
+SCORE_LABELS = 4  # label tokens per /v1/score request
 
 # -- requests ---------------------------------------------------------------------------------
 
@@ -51,6 +54,22 @@ async def embedding(session: Any, url: str, ids: Sequence[int]) -> list[float]:
         return (await response.json())["data"][0]["embedding"]
 
 
+async def score(session: Any, url: str, request: tuple[Sequence[int], Sequence[int]]) -> list[float]:
+    """``/v1/score`` of ``request`` = (ids, labels): the prompt split into a query and one item, the
+    probabilities of ``labels`` as the next token, softmax-normalised over them (``apply_softmax``)."""
+    ids, labels = request
+    half = len(ids) // 2
+    body = {"query": list(ids[:half]), "items": [list(ids[half:])], "label_token_ids": list(labels),
+            "apply_softmax": True}
+    async with session.post(f"{url}/v1/score", json=body) as response:
+        if response.status != 200:
+            raise RuntimeError(f"/v1/score answered {response.status}: {(await response.text())[:300]}")
+        scores = (await response.json())["scores"]
+    if len(scores) != 1 or len(scores[0]) != len(labels):
+        raise RuntimeError(f"/v1/score returned {[len(s) for s in scores]} scores, not one list of {len(labels)}")
+    return [float(x) for x in scores[0]]
+
+
 def sglang_session(concurrency: int = 100) -> Any:
     """At most ``concurrency`` connections; 600 s per request."""
     return client_session(concurrency, timeout_s=600)
@@ -59,14 +78,14 @@ def sglang_session(concurrency: int = 100) -> Any:
 # -- comparison arithmetic --------------------------------------------------------------------
 
 
-def logprob_errors(served: Sequence[Sequence[float]], reference: Sequence[Sequence[float]]) -> list[float]:
-    """|served - reference| of every prompt token of every prompt."""
+def absolute_errors(served: Sequence[Sequence[float]], reference: Sequence[Sequence[float]]) -> list[float]:
+    """|served - reference| of every value (prompt token, label token) of every prompt."""
     return [abs(s - r) for got, want in zip(served, reference, strict=True) for s, r in zip(got, want, strict=True)]
 
 
 def logprob_distance(served: Sequence[Sequence[float]], reference: Sequence[Sequence[float]]) -> float:
     """max |served - reference| over every prompt token of every prompt."""
-    return max(logprob_errors(served, reference))
+    return max(absolute_errors(served, reference))
 
 
 def cosine(a: Sequence[float], b: Sequence[float]) -> float:
@@ -125,13 +144,14 @@ def comparison_prompts(vocab_size: int, seed: int = 0) -> list[list[int]]:
 def fp32_reference(model_dir: Path, prompts: Sequence[Sequence[int]], device: str,
                    dtype: str = "float32") -> dict[str, list[list[float]]]:
     """transformers in ``dtype`` (float32: the reference; bfloat16: a plain bf16 implementation to
-    measure against it): prompt log-probabilities and last-token L2-normalised final hidden states."""
+    measure against it): prompt log-probabilities, last-token L2-normalised final hidden states, and
+    the last position's log-probabilities over the vocabulary (for :func:`score_reference`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     source = _float32_checkpoint(model_dir)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype)).to(device).eval()
-    logprobs, embeddings = [], []
+    logprobs, embeddings, last_logprobs = [], [], []
     with torch.no_grad():
         for ids in prompts:
             input_ids = torch.tensor([list(ids)], device=device)
@@ -139,10 +159,26 @@ def fp32_reference(model_dir: Path, prompts: Sequence[Sequence[int]], device: st
             log_softmax = torch.log_softmax(model.lm_head(hidden).float(), dim=-1)
             logprobs.append(log_softmax[:-1].gather(1, input_ids[0, 1:, None])[:, 0].tolist())
             embeddings.append(torch.nn.functional.normalize(hidden[-1].float(), dim=-1).tolist())
+            last_logprobs.append(log_softmax[-1].tolist())
     del model
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return {"logprobs": logprobs, "embeddings": embeddings}
+    return {"logprobs": logprobs, "embeddings": embeddings, "last_logprobs": last_logprobs}
+
+
+def score_labels(last_logprobs: Sequence[float], count: int = SCORE_LABELS) -> list[int]:
+    """The ``count`` most likely next tokens by the reference, among the ids SGLang reports
+    faithfully: labels whose probabilities are far from zero, so that the scores say something."""
+    usable = [i for i in range(len(last_logprobs)) if 1 <= i < len(last_logprobs) - 1]
+    return sorted(usable, key=lambda i: last_logprobs[i], reverse=True)[:count]
+
+
+def score_reference(last_logprobs: Sequence[float], labels: Sequence[int]) -> list[float]:
+    """What ``/v1/score`` with ``apply_softmax`` answers for ``labels``: their softmax."""
+    picked = [last_logprobs[i] for i in labels]
+    top = max(picked)
+    weights = [math.exp(x - top) for x in picked]
+    return [w / sum(weights) for w in weights]
 
 
 def default_reference_device() -> str:
@@ -182,33 +218,54 @@ def _float32_checkpoint(model_dir: Path) -> Path:
 # -- one endpoint, and mixed requests ---------------------------------------------------------
 
 
-async def _served(server: Server, ids_list: Sequence[Sequence[int]]) -> dict:
-    ask = embedding if server.spec.is_embedding else prompt_logprobs
+@dataclass(frozen=True)
+class Endpoint:
+    """One endpoint the tiny part compares: which servers serve it, how one request is asked,
+    how its answers are measured against the reference."""
+
+    name: str
+    server_suffix: str  # "-embedding": the servers started with --is-embedding
+    ask: Callable[[Any, str, Any], Awaitable[list[float]]]
+    errors: Callable[[Sequence[Sequence[float]], Sequence[Sequence[float]]], list[float]]
+    metric: str  # what the similarity (1 - the worst error) is
+    errors_text: str  # what one error is
+
+
+ENDPOINTS = (
+    Endpoint("logprobs", "", prompt_logprobs, absolute_errors, "1 - max |delta logprob|",
+             "|delta logprob| per prompt token"),
+    Endpoint("embeddings", "-embedding", embedding, embedding_errors, "cosine", "1 - cosine per prompt"),
+    Endpoint("score", "", score, absolute_errors,
+             "1 - max |delta probability|",
+             f"|delta probability| per prompt and label (/v1/score, softmax over the reference's {SCORE_LABELS} "
+             "most likely next tokens)"),
+)
+
+
+async def _served(endpoint: Endpoint, server: Server, requests: Sequence[Any]) -> list[list[float]]:
     async with sglang_session() as session:
-        return {"values": [await ask(session, server.url, ids) for ids in ids_list]}
+        return [await endpoint.ask(session, server.url, request) for request in requests]
 
 
-def compare_endpoint(servers: dict[str, Server], records: dict[str, dict], names: dict[str, str],
-                     prompts: Sequence[Sequence[int]], reference: Sequence[Sequence[float]], embeddings: bool) -> dict:
-    """One endpoint of one checkpoint: stock's and the plugin's distance to the reference."""
-    errors = embedding_errors if embeddings else logprob_errors
-    result: dict[str, Any] = {"metric": "cosine" if embeddings else "1 - max |delta logprob|",
-                              "errors": "1 - cosine per prompt" if embeddings else "|delta logprob| per prompt token"}
+def compare_endpoint(servers: dict[str, Server], records: dict[str, dict], names: dict[str, str], endpoint: Endpoint,
+                     requests: Sequence[Any], reference: Sequence[Sequence[float]]) -> dict:
+    """One endpoint of one checkpoint: stock's and the plugin's errors against the reference."""
+    result: dict[str, Any] = {"metric": endpoint.metric, "errors": endpoint.errors_text}
     values = {}
     for side, name in names.items():
         if name not in servers:
             result[side] = {"served": False, "server": name, "reason": records[name]["reason"]}
             continue
         try:
-            values[side] = asyncio.run(_served(servers[name], prompts))["values"]
+            values[side] = asyncio.run(_served(endpoint, servers[name], requests))
         except Exception as exc:  # a served endpoint that fails is a result, not a crash
             result[side] = {"served": False, "server": name, "reason": f"{type(exc).__name__}: {exc}"}
             continue
-        spread = accuracy.error_summary(errors(values[side], reference))
+        spread = accuracy.error_summary(endpoint.errors(values[side], reference))
         result[side] = {"served": True, "server": name, "distance": spread["max"], "similarity": 1.0 - spread["max"],
                         "error_percentiles": spread}
     if len(values) == 2:
-        spread = accuracy.error_summary(errors(values["plugin"], values["stock"]))
+        spread = accuracy.error_summary(endpoint.errors(values["plugin"], values["stock"]))
         result["plugin_vs_stock_distance"] = spread["max"]
         result["plugin_vs_stock_error_percentiles"] = spread
     return result
@@ -216,29 +273,36 @@ def compare_endpoint(servers: dict[str, Server], records: dict[str, dict], names
 
 async def mixed_requests(generate_url: str, embedding_url: str, count: int, vocab_size: int, hidden_size: int,
                          max_tokens: int, seed: int = 1) -> dict:
-    """``count`` requests at once, each to one of the two endpoints at random, of random length."""
+    """``count`` requests at once, of random lengths, each at random one of: prompt
+    log-probabilities or a ``/v1/score`` (of :data:`SCORE_LABELS` random labels) from the
+    generating server, an embedding from the embedding server."""
     rng = random.Random(seed)
-    jobs = [(rng.random() < 0.5, [prompt_token(rng, vocab_size) for _ in range(rng.randint(1, max_tokens))])
+    kinds = ("/generate", "/v1/score", "/v1/embeddings")
+    jobs = [(rng.choice(kinds), [prompt_token(rng, vocab_size) for _ in range(rng.randint(2, max_tokens))])
             for _ in range(count)]
+    labels = [prompt_token(rng, vocab_size) for _ in range(SCORE_LABELS)]
     errors: list[str] = []
 
-    async def one(session: Any, is_embedding: bool, ids: list[int]) -> None:
+    async def one(session: Any, kind: str, ids: list[int]) -> None:
         try:
-            if is_embedding:
+            if kind == "/v1/embeddings":
                 vector = await embedding(session, embedding_url, ids)
                 if len(vector) != hidden_size or not all(math.isfinite(x) for x in vector):
                     raise RuntimeError(f"an embedding of {len(vector)} values, not {hidden_size} finite ones")
+            elif kind == "/v1/score":
+                scores = await score(session, generate_url, (ids, labels))
+                if not all(math.isfinite(x) for x in scores) or abs(sum(scores) - 1) > 1e-3:
+                    raise RuntimeError(f"scores {scores} are not a distribution over the labels")
             else:
                 values = await prompt_logprobs(session, generate_url, ids)
                 if not all(math.isfinite(x) for x in values):
                     raise RuntimeError("a non-finite log-probability")
         except Exception as exc:
-            errors.append(f"{'/v1/embeddings' if is_embedding else '/generate'} ({len(ids)} tokens): "
-                          f"{type(exc).__name__}: {exc}")
+            errors.append(f"{kind} ({len(ids)} tokens): {type(exc).__name__}: {exc}")
 
     started = time.monotonic()
     async with sglang_session(concurrency=count) as session:
-        await asyncio.gather(*(one(session, is_embedding, ids) for is_embedding, ids in jobs))
-    return {"sent": count, "failed": len(errors), "to_embeddings": sum(e for e, _ in jobs),
+        await asyncio.gather(*(one(session, kind, ids) for kind, ids in jobs))
+    return {"sent": count, "failed": len(errors), **{f"to {kind}": sum(k == kind for k, _ in jobs) for kind in kinds},
             "prompt_tokens": sum(len(ids) for _, ids in jobs), "seconds": round(time.monotonic() - started, 2),
             "errors": errors[:10]}

@@ -12,13 +12,16 @@ Parts:
   serves is compared with transformers running the same checkpoint in float32 on the GPU, all
   in this process (the FP8 checkpoint dequantised): prompt log-probabilities from ``/generate``
   (``max_new_tokens`` 0, ``return_logprob``, ``logprob_start_len`` 0), |delta logprob| per prompt
-  token, and embeddings from ``/v1/embeddings``, 1 - cosine per prompt; each side's errors are
+  token; next-token scores from ``/v1/score`` (each prompt split into a query and one item, the
+  labels the fp32 reference finds most likely next, ``apply_softmax``), |delta probability| per
+  label; and embeddings from ``/v1/embeddings``, 1 - cosine per prompt; each side's errors are
   summarised (median, 90th and 99th percentiles, worst) and the summary keys report 1 - the worst.
   The plugin passes by ``zeroprefill.accuracy``'s rule: its median error at most twice stock's,
   its tail (the 99th percentile from 1,000 values up, else the worst) at most stock's plus
-  ``--margin`` (``--embedding-margin`` for embeddings); where stock cannot serve the endpoint,
+  ``--margin`` (``--score-margin``, ``--embedding-margin``); where stock cannot serve the endpoint,
   transformers in bf16 stands in for stock. Then ``--requests`` concurrent requests of
-  varied lengths, mixed over the plugin's generating and embedding servers, none of which may fail.
+  varied lengths, mixed over the plugin's generating (``/generate``, ``/v1/score``) and embedding
+  servers, none of which may fail.
 - ``30b``: Qwen3-30B-A3B shapes (``common/model_configs/qwen3-30b-a3b.json`` with ``--layers-30b``
   layers, ``--load-format dummy``), stock then plugin, each alone on the GPU with CUDA graphs on:
   throughput of ``--prompt-tokens``-token prefill-only requests from ``--concurrency`` clients in
@@ -55,8 +58,9 @@ sys.path.insert(0, str(REPO))
 # (_sglang_accuracy), what it shares with vllm_serve.py (_serving). Names the tests reach (and
 # replace) as sglang_gpu_check.<name> are imported here too.
 from _serving import GpuMemoryPeak, closed_loop_clients, gpu_memory_used_mib, write_json  # noqa: E402
-from _sglang_accuracy import (COMPARISON_PROMPT_TOKENS, comparison_prompts, compare_endpoint, cosine,  # noqa: E402, F401
-                              default_reference_device, embedding_distance, embedding_errors, fp32_reference, judge, logprob_distance, logprob_errors, mixed_requests, prompt_token,
+from _sglang_accuracy import (COMPARISON_PROMPT_TOKENS, ENDPOINTS, SCORE_LABELS, comparison_prompts, compare_endpoint,  # noqa: E402, F401
+                              cosine, default_reference_device, embedding_distance, fp32_reference, judge,
+                              logprob_distance, mixed_requests, prompt_token, score_labels, score_reference,
                               sglang_session)
 from _sglang_servers import (ServerSpec, failure_reason, gpu_names, gpu_tag, log_facts, progress,  # noqa: E402, F401
                              start_all, stop_all)
@@ -67,6 +71,7 @@ STOCK_LAUNCHER = "sglang.launch_server"
 PLUGIN_LAUNCHER = "sglang_zeroprefill.launch_server"
 QWEN3_30B_CONFIG = REPO / "common" / "model_configs" / "qwen3-30b-a3b.json"
 SIMILARITY_METRIC = ("prompt log-probabilities: 1 - max |delta logprob| over all prompt tokens; embeddings: cosine; "
+                     "/v1/score: 1 - max |delta probability| over the prompts' label tokens; "
                      "min_cosine_vs_fp32_* over the comparisons both stock and the plugin served")
 #: The tiny checkpoints: FP8 needs the expert width and the k/v width in whole 128-blocks.
 TINY_MODEL = TinyMoEConfig(num_experts=8, top_k=2, num_layers=4, hidden_size=256, expert_intermediate_size=128,
@@ -186,9 +191,23 @@ def tiny_server_specs(models: dict[str, Path], args: argparse.Namespace) -> list
     ]
 
 
+def endpoint_requests(prompts: Sequence[Sequence[int]], reference: dict[str, list]) -> dict[str, list]:
+    """Each endpoint's requests for ``prompts``: the prompts themselves, and for ``/v1/score`` each
+    prompt with the labels its checkpoint's fp32 reference finds most likely next."""
+    return {"logprobs": list(prompts), "embeddings": list(prompts),
+            "score": [(ids, score_labels(last)) for ids, last in zip(prompts, reference["last_logprobs"], strict=True)]}
+
+
+def endpoint_references(reference: dict[str, list], requests: dict[str, list]) -> dict[str, list]:
+    """What each endpoint should answer to ``requests`` by ``reference`` (a :func:`fp32_reference`)."""
+    return {"logprobs": reference["logprobs"], "embeddings": reference["embeddings"],
+            "score": [score_reference(last, labels)
+                      for last, (_, labels) in zip(reference["last_logprobs"], requests["score"], strict=True)]}
+
+
 def run_tiny(args: argparse.Namespace, results: Results) -> None:
     part = results.new_part("tiny", {"model": vars(TINY_MODEL), "margin": args.margin, "requests": args.requests,
-                                     "embedding_margin": args.embedding_margin,
+                                     "embedding_margin": args.embedding_margin, "score_margin": args.score_margin,
                                      "mem_fraction_static": args.tiny_mem_fraction,
                                      "max_total_tokens": args.tiny_max_total_tokens})
     models = prepare_tiny_models(args.work_dir)
@@ -198,32 +217,36 @@ def run_tiny(args: argparse.Namespace, results: Results) -> None:
     references = {fmt: fp32_reference(path, prompts, device) for fmt, path in models.items()}
     progress("the same in bf16 (what a plain bf16 implementation is off by, where stock serves nothing)")
     bf16_values = fp32_reference(models["bf16"], prompts, device, dtype="bfloat16")
-    errors = {"logprobs": logprob_errors, "embeddings": embedding_errors}
+    requests = {fmt: endpoint_requests(prompts, reference) for fmt, reference in references.items()}
+    expected = {fmt: endpoint_references(references[fmt], requests[fmt]) for fmt in references}
     bf16_references = {}
-    for endpoint, endpoint_errors in errors.items():
-        spread = accuracy.error_summary(endpoint_errors(bf16_values[endpoint], references["bf16"][endpoint]))
-        bf16_references[f"bf16/{endpoint}"] = {"distance": spread["max"], "error_percentiles": spread}
+    for endpoint in ENDPOINTS:  # transformers in bf16 against fp32, on the bf16 checkpoint
+        spread = accuracy.error_summary(endpoint.errors(endpoint_references(bf16_values, requests["bf16"])[endpoint.name],
+                                                        expected["bf16"][endpoint.name]))
+        bf16_references[f"bf16/{endpoint.name}"] = {"distance": spread["max"], "error_percentiles": spread}
     part["prompt_tokens"] = list(COMPARISON_PROMPT_TOKENS)
+    part["score_labels"] = {fmt: [labels for _, labels in requests[fmt]["score"]] for fmt in requests}
     results.save()
 
     servers, records = start_all(tiny_server_specs(models, args), args.logs_dir, args.start_timeout_s)
     part["servers"] = records
     results.save()
+    margins = {"logprobs": args.margin, "embeddings": args.embedding_margin, "score": args.score_margin}
     try:
         part["comparisons"] = comparisons = {}
-        for fmt, reference in references.items():
-            for endpoint, embeddings in (("logprobs", False), ("embeddings", True)):
-                suffix = "-embedding" if embeddings else ""
-                names = {"stock": f"stock-{fmt}{suffix}", "plugin": f"plugin-{fmt}{suffix}"}
+        for fmt in references:
+            for endpoint in ENDPOINTS:
+                names = {side: f"{side}-{fmt}{endpoint.server_suffix}" for side in ("stock", "plugin")}
                 if not any(name in records for name in names.values()):
                     continue
-                result = compare_endpoint(servers, records, names, prompts, reference[endpoint], embeddings)
-                if f"{fmt}/{endpoint}" in bf16_references:
-                    result["transformers_bf16"] = bf16_references[f"{fmt}/{endpoint}"]
-                result.update(judge(result["plugin"], result["stock"], args.margin if not embeddings
-                                    else args.embedding_margin, result.get("transformers_bf16"), result["errors"]))
-                comparisons[f"{fmt}/{endpoint}"] = result
-                progress(f"{fmt}/{endpoint}: {result['why']} -> plugin passes: {result['plugin_passes']}")
+                result = compare_endpoint(servers, records, names, endpoint, requests[fmt][endpoint.name],
+                                          expected[fmt][endpoint.name])
+                if f"{fmt}/{endpoint.name}" in bf16_references:
+                    result["transformers_bf16"] = bf16_references[f"{fmt}/{endpoint.name}"]
+                result.update(judge(result["plugin"], result["stock"], margins[endpoint.name],
+                                    result.get("transformers_bf16"), result["errors"]))
+                comparisons[f"{fmt}/{endpoint.name}"] = result
+                progress(f"{fmt}/{endpoint.name}: {result['why']} -> plugin passes: {result['plugin_passes']}")
                 results.save()
         generating, embedding_server = servers.get("plugin-bf16"), servers.get("plugin-bf16-embedding")
         if generating and embedding_server:
@@ -401,6 +424,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     tiny.add_argument("--requests", type=_positive(int), default=500)
     tiny.add_argument("--margin", type=_positive(float), default=0.05,
                       help="nats the plugin's tail |delta logprob| may exceed stock's by")
+    tiny.add_argument("--score-margin", type=_positive(float), default=0.05,
+                      help="probability the plugin's tail |delta| on /v1/score may exceed stock's by")
     tiny.add_argument("--embedding-margin", type=_positive(float), default=1e-3,
                       help="1 - cosine the plugin may exceed stock's by")
     tiny.add_argument("--tiny-max-total-tokens", type=_positive(int), default=65536,

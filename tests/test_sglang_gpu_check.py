@@ -31,10 +31,18 @@ HIDDEN = 256  # the tiny checkpoint's hidden size, which the script checks embed
 LOGPROB_OFFSET = {"stock": 0.01, "plugin": 0.015}
 RESULT = "sglang_gpu_check-h100x1.json"  # the name the script gives the result on one H100
 EMBEDDING_TILT = {"stock": 0.0, "plugin": 0.01}
+SCORE_TILT = {"stock": 0.0, "plugin": 0.02}  # added to the first label's log-probability
 
 
 def reference_logprobs(ids: list[int]) -> list[float]:
     return [-((ids[i] * 7 + i) % 13) / 4 for i in range(1, len(ids))]
+
+
+def reference_last_logprobs(ids: list[int], vocab: int = 512) -> list[float]:
+    logits = [math.sin(sum(ids) * 0.1 + k) * 3 for k in range(vocab)]
+    top = max(logits)
+    log_total = top + math.log(sum(math.exp(x - top) for x in logits))
+    return [x - log_total for x in logits]
 
 
 def reference_embedding(ids: list[int], tilt: float = 0.0) -> list[float]:
@@ -87,6 +95,12 @@ def serve(argv: list[str]) -> None:
             if self.path == "/v1/embeddings":
                 self._answer({"data": [{"embedding": reference_embedding(body["input"], EMBEDDING_TILT[side])}]})
                 return
+            if self.path == "/v1/score":
+                last = reference_last_logprobs(body["query"] + body["items"][0])
+                last[body["label_token_ids"][0]] += SCORE_TILT[side]
+                picked = [math.exp(last[i]) for i in body["label_token_ids"]]
+                self._answer({"scores": [[x / sum(picked) for x in picked]]})
+                return
             ids = body["input_ids"]
             values = [None] + [x + LOGPROB_OFFSET[side] for x in reference_logprobs(ids)]
             self._answer({"meta_info": {"input_token_logprobs": [[v, i, None] for v, i in zip(values, ids)]}})
@@ -116,6 +130,7 @@ def stand_ins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(check, "fp32_reference", lambda model_dir, prompts, device, dtype="float32": {
         "logprobs": [reference_logprobs(ids) for ids in prompts],
         "embeddings": [reference_embedding(ids) for ids in prompts],
+        "last_logprobs": [reference_last_logprobs(ids) for ids in prompts],
     })
     big = tmp_path / "big"
     big.mkdir()
@@ -148,7 +163,14 @@ def test_both_parts_against_stand_in_servers(stand_ins: list[str], tmp_path: Pat
     assert fp8["stock"]["distance"] == pytest.approx(0.01) and fp8["plugin"]["distance"] == pytest.approx(0.015)
     assert fp8["plugin_passes"] is True and tiny["servers"]["plugin-fp8"]["served"] is True
 
+    score = tiny["comparisons"]["fp8/score"]
+    assert score["stock"]["distance"] < 1e-12 and 0 < score["plugin"]["distance"] < 0.01  # the first label tilted
+    assert score["plugin_passes"] is True and score["stock"]["error_percentiles"]["count"] == 7 * check.SCORE_LABELS
+    labels = tiny["score_labels"]["bf16"]
+    assert all(len(set(row)) == check.SCORE_LABELS and 0 not in row for row in labels)
+
     assert tiny["mixed_requests"]["sent"] == 40 and tiny["mixed_requests"]["failed"] == 0
+    assert tiny["mixed_requests"]["to /v1/score"] > 0
     assert summary["requests_failed"] == 0
     assert summary["min_cosine_vs_fp32_stock"] == pytest.approx(0.99)  # 1 - 0.01 on both checkpoints
     assert summary["min_cosine_vs_fp32_plugin"] == pytest.approx(0.985)  # logprobs: 1 - 0.015
@@ -230,6 +252,12 @@ def test_distances() -> None:
         check.logprob_distance([[-1.0]], [[-1.0, -2.0]])
 
 
+def test_score_labels_and_reference() -> None:
+    last = [math.log(p) for p in (0.5, 0.05, 0.2, 0.1, 0.15)]  # ids 0 and 4 are never labels (SGLang clips them)
+    assert check.score_labels(last, count=2) == [2, 3]
+    assert check.score_reference(last, [2, 3]) == pytest.approx([2 / 3, 1 / 3])  # /v1/score's apply_softmax
+
+
 def test_log_reading() -> None:
     log = "\n".join([
         "max_total_num_tokens=1000", "max_total_num_tokens=73728, chunked_prefill_size=8192",
@@ -284,6 +312,8 @@ def test_the_float32_reference_on_generated_checkpoints(tmp_path: Path) -> None:
         logits = model(torch.tensor([ids])).logits[0].log_softmax(-1)
         torch.testing.assert_close(torch.tensor(got), torch.stack([logits[i - 1, ids[i]] for i in range(1, len(ids))]))
     assert all(abs(sum(x * x for x in vector) - 1) < 1e-5 for vector in reference["embeddings"])
+    for ids, last in zip(prompts, reference["last_logprobs"]):  # what /v1/score reads: the next token's
+        torch.testing.assert_close(torch.tensor(last), model(torch.tensor([ids])).logits[0, -1].log_softmax(-1))
 
     quantized = check.fp32_reference(fp8, prompts, "cpu")  # the checkpoint's own (dequantised) model
     assert [len(x) for x in quantized["logprobs"]] == [3, 1]
