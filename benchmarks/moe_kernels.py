@@ -56,7 +56,8 @@ minimum over those points; each point has its own value):
     python benchmarks/moe_kernels.py --sides bf16_triton,bf16_gmm_ours,fp8_selected --profile-tokens 0
                                                          # only what the summary's new keys need
     python benchmarks/moe_kernels.py --tune              # retune the Triton tiles (kernels/configs/<arch>.json) first
-    python benchmarks/moe_kernels.py --select-backends   # also write the faster bf16 backend per token count
+    python benchmarks/moe_kernels.py --select-backends   # also write the fastest bf16 backend per token count
+                                                         # (graph-replayed, where > --select-margin faster)
 
 Progress lines carry the time; the JSON is rewritten after every token count (``complete``
 says whether the run finished).
@@ -108,9 +109,11 @@ def unfused_glue_bytes(num_tokens: int, top_k: int, hidden: int, inter: int, act
     return scatter + silu_mul + combine
 
 
-def run_benchmark(shapes: dict, tokens: list[int], profile_tokens: int, select_backends: bool,
+def run_benchmark(shapes: dict, tokens: list[int], profile_tokens: int, select_margin: float | None,
                   side_names: list[str], save: Callable[[dict], None]) -> dict:
-    """Every shape and token count; ``save`` gets the results so far after every point."""
+    """Every shape and token count; ``save`` gets the results so far after every point.
+    ``select_margin``: None keeps the shipped bf16 table; a margin rewrites it per shape
+    (:func:`write_backend_choice`)."""
     points, profiles, failures = [], {}, {}
     with_deepgemm = deepgemm_unavailable_reason() is None
     bandwidth = hbm_bandwidth_gb_s()
@@ -132,8 +135,8 @@ def run_benchmark(shapes: dict, tokens: list[int], profile_tokens: int, select_b
             shape_points.append(point)
             points.append(point)
             save(results())
-        if select_backends:  # the shipped bf16 choice may change: recompute the points' bf16 columns
-            write_backend_choice(name, shape, shape_points)
+        if select_margin is not None:  # the shipped bf16 choice may change: recompute the points' bf16 columns
+            write_backend_choice(name, shape, shape_points, select_margin)
             print_header(with_deepgemm)
             for point in shape_points:
                 finish_point(point, layer, with_deepgemm, bandwidth)
@@ -248,8 +251,32 @@ def finish_point(point: dict, layer: Layer, with_deepgemm: bool, bandwidth_gb_s:
           f" unfused-glue bound {value(point['unfused_glue_bound_layer_vs_gemm_only']):.3f})", flush=True)
 
 
-def write_backend_choice(name: str, shape: tuple[int, int, int, int], shape_points: list[dict]) -> None:
-    """Per measured token count, write the fastest bf16 backend into the shipped table.
+#: A measured bf16 backend replaces the shipped one at a token count only when its graph-replayed
+#: layer is faster by more than this: on one H100 the same layer's time moved by up to 14% between
+#: two runs of one session (its GEMM kernels' by up to 7%), and most margins between the backends
+#: were smaller than that.
+SELECT_MARGIN = 0.05
+
+
+def choose_bf16_backend(point: dict, margin: float = SELECT_MARGIN) -> str | None:
+    """The bf16 backend to ship at ``point``'s token count: the fastest measured one, by its
+    graph-replayed time (what an engine that replays CUDA graphs runs; eager where a side has no
+    graph time), unless the shipped choice (``bf16_backend``) is within ``margin`` of it. None
+    where no bf16 side was measured."""
+    measured = {backend: point["ms_graph"].get(side, point["ms"][side])
+                for backend, side in BF16_SIDES.items() if side in point["ms"]}
+    if not measured:
+        return None
+    fastest = min(measured, key=measured.get)
+    shipped = point.get("bf16_backend")
+    if shipped in measured and measured[fastest] >= (1 - margin) * measured[shipped]:
+        return shipped
+    return fastest
+
+
+def write_backend_choice(name: str, shape: tuple[int, int, int, int], shape_points: list[dict],
+                         margin: float = SELECT_MARGIN) -> None:
+    """Per measured token count, write :func:`choose_bf16_backend`'s choice into the shipped table.
 
     A winner with Triton GEMMs keeps the tile config it was measured with; token counts already
     in the table but not measured here keep their entry.
@@ -259,21 +286,20 @@ def write_backend_choice(name: str, shape: tuple[int, int, int, int], shape_poin
     table = json.loads(path.read_text()) if path.exists() else {"configs": {}}
     entries = table["configs"].setdefault(problem_key(False, num_experts, hidden, inter), {})
     for point in shape_points:
-        ms = point["ms"]
-        measured = {backend: ms[side] for backend, side in BF16_SIDES.items() if side in ms}
-        if not measured:
+        chosen = choose_bf16_backend(point, margin)
+        if chosen is None:
             continue
-        fastest = min(measured, key=measured.get)
         triton_cfg = MoEConfig.from_json(point["config_bf16_triton"])
         entries[str(point["tokens"])] = {
             GROUPED_MM: {"backend": GROUPED_MM},
             TRITON: point["config_bf16_triton"],
             TRITON_GROUPED_MM: MoEConfig(triton_cfg.gemm1, backend=TRITON_GROUPED_MM).to_json(),
-        }[fastest]
+        }[chosen]
     table["configs"][problem_key(False, num_experts, hidden, inter)] = dict(
         sorted(entries.items(), key=lambda kv: int(kv[0])))
-    table["note"] = ("written by benchmarks/moe_kernels.py (--tune: Triton tiles; --select-backends: the faster "
-                     "bf16 backend per measured token count); lookups take the nearest token count")
+    table["note"] = ("written by benchmarks/moe_kernels.py (--tune: Triton tiles; --select-backends: per measured "
+                     f"token count the fastest bf16 backend by graph-replayed time, where it beats the shipped one by "
+                     f"more than {margin:.0%}); lookups take the nearest token count")
     path.write_text(json.dumps(table, indent=1) + "\n")
     clear_config_cache()
     print(f"  {name}: bf16 backends written to {path}")
@@ -331,7 +357,10 @@ def main() -> None:
     parser.add_argument("--sides", nargs="+", default=list(SIDES),
                         help="subset of " + ", ".join(SIDES) + " (DeepGEMM's where it loads)")
     parser.add_argument("--select-backends", action="store_true",
-                        help="write the faster bf16 backend per measured token count into the table")
+                        help="write the fastest bf16 backend (graph-replayed) per measured token count into the table, "
+                             "where it beats the shipped one by more than --select-margin")
+    parser.add_argument("--select-margin", type=float, default=SELECT_MARGIN,
+                        help=f"how much faster a backend must be to replace the shipped one (default {SELECT_MARGIN})")
     parser.add_argument("--profile-tokens", type=int, default=16384,
                         help="profile every side's kernels at this token count (0: none)")
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/moe_kernels-<gpu>.json)")
@@ -353,6 +382,7 @@ def main() -> None:
         "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
         "timing": TIMING,
         "selected_backends_in_this_run": args.select_backends,
+        "select_margin": args.select_margin if args.select_backends else None,
         "deepgemm": deepgemm_version() or f"not measured: {deepgemm_unavailable_reason()}",
         "flops": "2*T*K*(2*I*H + H*I)",
         "error": "max|out-ref|/max|ref| vs fused_experts_reference (fp32; FP8: dequantised weights + same "
@@ -366,7 +396,8 @@ def main() -> None:
         out.write_text(json.dumps({**results, "meta": meta, "complete": complete}, indent=1) + "\n")
 
     log(f"{gpu}: shapes {', '.join(shapes)}, tokens {tokens}, sides {', '.join(side_names)} -> {out}")
-    results = run_benchmark(shapes, tokens, args.profile_tokens, args.select_backends, side_names, save)
+    results = run_benchmark(shapes, tokens, args.profile_tokens, args.select_margin if args.select_backends else None,
+                            side_names, save)
     save(results, complete=True)
     print(f"\nsummary: {json.dumps(results['summary'])}")
     log(f"wrote {out}")

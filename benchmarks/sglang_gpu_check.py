@@ -219,10 +219,10 @@ def run_tiny(args: argparse.Namespace, results: Results) -> None:
     bf16_values = fp32_reference(models["bf16"], prompts, device, dtype="bfloat16")
     requests = {fmt: endpoint_requests(prompts, reference) for fmt, reference in references.items()}
     expected = {fmt: endpoint_references(references[fmt], requests[fmt]) for fmt in references}
+    bf16_answers = endpoint_references(bf16_values, requests["bf16"])  # transformers in bf16, on the bf16 checkpoint
     bf16_references = {}
-    for endpoint in ENDPOINTS:  # transformers in bf16 against fp32, on the bf16 checkpoint
-        spread = accuracy.error_summary(endpoint.errors(endpoint_references(bf16_values, requests["bf16"])[endpoint.name],
-                                                        expected["bf16"][endpoint.name]))
+    for endpoint in ENDPOINTS:
+        spread = accuracy.error_summary(endpoint.errors(bf16_answers[endpoint.name], expected["bf16"][endpoint.name]))
         bf16_references[f"bf16/{endpoint.name}"] = {"distance": spread["max"], "error_percentiles": spread}
     part["prompt_tokens"] = list(COMPARISON_PROMPT_TOKENS)
     part["score_labels"] = {fmt: [labels for _, labels in requests[fmt]["score"]] for fmt in requests}

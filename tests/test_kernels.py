@@ -28,7 +28,7 @@ ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ["TRITON_INTERPRET"] = "1"
 
-from zeroprefill.kernels import (GROUPED_MM, TRITON_GROUPED_MM, MoEConfig, GemmConfig, dequantize_fp8_block,  # noqa: E402
+from zeroprefill.kernels import (GROUPED_MM, TRITON, TRITON_GROUPED_MM, MoEConfig, GemmConfig, dequantize_fp8_block,  # noqa: E402
                                  dequantize_fp8_rowwise, fused_experts, fused_experts_reference,
                                  moe_align_block_size, quantize_tokens_fp8_group,
                                  quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
@@ -440,6 +440,25 @@ def test_moe_align_default_is_triton(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- benchmark summary arithmetic
+
+def test_moe_kernels_backend_choice_by_graph_time_with_a_margin():
+    from benchmarks import moe_kernels as bench
+
+    def point(shipped: str, graph: dict) -> dict:
+        return {"bf16_backend": shipped, "ms": {"bf16_gmm_ours": 10.0, "bf16_triton": 9.0, "bf16_triton_gmm": 11.0},
+                "ms_graph": graph}
+
+    # eager says Triton; the graph-replayed times, what a serving engine runs, decide
+    assert bench.choose_bf16_backend(point(TRITON, {"bf16_gmm_ours": 9.0, "bf16_triton": 10.0,
+                                                    "bf16_triton_gmm": 9.9})) == GROUPED_MM
+    # 4% faster than the shipped choice is within the margin: the shipped one stays
+    assert bench.choose_bf16_backend(point(TRITON, {"bf16_gmm_ours": 9.6, "bf16_triton": 10.0,
+                                                    "bf16_triton_gmm": 10.5})) == TRITON
+    assert bench.choose_bf16_backend(point(TRITON, {"bf16_gmm_ours": 9.6, "bf16_triton": 10.0}), margin=0.03) == GROUPED_MM
+    # no graph time for a side: its eager time stands in; the shipped backend not measured: the fastest
+    assert bench.choose_bf16_backend(point("none", {"bf16_gmm_ours": 9.5})) == TRITON
+    assert bench.choose_bf16_backend({"bf16_backend": TRITON, "ms": {"fp8": 1.0}, "ms_graph": {}}) is None
+
 
 def test_moe_kernels_benchmark_summary_arithmetic():
     from benchmarks import moe_kernels as bench
