@@ -28,6 +28,7 @@ from zeroprefill.kernels import (GROUPED_MM, TRITON, TRITON_GROUPED_MM, GemmConf
                                  fused_experts_reference, get_config, grouped_mm_experts, moe_align_block_size,
                                  quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
 from zeroprefill.common.asyncep_moe import select_experts
+from zeroprefill.kernels.deepgemm import fp8_psum_refused_reason
 from zeroprefill.kernels.fused_moe import (_gemm1_gate_up_silu_kernel, _gemm2_down_scatter_kernel,
                                            run_gemm1, run_gemm2)
 from zeroprefill.kernels.grouped_mm_moe import ALIGN_M as GROUPED_MM_ALIGN_M
@@ -267,13 +268,25 @@ def deepgemm_calls(layer: Layer, x: torch.Tensor, tw: torch.Tensor, ti: torch.Te
     if deepgemm_unavailable_reason() is not None:
         return {}
     return {"deepgemm_bf16": lambda: deepgemm_experts(x, layer.w13, layer.w2, tw, ti),
-            "deepgemm_fp8": lambda: deepgemm_experts(x, layer.w13_fp8, layer.w2_fp8, tw, ti,
-                                                     w13_scale=layer.w13_scale, w2_scale=layer.w2_scale)}
+            "deepgemm_fp8": lambda: deepgemm_experts(x, layer.w13_fp8, layer.w2_fp8, tw, ti, w13_scale=layer.w13_scale,
+                                                     w2_scale=layer.w2_scale, fp8_layout="m_indices"),
+            "deepgemm_fp8_psum": lambda: psum_only(deepgemm_experts(x, layer.w13_fp8, layer.w2_fp8, tw, ti,
+                                                                    w13_scale=layer.w13_scale,
+                                                                    w2_scale=layer.w2_scale, fp8_layout="psum"))}
+
+
+def psum_only(out: torch.Tensor) -> torch.Tensor:
+    """``out``, where DeepGEMM took the psum layout for FP8; else a failure of that side (it ran
+    on m_indices, which side ``deepgemm_fp8`` times already)."""
+    refused = fp8_psum_refused_reason()
+    if refused is not None:
+        raise RuntimeError(f"DeepGEMM refused the psum layout for FP8: {refused}")
+    return out
 
 
 def reference_kind(side: str) -> str:
     """Which fp32 reference a side is checked against: bf16 weights, block FP8 or FP8-rowwise."""
-    if side in ("fp8", "fp8_selected", "deepgemm_fp8"):
+    if side in ("fp8", "fp8_selected", "deepgemm_fp8", "deepgemm_fp8_psum"):
         return "fp8_block"
     return "fp8_rowwise" if side.startswith("fp8_rowwise") else "bf16"
 

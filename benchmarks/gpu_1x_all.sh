@@ -12,7 +12,8 @@
 #   fp8          vllm_gpu_1x.sh fp8: stock's block-FP8 tile tuned, then Qwen3-30B-A3B block FP8, stock vs
 #                AsyncEP, bf16 AsyncEP, and stock forced onto DeepGEMM (~16 min: the first stock FP8
 #                start's DeepGEMM warm-up JIT-builds 1,849 kernels on a fresh machine)
-#   kernels      moe_kernels.py with --select-backends, in a process that imported vLLM (~4 min);
+#   kernels      tests/test_kernels_gpu.py -k deepgemm (both FP8 row layouts against the reference), then
+#                moe_kernels.py with --select-backends, each in a process that imported vLLM (~3 min);
 #                the rewritten kernels/configs/<arch>.json is copied to OUT_DIR/kernels-configs/
 #   sglang-tiny  sglang_gpu_check.py --parts tiny (~2.5 min)
 #   sglang-30b   sglang_gpu_check.py --parts 30b, all 48 layers (~5 min)
@@ -36,18 +37,22 @@ export HF_HUB_OFFLINE=1
 progress() { echo "[$(date +%T)] $*" >> "$out/progress.log"; }
 
 run_step() {  # run_step NAME: one step, its output in OUT_DIR/NAME.log, its status in progress.log
-    local name=$1 status
+    local name=$1 status tests
     progress "$name: start"
     case $name in
     checks | bf16 | fp8)
         PYTHONPATH=$vllm_site BUDGET_S=${BUDGET_S:-1200} bash benchmarks/vllm_gpu_1x.sh "$name" "$out/vllm" ;;
-    kernels)
-        PYTHONPATH=$vllm_site python3 -c 'import runpy, sys, vllm  # vLLM first: fp8_selected then runs on its DeepGEMM
+    kernels)  # vLLM imported first in both: DeepGEMM is then the copy vLLM ships
+        PYTHONPATH=$vllm_site python3 -c 'import sys, pytest, vllm
+sys.exit(pytest.main(["-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/test_kernels_gpu.py", "-k", "deepgemm"]))'
+        tests=$?  # the benchmark runs either way; the step fails if either did
+        PYTHONPATH=$vllm_site python3 -c 'import runpy, sys, vllm  # fp8_selected then runs on vLLM'"'"'s DeepGEMM
 sys.argv = ["moe_kernels.py", "--shapes", "qwen3-235b-a22b", "qwen3-30b-a3b", "--tokens", "8192", "16384", "32768",
-            "--sides", "bf16_triton,bf16_gmm_ours,bf16_triton_gmm,fp8_selected", "--select-backends",
+            "--sides", "bf16_triton,bf16_gmm_ours,bf16_triton_gmm,fp8_selected,deepgemm_fp8,deepgemm_fp8_psum",
+            "--select-backends",
             "--out", sys.argv[1]]
 runpy.run_path("benchmarks/moe_kernels.py", run_name="__main__")' "$out/kernels/moe_kernels.json" &&
-            mkdir -p "$out/kernels-configs" && cp kernels/configs/*.json "$out/kernels-configs/" ;;
+            mkdir -p "$out/kernels-configs" && cp kernels/configs/*.json "$out/kernels-configs/" && [ "$tests" = 0 ] ;;
     sglang-tiny)
         PYTHONPATH=$sglang_site python3 benchmarks/sglang_gpu_check.py --parts tiny --results-dir "$out/sglang" ;;
     sglang-30b)

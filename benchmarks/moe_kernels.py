@@ -45,6 +45,7 @@ minimum over those points; each point has its own value):
                                   shipped side's own GEMM kernels where that side did not run) /
                                   the shipped layer's time (graph-replayed; eager)
     fp8_selected_vs_bf16          bf16 layer / block-FP8 layer on the default backend (graphs)
+    deepgemm_fp8_psum_vs_m_indices  DeepGEMM block FP8: m_indices row layout / psum row layout (graphs)
     unfused_glue_bound_layer_vs_gemm_only
                                   the best layer_vs_gemm_only the unfused grouped_mm pipeline
                                   can reach: its GEMM time / (GEMM time + the bytes its scatter,
@@ -92,7 +93,7 @@ SHAPES = {  # name: (E, K, H, I)
 TOKENS = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
 TUNE_TOKENS = [1024, 4096, 16384]
 SIDES = ("bf16_triton", "bf16_gmm_ours", "bf16_triton_gmm", "grouped_mm", "fp8", "fp8_selected", "fp8_rowwise",
-         "fp8_rowwise_fast_accum", "deepgemm_bf16", "deepgemm_fp8")
+         "fp8_rowwise_fast_accum", "deepgemm_bf16", "deepgemm_fp8", "deepgemm_fp8_psum")
 
 
 def unfused_glue_bytes(num_tokens: int, top_k: int, hidden: int, inter: int, act_bytes: int = 2) -> int:
@@ -164,6 +165,8 @@ def summarize(points: list[dict], profiles: dict, bandwidth_gb_s: float) -> dict
         "deepgemm_bf16_vs_bf16_min_8k_plus": worst("deepgemm_bf16_vs_bf16"),
         "deepgemm_fp8_vs_bf16_min_8k_plus": worst("deepgemm_fp8_vs_bf16"),
         "fp8_selected_vs_bf16_min_8k_plus": worst("fp8_selected_vs_bf16"),
+        "deepgemm_fp8_psum_vs_m_indices_min_8k_plus": worst("deepgemm_fp8_psum_vs_m_indices"),
+        "deepgemm_fp8_psum_vs_bf16_min_8k_plus": worst("deepgemm_fp8_psum_vs_bf16"),
         "layer_vs_gemm_only_min_8k_plus": worst("layer_vs_gemm_only"),
         "layer_vs_gemm_only_eager_min_8k_plus": worst("layer_vs_gemm_only_eager"),
         "unfused_glue_bound_layer_vs_gemm_only": worst("unfused_glue_bound_layer_vs_gemm_only"),
@@ -197,6 +200,8 @@ def add_ratios(point: dict, bandwidth_gb_s: float, hidden: int, inter: int, top_
         point[f"{side}_vs_bf16"] = ratio(tflops.get(side), tflops.get("bf16"))
     point["bf16_vs_grouped_mm"] = ratio(tflops.get("bf16"), tflops.get("grouped_mm"))
     point["fp8_selected_vs_bf16"] = ratio(tflops_graph.get("fp8_selected"), tflops_graph.get("bf16"))
+    point["deepgemm_fp8_psum_vs_m_indices"] = ratio(tflops_graph.get("deepgemm_fp8_psum"), tflops_graph.get("deepgemm_fp8"))
+    point["deepgemm_fp8_psum_vs_bf16"] = ratio(tflops_graph.get("deepgemm_fp8_psum"), tflops_graph.get("bf16"))
     gemm = point["gemm_kernels_ms"]
     # The GEMMs alone: torch's CUTLASS pair (the grouped_mm side's GEMM kernels, no glue in them)
     # where it ran, else the shipped side's own GEMM kernels (whose epilogues may hold glue).
@@ -338,6 +343,8 @@ TIMING = {
     "deepgemm_bf16_vs_bf16, deepgemm_fp8_vs_bf16": "eager TFLOP/s ratios",
     "fp8_selected_vs_bf16": "graph: bf16 layer time / block-FP8 layer time, fused_experts(config=None) "
                             "on the backend it selects (fp8_selected_kernel)",
+    "deepgemm_fp8_psum_vs_m_indices, deepgemm_fp8_psum_vs_bf16": "graph: DeepGEMM block FP8 with the m_indices row "
+                                                                  "layout (resp. the bf16 layer) / with the psum layout",
     "layer_vs_gemm_only": "graph: gemm_kernels_ms.bf16_gmm_ours (else .bf16) / ms_graph.bf16",
     "layer_vs_gemm_only_eager": "eager: gemm_kernels_ms.bf16_gmm_ours (else .bf16) / ms.bf16",
     "unfused_glue_bound_layer_vs_gemm_only": "gemm_kernels_ms.bf16_gmm_ours / (that + unfused_glue_min_ms); "

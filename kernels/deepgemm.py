@@ -8,8 +8,9 @@
     [scatter_token_rows]  x[t] -> its K sorted rows (block FP8: quantised once per token to
                           e4m3 + one float32 scale per 1x128 group, scales written MN-major)
           v
-    x_sorted [R, H] + the layout: FP8 m_indices [R] (the row's expert, -1 on padding rows);
-                                  bf16 psum [E] (where each expert's real rows end)
+    x_sorted [R, H] + the layout: psum [E] (where each expert's real rows end): bf16, and block
+                                  FP8 where ZEROPREFILL_DEEPGEMM_FP8_LAYOUT=psum; else FP8
+                                  m_indices [R] (the row's expert, -1 on padding rows)
           v
     [m_grouped_{fp8,bf16}_gemm_nt_contiguous]  x_sorted . w13[e]^T  ->  gate_up [R, 2I] (bf16)
           v
@@ -41,10 +42,21 @@ wheel: ``csrc/apis/gemm.hpp``, ``csrc/apis/layout.hpp``, ``csrc/utils/layout.hpp
   ``b [G, N, K]``, ``d [M, N]``; sm90 needs ``K % 64 == 0``. ``psum [G]`` int32: expert e's rows
   are ``[align(psum[e-1], 128), psum[e])``, and only the row blocks inside those ranges are
   scheduled. (The sm90 bf16 kernel never checks -1 rows, so with ``m_indices`` it would
-  multiply every padding block as well; the sm90 FP8 kernel traps on the psum layout, hence
-  the two layouts.) What ``d`` holds outside those rows is unspecified.
+  multiply every padding block as well.) What ``d`` holds outside those rows is unspecified.
 
 So every expert's segment starts at a multiple of 128, and only the real rows of ``y`` are read.
+
+FP8 row layouts. With ``m_indices`` the FP8 kernel's scheduler walks every row block of R: past
+the last expert's segment there are up to ``E * 127`` rows of -1 (about ``E * 64`` with random
+routing) whose blocks skip the math but still load their A tiles and expert 0's B tiles, a
+cost that does not shrink with the token count. The psum layout schedules only the blocks that
+hold real rows. sgl-deep-gemm 0.1.3's sm90 FP8 path asserts it off; DeepGEMM 2.5.0 (vLLM
+0.26's copy) carries the psum case in its scheduler (``scheduler/gemm.cuh``:
+``get_next_block``, ``get_global_idx``, ``is_computation_valid``) and no such assertion in its
+host code. ``ZEROPREFILL_DEEPGEMM_FP8_LAYOUT=psum`` asks for it; a DeepGEMM that refuses it is
+answered with ``m_indices`` from then on, logged once. ``m_indices`` stays the default until a
+GPU run has checked psum against the reference and timed both (``tests/test_kernels_gpu.py``,
+``benchmarks/moe_kernels.py`` side ``deepgemm_fp8_psum``).
 Requirements checked before this path is taken (:func:`deepgemm_reason`): a CUDA sm90 device,
 ``deep_gemm`` importable, bf16 activations (DeepGEMM writes bf16), bf16 weights with H and I
 divisible by 64, or e4m3 weights with 128x128 block scales and H, I divisible by 128.
@@ -55,6 +67,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
+import os
 import sys
 from types import ModuleType
 
@@ -67,7 +81,12 @@ from .grouped_mm_moe import scatter_token_rows, silu_mul, weighted_combine
 from .moe_config import MoEConfig
 from .quant import GROUP_SIZE
 
+logger = logging.getLogger(__name__)
+
 INSTALL_HINT = "pip install 'zeroprefill[deepgemm]', or serve with a vLLM that ships it"
+#: The FP8 GEMM's row layout: ``m_indices`` (default) or ``psum`` (below, "FP8 row layouts").
+FP8_LAYOUT_ENV = "ZEROPREFILL_DEEPGEMM_FP8_LAYOUT"
+FP8_LAYOUTS = ("m_indices", "psum")
 #: Where DeepGEMM is looked for, in order: the package, then the copy inside vLLM's wheel.
 MODULES = ("deep_gemm", "vllm.third_party.deep_gemm")
 REQUIRED_FUNCTIONS = ("get_mk_alignment_for_contiguous_layout", "m_grouped_bf16_gemm_nt_contiguous",
@@ -189,22 +208,52 @@ def psum_layout(alignment: ExpertAlignment) -> torch.Tensor:
     return (segment_starts + alignment.rows_per_expert).to(torch.int32)
 
 
+_fp8_psum_refused: str | None = None
+
+
+def fp8_layout_setting() -> str:
+    """``ZEROPREFILL_DEEPGEMM_FP8_LAYOUT``: ``m_indices`` (default) or ``psum``; ``m_indices`` from
+    the moment this process's DeepGEMM refused the psum layout for FP8."""
+    value = os.environ.get(FP8_LAYOUT_ENV, FP8_LAYOUTS[0]).strip().lower() or FP8_LAYOUTS[0]
+    if value not in FP8_LAYOUTS:
+        raise ValueError(f"{FP8_LAYOUT_ENV}={value!r} is not one of {', '.join(FP8_LAYOUTS)}")
+    return FP8_LAYOUTS[0] if _fp8_psum_refused else value
+
+
+def fp8_psum_refused_reason() -> str | None:
+    """Why this process's DeepGEMM does not take the psum layout for FP8 (it refused it), or None."""
+    return _fp8_psum_refused
+
+
+def _refuse_fp8_psum(exc: RuntimeError) -> None:
+    """This DeepGEMM's sm90 FP8 GEMM rejected the psum layout (sgl-deep-gemm 0.1.3 asserts it
+    off): ``m_indices`` from now on, said once."""
+    global _fp8_psum_refused
+    _fp8_psum_refused = f"{deepgemm_source()}: {' '.join(str(exc).split())[:200]}"
+    logger.warning("zeroprefill.kernels: DeepGEMM's FP8 GEMM refused the psum layout (%s); m_indices from now on",
+                   _fp8_psum_refused)
+
+
 def _grouped_gemm(deep_gemm: ModuleType, a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor,
-                  w_scale: torch.Tensor | None, layout: torch.Tensor, out: torch.Tensor) -> None:
-    """``out[r] = a[r] . w[e]^T`` for the rows of each expert e: block FP8 (``layout`` is
-    ``m_indices``) when ``a_scale`` is given, bf16 (``layout`` is ``psum``) otherwise."""
+                  w_scale: torch.Tensor | None, layout: torch.Tensor, out: torch.Tensor, psum: bool) -> None:
+    """``out[r] = a[r] . w[e]^T`` for the rows of each expert e: block FP8 when ``a_scale`` is
+    given, bf16 otherwise; ``layout`` is ``psum`` when ``psum`` (bf16 always), else ``m_indices``."""
     if a_scale is None:
         deep_gemm.m_grouped_bf16_gemm_nt_contiguous(a, w, out, layout, use_psum_layout=True)
+    elif psum:
+        deep_gemm.m_grouped_fp8_gemm_nt_contiguous((a, a_scale), (w, w_scale), out, layout, use_psum_layout=True)
     else:
         deep_gemm.m_grouped_fp8_gemm_nt_contiguous((a, a_scale), (w, w_scale), out, layout)
 
 
 def run_deepgemm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                          topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13_scale: torch.Tensor | None,
-                         w2_scale: torch.Tensor | None, add_to: torch.Tensor | None = None) -> torch.Tensor:
+                         w2_scale: torch.Tensor | None, add_to: torch.Tensor | None = None,
+                         fp8_layout: str | None = None) -> torch.Tensor:
     """The experts layer on DeepGEMM, for arguments that passed :func:`check_inputs` and
-    :func:`deepgemm_reason`; ``w13_scale``/``w2_scale`` (128x128 blocks) select block FP8.
-    Skipped slots (id -1) and ``add_to`` as in :func:`~zeroprefill.kernels.fused_experts`."""
+    :func:`deepgemm_reason`; ``w13_scale``/``w2_scale`` (128x128 blocks) select block FP8, whose
+    GEMMs take ``fp8_layout`` (None: :func:`fp8_layout_setting`). Skipped slots (id -1) and
+    ``add_to`` as in :func:`~zeroprefill.kernels.fused_experts`."""
     deep_gemm = _load()[0]
     num_tokens, hidden = hidden_states.shape
     num_experts, two_inter, _ = w13.shape
@@ -215,32 +264,45 @@ def run_deepgemm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: tor
     if use_fp8:
         block_m = int(deep_gemm.get_mk_alignment_for_contiguous_layout())
         alignment = moe_align_block_size(topk_ids, num_experts, block_m)
-        layout = grouped_layout(alignment)
+        psum = block_m == PSUM_ALIGNMENT and (fp8_layout or fp8_layout_setting()) == "psum"
     else:
         alignment = moe_align_block_size(topk_ids, num_experts, PSUM_ALIGNMENT)
-        layout = psum_layout(alignment)
+        psum = True
+    layout = psum_layout(alignment) if psum else grouped_layout(alignment)
     rows = alignment.max_padded_rows
     group_size = GROUP_SIZE if use_fp8 else None
     x_sorted, x_scale = scatter_token_rows(hidden_states, alignment, use_fp8, rows, group_size)
     gate_up = torch.empty(rows, two_inter, dtype=torch.bfloat16, device=device)
-    _grouped_gemm(deep_gemm, x_sorted, x_scale, w13, w13_scale, layout, gate_up)
+    try:
+        _grouped_gemm(deep_gemm, x_sorted, x_scale, w13, w13_scale, layout, gate_up, psum)
+    except RuntimeError as exc:
+        if not (use_fp8 and psum):
+            raise
+        _refuse_fp8_psum(exc)
+        psum, layout = False, grouped_layout(alignment)
+        _grouped_gemm(deep_gemm, x_sorted, x_scale, w13, w13_scale, layout, gate_up, psum)
     del x_sorted, x_scale
     act, act_scale = silu_mul(gate_up, alignment, use_fp8, group_size)
     del gate_up
     y = torch.empty(rows, hidden, dtype=torch.bfloat16, device=device)
-    _grouped_gemm(deep_gemm, act, act_scale, w2, w2_scale, layout, y)
+    _grouped_gemm(deep_gemm, act, act_scale, w2, w2_scale, layout, y, psum)
     return weighted_combine(y, topk_weights, alignment, hidden_states.dtype, add_to)
 
 
 def deepgemm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                      topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
                      w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-                     config: MoEConfig | None = None, add_to: torch.Tensor | None = None) -> torch.Tensor:
+                     config: MoEConfig | None = None, add_to: torch.Tensor | None = None,
+                     fp8_layout: str | None = None) -> torch.Tensor:
     """:func:`~zeroprefill.kernels.fused_experts` on DeepGEMM, whatever ``ZEROPREFILL_EXPERTS_KERNEL``
     says; raises ``RuntimeError`` with the reason where DeepGEMM cannot run the layer.
 
-    ``config`` (tiles of our kernels) must be None: DeepGEMM picks its own.
+    ``config`` (tiles of our kernels) must be None: DeepGEMM picks its own. ``fp8_layout``
+    (``m_indices`` or ``psum``; None: ``ZEROPREFILL_DEEPGEMM_FP8_LAYOUT``) is the block-FP8 GEMMs'
+    row layout.
     """
+    if fp8_layout not in (None, *FP8_LAYOUTS):
+        raise ValueError(f"fp8_layout={fp8_layout!r} is not one of {', '.join(FP8_LAYOUTS)}")
     if config is not None:
         raise ValueError(f"config={config} holds tiles of our kernels; DeepGEMM picks its own, pass None")
     fp8_format = check_inputs(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
@@ -248,4 +310,5 @@ def deepgemm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.T
     reason = deepgemm_reason(hidden_states, w13, fp8_format)
     if reason is not None:
         raise RuntimeError(f"DeepGEMM cannot run this MoE layer: {reason}")
-    return run_deepgemm_experts(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, add_to)
+    return run_deepgemm_experts(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, add_to,
+                                fp8_layout)

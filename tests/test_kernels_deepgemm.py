@@ -59,9 +59,11 @@ class FakeDeepGEMM(types.ModuleType):
     wrong one).
     """
 
-    def __init__(self, alignment: int = 128, reported_alignment: int | None = None, read_sfa=None):
+    def __init__(self, alignment: int = 128, reported_alignment: int | None = None, read_sfa=None,
+                 fp8_psum: bool = False):
         super().__init__("deep_gemm")
-        self.__version__ = "0.1.3+fake"
+        self.__version__ = "2.5.0+fake" if fp8_psum else "0.1.3+fake"
+        self.fp8_psum = fp8_psum  # whether the sm90 FP8 GEMM takes the psum layout (DeepGEMM 2.5.0)
         self.alignment = alignment
         self.reported_alignment = reported_alignment or alignment
         self.read_sfa = read_sfa or (lambda sfa: sfa)
@@ -75,7 +77,8 @@ class FakeDeepGEMM(types.ModuleType):
                                          compiled_dims="nk", disable_ue8m0_cast=False, use_psum_layout=False,
                                          expected_m_for_psum_layout=None) -> None:
         (a, sfa), (b, sfb) = a, b
-        assert not use_psum_layout, "the sm90 FP8 kernel traps on the psum layout"
+        if use_psum_layout and not self.fp8_psum:  # sgl-deep-gemm 0.1.3's host assertion
+            raise RuntimeError("Assertion error (csrc/apis/gemm.hpp): not use_psum_layout")
         assert recipe in (None, (1, 128, 128)) and recipe_a is None and recipe_b is None
         m, k = a.shape
         num_groups, n, k_ = b.shape
@@ -83,10 +86,12 @@ class FakeDeepGEMM(types.ModuleType):
         assert sfa.dtype == sfb.dtype == torch.float32
         assert tuple(sfa.shape) == (m, -(-k // 128)), f"sfa shape {tuple(sfa.shape)}"
         assert tuple(sfb.shape) == (num_groups, -(-n // 128), -(-k // 128)) and sfb.is_contiguous()
-        self.calls.append("fp8")
+        self.calls.append("fp8 psum" if use_psum_layout else "fp8")
         self.sfa_strides.append(tuple(sfa.stride()))
         a_f = a.float() * self.read_sfa(sfa).repeat_interleave(128, dim=1)[:, :k]
-        self._grouped_product(a_f, dequantize_fp8_block(b, sfb), d, self._experts_of_rows(grouped_layout, m))
+        experts = (self._experts_of_psum(grouped_layout, m, num_groups) if use_psum_layout
+                   else self._experts_of_rows(grouped_layout, m))
+        self._grouped_product(a_f, dequantize_fp8_block(b, sfb), d, experts)
 
     def m_grouped_bf16_gemm_nt_contiguous(self, a, b, d, grouped_layout, compiled_dims="nk", use_psum_layout=False,
                                           expected_m_for_psum_layout=None) -> None:
@@ -138,6 +143,8 @@ class FakeDeepGEMM(types.ModuleType):
 def fresh_import(monkeypatch):
     """Every test imports ``deep_gemm`` afresh and starts from the default setting."""
     monkeypatch.delenv(EXPERTS_KERNEL_ENV, raising=False)
+    monkeypatch.delenv(deepgemm.FP8_LAYOUT_ENV, raising=False)
+    monkeypatch.setattr(deepgemm, "_fp8_psum_refused", None)
     deepgemm._load.cache_clear()
     yield
     deepgemm._load.cache_clear()
@@ -246,6 +253,49 @@ def test_fp8_follows_the_reported_alignment(fake_deep_gemm):
     x, weights, ids = make_tokens(70, 128, 5, 3, idle_experts=(0,))
     out, ref = run(x, weights, ids, layer, kernel=deepgemm_experts)
     assert fake.calls == ["fp8", "fp8"] and rel_err(out, ref) < 3e-2
+
+
+def test_fp8_psum_layout_schedules_only_real_rows(fake_deep_gemm, monkeypatch):
+    """``ZEROPREFILL_DEEPGEMM_FP8_LAYOUT=psum`` on a DeepGEMM that takes it: both FP8 GEMMs read
+    the psum layout (rows past every expert's real rows come back NaN from the fake, so the
+    output would show a read of one), as close to the reference as the m_indices layout."""
+    fake = fake_deep_gemm(FakeDeepGEMM(fp8_psum=True))
+    monkeypatch.setenv(deepgemm.FP8_LAYOUT_ENV, "psum")
+    layer = make_layer(6, 256, 128, fp8=True)
+    x, weights, ids = make_tokens(200, 256, 6, 2, idle_experts=(2, 5))
+    out, ref = run(x, weights, ids, layer, kernel=deepgemm_experts)
+    assert fake.calls == ["fp8 psum", "fp8 psum"] and not out.isnan().any()
+    assert rel_err(out, reference_with_bf16_gemm_outputs(x, weights, ids, layer)) < 1e-2
+    by_rows = deepgemm_experts(x, topk_weights=weights, topk_ids=ids, fp8_layout="m_indices", **layer)
+    assert fake.calls[2:] == ["fp8", "fp8"] and torch.equal(out, by_rows)
+
+
+def test_fp8_psum_refused_falls_back_to_m_indices_once(fake_deep_gemm, monkeypatch, caplog):
+    """A DeepGEMM whose sm90 FP8 GEMM asserts the psum layout off (sgl-deep-gemm 0.1.3): the
+    first call is answered on m_indices, one warning says why, later calls do not try psum."""
+    fake = fake_deep_gemm(FakeDeepGEMM(fp8_psum=False))
+    monkeypatch.setenv(deepgemm.FP8_LAYOUT_ENV, "psum")
+    layer = make_layer(4, 128, 128, fp8=True)
+    x, weights, ids = make_tokens(40, 128, 4, 2)
+    with caplog.at_level(logging.WARNING, logger="zeroprefill.kernels.deepgemm"):
+        first, ref = run(x, weights, ids, layer, kernel=deepgemm_experts)
+        second = deepgemm_experts(x, topk_weights=weights, topk_ids=ids, **layer)
+    assert fake.calls == ["fp8", "fp8", "fp8", "fp8"]  # the refused call raised before recording
+    assert torch.equal(first, second) and rel_err(first, ref) < 5e-2
+    assert "not use_psum_layout" in deepgemm.fp8_psum_refused_reason()
+    assert [r.getMessage().count("refused the psum layout") for r in caplog.records] == [1]
+    assert deepgemm.fp8_layout_setting() == "m_indices"
+
+
+def test_fp8_layout_setting_is_checked(monkeypatch):
+    monkeypatch.setenv(deepgemm.FP8_LAYOUT_ENV, " PSUM ")
+    assert deepgemm.fp8_layout_setting() == "psum"
+    monkeypatch.setenv(deepgemm.FP8_LAYOUT_ENV, "rows")
+    with pytest.raises(ValueError, match="ZEROPREFILL_DEEPGEMM_FP8_LAYOUT='rows' is not one of m_indices, psum"):
+        deepgemm.fp8_layout_setting()
+    with pytest.raises(ValueError, match="fp8_layout='rows'"):
+        deepgemm_experts(torch.zeros(1, 128), torch.zeros(1, 256, 128), torch.zeros(1, 128, 128),
+                         torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.int32), fp8_layout="rows")
 
 
 # ---------------------------------------------------------------------------- the checks can fail
@@ -442,7 +492,10 @@ def test_info_says_whether_deepgemm_is_usable_here(monkeypatch):
     assert report["backends"]["deepgemm"] == deepgemm.deepgemm_unavailable_reason()  # CPU: why not
     assert "deepgemm" in format_environment(report)
     monkeypatch.setattr("zeroprefill.kernels.deepgemm_unavailable_reason", lambda: None)
-    assert collect_environment()["backends"]["deepgemm"].startswith("usable")
+    usable = collect_environment()["backends"]["deepgemm"]
+    assert usable.startswith("usable") and "FP8 row layout m_indices, ZEROPREFILL_DEEPGEMM_FP8_LAYOUT" in usable
+    monkeypatch.setenv(deepgemm.FP8_LAYOUT_ENV, "bogus")  # a wrong setting is reported, not raised
+    assert "'bogus' is not one of m_indices, psum" in collect_environment()["backends"]["deepgemm"]
 
 
 def test_the_copy_vllm_ships_is_used_when_the_package_is_absent(monkeypatch):

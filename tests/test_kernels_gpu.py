@@ -15,6 +15,7 @@ import torch
 from zeroprefill.kernels import (EXPERTS_KERNEL_ENV, GROUPED_MM, TRITON_GROUPED_MM, MoEConfig, deepgemm_experts,
                                  deepgemm_unavailable_reason, fused_experts, fused_experts_reference, get_config,
                                  quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
+from zeroprefill.kernels.deepgemm import fp8_psum_refused_reason
 from zeroprefill.common.asyncep_moe import select_experts
 
 pytestmark = [pytest.mark.gpu,
@@ -88,3 +89,7 @@ def test_deepgemm_matches_triton_at_qwen3_235b_shapes(num_tokens, fp8, monkeypat
     assert rel_err(dg, ours) < 2 * tolerance
     monkeypatch.delenv(EXPERTS_KERNEL_ENV, raising=False)  # auto: the same DeepGEMM call
     assert torch.equal(fused_experts(x, topk_weights=weights, topk_ids=ids, **layer), dg)
+    if fp8:  # the psum row layout (ZEROPREFILL_DEEPGEMM_FP8_LAYOUT=psum): the same products, fewer row blocks
+        dg_psum = deepgemm_experts(x, topk_weights=weights, topk_ids=ids, fp8_layout="psum", **layer)
+        assert fp8_psum_refused_reason() is None, fp8_psum_refused_reason()
+        assert rel_err(dg_psum, ref) < tolerance and rel_err(dg_psum, dg) < 1e-2
