@@ -50,11 +50,12 @@ FP8 row layouts. With ``m_indices`` the FP8 kernel's scheduler walks every row b
 the last expert's segment there are up to ``E * 127`` rows of -1 (about ``E * 64`` with random
 routing) whose blocks skip the math but still load their A tiles and expert 0's B tiles, a
 cost that does not shrink with the token count. The psum layout schedules only the blocks that
-hold real rows. sgl-deep-gemm 0.1.3's sm90 FP8 path asserts it off; DeepGEMM 2.5.0 (vLLM
-0.26's copy) carries the psum case in its scheduler (``scheduler/gemm.cuh``:
-``get_next_block``, ``get_global_idx``, ``is_computation_valid``) and no such assertion in its
-host code. ``ZEROPREFILL_DEEPGEMM_FP8_LAYOUT=psum`` asks for it; a DeepGEMM that refuses it is
-answered with ``m_indices`` from then on, logged once. ``m_indices`` stays the default until a
+hold real rows. DeepGEMM 2.5.0 (vLLM 0.26's copy) carries the psum case in its sm90 scheduler
+(``scheduler/gemm.cuh``: ``get_next_block``, ``get_global_idx``, ``is_computation_valid``) and
+no assertion against it in its host code; an older build read here (sgl-deep-gemm's) lacks the
+case in the row-validity check, where the kernel would trap. ``ZEROPREFILL_DEEPGEMM_FP8_LAYOUT=psum``
+asks for it; a DeepGEMM older than 2.5.0, or one whose host code rejects it, is answered with
+``m_indices`` from then on, logged once. ``m_indices`` stays the default until a
 GPU run has checked psum against the reference and timed both (``tests/test_kernels_gpu.py``,
 ``benchmarks/moe_kernels.py`` side ``deepgemm_fp8_psum``).
 Requirements checked before this path is taken (:func:`deepgemm_reason`): a CUDA sm90 device,
@@ -69,6 +70,7 @@ import functools
 import importlib
 import logging
 import os
+import re
 import sys
 from types import ModuleType
 
@@ -87,6 +89,7 @@ INSTALL_HINT = "pip install 'zeroprefill[deepgemm]', or serve with a vLLM that s
 #: The FP8 GEMM's row layout: ``m_indices`` (default) or ``psum`` (below, "FP8 row layouts").
 FP8_LAYOUT_ENV = "ZEROPREFILL_DEEPGEMM_FP8_LAYOUT"
 FP8_LAYOUTS = ("m_indices", "psum")
+FP8_PSUM_MIN_VERSION = (2, 5)  # DeepGEMM 2.5.0 (vLLM 0.26's copy): the first read with psum in its sm90 scheduler
 #: Where DeepGEMM is looked for, in order: the package, then the copy inside vLLM's wheel.
 MODULES = ("deep_gemm", "vllm.third_party.deep_gemm")
 REQUIRED_FUNCTIONS = ("get_mk_alignment_for_contiguous_layout", "m_grouped_bf16_gemm_nt_contiguous",
@@ -225,13 +228,22 @@ def fp8_psum_refused_reason() -> str | None:
     return _fp8_psum_refused
 
 
-def _refuse_fp8_psum(exc: RuntimeError) -> None:
-    """This DeepGEMM's sm90 FP8 GEMM rejected the psum layout (sgl-deep-gemm 0.1.3 asserts it
-    off): ``m_indices`` from now on, said once."""
+def _fp8_psum_unsupported_reason(deep_gemm: ModuleType) -> str | None:
+    """Why ``deep_gemm`` cannot be given the psum layout for FP8 on sm90, by its version; None if it can."""
+    version = str(getattr(deep_gemm, "__version__", ""))
+    parsed = re.match(r"(\d+)\.(\d+)", version)
+    if parsed is None or tuple(map(int, parsed.groups())) < FP8_PSUM_MIN_VERSION:
+        return (f"{deepgemm_source()} predates DeepGEMM {'.'.join(map(str, FP8_PSUM_MIN_VERSION))}, whose sm90 "
+                "scheduler is the first read here with the psum case")
+    return None
+
+
+def _refuse_fp8_psum(reason: str) -> None:
+    """This DeepGEMM does not take the psum layout for FP8: ``m_indices`` from now on, said once."""
     global _fp8_psum_refused
-    _fp8_psum_refused = f"{deepgemm_source()}: {' '.join(str(exc).split())[:200]}"
-    logger.warning("zeroprefill.kernels: DeepGEMM's FP8 GEMM refused the psum layout (%s); m_indices from now on",
-                   _fp8_psum_refused)
+    _fp8_psum_refused = reason
+    logger.warning("zeroprefill.kernels: DeepGEMM's FP8 GEMM does not take the psum layout (%s); m_indices from "
+                   "now on", reason)
 
 
 def _grouped_gemm(deep_gemm: ModuleType, a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor,
@@ -265,6 +277,9 @@ def run_deepgemm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: tor
         block_m = int(deep_gemm.get_mk_alignment_for_contiguous_layout())
         alignment = moe_align_block_size(topk_ids, num_experts, block_m)
         psum = block_m == PSUM_ALIGNMENT and (fp8_layout or fp8_layout_setting()) == "psum"
+        if psum and (reason := _fp8_psum_unsupported_reason(deep_gemm)):
+            _refuse_fp8_psum(reason)
+            psum = False
     else:
         alignment = moe_align_block_size(topk_ids, num_experts, PSUM_ALIGNMENT)
         psum = True
@@ -278,7 +293,7 @@ def run_deepgemm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: tor
     except RuntimeError as exc:
         if not (use_fp8 and psum):
             raise
-        _refuse_fp8_psum(exc)
+        _refuse_fp8_psum(f"{deepgemm_source()}: {' '.join(str(exc).split())[:200]}")
         psum, layout = False, grouped_layout(alignment)
         _grouped_gemm(deep_gemm, x_sorted, x_scale, w13, w13_scale, layout, gate_up, psum)
     del x_sorted, x_scale

@@ -60,9 +60,9 @@ class FakeDeepGEMM(types.ModuleType):
     """
 
     def __init__(self, alignment: int = 128, reported_alignment: int | None = None, read_sfa=None,
-                 fp8_psum: bool = False):
+                 version: str = "0.1.3+fake", fp8_psum: bool = False):
         super().__init__("deep_gemm")
-        self.__version__ = "2.5.0+fake" if fp8_psum else "0.1.3+fake"
+        self.__version__ = version
         self.fp8_psum = fp8_psum  # whether the sm90 FP8 GEMM takes the psum layout (DeepGEMM 2.5.0)
         self.alignment = alignment
         self.reported_alignment = reported_alignment or alignment
@@ -77,7 +77,7 @@ class FakeDeepGEMM(types.ModuleType):
                                          compiled_dims="nk", disable_ue8m0_cast=False, use_psum_layout=False,
                                          expected_m_for_psum_layout=None) -> None:
         (a, sfa), (b, sfb) = a, b
-        if use_psum_layout and not self.fp8_psum:  # sgl-deep-gemm 0.1.3's host assertion
+        if use_psum_layout and not self.fp8_psum:  # a build whose host code asserts it off
             raise RuntimeError("Assertion error (csrc/apis/gemm.hpp): not use_psum_layout")
         assert recipe in (None, (1, 128, 128)) and recipe_a is None and recipe_b is None
         m, k = a.shape
@@ -259,7 +259,7 @@ def test_fp8_psum_layout_schedules_only_real_rows(fake_deep_gemm, monkeypatch):
     """``ZEROPREFILL_DEEPGEMM_FP8_LAYOUT=psum`` on a DeepGEMM that takes it: both FP8 GEMMs read
     the psum layout (rows past every expert's real rows come back NaN from the fake, so the
     output would show a read of one), as close to the reference as the m_indices layout."""
-    fake = fake_deep_gemm(FakeDeepGEMM(fp8_psum=True))
+    fake = fake_deep_gemm(FakeDeepGEMM(version="2.5.0", fp8_psum=True))
     monkeypatch.setenv(deepgemm.FP8_LAYOUT_ENV, "psum")
     layer = make_layer(6, 256, 128, fp8=True)
     x, weights, ids = make_tokens(200, 256, 6, 2, idle_experts=(2, 5))
@@ -270,20 +270,23 @@ def test_fp8_psum_layout_schedules_only_real_rows(fake_deep_gemm, monkeypatch):
     assert fake.calls[2:] == ["fp8", "fp8"] and torch.equal(out, by_rows)
 
 
-def test_fp8_psum_refused_falls_back_to_m_indices_once(fake_deep_gemm, monkeypatch, caplog):
-    """A DeepGEMM whose sm90 FP8 GEMM asserts the psum layout off (sgl-deep-gemm 0.1.3): the
-    first call is answered on m_indices, one warning says why, later calls do not try psum."""
-    fake = fake_deep_gemm(FakeDeepGEMM(fp8_psum=False))
+@pytest.mark.parametrize(("version", "why"), [("0.1.3", "predates DeepGEMM 2.5"),  # not even tried
+                                             ("2.5.0", "not use_psum_layout")])  # tried, its host code refuses
+def test_fp8_psum_refused_falls_back_to_m_indices_once(fake_deep_gemm, monkeypatch, caplog, version, why):
+    """A DeepGEMM that does not take the psum layout for FP8 (older than 2.5.0, or one whose host
+    code asserts it off): the first call is answered on m_indices, one warning says why, later
+    calls do not try psum."""
+    fake = fake_deep_gemm(FakeDeepGEMM(version=version, fp8_psum=False))
     monkeypatch.setenv(deepgemm.FP8_LAYOUT_ENV, "psum")
     layer = make_layer(4, 128, 128, fp8=True)
     x, weights, ids = make_tokens(40, 128, 4, 2)
     with caplog.at_level(logging.WARNING, logger="zeroprefill.kernels.deepgemm"):
         first, ref = run(x, weights, ids, layer, kernel=deepgemm_experts)
         second = deepgemm_experts(x, topk_weights=weights, topk_ids=ids, **layer)
-    assert fake.calls == ["fp8", "fp8", "fp8", "fp8"]  # the refused call raised before recording
+    assert fake.calls == ["fp8", "fp8", "fp8", "fp8"]  # a refused call raises before it is recorded
     assert torch.equal(first, second) and rel_err(first, ref) < 5e-2
-    assert "not use_psum_layout" in deepgemm.fp8_psum_refused_reason()
-    assert [r.getMessage().count("refused the psum layout") for r in caplog.records] == [1]
+    assert why in deepgemm.fp8_psum_refused_reason()
+    assert [r.getMessage().count("does not take the psum layout") for r in caplog.records] == [1]
     assert deepgemm.fp8_layout_setting() == "m_indices"
 
 
