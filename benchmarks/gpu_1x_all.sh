@@ -10,8 +10,9 @@
 #   checks       vllm_gpu_1x.sh checks: tiny bf16 and block-FP8 checks against fp32 (~5 min)
 #   bf16         vllm_gpu_1x.sh bf16: stock's MoE tile tuned, then Qwen3-30B-A3B stock vs AsyncEP (~8 min)
 #   fp8          vllm_gpu_1x.sh fp8: stock's block-FP8 tile tuned, then Qwen3-30B-A3B block FP8, stock vs
-#                AsyncEP, bf16 AsyncEP, and stock forced onto DeepGEMM (~16 min: the first stock FP8
-#                start's DeepGEMM warm-up JIT-builds 1,849 kernels on a fresh machine)
+#                AsyncEP, bf16 AsyncEP, AsyncEP on DeepGEMM's FP8 psum layout, stock forced onto
+#                DeepGEMM (~18 min: the first stock FP8 start's DeepGEMM warm-up JIT-builds 1,849
+#                kernels on a fresh machine)
 #   kernels      tests/test_kernels_gpu.py -k deepgemm (both FP8 row layouts against the reference), then
 #                moe_kernels.py with --select-backends, each in a process that imported vLLM (~3 min);
 #                the rewritten kernels/configs/<arch>.json is copied to OUT_DIR/kernels-configs/
