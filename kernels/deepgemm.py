@@ -228,6 +228,7 @@ def fp8_psum_refused_reason() -> str | None:
     return _fp8_psum_refused
 
 
+@functools.cache
 def _fp8_psum_unsupported_reason(deep_gemm: ModuleType) -> str | None:
     """Why ``deep_gemm`` cannot be given the psum layout for FP8 on sm90, by its version; None if it can."""
     version = str(getattr(deep_gemm, "__version__", ""))
@@ -276,7 +277,8 @@ def run_deepgemm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: tor
     if use_fp8:
         block_m = int(deep_gemm.get_mk_alignment_for_contiguous_layout())
         alignment = moe_align_block_size(topk_ids, num_experts, block_m)
-        psum = block_m == PSUM_ALIGNMENT and (fp8_layout or fp8_layout_setting()) == "psum"
+        psum = (block_m == PSUM_ALIGNMENT and _fp8_psum_refused is None
+                and (fp8_layout or fp8_layout_setting()) == "psum")
         if psum and (reason := _fp8_psum_unsupported_reason(deep_gemm)):
             _refuse_fp8_psum(reason)
             psum = False

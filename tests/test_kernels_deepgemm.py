@@ -283,7 +283,9 @@ def test_fp8_psum_refused_falls_back_to_m_indices_once(fake_deep_gemm, monkeypat
     with caplog.at_level(logging.WARNING, logger="zeroprefill.kernels.deepgemm"):
         first, ref = run(x, weights, ids, layer, kernel=deepgemm_experts)
         second = deepgemm_experts(x, topk_weights=weights, topk_ids=ids, **layer)
-    assert fake.calls == ["fp8", "fp8", "fp8", "fp8"]  # a refused call raises before it is recorded
+        asked = deepgemm_experts(x, topk_weights=weights, topk_ids=ids, fp8_layout="psum", **layer)
+    assert torch.equal(asked, first)  # asked for by name after the refusal: m_indices, no second warning
+    assert fake.calls == ["fp8"] * 6  # a refused call raises before it is recorded
     assert torch.equal(first, second) and rel_err(first, ref) < 5e-2
     assert why in deepgemm.fp8_psum_refused_reason()
     assert [r.getMessage().count("does not take the psum layout") for r in caplog.records] == [1]
