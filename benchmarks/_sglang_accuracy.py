@@ -83,11 +83,6 @@ def absolute_errors(served: Sequence[Sequence[float]], reference: Sequence[Seque
     return [abs(s - r) for got, want in zip(served, reference, strict=True) for s, r in zip(got, want, strict=True)]
 
 
-def logprob_distance(served: Sequence[Sequence[float]], reference: Sequence[Sequence[float]]) -> float:
-    """max |served - reference| over every prompt token of every prompt."""
-    return max(absolute_errors(served, reference))
-
-
 def cosine(a: Sequence[float], b: Sequence[float]) -> float:
     dot = sum(x * y for x, y in zip(a, b, strict=True))
     return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
@@ -96,11 +91,6 @@ def cosine(a: Sequence[float], b: Sequence[float]) -> float:
 def embedding_errors(served: Sequence[Sequence[float]], reference: Sequence[Sequence[float]]) -> list[float]:
     """1 - cosine of each served embedding with its reference."""
     return [1.0 - cosine(s, r) for s, r in zip(served, reference, strict=True)]
-
-
-def embedding_distance(served: Sequence[Sequence[float]], reference: Sequence[Sequence[float]]) -> float:
-    """1 - the smallest cosine between a served embedding and its reference."""
-    return max(embedding_errors(served, reference))
 
 
 def judge(plugin: dict, stock: dict, margin: float, bf16_reference: dict | None = None,

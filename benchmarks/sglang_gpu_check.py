@@ -59,9 +59,8 @@ sys.path.insert(0, str(REPO))
 # replace) as sglang_gpu_check.<name> are imported here too.
 from _serving import GpuMemoryPeak, closed_loop_clients, gpu_memory_used_mib, write_json  # noqa: E402
 from _sglang_accuracy import (COMPARISON_PROMPT_TOKENS, ENDPOINTS, SCORE_LABELS, comparison_prompts, compare_endpoint,  # noqa: E402, F401
-                              cosine, default_reference_device, embedding_distance, fp32_reference, judge,
-                              logprob_distance, mixed_requests, prompt_token, score_labels, score_reference,
-                              sglang_session)
+                              absolute_errors, cosine, default_reference_device, embedding_errors, fp32_reference,
+                              judge, mixed_requests, prompt_token, score_labels, score_reference, sglang_session)
 from _sglang_servers import (ServerSpec, failure_reason, gpu_names, gpu_tag, log_facts, progress,  # noqa: E402, F401
                              start_all, stop_all)
 from zeroprefill import accuracy  # noqa: E402

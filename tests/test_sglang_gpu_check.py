@@ -245,11 +245,11 @@ def test_judge(plugin: dict, stock: dict, margin: float, bf16: dict | None, pass
 
 
 def test_distances() -> None:
-    assert check.logprob_distance([[-1.0, -2.0], [-0.5]], [[-1.1, -2.0], [-0.25]]) == pytest.approx(0.25)
+    assert max(check.absolute_errors([[-1.0, -2.0], [-0.5]], [[-1.1, -2.0], [-0.25]])) == pytest.approx(0.25)
     assert check.cosine([1.0, 0.0], [1.0, 1.0]) == pytest.approx(math.sqrt(0.5))
-    assert check.embedding_distance([[1.0, 0.0], [0.0, 2.0]], [[1.0, 0.0], [1.0, 1.0]]) == pytest.approx(1 - math.sqrt(0.5))
+    assert max(check.embedding_errors([[1.0, 0.0], [0.0, 2.0]], [[1.0, 0.0], [1.0, 1.0]])) == pytest.approx(1 - math.sqrt(0.5))
     with pytest.raises(ValueError):  # a prompt with a token missing is an error, not a shorter comparison
-        check.logprob_distance([[-1.0]], [[-1.0, -2.0]])
+        check.absolute_errors([[-1.0]], [[-1.0, -2.0]])
 
 
 def test_score_labels_and_reference() -> None:
@@ -317,7 +317,7 @@ def test_the_float32_reference_on_generated_checkpoints(tmp_path: Path) -> None:
 
     quantized = check.fp32_reference(fp8, prompts, "cpu")  # the checkpoint's own (dequantised) model
     assert [len(x) for x in quantized["logprobs"]] == [3, 1]
-    assert 0 < check.logprob_distance(quantized["logprobs"], reference["logprobs"]) < 5  # FP8 rounding, not noise
+    assert 0 < max(check.absolute_errors(quantized["logprobs"], reference["logprobs"])) < 5  # FP8 rounding, not noise
     assert json.loads((tmp_path / "fp8-dequantized-fp32" / "config.json").read_text()).get("quantization_config") is None
 
 
