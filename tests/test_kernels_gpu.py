@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from zeroprefill.kernels import (EXPERTS_KERNEL_ENV, GROUPED_MM, TRITON_GROUPED_MM, MoEConfig, deepgemm_experts,
-                                 deepgemm_unavailable_reason, fused_experts, fused_experts_reference, get_config,
+                                 deepgemm_unavailable_reason, experts_kernel_choice, fused_experts, fused_experts_reference, get_config,
                                  quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
 from zeroprefill.kernels.deepgemm import fp8_psum_refused_reason
 from zeroprefill.common.asyncep_moe import select_experts
@@ -87,8 +87,14 @@ def test_deepgemm_matches_triton_at_qwen3_235b_shapes(num_tokens, fp8, monkeypat
     assert rel_err(ours, ref) < tolerance
     assert rel_err(dg, ref) < tolerance
     assert rel_err(dg, ours) < 2 * tolerance
-    monkeypatch.delenv(EXPERTS_KERNEL_ENV, raising=False)  # auto: the same DeepGEMM call
-    assert torch.equal(fused_experts(x, topk_weights=weights, topk_ids=ids, **layer), dg)
+    monkeypatch.delenv(EXPERTS_KERNEL_ENV, raising=False)  # auto: DeepGEMM's very call for block FP8, ours for bf16
+    auto = fused_experts(x, topk_weights=weights, topk_ids=ids, **layer)
+    if fp8:
+        assert torch.equal(auto, dg)
+    else:
+        assert experts_kernel_choice(x.dtype, **layer).startswith("ours: bf16"), experts_kernel_choice(x.dtype, **layer)
+        monkeypatch.setenv(EXPERTS_KERNEL_ENV, "triton")
+        assert torch.equal(auto, fused_experts(x, topk_weights=weights, topk_ids=ids, **layer))
     if fp8:  # the psum row layout (ZEROPREFILL_DEEPGEMM_FP8_LAYOUT=psum): the same products, fewer row blocks
         dg_psum = deepgemm_experts(x, topk_weights=weights, topk_ids=ids, fp8_layout="psum", **layer)
         assert fp8_psum_refused_reason() is None, fp8_psum_refused_reason()
