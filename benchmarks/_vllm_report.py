@@ -151,7 +151,7 @@ def summarize(runs: list[dict], vllm_version: str) -> dict:
         ("kv_tokens_asyncep_vs_stock", (bf16, "asyncep"), (bf16, None), kv_tokens, None),
         ("asyncep_fp8_vs_stock_fp8", (fp8, "asyncep"), (fp8, None), throughput, "best_stock_layout_fp8"),
         ("asyncep_fp8_vs_asyncep_bf16", (fp8, "asyncep"), (bf16, "asyncep"), throughput, None),
-        ("asyncep_fp8_psum_vs_asyncep_fp8", (fp8, "asyncep-fp8-psum"), (fp8, "asyncep"), throughput, None),
+        ("asyncep_fp8_vs_asyncep_fp8_m_indices", (fp8, "asyncep"), (fp8, "asyncep-fp8-m-indices"), throughput, None),
         ("kv_tokens_asyncep_fp8_vs_stock_fp8", (fp8, "asyncep"), (fp8, None), kv_tokens, None),
     ):
         summary[key], layout = _same_layers_ratio(runs, ours, theirs, value)

@@ -9,8 +9,9 @@
                           e4m3 + one float32 scale per 1x128 group, scales written MN-major)
           v
     x_sorted [R, H] + the layout: psum [E] (where each expert's real rows end): bf16, and block
-                                  FP8 where ZEROPREFILL_DEEPGEMM_FP8_LAYOUT=psum; else FP8
-                                  m_indices [R] (the row's expert, -1 on padding rows)
+                                  FP8 unless ZEROPREFILL_DEEPGEMM_FP8_LAYOUT=m_indices or the
+                                  DeepGEMM predates it; else FP8 m_indices [R] (the row's expert,
+                                  -1 on padding rows)
           v
     [m_grouped_{fp8,bf16}_gemm_nt_contiguous]  x_sorted . w13[e]^T  ->  gate_up [R, 2I] (bf16)
           v
@@ -53,11 +54,14 @@ cost that does not shrink with the token count. The psum layout schedules only t
 hold real rows. DeepGEMM 2.5.0 (vLLM 0.26's copy) carries the psum case in its sm90 scheduler
 (``scheduler/gemm.cuh``: ``get_next_block``, ``get_global_idx``, ``is_computation_valid``) and
 no assertion against it in its host code; an older build read here (sgl-deep-gemm's) lacks the
-case in the row-validity check, where the kernel would trap. ``ZEROPREFILL_DEEPGEMM_FP8_LAYOUT=psum``
-asks for it; a DeepGEMM older than 2.5.0, or one whose host code rejects it, is answered with
-``m_indices`` from then on, logged once. ``m_indices`` stays the default until a
-GPU run has checked psum against the reference and timed both (``tests/test_kernels_gpu.py``,
-``benchmarks/moe_kernels.py`` side ``deepgemm_fp8_psum``).
+case in the row-validity check, where the kernel would trap. So psum is the default
+(``ZEROPREFILL_DEEPGEMM_FP8_LAYOUT``: ``psum``, or ``m_indices``), and a DeepGEMM older than 2.5.0,
+or one whose host code rejects it, is answered with ``m_indices`` from then on, logged once (a
+warning where psum was asked for by name). On one H100 with vLLM 0.26's copy the psum layout
+matched the reference as m_indices does (``tests/test_kernels_gpu.py``) and its layer ran
+1.04-1.10x m_indices' at 8K-16K tokens, 0.93-0.99x at 32K, where m_indices itself moved by 7%
+between runs (``benchmarks/moe_kernels.py`` sides ``deepgemm_fp8``, ``deepgemm_fp8_psum``).
+vLLM's own DeepGEMM MoE takes the psum layout on sm90 from 0.32.
 Requirements checked before this path is taken (:func:`deepgemm_reason`): a CUDA sm90 device,
 ``deep_gemm`` importable, bf16 activations (DeepGEMM writes bf16), bf16 weights with H and I
 divisible by 64, or e4m3 weights with 128x128 block scales and H, I divisible by 128.
@@ -86,9 +90,10 @@ from .quant import GROUP_SIZE
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'zeroprefill[deepgemm]', or serve with a vLLM that ships it"
-#: The FP8 GEMM's row layout: ``m_indices`` (default) or ``psum`` (below, "FP8 row layouts").
+#: The FP8 GEMM's row layout: ``psum`` (default) or ``m_indices`` (above, "FP8 row layouts").
 FP8_LAYOUT_ENV = "ZEROPREFILL_DEEPGEMM_FP8_LAYOUT"
-FP8_LAYOUTS = ("m_indices", "psum")
+PSUM, M_INDICES = "psum", "m_indices"
+FP8_LAYOUTS = (PSUM, M_INDICES)
 FP8_PSUM_MIN_VERSION = (2, 5)  # DeepGEMM 2.5.0 (vLLM 0.26's copy): the first read with psum in its sm90 scheduler
 #: Where DeepGEMM is looked for, in order: the package, then the copy inside vLLM's wheel.
 MODULES = ("deep_gemm", "vllm.third_party.deep_gemm")
@@ -215,12 +220,12 @@ _fp8_psum_refused: str | None = None
 
 
 def fp8_layout_setting() -> str:
-    """``ZEROPREFILL_DEEPGEMM_FP8_LAYOUT``: ``m_indices`` (default) or ``psum``; ``m_indices`` from
+    """``ZEROPREFILL_DEEPGEMM_FP8_LAYOUT``: ``psum`` (default) or ``m_indices``; ``m_indices`` from
     the moment this process's DeepGEMM refused the psum layout for FP8."""
-    value = os.environ.get(FP8_LAYOUT_ENV, FP8_LAYOUTS[0]).strip().lower() or FP8_LAYOUTS[0]
+    value = os.environ.get(FP8_LAYOUT_ENV, PSUM).strip().lower() or PSUM
     if value not in FP8_LAYOUTS:
         raise ValueError(f"{FP8_LAYOUT_ENV}={value!r} is not one of {', '.join(FP8_LAYOUTS)}")
-    return FP8_LAYOUTS[0] if _fp8_psum_refused else value
+    return M_INDICES if _fp8_psum_refused else value
 
 
 def fp8_psum_refused_reason() -> str | None:
@@ -239,12 +244,14 @@ def _fp8_psum_unsupported_reason(deep_gemm: ModuleType) -> str | None:
     return None
 
 
-def _refuse_fp8_psum(reason: str) -> None:
-    """This DeepGEMM does not take the psum layout for FP8: ``m_indices`` from now on, said once."""
+def _refuse_fp8_psum(reason: str, asked_by_name: bool) -> None:
+    """This DeepGEMM does not take the psum layout for FP8: ``m_indices`` from now on, said once
+    (a warning where psum was asked for by name, else the default's fallback, at info level)."""
     global _fp8_psum_refused
     _fp8_psum_refused = reason
-    logger.warning("zeroprefill.kernels: DeepGEMM's FP8 GEMM does not take the psum layout (%s); m_indices from "
-                   "now on", reason)
+    logger.log(logging.WARNING if asked_by_name else logging.INFO,
+               "zeroprefill.kernels: DeepGEMM's FP8 GEMM does not take the psum layout (%s); m_indices from "
+               "now on", reason)
 
 
 def _grouped_gemm(deep_gemm: ModuleType, a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor,
@@ -278,9 +285,9 @@ def run_deepgemm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: tor
         block_m = int(deep_gemm.get_mk_alignment_for_contiguous_layout())
         alignment = moe_align_block_size(topk_ids, num_experts, block_m)
         psum = (block_m == PSUM_ALIGNMENT and _fp8_psum_refused is None
-                and (fp8_layout or fp8_layout_setting()) == "psum")
+                and (fp8_layout or fp8_layout_setting()) == PSUM)
         if psum and (reason := _fp8_psum_unsupported_reason(deep_gemm)):
-            _refuse_fp8_psum(reason)
+            _refuse_fp8_psum(reason, asked_by_name=fp8_layout == PSUM or FP8_LAYOUT_ENV in os.environ)
             psum = False
     else:
         alignment = moe_align_block_size(topk_ids, num_experts, PSUM_ALIGNMENT)
@@ -295,7 +302,8 @@ def run_deepgemm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: tor
     except RuntimeError as exc:
         if not (use_fp8 and psum):
             raise
-        _refuse_fp8_psum(f"{deepgemm_source()}: {' '.join(str(exc).split())[:200]}")
+        _refuse_fp8_psum(f"{deepgemm_source()}: {' '.join(str(exc).split())[:200]}",
+                         asked_by_name=fp8_layout == PSUM or FP8_LAYOUT_ENV in os.environ)
         psum, layout = False, grouped_layout(alignment)
         _grouped_gemm(deep_gemm, x_sorted, x_scale, w13, w13_scale, layout, gate_up, psum)
     del x_sorted, x_scale
@@ -315,7 +323,7 @@ def deepgemm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.T
     says; raises ``RuntimeError`` with the reason where DeepGEMM cannot run the layer.
 
     ``config`` (tiles of our kernels) must be None: DeepGEMM picks its own. ``fp8_layout``
-    (``m_indices`` or ``psum``; None: ``ZEROPREFILL_DEEPGEMM_FP8_LAYOUT``) is the block-FP8 GEMMs'
+    (``psum`` or ``m_indices``; None: ``ZEROPREFILL_DEEPGEMM_FP8_LAYOUT``) is the block-FP8 GEMMs'
     row layout.
     """
     if fp8_layout not in (None, *FP8_LAYOUTS):

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from zeroprefill.kernels import (EXPERTS_KERNEL_ENV, GROUPED_MM, TRITON_GROUPED_MM, MoEConfig, deepgemm_experts,
-                                 deepgemm_unavailable_reason, experts_kernel_choice, fused_experts, fused_experts_reference, get_config,
-                                 quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
+                                 deepgemm_unavailable_reason, experts_kernel_choice, fused_experts,
+                                 fused_experts_reference, get_config, quantize_weights_fp8_block,
+                                 quantize_weights_fp8_rowwise)
 from zeroprefill.kernels.deepgemm import fp8_psum_refused_reason
 from zeroprefill.common.asyncep_moe import select_experts
 
@@ -92,10 +93,11 @@ def test_deepgemm_matches_triton_at_qwen3_235b_shapes(num_tokens, fp8, monkeypat
     if fp8:
         assert torch.equal(auto, dg)
     else:
-        assert experts_kernel_choice(x.dtype, **layer).startswith("ours: bf16"), experts_kernel_choice(x.dtype, **layer)
+        choice = experts_kernel_choice(x.dtype, **layer)
+        assert choice.startswith("ours: bf16"), choice
         monkeypatch.setenv(EXPERTS_KERNEL_ENV, "triton")
         assert torch.equal(auto, fused_experts(x, topk_weights=weights, topk_ids=ids, **layer))
-    if fp8:  # the psum row layout (ZEROPREFILL_DEEPGEMM_FP8_LAYOUT=psum): the same products, fewer row blocks
-        dg_psum = deepgemm_experts(x, topk_weights=weights, topk_ids=ids, fp8_layout="psum", **layer)
+    if fp8:  # dg ran the default psum row layout; m_indices: the same products, every row block walked
         assert fp8_psum_refused_reason() is None, fp8_psum_refused_reason()
-        assert rel_err(dg_psum, ref) < tolerance and rel_err(dg_psum, dg) < 1e-2
+        dg_rows = deepgemm_experts(x, topk_weights=weights, topk_ids=ids, fp8_layout="m_indices", **layer)
+        assert rel_err(dg_rows, ref) < tolerance and rel_err(dg_rows, dg) < 1e-2
