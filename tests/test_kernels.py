@@ -1,7 +1,8 @@
 """Correctness of the Triton MoE kernels against their plain-torch references.
 
-Without CUDA the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, set here before
-Triton is imported) on tiny shapes; with CUDA the same tests run natively on the GPU.
+Without CUDA the kernels run in the Triton interpreter (``TRITON_INTERPRET=1``, set by
+``conftest.py`` before Triton is imported) on tiny shapes; with CUDA the same tests run natively
+on the GPU.
 
 Tolerances, as max|out - ref| / max|ref| (the reference is fp32 math):
 - fp32: 1e-4 in the interpreter (exact fp32 dots), 1e-2 on GPU (tl.dot uses TF32).
@@ -19,20 +20,17 @@ Tolerances, as max|out - ref| / max|ref| (the reference is fp32 math):
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from zeroprefill.kernels import (GROUPED_MM, TRITON, TRITON_GROUPED_MM, MoEConfig, GemmConfig, dequantize_fp8_block,  # noqa: E402
+from zeroprefill.kernels import (GROUPED_MM, TRITON, TRITON_GROUPED_MM, MoEConfig, GemmConfig, dequantize_fp8_block,
                                  dequantize_fp8_rowwise, fused_experts, fused_experts_reference,
                                  moe_align_block_size, quantize_tokens_fp8_group,
                                  quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
-from zeroprefill.common.asyncep_moe import select_experts  # noqa: E402
+from zeroprefill.common.asyncep_moe import select_experts
+
+ON_GPU = torch.cuda.is_available()
 from zeroprefill.kernels import align, checks, fused_moe, grouped_mm_moe  # noqa: E402
 from zeroprefill.kernels.quant import quantize_tokens_fp8_group_reference  # noqa: E402
 

@@ -23,7 +23,6 @@ alignment, a wrong scale layout, or a read of a padding row fails.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 import types
@@ -32,16 +31,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
-
-from zeroprefill.common.asyncep_moe import select_experts  # noqa: E402
-from zeroprefill.kernels import (EXPERTS_KERNEL_ENV, deepgemm_experts, deepgemm_unavailable_reason,  # noqa: E402
+from zeroprefill.common.asyncep_moe import select_experts
+from zeroprefill.kernels import (EXPERTS_KERNEL_ENV, deepgemm_experts, deepgemm_unavailable_reason,
                                  dequantize_fp8_block, experts_kernel_choice, fused_experts, fused_experts_reference,
                                  quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
-from zeroprefill.kernels import deepgemm, fused_moe  # noqa: E402
+from zeroprefill.kernels import deepgemm, fused_moe
 
+ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 PSUM_ALIGNMENT = 128
 
