@@ -4,6 +4,11 @@
   all (:func:`gpu_memory_mib`), and :class:`GpuMemoryPeak`, the sampler that runs beside a
   server and keeps each GPU's peak; no CUDA context is created in the benchmark's process (it
   would take memory from the servers' budgets);
+- :class:`GpuTelemetry`: what each GPU did during a timed window (SM clock against its maximum,
+  power against its limit, temperature, utilization, the clock-event reasons: power capping,
+  thermal or hardware slowdown), so that two machines' throughputs can be told apart from
+  their clocks; :func:`telemetry_line` says it in one line, :func:`slowest_sm_clock_mhz` gives
+  the number to put beside a throughput;
 - the load generators' HTTP client: :func:`client_session` and :func:`closed_loop_clients`
   (clients that send their next request as soon as the last is answered);
 - :func:`write_json`: a results file rewritten whole after every measurement.
@@ -15,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import statistics
 import subprocess
 import threading
 import time
@@ -26,12 +33,13 @@ from typing import Any
 # -- nvidia-smi -------------------------------------------------------------------------------
 
 
-def nvidia_smi(fields: str, *, units: bool = True, timeout_s: float = 10.0) -> str:
+def nvidia_smi(fields: str, *, units: bool = True, timeout_s: float = 10.0, check: bool = False) -> str:
     """nvidia-smi's CSV answer to ``--query-gpu=fields``: one line per GPU, no header (no units
-    where ``units`` is False). Raises OSError without nvidia-smi, TimeoutExpired if it hangs."""
+    where ``units`` is False). Raises OSError without nvidia-smi, TimeoutExpired if it hangs,
+    CalledProcessError if it exits non-zero and ``check`` (it does for a field it does not know)."""
     fmt = "csv,noheader" if units else "csv,noheader,nounits"
     return subprocess.run(["nvidia-smi", f"--query-gpu={fields}", f"--format={fmt}"],
-                          capture_output=True, text=True, timeout=timeout_s).stdout
+                          capture_output=True, text=True, timeout=timeout_s, check=check).stdout
 
 
 def gpu_memory_mib() -> tuple[list[int], list[int]]:
@@ -80,6 +88,180 @@ class GpuMemoryPeak:
                 self.peak_mib = [max(pair) for pair in zip(self.peak_mib, used)] if self.peak_mib else used
             if self._stop.wait(self.interval_s):
                 return
+
+
+# -- GPU telemetry ----------------------------------------------------------------------------
+
+#: What :class:`GpuTelemetry` reads of each GPU, after ``index`` (nvidia-smi's names, no units).
+TELEMETRY_FIELDS = ("clocks.sm", "clocks.max.sm", "power.draw", "power.limit", "enforced.power.limit",
+                    "temperature.gpu", "utilization.gpu", "memory.used")
+#: The active clock-event reasons, as newer drivers name the field, then as older ones do.
+REASON_FIELDS = ("clocks_event_reasons.active", "clocks_throttle_reasons.active")
+#: NVML's clock-event reason bits (``nvmlClocksEventReason*``); another bit is named by its value.
+CLOCK_EVENT_REASONS = {0x1: "gpu_idle", 0x2: "applications_clocks_setting", 0x4: "sw_power_cap",
+                       0x8: "hw_slowdown", 0x10: "sync_boost", 0x20: "sw_thermal_slowdown",
+                       0x40: "hw_thermal_slowdown", 0x80: "hw_power_brake", 0x100: "display_clock_setting"}
+
+
+def cuda_visible_indices() -> set[str] | None:
+    """The GPU indices ``CUDA_VISIBLE_DEVICES`` lists, where it lists integers; None (every GPU)
+    where it is unset or names GPUs otherwise (UUIDs)."""
+    listed = [item.strip() for item in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    return {str(int(item)) for item in listed} if all(item.isdigit() for item in listed) else None
+
+
+def _number(text: str) -> float | None:
+    """A reading as a number; None for nvidia-smi's "[N/A]" or "[Not Supported]"."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _mask(text: str) -> int | None:
+    """A clock-event reason mask ("0x0000000000000004") as an integer; None if unreadable."""
+    try:
+        return int(text, 16)
+    except ValueError:
+        return None
+
+
+def _gpu_summary(readings: list[dict[str, str]], reason_field: str | None) -> dict[str, Any]:
+    """One GPU's samples (field -> text), summarised: the keys of :attr:`GpuTelemetry.summary`."""
+    def values(field: str) -> list[float]:
+        return [value for reading in readings if (value := _number(reading[field])) is not None]
+
+    def mean(field: str) -> float | None:
+        found = values(field)
+        return round(statistics.fmean(found), 1) if found else None
+
+    clocks = values("clocks.sm")
+    masks = [] if reason_field is None else [m for r in readings if (m := _mask(r[reason_field])) is not None]
+    seen = [1 << bit for bit in range(max(masks, default=0).bit_length()) if any(m >> bit & 1 for m in masks)]
+    active = {CLOCK_EVENT_REASONS.get(bit, hex(bit)): round(sum(bool(m & bit) for m in masks) / len(masks), 3)
+              for bit in seen}
+    return {
+        "samples": len(readings),
+        "sm_clock_mhz_median": statistics.median(clocks) if clocks else None,
+        "sm_clock_mhz_min": min(clocks, default=None),
+        "max_sm_clock_mhz": max(values("clocks.max.sm"), default=None),
+        "power_w_mean": mean("power.draw"),
+        "power_w_max": max(values("power.draw"), default=None),
+        "power_limit_w": min(values("power.limit"), default=None),
+        "enforced_power_limit_w": min(values("enforced.power.limit"), default=None),
+        "temperature_c_max": max(values("temperature.gpu"), default=None),
+        "utilization_pct_mean": mean("utilization.gpu"),
+        "memory_used_mib_max": max(values("memory.used"), default=None),
+        # each reason seen: the fraction of the samples (with a readable mask) it was active in
+        "clock_event_reasons": active if masks else None,
+    }
+
+
+class GpuTelemetry:
+    """What each GPU did from entry to exit, read by nvidia-smi every ``interval_s`` in a thread.
+
+    :attr:`summary`, after exit: per GPU index (a string, as JSON keys are), the samples taken,
+    the SM clock's median and minimum against ``clocks.max.sm``, mean and peak power against
+    the power limit (``power.limit``, and ``enforced.power.limit``), the peak temperature and
+    memory used, mean utilization, and each clock-event reason seen with the fraction of samples
+    it was active in (``clocks_event_reasons.active``, ``clocks_throttle_reasons.active`` on older
+    drivers: the first sample finds which one the driver accepts; None if neither). Only the GPUs
+    ``CUDA_VISIBLE_DEVICES`` lists by index are read. Without nvidia-smi, or without a reading,
+    the summary is ``{"unavailable": reason}``: telemetry never stops a benchmark. Exit returns at
+    once (a load generator's event loop is not held up); the sample under way then is the last.
+    """
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        self.interval_s = interval_s
+        self.samples: list[dict[str, dict[str, str]]] = []  # per sample: GPU index -> field -> text
+        self.error = "no sample in the window"
+        self._visible = cuda_visible_indices()
+        self._reason_fields: tuple[str | None, ...] = (*REASON_FIELDS, None)  # narrowed to one by a reading
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> GpuTelemetry:
+        if shutil.which("nvidia-smi"):
+            self._thread.start()
+        else:
+            self.error = "nvidia-smi not found"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """Per GPU index, the window's figures (class docstring); ``{"unavailable": reason}`` without any."""
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        samples = list(self.samples)
+        if not samples:
+            return {"unavailable": self.error}
+        indices = sorted({index for sample in samples for index in sample}, key=int)
+        reason_field = self._reason_fields[0]
+        return {index: _gpu_summary([s[index] for s in samples if index in s], reason_field) for index in indices}
+
+    def _run(self) -> None:
+        while True:
+            started = time.monotonic()
+            self._sample()
+            if self._stop.wait(max(0.0, self.interval_s - (time.monotonic() - started))):
+                return
+
+    def _sample(self) -> None:
+        """One reading of every GPU, kept where it read; the reasons' field tried in order until one answers."""
+        for reason_field in self._reason_fields:
+            fields = ["index", *TELEMETRY_FIELDS, *([reason_field] if reason_field else [])]
+            try:
+                out = nvidia_smi(",".join(fields), units=False, timeout_s=5, check=True)
+                rows = [[value.strip() for value in line.split(",")] for line in out.splitlines() if line.strip()]
+                if not rows or any(len(row) != len(fields) for row in rows):
+                    raise ValueError(f"nvidia-smi answered {out.strip()[:200]!r}")
+            except subprocess.CalledProcessError as exc:
+                said = (exc.stdout or exc.stderr or "").strip()[:200]
+                self.error = f"nvidia-smi exited with {exc.returncode}: {said}"
+            except subprocess.TimeoutExpired:
+                self.error = "nvidia-smi did not answer in 5 s"
+            except (OSError, ValueError) as exc:
+                self.error = str(exc)
+            else:
+                self._reason_fields = (reason_field,)
+                sample = {row[0]: dict(zip(fields[1:], row[1:])) for row in rows
+                          if self._visible is None or row[0] in self._visible}
+                if sample:
+                    self.samples.append(sample)
+                else:
+                    self.error = f"nvidia-smi lists none of CUDA_VISIBLE_DEVICES {sorted(self._visible or ())}"
+                return
+            if self._stop.is_set():
+                return
+
+
+def telemetry_line(summary: dict[str, Any]) -> str:
+    """A :attr:`GpuTelemetry.summary` in one line: per GPU, the median SM clock over its maximum,
+    mean power over its limit, and the clock-event reasons seen other than ``gpu_idle``."""
+    if "unavailable" in summary:
+        return f"GPU telemetry unavailable: {summary['unavailable']}"
+
+    def whole(value: float | None) -> str:
+        return "?" if value is None else f"{value:.0f}"
+
+    parts = []
+    for index, gpu in summary.items():
+        reasons = [f"{name} {fraction:.0%}" for name, fraction in (gpu["clock_event_reasons"] or {}).items()
+                   if name != "gpu_idle"]
+        parts.append(f"GPU{index} SM {whole(gpu['sm_clock_mhz_median'])}/{whole(gpu['max_sm_clock_mhz'])} MHz, "
+                     f"{whole(gpu['power_w_mean'])}/{whole(gpu['power_limit_w'])} W"
+                     + (f", {', '.join(reasons)}" if reasons else ""))
+    return "; ".join(parts)
+
+
+def slowest_sm_clock_mhz(summary: dict[str, Any] | None) -> float | None:
+    """The lowest median SM clock over the GPUs of a :attr:`GpuTelemetry.summary` (None without one)."""
+    clocks = [gpu["sm_clock_mhz_median"] for index, gpu in (summary or {}).items()
+              if index != "unavailable" and gpu["sm_clock_mhz_median"] is not None]
+    return min(clocks, default=None)
 
 
 # -- load generation --------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 - the closed loop (``--concurrency`` clients) and the open loop (Poisson arrivals) against
   ``/v1/embeddings``, and what a window measured: answers inside it, late ones, ones cut off
-  unanswered (:func:`window_point`; :func:`percentile` with cut-off requests as lower bounds);
+  unanswered (:func:`window_point`; :func:`percentile` with cut-off requests as lower bounds),
+  and for a timed window what the GPUs did during it (``gpu_telemetry``, :class:`GpuTelemetry`);
 - the warm-up before each context's measurements (:func:`warm_up`);
 - the server log: the lines a run added (:class:`LogCursor`), kernel JIT events
   (:func:`jit_events`) and memory facts (:func:`server_memory`), in vLLM 0.26 to 0.33's words.
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import re
@@ -18,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from _serving import client_session, closed_loop_clients
+from _serving import GpuTelemetry, client_session, closed_loop_clients
 
 # What the server log says, in the wording of vLLM 0.26 to 0.33 (0.32+ appends ", Maximum
 # concurrency ..." to the KV line; the CPU build says "CPU KV cache size").
@@ -97,11 +99,13 @@ async def _post(session, url: str, body: dict, record: Sent) -> None:
 
 
 async def _drive(url: str, model: str, context: int, *, concurrency: int | None, rate: float | None,
-                 duration_s: float, drain_s: float, seed: int, gpus: int) -> dict:
+                 duration_s: float, drain_s: float, seed: int, gpus: int, gpu_telemetry: bool = False) -> dict:
     """Closed loop (``concurrency`` clients) or open loop (Poisson at ``rate``) for ``duration_s``,
-    then up to ``drain_s`` for the late answers; what is still unanswered then is cancelled."""
+    then up to ``drain_s`` for the late answers; what is still unanswered then is cancelled.
+    ``gpu_telemetry``: the point also says what the GPUs did in the window, the drain left out."""
     rng = random.Random(seed)
     sent: list[Sent] = []
+    telemetry = GpuTelemetry() if gpu_telemetry else None
     async with client_session() as session:
 
         async def one() -> None:
@@ -109,17 +113,19 @@ async def _drive(url: str, model: str, context: int, *, concurrency: int | None,
             sent.append(record)
             await _post(session, url, _body(model, context, rng), record)
 
-        start = time.monotonic()
-        stop_at = start + duration_s
-        if concurrency is not None:
-            tasks = closed_loop_clients(concurrency, stop_at, one)
-        else:
-            tasks = []
-            next_at = start
-            while next_at < stop_at:
-                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-                tasks.append(asyncio.ensure_future(one()))
-                next_at += rng.expovariate(rate)
+        with telemetry or contextlib.nullcontext():
+            start = time.monotonic()
+            stop_at = start + duration_s
+            if concurrency is not None:
+                tasks = closed_loop_clients(concurrency, stop_at, one)
+            else:
+                tasks = []
+                next_at = start
+                while next_at < stop_at:
+                    await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                    tasks.append(asyncio.ensure_future(one()))
+                    next_at += rng.expovariate(rate)
+            await asyncio.sleep(max(0.0, stop_at - time.monotonic()))  # the requests go on meanwhile
         pending: set = set()
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=max(0.0, stop_at + drain_s - time.monotonic()))
@@ -127,7 +133,8 @@ async def _drive(url: str, model: str, context: int, *, concurrency: int | None,
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-    return window_point(sent, context, start=start, stop_at=stop_at, cut_at=cut_at, gpus=gpus)
+    point = window_point(sent, context, start=start, stop_at=stop_at, cut_at=cut_at, gpus=gpus)
+    return point | {"gpu_telemetry": telemetry.summary} if telemetry else point
 
 
 def warmup_lengths(context: int) -> list[int]:

@@ -1,8 +1,9 @@
 """``vllm_serve.py``'s report: the summary of its runs, the table, the plot, imported runs.
 
 - :func:`best_by_layout`: each layout's best closed-loop point over its token-budget sweep;
-  :func:`summarize`: AsyncEP's best against stock's best per model and context, and the
-  summary keys of the one- and two-GPU runs (docs/gpu.md lists them);
+  :func:`summarize`: AsyncEP's best against stock's best per model and context (with the SM
+  clock each side's window ran at), and the summary keys of the one- and two-GPU runs
+  (docs/gpu.md lists them);
 - :func:`print_table` and :func:`plot` (``--replot`` redraws both from the JSON alone);
 - :data:`METHOD`, what each number counts (written to the JSON);
 - :func:`import_runs` (``--import-runs``): runs of other files measured on this GPU and vLLM.
@@ -15,6 +16,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from _serving import slowest_sm_clock_mhz
 from _vllm_layouts import LAYOUTS, UNREACHABLE_FLOPS_BUDGET
 
 def best_by_layout(runs: list[dict], model: str, context: int) -> dict[str, dict]:
@@ -124,6 +126,9 @@ def summarize(runs: list[dict], vllm_version: str) -> dict:
             summary["comparisons"][key] = {
                 "best_stock_layout": best_stock, "best_asyncep_layout": best_ours,
                 "asyncep_vs_best_stock": round(ratio, 3),
+                # the median SM clock of each side's window (its slowest GPU's; None if not recorded)
+                "best_stock_sm_clock_mhz": slowest_sm_clock_mhz(stock[best_stock].get("gpu_telemetry")),
+                "best_asyncep_sm_clock_mhz": slowest_sm_clock_mhz(ours[best_ours].get("gpu_telemetry")),
                 "best_stock": stock[best_stock], "best_asyncep": ours[best_ours],
                 "p99_s_at_offered_requests_per_s": open_loop_p99(runs, model, context),
             }
@@ -254,6 +259,10 @@ METHOD = {
            "checkpoint's format (peak_tflops, peak_source per run)",
     "memory": "kv_cache_tokens per engine and kv_cache_gib / weights_gib per worker from the server log; "
               "gpu_memory_peak_mib from nvidia-smi, start-up to end",
+    "gpu_telemetry": "per timed window (closed loop, each open-loop point; not the warm-up or the drain), per GPU "
+                     "index: nvidia-smi every 0.5 s: SM clock median / min against max_sm_clock_mhz, power mean / "
+                     "max against power_limit_w, temperature max, utilization mean, clock_event_reasons (fraction of "
+                     "samples each was active); {unavailable: reason} without nvidia-smi",
     "step_budget": "step_budget_policy per run: stock fills --max-num-batched-tokens; token_budget_steps layouts set "
                    f"AsyncEP's FLOPs budget to {UNREACHABLE_FLOPS_BUDGET:.0e} (never reached), so the token budget "
                    "is the only per-step limit on both sides",

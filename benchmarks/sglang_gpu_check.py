@@ -26,7 +26,9 @@ Parts:
   layers, ``--load-format dummy``), stock then plugin, each alone on the GPU with CUDA graphs on:
   throughput of ``--prompt-tokens``-token prefill-only requests from ``--concurrency`` clients in
   a closed loop for ``--duration-s`` after ``--warmup-s``, the KV-cache size (SGLang's
-  ``max_total_num_tokens``) and peak GPU memory (nvidia-smi).
+  ``max_total_num_tokens``) and peak GPU memory (nvidia-smi), and what each GPU did during the
+  measured seconds (``gpu_telemetry``: SM clock against its maximum, power against its limit,
+  temperature, utilization, clock-event reasons; ``_serving.GpuTelemetry``).
 
 Every server's CUDA graphs are read from its log: prefill and decode capture, and how many
 prefill batches ran in a graph. A server that fails to start is recorded with the reason its log
@@ -57,7 +59,8 @@ sys.path.insert(0, str(REPO))
 # The script's parts, beside it: the servers (_sglang_servers), the accuracy checks
 # (_sglang_accuracy), what it shares with vllm_serve.py (_serving). Names the tests reach (and
 # replace) as sglang_gpu_check.<name> are imported here too.
-from _serving import GpuMemoryPeak, closed_loop_clients, gpu_memory_used_mib, write_json  # noqa: E402
+from _serving import (GpuMemoryPeak, GpuTelemetry, closed_loop_clients, gpu_memory_used_mib,  # noqa: E402
+                      telemetry_line, write_json)
 from _sglang_accuracy import (COMPARISON_PROMPT_TOKENS, ENDPOINTS, SCORE_LABELS, comparison_prompts, compare_endpoint,  # noqa: E402, F401
                               absolute_errors, cosine, default_reference_device, embedding_errors, fp32_reference,
                               judge, mixed_requests, prompt_token, score_labels, score_reference, sglang_session)
@@ -281,7 +284,8 @@ def prepare_30b_model(work_dir: Path, layers: int) -> Path:
 async def closed_loop(url: str, concurrency: int, prompt_tokens: int, vocab_size: int, duration_s: float,
                       warmup_s: float, seed: int = 2) -> dict:
     """``concurrency`` clients sending prefill-only requests back to back; the requests that
-    complete in the ``duration_s`` after ``warmup_s`` are the measurement."""
+    complete in the ``duration_s`` after ``warmup_s`` are the measurement, and what the GPUs did
+    in those seconds (``gpu_telemetry``)."""
     rng = random.Random(seed)
     latencies: list[float] = []  # of the requests completed in the measured window
     errors: list[str] = []
@@ -306,7 +310,11 @@ async def closed_loop(url: str, concurrency: int, prompt_tokens: int, vocab_size
             if measure_from <= done <= stop_at:
                 latencies.append(done - sent)
 
-        await asyncio.gather(*closed_loop_clients(concurrency, stop_at, one))
+        clients = closed_loop_clients(concurrency, stop_at, one)
+        await asyncio.sleep(max(0.0, measure_from - time.monotonic()))
+        with GpuTelemetry() as telemetry:  # the measured window only
+            await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
+        await asyncio.gather(*clients)
     latencies.sort()
     count = len(latencies)
     return {
@@ -315,6 +323,7 @@ async def closed_loop(url: str, concurrency: int, prompt_tokens: int, vocab_size
         "requests_per_s": round(count / duration_s, 2),
         "p50_latency_s": round(latencies[count // 2], 3) if count else None,
         "p99_latency_s": round(latencies[min(count - 1, int(count * 0.99))], 3) if count else None,
+        "gpu_telemetry": telemetry.summary,
     }
 
 
@@ -381,6 +390,7 @@ def run_30b(args: argparse.Namespace, results: Results) -> None:
                     record["tokens_per_s_per_gpu"] = round(record["tokens_per_s"] / layout.gpus, 1)
                     progress(f"{name}: {record['tokens_per_s']} tokens/s ({record['tokens_per_s_per_gpu']} per GPU), "
                              f"{record['failed']} failed")
+                    progress(f"{name}: {telemetry_line(record['gpu_telemetry'])}")
             finally:
                 if server is not None:
                     server.stop()

@@ -37,6 +37,17 @@ What each number counts (also written to the JSON, ``method``):
 - Memory: vLLM's KV-cache capacity in tokens per engine ("KV cache size: N tokens"), its
   weights and KV-cache GiB per worker, from the server log; nvidia-smi's peak per GPU from
   start-up to the end of the run.
+- GPU telemetry (``gpu_telemetry`` in the closed loop and in each open-loop point, one line of
+  it in the progress log): what each GPU did in the timed window, warm-up and drain left out,
+  from nvidia-smi every 0.5 s: per GPU index, ``samples``, ``sm_clock_mhz_median`` /
+  ``sm_clock_mhz_min`` against ``max_sm_clock_mhz``, ``power_w_mean`` / ``power_w_max`` against
+  ``power_limit_w`` (and ``enforced_power_limit_w``), ``temperature_c_max``,
+  ``utilization_pct_mean``, ``memory_used_mib_max``, and ``clock_event_reasons``: each reason
+  seen (``sw_power_cap``, ``hw_slowdown``, ``sw_thermal_slowdown``, ``gpu_idle``, ...) with the
+  fraction of samples it was active in; ``{"unavailable": reason}`` without nvidia-smi. So a
+  throughput that differs between two machines can be told apart from a clock or power limit
+  that differs; the summary's comparisons put each side's median SM clock beside its
+  throughput (``best_stock_sm_clock_mhz``, ``best_asyncep_sm_clock_mhz``).
 - Step budget: stock vLLM fills each step to ``--max-num-batched-tokens``. AsyncEP runs under
   the plugin's prefill-only scheduler, whose default step budget is the planner's saturation
   budget in FLOPs (logged; recorded as ``step_budget``). Layouts with ``token_budget_steps``
@@ -100,7 +111,7 @@ sys.path.insert(0, str(REPO))
 # The script's parts, beside it: the layouts and models (_vllm_layouts), the load and the server
 # log (_vllm_load), the report (_vllm_report), what it shares with sglang_gpu_check.py (_serving).
 # Names the tests reach as vllm_serve.<name> are imported here too.
-from _serving import GpuMemoryPeak, write_json  # noqa: E402
+from _serving import GpuMemoryPeak, telemetry_line, write_json  # noqa: E402
 from _vllm_layouts import (BUDGET_ENV, LAYOUTS, TRANSPORT_ENV, UNREACHABLE_FLOPS_BUDGET, Layout,  # noqa: E402, F401
                            ModelChoice, datasheet_peak, model_dir, model_spec, parse_model, peaks_for, visible_gpus)
 from _vllm_load import (LogCursor, _drive, jit_events, percentile, server_memory, warm_up,  # noqa: E402, F401
@@ -239,20 +250,23 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
                                  gpus=layout.gpus)
                 warmup_jit = jit_events(cursor.new_lines())
                 closed = asyncio.run(_drive(server.url, str(directory), context, concurrency=clients, rate=None,
-                                            duration_s=args.duration_s, drain_s=args.drain_s, seed=2, gpus=layout.gpus))
+                                            duration_s=args.duration_s, drain_s=args.drain_s, seed=2, gpus=layout.gpus,
+                                            gpu_telemetry=True))
                 flops_per_token = request_flops(spec, context, 0, head_tokens=0) / context
                 closed["mfu"] = closed["input_tokens_per_s_per_gpu"] * flops_per_token / (peak_tflops * 1e12)
                 entry = {"context": context, "concurrency": clients, "warmup": warmup, "closed_loop": closed,
                          "open_loop": []}
                 log(f"  {name} ctx {context}: warm-up {warmup['requests']} requests ({len(warmup_jit)} JIT events); "
                     f"closed loop {_point_line(closed)}")
+                log(f"    {telemetry_line(closed['gpu_telemetry'])}")
                 own_peak = closed["requests_per_s"] if layout.name == args.reference_layout else None
                 for rate in open_loop_rates(args, runs, model, context, own_peak):
                     point = asyncio.run(_drive(server.url, str(directory), context, concurrency=None, rate=rate,
                                                duration_s=args.duration_s, drain_s=args.drain_s, seed=3,
-                                               gpus=layout.gpus))
+                                               gpus=layout.gpus, gpu_telemetry=True))
                     entry["open_loop"].append({"offered_requests_per_s": rate} | point)
                     log(f"    open loop {rate} req/s: {_point_line(point)}")
+                    log(f"      {telemetry_line(point['gpu_telemetry'])}")
                 entry["jit_events"] = {"warmup": warmup_jit, "measured": jit_events(cursor.new_lines())}
                 if entry["jit_events"]["measured"]:
                     log(f"    JIT during measurement: {entry['jit_events']['measured'][:3]}")

@@ -118,6 +118,8 @@ if __name__ == "__main__":
 sys.path.insert(0, str(REPO / "benchmarks"))
 import sglang_gpu_check as check  # noqa: E402
 
+from tests.fake_nvidia_smi import install as install_nvidia_smi  # noqa: E402
+
 
 @pytest.fixture
 def stand_ins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -202,12 +204,25 @@ def test_a_cut_short_run_keeps_the_parts_it_finished(stand_ins: list[str], tmp_p
     assert saved["summary"]["plugin_vs_stock_30b_2k"] is None
 
 
-def test_a_later_call_adds_its_layouts_to_the_30b_part(stand_ins: list[str], tmp_path: Path) -> None:
+def test_a_later_call_adds_its_layouts_to_the_30b_part(stand_ins: list[str], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture) -> None:
     short = ["--duration-s", "0.3", "--warmup-s", "0.1"]
+    install_nvidia_smi(tmp_path / "broken", monkeypatch, [])  # the first call's nvidia-smi fails: no matter
     check.main(["--parts", "30b", "--layouts", "stock", *stand_ins, *short])
+    # The second call's GPU (a stand-in nvidia-smi) is held at 1410 MHz by its power cap.
+    capped = {"clocks.sm": 1410, "clocks.max.sm": 1980, "power.draw": "349.50", "power.limit": "350.00",
+              "clocks_event_reasons.active": "0x0000000000000004", "memory.used": 1000, "memory.total": 81559}
+    install_nvidia_smi(tmp_path / "bin", monkeypatch, [{"0": capped}], repeat=True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     check.main(["--parts", "30b", "--layouts", "plugin", *stand_ins, *short, "--concurrency", "2"])
     servers = json.loads((tmp_path / RESULT).read_text())["parts"]["30b"]["servers"]
     assert [servers[name]["settings"]["concurrency"] for name in ("stock", "plugin")] == [4, 2]
+    assert servers["stock"]["requests"] > 0 and "Unknown Error" in servers["stock"]["gpu_telemetry"]["unavailable"]
+    (gpu,) = servers["plugin"]["gpu_telemetry"].values()
+    assert gpu["samples"] >= 1 and gpu["sm_clock_mhz_median"] == 1410 and gpu["power_w_mean"] == 349.5
+    assert gpu["clock_event_reasons"] == {"sw_power_cap": 1.0}
+    assert "plugin: GPU0 SM 1410/1980 MHz, 350/350 W, sw_power_cap 100%" in capsys.readouterr().out
 
 
 def test_a_second_call_adds_its_part_to_the_file(tmp_path: Path) -> None:

@@ -31,6 +31,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import trace_breakdown as vllm_serve_trace  # noqa: E402
 import vllm_serve  # noqa: E402
 
+from tests.fake_nvidia_smi import install as install_nvidia_smi  # noqa: E402
+
 SERVICE_S = 0.02  # the fake server's time per request
 H100 = "NVIDIA H100 80GB HBM3"
 # Log lines as vLLM 0.26.0 wrote them on 2 x H200 (benchmarks/results/vllm_gpu_check-h200x2-logs).
@@ -418,7 +420,14 @@ def test_best_stock_layout_is_the_fastest_one_gpu_stock_run_without_failures():
     assert "asyncep-fp8-m-indices" not in _vllm_report.ONE_GPU_STOCK
 
 
-def test_runs_every_layout_keeps_failures_and_compares_at_equal_offered_load(fake_servers, tmp_path, capsys):
+def test_runs_every_layout_keeps_failures_and_compares_at_equal_offered_load(fake_servers, tmp_path, capsys,
+                                                                           monkeypatch):
+    # nvidia-smi (a stand-in) says GPU 1 is power-capped at 1755 MHz all along, GPU 0 runs at full clock.
+    full = {"clocks.sm": 1980, "clocks.max.sm": 1980, "power.draw": "500.00", "power.limit": "700.00",
+            "clocks_event_reasons.active": "0x0000000000000000", "memory.used": 1000, "memory.total": 81559}
+    capped = full | {"clocks.sm": 1755, "power.draw": "699.00", "clocks_event_reasons.active": "0x0000000000000004"}
+    install_nvidia_smi(tmp_path / "bin", monkeypatch, [{"0": full, "1": capped}], repeat=True)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     out = tmp_path / "results" / "serve.json"
     argv = ["--models", "qwen3-30b-a3b:2", "--layouts", "asyncep-copy-engine-token-budget", "stock-tp2",
             "stock-dp2-ep", "asyncep-nccl", "--batched-tokens", "4096", "--concurrency", "8", "--contexts", "64",
@@ -458,8 +467,20 @@ def test_runs_every_layout_keeps_failures_and_compares_at_equal_offered_load(fak
     assert set(rate_row) == {"stock-dp2-ep@4096", "asyncep-copy-engine-token-budget@4096", "asyncep-nccl@4096"}
     assert result["summary"]["asyncep_vs_best_stock_235b_512"] is None  # no such run here
 
+    # Every timed window says what the GPUs did in it; the warm-up does not.
+    measured = runs["stock-dp2-ep"]["measurements"][0]
+    for point in (measured["closed_loop"], *measured["open_loop"]):
+        telemetry = point["gpu_telemetry"]
+        assert list(telemetry) == ["0", "1"] and telemetry["0"]["samples"] >= 1
+        assert telemetry["1"]["sm_clock_mhz_median"] == 1755 and telemetry["1"]["power_limit_w"] == 700.0
+        assert telemetry["1"]["clock_event_reasons"] == {"sw_power_cap": 1.0} and telemetry["0"]["clock_event_reasons"] == {}
+    assert "gpu_telemetry" not in measured["warmup"]
+    # ... and the comparison puts each side's clock (its slowest GPU's) beside its throughput.
+    assert comparison["best_stock_sm_clock_mhz"] == comparison["best_asyncep_sm_clock_mhz"] == 1755
+
     printed = capsys.readouterr().out
     assert "stock-tp2" in printed and "did not start" in printed and "open loop" in printed
+    assert "GPU0 SM 1980/1980 MHz, 500/700 W; GPU1 SM 1755/1980 MHz, 699/700 W, sw_power_cap 100%" in printed
     assert out.with_suffix(".png").stat().st_size > 0
 
 
