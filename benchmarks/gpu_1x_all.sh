@@ -19,6 +19,9 @@
 #   sglang-tiny  sglang_gpu_check.py --parts tiny (~2.5 min)
 #   sglang-30b   sglang_gpu_check.py --parts 30b, all 48 layers (~5 min)
 #
+# OUT_DIR/machine.txt (written once) records the machine: the GPU's power limits and clocks as
+# nvidia-smi reports them, the CPU model and core count, the memory.
+#
 # Settings (environment): STEPS (all six), VLLM_SITE (/tmp/site) and SGLANG_SITE (/tmp/sgsite):
 # the folders each engine was installed into, put on PYTHONPATH for its steps; each step's own
 # settings (vllm_gpu_1x.sh's LAYERS, ...) pass through, BUDGET_S with a default of 1200 s
@@ -64,6 +67,20 @@ runpy.run_path("benchmarks/moe_kernels.py", run_name="__main__")' "$out/kernels/
     status=$?
     progress "$name: exit $status ($(tail -1 "$out/$name.log" | cut -c1-160))"
 }
+
+machine() {  # what the machine is, for comparing runs across machines: GPU limits, CPU, memory
+    echo "date: $(date -u +%FT%TZ)"
+    local fields=index,name,uuid,driver_version,pstate,temperature.gpu
+    fields+=,power.limit,power.default_limit,power.max_limit,clocks.max.sm,clocks.applications.graphics
+    if command -v nvidia-smi > /dev/null; then
+        nvidia-smi --format=csv --query-gpu="$fields"
+    else
+        echo "nvidia-smi: not found"
+    fi
+    echo "CPU: $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ //'), $(nproc) cores"
+    echo "memory: $(free -g 2>/dev/null | awk '/^Mem:/ {print $2 " GiB"}')"
+}
+[ -f "$out/machine.txt" ] || machine > "$out/machine.txt" 2>&1
 
 progress "steps: $steps"
 for step in $steps; do

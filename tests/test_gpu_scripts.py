@@ -2,7 +2,8 @@
 
 The steps themselves need a GPU (``benchmarks/GPU_RUNBOOK.md``); here only what runs anywhere:
 bash's syntax check of both scripts, and ``gpu_1x_all.sh`` on a step name it does not know,
-which must still log the step's start, its exit status with the reason, and the end.
+which must still log the step's start, its exit status with the reason, and the end, and
+record the machine it ran on.
 """
 
 from __future__ import annotations
@@ -28,3 +29,5 @@ def test_sequence_logs_every_step_with_its_status(tmp_path: Path) -> None:
     assert lines == ["steps: no-such-step", "no-such-step: start",
                      "no-such-step: exit 2 (unknown step no-such-step: checks, bf16, fp8, kernels, sglang-tiny "
                      "or sglang-30b)", "done"]
+    machine = (tmp_path / "machine.txt").read_text()  # what the machine is, nvidia-smi or not
+    assert "CPU: " in machine and f"{len(os.sched_getaffinity(0))} cores" in machine and "date: " in machine
