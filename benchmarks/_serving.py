@@ -1,7 +1,8 @@
 """What the two serving benchmarks share (``vllm_serve.py``, ``sglang_gpu_check.py``).
 
 - nvidia-smi: its answer to a GPU query (:func:`nvidia_smi`), every GPU's memory in use and in
-  all (:func:`gpu_memory_mib`), and :class:`GpuMemoryPeak`, the sampler that runs beside a
+  all (:func:`gpu_memory_mib`), and :class:`GpuMemoryPeak`, the sampler (an
+  :class:`NvidiaSmiSampler`, as :class:`GpuTelemetry` is) that runs beside a
   server and keeps each GPU's peak; no CUDA context is created in the benchmark's process (it
   would take memory from the servers' budgets);
 - :class:`GpuTelemetry`: what each GPU did during a timed window (SM clock against its maximum,
@@ -28,7 +29,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 # -- nvidia-smi -------------------------------------------------------------------------------
 
@@ -58,36 +59,60 @@ def gpu_memory_used_mib() -> list[int]:
     return gpu_memory_mib()[0]
 
 
-class GpuMemoryPeak:
-    """Peak ``memory.used`` of each GPU (MiB, ``peak_mib``) from entry to exit, sampled by
-    nvidia-smi every ``interval_s`` in a thread, and each GPU's ``memory.total`` (``total_mib``).
-    Both stay empty without nvidia-smi; a failed reading is skipped."""
+class NvidiaSmiSampler:
+    """Calls :meth:`_sample` every ``interval_s`` in a daemon thread from entry to exit, where
+    nvidia-smi exists (:attr:`found` says whether it did). Exit only stops the thread: a reader
+    waits for the last sample with :meth:`_join`, so an event loop is not held up at exit."""
 
     def __init__(self, interval_s: float = 0.5) -> None:
         self.interval_s = interval_s
-        self.peak_mib: list[int] = []
-        self.total_mib: list[int] = []
+        self.found = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> GpuMemoryPeak:
-        if shutil.which("nvidia-smi"):
+    def __enter__(self) -> Self:
+        self.found = shutil.which("nvidia-smi") is not None
+        if self.found:
             self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+
+    def _join(self, timeout_s: float = 15.0) -> None:
         if self._thread.is_alive():
-            self._thread.join(timeout=15)
+            self._thread.join(timeout=timeout_s)
+
+    def _sample(self) -> None:
+        raise NotImplementedError
 
     def _run(self) -> None:
         while True:
-            used, total = gpu_memory_mib()
-            if used:
-                self.total_mib = total
-                self.peak_mib = [max(pair) for pair in zip(self.peak_mib, used)] if self.peak_mib else used
-            if self._stop.wait(self.interval_s):
+            started = time.monotonic()
+            self._sample()
+            if self._stop.wait(max(0.0, self.interval_s - (time.monotonic() - started))):
                 return
+
+
+class GpuMemoryPeak(NvidiaSmiSampler):
+    """Peak ``memory.used`` of each GPU (MiB, ``peak_mib``) from entry to exit, sampled by
+    nvidia-smi every ``interval_s`` in a thread, and each GPU's ``memory.total`` (``total_mib``).
+    Both stay empty without nvidia-smi; a failed reading is skipped."""
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        super().__init__(interval_s)
+        self.peak_mib: list[int] = []
+        self.total_mib: list[int] = []
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        self._join()
+
+    def _sample(self) -> None:
+        used, total = gpu_memory_mib()
+        if used:
+            self.total_mib = total
+            self.peak_mib = [max(pair) for pair in zip(self.peak_mib, used)] if self.peak_mib else used
 
 
 # -- GPU telemetry ----------------------------------------------------------------------------
@@ -157,7 +182,7 @@ def _gpu_summary(readings: list[dict[str, str]], reason_field: str | None) -> di
     }
 
 
-class GpuTelemetry:
+class GpuTelemetry(NvidiaSmiSampler):
     """What each GPU did from entry to exit, read by nvidia-smi every ``interval_s`` in a thread.
 
     :attr:`summary`, after exit: per GPU index (a string, as JSON keys are), the samples taken,
@@ -172,42 +197,22 @@ class GpuTelemetry:
     """
 
     def __init__(self, interval_s: float = 0.5) -> None:
-        self.interval_s = interval_s
+        super().__init__(interval_s)
         self.samples: list[dict[str, dict[str, str]]] = []  # per sample: GPU index -> field -> text
         self.error = "no sample in the window"
         self._visible = cuda_visible_indices()
         self._reason_fields: tuple[str | None, ...] = (*REASON_FIELDS, None)  # narrowed to one by a reading
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> GpuTelemetry:
-        if shutil.which("nvidia-smi"):
-            self._thread.start()
-        else:
-            self.error = "nvidia-smi not found"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
 
     @property
     def summary(self) -> dict[str, Any]:
         """Per GPU index, the window's figures (class docstring); ``{"unavailable": reason}`` without any."""
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
+        self._join(timeout_s=10)
         samples = list(self.samples)
         if not samples:
-            return {"unavailable": self.error}
+            return {"unavailable": self.error if self.found else "nvidia-smi not found"}
         indices = sorted({index for sample in samples for index in sample}, key=int)
         reason_field = self._reason_fields[0]
         return {index: _gpu_summary([s[index] for s in samples if index in s], reason_field) for index in indices}
-
-    def _run(self) -> None:
-        while True:
-            started = time.monotonic()
-            self._sample()
-            if self._stop.wait(max(0.0, self.interval_s - (time.monotonic() - started))):
-                return
 
     def _sample(self) -> None:
         """One reading of every GPU, kept where it read; the reasons' field tried in order until one answers."""
