@@ -244,11 +244,13 @@ def _fp8_psum_unsupported_reason(deep_gemm: ModuleType) -> str | None:
     return None
 
 
-def _refuse_fp8_psum(reason: str, asked_by_name: bool) -> None:
+def _refuse_fp8_psum(reason: str, fp8_layout: str | None) -> None:
     """This DeepGEMM does not take the psum layout for FP8: ``m_indices`` from now on, said once
-    (a warning where psum was asked for by name, else the default's fallback, at info level)."""
+    (a warning where psum was asked for by name, in ``fp8_layout`` or the setting; at info level
+    where it was only the default)."""
     global _fp8_psum_refused
     _fp8_psum_refused = reason
+    asked_by_name = fp8_layout == PSUM or FP8_LAYOUT_ENV in os.environ
     logger.log(logging.WARNING if asked_by_name else logging.INFO,
                "zeroprefill.kernels: DeepGEMM's FP8 GEMM does not take the psum layout (%s); m_indices from "
                "now on", reason)
@@ -287,7 +289,7 @@ def run_deepgemm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: tor
         psum = (block_m == PSUM_ALIGNMENT and _fp8_psum_refused is None
                 and (fp8_layout or fp8_layout_setting()) == PSUM)
         if psum and (reason := _fp8_psum_unsupported_reason(deep_gemm)):
-            _refuse_fp8_psum(reason, asked_by_name=fp8_layout == PSUM or FP8_LAYOUT_ENV in os.environ)
+            _refuse_fp8_psum(reason, fp8_layout)
             psum = False
     else:
         alignment = moe_align_block_size(topk_ids, num_experts, PSUM_ALIGNMENT)
@@ -302,8 +304,7 @@ def run_deepgemm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: tor
     except RuntimeError as exc:
         if not (use_fp8 and psum):
             raise
-        _refuse_fp8_psum(f"{deepgemm_source()}: {' '.join(str(exc).split())[:200]}",
-                         asked_by_name=fp8_layout == PSUM or FP8_LAYOUT_ENV in os.environ)
+        _refuse_fp8_psum(f"{deepgemm_source()}: {' '.join(str(exc).split())[:200]}", fp8_layout)
         psum, layout = False, grouped_layout(alignment)
         _grouped_gemm(deep_gemm, x_sorted, x_scale, w13, w13_scale, layout, gate_up, psum)
     del x_sorted, x_scale
