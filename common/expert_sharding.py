@@ -70,6 +70,18 @@ class ExpertShardLayout:
         self._check_rank(rank)
         return self._owned[rank]
 
+    def describe_experts_of_rank(self, rank: int) -> str:
+        """The experts ``rank`` stores, as runs: ``"0-63 (64 experts)"``, ``"1, 3, 5 (3 experts)"``."""
+        experts = self.experts_of_rank(rank)
+        runs: list[list[int]] = []
+        for expert in experts:
+            if runs and expert == runs[-1][1] + 1:
+                runs[-1][1] = expert
+            else:
+                runs.append([expert, expert])
+        spans = ", ".join(f"{first}-{last}" if last > first else str(first) for first, last in runs)
+        return f"{spans} ({len(experts)} expert{'s' if len(experts) != 1 else ''})"
+
     def home_of_expert(self) -> list[tuple[int, int]]:
         """``(rank, row in that rank's shard)`` of every expert id ``0..E-1``."""
         homes = [(0, 0)] * self.num_experts

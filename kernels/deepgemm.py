@@ -228,6 +228,18 @@ def fp8_layout_setting() -> str:
     return M_INDICES if _fp8_psum_refused else value
 
 
+def fp8_layout_in_use() -> str:
+    """The row layout this process's block-FP8 GEMMs run on: the setting, but ``m_indices`` where
+    the loaded DeepGEMM cannot take psum (its version, its alignment, or a refusal already seen)."""
+    layout = fp8_layout_setting()
+    deep_gemm = _load()[0]
+    if layout == PSUM and deep_gemm is not None and (
+            _fp8_psum_unsupported_reason(deep_gemm)
+            or int(deep_gemm.get_mk_alignment_for_contiguous_layout()) != PSUM_ALIGNMENT):
+        return M_INDICES
+    return layout
+
+
 def fp8_psum_refused_reason() -> str | None:
     """Why this process's DeepGEMM does not take the psum layout for FP8 (it refused it), or None."""
     return _fp8_psum_refused

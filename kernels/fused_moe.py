@@ -47,7 +47,7 @@ import triton.language as tl
 
 from .align import ExpertAlignment, moe_align_block_size
 from .checks import check_add_to, check_inputs, fp8_scale_format
-from .deepgemm import deepgemm_reason, deepgemm_source, disable_after_failure, run_deepgemm_experts
+from .deepgemm import deepgemm_reason, deepgemm_source, disable_after_failure, fp8_layout_in_use, run_deepgemm_experts
 from .grouped_mm_moe import ALIGN_M as GROUPED_MM_ALIGN_M
 from .grouped_mm_moe import check_row_alignment, grouped_gemm, grouped_mm_experts, weighted_combine
 from .moe_config import GROUPED_MM, TRITON, TRITON_GROUPED_MM, GemmConfig, MoEConfig, get_config
@@ -336,7 +336,8 @@ def _choose_backend(hidden_states: torch.Tensor, w13: torch.Tensor, fp8_format: 
         return False, f"ours: bf16 ({EXPERTS_KERNEL_ENV}={AUTO} takes DeepGEMM for block FP8 only; {DEEPGEMM} forces it)"
     reason = deepgemm_reason(hidden_states, w13, fp8_format)
     if reason is None:
-        return True, f"DeepGEMM ({deepgemm_source()}), {'block FP8' if fp8_format else 'bf16'} ({EXPERTS_KERNEL_ENV}={setting})"
+        what = f"block FP8 on {fp8_layout_in_use()} rows" if fp8_format else "bf16"
+        return True, f"DeepGEMM ({deepgemm_source()}), {what} ({EXPERTS_KERNEL_ENV}={setting})"
     if setting == DEEPGEMM:
         raise RuntimeError(f"{EXPERTS_KERNEL_ENV}={DEEPGEMM}, but DeepGEMM cannot run this MoE layer: {reason}")
     return False, f"ours, not DeepGEMM: {reason}"

@@ -59,3 +59,14 @@ def test_pad_shard_pads_short_shards_and_rejects_long_ones():
     assert padded.shape == (4, 2) and padded[3].eq(0).all() and padded[:3].eq(1).all()
     with pytest.raises(ValueError, match="at most capacity=4 experts, got 5"):
         layout.pad_shard(torch.ones(5, 2))
+
+
+@pytest.mark.parametrize("num_experts,world_size,placement,rank,expected", [
+    (128, 1, "linear", 0, "0-127 (128 experts)"),
+    (10, 3, "linear", 1, "4-6 (3 experts)"),
+    (6, 3, "round_robin", 2, "2, 5 (2 experts)"),
+    (3, 3, "linear", 2, "2 (1 expert)"),
+])
+def test_describe_experts_of_rank_writes_runs(num_experts, world_size, placement, rank, expected):
+    layout = ExpertShardLayout(num_experts, world_size, placement)
+    assert layout.describe_experts_of_rank(rank) == expected

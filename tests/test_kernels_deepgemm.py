@@ -393,7 +393,7 @@ def test_auto_takes_deepgemm_for_block_fp8_and_logs_each_choice_once(fake_deep_g
         fused_experts(x, topk_weights=weights, topk_ids=ids, **fp8)
         fused_experts(x, topk_weights=weights, topk_ids=ids, **bf16)
     assert fake.calls == ["fp8"] * 4
-    fp8_choice = "DeepGEMM (deep_gemm 0.1.3+fake), block FP8 (ZEROPREFILL_EXPERTS_KERNEL=auto)"
+    fp8_choice = "DeepGEMM (deep_gemm 0.1.3+fake), block FP8 on m_indices rows (ZEROPREFILL_EXPERTS_KERNEL=auto)"
     bf16_choice = ("ours: bf16 (ZEROPREFILL_EXPERTS_KERNEL=auto takes DeepGEMM for block FP8 only; "
                    "deepgemm forces it)")
     assert [r.getMessage() for r in fresh_log.records] == [

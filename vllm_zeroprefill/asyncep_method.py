@@ -239,7 +239,7 @@ class AsyncEPModelLoader:
             "reads them in place; transport %s, prefetch depth %d, %d gather buffers = %.2f GiB; passes "
             "below %d tokens per rank move tokens instead of weights (%s); experts kernel %s",
             len(order), self.layout.num_experts, expert_format(shards[0]), self.layout.world_size,
-            list(self.layout.experts_of_rank(streamer.rank)), streamer.transport.name, streamer.prefetch_depth,
+            self.layout.describe_experts_of_rank(streamer.rank), streamer.transport.name, streamer.prefetch_depth,
             streamer.num_slots, streamer.gather_buffer_bytes / 2**30, self.model.switch_tokens,
             self.served.switch_point_source if self.model.switch_tokens else "never: " + self.served.switch_point_source,
             kernel,
