@@ -44,7 +44,9 @@
 # DURATION_S (15), WARMUP_S (5), DRAIN_S (10), OPEN_LOOP (empty: none; e.g. "0.8" adds Poisson
 # arrivals at 0.8 x stock's peak, ~17 s per server), TINY_TIMEOUT_S (420: the FP8 servers' start-up
 # alone took 150 s on an H100, their graph capture 83 s of it), TUNE_BUDGET_S (150: how long
-# tuning may try tiles; 0 skips it and stock runs vLLM's default tile), FP8_FORCED_STOCK
+# tuning may try tiles; 0 skips it and stock runs vLLM's default tile), STOCK_MOE_CONFIGS (empty:
+# tune; a folder of tables tuned earlier, e.g. benchmarks/results/vllm_moe_configs, is used instead
+# of tuning where it holds one for this GPU model), FP8_FORCED_STOCK
 # (stock-deepgemm: the stock layouts of call 3 with a MoE backend forced, e.g. "stock-deepgemm
 # stock-flashinfer-cutlass"; empty: none), FP8_ASYNCEP_VARIANTS (asyncep-fp8-m-indices; empty: none),
 # BUDGET_S (560: the call's whole budget; the
@@ -118,7 +120,13 @@ print(c["num_experts"], c["hidden_size"], c["moe_intermediate_size"], c["num_exp
 
 tuned_stock=()  # --stock-moe-configs for the stock layouts, once tune_stock has written a table
 tune_or_default() {  # tune_or_default MODEL
-    if [ "${TUNE_BUDGET_S:-150}" != 0 ]; then
+    local gpu_name
+    gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' _)
+    if [ -n "${STOCK_MOE_CONFIGS:-}" ] && [ -n "$gpu_name" ] &&
+            compgen -G "$STOCK_MOE_CONFIGS/*device_name=${gpu_name}[,.]*" > /dev/null; then
+        echo "[$SECONDS s] stock's tile: the tables tuned earlier for $gpu_name in $STOCK_MOE_CONFIGS"
+        tuned_stock=(--stock-moe-configs "$STOCK_MOE_CONFIGS")
+    elif [ "${TUNE_BUDGET_S:-150}" != 0 ]; then
         if tune_stock "$1"; then
             tuned_stock=(--stock-moe-configs "$out/vllm_moe_configs")
         else

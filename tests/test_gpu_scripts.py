@@ -1,9 +1,10 @@
 """The one-GPU shell scripts parse, and the sequence script reports every step it ran.
 
 The steps themselves need a GPU (``benchmarks/GPU_RUNBOOK.md``); here only what runs anywhere:
-bash's syntax check of both scripts, and ``gpu_1x_all.sh`` on a step name it does not know,
+bash's syntax check of both scripts; ``gpu_1x_all.sh`` on a step name it does not know,
 which must still log the step's start, its exit status with the reason, and the end, and
-record the machine it ran on.
+record the machine it ran on; and ``vllm_gpu_1x.sh fp8`` with a stand-in Python that only
+records its calls, for which stock tile tables it serves with.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.fake_nvidia_smi import install as install_nvidia_smi
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,3 +34,32 @@ def test_sequence_logs_every_step_with_its_status(tmp_path: Path) -> None:
                      "or sglang-30b)", "done"]
     machine = (tmp_path / "machine.txt").read_text()  # what the machine is, nvidia-smi or not
     assert "CPU: " in machine and f"{len(os.sched_getaffinity(0))} cores" in machine and "date: " in machine
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "$*" >> "$(dirname "$0")/python-calls.log"
+case "$1" in
+-c) echo "128 2048 768 8 --dtype fp8_w8a8 --block-shape 128 128" ;;  # the version and the model's shape
+esac
+"""
+
+
+@pytest.mark.parametrize("gpu_name,uses_tables", [("NVIDIA H100 80GB HBM3", True), ("NVIDIA H200", False)])
+def test_fp8_call_serves_stock_with_tables_tuned_earlier_for_this_gpu(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gpu_name: str, uses_tables: bool) -> None:
+    install_nvidia_smi(tmp_path / "smi", monkeypatch, [{"0": {"name": gpu_name}}])
+    fake_python = tmp_path / "python"
+    fake_python.write_text(FAKE_PYTHON)
+    fake_python.chmod(0o755)
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    (tables / "E=128,N=768,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8,block_shape=[128,128].json").write_text("{}")
+    env = {**os.environ, "PYTHON": str(fake_python), "STOCK_MOE_CONFIGS": str(tables), "TUNE_BUDGET_S": "0",
+           "FP8_ASYNCEP_VARIANTS": "", "FP8_FORCED_STOCK": ""}
+    out = subprocess.run(["bash", "benchmarks/vllm_gpu_1x.sh", "fp8", str(tmp_path / "out")], cwd=REPO, env=env,
+                         check=True, capture_output=True, text=True).stdout
+    serves = [c for c in (tmp_path / "python-calls.log").read_text().splitlines() if "vllm_serve.py" in c]
+    assert len(serves) == 2  # stock and AsyncEP FP8, then bf16 AsyncEP; no tuning run
+    assert ("--layouts stock asyncep" in serves[0]) and ("--stock-moe-configs " + str(tables) in serves[0]) == uses_tables
+    assert "--stock-moe-configs" not in serves[1]
+    assert ("tables tuned earlier" in out) == uses_tables
