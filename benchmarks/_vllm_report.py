@@ -156,7 +156,7 @@ def summarize(runs: list[dict], vllm_version: str) -> dict:
         ("kv_tokens_asyncep_vs_stock", (bf16, "asyncep"), (bf16, None), kv_tokens, None),
         ("asyncep_fp8_vs_stock_fp8", (fp8, "asyncep"), (fp8, None), throughput, "best_stock_layout_fp8"),
         ("asyncep_fp8_vs_asyncep_bf16", (fp8, "asyncep"), (bf16, "asyncep"), throughput, None),
-        ("asyncep_fp8_vs_asyncep_fp8_m_indices", (fp8, "asyncep"), (fp8, "asyncep-fp8-m-indices"), throughput, None),
+        ("asyncep_fp8_vs_asyncep_fp8_psum", (fp8, "asyncep"), (fp8, "asyncep-fp8-psum"), throughput, None),
         ("kv_tokens_asyncep_fp8_vs_stock_fp8", (fp8, "asyncep"), (fp8, None), kv_tokens, None),
     ):
         summary[key], layout = _same_layers_ratio(runs, ours, theirs, value)

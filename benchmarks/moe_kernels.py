@@ -96,17 +96,25 @@ SIDES = ("bf16_triton", "bf16_gmm_ours", "bf16_triton_gmm", "grouped_mm", "fp8",
          "fp8_rowwise_fast_accum", "deepgemm_bf16", "deepgemm_fp8", "deepgemm_fp8_psum")
 
 
-def unfused_glue_bytes(num_tokens: int, top_k: int, hidden: int, inter: int, act_bytes: int = 2) -> int:
-    """The least the grouped_mm pipeline's glue kernels can move (bytes), real rows only:
+#: Bytes per element of the GEMM operands the glue writes (x_sorted, act): bf16, and block FP8
+#: (an e4m3 byte plus one float32 scale per 128 elements).
+BF16_OPERAND_BYTES, BLOCK_FP8_OPERAND_BYTES = 2.0, 1.0 + 4.0 / 128
+
+
+def unfused_glue_bytes(num_tokens: int, top_k: int, hidden: int, inter: int,
+                       operand_bytes: float = BF16_OPERAND_BYTES) -> float:
+    """The least the unfused pipeline's glue kernels can move (bytes), real rows only; the
+    activations, GEMM outputs and layer output are bf16, the GEMM operands ``operand_bytes``
+    per element:
 
         scatter   read x [T, H] and the T*K positions (int32), write x_sorted [T*K, H]
         SiLU*mul  read gate_up [T*K, 2I], write act [T*K, I]
         combine   read y [T*K, H], the T*K weights (fp32) and positions, write out [T, H]
     """
     rows = num_tokens * top_k
-    scatter = act_bytes * (num_tokens + rows) * hidden + 4 * rows
-    silu_mul = act_bytes * rows * 3 * inter
-    combine = act_bytes * (rows + num_tokens) * hidden + 8 * rows
+    scatter = 2 * num_tokens * hidden + operand_bytes * rows * hidden + 4 * rows
+    silu_mul = 2 * rows * 2 * inter + operand_bytes * rows * inter
+    combine = 2 * (rows + num_tokens) * hidden + 8 * rows
     return scatter + silu_mul + combine
 
 
@@ -177,7 +185,22 @@ def summarize(points: list[dict], profiles: dict, bandwidth_gb_s: float) -> dict
         gemm_ms = {side: sum(v for k_, v in prof[side].items() if is_gemm_kernel(k_))
                    for side in prof if side != "tokens"}
         summary[f"gemm_kernels_only_ms_{name}_{prof['tokens']}"] = {k_: round(v, 3) for k_, v in gemm_ms.items()}
+        point = next((p for p in points if p["shape"] == name and p["tokens"] == prof["tokens"]), None)
+        if point is not None and gemm_ms.get("fp8_selected") and point["ms_graph"].get("bf16"):
+            summary[f"fp8_unfused_glue_bound_vs_bf16_{name}_{prof['tokens']}"] = fp8_unfused_glue_bound(
+                point, gemm_ms["fp8_selected"], bandwidth_gb_s)
     return summary
+
+
+def fp8_unfused_glue_bound(point: dict, fp8_gemm_ms: float, bandwidth_gb_s: float) -> float:
+    """The best ``fp8_selected_vs_bf16`` an FP8 layer whose glue runs beside its GEMMs can reach
+    against this bf16 layer: the bf16 layer's time / (the FP8 side's GEMM kernels + the bytes
+    its scatter, SiLU*mul and combine must move at the measured bandwidth; alignment and
+    launch gaps free)."""
+    _, top_k, hidden, inter = SHAPES[point["shape"]]
+    glue_bytes = unfused_glue_bytes(point["tokens"], top_k, hidden, inter, BLOCK_FP8_OPERAND_BYTES)
+    glue_ms = glue_bytes / (bandwidth_gb_s * 1e9) * 1e3
+    return round(point["ms_graph"]["bf16"] / (fp8_gemm_ms + glue_ms), 3)
 
 
 def add_ratios(point: dict, bandwidth_gb_s: float, hidden: int, inter: int, top_k: int) -> None:

@@ -12,7 +12,7 @@
 #                                                 # stock (tuned Triton, vLLM's own backend choice)
 #                                                 # then AsyncEP; bf16 AsyncEP again, so that FP8
 #                                                 # against bf16 is measured on one machine; AsyncEP
-#                                                 # FP8 with DeepGEMM's m_indices row layout; last,
+#                                                 # FP8 with DeepGEMM's psum row layout; last,
 #                                                 # stock forced onto DeepGEMM (--moe-backend
 #                                                 # deep_gemm), so that its start-up cannot cut the
 #                                                 # rest (~18 min on a fresh machine: run it detached
@@ -21,7 +21,7 @@
 # Call 3's estimate, on a fresh machine: tuning up to ~3 min (TUNE_BUDGET_S of tile trials, its
 # start-up, Triton compiles); the first stock FP8 server's start JIT-builds ~1,849 DeepGEMM
 # kernels for the dense layers (~5.5 min); AsyncEP FP8 starts in ~1.7 min, bf16 AsyncEP in
-# ~1.3 min, the m_indices variant like AsyncEP FP8; the DeepGEMM-forced stock start reuses the dense kernels and JIT-builds DeepGEMM's
+# ~1.3 min, the psum variant like AsyncEP FP8; the DeepGEMM-forced stock start reuses the dense kernels and JIT-builds DeepGEMM's
 # grouped MoE kernels (its time not yet measured); each measurement ~30 s.
 #
 # Writes into OUT_DIR (the GPU is h100 or h200, from nvidia-smi):
@@ -35,9 +35,9 @@
 # Call 3 adds to OUT_DIR/vllm_fp8-<gpu>x1.json (call 1's tiny FP8 record, or the committed one);
 # summary.asyncep_fp8_vs_asyncep_bf16 compares its two AsyncEP runs, both of this call;
 # summary.asyncep_fp8_vs_stock_fp8 compares AsyncEP FP8 with the fastest stock FP8 layout that
-# ran (summary.best_stock_layout_fp8 names it); summary.asyncep_fp8_vs_asyncep_fp8_m_indices the
-# two FP8 row layouts of DeepGEMM's GEMMs inside AsyncEP (psum, the default, against layout
-# asyncep-fp8-m-indices).
+# ran (summary.best_stock_layout_fp8 names it); summary.asyncep_fp8_vs_asyncep_fp8_psum the
+# two FP8 row layouts of DeepGEMM's GEMMs inside AsyncEP (m_indices, the default, against layout
+# asyncep-fp8-psum).
 #
 # Settings (environment): LAYERS (48: all of Qwen3-30B-A3B; the same count for every run),
 # BATCHED (--max-num-batched-tokens, 32768, all layouts), CONTEXT (2048 tokens per request),
@@ -48,7 +48,7 @@
 # tune; a folder of tables tuned earlier, e.g. benchmarks/results/vllm_moe_configs, is used instead
 # of tuning where it holds one for this GPU model), FP8_FORCED_STOCK
 # (stock-deepgemm: the stock layouts of call 3 with a MoE backend forced, e.g. "stock-deepgemm
-# stock-flashinfer-cutlass"; empty: none), FP8_ASYNCEP_VARIANTS (asyncep-fp8-m-indices; empty: none),
+# stock-flashinfer-cutlass"; empty: none), FP8_ASYNCEP_VARIANTS (asyncep-fp8-psum; empty: none),
 # BUDGET_S (560: the call's whole budget; the
 # throughput runs get what tuning leaves), PYTHON (python3).
 set -uo pipefail
@@ -151,8 +151,8 @@ fp8)  # OUT_DIR's tiny FP8 record first (call 1 into the same folder), else the 
     serve qwen3-30b-a3b-fp8 "$out/vllm_fp8-${gpu}x1.json" "stock asyncep" --merge "${tuned_stock[@]}"
     # bf16 AsyncEP again on this machine: FP8 against bf16 from one machine, not from call 2's
     serve qwen3-30b-a3b "$out/vllm_fp8-${gpu}x1.json" asyncep --merge
-    # AsyncEP variants on the FP8 checkpoint: DeepGEMM's FP8 GEMMs on the m_indices row layout
-    variants=${FP8_ASYNCEP_VARIANTS-asyncep-fp8-m-indices}
+    # AsyncEP variants on the FP8 checkpoint: DeepGEMM's FP8 GEMMs on the psum row layout
+    variants=${FP8_ASYNCEP_VARIANTS-asyncep-fp8-psum}
     if [ -n "$variants" ]; then
         serve qwen3-30b-a3b-fp8 "$out/vllm_fp8-${gpu}x1.json" "$variants" --merge
     fi

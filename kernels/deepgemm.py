@@ -54,14 +54,15 @@ cost that does not shrink with the token count. The psum layout schedules only t
 hold real rows. DeepGEMM 2.5.0 (vLLM 0.26's copy) carries the psum case in its sm90 scheduler
 (``scheduler/gemm.cuh``: ``get_next_block``, ``get_global_idx``, ``is_computation_valid``) and
 no assertion against it in its host code; an older build read here (sgl-deep-gemm's) lacks the
-case in the row-validity check, where the kernel would trap. So psum is the default
-(``ZEROPREFILL_DEEPGEMM_FP8_LAYOUT``: ``psum``, or ``m_indices``), and a DeepGEMM older than 2.5.0,
-or one whose host code rejects it, is answered with ``m_indices`` from then on, logged once (a
-warning where psum was asked for by name). On one H100 with vLLM 0.26's copy the psum layout
-matched the reference as m_indices does (``tests/test_kernels_gpu.py``) and its layer ran
-1.04-1.10x m_indices' at 8K-16K tokens, 0.93-0.99x at 32K, where m_indices itself moved by 7%
-between runs (``benchmarks/moe_kernels.py`` sides ``deepgemm_fp8``, ``deepgemm_fp8_psum``).
-vLLM's own DeepGEMM MoE takes the psum layout on sm90 from 0.32.
+case in the row-validity check, where the kernel would trap. On one H100 with vLLM 0.26's copy
+the psum layout matched the reference as m_indices does (``tests/test_kernels_gpu.py``) and its
+layer alone ran 1.04-1.10x m_indices' at 8K-16K tokens, 0.93-0.99x at 32K
+(``benchmarks/moe_kernels.py`` sides ``deepgemm_fp8``, ``deepgemm_fp8_psum``); yet through a vLLM
+server (Qwen3-30B-A3B, two runs each, alternating) the psum server answered 15-18% fewer tokens
+per second than the m_indices one, at the same GPU time per layer (docs/kernels.md). So
+``m_indices`` is the default and psum is asked for by name (``ZEROPREFILL_DEEPGEMM_FP8_LAYOUT=psum``);
+a DeepGEMM older than 2.5.0, or one whose host code rejects it, is answered with ``m_indices``
+from then on, with one warning. vLLM's own DeepGEMM MoE takes the psum layout on sm90 from 0.32.
 Requirements checked before this path is taken (:func:`deepgemm_reason`): a CUDA sm90 device,
 ``deep_gemm`` importable, bf16 activations (DeepGEMM writes bf16), bf16 weights with H and I
 divisible by 64, or e4m3 weights with 128x128 block scales and H, I divisible by 128.
@@ -90,10 +91,10 @@ from .quant import GROUP_SIZE
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'zeroprefill[deepgemm]', or serve with a vLLM that ships it"
-#: The FP8 GEMM's row layout: ``psum`` (default) or ``m_indices`` (above, "FP8 row layouts").
+#: The FP8 GEMM's row layout: ``m_indices`` (default) or ``psum`` (above, "FP8 row layouts").
 FP8_LAYOUT_ENV = "ZEROPREFILL_DEEPGEMM_FP8_LAYOUT"
 PSUM, M_INDICES = "psum", "m_indices"
-FP8_LAYOUTS = (PSUM, M_INDICES)
+FP8_LAYOUTS = (M_INDICES, PSUM)
 FP8_PSUM_MIN_VERSION = (2, 5)  # DeepGEMM 2.5.0 (vLLM 0.26's copy): the first read with psum in its sm90 scheduler
 #: Where DeepGEMM is looked for, in order: the package, then the copy inside vLLM's wheel.
 MODULES = ("deep_gemm", "vllm.third_party.deep_gemm")
@@ -220,9 +221,9 @@ _fp8_psum_refused: str | None = None
 
 
 def fp8_layout_setting() -> str:
-    """``ZEROPREFILL_DEEPGEMM_FP8_LAYOUT``: ``psum`` (default) or ``m_indices``; ``m_indices`` from
+    """``ZEROPREFILL_DEEPGEMM_FP8_LAYOUT``: ``m_indices`` (default) or ``psum``; ``m_indices`` from
     the moment this process's DeepGEMM refused the psum layout for FP8."""
-    value = os.environ.get(FP8_LAYOUT_ENV, PSUM).strip().lower() or PSUM
+    value = os.environ.get(FP8_LAYOUT_ENV, M_INDICES).strip().lower() or M_INDICES
     if value not in FP8_LAYOUTS:
         raise ValueError(f"{FP8_LAYOUT_ENV}={value!r} is not one of {', '.join(FP8_LAYOUTS)}")
     return M_INDICES if _fp8_psum_refused else value
@@ -256,16 +257,13 @@ def _fp8_psum_unsupported_reason(deep_gemm: ModuleType) -> str | None:
     return None
 
 
-def _refuse_fp8_psum(reason: str, fp8_layout: str | None) -> None:
-    """This DeepGEMM does not take the psum layout for FP8: ``m_indices`` from now on, said once
-    (a warning where psum was asked for by name, in ``fp8_layout`` or the setting; at info level
-    where it was only the default)."""
+def _refuse_fp8_psum(reason: str) -> None:
+    """This DeepGEMM does not take the psum layout for FP8 (which was asked for by name): ``m_indices``
+    from now on, with one warning."""
     global _fp8_psum_refused
     _fp8_psum_refused = reason
-    asked_by_name = fp8_layout == PSUM or FP8_LAYOUT_ENV in os.environ
-    logger.log(logging.WARNING if asked_by_name else logging.INFO,
-               "zeroprefill.kernels: DeepGEMM's FP8 GEMM does not take the psum layout (%s); m_indices from "
-               "now on", reason)
+    logger.warning("zeroprefill.kernels: DeepGEMM's FP8 GEMM does not take the psum layout (%s); m_indices "
+                   "from now on", reason)
 
 
 def _grouped_gemm(deep_gemm: ModuleType, a: torch.Tensor, a_scale: torch.Tensor | None, w: torch.Tensor,
@@ -301,7 +299,7 @@ def run_deepgemm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: tor
         psum = (block_m == PSUM_ALIGNMENT and _fp8_psum_refused is None
                 and (fp8_layout or fp8_layout_setting()) == PSUM)
         if psum and (reason := _fp8_psum_unsupported_reason(deep_gemm)):
-            _refuse_fp8_psum(reason, fp8_layout)
+            _refuse_fp8_psum(reason)
             psum = False
     else:
         alignment = moe_align_block_size(topk_ids, num_experts, PSUM_ALIGNMENT)
@@ -316,7 +314,7 @@ def run_deepgemm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: tor
     except RuntimeError as exc:
         if not (use_fp8 and psum):
             raise
-        _refuse_fp8_psum(f"{deepgemm_source()}: {' '.join(str(exc).split())[:200]}", fp8_layout)
+        _refuse_fp8_psum(f"{deepgemm_source()}: {' '.join(str(exc).split())[:200]}")
         psum, layout = False, grouped_layout(alignment)
         _grouped_gemm(deep_gemm, x_sorted, x_scale, w13, w13_scale, layout, gate_up, psum)
     del x_sorted, x_scale

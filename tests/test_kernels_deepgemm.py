@@ -251,37 +251,35 @@ def test_fp8_follows_the_reported_alignment(fake_deep_gemm):
     assert fake.calls == ["fp8", "fp8"] and rel_err(out, ref) < 3e-2
 
 
-@pytest.mark.parametrize("setting", [None, "psum"], ids=["default", "by-name"])
-def test_fp8_psum_layout_schedules_only_real_rows(fake_deep_gemm, monkeypatch, setting):
-    """The psum layout (the default, or ``ZEROPREFILL_DEEPGEMM_FP8_LAYOUT=psum``) on a DeepGEMM
-    that takes it: both FP8 GEMMs read it (rows past every expert's real rows come back NaN from
-    the fake, so the output would show a read of one), as close to the reference as the
-    m_indices layout, which ``fp8_layout="m_indices"`` still gives."""
+@pytest.mark.parametrize("by", ["setting", "argument"])
+def test_fp8_psum_layout_schedules_only_real_rows(fake_deep_gemm, monkeypatch, by):
+    """The psum layout (``ZEROPREFILL_DEEPGEMM_FP8_LAYOUT=psum``, or ``fp8_layout="psum"``) on a
+    DeepGEMM that takes it: both FP8 GEMMs read it (rows past every expert's real rows come back
+    NaN from the fake, so the output would show a read of one), as close to the reference as the
+    default m_indices layout."""
     fake = fake_deep_gemm(FakeDeepGEMM(version="2.5.0", fp8_psum=True))
-    if setting:
-        monkeypatch.setenv(deepgemm.FP8_LAYOUT_ENV, setting)
     layer = make_layer(6, 256, 128, fp8=True)
     x, weights, ids = make_tokens(200, 256, 6, 2, idle_experts=(2, 5))
-    out, ref = run(x, weights, ids, layer, kernel=deepgemm_experts)
-    assert fake.calls == ["fp8 psum", "fp8 psum"] and not out.isnan().any()
+    by_rows = deepgemm_experts(x, topk_weights=weights, topk_ids=ids, **layer)
+    assert fake.calls == ["fp8", "fp8"]  # the default
+    if by == "setting":
+        monkeypatch.setenv(deepgemm.FP8_LAYOUT_ENV, "psum")
+        out, ref = run(x, weights, ids, layer, kernel=deepgemm_experts)
+    else:
+        out = deepgemm_experts(x, topk_weights=weights, topk_ids=ids, fp8_layout="psum", **layer)
+    assert fake.calls[2:] == ["fp8 psum", "fp8 psum"] and not out.isnan().any()
     assert rel_err(out, reference_with_bf16_gemm_outputs(x, weights, ids, layer)) < 1e-2
-    by_rows = deepgemm_experts(x, topk_weights=weights, topk_ids=ids, fp8_layout="m_indices", **layer)
-    assert fake.calls[2:] == ["fp8", "fp8"] and torch.equal(out, by_rows)
+    assert torch.equal(out, by_rows)
 
 
 @pytest.mark.parametrize(("version", "why"), [("0.1.3", "predates DeepGEMM 2.5"),  # not even tried
                                              ("2.5.0", "not use_psum_layout")])  # tried, its host code refuses
-@pytest.mark.parametrize(("setting", "level"), [(None, logging.INFO), ("psum", logging.WARNING)],
-                         ids=["default", "by-name"])
-def test_fp8_psum_refused_falls_back_to_m_indices_once(fake_deep_gemm, monkeypatch, caplog, version, why,
-                                                       setting, level):
+def test_fp8_psum_refused_falls_back_to_m_indices_once(fake_deep_gemm, monkeypatch, caplog, version, why):
     """A DeepGEMM that does not take the psum layout for FP8 (older than 2.5.0, or one whose host
-    code asserts it off): the first call is answered on m_indices, one line says why (a warning
-    where psum was asked for by name, info for the default's fallback), later calls do not try
-    psum."""
+    code asserts it off), asked for it: the first call is answered on m_indices, one warning says
+    why, later calls do not try psum."""
     fake = fake_deep_gemm(FakeDeepGEMM(version=version, fp8_psum=False))
-    if setting:
-        monkeypatch.setenv(deepgemm.FP8_LAYOUT_ENV, setting)
+    monkeypatch.setenv(deepgemm.FP8_LAYOUT_ENV, "psum")
     layer = make_layer(4, 128, 128, fp8=True)
     x, weights, ids = make_tokens(40, 128, 4, 2)
     with caplog.at_level(logging.INFO, logger="zeroprefill.kernels.deepgemm"):
@@ -293,7 +291,7 @@ def test_fp8_psum_refused_falls_back_to_m_indices_once(fake_deep_gemm, monkeypat
     assert torch.equal(first, second) and rel_err(first, ref) < 5e-2
     assert why in deepgemm.fp8_psum_refused_reason()
     said = [(r.levelno, r.getMessage().count("does not take the psum layout")) for r in caplog.records]
-    assert said == [(level, 1)]
+    assert said == [(logging.WARNING, 1)]
     assert deepgemm.fp8_layout_setting() == "m_indices"
 
 
@@ -301,7 +299,7 @@ def test_fp8_layout_setting_is_checked(monkeypatch):
     monkeypatch.setenv(deepgemm.FP8_LAYOUT_ENV, " PSUM ")
     assert deepgemm.fp8_layout_setting() == "psum"
     monkeypatch.setenv(deepgemm.FP8_LAYOUT_ENV, "rows")
-    with pytest.raises(ValueError, match="ZEROPREFILL_DEEPGEMM_FP8_LAYOUT='rows' is not one of psum, m_indices"):
+    with pytest.raises(ValueError, match="ZEROPREFILL_DEEPGEMM_FP8_LAYOUT='rows' is not one of m_indices, psum"):
         deepgemm.fp8_layout_setting()
     with pytest.raises(ValueError, match="fp8_layout='rows'"):
         deepgemm_experts(torch.zeros(1, 128), torch.zeros(1, 256, 128), torch.zeros(1, 128, 128),
@@ -503,9 +501,9 @@ def test_info_says_whether_deepgemm_is_usable_here(monkeypatch):
     assert "deepgemm" in format_environment(report)
     monkeypatch.setattr("zeroprefill.kernels.deepgemm_unavailable_reason", lambda: None)
     usable = collect_environment()["backends"]["deepgemm"]
-    assert usable.startswith("usable") and "FP8 row layout psum, ZEROPREFILL_DEEPGEMM_FP8_LAYOUT" in usable
+    assert usable.startswith("usable") and "FP8 row layout m_indices, ZEROPREFILL_DEEPGEMM_FP8_LAYOUT" in usable
     monkeypatch.setenv(deepgemm.FP8_LAYOUT_ENV, "bogus")  # a wrong setting is reported, not raised
-    assert "'bogus' is not one of psum, m_indices" in collect_environment()["backends"]["deepgemm"]
+    assert "'bogus' is not one of m_indices, psum" in collect_environment()["backends"]["deepgemm"]
 
 
 def test_the_copy_vllm_ships_is_used_when_the_package_is_absent(monkeypatch):

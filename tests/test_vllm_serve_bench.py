@@ -406,7 +406,7 @@ def test_best_stock_layout_is_the_fastest_one_gpu_stock_run_without_failures():
     runs = [run(f"{fp8}:48", "stock", 100.0), run(f"{fp8}:48", "stock-deepgemm", 120.0),
             run(f"{fp8}:48", "stock-flashinfer-cutlass", 500.0, failed=1),  # failed requests: no peak
             run(f"{fp8}:48", "stock-dp2-ep", 900.0),  # two GPUs: not a one-GPU baseline
-            run(f"{fp8}:48", "asyncep", 110.0), run(f"{fp8}:48", "asyncep-fp8-m-indices", 100.0),
+            run(f"{fp8}:48", "asyncep", 110.0), run(f"{fp8}:48", "asyncep-fp8-psum", 100.0),
             run(f"{fp8}:24", "stock-flashinfer-cutlass", 300.0)]
     assert _vllm_report.best_stock_layout(runs, f"{fp8}:48") == "stock-deepgemm"
     assert _vllm_report.best_stock_layout(runs, f"{fp8}:24") == "stock-flashinfer-cutlass"
@@ -415,9 +415,9 @@ def test_best_stock_layout_is_the_fastest_one_gpu_stock_run_without_failures():
     # At 48 layers, the largest count AsyncEP and a stock layout both ran.
     assert (summary["asyncep_fp8_vs_stock_fp8"], summary["best_stock_layout_fp8"]) == (round(110 / 120, 3),
                                                                                        "stock-deepgemm")
-    assert summary["asyncep_fp8_vs_asyncep_fp8_m_indices"] == 1.1  # DeepGEMM's two FP8 row layouts in AsyncEP
+    assert summary["asyncep_fp8_vs_asyncep_fp8_psum"] == 1.1  # DeepGEMM's two FP8 row layouts in AsyncEP
     assert "stock-deepgemm" in _vllm_report.ONE_GPU_STOCK and "stock-dp2-ep" not in _vllm_report.ONE_GPU_STOCK
-    assert "asyncep-fp8-m-indices" not in _vllm_report.ONE_GPU_STOCK
+    assert "asyncep-fp8-psum" not in _vllm_report.ONE_GPU_STOCK
 
 
 def test_runs_every_layout_keeps_failures_and_compares_at_equal_offered_load(fake_servers, tmp_path, capsys,
