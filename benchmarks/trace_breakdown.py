@@ -5,10 +5,12 @@
 (``*.pt.trace.json.gz``). For each, this module sums GPU time per category of kernel name:
 
 - ``moe_experts``: the experts' kernels, routing and permutation (vLLM's ``fused_moe``, ours,
-  DeepGEMM);
+  DeepGEMM's grouped GEMMs);
+- ``quant``: activation quantisation before FP8 dense layers (vLLM's per-token-group quantiser);
 - ``attention``: attention and KV-cache writes;
 - ``communication``: NCCL and the all-reduce / all-to-all kernels;
-- ``gemm``: the other matrix multiplies (QKV, output projection, gate, LM head);
+- ``gemm``: the other matrix multiplies (QKV, output projection, gate, LM head), DeepGEMM's
+  dense ones included (one group: ``deep_gemm::...<major, M, N, K, 1u, ...>``);
 - ``peer_copy`` / ``memcpy``: copy-engine transfers (AsyncEP's copy-engine gathers are the
   peer-to-peer ones; the torch profiler may not record peer-to-peer copies at all, so check a
   trace for them before reading AsyncEP's exposed communication, and read ``idle_s`` with it);
@@ -34,9 +36,12 @@ from pathlib import Path
 CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (name, re.compile(pattern, re.IGNORECASE))
     for name, pattern in (
+        # DeepGEMM's dense GEMMs: the template's group count (after M, N, K) is 1.
+        ("gemm", r"deep_gemm::\w+<[^,<>]+,\s*\d+u,\s*\d+u,\s*\d+u,\s*1u,"),
         ("moe_experts", r"fused_moe|moe_align|moe_sum|topk|gate_up_silu|down_scatter|grouped_mm|scatter_token_rows"
                         r"|weighted_combine|silu_mul|deep_gemm|m_grouped|count_and_sort|expert"),
         # Before attention: FlashInfer's all-reduce kernels carry "flashinfer" in their names.
+        ("quant", r"per_token_group_quant|scaled_fp8_quant|quant_8bit"),
         ("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter|cross_device|lamport"),
         ("attention", r"flash|fmha|attention|attn|reshape_and_cache|paged|mla"),
         ("communication", r"all_?to_?all|all2all|one_?shot|two_?shot|dispatch|combine"),
@@ -44,6 +49,9 @@ CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     )
 )
 COMMUNICATION = ("communication", "peer_copy")
+#: Recorded with every breakdown. Version 1 (until 2026-12-06) put DeepGEMM's dense GEMMs under
+#: ``moe_experts`` and activation quantisation under ``other``: :func:`upgrade` moves them.
+CATEGORY_RULES = 2
 
 
 def categorize(name: str, cat: str) -> str:
@@ -109,9 +117,33 @@ def breakdown(events: list[dict]) -> dict:
         # No kernel at all: host gaps, and compute waiting on a gather the trace may not show
         # (CUPTI records peer-to-peer copies apart from the memcpy records the profiler asks for).
         "idle_s": window - busy,
+        "category_rules": CATEGORY_RULES,
         "seconds_by_category": dict(sorted(seconds.items(), key=lambda item: -item[1])),
         "top_kernels": [{"name": name[:160], "seconds": s, "count": count} for name, (s, count) in top],
     }
+
+
+def upgrade(result: dict) -> dict:
+    """A breakdown recorded under version-1 rules, its listed kernels moved to today's categories
+    (``seconds_by_category`` exact where every moved kernel is among ``top_kernels``)."""
+    if result.get("category_rules", 1) >= CATEGORY_RULES:
+        return result
+    seconds = dict(result["seconds_by_category"])
+    for kernel in result["top_kernels"]:
+        was, now = categorize_v1(kernel["name"]), categorize(kernel["name"], "kernel")
+        if was != now:
+            seconds[was] -= kernel["seconds"]
+            seconds[now] = seconds.get(now, 0.0) + kernel["seconds"]
+    return result | {"category_rules": CATEGORY_RULES, "seconds_by_category": seconds}
+
+
+def categorize_v1(name: str) -> str:
+    """A kernel's category under version-1 rules: today's, but DeepGEMM under ``moe_experts`` and
+    no ``quant``."""
+    category = categorize(name, "kernel")
+    if category == "quant":
+        return "other"
+    return "moe_experts" if "deep_gemm" in name else category
 
 
 def load_events(path: Path) -> list[dict]:

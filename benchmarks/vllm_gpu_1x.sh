@@ -42,7 +42,9 @@
 # Settings (environment): LAYERS (48: all of Qwen3-30B-A3B; the same count for every run),
 # BATCHED (--max-num-batched-tokens, 32768, all layouts), CONTEXT (2048 tokens per request),
 # DURATION_S (15), WARMUP_S (5), DRAIN_S (10), OPEN_LOOP (empty: none; e.g. "0.8" adds Poisson
-# arrivals at 0.8 x stock's peak, ~17 s per server), TINY_TIMEOUT_S (420: the FP8 servers' start-up
+# arrivals at 0.8 x stock's peak, ~17 s per server), CONCURRENCY (empty: vllm_serve.py's default,
+# 3 token budgets of requests; more keeps a queue behind a server whose answers return slowly),
+# PROFILE (empty: none; 1 profiles every server after its timed window, ~10 s each), TINY_TIMEOUT_S (420: the FP8 servers' start-up
 # alone took 150 s on an H100, their graph capture 83 s of it), TUNE_BUDGET_S (150: how long
 # tuning may try tiles; 0 skips it and stock runs vLLM's default tile), STOCK_MOE_CONFIGS (empty:
 # tune; a folder of tables tuned earlier, e.g. benchmarks/results/vllm_moe_configs, is used instead
@@ -78,7 +80,8 @@ serve() {  # serve MODEL OUT_JSON LAYOUTS [extra vllm_serve.py flags]: each layo
     timeout -s TERM -k 30 "$left" "$python" benchmarks/vllm_serve.py --models "$model:$layers" \
         --layouts $layouts --reference-layout stock --batched-tokens "${BATCHED:-32768}" \
         --contexts "${CONTEXT:-2048}" --duration-s "${DURATION_S:-15}" --warmup-s "${WARMUP_S:-5}" \
-        --drain-s "${DRAIN_S:-10}" --open-loop-fractions ${OPEN_LOOP:-} --out "$json" "$@"
+        --drain-s "${DRAIN_S:-10}" --open-loop-fractions ${OPEN_LOOP:-} \
+        ${CONCURRENCY:+--concurrency "$CONCURRENCY"} ${PROFILE:+--profile-context "${CONTEXT:-2048}"} --out "$json" "$@"
     echo "[$SECONDS s] vllm_serve.py exited with $?"
 }
 

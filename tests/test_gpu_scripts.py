@@ -55,11 +55,12 @@ def test_fp8_call_serves_stock_with_tables_tuned_earlier_for_this_gpu(
     tables.mkdir()
     (tables / "E=128,N=768,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8,block_shape=[128,128].json").write_text("{}")
     env = {**os.environ, "PYTHON": str(fake_python), "STOCK_MOE_CONFIGS": str(tables), "TUNE_BUDGET_S": "0",
-           "FP8_ASYNCEP_VARIANTS": "", "FP8_FORCED_STOCK": ""}
+           "FP8_ASYNCEP_VARIANTS": "", "FP8_FORCED_STOCK": "", "CONCURRENCY": "96", "PROFILE": "1"}
     out = subprocess.run(["bash", "benchmarks/vllm_gpu_1x.sh", "fp8", str(tmp_path / "out")], cwd=REPO, env=env,
                          check=True, capture_output=True, text=True).stdout
     serves = [c for c in (tmp_path / "python-calls.log").read_text().splitlines() if "vllm_serve.py" in c]
     assert len(serves) == 2  # stock and AsyncEP FP8, then bf16 AsyncEP; no tuning run
     assert ("--layouts stock asyncep" in serves[0]) and ("--stock-moe-configs " + str(tables) in serves[0]) == uses_tables
     assert "--stock-moe-configs" not in serves[1]
+    assert all("--concurrency 96 --profile-context 2048 " in serve for serve in serves)
     assert ("tables tuned earlier" in out) == uses_tables

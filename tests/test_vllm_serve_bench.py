@@ -560,6 +560,11 @@ def test_trace_categories_follow_kernel_names():
     assert categorize("flashinfer::trtllm_allreduce_fusion::allreduce_fusion_kernel_oneshot", "kernel") == "communication"
     assert categorize("flash_fwd_splitkv_combine_kernel", "kernel") == "attention"
     assert categorize("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNN", "kernel") == "gemm"
+    # DeepGEMM: grouped (128 groups: the experts) vs dense (1 group: a QKV projection), as a vLLM trace names them
+    deep_gemm = "void deep_gemm::sm90_fp8_gemm_1d2d_impl<(cute::UMMA::Major)0, 0u, {n}u, 2048u, {groups}u, 128u, 128u"
+    assert categorize(deep_gemm.format(n=1536, groups=128), "kernel") == "moe_experts"
+    assert categorize(deep_gemm.format(n=5120, groups=1), "kernel") == "gemm"
+    assert categorize("void per_token_group_quant_8bit_kernel<c10::BFloat16, c10::Float8_e4m3fn, true>", "kernel") == "quant"
     assert categorize("Memcpy PtoP (Device -> Device)", "gpu_memcpy") == "peer_copy"
     assert categorize("Memcpy DtoD (Device -> Device)", "gpu_memcpy") == "memcpy"
     assert categorize("triton_red_fused_rms_norm_0", "kernel") == "other"

@@ -1,0 +1,124 @@
+"""How much faster block-FP8 experts can make a served prefill step than bf16 ones (Amdahl).
+
+An FP8 checkpoint speeds up only part of a step: the experts (by what ``moe_kernels.py``
+measured for the layer alone) and the dense projections (FP8 GEMMs, but each behind an
+activation quantiser bf16 does not run); attention, norms and the rest cost the same. From one
+profiled FP8 server (``vllm_serve.py --profile-context``: GPU time per category and the top
+kernels over a few engine steps), per layer:
+
+    step     profile window / MoE layer calls (idle gaps included)
+    moe      the experts' kernels, routing and permutation (category moe_experts)
+    dense    DeepGEMM's dense FP8 GEMMs (category gemm: QKV and output projections)
+    quant    the activation quantisers in front of them (category quant)
+    rest     step - moe - dense - quant (attention, norms, ..., idle)
+
+the same step in bf16 takes at most
+
+    bf16  <=  r * moe + 2 * dense + rest
+
+where ``r`` is the largest graph-replayed bf16-layer / FP8-layer time ratio
+(``fp8_selected_vs_bf16``) the kernel benchmarks measured for this expert shape at >= 8K tokens
+(the whole moe category is scaled by it, routing included), and 2 is the ratio of the dense
+bf16 and FP8 peaks (bf16 GEMMs assumed at least as close to their peak as the FP8 ones). So
+``bf16 / step`` bounds the served FP8-over-bf16 speed-up from above, and
+``moe_speedup_needed`` says what ``r`` a target would take with the rest as measured.
+
+    python benchmarks/fp8_served_bound.py                      # the committed one-H100 profile
+    python benchmarks/fp8_served_bound.py --profile P.json --kernels K1.json K2.json --target 1.4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import trace_breakdown
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_PROFILE = RESULTS / "vllm_fp8-profile-m-indices-h100x1.json"
+DEFAULT_KERNELS = sorted(RESULTS.glob("moe_kernels-h100*.json"))
+DENSE_BF16_OVER_FP8 = 2.0  # dense peaks: FP8 1979, bf16 989 TFLOP/s on H100 and H200
+SUMMARY_MIN_TOKENS = 8192
+
+
+def layer_parts(run: dict) -> dict[str, float]:
+    """Milliseconds per layer of one profiled run (``vllm_serve.py`` JSON ``runs[i]``)."""
+    trace = trace_breakdown.upgrade(run["profile"]["traces"][0])
+    seconds = trace["seconds_by_category"]
+    moe_kernels = [k for k in trace["top_kernels"] if trace_breakdown.categorize(k["name"], "kernel") == "moe_experts"]
+    if not moe_kernels:
+        raise ValueError(f"{run['model']} {run['layout']}: no MoE kernel among the profile's top kernels")
+    calls = max(kernel["count"] for kernel in moe_kernels)  # one call per MoE layer of every profiled step
+    parts = {name: seconds.get(category, 0.0) / calls * 1e3
+             for name, category in (("moe", "moe_experts"), ("dense", "gemm"), ("quant", "quant"))}
+    parts["step"] = trace["window_s"] / calls * 1e3
+    parts["rest"] = parts["step"] - parts["moe"] - parts["dense"] - parts["quant"]
+    parts["layer_calls"] = calls
+    return parts
+
+
+def kernel_ratio(kernel_files: list[Path], shape: str) -> tuple[float, str]:
+    """The largest ``fp8_selected_vs_bf16`` at >= 8K tokens for ``shape``, and where it was measured."""
+    best: tuple[float, str] | None = None
+    for path in kernel_files:
+        for point in json.loads(path.read_text())["points"]:
+            ratio = point.get("fp8_selected_vs_bf16")
+            if point["shape"] == shape and point["tokens"] >= SUMMARY_MIN_TOKENS and ratio is not None:
+                if best is None or ratio > best[0]:
+                    best = (ratio, f"{path.name}, {point['tokens']} tokens")
+    if best is None:
+        raise ValueError(f"no fp8_selected_vs_bf16 at >= {SUMMARY_MIN_TOKENS} tokens for {shape} in "
+                         f"{', '.join(p.name for p in kernel_files)}")
+    return best
+
+
+def bound(parts: dict[str, float], moe_ratio: float, target: float) -> dict[str, float]:
+    bf16_step = moe_ratio * parts["moe"] + DENSE_BF16_OVER_FP8 * parts["dense"] + parts["rest"]
+    needed = (target * parts["step"] - DENSE_BF16_OVER_FP8 * parts["dense"] - parts["rest"]) / parts["moe"]
+    return {"bf16_step_ms_at_most": round(bf16_step, 3), "served_fp8_vs_bf16_at_most": round(bf16_step / parts["step"], 3),
+            "moe_speedup_needed": round(needed, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", type=Path, default=DEFAULT_PROFILE,
+                        help="vllm_serve.py JSON of a profiled FP8 server (default: %(default)s)")
+    parser.add_argument("--kernels", type=Path, nargs="+", default=DEFAULT_KERNELS,
+                        help="moe_kernels.py JSONs measured on the same GPU model")
+    parser.add_argument("--target", type=float, default=1.4, help="served FP8/bf16 speed-up asked for")
+    parser.add_argument("--out", type=Path, default=None, help="also write the result as JSON")
+    args = parser.parse_args(argv)
+    try:
+        runs = [run for run in json.loads(args.profile.read_text())["runs"] if run.get("profile")]
+        if not runs:
+            raise ValueError(f"{args.profile} holds no profiled run (vllm_serve.py --profile-context)")
+        results = []
+        for run in runs:
+            shape = run["model"].split(":")[0].removesuffix("-fp8")
+            parts = layer_parts(run)
+            ratio, where = kernel_ratio(args.kernels, shape)
+            results.append({"model": run["model"], "layout": run["layout"], "ms_per_layer": {
+                k: round(v, 3) for k, v in parts.items() if k != "layer_calls"}, "layer_calls": parts["layer_calls"],
+                "moe_ratio": ratio, "moe_ratio_from": where, "target": args.target, **bound(parts, ratio, args.target)})
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"fp8_served_bound: error: {exc}", file=sys.stderr)
+        return 2
+    for result in results:
+        ms = result["ms_per_layer"]
+        print(f"{result['model']} {result['layout']} ({result['layer_calls']} MoE layer calls profiled), ms per layer: "
+              + ", ".join(f"{name} {value:.3f}" for name, value in ms.items()))
+        print(f"  bf16 step <= {result['moe_ratio']:.3f} x moe + {DENSE_BF16_OVER_FP8:g} x dense + rest = "
+              f"{result['bf16_step_ms_at_most']:.3f} ms  ->  served FP8/bf16 <= {result['served_fp8_vs_bf16_at_most']:.3f}"
+              f"  (MoE ratio from {result['moe_ratio_from']}; {args.target}x would need the experts "
+              f"{result['moe_speedup_needed']:.2f}x faster in FP8)")
+    if args.out:
+        args.out.write_text(json.dumps({"command": "python benchmarks/fp8_served_bound.py " + " ".join(
+            argv if argv is not None else sys.argv[1:]), "profile": args.profile.name,
+            "kernels": [p.name for p in args.kernels], "results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""``benchmarks/fp8_served_bound.py``: the Amdahl bound on a served FP8-over-bf16 step, from a
+profiled server's GPU time per category and the kernel benchmark's layer ratio."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import fp8_served_bound  # noqa: E402
+import trace_breakdown  # noqa: E402
+
+GROUPED = "void deep_gemm::sm90_fp8_gemm_1d2d_impl<(cute::UMMA::Major)0, 0u, 1536u, 2048u, 128u, 128u, 192u"
+DENSE = "void deep_gemm::sm90_fp8_gemm_1d2d_impl<(cute::UMMA::Major)0, 0u, 5120u, 2048u, 1u, 256u, 128u"
+QUANT = "void per_token_group_quant_8bit_kernel<c10::BFloat16, c10::Float8_e4m3fn, true, true, float>"
+
+
+def profiled_run(rules: int | None) -> dict:
+    """10 layer calls; per call: grouped GEMM 2 ms, dense 0.5 ms, quant 0.25 ms, attention 1 ms,
+    over a 4 ms window. ``rules`` None: as version 1 recorded it (no marker, dense GEMMs under
+    moe_experts, the quantiser under other)."""
+    top = [{"name": GROUPED, "seconds": 0.020, "count": 10}, {"name": DENSE, "seconds": 0.005, "count": 10},
+           {"name": QUANT, "seconds": 0.0025, "count": 30}, {"name": "flash_fwd_kernel", "seconds": 0.010, "count": 10}]
+    if rules is None:
+        categories = {"moe_experts": 0.025, "attention": 0.010, "other": 0.0025}
+        trace = {}
+    else:
+        categories = {"moe_experts": 0.020, "gemm": 0.005, "quant": 0.0025, "attention": 0.010}
+        trace = {"category_rules": rules}
+    trace |= {"window_s": 0.040, "seconds_by_category": categories, "top_kernels": top}
+    return {"model": "qwen3-30b-a3b-fp8:48", "layout": "asyncep", "profile": {"traces": [trace]}}
+
+
+@pytest.mark.parametrize("rules", [None, trace_breakdown.CATEGORY_RULES], ids=["version-1", "current"])
+def test_layer_parts_sort_dense_deepgemm_and_quant_out_of_the_experts(rules):
+    parts = fp8_served_bound.layer_parts(profiled_run(rules))
+    assert parts["layer_calls"] == 10
+    assert parts == pytest.approx({"moe": 2.0, "dense": 0.5, "quant": 0.25, "step": 4.0, "rest": 1.25, "layer_calls": 10})
+
+
+def test_bound_scales_experts_by_the_kernel_ratio_and_dense_by_the_peaks():
+    parts = {"moe": 2.0, "dense": 0.5, "quant": 0.25, "step": 4.0, "rest": 1.25}
+    result = fp8_served_bound.bound(parts, moe_ratio=1.5, target=1.4)
+    assert result["bf16_step_ms_at_most"] == pytest.approx(1.5 * 2.0 + 2 * 0.5 + 1.25)
+    assert result["served_fp8_vs_bf16_at_most"] == pytest.approx(5.25 / 4.0, abs=1e-3)
+    assert result["moe_speedup_needed"] == pytest.approx((1.4 * 4.0 - 1.0 - 1.25) / 2.0, abs=1e-3)
+
+
+def test_command_prints_the_bound_and_writes_it(tmp_path, capsys):
+    profile, kernels, out = tmp_path / "profile.json", tmp_path / "kernels.json", tmp_path / "bound.json"
+    profile.write_text(json.dumps({"runs": [profiled_run(2), {"model": "x", "layout": "stock"}]}))
+    kernels.write_text(json.dumps({"points": [
+        {"shape": "qwen3-30b-a3b", "tokens": 4096, "fp8_selected_vs_bf16": 3.0},  # below 8K tokens: not used
+        {"shape": "qwen3-30b-a3b", "tokens": 16384, "fp8_selected_vs_bf16": 1.5},
+        {"shape": "qwen3-235b-a22b", "tokens": 16384, "fp8_selected_vs_bf16": 2.0}]}))  # another shape
+    assert fp8_served_bound.main(["--profile", str(profile), "--kernels", str(kernels), "--out", str(out)]) == 0
+    assert "served FP8/bf16 <= 1.312" in capsys.readouterr().out
+    result = json.loads(out.read_text())["results"][0]
+    assert (result["moe_ratio"], result["served_fp8_vs_bf16_at_most"]) == (1.5, 1.312)
+
+
+def test_a_profile_without_profiled_runs_is_a_one_line_error(tmp_path, capsys):
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"runs": [{"model": "x", "layout": "stock"}]}))
+    assert fp8_served_bound.main(["--profile", str(profile)]) == 2
+    assert capsys.readouterr().err.strip() == f"fp8_served_bound: error: {profile} holds no profiled run " \
+                                              "(vllm_serve.py --profile-context)"
