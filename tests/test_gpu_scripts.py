@@ -4,7 +4,7 @@ The steps themselves need a GPU (``benchmarks/GPU_RUNBOOK.md``); here only what 
 bash's syntax check of both scripts; ``gpu_1x_all.sh`` on a step name it does not know,
 which must still log the step's start, its exit status with the reason, and the end, and
 record the machine it ran on; and ``vllm_gpu_1x.sh fp8`` with a stand-in Python that only
-records its calls, for which stock tile tables it serves with.
+records its calls, for which stock tile tables it serves with and what it passes on.
 """
 
 from __future__ import annotations
