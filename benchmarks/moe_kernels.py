@@ -51,6 +51,11 @@ minimum over those points; each point has its own value):
                                   can reach: its GEMM time / (GEMM time + the bytes its scatter,
                                   SiLU*mul and combine must move / the HBM bandwidth measured
                                   here by a 1 GiB device copy), alignment and launch gaps free
+    fp8_unfused_glue_bound_vs_bf16_<shape>_<tokens>
+                                  at the profiled token count: the best fp8_selected_vs_bf16 an
+                                  FP8 layer with the same unfused glue can reach, the bf16 layer's
+                                  time / (the fp8_selected side's GEMM kernels + its glue bytes,
+                                  FP8 operands, at that bandwidth)
 
     python benchmarks/moe_kernels.py                     # table + benchmarks/results/moe_kernels-<gpu>.json
     python benchmarks/moe_kernels.py --shapes qwen3-235b-a22b qwen3-30b-a3b --tokens 8192 16384
@@ -59,6 +64,9 @@ minimum over those points; each point has its own value):
     python benchmarks/moe_kernels.py --tune              # retune the Triton tiles (kernels/configs/<arch>.json) first
     python benchmarks/moe_kernels.py --select-backends   # also write the fastest bf16 backend per token count
                                                          # (graph-replayed, where > --select-margin faster)
+    python benchmarks/moe_kernels.py --resummarize benchmarks/results/moe_kernels-h100.json
+                                                         # the summary again from a file's points and
+                                                         # profiles (keys added since it was measured)
 
 Progress lines carry the time; the JSON is rewritten after every token count (``complete``
 says whether the run finished).
@@ -201,6 +209,17 @@ def fp8_unfused_glue_bound(point: dict, fp8_gemm_ms: float, bandwidth_gb_s: floa
     glue_bytes = unfused_glue_bytes(point["tokens"], top_k, hidden, inter, BLOCK_FP8_OPERAND_BYTES)
     glue_ms = glue_bytes / (bandwidth_gb_s * 1e9) * 1e3
     return round(point["ms_graph"]["bf16"] / (fp8_gemm_ms + glue_ms), 3)
+
+
+def resummarize(path: Path) -> dict:
+    """Rewrite ``path``'s summary from its points and profiles (no GPU), keeping every other
+    key; the bandwidth is the one it recorded. Returns the new summary."""
+    results = json.loads(path.read_text())
+    summary = summarize(results["points"], results["profile_ms_per_call"], results["summary"]["hbm_copy_bandwidth_gb_s"])
+    results["summary"] = summary
+    results["meta"]["resummarized"] = "python benchmarks/moe_kernels.py --resummarize " + path.name
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    return summary
 
 
 def add_ratios(point: dict, bandwidth_gb_s: float, hidden: int, inter: int, top_k: int) -> None:
@@ -394,7 +413,15 @@ def main() -> None:
     parser.add_argument("--profile-tokens", type=int, default=16384,
                         help="profile every side's kernels at this token count (0: none)")
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/moe_kernels-<gpu>.json)")
+    parser.add_argument("--resummarize", type=Path, metavar="JSON",
+                        help="recompute the summary of a results file from its points and profiles, and exit")
     args = parser.parse_args()
+    if args.resummarize:
+        try:
+            print(json.dumps(resummarize(args.resummarize)))
+        except (OSError, ValueError, KeyError) as exc:
+            parser.exit(2, f"moe_kernels: error: {args.resummarize}: {exc}\n")
+        return
     shapes = {n: SHAPES[n] for n in split_list(args.shapes)}
     tokens = [int(t) for t in split_list(args.tokens)]
     side_names = split_list(args.sides)

@@ -20,6 +20,7 @@ Tolerances, as max|out - ref| / max|ref| (the reference is fp32 math):
 
 from __future__ import annotations
 
+import json
 
 import pytest
 import torch
@@ -502,3 +503,30 @@ def test_moe_kernels_benchmark_summary_arithmetic():
     assert summary["fp8_rowwise_vs_bf16_min_8k_plus"] is None
     assert summary["hbm_copy_bandwidth_gb_s"] == round(bandwidth)
     assert bench.split_list(["qwen3-235b-a22b,qwen3-30b-a3b", "8192"]) == ["qwen3-235b-a22b", "qwen3-30b-a3b", "8192"]
+
+
+def test_moe_kernels_fp8_unfused_glue_bound(tmp_path):
+    """At the profiled token count: the bf16 layer's time over the FP8 side's GEMM kernels plus
+    the bytes its glue moves with 1-byte operands and a 4-byte scale per 128; ``--resummarize``
+    adds it to a file measured before the key existed."""
+    from benchmarks import moe_kernels as bench
+
+    rows, hidden, inter = 16384 * 8, 4096, 1536
+    fp8_bytes = bench.unfused_glue_bytes(16384, 8, hidden, inter, bench.BLOCK_FP8_OPERAND_BYTES)
+    assert bench.unfused_glue_bytes(16384, 8, hidden, inter) - fp8_bytes == (2 - 1 - 4 / 128) * rows * (hidden + inter)
+    bandwidth = fp8_bytes / 1e9 / 1e-3  # the FP8 glue takes exactly 1 ms
+    point = {"shape": "qwen3-235b-a22b", "tokens": 16384, "ms_graph": {"bf16": 9.5, "fp8_selected": 5.6}}
+    profiles = {"qwen3-235b-a22b": {"tokens": 16384, "fp8_selected": {
+        "void deep_gemm::sm90_fp8_gemm_1d2d_impl<(cute::UMMA::Major)0, 0u, 3072u, 4096u": 2.5,
+        "void deep_gemm::sm90_fp8_gemm_1d2d_impl<(cute::UMMA::Major)0, 0u, 4096u, 1536u": 1.5,
+        "_silu_mul_kernel": 0.3}}}
+    summary = bench.summarize([point], profiles, bandwidth)
+    assert summary["gemm_kernels_only_ms_qwen3-235b-a22b_16384"] == {"fp8_selected": 4.0}
+    assert summary["fp8_unfused_glue_bound_vs_bf16_qwen3-235b-a22b_16384"] == 1.9  # 9.5 / (4.0 + 1.0)
+    results = tmp_path / "moe_kernels.json"
+    results.write_text(json.dumps({"summary": {"hbm_copy_bandwidth_gb_s": bandwidth}, "points": [point],
+                                   "profile_ms_per_call": profiles, "meta": {"device": "H100"}}))
+    assert bench.resummarize(results)["fp8_unfused_glue_bound_vs_bf16_qwen3-235b-a22b_16384"] == 1.9
+    rewritten = json.loads(results.read_text())
+    assert rewritten["points"] == [point] and rewritten["meta"]["device"] == "H100"
+    assert rewritten["meta"]["resummarized"] == "python benchmarks/moe_kernels.py --resummarize moe_kernels.json"
