@@ -231,14 +231,23 @@ def fp8_layout_setting() -> str:
 
 def fp8_layout_in_use() -> str:
     """The row layout this process's block-FP8 GEMMs run on: the setting, but ``m_indices`` where
-    the loaded DeepGEMM cannot take psum (its version, its alignment, or a refusal already seen)."""
+    the loaded DeepGEMM cannot take psum (:func:`_fp8_psum_blocked_reason`)."""
     layout = fp8_layout_setting()
     deep_gemm = _load()[0]
-    if layout == PSUM and deep_gemm is not None and (
-            _fp8_psum_unsupported_reason(deep_gemm)
-            or int(deep_gemm.get_mk_alignment_for_contiguous_layout()) != PSUM_ALIGNMENT):
+    if layout == PSUM and deep_gemm is not None and _fp8_psum_blocked_reason(deep_gemm):
         return M_INDICES
     return layout
+
+
+def _fp8_psum_blocked_reason(deep_gemm: ModuleType) -> str | None:
+    """Why ``deep_gemm`` cannot run the psum layout for FP8 now: a refusal already seen, its
+    version, or a row alignment other than the 128 the psum scheduler assumes; None if it can."""
+    if _fp8_psum_refused:
+        return _fp8_psum_refused
+    alignment = int(deep_gemm.get_mk_alignment_for_contiguous_layout())
+    if alignment != PSUM_ALIGNMENT:
+        return f"{deepgemm_source()} aligns expert segments to {alignment} rows, the psum layout to {PSUM_ALIGNMENT}"
+    return _fp8_psum_unsupported_reason(deep_gemm)
 
 
 def fp8_psum_refused_reason() -> str | None:
@@ -296,10 +305,10 @@ def run_deepgemm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: tor
     if use_fp8:
         block_m = int(deep_gemm.get_mk_alignment_for_contiguous_layout())
         alignment = moe_align_block_size(topk_ids, num_experts, block_m)
-        psum = (block_m == PSUM_ALIGNMENT and _fp8_psum_refused is None
-                and (fp8_layout or fp8_layout_setting()) == PSUM)
-        if psum and (reason := _fp8_psum_unsupported_reason(deep_gemm)):
-            _refuse_fp8_psum(reason)
+        psum = (fp8_layout or fp8_layout_setting()) == PSUM
+        if psum and (reason := _fp8_psum_blocked_reason(deep_gemm)):
+            if reason != _fp8_psum_refused:  # said once
+                _refuse_fp8_psum(reason)
             psum = False
     else:
         alignment = moe_align_block_size(topk_ids, num_experts, PSUM_ALIGNMENT)

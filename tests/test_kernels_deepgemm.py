@@ -251,6 +251,20 @@ def test_fp8_follows_the_reported_alignment(fake_deep_gemm):
     assert fake.calls == ["fp8", "fp8"] and rel_err(out, ref) < 3e-2
 
 
+def test_fp8_psum_asked_of_a_deepgemm_aligning_to_64_runs_m_indices_and_says_why(fake_deep_gemm, caplog):
+    """The psum scheduler assumes segments aligned to 128 rows; a DeepGEMM that reports another
+    alignment is answered on m_indices, with one warning."""
+    fake = fake_deep_gemm(FakeDeepGEMM(alignment=64, version="2.5.0", fp8_psum=True))
+    layer = make_layer(5, 128, 128, fp8=True)
+    x, weights, ids = make_tokens(70, 128, 5, 3)
+    with caplog.at_level(logging.INFO, logger="zeroprefill.kernels.deepgemm"):
+        out = deepgemm_experts(x, topk_weights=weights, topk_ids=ids, fp8_layout="psum", **layer)
+    assert fake.calls == ["fp8", "fp8"] and torch.equal(out, deepgemm_experts(x, topk_weights=weights, topk_ids=ids,
+                                                                                **layer))
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "aligns expert segments to 64 rows, the psum layout to 128" in caplog.records[0].getMessage()
+
+
 @pytest.mark.parametrize("by", ["setting", "argument"])
 def test_fp8_psum_layout_schedules_only_real_rows(fake_deep_gemm, monkeypatch, by):
     """The psum layout (``ZEROPREFILL_DEEPGEMM_FP8_LAYOUT=psum``, or ``fp8_layout="psum"``) on a

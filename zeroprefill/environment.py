@@ -64,11 +64,11 @@ def collect_environment() -> dict[str, Any]:
         backends[plugin] = "engine importable" if ok else f"engine not importable ({why})"
     # After the engines: a vLLM that imports brings its own copy of DeepGEMM.
     from zeroprefill.kernels import deepgemm_source, deepgemm_unavailable_reason
-    from zeroprefill.kernels.deepgemm import FP8_LAYOUT_ENV, fp8_layout_setting
+    from zeroprefill.kernels.deepgemm import FP8_LAYOUT_ENV, fp8_layout_in_use
 
     deepgemm_reason = deepgemm_unavailable_reason()
     try:
-        fp8_layout = f"FP8 row layout {fp8_layout_setting()}"
+        fp8_layout = f"FP8 row layout {fp8_layout_in_use()}"
     except ValueError as exc:
         fp8_layout = str(exc)
     backends["deepgemm"] = (f"usable: {deepgemm_source()} (ZEROPREFILL_EXPERTS_KERNEL=auto picks it for block FP8; "
