@@ -8,8 +8,8 @@
 - :class:`GpuTelemetry`: what each GPU did during a timed window (SM clock against its maximum,
   power against its limit, temperature, utilization, the clock-event reasons: power capping,
   thermal or hardware slowdown), so that two machines' throughputs can be told apart from
-  their clocks; :func:`telemetry_line` says it in one line, :func:`slowest_sm_clock_mhz` gives
-  the number to put beside a throughput;
+  their clocks; :func:`telemetry_line` says it in one line, :func:`lowest_over_gpus` gives the
+  numbers to put beside a throughput (the slowest GPU's clock, the least busy GPU's share);
 - the load generators' HTTP client: :func:`client_session` and :func:`closed_loop_clients`
   (clients that send their next request as soon as the last is answered);
 - :func:`write_json`: a results file rewritten whole after every measurement.
@@ -244,8 +244,9 @@ class GpuTelemetry(NvidiaSmiSampler):
 
 
 def telemetry_line(summary: dict[str, Any]) -> str:
-    """A :attr:`GpuTelemetry.summary` in one line: per GPU, the median SM clock over its maximum,
-    mean power over its limit, and the clock-event reasons seen other than ``gpu_idle``."""
+    """A :attr:`GpuTelemetry.summary` in one line: per GPU, the mean share of time it ran a kernel
+    (where reported), the median SM clock over its maximum, mean power over its limit, and the
+    clock-event reasons seen other than ``gpu_idle``."""
     if "unavailable" in summary:
         return f"GPU telemetry unavailable: {summary['unavailable']}"
 
@@ -256,17 +257,19 @@ def telemetry_line(summary: dict[str, Any]) -> str:
     for index, gpu in summary.items():
         reasons = [f"{name} {fraction:.0%}" for name, fraction in (gpu["clock_event_reasons"] or {}).items()
                    if name != "gpu_idle"]
-        parts.append(f"GPU{index} SM {whole(gpu['sm_clock_mhz_median'])}/{whole(gpu['max_sm_clock_mhz'])} MHz, "
+        busy = gpu.get("utilization_pct_mean")
+        parts.append(f"GPU{index} " + (f"busy {whole(busy)}%, " if busy is not None else "")
+                     + f"SM {whole(gpu['sm_clock_mhz_median'])}/{whole(gpu['max_sm_clock_mhz'])} MHz, "
                      f"{whole(gpu['power_w_mean'])}/{whole(gpu['power_limit_w'])} W"
                      + (f", {', '.join(reasons)}" if reasons else ""))
     return "; ".join(parts)
 
 
-def slowest_sm_clock_mhz(summary: dict[str, Any] | None) -> float | None:
-    """The lowest median SM clock over the GPUs of a :attr:`GpuTelemetry.summary` (None without one)."""
-    clocks = [gpu["sm_clock_mhz_median"] for index, gpu in (summary or {}).items()
-              if index != "unavailable" and gpu["sm_clock_mhz_median"] is not None]
-    return min(clocks, default=None)
+def lowest_over_gpus(summary: dict[str, Any] | None, field: str) -> float | None:
+    """The lowest ``field`` (``sm_clock_mhz_median``, ``utilization_pct_mean``, ...) over the GPUs
+    of a :attr:`GpuTelemetry.summary` (None without one, or where no GPU reported it)."""
+    values = [gpu.get(field) for index, gpu in (summary or {}).items() if index != "unavailable"]
+    return min((value for value in values if value is not None), default=None)
 
 
 # -- load generation --------------------------------------------------------------------------

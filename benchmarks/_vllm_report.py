@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from _serving import slowest_sm_clock_mhz
+from _serving import lowest_over_gpus
 from _vllm_layouts import LAYOUTS, UNREACHABLE_FLOPS_BUDGET
 
 def best_by_layout(runs: list[dict], model: str, context: int) -> dict[str, dict]:
@@ -126,9 +126,16 @@ def summarize(runs: list[dict], vllm_version: str) -> dict:
             summary["comparisons"][key] = {
                 "best_stock_layout": best_stock, "best_asyncep_layout": best_ours,
                 "asyncep_vs_best_stock": round(ratio, 3),
-                # the median SM clock of each side's window (its slowest GPU's; None if not recorded)
-                "best_stock_sm_clock_mhz": slowest_sm_clock_mhz(stock[best_stock].get("gpu_telemetry")),
-                "best_asyncep_sm_clock_mhz": slowest_sm_clock_mhz(ours[best_ours].get("gpu_telemetry")),
+                # each side's window: the median SM clock of its slowest GPU, and the mean share of
+                # time its least busy GPU ran a kernel (nvidia-smi; None if not recorded)
+                "best_stock_sm_clock_mhz": lowest_over_gpus(stock[best_stock].get("gpu_telemetry"),
+                                                            "sm_clock_mhz_median"),
+                "best_asyncep_sm_clock_mhz": lowest_over_gpus(ours[best_ours].get("gpu_telemetry"),
+                                                              "sm_clock_mhz_median"),
+                "best_stock_gpu_busy_pct": lowest_over_gpus(stock[best_stock].get("gpu_telemetry"),
+                                                            "utilization_pct_mean"),
+                "best_asyncep_gpu_busy_pct": lowest_over_gpus(ours[best_ours].get("gpu_telemetry"),
+                                                              "utilization_pct_mean"),
                 "best_stock": stock[best_stock], "best_asyncep": ours[best_ours],
                 "p99_s_at_offered_requests_per_s": open_loop_p99(runs, model, context),
             }

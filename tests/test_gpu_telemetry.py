@@ -18,7 +18,7 @@ from tests.fake_nvidia_smi import calls, install
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from _serving import GpuTelemetry, slowest_sm_clock_mhz, telemetry_line  # noqa: E402
+from _serving import GpuTelemetry, lowest_over_gpus, telemetry_line  # noqa: E402
 
 EVENT, THROTTLE = "clocks_event_reasons.active", "clocks_throttle_reasons.active"
 
@@ -104,7 +104,7 @@ def test_without_nvidia_smi_the_summary_says_why(tmp_path, monkeypatch):
         time.sleep(0.03)
     assert telemetry.summary == {"unavailable": "nvidia-smi not found"}
     assert telemetry_line(telemetry.summary) == "GPU telemetry unavailable: nvidia-smi not found"
-    assert slowest_sm_clock_mhz(telemetry.summary) is None
+    assert lowest_over_gpus(telemetry.summary, "sm_clock_mhz_median") is None
 
 
 def test_a_failing_nvidia_smi_leaves_its_words(tmp_path, monkeypatch):
@@ -116,9 +116,12 @@ def test_a_failing_nvidia_smi_leaves_its_words(tmp_path, monkeypatch):
 
 def test_one_line_per_window_and_the_slowest_gpus_clock():
     summary = {"0": {"sm_clock_mhz_median": 1755, "max_sm_clock_mhz": 1980, "power_w_mean": 699.6,
-                     "power_limit_w": 700.0, "clock_event_reasons": {"gpu_idle": 0.1, "sw_power_cap": 0.9}},
+                     "power_limit_w": 700.0, "utilization_pct_mean": 97.5,
+                     "clock_event_reasons": {"gpu_idle": 0.1, "sw_power_cap": 0.9}},
                "1": {"sm_clock_mhz_median": 1980, "max_sm_clock_mhz": 1980, "power_w_mean": None,
-                     "power_limit_w": 700.0, "clock_event_reasons": None}}
-    assert telemetry_line(summary) == "GPU0 SM 1755/1980 MHz, 700/700 W, sw_power_cap 90%; GPU1 SM 1980/1980 MHz, ?/700 W"
-    assert slowest_sm_clock_mhz(summary) == 1755
-    assert slowest_sm_clock_mhz(None) is None
+                     "power_limit_w": 700.0, "utilization_pct_mean": 61.0, "clock_event_reasons": None}}
+    assert telemetry_line(summary) == ("GPU0 busy 98%, SM 1755/1980 MHz, 700/700 W, sw_power_cap 90%; "
+                                       "GPU1 busy 61%, SM 1980/1980 MHz, ?/700 W")
+    assert lowest_over_gpus(summary, "sm_clock_mhz_median") == 1755
+    assert lowest_over_gpus(summary, "utilization_pct_mean") == 61.0
+    assert lowest_over_gpus(None, "sm_clock_mhz_median") is None

@@ -477,6 +477,7 @@ def test_runs_every_layout_keeps_failures_and_compares_at_equal_offered_load(fak
     assert "gpu_telemetry" not in measured["warmup"]
     # ... and the comparison puts each side's clock (its slowest GPU's) beside its throughput.
     assert comparison["best_stock_sm_clock_mhz"] == comparison["best_asyncep_sm_clock_mhz"] == 1755
+    assert comparison["best_stock_gpu_busy_pct"] is comparison["best_asyncep_gpu_busy_pct"] is None  # none reported
 
     printed = capsys.readouterr().out
     assert "stock-tp2" in printed and "did not start" in printed and "open loop" in printed
