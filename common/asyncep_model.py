@@ -86,6 +86,23 @@ class AsyncEPConfig:
                    switch_tokens=_whole_number(environ, SWITCH_TOKENS_ENV, switch, "tokens") if switch else None)
 
 
+def check_settings() -> AsyncEPConfig:
+    """Every ``ZEROPREFILL_*`` setting a serving process reads, checked at once, so that an engine
+    plugin refuses a bad one at start-up with :class:`AsyncEPConfigError` instead of failing in a
+    worker: AsyncEP's (:meth:`AsyncEPConfig.from_env`, returned) and the experts kernels'
+    (``ZEROPREFILL_EXPERTS_KERNEL``, ``ZEROPREFILL_DEEPGEMM_FP8_LAYOUT``)."""
+    from zeroprefill.kernels import experts_kernel_setting
+    from zeroprefill.kernels.deepgemm import fp8_layout_setting
+
+    config = AsyncEPConfig.from_env()
+    for read_setting in (experts_kernel_setting, fp8_layout_setting):
+        try:
+            read_setting()
+        except ValueError as exc:
+            raise AsyncEPConfigError(str(exc)) from None
+    return config
+
+
 def _whole_number(environ: Mapping[str, str], name: str, default: str, unit: str) -> int:
     text = environ.get(name, default)
     try:

@@ -32,7 +32,7 @@ import sys
 from typing import Any, Callable
 
 from sglang_zeroprefill import compat
-from zeroprefill.common.asyncep_model import AsyncEPConfigError
+from zeroprefill.common.asyncep_model import AsyncEPConfigError, check_settings
 from zeroprefill.common.model_spec import FP8_WEIGHT_BLOCK
 
 logger = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ def handle_asyncep(server_args: Any, previous: Callable[[Any], None]) -> None:
         previous(server_args)
         return
     check_sglang_release()
+    check_settings()  # a bad ZEROPREFILL_* setting fails here, not in a scheduler process
     ranks = check_asyncep_layout(cfg)
     dense_data_parallel = {"moe_dense_tp_size": 1, "enable_dp_lm_head": True} if ranks > 1 else {}
     compat.declare(server_args, "_zeroprefill_asyncep", moe_a2a_backend="none", **dense_data_parallel)

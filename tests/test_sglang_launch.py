@@ -156,6 +156,19 @@ def test_unsupported_combinations_fail_with_one_line(
     assert err[-1].startswith("sglang_zeroprefill: --moe-a2a-backend asyncep") and "Traceback" not in err[-1]
 
 
+@pytest.mark.parametrize(("setting", "value", "message"), [
+    ("ZEROPREFILL_ASYNCEP_PREFETCH_DEPTH", "two", "ZEROPREFILL_ASYNCEP_PREFETCH_DEPTH='two' is not a whole number"),
+    ("ZEROPREFILL_EXPERTS_KERNEL", "cutlass", "ZEROPREFILL_EXPERTS_KERNEL='cutlass' is not one of auto"),
+    ("ZEROPREFILL_DEEPGEMM_FP8_LAYOUT", "rows", "ZEROPREFILL_DEEPGEMM_FP8_LAYOUT='rows' is not one of m_indices"),
+])
+def test_a_bad_setting_fails_at_start_up_with_one_line(
+    setting: str, value: str, message: str, model_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(setting, value)
+    with pytest.raises(AsyncEPConfigError, match=message):
+        compat.resolve(launch_server.prepare(_argv(model_dir, "--moe-a2a-backend asyncep")))
+
+
 def test_zeroprefill_load_balance_rejects_pd_prefill(model_dir: str) -> None:
     with pytest.raises(AsyncEPConfigError, match="disaggregation-mode prefill"):
         compat.resolve(launch_server.prepare(

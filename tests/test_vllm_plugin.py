@@ -183,6 +183,10 @@ def test_bad_streaming_setting_fails_before_any_worker(tiny_moe, monkeypatch):
     monkeypatch.setenv("ZEROPREFILL_EXPERTS_KERNEL", "cutlass")
     with pytest.raises(AsyncEPConfigError, match="ZEROPREFILL_EXPERTS_KERNEL='cutlass' is not one of auto"):
         _engine_config(tiny_moe)
+    monkeypatch.delenv("ZEROPREFILL_EXPERTS_KERNEL")
+    monkeypatch.setenv("ZEROPREFILL_DEEPGEMM_FP8_LAYOUT", "rows")
+    with pytest.raises(AsyncEPConfigError, match="ZEROPREFILL_DEEPGEMM_FP8_LAYOUT='rows' is not one of m_indices, psum"):
+        _engine_config(tiny_moe)
 
 
 def test_registration_waits_for_vllm_config_when_vllm_detects_its_platform_mid_import(tmp_path):

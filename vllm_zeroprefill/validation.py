@@ -18,7 +18,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 
 from vllm_zeroprefill.compat import dbo_enabled, fp8_store_dtype
 from zeroprefill.common.model_spec import FP8_WEIGHT_BLOCK, ModelSpecError, MoEModelSpec
-from zeroprefill.common.asyncep_model import AsyncEPConfig, AsyncEPConfigError
+from zeroprefill.common.asyncep_model import AsyncEPConfigError, check_settings
 
 SUPPORTED_QUANTIZATION = (
     "unquantized checkpoints and block-FP8 ones (quantization_config quant_method 'fp8' with "
@@ -106,13 +106,7 @@ def check_asyncep_config(config: VllmConfig) -> MoEModelSpec:
             "--moe-backend asyncep runs every expert on every rank, so expert load balancing has "
             "nothing to balance: drop --enable-eplb"
         )
-    AsyncEPConfig.from_env()  # a bad ZEROPREFILL_ASYNCEP_* setting fails here, not in a worker
-    from zeroprefill.kernels import experts_kernel_setting
-
-    try:
-        experts_kernel_setting()  # likewise ZEROPREFILL_EXPERTS_KERNEL, read by every experts call
-    except ValueError as exc:
-        raise AsyncEPConfigError(str(exc)) from None
+    check_settings()  # a bad ZEROPREFILL_* setting fails here, not in a worker
     if dbo_enabled(parallel):
         raise AsyncEPConfigError(
             "--moe-backend asyncep streams each MoE layer once per forward pass, but --enable-dbo "
