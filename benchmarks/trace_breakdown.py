@@ -52,6 +52,9 @@ COMMUNICATION = ("communication", "peer_copy")
 #: Recorded with every breakdown. Version 1 (until 2026-12-06) put DeepGEMM's dense GEMMs under
 #: ``moe_experts`` and activation quantisation under ``other``: :func:`upgrade` moves them.
 CATEGORY_RULES = 2
+#: Kernels listed by GPU time in each breakdown: enough that every kernel a layer runs more
+#: than a few microseconds of is there (a Qwen3-MoE layer served in FP8 runs about 25).
+TOP_KERNELS = 40
 
 
 def categorize(name: str, cat: str) -> str:
@@ -106,7 +109,7 @@ def breakdown(events: list[dict]) -> dict:
         float(e["ts"]) / 1e6 for e in gpu)
     compute_busy = _union_s(compute)
     busy = _union_s(compute + communication)
-    top = sorted(per_kernel.items(), key=lambda item: -item[1][0])[:15]
+    top = sorted(per_kernel.items(), key=lambda item: -item[1][0])[:TOP_KERNELS]
     return {
         "gpu_events": len(gpu),
         "window_s": window,
