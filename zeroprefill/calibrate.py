@@ -118,18 +118,25 @@ def time_cuda_s(fn: Callable[[], None], min_total_s: float = MIN_MEASURE_S) -> f
 
     fn()
     torch.cuda.synchronize()
-    iterations, total = 1, 0.0
+    iterations = 1
     while True:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iterations):
-            fn()
-        end.record()
-        end.synchronize()
-        total = start.elapsed_time(end) / 1e3
+        total = events_s(fn, iterations)
         if total >= min_total_s or iterations >= 1 << 12:
             return total / iterations
         iterations *= 2
+
+
+def events_s(fn: Callable[[], None], iterations: int) -> float:
+    """Seconds that ``iterations`` calls of ``fn`` take on the current stream, between two CUDA events."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iterations):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
 
 
 def moe_gemm_bf16(device: Any) -> tuple[Callable[[], None], int]:
@@ -269,13 +276,7 @@ def _measure_collectives(rank: int, n: int, device: Any, queue: Any) -> dict[str
         torch.cuda.synchronize()
         dist.barrier()
         iterations = 5
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iterations):
-            fn()
-        end.record()
-        end.synchronize()
-        elapsed = torch.tensor([start.elapsed_time(end) / 1e3 / iterations], device=device)
+        elapsed = torch.tensor([events_s(fn, iterations) / iterations], device=device)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         return float(elapsed.item())
 
