@@ -84,9 +84,11 @@ def bound(parts: dict[str, float], moe_ratio: float, target: float) -> dict[str,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", type=Path, default=DEFAULT_PROFILE,
-                        help="vllm_serve.py JSON of a profiled FP8 server (default: %(default)s)")
+                        help="vllm_serve.py JSON of a profiled FP8 server (default: the committed one-H100 one, "
+                             f"benchmarks/results/{DEFAULT_PROFILE.name})")
     parser.add_argument("--kernels", type=Path, nargs="+", default=DEFAULT_KERNELS,
-                        help="moe_kernels.py JSONs measured on the same GPU model")
+                        help="moe_kernels.py JSONs measured on the same GPU model (default: the committed "
+                             "benchmarks/results/moe_kernels-h100*.json)")
     parser.add_argument("--target", type=float, default=1.4, help="served FP8/bf16 speed-up asked for")
     parser.add_argument("--out", type=Path, default=None, help="also write the result as JSON")
     args = parser.parse_args(argv)
