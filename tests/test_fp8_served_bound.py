@@ -69,3 +69,10 @@ def test_a_profile_without_profiled_runs_is_a_one_line_error(tmp_path, capsys):
     assert fp8_served_bound.main(["--profile", str(profile)]) == 2
     assert capsys.readouterr().err.strip() == f"fp8_served_bound: error: {profile} holds no profiled run " \
                                               "(vllm_serve.py --profile-context)"
+
+
+def test_the_committed_bound_is_what_the_command_computes_from_the_committed_files(tmp_path):
+    committed = fp8_served_bound.RESULTS / "fp8_served_bound-h100x1.json"
+    out = tmp_path / "bound.json"
+    assert fp8_served_bound.main(["--out", str(out)]) == 0
+    assert json.loads(out.read_text())["results"] == json.loads(committed.read_text())["results"]

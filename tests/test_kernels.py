@@ -21,6 +21,7 @@ Tolerances, as max|out - ref| / max|ref| (the reference is fp32 math):
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -530,3 +531,13 @@ def test_moe_kernels_fp8_unfused_glue_bound(tmp_path):
     rewritten = json.loads(results.read_text())
     assert rewritten["points"] == [point] and rewritten["meta"]["device"] == "H100"
     assert rewritten["meta"]["resummarized"] == "python benchmarks/moe_kernels.py --resummarize moe_kernels.json"
+
+
+def test_the_committed_h100_summary_is_what_resummarize_computes(tmp_path):
+    """``moe_kernels-h100.json``'s summary follows from its own points and profiles."""
+    from benchmarks import moe_kernels as bench
+
+    committed = Path(bench.__file__).resolve().parent / "results" / "moe_kernels-h100.json"
+    copy = tmp_path / committed.name
+    copy.write_text(committed.read_text())
+    assert bench.resummarize(copy) == json.loads(committed.read_text())["summary"]
