@@ -2,7 +2,7 @@
 
 - :func:`best_by_layout`: each layout's best closed-loop point over its token-budget sweep;
   :func:`summarize`: AsyncEP's best against stock's best per model and context (with the SM
-  clock each side's window ran at), and the summary keys of the one- and two-GPU runs
+  clock each side's window ran at and how busy its GPU was), and the summary keys of the one- and two-GPU runs
   (docs/gpu.md lists them);
 - :func:`print_table` and :func:`plot` (``--replot`` redraws both from the JSON alone);
 - :data:`METHOD`, what each number counts (written to the JSON);

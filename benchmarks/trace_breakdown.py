@@ -40,8 +40,8 @@ CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("gemm", r"deep_gemm::\w+<[^,<>]+,\s*\d+u,\s*\d+u,\s*\d+u,\s*1u,"),
         ("moe_experts", r"fused_moe|moe_align|moe_sum|topk|gate_up_silu|down_scatter|grouped_mm|scatter_token_rows"
                         r"|weighted_combine|silu_mul|deep_gemm|m_grouped|count_and_sort|expert"),
-        # Before attention: FlashInfer's all-reduce kernels carry "flashinfer" in their names.
         ("quant", r"per_token_group_quant|scaled_fp8_quant|quant_8bit"),
+        # Before attention: FlashInfer's all-reduce kernels carry "flashinfer" in their names.
         ("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter|cross_device|lamport"),
         ("attention", r"flash|fmha|attention|attn|reshape_and_cache|paged|mla"),
         ("communication", r"all_?to_?all|all2all|one_?shot|two_?shot|dispatch|combine"),

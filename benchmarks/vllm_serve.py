@@ -46,8 +46,9 @@ What each number counts (also written to the JSON, ``method``):
   seen (``sw_power_cap``, ``hw_slowdown``, ``sw_thermal_slowdown``, ``gpu_idle``, ...) with the
   fraction of samples it was active in; ``{"unavailable": reason}`` without nvidia-smi. So a
   throughput that differs between two machines can be told apart from a clock or power limit
-  that differs; the summary's comparisons put each side's median SM clock beside its
-  throughput (``best_stock_sm_clock_mhz``, ``best_asyncep_sm_clock_mhz``).
+  that differs; the summary's comparisons put each side's median SM clock and busy share beside
+  its throughput (``best_stock_sm_clock_mhz``, ``best_asyncep_sm_clock_mhz``,
+  ``best_stock_gpu_busy_pct``, ``best_asyncep_gpu_busy_pct``).
 - Step budget: stock vLLM fills each step to ``--max-num-batched-tokens``. AsyncEP runs under
   the plugin's prefill-only scheduler, whose default step budget is the planner's saturation
   budget in FLOPs (logged; recorded as ``step_budget``). Layouts with ``token_budget_steps``

@@ -9,9 +9,9 @@
                           e4m3 + one float32 scale per 1x128 group, scales written MN-major)
           v
     x_sorted [R, H] + the layout: psum [E] (where each expert's real rows end): bf16, and block
-                                  FP8 unless ZEROPREFILL_DEEPGEMM_FP8_LAYOUT=m_indices or the
-                                  DeepGEMM predates it; else FP8 m_indices [R] (the row's expert,
-                                  -1 on padding rows)
+                                  FP8 where ZEROPREFILL_DEEPGEMM_FP8_LAYOUT=psum and the DeepGEMM
+                                  takes it; else FP8 m_indices [R] (the row's expert, -1 on
+                                  padding rows), the default
           v
     [m_grouped_{fp8,bf16}_gemm_nt_contiguous]  x_sorted . w13[e]^T  ->  gate_up [R, 2I] (bf16)
           v
@@ -343,7 +343,7 @@ def deepgemm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.T
     says; raises ``RuntimeError`` with the reason where DeepGEMM cannot run the layer.
 
     ``config`` (tiles of our kernels) must be None: DeepGEMM picks its own. ``fp8_layout``
-    (``psum`` or ``m_indices``; None: ``ZEROPREFILL_DEEPGEMM_FP8_LAYOUT``) is the block-FP8 GEMMs'
+    (``m_indices`` or ``psum``; None: ``ZEROPREFILL_DEEPGEMM_FP8_LAYOUT``) is the block-FP8 GEMMs'
     row layout.
     """
     if fp8_layout not in (None, *FP8_LAYOUTS):
