@@ -234,17 +234,18 @@ def fp8_layout_in_use() -> str:
     the loaded DeepGEMM cannot take psum (:func:`_fp8_psum_blocked_reason`)."""
     layout = fp8_layout_setting()
     deep_gemm = _load()[0]
-    if layout == PSUM and deep_gemm is not None and _fp8_psum_blocked_reason(deep_gemm):
+    if layout == PSUM and deep_gemm is not None and _fp8_psum_blocked_reason(
+            deep_gemm, int(deep_gemm.get_mk_alignment_for_contiguous_layout())):
         return M_INDICES
     return layout
 
 
-def _fp8_psum_blocked_reason(deep_gemm: ModuleType) -> str | None:
-    """Why ``deep_gemm`` cannot run the psum layout for FP8 now: a refusal already seen, its
-    version, or a row alignment other than the 128 the psum scheduler assumes; None if it can."""
+def _fp8_psum_blocked_reason(deep_gemm: ModuleType, alignment: int) -> str | None:
+    """Why ``deep_gemm``, whose contiguous layout aligns expert segments to ``alignment`` rows,
+    cannot run the psum layout for FP8 now: a refusal already seen, its version, or an
+    alignment other than the 128 the psum scheduler assumes; None if it can."""
     if _fp8_psum_refused:
         return _fp8_psum_refused
-    alignment = int(deep_gemm.get_mk_alignment_for_contiguous_layout())
     if alignment != PSUM_ALIGNMENT:
         return f"{deepgemm_source()} aligns expert segments to {alignment} rows, the psum layout to {PSUM_ALIGNMENT}"
     return _fp8_psum_unsupported_reason(deep_gemm)
@@ -306,7 +307,7 @@ def run_deepgemm_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: tor
         block_m = int(deep_gemm.get_mk_alignment_for_contiguous_layout())
         alignment = moe_align_block_size(topk_ids, num_experts, block_m)
         psum = (fp8_layout or fp8_layout_setting()) == PSUM
-        if psum and (reason := _fp8_psum_blocked_reason(deep_gemm)):
+        if psum and (reason := _fp8_psum_blocked_reason(deep_gemm, block_m)):
             if reason != _fp8_psum_refused:  # said once
                 _refuse_fp8_psum(reason)
             psum = False
