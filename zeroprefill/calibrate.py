@@ -368,14 +368,8 @@ def _gemm_slowdown(gather: Callable[[], object], gemm: Callable[[], None], gemm_
     with torch.cuda.stream(side):
         for _ in range(gathers):
             gather()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(gemm_runs):
-        gemm()
-    end.record()
-    end.synchronize()
+    concurrent = torch.tensor([events_s(gemm, gemm_runs)], device=device)
     side.synchronize()
-    concurrent = torch.tensor([start.elapsed_time(end) / 1e3], device=device)
     dist.all_reduce(concurrent, op=dist.ReduceOp.MAX)
     return max(0.0, float(concurrent.item()) / alone_s - 1.0)
 
