@@ -31,10 +31,10 @@ from zeroprefill.kernels import (GROUPED_MM, TRITON, TRITON_GROUPED_MM, MoEConfi
                                  moe_align_block_size, quantize_tokens_fp8_group,
                                  quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
 from zeroprefill.common.asyncep_moe import select_experts
+from zeroprefill.kernels import align, checks, fused_moe, grouped_mm_moe
+from zeroprefill.kernels.quant import quantize_tokens_fp8_group_reference
 
 ON_GPU = torch.cuda.is_available()
-from zeroprefill.kernels import align, checks, fused_moe, grouped_mm_moe  # noqa: E402
-from zeroprefill.kernels.quant import quantize_tokens_fp8_group_reference  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 TOLERANCE = {torch.float32: 1e-2 if ON_GPU else 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}

@@ -92,12 +92,12 @@ def test_deepgemm_matches_triton_at_qwen3_235b_shapes(num_tokens, fp8, monkeypat
     auto = fused_experts(x, topk_weights=weights, topk_ids=ids, **layer)
     if fp8:
         assert torch.equal(auto, dg)
+        # dg ran the default m_indices row layout; psum: the same products, only real row blocks
+        dg_psum = deepgemm_experts(x, topk_weights=weights, topk_ids=ids, fp8_layout="psum", **layer)
+        assert fp8_psum_refused_reason() is None, fp8_psum_refused_reason()
+        assert rel_err(dg_psum, ref) < tolerance and rel_err(dg_psum, dg) < 1e-2
     else:
         choice = experts_kernel_choice(x.dtype, **layer)
         assert choice.startswith("ours: bf16"), choice
         monkeypatch.setenv(EXPERTS_KERNEL_ENV, "triton")
         assert torch.equal(auto, fused_experts(x, topk_weights=weights, topk_ids=ids, **layer))
-    if fp8:  # dg ran the default m_indices row layout; psum: the same products, only real row blocks
-        dg_psum = deepgemm_experts(x, topk_weights=weights, topk_ids=ids, fp8_layout="psum", **layer)
-        assert fp8_psum_refused_reason() is None, fp8_psum_refused_reason()
-        assert rel_err(dg_psum, ref) < tolerance and rel_err(dg_psum, dg) < 1e-2
