@@ -91,6 +91,12 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')} {time.perf_counter() - _START:6.0f} s] {message}", flush=True)
 
 
+def gpu_tag() -> str:
+    """The results files' GPU name: ``h100``, ``h200``, else the device name in snake case."""
+    gpu = torch.cuda.get_device_name()
+    return "h200" if "H200" in gpu else "h100" if "H100" in gpu else gpu.replace(" ", "_").lower()
+
+
 def bench_ms(fn: Callable[[], object]) -> float:
     """Eager time of one call (ms): do_bench median, L2 flushed before each call."""
     return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")

@@ -89,8 +89,8 @@ import triton
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _moe_timing import (BF16_SIDES, SUMMARY_MIN_TOKENS, Layer, compiled_kernel_stats, hbm_bandwidth_gb_s,  # noqa: E402
-                         is_gemm_kernel, log, measure_point, profile_sides, tune)
+from _moe_timing import (BF16_SIDES, SUMMARY_MIN_TOKENS, Layer, compiled_kernel_stats, gpu_tag,  # noqa: E402
+                         hbm_bandwidth_gb_s, is_gemm_kernel, log, measure_point, profile_sides, tune)
 from zeroprefill.kernels import GROUPED_MM, TRITON, TRITON_GROUPED_MM, MoEConfig, deepgemm_unavailable_reason, get_config  # noqa: E402
 from zeroprefill.kernels.moe_config import CONFIG_DIR, arch_name, clear_config_cache, problem_key  # noqa: E402
 
@@ -445,8 +445,7 @@ def main() -> None:
         "error": "max|out-ref|/max|ref| vs fused_experts_reference (fp32; FP8: dequantised weights + same "
                  "activation quantisation); fp8_vs_bf16_reference is FP8 vs the bf16-weight reference",
     }
-    tag = "h200" if "H200" in gpu else "h100" if "H100" in gpu else gpu.replace(" ", "_").lower()
-    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"moe_kernels-{tag}.json"
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"moe_kernels-{gpu_tag()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(results: dict, complete: bool = False) -> None:

@@ -25,25 +25,29 @@ block's expert from ``block_expert_ids``, and return at once when the block lies
 ``max_padded_rows = T*K + min(T*K, E) * (block_m - 1)``, so nothing waits on the GPU.
 Experts that receive no token get no block.
 
-Two Triton kernels do it (:func:`moe_align_block_size_triton`, the default on CUDA), a
+Three Triton kernels do it (:func:`moe_align_block_size_triton`, the default on CUDA), a
 counting sort over P chunks of rows; every value is an exact integer, so the result equals
 the plain-torch definition (:func:`moe_align_block_size_torch`, ~20 small torch ops) bit for bit:
 
-    [count]  program p, rows [p*R, (p+1)*R):  counts[p, e] rows of expert e, skipped[p]
-    [place]  program p: from all counts, each expert's total, its padded segment
-             (prefix sum over E) and the rows of expert e in chunks before p (sum over
-             p' < p) -> the position of the chunk's first row of each expert. Then, BLOCK rows
-             at a time: one-hot [E, BLOCK], its prefix sum along the rows = each row's rank
-             within its expert -> position_of_row[r], sorted_row_ids[position] = r.
-             Finally a grid-stride pass over the padded positions writes the padding sentinel
-             and, at each block start, the block's expert. Program 0 writes expert_ends and
+    [count]  program p, rows [p*R, (p+1)*R):  counts[e, p] rows of expert e, counts[E, p]
+             skipped rows
+    [scan]   program e: row e of counts -> its exclusive prefix sum over the chunks (the rows
+             of expert e in chunks before p), in place, and totals[e]
+    [place]  program p: from the totals, each expert's padded segment (a prefix sum over E),
+             plus its row of the scan -> the position of the chunk's first row of each expert.
+             Then, BLOCK rows at a time: one-hot [E, BLOCK], its prefix sum along the rows =
+             each row's rank within its expert -> position_of_row[r], sorted_row_ids[position] = r.
+             The programs share out the rest: the sentinel in each expert's padding slots and
+             in the unused tail, and each block's expert. Program 0 writes expert_ends and
              rows_per_expert.
 
-Each place program re-reads the whole counts table ([P, E], P <= MAX_PROGRAMS, from L2)
-instead of a third launch scanning it once: at P = 256, E = 128 that is 128 KB per program.
-vLLM's and SGLang's CUDA kernels place rows with atomics (any order within an expert);
-their Triton versions (``moe_align_block_size_stage1..4``) are stable but place one row per
-loop iteration; here a program places BLOCK rows per iteration.
+The chunks are short (at most ``MAX_PROGRAMS`` of them; at 16K tokens x top-8 and 128 experts,
+1,024 chunks of two 64-row steps), so a program's serial chain of steps is short; the scan
+between them is what lets each place program start from its own row of prefix sums instead of
+re-reading the whole counts table. vLLM's and SGLang's CUDA kernels place rows with atomics
+(any order within an expert); their Triton versions (``moe_align_block_size_stage1..4``) are
+stable but place one row per loop iteration; here a program places BLOCK rows per iteration.
+``benchmarks/moe_align.py`` times ours beside vLLM's CUDA kernel.
 """
 
 from __future__ import annotations
@@ -56,8 +60,9 @@ import triton
 import triton.language as tl
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-MAX_PROGRAMS = 256      # chunks of rows (programs of both kernels); each place program reads P x E counts
+MAX_PROGRAMS = 1024     # chunks of rows (programs of the count and place kernels)
 TILE_ELEMENTS = 8192    # a [bins, rows] one-hot tile: rows per step = TILE_ELEMENTS / bins
+SCAN_TILE = 1024        # chunks per step of the scan
 
 
 @dataclass(frozen=True)
@@ -102,12 +107,12 @@ def _expert_of_rows(topk_ids_ptr, rows, num_rows, NUM_BINS: tl.constexpr):
 
 
 # The sizes change with every token count: no specialisation on them, so no compile per count.
-@triton.jit(do_not_specialize=["num_rows", "rows_per_program"])
+@triton.jit(do_not_specialize=["num_rows", "rows_per_program", "num_programs"])
 def _count_rows_kernel(
-    topk_ids_ptr, counts_ptr, skipped_ptr, num_rows, rows_per_program,
-    NUM_BINS: tl.constexpr, BLOCK: tl.constexpr,
+    topk_ids_ptr, counts_ptr, num_rows, rows_per_program, num_programs,
+    NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """counts[p, e] = rows of expert e in chunk p; skipped[p] = rows with a negative id there."""
+    """counts[e, p] = rows of expert e in chunk p; counts[E, p] = rows with a negative id there."""
     pid = tl.program_id(0)
     bins = tl.arange(0, NUM_BINS)
     counts = tl.zeros([NUM_BINS], dtype=tl.int32)
@@ -117,34 +122,38 @@ def _count_rows_kernel(
         expert = _expert_of_rows(topk_ids_ptr, rows, num_rows, NUM_BINS)
         counts += tl.sum((bins[:, None] == expert[None, :]).to(tl.int32), axis=1)
         skipped += (expert < 0).to(tl.int32)
-    tl.store(counts_ptr + pid * NUM_BINS + bins, counts)
-    tl.store(skipped_ptr + pid, tl.sum(skipped, axis=0))
+    tl.store(counts_ptr + bins * num_programs + pid, counts, mask=bins < NUM_EXPERTS)
+    tl.store(counts_ptr + NUM_EXPERTS * num_programs + pid, tl.sum(skipped, axis=0))
 
 
-@triton.jit(do_not_specialize=["num_rows", "rows_per_program", "num_programs", "max_padded_rows"])
+@triton.jit(do_not_specialize=["num_programs"])
+def _scan_counts_kernel(counts_ptr, totals_ptr, num_programs, TILE: tl.constexpr):
+    """Row e of counts (expert e's rows per chunk; row E: skipped rows) -> its exclusive prefix
+    sum over the chunks, in place; totals[e] = the row's sum."""
+    row_ptr = counts_ptr + tl.program_id(0) * num_programs
+    carry = tl.zeros([], dtype=tl.int32)  # rows of this bin in the tiles before
+    for first in range(0, num_programs, TILE):
+        programs = first + tl.arange(0, TILE)
+        counts = tl.load(row_ptr + programs, mask=programs < num_programs, other=0)
+        inclusive = tl.cumsum(counts, axis=0)
+        tl.store(row_ptr + programs, carry + inclusive - counts, mask=programs < num_programs)
+        carry += tl.sum(counts, axis=0)
+    tl.store(totals_ptr + tl.program_id(0), carry)
+
+
+@triton.jit(do_not_specialize=["num_rows", "rows_per_program", "num_programs", "max_padded_rows", "block_m"])
 def _place_rows_kernel(
-    topk_ids_ptr, counts_ptr, skipped_ptr, sorted_row_ids_ptr, position_of_row_ptr, block_expert_ids_ptr,
+    topk_ids_ptr, rows_before_ptr, totals_ptr, sorted_row_ids_ptr, position_of_row_ptr, block_expert_ids_ptr,
     expert_ends_ptr, rows_per_expert_ptr, num_rows, rows_per_program, num_programs, max_padded_rows, block_m,
-    NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK: tl.constexpr, PROGRAM_TILE: tl.constexpr,
+    NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Place chunk p's rows (stable within each expert); write the padding and block experts of
-    every num_programs-th BLOCK of padded positions from p on; program 0 writes the segment ends."""
+    """Place chunk p's rows (stable within each expert); share out the padding sentinels and the
+    block experts among the programs; program 0 writes the segment ends."""
     pid = tl.program_id(0)
     bins = tl.arange(0, NUM_BINS)
     is_expert = bins < NUM_EXPERTS
-
-    # Each expert's total, and its rows in the chunks before this one (skipped rows likewise).
-    total = tl.zeros([NUM_BINS], dtype=tl.int32)
-    before = tl.zeros([NUM_BINS], dtype=tl.int32)
-    skipped_before = tl.zeros([PROGRAM_TILE], dtype=tl.int32)
-    for first in range(0, num_programs, PROGRAM_TILE):
-        programs = first + tl.arange(0, PROGRAM_TILE)
-        counts = tl.load(counts_ptr + programs[:, None] * NUM_BINS + bins[None, :],
-                         mask=programs[:, None] < num_programs, other=0)
-        total += tl.sum(counts, axis=0)
-        before += tl.sum(tl.where(programs[:, None] < pid, counts, 0), axis=0)
-        skipped_before += tl.load(skipped_ptr + programs, mask=programs < pid, other=0)
-    padded = tl.where(is_expert, (total + block_m - 1) // block_m * block_m, 0)
+    total = tl.load(totals_ptr + bins, mask=is_expert, other=0)
+    padded = (total + block_m - 1) // block_m * block_m
     padded_end = tl.cumsum(padded, axis=0)
     segment_start = padded_end - padded
     if pid == 0:
@@ -152,8 +161,9 @@ def _place_rows_kernel(
         tl.store(rows_per_expert_ptr + bins, total.to(tl.int64), mask=is_expert)
 
     # This chunk's rows: position = where the chunk's next row of its expert goes + rank in the step.
-    next_position = segment_start + before
-    next_skipped = tl.zeros([BLOCK], dtype=tl.int32) + max_padded_rows + tl.sum(skipped_before, axis=0)
+    next_position = segment_start + tl.load(rows_before_ptr + bins * num_programs + pid, mask=is_expert, other=0)
+    skipped_before = tl.load(rows_before_ptr + NUM_EXPERTS * num_programs + pid)
+    next_skipped = tl.zeros([BLOCK], dtype=tl.int32) + max_padded_rows + skipped_before
     for offset in range(0, rows_per_program, BLOCK):
         rows = pid * rows_per_program + offset + tl.arange(0, BLOCK)
         in_range = rows < num_rows
@@ -168,24 +178,31 @@ def _place_rows_kernel(
         tl.store(position_of_row_ptr + rows, position, mask=in_range)
         tl.store(sorted_row_ids_ptr + position, rows, mask=in_range & (skip == 0))
 
-    # Padded positions: the sentinel where no row lands; each block start gets its block's expert
-    # (the experts whose segment ends at or before it: E past the used rows).
-    rows_end = tl.where(is_expert, segment_start + total, 0)
-    ends = tl.where(is_expert, padded_end, max_padded_rows)  # non-experts end at no position
-    for first in range(pid * BLOCK, max_padded_rows, num_programs * BLOCK):
+    # The sentinel in every padding slot: each expert's last block past its rows, [rows_end,
+    # padded_end) (at most block_m - 1 slots), slot by slot across the programs; then the unused
+    # tail [used_end, max_padded_rows) in BLOCKs across the programs.
+    rows_end = segment_start + total
+    sentinel = tl.zeros([NUM_BINS, BLOCK], dtype=tl.int32) + num_rows
+    for first in range(pid * BLOCK, block_m - 1, num_programs * BLOCK):
+        slots = first + tl.arange(0, BLOCK)
+        tl.store(sorted_row_ids_ptr + rows_end[:, None] + slots[None, :], sentinel,
+                 mask=slots[None, :] < (padded_end - rows_end)[:, None])
+    used_end = tl.sum(padded, axis=0)
+    for first in range(used_end + pid * BLOCK, max_padded_rows, num_programs * BLOCK):
         positions = first + tl.arange(0, BLOCK)
-        in_range = positions < max_padded_rows
-        in_rows = (segment_start[:, None] <= positions[None, :]) & (positions[None, :] < rows_end[:, None])
-        is_row = tl.sum(in_rows.to(tl.int32), axis=0) > 0
-        expert = tl.sum((ends[:, None] <= positions[None, :]).to(tl.int32), axis=0)
         tl.store(sorted_row_ids_ptr + positions, tl.zeros([BLOCK], dtype=tl.int32) + num_rows,
-                 mask=in_range & ~is_row)
-        tl.store(block_expert_ids_ptr + positions // block_m, expert,
-                 mask=in_range & (positions % block_m == 0))
+                 mask=positions < max_padded_rows)
+
+    # Each block's expert: the experts whose segment ends at or before its start (E past the used rows).
+    ends = tl.where(is_expert, padded_end, max_padded_rows)  # non-experts end at no position
+    for first in range(pid * BLOCK, max_padded_rows // block_m, num_programs * BLOCK):
+        blocks = first + tl.arange(0, BLOCK)
+        expert = tl.sum((ends[:, None] <= blocks[None, :] * block_m).to(tl.int32), axis=0)
+        tl.store(block_expert_ids_ptr + blocks, expert, mask=blocks < max_padded_rows // block_m)
 
 
 def launch_shape(num_rows: int, num_experts: int) -> tuple[int, int, int, int]:
-    """``(NUM_BINS, BLOCK, rows_per_program, programs)`` of both kernels.
+    """``(NUM_BINS, BLOCK, rows_per_program, programs)`` of the count and place kernels.
 
     NUM_BINS: experts rounded up to a power of two; BLOCK: rows per step, so that a
     ``[NUM_BINS, BLOCK]`` one-hot tile has ``TILE_ELEMENTS``; rows_per_program: whole steps, at
@@ -198,26 +215,29 @@ def launch_shape(num_rows: int, num_experts: int) -> tuple[int, int, int, int]:
 
 
 def moe_align_block_size_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertAlignment:
-    """:func:`moe_align_block_size` in two Triton launches (count, place); needs ``T*K >= 1``."""
+    """:func:`moe_align_block_size` in three Triton launches (count, scan, place); needs ``T*K >= 1``."""
     device = topk_ids.device
     num_rows = topk_ids.numel()
     padded_total = max_padded_rows(num_rows, num_experts, block_m)
     num_bins, block, per_program, programs = launch_shape(num_rows, num_experts)
-    scratch = torch.empty(programs * (num_bins + 1), dtype=torch.int32, device=device)
-    counts, skipped = scratch[:programs * num_bins], scratch[programs * num_bins:]
+    # One int32 buffer: the [E + 1, P] counts (scanned in place into rows before each chunk), then E totals.
+    scratch = torch.empty((num_experts + 1) * programs + num_experts + 1, dtype=torch.int32, device=device)
+    counts, totals = scratch[:(num_experts + 1) * programs], scratch[(num_experts + 1) * programs:]
     sorted_row_ids = torch.empty(padded_total, dtype=torch.int32, device=device)
     block_expert_ids = torch.empty(padded_total // block_m, dtype=torch.int32, device=device)
     expert_ends = torch.empty(num_experts, dtype=torch.int32, device=device)
     position_of_row = torch.empty(num_rows, dtype=torch.int32, device=device)
     rows_per_expert = torch.empty(num_experts, dtype=torch.int64, device=device)
     ids = topk_ids.reshape(-1)
-    _count_rows_kernel[(programs,)](ids, counts, skipped, num_rows, per_program,
-                                    NUM_BINS=num_bins, BLOCK=block, num_warps=4)
+    _count_rows_kernel[(programs,)](ids, counts, num_rows, per_program, programs,
+                                    NUM_EXPERTS=num_experts, NUM_BINS=num_bins, BLOCK=block, num_warps=4)
+    _scan_counts_kernel[(num_experts + 1,)](counts, totals, programs,
+                                            TILE=max(16, min(triton.next_power_of_2(programs), SCAN_TILE)),
+                                            num_warps=4)
     _place_rows_kernel[(programs,)](
-        ids, counts, skipped, sorted_row_ids, position_of_row, block_expert_ids, expert_ends, rows_per_expert,
+        ids, counts, totals, sorted_row_ids, position_of_row, block_expert_ids, expert_ends, rows_per_expert,
         num_rows, per_program, programs, padded_total, block_m,
-        NUM_EXPERTS=num_experts, NUM_BINS=num_bins, BLOCK=block,
-        PROGRAM_TILE=max(16, min(triton.next_power_of_2(programs), TILE_ELEMENTS // num_bins)), num_warps=8,
+        NUM_EXPERTS=num_experts, NUM_BINS=num_bins, BLOCK=block, num_warps=4,
     )
     return ExpertAlignment(sorted_row_ids, block_expert_ids, expert_ends[-1:], expert_ends,
                            position_of_row, rows_per_expert, num_rows, block_m)

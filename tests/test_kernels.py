@@ -403,17 +403,19 @@ ALIGN_CASES = {  # name: (T, K, E, block_m, fraction of skipped slots)
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("case", list(ALIGN_CASES))
 def test_moe_align_triton_equals_torch(case, ids_dtype, monkeypatch):
-    """The two Triton kernels give the torch definition's tensors exactly, over several chunks
-    (small MAX_PROGRAMS/TILE_ELEMENTS: many programs, several steps each) and in one."""
+    """The three Triton kernels give the torch definition's tensors exactly: over a few chunks of
+    several steps each, over many one-step chunks scanned in several tiles, and at the defaults."""
     num_tokens, top_k, num_experts, block_m, skip = ALIGN_CASES[case]
     gen = torch.Generator().manual_seed(7)
     ids = torch.randint(0, num_experts, (num_tokens, top_k), generator=gen)
     ids[torch.rand(num_tokens, top_k, generator=gen) < skip] = -1
     ids = ids.to(ids_dtype).to(DEVICE)
     ref = align.moe_align_block_size_torch(ids, num_experts, block_m)
-    for max_programs, tile_elements in ((4, 64), (align.MAX_PROGRAMS, align.TILE_ELEMENTS)):
+    for max_programs, tile_elements, scan_tile in ((4, 64, 16), (64, 64, 16),
+                                                   (align.MAX_PROGRAMS, align.TILE_ELEMENTS, align.SCAN_TILE)):
         monkeypatch.setattr(align, "MAX_PROGRAMS", max_programs)
         monkeypatch.setattr(align, "TILE_ELEMENTS", tile_elements)
+        monkeypatch.setattr(align, "SCAN_TILE", scan_tile)
         out = align.moe_align_block_size_triton(ids, num_experts, block_m)
         for field in ("sorted_row_ids", "block_expert_ids", "num_padded_rows", "expert_ends", "position_of_row",
                       "rows_per_expert"):
