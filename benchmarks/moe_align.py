@@ -17,7 +17,7 @@ checks ours against torch tensor for tensor (``ours_equals_torch``).
 
     python benchmarks/moe_align.py                    # table + benchmarks/results/moe_align-<gpu>.json
     python benchmarks/moe_align.py --tokens 1 2048 16384 --block-m 128
-    python benchmarks/moe_align.py --sweep            # also ours over the chunk count and the tile size
+    python benchmarks/moe_align.py --sweep            # also ours over the chunk and padding-tile sizes
 """
 
 from __future__ import annotations
@@ -84,25 +84,25 @@ def measure(tokens: list[int], block_ms: list[int], num_experts: int, top_k: int
     return points
 
 
-SWEEP = {"MAX_PROGRAMS": [256, 512, 1024, 2048], "TILE_ELEMENTS": [2048, 4096, 8192]}
+SWEEP = {"ROWS_PER_PROGRAM": [64, 128, 256, 512], "TILE_ELEMENTS": [4096, 8192]}
 
 
 def sweep(tokens: list[int], block_ms: list[int], num_experts: int, top_k: int) -> list[dict]:
-    """Ours at every ``MAX_PROGRAMS`` x ``TILE_ELEMENTS`` of :data:`SWEEP` (the chunk count and the
-    one-hot tile, hence the rows per step): the evidence for the shipped constants."""
+    """Ours at every ``ROWS_PER_PROGRAM`` x ``TILE_ELEMENTS`` of :data:`SWEEP` (the rows of a chunk,
+    the padding pass's tile): the evidence for the shipped constants."""
     shipped = {name: getattr(align, name) for name in SWEEP}
     rows = []
     print(f"\nsweep (ours, us): {'tokens':>7} {'block_m':>7} " + " ".join(
-        f"{p:>5}x{t:<5}" for p in SWEEP["MAX_PROGRAMS"] for t in SWEEP["TILE_ELEMENTS"]))
+        f"{p:>5}x{t:<5}" for p in SWEEP["ROWS_PER_PROGRAM"] for t in SWEEP["TILE_ELEMENTS"]))
     try:
         for num_tokens in tokens:
             topk_ids = routed_ids(num_tokens, top_k, num_experts)
             for block_m in block_ms:
                 us = {}
-                for programs in SWEEP["MAX_PROGRAMS"]:
+                for chunk in SWEEP["ROWS_PER_PROGRAM"]:
                     for tile in SWEEP["TILE_ELEMENTS"]:
-                        align.MAX_PROGRAMS, align.TILE_ELEMENTS = programs, tile
-                        us[f"{programs}x{tile}"] = round(graph_ms(
+                        align.ROWS_PER_PROGRAM, align.TILE_ELEMENTS = chunk, tile
+                        us[f"{chunk}x{tile}"] = round(graph_ms(
                             lambda: align.moe_align_block_size_triton(topk_ids, num_experts, block_m)) * 1e3, 2)
                 rows.append({"tokens": num_tokens, "block_m": block_m, "us_graph": us})
                 print(f"{'':17} {num_tokens:7d} {block_m:7d} " + " ".join(f"{v:11.1f}" for v in us.values()),
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--sweep", action="store_true",
-                        help="also time ours over MAX_PROGRAMS x TILE_ELEMENTS (the shipped constants' evidence)")
+                        help="also time ours over ROWS_PER_PROGRAM x TILE_ELEMENTS (the shipped constants' evidence)")
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/moe_align-<gpu>.json)")
     args = parser.parse_args()
     if not torch.cuda.is_available():

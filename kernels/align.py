@@ -26,28 +26,27 @@ block's expert from ``block_expert_ids``, and return at once when the block lies
 Experts that receive no token get no block.
 
 Three Triton kernels do it (:func:`moe_align_block_size_triton`, the default on CUDA), a
-counting sort over P chunks of rows; every value is an exact integer, so the result equals
-the plain-torch definition (:func:`moe_align_block_size_torch`, ~20 small torch ops) bit for bit:
+counting sort over chunks of ``ROWS_PER_PROGRAM`` consecutive rows; every value is an exact
+integer, so the result equals the plain-torch definition (:func:`moe_align_block_size_torch`,
+~20 small torch ops) bit for bit. Each row has a bin: its expert, E if skipped, E + 1 past the
+last row.
 
-    [count]  program p, rows [p*R, (p+1)*R):  counts[e, p] rows of expert e, counts[E, p]
-             skipped rows
-    [scan]   program e: row e of counts -> its exclusive prefix sum over the chunks (the rows
-             of expert e in chunks before p), in place, and totals[e]
-    [place]  program p: from the totals, each expert's padded segment (a prefix sum over E),
-             plus its row of the scan -> the position of the chunk's first row of each expert.
-             Then, BLOCK rows at a time: one-hot [E, BLOCK], its prefix sum along the rows =
-             each row's rank within its expert -> position_of_row[r], sorted_row_ids[position] = r.
-             The programs share out the rest: the sentinel in each expert's padding slots and
-             in the unused tail, and each block's expert. Program 0 writes expert_ends and
-             rows_per_expert.
+    [count]  program p, chunk p: a histogram of its rows' bins -> counts[b, p], b <= E
+    [scan]   program b: row b of counts -> its exclusive prefix sum over the chunks (the rows
+             of bin b in the chunks before p), in place, and totals[b]
+    [place]  program p: from the totals, each expert's padded segment (a prefix sum over E);
+             with its column of the scan, where the chunk's first row of each bin goes (skipped
+             rows: numbered on from max_padded_rows). The chunk's rows sorted by (bin, row)
+             (``tl.sort``): the i-th goes to that first position + i - (rows of lower bins in
+             the chunk) -> position_of_row[r], sorted_row_ids[position] = r. The programs
+             share out the rest: the sentinel in each expert's padding slots and in the unused
+             tail, and each block's expert. Program 0 writes expert_ends and rows_per_expert.
 
-The chunks are short (at most ``MAX_PROGRAMS`` of them; at 16K tokens x top-8 and 128 experts,
-1,024 chunks of two 64-row steps), so a program's serial chain of steps is short; the scan
-between them is what lets each place program start from its own row of prefix sums instead of
-re-reading the whole counts table. vLLM's and SGLang's CUDA kernels place rows with atomics
-(any order within an expert); their Triton versions (``moe_align_block_size_stage1..4``) are
-stable but place one row per loop iteration; here a program places BLOCK rows per iteration.
-``benchmarks/moe_align.py`` times ours beside vLLM's CUDA kernel.
+No program loops over rows, and none re-reads the whole counts table: the work per row is a
+histogram, a sort of 128 keys and a gather, not a pass over every expert.
+vLLM's and SGLang's CUDA kernels place rows with atomics (any order within an expert); their
+Triton versions (``moe_align_block_size_stage1..4``) are stable but place one row per loop
+iteration. ``benchmarks/moe_align.py`` times ours beside vLLM's CUDA kernel.
 """
 
 from __future__ import annotations
@@ -60,8 +59,8 @@ import triton
 import triton.language as tl
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-MAX_PROGRAMS = 1024     # chunks of rows (programs of the count and place kernels)
-TILE_ELEMENTS = 8192    # a [bins, rows] one-hot tile: rows per step = TILE_ELEMENTS / bins
+ROWS_PER_PROGRAM = 128  # a chunk: the rows one count and one place program take (a power of two)
+TILE_ELEMENTS = 4096    # a [bins, slots] tile of the padding pass: slots per step = TILE_ELEMENTS / bins
 SCAN_TILE = 1024        # chunks per step of the scan
 
 
@@ -101,29 +100,25 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int, block_m: int)
 
 
 @triton.jit
-def _expert_of_rows(topk_ids_ptr, rows, num_rows, NUM_BINS: tl.constexpr):
-    """The expert id of each row (int32); NUM_BINS (no expert's bin, not negative) past num_rows."""
-    return tl.load(topk_ids_ptr + rows, mask=rows < num_rows, other=NUM_BINS).to(tl.int32)
+def _bin_of_rows(topk_ids_ptr, rows, num_rows, NUM_EXPERTS: tl.constexpr):
+    """Each row's bin (int32): its expert, NUM_EXPERTS if skipped (negative id), NUM_EXPERTS + 1
+    past num_rows."""
+    expert = tl.load(topk_ids_ptr + rows, mask=rows < num_rows, other=NUM_EXPERTS + 1).to(tl.int32)
+    return tl.where(expert < 0, NUM_EXPERTS, expert)
 
 
 # The sizes change with every token count: no specialisation on them, so no compile per count.
-@triton.jit(do_not_specialize=["num_rows", "rows_per_program", "num_programs"])
+@triton.jit(do_not_specialize=["num_rows", "num_programs"])
 def _count_rows_kernel(
-    topk_ids_ptr, counts_ptr, num_rows, rows_per_program, num_programs,
-    NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK: tl.constexpr,
+    topk_ids_ptr, counts_ptr, num_rows, num_programs,
+    NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """counts[e, p] = rows of expert e in chunk p; counts[E, p] = rows with a negative id there."""
+    """counts[e, p] = rows of expert e in chunk p; counts[E, p] = skipped rows there."""
     pid = tl.program_id(0)
+    rows = pid * CHUNK + tl.arange(0, CHUNK)
+    counts = tl.histogram(_bin_of_rows(topk_ids_ptr, rows, num_rows, NUM_EXPERTS), NUM_BINS)
     bins = tl.arange(0, NUM_BINS)
-    counts = tl.zeros([NUM_BINS], dtype=tl.int32)
-    skipped = tl.zeros([BLOCK], dtype=tl.int32)
-    for offset in range(0, rows_per_program, BLOCK):
-        rows = pid * rows_per_program + offset + tl.arange(0, BLOCK)
-        expert = _expert_of_rows(topk_ids_ptr, rows, num_rows, NUM_BINS)
-        counts += tl.sum((bins[:, None] == expert[None, :]).to(tl.int32), axis=1)
-        skipped += (expert < 0).to(tl.int32)
-    tl.store(counts_ptr + bins * num_programs + pid, counts, mask=bins < NUM_EXPERTS)
-    tl.store(counts_ptr + NUM_EXPERTS * num_programs + pid, tl.sum(skipped, axis=0))
+    tl.store(counts_ptr + bins * num_programs + pid, counts, mask=bins <= NUM_EXPERTS)
 
 
 @triton.jit(do_not_specialize=["num_programs"])
@@ -141,11 +136,11 @@ def _scan_counts_kernel(counts_ptr, totals_ptr, num_programs, TILE: tl.constexpr
     tl.store(totals_ptr + tl.program_id(0), carry)
 
 
-@triton.jit(do_not_specialize=["num_rows", "rows_per_program", "num_programs", "max_padded_rows", "block_m"])
+@triton.jit(do_not_specialize=["num_rows", "num_programs", "max_padded_rows", "block_m"])
 def _place_rows_kernel(
     topk_ids_ptr, rows_before_ptr, totals_ptr, sorted_row_ids_ptr, position_of_row_ptr, block_expert_ids_ptr,
-    expert_ends_ptr, rows_per_expert_ptr, num_rows, rows_per_program, num_programs, max_padded_rows, block_m,
-    NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK: tl.constexpr,
+    expert_ends_ptr, rows_per_expert_ptr, num_rows, num_programs, max_padded_rows, block_m,
+    NUM_EXPERTS: tl.constexpr, NUM_BINS: tl.constexpr, CHUNK: tl.constexpr, PIECE: tl.constexpr,
 ):
     """Place chunk p's rows (stable within each expert); share out the padding sentinels and the
     block experts among the programs; program 0 writes the segment ends."""
@@ -160,58 +155,53 @@ def _place_rows_kernel(
         tl.store(expert_ends_ptr + bins, padded_end, mask=is_expert)
         tl.store(rows_per_expert_ptr + bins, total.to(tl.int64), mask=is_expert)
 
-    # This chunk's rows: position = where the chunk's next row of its expert goes + rank in the step.
-    next_position = segment_start + tl.load(rows_before_ptr + bins * num_programs + pid, mask=is_expert, other=0)
-    skipped_before = tl.load(rows_before_ptr + NUM_EXPERTS * num_programs + pid)
-    next_skipped = tl.zeros([BLOCK], dtype=tl.int32) + max_padded_rows + skipped_before
-    for offset in range(0, rows_per_program, BLOCK):
-        rows = pid * rows_per_program + offset + tl.arange(0, BLOCK)
-        in_range = rows < num_rows
-        expert = _expert_of_rows(topk_ids_ptr, rows, num_rows, NUM_BINS)
-        hit = (bins[:, None] == expert[None, :]).to(tl.int32)  # [NUM_BINS, BLOCK] one-hot
-        rank = tl.cumsum(hit, axis=1)  # 1 + rows of the same expert before it in this step
-        position = tl.sum(tl.where(hit != 0, next_position[:, None] + rank - 1, 0), axis=0)
-        next_position += tl.sum(hit, axis=1)
-        skip = (expert < 0).to(tl.int32)
-        position = tl.where(skip != 0, next_skipped + tl.cumsum(skip, axis=0) - 1, position)
-        next_skipped += tl.sum(skip, axis=0)
-        tl.store(position_of_row_ptr + rows, position, mask=in_range)
-        tl.store(sorted_row_ids_ptr + position, rows, mask=in_range & (skip == 0))
+    # Where this chunk's first row of each bin goes: its segment (skipped rows: numbered on from
+    # max_padded_rows) after the bin's rows in the chunks before.
+    first_position = tl.where(is_expert, segment_start, max_padded_rows) + tl.load(
+        rows_before_ptr + bins * num_programs + pid, mask=bins <= NUM_EXPERTS, other=0)
+    # The chunk's rows sorted by (bin, row): the i-th of them is the (i - first_in_chunk[bin])-th
+    # row of its bin in this chunk.
+    local = tl.arange(0, CHUNK)
+    bin_of_row = _bin_of_rows(topk_ids_ptr, pid * CHUNK + local, num_rows, NUM_EXPERTS)
+    rows_in_chunk = tl.histogram(bin_of_row, NUM_BINS)
+    first_in_chunk = tl.cumsum(rows_in_chunk, axis=0) - rows_in_chunk
+    order = tl.sort(bin_of_row * CHUNK + local)
+    sorted_bin = order // CHUNK
+    row = pid * CHUNK + order % CHUNK
+    position = tl.gather(first_position - first_in_chunk, sorted_bin, 0) + local
+    tl.store(position_of_row_ptr + row, position, mask=row < num_rows)
+    tl.store(sorted_row_ids_ptr + position, row, mask=sorted_bin < NUM_EXPERTS)
 
     # The sentinel in every padding slot: each expert's last block past its rows, [rows_end,
-    # padded_end) (at most block_m - 1 slots), slot by slot across the programs; then the unused
-    # tail [used_end, max_padded_rows) in BLOCKs across the programs.
+    # padded_end) (at most block_m - 1 slots), PIECE slots at a time across the programs; then
+    # the unused tail [used_end, max_padded_rows) in PIECEs across the programs.
     rows_end = segment_start + total
-    sentinel = tl.zeros([NUM_BINS, BLOCK], dtype=tl.int32) + num_rows
-    for first in range(pid * BLOCK, block_m - 1, num_programs * BLOCK):
-        slots = first + tl.arange(0, BLOCK)
+    sentinel = tl.zeros([NUM_BINS, PIECE], dtype=tl.int32) + num_rows
+    for first in range(pid * PIECE, block_m - 1, num_programs * PIECE):
+        slots = first + tl.arange(0, PIECE)
         tl.store(sorted_row_ids_ptr + rows_end[:, None] + slots[None, :], sentinel,
                  mask=slots[None, :] < (padded_end - rows_end)[:, None])
     used_end = tl.sum(padded, axis=0)
-    for first in range(used_end + pid * BLOCK, max_padded_rows, num_programs * BLOCK):
-        positions = first + tl.arange(0, BLOCK)
-        tl.store(sorted_row_ids_ptr + positions, tl.zeros([BLOCK], dtype=tl.int32) + num_rows,
+    for first in range(used_end + pid * PIECE, max_padded_rows, num_programs * PIECE):
+        positions = first + tl.arange(0, PIECE)
+        tl.store(sorted_row_ids_ptr + positions, tl.zeros([PIECE], dtype=tl.int32) + num_rows,
                  mask=positions < max_padded_rows)
 
     # Each block's expert: the experts whose segment ends at or before its start (E past the used rows).
     ends = tl.where(is_expert, padded_end, max_padded_rows)  # non-experts end at no position
-    for first in range(pid * BLOCK, max_padded_rows // block_m, num_programs * BLOCK):
-        blocks = first + tl.arange(0, BLOCK)
+    num_blocks = max_padded_rows // block_m
+    for first in range(pid * PIECE, num_blocks, num_programs * PIECE):
+        blocks = first + tl.arange(0, PIECE)
         expert = tl.sum((ends[:, None] <= blocks[None, :] * block_m).to(tl.int32), axis=0)
-        tl.store(block_expert_ids_ptr + blocks, expert, mask=blocks < max_padded_rows // block_m)
+        tl.store(block_expert_ids_ptr + blocks, expert, mask=blocks < num_blocks)
 
 
-def launch_shape(num_rows: int, num_experts: int) -> tuple[int, int, int, int]:
-    """``(NUM_BINS, BLOCK, rows_per_program, programs)`` of the count and place kernels.
-
-    NUM_BINS: experts rounded up to a power of two; BLOCK: rows per step, so that a
-    ``[NUM_BINS, BLOCK]`` one-hot tile has ``TILE_ELEMENTS``; rows_per_program: whole steps, at
-    most ``MAX_PROGRAMS`` chunks.
-    """
-    num_bins = max(16, triton.next_power_of_2(num_experts))
-    block = max(16, TILE_ELEMENTS // num_bins)
-    per_program = triton.cdiv(triton.cdiv(num_rows, MAX_PROGRAMS), block) * block
-    return num_bins, block, per_program, triton.cdiv(num_rows, per_program)
+def launch_shape(num_rows: int, num_experts: int) -> tuple[int, int, int]:
+    """``(NUM_BINS, PIECE, programs)``: the experts plus the skipped and past-the-end bins,
+    rounded up to a power of two; the padding pass's piece, so that a ``[NUM_BINS, PIECE]`` tile
+    has ``TILE_ELEMENTS``; one program per ``ROWS_PER_PROGRAM`` rows."""
+    num_bins = max(16, triton.next_power_of_2(num_experts + 2))
+    return num_bins, max(16, TILE_ELEMENTS // num_bins), triton.cdiv(num_rows, ROWS_PER_PROGRAM)
 
 
 def moe_align_block_size_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertAlignment:
@@ -219,9 +209,9 @@ def moe_align_block_size_triton(topk_ids: torch.Tensor, num_experts: int, block_
     device = topk_ids.device
     num_rows = topk_ids.numel()
     padded_total = max_padded_rows(num_rows, num_experts, block_m)
-    num_bins, block, per_program, programs = launch_shape(num_rows, num_experts)
-    # One int32 buffer: the [E + 1, P] counts (scanned in place into rows before each chunk), then E totals.
-    scratch = torch.empty((num_experts + 1) * programs + num_experts + 1, dtype=torch.int32, device=device)
+    num_bins, piece, programs = launch_shape(num_rows, num_experts)
+    # One int32 buffer: the [E + 1, P] counts (scanned in place into rows before each chunk), then E + 1 totals.
+    scratch = torch.empty((num_experts + 1) * (programs + 1), dtype=torch.int32, device=device)
     counts, totals = scratch[:(num_experts + 1) * programs], scratch[(num_experts + 1) * programs:]
     sorted_row_ids = torch.empty(padded_total, dtype=torch.int32, device=device)
     block_expert_ids = torch.empty(padded_total // block_m, dtype=torch.int32, device=device)
@@ -229,15 +219,15 @@ def moe_align_block_size_triton(topk_ids: torch.Tensor, num_experts: int, block_
     position_of_row = torch.empty(num_rows, dtype=torch.int32, device=device)
     rows_per_expert = torch.empty(num_experts, dtype=torch.int64, device=device)
     ids = topk_ids.reshape(-1)
-    _count_rows_kernel[(programs,)](ids, counts, num_rows, per_program, programs,
-                                    NUM_EXPERTS=num_experts, NUM_BINS=num_bins, BLOCK=block, num_warps=4)
+    _count_rows_kernel[(programs,)](ids, counts, num_rows, programs, NUM_EXPERTS=num_experts, NUM_BINS=num_bins,
+                                    CHUNK=ROWS_PER_PROGRAM, num_warps=4)
     _scan_counts_kernel[(num_experts + 1,)](counts, totals, programs,
                                             TILE=max(16, min(triton.next_power_of_2(programs), SCAN_TILE)),
                                             num_warps=4)
     _place_rows_kernel[(programs,)](
         ids, counts, totals, sorted_row_ids, position_of_row, block_expert_ids, expert_ends, rows_per_expert,
-        num_rows, per_program, programs, padded_total, block_m,
-        NUM_EXPERTS=num_experts, NUM_BINS=num_bins, BLOCK=block, num_warps=4,
+        num_rows, programs, padded_total, block_m,
+        NUM_EXPERTS=num_experts, NUM_BINS=num_bins, CHUNK=ROWS_PER_PROGRAM, PIECE=piece, num_warps=4,
     )
     return ExpertAlignment(sorted_row_ids, block_expert_ids, expert_ends[-1:], expert_ends,
                            position_of_row, rows_per_expert, num_rows, block_m)

@@ -396,6 +396,7 @@ ALIGN_CASES = {  # name: (T, K, E, block_m, fraction of skipped slots)
     "grouped_mm": (100, 8, 16, 16, 0.1),
     "bins_past_128": (70, 3, 130, 16, 0.05),
     "deepgemm_block": (64, 2, 3, 128, 0.0),
+    "qwen3_experts": (40, 8, 128, 128, 0.05),
     "all_skipped": (9, 2, 4, 4, 1.0),
 }
 
@@ -403,17 +404,18 @@ ALIGN_CASES = {  # name: (T, K, E, block_m, fraction of skipped slots)
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("case", list(ALIGN_CASES))
 def test_moe_align_triton_equals_torch(case, ids_dtype, monkeypatch):
-    """The three Triton kernels give the torch definition's tensors exactly: over a few chunks of
-    several steps each, over many one-step chunks scanned in several tiles, and at the defaults."""
+    """The three Triton kernels give the torch definition's tensors exactly: over many small
+    chunks scanned in several tiles, over larger chunks with a small padding tile, and at the
+    defaults."""
     num_tokens, top_k, num_experts, block_m, skip = ALIGN_CASES[case]
     gen = torch.Generator().manual_seed(7)
     ids = torch.randint(0, num_experts, (num_tokens, top_k), generator=gen)
     ids[torch.rand(num_tokens, top_k, generator=gen) < skip] = -1
     ids = ids.to(ids_dtype).to(DEVICE)
     ref = align.moe_align_block_size_torch(ids, num_experts, block_m)
-    for max_programs, tile_elements, scan_tile in ((4, 64, 16), (64, 64, 16),
-                                                   (align.MAX_PROGRAMS, align.TILE_ELEMENTS, align.SCAN_TILE)):
-        monkeypatch.setattr(align, "MAX_PROGRAMS", max_programs)
+    for rows_per_program, tile_elements, scan_tile in ((16, 64, 16), (64, 16, 16),
+                                                       (align.ROWS_PER_PROGRAM, align.TILE_ELEMENTS, align.SCAN_TILE)):
+        monkeypatch.setattr(align, "ROWS_PER_PROGRAM", rows_per_program)
         monkeypatch.setattr(align, "TILE_ELEMENTS", tile_elements)
         monkeypatch.setattr(align, "SCAN_TILE", scan_tile)
         out = align.moe_align_block_size_triton(ids, num_experts, block_m)

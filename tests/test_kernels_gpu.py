@@ -32,7 +32,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("block_m", [16, 128])
 def test_alignment_equals_torch_at_serving_sizes(num_tokens, block_m):
     """The compiled count/scan/place kernels give the torch definition's tensors exactly, up to
-    64K tokens x top-8 (1024 chunks of 8 steps), with a share of skipped (-1) slots."""
+    64K tokens x top-8 (4,096 chunks of 128 rows), with a share of skipped (-1) slots."""
     gen = torch.Generator(device="cuda").manual_seed(num_tokens)
     ids = torch.randint(0, 128, (num_tokens, 8), device="cuda", generator=gen, dtype=torch.int32)
     ids[torch.rand(num_tokens, 8, device="cuda", generator=gen) < 0.05] = -1
