@@ -21,6 +21,8 @@ Tolerances, as max|out - ref| / max|ref| (the reference is fp32 math):
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -441,6 +443,16 @@ def test_moe_align_default_is_triton(monkeypatch):
     assert len(calls) == 1
     empty = moe_align_block_size(ids[:0], 2, 4)
     assert len(calls) == 1 and empty.max_padded_rows == 0 and empty.expert_ends.cpu().tolist() == [0, 0]
+
+
+@pytest.mark.skipif(ON_GPU, reason="the benchmark's answer on a machine without CUDA")
+def test_moe_align_benchmark_says_it_needs_a_gpu():
+    """``benchmarks/moe_align.py`` without CUDA: one line saying so, exit 2, no traceback."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "moe_align.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == ("moe_align: error: needs a CUDA GPU (the kernels' correctness "
+                                                    "runs on CPU in tests/test_kernels.py)")
 
 
 # ---------------------------------------------------------------------------- benchmark summary arithmetic
