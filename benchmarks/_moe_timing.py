@@ -299,7 +299,7 @@ def reference_kind(side: str) -> str:
 
 def measure_point(layer: Layer, name: str, num_tokens: int, side_names: list[str], failures: dict) -> dict:
     """Errors, eager and graph-replayed times of every side at one token count; at >= 8K tokens
-    also the GEMM kernels' time of each bf16 backend (torch.profiler)."""
+    also the GEMM kernels' time of each bf16 backend and of ``fp8_selected`` (torch.profiler)."""
     e, k, h, i = layer.num_experts, layer.top_k, layer.hidden, layer.inter
     x, tw, ti = layer.inputs(num_tokens)
     triton_cfg = get_config(num_tokens, k, e, h, i, False, x.device, allow_grouped_mm=False)
@@ -335,7 +335,7 @@ def measure_point(layer: Layer, name: str, num_tokens: int, side_names: list[str
         except Exception as exc:  # e.g. a host sync inside the call: no graph time for this side
             failures[f"{key}/graph"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             log(f"{key} graph capture failed: {failures[key + '/graph']}")
-        if num_tokens >= SUMMARY_MIN_TOKENS and side in BF16_SIDES.values():
+        if num_tokens >= SUMMARY_MIN_TOKENS and side in (*BF16_SIDES.values(), "fp8_selected"):
             gemm_ms[side] = sum(v for kernel, v in profile_kernels(fn).items() if is_gemm_kernel(kernel))
         log(f"{key}: eager {ms[side]:.3f} ms, graph {ms_graph.get(side, float('nan')):.3f} ms")
     try:

@@ -51,11 +51,12 @@ minimum over those points; each point has its own value):
                                   can reach: its GEMM time / (GEMM time + the bytes its scatter,
                                   SiLU*mul and combine must move / the HBM bandwidth measured
                                   here by a 1 GiB device copy), alignment and launch gaps free
-    fp8_unfused_glue_bound_vs_bf16_<shape>_<tokens>
-                                  at the profiled token count: the best fp8_selected_vs_bf16 an
-                                  FP8 layer with the same unfused glue can reach, the bf16 layer's
-                                  time / (the fp8_selected side's GEMM kernels + its glue bytes,
-                                  FP8 operands, at that bandwidth)
+    fp8_unfused_glue_bound_vs_bf16
+                                  the best fp8_selected_vs_bf16 an FP8 layer with the same unfused
+                                  glue can reach, the bf16 layer's time / (the fp8_selected side's
+                                  GEMM kernels + its glue bytes, FP8 operands, at that bandwidth),
+                                  where fp8_selected runs DeepGEMM; also per shape at the profiled
+                                  token count (fp8_unfused_glue_bound_vs_bf16_<shape>_<tokens>)
 
     python benchmarks/moe_kernels.py                     # table + benchmarks/results/moe_kernels-<gpu>.json
     python benchmarks/moe_kernels.py --shapes qwen3-235b-a22b qwen3-30b-a3b --tokens 8192 16384
@@ -186,6 +187,7 @@ def summarize(points: list[dict], profiles: dict, bandwidth_gb_s: float) -> dict
         "layer_vs_gemm_only_min_8k_plus": worst("layer_vs_gemm_only"),
         "layer_vs_gemm_only_eager_min_8k_plus": worst("layer_vs_gemm_only_eager"),
         "unfused_glue_bound_layer_vs_gemm_only": worst("unfused_glue_bound_layer_vs_gemm_only"),
+        "fp8_unfused_glue_bound_vs_bf16_min_8k_plus": worst("fp8_unfused_glue_bound_vs_bf16"),
         "hbm_copy_bandwidth_gb_s": round(bandwidth_gb_s),
         "targets": {"bf16_vs_grouped_mm": 1.05, "fp8_vs_bf16": 1.6, "layer_vs_gemm_only": 0.9},
     }
@@ -255,6 +257,11 @@ def add_ratios(point: dict, bandwidth_gb_s: float, hidden: int, inter: int, top_
     gmm_gemm = gemm.get(BF16_SIDES[GROUPED_MM])
     point["unfused_glue_bound_layer_vs_gemm_only"] = (
         ratio(gmm_gemm, gmm_gemm + glue_ms) if gmm_gemm is not None else None)
+    fp8_gemm = gemm.get("fp8_selected")  # only DeepGEMM's GEMMs are glue-free (our Triton ones fuse it)
+    point["fp8_unfused_glue_bound_vs_bf16"] = (
+        fp8_unfused_glue_bound(point, fp8_gemm, bandwidth_gb_s)
+        if fp8_gemm and point["ms_graph"].get("bf16") and str(point.get("fp8_selected_kernel", "")).startswith("DeepGEMM")
+        else None)
     for table in (point["ms"], point["ms_graph"], point["gemm_kernels_ms"]):
         for side, v in table.items():
             table[side] = round(v, 4)
@@ -293,7 +300,8 @@ def finish_point(point: dict, layer: Layer, with_deepgemm: bool, bandwidth_gb_s:
     errors = " ".join(f"{point['max_rel_err'].get(side, nan):.1e}" for side in error_sides)
     print(" ".join(row) + "  " + errors, flush=True)
     graph = " ".join(f"{side} {v:.1f}" for side, v in tflops_graph.items())
-    print(f"{'':>7} graph TFLOP/s: {graph}; fp8 selected/bf16 {value(point['fp8_selected_vs_bf16']):.3f}; "
+    print(f"{'':>7} graph TFLOP/s: {graph}; fp8 selected/bf16 {value(point['fp8_selected_vs_bf16']):.3f} "
+          f"(unfused-glue bound {value(point['fp8_unfused_glue_bound_vs_bf16']):.3f}); "
           f"GEMMs/layer {value(point['layer_vs_gemm_only']):.3f} (eager {value(point['layer_vs_gemm_only_eager']):.3f},"
           f" unfused-glue bound {value(point['unfused_glue_bound_layer_vs_gemm_only']):.3f})", flush=True)
 
@@ -380,7 +388,7 @@ TIMING = {
     "ms_graph, tflops_graph": "the call captured once in a CUDA graph after warm-up; do_bench median of "
                               "graph.replay(), L2 flushed (no host launch gaps)",
     "gemm_kernels_ms": "torch.profiler: GPU time per call of the grouped-GEMM kernels of each bf16 backend "
-                       "(CUTLASS / our Triton GEMMs), at >= 8192 tokens",
+                       "(CUTLASS / our Triton GEMMs) and of fp8_selected, at >= 8192 tokens",
     "bf16_vs_grouped_mm, fp8_vs_bf16, fp8_rowwise_vs_bf16, fp8_rowwise_fast_accum_vs_bf16, "
     "deepgemm_bf16_vs_bf16, deepgemm_fp8_vs_bf16": "eager TFLOP/s ratios",
     "fp8_selected_vs_bf16": "graph: bf16 layer time / block-FP8 layer time, fused_experts(config=None) "
@@ -392,6 +400,8 @@ TIMING = {
     "unfused_glue_bound_layer_vs_gemm_only": "gemm_kernels_ms.bf16_gmm_ours / (that + unfused_glue_min_ms); "
                                              "unfused_glue_min_ms = unfused_glue_bytes (scatter, SiLU*mul, "
                                              "combine; real rows) / hbm_copy_bandwidth_gb_s",
+    "fp8_unfused_glue_bound_vs_bf16": "graph: ms_graph.bf16 / (gemm_kernels_ms.fp8_selected + the FP8 glue's "
+                                      "bytes / hbm_copy_bandwidth_gb_s), where fp8_selected runs DeepGEMM",
     "hbm_copy_bandwidth_gb_s": "(read + written bytes) / do_bench median of a 1 GiB device-to-device copy",
     "*_min_8k_plus": "the minimum over the points with >= 8192 tokens",
 }

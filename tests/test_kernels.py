@@ -485,13 +485,15 @@ def test_moe_kernels_benchmark_summary_arithmetic():
     assert glue_bytes == 3 * 2 * 16384 * 9 * 4096 + 12 * 16384 * 8  # Qwen3-235B: three 1.2 GB passes
     bandwidth = glue_bytes / 1e9 / 1e-3  # GB/s at which the glue takes exactly 1 ms
 
-    def point(tokens: int, backend: str, gemm_kernels_ms: dict | None = None) -> dict:
+    def point(tokens: int, backend: str, gemm_kernels_ms: dict | None = None,
+              fp8_kernel: str = "DeepGEMM (deep_gemm 2.5.0), block FP8 on m_indices rows") -> dict:
         p = {"shape": "qwen3-235b-a22b", "tokens": tokens, "flops": 1e12, "bf16_backend": backend,
              "ms": {"bf16_gmm_ours": 10.0, "bf16_triton": 12.5, "bf16_triton_gmm": 9.8, "grouped_mm": 12.0,
                     "fp8": 8.0},
              "ms_graph": {"bf16_gmm_ours": 9.5, "bf16_triton_gmm": 9.4, "fp8_selected": 5.0},
              "gemm_kernels_ms": gemm_kernels_ms or {"bf16_gmm_ours": 9.0, "bf16_triton": 11.0,
-                                                    "bf16_triton_gmm": 9.2}}
+                                                    "bf16_triton_gmm": 9.2, "fp8_selected": 3.5},
+             "fp8_selected_kernel": fp8_kernel}
         bench.add_ratios(p, bandwidth, 4096, 1536, 8)
         return p
 
@@ -501,6 +503,11 @@ def test_moe_kernels_benchmark_summary_arithmetic():
     assert gmm["fp8_selected_vs_bf16"] == 1.9  # graph times: 9.5 / 5.0
     assert gmm["layer_vs_gemm_only"] == 0.947 and gmm["layer_vs_gemm_only_eager"] == 0.9
     assert gmm["unfused_glue_min_ms"] == 1.0 and gmm["unfused_glue_bound_layer_vs_gemm_only"] == 0.9  # 9 / (9 + 1)
+    # FP8: DeepGEMM's GEMMs (3.5 ms) + the glue's bytes with 1-byte operands and a scale per 128.
+    fp8_glue_ms = bench.unfused_glue_bytes(16384, 8, 4096, 1536, bench.BLOCK_FP8_OPERAND_BYTES) / glue_bytes
+    assert gmm["fp8_unfused_glue_bound_vs_bf16"] == round(9.5 / (3.5 + fp8_glue_ms), 3)
+    # Our Triton FP8 GEMMs hold glue in them: no bound from them.
+    assert point(16384, GROUPED_MM, fp8_kernel="ours (Triton)")["fp8_unfused_glue_bound_vs_bf16"] is None
     # The GEMMs alone are CUTLASS's (9 ms, no glue in them), whichever backend ships: the shipped
     # Triton layer (no graph time of it here) eager 9 / 12.5; the Triton-then-CUTLASS one 9 / 9.4,
     # not its own GEMM kernels' 9.2 (its first GEMM holds the gather and SiLU*mul).
@@ -517,6 +524,8 @@ def test_moe_kernels_benchmark_summary_arithmetic():
     assert summary["layer_vs_gemm_only_eager_min_8k_plus"] == 0.72
     assert summary["fp8_selected_vs_bf16_min_8k_plus"] == 1.88  # the hybrid point: 9.4 / 5.0
     assert summary["unfused_glue_bound_layer_vs_gemm_only"] == 0.9
+    assert summary["fp8_unfused_glue_bound_vs_bf16_min_8k_plus"] == min(
+        p["fp8_unfused_glue_bound_vs_bf16"] for p in (gmm, triton_point, hybrid) if p["fp8_unfused_glue_bound_vs_bf16"])
     assert summary["fp8_rowwise_vs_bf16_min_8k_plus"] is None
     assert summary["hbm_copy_bandwidth_gb_s"] == round(bandwidth)
     assert bench.split_list(["qwen3-235b-a22b,qwen3-30b-a3b", "8192"]) == ["qwen3-235b-a22b", "qwen3-30b-a3b", "8192"]
