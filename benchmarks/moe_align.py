@@ -54,12 +54,15 @@ def vllm_align() -> tuple[Callable | None, str]:
 
 
 def routed_ids(num_tokens: int, top_k: int, num_experts: int) -> torch.Tensor:
+    """``[T, K]`` int32 expert ids: softmax top-k of random logits, as a router picks them."""
     logits = torch.randn(num_tokens, num_experts, device="cuda")
     return torch.topk(torch.softmax(logits, dim=-1), top_k, dim=-1).indices.to(torch.int32)
 
 
 def measure(tokens: list[int], block_ms: list[int], num_experts: int, top_k: int,
             vllm_fn: Callable | None) -> list[dict]:
+    """Every token count x block size: ours checked against the torch definition, then each
+    side's graph-replayed time (µs), one table row per point."""
     points = []
     print(f"{'tokens':>7} {'block_m':>7} {'ours us':>9} {'torch us':>9} {'vllm us':>9} {'vllm/ours':>9}")
     for num_tokens in tokens:
