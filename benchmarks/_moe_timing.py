@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -169,6 +170,9 @@ def candidate_configs(use_fp8: bool, num_tokens: int, top_k: int, num_experts: i
                   ((64, 8, 4), (128, 8, 3), (128, 8, 4), (128, 32, 4))]
         g2 = [GemmConfig(bm, bn, bk, gm, w, s) for bn, gm, w, s in
               ((128, 8, warps, 4), (128, 8, warps, 3), (256, 8, 8, 3), (128, 16, warps, 4), (64, 8, 4, 4))]
+        if not use_fp8 and torch.cuda.get_device_capability() >= (9, 0):  # each tile with TMA weight loads too
+            g1 += [replace(cfg, weight_tma=True) for cfg in g1]
+            g2 += [replace(cfg, weight_tma=True) for cfg in g2]
         yield bm, g1, g2
 
 

@@ -17,7 +17,10 @@
 
 Each GEMM is one launch over ``max_padded_rows / block_m`` row blocks x the N tiles, with a
 grouped-M swizzle so programs that run together share weight tiles in L2; a row block reads
-its expert id from the alignment and returns at once if it lies past the used rows.
+its expert id from the alignment and returns at once if it lies past the used rows. The
+weight tiles come by per-thread pointer loads or, where a tile config asks for it
+(``GemmConfig.weight_tma``) and :func:`weight_tiles` can describe the weights (sm90, 16-bit,
+contiguous), as TMA copies; the activation rows are gathered by pointer loads either way.
 
 FP8 path: e4m3 weights with 128x128 block scales, activations quantised per token and
 128-wide group; every K step (``block_k == 128``, one scale group) rescales the fp32 partial
@@ -54,6 +57,11 @@ from .moe_config import GROUPED_MM, TRITON, TRITON_GROUPED_MM, GemmConfig, MoECo
 from .quant import FP8_DTYPE, GROUP_SIZE, ROUND_E4M3_IN_FP32, dequantize_fp8_block, \
     dequantize_fp8_rowwise, quantize_tokens_fp8_group, quantize_weights_fp8_block, round_to_e4m3
 
+try:  # host-side TMA descriptors: Triton 3.4+ (the one torch 2.8 ships)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointer loads only
+    TensorDescriptor = None
+
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Which experts kernel ``fused_experts`` runs when no ``config`` is given (read on every call).
 EXPERTS_KERNEL_ENV = "ZEROPREFILL_EXPERTS_KERNEL"
@@ -77,11 +85,11 @@ def _swizzle_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _gemm1_gate_up_silu_kernel(
-    x_ptr, x_scale_ptr, w_ptr, w_scale_ptr, act_ptr, act_scale_ptr,
+    x_ptr, x_scale_ptr, w_ptr, w_desc, w_scale_ptr, act_ptr, act_scale_ptr,
     sorted_row_ids_ptr, block_expert_ids_ptr, num_padded_rows_ptr,
     num_rows, inter, hidden, max_blocks_m, top_k,
     stride_x, stride_xs, stride_we, stride_wn, stride_wse, stride_wsn, stride_act, stride_acts,
-    USE_FP8: tl.constexpr, UP_SCALE_UNIFORM: tl.constexpr, EVEN_K: tl.constexpr,
+    USE_FP8: tl.constexpr, UP_SCALE_UNIFORM: tl.constexpr, EVEN_K: tl.constexpr, WEIGHT_TMA: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, ROUND_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """act[p, n] = silu(x[tok(p)] . w13[e, n]) * (x[tok(p)] . w13[e, I + n]) for padded row p."""
@@ -101,6 +109,7 @@ def _gemm1_gate_up_silu_kernel(
     a_ptrs = x_ptr + tokens[:, None] * stride_x + offs_k[None, :]
     gate_ptrs = w_ptr + expert * stride_we + offs_n_safe[None, :] * stride_wn + offs_k[:, None]
     up_ptrs = gate_ptrs + inter * stride_wn
+    gate_row = (expert * 2 * inter + pid_n * BLOCK_N).to(tl.int32)  # WEIGHT_TMA: rows of w13 as [E*2I, H]
     if USE_FP8:  # BLOCK_N == 128: the gate tile is one weight scale block per K step
         a_scale_ptrs = x_scale_ptr + tokens * stride_xs
         gate_scale_ptr = w_scale_ptr + expert * stride_wse + pid_n * stride_wsn
@@ -114,11 +123,16 @@ def _gemm1_gate_up_silu_kernel(
     for k in range(0, tl.cdiv(hidden, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            b_gate = tl.load(gate_ptrs)
-            b_up = tl.load(up_ptrs)
         else:
             k_ok = offs_k < hidden - k * BLOCK_K
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if WEIGHT_TMA:  # the descriptor zero-fills columns past H
+            b_gate = w_desc.load([gate_row, k * BLOCK_K]).T
+            b_up = w_desc.load([gate_row + inter, k * BLOCK_K]).T
+        elif EVEN_K:
+            b_gate = tl.load(gate_ptrs)
+            b_up = tl.load(up_ptrs)
+        else:
             b_gate = tl.load(gate_ptrs, mask=k_ok[:, None], other=0.0)
             b_up = tl.load(up_ptrs, mask=k_ok[:, None], other=0.0)
         if USE_FP8:
@@ -151,11 +165,11 @@ def _gemm1_gate_up_silu_kernel(
 
 @triton.jit
 def _gemm2_down_scatter_kernel(
-    act_ptr, act_scale_ptr, w_ptr, w_scale_ptr, out_ptr, topk_weights_ptr,
+    act_ptr, act_scale_ptr, w_ptr, w_desc, w_scale_ptr, out_ptr, topk_weights_ptr,
     sorted_row_ids_ptr, block_expert_ids_ptr, num_padded_rows_ptr,
     num_rows, hidden, inter, max_blocks_m,
     stride_act, stride_acts, stride_we, stride_wn, stride_wse, stride_wsn, stride_out,
-    USE_FP8: tl.constexpr, EVEN_K: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    USE_FP8: tl.constexpr, EVEN_K: tl.constexpr, WEIGHT_TMA: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[r, n] = topk_weight[r] * (act[p] . w2[e, n]) for padded row p holding row r."""
@@ -173,6 +187,7 @@ def _gemm2_down_scatter_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_act + offs_k[None, :]
     b_ptrs = w_ptr + expert * stride_we + offs_n_safe[None, :] * stride_wn + offs_k[:, None]
+    b_row = (expert * hidden + pid_n * BLOCK_N).to(tl.int32)  # WEIGHT_TMA: rows of w2 as [E*H, I]
     if USE_FP8:
         a_scale_ptrs = act_scale_ptr + offs_m.to(tl.int64) * stride_acts
         if BLOCK_N <= 128:  # the tile lies in one weight scale block
@@ -184,10 +199,14 @@ def _gemm2_down_scatter_kernel(
     for k in range(0, tl.cdiv(inter, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
         else:
             k_ok = offs_k < inter - k * BLOCK_K
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        if WEIGHT_TMA:  # the descriptor zero-fills columns past I
+            b = w_desc.load([b_row, k * BLOCK_K]).T
+        elif EVEN_K:
+            b = tl.load(b_ptrs)
+        else:
             b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
         if USE_FP8:
             a_scale = tl.load(a_scale_ptrs + k)
@@ -425,12 +444,51 @@ def sum_slots(slots: torch.Tensor, alignment: ExpertAlignment, num_tokens: int,
     return out
 
 
+def _tma_reason(w: torch.Tensor, rows_per_segment: int, cfg: GemmConfig) -> str | None:
+    """Why ``w [E, N, K]`` cannot be read in ``[block_n, block_k]`` TMA tiles; ``None`` when it can."""
+    if TensorDescriptor is None:
+        return f"Triton {triton.__version__} has no host-side tensor descriptors (3.4 or newer has)"
+    if not INTERPRETING:
+        if w.device.type != "cuda":
+            return f"the weights are on {w.device}, not a CUDA GPU"
+        if torch.cuda.get_device_capability(w.device) < (9, 0):
+            return "TMA needs sm90 (H100/H200) or newer"
+    if w.dtype == FP8_DTYPE:  # compiled for sm90 (Triton 3.6): the shipped 4-warp FP8 tiles spill registers
+        return "FP8 weights keep pointer loads"
+    if not w.is_contiguous():
+        return "the weights are not contiguous"
+    if w.data_ptr() % 16 or w.shape[2] * w.element_size() % 16:
+        return "the weight rows are not 16-byte aligned"
+    if rows_per_segment % cfg.block_n:
+        return f"block_n={cfg.block_n} does not divide {rows_per_segment}: a tile would cross into the next rows"
+    if w.shape[0] * w.shape[1] >= 2 ** 31:
+        return "more than 2^31 weight rows (TMA coordinates are int32)"
+    return None
+
+
+def weight_tiles(w: torch.Tensor, rows_per_segment: int, cfg: GemmConfig) -> TensorDescriptor | None:
+    """A TMA descriptor over the expert weights ``w [E, N, K]``, viewed as ``[E*N, K]``, in
+    ``[block_n, block_k]`` tiles; ``None`` where TMA cannot read them (:func:`_tma_reason`).
+
+    With it a GEMM loads each weight tile with one Tensor Memory Accelerator copy into shared
+    memory, computed by the copy engine, instead of per-thread pointer loads whose addresses the
+    warps compute: the same data, fewer instructions and registers in the main loop. Tiles start
+    at ``e*N + n`` and must not straddle ``rows_per_segment`` (I for ``w13``: gate rows, then up
+    rows; H for ``w2``); columns past K read as zeros.
+    """
+    if _tma_reason(w, rows_per_segment, cfg) is not None:
+        return None
+    return TensorDescriptor.from_tensor(w.view(-1, w.shape[2]), [cfg.block_n, cfg.block_k])
+
+
 def run_gemm1(x: torch.Tensor, x_scale: torch.Tensor | None, w13: torch.Tensor,
               w13_scale: torch.Tensor | None, alignment: ExpertAlignment,
               cfg: GemmConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
     """GEMM 1 launch: ``act [max_padded_rows, I]`` in expert-sorted order (+ 1x128 scales if FP8).
 
-    ``x`` is ``[T, H]`` in token order (e4m3 with ``x_scale [T, ceil(H/128)]`` for FP8).
+    ``x`` is ``[T, H]`` in token order (e4m3 with ``x_scale [T, ceil(H/128)]`` for FP8). With
+    ``cfg.weight_tma`` the weight tiles come through TMA where :func:`weight_tiles` can make
+    them, by pointer loads otherwise.
     """
     use_fp8 = x_scale is not None
     hidden = x.shape[1]
@@ -449,13 +507,15 @@ def run_gemm1(x: torch.Tensor, x_scale: torch.Tensor | None, w13: torch.Tensor,
         act_scale = None
         scale_args = (dummy, dummy, dummy)
         scale_strides = (0, 0, 0, 0)
+    w_desc = weight_tiles(w13, inter, cfg) if cfg.weight_tma else None
     _gemm1_gate_up_silu_kernel[(blocks_m * triton.cdiv(inter, cfg.block_n),)](
-        x, scale_args[0], w13, scale_args[1], act, scale_args[2],
+        x, scale_args[0], w13, w13 if w_desc is None else w_desc, scale_args[1], act, scale_args[2],
         alignment.sorted_row_ids, alignment.block_expert_ids, alignment.num_padded_rows,
         alignment.num_rows, inter, hidden, blocks_m, alignment.num_rows // x.shape[0],
         x.stride(0), scale_strides[0], w13.stride(0), w13.stride(1), scale_strides[1], scale_strides[2],
         act.stride(0), scale_strides[3],
         USE_FP8=use_fp8, UP_SCALE_UNIFORM=inter % 128 == 0, EVEN_K=hidden % cfg.block_k == 0,
+        WEIGHT_TMA=w_desc is not None,
         # The Triton CPU interpreter multiplies bf16 dot operands as their uint16 bit patterns;
         # there, upcast them (bf16 products are exact in fp32, so the math is unchanged).
         DOT_IN_FP32=INTERPRETING and x.dtype == torch.bfloat16, ROUND_IN_FP32=ROUND_E4M3_IN_FP32,
@@ -468,7 +528,10 @@ def run_gemm1(x: torch.Tensor, x_scale: torch.Tensor | None, w13: torch.Tensor,
 def run_gemm2(act: torch.Tensor, act_scale: torch.Tensor | None, w2: torch.Tensor,
               w2_scale: torch.Tensor | None, topk_weights: torch.Tensor, alignment: ExpertAlignment,
               cfg: GemmConfig, out_dtype: torch.dtype) -> torch.Tensor:
-    """GEMM 2 launch: ``slots [T*K, H]``, row ``t*K+k`` = weighted output of token t's k-th expert."""
+    """GEMM 2 launch: ``slots [T*K, H]``, row ``t*K+k`` = weighted output of token t's k-th expert.
+
+    ``cfg.weight_tma`` as in :func:`run_gemm1`.
+    """
     use_fp8 = act_scale is not None
     hidden, inter = w2.shape[1], w2.shape[2]
     device = act.device
@@ -481,13 +544,14 @@ def run_gemm2(act: torch.Tensor, act_scale: torch.Tensor | None, w2: torch.Tenso
     else:
         scale_args = (dummy, dummy)
         scale_strides = (0, 0, 0)
+    w_desc = weight_tiles(w2, hidden, cfg) if cfg.weight_tma else None
     _gemm2_down_scatter_kernel[(blocks_m * triton.cdiv(hidden, cfg.block_n),)](
-        act, scale_args[0], w2, scale_args[1], slots, topk_weights,
+        act, scale_args[0], w2, w2 if w_desc is None else w_desc, scale_args[1], slots, topk_weights,
         alignment.sorted_row_ids, alignment.block_expert_ids, alignment.num_padded_rows,
         alignment.num_rows, hidden, inter, blocks_m,
         act.stride(0), scale_strides[0], w2.stride(0), w2.stride(1), scale_strides[1], scale_strides[2],
         slots.stride(0),
-        USE_FP8=use_fp8, EVEN_K=inter % cfg.block_k == 0,
+        USE_FP8=use_fp8, EVEN_K=inter % cfg.block_k == 0, WEIGHT_TMA=w_desc is not None,
         DOT_IN_FP32=INTERPRETING and act.dtype == torch.bfloat16,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -40,6 +40,7 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 8
     num_stages: int = 3
+    weight_tma: bool = False  # weight tiles through TMA where they can be (fused_moe.weight_tiles), else pointer loads
 
 
 TRITON = "triton"          # our two grouped Triton GEMMs (fused_moe.py)
