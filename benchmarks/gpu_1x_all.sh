@@ -13,11 +13,12 @@
 #                AsyncEP, bf16 AsyncEP, AsyncEP on DeepGEMM's FP8 psum layout, stock forced onto
 #                DeepGEMM (~18 min: the first stock FP8 start's DeepGEMM warm-up JIT-builds 1,849
 #                kernels on a fresh machine)
-#   kernels      tests/test_kernels_gpu.py -k "deepgemm or alignment" (both FP8 row layouts against the
-#                reference; the alignment against its torch definition), moe_align.py --sweep (ours beside
-#                vLLM's CUDA alignment), then moe_kernels.py with --select-backends, each in a process that
-#                imported vLLM (~4 min); the rewritten kernels/configs/<arch>.json is copied to
-#                OUT_DIR/kernels-configs/
+#   kernels      tests/test_kernels_gpu.py -k "deepgemm or alignment or weight_tiles" (both FP8 row layouts
+#                against the reference; the alignment against its torch definition; TMA weight tiles against
+#                pointer loads), moe_align.py --sweep (ours beside vLLM's CUDA alignment), moe_gemm_tma.py
+#                (our GEMMs with TMA or pointer weight loads, ~3 min), then moe_kernels.py with
+#                --select-backends, each but moe_gemm_tma in a process that imported vLLM (~7 min); the
+#                rewritten kernels/configs/<arch>.json is copied to OUT_DIR/kernels-configs/
 #   sglang-tiny  sglang_gpu_check.py --parts tiny (~2.5 min)
 #   sglang-30b   sglang_gpu_check.py --parts 30b, all 48 layers (~5 min)
 #
@@ -51,10 +52,11 @@ run_step() {  # run_step NAME: one step, its output in OUT_DIR/NAME.log, its sta
     kernels)  # vLLM imported first in both: DeepGEMM is then the copy vLLM ships
         PYTHONPATH=$vllm_site python3 -c 'import sys, pytest, vllm
 sys.exit(pytest.main(["-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/test_kernels_gpu.py",
-                      "-k", "deepgemm or alignment"]))'
+                      "-k", "deepgemm or alignment or weight_tiles"]))'
         tests=$?  # the benchmarks run either way; the step fails if any did
         PYTHONPATH=$vllm_site python3 benchmarks/moe_align.py --sweep --out "$out/kernels/moe_align.json" ||
             tests=1
+        python3 benchmarks/moe_gemm_tma.py --out "$out/kernels/moe_gemm_tma.json" || tests=1
         PYTHONPATH=$vllm_site python3 -c 'import runpy, sys, vllm  # fp8_selected then runs on vLLM'"'"'s DeepGEMM
 sys.argv = ["moe_kernels.py", "--shapes", "qwen3-235b-a22b", "qwen3-30b-a3b", "--tokens", "8192", "16384", "32768",
             "--sides", "bf16_triton,bf16_gmm_ours,bf16_triton_gmm,fp8_selected,deepgemm_fp8,deepgemm_fp8_psum",

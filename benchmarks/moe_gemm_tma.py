@@ -2,9 +2,10 @@
 
 Our two Triton GEMMs (``kernels/fused_moe.py``) read the weight tiles either through a TMA
 descriptor (``GemmConfig.weight_tma``, ``weight_tiles``: one Tensor Memory Accelerator copy per
-tile, sm90 and 16-bit weights) or with per-thread pointer loads (every other case). This times both, tile configuration by tile configuration, at the Qwen3 MoE shapes
-in bf16, beside what the fused GEMM 1 must beat to be worth running instead of torch's CUTLASS
-grouped GEMM, which needs our row scatter before it and our SiLU*mul pass after it:
+tile, sm90) or with per-thread pointer loads (every other case). This times both, tile
+configuration by tile configuration, at the Qwen3 MoE shapes in bf16, beside what the fused
+GEMM 1 must beat to be worth running instead of torch's CUTLASS grouped GEMM, which needs our
+row scatter before it and our SiLU*mul pass after it:
 
     gemm1 ptr|tma CFG   ours: gathered token rows . w13[e]^T, SiLU*mul in the epilogue
     gemm2 ptr|tma CFG   ours: act . w2[e]^T, times the routing weight, scattered to token order

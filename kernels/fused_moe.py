@@ -19,7 +19,7 @@ Each GEMM is one launch over ``max_padded_rows / block_m`` row blocks x the N ti
 grouped-M swizzle so programs that run together share weight tiles in L2; a row block reads
 its expert id from the alignment and returns at once if it lies past the used rows. The
 weight tiles come by per-thread pointer loads or, where a tile config asks for it
-(``GemmConfig.weight_tma``) and :func:`weight_tiles` can describe the weights (sm90, 16-bit,
+(``GemmConfig.weight_tma``) and :func:`weight_tiles` can describe the weights (sm90,
 contiguous), as TMA copies; the activation rows are gathered by pointer loads either way.
 
 FP8 path: e4m3 weights with 128x128 block scales, activations quantised per token and
@@ -453,8 +453,6 @@ def _tma_reason(w: torch.Tensor, rows_per_segment: int, cfg: GemmConfig) -> str 
             return f"the weights are on {w.device}, not a CUDA GPU"
         if torch.cuda.get_device_capability(w.device) < (9, 0):
             return "TMA needs sm90 (H100/H200) or newer"
-    if w.dtype == FP8_DTYPE:  # compiled for sm90 (Triton 3.6): the shipped 4-warp FP8 tiles spill registers
-        return "FP8 weights keep pointer loads"
     if not w.is_contiguous():
         return "the weights are not contiguous"
     if w.data_ptr() % 16 or w.shape[2] * w.element_size() % 16:

@@ -206,69 +206,56 @@ def test_fused_experts_fp8(num_tokens, num_experts, top_k, hidden, inter, act_dt
     assert rel_err(out, fused_experts_reference(x, w13.to(act_dtype), w2.to(act_dtype), weights, ids)) < 0.1
 
 
-@pytest.mark.parametrize("kind", ["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "fp8"])
 def test_weight_tiles_through_tma_equal_pointer_loads(kind):
     """Both GEMMs with TMA weight tiles give what their pointer loads give, an uneven K included
     (the descriptor zero-fills past it, as the masked loads do); interpreter or sm90."""
     if ON_GPU and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("TMA needs sm90")
-    num_tokens, num_experts, top_k, hidden, inter = 21, 4, 2, 80, 64
+    num_tokens, num_experts, top_k, hidden, inter = (21, 4, 2, 160, 128) if kind == "fp8" else (21, 4, 2, 80, 64)
     dtype = torch.float32 if kind == "fp32" else torch.bfloat16
-    w13, w2 = make_layer(num_experts, hidden, inter, dtype)
+    w13, w2 = make_layer(num_experts, hidden, inter, torch.float32 if kind == "fp8" else dtype)
     x, weights, ids = make_tokens(num_tokens, hidden, num_experts, top_k, dtype)
-    # block_k 32: K = 80 (GEMM 1) is not a whole number of steps
-    gemm1, gemm2 = GemmConfig(16, 32, 32, 2, 4, 2), GemmConfig(16, 16, 32, 2, 4, 2)
+    scales = {}
+    if kind == "fp8":  # K = 160 (GEMM 1) is not a whole number of 128-wide steps
+        (w13, w13_scale), (w2, w2_scale) = quantize_weights_fp8_block(w13), quantize_weights_fp8_block(w2)
+        scales = dict(w13_scale=w13_scale, w2_scale=w2_scale)
+        gemm1, gemm2 = GemmConfig(16, 128, 128, 2, 4, 2), GemmConfig(16, 32, 128, 2, 4, 2)
+    else:  # block_k 32: K = 80 (GEMM 1) is not a whole number of steps
+        gemm1, gemm2 = GemmConfig(16, 32, 32, 2, 4, 2), GemmConfig(16, 16, 32, 2, 4, 2)
+    x_in, x_scale = quantize_tokens_fp8_group(x) if kind == "fp8" else (x, None)
     alignment = moe_align_block_size(ids, num_experts, 16)
     used = alignment.sorted_row_ids[:alignment.max_padded_rows] < alignment.num_rows
-    assert fused_moe.weight_tiles(w13, inter, gemm1) is not None and fused_moe.weight_tiles(w2, hidden, gemm2) is not None
-    acts = [fused_moe.run_gemm1(x, None, w13, None, alignment, replace(gemm1, weight_tma=tma))[0] for tma in (False, True)]
-    assert torch.equal(acts[0][used], acts[1][used])
-    slots = [fused_moe.run_gemm2(acts[0], None, w2, None, weights, alignment, replace(gemm2, weight_tma=tma), dtype)
-             for tma in (False, True)]
+    tma1, tma2 = replace(gemm1, weight_tma=True), replace(gemm2, weight_tma=True)
+    assert fused_moe.weight_tiles(w13, inter, tma1) is not None and fused_moe.weight_tiles(w2, hidden, tma2) is not None
+    acts = [fused_moe.run_gemm1(x_in, x_scale, w13, scales.get("w13_scale"), alignment, cfg) for cfg in (gemm1, tma1)]
+    for ptr_out, tma_out in zip(acts[0], acts[1]):  # act (and its scales in FP8)
+        if ptr_out is not None:
+            assert torch.equal(ptr_out[used], tma_out[used])
+    slots = [fused_moe.run_gemm2(*acts[0], w2, scales.get("w2_scale"), weights, alignment, cfg, x.dtype)
+             for cfg in (gemm2, tma2)]
     assert torch.equal(slots[0], slots[1])
-    config = MoEConfig(replace(gemm1, weight_tma=True), replace(gemm2, weight_tma=True))
-    assert rel_err(fused_experts(x, w13, w2, weights, ids, config=config),
-                   fused_experts_reference(x, w13, w2, weights, ids)) < TOLERANCE[dtype]
-
-
-COMPILE_FOR_SM90 = """
-import json, sys, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from zeroprefill.kernels import fused_moe
-POINTERS = {"x_ptr": "*bf16", "w_ptr": "*bf16", "act_ptr": "*bf16", "out_ptr": "*bf16", "x_scale_ptr": "*fp32",
-            "w_scale_ptr": "*fp32", "act_scale_ptr": "*fp32", "topk_weights_ptr": "*fp32",
-            "sorted_row_ids_ptr": "*i32", "block_expert_ids_ptr": "*i32", "num_padded_rows_ptr": "*i32"}
-uses_tma = {}
-for gemm, fn, block_n in (("gemm1", fused_moe._gemm1_gate_up_silu_kernel, 128),
-                          ("gemm2", fused_moe._gemm2_down_scatter_kernel, 256)):  # the shipped sm90 tiles
-    for weight_tma in (False, True):
-        constexprs = dict(USE_FP8=False, UP_SCALE_UNIFORM=True, EVEN_K=True, WEIGHT_TMA=weight_tma, DOT_IN_FP32=False,
-                          ROUND_IN_FP32=False, BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=64, GROUP_M=8)
-        constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
-        signature = {name: "constexpr" if name in constexprs else POINTERS.get(name, "i32") for name in fn.arg_names}
-        signature["w_desc"] = f"tensordesc<bf16[{block_n}, 64]>" if weight_tma else "*bf16"
-        aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)  # as the JIT marks them
-                   if signature[name][0] in "*i" and name not in ("top_k", "max_blocks_m")}
-        compiled = triton.compile(ASTSource(fn, signature, constexprs, aligned), target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": 8, "num_stages": 3})
-        assert compiled.asm["cubin"]
-        uses_tma[f"{gemm} weight_tma={weight_tma}"] = "cp.async.bulk.tensor" in compiled.asm["ptx"]
-print(json.dumps(uses_tma))
-"""
+    assert rel_err(fused_experts(x, w13, w2, weights, ids, config=MoEConfig(tma1, tma2), **scales),
+                   fused_experts_reference(x, w13, w2, weights, ids, **scales)) < (3e-2 if kind == "fp8" else TOLERANCE[dtype])
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the kernels compile in every other test")
-def test_gemm_kernels_compile_for_sm90():
-    """Both GEMMs compile to sm90 machine code without a GPU (Triton's bundled ptxas; a process
-    outside the interpreter), the weight tiles in TMA copies (``cp.async.bulk.tensor``) exactly
-    when asked: a kernel only the interpreter has run must not first fail to compile on an H100."""
+def test_gemm_kernels_compile_for_sm90(tmp_path):
+    """``benchmarks/kernel_resources.py`` compiles both GEMMs for sm90 without a GPU (Triton's bundled
+    ptxas, in a process outside the interpreter), every shipped tile in bf16 and FP8, the weight
+    tiles in TMA copies (``cp.async.bulk.tensor``) exactly when the tile asks for them: a kernel
+    only the interpreter has run must not first fail to compile on an H100."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_resources.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], capture_output=True, text=True, timeout=300, env=env)
+    out = tmp_path / "resources.json"
+    done = subprocess.run([sys.executable, str(script), "--out", str(out)], capture_output=True, text=True,
+                          timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.splitlines()[-1]) == {
-        "gemm1 weight_tma=False": False, "gemm1 weight_tma=True": True,
-        "gemm2 weight_tma=False": False, "gemm2 weight_tma=True": True}
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["gemm"], r["dtype"], r["loads"]) for r in rows} == {
+        (gemm, dtype, loads) for gemm in ("gemm1", "gemm2") for dtype in ("bf16", "fp8") for loads in ("ptr", "tma")}
+    for row in rows:
+        assert (row["tma_copies"] > 0) == (row["loads"] == "tma") and row["wgmma"] > 0 and row["registers"] <= 255
 
 
 def test_weight_tiles_fall_back_to_pointer_loads_where_tma_cannot_read_them():
@@ -279,8 +266,6 @@ def test_weight_tiles_fall_back_to_pointer_loads_where_tma_cannot_read_them():
     assert fused_moe._tma_reason(w13, 48, odd_tile) == "block_n=32 does not divide 48: a tile would cross into the next rows"
     strided = w13.transpose(1, 2).contiguous().transpose(1, 2)
     assert fused_moe._tma_reason(strided, 48, GemmConfig(16, 16, 32)) == "the weights are not contiguous"
-    fp8_w13, _ = quantize_weights_fp8_block(make_layer(4, 128, 128, torch.float32)[0])
-    assert fused_moe._tma_reason(fp8_w13, 128, GemmConfig(16, 128, 128)) == "FP8 weights keep pointer loads"
     ref = fused_experts_reference(x, w13, w2, weights, ids)
     config = MoEConfig(odd_tile, GemmConfig(16, 32, 32, 2, 4, 2, weight_tma=True))  # GEMM 2 through TMA, GEMM 1 not
     assert rel_err(fused_experts(x, w13, w2, weights, ids, config=config), ref) < TOLERANCE[torch.float32]
@@ -528,12 +513,13 @@ def test_moe_align_default_is_triton(monkeypatch):
 
 
 @pytest.mark.skipif(ON_GPU, reason="the benchmark's answer on a machine without CUDA")
-def test_moe_align_benchmark_says_it_needs_a_gpu():
-    """``benchmarks/moe_align.py`` without CUDA: one line saying so, exit 2, no traceback."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "moe_align.py"
+@pytest.mark.parametrize("name", ["moe_align", "moe_gemm_tma"])
+def test_kernel_benchmarks_say_they_need_a_gpu(name):
+    """``benchmarks/moe_align.py`` and ``moe_gemm_tma.py`` without CUDA: one line saying so, exit 2, no traceback."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1] == ("moe_align: error: needs a CUDA GPU (the kernels' correctness "
+    assert done.stderr.strip().splitlines()[-1] == (f"{name}: error: needs a CUDA GPU (the kernels' correctness "
                                                     "runs on CPU in tests/test_kernels.py)")
 
 

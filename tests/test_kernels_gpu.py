@@ -9,10 +9,12 @@ reference, and twice them between DeepGEMM and our Triton path (each may err eit
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from zeroprefill.kernels import align
+from zeroprefill.kernels import align, fused_moe
 from zeroprefill.kernels import (EXPERTS_KERNEL_ENV, GROUPED_MM, TRITON_GROUPED_MM, MoEConfig, deepgemm_experts,
                                  deepgemm_unavailable_reason, experts_kernel_choice, fused_experts,
                                  fused_experts_reference, get_config, quantize_weights_fp8_block,
@@ -41,6 +43,31 @@ def test_alignment_equals_torch_at_serving_sizes(num_tokens, block_m):
     for field in ("sorted_row_ids", "block_expert_ids", "num_padded_rows", "expert_ends", "position_of_row",
                   "rows_per_expert"):
         assert torch.equal(getattr(ours, field), getattr(ref, field)), field
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0), reason="TMA needs sm90")
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("num_tokens", [7, 4096])
+def test_weight_tiles_through_tma_at_qwen3_30b_shapes(num_tokens, fp8):
+    """Both GEMMs with TMA weight tiles (``GemmConfig.weight_tma``), compiled, give what their
+    pointer loads give, bit for bit, at Qwen3-30B-A3B's expert shapes with each shipped tile."""
+    num_experts, top_k, hidden, inter = 128, 8, 2048, 768
+    gen = torch.Generator(device="cuda").manual_seed(num_tokens)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden, device="cuda", generator=gen) * hidden ** -0.5).bfloat16()
+    w2 = (torch.randn(num_experts, hidden, inter, device="cuda", generator=gen) * inter ** -0.5).bfloat16()
+    x = torch.randn(num_tokens, hidden, device="cuda", generator=gen).bfloat16()
+    weights, ids = select_experts(torch.randn(num_tokens, num_experts, device="cuda", generator=gen), top_k, True)
+    scales = {}
+    if fp8:
+        (w13, w13_scale), (w2, w2_scale) = quantize_weights_fp8_block(w13), quantize_weights_fp8_block(w2)
+        scales = dict(w13_scale=w13_scale, w2_scale=w2_scale)
+    shipped = get_config(num_tokens, top_k, num_experts, hidden, inter, fp8, x.device, allow_grouped_mm=False)
+    outs = [fused_experts(x, w13, w2, weights, ids, **scales,
+                          config=MoEConfig(replace(shipped.gemm1, weight_tma=tma), replace(shipped.gemm2, weight_tma=tma)))
+            for tma in (False, True)]
+    assert fused_moe.weight_tiles(w13, inter, replace(shipped.gemm1, weight_tma=True)) is not None
+    assert torch.equal(outs[0], outs[1])
+    assert rel_err(outs[1], fused_experts_reference(x, w13, w2, weights, ids, **scales)) < (3e-2 if fp8 else 2e-2)
 
 
 @pytest.mark.parametrize("num_tokens", [1, 200, 2048])
