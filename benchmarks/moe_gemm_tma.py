@@ -3,12 +3,13 @@
 Our two Triton GEMMs (``kernels/fused_moe.py``) read the weight tiles either through a TMA
 descriptor (``GemmConfig.weight_tma``, ``weight_tiles``: one Tensor Memory Accelerator copy per
 tile, sm90) or with per-thread pointer loads (every other case). This times both, tile
-configuration by tile configuration, at the Qwen3 MoE shapes in bf16, beside what the fused
-GEMM 1 must beat to be worth running instead of torch's CUTLASS grouped GEMM, which needs our
-row scatter before it and our SiLU*mul pass after it:
+configuration by tile configuration, at the Qwen3 MoE shapes in bf16 and block FP8, beside
+what the fused GEMM 1 must beat to be worth running instead of torch's CUTLASS grouped GEMM,
+which needs our row scatter before it and our SiLU*mul pass after it:
 
     gemm1 ptr|tma CFG   ours: gathered token rows . w13[e]^T, SiLU*mul in the epilogue
     gemm2 ptr|tma CFG   ours: act . w2[e]^T, times the routing weight, scattered to token order
+    fp8 gemm1|gemm2 ... the same in block FP8 (e4m3, 128x128 weight scales, 1x128 activation scales)
     cutlass_gemm1       torch._grouped_mm over pre-scattered rows (no gather, no SiLU)
     cutlass_gemm2       torch._grouped_mm over act
     scatter, silu, combine   our passes around the CUTLASS GEMMs (kernels/grouped_mm_moe.py)
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,10 +38,11 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parent))
 
 from _moe_timing import bench_ms, gpu_tag, log  # noqa: E402
-from zeroprefill.kernels.align import moe_align_block_size  # noqa: E402
+from zeroprefill.kernels.align import ExpertAlignment, moe_align_block_size  # noqa: E402
 from zeroprefill.kernels.fused_moe import run_gemm1, run_gemm2, weight_tiles  # noqa: E402
 from zeroprefill.kernels.grouped_mm_moe import grouped_gemm, scatter_token_rows, silu_mul, weighted_combine  # noqa: E402
 from zeroprefill.kernels.moe_config import GemmConfig, get_config  # noqa: E402
+from zeroprefill.kernels.quant import quantize_tokens_fp8_group, quantize_weights_fp8_block  # noqa: E402
 
 SHAPES = {"qwen3-235b-a22b": (128, 8, 4096, 1536), "qwen3-30b-a3b": (128, 8, 2048, 768)}  # E, K, H, I
 TOKENS = [8192, 16384, 32768]
@@ -48,14 +51,34 @@ GEMM1_CONFIGS = [GemmConfig(128, 128, 64, 8, 8, 3), GemmConfig(128, 128, 64, 8, 
                  GemmConfig(64, 128, 64, 8, 4, 4), GemmConfig(128, 64, 64, 8, 4, 4)]
 GEMM2_CONFIGS = [GemmConfig(128, 256, 64, 8, 8, 3), GemmConfig(128, 128, 64, 8, 8, 4),
                  GemmConfig(64, 128, 64, 8, 4, 4)]
+# block FP8: block_k 128 (one scale group per step), GEMM 1 block_n 128; the shipped sm90 tiles
+FP8_GEMM1_CONFIGS = [GemmConfig(64, 128, 128, 8, 4, 3), GemmConfig(64, 128, 128, 8, 4, 4),
+                     GemmConfig(64, 128, 128, 8, 8, 3)]
+FP8_GEMM2_CONFIGS = [GemmConfig(64, 128, 128, 8, 4, 3), GemmConfig(64, 128, 128, 8, 4, 4)]
 
 
 def tag(cfg: GemmConfig) -> str:
     return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} g{cfg.group_m} w{cfg.num_warps} s{cfg.num_stages}"
 
 
+def time_both_loads(label: str, tiles: list[GemmConfig], w: torch.Tensor, rows_per_segment: int,
+                    run: Callable[[GemmConfig], torch.Tensor], ms: dict, max_abs_diff: dict,
+                    compared: Callable[[torch.Tensor, GemmConfig], torch.Tensor] = lambda out, cfg: out) -> None:
+    """Each tile that TMA can read ``w`` in: ``run(tile)`` timed with pointer and with TMA loads,
+    and the largest difference between the ``compared`` parts of the two outputs."""
+    for cfg in tiles:
+        if weight_tiles(w, rows_per_segment, replace(cfg, weight_tma=True)) is None:
+            continue
+        outs = []
+        for tma in (False, True):
+            loads = replace(cfg, weight_tma=tma)
+            outs.append(compared(run(loads), loads).float())
+            ms[f"{label} {'tma' if tma else 'ptr'} {tag(cfg)}"] = bench_ms(lambda: run(loads))
+        max_abs_diff[f"{label} {tag(cfg)}"] = (outs[0] - outs[1]).abs().max().item()
+
+
 def measure_point(shape: tuple[int, int, int, int], num_tokens: int) -> dict:
-    """One shape and token count: CUTLASS and the passes, then ours both ways per configuration."""
+    """One shape and token count: CUTLASS and the passes, then ours both ways per tile, bf16 and FP8."""
     num_experts, top_k, hidden, inter = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
     w13 = (torch.randn(num_experts, 2 * inter, hidden, device="cuda", generator=gen) * hidden ** -0.5).bfloat16()
@@ -79,33 +102,40 @@ def measure_point(shape: tuple[int, int, int, int], num_tokens: int) -> dict:
     ms["silu"] = bench_ms(lambda: silu_mul(gate_up, aligned, False))
     ms["combine"] = bench_ms(lambda: weighted_combine(y, topk_weights, aligned, torch.bfloat16))
 
-    for cfg in GEMM1_CONFIGS:
-        if weight_tiles(w13, inter, replace(cfg, weight_tma=True)) is None:
-            continue
-        aligned = moe_align_block_size(topk_ids, num_experts, cfg.block_m)
-        used = aligned.sorted_row_ids[:aligned.max_padded_rows] < aligned.num_rows
-        outs = []
-        for tma in (False, True):
-            loads = replace(cfg, weight_tma=tma)
-            outs.append(run_gemm1(x, None, w13, None, aligned, loads)[0][used])
-            ms[f"gemm1 {'tma' if tma else 'ptr'} {tag(cfg)}"] = bench_ms(
-                lambda: run_gemm1(x, None, w13, None, aligned, loads))
-        max_abs_diff[f"gemm1 {tag(cfg)}"] = (outs[0].float() - outs[1].float()).abs().max().item()
-    for cfg in GEMM2_CONFIGS:
-        if weight_tiles(w2, hidden, replace(cfg, weight_tma=True)) is None:
-            continue
-        aligned = moe_align_block_size(topk_ids, num_experts, cfg.block_m)
-        act = run_gemm1(x, None, w13, None, aligned, GemmConfig(cfg.block_m, 128, 64))[0]
-        outs = []
-        for tma in (False, True):
-            loads = replace(cfg, weight_tma=tma)
-            outs.append(run_gemm2(act, None, w2, None, topk_weights, aligned, loads, torch.bfloat16))
-            ms[f"gemm2 {'tma' if tma else 'ptr'} {tag(cfg)}"] = bench_ms(
-                lambda: run_gemm2(act, None, w2, None, topk_weights, aligned, loads, torch.bfloat16))
-        max_abs_diff[f"gemm2 {tag(cfg)}"] = (outs[0].float() - outs[1].float()).abs().max().item()
+    alignments: dict[int, ExpertAlignment] = {}
+
+    def aligned_to(block_m: int) -> ExpertAlignment:
+        if block_m not in alignments:
+            alignments[block_m] = moe_align_block_size(topk_ids, num_experts, block_m)
+        return alignments[block_m]
+
+    def real_rows(out: torch.Tensor, cfg: GemmConfig) -> torch.Tensor:  # padding rows hold anything
+        alignment = aligned_to(cfg.block_m)
+        return out[alignment.sorted_row_ids[:alignment.max_padded_rows] < alignment.num_rows]
+
+    (w13_fp8, w13_scale), (w2_fp8, w2_scale) = quantize_weights_fp8_block(w13), quantize_weights_fp8_block(w2)
+    x_fp8, x_scale = quantize_tokens_fp8_group(x)
+    acts = {block_m: run_gemm1(x, None, w13, None, aligned_to(block_m), GemmConfig(block_m, 128, 64))[0]
+            for block_m in {cfg.block_m for cfg in GEMM2_CONFIGS}}
+    acts_fp8 = {block_m: run_gemm1(x_fp8, x_scale, w13_fp8, w13_scale, aligned_to(block_m),
+                                   GemmConfig(block_m, 128, 128, num_warps=4))
+                for block_m in {cfg.block_m for cfg in FP8_GEMM2_CONFIGS}}
+    time_both_loads("gemm1", GEMM1_CONFIGS, w13, inter, lambda cfg: run_gemm1(
+        x, None, w13, None, aligned_to(cfg.block_m), cfg)[0], ms, max_abs_diff, real_rows)
+    time_both_loads("gemm2", GEMM2_CONFIGS, w2, hidden, lambda cfg: run_gemm2(
+        acts[cfg.block_m], None, w2, None, topk_weights, aligned_to(cfg.block_m), cfg, torch.bfloat16),
+        ms, max_abs_diff)
+    time_both_loads("fp8 gemm1", FP8_GEMM1_CONFIGS, w13_fp8, inter, lambda cfg: run_gemm1(
+        x_fp8, x_scale, w13_fp8, w13_scale, aligned_to(cfg.block_m), cfg)[0], ms, max_abs_diff, real_rows)
+    time_both_loads("fp8 gemm2", FP8_GEMM2_CONFIGS, w2_fp8, hidden, lambda cfg: run_gemm2(
+        *acts_fp8[cfg.block_m], w2_fp8, w2_scale, topk_weights, aligned_to(cfg.block_m), cfg, torch.bfloat16),
+        ms, max_abs_diff)
 
     def best(prefix: str) -> tuple[str, float]:
         return min(((k, v) for k, v in ms.items() if k.startswith(prefix)), key=lambda kv: kv[1])
+
+    def tma_vs_ptr(label: str) -> float:
+        return round(best(f"{label} ptr")[1] / best(f"{label} tma")[1], 3)
 
     shipped = get_config(num_tokens, top_k, num_experts, hidden, inter, False, x.device)
     gemm1_flops = 2 * num_tokens * top_k * hidden * 2 * inter
@@ -114,10 +144,10 @@ def measure_point(shape: tuple[int, int, int, int], num_tokens: int) -> dict:
     return {
         "tokens": num_tokens, "ms": {k: round(v, 4) for k, v in ms.items()},
         "max_abs_diff_tma_vs_ptr": max_abs_diff,
-        "shipped_backend": shipped.backend,
+        "shipped_bf16_backend": shipped.backend,
         "gemm1_best_ptr": best_ptr[0], "gemm1_best_tma": best_tma[0],
-        "gemm1_tma_vs_ptr": round(best_ptr[1] / best_tma[1], 3),
-        "gemm2_tma_vs_ptr": round(best("gemm2 ptr")[1] / best("gemm2 tma")[1], 3),
+        **{f"{label.replace(' ', '_')}_tma_vs_ptr": tma_vs_ptr(label)
+           for label in ("gemm1", "gemm2", "fp8 gemm1", "fp8 gemm2")},
         "gemm1_tma_tflops": round(gemm1_flops / (best_tma[1] * 1e-3) / 1e12, 1),
         "cutlass_gemm1_tflops": round(gemm1_flops / (ms["cutlass_gemm1"] * 1e-3) / 1e12, 1),
         # > 1: our fused GEMM 1 is faster than CUTLASS's GEMM 1 with the scatter and SiLU passes it needs
@@ -154,11 +184,13 @@ def main() -> None:
             results.setdefault(name, []).append(point)
             for key, value in point["ms"].items():
                 print(f"  {key:34s} {value:8.4f} ms")
-            print(f"  gemm1 TMA/ptr {point['gemm1_tma_vs_ptr']}, gemm2 TMA/ptr {point['gemm2_tma_vs_ptr']}, "
+            print(f"  TMA/ptr: gemm1 {point['gemm1_tma_vs_ptr']}, gemm2 {point['gemm2_tma_vs_ptr']}, "
+                  f"fp8 gemm1 {point['fp8_gemm1_tma_vs_ptr']}, fp8 gemm2 {point['fp8_gemm2_tma_vs_ptr']}; "
                   f"gemm1 TMA vs CUTLASS + scatter + SiLU {point['gemm1_tma_vs_cutlass_with_passes']}", flush=True)
             points = [p for shape_points in results.values() for p in shape_points]
             summary = {key: min(p[key] for p in points) for key in
-                       ("gemm1_tma_vs_ptr", "gemm2_tma_vs_ptr", "gemm1_tma_vs_cutlass_with_passes")}
+                       ("gemm1_tma_vs_ptr", "gemm2_tma_vs_ptr", "fp8_gemm1_tma_vs_ptr", "fp8_gemm2_tma_vs_ptr",
+                        "gemm1_tma_vs_cutlass_with_passes")}
             summary["tma_equals_ptr_everywhere"] = all(
                 v == 0 for p in points for v in p["max_abs_diff_tma_vs_ptr"].values())
             complete = name == args.shapes[-1] and num_tokens == args.tokens[-1]
