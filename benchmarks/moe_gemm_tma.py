@@ -20,6 +20,11 @@ output (``max_abs_diff``, 0 expected: same tiles, same order).
 
     python benchmarks/moe_gemm_tma.py       # table + benchmarks/results/moe_gemm_tma-<gpu>.json
     python benchmarks/moe_gemm_tma.py --shapes qwen3-30b-a3b --tokens 16384
+    python benchmarks/moe_gemm_tma.py --write-table   # then switch the shipped tiles' loads where measured faster
+
+The shipped tiles at each point are timed too (``shipped``: their TMA/pointer ratio); with
+``--write-table`` a shipped tile takes TMA loads where they were more than 5% faster at every
+point that used it, pointer loads where those were more than 5% faster at one.
 """
 
 from __future__ import annotations
@@ -40,8 +45,10 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 from _moe_timing import bench_ms, gpu_tag, log  # noqa: E402
 from zeroprefill.kernels.align import ExpertAlignment, moe_align_block_size  # noqa: E402
 from zeroprefill.kernels.fused_moe import run_gemm1, run_gemm2, weight_tiles  # noqa: E402
-from zeroprefill.kernels.grouped_mm_moe import grouped_gemm, scatter_token_rows, silu_mul, weighted_combine  # noqa: E402
-from zeroprefill.kernels.moe_config import GemmConfig, get_config  # noqa: E402
+from zeroprefill.kernels.grouped_mm_moe import (grouped_gemm, scatter_token_rows, silu_mul,  # noqa: E402
+                                                weighted_combine)
+from zeroprefill.kernels.moe_config import (CONFIG_DIR, GemmConfig, arch_name, clear_config_cache,  # noqa: E402
+                                            get_config, nearest_token_count, problem_key)
 from zeroprefill.kernels.quant import quantize_tokens_fp8_group, quantize_weights_fp8_block  # noqa: E402
 
 SHAPES = {"qwen3-235b-a22b": (128, 8, 4096, 1536), "qwen3-30b-a3b": (128, 8, 2048, 768)}  # E, K, H, I
@@ -55,6 +62,48 @@ GEMM2_CONFIGS = [GemmConfig(128, 256, 64, 8, 8, 3), GemmConfig(128, 128, 64, 8, 
 FP8_GEMM1_CONFIGS = [GemmConfig(64, 128, 128, 8, 4, 3), GemmConfig(64, 128, 128, 8, 4, 4),
                      GemmConfig(64, 128, 128, 8, 8, 3)]
 FP8_GEMM2_CONFIGS = [GemmConfig(64, 128, 128, 8, 4, 3), GemmConfig(64, 128, 128, 8, 4, 4)]
+
+
+SWITCH_MARGIN = 0.05  # a shipped tile switches loads where the other is more than this much faster
+
+
+def shipped_tiles(shape: tuple[int, int, int, int], num_tokens: int) -> dict[str, GemmConfig]:
+    """The tiles the shipped table runs at this point (``gemm1``, ``gemm2``, ``fp8 gemm1``, ...),
+    as pointer-load tiles; a bf16 entry on the grouped_mm backend has none."""
+    num_experts, top_k, hidden, inter = shape
+    tiles = {}
+    for fp8 in (False, True):
+        config = get_config(num_tokens, top_k, num_experts, hidden, inter, fp8, torch.device("cuda"))
+        for gemm in ("gemm1", "gemm2"):
+            if getattr(config, gemm) is not None:
+                tiles[("fp8 " if fp8 else "") + gemm] = replace(getattr(config, gemm), weight_tma=False)
+    return tiles
+
+
+def switch_table_tiles(configs: dict, shape: tuple[int, int, int, int], points: list[dict],
+                       margin: float = SWITCH_MARGIN) -> list[str]:
+    """Set ``weight_tma`` on the shipped tiles the points measured, in the table's ``configs``:
+    on where TMA was more than ``margin`` faster at every point that used the entry, off where
+    pointer loads were more than ``margin`` faster at one, unchanged otherwise. Returns the
+    changes, one line each."""
+    num_experts, _, hidden, inter = shape
+    ratios: dict[tuple[str, str, str], list[float]] = {}
+    for point in points:
+        for label, shipped in point["shipped"].items():
+            key = problem_key(label.startswith("fp8"), num_experts, hidden, inter)
+            if key not in configs:  # the heuristic's tiles: nothing in the table to switch
+                continue
+            entry = nearest_token_count(configs[key], point["tokens"])
+            ratios.setdefault((key, entry, label.split()[-1]), []).append(shipped["tma_vs_ptr"])
+    changes = []
+    for (key, entry, gemm), measured in ratios.items():
+        tile = configs[key][entry][gemm]
+        use_tma = (True if min(measured) > 1 + margin else False if min(measured) < 1 - margin
+                   else tile.get("weight_tma", False))
+        if tile.get("weight_tma", False) != use_tma:
+            tile["weight_tma"] = use_tma
+            changes.append(f"{key} {entry} {gemm}: weight_tma={use_tma} (TMA/pointer {measured})")
+    return changes
 
 
 def tag(cfg: GemmConfig) -> str:
@@ -78,7 +127,8 @@ def time_both_loads(label: str, tiles: list[GemmConfig], w: torch.Tensor, rows_p
 
 
 def measure_point(shape: tuple[int, int, int, int], num_tokens: int) -> dict:
-    """One shape and token count: CUTLASS and the passes, then ours both ways per tile, bf16 and FP8."""
+    """One shape and token count: CUTLASS and the passes, then ours both ways per tile (the
+    benchmark's and the shipped ones), bf16 and FP8."""
     num_experts, top_k, hidden, inter = shape
     gen = torch.Generator(device="cuda").manual_seed(0)
     w13 = (torch.randn(num_experts, 2 * inter, hidden, device="cuda", generator=gen) * hidden ** -0.5).bfloat16()
@@ -113,21 +163,26 @@ def measure_point(shape: tuple[int, int, int, int], num_tokens: int) -> dict:
         alignment = aligned_to(cfg.block_m)
         return out[alignment.sorted_row_ids[:alignment.max_padded_rows] < alignment.num_rows]
 
+    shipped = shipped_tiles(shape, num_tokens)
+
+    def with_shipped(label: str, tiles: list[GemmConfig]) -> list[GemmConfig]:
+        return tiles + [shipped[label]] * (label in shipped and shipped[label] not in tiles)
+
     (w13_fp8, w13_scale), (w2_fp8, w2_scale) = quantize_weights_fp8_block(w13), quantize_weights_fp8_block(w2)
     x_fp8, x_scale = quantize_tokens_fp8_group(x)
     acts = {block_m: run_gemm1(x, None, w13, None, aligned_to(block_m), GemmConfig(block_m, 128, 64))[0]
-            for block_m in {cfg.block_m for cfg in GEMM2_CONFIGS}}
+            for block_m in {cfg.block_m for cfg in with_shipped("gemm2", GEMM2_CONFIGS)}}
     acts_fp8 = {block_m: run_gemm1(x_fp8, x_scale, w13_fp8, w13_scale, aligned_to(block_m),
                                    GemmConfig(block_m, 128, 128, num_warps=4))
-                for block_m in {cfg.block_m for cfg in FP8_GEMM2_CONFIGS}}
-    time_both_loads("gemm1", GEMM1_CONFIGS, w13, inter, lambda cfg: run_gemm1(
+                for block_m in {cfg.block_m for cfg in with_shipped("fp8 gemm2", FP8_GEMM2_CONFIGS)}}
+    time_both_loads("gemm1", with_shipped("gemm1", GEMM1_CONFIGS), w13, inter, lambda cfg: run_gemm1(
         x, None, w13, None, aligned_to(cfg.block_m), cfg)[0], ms, max_abs_diff, real_rows)
-    time_both_loads("gemm2", GEMM2_CONFIGS, w2, hidden, lambda cfg: run_gemm2(
+    time_both_loads("gemm2", with_shipped("gemm2", GEMM2_CONFIGS), w2, hidden, lambda cfg: run_gemm2(
         acts[cfg.block_m], None, w2, None, topk_weights, aligned_to(cfg.block_m), cfg, torch.bfloat16),
         ms, max_abs_diff)
-    time_both_loads("fp8 gemm1", FP8_GEMM1_CONFIGS, w13_fp8, inter, lambda cfg: run_gemm1(
+    time_both_loads("fp8 gemm1", with_shipped("fp8 gemm1", FP8_GEMM1_CONFIGS), w13_fp8, inter, lambda cfg: run_gemm1(
         x_fp8, x_scale, w13_fp8, w13_scale, aligned_to(cfg.block_m), cfg)[0], ms, max_abs_diff, real_rows)
-    time_both_loads("fp8 gemm2", FP8_GEMM2_CONFIGS, w2_fp8, hidden, lambda cfg: run_gemm2(
+    time_both_loads("fp8 gemm2", with_shipped("fp8 gemm2", FP8_GEMM2_CONFIGS), w2_fp8, hidden, lambda cfg: run_gemm2(
         *acts_fp8[cfg.block_m], w2_fp8, w2_scale, topk_weights, aligned_to(cfg.block_m), cfg, torch.bfloat16),
         ms, max_abs_diff)
 
@@ -137,14 +192,16 @@ def measure_point(shape: tuple[int, int, int, int], num_tokens: int) -> dict:
     def tma_vs_ptr(label: str) -> float:
         return round(best(f"{label} ptr")[1] / best(f"{label} tma")[1], 3)
 
-    shipped = get_config(num_tokens, top_k, num_experts, hidden, inter, False, x.device)
     gemm1_flops = 2 * num_tokens * top_k * hidden * 2 * inter
     best_ptr, best_tma = best("gemm1 ptr"), best("gemm1 tma")
     cutlass_side = ms["cutlass_gemm1"] + ms["scatter"] + ms["silu"]
     return {
         "tokens": num_tokens, "ms": {k: round(v, 4) for k, v in ms.items()},
         "max_abs_diff_tma_vs_ptr": max_abs_diff,
-        "shipped_bf16_backend": shipped.backend,
+        "shipped_bf16_backend": get_config(num_tokens, top_k, num_experts, hidden, inter, False, x.device).backend,
+        "shipped": {label: {"tile": tag(tile), "tma_vs_ptr": round(ms[f"{label} ptr {tag(tile)}"]
+                                                                   / ms[f"{label} tma {tag(tile)}"], 3)}
+                    for label, tile in shipped.items() if f"{label} tma {tag(tile)}" in ms},
         "gemm1_best_ptr": best_ptr[0], "gemm1_best_tma": best_tma[0],
         **{f"{label.replace(' ', '_')}_tma_vs_ptr": tma_vs_ptr(label)
            for label in ("gemm1", "gemm2", "fp8 gemm1", "fp8 gemm2")},
@@ -161,6 +218,9 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/moe_gemm_tma-<gpu>.json)")
+    parser.add_argument("--write-table", action="store_true",
+                        help="switch the shipped tiles (kernels/configs/<arch>.json) to the loads measured "
+                             f"faster by more than {SWITCH_MARGIN:.0%} at every point that used them")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.exit(2, "moe_gemm_tma: error: needs a CUDA GPU (the kernels' correctness runs on CPU in "
@@ -199,6 +259,14 @@ def main() -> None:
             torch.cuda.empty_cache()
     print(f"\nsummary: {json.dumps(summary)}")
     log(f"wrote {out}")
+    if args.write_table:
+        path = CONFIG_DIR / f"{arch_name(torch.device('cuda'))}.json"
+        table = json.loads(path.read_text())
+        changes = [change for name, points in results.items()
+                   for change in switch_table_tiles(table["configs"], SHAPES[name], points)]
+        path.write_text(json.dumps(table, indent=1) + "\n")
+        clear_config_cache()
+        log(f"{path.name}: " + ("; ".join(changes) if changes else "no tile changed its loads"))
 
 
 if __name__ == "__main__":

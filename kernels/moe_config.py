@@ -14,7 +14,8 @@ CUTLASS grouped GEMMs with our permutation and combine around them (``grouped_mm
 ``{"backend": "triton_grouped_mm", "gemm1": {...}}``, our Triton first GEMM (the token gather in
 its A-load, SiLU*mul in its epilogue: no scatter and no SiLU pass) followed by torch's CUTLASS
 second GEMM and our combine. The benchmark writes, per tuned token count, whichever it measured
-fastest.
+fastest. A tile's ``"weight_tma": true`` loads its weight tiles through TMA
+(``benchmarks/moe_gemm_tma.py --write-table`` sets it where that measured faster).
 """
 
 from __future__ import annotations
@@ -142,6 +143,11 @@ def heuristic_config(num_tokens: int, top_k: int, num_experts: int, use_fp8: boo
     return MoEConfig(GemmConfig(bm, 128, bk, 8, warps, 3), GemmConfig(bm, 128, bk, 8, warps, 3))
 
 
+def nearest_token_count(entries: dict[str, dict], num_tokens: int) -> str:
+    """The key of the table entry a call with ``num_tokens`` uses: the nearest count in log space."""
+    return min(entries, key=lambda t: abs(math.log(int(t)) - math.log(max(num_tokens, 1))))
+
+
 def get_config(num_tokens: int, top_k: int, num_experts: int, hidden_size: int,
                intermediate_size: int, use_fp8: bool, device: torch.device,
                allow_grouped_mm: bool = True) -> MoEConfig:
@@ -157,6 +163,5 @@ def get_config(num_tokens: int, top_k: int, num_experts: int, hidden_size: int,
         if not allow_grouped_mm:
             entries = {t: e for t, e in entries.items() if e.get("backend", TRITON) == TRITON}
         if entries:
-            nearest = min(entries, key=lambda t: abs(math.log(int(t)) - math.log(max(num_tokens, 1))))
-            return MoEConfig.from_json(entries[nearest])
+            return MoEConfig.from_json(entries[nearest_token_count(entries, num_tokens)])
     return heuristic_config(num_tokens, top_k, num_experts, use_fp8, on_gpu)

@@ -544,6 +544,27 @@ def test_moe_kernels_backend_choice_by_graph_time_with_a_margin():
     assert bench.choose_bf16_backend({"bf16_backend": TRITON, "ms": {"fp8": 1.0}, "ms_graph": {}}) is None
 
 
+def test_moe_gemm_tma_switches_shipped_tiles_only_past_the_margin():
+    from benchmarks import moe_gemm_tma as bench
+
+    tile = {"block_m": 128, "block_n": 128, "block_k": 64}
+    configs = {"bf16_E128_H2048_I768": {"4096": {"gemm1": dict(tile), "gemm2": dict(tile)},
+                                        "16384": {"backend": "grouped_mm"}},
+               "fp8_E128_H2048_I768": {"4096": {"gemm1": dict(tile, weight_tma=True), "gemm2": dict(tile)}}}
+    points = [{"tokens": 4096, "shipped": {"gemm1": {"tma_vs_ptr": 1.10}, "gemm2": {"tma_vs_ptr": 1.02},
+                                           "fp8 gemm1": {"tma_vs_ptr": 0.90}, "fp8 gemm2": {"tma_vs_ptr": 1.2}}},
+              {"tokens": 6000, "shipped": {"gemm1": {"tma_vs_ptr": 1.08}, "gemm2": {"tma_vs_ptr": 1.3}}}]
+    changes = bench.switch_table_tiles(configs, (128, 8, 2048, 768), points)
+    bf16, fp8 = configs["bf16_E128_H2048_I768"]["4096"], configs["fp8_E128_H2048_I768"]["4096"]
+    assert bf16["gemm1"]["weight_tma"] is True  # > 5% faster at both points that use the entry (6000 -> 4096)
+    assert "weight_tma" not in bf16["gemm2"]  # 2% at one of them: within the margin, left as it was
+    assert fp8["gemm1"]["weight_tma"] is False and fp8["gemm2"]["weight_tma"] is True  # pointer loads 10% faster
+    assert len(changes) == 3 and configs["bf16_E128_H2048_I768"]["16384"] == {"backend": "grouped_mm"}
+    assert MoEConfig.from_json(bf16).gemm1.weight_tma  # what get_config then hands the kernels
+    # a shape the table does not hold ran the heuristic's tiles: nothing to switch
+    assert bench.switch_table_tiles({}, (128, 8, 2048, 768), points) == []
+
+
 def test_moe_kernels_benchmark_summary_arithmetic():
     from benchmarks import moe_kernels as bench
 
