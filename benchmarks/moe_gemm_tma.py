@@ -259,6 +259,9 @@ def main() -> None:
             torch.cuda.empty_cache()
     print(f"\nsummary: {json.dumps(summary)}")
     log(f"wrote {out}")
+    if not summary["tma_equals_ptr_everywhere"]:
+        sys.exit("moe_gemm_tma: TMA and pointer loads gave different outputs (max_abs_diff_tma_vs_ptr); "
+                 "the table is left as it was")
     if args.write_table:
         path = CONFIG_DIR / f"{arch_name(torch.device('cuda'))}.json"
         table = json.loads(path.read_text())
