@@ -28,6 +28,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import triton
@@ -51,7 +52,7 @@ NOT_16_DIVISIBLE = ("top_k", "max_blocks_m")  # the JIT marks the other ints (st
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
-def shipped_tiles() -> list[tuple[str, str, GemmConfig]]:
+def table_tiles() -> list[tuple[str, str, GemmConfig]]:
     """Every distinct (dtype, gemm, tile) in the shipped sm90 table, in table order."""
     table = json.loads((CONFIG_DIR / f"sm{ARCH}.json").read_text())["configs"]
     tiles: list[tuple[str, str, GemmConfig]] = []
@@ -60,7 +61,7 @@ def shipped_tiles() -> list[tuple[str, str, GemmConfig]]:
         for entry in entries.values():
             for gemm in ("gemm1", "gemm2"):
                 if gemm in entry:
-                    tile = (dtype, gemm, GemmConfig(**{**entry[gemm], "weight_tma": False}))
+                    tile = (dtype, gemm, replace(GemmConfig(**entry[gemm]), weight_tma=False))
                     if tile not in tiles:
                         tiles.append(tile)
     return tiles
@@ -121,9 +122,9 @@ def main() -> None:
     print(f"{'gemm':5s} {'dtype':5s} {'tile':22s} {'loads':5s} {'regs':>4s} {'spill B':>7s} {'smem KiB':>8s} "
           f"{'TMA':>4s} {'cp.async':>8s} {'wgmma':>5s}")
     with tempfile.TemporaryDirectory() as workdir:
-        for dtype, gemm, cfg in shipped_tiles():
+        for dtype, gemm, cfg in table_tiles():
             for weight_tma in (False, True):
-                tile = GemmConfig(**{**cfg.__dict__, "weight_tma": weight_tma})
+                tile = replace(cfg, weight_tma=weight_tma)
                 row = {"gemm": gemm, "dtype": dtype, "tile": tile_name(tile), "loads": "tma" if weight_tma else "ptr",
                        **compile_tile(dtype, gemm, tile, Path(workdir))}
                 rows.append(row)

@@ -15,7 +15,7 @@ which needs our row scatter before it and our SiLU*mul pass after it:
     scatter, silu, combine   our passes around the CUTLASS GEMMs (kernels/grouped_mm_moe.py)
 
 Each time is ``triton.testing.do_bench``'s median (L2 flushed before each call), E = 128,
-top-8 of random logits. Every configuration checks that TMA and pointer loads give the same
+top-8 of random logits (``moe_kernels.py``'s random layer). Every configuration checks that TMA and pointer loads give the same
 output (``max_abs_diff``, 0 expected: same tiles, same order).
 
     python benchmarks/moe_gemm_tma.py       # table + benchmarks/results/moe_gemm_tma-<gpu>.json
@@ -42,14 +42,14 @@ import triton
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _moe_timing import bench_ms, gpu_tag, log  # noqa: E402
+from _moe_timing import Layer, bench_ms, gpu_tag, log  # noqa: E402
 from zeroprefill.kernels.align import ExpertAlignment, moe_align_block_size  # noqa: E402
 from zeroprefill.kernels.fused_moe import run_gemm1, run_gemm2, weight_tiles  # noqa: E402
 from zeroprefill.kernels.grouped_mm_moe import (grouped_gemm, scatter_token_rows, silu_mul,  # noqa: E402
                                                 weighted_combine)
 from zeroprefill.kernels.moe_config import (CONFIG_DIR, GemmConfig, arch_name, clear_config_cache,  # noqa: E402
                                             get_config, nearest_token_count, problem_key)
-from zeroprefill.kernels.quant import quantize_tokens_fp8_group, quantize_weights_fp8_block  # noqa: E402
+from zeroprefill.kernels.quant import quantize_tokens_fp8_group  # noqa: E402
 
 SHAPES = {"qwen3-235b-a22b": (128, 8, 4096, 1536), "qwen3-30b-a3b": (128, 8, 2048, 768)}  # E, K, H, I
 TOKENS = [8192, 16384, 32768]
@@ -130,13 +130,10 @@ def measure_point(shape: tuple[int, int, int, int], num_tokens: int) -> dict:
     """One shape and token count: CUTLASS and the passes, then ours both ways per tile (the
     benchmark's and the shipped ones), bf16 and FP8."""
     num_experts, top_k, hidden, inter = shape
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    w13 = (torch.randn(num_experts, 2 * inter, hidden, device="cuda", generator=gen) * hidden ** -0.5).bfloat16()
-    w2 = (torch.randn(num_experts, hidden, inter, device="cuda", generator=gen) * inter ** -0.5).bfloat16()
-    x = torch.randn(num_tokens, hidden, device="cuda", generator=gen).bfloat16()
-    logits = torch.randn(num_tokens, num_experts, device="cuda", generator=gen)
-    topk_weights, topk_ids = torch.topk(torch.softmax(logits, dim=-1), top_k, dim=-1)
-    topk_ids = topk_ids.to(torch.int32)
+    layer = Layer(shape, num_tokens)
+    w13, w2, w13_fp8, w13_scale, w2_fp8, w2_scale = (layer.w13, layer.w2, layer.w13_fp8, layer.w13_scale,
+                                                     layer.w2_fp8, layer.w2_scale)
+    x, topk_weights, topk_ids = layer.inputs(num_tokens)
     ms: dict[str, float] = {}
     max_abs_diff: dict[str, float] = {}
 
@@ -168,7 +165,6 @@ def measure_point(shape: tuple[int, int, int, int], num_tokens: int) -> dict:
     def with_shipped(label: str, tiles: list[GemmConfig]) -> list[GemmConfig]:
         return tiles + [shipped[label]] * (label in shipped and shipped[label] not in tiles)
 
-    (w13_fp8, w13_scale), (w2_fp8, w2_scale) = quantize_weights_fp8_block(w13), quantize_weights_fp8_block(w2)
     x_fp8, x_scale = quantize_tokens_fp8_group(x)
     acts = {block_m: run_gemm1(x, None, w13, None, aligned_to(block_m), GemmConfig(block_m, 128, 64))[0]
             for block_m in {cfg.block_m for cfg in with_shipped("gemm2", GEMM2_CONFIGS)}}
