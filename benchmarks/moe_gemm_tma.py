@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parent))
@@ -54,8 +55,8 @@ from zeroprefill.kernels.quant import quantize_tokens_fp8_group  # noqa: E402
 SHAPES = {"qwen3-235b-a22b": (128, 8, 4096, 1536), "qwen3-30b-a3b": (128, 8, 2048, 768)}  # E, K, H, I
 TOKENS = [8192, 16384, 32768]
 GEMM1_CONFIGS = [GemmConfig(128, 128, 64, 8, 8, 3), GemmConfig(128, 128, 64, 8, 8, 4),
-                 GemmConfig(128, 128, 64, 16, 8, 5), GemmConfig(128, 128, 128, 8, 8, 2),
-                 GemmConfig(64, 128, 64, 8, 4, 4), GemmConfig(128, 64, 64, 8, 4, 4)]
+                 GemmConfig(128, 128, 128, 8, 8, 2), GemmConfig(64, 128, 64, 8, 4, 4),
+                 GemmConfig(128, 64, 64, 8, 4, 4)]
 GEMM2_CONFIGS = [GemmConfig(128, 256, 64, 8, 8, 3), GemmConfig(128, 128, 64, 8, 8, 4),
                  GemmConfig(64, 128, 64, 8, 4, 4)]
 # block FP8: block_k 128 (one scale group per step), GEMM 1 block_n 128; the shipped sm90 tiles
@@ -121,9 +122,14 @@ def time_both_loads(label: str, tiles: list[GemmConfig], w: torch.Tensor, rows_p
         outs = []
         for tma in (False, True):
             loads = replace(cfg, weight_tma=tma)
-            outs.append(compared(run(loads), loads).float())
+            try:
+                outs.append(compared(run(loads), loads).float())
+            except OutOfResources as exc:  # TMA's staging buffers can push a tile past shared memory
+                log(f"  {label} {'tma' if tma else 'ptr'} {tag(cfg)}: does not fit ({exc})")
+                continue
             ms[f"{label} {'tma' if tma else 'ptr'} {tag(cfg)}"] = bench_ms(lambda: run(loads))
-        max_abs_diff[f"{label} {tag(cfg)}"] = (outs[0] - outs[1]).abs().max().item()
+        if len(outs) == 2:
+            max_abs_diff[f"{label} {tag(cfg)}"] = (outs[0] - outs[1]).abs().max().item()
 
 
 def measure_point(shape: tuple[int, int, int, int], num_tokens: int) -> dict:
@@ -163,7 +169,8 @@ def measure_point(shape: tuple[int, int, int, int], num_tokens: int) -> dict:
     shipped = shipped_tiles(shape, num_tokens)
 
     def with_shipped(label: str, tiles: list[GemmConfig]) -> list[GemmConfig]:
-        return tiles + [shipped[label]] * (label in shipped and shipped[label] not in tiles)
+        tile = shipped.get(label)
+        return tiles + [tile] if tile is not None and tile not in tiles else tiles
 
     x_fp8, x_scale = quantize_tokens_fp8_group(x)
     acts = {block_m: run_gemm1(x, None, w13, None, aligned_to(block_m), GemmConfig(block_m, 128, 64))[0]
