@@ -210,6 +210,9 @@ def tune_one(layer: Layer, use_fp8: bool, num_tokens: int) -> tuple[MoEConfig, f
 
 
 def tune(shapes: dict, tokens: list[int]) -> Path:
+    """Retune every tile of ``shapes`` (bf16 and block FP8) at ``tokens`` into the arch's table.
+    Each tuned problem's entries are replaced whole: bf16 backend choices measured against the
+    old tiles go with them (``moe_kernels.py --select-backends`` measures them again)."""
     path = CONFIG_DIR / f"{arch_name(torch.device('cuda'))}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     table = json.loads(path.read_text())["configs"] if path.exists() else {}

@@ -62,7 +62,10 @@ minimum over those points; each point has its own value):
     python benchmarks/moe_kernels.py --shapes qwen3-235b-a22b qwen3-30b-a3b --tokens 8192 16384
     python benchmarks/moe_kernels.py --sides bf16_triton,bf16_gmm_ours,fp8_selected --profile-tokens 0
                                                          # only what the summary's new keys need
-    python benchmarks/moe_kernels.py --tune              # retune the Triton tiles (kernels/configs/<arch>.json) first
+    python benchmarks/moe_kernels.py --tune --select-backends
+                                                         # retune the Triton tiles (kernels/configs/<arch>.json) first;
+                                                         # that drops the bf16 backend choices, which the
+                                                         # selection then measures again
     python benchmarks/moe_kernels.py --select-backends   # also write the fastest bf16 backend per token count
                                                          # (graph-replayed, where > --select-margin faster)
     python benchmarks/moe_kernels.py --resummarize benchmarks/results/moe_kernels-h100.json
