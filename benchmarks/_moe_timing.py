@@ -39,6 +39,15 @@ from zeroprefill.kernels.quant import quantize_tokens_fp8_group
 BF16_SIDES = {GROUPED_MM: "bf16_gmm_ours", TRITON: "bf16_triton",  # the forced side of each bf16 backend
               TRITON_GROUPED_MM: "bf16_triton_gmm"}
 SUMMARY_MIN_TOKENS = 8192  # summary keys *_min_8k_plus: the worst point at or above this many tokens
+SHAPES = {  # name: (E, K, H, I)
+    "qwen3-235b-a22b": (128, 8, 4096, 1536),
+    "qwen3-30b-a3b": (128, 8, 2048, 768),
+}
+#: A measured choice (a bf16 backend, a tile's weight loads) replaces the shipped one only when
+#: it is faster by more than this: on one H100 the same layer's time moved by up to 14% between
+#: two runs of one session (its GEMM kernels' by up to 7%), and most margins between the bf16
+#: backends were smaller than that.
+SELECT_MARGIN = 0.05
 COPY_BYTES = 1 << 30       # the device copy that measures HBM bandwidth
 _START = time.perf_counter()
 

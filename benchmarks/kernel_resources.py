@@ -107,10 +107,6 @@ def compile_tile(dtype: str, gemm: str, cfg: GemmConfig, workdir: Path) -> dict:
     }
 
 
-def tile_name(cfg: GemmConfig) -> str:
-    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} g{cfg.group_m} w{cfg.num_warps} s{cfg.num_stages}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None,
@@ -125,7 +121,7 @@ def main() -> None:
         for dtype, gemm, cfg in table_tiles():
             for weight_tma in (False, True):
                 tile = replace(cfg, weight_tma=weight_tma)
-                row = {"gemm": gemm, "dtype": dtype, "tile": tile_name(tile), "loads": "tma" if weight_tma else "ptr",
+                row = {"gemm": gemm, "dtype": dtype, "tile": tile.label, "loads": "tma" if weight_tma else "ptr",
                        **compile_tile(dtype, gemm, tile, Path(workdir))}
                 rows.append(row)
                 print(f"{gemm:5s} {dtype:5s} {row['tile']:22s} {row['loads']:5s} {row['registers']:4d} "

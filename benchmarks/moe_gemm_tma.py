@@ -43,7 +43,7 @@ from triton.runtime.errors import OutOfResources
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _moe_timing import Layer, bench_ms, gpu_tag, log  # noqa: E402
+from _moe_timing import SELECT_MARGIN, SHAPES, Layer, bench_ms, gpu_tag, log  # noqa: E402
 from zeroprefill.kernels.align import ExpertAlignment, moe_align_block_size  # noqa: E402
 from zeroprefill.kernels.fused_moe import run_gemm1, run_gemm2, weight_tiles  # noqa: E402
 from zeroprefill.kernels.grouped_mm_moe import (grouped_gemm, scatter_token_rows, silu_mul,  # noqa: E402
@@ -52,7 +52,6 @@ from zeroprefill.kernels.moe_config import (CONFIG_DIR, GemmConfig, arch_name, c
                                             get_config, nearest_token_count, problem_key)
 from zeroprefill.kernels.quant import quantize_tokens_fp8_group  # noqa: E402
 
-SHAPES = {"qwen3-235b-a22b": (128, 8, 4096, 1536), "qwen3-30b-a3b": (128, 8, 2048, 768)}  # E, K, H, I
 TOKENS = [8192, 16384, 32768]
 GEMM1_CONFIGS = [GemmConfig(128, 128, 64, 8, 8, 3), GemmConfig(128, 128, 64, 8, 8, 4),
                  GemmConfig(128, 128, 128, 8, 8, 2), GemmConfig(64, 128, 64, 8, 4, 4),
@@ -64,8 +63,6 @@ FP8_GEMM1_CONFIGS = [GemmConfig(64, 128, 128, 8, 4, 3), GemmConfig(64, 128, 128,
                      GemmConfig(64, 128, 128, 8, 8, 3)]
 FP8_GEMM2_CONFIGS = [GemmConfig(64, 128, 128, 8, 4, 3), GemmConfig(64, 128, 128, 8, 4, 4)]
 
-
-SWITCH_MARGIN = 0.05  # a shipped tile switches loads where the other is more than this much faster
 
 
 def shipped_tiles(shape: tuple[int, int, int, int], num_tokens: int) -> dict[str, GemmConfig]:
@@ -82,7 +79,7 @@ def shipped_tiles(shape: tuple[int, int, int, int], num_tokens: int) -> dict[str
 
 
 def switch_table_tiles(configs: dict, shape: tuple[int, int, int, int], points: list[dict],
-                       margin: float = SWITCH_MARGIN) -> list[str]:
+                       margin: float = SELECT_MARGIN) -> list[str]:
     """Set ``weight_tma`` on the shipped tiles the points measured, in the table's ``configs``:
     on where TMA was more than ``margin`` faster at every point that used the entry, off where
     pointer loads were more than ``margin`` faster at one, unchanged otherwise. Returns the
@@ -107,10 +104,6 @@ def switch_table_tiles(configs: dict, shape: tuple[int, int, int, int], points: 
     return changes
 
 
-def tag(cfg: GemmConfig) -> str:
-    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} g{cfg.group_m} w{cfg.num_warps} s{cfg.num_stages}"
-
-
 def time_both_loads(label: str, tiles: list[GemmConfig], w: torch.Tensor, rows_per_segment: int,
                     run: Callable[[GemmConfig], torch.Tensor], ms: dict, max_abs_diff: dict,
                     compared: Callable[[torch.Tensor, GemmConfig], torch.Tensor] = lambda out, cfg: out) -> None:
@@ -125,11 +118,11 @@ def time_both_loads(label: str, tiles: list[GemmConfig], w: torch.Tensor, rows_p
             try:
                 outs.append(compared(run(loads), loads).float())
             except OutOfResources as exc:  # TMA's staging buffers can push a tile past shared memory
-                log(f"  {label} {'tma' if tma else 'ptr'} {tag(cfg)}: does not fit ({exc})")
+                log(f"  {label} {'tma' if tma else 'ptr'} {cfg.label}: does not fit ({exc})")
                 continue
-            ms[f"{label} {'tma' if tma else 'ptr'} {tag(cfg)}"] = bench_ms(lambda: run(loads))
+            ms[f"{label} {'tma' if tma else 'ptr'} {cfg.label}"] = bench_ms(lambda: run(loads))
         if len(outs) == 2:
-            max_abs_diff[f"{label} {tag(cfg)}"] = (outs[0] - outs[1]).abs().max().item()
+            max_abs_diff[f"{label} {cfg.label}"] = (outs[0] - outs[1]).abs().max().item()
 
 
 def measure_point(shape: tuple[int, int, int, int], num_tokens: int) -> dict:
@@ -202,9 +195,9 @@ def measure_point(shape: tuple[int, int, int, int], num_tokens: int) -> dict:
         "tokens": num_tokens, "ms": {k: round(v, 4) for k, v in ms.items()},
         "max_abs_diff_tma_vs_ptr": max_abs_diff,
         "shipped_bf16_backend": get_config(num_tokens, top_k, num_experts, hidden, inter, False, x.device).backend,
-        "shipped": {label: {"tile": tag(tile), "tma_vs_ptr": round(ms[f"{label} ptr {tag(tile)}"]
-                                                                   / ms[f"{label} tma {tag(tile)}"], 3)}
-                    for label, tile in shipped.items() if f"{label} tma {tag(tile)}" in ms},
+        "shipped": {label: {"tile": tile.label, "tma_vs_ptr": round(ms[f"{label} ptr {tile.label}"]
+                                                                   / ms[f"{label} tma {tile.label}"], 3)}
+                    for label, tile in shipped.items() if f"{label} tma {tile.label}" in ms},
         "gemm1_best_ptr": best_ptr[0], "gemm1_best_tma": best_tma[0],
         **{f"{label.replace(' ', '_')}_tma_vs_ptr": tma_vs_ptr(label)
            for label in ("gemm1", "gemm2", "fp8 gemm1", "fp8 gemm2")},
@@ -223,7 +216,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/moe_gemm_tma-<gpu>.json)")
     parser.add_argument("--write-table", action="store_true",
                         help="switch the shipped tiles (kernels/configs/<arch>.json) to the loads measured "
-                             f"faster by more than {SWITCH_MARGIN:.0%} at every point that used them")
+                             f"faster by more than {SELECT_MARGIN:.0%} at every point that used them")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.exit(2, "moe_gemm_tma: error: needs a CUDA GPU (the kernels' correctness runs on CPU in "

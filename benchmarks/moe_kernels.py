@@ -93,15 +93,11 @@ import triton
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _moe_timing import (BF16_SIDES, SUMMARY_MIN_TOKENS, Layer, compiled_kernel_stats, gpu_tag,  # noqa: E402
-                         hbm_bandwidth_gb_s, is_gemm_kernel, log, measure_point, profile_sides, tune)
+from _moe_timing import (BF16_SIDES, SELECT_MARGIN, SHAPES, SUMMARY_MIN_TOKENS, Layer, compiled_kernel_stats,  # noqa: E402
+                         gpu_tag, hbm_bandwidth_gb_s, is_gemm_kernel, log, measure_point, profile_sides, tune)
 from zeroprefill.kernels import GROUPED_MM, TRITON, TRITON_GROUPED_MM, MoEConfig, deepgemm_unavailable_reason, get_config  # noqa: E402
 from zeroprefill.kernels.moe_config import CONFIG_DIR, arch_name, clear_config_cache, problem_key  # noqa: E402
 
-SHAPES = {  # name: (E, K, H, I)
-    "qwen3-235b-a22b": (128, 8, 4096, 1536),
-    "qwen3-30b-a3b": (128, 8, 2048, 768),
-}
 TOKENS = [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
 TUNE_TOKENS = [1024, 4096, 16384]
 SIDES = ("bf16_triton", "bf16_gmm_ours", "bf16_triton_gmm", "grouped_mm", "fp8", "fp8_selected", "fp8_rowwise",
@@ -308,12 +304,6 @@ def finish_point(point: dict, layer: Layer, with_deepgemm: bool, bandwidth_gb_s:
           f"GEMMs/layer {value(point['layer_vs_gemm_only']):.3f} (eager {value(point['layer_vs_gemm_only_eager']):.3f},"
           f" unfused-glue bound {value(point['unfused_glue_bound_layer_vs_gemm_only']):.3f})", flush=True)
 
-
-#: A measured bf16 backend replaces the shipped one at a token count only when its graph-replayed
-#: layer is faster by more than this: on one H100 the same layer's time moved by up to 14% between
-#: two runs of one session (its GEMM kernels' by up to 7%), and most margins between the backends
-#: were smaller than that.
-SELECT_MARGIN = 0.05
 
 
 def choose_bf16_backend(point: dict, margin: float = SELECT_MARGIN) -> str | None:

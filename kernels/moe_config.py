@@ -43,6 +43,11 @@ class GemmConfig:
     num_stages: int = 3
     weight_tma: bool = False  # weight tiles through TMA where they can be (fused_moe.weight_tiles), else pointer loads
 
+    @property
+    def label(self) -> str:
+        """The tile in one word, as the benchmarks print it: ``128x128x64 g8 w8 s3`` (loads aside)."""
+        return f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} s{self.num_stages}"
+
 
 TRITON = "triton"          # our two grouped Triton GEMMs (fused_moe.py)
 GROUPED_MM = "grouped_mm"  # torch._grouped_mm GEMMs with our Triton permutation/combine (bf16)
