@@ -85,7 +85,7 @@ import torch.nn.functional as F
 from .align import ExpertAlignment, moe_align_block_size
 from .checks import check_add_to, check_inputs
 from .grouped_mm_moe import scatter_token_rows, silu_mul, weighted_combine
-from .moe_config import MoEConfig
+from .moe_config import MoEConfig, device_capability
 from .quant import GROUP_SIZE
 
 logger = logging.getLogger(__name__)
@@ -105,11 +105,6 @@ BF16_MULTIPLE = 64   # sm90 bf16 grouped GEMM: K % 64 == 0 (both GEMMs: K = H, t
 FP8_MULTIPLE = 128   # 1x128 activation groups and 128x128 weight blocks, whole in H and I
 
 
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
 def device_unsupported_reason(device: torch.device) -> str | None:
     """Why DeepGEMM's kernels cannot run on ``device``, or None (a CUDA sm90 GPU)."""
     if device.type != "cuda":
@@ -117,7 +112,7 @@ def device_unsupported_reason(device: torch.device) -> str | None:
     if not torch.cuda.is_available():
         return "CUDA is not available"
     index = torch.cuda.current_device() if device.index is None else device.index
-    major, minor = _capability(index)
+    major, minor = device_capability(index)
     if (major, minor) != (9, 0):
         return f"cuda:{index} is sm{major}{minor}; this path runs DeepGEMM's sm90 kernels (H100/H200) only"
     return None

@@ -53,7 +53,7 @@ from .checks import check_add_to, check_inputs, fp8_scale_format
 from .deepgemm import deepgemm_reason, deepgemm_source, disable_after_failure, fp8_layout_in_use, run_deepgemm_experts
 from .grouped_mm_moe import ALIGN_M as GROUPED_MM_ALIGN_M
 from .grouped_mm_moe import check_row_alignment, grouped_gemm, grouped_mm_experts, weighted_combine
-from .moe_config import GROUPED_MM, TRITON, TRITON_GROUPED_MM, GemmConfig, MoEConfig, get_config
+from .moe_config import GROUPED_MM, TRITON, TRITON_GROUPED_MM, GemmConfig, MoEConfig, device_capability, get_config
 from .quant import FP8_DTYPE, GROUP_SIZE, ROUND_E4M3_IN_FP32, dequantize_fp8_block, \
     dequantize_fp8_rowwise, quantize_tokens_fp8_group, quantize_weights_fp8_block, round_to_e4m3
 
@@ -451,7 +451,7 @@ def _tma_reason(w: torch.Tensor, rows_per_segment: int, cfg: GemmConfig) -> str 
     if not INTERPRETING:
         if w.device.type != "cuda":
             return f"the weights are on {w.device}, not a CUDA GPU"
-        if torch.cuda.get_device_capability(w.device) < (9, 0):
+        if device_capability(w.device.index) < (9, 0):
             return "TMA needs sm90 (H100/H200) or newer"
     if not w.is_contiguous():
         return "the weights are not contiguous"

@@ -109,9 +109,16 @@ def problem_key(use_fp8: bool, num_experts: int, hidden_size: int, intermediate_
     return f"{kind}_E{num_experts}_H{hidden_size}_I{intermediate_size}"
 
 
+@lru_cache(maxsize=None)
+def device_capability(index: int) -> tuple[int, int]:
+    """CUDA device ``index``'s compute capability, asked of the driver once: the experts kernels
+    look at it on every call (the table's file, TMA, DeepGEMM)."""
+    return torch.cuda.get_device_capability(index)
+
+
 def arch_name(device: torch.device) -> str:
     """``sm90`` for H100/H200; the config file name for this device."""
-    major, minor = torch.cuda.get_device_capability(device)
+    major, minor = device_capability(torch.cuda.current_device() if device.index is None else device.index)
     return f"sm{major}{minor}"
 
 

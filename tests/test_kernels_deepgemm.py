@@ -499,11 +499,11 @@ def test_device_check(monkeypatch):
     assert deepgemm.device_unsupported_reason(torch.device("cpu")) == "tensors are on cpu; DeepGEMM runs on CUDA GPUs"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(deepgemm, "_capability", lambda index: (8, 0))
+    monkeypatch.setattr(deepgemm, "device_capability", lambda index: (8, 0))
     assert deepgemm.device_unsupported_reason(torch.device("cuda")) == \
         "cuda:0 is sm80; this path runs DeepGEMM's sm90 kernels (H100/H200) only"
     assert deepgemm_unavailable_reason() == "cuda:0 is sm80; this path runs DeepGEMM's sm90 kernels (H100/H200) only"
-    monkeypatch.setattr(deepgemm, "_capability", lambda index: (9, 0))
+    monkeypatch.setattr(deepgemm, "device_capability", lambda index: (9, 0))
     assert deepgemm.device_unsupported_reason(torch.device("cuda", 1)) is None
 
 
