@@ -64,7 +64,6 @@ FP8_GEMM1_CONFIGS = [GemmConfig(64, 128, 128, 8, 4, 3), GemmConfig(64, 128, 128,
 FP8_GEMM2_CONFIGS = [GemmConfig(64, 128, 128, 8, 4, 3), GemmConfig(64, 128, 128, 8, 4, 4)]
 
 
-
 def shipped_tiles(shape: tuple[int, int, int, int], num_tokens: int) -> dict[str, GemmConfig]:
     """The tiles the shipped table runs at this point (``gemm1``, ``gemm2``, ``fp8 gemm1``, ...),
     as pointer-load tiles; a bf16 entry on the grouped_mm backend has none."""

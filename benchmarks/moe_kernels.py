@@ -305,7 +305,6 @@ def finish_point(point: dict, layer: Layer, with_deepgemm: bool, bandwidth_gb_s:
           f" unfused-glue bound {value(point['unfused_glue_bound_layer_vs_gemm_only']):.3f})", flush=True)
 
 
-
 def choose_bf16_backend(point: dict, margin: float = SELECT_MARGIN) -> str | None:
     """The bf16 backend to ship at ``point``'s token count: the fastest measured one, by its
     graph-replayed time (what an engine that replays CUDA graphs runs; eager where a side has no
