@@ -6,7 +6,7 @@
   and for a timed window what the GPUs did during it (``gpu_telemetry``, :class:`GpuTelemetry`);
 - the warm-up before each context's measurements (:func:`warm_up`);
 - the server log: the lines a run added (:class:`LogCursor`), kernel JIT events
-  (:func:`jit_events`) and memory facts (:func:`server_memory`), in vLLM 0.26 to 0.33's words.
+  (:func:`jit_events`) and memory facts (:func:`server_memory`), in vLLM 0.26 to 0.34's words.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from _serving import GpuTelemetry, client_session, closed_loop_clients
 
-# What the server log says, in the wording of vLLM 0.26 to 0.33 (0.32+ appends ", Maximum
+# What the server log says, in the wording of vLLM 0.26 to 0.34 (0.32+ appends ", Maximum
 # concurrency ..." to the KV line; the CPU build says "CPU KV cache size").
 KV_TOKENS = re.compile(r"KV cache size: ([\d,]+) tokens")
 KV_MEMORY_GIB = re.compile(r"Available KV cache memory: ([\d.]+) GiB")

@@ -11,16 +11,16 @@ from vllm_zeroprefill import compat
 from vllm_zeroprefill.compat import prefix_cache_lookup_enabled, unsupported_vllm_message, vllm_router_runs_here
 
 
-@pytest.mark.parametrize("version", ["0.26.0", "0.27.1", "0.32.0+cpu", "0.33.0", "0.33.1.post1"])
+@pytest.mark.parametrize("version", ["0.26.0", "0.27.1", "0.32.0+cpu", "0.33.0", "0.33.1.post1", "0.34.0"])
 def test_supported_releases_pass(version):
     assert unsupported_vllm_message(version) is None
 
 
-@pytest.mark.parametrize("version", ["0.25.2", "0.34.0", "0.34.0rc1", "1.0.0", "0.11.0"])
+@pytest.mark.parametrize("version", ["0.25.2", "0.35.0", "0.35.0rc1", "1.0.0", "0.11.0"])
 def test_releases_outside_the_range_get_one_line(version):
     message = unsupported_vllm_message(version)
     assert message is not None and "\n" not in message
-    assert f"found {version}" in message and ">= 0.26.0, < 0.34.0" in message
+    assert f"found {version}" in message and ">= 0.26.0, < 0.35.0" in message
 
 
 def test_pyproject_states_the_range_compat_defines():

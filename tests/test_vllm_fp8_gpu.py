@@ -1,6 +1,6 @@
 """Real vLLM on GPUs: ``--moe-backend asyncep`` serves block-FP8 checkpoints, as close to fp32 as stock.
 
-How to run (one GPU or more, vLLM 0.26-0.33; docs/gpu.md)::
+How to run (one GPU or more, vLLM 0.26-0.34; docs/gpu.md)::
 
     ZEROPREFILL_FP8_CHECK_JSON=benchmarks/results/vllm_fp8-h100x1.json \\
         python -m pytest -m gpu tests/test_vllm_fp8_gpu.py -k tiny

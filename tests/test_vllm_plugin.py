@@ -4,6 +4,7 @@ fail while the engine config is built (in the API server, before any worker star
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -47,6 +48,16 @@ def tiny_dense(tmp_path_factory, tiny_moe):
 
 def test_cli_accepts_asyncep_through_the_platform_plugin():
     result = subprocess.run([sys.executable, "-c", _PARSE_CLI], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "moe_backend=asyncep" in result.stdout
+
+
+def test_serve_parser_accepts_asyncep_when_vllm_skips_platform_plugins():
+    # VLLM_TARGET_DEVICE=cpu makes vLLM pick its CPU platform without loading platform plugins;
+    # `vllm serve` builds its parser through AsyncEngineArgs, which loads the general plugin first.
+    code = _PARSE_CLI.replace("EngineArgs", "AsyncEngineArgs")
+    env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "moe_backend=asyncep" in result.stdout
 
@@ -154,7 +165,7 @@ def test_vllm_outside_the_supported_range_refuses_asyncep_only(tiny_moe):
     refused = _start_up(_BUILD_CONFIG.format(patch=patch, model=str(tiny_moe), backend="asyncep"))
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines()[-1].startswith(
-        "error: --moe-backend asyncep supports vLLM >= 0.26.0, < 0.34.0, found 0.25.0"
+        "error: --moe-backend asyncep supports vLLM >= 0.26.0, < 0.35.0, found 0.25.0"
     )
     other = _start_up(_BUILD_CONFIG.format(patch=patch, model=str(tiny_moe), backend="auto")
                       .replace(', "--data-parallel-size", "2",\n                          "--enable-expert-parallel"', ""))

@@ -205,7 +205,7 @@ class Fp32Reference:
     """The served checkpoint in transformers, float32, in this process: what vLLM's pooling
     runner computes, without its bf16 (or FP8) rounding.
 
-    vLLM 0.26-0.33 pools a Qwen-MoE served with ``--runner pooling`` by its last token (its
+    vLLM 0.26-0.34 pools a Qwen-MoE served with ``--runner pooling`` by its last token (its
     start-up log: "Resolved pooling config: pooling_type=LAST ..., use_activation=True"):
 
     - ``--convert embed``: the final norm's output at the last token, L2-normalised

@@ -382,7 +382,7 @@ class AsyncEPBlockFp8FusedMoEMethod(AsyncEPFusedMoEMethod):
     """AsyncEP on block-FP8 experts: e4m3 weights and 128x128 scales, gathered together.
 
     ``create_weights`` registers the parameters vLLM's ``Fp8MoEMethod`` registers for a
-    block-quantized checkpoint (vLLM 0.26-0.33, tensor parallel size 1), so vLLM's FusedMoE
+    block-quantized checkpoint (vLLM 0.26-0.34, tensor parallel size 1), so vLLM's FusedMoE
     weight loader fills them unchanged: ``w13_weight`` / ``w2_weight`` in float8_e4m3fn and
     float32 ``w13_weight_scale_inv [E, 2 * ceil(I/bn), ceil(H/bk)]`` /
     ``w2_weight_scale_inv [E, ceil(H/bn), ceil(I/bk)]`` with ``quant_method="block"`` (the

@@ -1,6 +1,6 @@
 """The vLLM releases this plugin supports, and the few APIs that differ between them.
 
-Every vLLM API the plugin touches was read in each release from 0.26.0 to 0.33.0; all but
+Every vLLM API the plugin touches was read in each release from 0.26.0 to 0.34.0; all but
 the ones below are the same in all of them (``KernelConfig.moe_backend``, the
 ``RoutedExperts._get_quant_method`` seam, ``FusedMoEMethodBase``, ``EngineArgs.
 create_engine_config``, the v1 ``Scheduler`` queues, ``coordinator.find_longest_cache_hit``,
@@ -40,7 +40,7 @@ from zeroprefill.supported_range import SupportedRange
 
 # [first supported, first unsupported): the releases checked above. The one definition code
 # reads; pyproject.toml's ``vllm`` extra states the same range (tests/test_vllm_compat.py).
-SUPPORTED_VLLM = SupportedRange(Version("0.26.0"), Version("0.34.0"))
+SUPPORTED_VLLM = SupportedRange(Version("0.26.0"), Version("0.35.0"))
 
 
 def supported_range_text() -> str:

@@ -16,7 +16,7 @@ vLLM has that seam for its own weight prefetcher: every CUDA-graph wrapper (V1's
 offloader vLLM configured (usually the no-op one), delegates everything to it, and adds
 ``streamer.order_after_side_stream()`` to ``sync_prev_onload``: one event record and one
 stream wait per graph launch, no host wait. Present and called the same way in vLLM
-0.26-0.33 (``vllm.model_executor.offloader.base``).
+0.26-0.34 (``vllm.model_executor.offloader.base``).
 """
 
 from __future__ import annotations
