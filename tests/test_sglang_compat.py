@@ -38,6 +38,19 @@ def test_supported_range(version: str, supported: bool) -> None:
         )
 
 
+def test_info_says_whether_the_installed_release_is_supported(monkeypatch) -> None:
+    import sglang
+
+    from zeroprefill.environment import collect_environment
+
+    assert collect_environment()["backends"]["sglang plugin"] == (
+        f"sglang {sglang.__version__} supported (>= 0.5.17, < 0.5.24)")
+    monkeypatch.setattr(sglang, "__version__", "0.5.24")
+    assert collect_environment()["backends"]["sglang plugin"] == (
+        "sglang 0.5.24 outside the supported >= 0.5.17, < 0.5.24: "
+        "--moe-a2a-backend asyncep and --load-balance-method zeroprefill refuse to start")
+
+
 def test_an_unreadable_version_is_one_line() -> None:
     assert compat.unsupported_sglang_message("dev") == (
         "sglang_zeroprefill cannot read the SGLang version 'dev'; it supports SGLang >= 0.5.17, < 0.5.24"

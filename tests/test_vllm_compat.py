@@ -23,6 +23,25 @@ def test_releases_outside_the_range_get_one_line(version):
     assert f"found {version}" in message and ">= 0.26.0, < 0.35.0" in message
 
 
+@pytest.mark.parametrize(("version", "supported"), [
+    ("0.32.0+cpu", True), ("0.33.1.post1", True), ("0.34.0", True), ("0.35.0rc1", False), ("not-a-version", False),
+])
+def test_the_range_reads_build_tags_and_post_releases_as_their_release(version, supported):
+    assert compat.SUPPORTED_VLLM.supports(version) is supported
+
+
+def test_info_says_whether_the_installed_release_is_supported(monkeypatch):
+    import vllm
+
+    from zeroprefill.environment import collect_environment
+
+    assert collect_environment()["backends"]["vllm plugin"] == (
+        f"vllm {vllm.__version__} supported (>= 0.26.0, < 0.35.0)")
+    monkeypatch.setattr(vllm, "__version__", "0.35.0")
+    assert collect_environment()["backends"]["vllm plugin"] == (
+        "vllm 0.35.0 outside the supported >= 0.26.0, < 0.35.0: --moe-backend asyncep refuses to start")
+
+
 def test_pyproject_states_the_range_compat_defines():
     # compat.SUPPORTED_VLLM is what the code reads; the vllm extra must install the same releases.
     tomllib = pytest.importorskip("tomllib")

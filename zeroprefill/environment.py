@@ -25,6 +25,27 @@ def _importable(module: str) -> tuple[bool, str]:
     return True, ""
 
 
+#: Each engine plugin: the engine's module, where the plugin states the releases it supports, and
+#: what refuses to start on a release outside them.
+_ENGINE_PLUGINS = {
+    "vllm plugin": ("vllm", "vllm_zeroprefill.compat", "SUPPORTED_VLLM", "--moe-backend asyncep refuses to start"),
+    "sglang plugin": ("sglang", "sglang_zeroprefill.compat", "SUPPORTED_SGLANG",
+                      "--moe-a2a-backend asyncep and --load-balance-method zeroprefill refuse to start"),
+}
+
+
+def _engine_plugin_state(engine: str, compat_module: str, range_name: str, refusal: str) -> str:
+    """Whether the engine imports here, and whether its release is one the plugin supports."""
+    ok, why = _importable(engine)
+    if not ok:
+        return f"engine not importable ({why})"
+    version = str(getattr(importlib.import_module(engine), "__version__", "unknown"))
+    supported = getattr(importlib.import_module(compat_module), range_name)
+    if supported.supports(version):
+        return f"{engine} {version} supported ({supported.text()})"
+    return f"{engine} {version} outside the supported {supported.text()}: {refusal}"
+
+
 def collect_environment() -> dict[str, Any]:
     """Versions of the libraries we build on and which transports/kernels work here."""
     import torch
@@ -59,9 +80,8 @@ def collect_environment() -> dict[str, Any]:
     )
     ok, why = _importable("triton")
     backends["triton"] = ("usable" if cuda else "interpreter only (TRITON_INTERPRET=1)") if ok else why
-    for plugin, module in (("vllm plugin", "vllm"), ("sglang plugin", "sglang")):
-        ok, why = _importable(module)
-        backends[plugin] = "engine importable" if ok else f"engine not importable ({why})"
+    for plugin, check in _ENGINE_PLUGINS.items():
+        backends[plugin] = _engine_plugin_state(*check)
     # After the engines: a vLLM that imports brings its own copy of DeepGEMM.
     from zeroprefill.kernels import deepgemm_source, deepgemm_unavailable_reason
     from zeroprefill.kernels.deepgemm import FP8_LAYOUT_ENV, fp8_layout_in_use

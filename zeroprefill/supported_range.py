@@ -32,10 +32,20 @@ class SupportedRange(NamedTuple):
         ("--moe-backend asyncep"); ``remedy``: what to do instead, after the colon.
         """
         try:
-            parsed = Version(version)
+            Version(version)
         except ValueError:
             return f"{subject} cannot read the {engine} version {version!r}; it supports {engine} {self.text()}"
-        # A local build tag (0.32.0+cpu) or a post release of a supported release is that release.
-        if self.low <= Version(parsed.base_version) < self.high:
+        if self.supports(version):
             return None
         return f"{subject} supports {engine} {self.text()}, found {version}: {remedy}"
+
+    def supports(self, version: str) -> bool:
+        """Whether ``version`` is in the range (False if it cannot be read as a version).
+
+        A local build tag (0.32.0+cpu) or a post release of a supported release is that release.
+        """
+        try:
+            parsed = Version(version)
+        except ValueError:
+            return False
+        return self.low <= Version(parsed.base_version) < self.high
