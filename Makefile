@@ -70,9 +70,11 @@ VLLM_SOURCES ?= 0.34.0
 VLLM_SOURCES_DIR := build/vllm-sources-$(VLLM_SOURCES)
 VLLM_SOURCES_DESELECT := \
 	tests/test_vllm_fp8.py::test_asyncep_server_on_fp8_experts_answers_like_stock_on_the_dequantised_weights
-.PHONY: test-vllm-sources
-test-vllm-sources: setup
+VLLM_SOURCES_BUILT := $(VLLM_SOURCES_DIR)/vllm-$(VLLM_SOURCES)+cpu.dist-info/METADATA
+$(VLLM_SOURCES_BUILT): $(STAMP) tests/vllm_sources.py
 	$(PY) -m tests.vllm_sources $(VLLM_SOURCES) $(VLLM_SOURCES_DIR)
+.PHONY: test-vllm-sources
+test-vllm-sources: $(VLLM_SOURCES_BUILT)
 	PYTHONPATH=$(VLLM_SOURCES_DIR) $(PY) -c "import vllm; print('testing the plugin on vllm', vllm.__version__)"
 	PYTHONPATH=$(VLLM_SOURCES_DIR) $(PY) -m pytest -q tests/test_vllm_compat.py tests/test_vllm_plugin.py \
 	  tests/test_vllm_scheduler.py tests/test_vllm_fp8.py $(addprefix --deselect ,$(VLLM_SOURCES_DESELECT))

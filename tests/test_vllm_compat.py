@@ -26,7 +26,7 @@ def test_releases_outside_the_range_get_one_line(version):
 @pytest.mark.parametrize(("version", "supported"), [
     ("0.32.0+cpu", True), ("0.33.1.post1", True), ("0.34.0", True), ("0.35.0rc1", False), ("not-a-version", False),
 ])
-def test_the_range_reads_build_tags_and_post_releases_as_their_release(version, supported):
+def test_supports_reads_a_release_by_its_base_version(version, supported):
     assert compat.SUPPORTED_VLLM.supports(version) is supported
 
 

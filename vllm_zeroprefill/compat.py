@@ -21,6 +21,9 @@ What differs is detected here, by the presence of the API, never by the version 
   :func:`clear_cli_argument_cache` clears that cache only where it has been built.
 
 - ``Fp8Config.ignored_layers_match_mode`` appears in 0.32 (:func:`layer_skip_match_options`).
+- 0.34 removes Model Runner V1 (0.33 already defaults to V2) and
+  ``Request.skip_reading_prefix_cache``, which only the 0.26 spelling of
+  :func:`prefix_cache_lookup_enabled` reads.
 - The forward context's ``dp_metadata.num_tokens_across_dp_cpu`` (every DP rank's token count
   in the pass now running, the figure vLLM pads dummy batches and graphs to) has the same
   name and meaning in every release; :func:`pass_max_tokens` reads it.

@@ -10,10 +10,10 @@ the eager pass prefetched. Something must order the replay after them, on the ho
 before every capture and replay.
 
 vLLM has that seam for its own weight prefetcher: every CUDA-graph wrapper (V1's
-``CUDAGraphWrapper``, Model Runner V2's graph manager, the micro-batch wrapper) calls
-``get_offloader().sync_prev_onload()`` right before it captures or replays, and
-``join_after_forward()`` before a capture ends. :class:`StreamerOrderingOffloader` wraps the
-offloader vLLM configured (usually the no-op one), delegates everything to it, and adds
+``CUDAGraphWrapper``, Model Runner V2's graph manager, the micro-batch wrapper, 0.34's
+breakable graphs) calls ``get_offloader().sync_prev_onload()`` right before it captures or
+replays, and ``join_after_forward()`` before a capture ends. :class:`StreamerOrderingOffloader`
+wraps the offloader vLLM configured (usually the no-op one), delegates everything to it, and adds
 ``streamer.order_after_side_stream()`` to ``sync_prev_onload``: one event record and one
 stream wait per graph launch, no host wait. Present and called the same way in vLLM
 0.26-0.34 (``vllm.model_executor.offloader.base``).

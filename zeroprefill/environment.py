@@ -36,12 +36,15 @@ _ENGINE_PLUGINS = {
 
 def _engine_plugin_state(engine: str, compat_module: str, range_name: str, refusal: str) -> str:
     """Whether the engine imports here, and whether its release is one the plugin supports."""
-    ok, why = _importable(engine)
-    if not ok:
-        return f"engine not importable ({why})"
-    version = str(getattr(importlib.import_module(engine), "__version__", "unknown"))
+    for module in (engine, compat_module):
+        ok, why = _importable(module)
+        if not ok:
+            return f"{'engine' if module == engine else 'plugin'} not importable ({why})"
     supported = getattr(importlib.import_module(compat_module), range_name)
-    if supported.supports(version):
+    version = getattr(importlib.import_module(engine), "__version__", None)
+    if version is None:
+        return f"{engine} has no __version__: cannot tell whether it is supported ({supported.text()})"
+    if supported.supports(str(version)):
         return f"{engine} {version} supported ({supported.text()})"
     return f"{engine} {version} outside the supported {supported.text()}: {refusal}"
 

@@ -31,12 +31,12 @@ class SupportedRange(NamedTuple):
         ``engine``: its name as users write it ("vLLM"); ``subject``: what refuses to run
         ("--moe-backend asyncep"); ``remedy``: what to do instead, after the colon.
         """
+        if self.supports(version):
+            return None
         try:
             Version(version)
         except ValueError:
             return f"{subject} cannot read the {engine} version {version!r}; it supports {engine} {self.text()}"
-        if self.supports(version):
-            return None
         return f"{subject} supports {engine} {self.text()}, found {version}: {remedy}"
 
     def supports(self, version: str) -> bool:
