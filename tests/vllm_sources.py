@@ -58,8 +58,10 @@ def build(version: str, out: Path) -> None:
     out.mkdir(parents=True)
     with tempfile.TemporaryDirectory() as download:
         print(f"downloading vllm=={version} from PyPI ...", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                        f"vllm=={version}", "-d", download], check=True)
+        fetched = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                                  f"vllm=={version}", "-d", download])
+        if fetched.returncode != 0:
+            sys.exit(f"error: pip could not download a wheel of vllm=={version} (see above)")
         (wheel,) = Path(download).glob("vllm-*.whl")
         with zipfile.ZipFile(wheel) as archive:
             sources = [name for name in archive.namelist() if name.startswith("vllm/") and not name.endswith(".so")]
