@@ -24,7 +24,12 @@ output (``max_abs_diff``, 0 expected: same tiles, same order).
 
 The shipped tiles at each point are timed too (``shipped``: their TMA/pointer ratio); with
 ``--write-table`` a shipped tile takes TMA loads where they were more than 5% faster at every
-point that used it, pointer loads where those were more than 5% faster at one.
+point that used it, pointer loads where those were more than 5% faster at one. The same rule
+applies to a results file without a GPU, to the table that file measured (``meta.arch``, or
+``--arch`` for files from before it was recorded); an entry whose tile has changed since is
+left as it is:
+
+    python benchmarks/moe_gemm_tma.py --write-table --from-results benchmarks/results/moe_gemm_tma-h100-tuned.json --arch sm90
 """
 
 from __future__ import annotations
@@ -81,10 +86,12 @@ def switch_table_tiles(configs: dict, shape: tuple[int, int, int, int], points: 
                        margin: float = SELECT_MARGIN) -> list[str]:
     """Set ``weight_tma`` on the shipped tiles the points measured, in the table's ``configs``:
     on where TMA was more than ``margin`` faster at every point that used the entry, off where
-    pointer loads were more than ``margin`` faster at one, unchanged otherwise. Returns the
-    changes, one line each."""
+    pointer loads were more than ``margin`` faster at one, unchanged otherwise, and unchanged
+    where the points measured another tile than the entry holds now. Returns the changes and
+    the entries left for that reason, one line each."""
     num_experts, _, hidden, inter = shape
     ratios: dict[tuple[str, str, str], list[float]] = {}
+    labels: dict[tuple[str, str, str], set[str]] = {}
     for point in points:
         for label, shipped in point["shipped"].items():
             key = problem_key(label.startswith("fp8"), num_experts, hidden, inter)
@@ -92,9 +99,14 @@ def switch_table_tiles(configs: dict, shape: tuple[int, int, int, int], points: 
                 continue
             entry = nearest_token_count(configs[key], point["tokens"])
             ratios.setdefault((key, entry, label.split()[-1]), []).append(shipped["tma_vs_ptr"])
+            labels.setdefault((key, entry, label.split()[-1]), set()).add(shipped["tile"])
     changes = []
     for (key, entry, gemm), measured in ratios.items():
         tile = configs[key][entry][gemm]
+        if labels[key, entry, gemm] != {GemmConfig(**tile).label}:  # measured on another tile than the table's
+            changes.append(f"{key} {entry} {gemm}: left as it is (measured {sorted(labels[key, entry, gemm])}, "
+                           f"the table has {GemmConfig(**tile).label})")
+            continue
         use_tma = (True if min(measured) > 1 + margin else False if min(measured) < 1 - margin
                    else tile.get("weight_tma", False))
         if tile.get("weight_tma", False) != use_tma:
@@ -216,7 +228,27 @@ def main() -> None:
     parser.add_argument("--write-table", action="store_true",
                         help="switch the shipped tiles (kernels/configs/<arch>.json) to the loads measured "
                              f"faster by more than {SELECT_MARGIN:.0%} at every point that used them")
+    parser.add_argument("--from-results", type=Path, metavar="JSON",
+                        help="with --write-table: apply the rule to this results file's points instead of "
+                             "measuring (no GPU needed)")
+    parser.add_argument("--arch", help="with --from-results: the table the file measured (e.g. sm90), for files "
+                                       "whose meta does not say")
     args = parser.parse_args()
+    if args.from_results is not None:
+        if not args.write_table:
+            parser.error("--from-results only applies --write-table's rule; add --write-table")
+        try:
+            measured = json.loads(args.from_results.read_text())
+            points, arch = measured["points"], args.arch or measured["meta"].get("arch")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            parser.exit(2, f"moe_gemm_tma: error: {args.from_results} is not a moe_gemm_tma results file ({exc})\n")
+        if arch is None:
+            parser.exit(2, f"moe_gemm_tma: error: {args.from_results} does not say which table it measured; "
+                           f"pass --arch (sm90 for H100/H200)\n")
+        if not (CONFIG_DIR / f"{arch}.json").exists():
+            parser.exit(2, f"moe_gemm_tma: error: no table kernels/configs/{arch}.json\n")
+        write_table(arch, points)
+        return
     if not torch.cuda.is_available():
         parser.exit(2, "moe_gemm_tma: error: needs a CUDA GPU (the kernels' correctness runs on CPU in "
                        "tests/test_kernels.py)\n")
@@ -228,7 +260,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / f"moe_gemm_tma-{gpu_tag()}.json"
     meta = {"command": "python benchmarks/moe_gemm_tma.py " + " ".join(sys.argv[1:]), "device": gpu,
-            "torch": torch.__version__, "triton": triton.__version__,
+            "arch": arch_name(torch.device("cuda")), "torch": torch.__version__, "triton": triton.__version__,
             "timing": "do_bench median of one eager call, L2 flushed", "summary": "minimum over the points"}
     out.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[dict]] = {}
@@ -258,13 +290,18 @@ def main() -> None:
         sys.exit("moe_gemm_tma: TMA and pointer loads gave different outputs (max_abs_diff_tma_vs_ptr); "
                  "the table is left as it was")
     if args.write_table:
-        path = CONFIG_DIR / f"{arch_name(torch.device('cuda'))}.json"
-        table = json.loads(path.read_text())
-        changes = [change for name, points in results.items()
-                   for change in switch_table_tiles(table["configs"], SHAPES[name], points)]
-        path.write_text(json.dumps(table, indent=1) + "\n")
-        clear_config_cache()
-        log(f"{path.name}: " + ("; ".join(changes) if changes else "no tile changed its loads"))
+        write_table(meta["arch"], results)
+
+
+def write_table(arch: str, results: dict[str, list[dict]]) -> None:
+    """``switch_table_tiles`` on ``kernels/configs/<arch>.json`` with each shape's points, rewritten in place."""
+    path = CONFIG_DIR / f"{arch}.json"
+    table = json.loads(path.read_text())
+    changes = [change for name, points in results.items()
+               for change in switch_table_tiles(table["configs"], SHAPES[name], points)]
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    clear_config_cache()
+    log(f"{path.name}: " + ("; ".join(changes) if changes else "no tile changed its loads"))
 
 
 if __name__ == "__main__":

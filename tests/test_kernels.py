@@ -559,9 +559,13 @@ def test_moe_gemm_tma_switches_shipped_tiles_only_past_the_margin():
     configs = {"bf16_E128_H2048_I768": {"4096": {"gemm1": dict(tile), "gemm2": dict(tile)},
                                         "16384": {"backend": "grouped_mm"}},
                "fp8_E128_H2048_I768": {"4096": {"gemm1": dict(tile, weight_tma=True), "gemm2": dict(tile)}}}
-    points = [{"tokens": 4096, "shipped": {"gemm1": {"tma_vs_ptr": 1.10}, "gemm2": {"tma_vs_ptr": 1.02},
-                                           "fp8 gemm1": {"tma_vs_ptr": 0.90}, "fp8 gemm2": {"tma_vs_ptr": 1.2}}},
-              {"tokens": 6000, "shipped": {"gemm1": {"tma_vs_ptr": 1.08}, "gemm2": {"tma_vs_ptr": 1.3}}}]
+
+    def shipped(ratio: float, label: str = "128x128x64 g8 w8 s3") -> dict:
+        return {"tile": label, "tma_vs_ptr": ratio}
+
+    points = [{"tokens": 4096, "shipped": {"gemm1": shipped(1.10), "gemm2": shipped(1.02),
+                                           "fp8 gemm1": shipped(0.90), "fp8 gemm2": shipped(1.2)}},
+              {"tokens": 6000, "shipped": {"gemm1": shipped(1.08), "gemm2": shipped(1.3)}}]
     changes = bench.switch_table_tiles(configs, (128, 8, 2048, 768), points)
     bf16, fp8 = configs["bf16_E128_H2048_I768"]["4096"], configs["fp8_E128_H2048_I768"]["4096"]
     assert bf16["gemm1"]["weight_tma"] is True  # > 5% faster at both points that use the entry (6000 -> 4096)
@@ -571,6 +575,46 @@ def test_moe_gemm_tma_switches_shipped_tiles_only_past_the_margin():
     assert MoEConfig.from_json(bf16).gemm1.weight_tma  # what get_config then hands the kernels
     # a shape the table does not hold ran the heuristic's tiles: nothing to switch
     assert bench.switch_table_tiles({}, (128, 8, 2048, 768), points) == []
+    # an entry whose tile changed since the points measured it keeps its loads, and says why
+    configs["bf16_E128_H2048_I768"]["4096"]["gemm2"]["num_warps"] = 4
+    left = bench.switch_table_tiles(configs, (128, 8, 2048, 768), [
+        {"tokens": 4096, "shipped": {"gemm2": shipped(1.3)}}])
+    assert "weight_tma" not in bf16["gemm2"]
+    assert left == ["bf16_E128_H2048_I768 4096 gemm2: left as it is (measured ['128x128x64 g8 w8 s3'], "
+                    "the table has 128x128x64 g8 w4 s3)"]
+
+
+def test_moe_gemm_tma_writes_the_table_from_a_results_file(tmp_path, monkeypatch):
+    """``--write-table --from-results``: the same rule on a committed file, no GPU; bad input is one line."""
+    from benchmarks import moe_gemm_tma as bench
+
+    monkeypatch.setattr(bench, "CONFIG_DIR", tmp_path)
+    tile = {"block_m": 64, "block_n": 128, "block_k": 128, "group_m": 8, "num_warps": 8, "num_stages": 3,
+            "weight_tma": True}
+    (tmp_path / "sm90.json").write_text(json.dumps({"configs": {"fp8_E128_H2048_I768": {
+        "16384": {"gemm1": dict(tile), "gemm2": dict(tile)}}}}))
+    results = tmp_path / "measured.json"
+    results.write_text(json.dumps({"meta": {}, "points": {"qwen3-30b-a3b": [
+        {"tokens": 16384, "shipped": {"fp8 gemm1": {"tile": "64x128x128 g8 w8 s3", "tma_vs_ptr": 0.90},
+                                      "fp8 gemm2": {"tile": "64x128x128 g8 w8 s3", "tma_vs_ptr": 1.01}}}]}}))
+
+    def main(*argv: str) -> int:
+        monkeypatch.setattr(sys, "argv", ["moe_gemm_tma.py", *argv])
+        try:
+            bench.main()
+        except SystemExit as exc:
+            return exc.code
+        return 0
+
+    assert main("--write-table", "--from-results", str(results)) == 2  # the file does not say which table
+    assert main("--from-results", str(results), "--arch", "sm90") == 2  # the rule only writes tables
+    assert main("--write-table", "--from-results", str(tmp_path / "missing.json"), "--arch", "sm90") == 2
+    assert main("--write-table", "--from-results", str(results), "--arch", "sm80") == 2  # no such table
+    assert json.loads((tmp_path / "sm90.json").read_text())["configs"]["fp8_E128_H2048_I768"]["16384"]["gemm1"][
+        "weight_tma"] is True
+    assert main("--write-table", "--from-results", str(results), "--arch", "sm90") == 0
+    entry = json.loads((tmp_path / "sm90.json").read_text())["configs"]["fp8_E128_H2048_I768"]["16384"]
+    assert entry["gemm1"]["weight_tma"] is False and entry["gemm2"]["weight_tma"] is True
 
 
 def test_moe_kernels_benchmark_summary_arithmetic():
