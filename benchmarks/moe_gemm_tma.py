@@ -25,17 +25,21 @@ output (``max_abs_diff``, 0 expected: same tiles, same order).
 The shipped tiles at each point are timed too (``shipped``: their TMA/pointer ratio); with
 ``--write-table`` a shipped tile takes TMA loads where they were more than 5% faster at every
 point that used it, pointer loads where those were more than 5% faster at one. The same rule
-applies to a results file without a GPU, to the table that file measured (``meta.arch``, or
+applies to results files without a GPU, to the table they measured (``meta.arch``, or
 ``--arch`` for files from before it was recorded); an entry whose tile has changed since is
-left as it is:
+left as it is. Given several runs, each point's ratio is their median: for some tiles the 5%
+margin is inside the spread between two runs on one GPU, and one run alone can flip a tile the
+next would flip back:
 
-    python benchmarks/moe_gemm_tma.py --write-table --from-results benchmarks/results/moe_gemm_tma-h100-tuned.json --arch sm90
+    python benchmarks/moe_gemm_tma.py --write-table --arch sm90 --from-results \
+        benchmarks/results/moe_gemm_tma-h100-tuned.json benchmarks/results/moe_gemm_tma-h100-rule*.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -113,6 +117,23 @@ def switch_table_tiles(configs: dict, shape: tuple[int, int, int, int], points: 
             tile["weight_tma"] = use_tma
             changes.append(f"{key} {entry} {gemm}: weight_tma={use_tma} (TMA/pointer {measured})")
     return changes
+
+
+def median_points(runs: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
+    """Several runs' points as one run's: per shape, token count and shipped tile, the median
+    TMA/pointer ratio over the runs that measured it."""
+    ratios: dict[tuple[str, int, str, str], list[float]] = {}
+    for run in runs:
+        for shape, points in run.items():
+            for point in points:
+                for label, shipped in point["shipped"].items():
+                    ratios.setdefault((shape, point["tokens"], label, shipped["tile"]), []).append(
+                        shipped["tma_vs_ptr"])
+    merged: dict[str, list[dict]] = {}
+    for (shape, tokens, label, tile), measured in ratios.items():  # one point per shipped tile: the rule pools them
+        merged.setdefault(shape, []).append(
+            {"tokens": tokens, "shipped": {label: {"tile": tile, "tma_vs_ptr": statistics.median(measured)}}})
+    return merged
 
 
 def time_both_loads(label: str, tiles: list[GemmConfig], w: torch.Tensor, rows_per_segment: int,
@@ -228,26 +249,32 @@ def main() -> None:
     parser.add_argument("--write-table", action="store_true",
                         help="switch the shipped tiles (kernels/configs/<arch>.json) to the loads measured "
                              f"faster by more than {SELECT_MARGIN:.0%} at every point that used them")
-    parser.add_argument("--from-results", type=Path, metavar="JSON",
-                        help="with --write-table: apply the rule to this results file's points instead of "
-                             "measuring (no GPU needed)")
-    parser.add_argument("--arch", help="with --from-results: the table the file measured (e.g. sm90), for files "
+    parser.add_argument("--from-results", type=Path, nargs="+", metavar="JSON",
+                        help="with --write-table: apply the rule to these results files' points (the median "
+                             "of their ratios at each point) instead of measuring; no GPU needed")
+    parser.add_argument("--arch", help="with --from-results: the table the files measured (e.g. sm90), for files "
                                        "whose meta does not say")
     args = parser.parse_args()
     if args.from_results is not None:
         if not args.write_table:
             parser.error("--from-results only applies --write-table's rule; add --write-table")
-        try:
-            measured = json.loads(args.from_results.read_text())
-            points, arch = measured["points"], args.arch or measured["meta"].get("arch")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            parser.exit(2, f"moe_gemm_tma: error: {args.from_results} is not a moe_gemm_tma results file ({exc})\n")
-        if arch is None:
-            parser.exit(2, f"moe_gemm_tma: error: {args.from_results} does not say which table it measured; "
-                           f"pass --arch (sm90 for H100/H200)\n")
+        runs, archs = [], set()
+        for path in args.from_results:
+            try:
+                measured = json.loads(path.read_text())
+                runs.append(measured["points"])
+                archs.add(args.arch or measured["meta"].get("arch"))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                parser.exit(2, f"moe_gemm_tma: error: {path} is not a moe_gemm_tma results file ({exc})\n")
+        if None in archs:
+            parser.exit(2, "moe_gemm_tma: error: a results file does not say which table it measured; "
+                           "pass --arch (sm90 for H100/H200)\n")
+        if len(archs) > 1:
+            parser.exit(2, f"moe_gemm_tma: error: the files measured different tables ({', '.join(sorted(archs))})\n")
+        arch = archs.pop()
         if not (CONFIG_DIR / f"{arch}.json").exists():
             parser.exit(2, f"moe_gemm_tma: error: no table kernels/configs/{arch}.json\n")
-        write_table(arch, points)
+        write_table(arch, median_points(runs))
         return
     if not torch.cuda.is_available():
         parser.exit(2, "moe_gemm_tma: error: needs a CUDA GPU (the kernels' correctness runs on CPU in "
