@@ -262,10 +262,14 @@ def main() -> None:
         for path in args.from_results:
             try:
                 measured = json.loads(path.read_text())
+                median_points([measured["points"]])  # every point has its shipped tiles and their ratios
+                unknown = set(measured["points"]) - set(SHAPES)
+                if unknown:
+                    raise ValueError(f"shapes {sorted(unknown)} are not this benchmark's")
                 runs.append(measured["points"])
                 archs.add(args.arch or measured["meta"].get("arch"))
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                parser.exit(2, f"moe_gemm_tma: error: {path} is not a moe_gemm_tma results file ({exc})\n")
+                parser.exit(2, f"moe_gemm_tma: error: {path} is not a moe_gemm_tma results file ({exc!r})\n")
         if None in archs:
             parser.exit(2, "moe_gemm_tma: error: a results file does not say which table it measured; "
                            "pass --arch (sm90 for H100/H200)\n")

@@ -609,6 +609,9 @@ def test_moe_gemm_tma_writes_the_table_from_a_results_file(tmp_path, monkeypatch
     assert main("--write-table", "--from-results", str(results)) == 2  # the file does not say which table
     assert main("--from-results", str(results), "--arch", "sm90") == 2  # the rule only writes tables
     assert main("--write-table", "--from-results", str(tmp_path / "missing.json"), "--arch", "sm90") == 2
+    for broken in ('{"points": {"qwen3-30b-a3b": [{"tokens": 16384}]}}', '{"points": {"llama": []}}', "[]"):
+        (tmp_path / "broken.json").write_text(broken)  # no shipped tiles; a shape it never measures; not a dict
+        assert main("--write-table", "--from-results", str(tmp_path / "broken.json"), "--arch", "sm90") == 2
     assert main("--write-table", "--from-results", str(results), "--arch", "sm80") == 2  # no such table
     assert json.loads((tmp_path / "sm90.json").read_text())["configs"]["fp8_E128_H2048_I768"]["16384"]["gemm1"][
         "weight_tma"] is True
