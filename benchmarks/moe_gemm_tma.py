@@ -270,6 +270,9 @@ def main() -> None:
                 archs.add(args.arch or measured["meta"].get("arch"))
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 parser.exit(2, f"moe_gemm_tma: error: {path} is not a moe_gemm_tma results file ({exc!r})\n")
+            if measured.get("summary", {}).get("tma_equals_ptr_everywhere") is False:
+                parser.exit(2, f"moe_gemm_tma: error: in {path} TMA and pointer loads gave different outputs "
+                               "(max_abs_diff_tma_vs_ptr); the table is left as it was\n")
         if None in archs:
             parser.exit(2, "moe_gemm_tma: error: a results file does not say which table it measured; "
                            "pass --arch (sm90 for H100/H200)\n")

@@ -612,6 +612,9 @@ def test_moe_gemm_tma_writes_the_table_from_a_results_file(tmp_path, monkeypatch
     for broken in ('{"points": {"qwen3-30b-a3b": [{"tokens": 16384}]}}', '{"points": {"llama": []}}', "[]"):
         (tmp_path / "broken.json").write_text(broken)  # no shipped tiles; a shape it never measures; not a dict
         assert main("--write-table", "--from-results", str(tmp_path / "broken.json"), "--arch", "sm90") == 2
+    (tmp_path / "differs.json").write_text(results.read_text().replace(
+        '"meta"', '"summary": {"tma_equals_ptr_everywhere": false}, "meta"'))  # a run whose loads disagreed
+    assert main("--write-table", "--from-results", str(tmp_path / "differs.json"), "--arch", "sm90") == 2
     assert main("--write-table", "--from-results", str(results), "--arch", "sm80") == 2  # no such table
     assert json.loads((tmp_path / "sm90.json").read_text())["configs"]["fp8_E128_H2048_I768"]["16384"]["gemm1"][
         "weight_tma"] is True
