@@ -101,15 +101,16 @@ def switch_table_tiles(configs: dict, shape: tuple[int, int, int, int], points: 
             key = problem_key(label.startswith("fp8"), num_experts, hidden, inter)
             if key not in configs:  # the heuristic's tiles: nothing in the table to switch
                 continue
-            entry = nearest_token_count(configs[key], point["tokens"])
-            ratios.setdefault((key, entry, label.split()[-1]), []).append(shipped["tma_vs_ptr"])
-            labels.setdefault((key, entry, label.split()[-1]), set()).add(shipped["tile"])
+            slot = (key, nearest_token_count(configs[key], point["tokens"]), label.split()[-1])
+            ratios.setdefault(slot, []).append(shipped["tma_vs_ptr"])
+            labels.setdefault(slot, set()).add(shipped["tile"])
     changes = []
     for (key, entry, gemm), measured in ratios.items():
         tile = configs[key][entry][gemm]
-        if labels[key, entry, gemm] != {GemmConfig(**tile).label}:  # measured on another tile than the table's
+        table_label = GemmConfig(**tile).label
+        if labels[key, entry, gemm] != {table_label}:  # measured on another tile than the table's
             changes.append(f"{key} {entry} {gemm}: left as it is (measured {sorted(labels[key, entry, gemm])}, "
-                           f"the table has {GemmConfig(**tile).label})")
+                           f"the table has {table_label})")
             continue
         use_tma = (True if min(measured) > 1 + margin else False if min(measured) < 1 - margin
                    else tile.get("weight_tma", False))
