@@ -30,6 +30,15 @@ BUDGET_ENV = "ZEROPREFILL_STEP_FLOPS_BUDGET"
 UNREACHABLE_FLOPS_BUDGET = 1e30
 
 
+def is_asyncep_layout(name: str) -> bool:
+    """Whether the layout named ``name`` serves AsyncEP: every AsyncEP layout's name starts with
+    "asyncep". Decided by the name, not by :data:`LAYOUTS`, so that a results file keeps
+    summarizing after one of its layouts was renamed or dropped (``--merge`` into a file that
+    holds ``asyncep-fp8-m-indices``, the m_indices variant of the sessions when psum was the
+    default)."""
+    return name.startswith("asyncep")
+
+
 @dataclass(frozen=True)
 class Layout:
     name: str
@@ -46,7 +55,7 @@ class Layout:
 
     @property
     def is_asyncep(self) -> bool:
-        return self.name.startswith("asyncep")
+        return is_asyncep_layout(self.name)
 
     @property
     def data_parallel_size(self) -> int:

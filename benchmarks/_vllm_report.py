@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from _serving import lowest_over_gpus
-from _vllm_layouts import LAYOUTS, UNREACHABLE_FLOPS_BUDGET
+from _vllm_layouts import LAYOUTS, UNREACHABLE_FLOPS_BUDGET, is_asyncep_layout
 
 def best_by_layout(runs: list[dict], model: str, context: int) -> dict[str, dict]:
     """Each layout's best closed-loop point over its token-budget sweep."""
@@ -56,7 +56,7 @@ def light_load_p99_ratio(p99_by_rate: dict[str, dict[str, dict]]) -> dict | None
     :func:`open_loop_p99`); None if none. ``at_least``: either p99 is a lower bound."""
     def side(points: dict[str, dict], asyncep: bool) -> dict | None:
         mine = [p for label, p in points.items()
-                if LAYOUTS[label.split("@")[0]].is_asyncep == asyncep and (asyncep or "-ep" in label)]
+                if is_asyncep_layout(label.split("@")[0]) == asyncep and (asyncep or "-ep" in label)]
         return min(mine, key=lambda p: p["p99_s"]) if mine else None
 
     for rate in sorted(p99_by_rate, key=float):
@@ -115,8 +115,8 @@ def summarize(runs: list[dict], vllm_version: str) -> dict:
         contexts = sorted({e["context"] for r in runs if r["model"] == model for e in r.get("measurements", [])})
         for context in contexts:
             best = best_by_layout(runs, model, context)
-            stock = {k: v for k, v in best.items() if not LAYOUTS[k].is_asyncep}
-            ours = {k: v for k, v in best.items() if LAYOUTS[k].is_asyncep}
+            stock = {k: v for k, v in best.items() if not is_asyncep_layout(k)}
+            ours = {k: v for k, v in best.items() if is_asyncep_layout(k)}
             if not stock or not ours:
                 continue
             best_stock = max(stock, key=lambda k: stock[k]["input_tokens_per_s_per_gpu"])

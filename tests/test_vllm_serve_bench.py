@@ -394,6 +394,23 @@ def test_fp8_summary_compares_asyncep_with_the_fastest_stock_layout_and_names_it
     assert summary["best_stock_layout_30b_2k"] is None  # no bf16 pair in this file
 
 
+def test_merge_into_a_file_holding_a_layout_no_longer_defined(fake_servers, tmp_path):
+    # Earlier results files hold layouts since renamed (asyncep-fp8-m-indices: AsyncEP on the
+    # m_indices FP8 rows while psum was the default); merging into one must still summarize.
+    out = tmp_path / "vllm_fp8-h100x1.json"
+    common = ["--reference-layout", "stock", "--batched-tokens", "4096", "--concurrency", "4", "--contexts", "2048",
+              "--duration-s", "0.5", "--warmup-s", "0", "--open-loop-fractions", "--out", str(out)]
+    vllm_serve.main(["--models", "qwen3-30b-a3b-fp8:2", "--layouts", "stock", "asyncep", *common])
+    earlier = json.loads(out.read_text())
+    for run in earlier["runs"]:
+        run["layout"] = {"asyncep": "asyncep-fp8-m-indices"}.get(run["layout"], run["layout"])
+    out.write_text(json.dumps(earlier))
+    vllm_serve.main(["--models", "qwen3-30b-a3b:2", "--layouts", "asyncep", "--merge", *common])
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["comparisons"]["qwen3-30b-a3b-fp8_2048"]["best_asyncep_layout"] == "asyncep-fp8-m-indices"
+    assert summary["best_stock_layout_fp8"] is None  # no run of the current asyncep layout on FP8
+
+
 def test_best_stock_layout_is_the_fastest_one_gpu_stock_run_without_failures():
     import _vllm_report
 
