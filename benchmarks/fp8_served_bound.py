@@ -23,6 +23,12 @@ bf16 and FP8 peaks (bf16 GEMMs assumed at least as close to their peak as the FP
 ``bf16 / step`` bounds the served FP8-over-bf16 speed-up from above, and
 ``moe_speedup_needed`` says what ``r`` a target would take with the rest as measured.
 
+The bound holds at one clock. Where the same file also holds a profiled bf16 run of the same
+shape and layout (``vllm_gpu_1x.sh fp8`` serves bf16 AsyncEP in the same call), that run is
+set beside it as measured: GPU time per layer (``gpu_step_fp8_vs_bf16_measured``), closed-loop
+throughput (``served_fp8_vs_bf16_measured``) and each window's median SM clock. A bf16 server
+that the GPU's power limit holds to a lower clock can take longer than the bound says.
+
     python benchmarks/fp8_served_bound.py                      # the committed one-H100 profile
     python benchmarks/fp8_served_bound.py --profile P.json --kernels K1.json K2.json --target 1.4
 """
@@ -37,7 +43,7 @@ from pathlib import Path
 import trace_breakdown
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_PROFILE = RESULTS / "vllm_fp8-profile-m-indices-h100x1.json"
+DEFAULT_PROFILE = RESULTS / "vllm_fp8-h100x1.json"
 DEFAULT_KERNELS = sorted(RESULTS.glob("moe_kernels-h100*.json"))
 DENSE_BF16_OVER_FP8 = 2.0  # dense peaks: FP8 1979, bf16 989 TFLOP/s on H100 and H200
 SUMMARY_MIN_TOKENS = 8192
@@ -57,6 +63,29 @@ def layer_parts(run: dict) -> dict[str, float]:
     parts["rest"] = parts["step"] - parts["moe"] - parts["dense"] - parts["quant"]
     parts["layer_calls"] = calls
     return parts
+
+
+def measured_against_bf16(fp8: dict, bf16: dict) -> dict:
+    """A profiled FP8 run against a profiled bf16 run of the same shape and layout: GPU time per
+    layer (each profile's window over its layer calls), closed-loop input tokens/s at the
+    profiled context, and the median SM clock of each closed loop's slowest GPU (None where not
+    recorded)."""
+    def closed_loop(run: dict) -> dict:
+        context = run["profile"]["context"]
+        return next(entry["closed_loop"] for entry in run["measurements"] if entry["context"] == context)
+
+    def sm_clock(run: dict) -> float | None:
+        clocks = [gpu["sm_clock_mhz_median"] for gpu in (closed_loop(run).get("gpu_telemetry") or {}).values()
+                  if isinstance(gpu, dict) and gpu.get("sm_clock_mhz_median") is not None]
+        return min(clocks) if clocks else None
+
+    fp8_step, bf16_step = layer_parts(fp8)["step"], layer_parts(bf16)["step"]
+    throughput = {name: closed_loop(run)["input_tokens_per_s_per_gpu"] for name, run in (("fp8", fp8), ("bf16", bf16))}
+    return {"bf16_model": bf16["model"], "bf16_step_ms_measured": round(bf16_step, 3),
+            "gpu_step_fp8_vs_bf16_measured": round(bf16_step / fp8_step, 3),
+            "served_fp8_vs_bf16_measured": round(throughput["fp8"] / throughput["bf16"], 3),
+            "input_tokens_per_s_per_gpu": {name: round(value) for name, value in throughput.items()},
+            "sm_clock_mhz": {"fp8": sm_clock(fp8), "bf16": sm_clock(bf16)}}
 
 
 def kernel_ratio(kernel_files: list[Path], shape: str) -> tuple[float, str]:
@@ -93,17 +122,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="also write the result as JSON")
     args = parser.parse_args(argv)
     try:
-        runs = [run for run in json.loads(args.profile.read_text())["runs"] if run.get("profile")]
-        if not runs:
-            raise ValueError(f"{args.profile} holds no profiled run (vllm_serve.py --profile-context)")
+        profiled = {(run["model"], run["layout"]): run
+                    for run in json.loads(args.profile.read_text())["runs"] if run.get("profile")}
+        fp8_runs = [run for (model, _), run in profiled.items() if model.split(":")[0].endswith("-fp8")]
+        if not fp8_runs:
+            raise ValueError(f"{args.profile} holds no profiled FP8 run (vllm_serve.py --profile-context)")
         results = []
-        for run in runs:
-            shape = run["model"].split(":")[0].removesuffix("-fp8")
+        for run in fp8_runs:
+            name, _, layers = run["model"].partition(":")
+            shape = name.removesuffix("-fp8")
             parts = layer_parts(run)
             ratio, where = kernel_ratio(args.kernels, shape)
-            results.append({"model": run["model"], "layout": run["layout"], "ms_per_layer": {
+            result = {"model": run["model"], "layout": run["layout"], "ms_per_layer": {
                 k: round(v, 3) for k, v in parts.items() if k != "layer_calls"}, "layer_calls": parts["layer_calls"],
-                "moe_ratio": ratio, "moe_ratio_from": where, "target": args.target, **bound(parts, ratio, args.target)})
+                "moe_ratio": ratio, "moe_ratio_from": where, "target": args.target, **bound(parts, ratio, args.target)}
+            bf16 = profiled.get((f"{shape}:{layers}", run["layout"]))
+            if bf16 is not None:
+                result["measured"] = measured_against_bf16(run, bf16)
+            results.append(result)
     except (OSError, ValueError, KeyError) as exc:
         print(f"fp8_served_bound: error: {exc}", file=sys.stderr)
         return 2
@@ -115,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{result['bf16_step_ms_at_most']:.3f} ms  ->  served FP8/bf16 <= {result['served_fp8_vs_bf16_at_most']:.3f}"
               f"  (MoE ratio from {result['moe_ratio_from']}; {args.target}x would need the experts "
               f"{result['moe_speedup_needed']:.2f}x faster in FP8)")
+        if "measured" in result:
+            measured = result["measured"]
+            clock = {k: "?" if v is None else f"{v:,.0f}" for k, v in measured["sm_clock_mhz"].items()}
+            print(f"  measured beside it, {measured['bf16_model']} {result['layout']}: "
+                  f"{measured['bf16_step_ms_measured']:.3f} ms per layer at {clock['bf16']} MHz against "
+                  f"{ms['step']:.3f} at {clock['fp8']} MHz  ->  GPU FP8/bf16 "
+                  f"{measured['gpu_step_fp8_vs_bf16_measured']:.3f}, served {measured['served_fp8_vs_bf16_measured']:.3f}")
     if args.out:
         args.out.write_text(json.dumps({"command": "python benchmarks/fp8_served_bound.py " + " ".join(
             argv if argv is not None else sys.argv[1:]), "profile": args.profile.name,

@@ -39,7 +39,8 @@ CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         # DeepGEMM's dense GEMMs: the template's group count (after M, N, K) is 1.
         ("gemm", r"deep_gemm::\w+<[^,<>]+,\s*\d+u,\s*\d+u,\s*\d+u,\s*1u,"),
         ("moe_experts", r"fused_moe|moe_align|moe_sum|topk|gate_up_silu|down_scatter|grouped_mm|scatter_token_rows"
-                        r"|weighted_combine|silu_mul|deep_gemm|m_grouped|count_and_sort|expert"),
+                        r"|weighted_combine|silu_mul|deep_gemm|m_grouped|count_and_sort|expert"
+                        r"|sum_slots|count_rows|scan_counts|place_rows|quantize_token_groups|ep_scatter|ep_gather"),
         ("quant", r"per_token_group_quant|scaled_fp8_quant|quant_8bit"),
         # Before attention: FlashInfer's all-reduce kernels carry "flashinfer" in their names.
         ("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter|cross_device|lamport"),
@@ -50,8 +51,14 @@ CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
 )
 COMMUNICATION = ("communication", "peer_copy")
 #: Recorded with every breakdown. Version 1 (until 2026-12-06) put DeepGEMM's dense GEMMs under
-#: ``moe_experts`` and activation quantisation under ``other``: :func:`upgrade` moves them.
-CATEGORY_RULES = 2
+#: ``moe_experts`` and activation quantisation under ``other``; version 2 (until 2026-12-07) put
+#: the experts' kernels :data:`MOE_ADDED_IN_3` names under ``other``. :func:`upgrade` moves them.
+CATEGORY_RULES = 3
+#: The kernels version 3 moved from ``other`` to ``moe_experts``: our Triton combine
+#: (``_sum_slots_kernel``), token->expert alignment and experts' activation quantiser, and the
+#: row permutation of vLLM's DeepGEMM MoE (``_fwd_kernel_ep_scatter_2``, ``_fwd_kernel_ep_gather``).
+MOE_ADDED_IN_3 = re.compile(r"sum_slots|count_rows|scan_counts|place_rows|quantize_token_groups|ep_scatter|ep_gather",
+                            re.IGNORECASE)
 #: Kernels listed by GPU time in each breakdown: enough that every kernel a layer runs more
 #: than a few microseconds of is there (a Qwen3-MoE layer served in FP8 runs about 25).
 TOP_KERNELS = 40
@@ -127,26 +134,33 @@ def breakdown(events: list[dict]) -> dict:
 
 
 def upgrade(result: dict) -> dict:
-    """A breakdown recorded under version-1 rules, its listed kernels moved to today's categories
+    """A breakdown recorded under earlier rules, its listed kernels moved to today's categories
     (``seconds_by_category`` exact where every moved kernel is among ``top_kernels``)."""
-    if result.get("category_rules", 1) >= CATEGORY_RULES:
+    rules = result.get("category_rules", 1)
+    if rules >= CATEGORY_RULES:
         return result
     seconds = dict(result["seconds_by_category"])
     for kernel in result["top_kernels"]:
-        was, now = categorize_v1(kernel["name"]), categorize(kernel["name"], "kernel")
+        was, now = categorize_under(rules, kernel["name"]), categorize(kernel["name"], "kernel")
         if was != now:
             seconds[was] -= kernel["seconds"]
             seconds[now] = seconds.get(now, 0.0) + kernel["seconds"]
     return result | {"category_rules": CATEGORY_RULES, "seconds_by_category": seconds}
 
 
-def categorize_v1(name: str) -> str:
-    """A kernel's category under version-1 rules: today's, but DeepGEMM under ``moe_experts`` and
-    no ``quant``."""
+def categorize_under(rules: int, name: str) -> str:
+    """A kernel's category under an earlier version of the rules: today's, but before version 3
+    the kernels of :data:`MOE_ADDED_IN_3` under ``other``, and before version 2 DeepGEMM under
+    ``moe_experts`` and no ``quant``."""
     category = categorize(name, "kernel")
-    if category == "quant":
-        return "other"
-    return "moe_experts" if "deep_gemm" in name else category
+    if rules < 3 and MOE_ADDED_IN_3.search(name):
+        category = "other"
+    if rules < 2:
+        if category == "quant":
+            category = "other"
+        if "deep_gemm" in name:
+            category = "moe_experts"
+    return category
 
 
 def load_events(path: Path) -> list[dict]:

@@ -42,6 +42,45 @@ def test_layer_parts_sort_dense_deepgemm_and_quant_out_of_the_experts(rules):
     assert parts == pytest.approx({"moe": 2.0, "dense": 0.5, "quant": 0.25, "step": 4.0, "rest": 1.25, "layer_calls": 10})
 
 
+@pytest.mark.parametrize("rules", [1, 2])
+def test_earlier_rules_move_the_experts_glue_out_of_other(rules):
+    # Our combine (0.4 ms a call) recorded under other before version 3, DeepGEMM's dense GEMM
+    # under moe_experts before version 2: both land where today's rules put them.
+    run = profiled_run(trace_breakdown.CATEGORY_RULES)
+    trace = run["profile"]["traces"][0]
+    trace["top_kernels"].append({"name": "_sum_slots_kernel", "seconds": 0.004, "count": 10})
+    trace["seconds_by_category"] = {"moe_experts": 0.020 + (0.005 if rules == 1 else 0.0), "attention": 0.010,
+                                    "other": 0.004 + (0.0025 if rules == 1 else 0.0)} \
+        | ({} if rules == 1 else {"gemm": 0.005, "quant": 0.0025})
+    trace["category_rules"] = rules
+    parts = fp8_served_bound.layer_parts(run)
+    assert (parts["moe"], parts["dense"], parts["quant"]) == pytest.approx((2.4, 0.5, 0.25))
+    assert trace_breakdown.upgrade(trace)["seconds_by_category"]["other"] == pytest.approx(0.0)
+
+
+def test_a_profiled_bf16_run_beside_the_fp8_one_is_set_against_it_as_measured(tmp_path, capsys):
+    def closed_loop(tokens_per_s: float, clock: float) -> list[dict]:
+        telemetry = {"0": {"sm_clock_mhz_median": clock}}
+        return [{"context": 2048, "closed_loop": {"input_tokens_per_s_per_gpu": tokens_per_s, "gpu_telemetry": telemetry}}]
+
+    fp8 = profiled_run(trace_breakdown.CATEGORY_RULES) | {"measurements": closed_loop(1200.0, 1935.0)}
+    bf16 = profiled_run(trace_breakdown.CATEGORY_RULES) | {"model": "qwen3-30b-a3b:48",
+                                                            "measurements": closed_loop(1000.0, 1650.0)}
+    for run in (fp8, bf16):
+        run["profile"]["context"] = 2048
+    bf16["profile"]["traces"][0]["window_s"] = 0.056  # 5.6 ms a layer against FP8's 4.0
+    profile, kernels, out = tmp_path / "profile.json", tmp_path / "kernels.json", tmp_path / "bound.json"
+    profile.write_text(json.dumps({"runs": [bf16, fp8]}))
+    kernels.write_text(json.dumps({"points": [{"shape": "qwen3-30b-a3b", "tokens": 16384, "fp8_selected_vs_bf16": 1.5}]}))
+    assert fp8_served_bound.main(["--profile", str(profile), "--kernels", str(kernels), "--out", str(out)]) == 0
+    (result,) = json.loads(out.read_text())["results"]  # the bf16 run is not bounded itself
+    assert result["measured"] == {"bf16_model": "qwen3-30b-a3b:48", "bf16_step_ms_measured": 5.6,
+                                  "gpu_step_fp8_vs_bf16_measured": 1.4, "served_fp8_vs_bf16_measured": 1.2,
+                                  "input_tokens_per_s_per_gpu": {"fp8": 1200, "bf16": 1000},
+                                  "sm_clock_mhz": {"fp8": 1935.0, "bf16": 1650.0}}
+    assert "GPU FP8/bf16 1.400, served 1.200" in capsys.readouterr().out
+
+
 def test_bound_scales_experts_by_the_kernel_ratio_and_dense_by_the_peaks():
     parts = {"moe": 2.0, "dense": 0.5, "quant": 0.25, "step": 4.0, "rest": 1.25}
     result = fp8_served_bound.bound(parts, moe_ratio=1.5, target=1.4)
@@ -67,7 +106,7 @@ def test_a_profile_without_profiled_runs_is_a_one_line_error(tmp_path, capsys):
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps({"runs": [{"model": "x", "layout": "stock"}]}))
     assert fp8_served_bound.main(["--profile", str(profile)]) == 2
-    assert capsys.readouterr().err.strip() == f"fp8_served_bound: error: {profile} holds no profiled run " \
+    assert capsys.readouterr().err.strip() == f"fp8_served_bound: error: {profile} holds no profiled FP8 run " \
                                               "(vllm_serve.py --profile-context)"
 
 

@@ -586,6 +586,10 @@ def test_trace_categories_follow_kernel_names():
     assert categorize("Memcpy PtoP (Device -> Device)", "gpu_memcpy") == "peer_copy"
     assert categorize("Memcpy DtoD (Device -> Device)", "gpu_memcpy") == "memcpy"
     assert categorize("triton_red_fused_rms_norm_0", "kernel") == "other"
+    # The experts' glue, ours and vLLM's DeepGEMM MoE permutation (version 3 of the rules)
+    for glue in ("_sum_slots_kernel", "_count_rows_kernel", "_scan_counts_kernel", "_place_rows_kernel",
+                 "_quantize_token_groups_kernel", "_fwd_kernel_ep_scatter_2", "_fwd_kernel_ep_gather"):
+        assert categorize(glue, "kernel") == "moe_experts", glue
 
 
 def test_stock_layouts_get_the_tuned_moe_tiles_and_each_run_says_which_table_it_used(fake_servers, tmp_path):
