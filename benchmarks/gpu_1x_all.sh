@@ -9,10 +9,10 @@
 # Steps, in this order (STEPS picks a subset, e.g. STEPS="fp8 kernels sglang-tiny"):
 #   checks       vllm_gpu_1x.sh checks: tiny bf16 and block-FP8 checks against fp32 (~5 min)
 #   bf16         vllm_gpu_1x.sh bf16: stock's MoE tile tuned, then Qwen3-30B-A3B stock vs AsyncEP (~8 min)
-#   fp8          vllm_gpu_1x.sh fp8: stock's block-FP8 tile tuned, then Qwen3-30B-A3B block FP8, stock vs
-#                AsyncEP, bf16 AsyncEP, AsyncEP on DeepGEMM's FP8 psum layout, stock forced onto
-#                DeepGEMM (~18 min: the first stock FP8 start's DeepGEMM warm-up JIT-builds 1,849
-#                kernels on a fresh machine)
+#   fp8          vllm_gpu_1x.sh fp8: stock's block-FP8 tile tuned, then Qwen3-30B-A3B block FP8, stock
+#                as vLLM chooses and forced onto DeepGEMM against AsyncEP, then bf16 AsyncEP, every
+#                server profiled (~13 min: the first stock FP8 start's DeepGEMM warm-up JIT-builds
+#                1,849 kernels on a fresh machine)
 #   kernels      tests/test_kernels_gpu.py -k "deepgemm or alignment or weight_tiles" (both FP8 row layouts
 #                against the reference; the alignment against its torch definition; TMA weight tiles against
 #                pointer loads), moe_align.py --sweep (ours beside vLLM's CUDA alignment), moe_gemm_tma.py

@@ -9,20 +9,20 @@
 #                                                 # AsyncEP (~8 min)
 #   bash benchmarks/vllm_gpu_1x.sh fp8 OUT_DIR    # call 3: stock vLLM's block-FP8 Triton tile tuned
 #                                                 # (--dtype fp8_w8a8), then Qwen3-30B-A3B block FP8,
-#                                                 # stock (tuned Triton, vLLM's own backend choice)
-#                                                 # then AsyncEP; bf16 AsyncEP again, so that FP8
-#                                                 # against bf16 is measured on one machine; AsyncEP
-#                                                 # FP8 with DeepGEMM's psum row layout; last,
+#                                                 # stock (tuned Triton, vLLM's own backend choice),
 #                                                 # stock forced onto DeepGEMM (--moe-backend
-#                                                 # deep_gemm), so that its start-up cannot cut the
-#                                                 # rest (~18 min on a fresh machine: run it detached
-#                                                 # with BUDGET_S=1200, as gpu_1x_all.sh does)
+#                                                 # deep_gemm: its fastest FP8 layout on one H100),
+#                                                 # then AsyncEP; bf16 AsyncEP again, so that FP8
+#                                                 # against bf16 is measured on one machine; every
+#                                                 # server profiled (~13 min on a fresh machine: run
+#                                                 # it detached with BUDGET_S=1200, as gpu_1x_all.sh
+#                                                 # does)
 #
-# Call 3's estimate, on a fresh machine: tuning up to ~3 min (TUNE_BUDGET_S of tile trials, its
-# start-up, Triton compiles); the first stock FP8 server's start JIT-builds ~1,849 DeepGEMM
-# kernels for the dense layers (~5.5 min); AsyncEP FP8 starts in ~1.7 min, bf16 AsyncEP in
-# ~1.3 min, the psum variant like AsyncEP FP8; the DeepGEMM-forced stock start reuses the dense kernels and JIT-builds DeepGEMM's
-# grouped MoE kernels (its time not yet measured); each measurement ~30 s.
+# Call 3's timings on a fresh H100 (2026-12-07): the first stock FP8 server's start JIT-builds
+# ~1,849 DeepGEMM kernels for the dense layers (5.3 min); the DeepGEMM-forced stock then starts in
+# 1.7 min, AsyncEP FP8 in 1.5 min, bf16 AsyncEP in 1.4 min; each measurement with its profile
+# ~50 s. Tuning, where no table tuned earlier is found, adds up to ~3 min (TUNE_BUDGET_S of tile
+# trials, its start-up, Triton compiles).
 #
 # Writes into OUT_DIR (the GPU is h100 or h200, from nvidia-smi):
 #   vllm_gpu_check-<gpu>x1.json  tiny bf16 checks (tests/test_vllm_gpu.py -k tiny)
@@ -42,15 +42,17 @@
 # Settings (environment): LAYERS (48: all of Qwen3-30B-A3B; the same count for every run),
 # BATCHED (--max-num-batched-tokens, 32768, all layouts), CONTEXT (2048 tokens per request),
 # DURATION_S (15), WARMUP_S (5), DRAIN_S (10), OPEN_LOOP (empty: none; e.g. "0.8" adds Poisson
-# arrivals at 0.8 x stock's peak, ~17 s per server), CONCURRENCY (empty: vllm_serve.py's default,
-# 3 token budgets of requests; more keeps a queue behind a server whose answers return slowly),
-# PROFILE (empty: none; 1 profiles every server after its timed window, ~10 s each), TINY_TIMEOUT_S (420: the FP8 servers' start-up
+# arrivals at 0.8 x stock's peak, ~17 s per server), CONCURRENCY (96: 6 token budgets of requests
+# in flight; at 48 the FP8 servers' GPU idled 19-47% of the timed windows, at 96 12-18%),
+# PROFILE (1: profiles every server after its timed window, ~10 s each, for the GPU time per
+# layer that the throughput ratios are set against; empty: none), TINY_TIMEOUT_S (420: the FP8 servers' start-up
 # alone took 150 s on an H100, their graph capture 83 s of it), TUNE_BUDGET_S (150: how long
 # tuning may try tiles; 0 skips it and stock runs vLLM's default tile), STOCK_MOE_CONFIGS (empty:
 # tune; a folder of tables tuned earlier, e.g. benchmarks/results/vllm_moe_configs, is used instead
 # of tuning where it holds one for this GPU model), FP8_FORCED_STOCK
 # (stock-deepgemm: the stock layouts of call 3 with a MoE backend forced, e.g. "stock-deepgemm
-# stock-flashinfer-cutlass"; empty: none), FP8_ASYNCEP_VARIANTS (asyncep-fp8-psum; empty: none),
+# stock-flashinfer-cutlass"; empty: none), FP8_ASYNCEP_VARIANTS (empty: none; asyncep-fp8-psum
+# serves DeepGEMM's psum row layout, 15-18% below the default m_indices in both runs so far),
 # BUDGET_S (560: the call's whole budget; the
 # throughput runs get what tuning leaves), PYTHON (python3).
 set -uo pipefail
@@ -60,6 +62,7 @@ out=${2:?usage: vllm_gpu_1x.sh bf16|fp8|checks OUT_DIR}
 python=${PYTHON:-python3}
 layers=${LAYERS:-48}
 budget_s=${BUDGET_S:-560}
+profile=${PROFILE-1}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 
@@ -81,7 +84,7 @@ serve() {  # serve MODEL OUT_JSON LAYOUTS [extra vllm_serve.py flags]: each layo
         --layouts $layouts --reference-layout stock --batched-tokens "${BATCHED:-32768}" \
         --contexts "${CONTEXT:-2048}" --duration-s "${DURATION_S:-15}" --warmup-s "${WARMUP_S:-5}" \
         --drain-s "${DRAIN_S:-10}" --open-loop-fractions ${OPEN_LOOP:-} \
-        ${CONCURRENCY:+--concurrency "$CONCURRENCY"} ${PROFILE:+--profile-context "${CONTEXT:-2048}"} --out "$json" "$@"
+        --concurrency "${CONCURRENCY:-96}" ${profile:+--profile-context "${CONTEXT:-2048}"} --out "$json" "$@"
     echo "[$SECONDS s] vllm_serve.py exited with $?"
 }
 
@@ -151,20 +154,15 @@ fp8)  # OUT_DIR's tiny FP8 record first (call 1 into the same folder), else the 
         cp "benchmarks/results/vllm_fp8-${gpu}x1.json" "$out/"
     fi
     tune_or_default qwen3-30b-a3b-fp8
-    serve qwen3-30b-a3b-fp8 "$out/vllm_fp8-${gpu}x1.json" "stock asyncep" --merge "${tuned_stock[@]}"
+    # Stock as vLLM chooses (Triton for block FP8 at one rank on Hopper) and forced onto other MoE
+    # backends; the summary compares AsyncEP with the fastest of them.
+    serve qwen3-30b-a3b-fp8 "$out/vllm_fp8-${gpu}x1.json" "stock ${FP8_FORCED_STOCK-stock-deepgemm} asyncep" \
+        --merge "${tuned_stock[@]}"
     # bf16 AsyncEP again on this machine: FP8 against bf16 from one machine, not from call 2's
     serve qwen3-30b-a3b "$out/vllm_fp8-${gpu}x1.json" asyncep --merge
-    # AsyncEP variants on the FP8 checkpoint: DeepGEMM's FP8 GEMMs on the psum row layout
-    variants=${FP8_ASYNCEP_VARIANTS-asyncep-fp8-psum}
-    if [ -n "$variants" ]; then
-        serve qwen3-30b-a3b-fp8 "$out/vllm_fp8-${gpu}x1.json" "$variants" --merge
-    fi
-    # Stock forced onto another MoE backend (vLLM picks Triton for block FP8 at one rank on
-    # Hopper); last, so that a slow start cannot cut the runs above. The summary compares
-    # AsyncEP with the fastest stock layout.
-    forced=${FP8_FORCED_STOCK-stock-deepgemm}
-    if [ -n "$forced" ]; then
-        serve qwen3-30b-a3b-fp8 "$out/vllm_fp8-${gpu}x1.json" "$forced" --merge "${tuned_stock[@]}"
+    # AsyncEP variants on the FP8 checkpoint, e.g. DeepGEMM's FP8 GEMMs on the psum row layout
+    if [ -n "${FP8_ASYNCEP_VARIANTS:-}" ]; then
+        serve qwen3-30b-a3b-fp8 "$out/vllm_fp8-${gpu}x1.json" "$FP8_ASYNCEP_VARIANTS" --merge
     fi
     ;;
 *)

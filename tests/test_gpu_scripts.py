@@ -64,3 +64,28 @@ def test_fp8_call_serves_stock_with_tables_tuned_earlier_for_this_gpu(
     assert "--stock-moe-configs" not in serves[1]
     assert all("--concurrency 96 --profile-context 2048 " in serve for serve in serves)
     assert ("tables tuned earlier" in out) == uses_tables
+
+
+def test_fp8_call_defaults_serve_stock_on_deepgemm_beside_vllms_choice_deep_and_profiled(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    install_nvidia_smi(tmp_path / "smi", monkeypatch, [{"0": {"name": "NVIDIA H100 80GB HBM3"}}])
+    fake_python = tmp_path / "python"
+    fake_python.write_text(FAKE_PYTHON)
+    fake_python.chmod(0o755)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CONCURRENCY", "PROFILE", "FP8_FORCED_STOCK", "FP8_ASYNCEP_VARIANTS", "STOCK_MOE_CONFIGS")}
+    env |= {"PYTHON": str(fake_python), "TUNE_BUDGET_S": "0"}
+
+    def serves(extra: dict[str, str]) -> list[str]:
+        calls = tmp_path / "python-calls.log"
+        calls.unlink(missing_ok=True)
+        subprocess.run(["bash", "benchmarks/vllm_gpu_1x.sh", "fp8", str(tmp_path / "out")], cwd=REPO,
+                       env=env | extra, check=True, capture_output=True)
+        return [c for c in calls.read_text().splitlines() if "vllm_serve.py" in c]
+
+    fp8, bf16 = serves({})  # no psum variant unless named
+    assert "--layouts stock stock-deepgemm asyncep " in fp8 and "--layouts asyncep " in bf16
+    assert all("--concurrency 96 --profile-context 2048 " in serve for serve in (fp8, bf16))
+    unprofiled = serves({"PROFILE": "", "CONCURRENCY": "48", "FP8_ASYNCEP_VARIANTS": "asyncep-fp8-psum"})
+    assert len(unprofiled) == 3 and "--layouts asyncep-fp8-psum " in unprofiled[2]
+    assert all("--concurrency 48 --out " in serve for serve in unprofiled)
