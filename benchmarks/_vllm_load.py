@@ -3,7 +3,9 @@
 - the closed loop (``--concurrency`` clients) and the open loop (Poisson arrivals) against
   ``/v1/embeddings``, and what a window measured: answers inside it, late ones, ones cut off
   unanswered (:func:`window_point`; :func:`percentile` with cut-off requests as lower bounds),
-  and for a timed window what the GPUs did during it (``gpu_telemetry``, :class:`GpuTelemetry`);
+  and for a timed window what the GPUs did during it (``gpu_telemetry``, :class:`GpuTelemetry`)
+  and what the engine did, from vLLM's own metrics (``engine_metrics``, :class:`EngineMetrics`:
+  its steps, the tokens they computed, the queue behind them);
 - the warm-up before each context's measurements (:func:`warm_up`);
 - the server log: the lines a run added (:class:`LogCursor`), kernel JIT events
   (:func:`jit_events`) and memory facts (:func:`server_memory`), in vLLM 0.26 to 0.34's words.
@@ -30,6 +32,13 @@ WEIGHTS_GIB = re.compile(r"Model loading took ([\d.]+) GiB")
 GRAPHS = re.compile(r"Graph capturing finished in (\d+) secs?, took ([\d.]+) GiB")
 # vLLM's kernel JIT monitor (active after its start-up warm-up) and Triton's autotuning report.
 JIT_EVENT = re.compile(r"during inference: |Triton autotuning for function")
+# vLLM's Prometheus metrics (GET /metrics, 0.26 to 0.34): one observation of the iteration-tokens
+# histogram per set of engine-step outputs the API server processes (its count: the steps; its
+# sum: the tokens they computed), and the scheduler's queue, per engine label.
+STEP_COUNT, STEP_TOKENS = "vllm:iteration_tokens_total_count", "vllm:iteration_tokens_total_sum"
+WAITING, RUNNING = "vllm:num_requests_waiting", "vllm:num_requests_running"
+METRIC_LINE = re.compile(r"^([A-Za-z_:][\w:]*)(?:\{([^}]*)\})?\s+(\S+)")
+ENGINE_LABEL = re.compile(r'engine="([^"]*)"')
 
 
 @dataclass
@@ -81,6 +90,108 @@ def window_point(sent: list[Sent], context: int, *, start: float, stop_at: float
     }
 
 
+def parse_metrics(text: str) -> dict[str, dict[str, float]]:
+    """From Prometheus text, the metrics :class:`EngineMetrics` reads: per name, the value per
+    engine label ("" where there is none), series that differ in other labels summed."""
+    values: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        match = METRIC_LINE.match(line)
+        if match and match[1] in (STEP_COUNT, STEP_TOKENS, WAITING, RUNNING):
+            engine = ENGINE_LABEL.search(match[2] or "")
+            per_engine = values.setdefault(match[1], {})
+            key = engine[1] if engine else ""
+            per_engine[key] = per_engine.get(key, 0.0) + float(match[3])
+    return values
+
+
+class EngineMetrics:
+    """What vLLM's engines did in a timed window, from the server's ``/metrics``: read at
+    :meth:`start` and :meth:`stop`, and the queue every ``interval_s`` between them.
+
+    :meth:`summary`: the engines, the engine steps reported in the window and the tokens they
+    computed (``steps``, ``tokens_per_step``), the window's time per step on each engine
+    (``step_ms``: a closed loop that keeps every engine busy is its step time), and the requests
+    waiting and running (summed over the engines; mean, and the fewest waiting). Against a
+    profile's GPU time per step, ``step_ms`` says how much of a served step is spent off the GPU;
+    ``waiting_requests_min`` 0 says the load generator let the queue run dry. Never stops a
+    benchmark: where the server has no such metrics, ``{"unavailable": reason}``.
+    """
+
+    def __init__(self, session, url: str, interval_s: float = 0.5) -> None:
+        self.session, self.url, self.interval_s = session, url, interval_s
+        self.first: dict[str, dict[str, float]] | None = None
+        self.last: dict[str, dict[str, float]] | None = None
+        self.queue: list[tuple[float, float]] = []  # (waiting, running), one per reading
+        self.error = ""
+        self._sampler: asyncio.Task | None = None
+
+    async def _read(self) -> dict[str, dict[str, float]] | None:
+        import aiohttp
+
+        try:
+            async with self.session.get(self.url + "/metrics", timeout=aiohttp.ClientTimeout(total=5)) as response:
+                if response.status != 200:
+                    self.error = f"GET /metrics answered {response.status}"
+                    return None
+                values = parse_metrics(await response.text())
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            self.error = f"GET /metrics failed: {type(exc).__name__}: {exc}"
+            return None
+        missing = [name for name in (STEP_COUNT, STEP_TOKENS) if name not in values]
+        if missing:
+            self.error = f"/metrics has no {' or '.join(missing)}"
+            return None
+        if WAITING in values and RUNNING in values:
+            self.queue.append((sum(values[WAITING].values()), sum(values[RUNNING].values())))
+        return values
+
+    async def _sample(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self._read()
+
+    async def start(self) -> None:
+        self.first = await self._read()
+        if self.first is not None:
+            self._sampler = asyncio.ensure_future(self._sample())
+
+    async def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            await asyncio.gather(self._sampler, return_exceptions=True)
+            self.last = await self._read()
+
+    def summary(self, window_s: float) -> dict:
+        if self.first is None or self.last is None:
+            return {"unavailable": self.error or "not read"}
+        engines = sorted(self.last[STEP_COUNT])
+        steps = sum(self.last[STEP_COUNT][e] - self.first[STEP_COUNT].get(e, 0.0) for e in engines)
+        tokens = sum(self.last[STEP_TOKENS].get(e, 0.0) - self.first[STEP_TOKENS].get(e, 0.0) for e in engines)
+        waiting = [w for w, _ in self.queue]
+        running = [r for _, r in self.queue]
+        return {
+            "engines": len(engines), "steps": int(steps),
+            "tokens_per_step": round(tokens / steps, 1) if steps else None,
+            "step_ms": round(window_s * len(engines) / steps * 1e3, 2) if steps else None,
+            "waiting_requests_mean": round(sum(waiting) / len(waiting), 1) if waiting else None,
+            "waiting_requests_min": min(waiting) if waiting else None,
+            "running_requests_mean": round(sum(running) / len(running), 1) if running else None,
+            "queue_readings": len(self.queue),
+        }
+
+
+def engine_line(summary: dict) -> str:
+    """An :meth:`EngineMetrics.summary` in one line."""
+    if "unavailable" in summary:
+        return f"engine metrics unavailable: {summary['unavailable']}"
+    if not summary["steps"]:
+        return "engine: no step reported in the window"
+    queue = (f"; waiting {summary['waiting_requests_mean']:g} on average (fewest {summary['waiting_requests_min']:g}), "
+             f"running {summary['running_requests_mean']:g}" if summary["queue_readings"] else "")
+    return (f"engine: {summary['steps']} steps of {summary['tokens_per_step']:,.0f} tokens, "
+            f"one per {summary['step_ms']:.0f} ms per engine{queue}")
+
+
 def _body(model: str, length: int, rng: random.Random) -> dict:
     return {"model": model, "input": [rng.randrange(3, 500) for _ in range(length)], "encoding_format": "base64"}
 
@@ -99,14 +210,17 @@ async def _post(session, url: str, body: dict, record: Sent) -> None:
 
 
 async def _drive(url: str, model: str, context: int, *, concurrency: int | None, rate: float | None,
-                 duration_s: float, drain_s: float, seed: int, gpus: int, gpu_telemetry: bool = False) -> dict:
+                 duration_s: float, drain_s: float, seed: int, gpus: int, gpu_telemetry: bool = False,
+                 engine_metrics: bool = False) -> dict:
     """Closed loop (``concurrency`` clients) or open loop (Poisson at ``rate``) for ``duration_s``,
     then up to ``drain_s`` for the late answers; what is still unanswered then is cancelled.
-    ``gpu_telemetry``: the point also says what the GPUs did in the window, the drain left out."""
+    ``gpu_telemetry``: the point also says what the GPUs did in the window, ``engine_metrics``
+    what the engine did (:class:`EngineMetrics`), the drain left out of both."""
     rng = random.Random(seed)
     sent: list[Sent] = []
     telemetry = GpuTelemetry() if gpu_telemetry else None
     async with client_session() as session:
+        engine = EngineMetrics(session, url) if engine_metrics else None
 
         async def one() -> None:
             record = Sent(time.monotonic())
@@ -114,6 +228,8 @@ async def _drive(url: str, model: str, context: int, *, concurrency: int | None,
             await _post(session, url, _body(model, context, rng), record)
 
         with telemetry or contextlib.nullcontext():
+            if engine is not None:
+                await engine.start()
             start = time.monotonic()
             stop_at = start + duration_s
             if concurrency is not None:
@@ -126,6 +242,8 @@ async def _drive(url: str, model: str, context: int, *, concurrency: int | None,
                     tasks.append(asyncio.ensure_future(one()))
                     next_at += rng.expovariate(rate)
             await asyncio.sleep(max(0.0, stop_at - time.monotonic()))  # the requests go on meanwhile
+            if engine is not None:
+                await engine.stop()
         pending: set = set()
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=max(0.0, stop_at + drain_s - time.monotonic()))
@@ -134,6 +252,8 @@ async def _drive(url: str, model: str, context: int, *, concurrency: int | None,
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
     point = window_point(sent, context, start=start, stop_at=stop_at, cut_at=cut_at, gpus=gpus)
+    if engine is not None:
+        point["engine_metrics"] = engine.summary(stop_at - start)
     return point | {"gpu_telemetry": telemetry.summary} if telemetry else point
 
 

@@ -270,6 +270,11 @@ METHOD = {
                      "index: nvidia-smi every 0.5 s: SM clock median / min against max_sm_clock_mhz, power mean / "
                      "max against power_limit_w, temperature max, utilization mean, clock_event_reasons (fraction of "
                      "samples each was active); {unavailable: reason} without nvidia-smi",
+    "engine_metrics": "per timed window, from vLLM's /metrics read at its start and end (the queue every 0.5 s): "
+                      "engine steps reported, tokens per step, step_ms (window x engines / steps: in a closed loop "
+                      "that keeps the engines busy, the served time per step, to set against a profile's GPU time "
+                      "per step), requests waiting and running summed over the engines (mean, fewest waiting); "
+                      "{unavailable: reason} where the server has no such metrics",
     "step_budget": "step_budget_policy per run: stock fills --max-num-batched-tokens; token_budget_steps layouts set "
                    f"AsyncEP's FLOPs budget to {UNREACHABLE_FLOPS_BUDGET:.0e} (never reached), so the token budget "
                    "is the only per-step limit on both sides",

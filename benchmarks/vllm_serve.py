@@ -49,6 +49,11 @@ What each number counts (also written to the JSON, ``method``):
   that differs; the summary's comparisons put each side's median SM clock and busy share beside
   its throughput (``best_stock_sm_clock_mhz``, ``best_asyncep_sm_clock_mhz``,
   ``best_stock_gpu_busy_pct``, ``best_asyncep_gpu_busy_pct``).
+- Engine metrics (``engine_metrics`` beside ``gpu_telemetry``, one line in the progress log):
+  vLLM's own ``/metrics`` read at the window's start and end: the engine steps in the window,
+  the tokens per step, the window's time per step on each engine (``step_ms``), and the queue
+  (requests waiting and running, read every 0.5 s). Set against the profile's GPU time per
+  step, ``step_ms`` says how much of a served step the GPU did not account for.
 - Step budget: stock vLLM fills each step to ``--max-num-batched-tokens``. AsyncEP runs under
   the plugin's prefill-only scheduler, whose default step budget is the planner's saturation
   budget in FLOPs (logged; recorded as ``step_budget``). Layouts with ``token_budget_steps``
@@ -115,7 +120,7 @@ sys.path.insert(0, str(REPO))
 from _serving import GpuMemoryPeak, telemetry_line, write_json  # noqa: E402
 from _vllm_layouts import (BUDGET_ENV, LAYOUTS, TRANSPORT_ENV, UNREACHABLE_FLOPS_BUDGET, Layout,  # noqa: E402, F401
                            ModelChoice, datasheet_peak, model_dir, model_spec, parse_model, peaks_for, visible_gpus)
-from _vllm_load import (LogCursor, _drive, jit_events, percentile, server_memory, warm_up,  # noqa: E402, F401
+from _vllm_load import (LogCursor, _drive, engine_line, jit_events, percentile, server_memory, warm_up,  # noqa: E402, F401
                         warmup_concurrency, warmup_lengths)
 from _vllm_report import METHOD, best_by_layout, import_runs, plot, print_table, summarize  # noqa: E402
 from trace_breakdown import breakdown_dir  # noqa: E402
@@ -252,7 +257,7 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
                 warmup_jit = jit_events(cursor.new_lines())
                 closed = asyncio.run(_drive(server.url, str(directory), context, concurrency=clients, rate=None,
                                             duration_s=args.duration_s, drain_s=args.drain_s, seed=2, gpus=layout.gpus,
-                                            gpu_telemetry=True))
+                                            gpu_telemetry=True, engine_metrics=True))
                 flops_per_token = request_flops(spec, context, 0, head_tokens=0) / context
                 closed["mfu"] = closed["input_tokens_per_s_per_gpu"] * flops_per_token / (peak_tflops * 1e12)
                 entry = {"context": context, "concurrency": clients, "warmup": warmup, "closed_loop": closed,
@@ -260,14 +265,16 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
                 log(f"  {name} ctx {context}: warm-up {warmup['requests']} requests ({len(warmup_jit)} JIT events); "
                     f"closed loop {_point_line(closed)}")
                 log(f"    {telemetry_line(closed['gpu_telemetry'])}")
+                log(f"    {engine_line(closed['engine_metrics'])}")
                 own_peak = closed["requests_per_s"] if layout.name == args.reference_layout else None
                 for rate in open_loop_rates(args, runs, model, context, own_peak):
                     point = asyncio.run(_drive(server.url, str(directory), context, concurrency=None, rate=rate,
                                                duration_s=args.duration_s, drain_s=args.drain_s, seed=3,
-                                               gpus=layout.gpus, gpu_telemetry=True))
+                                               gpus=layout.gpus, gpu_telemetry=True, engine_metrics=True))
                     entry["open_loop"].append({"offered_requests_per_s": rate} | point)
                     log(f"    open loop {rate} req/s: {_point_line(point)}")
                     log(f"      {telemetry_line(point['gpu_telemetry'])}")
+                    log(f"      {engine_line(point['engine_metrics'])}")
                 entry["jit_events"] = {"warmup": warmup_jit, "measured": jit_events(cursor.new_lines())}
                 if entry["jit_events"]["measured"]:
                     log(f"    JIT during measurement: {entry['jit_events']['measured'][:3]}")

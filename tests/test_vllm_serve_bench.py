@@ -58,16 +58,20 @@ class FakeServer:
     """``VllmServer``'s surface over an in-process aiohttp app.
 
     ``fail_every``: every n-th request answers 500; ``fail_start``: the server never starts;
-    ``hang_after``: requests after the n-th are never answered. A server forced onto DeepGEMM
+    ``hang_after``: requests after the n-th are never answered. Its ``/metrics`` (without it
+    where ``metrics`` is false) count every answered request as one engine step of its tokens,
+    the requests in flight as running, none waiting. A server forced onto DeepGEMM
     (``--moe-backend deep_gemm``) answers in half the time. Its log says what vLLM's would:
     a KV-cache capacity (AsyncEP's smaller), and a kernel JIT warning the first time a request
     length falls in a power-of-two size class it has not served.
     """
 
     def __init__(self, model, args, log_path, device="cpu", env=None, fail_start=False, fail_every=0,
-                 hang_after=0) -> None:
+                 hang_after=0, metrics=True) -> None:
         self.args, self.env, self.log_path = list(args), dict(env or {}), Path(log_path)
         self.fail_start, self.fail_every, self.hang_after = fail_start, fail_every, hang_after
+        self.metrics = metrics
+        self.steps = self.step_tokens = self.in_flight = 0
         self.port = vllm_serve.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = self  # poll() below: "still running"
@@ -97,7 +101,24 @@ class FakeServer:
             json.dump({"traceEvents": events}, handle)
         return web.Response()
 
+    async def _metrics(self, request: web.Request) -> web.Response:
+        labels = '{engine="0",model_name="m"}'
+        return web.Response(text=f"# HELP vllm:iteration_tokens_total Histogram of number of tokens per engine_step.\n"
+                                 f"# TYPE vllm:iteration_tokens_total histogram\n"
+                                 f'vllm:iteration_tokens_total_bucket{{engine="0",le="+Inf",model_name="m"}} {self.steps}.0\n'
+                                 f"vllm:iteration_tokens_total_count{labels} {self.steps}.0\n"
+                                 f"vllm:iteration_tokens_total_sum{labels} {self.step_tokens}.0\n"
+                                 f"vllm:num_requests_running{labels} {self.in_flight}.0\n"
+                                 f"vllm:num_requests_waiting{labels} 0.0\n")
+
     async def _embed(self, request: web.Request) -> web.Response:
+        self.in_flight += 1
+        try:
+            return await self._answer(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.requests += 1
         number = self.requests
@@ -113,6 +134,8 @@ class FakeServer:
         if self.fail_every and number % self.fail_every == 0:
             return web.Response(status=500)
         assert body["encoding_format"] == "base64" and all(3 <= t < 500 for t in body["input"])
+        self.steps += 1
+        self.step_tokens += len(body["input"])
         return web.json_response({"data": [{"embedding": "AAAA"}]})
 
     def start(self) -> FakeServer:
@@ -130,6 +153,8 @@ class FakeServer:
         app.router.add_post("/v1/embeddings", self._embed)
         app.router.add_post("/start_profile", self._start_profile)
         app.router.add_post("/stop_profile", self._stop_profile)
+        if self.metrics:
+            app.router.add_get("/metrics", self._metrics)
         runner = web.AppRunner(app)
         self._thread.start()
         asyncio.run_coroutine_threadsafe(runner.setup(), self._loop).result()
@@ -192,6 +217,51 @@ def test_closed_and_open_loop_count_what_was_answered_in_the_window(fake_servers
     assert not closed["p50_at_least"] and not closed["p99_at_least"]
     assert 15 <= opened["sent"] <= 65  # Poisson at 40/s for 1 s
     assert opened["p99_s"] < 2.0
+
+
+def test_engine_metrics_count_the_windows_steps_and_queue_or_say_why_not(fake_servers, tmp_path):
+    server = FakeServer("m", [], tmp_path / "log").start()
+    bare = FakeServer("m", [], tmp_path / "bare.log", metrics=False).start()
+    try:
+        closed = _drive(server, concurrency=4, engine_metrics=True)
+        plain = _drive(server, concurrency=1, duration_s=0.1)
+        without = _drive(bare, concurrency=2, duration_s=0.3, engine_metrics=True)
+    finally:
+        server.stop()
+        bare.stop()
+    engine = closed["engine_metrics"]
+    # Every answer is one fake step of 64 tokens; the window's answers, give or take the clients'
+    # requests in flight at its two ends.
+    assert engine["engines"] == 1 and engine["tokens_per_step"] == 64.0
+    assert abs(engine["steps"] - closed["requests"]) <= 8
+    assert engine["step_ms"] == pytest.approx(closed["window_s"] * 1e3 / engine["steps"], rel=0.01)
+    assert engine["queue_readings"] >= 2 and engine["waiting_requests_min"] == 0
+    assert 0 < engine["running_requests_mean"] <= 4
+    assert without["engine_metrics"] == {"unavailable": "GET /metrics answered 404"}
+    assert "engine_metrics" not in plain  # only where asked for
+
+
+def test_metrics_are_read_per_engine_from_vllms_prometheus_text():
+    import _vllm_load
+
+    text = """# HELP vllm:iteration_tokens_total Histogram of number of tokens per engine_step.
+# TYPE vllm:iteration_tokens_total histogram
+vllm:iteration_tokens_total_bucket{engine="0",le="1.0",model_name="/m"} 0.0
+vllm:iteration_tokens_total_count{engine="0",model_name="/m"} 120.0
+vllm:iteration_tokens_total_sum{engine="0",model_name="/m"} 3.93216e+06
+vllm:iteration_tokens_total_count{engine="1",model_name="/m"} 118.0
+vllm:num_requests_waiting{engine="0",model_name="/m"} 40.0
+vllm:num_requests_waiting{engine="1",model_name="/m"} 38.0
+vllm:num_requests_running_total 7.0
+"""
+    values = _vllm_load.parse_metrics(text)
+    assert values == {_vllm_load.STEP_COUNT: {"0": 120.0, "1": 118.0}, _vllm_load.STEP_TOKENS: {"0": 3932160.0},
+                      _vllm_load.WAITING: {"0": 40.0, "1": 38.0}}
+    line = _vllm_load.engine_line({"engines": 1, "steps": 37, "tokens_per_step": 32768.0, "step_ms": 403.2,
+                                   "waiting_requests_mean": 75.5, "waiting_requests_min": 64.0,
+                                   "running_requests_mean": 16.0, "queue_readings": 30})
+    assert line == ("engine: 37 steps of 32,768 tokens, one per 403 ms per engine; waiting 75.5 on average "
+                    "(fewest 64), running 16")
 
 
 def test_answers_after_the_window_are_late_and_cut_off_ones_make_p99_a_lower_bound(fake_servers, tmp_path):
@@ -491,6 +561,7 @@ def test_runs_every_layout_keeps_failures_and_compares_at_equal_offered_load(fak
         assert list(telemetry) == ["0", "1"] and telemetry["0"]["samples"] >= 1
         assert telemetry["1"]["sm_clock_mhz_median"] == 1755 and telemetry["1"]["power_limit_w"] == 700.0
         assert telemetry["1"]["clock_event_reasons"] == {"sw_power_cap": 1.0} and telemetry["0"]["clock_event_reasons"] == {}
+        assert point["engine_metrics"]["steps"] > 0 and point["engine_metrics"]["tokens_per_step"] == 64.0
     assert "gpu_telemetry" not in measured["warmup"]
     # ... and the comparison puts each side's clock (its slowest GPU's) beside its throughput.
     assert comparison["best_stock_sm_clock_mhz"] == comparison["best_asyncep_sm_clock_mhz"] == 1755
@@ -499,6 +570,7 @@ def test_runs_every_layout_keeps_failures_and_compares_at_equal_offered_load(fak
     printed = capsys.readouterr().out
     assert "stock-tp2" in printed and "did not start" in printed and "open loop" in printed
     assert "GPU0 SM 1980/1980 MHz, 500/700 W; GPU1 SM 1755/1980 MHz, 699/700 W, sw_power_cap 100%" in printed
+    assert "engine: " in printed and " steps of 64 tokens, one per " in printed
     assert out.with_suffix(".png").stat().st_size > 0
 
 
