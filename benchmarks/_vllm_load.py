@@ -34,9 +34,10 @@ GRAPHS = re.compile(r"Graph capturing finished in (\d+) secs?, took ([\d.]+) GiB
 JIT_EVENT = re.compile(r"during inference: |Triton autotuning for function")
 # vLLM's Prometheus metrics (GET /metrics, 0.26 to 0.34): one observation of the iteration-tokens
 # histogram per set of engine-step outputs the API server processes (its count: the steps; its
-# sum: the tokens they computed), and the scheduler's queue, per engine label.
+# sum: the tokens they computed), and the scheduler's queue, per engine label. (Its running
+# count is taken after a step, when prefill-only requests have finished: 0, so it is not read.)
 STEP_COUNT, STEP_TOKENS = "vllm:iteration_tokens_total_count", "vllm:iteration_tokens_total_sum"
-WAITING, RUNNING = "vllm:num_requests_waiting", "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
 METRIC_LINE = re.compile(r"^([A-Za-z_:][\w:]*)(?:\{([^}]*)\})?\s+(\S+)")
 ENGINE_LABEL = re.compile(r'engine="([^"]*)"')
 
@@ -96,7 +97,7 @@ def parse_metrics(text: str) -> dict[str, dict[str, float]]:
     values: dict[str, dict[str, float]] = {}
     for line in text.splitlines():
         match = METRIC_LINE.match(line)
-        if match and match[1] in (STEP_COUNT, STEP_TOKENS, WAITING, RUNNING):
+        if match and match[1] in (STEP_COUNT, STEP_TOKENS, WAITING):
             engine = ENGINE_LABEL.search(match[2] or "")
             per_engine = values.setdefault(match[1], {})
             key = engine[1] if engine else ""
@@ -111,7 +112,7 @@ class EngineMetrics:
     :meth:`summary`: the engines, the engine steps reported in the window and the tokens they
     computed (``steps``, ``tokens_per_step``), the window's time per step on each engine
     (``step_ms``: a closed loop that keeps every engine busy is its step time), and the requests
-    waiting and running (summed over the engines; mean, and the fewest waiting). Against a
+    waiting after each step (summed over the engines; mean and fewest). Against a
     profile's GPU time per step, ``step_ms`` says how much of a served step is spent off the GPU;
     ``waiting_requests_min`` 0 says the load generator let the queue run dry. Never stops a
     benchmark: where the server has no such metrics, ``{"unavailable": reason}``.
@@ -121,7 +122,7 @@ class EngineMetrics:
         self.session, self.url, self.interval_s = session, url, interval_s
         self.first: dict[str, dict[str, float]] | None = None
         self.last: dict[str, dict[str, float]] | None = None
-        self.queue: list[tuple[float, float]] = []  # (waiting, running), one per reading
+        self.waiting: list[float] = []  # requests waiting, over the engines, one per reading
         self.error = ""
         self._sampler: asyncio.Task | None = None
 
@@ -141,8 +142,8 @@ class EngineMetrics:
         if missing:
             self.error = f"/metrics has no {' or '.join(missing)}"
             return None
-        if WAITING in values and RUNNING in values:
-            self.queue.append((sum(values[WAITING].values()), sum(values[RUNNING].values())))
+        if WAITING in values:
+            self.waiting.append(sum(values[WAITING].values()))
         return values
 
     async def _sample(self) -> None:
@@ -167,16 +168,14 @@ class EngineMetrics:
         engines = sorted(self.last[STEP_COUNT])
         steps = sum(self.last[STEP_COUNT][e] - self.first[STEP_COUNT].get(e, 0.0) for e in engines)
         tokens = sum(self.last[STEP_TOKENS].get(e, 0.0) - self.first[STEP_TOKENS].get(e, 0.0) for e in engines)
-        waiting = [w for w, _ in self.queue]
-        running = [r for _, r in self.queue]
+        waiting = self.waiting
         return {
             "engines": len(engines), "steps": int(steps),
             "tokens_per_step": round(tokens / steps, 1) if steps else None,
             "step_ms": round(window_s * len(engines) / steps * 1e3, 2) if steps else None,
             "waiting_requests_mean": round(sum(waiting) / len(waiting), 1) if waiting else None,
             "waiting_requests_min": min(waiting) if waiting else None,
-            "running_requests_mean": round(sum(running) / len(running), 1) if running else None,
-            "queue_readings": len(self.queue),
+            "queue_readings": len(waiting),
         }
 
 
@@ -186,8 +185,8 @@ def engine_line(summary: dict) -> str:
         return f"engine metrics unavailable: {summary['unavailable']}"
     if not summary["steps"]:
         return "engine: no step reported in the window"
-    queue = (f"; waiting {summary['waiting_requests_mean']:g} on average (fewest {summary['waiting_requests_min']:g}), "
-             f"running {summary['running_requests_mean']:g}" if summary["queue_readings"] else "")
+    queue = (f"; waiting {summary['waiting_requests_mean']:g} on average (fewest {summary['waiting_requests_min']:g})"
+             if summary["queue_readings"] else "")
     return (f"engine: {summary['steps']} steps of {summary['tokens_per_step']:,.0f} tokens, "
             f"one per {summary['step_ms']:.0f} ms per engine{queue}")
 

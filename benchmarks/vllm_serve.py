@@ -52,7 +52,7 @@ What each number counts (also written to the JSON, ``method``):
 - Engine metrics (``engine_metrics`` beside ``gpu_telemetry``, one line in the progress log):
   vLLM's own ``/metrics`` read at the window's start and end: the engine steps in the window,
   the tokens per step, the window's time per step on each engine (``step_ms``), and the queue
-  (requests waiting and running, read every 0.5 s). Set against the profile's GPU time per
+  (requests waiting, read every 0.5 s). Set against the profile's GPU time per
   step, ``step_ms`` says how much of a served step the GPU did not account for.
 - Step budget: stock vLLM fills each step to ``--max-num-batched-tokens``. AsyncEP runs under
   the plugin's prefill-only scheduler, whose default step budget is the planner's saturation

@@ -60,7 +60,7 @@ class FakeServer:
     ``fail_every``: every n-th request answers 500; ``fail_start``: the server never starts;
     ``hang_after``: requests after the n-th are never answered. Its ``/metrics`` (without it
     where ``metrics`` is false) count every answered request as one engine step of its tokens,
-    the requests in flight as running, none waiting. A server forced onto DeepGEMM
+    and the requests in flight as waiting. A server forced onto DeepGEMM
     (``--moe-backend deep_gemm``) answers in half the time. Its log says what vLLM's would:
     a KV-cache capacity (AsyncEP's smaller), and a kernel JIT warning the first time a request
     length falls in a power-of-two size class it has not served.
@@ -108,8 +108,8 @@ class FakeServer:
                                  f'vllm:iteration_tokens_total_bucket{{engine="0",le="+Inf",model_name="m"}} {self.steps}.0\n'
                                  f"vllm:iteration_tokens_total_count{labels} {self.steps}.0\n"
                                  f"vllm:iteration_tokens_total_sum{labels} {self.step_tokens}.0\n"
-                                 f"vllm:num_requests_running{labels} {self.in_flight}.0\n"
-                                 f"vllm:num_requests_waiting{labels} 0.0\n")
+                                 f"vllm:num_requests_running{labels} 0.0\n"
+                                 f"vllm:num_requests_waiting{labels} {self.in_flight}.0\n")
 
     async def _embed(self, request: web.Request) -> web.Response:
         self.in_flight += 1
@@ -235,8 +235,7 @@ def test_engine_metrics_count_the_windows_steps_and_queue_or_say_why_not(fake_se
     assert engine["engines"] == 1 and engine["tokens_per_step"] == 64.0
     assert abs(engine["steps"] - closed["requests"]) <= 8
     assert engine["step_ms"] == pytest.approx(closed["window_s"] * 1e3 / engine["steps"], rel=0.01)
-    assert engine["queue_readings"] >= 2 and engine["waiting_requests_min"] == 0
-    assert 0 < engine["running_requests_mean"] <= 4
+    assert engine["queue_readings"] >= 2 and 0 < engine["waiting_requests_mean"] <= 4
     assert without["engine_metrics"] == {"unavailable": "GET /metrics answered 404"}
     assert "engine_metrics" not in plain  # only where asked for
 
@@ -252,16 +251,14 @@ vllm:iteration_tokens_total_sum{engine="0",model_name="/m"} 3.93216e+06
 vllm:iteration_tokens_total_count{engine="1",model_name="/m"} 118.0
 vllm:num_requests_waiting{engine="0",model_name="/m"} 40.0
 vllm:num_requests_waiting{engine="1",model_name="/m"} 38.0
-vllm:num_requests_running_total 7.0
+vllm:num_requests_running{engine="0",model_name="/m"} 7.0
 """
     values = _vllm_load.parse_metrics(text)
     assert values == {_vllm_load.STEP_COUNT: {"0": 120.0, "1": 118.0}, _vllm_load.STEP_TOKENS: {"0": 3932160.0},
                       _vllm_load.WAITING: {"0": 40.0, "1": 38.0}}
     line = _vllm_load.engine_line({"engines": 1, "steps": 37, "tokens_per_step": 32768.0, "step_ms": 403.2,
-                                   "waiting_requests_mean": 75.5, "waiting_requests_min": 64.0,
-                                   "running_requests_mean": 16.0, "queue_readings": 30})
-    assert line == ("engine: 37 steps of 32,768 tokens, one per 403 ms per engine; waiting 75.5 on average "
-                    "(fewest 64), running 16")
+                                   "waiting_requests_mean": 75.5, "waiting_requests_min": 64.0, "queue_readings": 30})
+    assert line == "engine: 37 steps of 32,768 tokens, one per 403 ms per engine; waiting 75.5 on average (fewest 64)"
 
 
 def test_answers_after_the_window_are_late_and_cut_off_ones_make_p99_a_lower_bound(fake_servers, tmp_path):
