@@ -51,7 +51,9 @@
 # tune; a folder of tables tuned earlier, e.g. benchmarks/results/vllm_moe_configs, is used instead
 # of tuning where it holds one for this GPU model), FP8_FORCED_STOCK
 # (stock-deepgemm: the stock layouts of call 3 with a MoE backend forced, e.g. "stock-deepgemm
-# stock-flashinfer-cutlass"; empty: none), FP8_ASYNCEP_VARIANTS (empty: none; asyncep-fp8-psum
+# stock-flashinfer-cutlass"; empty: none), BF16_FORCED_STOCK (empty: none; the same for call 2,
+# e.g. stock-flashinfer-cutlass: vLLM 0.26-0.32 rank FlashInfer's bf16 MoE behind Triton on Hopper
+# as slower there, fused_moe/oracle/unquantized.py), FP8_ASYNCEP_VARIANTS (empty: none; asyncep-fp8-psum
 # serves DeepGEMM's psum row layout, 15-18% below the default m_indices in both runs so far),
 # BUDGET_S (560: the call's whole budget; the
 # throughput runs get what tuning leaves), PYTHON (python3).
@@ -147,7 +149,7 @@ checks)
     ;;
 bf16)
     tune_or_default qwen3-30b-a3b
-    serve qwen3-30b-a3b "$out/vllm_serve-${gpu}x1.json" "stock asyncep" "${tuned_stock[@]}"
+    serve qwen3-30b-a3b "$out/vllm_serve-${gpu}x1.json" "stock ${BF16_FORCED_STOCK:-} asyncep" "${tuned_stock[@]}"
     ;;
 fp8)  # OUT_DIR's tiny FP8 record first (call 1 into the same folder), else the committed one
     if [ ! -f "$out/vllm_fp8-${gpu}x1.json" ] && [ -f "benchmarks/results/vllm_fp8-${gpu}x1.json" ]; then

@@ -89,3 +89,20 @@ def test_fp8_call_defaults_serve_stock_on_deepgemm_beside_vllms_choice_deep_and_
     unprofiled = serves({"PROFILE": "", "CONCURRENCY": "48", "FP8_ASYNCEP_VARIANTS": "asyncep-fp8-psum"})
     assert len(unprofiled) == 3 and "--layouts asyncep-fp8-psum " in unprofiled[2]
     assert all("--concurrency 48 --out " in serve for serve in unprofiled)
+
+
+def test_bf16_call_serves_stock_forced_onto_another_backend_only_when_named(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    install_nvidia_smi(tmp_path / "smi", monkeypatch, [{"0": {"name": "NVIDIA H100 80GB HBM3"}}])
+    fake_python = tmp_path / "python"
+    fake_python.write_text(FAKE_PYTHON)
+    fake_python.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("BF16_FORCED_STOCK", "STOCK_MOE_CONFIGS")}
+    env |= {"PYTHON": str(fake_python), "TUNE_BUDGET_S": "0"}
+    calls = tmp_path / "python-calls.log"
+    for forced, layouts in (("", "stock asyncep"), ("stock-flashinfer-cutlass", "stock stock-flashinfer-cutlass asyncep")):
+        calls.unlink(missing_ok=True)
+        subprocess.run(["bash", "benchmarks/vllm_gpu_1x.sh", "bf16", str(tmp_path / "out")], cwd=REPO,
+                       env=env | {"BF16_FORCED_STOCK": forced}, check=True, capture_output=True)
+        (serve,) = [c for c in calls.read_text().splitlines() if "vllm_serve.py" in c]
+        assert f"--layouts {layouts} " in serve
