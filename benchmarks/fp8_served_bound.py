@@ -27,7 +27,9 @@ The bound holds at one clock. Where the same file also holds a profiled bf16 run
 shape and layout (``vllm_gpu_1x.sh fp8`` serves bf16 AsyncEP in the same call), that run is
 set beside it as measured: GPU time per layer (``gpu_step_fp8_vs_bf16_measured``), closed-loop
 throughput (``served_fp8_vs_bf16_measured``) and each window's median SM clock. A bf16 server
-that the GPU's power limit holds to a lower clock can take longer than the bound says.
+that the GPU's power limit holds to a lower clock can take longer than the bound says. Where a
+closed loop recorded vLLM's engine metrics, ``served_step`` sets its time per step against the
+profile's GPU time per step: the rest is spent off the GPU.
 
     python benchmarks/fp8_served_bound.py                      # the committed one-H100 profile
     python benchmarks/fp8_served_bound.py --profile P.json --kernels K1.json K2.json --target 1.4
@@ -65,15 +67,32 @@ def layer_parts(run: dict) -> dict[str, float]:
     return parts
 
 
+def closed_loop(run: dict) -> dict:
+    """A profiled run's closed loop at the profiled context."""
+    context = run["profile"]["context"]
+    return next(entry["closed_loop"] for entry in run["measurements"] if entry["context"] == context)
+
+
+def served_step(run: dict) -> dict | None:
+    """Where the run's closed loop recorded vLLM's engine metrics (``vllm_serve.py``, from
+    2026-12-07): its time per engine step served (``step_ms_served``) against the profile's GPU
+    time per step (``step_ms_gpu``: the profile's window over its steps), and the difference,
+    the time a served step spends off the GPU; None without them."""
+    context = run["profile"].get("context")
+    loops = [entry["closed_loop"] for entry in run.get("measurements", []) if entry["context"] == context]
+    engine = (loops[0].get("engine_metrics") if loops else None) or {}
+    if not engine.get("step_ms"):
+        return None
+    gpu = run["profile"]["traces"][0]["window_s"] / run["profile"]["steps"] * 1e3
+    return {"step_ms_served": engine["step_ms"], "step_ms_gpu": round(gpu, 2),
+            "off_gpu_ms_per_step": round(engine["step_ms"] - gpu, 2), "tokens_per_step": engine["tokens_per_step"]}
+
+
 def measured_against_bf16(fp8: dict, bf16: dict) -> dict:
     """A profiled FP8 run against a profiled bf16 run of the same shape and layout: GPU time per
     layer (each profile's window over its layer calls), closed-loop input tokens/s at the
     profiled context, and the median SM clock of each closed loop's slowest GPU (None where not
     recorded)."""
-    def closed_loop(run: dict) -> dict:
-        context = run["profile"]["context"]
-        return next(entry["closed_loop"] for entry in run["measurements"] if entry["context"] == context)
-
     def sm_clock(run: dict) -> float | None:
         clocks = [gpu["sm_clock_mhz_median"] for gpu in (closed_loop(run).get("gpu_telemetry") or {}).values()
                   if isinstance(gpu, dict) and gpu.get("sm_clock_mhz_median") is not None]
@@ -136,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
             result = {"model": run["model"], "layout": run["layout"], "ms_per_layer": {
                 k: round(v, 3) for k, v in parts.items() if k != "layer_calls"}, "layer_calls": parts["layer_calls"],
                 "moe_ratio": ratio, "moe_ratio_from": where, "target": args.target, **bound(parts, ratio, args.target)}
+            served = served_step(run)
+            if served is not None:
+                result["served_step"] = served
             bf16 = profiled.get((f"{shape}:{layers}", run["layout"]))
             if bf16 is not None:
                 result["measured"] = measured_against_bf16(run, bf16)
@@ -151,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{result['bf16_step_ms_at_most']:.3f} ms  ->  served FP8/bf16 <= {result['served_fp8_vs_bf16_at_most']:.3f}"
               f"  (MoE ratio from {result['moe_ratio_from']}; {args.target}x would need the experts "
               f"{result['moe_speedup_needed']:.2f}x faster in FP8)")
+        if "served_step" in result:
+            served = result["served_step"]
+            print(f"  served: {served['step_ms_served']:.1f} ms per step of {served['tokens_per_step']:,.0f} tokens "
+                  f"against {served['step_ms_gpu']:.1f} ms of GPU time: {served['off_gpu_ms_per_step']:.1f} ms off the GPU")
         if "measured" in result:
             measured = result["measured"]
             clock = {k: "?" if v is None else f"{v:,.0f}" for k, v in measured["sm_clock_mhz"].items()}

@@ -79,6 +79,23 @@ def test_a_profiled_bf16_run_beside_the_fp8_one_is_set_against_it_as_measured(tm
                                   "input_tokens_per_s_per_gpu": {"fp8": 1200, "bf16": 1000},
                                   "sm_clock_mhz": {"fp8": 1935.0, "bf16": 1650.0}}
     assert "GPU FP8/bf16 1.400, served 1.200" in capsys.readouterr().out
+    assert "served_step" not in result  # no engine metrics in these closed loops
+
+
+def test_engine_metrics_set_the_served_step_against_the_profiles_gpu_step(tmp_path, capsys):
+    run = profiled_run(trace_breakdown.CATEGORY_RULES)
+    run["profile"] |= {"context": 2048, "steps": 1}  # 10 layer calls in one step: 40 ms of GPU time
+    engine = {"steps": 30, "tokens_per_step": 32768.0, "step_ms": 50.0}
+    run["measurements"] = [{"context": 2048, "closed_loop": {"input_tokens_per_s_per_gpu": 1.0, "engine_metrics": engine}}]
+    profile, kernels, out = tmp_path / "profile.json", tmp_path / "kernels.json", tmp_path / "bound.json"
+    profile.write_text(json.dumps({"runs": [run]}))
+    kernels.write_text(json.dumps({"points": [{"shape": "qwen3-30b-a3b", "tokens": 16384, "fp8_selected_vs_bf16": 1.5}]}))
+    assert fp8_served_bound.main(["--profile", str(profile), "--kernels", str(kernels), "--out", str(out)]) == 0
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["served_step"] == {"step_ms_served": 50.0, "step_ms_gpu": 40.0, "off_gpu_ms_per_step": 10.0,
+                                     "tokens_per_step": 32768.0}
+    assert "served: 50.0 ms per step of 32,768 tokens against 40.0 ms of GPU time: 10.0 ms off the GPU" in \
+        capsys.readouterr().out
 
 
 def test_bound_scales_experts_by_the_kernel_ratio_and_dense_by_the_peaks():
