@@ -44,65 +44,56 @@ esac
 """
 
 
-@pytest.mark.parametrize("gpu_name,uses_tables", [("NVIDIA H100 80GB HBM3", True), ("NVIDIA H200", False)])
-def test_fp8_call_serves_stock_with_tables_tuned_earlier_for_this_gpu(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gpu_name: str, uses_tables: bool) -> None:
-    install_nvidia_smi(tmp_path / "smi", monkeypatch, [{"0": {"name": gpu_name}}])
+#: The script's settings: removed from the caller's environment, so that only a test's own count.
+SCRIPT_SETTINGS = ("CONCURRENCY", "PROFILE", "FP8_FORCED_STOCK", "BF16_FORCED_STOCK", "FP8_ASYNCEP_VARIANTS",
+                   "STOCK_MOE_CONFIGS")
+
+
+@pytest.fixture
+def one_gpu_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """``call(phase, gpu, **settings)`` runs ``vllm_gpu_1x.sh PHASE`` on a stand-in GPU named
+    ``gpu`` with a stand-in Python (tuning off) and returns its ``vllm_serve.py`` calls and its
+    output."""
     fake_python = tmp_path / "python"
     fake_python.write_text(FAKE_PYTHON)
     fake_python.chmod(0o755)
+    calls = tmp_path / "python-calls.log"
+
+    def call(phase: str, gpu: str = "NVIDIA H100 80GB HBM3", **settings: str) -> tuple[list[str], str]:
+        install_nvidia_smi(tmp_path / "smi", monkeypatch, [{"0": {"name": gpu}}])
+        calls.unlink(missing_ok=True)
+        env = {k: v for k, v in os.environ.items() if k not in SCRIPT_SETTINGS}
+        env |= {"PYTHON": str(fake_python), "TUNE_BUDGET_S": "0", **settings}
+        out = subprocess.run(["bash", "benchmarks/vllm_gpu_1x.sh", phase, str(tmp_path / "out")], cwd=REPO, env=env,
+                             check=True, capture_output=True, text=True).stdout
+        return [c for c in calls.read_text().splitlines() if "vllm_serve.py" in c], out
+
+    return call
+
+
+@pytest.mark.parametrize("gpu_name,uses_tables", [("NVIDIA H100 80GB HBM3", True), ("NVIDIA H200", False)])
+def test_fp8_call_serves_stock_with_tables_tuned_earlier_for_this_gpu(
+        one_gpu_call, tmp_path: Path, gpu_name: str, uses_tables: bool) -> None:
     tables = tmp_path / "tables"
     tables.mkdir()
     (tables / "E=128,N=768,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8,block_shape=[128,128].json").write_text("{}")
-    env = {**os.environ, "PYTHON": str(fake_python), "STOCK_MOE_CONFIGS": str(tables), "TUNE_BUDGET_S": "0",
-           "FP8_ASYNCEP_VARIANTS": "", "FP8_FORCED_STOCK": "", "CONCURRENCY": "96", "PROFILE": "1"}
-    out = subprocess.run(["bash", "benchmarks/vllm_gpu_1x.sh", "fp8", str(tmp_path / "out")], cwd=REPO, env=env,
-                         check=True, capture_output=True, text=True).stdout
-    serves = [c for c in (tmp_path / "python-calls.log").read_text().splitlines() if "vllm_serve.py" in c]
+    serves, out = one_gpu_call("fp8", gpu_name, STOCK_MOE_CONFIGS=str(tables), FP8_FORCED_STOCK="")
     assert len(serves) == 2  # stock and AsyncEP FP8, then bf16 AsyncEP; no tuning run
     assert ("--layouts stock asyncep" in serves[0]) and ("--stock-moe-configs " + str(tables) in serves[0]) == uses_tables
     assert "--stock-moe-configs" not in serves[1]
-    assert all("--concurrency 96 --profile-context 2048 " in serve for serve in serves)
     assert ("tables tuned earlier" in out) == uses_tables
 
 
-def test_fp8_call_defaults_serve_stock_on_deepgemm_beside_vllms_choice_deep_and_profiled(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    install_nvidia_smi(tmp_path / "smi", monkeypatch, [{"0": {"name": "NVIDIA H100 80GB HBM3"}}])
-    fake_python = tmp_path / "python"
-    fake_python.write_text(FAKE_PYTHON)
-    fake_python.chmod(0o755)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("CONCURRENCY", "PROFILE", "FP8_FORCED_STOCK", "FP8_ASYNCEP_VARIANTS", "STOCK_MOE_CONFIGS")}
-    env |= {"PYTHON": str(fake_python), "TUNE_BUDGET_S": "0"}
-
-    def serves(extra: dict[str, str]) -> list[str]:
-        calls = tmp_path / "python-calls.log"
-        calls.unlink(missing_ok=True)
-        subprocess.run(["bash", "benchmarks/vllm_gpu_1x.sh", "fp8", str(tmp_path / "out")], cwd=REPO,
-                       env=env | extra, check=True, capture_output=True)
-        return [c for c in calls.read_text().splitlines() if "vllm_serve.py" in c]
-
-    fp8, bf16 = serves({})  # no psum variant unless named
+def test_fp8_call_defaults_serve_stock_on_deepgemm_beside_vllms_choice_deep_and_profiled(one_gpu_call) -> None:
+    (fp8, bf16), _ = one_gpu_call("fp8")  # no psum variant unless named
     assert "--layouts stock stock-deepgemm asyncep " in fp8 and "--layouts asyncep " in bf16
     assert all("--concurrency 96 --profile-context 2048 " in serve for serve in (fp8, bf16))
-    unprofiled = serves({"PROFILE": "", "CONCURRENCY": "48", "FP8_ASYNCEP_VARIANTS": "asyncep-fp8-psum"})
+    unprofiled, _ = one_gpu_call("fp8", PROFILE="", CONCURRENCY="48", FP8_ASYNCEP_VARIANTS="asyncep-fp8-psum")
     assert len(unprofiled) == 3 and "--layouts asyncep-fp8-psum " in unprofiled[2]
     assert all("--concurrency 48 --out " in serve for serve in unprofiled)
 
 
-def test_bf16_call_serves_stock_forced_onto_another_backend_only_when_named(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    install_nvidia_smi(tmp_path / "smi", monkeypatch, [{"0": {"name": "NVIDIA H100 80GB HBM3"}}])
-    fake_python = tmp_path / "python"
-    fake_python.write_text(FAKE_PYTHON)
-    fake_python.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k not in ("BF16_FORCED_STOCK", "STOCK_MOE_CONFIGS")}
-    env |= {"PYTHON": str(fake_python), "TUNE_BUDGET_S": "0"}
-    calls = tmp_path / "python-calls.log"
+def test_bf16_call_serves_stock_forced_onto_another_backend_only_when_named(one_gpu_call) -> None:
     for forced, layouts in (("", "stock asyncep"), ("stock-flashinfer-cutlass", "stock stock-flashinfer-cutlass asyncep")):
-        calls.unlink(missing_ok=True)
-        subprocess.run(["bash", "benchmarks/vllm_gpu_1x.sh", "bf16", str(tmp_path / "out")], cwd=REPO,
-                       env=env | {"BF16_FORCED_STOCK": forced}, check=True, capture_output=True)
-        (serve,) = [c for c in calls.read_text().splitlines() if "vllm_serve.py" in c]
+        (serve,), _ = one_gpu_call("bf16", BF16_FORCED_STOCK=forced)
         assert f"--layouts {layouts} " in serve
