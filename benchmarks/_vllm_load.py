@@ -142,14 +142,15 @@ class EngineMetrics:
         if missing:
             self.error = f"/metrics has no {' or '.join(missing)}"
             return None
-        if WAITING in values:
-            self.waiting.append(sum(values[WAITING].values()))
         return values
 
     async def _sample(self) -> None:
+        """The queue, read inside the window only: at its start a closed loop's clients have not sent yet."""
         while True:
             await asyncio.sleep(self.interval_s)
-            await self._read()
+            values = await self._read()
+            if values is not None and WAITING in values:
+                self.waiting.append(sum(values[WAITING].values()))
 
     async def start(self) -> None:
         self.first = await self._read()
