@@ -169,14 +169,13 @@ class EngineMetrics:
         engines = sorted(self.last[STEP_COUNT])
         steps = sum(self.last[STEP_COUNT][e] - self.first[STEP_COUNT].get(e, 0.0) for e in engines)
         tokens = sum(self.last[STEP_TOKENS].get(e, 0.0) - self.first[STEP_TOKENS].get(e, 0.0) for e in engines)
-        waiting = self.waiting
         return {
             "engines": len(engines), "steps": int(steps),
             "tokens_per_step": round(tokens / steps, 1) if steps else None,
             "step_ms": round(window_s * len(engines) / steps * 1e3, 2) if steps else None,
-            "waiting_requests_mean": round(sum(waiting) / len(waiting), 1) if waiting else None,
-            "waiting_requests_min": min(waiting) if waiting else None,
-            "queue_readings": len(waiting),
+            "waiting_requests_mean": round(sum(self.waiting) / len(self.waiting), 1) if self.waiting else None,
+            "waiting_requests_min": min(self.waiting) if self.waiting else None,
+            "queue_readings": len(self.waiting),
         }
 
 

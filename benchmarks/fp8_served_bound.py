@@ -43,6 +43,7 @@ import sys
 from pathlib import Path
 
 import trace_breakdown
+from _serving import lowest_over_gpus
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_PROFILE = RESULTS / "vllm_fp8-h100x1.json"
@@ -68,9 +69,9 @@ def layer_parts(run: dict) -> dict[str, float]:
 
 
 def closed_loop(run: dict) -> dict:
-    """A profiled run's closed loop at the profiled context."""
-    context = run["profile"]["context"]
-    return next(entry["closed_loop"] for entry in run["measurements"] if entry["context"] == context)
+    """A profiled run's closed loop at the profiled context ({} where it has none)."""
+    context = run["profile"].get("context")
+    return next((entry["closed_loop"] for entry in run.get("measurements", []) if entry["context"] == context), {})
 
 
 def served_step(run: dict) -> dict | None:
@@ -78,9 +79,7 @@ def served_step(run: dict) -> dict | None:
     2026-12-07): its time per engine step served (``step_ms_served``) against the profile's GPU
     time per step (``step_ms_gpu``: the profile's window over its steps), and the difference,
     the time a served step spends off the GPU; None without them."""
-    context = run["profile"].get("context")
-    loops = [entry["closed_loop"] for entry in run.get("measurements", []) if entry["context"] == context]
-    engine = (loops[0].get("engine_metrics") if loops else None) or {}
+    engine = closed_loop(run).get("engine_metrics") or {}
     if not engine.get("step_ms"):
         return None
     gpu = run["profile"]["traces"][0]["window_s"] / run["profile"]["steps"] * 1e3
@@ -94,9 +93,7 @@ def measured_against_bf16(fp8: dict, bf16: dict) -> dict:
     profiled context, and the median SM clock of each closed loop's slowest GPU (None where not
     recorded)."""
     def sm_clock(run: dict) -> float | None:
-        clocks = [gpu["sm_clock_mhz_median"] for gpu in (closed_loop(run).get("gpu_telemetry") or {}).values()
-                  if isinstance(gpu, dict) and gpu.get("sm_clock_mhz_median") is not None]
-        return min(clocks) if clocks else None
+        return lowest_over_gpus(closed_loop(run).get("gpu_telemetry"), "sm_clock_mhz_median")
 
     fp8_step, bf16_step = layer_parts(fp8)["step"], layer_parts(bf16)["step"]
     throughput = {name: closed_loop(run)["input_tokens_per_s_per_gpu"] for name, run in (("fp8", fp8), ("bf16", bf16))}

@@ -32,6 +32,12 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+#: The experts' kernels version 3 of the rules moved from ``other`` to ``moe_experts``: our Triton
+#: combine (``_sum_slots_kernel``), token->expert alignment and experts' activation quantiser, and
+#: the row permutation of vLLM's DeepGEMM MoE (``_fwd_kernel_ep_scatter_2``, ``_fwd_kernel_ep_gather``).
+_MOE_GLUE_ADDED_IN_3 = r"sum_slots|count_rows|scan_counts|place_rows|quantize_token_groups|ep_scatter|ep_gather"
+MOE_ADDED_IN_3 = re.compile(_MOE_GLUE_ADDED_IN_3, re.IGNORECASE)
+
 # First match wins, so the specific patterns come before the generic GEMM one.
 CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (name, re.compile(pattern, re.IGNORECASE))
@@ -39,8 +45,7 @@ CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         # DeepGEMM's dense GEMMs: the template's group count (after M, N, K) is 1.
         ("gemm", r"deep_gemm::\w+<[^,<>]+,\s*\d+u,\s*\d+u,\s*\d+u,\s*1u,"),
         ("moe_experts", r"fused_moe|moe_align|moe_sum|topk|gate_up_silu|down_scatter|grouped_mm|scatter_token_rows"
-                        r"|weighted_combine|silu_mul|deep_gemm|m_grouped|count_and_sort|expert"
-                        r"|sum_slots|count_rows|scan_counts|place_rows|quantize_token_groups|ep_scatter|ep_gather"),
+                        r"|weighted_combine|silu_mul|deep_gemm|m_grouped|count_and_sort|expert|" + _MOE_GLUE_ADDED_IN_3),
         ("quant", r"per_token_group_quant|scaled_fp8_quant|quant_8bit"),
         # Before attention: FlashInfer's all-reduce kernels carry "flashinfer" in their names.
         ("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter|cross_device|lamport"),
@@ -54,11 +59,6 @@ COMMUNICATION = ("communication", "peer_copy")
 #: ``moe_experts`` and activation quantisation under ``other``; version 2 (until 2026-12-07) put
 #: the experts' kernels :data:`MOE_ADDED_IN_3` names under ``other``. :func:`upgrade` moves them.
 CATEGORY_RULES = 3
-#: The kernels version 3 moved from ``other`` to ``moe_experts``: our Triton combine
-#: (``_sum_slots_kernel``), token->expert alignment and experts' activation quantiser, and the
-#: row permutation of vLLM's DeepGEMM MoE (``_fwd_kernel_ep_scatter_2``, ``_fwd_kernel_ep_gather``).
-MOE_ADDED_IN_3 = re.compile(r"sum_slots|count_rows|scan_counts|place_rows|quantize_token_groups|ep_scatter|ep_gather",
-                            re.IGNORECASE)
 #: Kernels listed by GPU time in each breakdown: enough that every kernel a layer runs more
 #: than a few microseconds of is there (a Qwen3-MoE layer served in FP8 runs about 25).
 TOP_KERNELS = 40
