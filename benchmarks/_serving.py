@@ -10,8 +10,9 @@
   thermal or hardware slowdown), so that two machines' throughputs can be told apart from
   their clocks; :func:`telemetry_line` says it in one line, :func:`lowest_over_gpus` gives the
   numbers to put beside a throughput (the slowest GPU's clock, the least busy GPU's share);
-- the load generators' HTTP client: :func:`client_session` and :func:`closed_loop_clients`
-  (clients that send their next request as soon as the last is answered);
+- the load generators' HTTP client: :func:`client_session`, :func:`closed_loop_clients`
+  (clients that send their next request as soon as the last is answered) and
+  :func:`open_loop_arrivals` (requests at Poisson arrival times, answered or not);
 - :func:`write_json`: a results file rewritten whole after every measurement.
 
 Imported as a sibling module (``benchmarks/`` on ``sys.path``, as when a script there runs).
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -294,6 +296,23 @@ def closed_loop_clients(concurrency: int, stop_at: float, one: Callable[[], Awai
             await one()
 
     return [asyncio.ensure_future(client()) for _ in range(concurrency)]
+
+
+def open_loop_arrivals(rate: float, start: float, stop_at: float, one: Callable[[], Awaitable[None]],
+                       rng: random.Random) -> tuple[asyncio.Task, list[asyncio.Task]]:
+    """Poisson arrivals at ``rate`` per second from ``start`` until ``stop_at`` (``time.monotonic()``),
+    each a task running ``one()``. Returns the task that makes them, and the list it fills with
+    theirs: once the first is done the second is whole."""
+    requests: list[asyncio.Task] = []
+
+    async def arrive() -> None:
+        next_at = start
+        while next_at < stop_at:
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            requests.append(asyncio.ensure_future(one()))
+            next_at += rng.expovariate(rate)
+
+    return asyncio.ensure_future(arrive()), requests
 
 
 # -- results ----------------------------------------------------------------------------------

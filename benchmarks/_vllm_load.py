@@ -8,7 +8,7 @@
   its steps, the tokens they computed, the queue behind them);
 - the warm-up before each context's measurements (:func:`warm_up`);
 - the server log: the lines a run added (:class:`LogCursor`), kernel JIT events
-  (:func:`jit_events`) and memory facts (:func:`server_memory`), in vLLM 0.26 to 0.34's words.
+  (:func:`jit_events`; :class:`JitEvents` tells those inside timed windows apart) and memory facts (:func:`server_memory`), in vLLM 0.26 to 0.34's words.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import math
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from _serving import GpuTelemetry, client_session, closed_loop_clients
+from _serving import GpuTelemetry, client_session, closed_loop_clients, open_loop_arrivals
 
 # What the server log says, in the wording of vLLM 0.26 to 0.34 (0.32+ appends ", Maximum
 # concurrency ..." to the KV line; the CPU build says "CPU KV cache size").
@@ -69,11 +70,30 @@ def percentile(observed: list[float], at_least: list[float], q: float) -> tuple[
     return low, low != high
 
 
+def _by_second(times: list[float], begin: float, end: float) -> list[int]:
+    """How many of ``times`` fall in each whole second from ``begin`` (the last second may be short)."""
+    seconds = max(1, math.ceil(end - begin - 1e-9))
+    counts = [0] * seconds
+    for at in times:
+        counts[min(seconds - 1, int(at - begin))] += 1
+    return counts
+
+
 def window_point(sent: list[Sent], context: int, *, start: float, stop_at: float, cut_at: float,
-                 gpus: int) -> dict:
-    """What a window measured: throughput from the answers inside it; latency over every
-    request sent in it (late answers included, cut-off ones as lower bounds)."""
+                 gpus: int, lead_s: float = 0.0) -> dict:
+    """What a window measured: throughput from every answer inside it, latency over every
+    request sent in it (late answers included, cut-off ones as lower bounds).
+
+    Requests sent in the ``lead_s`` before ``start`` (a lead-in of the same load) count only by
+    their answers inside the window, so a window that opens on a loaded server measures its
+    steady state. ``answers_by_second``: the answers in each second of the window, to see that
+    the rate was steady; ``lead``: the lead-in's requests, how many were answered inside the
+    window, and its own answers per second (the ramp the window was kept out of).
+    """
     window_s = stop_at - start
+    lead = [r for r in sent if r.at < start]
+    sent = [r for r in sent if r.at >= start]
+    carried_in = [r for r in lead if r.done is not None and r.ok and start <= r.done <= stop_at]
     in_window = [r for r in sent if r.done is not None and r.ok and r.done <= stop_at]
     late = [r for r in sent if r.done is not None and r.ok and r.done > stop_at]
     failed = [r for r in sent if r.done is not None and not r.ok]
@@ -82,13 +102,21 @@ def window_point(sent: list[Sent], context: int, *, start: float, stop_at: float
     bounds = [cut_at - r.at for r in cut]
     p50, p50_bound = percentile(latencies, bounds, 50)
     p99, p99_bound = percentile(latencies, bounds, 99)
-    return {
-        "sent": len(sent), "requests": len(in_window), "late": len(late), "unanswered": len(cut),
+    answers = in_window + carried_in
+    point = {
+        "sent": len(sent), "requests": len(answers), "late": len(late), "unanswered": len(cut),
         "failed": len(failed), "window_s": round(window_s, 3), "drained_s": round(cut_at - stop_at, 3),
-        "requests_per_s": len(in_window) / window_s,
-        "input_tokens_per_s_per_gpu": len(in_window) * context / window_s / gpus,
+        "requests_per_s": len(answers) / window_s,
+        "input_tokens_per_s_per_gpu": len(answers) * context / window_s / gpus,
         "p50_s": p50, "p50_at_least": p50_bound, "p99_s": p99, "p99_at_least": p99_bound,
+        "answers_by_second": _by_second([r.done for r in answers], start, stop_at),
     }
+    if lead_s > 0:
+        ramp = [r.done for r in lead if r.done is not None and r.ok and r.done < start]
+        point["lead"] = {"s": lead_s, "sent": len(lead), "answered_in_window": len(carried_in),
+                         "failed": sum(r.done is not None and not r.ok for r in lead),
+                         "answers_by_second": _by_second(ramp, start - lead_s, start)}
+    return point
 
 
 def parse_metrics(text: str) -> dict[str, dict[str, float]]:
@@ -209,12 +237,15 @@ async def _post(session, url: str, body: dict, record: Sent) -> None:
 
 
 async def _drive(url: str, model: str, context: int, *, concurrency: int | None, rate: float | None,
-                 duration_s: float, drain_s: float, seed: int, gpus: int, gpu_telemetry: bool = False,
-                 engine_metrics: bool = False) -> dict:
-    """Closed loop (``concurrency`` clients) or open loop (Poisson at ``rate``) for ``duration_s``,
-    then up to ``drain_s`` for the late answers; what is still unanswered then is cancelled.
-    ``gpu_telemetry``: the point also says what the GPUs did in the window, ``engine_metrics``
-    what the engine did (:class:`EngineMetrics`), the drain left out of both."""
+                 duration_s: float, drain_s: float, seed: int, gpus: int, lead_s: float = 0.0,
+                 on_open: Callable[[], None] | None = None, on_close: Callable[[], None] | None = None,
+                 gpu_telemetry: bool = False, engine_metrics: bool = False) -> dict:
+    """Closed loop (``concurrency`` clients) or open loop (Poisson at ``rate``): the load runs
+    ``lead_s``, then a window of ``duration_s`` opens on it (``on_open`` called then, ``on_close``
+    when it ends); then up to ``drain_s`` for the late answers; what is still unanswered then is
+    cancelled. ``gpu_telemetry``: the point also says what the GPUs did in the window,
+    ``engine_metrics`` what the engine did (:class:`EngineMetrics`), lead-in and drain left out
+    of both."""
     rng = random.Random(seed)
     sent: list[Sent] = []
     telemetry = GpuTelemetry() if gpu_telemetry else None
@@ -226,23 +257,25 @@ async def _drive(url: str, model: str, context: int, *, concurrency: int | None,
             sent.append(record)
             await _post(session, url, _body(model, context, rng), record)
 
+        start = time.monotonic() + lead_s
+        stop_at = start + duration_s
+        if concurrency is not None:
+            arrivals, tasks = None, closed_loop_clients(concurrency, stop_at, one)
+        else:
+            arrivals, tasks = open_loop_arrivals(rate, start - lead_s, stop_at, one, rng)
+        await asyncio.sleep(max(0.0, start - time.monotonic()))  # the lead-in
+        if on_open is not None:
+            on_open()
         with telemetry or contextlib.nullcontext():
             if engine is not None:
                 await engine.start()
-            start = time.monotonic()
-            stop_at = start + duration_s
-            if concurrency is not None:
-                tasks = closed_loop_clients(concurrency, stop_at, one)
-            else:
-                tasks = []
-                next_at = start
-                while next_at < stop_at:
-                    await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-                    tasks.append(asyncio.ensure_future(one()))
-                    next_at += rng.expovariate(rate)
             await asyncio.sleep(max(0.0, stop_at - time.monotonic()))  # the requests go on meanwhile
             if engine is not None:
                 await engine.stop()
+        if on_close is not None:
+            on_close()
+        if arrivals is not None:
+            await arrivals
         pending: set = set()
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=max(0.0, stop_at + drain_s - time.monotonic()))
@@ -250,7 +283,7 @@ async def _drive(url: str, model: str, context: int, *, concurrency: int | None,
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-    point = window_point(sent, context, start=start, stop_at=stop_at, cut_at=cut_at, gpus=gpus)
+    point = window_point(sent, context, start=start, stop_at=stop_at, cut_at=cut_at, gpus=gpus, lead_s=lead_s)
     if engine is not None:
         point["engine_metrics"] = engine.summary(stop_at - start)
     return point | {"gpu_telemetry": telemetry.summary} if telemetry else point
@@ -282,21 +315,15 @@ async def _burst(url: str, model: str, lengths: list[int], seed: int) -> list[Se
     return records
 
 
-def warm_up(url: str, model: str, context: int, *, clients: int, batched_tokens: int, ranks: int,
-            warmup_s: float, drain_s: float, gpus: int) -> dict:
-    """Every step size the timed runs at ``context`` can produce, before they start (module docstring)."""
+def warm_up(url: str, model: str, context: int, *, clients: int, batched_tokens: int, ranks: int) -> dict:
+    """Every step size the timed runs at ``context`` can produce, before they start (module
+    docstring); the closed loop's lead-in then carries the server into the timed window."""
     lengths = warmup_lengths(context)
     levels = warmup_concurrency(clients, batched_tokens, context, ranks)
     records = [r for n in lengths for r in asyncio.run(_burst(url, model, [n] * ranks, seed=n))]
     records += [r for k in levels for r in asyncio.run(_burst(url, model, [context] * k, seed=k))]
-    done = {"lengths": lengths, "copies_per_length": ranks, "concurrency": levels,
-            "requests": len(records), "failed": sum(not r.ok for r in records), "closed_loop_s": warmup_s}
-    if warmup_s > 0:
-        closed = asyncio.run(_drive(url, model, context, concurrency=clients, rate=None, duration_s=warmup_s,
-                                    drain_s=drain_s, seed=1, gpus=gpus))
-        done["requests"] += closed["sent"]
-        done["failed"] += closed["failed"]
-    return done
+    return {"lengths": lengths, "copies_per_length": ranks, "concurrency": levels,
+            "requests": len(records), "failed": sum(not r.ok for r in records)}
 
 
 class LogCursor:
@@ -319,6 +346,24 @@ class LogCursor:
 
 def jit_events(lines: list[str]) -> list[str]:
     return [line.strip() for line in lines if JIT_EVENT.search(line)]
+
+
+class JitEvents:
+    """A server's kernel JIT events, told apart by whether a timed window was open: pass
+    :meth:`outside` and :meth:`inside` to :func:`_drive` as ``on_open`` and ``on_close``. What
+    the log gained before a window opened (warm-up, lead-in, the last window's drain) is
+    ``warmup``; what it gained while one was open, ``measured``."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.cursor = LogCursor(log_path)
+        self.warmup: list[str] = []
+        self.measured: list[str] = []
+
+    def outside(self) -> None:
+        self.warmup += jit_events(self.cursor.new_lines())
+
+    def inside(self) -> None:
+        self.measured += jit_events(self.cursor.new_lines())
 
 
 def server_memory(log_text: str) -> dict:

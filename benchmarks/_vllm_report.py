@@ -250,17 +250,33 @@ def plot(runs: list[dict], path: Path) -> None:
             ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+#: How this script's timed windows open (``window`` in every run): on a server already under the
+#: window's load, for ``--warmup-s``. Runs without the key opened theirs on an idle server, which
+#: cost a closed loop up to a fifth of its throughput on one H100 (docs/gpu.md); the two are
+#: never merged or compared.
+WINDOW = "after a lead-in of the same load"
+IDLE_START = "on an idle server"
+
+
+def window_of(run: dict) -> str:
+    """How a run's timed windows opened (:data:`WINDOW`, or :data:`IDLE_START` for runs before it)."""
+    return run.get("window", IDLE_START)
 
 
 METHOD = {
-    "timing": "after start-up (compile, CUDA-graph capture) and the warm-up; throughput counts the answers inside "
-              "the window of --duration-s",
+    "timing": "after start-up (compile, CUDA-graph capture) and the warm-up, each window opens on its own load, "
+              "started --warmup-s before it (lead); throughput counts the answers inside the window of "
+              "--duration-s, those to lead-in requests included (answers_by_second: per second of the window)",
     "late": "late: sent in the window, answered after it (latency counted); unanswered: still open --drain-s after "
             "the window, cut off (the client disconnects); a percentile they can move is their lower bound "
-            "(p50_at_least / p99_at_least true)",
+            "(p50_at_least / p99_at_least true); percentiles cover the requests sent in the window",
     "warmup": "per context: one request of every power-of-two length up to the context (one per DP rank), the "
-              "context at doubling concurrency up to the timed runs' largest, then --warmup-s of closed loop; "
-              "jit_events: vLLM's kernel-JIT warnings logged during the warm-up and during the timed windows",
+              "context at doubling concurrency up to the timed runs' largest, then the closed loop's lead-in; "
+              "jit_events: vLLM's kernel-JIT warnings logged outside (warmup) and inside (measured) the timed "
+              "windows",
     "per_gpu": "divided by the layout's GPUs (data-parallel x tensor-parallel size)",
     "mfu": "true FLOPs of the served layers (linear + causal attention) over the GPU's dense datasheet peak for the "
            "checkpoint's format (peak_tflops, peak_source per run)",
@@ -281,6 +297,17 @@ METHOD = {
 }
 
 
+def tiny_record(data: dict, source: str) -> dict:
+    """A results file's tiny correctness record (``tiny``, which the GPU tests write, and their
+    summary keys) without its runs or anything made from them, to start a new file from;
+    ``tiny_from`` says which file it came from first."""
+    if "tiny" not in data:
+        raise ValueError(f"{source} holds no tiny record (the GPU tests' 'tiny' key)")
+    made_from_runs = set(summarize([], ""))
+    return {"tiny": data["tiny"], "tiny_from": data.get("tiny_from", source),
+            "summary": {k: v for k, v in data.get("summary", {}).items() if k not in made_from_runs}}
+
+
 def import_runs(paths: list[Path], runs: list[dict], gpu: str | None, vllm_version: str) -> list[dict]:
     """Add the runs of other results files measured on this GPU with this vLLM (marked
     ``imported_from``); what was imported or skipped, and why."""
@@ -294,6 +321,10 @@ def import_runs(paths: list[Path], runs: list[dict], gpu: str | None, vllm_versi
         if theirs != (gpu, vllm_version):
             record.append({"file": str(path), "skipped": f"measured on {theirs[0]} with vLLM {theirs[1]}, "
                                                          f"this run is {gpu} with vLLM {vllm_version}"})
+            continue
+        other = sorted({window_of(r) for r in data.get("runs", [])} - {WINDOW})
+        if other:
+            record.append({"file": str(path), "skipped": f"its windows opened {other[0]}, this run's open {WINDOW}"})
             continue
         have = {(r["model"], r["layout"], r["max_num_batched_tokens"]) for r in runs}
         new = [r | {"imported_from": str(path)} for r in data.get("runs", [])

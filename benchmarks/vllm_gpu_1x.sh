@@ -151,15 +151,16 @@ bf16)
     tune_or_default qwen3-30b-a3b
     serve qwen3-30b-a3b "$out/vllm_serve-${gpu}x1.json" "stock ${BF16_FORCED_STOCK:-} asyncep" "${tuned_stock[@]}"
     ;;
-fp8)  # OUT_DIR's tiny FP8 record first (call 1 into the same folder), else the committed one
+fp8)  # the tiny FP8 record: OUT_DIR's (call 1 into the same folder), else the committed file's, not its runs
+    record=()
     if [ ! -f "$out/vllm_fp8-${gpu}x1.json" ] && [ -f "benchmarks/results/vllm_fp8-${gpu}x1.json" ]; then
-        cp "benchmarks/results/vllm_fp8-${gpu}x1.json" "$out/"
+        record=(--tiny-record "benchmarks/results/vllm_fp8-${gpu}x1.json")
     fi
     tune_or_default qwen3-30b-a3b-fp8
     # Stock as vLLM chooses (Triton for block FP8 at one rank on Hopper) and forced onto other MoE
     # backends; the summary compares AsyncEP with the fastest of them.
     serve qwen3-30b-a3b-fp8 "$out/vllm_fp8-${gpu}x1.json" "stock ${FP8_FORCED_STOCK-stock-deepgemm} asyncep" \
-        --merge "${tuned_stock[@]}"
+        --merge "${record[@]}" "${tuned_stock[@]}"
     # bf16 AsyncEP again on this machine: FP8 against bf16 from one machine, not from call 2's
     serve qwen3-30b-a3b "$out/vllm_fp8-${gpu}x1.json" asyncep --merge
     # AsyncEP variants on the FP8 checkpoint, e.g. DeepGEMM's FP8 GEMMs on the psum row layout

@@ -16,19 +16,26 @@ and measures prefill-only embedding requests of each context length:
 
 What each number counts (also written to the JSON, ``method``):
 
-- Throughput counts the requests answered inside the window. A request sent in the window and
-  answered after it is *late*: it is counted (``late``) and its latency is in the
-  percentiles. Requests still unanswered ``--drain-s`` after the window are cut off
+- Every timed window opens on a loaded server: its load (the closed loop's clients, the open
+  loop's arrivals) starts ``--warmup-s`` before it, so the window measures the load's steady
+  state, not the ramp from an idle server (``lead`` in each point: the requests sent in that
+  lead-in, and how many of them were answered inside the window).
+- Throughput counts the requests answered inside the window, those sent in the lead-in
+  included; ``answers_by_second`` lists them per second of the window, to show that the rate
+  was steady. A request sent in the window and answered after it is *late*: it is counted
+  (``late``) and its latency is in the percentiles, which cover the requests sent in the
+  window. Requests still unanswered ``--drain-s`` after the window are cut off
   (``unanswered``; the client disconnects, vLLM aborts them); their latency is known only to
   be at least the time they waited, so a percentile they can move is reported as that lower
   bound with ``p50_at_least`` / ``p99_at_least`` true.
 - Warm-up, before each context's measurements (``warmup`` in each measurement): one request of
   every power-of-two length up to the context (one per data-parallel rank), then the context's
   requests at doubling concurrency up to the most the timed runs reach (the closed loop's
-  clients, or a full ``--max-num-batched-tokens`` step per rank), then ``--warmup-s`` of closed
-  loop. vLLM logs every kernel JIT compilation or autotuning after its own start-up warm-up
-  ("... during inference: ..."); the lines logged during the warm-up and during the timed
-  windows are recorded apart (``jit_events``), so a compilation inside a measurement shows.
+  clients, or a full ``--max-num-batched-tokens`` step per rank), then the closed loop's
+  lead-in. vLLM logs every kernel JIT compilation or autotuning after its own start-up warm-up
+  ("... during inference: ..."); the lines logged outside and inside the timed windows are
+  recorded apart (``jit_events``: ``warmup``, ``measured``), so a compilation inside a
+  measurement shows.
 - Per GPU: divided by the layout's GPUs (data-parallel x tensor-parallel size). MFU counts the
   true FLOPs of the N-layer model (``zeroprefill.common.cost_model.request_flops``: linear
   layers, causal attention) against the GPU's dense datasheet peak for the checkpoint's format
@@ -120,9 +127,10 @@ sys.path.insert(0, str(REPO))
 from _serving import GpuMemoryPeak, telemetry_line, write_json  # noqa: E402
 from _vllm_layouts import (BUDGET_ENV, LAYOUTS, TRANSPORT_ENV, UNREACHABLE_FLOPS_BUDGET, Layout,  # noqa: E402, F401
                            ModelChoice, datasheet_peak, model_dir, model_spec, parse_model, peaks_for, visible_gpus)
-from _vllm_load import (LogCursor, _drive, engine_line, jit_events, percentile, server_memory, warm_up,  # noqa: E402, F401
+from _vllm_load import (JitEvents, LogCursor, _drive, engine_line, jit_events, percentile, server_memory, warm_up,  # noqa: E402, F401
                         warmup_concurrency, warmup_lengths)
-from _vllm_report import METHOD, best_by_layout, import_runs, plot, print_table, summarize  # noqa: E402
+from _vllm_report import (METHOD, WINDOW, best_by_layout, import_runs, plot, print_table, summarize,  # noqa: E402
+                          tiny_record, window_of)
 from trace_breakdown import breakdown_dir  # noqa: E402
 from vllm_zeroprefill.server import ServerStartError, VllmServer  # noqa: E402
 from zeroprefill.common.cost_model import request_flops  # noqa: E402
@@ -224,7 +232,7 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
     result: dict = {"model": model.key, "layout": layout.name, "max_num_batched_tokens": batched_tokens,
                     "gpus": layout.gpus, "dtype": model.dtype, "peak_tflops": peak_tflops, "peak_source": peak_source,
                     "step_budget_policy": layout.step_budget_policy(batched_tokens),
-                    "server_args": server_args, "env": env}
+                    "server_args": server_args, "env": env, "window": WINDOW}
     refusal = layout.refuses(model.dtype)
     if refusal:
         log(f"  {name}: {refusal}")
@@ -250,32 +258,31 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
         try:
             for context in args.contexts:
                 clients = concurrency_for(context, batched_tokens, args.concurrency, layout.gpus)
-                cursor = LogCursor(server.log_path)
+                jit = JitEvents(server.log_path)
                 warmup = warm_up(server.url, str(directory), context, clients=clients, batched_tokens=batched_tokens,
-                                 ranks=layout.data_parallel_size, warmup_s=args.warmup_s, drain_s=args.drain_s,
-                                 gpus=layout.gpus)
-                warmup_jit = jit_events(cursor.new_lines())
+                                 ranks=layout.data_parallel_size)
+                timed = {"duration_s": args.duration_s, "drain_s": args.drain_s, "lead_s": args.warmup_s,
+                         "gpus": layout.gpus, "on_open": jit.outside, "on_close": jit.inside,
+                         "gpu_telemetry": True, "engine_metrics": True}
                 closed = asyncio.run(_drive(server.url, str(directory), context, concurrency=clients, rate=None,
-                                            duration_s=args.duration_s, drain_s=args.drain_s, seed=2, gpus=layout.gpus,
-                                            gpu_telemetry=True, engine_metrics=True))
+                                            seed=2, **timed))
                 flops_per_token = request_flops(spec, context, 0, head_tokens=0) / context
                 closed["mfu"] = closed["input_tokens_per_s_per_gpu"] * flops_per_token / (peak_tflops * 1e12)
                 entry = {"context": context, "concurrency": clients, "warmup": warmup, "closed_loop": closed,
                          "open_loop": []}
-                log(f"  {name} ctx {context}: warm-up {warmup['requests']} requests ({len(warmup_jit)} JIT events); "
-                    f"closed loop {_point_line(closed)}")
+                log(f"  {name} ctx {context}: warm-up {warmup['requests']} requests, then {args.warmup_s:g} s of "
+                    f"the closed loop ({len(jit.warmup)} JIT events); closed loop {_point_line(closed)}")
                 log(f"    {telemetry_line(closed['gpu_telemetry'])}")
                 log(f"    {engine_line(closed['engine_metrics'])}")
                 own_peak = closed["requests_per_s"] if layout.name == args.reference_layout else None
                 for rate in open_loop_rates(args, runs, model, context, own_peak):
                     point = asyncio.run(_drive(server.url, str(directory), context, concurrency=None, rate=rate,
-                                               duration_s=args.duration_s, drain_s=args.drain_s, seed=3,
-                                               gpus=layout.gpus, gpu_telemetry=True, engine_metrics=True))
+                                               seed=3, **timed))
                     entry["open_loop"].append({"offered_requests_per_s": rate} | point)
                     log(f"    open loop {rate} req/s: {_point_line(point)}")
                     log(f"      {telemetry_line(point['gpu_telemetry'])}")
                     log(f"      {engine_line(point['engine_metrics'])}")
-                entry["jit_events"] = {"warmup": warmup_jit, "measured": jit_events(cursor.new_lines())}
+                entry["jit_events"] = {"warmup": jit.warmup, "measured": jit.measured}
                 if entry["jit_events"]["measured"]:
                     log(f"    JIT during measurement: {entry['jit_events']['measured'][:3]}")
                 if context == args.profile_context:
@@ -322,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration-s", type=float, default=30.0, help="timed seconds per measurement")
     parser.add_argument("--drain-s", type=float, default=30.0,
                         help="seconds after a window to wait for late answers before cutting them off")
-    parser.add_argument("--warmup-s", type=float, default=8.0, help="closed-loop seconds at the end of the warm-up")
+    parser.add_argument("--warmup-s", type=float, default=8.0,
+                        help="seconds each timed window's load runs before the window opens (its lead-in)")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="dense peak per GPU for MFU (default: the shipped H100/H200 datasheet figure for the "
                              "checkpoint's format)")
@@ -335,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-timeout-s", type=float, default=900.0)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "vllm_serve-h200x2.json")
     parser.add_argument("--merge", action="store_true", help="add to the runs (and keep the rest) of --out")
+    parser.add_argument("--tiny-record", type=Path,
+                        help="start --out from this results file's tiny correctness record (the GPU tests' "
+                             "'tiny' and its summary keys), not its runs")
     parser.add_argument("--import-runs", nargs="+", type=Path, default=[], metavar="FILE",
                         help="also compare with these results files' runs (same GPU and vLLM only)")
     parser.add_argument("--replot", action="store_true", help="only redraw the table and plot of --out")
@@ -361,11 +372,22 @@ def main(argv: list[str] | None = None) -> int:
     import vllm
 
     earlier: dict = {}
-    if args.merge and args.out.exists():
+    if args.tiny_record is not None:
+        if args.merge and args.out.exists():
+            parser.error("--tiny-record starts a new --out: leave out --merge, or merge into a file that holds it")
+        try:
+            earlier = tiny_record(json.loads(args.tiny_record.read_text()), str(args.tiny_record))
+        except (OSError, ValueError) as exc:
+            parser.error(f"--tiny-record: {exc}")
+    elif args.merge and args.out.exists():
         earlier = json.loads(args.out.read_text())
         if earlier.get("runs") and earlier.get("gpu") not in (None, gpu_names[0]):
             parser.error(f"--merge: {args.out} holds runs measured on {earlier['gpu']}, this machine has "
                          f"{gpu_names[0]}: write to another --out")
+        other = sorted({window_of(r) for r in earlier.get("runs", [])} - {WINDOW})
+        if other:
+            parser.error(f"--merge: {args.out} holds runs whose timed windows opened {other[0]}; this run's open "
+                         f"{WINDOW}, and the two are not compared: write to another --out")
     runs: list[dict] = earlier.get("runs", [])
     commands = [*earlier.get("commands", []),
                 " ".join(["python", "benchmarks/vllm_serve.py", *(argv if argv is not None else sys.argv[1:])])]

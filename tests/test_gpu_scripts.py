@@ -88,6 +88,8 @@ def test_fp8_call_defaults_serve_stock_on_deepgemm_beside_vllms_choice_deep_and_
     (fp8, bf16), _ = one_gpu_call("fp8")  # no psum variant unless named
     assert "--layouts stock stock-deepgemm asyncep " in fp8 and "--layouts asyncep " in bf16
     assert all("--concurrency 96 --profile-context 2048 " in serve for serve in (fp8, bf16))
+    # The committed file's tiny record starts the new one, not its runs (measured with idle-start windows).
+    assert "--merge --tiny-record benchmarks/results/vllm_fp8-h100x1.json" in fp8 and "--tiny-record" not in bf16
     unprofiled, _ = one_gpu_call("fp8", PROFILE="", CONCURRENCY="48", FP8_ASYNCEP_VARIANTS="asyncep-fp8-psum")
     assert len(unprofiled) == 3 and "--layouts asyncep-fp8-psum " in unprofiled[2]
     assert all("--concurrency 48 --out " in serve for serve in unprofiled)

@@ -16,6 +16,7 @@ import gzip
 import json
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -63,16 +64,19 @@ class FakeServer:
     and as waiting the most requests it has had in flight at once: a queue that fills with the
     first requests and stays full while clients keep sending (the requests in flight at the
     moment of a reading would depend on the machine's scheduling). A server forced onto DeepGEMM
-    (``--moe-backend deep_gemm``) answers in half the time. Its log says what vLLM's would:
+    (``--moe-backend deep_gemm``) answers in half the time. ``stall_after_idle_s``: load that
+    arrives on an idle server (nothing in flight for 50 ms) waits that long before any answer,
+    the transient a timed window's lead-in keeps out of it. Its log says what vLLM's would:
     a KV-cache capacity (AsyncEP's smaller), and a kernel JIT warning the first time a request
     length falls in a power-of-two size class it has not served.
     """
 
     def __init__(self, model, args, log_path, device="cpu", env=None, fail_start=False, fail_every=0,
-                 hang_after=0, metrics=True) -> None:
+                 hang_after=0, metrics=True, stall_after_idle_s=0.0) -> None:
         self.args, self.env, self.log_path = list(args), dict(env or {}), Path(log_path)
         self.fail_start, self.fail_every, self.hang_after = fail_start, fail_every, hang_after
-        self.metrics = metrics
+        self.metrics, self.stall_after_idle_s = metrics, stall_after_idle_s
+        self.idle_since, self.stalled_until = float("-inf"), 0.0
         self.steps = self.step_tokens = self.in_flight = self.most_in_flight = 0
         self.port = vllm_serve.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -114,12 +118,18 @@ class FakeServer:
                                  f"vllm:num_requests_waiting{labels} {self.most_in_flight}.0\n")
 
     async def _embed(self, request: web.Request) -> web.Response:
+        now = time.monotonic()
+        if self.in_flight == 0 and now - self.idle_since > 0.05:
+            self.stalled_until = now + self.stall_after_idle_s
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
+            await asyncio.sleep(max(0.0, self.stalled_until - now))
             return await self._answer(request)
         finally:
             self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle_since = time.monotonic()
 
     async def _answer(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -220,6 +230,32 @@ def test_closed_and_open_loop_count_what_was_answered_in_the_window(fake_servers
     assert not closed["p50_at_least"] and not closed["p99_at_least"]
     assert 15 <= opened["sent"] <= 65  # Poisson at 40/s for 1 s
     assert opened["p99_s"] < 2.0
+
+
+def test_a_window_opened_after_a_lead_in_measures_the_steady_rate(fake_servers, tmp_path):
+    server = FakeServer("m", [], tmp_path / "log", stall_after_idle_s=1.5).start()
+    hooks: list[str] = []
+    try:
+        cold = _drive(server, concurrency=4, duration_s=2.0)
+        time.sleep(0.2)  # idle again
+        warm = _drive(server, concurrency=4, duration_s=2.0, lead_s=2.0,
+                      on_open=lambda: hooks.append("open"), on_close=lambda: hooks.append("close"))
+        opened = _drive(server, rate=40.0, lead_s=0.5)
+    finally:
+        server.stop()
+    # Opened on an idle server, the window holds the stall: nothing answered in its first 1.5 s.
+    assert "lead" not in cold and cold["answers_by_second"][0] == 0
+    # Opened after a lead-in of the same load, it holds none of it (the lead-in's first second does).
+    assert warm["answers_by_second"][0] > 0 and warm["requests"] > 2 * cold["requests"]
+    assert sum(warm["answers_by_second"]) == warm["requests"]
+    # The lead-in's requests count only by their answers inside the window (at most one per
+    # client, in flight when it opened); every request sent in the window is accounted for.
+    lead = warm["lead"]
+    assert lead["s"] == 2.0 and lead["answers_by_second"][0] == 0 and lead["answers_by_second"][1] > 0
+    assert lead["sent"] > 0 and 1 <= lead["answered_in_window"] <= 4 and lead["failed"] == 0
+    assert warm["requests"] - lead["answered_in_window"] + warm["late"] + warm["unanswered"] == warm["sent"]
+    assert hooks == ["open", "close"]
+    assert 5 <= opened["lead"]["sent"] <= 45 and 15 <= opened["sent"] <= 65  # Poisson at 40/s, 0.5 s then 1 s
 
 
 def test_engine_metrics_count_the_windows_steps_and_queue_or_say_why_not(fake_servers, tmp_path):
@@ -480,6 +516,71 @@ def test_merge_into_a_file_holding_a_layout_no_longer_defined(fake_servers, tmp_
     summary = json.loads(out.read_text())["summary"]
     assert summary["comparisons"]["qwen3-30b-a3b-fp8_2048"]["best_asyncep_layout"] == "asyncep-fp8-m-indices"
     assert summary["best_stock_layout_fp8"] is None  # no run of the current asyncep layout on FP8
+
+
+def test_runs_whose_windows_opened_on_an_idle_server_are_neither_merged_nor_imported(fake_servers, tmp_path):
+    out = tmp_path / "vllm_serve-h100x1.json"
+    common = ["--models", "qwen3-30b-a3b:2", "--reference-layout", "stock", "--batched-tokens", "4096",
+              "--concurrency", "4", "--contexts", "64", "--duration-s", "0.3", "--warmup-s", "0.1",
+              "--open-loop-fractions"]
+    vllm_serve.main([*common, "--layouts", "stock", "--out", str(out)])
+    earlier = json.loads(out.read_text())
+    assert [run["window"] for run in earlier["runs"]] == [vllm_serve.WINDOW]
+    point = earlier["runs"][0]["measurements"][0]["closed_loop"]
+    assert point["lead"]["sent"] > 0 and sum(point["answers_by_second"]) == point["requests"]
+    for run in earlier["runs"]:
+        del run["window"]  # as every run measured before the lead-in
+    out.write_text(json.dumps(earlier))
+    with pytest.raises(SystemExit):
+        vllm_serve.main([*common, "--layouts", "asyncep", "--out", str(out), "--merge"])
+    fresh = tmp_path / "fresh.json"
+    vllm_serve.main([*common, "--layouts", "asyncep", "--out", str(fresh), "--import-runs", str(out)])
+    result = json.loads(fresh.read_text())
+    assert result["imports"][0]["skipped"].startswith("its windows opened on an idle server")
+    assert [run["layout"] for run in result["runs"]] == ["asyncep"]
+    # A file of such runs that holds the GPU tests' tiny record passes on the record alone.
+    with pytest.raises(SystemExit):  # no tiny record in it yet
+        vllm_serve.main([*common, "--layouts", "asyncep", "--out", str(tmp_path / "new.json"), "--tiny-record", str(out)])
+    earlier |= {"tiny": {"mixed_500": {"asyncep": {"min_cosine": 0.97}}}}
+    earlier["summary"]["min_cosine_vs_fp32_asyncep"] = 0.97
+    out.write_text(json.dumps(earlier))
+    vllm_serve.main([*common, "--layouts", "asyncep", "--out", str(tmp_path / "new.json"), "--tiny-record", str(out),
+                     "--merge"])
+    started = json.loads((tmp_path / "new.json").read_text())
+    assert started["tiny"] == earlier["tiny"] and started["tiny_from"] == str(out)
+    assert started["summary"]["min_cosine_vs_fp32_asyncep"] == 0.97
+    assert [run["layout"] for run in started["runs"]] == ["asyncep"] and started["runs"][0]["window"] == vllm_serve.WINDOW
+
+
+def test_logged_throughput_keeps_the_servers_own_rates_that_lie_inside_the_window(tmp_path, capsys):
+    import logged_throughput
+
+    answer = '(APIServer pid=7) INFO:     127.0.0.1:5 - "POST /v1/embeddings HTTP/1.1" 200 OK'
+
+    def rate(clock, tokens_per_s):
+        return (f"(APIServer pid=7) INFO 12-07 08:54:{clock} [loggers.py:310] Engine 000: Avg prompt throughput: "
+                f"{tokens_per_s} tokens/s, Avg generation throughput: 0.0 tokens/s, Running: 0 reqs")
+
+    # 4 warm-up answers, then a window of 20: of the intervals holding answers 4-6, 7-16 and
+    # 17-28, only the second lies inside it.
+    lines = [answer] * 3 + [rate("13", 30000.0)] + [answer] * 3 + [rate("23", 50000.0)] + [answer] * 10
+    lines += [rate("33", 100000.0)] + [answer] * 12 + [rate("43", 60000.0)]
+    results = tmp_path / "vllm_fp8-h100x1.json"
+    run = {"model": "qwen3-30b-a3b-fp8:48", "layout": "asyncep", "max_num_batched_tokens": 32768, "gpus": 1,
+           "measurements": [{"warmup": {"requests": 4},
+                             "closed_loop": {"requests": 20, "input_tokens_per_s_per_gpu": 80000.0}}]}
+    results.write_text(json.dumps({"runs": [run, run | {"layout": "stock", "gpus": 2}]}))
+    logs = tmp_path / "vllm_fp8-h100x1-logs"
+    logs.mkdir()
+    (logs / "qwen3-30b-a3b-fp8_48-asyncep-32768.log").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "logged.json"
+    assert logged_throughput.main([str(results), "--out", str(out)]) == 0
+    row, = json.loads(out.read_text())["rows"]  # the two-GPU run has no log and is not read
+    assert row["logged_inside_window_tokens_per_s"] == 100000 and row["measured_vs_logged"] == 0.8
+    assert row["window"] == "on an idle server" and len(row["logged"]) == 4
+    assert "100,000" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        logged_throughput.main([str(tmp_path / "missing.json")])
 
 
 def test_best_stock_layout_is_the_fastest_one_gpu_stock_run_without_failures():
