@@ -134,29 +134,38 @@ def parse_metrics(text: str) -> dict[str, dict[str, float]]:
 
 
 class EngineMetrics:
-    """What vLLM's engines did in a timed window, from the server's ``/metrics``: read at
-    :meth:`start` and :meth:`stop`, and the queue every ``interval_s`` between them.
+    """What vLLM's engines did in and before a timed window, from the server's ``/metrics``:
+    read when the load starts (:meth:`start`), when the window opens (:meth:`open`) and closes
+    (:meth:`stop`), and every ``interval_s`` between.
 
     :meth:`summary`: the engines, the engine steps reported in the window and the tokens they
     computed (``steps``, ``tokens_per_step``), the window's time per step on each engine
     (``step_ms``: a closed loop that keeps every engine busy is its step time), and the requests
-    waiting after each step (summed over the engines; mean and fewest). Against a
-    profile's GPU time per step, ``step_ms`` says how much of a served step is spent off the GPU;
-    ``waiting_requests_min`` 0 says the load generator let the queue run dry. Never stops a
-    benchmark: where the server has no such metrics, ``{"unavailable": reason}``.
+    waiting after each step, read inside the window (summed over the engines; mean and fewest).
+    Against a profile's GPU time per step, ``step_ms`` says how much of a served step is spent
+    off the GPU; ``waiting_requests_min`` 0 says the load generator let the queue run dry.
+    ``timeline``: per reading after the first, ``[seconds from the window's opening (negative
+    in the lead-in), steps and tokens reported since the reading before, requests waiting]``:
+    whether the engines ran full steps, small ones or none while the load ramped up. Never
+    stops a benchmark: where the server has no such metrics, ``{"unavailable": reason}``.
     """
 
     def __init__(self, session, url: str, interval_s: float = 0.5) -> None:
         self.session, self.url, self.interval_s = session, url, interval_s
-        self.first: dict[str, dict[str, float]] | None = None
-        self.last: dict[str, dict[str, float]] | None = None
-        self.waiting: list[float] = []  # requests waiting, over the engines, one per reading
+        self.readings: list[tuple[float, dict[str, dict[str, float]]]] = []  # (when it was asked for, values)
+        self.opened = self.closed = -1  # the window's first and last reading, by index
         self.error = ""
         self._sampler: asyncio.Task | None = None
+        self._one_at_a_time = asyncio.Lock()  # readings in the order they were asked for
 
     async def _read(self) -> dict[str, dict[str, float]] | None:
+        async with self._one_at_a_time:
+            return await self._read_now()
+
+    async def _read_now(self) -> dict[str, dict[str, float]] | None:
         import aiohttp
 
+        asked = time.monotonic()
         try:
             async with self.session.get(self.url + "/metrics", timeout=aiohttp.ClientTimeout(total=5)) as response:
                 if response.status != 200:
@@ -170,40 +179,54 @@ class EngineMetrics:
         if missing:
             self.error = f"/metrics has no {' or '.join(missing)}"
             return None
+        self.readings.append((asked, values))
         return values
 
     async def _sample(self) -> None:
-        """The queue, read inside the window only: at its start a closed loop's clients have not sent yet."""
         while True:
             await asyncio.sleep(self.interval_s)
-            values = await self._read()
-            if values is not None and WAITING in values:
-                self.waiting.append(sum(values[WAITING].values()))
+            await self._read()
 
     async def start(self) -> None:
-        self.first = await self._read()
-        if self.first is not None:
+        if await self._read() is not None:
             self._sampler = asyncio.ensure_future(self._sample())
+
+    async def open(self) -> None:
+        if await self._read() is not None:
+            self.opened = len(self.readings) - 1
 
     async def stop(self) -> None:
         if self._sampler is not None:
             self._sampler.cancel()
             await asyncio.gather(self._sampler, return_exceptions=True)
-            self.last = await self._read()
+        if await self._read() is not None:
+            self.closed = len(self.readings) - 1
 
     def summary(self, window_s: float) -> dict:
-        if self.first is None or self.last is None:
+        if self.opened < 0 or self.closed < 0:
             return {"unavailable": self.error or "not read"}
-        engines = sorted(self.last[STEP_COUNT])
-        steps = sum(self.last[STEP_COUNT][e] - self.first[STEP_COUNT].get(e, 0.0) for e in engines)
-        tokens = sum(self.last[STEP_TOKENS].get(e, 0.0) - self.first[STEP_TOKENS].get(e, 0.0) for e in engines)
+        first, last = self.readings[self.opened][1], self.readings[self.closed][1]
+        engines = sorted(last[STEP_COUNT])
+
+        def total(values: dict[str, dict[str, float]], name: str) -> float:
+            return sum(values.get(name, {}).values())
+
+        steps = total(last, STEP_COUNT) - total(first, STEP_COUNT)
+        tokens = total(last, STEP_TOKENS) - total(first, STEP_TOKENS)
+        waiting = [total(values, WAITING) for _, values in self.readings[self.opened + 1:self.closed]
+                   if WAITING in values]
+        opened_at = self.readings[self.opened][0]
+        timeline = [[round(at - opened_at, 2), int(total(values, STEP_COUNT) - total(before, STEP_COUNT)),
+                     int(total(values, STEP_TOKENS) - total(before, STEP_TOKENS)), total(values, WAITING)]
+                    for (_, before), (at, values) in zip(self.readings, self.readings[1:])]
         return {
             "engines": len(engines), "steps": int(steps),
             "tokens_per_step": round(tokens / steps, 1) if steps else None,
             "step_ms": round(window_s * len(engines) / steps * 1e3, 2) if steps else None,
-            "waiting_requests_mean": round(sum(self.waiting) / len(self.waiting), 1) if self.waiting else None,
-            "waiting_requests_min": min(self.waiting) if self.waiting else None,
-            "queue_readings": len(self.waiting),
+            "waiting_requests_mean": round(sum(waiting) / len(waiting), 1) if waiting else None,
+            "waiting_requests_min": min(waiting) if waiting else None,
+            "queue_readings": len(waiting),
+            "timeline": timeline,
         }
 
 
@@ -257,6 +280,8 @@ async def _drive(url: str, model: str, context: int, *, concurrency: int | None,
             sent.append(record)
             await _post(session, url, _body(model, context, rng), record)
 
+        if engine is not None:
+            await engine.start()
         start = time.monotonic() + lead_s
         stop_at = start + duration_s
         if concurrency is not None:
@@ -268,7 +293,7 @@ async def _drive(url: str, model: str, context: int, *, concurrency: int | None,
             on_open()
         with telemetry or contextlib.nullcontext():
             if engine is not None:
-                await engine.start()
+                await engine.open()
             await asyncio.sleep(max(0.0, stop_at - time.monotonic()))  # the requests go on meanwhile
             if engine is not None:
                 await engine.stop()

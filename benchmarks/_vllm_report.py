@@ -289,7 +289,8 @@ METHOD = {
     "engine_metrics": "per timed window, from vLLM's /metrics read at its start and end (the queue every 0.5 s): "
                       "engine steps reported, tokens per step, step_ms (window x engines / steps: in a closed loop "
                       "that keeps the engines busy, the served time per step, to set against a profile's GPU time "
-                      "per step), requests waiting after a step, summed over the engines (mean, fewest); "
+                      "per step), requests waiting after a step, summed over the engines (mean, fewest); timeline: "
+                      "every 0.5 s from the load's start, [s from the window's opening, steps, tokens, waiting]; "
                       "{unavailable: reason} where the server has no such metrics",
     "step_budget": "step_budget_policy per run: stock fills --max-num-batched-tokens; token_budget_steps layouts set "
                    f"AsyncEP's FLOPs budget to {UNREACHABLE_FLOPS_BUDGET:.0e} (never reached), so the token budget "

@@ -60,7 +60,8 @@ What each number counts (also written to the JSON, ``method``):
   vLLM's own ``/metrics`` read at the window's start and end: the engine steps in the window,
   the tokens per step, the window's time per step on each engine (``step_ms``), and the queue
   (requests waiting, read every 0.5 s). Set against the profile's GPU time per
-  step, ``step_ms`` says how much of a served step the GPU did not account for.
+  step, ``step_ms`` says how much of a served step the GPU did not account for. Its
+  ``timeline`` holds every reading from the load's start, lead-in included.
 - Step budget: stock vLLM fills each step to ``--max-num-batched-tokens``. AsyncEP runs under
   the plugin's prefill-only scheduler, whose default step budget is the planner's saturation
   budget in FLOPs (logged; recorded as ``step_budget``). Layouts with ``token_budget_steps``
@@ -208,6 +209,13 @@ def _point_line(point: dict) -> str:
             f"failed {point['failed']}")
 
 
+def _answers_line(point: dict) -> str:
+    """The answers per second of a window's lead-in and of the window: a steady load keeps them level."""
+    lead = point.get("lead", {}).get("answers_by_second")
+    return ("answers per second: " + (f"lead-in {' '.join(map(str, lead))} | " if lead else "")
+            + f"window {' '.join(map(str, point['answers_by_second']))}")
+
+
 def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, work: Path, log,
                runs: list[dict], gpu_names: list[str], peaks: dict[str, tuple[float, str]]) -> dict:
     directory = model_dir(work, model)
@@ -272,6 +280,7 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
                          "open_loop": []}
                 log(f"  {name} ctx {context}: warm-up {warmup['requests']} requests, then {args.warmup_s:g} s of "
                     f"the closed loop ({len(jit.warmup)} JIT events); closed loop {_point_line(closed)}")
+                log(f"    {_answers_line(closed)}")
                 log(f"    {telemetry_line(closed['gpu_telemetry'])}")
                 log(f"    {engine_line(closed['engine_metrics'])}")
                 own_peak = closed["requests_per_s"] if layout.name == args.reference_layout else None
@@ -280,6 +289,7 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
                                                seed=3, **timed))
                     entry["open_loop"].append({"offered_requests_per_s": rate} | point)
                     log(f"    open loop {rate} req/s: {_point_line(point)}")
+                    log(f"      {_answers_line(point)}")
                     log(f"      {telemetry_line(point['gpu_telemetry'])}")
                     log(f"      {engine_line(point['engine_metrics'])}")
                 entry["jit_events"] = {"warmup": jit.warmup, "measured": jit.measured}

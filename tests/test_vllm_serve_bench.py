@@ -238,7 +238,7 @@ def test_a_window_opened_after_a_lead_in_measures_the_steady_rate(fake_servers, 
     try:
         cold = _drive(server, concurrency=4, duration_s=2.0)
         time.sleep(0.2)  # idle again
-        warm = _drive(server, concurrency=4, duration_s=2.0, lead_s=2.0,
+        warm = _drive(server, concurrency=4, duration_s=2.0, lead_s=2.0, engine_metrics=True,
                       on_open=lambda: hooks.append("open"), on_close=lambda: hooks.append("close"))
         opened = _drive(server, rate=40.0, lead_s=0.5)
     finally:
@@ -255,6 +255,11 @@ def test_a_window_opened_after_a_lead_in_measures_the_steady_rate(fake_servers, 
     assert lead["sent"] > 0 and 1 <= lead["answered_in_window"] <= 4 and lead["failed"] == 0
     assert warm["requests"] - lead["answered_in_window"] + warm["late"] + warm["unanswered"] == warm["sent"]
     assert hooks == ["open", "close"]
+    # The engine's side of it: no step in the stall at the lead-in's start, the window's steps
+    # the sum of its readings' since the window opened.
+    timeline = warm["engine_metrics"]["timeline"]
+    assert timeline[0][0] < -1.0 and timeline[0][1] == 0
+    assert sum(steps for at, steps, _, _ in timeline if at > 0) == warm["engine_metrics"]["steps"] > 0
     assert 5 <= opened["lead"]["sent"] <= 45 and 15 <= opened["sent"] <= 65  # Poisson at 40/s, 0.5 s then 1 s
 
 
@@ -673,6 +678,7 @@ def test_runs_every_layout_keeps_failures_and_compares_at_equal_offered_load(fak
     assert "stock-tp2" in printed and "did not start" in printed and "open loop" in printed
     assert "GPU0 SM 1980/1980 MHz, 500/700 W; GPU1 SM 1755/1980 MHz, 699/700 W, sw_power_cap 100%" in printed
     assert "engine: " in printed and " steps of 64 tokens, one per " in printed
+    assert "answers per second: lead-in " in printed and " | window " in printed
     assert out.with_suffix(".png").stat().st_size > 0
 
 
