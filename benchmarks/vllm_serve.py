@@ -70,7 +70,8 @@ What each number counts (also written to the JSON, ``method``):
 
 Requests carry fresh random token ids (no prefix-cache hits) and ask for base64 embeddings
 (so the client parses little). With ``--profile-context C`` each server is also profiled at
-that context: vLLM's torch profiler over a few engine steps of closed-loop load, broken down
+that context: vLLM's torch profiler over a few engine steps of closed-loop load (started after
+the load's ``--warmup-s`` lead-in, as a timed window opens), broken down
 by ``trace_breakdown.py`` into GPU time per kernel category and exposed communication
 (``profile`` in each run).
 
@@ -169,11 +170,15 @@ def profiler_config(trace_dir: Path) -> dict:
 
 
 def profile_server(server, model: str, context: int, clients: int, args, trace_dir: Path, log, gpus: int) -> dict:
-    """Profile a few steps under closed-loop load; the traces' breakdown (traces then deleted)."""
-    try:
+    """Profile a few steps under closed-loop load, started once the load has run its lead-in
+    (``--warmup-s``), as a timed window is; the traces' breakdown (traces then deleted)."""
+
+    def start_profile() -> None:
         httpx.post(server.url + "/start_profile", timeout=120).raise_for_status()
+
+    try:
         asyncio.run(_drive(server.url, model, context, concurrency=clients, rate=None, duration_s=args.profile_s,
-                           drain_s=args.drain_s, seed=4, gpus=gpus))
+                           drain_s=args.drain_s, seed=4, gpus=gpus, lead_s=args.warmup_s, on_open=start_profile))
         httpx.post(server.url + "/stop_profile", timeout=600).raise_for_status()
     except httpx.HTTPError as exc:
         return {"context": context, "error": f"{type(exc).__name__}: {exc}"}

@@ -727,8 +727,16 @@ def test_merge_keeps_earlier_runs_and_reuses_the_reference_rate(fake_servers, tm
     assert rates[0] == rates[1]
 
 
-def test_profile_runs_vllms_profiler_and_keeps_the_breakdown_not_the_traces(fake_servers, tmp_path):
+def test_profile_runs_vllms_profiler_and_keeps_the_breakdown_not_the_traces(fake_servers, tmp_path, monkeypatch):
     out = tmp_path / "serve.json"
+    drives: list[dict] = []
+    drive = vllm_serve._drive
+
+    async def recorded(*args, **kwargs):
+        drives.append(kwargs)
+        return await drive(*args, **kwargs)
+
+    monkeypatch.setattr(vllm_serve, "_drive", recorded)
     vllm_serve.main(["--models", "qwen3-30b-a3b:2", "--layouts", "stock-dp2-ep", "--batched-tokens", "4096", "--concurrency", "8",
                      "--contexts", "64", "--duration-s", "0.3", "--warmup-s", "0.1", "--open-loop-fractions",
                      "--profile-context", "64", "--profile-s", "0.3", "--out", str(out)])
@@ -741,6 +749,10 @@ def test_profile_runs_vllms_profiler_and_keeps_the_breakdown_not_the_traces(fake
     assert trace["exposed_communication_s"] == pytest.approx(1e-4)
     assert trace["exposed_communication_fraction"] == pytest.approx(0.4)
     assert not list(Path(config["torch_profiler_dir"]).rglob("*.gz"))  # raw traces deleted
+    # The profiler starts when the window would open: after the load's lead-in, on a loaded server.
+    profiled = drives[-1]
+    assert profiled["duration_s"] == 0.3 and profiled["lead_s"] == 0.1
+    assert profiled["on_open"].__name__ == "start_profile"
 
 
 def test_profile_context_must_be_measured():
