@@ -8,7 +8,8 @@
   its steps, the tokens they computed, the queue behind them);
 - the warm-up before each context's measurements (:func:`warm_up`);
 - the server log: the lines a run added (:class:`LogCursor`), kernel JIT events
-  (:func:`jit_events`; :class:`JitEvents` tells those inside timed windows apart) and memory facts (:func:`server_memory`), in vLLM 0.26 to 0.34's words.
+  (:func:`jit_events`; :class:`JitEvents` tells those inside timed windows apart) and memory
+  facts (:func:`server_memory`), in vLLM 0.26 to 0.34's words.
 """
 
 from __future__ import annotations
