@@ -365,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="also compare with these results files' runs (same GPU and vLLM only)")
     parser.add_argument("--replot", action="store_true", help="only redraw the table and plot of --out")
     args = parser.parse_args(argv)
+    for flag in ("duration_s", "warmup_s", "drain_s", "profile_s"):
+        if getattr(args, flag) < 0 or (flag == "duration_s" and args.duration_s == 0):
+            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag):g}: seconds, "
+                         f"{'more than' if flag == 'duration_s' else 'at least'} 0")
     if args.profile_context is not None and args.profile_context not in args.contexts:
         parser.error(f"--profile-context {args.profile_context} is not one of --contexts {args.contexts}")
 

@@ -755,6 +755,13 @@ def test_profile_runs_vllms_profiler_and_keeps_the_breakdown_not_the_traces(fake
     assert profiled["on_open"].__name__ == "start_profile"
 
 
+@pytest.mark.parametrize("flag,value", [("--duration-s", "0"), ("--warmup-s", "-1"), ("--drain-s", "-0.5")])
+def test_window_lengths_are_checked_before_any_server_starts(fake_servers, flag, value, capsys):
+    with pytest.raises(SystemExit):
+        vllm_serve.main(["--models", "qwen3-30b-a3b:2", "--layouts", "stock", flag, value])
+    assert f"{flag} {float(value):g}: seconds" in capsys.readouterr().err and not fake_servers
+
+
 def test_profile_context_must_be_measured():
     with pytest.raises(SystemExit):
         vllm_serve.main(["--contexts", "512", "--profile-context", "4096"])
