@@ -140,7 +140,8 @@ class EngineMetrics:
     (:meth:`stop`), and every ``interval_s`` between.
 
     :meth:`summary`: the engines, the engine steps reported in the window and the tokens they
-    computed (``steps``, ``tokens_per_step``), the window's time per step on each engine
+    computed (``steps``, ``tokens_per_step``; ``tokens_per_s`` over all engines, the engine's own
+    count beside the window's answers), the window's time per step on each engine
     (``step_ms``: a closed loop that keeps every engine busy is its step time), and the requests
     waiting after each step, read inside the window (summed over the engines; mean and fewest).
     Against a profile's GPU time per step, ``step_ms`` says how much of a served step is spent
@@ -223,6 +224,7 @@ class EngineMetrics:
         return {
             "engines": len(engines), "steps": int(steps),
             "tokens_per_step": round(tokens / steps, 1) if steps else None,
+            "tokens_per_s": round(tokens / window_s),
             "step_ms": round(window_s * len(engines) / steps * 1e3, 2) if steps else None,
             "waiting_requests_mean": round(sum(waiting) / len(waiting), 1) if waiting else None,
             "waiting_requests_min": min(waiting) if waiting else None,
@@ -239,8 +241,8 @@ def engine_line(summary: dict) -> str:
         return "engine: no step reported in the window"
     queue = (f"; waiting {summary['waiting_requests_mean']:g} on average (fewest {summary['waiting_requests_min']:g})"
              if summary["queue_readings"] else "")
-    return (f"engine: {summary['steps']} steps of {summary['tokens_per_step']:,.0f} tokens, "
-            f"one per {summary['step_ms']:.0f} ms per engine{queue}")
+    return (f"engine: {summary['steps']} steps of {summary['tokens_per_step']:,.0f} tokens "
+            f"({summary['tokens_per_s']:,} tokens/s), one per {summary['step_ms']:.0f} ms per engine{queue}")
 
 
 def _body(model: str, length: int, rng: random.Random) -> dict:

@@ -287,7 +287,7 @@ METHOD = {
                      "max against power_limit_w, temperature max, utilization mean, clock_event_reasons (fraction of "
                      "samples each was active); {unavailable: reason} without nvidia-smi",
     "engine_metrics": "per timed window, from vLLM's /metrics read at its start and end (the queue every 0.5 s): "
-                      "engine steps reported, tokens per step, step_ms (window x engines / steps: in a closed loop "
+                      "engine steps reported, tokens per step, tokens_per_s (all engines), step_ms (window x engines / steps: in a closed loop "
                       "that keeps the engines busy, the served time per step, to set against a profile's GPU time "
                       "per step), requests waiting after a step, summed over the engines (mean, fewest); timeline: "
                       "every 0.5 s from the load's start, [s from the window's opening, steps, tokens, waiting]; "

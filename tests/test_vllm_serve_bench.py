@@ -277,6 +277,8 @@ def test_engine_metrics_count_the_windows_steps_and_queue_or_say_why_not(fake_se
     # Every answer is one fake step of 64 tokens; the window's answers, give or take the clients'
     # requests in flight at its two ends.
     assert engine["engines"] == 1 and engine["tokens_per_step"] == 64.0
+    # The engine's own count of tokens per second: the window's answers, give or take those in flight at its ends.
+    assert engine["tokens_per_s"] == pytest.approx(closed["input_tokens_per_s_per_gpu"] * 2, abs=8 * 64 / closed["window_s"])
     assert abs(engine["steps"] - closed["requests"]) <= 8
     assert engine["step_ms"] == pytest.approx(closed["window_s"] * 1e3 / engine["steps"], rel=0.01)
     assert engine["queue_readings"] >= 1 and engine["waiting_requests_min"] <= engine["waiting_requests_mean"] <= 4
@@ -301,9 +303,11 @@ vllm:num_requests_running{engine="0",model_name="/m"} 7.0
     values = _vllm_load.parse_metrics(text)
     assert values == {_vllm_load.STEP_COUNT: {"0": 120.0, "1": 118.0}, _vllm_load.STEP_TOKENS: {"0": 3932160.0},
                       _vllm_load.WAITING: {"0": 40.0, "1": 38.0}}
-    line = _vllm_load.engine_line({"engines": 1, "steps": 37, "tokens_per_step": 32768.0, "step_ms": 403.2,
-                                   "waiting_requests_mean": 75.5, "waiting_requests_min": 64.0, "queue_readings": 30})
-    assert line == "engine: 37 steps of 32,768 tokens, one per 403 ms per engine; waiting 75.5 on average (fewest 64)"
+    line = _vllm_load.engine_line({"engines": 1, "steps": 37, "tokens_per_step": 32768.0, "tokens_per_s": 81267,
+                                   "step_ms": 403.2, "waiting_requests_mean": 75.5, "waiting_requests_min": 64.0,
+                                   "queue_readings": 30})
+    assert line == ("engine: 37 steps of 32,768 tokens (81,267 tokens/s), one per 403 ms per engine; "
+                    "waiting 75.5 on average (fewest 64)")
 
 
 def test_answers_after_the_window_are_late_and_cut_off_ones_make_p99_a_lower_bound(fake_servers, tmp_path):
@@ -677,7 +681,7 @@ def test_runs_every_layout_keeps_failures_and_compares_at_equal_offered_load(fak
     printed = capsys.readouterr().out
     assert "stock-tp2" in printed and "did not start" in printed and "open loop" in printed
     assert "GPU0 SM 1980/1980 MHz, 500/700 W; GPU1 SM 1755/1980 MHz, 699/700 W, sw_power_cap 100%" in printed
-    assert "engine: " in printed and " steps of 64 tokens, one per " in printed
+    assert "engine: " in printed and " steps of 64 tokens (" in printed and " tokens/s), one per " in printed
     assert "answers per second: lead-in " in printed and " | window " in printed
     assert out.with_suffix(".png").stat().st_size > 0
 
