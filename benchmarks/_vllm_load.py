@@ -146,10 +146,12 @@ class EngineMetrics:
     waiting after each step, read inside the window (summed over the engines; mean and fewest).
     Against a profile's GPU time per step, ``step_ms`` says how much of a served step is spent
     off the GPU; ``waiting_requests_min`` 0 says the load generator let the queue run dry.
-    ``timeline``: per reading after the first, ``[seconds from the window's opening (negative
-    in the lead-in), steps and tokens reported since the reading before, requests waiting]``:
-    whether the engines ran full steps, small ones or none while the load ramped up. Never
-    stops a benchmark: where the server has no such metrics, ``{"unavailable": reason}``.
+    Rates are over the time between the readings that open and close the window.
+    ``timeline``: per reading after the first, ``[seconds from the reading that opened the
+    window (0 for it, negative in the lead-in), steps and tokens reported since the reading
+    before, requests waiting (None where not reported)]``: whether the engines ran full steps,
+    small ones or none while the load ramped up. Never stops a benchmark: where the server has
+    no such metrics, ``{"unavailable": reason}``.
     """
 
     def __init__(self, session, url: str, interval_s: float = 0.5) -> None:
@@ -198,34 +200,35 @@ class EngineMetrics:
             self.opened = len(self.readings) - 1
 
     async def stop(self) -> None:
-        if self._sampler is not None:
-            self._sampler.cancel()
-            await asyncio.gather(self._sampler, return_exceptions=True)
+        if self._sampler is None or self._sampler.done():
+            return
+        self._sampler.cancel()
+        await asyncio.gather(self._sampler, return_exceptions=True)
         if await self._read() is not None:
             self.closed = len(self.readings) - 1
 
-    def summary(self, window_s: float) -> dict:
+    def summary(self) -> dict:
         if self.opened < 0 or self.closed < 0:
             return {"unavailable": self.error or "not read"}
-        first, last = self.readings[self.opened][1], self.readings[self.closed][1]
+        (opened_at, first), (closed_at, last) = self.readings[self.opened], self.readings[self.closed]
+        span_s = closed_at - opened_at
         engines = sorted(last[STEP_COUNT])
 
-        def total(values: dict[str, dict[str, float]], name: str) -> float:
-            return sum(values.get(name, {}).values())
+        def total(values: dict[str, dict[str, float]], name: str) -> float | None:
+            return sum(values[name].values()) if name in values else None
 
         steps = total(last, STEP_COUNT) - total(first, STEP_COUNT)
         tokens = total(last, STEP_TOKENS) - total(first, STEP_TOKENS)
         waiting = [total(values, WAITING) for _, values in self.readings[self.opened + 1:self.closed]
                    if WAITING in values]
-        opened_at = self.readings[self.opened][0]
-        timeline = [[round(at - opened_at, 2), int(total(values, STEP_COUNT) - total(before, STEP_COUNT)),
+        timeline = [[round(at - opened_at, 3), int(total(values, STEP_COUNT) - total(before, STEP_COUNT)),
                      int(total(values, STEP_TOKENS) - total(before, STEP_TOKENS)), total(values, WAITING)]
                     for (_, before), (at, values) in zip(self.readings, self.readings[1:])]
         return {
             "engines": len(engines), "steps": int(steps),
             "tokens_per_step": round(tokens / steps, 1) if steps else None,
-            "tokens_per_s": round(tokens / window_s),
-            "step_ms": round(window_s * len(engines) / steps * 1e3, 2) if steps else None,
+            "tokens_per_s": round(tokens / span_s) if span_s > 0 else None,
+            "step_ms": round(span_s * len(engines) / steps * 1e3, 2) if steps else None,
             "waiting_requests_mean": round(sum(waiting) / len(waiting), 1) if waiting else None,
             "waiting_requests_min": min(waiting) if waiting else None,
             "queue_readings": len(waiting),
@@ -267,11 +270,11 @@ async def _drive(url: str, model: str, context: int, *, concurrency: int | None,
                  on_open: Callable[[], None] | None = None, on_close: Callable[[], None] | None = None,
                  gpu_telemetry: bool = False, engine_metrics: bool = False) -> dict:
     """Closed loop (``concurrency`` clients) or open loop (Poisson at ``rate``): the load runs
-    ``lead_s``, then a window of ``duration_s`` opens on it (``on_open`` called then, ``on_close``
-    when it ends); then up to ``drain_s`` for the late answers; what is still unanswered then is
-    cancelled. ``gpu_telemetry``: the point also says what the GPUs did in the window,
-    ``engine_metrics`` what the engine did (:class:`EngineMetrics`), lead-in and drain left out
-    of both."""
+    ``lead_s``, then a window of ``duration_s`` opens on it (``on_open`` called then, in a thread
+    while the load goes on; ``on_close`` when it ends); then up to ``drain_s`` for the late
+    answers; what is still unanswered then is cancelled. ``gpu_telemetry``: the point also says
+    what the GPUs did in the window; ``engine_metrics``, what the engine did in it, with a
+    timeline from the load's start (:class:`EngineMetrics`)."""
     rng = random.Random(seed)
     sent: list[Sent] = []
     telemetry = GpuTelemetry() if gpu_telemetry else None
@@ -291,19 +294,28 @@ async def _drive(url: str, model: str, context: int, *, concurrency: int | None,
             arrivals, tasks = None, closed_loop_clients(concurrency, stop_at, one)
         else:
             arrivals, tasks = open_loop_arrivals(rate, start - lead_s, stop_at, one, rng)
-        await asyncio.sleep(max(0.0, start - time.monotonic()))  # the lead-in
-        if on_open is not None:
-            on_open()
-        with telemetry or contextlib.nullcontext():
-            if engine is not None:
-                await engine.open()
-            await asyncio.sleep(max(0.0, stop_at - time.monotonic()))  # the requests go on meanwhile
+        try:
+            await asyncio.sleep(max(0.0, start - time.monotonic()))  # the lead-in
+            if on_open is not None:
+                await asyncio.to_thread(on_open)
+            with telemetry or contextlib.nullcontext():
+                if engine is not None:
+                    await engine.open()
+                await asyncio.sleep(max(0.0, stop_at - time.monotonic()))  # the requests go on meanwhile
+                if engine is not None:
+                    await engine.stop()
+            if on_close is not None:
+                await asyncio.to_thread(on_close)
+            if arrivals is not None:
+                await arrivals
+        except BaseException:  # nothing of this load outlives it
             if engine is not None:
                 await engine.stop()
-        if on_close is not None:
-            on_close()
-        if arrivals is not None:
-            await arrivals
+            unfinished = [*tasks, *([arrivals] if arrivals is not None else [])]
+            for task in unfinished:
+                task.cancel()
+            await asyncio.gather(*unfinished, return_exceptions=True)
+            raise
         pending: set = set()
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=max(0.0, stop_at + drain_s - time.monotonic()))
@@ -313,7 +325,7 @@ async def _drive(url: str, model: str, context: int, *, concurrency: int | None,
         await asyncio.gather(*pending, return_exceptions=True)
     point = window_point(sent, context, start=start, stop_at=stop_at, cut_at=cut_at, gpus=gpus, lead_s=lead_s)
     if engine is not None:
-        point["engine_metrics"] = engine.summary(stop_at - start)
+        point["engine_metrics"] = engine.summary()
     return point | {"gpu_telemetry": telemetry.summary} if telemetry else point
 
 

@@ -254,9 +254,9 @@ def plot(runs: list[dict], path: Path) -> None:
 
 
 #: How this script's timed windows open (``window`` in every run): on a server already under the
-#: window's load, for ``--warmup-s``. Runs without the key opened theirs on an idle server, which
-#: cost a closed loop up to a fifth of its throughput on one H100 (docs/gpu.md); the two are
-#: never merged or compared.
+#: window's load, for ``--warmup-s``; with ``--warmup-s 0``, and in runs without the key, on an
+#: idle server, which cost a closed loop up to a fifth of its throughput on one H100
+#: (docs/gpu.md). The two are never merged or compared.
 WINDOW = "after a lead-in of the same load"
 IDLE_START = "on an idle server"
 
@@ -264,6 +264,11 @@ IDLE_START = "on an idle server"
 def window_of(run: dict) -> str:
     """How a run's timed windows opened (:data:`WINDOW`, or :data:`IDLE_START` for runs before it)."""
     return run.get("window", IDLE_START)
+
+
+def windows_opened(lead_s: float) -> str:
+    """How windows with a lead-in of ``lead_s`` open: none is an idle start."""
+    return WINDOW if lead_s > 0 else IDLE_START
 
 
 METHOD = {
@@ -282,7 +287,7 @@ METHOD = {
            "checkpoint's format (peak_tflops, peak_source per run)",
     "memory": "kv_cache_tokens per engine and kv_cache_gib / weights_gib per worker from the server log; "
               "gpu_memory_peak_mib from nvidia-smi, start-up to end",
-    "gpu_telemetry": "per timed window (closed loop, each open-loop point; not the warm-up or the drain), per GPU "
+    "gpu_telemetry": "per timed window (closed loop, each open-loop point; not the warm-up, lead-in or drain), per GPU "
                      "index: nvidia-smi every 0.5 s: SM clock median / min against max_sm_clock_mhz, power mean / "
                      "max against power_limit_w, temperature max, utilization mean, clock_event_reasons (fraction of "
                      "samples each was active); {unavailable: reason} without nvidia-smi",
@@ -309,9 +314,9 @@ def tiny_record(data: dict, source: str) -> dict:
             "summary": {k: v for k, v in data.get("summary", {}).items() if k not in made_from_runs}}
 
 
-def import_runs(paths: list[Path], runs: list[dict], gpu: str | None, vllm_version: str) -> list[dict]:
-    """Add the runs of other results files measured on this GPU with this vLLM (marked
-    ``imported_from``); what was imported or skipped, and why."""
+def import_runs(paths: list[Path], runs: list[dict], gpu: str | None, vllm_version: str, window: str) -> list[dict]:
+    """Add the runs of other results files measured on this GPU with this vLLM, their windows
+    opened as ``window`` says (marked ``imported_from``); what was imported or skipped, and why."""
     record = []
     for path in paths:
         if not path.exists():
@@ -323,9 +328,9 @@ def import_runs(paths: list[Path], runs: list[dict], gpu: str | None, vllm_versi
             record.append({"file": str(path), "skipped": f"measured on {theirs[0]} with vLLM {theirs[1]}, "
                                                          f"this run is {gpu} with vLLM {vllm_version}"})
             continue
-        other = sorted({window_of(r) for r in data.get("runs", [])} - {WINDOW})
+        other = sorted({window_of(r) for r in data.get("runs", [])} - {window})
         if other:
-            record.append({"file": str(path), "skipped": f"its windows opened {other[0]}, this run's open {WINDOW}"})
+            record.append({"file": str(path), "skipped": f"its windows opened {other[0]}, this run's open {window}"})
             continue
         have = {(r["model"], r["layout"], r["max_num_batched_tokens"]) for r in runs}
         new = [r | {"imported_from": str(path)} for r in data.get("runs", [])

@@ -4,9 +4,11 @@ A vLLM server logs, every 10 s, the prompt tokens its engine scheduled ("Engine 
 throughput: N tokens/s, ...") and, per answered request, an access-log line. For every one-GPU
 run of a ``vllm_serve.py`` results file whose server log is kept beside it (``<out>-logs/``),
 this lists those 10-s rates and finds the ones that lie wholly inside the closed loop's timed
-window: counted in answers, an interval lies inside when the answers before it include all of
-the warm-up's (``warmup.requests``) and the answers up to its end are no more than the warm-up's
-plus the window's (``closed_loop.requests``). Their mean, the rate the engine sustained in the
+window: counted in answers (failures included), an interval lies inside when the answers
+before it include all that came before the window (the warm-up's, ``warmup.requests``, and
+where the run had one, its lead-in's, ``closed_loop.lead``) and the answers up to its end are
+no more than those plus the window's (``closed_loop.requests`` and ``failed``). Their mean,
+the rate the engine sustained in the
 window by its own count, is set beside the window's measured ``input_tokens_per_s_per_gpu``. A
 window that measured well under it lost time inside the window to something the engine's own
 rate does not show.
@@ -64,10 +66,11 @@ def compare(results: Path) -> list[dict]:
         if not log.exists() or not measurements or run.get("gpus") != 1:
             continue
         closed = measurements[0]["closed_loop"]
-        warmup = measurements[0]["warmup"]["requests"]
+        lead = closed.get("lead", {})
+        before = measurements[0]["warmup"]["requests"] + sum(lead.get("answers_by_second", [])) + lead.get("failed", 0)
         rates = logged_rates(log.read_text(errors="replace"))
-        inside = [r["prompt_tokens_per_s"] for r in rates
-                  if r["answered_before"] >= warmup and r["answered_by_end"] <= warmup + closed["requests"]]
+        inside = [r["prompt_tokens_per_s"] for r in rates if r["answered_before"] >= before
+                  and r["answered_by_end"] <= before + closed["requests"] + closed["failed"]]
         logged = sum(inside) / len(inside) if inside else None
         measured = closed["input_tokens_per_s_per_gpu"]
         rows.append({"file": str(results), "model": run["model"], "layout": run["layout"], "window": window_of(run),

@@ -131,8 +131,8 @@ from _vllm_layouts import (BUDGET_ENV, LAYOUTS, TRANSPORT_ENV, UNREACHABLE_FLOPS
                            ModelChoice, datasheet_peak, model_dir, model_spec, parse_model, peaks_for, visible_gpus)
 from _vllm_load import (JitEvents, LogCursor, _drive, engine_line, jit_events, percentile, server_memory, warm_up,  # noqa: E402, F401
                         warmup_concurrency, warmup_lengths)
-from _vllm_report import (METHOD, WINDOW, best_by_layout, import_runs, plot, print_table, summarize,  # noqa: E402
-                          tiny_record, window_of)
+from _vllm_report import (METHOD, WINDOW, best_by_layout, import_runs, plot, print_table, summarize,  # noqa: E402, F401
+                          tiny_record, window_of, windows_opened)
 from trace_breakdown import breakdown_dir  # noqa: E402
 from vllm_zeroprefill.server import ServerStartError, VllmServer  # noqa: E402
 from zeroprefill.common.cost_model import request_flops  # noqa: E402
@@ -245,7 +245,7 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
     result: dict = {"model": model.key, "layout": layout.name, "max_num_batched_tokens": batched_tokens,
                     "gpus": layout.gpus, "dtype": model.dtype, "peak_tflops": peak_tflops, "peak_source": peak_source,
                     "step_budget_policy": layout.step_budget_policy(batched_tokens),
-                    "server_args": server_args, "env": env, "window": WINDOW}
+                    "server_args": server_args, "env": env, "window": windows_opened(args.warmup_s)}
     refusal = layout.refuses(model.dtype)
     if refusal:
         log(f"  {name}: {refusal}")
@@ -297,6 +297,7 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
                     log(f"      {_answers_line(point)}")
                     log(f"      {telemetry_line(point['gpu_telemetry'])}")
                     log(f"      {engine_line(point['engine_metrics'])}")
+                jit.outside()  # the last window's drain
                 entry["jit_events"] = {"warmup": jit.warmup, "measured": jit.measured}
                 if entry["jit_events"]["measured"]:
                     log(f"    JIT during measurement: {entry['jit_events']['measured'][:3]}")
@@ -365,10 +366,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="also compare with these results files' runs (same GPU and vLLM only)")
     parser.add_argument("--replot", action="store_true", help="only redraw the table and plot of --out")
     args = parser.parse_args(argv)
-    for flag in ("duration_s", "warmup_s", "drain_s", "profile_s"):
-        if getattr(args, flag) < 0 or (flag == "duration_s" and args.duration_s == 0):
-            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag):g}: seconds, "
-                         f"{'more than' if flag == 'duration_s' else 'at least'} 0")
+    for flag, least in (("duration_s", "more than"), ("profile_s", "more than"), ("warmup_s", "at least"),
+                        ("drain_s", "at least")):
+        value = getattr(args, flag)
+        if value < 0 or (value == 0 and least == "more than"):
+            parser.error(f"--{flag.replace('_', '-')} {value:g}: seconds, {least} 0")
     if args.profile_context is not None and args.profile_context not in args.contexts:
         parser.error(f"--profile-context {args.profile_context} is not one of --contexts {args.contexts}")
 
@@ -403,14 +405,15 @@ def main(argv: list[str] | None = None) -> int:
         if earlier.get("runs") and earlier.get("gpu") not in (None, gpu_names[0]):
             parser.error(f"--merge: {args.out} holds runs measured on {earlier['gpu']}, this machine has "
                          f"{gpu_names[0]}: write to another --out")
-        other = sorted({window_of(r) for r in earlier.get("runs", [])} - {WINDOW})
+        other = sorted({window_of(r) for r in earlier.get("runs", [])} - {windows_opened(args.warmup_s)})
         if other:
             parser.error(f"--merge: {args.out} holds runs whose timed windows opened {other[0]}; this run's open "
-                         f"{WINDOW}, and the two are not compared: write to another --out")
+                         f"{windows_opened(args.warmup_s)}, and the two are not compared: write to another --out")
     runs: list[dict] = earlier.get("runs", [])
     commands = [*earlier.get("commands", []),
                 " ".join(["python", "benchmarks/vllm_serve.py", *(argv if argv is not None else sys.argv[1:])])]
-    imports = [*earlier.get("imports", []), *import_runs(args.import_runs, runs, gpu_names[0], vllm.__version__)]
+    window = windows_opened(args.warmup_s)
+    imports = [*earlier.get("imports", []), *import_runs(args.import_runs, runs, gpu_names[0], vllm.__version__, window)]
     started = time.monotonic()
 
     def log(message: str) -> None:

@@ -65,7 +65,7 @@ class FakeServer:
     first requests and stays full while clients keep sending (the requests in flight at the
     moment of a reading would depend on the machine's scheduling). A server forced onto DeepGEMM
     (``--moe-backend deep_gemm``) answers in half the time. ``stall_after_idle_s``: load that
-    arrives on an idle server (nothing in flight for 50 ms) waits that long before any answer,
+    arrives on an idle server (nothing in flight for 150 ms) waits that long before any answer,
     the transient a timed window's lead-in keeps out of it. Its log says what vLLM's would:
     a KV-cache capacity (AsyncEP's smaller), and a kernel JIT warning the first time a request
     length falls in a power-of-two size class it has not served.
@@ -119,7 +119,7 @@ class FakeServer:
 
     async def _embed(self, request: web.Request) -> web.Response:
         now = time.monotonic()
-        if self.in_flight == 0 and now - self.idle_since > 0.05:
+        if self.in_flight == 0 and now - self.idle_since > 0.15:
             self.stalled_until = now + self.stall_after_idle_s
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
@@ -237,7 +237,7 @@ def test_a_window_opened_after_a_lead_in_measures_the_steady_rate(fake_servers, 
     hooks: list[str] = []
     try:
         cold = _drive(server, concurrency=4, duration_s=2.0)
-        time.sleep(0.2)  # idle again
+        time.sleep(0.5)  # idle again
         warm = _drive(server, concurrency=4, duration_s=2.0, lead_s=2.0, engine_metrics=True,
                       on_open=lambda: hooks.append("open"), on_close=lambda: hooks.append("close"))
         opened = _drive(server, rate=40.0, lead_s=0.5)
@@ -559,6 +559,12 @@ def test_runs_whose_windows_opened_on_an_idle_server_are_neither_merged_nor_impo
     assert started["tiny"] == earlier["tiny"] and started["tiny_from"] == str(out)
     assert started["summary"]["min_cosine_vs_fp32_asyncep"] == 0.97
     assert [run["layout"] for run in started["runs"]] == ["asyncep"] and started["runs"][0]["window"] == vllm_serve.WINDOW
+    # Without a lead-in (--warmup-s 0) a run says its windows opened on an idle server, and
+    # merges into the file of such runs.
+    no_lead = [arg if arg != "0.1" else "0" for arg in common]
+    vllm_serve.main([*no_lead, "--layouts", "asyncep", "--out", str(out), "--merge"])
+    runs = json.loads(out.read_text())["runs"]
+    assert runs[-1]["window"] == "on an idle server" and {vllm_serve.window_of(run) for run in runs} == {runs[-1]["window"]}
 
 
 def test_logged_throughput_keeps_the_servers_own_rates_that_lie_inside_the_window(tmp_path, capsys):
@@ -578,14 +584,21 @@ def test_logged_throughput_keeps_the_servers_own_rates_that_lie_inside_the_windo
     run = {"model": "qwen3-30b-a3b-fp8:48", "layout": "asyncep", "max_num_batched_tokens": 32768, "gpus": 1,
            "measurements": [{"warmup": {"requests": 4},
                              "closed_loop": {"requests": 20, "input_tokens_per_s_per_gpu": 80000.0}}]}
-    results.write_text(json.dumps({"runs": [run, run | {"layout": "stock", "gpus": 2}]}))
+    # The same run with a lead-in of 3 answers before its window: then no interval lies inside.
+    led = run | {"layout": "asyncep-lead", "measurements": [{"warmup": {"requests": 4}, "closed_loop": {
+        "requests": 20, "failed": 0, "input_tokens_per_s_per_gpu": 80000.0,
+        "lead": {"answers_by_second": [1, 2], "failed": 0}}}]}
+    run["measurements"][0]["closed_loop"]["failed"] = 0
+    results.write_text(json.dumps({"runs": [run, run | {"layout": "stock", "gpus": 2}, led]}))
     logs = tmp_path / "vllm_fp8-h100x1-logs"
     logs.mkdir()
-    (logs / "qwen3-30b-a3b-fp8_48-asyncep-32768.log").write_text("\n".join(lines) + "\n")
+    for layout in ("asyncep", "asyncep-lead"):
+        (logs / f"qwen3-30b-a3b-fp8_48-{layout}-32768.log").write_text("\n".join(lines) + "\n")
     out = tmp_path / "logged.json"
     assert logged_throughput.main([str(results), "--out", str(out)]) == 0
-    row, = json.loads(out.read_text())["rows"]  # the two-GPU run has no log and is not read
+    row, led_row = json.loads(out.read_text())["rows"]  # the two-GPU run has no log and is not read
     assert row["logged_inside_window_tokens_per_s"] == 100000 and row["measured_vs_logged"] == 0.8
+    assert led_row["logged_inside_window_tokens_per_s"] is None
     assert row["window"] == "on an idle server" and len(row["logged"]) == 4
     assert "100,000" in capsys.readouterr().out
     with pytest.raises(SystemExit):
