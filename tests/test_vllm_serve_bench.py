@@ -12,8 +12,10 @@ the table and the plot are all exercised before any device time is spent on them
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import json
+import logging
 import sys
 import threading
 import time
@@ -261,6 +263,25 @@ def test_a_window_opened_after_a_lead_in_measures_the_steady_rate(fake_servers, 
     assert timeline[0][0] < -1.0 and timeline[0][1] == 0
     assert sum(steps for at, steps, _, _ in timeline if at > 0) == warm["engine_metrics"]["steps"] > 0
     assert 5 <= opened["lead"]["sent"] <= 45 and 15 <= opened["sent"] <= 65  # Poisson at 40/s, 0.5 s then 1 s
+
+
+def test_an_error_when_the_window_opens_ends_the_load_with_it(fake_servers, tmp_path, caplog):
+    server = FakeServer("m", [], tmp_path / "log").start()
+
+    def refuse() -> None:
+        raise RuntimeError("the profiler did not start")
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            with pytest.raises(RuntimeError, match="did not start"):
+                _drive(server, concurrency=4, duration_s=5.0, lead_s=0.3, on_open=refuse, engine_metrics=True)
+            gc.collect()  # a client task left to fail on the closed session says so when collected
+        received = server.requests
+        time.sleep(0.3)
+        assert server.requests == received  # no client left sending
+        assert not [record.getMessage() for record in caplog.records if record.name == "asyncio"]
+    finally:
+        server.stop()
 
 
 def test_engine_metrics_count_the_windows_steps_and_queue_or_say_why_not(fake_servers, tmp_path):
