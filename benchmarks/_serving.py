@@ -12,7 +12,8 @@
   numbers to put beside a throughput (the slowest GPU's clock, the least busy GPU's share);
 - the load generators' HTTP client: :func:`client_session`, :func:`closed_loop_clients`
   (clients that send their next request as soon as the last is answered) and
-  :func:`open_loop_arrivals` (requests at Poisson arrival times, answered or not);
+  :func:`open_loop_arrivals` (requests at Poisson arrival times, answered or not), and
+  :func:`per_second`, a window's answers per second;
 - :func:`write_json`: a results file rewritten whole after every measurement.
 
 Imported as a sibling module (``benchmarks/`` on ``sys.path``, as when a script there runs).
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
 import shutil
@@ -313,6 +315,17 @@ def open_loop_arrivals(rate: float, start: float, stop_at: float, one: Callable[
             next_at += rng.expovariate(rate)
 
     return asyncio.ensure_future(arrive()), requests
+
+
+def per_second(times: list[float], begin: float, end: float) -> list[int]:
+    """How many of ``times`` (``time.monotonic()``, none before ``begin``) fall in each whole
+    second from ``begin`` to ``end`` (the last second may be short; times past ``end`` count in
+    it): a window's answers per second, level where its load was steady."""
+    seconds = max(1, math.ceil(end - begin - 1e-9))
+    counts = [0] * seconds
+    for at in times:
+        counts[min(seconds - 1, int(at - begin))] += 1
+    return counts
 
 
 # -- results ----------------------------------------------------------------------------------

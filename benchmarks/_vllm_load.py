@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from _serving import GpuTelemetry, client_session, closed_loop_clients, open_loop_arrivals
+from _serving import GpuTelemetry, client_session, closed_loop_clients, open_loop_arrivals, per_second
 
 # What the server log says, in the wording of vLLM 0.26 to 0.34 (0.32+ appends ", Maximum
 # concurrency ..." to the KV line; the CPU build says "CPU KV cache size").
@@ -71,15 +71,6 @@ def percentile(observed: list[float], at_least: list[float], q: float) -> tuple[
     return low, low != high
 
 
-def _by_second(times: list[float], begin: float, end: float) -> list[int]:
-    """How many of ``times`` fall in each whole second from ``begin`` (the last second may be short)."""
-    seconds = max(1, math.ceil(end - begin - 1e-9))
-    counts = [0] * seconds
-    for at in times:
-        counts[min(seconds - 1, int(at - begin))] += 1
-    return counts
-
-
 def window_point(sent: list[Sent], context: int, *, start: float, stop_at: float, cut_at: float,
                  gpus: int, lead_s: float = 0.0) -> dict:
     """What a window measured: throughput from every answer inside it, latency over every
@@ -110,13 +101,13 @@ def window_point(sent: list[Sent], context: int, *, start: float, stop_at: float
         "requests_per_s": len(answers) / window_s,
         "input_tokens_per_s_per_gpu": len(answers) * context / window_s / gpus,
         "p50_s": p50, "p50_at_least": p50_bound, "p99_s": p99, "p99_at_least": p99_bound,
-        "answers_by_second": _by_second([r.done for r in answers], start, stop_at),
+        "answers_by_second": per_second([r.done for r in answers], start, stop_at),
     }
     if lead_s > 0:
         ramp = [r.done for r in lead if r.done is not None and r.ok and r.done < start]
         point["lead"] = {"s": lead_s, "sent": len(lead), "answered_in_window": len(carried_in),
                          "failed": sum(r.done is not None and not r.ok for r in lead),
-                         "answers_by_second": _by_second(ramp, start - lead_s, start)}
+                         "answers_by_second": per_second(ramp, start - lead_s, start)}
     return point
 
 

@@ -60,7 +60,7 @@ sys.path.insert(0, str(REPO))
 # (_sglang_accuracy), what it shares with vllm_serve.py (_serving). Names the tests reach (and
 # replace) as sglang_gpu_check.<name> are imported here too.
 from _serving import (GpuMemoryPeak, GpuTelemetry, closed_loop_clients, gpu_memory_used_mib,  # noqa: E402
-                      telemetry_line, write_json)
+                      per_second, telemetry_line, write_json)
 from _sglang_accuracy import (COMPARISON_PROMPT_TOKENS, ENDPOINTS, SCORE_LABELS, comparison_prompts, compare_endpoint,  # noqa: E402, F401
                               absolute_errors, cosine, default_reference_device, embedding_errors, fp32_reference,
                               judge, mixed_requests, prompt_token, score_labels, score_reference, sglang_session)
@@ -284,10 +284,12 @@ def prepare_30b_model(work_dir: Path, layers: int) -> Path:
 async def closed_loop(url: str, concurrency: int, prompt_tokens: int, vocab_size: int, duration_s: float,
                       warmup_s: float, seed: int = 2) -> dict:
     """``concurrency`` clients sending prefill-only requests back to back; the requests that
-    complete in the ``duration_s`` after ``warmup_s`` are the measurement, and what the GPUs did
-    in those seconds (``gpu_telemetry``)."""
+    complete in the ``duration_s`` after ``warmup_s`` are the measurement (``answers_by_second``:
+    per second of it, level where the load was steady), and what the GPUs did in those seconds
+    (``gpu_telemetry``)."""
     rng = random.Random(seed)
     latencies: list[float] = []  # of the requests completed in the measured window
+    answered_at: list[float] = []  # when they completed
     errors: list[str] = []
     measure_from = time.monotonic() + warmup_s
     stop_at = measure_from + duration_s
@@ -309,6 +311,7 @@ async def closed_loop(url: str, concurrency: int, prompt_tokens: int, vocab_size
             done = time.monotonic()
             if measure_from <= done <= stop_at:
                 latencies.append(done - sent)
+                answered_at.append(done)
 
         clients = closed_loop_clients(concurrency, stop_at, one)
         await asyncio.sleep(max(0.0, measure_from - time.monotonic()))
@@ -323,6 +326,7 @@ async def closed_loop(url: str, concurrency: int, prompt_tokens: int, vocab_size
         "requests_per_s": round(count / duration_s, 2),
         "p50_latency_s": round(latencies[count // 2], 3) if count else None,
         "p99_latency_s": round(latencies[min(count - 1, int(count * 0.99))], 3) if count else None,
+        "answers_by_second": per_second(answered_at, measure_from, stop_at),
         "gpu_telemetry": telemetry.summary,
     }
 

@@ -186,6 +186,7 @@ def test_both_parts_against_stand_in_servers(stand_ins: list[str], tmp_path: Pat
     big = result["parts"]["30b"]["servers"]
     for side in ("stock", "plugin"):
         assert big[side]["requests"] > 0 and big[side]["failed"] == 0 and big[side]["max_total_num_tokens"] == 4096
+        assert sum(big[side]["answers_by_second"]) == big[side]["requests"]
     assert summary["plugin_vs_stock_30b_2k"] == pytest.approx(big["plugin"]["tokens_per_s"] / big["stock"]["tokens_per_s"],
                                                              rel=1e-3)
     assert (tmp_path / "sglang_gpu_check-h100x1-logs" / "plugin-fp8.log").is_file()
