@@ -271,6 +271,11 @@ def windows_opened(lead_s: float) -> str:
     return WINDOW if lead_s > 0 else IDLE_START
 
 
+def other_window(runs: list[dict], window: str) -> str | None:
+    """How some of ``runs`` opened their windows, where that is not ``window`` (None: all as it)."""
+    return min({window_of(run) for run in runs} - {window}, default=None)
+
+
 METHOD = {
     "timing": "after start-up (compile, CUDA-graph capture) and the warm-up, each window opens on its own load, "
               "started --warmup-s before it (lead); throughput counts the answers inside the window of "
@@ -328,9 +333,9 @@ def import_runs(paths: list[Path], runs: list[dict], gpu: str | None, vllm_versi
             record.append({"file": str(path), "skipped": f"measured on {theirs[0]} with vLLM {theirs[1]}, "
                                                          f"this run is {gpu} with vLLM {vllm_version}"})
             continue
-        other = sorted({window_of(r) for r in data.get("runs", [])} - {window})
+        other = other_window(data.get("runs", []), window)
         if other:
-            record.append({"file": str(path), "skipped": f"its windows opened {other[0]}, this run's open {window}"})
+            record.append({"file": str(path), "skipped": f"its windows opened {other}, this run's open {window}"})
             continue
         have = {(r["model"], r["layout"], r["max_num_batched_tokens"]) for r in runs}
         new = [r | {"imported_from": str(path)} for r in data.get("runs", [])

@@ -132,7 +132,7 @@ from _vllm_layouts import (BUDGET_ENV, LAYOUTS, TRANSPORT_ENV, UNREACHABLE_FLOPS
 from _vllm_load import (JitEvents, LogCursor, _drive, engine_line, jit_events, percentile, server_memory, warm_up,  # noqa: E402, F401
                         warmup_concurrency, warmup_lengths)
 from _vllm_report import (METHOD, WINDOW, best_by_layout, import_runs, plot, print_table, summarize,  # noqa: E402, F401
-                          tiny_record, window_of, windows_opened)
+                          other_window, tiny_record, window_of, windows_opened)
 from trace_breakdown import breakdown_dir  # noqa: E402
 from vllm_zeroprefill.server import ServerStartError, VllmServer  # noqa: E402
 from zeroprefill.common.cost_model import request_flops  # noqa: E402
@@ -393,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     import vllm
 
     earlier: dict = {}
+    window = windows_opened(args.warmup_s)
     if args.tiny_record is not None:
         if args.merge and args.out.exists():
             parser.error("--tiny-record starts a new --out: leave out --merge, or merge into a file that holds it")
@@ -405,14 +406,13 @@ def main(argv: list[str] | None = None) -> int:
         if earlier.get("runs") and earlier.get("gpu") not in (None, gpu_names[0]):
             parser.error(f"--merge: {args.out} holds runs measured on {earlier['gpu']}, this machine has "
                          f"{gpu_names[0]}: write to another --out")
-        other = sorted({window_of(r) for r in earlier.get("runs", [])} - {windows_opened(args.warmup_s)})
+        other = other_window(earlier.get("runs", []), window)
         if other:
-            parser.error(f"--merge: {args.out} holds runs whose timed windows opened {other[0]}; this run's open "
-                         f"{windows_opened(args.warmup_s)}, and the two are not compared: write to another --out")
+            parser.error(f"--merge: {args.out} holds runs whose timed windows opened {other}; this run's open "
+                         f"{window}, and the two are not compared: write to another --out")
     runs: list[dict] = earlier.get("runs", [])
     commands = [*earlier.get("commands", []),
                 " ".join(["python", "benchmarks/vllm_serve.py", *(argv if argv is not None else sys.argv[1:])])]
-    window = windows_opened(args.warmup_s)
     imports = [*earlier.get("imports", []), *import_runs(args.import_runs, runs, gpu_names[0], vllm.__version__, window)]
     started = time.monotonic()
 
