@@ -88,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(path) for path in args.results if not path.exists()]
     if missing:
         parser.error(f"no such file: {', '.join(missing)}")
-    rows = [row for path in args.results for row in compare(path)]
+    try:
+        rows = [row for path in args.results for row in compare(path)]
+    except (ValueError, KeyError, TypeError) as exc:  # not JSON, or not a vllm_serve.py results file
+        parser.error(f"not a vllm_serve.py results file: {type(exc).__name__}: {exc}")
     if not rows:
         parser.error("no run with a kept server log on one GPU in these files")
     print(f"{'file':<28}{'model':<22}{'layout':<24}{'measured':>10}{'logged':>10}{'ratio':>7}  all 10-s rates logged")

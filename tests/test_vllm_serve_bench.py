@@ -624,6 +624,10 @@ def test_logged_throughput_keeps_the_servers_own_rates_that_lie_inside_the_windo
     assert "100,000" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         logged_throughput.main([str(tmp_path / "missing.json")])
+    (tmp_path / "notes.json").write_text("not JSON")
+    with pytest.raises(SystemExit):
+        logged_throughput.main([str(tmp_path / "notes.json")])
+    assert "not a vllm_serve.py results file" in capsys.readouterr().err
 
 
 def test_best_stock_layout_is_the_fastest_one_gpu_stock_run_without_failures():
