@@ -10,6 +10,9 @@
   thermal or hardware slowdown), so that two machines' throughputs can be told apart from
   their clocks; :func:`telemetry_line` says it in one line, :func:`lowest_over_gpus` gives the
   numbers to put beside a throughput (the slowest GPU's clock, the least busy GPU's share);
+- :class:`ProcessCpu`: the CPU each of a server's processes, and the load generator, used in a
+  timed window, with its busiest thread's share (:func:`cpu_line`): a process held to one
+  core's speed is the bottleneck there, not the GPU;
 - the load generators' HTTP client: :func:`client_session`, :func:`closed_loop_clients`
   (clients that send their next request as soon as the last is answered) and
   :func:`open_loop_arrivals` (requests at Poisson arrival times, answered or not), and
@@ -274,6 +277,89 @@ def lowest_over_gpus(summary: dict[str, Any] | None, field: str) -> float | None
     of a :attr:`GpuTelemetry.summary` (None without one, or where no GPU reported it)."""
     values = [gpu.get(field) for index, gpu in (summary or {}).items() if index != "unavailable"]
     return min((value for value in values if value is not None), default=None)
+
+
+# -- CPU time per process --------------------------------------------------------------------
+
+#: A process below this many cores busy in a window is counted, not listed.
+CPU_LISTED_CORES = 0.05
+
+
+class ProcessCpu:
+    """How busy a server's processes and the load generator kept the CPUs in a timed window:
+    per process, CPU seconds per second of window (``busy_cores``) and those of its busiest
+    thread (``busiest_thread_cores``). A thread near 1.0 runs as fast as one core lets it: an
+    HTTP frontend's event loop or an engine's step loop that bounds a throughput shows here,
+    where the GPU's idle time alone cannot say which side starved it.
+
+    :meth:`open` and :meth:`close` read the kernel's counters (psutil) for every process under
+    ``roots`` (descendants included) and for this process (``load generator``); the summary
+    covers the processes alive at both readings, the busiest first, those under
+    :data:`CPU_LISTED_CORES` only counted. ``{"unavailable": reason}`` without psutil."""
+
+    def __init__(self, roots: list[int]) -> None:
+        self.roots = roots
+        self._opened: tuple[float, dict] | None = None
+        self.summary: dict[str, Any] = {}
+
+    def _read(self) -> tuple[float, dict]:
+        import psutil
+
+        processes = [psutil.Process()]
+        for pid in self.roots:
+            try:
+                root = psutil.Process(pid)
+                processes += [root, *root.children(recursive=True)]
+            except psutil.Error:  # gone already
+                continue
+        readings = {}
+        for process in processes:
+            try:
+                with process.oneshot():
+                    spent = process.cpu_times()
+                    threads = {thread.id: thread.user_time + thread.system_time for thread in process.threads()}
+                    key = (process.pid, process.create_time())
+                    name = "load generator" if process.pid == os.getpid() else process.name()
+                    readings[key] = (name, spent.user + spent.system, threads)
+            except psutil.Error:
+                continue
+        return time.monotonic(), readings
+
+    def open(self) -> None:
+        try:
+            self._opened = self._read()
+        except ImportError:
+            self.summary = {"unavailable": "psutil is not installed"}
+
+    def close(self) -> None:
+        if self._opened is None:
+            return
+        (opened_at, before), (closed_at, after) = self._opened, self._read()
+        span_s = max(closed_at - opened_at, 1e-9)
+        listed, quiet = [], 0
+        for key, (name, cpu_s, threads) in after.items():
+            if key not in before:
+                continue
+            _, cpu_before, threads_before = before[key]
+            busy = (cpu_s - cpu_before) / span_s
+            if busy < CPU_LISTED_CORES:
+                quiet += 1
+                continue
+            busiest = max((spent - threads_before.get(tid, 0.0) for tid, spent in threads.items()), default=0.0)
+            listed.append({"process": name, "pid": key[0], "busy_cores": round(busy, 3),
+                           "busiest_thread_cores": round(busiest / span_s, 3)})
+        self.summary = {"window_s": round(span_s, 3),
+                        "processes": sorted(listed, key=lambda entry: -entry["busy_cores"]),
+                        "quiet_processes": quiet}
+
+
+def cpu_line(summary: dict[str, Any]) -> str:
+    """A :attr:`ProcessCpu.summary` in one line."""
+    if "unavailable" in summary:
+        return f"CPU per process unavailable: {summary['unavailable']}"
+    busy = ", ".join(f"{entry['process']} {entry['busy_cores']:.2f} ({entry['busiest_thread_cores']:.2f})"
+                     for entry in summary.get("processes", []))
+    return f"CPU cores busy (busiest thread): {busy or 'none'}; {summary.get('quiet_processes', 0)} processes quiet"
 
 
 # -- load generation --------------------------------------------------------------------------

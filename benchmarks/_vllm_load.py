@@ -5,7 +5,8 @@
   unanswered (:func:`window_point`; :func:`percentile` with cut-off requests as lower bounds),
   and for a timed window what the GPUs did during it (``gpu_telemetry``, :class:`GpuTelemetry`)
   and what the engine did, from vLLM's own metrics (``engine_metrics``, :class:`EngineMetrics`:
-  its steps, the tokens they computed, the queue behind them);
+  its steps, the tokens they computed, the queue behind them), and the CPU each of the server's
+  processes and the load generator used in it (``cpu``, :class:`ProcessCpu`);
 - the warm-up before each context's measurements (:func:`warm_up`);
 - the server log: the lines a run added (:class:`LogCursor`), kernel JIT events
   (:func:`jit_events`; :class:`JitEvents` tells those inside timed windows apart) and memory
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from _serving import GpuTelemetry, client_session, closed_loop_clients, open_loop_arrivals, per_second
+from _serving import GpuTelemetry, ProcessCpu, client_session, closed_loop_clients, open_loop_arrivals, per_second
 
 # What the server log says, in the wording of vLLM 0.26 to 0.34 (0.32+ appends ", Maximum
 # concurrency ..." to the KV line; the CPU build says "CPU KV cache size").
@@ -259,16 +260,19 @@ async def _post(session, url: str, body: dict, record: Sent) -> None:
 async def _drive(url: str, model: str, context: int, *, concurrency: int | None, rate: float | None,
                  duration_s: float, drain_s: float, seed: int, gpus: int, lead_s: float = 0.0,
                  on_open: Callable[[], None] | None = None, on_close: Callable[[], None] | None = None,
-                 gpu_telemetry: bool = False, engine_metrics: bool = False) -> dict:
+                 gpu_telemetry: bool = False, engine_metrics: bool = False,
+                 cpu_roots: list[int] | None = None) -> dict:
     """Closed loop (``concurrency`` clients) or open loop (Poisson at ``rate``): the load runs
     ``lead_s``, then a window of ``duration_s`` opens on it (``on_open`` called then, in a thread
     while the load goes on; ``on_close`` when it ends); then up to ``drain_s`` for the late
     answers; what is still unanswered then is cancelled. ``gpu_telemetry``: the point also says
     what the GPUs did in the window; ``engine_metrics``, what the engine did in it, with a
-    timeline from the load's start (:class:`EngineMetrics`)."""
+    timeline from the load's start (:class:`EngineMetrics`); ``cpu_roots``, how busy the
+    processes under these pids, and the load generator, kept the CPUs in it (:class:`ProcessCpu`)."""
     rng = random.Random(seed)
     sent: list[Sent] = []
     telemetry = GpuTelemetry() if gpu_telemetry else None
+    cpu = ProcessCpu(cpu_roots) if cpu_roots is not None else None
     async with client_session() as session:
         engine = EngineMetrics(session, url) if engine_metrics else None
 
@@ -292,7 +296,11 @@ async def _drive(url: str, model: str, context: int, *, concurrency: int | None,
             with telemetry or contextlib.nullcontext():
                 if engine is not None:
                     await engine.open()
+                if cpu is not None:
+                    await asyncio.to_thread(cpu.open)
                 await asyncio.sleep(max(0.0, stop_at - time.monotonic()))  # the requests go on meanwhile
+                if cpu is not None:
+                    await asyncio.to_thread(cpu.close)
                 if engine is not None:
                     await engine.stop()
             if on_close is not None:
@@ -317,6 +325,8 @@ async def _drive(url: str, model: str, context: int, *, concurrency: int | None,
     point = window_point(sent, context, start=start, stop_at=stop_at, cut_at=cut_at, gpus=gpus, lead_s=lead_s)
     if engine is not None:
         point["engine_metrics"] = engine.summary()
+    if cpu is not None:
+        point["cpu"] = cpu.summary
     return point | {"gpu_telemetry": telemetry.summary} if telemetry else point
 
 

@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from _serving import lowest_over_gpus
+from _serving import CPU_LISTED_CORES, lowest_over_gpus
 from _vllm_layouts import LAYOUTS, UNREACHABLE_FLOPS_BUDGET, is_asyncep_layout
 
 def best_by_layout(runs: list[dict], model: str, context: int) -> dict[str, dict]:
@@ -276,6 +276,21 @@ def other_window(runs: list[dict], window: str) -> str | None:
     return min({window_of(run) for run in runs} - {window}, default=None)
 
 
+def api_servers_text(api_servers: int | None) -> str:
+    """A ``--api-servers`` setting in words (None: vLLM's default)."""
+    if api_servers is None:
+        return "vLLM's default API servers (one per data-parallel rank)"
+    return f"{api_servers} API server{'s' if api_servers > 1 else ''}"
+
+
+def other_api_servers(runs: list[dict], api_servers: int | None) -> str | None:
+    """The ``--api-servers`` settings of ``runs`` other than ``api_servers``, in words (None: all
+    as it; runs without the key were served with vLLM's default). A frontend can bound a
+    throughput, so runs served with different ones are not compared."""
+    others = {run.get("api_servers") for run in runs} - {api_servers}
+    return " and ".join(sorted(api_servers_text(n) for n in others)) or None
+
+
 METHOD = {
     "timing": "after start-up (compile, CUDA-graph capture) and the warm-up, each window opens on its own load, "
               "started --warmup-s before it (lead); throughput counts the answers inside the window of "
@@ -302,6 +317,15 @@ METHOD = {
                       "per step), requests waiting after a step, summed over the engines (mean, fewest); timeline: "
                       "every 0.5 s from the load's start, [s from the window's opening, steps, tokens, waiting]; "
                       "{unavailable: reason} where the server has no such metrics",
+    "cpu": "per timed window, per process of the server (its descendants) and the load generator: CPU seconds per "
+           "second of window (busy_cores) and its busiest thread's (busiest_thread_cores: near 1.0, that thread "
+           "bounds the process), from /proc at the window's opening and closing; processes under "
+           f"{CPU_LISTED_CORES} cores counted (quiet_processes)",
+    "api_servers": "per run: --api-servers, vLLM API server processes (--api-server-count) of every layout; null: "
+                   "vLLM's default, one per data-parallel rank; runs with different settings are not merged or "
+                   "imported together. With more than one, vLLM's /metrics sums what each API server recorded: "
+                   "engine_metrics' tokens_per_s against the window's own rate says whether that counted each step "
+                   "once",
     "step_budget": "step_budget_policy per run: stock fills --max-num-batched-tokens; token_budget_steps layouts set "
                    f"AsyncEP's FLOPs budget to {UNREACHABLE_FLOPS_BUDGET:.0e} (never reached), so the token budget "
                    "is the only per-step limit on both sides",
@@ -319,9 +343,11 @@ def tiny_record(data: dict, source: str) -> dict:
             "summary": {k: v for k, v in data.get("summary", {}).items() if k not in made_from_runs}}
 
 
-def import_runs(paths: list[Path], runs: list[dict], gpu: str | None, vllm_version: str, window: str) -> list[dict]:
+def import_runs(paths: list[Path], runs: list[dict], gpu: str | None, vllm_version: str, window: str,
+                api_servers: int | None = None) -> list[dict]:
     """Add the runs of other results files measured on this GPU with this vLLM, their windows
-    opened as ``window`` says (marked ``imported_from``); what was imported or skipped, and why."""
+    opened as ``window`` says, served with ``api_servers`` (marked ``imported_from``); what was
+    imported or skipped, and why."""
     record = []
     for path in paths:
         if not path.exists():
@@ -336,6 +362,11 @@ def import_runs(paths: list[Path], runs: list[dict], gpu: str | None, vllm_versi
         other = other_window(data.get("runs", []), window)
         if other:
             record.append({"file": str(path), "skipped": f"its windows opened {other}, this run's open {window}"})
+            continue
+        other = other_api_servers(data.get("runs", []), api_servers)
+        if other:
+            record.append({"file": str(path), "skipped": f"served with {other}, this run with "
+                                                         f"{api_servers_text(api_servers)}"})
             continue
         have = {(r["model"], r["layout"], r["max_num_batched_tokens"]) for r in runs}
         new = [r | {"imported_from": str(path)} for r in data.get("runs", [])

@@ -55,6 +55,9 @@
 # e.g. stock-flashinfer-cutlass: vLLM 0.26-0.32 rank FlashInfer's bf16 MoE behind Triton on Hopper
 # as slower there, fused_moe/oracle/unquantized.py), FP8_ASYNCEP_VARIANTS (empty: none; asyncep-fp8-psum
 # serves DeepGEMM's psum row layout, 15-18% below the default m_indices in both runs so far),
+# API_SERVERS (empty: vLLM's default, one API server per data-parallel rank; e.g. 2: every server
+# runs two: with one, the one-GPU closed loops of the faster FP8 servers levelled off at 32
+# requests of 2,048 tokens per second with the engine's queue empty, H100, 2026-12-07),
 # BUDGET_S (560: the call's whole budget; the
 # throughput runs get what tuning leaves), PYTHON (python3).
 set -uo pipefail
@@ -86,7 +89,8 @@ serve() {  # serve MODEL OUT_JSON LAYOUTS [extra vllm_serve.py flags]: each layo
         --layouts $layouts --reference-layout stock --batched-tokens "${BATCHED:-32768}" \
         --contexts "${CONTEXT:-2048}" --duration-s "${DURATION_S:-15}" --warmup-s "${WARMUP_S:-5}" \
         --drain-s "${DRAIN_S:-10}" --open-loop-fractions ${OPEN_LOOP:-} \
-        --concurrency "${CONCURRENCY:-96}" ${profile:+--profile-context "${CONTEXT:-2048}"} --out "$json" "$@"
+        --concurrency "${CONCURRENCY:-96}" ${profile:+--profile-context "${CONTEXT:-2048}"} \
+        ${API_SERVERS:+--api-servers "$API_SERVERS"} --out "$json" "$@"
     echo "[$SECONDS s] vllm_serve.py exited with $?"
 }
 

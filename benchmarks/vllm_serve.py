@@ -126,13 +126,14 @@ sys.path.insert(0, str(REPO))
 # The script's parts, beside it: the layouts and models (_vllm_layouts), the load and the server
 # log (_vllm_load), the report (_vllm_report), what it shares with sglang_gpu_check.py (_serving).
 # Names the tests reach as vllm_serve.<name> are imported here too.
-from _serving import GpuMemoryPeak, telemetry_line, write_json  # noqa: E402
+from _serving import GpuMemoryPeak, ProcessCpu, cpu_line, telemetry_line, write_json  # noqa: E402, F401
 from _vllm_layouts import (BUDGET_ENV, LAYOUTS, TRANSPORT_ENV, UNREACHABLE_FLOPS_BUDGET, Layout,  # noqa: E402, F401
                            ModelChoice, datasheet_peak, model_dir, model_spec, parse_model, peaks_for, visible_gpus)
 from _vllm_load import (JitEvents, LogCursor, _drive, engine_line, jit_events, percentile, server_memory, warm_up,  # noqa: E402, F401
                         warmup_concurrency, warmup_lengths)
-from _vllm_report import (METHOD, WINDOW, best_by_layout, import_runs, plot, print_table, summarize,  # noqa: E402, F401
-                          other_window, tiny_record, window_of, windows_opened)
+from _vllm_report import (METHOD, WINDOW, best_by_layout, import_runs, api_servers_text,  # noqa: E402, F401
+                          other_api_servers, other_window,
+                          plot, print_table, summarize, tiny_record, window_of, windows_opened)
 from trace_breakdown import breakdown_dir  # noqa: E402
 from vllm_zeroprefill.server import ServerStartError, VllmServer  # noqa: E402
 from zeroprefill.common.cost_model import request_flops  # noqa: E402
@@ -228,6 +229,8 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
                    "--hf-overrides", json.dumps({"num_hidden_layers": model.layers}),
                    "--max-model-len", str(max(args.contexts) + 64), "--max-num-batched-tokens", str(batched_tokens),
                    *layout.args]
+    if args.api_servers is not None:
+        server_args += ["--api-server-count", str(args.api_servers)]
     if layout.data_parallel_size > 1:
         server_args += ["--data-parallel-rpc-port", str(free_port())]
     name = f"{model.key}-{layout.name}-{batched_tokens}"
@@ -245,7 +248,8 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
     result: dict = {"model": model.key, "layout": layout.name, "max_num_batched_tokens": batched_tokens,
                     "gpus": layout.gpus, "dtype": model.dtype, "peak_tflops": peak_tflops, "peak_source": peak_source,
                     "step_budget_policy": layout.step_budget_policy(batched_tokens),
-                    "server_args": server_args, "env": env, "window": windows_opened(args.warmup_s)}
+                    "server_args": server_args, "env": env, "window": windows_opened(args.warmup_s),
+                    "api_servers": args.api_servers}
     refusal = layout.refuses(model.dtype)
     if refusal:
         log(f"  {name}: {refusal}")
@@ -276,7 +280,8 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
                                  ranks=layout.data_parallel_size)
                 timed = {"duration_s": args.duration_s, "drain_s": args.drain_s, "lead_s": args.warmup_s,
                          "gpus": layout.gpus, "on_open": jit.outside, "on_close": jit.inside,
-                         "gpu_telemetry": True, "engine_metrics": True}
+                         "gpu_telemetry": True, "engine_metrics": True,
+                         "cpu_roots": [server.process.pid] if getattr(server, "process", None) is not None else []}
                 closed = asyncio.run(_drive(server.url, str(directory), context, concurrency=clients, rate=None,
                                             seed=2, **timed))
                 flops_per_token = request_flops(spec, context, 0, head_tokens=0) / context
@@ -288,6 +293,7 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
                 log(f"    {_answers_line(closed)}")
                 log(f"    {telemetry_line(closed['gpu_telemetry'])}")
                 log(f"    {engine_line(closed['engine_metrics'])}")
+                log(f"    {cpu_line(closed['cpu'])}")
                 own_peak = closed["requests_per_s"] if layout.name == args.reference_layout else None
                 for rate in open_loop_rates(args, runs, model, context, own_peak):
                     point = asyncio.run(_drive(server.url, str(directory), context, concurrency=None, rate=rate,
@@ -297,6 +303,7 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
                     log(f"      {_answers_line(point)}")
                     log(f"      {telemetry_line(point['gpu_telemetry'])}")
                     log(f"      {engine_line(point['engine_metrics'])}")
+                    log(f"      {cpu_line(point['cpu'])}")
                 jit.outside()  # the last window's drain
                 entry["jit_events"] = {"warmup": jit.warmup, "measured": jit.measured}
                 if entry["jit_events"]["measured"]:
@@ -352,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
                              "checkpoint's format)")
     parser.add_argument("--stock-moe-configs", type=Path, default=None,
                         help="a VLLM_TUNED_CONFIG_FOLDER for the stock layouts (benchmarks/tune_vllm_moe.py)")
+    parser.add_argument("--api-servers", type=int, default=None,
+                        help="vLLM API server processes (--api-server-count) for every layout (default: vLLM's own: "
+                             "one per data-parallel rank)")
     parser.add_argument("--profile-context", type=int, default=None,
                         help="also profile each server at this context (one of --contexts)")
     parser.add_argument("--profile-s", type=float, default=4.0, help="seconds of load while profiling")
@@ -371,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, flag)
         if value < 0 or (value == 0 and least == "more than"):
             parser.error(f"--{flag.replace('_', '-')} {value:g}: seconds, {least} 0")
+    if args.api_servers is not None and args.api_servers < 1:
+        parser.error(f"--api-servers {args.api_servers}: at least 1")
     if args.profile_context is not None and args.profile_context not in args.contexts:
         parser.error(f"--profile-context {args.profile_context} is not one of --contexts {args.contexts}")
 
@@ -410,10 +422,15 @@ def main(argv: list[str] | None = None) -> int:
         if other:
             parser.error(f"--merge: {args.out} holds runs whose timed windows opened {other}; this run's open "
                          f"{window}, and the two are not compared: write to another --out")
+        other = other_api_servers(earlier.get("runs", []), args.api_servers)
+        if other:
+            parser.error(f"--merge: {args.out} holds runs served with {other}; this run's servers have "
+                         f"{api_servers_text(args.api_servers)}, and the two are not compared: write to another --out")
     runs: list[dict] = earlier.get("runs", [])
     commands = [*earlier.get("commands", []),
                 " ".join(["python", "benchmarks/vllm_serve.py", *(argv if argv is not None else sys.argv[1:])])]
-    imports = [*earlier.get("imports", []), *import_runs(args.import_runs, runs, gpu_names[0], vllm.__version__, window)]
+    imports = [*earlier.get("imports", []),
+               *import_runs(args.import_runs, runs, gpu_names[0], vllm.__version__, window, args.api_servers)]
     started = time.monotonic()
 
     def log(message: str) -> None:

@@ -16,6 +16,8 @@ import gc
 import gzip
 import json
 import logging
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -83,6 +85,7 @@ class FakeServer:
         self.port = vllm_serve.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = self  # poll() below: "still running"
+        self.pid = os.getpid()  # the process it serves from, as Popen.pid names the server's
         self.requests = 0
         self.size_classes: set[int] = set()
         self._loop = asyncio.new_event_loop()
@@ -430,6 +433,61 @@ def test_peak_is_the_gpus_datasheet_figure_for_the_checkpoints_format(fake_serve
         vllm_serve.main(["--models", "qwen3-30b-a3b:2", *common])
     vllm_serve.main(["--models", "qwen3-30b-a3b:2", "--peak-tflops", "312", *common])
     assert json.loads(out.read_text())["runs"][0]["peak_tflops"] == 312.0
+
+
+def test_process_cpu_tells_a_spinning_server_process_from_a_sleeping_one():
+    spin = "import time\nend = time.monotonic() + 3\nwhile time.monotonic() < end: pass"
+    server = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time\n"
+                               f"subprocess.Popen([sys.executable, '-c', {spin!r}]); time.sleep(3)"])
+    try:
+        time.sleep(1.0)  # both processes up
+        cpu = vllm_serve.ProcessCpu([server.pid])
+        cpu.open()
+        time.sleep(1.0)
+        cpu.close()
+    finally:
+        server.wait(timeout=10)
+    summary = cpu.summary
+    assert 0.9 <= summary["window_s"] < 1.5
+    by_pid = {entry["pid"]: entry for entry in summary["processes"]}
+    assert server.pid not in by_pid and summary["quiet_processes"] >= 1  # the sleeping parent
+    (child,) = [entry for pid, entry in by_pid.items() if pid != os.getpid()]  # the spinning child
+    # One thread busy all the time it ran (a 2-core machine may lend it less than the whole second).
+    assert child["busy_cores"] >= 0.4 and child["busiest_thread_cores"] == pytest.approx(child["busy_cores"], abs=0.05)
+    assert vllm_serve.cpu_line(summary).startswith("CPU cores busy (busiest thread): ")
+    assert vllm_serve.cpu_line({"unavailable": "psutil is not installed"}).endswith("psutil is not installed")
+
+
+def test_api_servers_reach_every_layout_and_runs_served_otherwise_are_kept_apart(fake_servers, tmp_path):
+    out = tmp_path / "vllm_serve-h100x1.json"
+    common = ["--models", "qwen3-30b-a3b:2", "--reference-layout", "stock", "--batched-tokens", "4096",
+              "--concurrency", "4", "--contexts", "64", "--duration-s", "0.3", "--warmup-s", "0.1",
+              "--open-loop-fractions"]
+    vllm_serve.main([*common, "--layouts", "stock", "asyncep", "--api-servers", "2", "--out", str(out)])
+    runs = json.loads(out.read_text())["runs"]
+    for run in runs:
+        flags = run["server_args"]
+        assert flags[flags.index("--api-server-count") + 1] == "2" and run["api_servers"] == 2
+        # The load generator serves the fake from its own process: it is the busiest one there.
+        cpu = run["measurements"][0]["closed_loop"]["cpu"]
+        assert cpu["processes"][0]["process"] == "load generator" and cpu["processes"][0]["pid"] == os.getpid()
+    with pytest.raises(SystemExit):  # vLLM's default frontends against two: not merged
+        vllm_serve.main([*common, "--layouts", "asyncep", "--out", str(out), "--merge"])
+    fresh = tmp_path / "fresh.json"
+    vllm_serve.main([*common, "--layouts", "asyncep", "--out", str(fresh), "--import-runs", str(out)])
+    result = json.loads(fresh.read_text())
+    assert result["imports"][0]["skipped"] == ("served with 2 API servers, this run with vLLM's default API servers "
+                                               "(one per data-parallel rank)")
+    assert [(run["layout"], run["api_servers"]) for run in result["runs"]] == [("asyncep", None)]
+    assert "--api-server-count" not in result["runs"][0]["server_args"]
+    vllm_serve.main([*common, "--layouts", "asyncep", "--api-servers", "2", "--out", str(out), "--merge"])
+    assert len(json.loads(out.read_text())["runs"]) == 2
+
+
+def test_api_servers_must_be_at_least_one(capsys):
+    with pytest.raises(SystemExit):
+        vllm_serve.main(["--api-servers", "0"])
+    assert "--api-servers 0: at least 1" in capsys.readouterr().err
 
 
 def test_one_gpu_layouts_give_the_same_token_budget_and_the_summary_keys(fake_servers, tmp_path):
