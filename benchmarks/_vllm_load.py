@@ -129,7 +129,7 @@ def parse_metrics(text: str) -> dict[str, dict[str, float]]:
 class EngineMetrics:
     """What vLLM's engines did in and before a timed window, from the server's ``/metrics``:
     read when the load starts (:meth:`start`), when the window opens (:meth:`open`) and closes
-    (:meth:`stop`), and every ``interval_s`` between.
+    (:meth:`stop`), and every ``interval_s`` between (0: not between).
 
     :meth:`summary`: the engines, the engine steps reported in the window and the tokens they
     computed (``steps``, ``tokens_per_step``; ``tokens_per_s`` over all engines, the engine's own
@@ -184,7 +184,7 @@ class EngineMetrics:
             await self._read()
 
     async def start(self) -> None:
-        if await self._read() is not None:
+        if await self._read() is not None and self.interval_s > 0:
             self._sampler = asyncio.ensure_future(self._sample())
 
     async def open(self) -> None:
@@ -192,10 +192,11 @@ class EngineMetrics:
             self.opened = len(self.readings) - 1
 
     async def stop(self) -> None:
-        if self._sampler is None or self._sampler.done():
+        if self.closed >= 0 or (self.opened < 0 and self._sampler is None):  # closed already, or never read
             return
-        self._sampler.cancel()
-        await asyncio.gather(self._sampler, return_exceptions=True)
+        if self._sampler is not None:
+            self._sampler.cancel()
+            await asyncio.gather(self._sampler, return_exceptions=True)
         if await self._read() is not None:
             self.closed = len(self.readings) - 1
 
@@ -260,21 +261,22 @@ async def _post(session, url: str, body: dict, record: Sent) -> None:
 async def _drive(url: str, model: str, context: int, *, concurrency: int | None, rate: float | None,
                  duration_s: float, drain_s: float, seed: int, gpus: int, lead_s: float = 0.0,
                  on_open: Callable[[], None] | None = None, on_close: Callable[[], None] | None = None,
-                 gpu_telemetry: bool = False, engine_metrics: bool = False,
+                 gpu_telemetry: bool = False, engine_metrics: bool = False, metrics_interval_s: float = 0.5,
                  cpu_roots: list[int] | None = None) -> dict:
     """Closed loop (``concurrency`` clients) or open loop (Poisson at ``rate``): the load runs
     ``lead_s``, then a window of ``duration_s`` opens on it (``on_open`` called then, in a thread
     while the load goes on; ``on_close`` when it ends); then up to ``drain_s`` for the late
     answers; what is still unanswered then is cancelled. ``gpu_telemetry``: the point also says
     what the GPUs did in the window; ``engine_metrics``, what the engine did in it, with a
-    timeline from the load's start (:class:`EngineMetrics`); ``cpu_roots``, how busy the
+    timeline from the load's start, read every ``metrics_interval_s`` (0: only when the load
+    starts and the window opens and closes; :class:`EngineMetrics`); ``cpu_roots``, how busy the
     processes under these pids, and the load generator, kept the CPUs in it (:class:`ProcessCpu`)."""
     rng = random.Random(seed)
     sent: list[Sent] = []
     telemetry = GpuTelemetry() if gpu_telemetry else None
     cpu = ProcessCpu(cpu_roots) if cpu_roots is not None else None
     async with client_session() as session:
-        engine = EngineMetrics(session, url) if engine_metrics else None
+        engine = EngineMetrics(session, url, metrics_interval_s) if engine_metrics else None
 
         async def one() -> None:
             record = Sent(time.monotonic())

@@ -311,11 +311,12 @@ METHOD = {
                      "index: nvidia-smi every 0.5 s: SM clock median / min against max_sm_clock_mhz, power mean / "
                      "max against power_limit_w, temperature max, utilization mean, clock_event_reasons (fraction of "
                      "samples each was active); {unavailable: reason} without nvidia-smi",
-    "engine_metrics": "per timed window, from vLLM's /metrics read at its start and end (the queue every 0.5 s): "
+    "engine_metrics": "per timed window, from vLLM's /metrics read at its start and end (the queue every "
+                      "metrics_interval_s, a run's --metrics-interval-s, 0.5 s by default; 0: not between): "
                       "engine steps reported, tokens per step, tokens_per_s (all engines), step_ms (window x engines / steps: in a closed loop "
                       "that keeps the engines busy, the served time per step, to set against a profile's GPU time "
                       "per step), requests waiting after a step, summed over the engines (mean, fewest); timeline: "
-                      "every 0.5 s from the load's start, [s from the window's opening, steps, tokens, waiting]; "
+                      "every reading from the load's start, [s from the window's opening, steps, tokens, waiting]; "
                       "{unavailable: reason} where the server has no such metrics",
     "cpu": "per timed window, per process of the server (its descendants) and the load generator: CPU seconds per "
            "second of window (busy_cores) and its busiest thread's (busiest_thread_cores: near 1.0, that thread "

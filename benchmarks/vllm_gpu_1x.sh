@@ -58,6 +58,8 @@
 # API_SERVERS (empty: vLLM's default, one API server per data-parallel rank; e.g. 2: every server
 # runs two: with one, the one-GPU closed loops of the faster FP8 servers levelled off at 32
 # requests of 2,048 tokens per second with the engine's queue empty, H100, 2026-12-07),
+# METRICS_INTERVAL_S (empty: 0.5 s between readings of the server's /metrics; 0: only at the
+# load's start and the window's ends),
 # BUDGET_S (560: the call's whole budget; the
 # throughput runs get what tuning leaves), PYTHON (python3).
 set -uo pipefail
@@ -90,7 +92,8 @@ serve() {  # serve MODEL OUT_JSON LAYOUTS [extra vllm_serve.py flags]: each layo
         --contexts "${CONTEXT:-2048}" --duration-s "${DURATION_S:-15}" --warmup-s "${WARMUP_S:-5}" \
         --drain-s "${DRAIN_S:-10}" --open-loop-fractions ${OPEN_LOOP:-} \
         --concurrency "${CONCURRENCY:-96}" ${profile:+--profile-context "${CONTEXT:-2048}"} \
-        ${API_SERVERS:+--api-servers "$API_SERVERS"} --out "$json" "$@"
+        ${API_SERVERS:+--api-servers "$API_SERVERS"} ${METRICS_INTERVAL_S:+--metrics-interval-s "$METRICS_INTERVAL_S"} \
+        --out "$json" "$@"
     echo "[$SECONDS s] vllm_serve.py exited with $?"
 }
 

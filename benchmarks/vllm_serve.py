@@ -59,9 +59,16 @@ What each number counts (also written to the JSON, ``method``):
 - Engine metrics (``engine_metrics`` beside ``gpu_telemetry``, one line in the progress log):
   vLLM's own ``/metrics`` read at the window's start and end: the engine steps in the window,
   the tokens per step, the window's time per step on each engine (``step_ms``), and the queue
-  (requests waiting, read every 0.5 s). Set against the profile's GPU time per
+  (requests waiting, read every ``--metrics-interval-s``, 0.5 s; 0 reads it only at the load's
+  start and the window's ends: a reading is an HTTP request the API server answers between
+  the load's). Set against the profile's GPU time per
   step, ``step_ms`` says how much of a served step the GPU did not account for. Its
   ``timeline`` holds every reading from the load's start, lead-in included.
+- CPU (``cpu`` beside them, one line in the progress log): per process of the server (the API
+  server(s), the engine core, their workers) and the load generator, the cores it kept busy
+  in the window and its busiest thread's share: a thread near 1.0 is held to one core's speed
+  there. ``--api-servers N`` starts every layout with N API server processes; runs served with
+  different settings are neither merged nor imported together.
 - Step budget: stock vLLM fills each step to ``--max-num-batched-tokens``. AsyncEP runs under
   the plugin's prefill-only scheduler, whose default step budget is the planner's saturation
   budget in FLOPs (logged; recorded as ``step_budget``). Layouts with ``token_budget_steps``
@@ -249,7 +256,7 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
                     "gpus": layout.gpus, "dtype": model.dtype, "peak_tflops": peak_tflops, "peak_source": peak_source,
                     "step_budget_policy": layout.step_budget_policy(batched_tokens),
                     "server_args": server_args, "env": env, "window": windows_opened(args.warmup_s),
-                    "api_servers": args.api_servers}
+                    "api_servers": args.api_servers, "metrics_interval_s": args.metrics_interval_s}
     refusal = layout.refuses(model.dtype)
     if refusal:
         log(f"  {name}: {refusal}")
@@ -280,7 +287,7 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
                                  ranks=layout.data_parallel_size)
                 timed = {"duration_s": args.duration_s, "drain_s": args.drain_s, "lead_s": args.warmup_s,
                          "gpus": layout.gpus, "on_open": jit.outside, "on_close": jit.inside,
-                         "gpu_telemetry": True, "engine_metrics": True,
+                         "gpu_telemetry": True, "engine_metrics": True, "metrics_interval_s": args.metrics_interval_s,
                          "cpu_roots": [server.process.pid] if getattr(server, "process", None) is not None else []}
                 closed = asyncio.run(_drive(server.url, str(directory), context, concurrency=clients, rate=None,
                                             seed=2, **timed))
@@ -362,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-servers", type=int, default=None,
                         help="vLLM API server processes (--api-server-count) for every layout (default: vLLM's own: "
                              "one per data-parallel rank)")
+    parser.add_argument("--metrics-interval-s", type=float, default=0.5,
+                        help="seconds between readings of the server's /metrics while a window's load runs (0: "
+                             "only when it starts and the window opens and closes)")
     parser.add_argument("--profile-context", type=int, default=None,
                         help="also profile each server at this context (one of --contexts)")
     parser.add_argument("--profile-s", type=float, default=4.0, help="seconds of load while profiling")
@@ -377,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replot", action="store_true", help="only redraw the table and plot of --out")
     args = parser.parse_args(argv)
     for flag, least in (("duration_s", "more than"), ("profile_s", "more than"), ("warmup_s", "at least"),
-                        ("drain_s", "at least")):
+                        ("drain_s", "at least"), ("metrics_interval_s", "at least")):
         value = getattr(args, flag)
         if value < 0 or (value == 0 and least == "more than"):
             parser.error(f"--{flag.replace('_', '-')} {value:g}: seconds, {least} 0")

@@ -292,6 +292,7 @@ def test_engine_metrics_count_the_windows_steps_and_queue_or_say_why_not(fake_se
     bare = FakeServer("m", [], tmp_path / "bare.log", metrics=False).start()
     try:
         closed = _drive(server, concurrency=4, engine_metrics=True)
+        ends_only = _drive(server, concurrency=4, lead_s=0.3, engine_metrics=True, metrics_interval_s=0)
         plain = _drive(server, concurrency=1, duration_s=0.1)
         without = _drive(bare, concurrency=2, duration_s=0.3, engine_metrics=True)
     finally:
@@ -308,6 +309,11 @@ def test_engine_metrics_count_the_windows_steps_and_queue_or_say_why_not(fake_se
     assert engine["queue_readings"] >= 1 and engine["waiting_requests_min"] <= engine["waiting_requests_mean"] <= 4
     assert engine["waiting_requests_min"] > 0  # read inside the window only, once clients have sent
     assert without["engine_metrics"] == {"unavailable": "GET /metrics answered 404"}
+    # Read only when the load starts and the window opens and closes: the same count, no queue.
+    alone = ends_only["engine_metrics"]
+    assert [at for at, *_ in alone["timeline"]] == [0.0, pytest.approx(ends_only["window_s"], abs=0.1)]
+    assert alone["queue_readings"] == 0 and alone["waiting_requests_mean"] is None
+    assert abs(alone["steps"] - ends_only["requests"]) <= 8
     assert "engine_metrics" not in plain  # only where asked for
 
 
@@ -855,7 +861,8 @@ def test_profile_runs_vllms_profiler_and_keeps_the_breakdown_not_the_traces(fake
     assert profiled["on_open"].__name__ == "start_profile"
 
 
-@pytest.mark.parametrize("flag,value", [("--duration-s", "0"), ("--warmup-s", "-1"), ("--drain-s", "-0.5")])
+@pytest.mark.parametrize("flag,value", [("--duration-s", "0"), ("--warmup-s", "-1"), ("--drain-s", "-0.5"),
+                                        ("--metrics-interval-s", "-1")])
 def test_window_lengths_are_checked_before_any_server_starts(fake_servers, flag, value, capsys):
     with pytest.raises(SystemExit):
         vllm_serve.main(["--models", "qwen3-30b-a3b:2", "--layouts", "stock", flag, value])
