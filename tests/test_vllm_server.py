@@ -208,6 +208,18 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(pair):
     assert_close(values("/v1/embeddings", got), values("/v1/embeddings", want), "after bad input")
 
 
+def test_the_api_server_validates_embeddings_with_the_discriminated_union(pair):
+    """The plugin's seam 4 is live in the API server: a bad body is judged by the one request
+    model its shape names (vLLM's union names each of its five members in the error)."""
+    if pair.case.name != CASES[0].name:
+        pytest.skip("run once, on the first case")
+    for server in (pair.stock, pair.asyncep):
+        response = httpx.post(server.url + "/v1/embeddings", json={"model": pair.model, "input": [1, "x"]}, timeout=60)
+        assert response.status_code == 400, response.text[:300]
+        message = response.json()["error"]["message"]
+        assert "body.completion.input" in message and "ChatInputRequest" not in message, message[:500]
+
+
 def test_stock_vllm_computes_what_the_fp32_reference_computes(pair, tmp_path):
     """The float32 reference the GPU checks judge both servers by (``Fp32Reference``) is what vLLM
     computes: stock vLLM in float32 on CPU against it on every endpoint the task serves (the

@@ -1,7 +1,7 @@
 """What the ``vllm.general_plugins`` entry point installs in every vLLM process.
 
 vLLM loads general plugins in the API server (``EngineArgs.__post_init__``), in the engine
-core and in every worker. Three seams, each as narrow as vLLM allows:
+core and in every worker. Four seams, each as narrow as vLLM allows:
 
 1. ``KernelConfig.moe_backend`` accepts ``asyncep`` (:mod:`vllm_zeroprefill.moe_backend`).
 2. ``RoutedExperts._get_quant_method`` — the one place a FusedMoE layer picks its method,
@@ -11,6 +11,9 @@ core and in every worker. Three seams, each as narrow as vLLM allows:
 3. ``EngineArgs.create_engine_config`` checks an ``asyncep`` deployment before any worker
    starts (:func:`vllm_zeroprefill.validation.check_asyncep_config`) and, for the pooling
    runner, selects the prefill-only scheduler unless ``--scheduler-cls`` was given.
+4. vLLM's ``EmbeddingRequest`` union gets a discriminator, so that the API server validates a
+   ``/v1/embeddings`` body with the one request model its shape names instead of all five
+   (:mod:`vllm_zeroprefill.request_validation`; every server, stock or AsyncEP).
 
 On a vLLM outside the supported range (:mod:`vllm_zeroprefill.compat`) only a refusal is
 installed: ``--moe-backend asyncep`` fails at start-up with one line
@@ -45,6 +48,11 @@ def register() -> None:
         return
     _install_quant_method_hook()
     _install_engine_config_hook()
+    from vllm.logger import init_logger
+
+    from vllm_zeroprefill import request_validation
+
+    init_logger(f"vllm.{__name__}").debug("zeroprefill: %s", request_validation.install())
 
 
 def _install_quant_method_hook() -> None:
