@@ -295,7 +295,8 @@ class ProcessCpu:
     :meth:`open` and :meth:`close` read the kernel's counters (psutil) for every process under
     ``roots`` (descendants included) and for this process (``load generator``); the summary
     covers the processes alive at both readings, the busiest first, those under
-    :data:`CPU_LISTED_CORES` only counted. ``{"unavailable": reason}`` without psutil."""
+    :data:`CPU_LISTED_CORES` only counted unless they are one of ``roots``.
+    ``{"unavailable": reason}`` without psutil."""
 
     def __init__(self, roots: list[int]) -> None:
         self.roots = roots
@@ -342,7 +343,7 @@ class ProcessCpu:
                 continue
             _, cpu_before, threads_before = before[key]
             busy = (cpu_s - cpu_before) / span_s
-            if busy < CPU_LISTED_CORES:
+            if busy < CPU_LISTED_CORES and key[0] not in self.roots:
                 quiet += 1
                 continue
             busiest = max((spent - threads_before.get(tid, 0.0) for tid, spent in threads.items()), default=0.0)

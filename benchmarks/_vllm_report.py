@@ -276,19 +276,25 @@ def other_window(runs: list[dict], window: str) -> str | None:
     return min({window_of(run) for run in runs} - {window}, default=None)
 
 
-def api_servers_text(api_servers: int | None) -> str:
-    """A ``--api-servers`` setting in words (None: vLLM's default)."""
-    if api_servers is None:
-        return "vLLM's default API servers (one per data-parallel rank)"
-    return f"{api_servers} API server{'s' if api_servers > 1 else ''}"
+def frontend(api_servers: int | None, discriminated_requests: bool) -> str:
+    """A server's HTTP frontend in words: its API server processes (``--api-servers``; None:
+    vLLM's default) and how it validates ``/v1/embeddings`` bodies."""
+    processes = ("vLLM's default API servers (one per data-parallel rank)" if api_servers is None else
+                 f"{api_servers} API server{'s' if api_servers > 1 else ''}")
+    validation = "the plugin's discriminated" if discriminated_requests else "vLLM's undiscriminated"
+    return f"{processes}, {validation} EmbeddingRequest validation"
 
 
-def other_api_servers(runs: list[dict], api_servers: int | None) -> str | None:
-    """The ``--api-servers`` settings of ``runs`` other than ``api_servers``, in words (None: all
-    as it; runs without the key were served with vLLM's default). A frontend can bound a
-    throughput, so runs served with different ones are not compared."""
-    others = {run.get("api_servers") for run in runs} - {api_servers}
-    return " and ".join(sorted(api_servers_text(n) for n in others)) or None
+def frontend_of(run: dict) -> str:
+    """How a run's servers took requests (runs from before these keys: vLLM's default API servers
+    and its own validation, which the plugin did not yet replace)."""
+    return frontend(run.get("api_servers"), run.get("discriminated_requests", False))
+
+
+def other_frontend(runs: list[dict], served_with: str) -> str | None:
+    """The frontends of ``runs`` other than ``served_with``, in words (None: all as it). A
+    frontend can bound a throughput, so runs served with different ones are not compared."""
+    return " and ".join(sorted({frontend_of(run) for run in runs} - {served_with})) or None
 
 
 METHOD = {
@@ -322,11 +328,13 @@ METHOD = {
            "second of window (busy_cores) and its busiest thread's (busiest_thread_cores: near 1.0, that thread "
            "bounds the process), from /proc at the window's opening and closing; processes under "
            f"{CPU_LISTED_CORES} cores counted (quiet_processes)",
-    "api_servers": "per run: --api-servers, vLLM API server processes (--api-server-count) of every layout; null: "
-                   "vLLM's default, one per data-parallel rank; runs with different settings are not merged or "
-                   "imported together. With more than one, vLLM's /metrics sums what each API server recorded: "
-                   "engine_metrics' tokens_per_s against the window's own rate says whether that counted each step "
-                   "once",
+    "frontend": "per run: api_servers, --api-servers, vLLM API server processes (--api-server-count) of every "
+                "layout (null: vLLM's default, one per data-parallel rank); discriminated_requests, whether the API "
+                "server validated /v1/embeddings bodies with the plugin's discriminated EmbeddingRequest (every "
+                "layout, stock included, where the plugin is installed; runs without the key used vLLM's union). "
+                "Runs served with different frontends are not merged or imported together. With more than one API "
+                "server, vLLM's /metrics sums what each recorded: engine_metrics' tokens_per_s against the window's "
+                "own rate says whether that counted each step once",
     "step_budget": "step_budget_policy per run: stock fills --max-num-batched-tokens; token_budget_steps layouts set "
                    f"AsyncEP's FLOPs budget to {UNREACHABLE_FLOPS_BUDGET:.0e} (never reached), so the token budget "
                    "is the only per-step limit on both sides",
@@ -345,10 +353,10 @@ def tiny_record(data: dict, source: str) -> dict:
 
 
 def import_runs(paths: list[Path], runs: list[dict], gpu: str | None, vllm_version: str, window: str,
-                api_servers: int | None = None) -> list[dict]:
+                served_with: str) -> list[dict]:
     """Add the runs of other results files measured on this GPU with this vLLM, their windows
-    opened as ``window`` says, served with ``api_servers`` (marked ``imported_from``); what was
-    imported or skipped, and why."""
+    opened as ``window`` says, their servers' frontends as ``served_with`` (:func:`frontend`)
+    says (marked ``imported_from``); what was imported or skipped, and why."""
     record = []
     for path in paths:
         if not path.exists():
@@ -364,10 +372,9 @@ def import_runs(paths: list[Path], runs: list[dict], gpu: str | None, vllm_versi
         if other:
             record.append({"file": str(path), "skipped": f"its windows opened {other}, this run's open {window}"})
             continue
-        other = other_api_servers(data.get("runs", []), api_servers)
+        other = other_frontend(data.get("runs", []), served_with)
         if other:
-            record.append({"file": str(path), "skipped": f"served with {other}, this run with "
-                                                         f"{api_servers_text(api_servers)}"})
+            record.append({"file": str(path), "skipped": f"served with {other}, this run with {served_with}"})
             continue
         have = {(r["model"], r["layout"], r["max_num_batched_tokens"]) for r in runs}
         new = [r | {"imported_from": str(path)} for r in data.get("runs", [])

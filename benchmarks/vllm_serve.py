@@ -138,15 +138,22 @@ from _vllm_layouts import (BUDGET_ENV, LAYOUTS, TRANSPORT_ENV, UNREACHABLE_FLOPS
                            ModelChoice, datasheet_peak, model_dir, model_spec, parse_model, peaks_for, visible_gpus)
 from _vllm_load import (JitEvents, LogCursor, _drive, engine_line, jit_events, percentile, server_memory, warm_up,  # noqa: E402, F401
                         warmup_concurrency, warmup_lengths)
-from _vllm_report import (METHOD, WINDOW, best_by_layout, import_runs, api_servers_text,  # noqa: E402, F401
-                          other_api_servers, other_window,
-                          plot, print_table, summarize, tiny_record, window_of, windows_opened)
+from _vllm_report import (METHOD, WINDOW, best_by_layout, frontend, import_runs, other_frontend,  # noqa: E402, F401
+                          other_window, plot, print_table, summarize, tiny_record, window_of, windows_opened)
 from trace_breakdown import breakdown_dir  # noqa: E402
+from vllm_zeroprefill.request_validation import SETTING_ENV as REQUESTS_SETTING_ENV  # noqa: E402
 from vllm_zeroprefill.server import ServerStartError, VllmServer  # noqa: E402
 from zeroprefill.common.cost_model import request_flops  # noqa: E402
 from zeroprefill.ports import free_port  # noqa: E402
 
 # -- one server -------------------------------------------------------------------------------
+
+
+def discriminated_requests(env: dict[str, str] | os._Environ) -> bool:
+    """Whether a server started with ``env`` validates ``/v1/embeddings`` bodies with the plugin's
+    discriminated union (:mod:`vllm_zeroprefill.request_validation`: on unless turned off)."""
+    return env.get(REQUESTS_SETTING_ENV, os.environ.get(REQUESTS_SETTING_ENV, "1")) != "0"
+
 
 
 def concurrency_for(context: int, batched_tokens: int, requested: int | None, gpus: int) -> int:
@@ -256,7 +263,8 @@ def run_server(args, model: ModelChoice, layout: Layout, batched_tokens: int, wo
                     "gpus": layout.gpus, "dtype": model.dtype, "peak_tflops": peak_tflops, "peak_source": peak_source,
                     "step_budget_policy": layout.step_budget_policy(batched_tokens),
                     "server_args": server_args, "env": env, "window": windows_opened(args.warmup_s),
-                    "api_servers": args.api_servers, "metrics_interval_s": args.metrics_interval_s}
+                    "api_servers": args.api_servers, "discriminated_requests": discriminated_requests(env),
+                    "metrics_interval_s": args.metrics_interval_s}
     refusal = layout.refuses(model.dtype)
     if refusal:
         log(f"  {name}: {refusal}")
@@ -416,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
 
     earlier: dict = {}
     window = windows_opened(args.warmup_s)
+    served_with = frontend(args.api_servers, discriminated_requests(os.environ))
     if args.tiny_record is not None:
         if args.merge and args.out.exists():
             parser.error("--tiny-record starts a new --out: leave out --merge, or merge into a file that holds it")
@@ -432,15 +441,15 @@ def main(argv: list[str] | None = None) -> int:
         if other:
             parser.error(f"--merge: {args.out} holds runs whose timed windows opened {other}; this run's open "
                          f"{window}, and the two are not compared: write to another --out")
-        other = other_api_servers(earlier.get("runs", []), args.api_servers)
+        other = other_frontend(earlier.get("runs", []), served_with)
         if other:
             parser.error(f"--merge: {args.out} holds runs served with {other}; this run's servers have "
-                         f"{api_servers_text(args.api_servers)}, and the two are not compared: write to another --out")
+                         f"{served_with}, and the two are not compared: write to another --out")
     runs: list[dict] = earlier.get("runs", [])
     commands = [*earlier.get("commands", []),
                 " ".join(["python", "benchmarks/vllm_serve.py", *(argv if argv is not None else sys.argv[1:])])]
     imports = [*earlier.get("imports", []),
-               *import_runs(args.import_runs, runs, gpu_names[0], vllm.__version__, window, args.api_servers)]
+               *import_runs(args.import_runs, runs, gpu_names[0], vllm.__version__, window, served_with)]
     started = time.monotonic()
 
     def log(message: str) -> None:

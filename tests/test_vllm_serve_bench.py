@@ -456,15 +456,16 @@ def test_process_cpu_tells_a_spinning_server_process_from_a_sleeping_one():
     summary = cpu.summary
     assert 0.9 <= summary["window_s"] < 1.5
     by_pid = {entry["pid"]: entry for entry in summary["processes"]}
-    assert server.pid not in by_pid and summary["quiet_processes"] >= 1  # the sleeping parent
-    (child,) = [entry for pid, entry in by_pid.items() if pid != os.getpid()]  # the spinning child
+    # The server's own process is listed however idle (here it sleeps); a quiet other one is counted.
+    assert by_pid[server.pid]["busy_cores"] < 0.05 and summary["quiet_processes"] >= 1
+    (child,) = [entry for pid, entry in by_pid.items() if pid not in (os.getpid(), server.pid)]  # the spinning child
     # One thread busy all the time it ran (a 2-core machine may lend it less than the whole second).
     assert child["busy_cores"] >= 0.4 and child["busiest_thread_cores"] == pytest.approx(child["busy_cores"], abs=0.05)
     assert vllm_serve.cpu_line(summary).startswith("CPU cores busy (busiest thread): ")
     assert vllm_serve.cpu_line({"unavailable": "psutil is not installed"}).endswith("psutil is not installed")
 
 
-def test_api_servers_reach_every_layout_and_runs_served_otherwise_are_kept_apart(fake_servers, tmp_path):
+def test_frontends_reach_every_layout_and_runs_served_otherwise_are_kept_apart(fake_servers, tmp_path):
     out = tmp_path / "vllm_serve-h100x1.json"
     common = ["--models", "qwen3-30b-a3b:2", "--reference-layout", "stock", "--batched-tokens", "4096",
               "--concurrency", "4", "--contexts", "64", "--duration-s", "0.3", "--warmup-s", "0.1",
@@ -482,10 +483,24 @@ def test_api_servers_reach_every_layout_and_runs_served_otherwise_are_kept_apart
     fresh = tmp_path / "fresh.json"
     vllm_serve.main([*common, "--layouts", "asyncep", "--out", str(fresh), "--import-runs", str(out)])
     result = json.loads(fresh.read_text())
-    assert result["imports"][0]["skipped"] == ("served with 2 API servers, this run with vLLM's default API servers "
-                                               "(one per data-parallel rank)")
+    validation = "the plugin's discriminated EmbeddingRequest validation"
+    assert result["imports"][0]["skipped"] == (f"served with 2 API servers, {validation}, this run with vLLM's "
+                                               f"default API servers (one per data-parallel rank), {validation}")
     assert [(run["layout"], run["api_servers"]) for run in result["runs"]] == [("asyncep", None)]
+    assert all(run["discriminated_requests"] for run in [*runs, *result["runs"]])
+    # Runs from before the plugin replaced vLLM's validation: another frontend, not merged.
+    earlier = json.loads(out.read_text())
+    for run in earlier["runs"]:
+        del run["discriminated_requests"], run["api_servers"]
+    out.write_text(json.dumps(earlier))
+    with pytest.raises(SystemExit):
+        vllm_serve.main([*common, "--layouts", "asyncep", "--out", str(out), "--merge"])
+    earlier = json.loads(out.read_text())  # as it was: the refusal wrote nothing
+    assert "api_servers" not in earlier["runs"][0]
+    for run in earlier["runs"]:
+        run["api_servers"], run["discriminated_requests"] = 2, True
     assert "--api-server-count" not in result["runs"][0]["server_args"]
+    out.write_text(json.dumps(earlier))
     vllm_serve.main([*common, "--layouts", "asyncep", "--api-servers", "2", "--out", str(out), "--merge"])
     assert len(json.loads(out.read_text())["runs"]) == 2
 
