@@ -123,6 +123,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
@@ -141,7 +142,7 @@ from _vllm_load import (JitEvents, LogCursor, _drive, engine_line, jit_events, p
 from _vllm_report import (METHOD, WINDOW, best_by_layout, frontend, import_runs, other_frontend,  # noqa: E402, F401
                           other_window, plot, print_table, summarize, tiny_record, window_of, windows_opened)
 from trace_breakdown import breakdown_dir  # noqa: E402
-from vllm_zeroprefill.request_validation import SETTING_ENV as REQUESTS_SETTING_ENV  # noqa: E402
+from vllm_zeroprefill.request_validation import replaces_vllms_union  # noqa: E402
 from vllm_zeroprefill.server import ServerStartError, VllmServer  # noqa: E402
 from zeroprefill.common.cost_model import request_flops  # noqa: E402
 from zeroprefill.ports import free_port  # noqa: E402
@@ -149,10 +150,11 @@ from zeroprefill.ports import free_port  # noqa: E402
 # -- one server -------------------------------------------------------------------------------
 
 
-def discriminated_requests(env: dict[str, str] | os._Environ) -> bool:
-    """Whether a server started with ``env`` validates ``/v1/embeddings`` bodies with the plugin's
-    discriminated union (:mod:`vllm_zeroprefill.request_validation`: on unless turned off)."""
-    return env.get(REQUESTS_SETTING_ENV, os.environ.get(REQUESTS_SETTING_ENV, "1")) != "0"
+def discriminated_requests(env: Mapping[str, str]) -> bool:
+    """Whether a server started with ``env`` (over this process's environment) validates
+    ``/v1/embeddings`` bodies with the plugin's discriminated union
+    (:mod:`vllm_zeroprefill.request_validation`: where this vLLM needs it, unless turned off)."""
+    return replaces_vllms_union({**os.environ, **env})
 
 
 

@@ -1,6 +1,6 @@
 """``/v1/embeddings`` request bodies validated by their shape, not by trying every request model.
 
-vLLM's ``EmbeddingRequest`` (0.26 to 0.34) is a union of five pydantic models: completion-style
+vLLM's ``EmbeddingRequest`` (0.26 to 0.33) is a union of five pydantic models: completion-style
 ``input`` (text or token ids), one chat conversation in ``messages``, a batch of them, and the
 same two passed as ``input``. It has no discriminator, so FastAPI's validation tries every
 member, and the members that read ``input`` as chat messages give up only after trying each
@@ -16,7 +16,8 @@ with it, so only that member validates the body (0.07 ms at 2,048 tokens); a bod
 takes more than its first items to tell goes to vLLM's whole union, as before. What is
 accepted and the model it becomes are vLLM's own (tests compare both for every shape); a body
 that fails validation fails with that one member's errors. ``ZEROPREFILL_VLLM_DISCRIMINATED_
-REQUESTS=0`` leaves vLLM's union in place. A vLLM whose union has other members is left alone.
+REQUESTS=0`` leaves vLLM's union in place. A vLLM whose union has other members is left alone,
+and so is one that validates plain inputs first itself (0.34: :data:`VLLM_FAST_PATH`).
 """
 
 from __future__ import annotations
@@ -24,12 +25,16 @@ from __future__ import annotations
 import importlib
 import os
 import typing
+from collections.abc import Mapping
 from typing import Any
 
 #: Where vLLM defines ``EmbeddingRequest``.
 PROTOCOL_MODULE = "vllm.entrypoints.pooling.embed.protocol"
 #: ``0`` keeps vLLM's undiscriminated union.
 SETTING_ENV = "ZEROPREFILL_VLLM_DISCRIMINATED_REQUESTS"
+#: vLLM 0.34's own remedy: a wrap validator that tries the completion member first for bodies no
+#: chat member could accept. Where the protocol module has it, nothing is replaced.
+VLLM_FAST_PATH = "_validate_embedding_request"
 #: The member each :func:`request_kind` names, by vLLM's class names.
 KIND_MEMBERS = {
     "completion": "EmbeddingCompletionRequest",
@@ -97,6 +102,8 @@ def discriminated(alias: Any) -> Any | None:
     five this module knows."""
     from pydantic import Discriminator, Tag
 
+    if alias is None:
+        return None
     members, metadata = union_members(alias)
     kinds = {name: kind for kind, name in KIND_MEMBERS.items()}
     if sorted(cls.__name__ for cls in members) != sorted(kinds):
@@ -108,6 +115,20 @@ def discriminated(alias: Any) -> Any | None:
 
 
 _vllm_alias: Any = None  # vLLM's own EmbeddingRequest, once install() has replaced it
+
+
+def replaces_vllms_union(environ: Mapping[str, str]) -> bool:
+    """Whether :func:`install` replaces this vLLM's ``EmbeddingRequest`` in a process started
+    with ``environ`` (what a benchmark records of the servers it starts)."""
+    if environ.get(SETTING_ENV, "1") == "0":
+        return False
+    try:
+        protocol = importlib.import_module(PROTOCOL_MODULE)
+    except ImportError:
+        return False
+    if hasattr(protocol, VLLM_FAST_PATH):
+        return False
+    return _vllm_alias is not None or discriminated(getattr(protocol, "EmbeddingRequest", None)) is not None
 
 
 def vllm_embedding_request() -> Any:
@@ -130,6 +151,8 @@ def install() -> str:
         protocol = importlib.import_module(PROTOCOL_MODULE)
     except ImportError:
         return f"no {PROTOCOL_MODULE} in this vLLM: its request validation left as it is"
+    if hasattr(protocol, VLLM_FAST_PATH):
+        return f"this vLLM validates plain inputs first itself ({VLLM_FAST_PATH}): its EmbeddingRequest left as it is"
     alias = getattr(protocol, "EmbeddingRequest", None)
     replacement = discriminated(alias) if alias is not None else None
     if replacement is None:
