@@ -22,14 +22,36 @@ compare against. No vLLM or SGLang imports: the AsyncEP layer plugs ``fused_expe
 experts kernel.
 """
 
-from .align import ExpertAlignment, moe_align_block_size
-from .deepgemm import deepgemm_experts, deepgemm_source, deepgemm_unavailable_reason
-from .fused_moe import (EXPERTS_KERNEL_ENV, experts_kernel_choice, experts_kernel_setting, fused_experts,
-                        fused_experts_reference, precompile_experts)
-from .grouped_mm_moe import grouped_mm_experts
-from .moe_config import GROUPED_MM, TRITON, TRITON_GROUPED_MM, GemmConfig, MoEConfig, get_config
-from .quant import (dequantize_fp8_block, dequantize_fp8_rowwise, quantize_tokens_fp8_group,
-                    quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
+import sys
+
+if __name__ == "kernels":
+    # Imported as the top-level name ``kernels``: a checkout's root is on sys.path (``python -m``
+    # or pytest from it), and this folder shadows whatever ``kernels`` is installed (Hugging
+    # Face's kernel hub, which transformers imports when its metadata says it is there). This
+    # folder is ``zeroprefill.kernels`` only: the installed package takes its place, or, with
+    # none installed, the import fails as it would without the checkout.
+    import importlib.machinery
+    import importlib.util
+    from pathlib import Path
+
+    _checkout = Path(__file__).resolve().parent.parent
+    _spec = importlib.machinery.PathFinder.find_spec(
+        __name__, [entry for entry in sys.path if Path(entry or ".").resolve() != _checkout])
+    if _spec is None or _spec.loader is None:
+        raise ModuleNotFoundError(f"No module named {__name__!r} (the checkout's kernels/ is zeroprefill.kernels)",
+                                  name=__name__)
+    _installed = importlib.util.module_from_spec(_spec)
+    sys.modules[__name__] = _installed  # what the import statement returns once this body ends
+    _spec.loader.exec_module(_installed)
+else:
+    from .align import ExpertAlignment, moe_align_block_size
+    from .deepgemm import deepgemm_experts, deepgemm_source, deepgemm_unavailable_reason
+    from .fused_moe import (EXPERTS_KERNEL_ENV, experts_kernel_choice, experts_kernel_setting, fused_experts,
+                            fused_experts_reference, precompile_experts)
+    from .grouped_mm_moe import grouped_mm_experts
+    from .moe_config import GROUPED_MM, TRITON, TRITON_GROUPED_MM, GemmConfig, MoEConfig, get_config
+    from .quant import (dequantize_fp8_block, dequantize_fp8_rowwise, quantize_tokens_fp8_group,
+                        quantize_weights_fp8_block, quantize_weights_fp8_rowwise)
 
 __all__ = [
     "EXPERTS_KERNEL_ENV",
