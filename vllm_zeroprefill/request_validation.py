@@ -53,6 +53,21 @@ def _first(value: Any) -> Any:
     return value[0] if isinstance(value, list) and value else None
 
 
+_announced = False
+
+
+def _announce_once() -> None:
+    """One line in the log of the process that validates requests (the API server), at its first."""
+    global _announced
+    if not _announced:
+        _announced = True
+        from vllm.logger import init_logger
+
+        init_logger(f"vllm.{__name__}").info(
+            "zeroprefill: /v1/embeddings bodies are validated by the one request model their shape allows "
+            "(%s=0 keeps vLLM's union of five)", SETTING_ENV)
+
+
 def request_kind(body: Any) -> str:
     """The one member (a key of :data:`KIND_MEMBERS`) that can accept an embeddings request
     body, from its first items alone, or :data:`ANY_MEMBER` where that takes more (a body with
@@ -65,6 +80,7 @@ def request_kind(body: Any) -> str:
     a conversation (``chat_input``), a list of messages first a batch (``batch_chat_input``).
     No other member accepts a body whose first item has that type, so the member named builds
     what the union would, and rejects what it would."""
+    _announce_once()
     if not isinstance(body, dict) or ("messages" in body) == ("input" in body):
         return ANY_MEMBER
     if "messages" in body:
