@@ -28,8 +28,9 @@ if __name__ == "kernels":
     # Imported as the top-level name ``kernels``: a checkout's root is on sys.path (``python -m``
     # or pytest from it), and this folder shadows whatever ``kernels`` is installed (Hugging
     # Face's kernel hub, which transformers imports when its metadata says it is there). This
-    # folder is ``zeroprefill.kernels`` only: the installed package takes its place, or, with
-    # none installed, the import fails as it would without the checkout.
+    # folder is ``zeroprefill.kernels`` only: the installed package takes its place. With none
+    # installed the module stays empty (no attributes, no version), which is what a probe such
+    # as transformers' availability check, which imports the name, reads as "not installed".
     import importlib.machinery
     import importlib.util
     from pathlib import Path
@@ -37,12 +38,10 @@ if __name__ == "kernels":
     _checkout = Path(__file__).resolve().parent.parent
     _spec = importlib.machinery.PathFinder.find_spec(
         __name__, [entry for entry in sys.path if Path(entry or ".").resolve() != _checkout])
-    if _spec is None or _spec.loader is None:
-        raise ModuleNotFoundError(f"No module named {__name__!r} (the checkout's kernels/ is zeroprefill.kernels)",
-                                  name=__name__)
-    _installed = importlib.util.module_from_spec(_spec)
-    sys.modules[__name__] = _installed  # what the import statement returns once this body ends
-    _spec.loader.exec_module(_installed)
+    if _spec is not None and _spec.loader is not None:
+        _installed = importlib.util.module_from_spec(_spec)
+        sys.modules[__name__] = _installed  # what the import statement returns once this body ends
+        _spec.loader.exec_module(_installed)
 else:
     from .align import ExpertAlignment, moe_align_block_size
     from .deepgemm import deepgemm_experts, deepgemm_source, deepgemm_unavailable_reason

@@ -3,8 +3,8 @@
 With a checkout's root on ``sys.path`` (``python -m`` or pytest started there) the folder is
 found first under its own name, where it would shadow an installed ``kernels`` package
 (Hugging Face's kernel hub, which transformers imports when that package's metadata is
-present, and then fails on ours). Imported that way it steps aside for the installed one, or
-fails as a plain environment would.
+present, and then fails on ours). Imported that way it steps aside for the installed one, or stays
+empty (what transformers' availability probe, which imports the name, reads as absent).
 """
 
 from __future__ import annotations
@@ -35,10 +35,12 @@ def test_an_installed_kernels_package_is_the_one_imported_from_a_checkout(tmp_pa
     assert done.stdout.strip() == "the installed kernels package"
 
 
-def test_without_one_the_top_level_name_is_absent_and_zeroprefill_kernels_stays():
-    done = run_from_checkout("import kernels", "-S")  # -S: no site-packages, so nothing installed
-    assert done.returncode == 1 and "No module named 'kernels'" in done.stderr
-    assert "zeroprefill.kernels" in done.stderr.splitlines()[-1]
+def test_without_one_the_top_level_name_is_empty_and_zeroprefill_kernels_stays():
+    # -S: no site-packages, so nothing is installed (nor torch, which our kernels would import).
+    done = run_from_checkout("import kernels; print(getattr(kernels, '__version__', 'N/A'), "
+                             "hasattr(kernels, 'fused_experts'), kernels.__file__ is not None)", "-S")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["N/A", "False", "True"]  # what transformers reads as "not installed"
     done = run_from_checkout("import zeroprefill.kernels as k; print(k.fused_experts.__module__)")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "zeroprefill.kernels.fused_moe"
