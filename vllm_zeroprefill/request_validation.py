@@ -133,20 +133,6 @@ def discriminated(alias: Any) -> Any | None:
 _vllm_alias: Any = None  # vLLM's own EmbeddingRequest, once install() has replaced it
 
 
-def replaces_vllms_union(environ: Mapping[str, str]) -> bool:
-    """Whether :func:`install` replaces this vLLM's ``EmbeddingRequest`` in a process started
-    with ``environ`` (what a benchmark records of the servers it starts)."""
-    if environ.get(SETTING_ENV, "1") == "0":
-        return False
-    try:
-        protocol = importlib.import_module(PROTOCOL_MODULE)
-    except ImportError:
-        return False
-    if hasattr(protocol, VLLM_FAST_PATH):
-        return False
-    return _vllm_alias is not None or discriminated(getattr(protocol, "EmbeddingRequest", None)) is not None
-
-
 def vllm_embedding_request() -> Any:
     """vLLM's own ``EmbeddingRequest``, whether or not :func:`install` has replaced it."""
     if _vllm_alias is not None:
@@ -154,24 +140,38 @@ def vllm_embedding_request() -> Any:
     return importlib.import_module(PROTOCOL_MODULE).EmbeddingRequest
 
 
-def install() -> str:
-    """Put :func:`discriminated` in place of vLLM's ``EmbeddingRequest``; what was done, in words
-    (for the log). Idempotent; does nothing where :data:`SETTING_ENV` is ``0``, where vLLM has no
-    such alias, or where its members differ."""
-    global _vllm_alias
-    if os.environ.get(SETTING_ENV, "1") == "0":
+def _replacement(environ: Mapping[str, str]) -> tuple[Any, Any] | str:
+    """vLLM's protocol module and the alias to put in it, or why nothing is replaced."""
+    if environ.get(SETTING_ENV, "1") == "0":
         return f"{SETTING_ENV}=0: vLLM's EmbeddingRequest union left as it is"
-    if _vllm_alias is not None:
-        return "EmbeddingRequest already discriminated"
     try:
         protocol = importlib.import_module(PROTOCOL_MODULE)
     except ImportError:
         return f"no {PROTOCOL_MODULE} in this vLLM: its request validation left as it is"
     if hasattr(protocol, VLLM_FAST_PATH):
         return f"this vLLM validates plain inputs first itself ({VLLM_FAST_PATH}): its EmbeddingRequest left as it is"
-    alias = getattr(protocol, "EmbeddingRequest", None)
-    replacement = discriminated(alias) if alias is not None else None
+    replacement = discriminated(getattr(protocol, "EmbeddingRequest", None) if _vllm_alias is None else _vllm_alias)
     if replacement is None:
         return "this vLLM's EmbeddingRequest has other members: left as it is"
-    _vllm_alias, protocol.EmbeddingRequest = alias, replacement
+    return protocol, replacement
+
+
+def replaces_vllms_union(environ: Mapping[str, str]) -> bool:
+    """Whether :func:`install` replaces this vLLM's ``EmbeddingRequest`` in a process started
+    with ``environ`` (what a benchmark records of the servers it starts)."""
+    return not isinstance(_replacement(environ), str)
+
+
+def install() -> str:
+    """Put :func:`discriminated` in place of vLLM's ``EmbeddingRequest``; what was done, in words
+    (for the log). Idempotent; does nothing where :data:`SETTING_ENV` is ``0``, where vLLM has no
+    such alias, where it validates plain inputs first itself, or where its members differ."""
+    global _vllm_alias
+    if _vllm_alias is not None:
+        return "EmbeddingRequest already discriminated"
+    replacement = _replacement(os.environ)
+    if isinstance(replacement, str):
+        return replacement
+    protocol, alias = replacement
+    _vllm_alias, protocol.EmbeddingRequest = protocol.EmbeddingRequest, alias
     return "/v1/embeddings bodies validated by their shape (EmbeddingRequest discriminated)"
