@@ -135,6 +135,19 @@ def test_install_replaces_the_alias_once_unless_told_not_to(monkeypatch):
     assert protocol.EmbeddingRequest is replaced
 
 
+def test_info_says_how_a_server_here_validates_embedding_requests(monkeypatch):
+    from zeroprefill.environment import collect_environment
+
+    state = collect_environment()["backends"]["vllm requests"]
+    if vllm_validates_plain_inputs_first():
+        assert "validates plain inputs first itself" in state
+    else:
+        assert state.startswith("discriminated by the plugin: one request model per body")
+    monkeypatch.setenv(request_validation.SETTING_ENV, "0")
+    assert collect_environment()["backends"]["vllm requests"] == (
+        f"{request_validation.SETTING_ENV}=0: vLLM's EmbeddingRequest union left as it is")
+
+
 def test_a_union_of_other_members_is_left_alone():
     assert request_validation.discriminated(typing.Annotated[int | str, "metadata"]) is None
 

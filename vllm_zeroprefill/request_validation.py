@@ -162,6 +162,16 @@ def replaces_vllms_union(environ: Mapping[str, str]) -> bool:
     return not isinstance(_replacement(environ), str)
 
 
+def validation_state(environ: Mapping[str, str]) -> str:
+    """How a vLLM server started with ``environ`` validates ``/v1/embeddings`` bodies, in words
+    (``zeroprefill info``)."""
+    replacement = _replacement(environ)
+    if isinstance(replacement, str):
+        return replacement
+    return ("discriminated by the plugin: one request model per body, by its shape (vLLM's own union tries "
+            f"all five; {SETTING_ENV}=0 keeps it)")
+
+
 def install() -> str:
     """Put :func:`discriminated` in place of vLLM's ``EmbeddingRequest``; what was done, in words
     (for the log). Idempotent; does nothing where :data:`SETTING_ENV` is ``0``, where vLLM has no

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 import platform
 from typing import Any
 
@@ -49,6 +50,20 @@ def _engine_plugin_state(engine: str, compat_module: str, range_name: str, refus
     return f"{engine} {version} outside the supported {supported.text()}: {refusal}"
 
 
+def _vllm_request_validation() -> str:
+    """How a vLLM server here would validate ``/v1/embeddings`` bodies (the plugin's seam 4)."""
+    for module in ("vllm", "vllm_zeroprefill.request_validation"):
+        ok, why = _importable(module)
+        if not ok:
+            return f"{'engine' if module == 'vllm' else 'plugin'} not importable ({why})"
+    from vllm_zeroprefill.request_validation import validation_state
+
+    try:
+        return validation_state(os.environ)
+    except Exception as exc:  # report it, never crash `info`
+        return f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+
+
 def collect_environment() -> dict[str, Any]:
     """Versions of the libraries we build on and which transports/kernels work here."""
     import torch
@@ -85,6 +100,7 @@ def collect_environment() -> dict[str, Any]:
     backends["triton"] = ("usable" if cuda else "interpreter only (TRITON_INTERPRET=1)") if ok else why
     for plugin, check in _ENGINE_PLUGINS.items():
         backends[plugin] = _engine_plugin_state(*check)
+    backends["vllm requests"] = _vllm_request_validation()
     # After the engines: a vLLM that imports brings its own copy of DeepGEMM.
     from zeroprefill.kernels import deepgemm_source, deepgemm_unavailable_reason
     from zeroprefill.kernels.deepgemm import FP8_LAYOUT_ENV, fp8_layout_in_use
