@@ -297,6 +297,19 @@ def other_frontend(runs: list[dict], served_with: str) -> str | None:
     return " and ".join(sorted({frontend_of(run) for run in runs} - {served_with})) or None
 
 
+def incomparable(runs: list[dict], window: str, served_with: str) -> str | None:
+    """Why ``runs`` are not compared with this invocation's, whose windows open as ``window``
+    and whose servers' frontends are ``served_with`` (None: they are); for ``--merge`` and
+    ``--import-runs`` alike."""
+    other = other_window(runs, window)
+    if other:
+        return f"its windows opened {other}, this run's open {window}"
+    other = other_frontend(runs, served_with)
+    if other:
+        return f"served with {other}, this run with {served_with}"
+    return None
+
+
 METHOD = {
     "timing": "after start-up (compile, CUDA-graph capture) and the warm-up, each window opens on its own load, "
               "started --warmup-s before it (lead); throughput counts the answers inside the window of "
@@ -368,13 +381,9 @@ def import_runs(paths: list[Path], runs: list[dict], gpu: str | None, vllm_versi
             record.append({"file": str(path), "skipped": f"measured on {theirs[0]} with vLLM {theirs[1]}, "
                                                          f"this run is {gpu} with vLLM {vllm_version}"})
             continue
-        other = other_window(data.get("runs", []), window)
-        if other:
-            record.append({"file": str(path), "skipped": f"its windows opened {other}, this run's open {window}"})
-            continue
-        other = other_frontend(data.get("runs", []), served_with)
-        if other:
-            record.append({"file": str(path), "skipped": f"served with {other}, this run with {served_with}"})
+        why_not = incomparable(data.get("runs", []), window, served_with)
+        if why_not:
+            record.append({"file": str(path), "skipped": why_not})
             continue
         have = {(r["model"], r["layout"], r["max_num_batched_tokens"]) for r in runs}
         new = [r | {"imported_from": str(path)} for r in data.get("runs", [])

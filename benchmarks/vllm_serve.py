@@ -139,8 +139,8 @@ from _vllm_layouts import (BUDGET_ENV, LAYOUTS, TRANSPORT_ENV, UNREACHABLE_FLOPS
                            ModelChoice, datasheet_peak, model_dir, model_spec, parse_model, peaks_for, visible_gpus)
 from _vllm_load import (JitEvents, LogCursor, _drive, engine_line, jit_events, percentile, server_memory, warm_up,  # noqa: E402, F401
                         warmup_concurrency, warmup_lengths)
-from _vllm_report import (METHOD, WINDOW, best_by_layout, frontend, import_runs, other_frontend,  # noqa: E402, F401
-                          other_window, plot, print_table, summarize, tiny_record, window_of, windows_opened)
+from _vllm_report import (METHOD, WINDOW, best_by_layout, frontend, import_runs, incomparable,  # noqa: E402, F401
+                          plot, print_table, summarize, tiny_record, window_of, windows_opened)
 from trace_breakdown import breakdown_dir  # noqa: E402
 from vllm_zeroprefill.request_validation import replaces_vllms_union  # noqa: E402
 from vllm_zeroprefill.server import ServerStartError, VllmServer  # noqa: E402
@@ -155,7 +155,6 @@ def discriminated_requests(env: Mapping[str, str]) -> bool:
     ``/v1/embeddings`` bodies with the plugin's discriminated union
     (:mod:`vllm_zeroprefill.request_validation`: where this vLLM needs it, unless turned off)."""
     return replaces_vllms_union({**os.environ, **env})
-
 
 
 def concurrency_for(context: int, batched_tokens: int, requested: int | None, gpus: int) -> int:
@@ -439,14 +438,10 @@ def main(argv: list[str] | None = None) -> int:
         if earlier.get("runs") and earlier.get("gpu") not in (None, gpu_names[0]):
             parser.error(f"--merge: {args.out} holds runs measured on {earlier['gpu']}, this machine has "
                          f"{gpu_names[0]}: write to another --out")
-        other = other_window(earlier.get("runs", []), window)
-        if other:
-            parser.error(f"--merge: {args.out} holds runs whose timed windows opened {other}; this run's open "
-                         f"{window}, and the two are not compared: write to another --out")
-        other = other_frontend(earlier.get("runs", []), served_with)
-        if other:
-            parser.error(f"--merge: {args.out} holds runs served with {other}; this run's servers have "
-                         f"{served_with}, and the two are not compared: write to another --out")
+        why_not = incomparable(earlier.get("runs", []), window, served_with)
+        if why_not:
+            parser.error(f"--merge: the runs in {args.out} are not compared with this one's ({why_not}): "
+                         "write to another --out")
     runs: list[dict] = earlier.get("runs", [])
     commands = [*earlier.get("commands", []),
                 " ".join(["python", "benchmarks/vllm_serve.py", *(argv if argv is not None else sys.argv[1:])])]
