@@ -94,13 +94,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"not a vllm_serve.py results file: {type(exc).__name__}: {exc}")
     if not rows:
         parser.error("no run with a kept server log on one GPU in these files")
-    print(f"{'file':<28}{'model':<22}{'layout':<24}{'measured':>10}{'logged':>10}{'ratio':>7}  all 10-s rates logged")
+    widths = {key: 2 + max(len(title), *(len(Path(row[key]).name if key == "file" else row[key]) for row in rows))
+              for key, title in (("file", "file"), ("model", "model"), ("layout", "layout"))}
+    print(f"{'file':<{widths['file']}}{'model':<{widths['model']}}{'layout':<{widths['layout']}}"
+          f"{'measured':>10}{'logged':>10}{'ratio':>7}  all 10-s rates logged")
     for row in rows:
         logged = ", ".join(f"{r['prompt_tokens_per_s']:,.0f}" for r in row["logged"])
         ratio = f"{row['measured_vs_logged']:.3f}" if row["measured_vs_logged"] else "-"
         inside = f"{row['logged_inside_window_tokens_per_s']:,}" if row["logged_inside_window_tokens_per_s"] else "-"
-        print(f"{Path(row['file']).name:<28}{row['model']:<22}{row['layout']:<24}{row['measured_tokens_per_s']:>10,}"
-              f"{inside:>10}{ratio:>7}  {logged}")
+        print(f"{Path(row['file']).name:<{widths['file']}}{row['model']:<{widths['model']}}"
+              f"{row['layout']:<{widths['layout']}}{row['measured_tokens_per_s']:>10,}{inside:>10}{ratio:>7}  {logged}")
     print("logged: the mean of the 10-s rates vLLM logged wholly inside the timed window ('-': none was)")
     if args.out:
         write_json(args.out, {"command": " ".join(["python", "benchmarks/logged_throughput.py",
