@@ -56,8 +56,9 @@
 # as slower there, fused_moe/oracle/unquantized.py), FP8_ASYNCEP_VARIANTS (empty: none; asyncep-fp8-psum
 # serves DeepGEMM's psum row layout, 15-18% below the default m_indices in both runs so far),
 # API_SERVERS (empty: vLLM's default, one API server per data-parallel rank; e.g. 2: every server
-# runs two: with one, the one-GPU closed loops of the faster FP8 servers levelled off at 32
-# requests of 2,048 tokens per second with the engine's queue empty, H100, 2026-12-07),
+# runs two: with one and vLLM's own request validation, the one-GPU closed loops of the faster
+# FP8 servers levelled off at 32 requests of 2,048 tokens per second with the engine's queue
+# empty, H100, 2026-12-07; with the plugin's validation one kept every queue full),
 # METRICS_INTERVAL_S (empty: 0.5 s between readings of the server's /metrics; 0: only at the
 # load's start and the window's ends),
 # BUDGET_S (560: the call's whole budget; the
