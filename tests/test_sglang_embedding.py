@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import socket
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,6 +32,7 @@ from sglang_cpu import (  # noqa: E402
     publish,
 )
 
+from zeroprefill.ports import free_port  # noqa: E402
 from zeroprefill.tiny_model import TinyMoEConfig  # noqa: E402
 
 HIDDEN = 32
@@ -52,12 +52,6 @@ class FinalHiddenStates(torch.nn.Module):
 class RecordingHead(torch.nn.Module):
     def forward(self, input_ids, hidden_states, lm_head, forward_batch, *rest) -> str:
         return "logits"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, architecture: str, model_dir: str, port: int) -> None:
@@ -121,7 +115,7 @@ def test_moe_causal_lm_serves_last_token_embeddings(architecture: str, tmp_path:
                            num_attention_heads=2, num_kv_heads=1, head_dim=16, vocab_size=64,
                            shared_expert_intermediate_size=32)
     (tmp_path / "config.json").write_text(json.dumps(config.hf_config()))
-    mp.spawn(_worker, args=(architecture, str(tmp_path), _free_port()), nprocs=1, join=True)
+    mp.spawn(_worker, args=(architecture, str(tmp_path), free_port()), nprocs=1, join=True)
 
 
 def test_a_model_without_moe_layers_is_left_alone() -> None:

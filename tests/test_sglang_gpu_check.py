@@ -345,28 +345,3 @@ def test_prompt_tokens_avoid_the_id_sglang_reports_as_zero() -> None:
     drawn = {check.prompt_token(rng, 8) for _ in range(500)}
     assert drawn == set(range(1, 7))
     assert all(max(prompt) < 511 for prompt in check.comparison_prompts(512))
-
-
-def test_servers_started_side_by_side_get_ports_of_their_own(monkeypatch):
-    """The OS may offer a port again as soon as the probe closes: six servers started at once
-    once got the same port twice (one then failed with "Address already in use")."""
-    from zeroprefill import ports
-
-    offered = iter([41001, 41001, 41002, 41001, 41003])
-
-    class ProbeSocket:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def bind(self, address):
-            self.port = next(offered)
-
-        def getsockname(self):
-            return ("127.0.0.1", self.port)
-
-    monkeypatch.setattr(ports.socket, "socket", ProbeSocket)
-    monkeypatch.setattr(ports, "_handed_out", set())
-    assert [ports.free_port() for _ in range(3)] == [41001, 41002, 41003]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,17 +36,13 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sglang_cpu import import_sglang, initialize_model_parallel, initialize_moe_config, publish  # noqa: E402
 
+from zeroprefill.ports import free_port  # noqa: E402
+
 NUM_EXPERTS, TOP_K = 8, 2
 NUM_MOE_LAYERS, TOKENS_PER_RANK = 2, 5
 #: (hidden, intermediate) per expert format; block FP8 needs whole 128-blocks (two and one here).
 SIZES = {"unquantized": (32, 16), "block_fp8": (256, 128)}
 FP8_BLOCK = [128, 128]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _block_varied(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -218,7 +213,7 @@ def test_asyncep_fused_moe_on_two_gloo_ranks_matches_sglang_native_moe(weight_fo
     pytest.importorskip("sglang")
     config = Path(__file__).resolve().parents[1] / "common" / "model_configs" / "qwen3-30b-a3b.json"
     (tmp_path / "config.json").write_text(config.read_text())  # resolution reads the model's config
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), weight_format), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path), weight_format), nprocs=2, join=True)
 
 
 # -- which experts are served, and what a loaded layer hands to the streamer (stand-in layers) ----
