@@ -25,7 +25,10 @@
 #   sglang-30b   sglang_gpu_check.py --parts 30b, all 48 layers (~5 min)
 #
 # OUT_DIR/machine.txt (written once) records the machine: the GPU's power limits and clocks as
-# nvidia-smi reports them, the CPU model and core count, the memory.
+# nvidia-smi reports them, the CPU model and core count, the memory. The last lines of
+# progress.log give the size of the JIT caches the steps filled (DeepGEMM's, vLLM's compile
+# cache, Triton's): the first block-FP8 server's start spends minutes JIT-building DeepGEMM
+# kernels on a fresh machine, which a carried cache would save if it is small enough to travel.
 #
 # Settings (environment): STEPS (all six), VLLM_SITE (/tmp/site) and SGLANG_SITE (/tmp/sgsite):
 # the folders each engine was installed into, put on PYTHONPATH for its steps; each step's own
@@ -94,8 +97,17 @@ machine() {  # what the machine is, for comparing runs across machines: GPU limi
 }
 [ -f "$out/machine.txt" ] || machine > "$out/machine.txt" 2>&1
 
+jit_caches() {  # how large the JIT caches grew: whether carrying them to a fresh machine would pay
+    local dir
+    for dir in "${DG_JIT_CACHE_DIR:-$HOME/.deep_gemm}" "${VLLM_CACHE_ROOT:-$HOME/.cache/vllm}" \
+            "${TRITON_CACHE_DIR:-$HOME/.triton}"; do
+        [ -d "$dir" ] && printf '%s %s; ' "$(du -sh "$dir" 2>/dev/null | cut -f1)" "${dir/#$HOME/\~}"
+    done
+}
+
 progress "steps: $steps"
 for step in $steps; do
     run_step "$step"
 done
+progress "JIT caches: $(jit_caches)"
 progress "done"

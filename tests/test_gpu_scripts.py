@@ -10,6 +10,7 @@ records its calls, for which stock tile tables it serves with and what it passes
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -26,13 +27,20 @@ def test_scripts_parse(script: str) -> None:
 
 
 def test_sequence_logs_every_step_with_its_status(tmp_path: Path) -> None:
-    env = {**os.environ, "STEPS": "no-such-step"}
-    subprocess.run(["bash", "benchmarks/gpu_1x_all.sh", str(tmp_path)], cwd=REPO, env=env, check=True)
-    lines = [line.split("] ", 1)[1] for line in (tmp_path / "progress.log").read_text().splitlines()]
-    assert lines == ["steps: no-such-step", "no-such-step: start",
-                     "no-such-step: exit 2 (unknown step no-such-step: checks, bf16, fp8, kernels, sglang-tiny "
-                     "or sglang-30b)", "done"]
-    machine = (tmp_path / "machine.txt").read_text()  # what the machine is, nvidia-smi or not
+    home = tmp_path / "home"
+    (home / ".triton" / "cache").mkdir(parents=True)
+    (home / ".triton" / "cache" / "kernel.cubin").write_bytes(b"\0" * 4096)
+    env = {**os.environ, "STEPS": "no-such-step", "HOME": str(home)}
+    for cache in ("DG_JIT_CACHE_DIR", "VLLM_CACHE_ROOT", "TRITON_CACHE_DIR"):
+        env.pop(cache, None)
+    subprocess.run(["bash", "benchmarks/gpu_1x_all.sh", str(tmp_path / "out")], cwd=REPO, env=env, check=True)
+    lines = [line.split("] ", 1)[1] for line in (tmp_path / "out" / "progress.log").read_text().splitlines()]
+    assert lines[:3] == ["steps: no-such-step", "no-such-step: start",
+                         "no-such-step: exit 2 (unknown step no-such-step: checks, bf16, fp8, kernels, sglang-tiny "
+                         "or sglang-30b)"]
+    # The JIT caches that exist, by size, with the home folder written as ~ (no machine path)
+    assert re.fullmatch(r"JIT caches: \S+ ~/\.triton; ", lines[3]) and lines[4:] == ["done"]
+    machine = (tmp_path / "out" / "machine.txt").read_text()  # what the machine is, nvidia-smi or not
     assert "CPU: " in machine and f"{len(os.sched_getaffinity(0))} cores" in machine and "date: " in machine
 
 
