@@ -29,7 +29,7 @@ set beside it as measured: GPU time per layer (``gpu_step_fp8_vs_bf16_measured``
 throughput (``served_fp8_vs_bf16_measured``) and each window's median SM clock. A bf16 server
 that the GPU's power limit holds to a lower clock can take longer than the bound says. Where a
 closed loop recorded vLLM's engine metrics, ``served_step`` sets its time per step against the
-profile's GPU time per step: the rest is spent off the GPU.
+profile's GPU time per step (the time some kernel ran): the rest is spent off the GPU.
 
     python benchmarks/fp8_served_bound.py                      # the committed one-H100 profile
     python benchmarks/fp8_served_bound.py --profile P.json --kernels K1.json K2.json --target 1.4
@@ -76,14 +76,17 @@ def closed_loop(run: dict) -> dict:
 
 def served_step(run: dict) -> dict | None:
     """Where the run's closed loop recorded vLLM's engine metrics (``vllm_serve.py``, from
-    2026-12-07): its time per engine step served (``step_ms_served``) against the profile's GPU
-    time per step (``step_ms_gpu``: the profile's window over its steps), and the difference,
-    the time a served step spends off the GPU; None without them."""
+    2026-12-07): its time per engine step served (``step_ms_served``) against the GPU time per
+    step of the profile (``step_ms_gpu``: the time some kernel ran, over the profiled steps), and
+    the difference, the time a served step spends off the GPU; also the profile's window per
+    step (``step_ms_profiled``, idle gaps included). None without engine metrics."""
     engine = closed_loop(run).get("engine_metrics") or {}
     if not engine.get("step_ms"):
         return None
-    gpu = run["profile"]["traces"][0]["window_s"] / run["profile"]["steps"] * 1e3
+    trace, steps = run["profile"]["traces"][0], run["profile"]["steps"]
+    gpu = trace["busy_s"] / steps * 1e3
     return {"step_ms_served": engine["step_ms"], "step_ms_gpu": round(gpu, 2),
+            "step_ms_profiled": round(trace["window_s"] / steps * 1e3, 2),
             "off_gpu_ms_per_step": round(engine["step_ms"] - gpu, 2), "tokens_per_step": engine["tokens_per_step"]}
 
 

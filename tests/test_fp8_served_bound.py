@@ -84,7 +84,8 @@ def test_a_profiled_bf16_run_beside_the_fp8_one_is_set_against_it_as_measured(tm
 
 def test_engine_metrics_set_the_served_step_against_the_profiles_gpu_step(tmp_path, capsys):
     run = profiled_run(trace_breakdown.CATEGORY_RULES)
-    run["profile"] |= {"context": 2048, "steps": 1}  # 10 layer calls in one step: 40 ms of GPU time
+    run["profile"] |= {"context": 2048, "steps": 1}  # 10 layer calls in one step: a 40-ms window,
+    run["profile"]["traces"][0]["busy_s"] = 0.036  # a kernel running in 36 ms of it
     engine = {"steps": 30, "tokens_per_step": 32768.0, "step_ms": 50.0}
     run["measurements"] = [{"context": 2048, "closed_loop": {"input_tokens_per_s_per_gpu": 1.0, "engine_metrics": engine}}]
     profile, kernels, out = tmp_path / "profile.json", tmp_path / "kernels.json", tmp_path / "bound.json"
@@ -92,9 +93,9 @@ def test_engine_metrics_set_the_served_step_against_the_profiles_gpu_step(tmp_pa
     kernels.write_text(json.dumps({"points": [{"shape": "qwen3-30b-a3b", "tokens": 16384, "fp8_selected_vs_bf16": 1.5}]}))
     assert fp8_served_bound.main(["--profile", str(profile), "--kernels", str(kernels), "--out", str(out)]) == 0
     (result,) = json.loads(out.read_text())["results"]
-    assert result["served_step"] == {"step_ms_served": 50.0, "step_ms_gpu": 40.0, "off_gpu_ms_per_step": 10.0,
-                                     "tokens_per_step": 32768.0}
-    assert "served: 50.0 ms per step of 32,768 tokens against 40.0 ms of GPU time: 10.0 ms off the GPU" in \
+    assert result["served_step"] == {"step_ms_served": 50.0, "step_ms_gpu": 36.0, "step_ms_profiled": 40.0,
+                                     "off_gpu_ms_per_step": 14.0, "tokens_per_step": 32768.0}
+    assert "served: 50.0 ms per step of 32,768 tokens against 36.0 ms of GPU time: 14.0 ms off the GPU" in \
         capsys.readouterr().out
 
 
