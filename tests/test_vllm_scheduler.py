@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -243,3 +245,23 @@ def test_scheduler_charges_the_lm_head_as_lm_head_tokens_decides(monkeypatch, ru
     monkeypatch.delenv(BUDGET_ENV, raising=False)
     scheduler = _Scheduler(_config(runner_type=runner_type))
     assert scheduler.head_tokens == lm_head_tokens(runner_type) == (runner_type == "generate")
+
+
+def test_scheduler_cost_times_both_schedulers_on_the_same_queue(tmp_path, capsys):
+    """``benchmarks/scheduler_cost.py``: a real vLLM Scheduler and the prefill-only one over one
+    model config; with the FLOPs budget out of reach both fill the token budget alike."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import scheduler_cost
+
+    out = tmp_path / "cost.json"
+    budget_before = os.environ.get(BUDGET_ENV)
+    assert scheduler_cost.main(["--layers", "2", "--batched-tokens", "1024", "--tokens", "256", "--waiting", "8",
+                                "--steps", "5", "--out", str(out)]) == 0
+    rows = {row["scheduler"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"vllm", "prefill-only"}
+    assert rows["vllm"]["requests_scheduled_per_step"] == rows["prefill-only"]["requests_scheduled_per_step"] == 4
+    assert all(row["schedule_ms_median"] > 0 for row in rows.values())
+    assert "prefill-only" in capsys.readouterr().out
+    assert os.environ.get(BUDGET_ENV) == budget_before  # the budget it set is gone: later servers get their own
+    with pytest.raises(SystemExit):
+        scheduler_cost.main(["--model", "no-such-model"])
