@@ -7,9 +7,9 @@ every waiting request in true FLOPs, with its prefix-cache hit, before vLLM's ow
 times both on the same queue: ``--waiting`` requests of ``--tokens`` random token ids kept
 waiting, a real ``Scheduler`` over a model config from ``common/model_configs`` (no weights:
 the scheduler reads only the config), every scheduled request finished after its step, as a
-pooling request is. The prefill-only scheduler's FLOPs budget is set out of reach, as
-``vllm_serve.py``'s ``asyncep`` layout sets it (``--flops-budget`` sets another), so both fill
-``--batched-tokens``.
+pooling request is. The prefill-only scheduler's FLOPs budget is set out of reach (through
+``--additional-config``, the first place it reads one), as ``vllm_serve.py``'s ``asyncep``
+layout sets it (``--flops-budget`` sets another), so both fill ``--batched-tokens``.
 
     python benchmarks/scheduler_cost.py --out benchmarks/results/scheduler_cost-cpu.json
 
@@ -19,8 +19,6 @@ Prints a table and writes JSON. CPU only; any vLLM from 0.26.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import shutil
 import statistics
@@ -33,20 +31,24 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _serving import write_json  # noqa: E402
-from _vllm_layouts import BUDGET_ENV, UNREACHABLE_FLOPS_BUDGET  # noqa: E402
+from _vllm_layouts import UNREACHABLE_FLOPS_BUDGET  # noqa: E402
 
 
-def make_scheduler(cls, model_dir: Path, layers: int, batched_tokens: int, context: int):
-    """A ``cls`` scheduler of one engine with KV room for 40 full steps and prefix caching on."""
+def make_scheduler(cls, model_dir: Path, layers: int, batched_tokens: int, context: int, flops_budget: float):
+    """A ``cls`` scheduler of one engine with KV room for 40 full steps and prefix caching on
+    (``flops_budget``: the prefill-only scheduler's step budget)."""
     import torch
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
     from vllm.v1.structured_output import StructuredOutputManager
 
+    from vllm_zeroprefill.scheduler import ADDITIONAL_CONFIG_KEY
+
     engine_args = EngineArgs(model=str(model_dir), runner="pooling", dtype="float32", skip_tokenizer_init=True,
                              max_num_batched_tokens=batched_tokens, max_model_len=context + 64,
                              max_num_seqs=1024, enable_prefix_caching=True,
-                             hf_overrides={"num_hidden_layers": layers})
+                             hf_overrides={"num_hidden_layers": layers},
+                             additional_config={ADDITIONAL_CONFIG_KEY: {"step_flops_budget": flops_budget}})
     config = engine_args.create_engine_config()
     block = config.cache_config.block_size
     config.cache_config.num_gpu_blocks = batched_tokens // block * 40
@@ -57,32 +59,36 @@ def make_scheduler(cls, model_dir: Path, layers: int, batched_tokens: int, conte
                structured_output_manager=StructuredOutputManager(config), block_size=block), block
 
 
-def time_schedule(scheduler, block: int, waiting: int, tokens: int, steps: int, seed: int) -> dict:
-    """Median ``schedule()`` time over ``steps`` steps (the first two left out), the queue topped
-    up to ``waiting`` before each; every scheduled request finishes after its step."""
+def time_schedulers(schedulers: dict[str, tuple], waiting: int, tokens: int, steps: int, seed: int) -> list[dict]:
+    """Median ``schedule()`` time of each scheduler (``name: (scheduler, block)``) over ``steps``
+    steps (the first two left out), one step of each in turn, so that the machine's drift
+    weighs on both alike; each queue is topped up to ``waiting`` requests (the same ones for
+    every scheduler) before its step, and every scheduled request finishes after it."""
     from vllm.pooling_params import PoolingParams
     from vllm.utils.hashing import sha256
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
     from vllm.v1.request import Request, RequestStatus
 
     init_none_hash(sha256)
-    hasher = get_request_block_hasher(block, sha256)
-    rng = random.Random(seed)
-    made, times_ms, scheduled = 0, [], []
+    state = {name: {"rng": random.Random(seed), "made": 0, "times_ms": [], "scheduled": [],
+                    "hasher": get_request_block_hasher(block, sha256)} for name, (_, block) in schedulers.items()}
     for _ in range(steps):
-        while len(scheduler.waiting) < waiting:
-            scheduler.add_request(Request(request_id=str(made), prompt_token_ids=[rng.randrange(3, 500) for _ in range(tokens)],
-                                          sampling_params=None, pooling_params=PoolingParams(task="embed"),
-                                          arrival_time=time.time(), block_hasher=hasher))
-            made += 1
-        started = time.perf_counter()
-        output = scheduler.schedule()
-        times_ms.append((time.perf_counter() - started) * 1e3)
-        scheduled.append(len(output.num_scheduled_tokens))
-        scheduler.finish_requests(list(output.num_scheduled_tokens), RequestStatus.FINISHED_STOPPED)
-    return {"schedule_ms_median": round(statistics.median(times_ms[2:]), 3),
-            "schedule_ms_max": round(max(times_ms[2:]), 3),
-            "requests_scheduled_per_step": statistics.median(scheduled[2:])}
+        for name, (scheduler, _) in schedulers.items():
+            own = state[name]
+            while len(scheduler.waiting) < waiting:
+                ids = [own["rng"].randrange(3, 500) for _ in range(tokens)]
+                scheduler.add_request(Request(request_id=str(own["made"]), prompt_token_ids=ids, sampling_params=None,
+                                              pooling_params=PoolingParams(task="embed"), arrival_time=time.time(),
+                                              block_hasher=own["hasher"]))
+                own["made"] += 1
+            started = time.perf_counter()
+            output = scheduler.schedule()
+            own["times_ms"].append((time.perf_counter() - started) * 1e3)
+            own["scheduled"].append(len(output.num_scheduled_tokens))
+            scheduler.finish_requests(list(output.num_scheduled_tokens), RequestStatus.FINISHED_STOPPED)
+    return [{"scheduler": name, "schedule_ms_median": round(statistics.median(own["times_ms"][2:]), 3),
+             "schedule_ms_max": round(max(own["times_ms"][2:]), 3),
+             "requests_scheduled_per_step": statistics.median(own["scheduled"][2:])} for name, own in state.items()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batched-tokens", type=int, default=32768, help="--max-num-batched-tokens")
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per request")
     parser.add_argument("--waiting", type=int, default=80, help="requests kept waiting before every step")
-    parser.add_argument("--steps", type=int, default=30, help="steps timed (the first two left out)")
+    parser.add_argument("--steps", type=int, default=100, help="steps timed (the first two left out)")
     parser.add_argument("--flops-budget", type=float, default=UNREACHABLE_FLOPS_BUDGET,
                         help="the prefill-only scheduler's step budget in FLOPs (default: out of reach)")
     parser.add_argument("--out", type=Path, default=None, help="also write the result as JSON")
@@ -109,25 +115,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from vllm_zeroprefill.scheduler import PrefillOnlyScheduler
 
-    rows = []
-    # The config's own length limit does not matter here; the budget is read when a scheduler is made.
-    settings = {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1", BUDGET_ENV: f"{args.flops_budget:.6e}"}
-    saved = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
-    try:
-        with tempfile.TemporaryDirectory() as work:
-            model_dir = Path(work)
-            shutil.copy(config, model_dir / "config.json")
-            for name, cls in (("vllm", Scheduler), ("prefill-only", PrefillOnlyScheduler)):
-                scheduler, block = make_scheduler(cls, model_dir, args.layers, args.batched_tokens, args.tokens)
-                rows.append({"scheduler": name,
-                             **time_schedule(scheduler, block, args.waiting, args.tokens, args.steps, 0)})
-    finally:  # a caller's environment as it was (the tests run this in their own process)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with tempfile.TemporaryDirectory() as work:
+        model_dir = Path(work)
+        shutil.copy(config, model_dir / "config.json")
+        schedulers = {name: make_scheduler(cls, model_dir, args.layers, args.batched_tokens, args.tokens,
+                                           args.flops_budget)
+                      for name, cls in (("vllm", Scheduler), ("prefill-only", PrefillOnlyScheduler))}
+        rows = time_schedulers(schedulers, args.waiting, args.tokens, args.steps, 0)
     print(f"{'scheduler':<14}{'schedule() ms, median':>22}{'max':>8}{'requests per step':>19}")
     for row in rows:
         print(f"{row['scheduler']:<14}{row['schedule_ms_median']:>22.2f}{row['schedule_ms_max']:>8.2f}"
