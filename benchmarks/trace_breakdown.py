@@ -19,12 +19,23 @@
 and measures, on the GPU's timeline, the *exposed* communication: time during which a
 ``communication`` kernel or a peer copy runs and no other kernel does.
 
+Where the GPU idles (``host``): each gap between busy spans ends with a kernel the host
+launched at some time. If that launch came after the gap began, the GPU waited for the host
+(``host_bound_s``), and the host's recorded work on the launching thread in that span says
+what it was doing: the innermost op at each instant (aten ops, vLLM's annotations, CUDA API
+calls; ``(no op)`` where the thread ran Python the profiler does not record), as a path of
+up to three nested names (``host_bound_by_op``). A launch issued before the gap began means
+the kernel waited on the device (a stream or event dependency: ``device_wait_s``). The CUDA
+calls that block the host (``sync_calls``: stream, event and device synchronisations,
+synchronous copies) are counted over the whole trace.
+
     python benchmarks/trace_breakdown.py DIR        # prints the table for every trace in DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import gzip
 import json
 import re
@@ -130,6 +141,118 @@ def breakdown(events: list[dict]) -> dict:
         "category_rules": CATEGORY_RULES,
         "seconds_by_category": dict(sorted(seconds.items(), key=lambda item: -item[1])),
         "top_kernels": [{"name": name[:160], "seconds": s, "count": count} for name, (s, count) in top],
+        "host": host_breakdown(events, gpu),
+    }
+
+
+HOST_CATEGORIES = ("cpu_op", "user_annotation", "python_function", "cuda_runtime", "cuda_driver")
+LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
+SYNC_CALL = re.compile(r"Synchronize$|^cudaMemcpy$|^cuMemcpy[DH]to[DH]$")
+#: Host ops listed by the GPU-idle time they account for in each breakdown.
+TOP_HOST_OPS = 15
+_LONG_HOST_EVENT_S = 1e-3  # host events at least this long are checked against every span
+
+
+class _HostThread:
+    """One host thread's recorded events, for "which events overlap this span" queries."""
+
+    def __init__(self, spans: list[tuple[float, float, str]]) -> None:
+        self.short = sorted(span for span in spans if span[1] - span[0] < _LONG_HOST_EVENT_S)
+        self.long = [span for span in spans if span[1] - span[0] >= _LONG_HOST_EVENT_S]
+        self.short_starts = [span[0] for span in self.short]
+
+    def overlapping(self, start: float, end: float) -> list[tuple[float, float, str]]:
+        found = [span for span in self.long if span[0] < end and span[1] > start]
+        index = bisect.bisect_left(self.short_starts, end)
+        while index > 0 and self.short_starts[index - 1] > start - _LONG_HOST_EVENT_S:
+            index -= 1
+            span = self.short[index]
+            if span[1] > start:
+                found.append(span)
+        return found
+
+
+def _innermost_ops(spans: list[tuple[float, float, str]], start: float, end: float) -> dict[str, float]:
+    """Seconds of ``[start, end]`` under each innermost op (as ``outer > ... > inner``, up to three
+    names), ``(no op)`` where none is recorded; ``spans`` nest (a thread's trace events do)."""
+    seconds: dict[str, float] = defaultdict(float)
+    stack: list[list] = []  # [end, path, clipped seconds, children's clipped seconds]
+
+    def close(frame: list) -> None:
+        if frame[2] > frame[3]:
+            seconds[frame[1]] += frame[2] - frame[3]
+
+    covered = 0.0
+    for span_start, span_end, name in sorted(spans, key=lambda span: (span[0], -span[1])):
+        while stack and stack[-1][0] <= span_start:
+            close(stack.pop())
+        clipped = min(span_end, end) - max(span_start, start)
+        if clipped <= 0:
+            continue
+        if stack:
+            stack[-1][3] += clipped
+            path = " > ".join((stack[-1][1].split(" > ") + [name])[-3:])
+        else:
+            covered += clipped
+            path = name
+        stack.append([span_end, path, clipped, 0.0])
+    while stack:
+        close(stack.pop())
+    if end - start - covered > 0:
+        seconds["(no op)"] += end - start - covered
+    return seconds
+
+
+def host_breakdown(events: list[dict], gpu: list[dict]) -> dict:
+    """Where the GPU waited for the host: see the module's docstring (``host``)."""
+    launch_of: dict[int, dict] = {}
+    threads: dict[tuple, list[tuple[float, float, str]]] = defaultdict(list)
+    sync_calls: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for event in events:
+        if event.get("cat") not in HOST_CATEGORIES or "dur" not in event:
+            continue
+        start, duration = float(event["ts"]) / 1e6, float(event["dur"]) / 1e6
+        name = event.get("name", "?")
+        threads[(event.get("pid"), event.get("tid"))].append((start, start + duration, name))
+        if event["cat"] in LAUNCH_CATEGORIES:
+            correlation = (event.get("args") or {}).get("correlation")
+            if correlation is not None:
+                launch_of[correlation] = event
+            if SYNC_CALL.search(name):
+                sync_calls[name][0] += 1
+                sync_calls[name][1] += duration
+    indexed = {key: _HostThread(spans) for key, spans in threads.items()}
+    by_op: dict[str, float] = defaultdict(float)
+    gaps, host_bound, device_wait, unlinked = 0, 0.0, 0.0, 0.0
+    busy_until = None
+    for event in sorted(gpu, key=lambda e: float(e["ts"])):
+        start = float(event["ts"]) / 1e6
+        if busy_until is not None and start > busy_until:
+            gaps += 1
+            launch = launch_of.get((event.get("args") or {}).get("correlation"))
+            if launch is None:
+                unlinked += start - busy_until
+            else:
+                launched = float(launch["ts"]) / 1e6
+                waited_for_host = min(launched, start) - busy_until
+                if waited_for_host > 0:
+                    host_bound += waited_for_host
+                    thread = indexed[(launch.get("pid"), launch.get("tid"))]
+                    for path, seconds in _innermost_ops(thread.overlapping(busy_until, launched), busy_until,
+                                                        busy_until + waited_for_host).items():
+                        by_op[path] += seconds
+                device_wait += start - busy_until - max(waited_for_host, 0.0)
+        end = start + float(event["dur"]) / 1e6
+        busy_until = end if busy_until is None else max(busy_until, end)
+    top = sorted(by_op.items(), key=lambda item: -item[1])[:TOP_HOST_OPS]
+    return {
+        "idle_gaps": gaps,
+        "host_bound_s": host_bound,
+        "device_wait_s": device_wait,
+        "unlinked_s": unlinked,  # gaps whose next kernel's launch is not in the trace
+        "host_bound_by_op": [{"op": path[:160], "seconds": seconds} for path, seconds in top],
+        "sync_calls": {name: {"count": count, "seconds": seconds}
+                       for name, (count, seconds) in sorted(sync_calls.items(), key=lambda item: -item[1][1])},
     }
 
 
@@ -189,6 +312,14 @@ def print_breakdown(results: list[dict]) -> None:
               f"({result['exposed_communication_fraction']:.1%})")
         for category, seconds in result["seconds_by_category"].items():
             print(f"  {category:<15}{seconds * 1e3:>10.1f} ms  {seconds / result['window_s']:>6.1%} of the window")
+        host = result.get("host")
+        if host:
+            print(f"  GPU idle in {host['idle_gaps']} gaps: waiting for the host {host['host_bound_s'] * 1e3:.2f} ms, "
+                  f"on the device {host['device_wait_s'] * 1e3:.2f} ms, launch not traced {host['unlinked_s'] * 1e3:.2f} ms")
+            for entry in host["host_bound_by_op"][:8]:
+                print(f"    {entry['seconds'] * 1e3:8.2f} ms  {entry['op']}")
+            for name, call in host["sync_calls"].items():
+                print(f"    {name}: {call['count']} calls, {call['seconds'] * 1e3:.2f} ms")
 
 
 def main(argv: list[str] | None = None) -> int:

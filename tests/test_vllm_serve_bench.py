@@ -869,6 +869,8 @@ def test_profile_runs_vllms_profiler_and_keeps_the_breakdown_not_the_traces(fake
     # Exposed: the copy's 50 us past the MoE kernel and the all-reduce's 50 us, of a 250 us window.
     assert trace["exposed_communication_s"] == pytest.approx(1e-4)
     assert trace["exposed_communication_fraction"] == pytest.approx(0.4)
+    # the fake trace records no host launches: its idle time is all "launch not traced"
+    assert trace["host"]["unlinked_s"] == pytest.approx(trace["idle_s"]) and trace["host"]["host_bound_s"] == 0
     assert not list(Path(config["torch_profiler_dir"]).rglob("*.gz"))  # raw traces deleted
     # The profiler starts when the window would open: after the load's lead-in, on a loaded server.
     profiled = drives[-1]
