@@ -79,9 +79,10 @@ def compile_tile(dtype: str, gemm: str, cfg: GemmConfig, workdir: Path) -> dict:
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name == "w_desc":
-            signature[name] = (f"tensordesc<{operand[1:]}[{cfg.block_n}, {cfg.block_k}]>" if cfg.weight_tma
-                               else operand)
+        elif name == "w_desc":  # GEMM 1's bf16 pair tile is a 4-D box (fused_moe.gate_up_tiles)
+            pair_tile = gemm == "gemm1" and dtype == "bf16"
+            box = f"1, {cfg.block_n}, 2, {cfg.block_k}" if pair_tile else f"{cfg.block_n}, {cfg.block_k}"
+            signature[name] = f"tensordesc<{operand[1:]}[{box}]>" if cfg.weight_tma else operand
         elif name.endswith("_ptr"):
             signature[name] = SCALE_AND_INDEX_POINTERS.get(name, operand)
         else:

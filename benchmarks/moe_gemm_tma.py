@@ -43,6 +43,7 @@ import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -54,7 +55,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
 
 from _moe_timing import SELECT_MARGIN, SHAPES, Layer, bench_ms, gpu_tag, log  # noqa: E402
 from zeroprefill.kernels.align import ExpertAlignment, moe_align_block_size  # noqa: E402
-from zeroprefill.kernels.fused_moe import run_gemm1, run_gemm2, weight_tiles  # noqa: E402
+from zeroprefill.kernels.fused_moe import gate_up_tiles, run_gemm1, run_gemm2, weight_tiles  # noqa: E402
 from zeroprefill.kernels.grouped_mm_moe import (grouped_gemm, scatter_token_rows, silu_mul,  # noqa: E402
                                                 weighted_combine)
 from zeroprefill.kernels.moe_config import (CONFIG_DIR, GemmConfig, arch_name, clear_config_cache,  # noqa: E402
@@ -137,13 +138,14 @@ def median_points(runs: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
     return merged
 
 
-def time_both_loads(label: str, tiles: list[GemmConfig], w: torch.Tensor, rows_per_segment: int,
+def time_both_loads(label: str, tiles: list[GemmConfig], descriptor: Callable[[GemmConfig], object | None],
                     run: Callable[[GemmConfig], torch.Tensor], ms: dict, max_abs_diff: dict,
                     compared: Callable[[torch.Tensor, GemmConfig], torch.Tensor] = lambda out, cfg: out) -> None:
-    """Each tile that TMA can read ``w`` in: ``run(tile)`` timed with pointer and with TMA loads,
-    and the largest difference between the ``compared`` parts of the two outputs."""
+    """Each tile whose weights TMA can read (``descriptor(tile)`` is not None): ``run(tile)``
+    timed with pointer and with TMA loads, and the largest difference between the ``compared``
+    parts of the two outputs."""
     for cfg in tiles:
-        if weight_tiles(w, rows_per_segment, replace(cfg, weight_tma=True)) is None:
+        if descriptor(replace(cfg, weight_tma=True)) is None:
             continue
         outs = []
         for tma in (False, True):
@@ -204,14 +206,14 @@ def measure_point(shape: tuple[int, int, int, int], num_tokens: int) -> dict:
     acts_fp8 = {block_m: run_gemm1(x_fp8, x_scale, w13_fp8, w13_scale, aligned_to(block_m),
                                    GemmConfig(block_m, 128, 128, num_warps=4))
                 for block_m in {cfg.block_m for cfg in with_shipped("fp8 gemm2", FP8_GEMM2_CONFIGS)}}
-    time_both_loads("gemm1", with_shipped("gemm1", GEMM1_CONFIGS), w13, inter, lambda cfg: run_gemm1(
+    time_both_loads("gemm1", with_shipped("gemm1", GEMM1_CONFIGS), partial(gate_up_tiles, w13), lambda cfg: run_gemm1(
         x, None, w13, None, aligned_to(cfg.block_m), cfg)[0], ms, max_abs_diff, real_rows)
-    time_both_loads("gemm2", with_shipped("gemm2", GEMM2_CONFIGS), w2, hidden, lambda cfg: run_gemm2(
+    time_both_loads("gemm2", with_shipped("gemm2", GEMM2_CONFIGS), partial(weight_tiles, w2, hidden), lambda cfg: run_gemm2(
         acts[cfg.block_m], None, w2, None, topk_weights, aligned_to(cfg.block_m), cfg, torch.bfloat16),
         ms, max_abs_diff)
-    time_both_loads("fp8 gemm1", with_shipped("fp8 gemm1", FP8_GEMM1_CONFIGS), w13_fp8, inter, lambda cfg: run_gemm1(
+    time_both_loads("fp8 gemm1", with_shipped("fp8 gemm1", FP8_GEMM1_CONFIGS), partial(weight_tiles, w13_fp8, inter), lambda cfg: run_gemm1(
         x_fp8, x_scale, w13_fp8, w13_scale, aligned_to(cfg.block_m), cfg)[0], ms, max_abs_diff, real_rows)
-    time_both_loads("fp8 gemm2", with_shipped("fp8 gemm2", FP8_GEMM2_CONFIGS), w2_fp8, hidden, lambda cfg: run_gemm2(
+    time_both_loads("fp8 gemm2", with_shipped("fp8 gemm2", FP8_GEMM2_CONFIGS), partial(weight_tiles, w2_fp8, hidden), lambda cfg: run_gemm2(
         *acts_fp8[cfg.block_m], w2_fp8, w2_scale, topk_weights, aligned_to(cfg.block_m), cfg, torch.bfloat16),
         ms, max_abs_diff)
 

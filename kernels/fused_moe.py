@@ -6,8 +6,9 @@
           |                          |
           +--(FP8: 1x128 group quant)--+
           v                          v
-    [GEMM 1] gather x[r // K] . w13[e]^T -> gate, up (two accumulators, same tile of I)
-             epilogue: silu(gate) * up  (FP8: quantise to e4m3 + 1x128 scale in registers)
+    [GEMM 1] gather x[r // K] . w13[e]^T -> gate and up of the same columns of I (one pair
+             tile; FP8: two accumulators); epilogue: silu(gate) * up  (FP8: quantise to e4m3
+             + 1x128 scale in registers)
           v
     act [padded rows, I]   (expert-sorted order, contiguous: GEMM 2 needs no gather)
           v
@@ -19,8 +20,18 @@ Each GEMM is one launch over ``max_padded_rows / block_m`` row blocks x the N ti
 grouped-M swizzle so programs that run together share weight tiles in L2; a row block reads
 its expert id from the alignment and returns at once if it lies past the used rows. The
 weight tiles come by per-thread pointer loads or, where a tile config asks for it
-(``GemmConfig.weight_tma``) and :func:`weight_tiles` can describe the weights (sm90,
-contiguous), as TMA copies; the activation rows are gathered by pointer loads either way.
+(``GemmConfig.weight_tma``) and :func:`gate_up_tiles` / :func:`weight_tiles` can describe the
+weights (sm90, contiguous), as TMA copies; the activation rows are gathered by pointer loads
+either way.
+
+GEMM 1's *pair tile* (bf16, fp16, fp32): ``block_n`` gate rows of ``w13`` and the ``block_n``
+up rows that go with them, interleaved (gate n, up n, gate n+1, ...), are one
+``[2*block_n, block_k]`` weight tile and one dot into one ``[block_m, 2*block_n]``
+accumulator; the epilogue splits the pairs, which a thread holds side by side. Through TMA,
+the interleave is a 4-D view of ``w13`` (``[E, I, 2, H]`` by strides): no copy of the weights.
+Two dots into two accumulators ran 1-10% slower at the best tile of each (docs/kernels.md).
+Block FP8 keeps the two dots: its rescale needs each K step's partial product beside the
+accumulator, and at twice the width that spills.
 
 FP8 path: e4m3 weights with 128x128 block scales, activations quantised per token and
 128-wide group; every K step (``block_k == 128``, one scale group) rescales the fp32 partial
@@ -84,40 +95,65 @@ def _swizzle_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _gemm1_gate_up_silu_kernel(
-    x_ptr, x_scale_ptr, w_ptr, w_desc, w_scale_ptr, act_ptr, act_scale_ptr,
-    sorted_row_ids_ptr, block_expert_ids_ptr, num_padded_rows_ptr,
-    num_rows, inter, hidden, max_blocks_m, top_k,
-    stride_x, stride_xs, stride_we, stride_wn, stride_wse, stride_wsn, stride_act, stride_acts,
-    USE_FP8: tl.constexpr, UP_SCALE_UNIFORM: tl.constexpr, EVEN_K: tl.constexpr, WEIGHT_TMA: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, ROUND_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+def _gate_up_pair_tile(
+    a_ptrs, row_ok, w_ptr, w_desc, expert, pid_n, inter, hidden, stride_we, stride_wn,
+    EVEN_K: tl.constexpr, WEIGHT_TMA: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """act[p, n] = silu(x[tok(p)] . w13[e, n]) * (x[tok(p)] . w13[e, I + n]) for padded row p."""
-    pid_m, pid_n = _swizzle_tile(tl.program_id(0), max_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_padded_rows_ptr):
-        return
-    expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rows = tl.load(sorted_row_ids_ptr + offs_m)
-    row_ok = rows < num_rows
-    tokens = tl.where(row_ok, rows // top_k, 0).to(tl.int64)
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < inter
-    offs_n_safe = tl.where(col_ok, offs_n, 0)  # load valid memory, discard in the epilogue
+    """GEMM 1's main loop in bf16/fp16/fp32: one dot per K step into a [BLOCK_M, 2*BLOCK_N] pair
+    tile, column 2j gate row n_j, column 2j+1 up row I + n_j (n_j = pid_n*BLOCK_N + j); returns
+    (gate, up), split from the pairs a thread holds side by side."""
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = x_ptr + tokens[:, None] * stride_x + offs_k[None, :]
+    offs_pair = tl.arange(0, 2 * BLOCK_N)
+    pair_n = pid_n * BLOCK_N + offs_pair // 2
+    # columns past I read row 0; the epilogue discards them
+    w_rows = tl.where(pair_n < inter, (offs_pair % 2) * inter + pair_n, 0)
+    w_ptrs = w_ptr + expert * stride_we + w_rows[None, :] * stride_wn + offs_k[:, None]
+    acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+    for k in range(0, tl.cdiv(hidden, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            k_ok = offs_k < hidden - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if WEIGHT_TMA:  # w13 as [E, I, 2, H]: the box is the pair tile; past I and H, zeros
+            b = w_desc.load([expert.to(tl.int32), pid_n * BLOCK_N, 0, k * BLOCK_K])
+            b = b.reshape(2 * BLOCK_N, BLOCK_K).T
+        elif EVEN_K:
+            b = tl.load(w_ptrs)
+        else:
+            b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+        if DOT_IN_FP32:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+
+
+@triton.jit
+def _gate_up_fp8(
+    a_ptrs, a_scale_ptrs, row_ok, w_ptr, w_desc, w_scale_ptr, expert, pid_n, inter, hidden,
+    stride_we, stride_wn, stride_wse, stride_wsn,
+    UP_SCALE_UNIFORM: tl.constexpr, EVEN_K: tl.constexpr, WEIGHT_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """GEMM 1's main loop in block FP8 (BLOCK_N == BLOCK_K == 128): two dots per K step, gate and
+    up, each rescaled by its row and weight-block scales before it is accumulated; returns
+    (gate, up). Not a pair tile: the [BLOCK_M, 2*BLOCK_N] partial product a rescale needs beside
+    its accumulator does not fit in registers (spills; 0.18-0.89x the two dots on one H100)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n_safe = tl.where(offs_n < inter, offs_n, 0)  # load valid memory, discard in the epilogue
     gate_ptrs = w_ptr + expert * stride_we + offs_n_safe[None, :] * stride_wn + offs_k[:, None]
     up_ptrs = gate_ptrs + inter * stride_wn
     gate_row = (expert * 2 * inter + pid_n * BLOCK_N).to(tl.int32)  # WEIGHT_TMA: rows of w13 as [E*2I, H]
-    if USE_FP8:  # BLOCK_N == 128: the gate tile is one weight scale block per K step
-        a_scale_ptrs = x_scale_ptr + tokens * stride_xs
-        gate_scale_ptr = w_scale_ptr + expert * stride_wse + pid_n * stride_wsn
-        if UP_SCALE_UNIFORM:  # I % 128 == 0: so is the up tile
-            up_scale_ptrs = w_scale_ptr + expert * stride_wse + (pid_n + inter // 128) * stride_wsn
-        else:
-            up_scale_ptrs = w_scale_ptr + expert * stride_wse + ((offs_n_safe + inter) // 128) * stride_wsn
-
+    gate_scale_ptr = w_scale_ptr + expert * stride_wse + pid_n * stride_wsn  # the gate tile: one scale block
+    if UP_SCALE_UNIFORM:  # I % 128 == 0: so is the up tile
+        up_scale_ptrs = w_scale_ptr + expert * stride_wse + (pid_n + inter // 128) * stride_wsn
+    else:
+        up_scale_ptrs = w_scale_ptr + expert * stride_wse + ((offs_n_safe + inter) // 128) * stride_wsn
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(0, tl.cdiv(hidden, BLOCK_K)):
@@ -135,25 +171,49 @@ def _gemm1_gate_up_silu_kernel(
         else:
             b_gate = tl.load(gate_ptrs, mask=k_ok[:, None], other=0.0)
             b_up = tl.load(up_ptrs, mask=k_ok[:, None], other=0.0)
-        if USE_FP8:
-            # fold the weight scale into the per-row token scale: one FMA per accumulator element
-            a_scale = tl.load(a_scale_ptrs + k)
-            acc_gate += tl.dot(a, b_gate) * (a_scale * tl.load(gate_scale_ptr + k))[:, None]
-            if UP_SCALE_UNIFORM:
-                acc_up += tl.dot(a, b_up) * (a_scale * tl.load(up_scale_ptrs + k))[:, None]
-            else:
-                acc_up += tl.dot(a, b_up) * a_scale[:, None] * tl.load(up_scale_ptrs + k)[None, :]
-        elif DOT_IN_FP32:
-            acc_gate = tl.dot(a.to(tl.float32), b_gate.to(tl.float32), acc_gate)
-            acc_up = tl.dot(a.to(tl.float32), b_up.to(tl.float32), acc_up)
+        # fold the weight scale into the per-row token scale: one FMA per accumulator element
+        a_scale = tl.load(a_scale_ptrs + k)
+        acc_gate += tl.dot(a, b_gate) * (a_scale * tl.load(gate_scale_ptr + k))[:, None]
+        if UP_SCALE_UNIFORM:
+            acc_up += tl.dot(a, b_up) * (a_scale * tl.load(up_scale_ptrs + k))[:, None]
         else:
-            acc_gate = tl.dot(a, b_gate, acc_gate)
-            acc_up = tl.dot(a, b_up, acc_up)
+            acc_up += tl.dot(a, b_up) * a_scale[:, None] * tl.load(up_scale_ptrs + k)[None, :]
         a_ptrs += BLOCK_K
         gate_ptrs += BLOCK_K
         up_ptrs += BLOCK_K
+    return acc_gate, acc_up
 
-    act = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
+
+@triton.jit
+def _gemm1_gate_up_silu_kernel(
+    x_ptr, x_scale_ptr, w_ptr, w_desc, w_scale_ptr, act_ptr, act_scale_ptr,
+    sorted_row_ids_ptr, block_expert_ids_ptr, num_padded_rows_ptr,
+    num_rows, inter, hidden, max_blocks_m, top_k,
+    stride_x, stride_xs, stride_we, stride_wn, stride_wse, stride_wsn, stride_act, stride_acts,
+    USE_FP8: tl.constexpr, UP_SCALE_UNIFORM: tl.constexpr, EVEN_K: tl.constexpr, WEIGHT_TMA: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, ROUND_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """act[p, n] = silu(x[tok(p)] . w13[e, n]) * (x[tok(p)] . w13[e, I + n]) for padded row p."""
+    pid_m, pid_n = _swizzle_tile(tl.program_id(0), max_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(num_padded_rows_ptr):
+        return
+    expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.load(sorted_row_ids_ptr + offs_m)
+    row_ok = rows < num_rows
+    tokens = tl.where(row_ok, rows // top_k, 0).to(tl.int64)
+    a_ptrs = x_ptr + tokens[:, None] * stride_x + tl.arange(0, BLOCK_K)[None, :]
+    if USE_FP8:
+        gate, up = _gate_up_fp8(a_ptrs, x_scale_ptr + tokens * stride_xs, row_ok, w_ptr, w_desc, w_scale_ptr,
+                                expert, pid_n, inter, hidden, stride_we, stride_wn, stride_wse, stride_wsn,
+                                UP_SCALE_UNIFORM, EVEN_K, WEIGHT_TMA, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        gate, up = _gate_up_pair_tile(a_ptrs, row_ok, w_ptr, w_desc, expert, pid_n, inter, hidden, stride_we,
+                                      stride_wn, EVEN_K, WEIGHT_TMA, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_K)
+
+    act = gate / (1.0 + tl.exp(-gate)) * up
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < inter
     act = tl.where(col_ok[None, :], act, 0.0)
     act_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_act + offs_n[None, :]
     if USE_FP8:  # BLOCK_N == 128: this tile is exactly one scale group per row
@@ -444,8 +504,10 @@ def sum_slots(slots: torch.Tensor, alignment: ExpertAlignment, num_tokens: int,
     return out
 
 
-def _tma_reason(w: torch.Tensor, rows_per_segment: int, cfg: GemmConfig) -> str | None:
-    """Why ``w [E, N, K]`` cannot be read in ``[block_n, block_k]`` TMA tiles; ``None`` when it can."""
+def _tma_reason(w: torch.Tensor, cfg: GemmConfig, rows_per_segment: int | None = None) -> str | None:
+    """Why ``w [E, N, K]`` cannot be read in TMA tiles; ``None`` when it can. With
+    ``rows_per_segment``, tiles of ``block_n`` rows of ``w`` viewed as ``[E*N, K]`` must not
+    straddle a segment's end."""
     if TensorDescriptor is None:
         return f"Triton {triton.__version__} has no host-side tensor descriptors (3.4 or newer has)"
     if not INTERPRETING:
@@ -457,10 +519,11 @@ def _tma_reason(w: torch.Tensor, rows_per_segment: int, cfg: GemmConfig) -> str 
         return "the weights are not contiguous"
     if w.data_ptr() % 16 or w.shape[2] * w.element_size() % 16:
         return "the weight rows are not 16-byte aligned"
-    if rows_per_segment % cfg.block_n:
-        return f"block_n={cfg.block_n} does not divide {rows_per_segment}: a tile would cross into the next rows"
-    if w.shape[0] * w.shape[1] >= 2 ** 31:
-        return "more than 2^31 weight rows (TMA coordinates are int32)"
+    if rows_per_segment is not None:
+        if rows_per_segment % cfg.block_n:
+            return f"block_n={cfg.block_n} does not divide {rows_per_segment}: a tile would cross into the next rows"
+        if w.shape[0] * w.shape[1] >= 2 ** 31:
+            return "more than 2^31 weight rows (TMA coordinates are int32)"
     return None
 
 
@@ -471,12 +534,25 @@ def weight_tiles(w: torch.Tensor, rows_per_segment: int, cfg: GemmConfig) -> Ten
     With it a GEMM loads each weight tile with one Tensor Memory Accelerator copy into shared
     memory, computed by the copy engine, instead of per-thread pointer loads whose addresses the
     warps compute: the same data, fewer instructions and registers in the main loop. Tiles start
-    at ``e*N + n`` and must not straddle ``rows_per_segment`` (I for ``w13``: gate rows, then up
-    rows; H for ``w2``); columns past K read as zeros.
+    at ``e*N + n`` and must not straddle ``rows_per_segment`` (H for ``w2``; I for an FP8
+    ``w13``, gate rows then up rows); columns past K read as zeros.
     """
-    if _tma_reason(w, rows_per_segment, cfg) is not None:
+    if _tma_reason(w, cfg, rows_per_segment) is not None:
         return None
     return TensorDescriptor.from_tensor(w.view(-1, w.shape[2]), [cfg.block_n, cfg.block_k])
+
+
+def gate_up_tiles(w13: torch.Tensor, cfg: GemmConfig) -> TensorDescriptor | None:
+    """GEMM 1's pair tiles through TMA: ``w13 [E, 2I, H]`` viewed, by strides alone, as
+    ``[E, I, 2, H]`` (gate row n beside up row I + n), in ``[1, block_n, 2, block_k]`` boxes;
+    ``None`` where TMA cannot read it (:func:`_tma_reason`). Rows past I and columns past H
+    read as zeros, so any ``block_n`` and ``block_k`` will do."""
+    if _tma_reason(w13, cfg) is not None:
+        return None
+    num_experts, two_inter, hidden = w13.shape
+    inter = two_inter // 2
+    return TensorDescriptor(w13, [num_experts, inter, 2, hidden], [two_inter * hidden, hidden, inter * hidden, 1],
+                            [1, cfg.block_n, 2, cfg.block_k])
 
 
 def run_gemm1(x: torch.Tensor, x_scale: torch.Tensor | None, w13: torch.Tensor,
@@ -485,8 +561,8 @@ def run_gemm1(x: torch.Tensor, x_scale: torch.Tensor | None, w13: torch.Tensor,
     """GEMM 1 launch: ``act [max_padded_rows, I]`` in expert-sorted order (+ 1x128 scales if FP8).
 
     ``x`` is ``[T, H]`` in token order (e4m3 with ``x_scale [T, ceil(H/128)]`` for FP8). With
-    ``cfg.weight_tma`` the weight tiles come through TMA where :func:`weight_tiles` can make
-    them, by pointer loads otherwise.
+    ``cfg.weight_tma`` the weight tiles come through TMA where :func:`gate_up_tiles` (FP8:
+    :func:`weight_tiles`, gate and up tiles apart) can make them, by pointer loads otherwise.
     """
     use_fp8 = x_scale is not None
     hidden = x.shape[1]
@@ -505,7 +581,9 @@ def run_gemm1(x: torch.Tensor, x_scale: torch.Tensor | None, w13: torch.Tensor,
         act_scale = None
         scale_args = (dummy, dummy, dummy)
         scale_strides = (0, 0, 0, 0)
-    w_desc = weight_tiles(w13, inter, cfg) if cfg.weight_tma else None
+    w_desc = None
+    if cfg.weight_tma:  # FP8 runs two dots on the gate and up tiles, not a pair tile
+        w_desc = weight_tiles(w13, inter, cfg) if use_fp8 else gate_up_tiles(w13, cfg)
     _gemm1_gate_up_silu_kernel[(blocks_m * triton.cdiv(inter, cfg.block_n),)](
         x, scale_args[0], w13, w13 if w_desc is None else w_desc, scale_args[1], act, scale_args[2],
         alignment.sorted_row_ids, alignment.block_expert_ids, alignment.num_padded_rows,

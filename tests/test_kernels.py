@@ -227,7 +227,8 @@ def test_weight_tiles_through_tma_equal_pointer_loads(kind):
     alignment = moe_align_block_size(ids, num_experts, 16)
     used = alignment.sorted_row_ids[:alignment.max_padded_rows] < alignment.num_rows
     tma1, tma2 = replace(gemm1, weight_tma=True), replace(gemm2, weight_tma=True)
-    assert fused_moe.weight_tiles(w13, inter, tma1) is not None and fused_moe.weight_tiles(w2, hidden, tma2) is not None
+    gemm1_tiles = fused_moe.weight_tiles(w13, inter, tma1) if kind == "fp8" else fused_moe.gate_up_tiles(w13, tma1)
+    assert gemm1_tiles is not None and fused_moe.weight_tiles(w2, hidden, tma2) is not None
     # bf16 and FP8 products are exact in fp32, so their sums agree bit for bit; fp32 products are
     # rounded, and the interpreter's matmul (numpy) may sum a transposed tile in another order
     def assert_same(ptr_out: torch.Tensor, tma_out: torch.Tensor) -> None:
@@ -267,15 +268,17 @@ def test_gemm_kernels_compile_for_sm90(tmp_path):
 
 
 def test_weight_tiles_fall_back_to_pointer_loads_where_tma_cannot_read_them():
-    w13, w2 = make_layer(4, 64, 48, torch.float32)
-    x, weights, ids = make_tokens(9, 64, 4, 2, torch.float32)
-    odd_tile = GemmConfig(16, 32, 32, 2, 4, 2, weight_tma=True)  # block_n 32 does not divide I = 48
-    assert fused_moe.weight_tiles(w13, 48, odd_tile) is None
-    assert fused_moe._tma_reason(w13, 48, odd_tile) == "block_n=32 does not divide 48: a tile would cross into the next rows"
+    w13, w2 = make_layer(4, 48, 40, torch.float32)  # I = 40: GEMM 1's second block_n=32 box ends past I
+    x, weights, ids = make_tokens(9, 48, 4, 2, torch.float32)
+    odd_tile = GemmConfig(16, 32, 32, 2, 4, 2, weight_tma=True)  # block_n 32 does not divide H = 48
+    assert fused_moe.weight_tiles(w2, 48, odd_tile) is None
+    assert fused_moe._tma_reason(w2, odd_tile, 48) == "block_n=32 does not divide 48: a tile would cross into the next rows"
     strided = w13.transpose(1, 2).contiguous().transpose(1, 2)
-    assert fused_moe._tma_reason(strided, 48, GemmConfig(16, 16, 32)) == "the weights are not contiguous"
+    assert fused_moe._tma_reason(strided, GemmConfig(16, 16, 32)) == "the weights are not contiguous"
+    assert fused_moe.gate_up_tiles(strided, odd_tile) is None
     ref = fused_experts_reference(x, w13, w2, weights, ids)
-    config = MoEConfig(odd_tile, GemmConfig(16, 32, 32, 2, 4, 2, weight_tma=True))  # GEMM 2 through TMA, GEMM 1 not
+    config = MoEConfig(odd_tile, odd_tile)  # GEMM 1 through TMA (its boxes may end past I), GEMM 2 not
+    assert fused_moe.gate_up_tiles(w13, odd_tile) is not None
     assert rel_err(fused_experts(x, w13, w2, weights, ids, config=config), ref) < TOLERANCE[torch.float32]
 
 
@@ -521,14 +524,56 @@ def test_moe_align_default_is_triton(monkeypatch):
 
 
 @pytest.mark.skipif(ON_GPU, reason="the benchmark's answer on a machine without CUDA")
-@pytest.mark.parametrize("name", ["moe_align", "moe_gemm_tma"])
-def test_kernel_benchmarks_say_they_need_a_gpu(name):
-    """``benchmarks/moe_align.py`` and ``moe_gemm_tma.py`` without CUDA: one line saying so, exit 2, no traceback."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("name,args", [("moe_align", []), ("moe_gemm_tma", []),
+                                       ("gemm1_before_after", ["--before", "kernels/fused_moe.py"])])
+def test_kernel_benchmarks_say_they_need_a_gpu(name, args):
+    """The kernel benchmarks without CUDA: one line saying so, exit 2, no traceback."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / f"{name}.py"), *args], capture_output=True,
+                          text=True, timeout=120, cwd=root)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == (f"{name}: error: needs a CUDA GPU (the kernels' correctness "
                                                     "runs on CPU in tests/test_kernels.py)")
+
+
+def test_gemm1_before_after_loads_an_earlier_module_beside_todays():
+    """``benchmarks/gemm1_before_after.py --before FILE`` imports FILE inside today's package, so
+    an earlier ``fused_moe.py``'s relative imports resolve; here today's file against itself."""
+    from benchmarks import gemm1_before_after as bench
+
+    before = bench.load_before(Path(fused_moe.__file__))
+    assert before is not fused_moe and before.__name__ == "zeroprefill.kernels._gemm1_before"
+    w13, _ = make_layer(4, 64, 32, torch.bfloat16)
+    x, _, ids = make_tokens(9, 64, 4, 2, torch.bfloat16)
+    alignment = moe_align_block_size(ids, 4, 16)
+    tile = GemmConfig(16, 16, 32, 2, 4, 2)
+    used = alignment.sorted_row_ids[:alignment.max_padded_rows] < alignment.num_rows  # padding rows hold anything
+    assert torch.equal(before.run_gemm1(x, None, w13, None, alignment, tile)[0][used],
+                       fused_moe.run_gemm1(x, None, w13, None, alignment, tile)[0][used])
+
+
+def test_gemm1_before_after_adopts_a_best_tile_only_past_the_margin_and_when_the_points_agree():
+    from benchmarks import gemm1_before_after as bench
+
+    def entry(group_m: int) -> dict:
+        return {"gemm1": {"block_m": 128, "block_n": 128, "block_k": 64, "group_m": group_m, "num_warps": 8,
+                          "num_stages": 4, "weight_tma": True}, "gemm2": {"block_m": 128}}
+
+    def point(tokens: int, shipped_ms: float, best: str = "128x128x64 g8 w8 s4 tma", best_ms: float = 1.0) -> dict:
+        return {"shape": "qwen3-235b-a22b", "dtype": "bf16", "tokens": tokens, "best_after": [best, best_ms],
+                "ms": {"after 128x128x64 g32 w8 s4 tma": shipped_ms, f"after {best}": best_ms}}
+
+    configs = {"bf16_E128_H4096_I1536": {"4096": entry(32), "16384": entry(32), "131072": entry(32)}}
+    changes = bench.adopt_best_tiles(configs, [
+        point(4096, 1.10),                       # 10% faster: switched
+        point(16384, 1.04),                      # 4%: within the margin
+        point(65536, 1.20), point(131072, 1.20, best="128x128x64 g16 w8 s4 tma"),  # one entry, two bests
+    ])
+    assert configs["bf16_E128_H4096_I1536"]["4096"]["gemm1"]["group_m"] == 8
+    assert [configs["bf16_E128_H4096_I1536"][e]["gemm1"]["group_m"] for e in ("16384", "131072")] == [32, 32]
+    assert changes[0] == "bf16_E128_H4096_I1536 4096 gemm1: 128x128x64 g8 w8 s4 tma (1.100x the entry's tile)"
+    assert all("kept" in change for change in changes[1:]) and len(changes) == 3
+    assert bench.tile_of("64x128x128 g8 w4 s3 ptr") == GemmConfig(64, 128, 128, 8, 4, 3, False)
 
 
 # ---------------------------------------------------------------------------- benchmark summary arithmetic
