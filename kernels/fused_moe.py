@@ -29,7 +29,8 @@ up rows that go with them, interleaved (gate n, up n, gate n+1, ...), are one
 ``[2*block_n, block_k]`` weight tile and one dot into one ``[block_m, 2*block_n]``
 accumulator; the epilogue splits the pairs, which a thread holds side by side. Through TMA,
 the interleave is a 4-D view of ``w13`` (``[E, I, 2, H]`` by strides): no copy of the weights.
-Two dots into two accumulators ran 1-10% slower at the best tile of each (docs/kernels.md).
+The two-dot form it replaced was up to 11% slower at the best tile of each, and nowhere more
+than 1% faster (one H100, one H200: docs/kernels.md).
 Block FP8 keeps the two dots: its rescale needs each K step's partial product beside the
 accumulator, and at twice the width that spills.
 

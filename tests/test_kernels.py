@@ -265,6 +265,8 @@ def test_gemm_kernels_compile_for_sm90(tmp_path):
         (gemm, dtype, loads) for gemm in ("gemm1", "gemm2") for dtype in ("bf16", "fp8") for loads in ("ptr", "tma")}
     for row in rows:
         assert (row["tma_copies"] > 0) == (row["loads"] == "tma") and row["wgmma"] > 0 and row["registers"] <= 255
+    # bf16 GEMM 1's pair tile keeps one [block_m, 2*block_n] accumulator: no shipped bf16 tile may spill
+    assert [row for row in rows if row["dtype"] == "bf16" and row["spill_bytes"]] == []
 
 
 def test_weight_tiles_fall_back_to_pointer_loads_where_tma_cannot_read_them():
