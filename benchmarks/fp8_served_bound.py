@@ -79,15 +79,25 @@ def served_step(run: dict) -> dict | None:
     2026-12-07): its time per engine step served (``step_ms_served``) against the GPU time per
     step of the profile (``step_ms_gpu``: the time some kernel ran, over the profiled steps), and
     the difference, the time a served step spends off the GPU; also the profile's window per
-    step (``step_ms_profiled``, idle gaps included). None without engine metrics."""
+    step (``step_ms_profiled``, idle gaps included). Where the profile says where its idle time
+    went (``trace_breakdown``'s ``host``, from 2026-12-07): the part the GPU waited for the host,
+    per step (``host_bound_ms_per_step``), and the host op that took most of it
+    (``host_bound_largest``: the op and its ms per step). None without engine metrics."""
     engine = closed_loop(run).get("engine_metrics") or {}
     if not engine.get("step_ms"):
         return None
     trace, steps = run["profile"]["traces"][0], run["profile"]["steps"]
     gpu = trace["busy_s"] / steps * 1e3
-    return {"step_ms_served": engine["step_ms"], "step_ms_gpu": round(gpu, 2),
-            "step_ms_profiled": round(trace["window_s"] / steps * 1e3, 2),
-            "off_gpu_ms_per_step": round(engine["step_ms"] - gpu, 2), "tokens_per_step": engine["tokens_per_step"]}
+    served = {"step_ms_served": engine["step_ms"], "step_ms_gpu": round(gpu, 2),
+              "step_ms_profiled": round(trace["window_s"] / steps * 1e3, 2),
+              "off_gpu_ms_per_step": round(engine["step_ms"] - gpu, 2), "tokens_per_step": engine["tokens_per_step"]}
+    host = trace.get("host")
+    if host:
+        served["host_bound_ms_per_step"] = round(host["host_bound_s"] / steps * 1e3, 2)
+        if host["host_bound_by_op"]:
+            largest = host["host_bound_by_op"][0]
+            served["host_bound_largest"] = {"op": largest["op"], "ms_per_step": round(largest["seconds"] / steps * 1e3, 2)}
+    return served
 
 
 def measured_against_bf16(fp8: dict, bf16: dict) -> dict:
@@ -177,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             served = result["served_step"]
             print(f"  served: {served['step_ms_served']:.1f} ms per step of {served['tokens_per_step']:,.0f} tokens "
                   f"against {served['step_ms_gpu']:.1f} ms of GPU time: {served['off_gpu_ms_per_step']:.1f} ms off the GPU")
+            if "host_bound_ms_per_step" in served:
+                largest = served.get("host_bound_largest")
+                print(f"  profiled steps: the GPU waited {served['host_bound_ms_per_step']:.1f} ms a step for the host"
+                      + (f", most under {largest['op']} ({largest['ms_per_step']:.1f} ms)" if largest else ""))
         if "measured" in result:
             measured = result["measured"]
             clock = {k: "?" if v is None else f"{v:,.0f}" for k, v in measured["sm_clock_mhz"].items()}

@@ -213,9 +213,10 @@ def profile_server(server, model: str, context: int, clients: int, args, trace_d
     for trace in traces:
         shares = ", ".join(f"{k} {v / trace['window_s']:.0%}" for k, v in list(trace["seconds_by_category"].items())[:5])
         host = trace["host"]
+        largest = host["host_bound_by_op"][0]["op"] if host["host_bound_by_op"] else "-"
         log(f"    profile {trace['trace'][:40]}: {shares}; exposed communication "
             f"{trace['exposed_communication_fraction']:.1%}; GPU waiting for the host "
-            f"{host['host_bound_s'] * 1e3:.1f} ms, most under {host['host_bound_by_op'][0]['op'] if host['host_bound_by_op'] else '-'}")
+            f"{host['host_bound_s'] / PROFILED_STEPS * 1e3:.1f} ms a step, most under {largest}")
     return {"context": context, "steps": PROFILED_STEPS, "traces": traces} | ({} if traces else {"error": "no trace"})
 
 

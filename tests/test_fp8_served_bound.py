@@ -99,6 +99,26 @@ def test_engine_metrics_set_the_served_step_against_the_profiles_gpu_step(tmp_pa
         capsys.readouterr().out
 
 
+def test_a_profile_that_says_where_the_gpu_idled_names_the_hosts_part_per_step(tmp_path, capsys):
+    run = profiled_run(trace_breakdown.CATEGORY_RULES)
+    run["profile"] |= {"context": 2048, "steps": 2}
+    trace = run["profile"]["traces"][0]
+    trace |= {"busy_s": 0.036, "host": {"host_bound_s": 0.004, "device_wait_s": 0.0, "unlinked_s": 0.0, "idle_gaps": 9,
+                                        "host_bound_by_op": [{"op": "execute_model > aten::item", "seconds": 0.003}],
+                                        "sync_calls": {}}}
+    engine = {"steps": 30, "tokens_per_step": 32768.0, "step_ms": 25.0}
+    run["measurements"] = [{"context": 2048, "closed_loop": {"input_tokens_per_s_per_gpu": 1.0, "engine_metrics": engine}}]
+    profile, kernels, out = tmp_path / "profile.json", tmp_path / "kernels.json", tmp_path / "bound.json"
+    profile.write_text(json.dumps({"runs": [run]}))
+    kernels.write_text(json.dumps({"points": [{"shape": "qwen3-30b-a3b", "tokens": 16384, "fp8_selected_vs_bf16": 1.5}]}))
+    assert fp8_served_bound.main(["--profile", str(profile), "--kernels", str(kernels), "--out", str(out)]) == 0
+    served = json.loads(out.read_text())["results"][0]["served_step"]
+    assert served["host_bound_ms_per_step"] == 2.0
+    assert served["host_bound_largest"] == {"op": "execute_model > aten::item", "ms_per_step": 1.5}
+    assert ("profiled steps: the GPU waited 2.0 ms a step for the host, most under execute_model > aten::item "
+            "(1.5 ms)") in capsys.readouterr().out
+
+
 def test_bound_scales_experts_by_the_kernel_ratio_and_dense_by_the_peaks():
     parts = {"moe": 2.0, "dense": 0.5, "quant": 0.25, "step": 4.0, "rest": 1.25}
     result = fp8_served_bound.bound(parts, moe_ratio=1.5, target=1.4)
