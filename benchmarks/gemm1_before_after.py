@@ -167,12 +167,16 @@ def main() -> None:
     if args.write_table:
         if args.from_results is None or not args.from_results.is_file():
             parser.exit(2, "gemm1_before_after: error: --write-table needs --from-results, a results file\n")
-        results = json.loads(args.from_results.read_text())
-        device = results["meta"]["device"]
+        try:
+            results = json.loads(args.from_results.read_text())
+            device = results["meta"]["device"]
+            points = [p for p in results["points"] if p["dtype"] in args.dtypes]
+        except (ValueError, KeyError, TypeError) as exc:
+            parser.exit(2, f"gemm1_before_after: error: {args.from_results} is not a results file of this script "
+                           f"({type(exc).__name__}: {exc})\n")
         arch = results["meta"].get("arch") or ("sm90" if "H100" in device or "H200" in device else None)
         if arch is None:
             parser.exit(2, f"gemm1_before_after: error: {args.from_results} does not say which table it measured\n")
-        points = [p for p in results["points"] if p["dtype"] in args.dtypes]
         for change in write_table(arch, points):
             print(change)
         return

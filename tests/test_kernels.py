@@ -578,6 +578,16 @@ def test_gemm1_before_after_adopts_a_best_tile_only_past_the_margin_and_when_the
     assert bench.tile_of("64x128x128 g8 w4 s3 ptr") == GemmConfig(64, 128, 128, 8, 4, 3, False)
 
 
+def test_gemm1_before_after_write_table_refuses_a_file_it_did_not_write(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    other = tmp_path / "moe_kernels.json"
+    other.write_text(json.dumps({"points": [], "meta": {"command": "python benchmarks/moe_kernels.py"}}))
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "gemm1_before_after.py"), "--write-table",
+                           "--from-results", str(other)], capture_output=True, text=True, timeout=120, cwd=root)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "is not a results file of this script (KeyError: 'device')" in done.stderr
+
+
 # ---------------------------------------------------------------------------- benchmark summary arithmetic
 
 def test_moe_kernels_backend_choice_by_graph_time_with_a_margin():
