@@ -82,17 +82,24 @@ def test_a_profiled_bf16_run_beside_the_fp8_one_is_set_against_it_as_measured(tm
     assert "served_step" not in result  # no engine metrics in these closed loops
 
 
-def test_engine_metrics_set_the_served_step_against_the_profiles_gpu_step(tmp_path, capsys):
-    run = profiled_run(trace_breakdown.CATEGORY_RULES)
-    run["profile"] |= {"context": 2048, "steps": 1}  # 10 layer calls in one step: a 40-ms window,
-    run["profile"]["traces"][0]["busy_s"] = 0.036  # a kernel running in 36 ms of it
-    engine = {"steps": 30, "tokens_per_step": 32768.0, "step_ms": 50.0}
+def served_bound(tmp_path, run: dict, steps: int, step_ms: float) -> dict:
+    """``run`` served at ``step_ms`` per engine step, its profile over ``steps`` steps, through
+    ``fp8_served_bound.main``: the result."""
+    run["profile"] |= {"context": 2048, "steps": steps}
+    engine = {"steps": 30, "tokens_per_step": 32768.0, "step_ms": step_ms}
     run["measurements"] = [{"context": 2048, "closed_loop": {"input_tokens_per_s_per_gpu": 1.0, "engine_metrics": engine}}]
     profile, kernels, out = tmp_path / "profile.json", tmp_path / "kernels.json", tmp_path / "bound.json"
     profile.write_text(json.dumps({"runs": [run]}))
     kernels.write_text(json.dumps({"points": [{"shape": "qwen3-30b-a3b", "tokens": 16384, "fp8_selected_vs_bf16": 1.5}]}))
     assert fp8_served_bound.main(["--profile", str(profile), "--kernels", str(kernels), "--out", str(out)]) == 0
     (result,) = json.loads(out.read_text())["results"]
+    return result
+
+
+def test_engine_metrics_set_the_served_step_against_the_profiles_gpu_step(tmp_path, capsys):
+    run = profiled_run(trace_breakdown.CATEGORY_RULES)  # 10 layer calls in one step: a 40-ms window,
+    run["profile"]["traces"][0]["busy_s"] = 0.036  # a kernel running in 36 ms of it
+    result = served_bound(tmp_path, run, steps=1, step_ms=50.0)
     assert result["served_step"] == {"step_ms_served": 50.0, "step_ms_gpu": 36.0, "step_ms_profiled": 40.0,
                                      "off_gpu_ms_per_step": 14.0, "tokens_per_step": 32768.0}
     assert "served: 50.0 ms per step of 32,768 tokens against 36.0 ms of GPU time: 14.0 ms off the GPU" in \
@@ -101,18 +108,11 @@ def test_engine_metrics_set_the_served_step_against_the_profiles_gpu_step(tmp_pa
 
 def test_a_profile_that_says_where_the_gpu_idled_names_the_hosts_part_per_step(tmp_path, capsys):
     run = profiled_run(trace_breakdown.CATEGORY_RULES)
-    run["profile"] |= {"context": 2048, "steps": 2}
-    trace = run["profile"]["traces"][0]
-    trace |= {"busy_s": 0.036, "host": {"host_bound_s": 0.004, "device_wait_s": 0.0, "unlinked_s": 0.0, "idle_gaps": 9,
-                                        "host_bound_by_op": [{"op": "execute_model > aten::item", "seconds": 0.003}],
-                                        "sync_calls": {}}}
-    engine = {"steps": 30, "tokens_per_step": 32768.0, "step_ms": 25.0}
-    run["measurements"] = [{"context": 2048, "closed_loop": {"input_tokens_per_s_per_gpu": 1.0, "engine_metrics": engine}}]
-    profile, kernels, out = tmp_path / "profile.json", tmp_path / "kernels.json", tmp_path / "bound.json"
-    profile.write_text(json.dumps({"runs": [run]}))
-    kernels.write_text(json.dumps({"points": [{"shape": "qwen3-30b-a3b", "tokens": 16384, "fp8_selected_vs_bf16": 1.5}]}))
-    assert fp8_served_bound.main(["--profile", str(profile), "--kernels", str(kernels), "--out", str(out)]) == 0
-    served = json.loads(out.read_text())["results"][0]["served_step"]
+    run["profile"]["traces"][0] |= {
+        "busy_s": 0.036, "host": {"host_bound_s": 0.004, "device_wait_s": 0.0, "unlinked_s": 0.0, "idle_gaps": 9,
+                                  "host_bound_by_op": [{"op": "execute_model > aten::item", "seconds": 0.003}],
+                                  "sync_calls": {}}}
+    served = served_bound(tmp_path, run, steps=2, step_ms=25.0)["served_step"]
     assert served["host_bound_ms_per_step"] == 2.0
     assert served["host_bound_largest"] == {"op": "execute_model > aten::item", "ms_per_step": 1.5}
     assert ("profiled steps: the GPU waited 2.0 ms a step for the host, most under execute_model > aten::item "
