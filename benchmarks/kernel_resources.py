@@ -72,7 +72,7 @@ def compile_tile(dtype: str, gemm: str, cfg: GemmConfig, workdir: Path) -> dict:
     fn = KERNELS[gemm]
     operand = "*fp8e4nv" if dtype == "fp8" else "*bf16"
     constexprs = dict(USE_FP8=dtype == "fp8", UP_SCALE_UNIFORM=True, EVEN_K=True, WEIGHT_TMA=cfg.weight_tma,
-                      DOT_IN_FP32=False, ROUND_IN_FP32=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                      ACT_TMA=cfg.weight_tma, DOT_IN_FP32=False, ROUND_IN_FP32=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                       BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     signature = {}
@@ -83,6 +83,8 @@ def compile_tile(dtype: str, gemm: str, cfg: GemmConfig, workdir: Path) -> dict:
             pair_tile = gemm == "gemm1" and dtype == "bf16"
             box = f"1, {cfg.block_n}, 2, {cfg.block_k}" if pair_tile else f"{cfg.block_n}, {cfg.block_k}"
             signature[name] = f"tensordesc<{operand[1:]}[{box}]>" if cfg.weight_tma else operand
+        elif name == "act_desc":  # GEMM 2's activation rows ride with its weight tiles (fused_moe.activation_tiles)
+            signature[name] = f"tensordesc<{operand[1:]}[{cfg.block_m}, {cfg.block_k}]>" if cfg.weight_tma else operand
         elif name.endswith("_ptr"):
             signature[name] = SCALE_AND_INDEX_POINTERS.get(name, operand)
         else:

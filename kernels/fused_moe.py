@@ -21,8 +21,9 @@ grouped-M swizzle so programs that run together share weight tiles in L2; a row 
 its expert id from the alignment and returns at once if it lies past the used rows. The
 weight tiles come by per-thread pointer loads or, where a tile config asks for it
 (``GemmConfig.weight_tma``) and :func:`gate_up_tiles` / :func:`weight_tiles` can describe the
-weights (sm90, contiguous), as TMA copies; the activation rows are gathered by pointer loads
-either way.
+weights (sm90, contiguous), as TMA copies. GEMM 1 gathers its token rows by pointer loads
+(sm90's TMA has no row gather); GEMM 2's activation rows are contiguous and come through TMA
+with its weight tiles (:func:`activation_tiles`).
 
 GEMM 1's *pair tile* (bf16, fp16, fp32): ``block_n`` gate rows of ``w13`` and the ``block_n``
 up rows that go with them, interleaved (gate n, up n, gate n+1, ...), are one
@@ -226,11 +227,12 @@ def _gemm1_gate_up_silu_kernel(
 
 @triton.jit
 def _gemm2_down_scatter_kernel(
-    act_ptr, act_scale_ptr, w_ptr, w_desc, w_scale_ptr, out_ptr, topk_weights_ptr,
+    act_ptr, act_desc, act_scale_ptr, w_ptr, w_desc, w_scale_ptr, out_ptr, topk_weights_ptr,
     sorted_row_ids_ptr, block_expert_ids_ptr, num_padded_rows_ptr,
     num_rows, hidden, inter, max_blocks_m,
     stride_act, stride_acts, stride_we, stride_wn, stride_wse, stride_wsn, stride_out,
-    USE_FP8: tl.constexpr, EVEN_K: tl.constexpr, WEIGHT_TMA: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    USE_FP8: tl.constexpr, EVEN_K: tl.constexpr, WEIGHT_TMA: tl.constexpr, ACT_TMA: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[r, n] = topk_weight[r] * (act[p] . w2[e, n]) for padded row p holding row r."""
@@ -258,10 +260,13 @@ def _gemm2_down_scatter_kernel(
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in range(0, tl.cdiv(inter, BLOCK_K)):
-        if EVEN_K:
+        if not EVEN_K:
+            k_ok = offs_k < inter - k * BLOCK_K
+        if ACT_TMA:  # act rows are contiguous in expert-sorted order; columns past I read as zeros
+            a = act_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+        elif EVEN_K:
             a = tl.load(a_ptrs)
         else:
-            k_ok = offs_k < inter - k * BLOCK_K
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
         if WEIGHT_TMA:  # the descriptor zero-fills columns past I
             b = w_desc.load([b_row, k * BLOCK_K]).T
@@ -505,25 +510,26 @@ def sum_slots(slots: torch.Tensor, alignment: ExpertAlignment, num_tokens: int,
     return out
 
 
-def _tma_reason(w: torch.Tensor, cfg: GemmConfig, rows_per_segment: int | None = None) -> str | None:
-    """Why ``w [E, N, K]`` cannot be read in TMA tiles; ``None`` when it can. With
-    ``rows_per_segment``, tiles of ``block_n`` rows of ``w`` viewed as ``[E*N, K]`` must not
-    straddle a segment's end."""
+def _tma_reason(w: torch.Tensor, cfg: GemmConfig, rows_per_segment: int | None = None,
+                what: str = "weights") -> str | None:
+    """Why ``w [..., K]`` (the expert ``weights [E, N, K]``, or GEMM 2's activation rows) cannot
+    be read in TMA tiles; ``None`` when it can. With ``rows_per_segment``, tiles of ``block_n``
+    rows of ``w`` viewed as ``[E*N, K]`` must not straddle a segment's end."""
     if TensorDescriptor is None:
         return f"Triton {triton.__version__} has no host-side tensor descriptors (3.4 or newer has)"
     if not INTERPRETING:
         if w.device.type != "cuda":
-            return f"the weights are on {w.device}, not a CUDA GPU"
+            return f"the {what} are on {w.device}, not a CUDA GPU"
         if device_capability(w.device.index) < (9, 0):
             return "TMA needs sm90 (H100/H200) or newer"
     if not w.is_contiguous():
-        return "the weights are not contiguous"
-    if w.data_ptr() % 16 or w.shape[2] * w.element_size() % 16:
-        return "the weight rows are not 16-byte aligned"
+        return f"the {what} are not contiguous"
+    if w.data_ptr() % 16 or w.shape[-1] * w.element_size() % 16:
+        return f"the rows of the {what} are not 16-byte aligned"
     if rows_per_segment is not None:
         if rows_per_segment % cfg.block_n:
             return f"block_n={cfg.block_n} does not divide {rows_per_segment}: a tile would cross into the next rows"
-        if w.shape[0] * w.shape[1] >= 2 ** 31:
+        if w.numel() // w.shape[-1] >= 2 ** 31:
             return "more than 2^31 weight rows (TMA coordinates are int32)"
     return None
 
@@ -554,6 +560,15 @@ def gate_up_tiles(w13: torch.Tensor, cfg: GemmConfig) -> TensorDescriptor | None
     inter = two_inter // 2
     return TensorDescriptor(w13, [num_experts, inter, 2, hidden], [two_inter * hidden, hidden, inter * hidden, 1],
                             [1, cfg.block_n, 2, cfg.block_k])
+
+
+def activation_tiles(act: torch.Tensor, cfg: GemmConfig) -> TensorDescriptor | None:
+    """GEMM 2's activation rows through TMA: ``act [padded rows, I]`` (GEMM 1's output, rows
+    in expert-sorted order, contiguous) in ``[block_m, block_k]`` tiles; ``None`` where TMA
+    cannot read it (:func:`_tma_reason`). Columns past I read as zeros."""
+    if _tma_reason(act, cfg, what="activation rows") is not None:
+        return None
+    return TensorDescriptor.from_tensor(act, [cfg.block_m, cfg.block_k])
 
 
 def run_gemm1(x: torch.Tensor, x_scale: torch.Tensor | None, w13: torch.Tensor,
@@ -607,7 +622,9 @@ def run_gemm2(act: torch.Tensor, act_scale: torch.Tensor | None, w2: torch.Tenso
               cfg: GemmConfig, out_dtype: torch.dtype) -> torch.Tensor:
     """GEMM 2 launch: ``slots [T*K, H]``, row ``t*K+k`` = weighted output of token t's k-th expert.
 
-    ``cfg.weight_tma`` as in :func:`run_gemm1`.
+    ``cfg.weight_tma`` as in :func:`run_gemm1`; with it the activation rows, contiguous here
+    (unlike GEMM 1's gathered token rows), come through TMA as well where
+    :func:`activation_tiles` can describe them.
     """
     use_fp8 = act_scale is not None
     hidden, inter = w2.shape[1], w2.shape[2]
@@ -622,14 +639,16 @@ def run_gemm2(act: torch.Tensor, act_scale: torch.Tensor | None, w2: torch.Tenso
         scale_args = (dummy, dummy)
         scale_strides = (0, 0, 0)
     w_desc = weight_tiles(w2, hidden, cfg) if cfg.weight_tma else None
+    act_desc = activation_tiles(act, cfg) if w_desc is not None else None
     _gemm2_down_scatter_kernel[(blocks_m * triton.cdiv(hidden, cfg.block_n),)](
-        act, scale_args[0], w2, w2 if w_desc is None else w_desc, scale_args[1], slots, topk_weights,
+        act, act if act_desc is None else act_desc, scale_args[0], w2, w2 if w_desc is None else w_desc,
+        scale_args[1], slots, topk_weights,
         alignment.sorted_row_ids, alignment.block_expert_ids, alignment.num_padded_rows,
         alignment.num_rows, hidden, inter, blocks_m,
         act.stride(0), scale_strides[0], w2.stride(0), w2.stride(1), scale_strides[1], scale_strides[2],
         slots.stride(0),
         USE_FP8=use_fp8, EVEN_K=inter % cfg.block_k == 0, WEIGHT_TMA=w_desc is not None,
-        DOT_IN_FP32=INTERPRETING and act.dtype == torch.bfloat16,
+        ACT_TMA=act_desc is not None, DOT_IN_FP32=INTERPRETING and act.dtype == torch.bfloat16,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
