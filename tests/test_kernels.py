@@ -527,7 +527,7 @@ def test_moe_align_default_is_triton(monkeypatch):
 
 @pytest.mark.skipif(ON_GPU, reason="the benchmark's answer on a machine without CUDA")
 @pytest.mark.parametrize("name,args", [("moe_align", []), ("moe_gemm_tma", []),
-                                       ("gemm1_before_after", ["--before", "kernels/fused_moe.py"])])
+                                       ("gemm_before_after", ["--before", "kernels/fused_moe.py"])])
 def test_kernel_benchmarks_say_they_need_a_gpu(name, args):
     """The kernel benchmarks without CUDA: one line saying so, exit 2, no traceback."""
     root = Path(__file__).resolve().parents[1]
@@ -538,51 +538,65 @@ def test_kernel_benchmarks_say_they_need_a_gpu(name, args):
                                                     "runs on CPU in tests/test_kernels.py)")
 
 
-def test_gemm1_before_after_loads_an_earlier_module_beside_todays():
-    """``benchmarks/gemm1_before_after.py --before FILE`` imports FILE inside today's package, so
-    an earlier ``fused_moe.py``'s relative imports resolve; here today's file against itself."""
-    from benchmarks import gemm1_before_after as bench
+def test_gemm_before_after_loads_an_earlier_module_beside_todays():
+    """``benchmarks/gemm_before_after.py --before FILE`` imports FILE inside today's package, so
+    an earlier ``fused_moe.py``'s relative imports resolve; here today's file against itself,
+    both GEMMs, with pointer loads and (GEMM 2's activation rows too) through TMA."""
+    from benchmarks import gemm_before_after as bench
 
     before = bench.load_before(Path(fused_moe.__file__))
-    assert before is not fused_moe and before.__name__ == "zeroprefill.kernels._gemm1_before"
-    w13, _ = make_layer(4, 64, 32, torch.bfloat16)
-    x, _, ids = make_tokens(9, 64, 4, 2, torch.bfloat16)
+    assert before is not fused_moe and before.__name__ == "zeroprefill.kernels._gemm_before"
+    w13, w2 = make_layer(4, 64, 32, torch.bfloat16)
+    x, weights, ids = make_tokens(9, 64, 4, 2, torch.bfloat16)
     alignment = moe_align_block_size(ids, 4, 16)
-    tile = GemmConfig(16, 16, 32, 2, 4, 2)
     used = alignment.sorted_row_ids[:alignment.max_padded_rows] < alignment.num_rows  # padding rows hold anything
-    assert torch.equal(before.run_gemm1(x, None, w13, None, alignment, tile)[0][used],
-                       fused_moe.run_gemm1(x, None, w13, None, alignment, tile)[0][used])
+    for tile in (GemmConfig(16, 16, 32, 2, 4, 2), GemmConfig(16, 16, 32, 2, 4, 2, weight_tma=True)):
+        act, _ = fused_moe.run_gemm1(x, None, w13, None, alignment, tile)
+        assert torch.equal(before.run_gemm1(x, None, w13, None, alignment, tile)[0][used], act[used])
+        assert torch.equal(before.run_gemm2(act, None, w2, None, weights, alignment, tile, x.dtype),
+                           fused_moe.run_gemm2(act, None, w2, None, weights, alignment, tile, x.dtype))
 
 
-def test_gemm1_before_after_adopts_a_best_tile_only_past_the_margin_and_when_the_points_agree():
-    from benchmarks import gemm1_before_after as bench
+def test_gemm_before_after_adopts_a_best_tile_only_past_the_margin_and_when_the_points_agree():
+    from benchmarks import gemm_before_after as bench
+
+    def tile(group_m: int, weight_tma: bool = True) -> dict:
+        return {"block_m": 128, "block_n": 128, "block_k": 64, "group_m": group_m, "num_warps": 8, "num_stages": 4,
+                "weight_tma": weight_tma}
 
     def entry(group_m: int) -> dict:
-        return {"gemm1": {"block_m": 128, "block_n": 128, "block_k": 64, "group_m": group_m, "num_warps": 8,
-                          "num_stages": 4, "weight_tma": True}, "gemm2": {"block_m": 128}}
+        return {"gemm1": tile(group_m), "gemm2": tile(8, weight_tma=False)}
 
-    def point(tokens: int, shipped_ms: float, best: str = "128x128x64 g8 w8 s4 tma", best_ms: float = 1.0) -> dict:
+    def point(tokens: int, shipped_ms: float, best: str = "128x128x64 g8 w8 s4 tma", best_ms: float = 1.0,
+              **gemm) -> dict:  # no "gemm" key: a point of gemm1_before_after.py, GEMM 1's
+        shipped = "128x128x64 g8 w8 s4 ptr" if gemm else "128x128x64 g32 w8 s4 tma"
         return {"shape": "qwen3-235b-a22b", "dtype": "bf16", "tokens": tokens, "best_after": [best, best_ms],
-                "ms": {"after 128x128x64 g32 w8 s4 tma": shipped_ms, f"after {best}": best_ms}}
+                "ms": {f"after {shipped}": shipped_ms, f"after {best}": best_ms}, **gemm}
 
     configs = {"bf16_E128_H4096_I1536": {"4096": entry(32), "16384": entry(32), "131072": entry(32)}}
     changes = bench.adopt_best_tiles(configs, [
         point(4096, 1.10),                       # 10% faster: switched
         point(16384, 1.04),                      # 4%: within the margin
         point(65536, 1.20), point(131072, 1.20, best="128x128x64 g16 w8 s4 tma"),  # one entry, two bests
+        point(16384, 1.08, gemm="gemm2"),        # GEMM 2 through TMA, 8% faster: switched, GEMM 1 left alone
+        point(4096, 1.10, best="64x128x64 g8 w4 s4 tma", gemm="gemm2"),  # not GEMM 1's block_m: not a candidate
     ])
-    assert configs["bf16_E128_H4096_I1536"]["4096"]["gemm1"]["group_m"] == 8
-    assert [configs["bf16_E128_H4096_I1536"][e]["gemm1"]["group_m"] for e in ("16384", "131072")] == [32, 32]
+    table = configs["bf16_E128_H4096_I1536"]
+    assert table["4096"]["gemm1"]["group_m"] == 8
+    assert [table[e]["gemm1"]["group_m"] for e in ("16384", "131072")] == [32, 32]
+    assert table["16384"]["gemm2"] == tile(8) and table["4096"]["gemm2"] == tile(8, weight_tma=False)
     assert changes[0] == "bf16_E128_H4096_I1536 4096 gemm1: 128x128x64 g8 w8 s4 tma (1.100x the entry's tile)"
-    assert all("kept" in change for change in changes[1:]) and len(changes) == 3
+    assert changes[3] == "bf16_E128_H4096_I1536 16384 gemm2: 128x128x64 g8 w8 s4 tma (1.080x the entry's tile)"
+    assert changes[4] == "bf16_E128_H4096_I1536 4096 gemm2: kept (best ['128x128x64 g8 w8 s4 ptr'], 1.000x the entry's tile)"
+    assert all("kept" in change for change in changes[1:3]) and len(changes) == 5
     assert bench.tile_of("64x128x128 g8 w4 s3 ptr") == GemmConfig(64, 128, 128, 8, 4, 3, False)
 
 
-def test_gemm1_before_after_write_table_refuses_a_file_it_did_not_write(tmp_path):
+def test_gemm_before_after_write_table_refuses_a_file_it_did_not_write(tmp_path):
     root = Path(__file__).resolve().parents[1]
     other = tmp_path / "moe_kernels.json"
     other.write_text(json.dumps({"points": [], "meta": {"command": "python benchmarks/moe_kernels.py"}}))
-    done = subprocess.run([sys.executable, str(root / "benchmarks" / "gemm1_before_after.py"), "--write-table",
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "gemm_before_after.py"), "--write-table",
                            "--from-results", str(other)], capture_output=True, text=True, timeout=120, cwd=root)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "is not a results file of this script (KeyError: 'device')" in done.stderr
