@@ -36,7 +36,7 @@ SPEC = MoEModelSpec.from_pretrained(CONFIG)
 
 def candidate(request_id: str, prompt_tokens: int, cached_tokens: int = 0, prefix: str | None = None) -> PrefillCandidate:
     flops = request_flops(SPEC, prompt_tokens, cached_tokens, head_tokens=0)
-    return PrefillCandidate(request_id, prefix, cached_tokens, flops)
+    return PrefillCandidate(request_id, prefix, cached_tokens, flops, prompt_tokens - cached_tokens)
 
 
 def test_budget_counts_flops_not_tokens():
@@ -113,6 +113,25 @@ def test_admission_is_head_of_line_fair():
     plan = plan_prefill_step(queue, budget)
     assert plan.admitted == ("first",)
     assert plan.deferred == ("big", "small")
+
+
+def test_offering_stops_once_the_engines_token_budget_is_covered_and_the_rest_is_not_priced():
+    class Unpriced:  # a waiting request the policy must not price: past the token budget
+        def __init__(self, request_id: str) -> None:
+            self.request_id, self.prefix_key = request_id, None
+
+        def __getattr__(self, name: str):
+            raise AssertionError(f"{self.request_id} was priced ({name})")
+
+    queue = [candidate(f"r{i}", 1024) for i in range(3)] + [Unpriced("r3"), Unpriced("r4")]
+    plan = plan_prefill_step(queue, 1e18, token_budget=3000)
+    assert plan.admitted == ("r0", "r1", "r2")  # the third crosses 3,000 tokens: the engine may chunk it
+    assert plan.deferred == ("r3", "r4")
+    cached = [candidate(f"c{i}", 1024, cached_tokens=512, prefix="doc") for i in range(4)]
+    assert len(plan_prefill_step(cached, 1e18, token_budget=1024).admitted) == 2  # only uncached tokens count
+    in_flight = plan_prefill_step([candidate("a", 1024)], 1e18, in_flight_flops=1, token_budget=0)
+    assert in_flight.admitted == ()  # running work took the whole budget
+    assert plan_prefill_step([candidate("a", 1024)], 1e18, token_budget=0).admitted == ("a",)  # an empty step
 
 
 def test_rejects_a_non_positive_budget():

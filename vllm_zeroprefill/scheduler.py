@@ -18,7 +18,9 @@ Prefix grouping: waiting requests whose first KV block is the same share a prefi
 
 Nothing is held back for decoding: a pooling request finishes at the end of its prefill,
 so the whole budget goes to prefills (vLLM's own token budget and KV-cache checks still
-apply on top, in the base scheduler).
+apply on top, in the base scheduler). Offering stops, too, once the offered prompt tokens
+cover vLLM's token budget: vLLM would take no more, and the rest of the queue then needs no
+pricing (a prefix-cache lookup and the cost model each), which a step's host time pays.
 
 Budget (FLOPs per step per data-parallel rank), the first that applies:
 
@@ -46,6 +48,8 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Protocol
 
 from vllm.logger import init_logger
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
@@ -68,14 +72,25 @@ BUDGET_ENV = STEP_FLOPS_BUDGET_ENV
 ADDITIONAL_CONFIG_KEY = "zeroprefill"
 
 
-@dataclass(frozen=True)
-class PrefillCandidate:
+class Candidate(Protocol):
     """A waiting request as the policy sees it."""
 
     request_id: str
     prefix_key: Hashable | None  # the first full KV block's hash; None if shorter than a block
     cached_tokens: int  # prompt tokens the prefix cache would serve now
     flops: int  # true FLOPs of its prefill given those cached tokens
+    tokens: int  # prompt tokens its prefill would compute (not cached)
+
+
+@dataclass(frozen=True)
+class PrefillCandidate:
+    """A :class:`Candidate` priced up front."""
+
+    request_id: str
+    prefix_key: Hashable | None
+    cached_tokens: int
+    flops: int
+    tokens: int
 
 
 @dataclass(frozen=True)
@@ -88,7 +103,8 @@ class StepPlan:
 
 
 def plan_prefill_step(
-    candidates: Sequence[PrefillCandidate], flops_budget: float, in_flight_flops: int = 0
+    candidates: Sequence[Candidate], flops_budget: float, in_flight_flops: int = 0,
+    token_budget: int | None = None,
 ) -> StepPlan:
     """Admit waiting requests, prefix group by prefix group, up to ``flops_budget``.
 
@@ -96,31 +112,47 @@ def plan_prefill_step(
         candidates: waiting requests in queue (arrival) order.
         flops_budget: true FLOPs one step may hold.
         in_flight_flops: FLOPs already committed to the step (running, chunked prefills).
+        token_budget: prompt tokens the engine will schedule this step at most (None: no
+            limit here).
 
     Groups are taken in the order of their first member. A cold group (its first member
     has no cache hit) offers only that member; a warm group offers all members. Admission
     stops at the first offered request that would exceed the budget, except that a step
-    with nothing else in it always takes one request, however large.
+    with nothing else in it always takes one request, however large, and once the admitted
+    requests' tokens reach ``token_budget`` (the last one admitted may pass it: the engine
+    may chunk it). A candidate's ``cached_tokens``, ``flops`` and ``tokens`` are read only
+    if it is offered, its ``prefix_key`` always.
     """
     if flops_budget <= 0:
         raise ValueError(f"flops_budget must be positive, got {flops_budget}")
-    groups: dict[Hashable, list[PrefillCandidate]] = {}
+    groups: dict[Hashable, list[Candidate]] = {}
     for candidate in candidates:
         key = candidate.prefix_key if candidate.prefix_key is not None else ("request", candidate.request_id)
         groups.setdefault(key, []).append(candidate)
 
     admitted: list[str] = []
     total = in_flight_flops
+    tokens = 0
+
+    def takes(candidate: Candidate) -> bool:
+        if total == 0 and not admitted:  # an empty step takes one request, however large
+            return True
+        if token_budget is not None and tokens >= token_budget:
+            return False  # before pricing it: the engine would not take it
+        return total + candidate.flops <= flops_budget
+
     full = False
     for members in groups.values():
+        if not takes(members[0]):  # before reading its cache hit
+            break
         offered = members if members[0].cached_tokens > 0 else members[:1]
         for candidate in offered:
-            step_is_empty = total == 0 and not admitted
-            if total + candidate.flops > flops_budget and not step_is_empty:
+            if not takes(candidate):
                 full = True
                 break
             admitted.append(candidate.request_id)
             total += candidate.flops
+            tokens += candidate.tokens
         if full:
             break
     chosen = set(admitted)
@@ -197,7 +229,8 @@ class PrefillOnlySchedulerMixin:
         if not waiting:
             return super().schedule(*args, **kwargs)
         by_id = {request.request_id: request for request in waiting}
-        plan = plan_prefill_step([self._candidate(r) for r in waiting], self.step_flops_budget, self._in_flight_flops())
+        plan = plan_prefill_step([_WaitingRequest(self, r) for r in waiting], self.step_flops_budget,
+                                 self._in_flight_flops(), self._token_budget())
         self.last_plan = plan
         self.waiting.remove_requests(waiting)
         for request_id in plan.admitted:
@@ -208,16 +241,6 @@ class PrefillOnlySchedulerMixin:
             for request_id in plan.deferred:
                 self.waiting.add_request(by_id[request_id])
 
-    def _candidate(self, request: Request) -> PrefillCandidate:
-        cached = request.num_computed_tokens
-        manager = self.kv_cache_manager
-        if request.block_hashes and prefix_cache_lookup_enabled(manager, request):
-            _, hit_tokens, _ = manager.coordinator.find_longest_cache_hit(request.block_hashes, request.num_tokens - 1)
-            cached = max(cached, hit_tokens)
-        prefix_key = request.block_hashes[0] if request.block_hashes else None
-        flops = request_flops(self.model_spec, request.num_tokens, cached, self.head_tokens)
-        return PrefillCandidate(request.request_id, prefix_key, cached, flops)
-
     def _in_flight_flops(self) -> int:
         """FLOPs of the rest of every running (partially prefilled) request."""
         return sum(
@@ -225,6 +248,42 @@ class PrefillOnlySchedulerMixin:
             for r in self.running
             if r.num_computed_tokens < r.num_tokens
         )
+
+    def _token_budget(self) -> int:
+        """Prompt tokens this step can give waiting requests: vLLM's token budget less the rest
+        of every running (partially prefilled) request, which vLLM schedules first."""
+        budget = getattr(self, "max_num_scheduled_tokens", None) or self.scheduler_config.max_num_batched_tokens
+        return max(0, budget - sum(r.num_tokens - r.num_computed_tokens for r in self.running
+                                   if r.num_computed_tokens < r.num_tokens))
+
+
+class _WaitingRequest:
+    """A waiting request as :func:`plan_prefill_step` sees it, priced (a prefix-cache lookup
+    and the cost model) only when the policy offers it."""
+
+    def __init__(self, scheduler: PrefillOnlySchedulerMixin, request: Request) -> None:
+        self._scheduler = scheduler
+        self._request = request
+        self.request_id = request.request_id
+        self.prefix_key = request.block_hashes[0] if request.block_hashes else None
+
+    @cached_property
+    def cached_tokens(self) -> int:
+        request, manager = self._request, self._scheduler.kv_cache_manager
+        cached = request.num_computed_tokens
+        if request.block_hashes and prefix_cache_lookup_enabled(manager, request):
+            _, hit_tokens, _ = manager.coordinator.find_longest_cache_hit(request.block_hashes, request.num_tokens - 1)
+            cached = max(cached, hit_tokens)
+        return cached
+
+    @cached_property
+    def flops(self) -> int:
+        scheduler = self._scheduler
+        return request_flops(scheduler.model_spec, self._request.num_tokens, self.cached_tokens, scheduler.head_tokens)
+
+    @cached_property
+    def tokens(self) -> int:
+        return self._request.num_tokens - self.cached_tokens
 
 
 class PrefillOnlyScheduler(PrefillOnlySchedulerMixin, Scheduler):
