@@ -12,7 +12,9 @@ scatter), shape, token count and dtype (bf16, block FP8) it times ``run_gemm1`` 
 of both modules (``triton.testing.do_bench`` medians, L2 flushed) with the shipped tile, that
 tile with the other loads (TMA / pointers), and a few other tiles, and checks that both produce
 the same output (largest difference relative to its largest value, over the rows in use).
-GEMM 2 runs on random activation rows (its time does not depend on their values). Summary:
+GEMM 2 runs on random activation rows (its time does not depend on their values), and also
+launched persistent (``GemmConfig.persistent``, after only: an earlier module runs such a tile
+one program a tile, as the shipped one). Summary:
 ``after_vs_before_shipped`` (before's time / after's, > 1: faster now) per point, its minimum
 per GEMM and dtype, and the best tile of each side.
 
@@ -59,7 +61,8 @@ OTHER_TILES = {
     ("gemm1", "fp8"): [GemmConfig(64, 128, 128, 8, 4, 3, True), GemmConfig(64, 128, 128, 8, 8, 3, True),
                        GemmConfig(128, 128, 128, 8, 8, 3, True)],
     ("gemm2", "bf16"): [GemmConfig(128, 256, 64, 8, 8, 3, True), GemmConfig(128, 128, 64, 8, 8, 3, True),
-                        GemmConfig(128, 256, 64, 8, 8, 4, True)],
+                        GemmConfig(128, 128, 64, 8, 8, 3, True, persistent=True),
+                        GemmConfig(128, 128, 64, 8, 8, 4, True, persistent=True)],
     ("gemm2", "fp8"): [GemmConfig(64, 128, 128, 8, 4, 3, True), GemmConfig(64, 128, 128, 8, 4, 4, True),
                        GemmConfig(128, 128, 128, 8, 8, 3, True)],
 }
@@ -109,13 +112,18 @@ def measure(before: ModuleType, gemm: str, shape_name: str, num_tokens: int, dty
     shipped = getattr(get_config(num_tokens, top_k, num_experts, hidden, inter, fp8, topk_ids.device,
                                  allow_grouped_mm=False), gemm)
     tiles = [shipped, replace(shipped, weight_tma=not shipped.weight_tma)]
-    tiles += [tile for tile in OTHER_TILES[gemm, dtype] if tile not in tiles]
+    if gemm == "gemm2":  # the shipped tile launched persistent, through TMA, and one program a tile
+        tiles += [replace(shipped, weight_tma=True, persistent=True), replace(shipped, persistent=False)]
+    tiles += OTHER_TILES[gemm, dtype]
+    tiles = list(dict.fromkeys(tiles))
     ms: dict[str, float] = {}
     rel_diff: dict[str, float] = {}
     for tile in tiles:
-        label = f"{tile.label} {'tma' if tile.weight_tma else 'ptr'}"
+        label = tile_label(tile)
         outs = []
-        for side, module in (("before", before), ("after", fused_moe)):
+        # A module from before persistent launches would run the tile one program a tile: after only.
+        sides = (("after", fused_moe),) if tile.persistent else (("before", before), ("after", fused_moe))
+        for side, module in sides:
             call, used = gemm_call(module, gemm, layer, topk_ids, fp8, tile)
             try:
                 outs.append(call()[used].float())
@@ -126,22 +134,29 @@ def measure(before: ModuleType, gemm: str, shape_name: str, num_tokens: int, dty
             rel_diff[label] = (outs[0] - outs[1]).abs().max().item() / max(outs[0].abs().max().item(), 1e-30)
         log(f"{gemm} {shape_name} {num_tokens} {dtype} {label}: " + ", ".join(
             f"{side} {ms[f'{side} {label}']:.3f} ms" for side in ("before", "after") if f"{side} {label}" in ms))
-    shipped_label = f"{shipped.label} {'tma' if shipped.weight_tma else 'ptr'}"
+    shipped_label = tile_label(shipped)
 
     def best(side: str) -> tuple[str, float]:
         return min(((k[len(side) + 1:], v) for k, v in ms.items() if k.startswith(side)), key=lambda kv: kv[1])
 
     return {"gemm": gemm, "shape": shape_name, "tokens": num_tokens, "dtype": dtype, "shipped": shipped_label,
             "ms": {k: round(v, 4) for k, v in ms.items()}, "rel_diff_after_vs_before": rel_diff,
-            "after_vs_before_shipped": round(ms[f"before {shipped_label}"] / ms[f"after {shipped_label}"], 3),
+            "after_vs_before_shipped": round(ms[f"before {tile_label(replace(shipped, persistent=False))}"]
+                                             / ms[f"after {shipped_label}"], 3),
             "best_before": best("before"), "best_after": best("after")}
 
 
+def tile_label(tile: GemmConfig) -> str:
+    """``"128x128x64 g8 w8 s4 tma"``: a ``GemmConfig.label``, its loads, and ``persistent`` if it is."""
+    return f"{tile.label} {'tma' if tile.weight_tma else 'ptr'}" + (" persistent" if tile.persistent else "")
+
+
 def tile_of(label: str) -> GemmConfig:
-    """``"128x128x64 g8 w8 s4 tma"`` (a ``GemmConfig.label`` and its loads) as the tile."""
-    shape, group, warps, stages, loads = label.split()
+    """A :func:`tile_label` as the tile."""
+    shape, group, warps, stages, loads, *persistent = label.split()
     block_m, block_n, block_k = map(int, shape.split("x"))
-    return GemmConfig(block_m, block_n, block_k, int(group[1:]), int(warps[1:]), int(stages[1:]), loads == "tma")
+    return GemmConfig(block_m, block_n, block_k, int(group[1:]), int(warps[1:]), int(stages[1:]), loads == "tma",
+                      persistent == ["persistent"])
 
 
 def adopt_best_tiles(configs: dict, points: list[dict], margin: float = SELECT_MARGIN) -> list[str]:
@@ -158,7 +173,7 @@ def adopt_best_tiles(configs: dict, points: list[dict], margin: float = SELECT_M
         if gemm not in configs[key][entry]:  # an entry on another backend (triton_grouped_mm: no GEMM 2 tile)
             continue
         table_tile = configs[key][entry][gemm]
-        label = f"{GemmConfig(**table_tile).label} {'tma' if table_tile.get('weight_tma') else 'ptr'}"
+        label = tile_label(GemmConfig(**table_tile))
         # Both GEMMs walk the same padded row blocks: a tile must keep the other GEMM's block_m.
         other = configs[key][entry].get("gemm2" if gemm == "gemm1" else "gemm1")
         candidates = {name[len("after "):]: ms for name, ms in point["ms"].items() if name.startswith("after ")
@@ -173,9 +188,9 @@ def adopt_best_tiles(configs: dict, points: list[dict], margin: float = SELECT_M
         slowest = min(speedup for _, speedup in measured)
         if len(best_tiles) == 1 and slowest > 1 + margin:
             tile = tile_of(best_tiles.pop())
-            configs[key][entry][gemm] = asdict(tile)
-            changes.append(f"{key} {entry} {gemm}: {tile.label} {'tma' if tile.weight_tma else 'ptr'} "
-                           f"({slowest:.3f}x the entry's tile)")
+            configs[key][entry][gemm] = {field: value for field, value in asdict(tile).items()
+                                         if field != "persistent" or value}  # the table names persistent ones only
+            changes.append(f"{key} {entry} {gemm}: {tile_label(tile)} ({slowest:.3f}x the entry's tile)")
         else:
             changes.append(f"{key} {entry} {gemm}: kept (best {sorted(best_tiles)}, {slowest:.3f}x the entry's tile)")
     return changes

@@ -72,7 +72,7 @@ def compile_tile(dtype: str, gemm: str, cfg: GemmConfig, workdir: Path) -> dict:
     fn = KERNELS[gemm]
     operand = "*fp8e4nv" if dtype == "fp8" else "*bf16"
     constexprs = dict(USE_FP8=dtype == "fp8", UP_SCALE_UNIFORM=True, EVEN_K=True, WEIGHT_TMA=cfg.weight_tma,
-                      ACT_TMA=cfg.weight_tma, DOT_IN_FP32=False, ROUND_IN_FP32=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                      ACT_TMA=cfg.weight_tma, PERSISTENT=cfg.persistent, DOT_IN_FP32=False, ROUND_IN_FP32=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                       BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     signature = {}

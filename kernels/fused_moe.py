@@ -53,6 +53,7 @@ one layer in two calls, each skipping the other's experts.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -226,19 +227,14 @@ def _gemm1_gate_up_silu_kernel(
 
 
 @triton.jit
-def _gemm2_down_scatter_kernel(
-    act_ptr, act_desc, act_scale_ptr, w_ptr, w_desc, w_scale_ptr, out_ptr, topk_weights_ptr,
-    sorted_row_ids_ptr, block_expert_ids_ptr, num_padded_rows_ptr,
-    num_rows, hidden, inter, max_blocks_m,
+def _down_scatter_tile(
+    pid_m, pid_n, act_ptr, act_desc, act_scale_ptr, w_ptr, w_desc, w_scale_ptr, out_ptr,
+    topk_weights_ptr, sorted_row_ids_ptr, block_expert_ids_ptr, num_rows, hidden, inter,
     stride_act, stride_acts, stride_we, stride_wn, stride_wse, stride_wsn, stride_out,
     USE_FP8: tl.constexpr, EVEN_K: tl.constexpr, WEIGHT_TMA: tl.constexpr, ACT_TMA: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out[r, n] = topk_weight[r] * (act[p] . w2[e, n]) for padded row p holding row r."""
-    pid_m, pid_n = _swizzle_tile(tl.program_id(0), max_blocks_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_padded_rows_ptr):
-        return
+    """GEMM 2's tile (pid_m, pid_n), row block pid_m in use: its K loop and its scattered store."""
     expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = tl.load(sorted_row_ids_ptr + offs_m)
@@ -291,6 +287,43 @@ def _gemm2_down_scatter_kernel(
     acc = acc * weight[:, None]
     out_ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_out + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _gemm2_down_scatter_kernel(
+    act_ptr, act_desc, act_scale_ptr, w_ptr, w_desc, w_scale_ptr, out_ptr, topk_weights_ptr,
+    sorted_row_ids_ptr, block_expert_ids_ptr, num_padded_rows_ptr,
+    num_rows, hidden, inter, max_blocks_m,
+    stride_act, stride_acts, stride_we, stride_wn, stride_wse, stride_wsn, stride_out,
+    USE_FP8: tl.constexpr, EVEN_K: tl.constexpr, WEIGHT_TMA: tl.constexpr, ACT_TMA: tl.constexpr,
+    PERSISTENT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out[r, n] = topk_weight[r] * (act[p] . w2[e, n]) for padded row p holding row r.
+
+    One tile a program, or (PERSISTENT) the programs walk the used tiles in strides of the
+    grid, the tile loop flattened into the K loop so that a tile's first loads overlap the
+    previous tile's epilogue.
+    """
+    num_pid_n = tl.cdiv(hidden, BLOCK_N)
+    if PERSISTENT:
+        used_blocks_m = tl.load(num_padded_rows_ptr) // BLOCK_M
+        for tile in tl.range(tl.program_id(0), used_blocks_m * num_pid_n, tl.num_programs(0), flatten=True):
+            pid_m, pid_n = _swizzle_tile(tile, used_blocks_m, num_pid_n, GROUP_M)
+            _down_scatter_tile(
+                pid_m, pid_n, act_ptr, act_desc, act_scale_ptr, w_ptr, w_desc, w_scale_ptr, out_ptr,
+                topk_weights_ptr, sorted_row_ids_ptr, block_expert_ids_ptr, num_rows, hidden, inter,
+                stride_act, stride_acts, stride_we, stride_wn, stride_wse, stride_wsn, stride_out,
+                USE_FP8, EVEN_K, WEIGHT_TMA, ACT_TMA, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        pid_m, pid_n = _swizzle_tile(tl.program_id(0), max_blocks_m, num_pid_n, GROUP_M)
+        if pid_m * BLOCK_M >= tl.load(num_padded_rows_ptr):
+            return
+        _down_scatter_tile(
+            pid_m, pid_n, act_ptr, act_desc, act_scale_ptr, w_ptr, w_desc, w_scale_ptr, out_ptr,
+            topk_weights_ptr, sorted_row_ids_ptr, block_expert_ids_ptr, num_rows, hidden, inter,
+            stride_act, stride_acts, stride_we, stride_wn, stride_wse, stride_wsn, stride_out,
+            USE_FP8, EVEN_K, WEIGHT_TMA, ACT_TMA, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 def fused_experts(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
@@ -571,6 +604,15 @@ def activation_tiles(act: torch.Tensor, cfg: GemmConfig) -> TensorDescriptor | N
     return TensorDescriptor.from_tensor(act, [cfg.block_m, cfg.block_k])
 
 
+@functools.lru_cache(maxsize=None)
+def _resident_programs(device: torch.device) -> int:
+    """Programs a persistent launch runs at once: one per SM (four off CUDA, in the interpreter,
+    so that each walks several tiles)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def run_gemm1(x: torch.Tensor, x_scale: torch.Tensor | None, w13: torch.Tensor,
               w13_scale: torch.Tensor | None, alignment: ExpertAlignment,
               cfg: GemmConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -624,7 +666,8 @@ def run_gemm2(act: torch.Tensor, act_scale: torch.Tensor | None, w2: torch.Tenso
 
     ``cfg.weight_tma`` as in :func:`run_gemm1`; with it the activation rows, contiguous here
     (unlike GEMM 1's gathered token rows), come through TMA as well where
-    :func:`activation_tiles` can describe them.
+    :func:`activation_tiles` can describe them. ``cfg.persistent`` launches one program per SM
+    (:func:`_resident_programs`), each walking tiles in strides of the grid.
     """
     use_fp8 = act_scale is not None
     hidden, inter = w2.shape[1], w2.shape[2]
@@ -640,7 +683,8 @@ def run_gemm2(act: torch.Tensor, act_scale: torch.Tensor | None, w2: torch.Tenso
         scale_strides = (0, 0, 0)
     w_desc = weight_tiles(w2, hidden, cfg) if cfg.weight_tma else None
     act_desc = activation_tiles(act, cfg) if w_desc is not None else None
-    _gemm2_down_scatter_kernel[(blocks_m * triton.cdiv(hidden, cfg.block_n),)](
+    num_tiles = blocks_m * triton.cdiv(hidden, cfg.block_n)
+    _gemm2_down_scatter_kernel[(min(num_tiles, _resident_programs(device)) if cfg.persistent else num_tiles,)](
         act, act if act_desc is None else act_desc, scale_args[0], w2, w2 if w_desc is None else w_desc,
         scale_args[1], slots, topk_weights,
         alignment.sorted_row_ids, alignment.block_expert_ids, alignment.num_padded_rows,
@@ -648,7 +692,7 @@ def run_gemm2(act: torch.Tensor, act_scale: torch.Tensor | None, w2: torch.Tenso
         act.stride(0), scale_strides[0], w2.stride(0), w2.stride(1), scale_strides[1], scale_strides[2],
         slots.stride(0),
         USE_FP8=use_fp8, EVEN_K=inter % cfg.block_k == 0, WEIGHT_TMA=w_desc is not None,
-        ACT_TMA=act_desc is not None, DOT_IN_FP32=INTERPRETING and act.dtype == torch.bfloat16,
+        ACT_TMA=act_desc is not None, PERSISTENT=cfg.persistent, DOT_IN_FP32=INTERPRETING and act.dtype == torch.bfloat16,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -42,6 +42,7 @@ class GemmConfig:
     num_warps: int = 8
     num_stages: int = 3
     weight_tma: bool = False  # weight tiles through TMA where they can be (fused_moe.weight_tiles), else pointer loads
+    persistent: bool = False  # GEMM 2: one program per SM walking the tiles (fused_moe.run_gemm2)
 
     @property
     def label(self) -> str:
@@ -70,6 +71,8 @@ class MoEConfig:
             if self.gemm1 is not None or self.gemm2 is not None:
                 raise ValueError("backend='grouped_mm' takes no Triton tile configs; leave gemm1/gemm2 unset")
             return
+        if self.gemm1 is not None and self.gemm1.persistent:
+            raise ValueError("persistent launches are GEMM 2's (gemm2); gemm1 runs one program a tile")
         if self.backend == TRITON_GROUPED_MM:
             if self.gemm1 is None or self.gemm2 is not None:
                 raise ValueError("backend='triton_grouped_mm' takes the first GEMM's tile config only (gemm1)")

@@ -209,7 +209,8 @@ def test_fused_experts_fp8(num_tokens, num_experts, top_k, hidden, inter, act_dt
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "fp8"])
 def test_weight_tiles_through_tma_equal_pointer_loads(kind):
     """Both GEMMs with TMA weight tiles give what their pointer loads give, an uneven K included
-    (the descriptor zero-fills past it, as the masked loads do); interpreter or sm90."""
+    (the descriptor zero-fills past it, as the masked loads do), and GEMM 2 launched persistent
+    what it gives one tile a program; interpreter or sm90."""
     if ON_GPU and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("TMA needs sm90")
     num_tokens, num_experts, top_k, hidden, inter = (21, 4, 2, 160, 128) if kind == "fp8" else (21, 4, 2, 80, 64)
@@ -242,8 +243,9 @@ def test_weight_tiles_through_tma_equal_pointer_loads(kind):
         if ptr_out is not None:
             assert_same(ptr_out[used], tma_out[used])
     slots = [fused_moe.run_gemm2(*acts[0], w2, scales.get("w2_scale"), weights, alignment, cfg, x.dtype)
-             for cfg in (gemm2, tma2)]
-    assert_same(slots[0], slots[1])
+             for cfg in (gemm2, tma2, replace(gemm2, persistent=True), replace(tma2, persistent=True))]
+    for other in slots[1:]:
+        assert_same(slots[0], other)
     assert rel_err(fused_experts(x, w13, w2, weights, ids, config=MoEConfig(tma1, tma2), **scales),
                    fused_experts_reference(x, w13, w2, weights, ids, **scales)) < (3e-2 if kind == "fp8" else TOLERANCE[dtype])
 
@@ -389,6 +391,10 @@ def test_backend_config_validation():
         MoEConfig(GemmConfig(16, 32, 32), GemmConfig(16, 32, 32), backend=TRITON_GROUPED_MM)
     with pytest.raises(ValueError, match="first GEMM's tile config only"):
         MoEConfig(backend=TRITON_GROUPED_MM)
+    with pytest.raises(ValueError, match="persistent launches are GEMM 2's"):
+        MoEConfig(GemmConfig(16, 32, 32, persistent=True), GemmConfig(16, 32, 32))
+    persistent = MoEConfig(GemmConfig(16, 32, 32), GemmConfig(16, 32, 32, persistent=True))
+    assert MoEConfig.from_json(persistent.to_json()) == persistent
     grouped = MoEConfig(backend=GROUPED_MM)
     assert MoEConfig.from_json(grouped.to_json()) == grouped
     hybrid = MoEConfig(GemmConfig(64, 128, 64), backend=TRITON_GROUPED_MM)
@@ -580,6 +586,7 @@ def test_gemm_before_after_adopts_a_best_tile_only_past_the_margin_and_when_the_
         point(65536, 1.20), point(131072, 1.20, best="128x128x64 g16 w8 s4 tma"),  # one entry, two bests
         point(16384, 1.08, gemm="gemm2"),        # GEMM 2 through TMA, 8% faster: switched, GEMM 1 left alone
         point(4096, 1.10, best="64x128x64 g8 w4 s4 tma", gemm="gemm2"),  # not GEMM 1's block_m: not a candidate
+        point(131072, 1.10, best="128x128x64 g8 w8 s4 tma persistent", gemm="gemm2"),  # launched persistent
     ])
     table = configs["bf16_E128_H4096_I1536"]
     assert table["4096"]["gemm1"]["group_m"] == 8
@@ -588,8 +595,12 @@ def test_gemm_before_after_adopts_a_best_tile_only_past_the_margin_and_when_the_
     assert changes[0] == "bf16_E128_H4096_I1536 4096 gemm1: 128x128x64 g8 w8 s4 tma (1.100x the entry's tile)"
     assert changes[3] == "bf16_E128_H4096_I1536 16384 gemm2: 128x128x64 g8 w8 s4 tma (1.080x the entry's tile)"
     assert changes[4] == "bf16_E128_H4096_I1536 4096 gemm2: kept (best ['128x128x64 g8 w8 s4 ptr'], 1.000x the entry's tile)"
-    assert all("kept" in change for change in changes[1:3]) and len(changes) == 5
+    assert table["131072"]["gemm2"] == dict(tile(8), persistent=True)
+    assert changes[5] == "bf16_E128_H4096_I1536 131072 gemm2: 128x128x64 g8 w8 s4 tma persistent (1.100x the entry's tile)"
+    assert all("kept" in change for change in changes[1:3]) and len(changes) == 6
     assert bench.tile_of("64x128x128 g8 w4 s3 ptr") == GemmConfig(64, 128, 128, 8, 4, 3, False)
+    persistent = GemmConfig(128, 128, 64, 8, 8, 4, True, persistent=True)
+    assert bench.tile_of(bench.tile_label(persistent)) == persistent
 
 
 def test_gemm_before_after_write_table_refuses_a_file_it_did_not_write(tmp_path):
