@@ -36,7 +36,7 @@ import argparse
 import importlib.util
 import json
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Callable
@@ -188,8 +188,7 @@ def adopt_best_tiles(configs: dict, points: list[dict], margin: float = SELECT_M
         slowest = min(speedup for _, speedup in measured)
         if len(best_tiles) == 1 and slowest > 1 + margin:
             tile = tile_of(best_tiles.pop())
-            configs[key][entry][gemm] = {field: value for field, value in asdict(tile).items()
-                                         if field != "persistent" or value}  # the table names persistent ones only
+            configs[key][entry][gemm] = tile.to_json()
             changes.append(f"{key} {entry} {gemm}: {tile_label(tile)} ({slowest:.3f}x the entry's tile)")
         else:
             changes.append(f"{key} {entry} {gemm}: kept (best {sorted(best_tiles)}, {slowest:.3f}x the entry's tile)")

@@ -72,8 +72,8 @@ def compile_tile(dtype: str, gemm: str, cfg: GemmConfig, workdir: Path) -> dict:
     fn = KERNELS[gemm]
     operand = "*fp8e4nv" if dtype == "fp8" else "*bf16"
     constexprs = dict(USE_FP8=dtype == "fp8", UP_SCALE_UNIFORM=True, EVEN_K=True, WEIGHT_TMA=cfg.weight_tma,
-                      ACT_TMA=cfg.weight_tma, PERSISTENT=cfg.persistent, DOT_IN_FP32=False, ROUND_IN_FP32=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                      BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
+                      ACT_TMA=cfg.weight_tma, PERSISTENT=cfg.persistent, DOT_IN_FP32=False, ROUND_IN_FP32=False,
+                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     signature = {}
     for name in fn.arg_names:
@@ -118,16 +118,17 @@ def main() -> None:
     out = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results"
                                            / f"kernel_resources-sm{ARCH}-triton{triton.__version__}.json")
     rows = []
-    print(f"{'gemm':5s} {'dtype':5s} {'tile':22s} {'loads':5s} {'regs':>4s} {'spill B':>7s} {'smem KiB':>8s} "
+    print(f"{'gemm':5s} {'dtype':5s} {'tile':33s} {'loads':5s} {'regs':>4s} {'spill B':>7s} {'smem KiB':>8s} "
           f"{'TMA':>4s} {'cp.async':>8s} {'wgmma':>5s}")
     with tempfile.TemporaryDirectory() as workdir:
         for dtype, gemm, cfg in table_tiles():
             for weight_tma in (False, True):
                 tile = replace(cfg, weight_tma=weight_tma)
-                row = {"gemm": gemm, "dtype": dtype, "tile": tile.label, "loads": "tma" if weight_tma else "ptr",
+                label = tile.label + (" persistent" if tile.persistent else "")
+                row = {"gemm": gemm, "dtype": dtype, "tile": label, "loads": "tma" if weight_tma else "ptr",
                        **compile_tile(dtype, gemm, tile, Path(workdir))}
                 rows.append(row)
-                print(f"{gemm:5s} {dtype:5s} {row['tile']:22s} {row['loads']:5s} {row['registers']:4d} "
+                print(f"{gemm:5s} {dtype:5s} {row['tile']:33s} {row['loads']:5s} {row['registers']:4d} "
                       f"{row['spill_bytes']:7d} {row['shared_kib']:8.1f} {row['tma_copies']:4d} "
                       f"{row['async_copies']:8d} {row['wgmma']:5d}", flush=True)
     meta = {"command": " ".join(["python benchmarks/kernel_resources.py", *sys.argv[1:]]), "arch": f"sm{ARCH}",

@@ -692,7 +692,8 @@ def run_gemm2(act: torch.Tensor, act_scale: torch.Tensor | None, w2: torch.Tenso
         act.stride(0), scale_strides[0], w2.stride(0), w2.stride(1), scale_strides[1], scale_strides[2],
         slots.stride(0),
         USE_FP8=use_fp8, EVEN_K=inter % cfg.block_k == 0, WEIGHT_TMA=w_desc is not None,
-        ACT_TMA=act_desc is not None, PERSISTENT=cfg.persistent, DOT_IN_FP32=INTERPRETING and act.dtype == torch.bfloat16,
+        ACT_TMA=act_desc is not None, PERSISTENT=cfg.persistent,
+        DOT_IN_FP32=INTERPRETING and act.dtype == torch.bfloat16,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -15,7 +15,9 @@ CUTLASS grouped GEMMs with our permutation and combine around them (``grouped_mm
 its A-load, SiLU*mul in its epilogue: no scatter and no SiLU pass) followed by torch's CUTLASS
 second GEMM and our combine. The benchmark writes, per tuned token count, whichever it measured
 fastest. A tile's ``"weight_tma": true`` loads its weight tiles through TMA
-(``benchmarks/moe_gemm_tma.py --write-table`` sets it where that measured faster).
+(``benchmarks/moe_gemm_tma.py --write-table`` sets it where that measured faster); a GEMM 2
+tile's ``"persistent": true`` launches one program per SM, each walking tiles
+(``benchmarks/gemm_before_after.py --write-table`` sets it where that measured faster).
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ class GemmConfig:
     num_stages: int = 3
     weight_tma: bool = False  # weight tiles through TMA where they can be (fused_moe.weight_tiles), else pointer loads
     persistent: bool = False  # GEMM 2: one program per SM walking the tiles (fused_moe.run_gemm2)
+
+    def to_json(self) -> dict:
+        """The tile as a table entry writes it: every field, ``persistent`` only where set."""
+        return {field: value for field, value in asdict(self).items() if field != "persistent" or value}
 
     @property
     def label(self) -> str:
@@ -93,8 +99,8 @@ class MoEConfig:
         if self.backend == GROUPED_MM:
             return {"backend": GROUPED_MM}
         if self.backend == TRITON_GROUPED_MM:
-            return {"backend": TRITON_GROUPED_MM, "gemm1": asdict(self.gemm1)}
-        return {"gemm1": asdict(self.gemm1), "gemm2": asdict(self.gemm2)}
+            return {"backend": TRITON_GROUPED_MM, "gemm1": self.gemm1.to_json()}
+        return {"gemm1": self.gemm1.to_json(), "gemm2": self.gemm2.to_json()}
 
     @staticmethod
     def from_json(entry: dict) -> "MoEConfig":

@@ -267,8 +267,10 @@ def test_gemm_kernels_compile_for_sm90(tmp_path):
         (gemm, dtype, loads) for gemm in ("gemm1", "gemm2") for dtype in ("bf16", "fp8") for loads in ("ptr", "tma")}
     for row in rows:
         assert (row["tma_copies"] > 0) == (row["loads"] == "tma") and row["wgmma"] > 0 and row["registers"] <= 255
-    # bf16 GEMM 1's pair tile keeps one [block_m, 2*block_n] accumulator: no shipped bf16 tile may spill
-    assert [row for row in rows if row["dtype"] == "bf16" and row["spill_bytes"]] == []
+    # bf16 GEMM 1's pair tile keeps one [block_m, 2*block_n] accumulator: no shipped bf16 tile may spill.
+    # A persistent GEMM 2 tile ships through TMA; by pointer loads (the fallback) it may spill.
+    assert [row for row in rows if row["dtype"] == "bf16" and row["spill_bytes"]
+            and not (row["tile"].endswith("persistent") and row["loads"] == "ptr")] == []
 
 
 def test_weight_tiles_fall_back_to_pointer_loads_where_tma_cannot_read_them():
@@ -594,9 +596,11 @@ def test_gemm_before_after_adopts_a_best_tile_only_past_the_margin_and_when_the_
     assert table["16384"]["gemm2"] == tile(8) and table["4096"]["gemm2"] == tile(8, weight_tma=False)
     assert changes[0] == "bf16_E128_H4096_I1536 4096 gemm1: 128x128x64 g8 w8 s4 tma (1.100x the entry's tile)"
     assert changes[3] == "bf16_E128_H4096_I1536 16384 gemm2: 128x128x64 g8 w8 s4 tma (1.080x the entry's tile)"
-    assert changes[4] == "bf16_E128_H4096_I1536 4096 gemm2: kept (best ['128x128x64 g8 w8 s4 ptr'], 1.000x the entry's tile)"
+    assert changes[4] == ("bf16_E128_H4096_I1536 4096 gemm2: kept (best ['128x128x64 g8 w8 s4 ptr'], "
+                          "1.000x the entry's tile)")
     assert table["131072"]["gemm2"] == dict(tile(8), persistent=True)
-    assert changes[5] == "bf16_E128_H4096_I1536 131072 gemm2: 128x128x64 g8 w8 s4 tma persistent (1.100x the entry's tile)"
+    assert changes[5] == ("bf16_E128_H4096_I1536 131072 gemm2: 128x128x64 g8 w8 s4 tma persistent "
+                          "(1.100x the entry's tile)")
     assert all("kept" in change for change in changes[1:3]) and len(changes) == 6
     assert bench.tile_of("64x128x128 g8 w4 s3 ptr") == GemmConfig(64, 128, 128, 8, 4, 3, False)
     persistent = GemmConfig(128, 128, 64, 8, 8, 4, True, persistent=True)
