@@ -535,7 +535,8 @@ def test_moe_align_default_is_triton(monkeypatch):
 
 @pytest.mark.skipif(ON_GPU, reason="the benchmark's answer on a machine without CUDA")
 @pytest.mark.parametrize("name,args", [("moe_align", []), ("moe_gemm_tma", []),
-                                       ("gemm_before_after", ["--before", "kernels/fused_moe.py"])])
+                                       ("gemm_before_after", ["--before", "kernels/fused_moe.py"]),
+                                       ("layer_timing_modes", [])])
 def test_kernel_benchmarks_say_they_need_a_gpu(name, args):
     """The kernel benchmarks without CUDA: one line saying so, exit 2, no traceback."""
     root = Path(__file__).resolve().parents[1]
