@@ -112,9 +112,8 @@ def bench_ms(fn: Callable[[], object]) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
 
 
-def graph_ms(fn: Callable[[], object]) -> float:
-    """Time of one CUDA-graph replay of ``fn`` (ms), captured once after a warm-up call on the
-    capture stream: the GPU time of the call without the host's launch gaps."""
+def captured(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """``fn`` captured once in a CUDA graph, after a warm-up call on the capture stream."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -123,7 +122,13 @@ def graph_ms(fn: Callable[[], object]) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return bench_ms(graph.replay)  # the graph and its memory pool go with this frame
+    return graph
+
+
+def graph_ms(fn: Callable[[], object]) -> float:
+    """Time of one CUDA-graph replay of ``fn`` (ms): the GPU time of the call without the host's
+    launch gaps."""
+    return bench_ms(captured(fn).replay)  # the graph and its memory pool go with the call
 
 
 def hbm_bandwidth_gb_s(num_bytes: int = COPY_BYTES) -> float:

@@ -26,7 +26,7 @@ import torch
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _moe_timing import SHAPES, Layer, bench_ms, is_gemm_kernel, profile_kernels  # noqa: E402
+from _moe_timing import SHAPES, Layer, bench_ms, captured, is_gemm_kernel, profile_kernels  # noqa: E402
 from zeroprefill.kernels.fused_moe import fused_experts  # noqa: E402
 from zeroprefill.kernels.moe_config import GROUPED_MM, MoEConfig  # noqa: E402
 
@@ -42,19 +42,6 @@ def back_to_back_ms(fn, calls: int = 20) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / calls
-
-
-def captured(fn) -> torch.cuda.CUDAGraph:
-    """``fn`` captured once in a CUDA graph, after a warm-up call on the capture stream."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def measure(fn) -> dict:
