@@ -184,8 +184,8 @@ def candidate_configs(use_fp8: bool, num_tokens: int, top_k: int, num_experts: i
                   ((64, 8, 4), (128, 8, 3), (128, 8, 4), (128, 32, 4))]
         g2 = [GemmConfig(bm, bn, bk, gm, w, s) for bn, gm, w, s in
               ((128, 8, warps, 4), (128, 8, warps, 3), (256, 8, 8, 3), (128, 16, warps, 4), (64, 8, 4, 4))]
-        if torch.cuda.get_device_capability() >= (9, 0):  # each tile with TMA loads too; GEMM 2 also persistent
-            g1 += [replace(cfg, weight_tma=True) for cfg in g1]
+        if torch.cuda.get_device_capability() >= (9, 0):  # each tile with TMA loads too, one program a tile or persistent
+            g1 += [replace(cfg, weight_tma=True, persistent=persistent) for cfg in g1 for persistent in (False, True)]
             g2 += [replace(cfg, weight_tma=True, persistent=persistent) for cfg in g2 for persistent in (False, True)]
         yield bm, g1, g2
 

@@ -12,9 +12,9 @@ scatter), shape, token count and dtype (bf16, block FP8) it times ``run_gemm1`` 
 of both modules (``triton.testing.do_bench`` medians, L2 flushed) with the shipped tile, that
 tile with the other loads (TMA / pointers), and a few other tiles, and checks that both produce
 the same output (largest difference relative to its largest value, over the rows in use).
-GEMM 2 runs on random activation rows (its time does not depend on their values), and also
-launched persistent (``GemmConfig.persistent``, after only: an earlier module runs such a tile
-one program a tile, as the shipped one). Summary:
+GEMM 2 runs on random activation rows (its time does not depend on their values). Each GEMM's
+shipped tile is also timed launched persistent (``GemmConfig.persistent``, after only: an
+earlier module runs such a tile one program a tile, as the shipped one). Summary:
 ``after_vs_before_shipped`` (before's time / after's, > 1: faster now) per point, its minimum
 per GEMM and dtype, and the best tile of each side.
 
@@ -22,9 +22,10 @@ A tile tuned for the earlier kernel need not be the best one for today's. ``--wr
 applies a results file to the shipped table, without a GPU: a table entry's tile of that GEMM
 becomes the after side's best where that was more than 5% faster (the margin ``moe_kernels.py
 --select-backends`` uses) than the entry's own tile, after, at every point whose lookup lands
-on the entry, and the same tile was best at all of them::
+on the entry, and the same tile was best at all of them (with several results files, in every
+run)::
 
-    python benchmarks/gemm_before_after.py --write-table --from-results gemm_before_after.json --dtypes bf16
+    python benchmarks/gemm_before_after.py --write-table --from-results run1.json run2.json --dtypes bf16
 
 (It was ``gemm1_before_after.py``, GEMM 1 only, when it wrote ``gemm1_before_after-*.json``;
 their points are GEMM 1's.)
@@ -57,7 +58,8 @@ from zeroprefill.kernels.quant import quantize_tokens_fp8_group  # noqa: E402
 
 OTHER_TILES = {
     ("gemm1", "bf16"): [GemmConfig(128, 128, 64, 8, 8, 3, True), GemmConfig(128, 128, 64, 8, 8, 4, True),
-                        GemmConfig(64, 128, 64, 8, 4, 4, True)],
+                        GemmConfig(64, 128, 64, 8, 4, 4, True),
+                        GemmConfig(128, 128, 64, 8, 8, 4, True, persistent=True)],
     ("gemm1", "fp8"): [GemmConfig(64, 128, 128, 8, 4, 3, True), GemmConfig(64, 128, 128, 8, 8, 3, True),
                        GemmConfig(128, 128, 128, 8, 8, 3, True)],
     ("gemm2", "bf16"): [GemmConfig(128, 256, 64, 8, 8, 3, True), GemmConfig(128, 128, 64, 8, 8, 3, True),
@@ -112,8 +114,8 @@ def measure(before: ModuleType, gemm: str, shape_name: str, num_tokens: int, dty
     shipped = getattr(get_config(num_tokens, top_k, num_experts, hidden, inter, fp8, topk_ids.device,
                                  allow_grouped_mm=False), gemm)
     tiles = [shipped, replace(shipped, weight_tma=not shipped.weight_tma)]
-    if gemm == "gemm2":  # the shipped tile launched persistent, through TMA, and one program a tile
-        tiles += [replace(shipped, weight_tma=True, persistent=True), replace(shipped, persistent=False)]
+    # the shipped tile launched persistent, through TMA, and one program a tile
+    tiles += [replace(shipped, weight_tma=True, persistent=True), replace(shipped, persistent=False)]
     tiles += OTHER_TILES[gemm, dtype]
     tiles = list(dict.fromkeys(tiles))
     ms: dict[str, float] = {}
@@ -213,7 +215,8 @@ def main() -> None:
     parser.add_argument("--before", type=Path, help="the earlier kernels/fused_moe.py")
     parser.add_argument("--write-table", action="store_true",
                         help="apply --from-results to the shipped table (see above) instead of timing")
-    parser.add_argument("--from-results", type=Path, help="with --write-table: a results file of this script")
+    parser.add_argument("--from-results", type=Path, nargs="+",
+                        help="with --write-table: results files of this script (a tile changes only where all agree)")
     parser.add_argument("--gemms", nargs="+", default=["1", "2"], choices=["1", "2"])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=[8192, 16384, 32768])
@@ -221,19 +224,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.write_table:
-        if args.from_results is None or not args.from_results.is_file():
-            parser.exit(2, "gemm_before_after: error: --write-table needs --from-results, a results file\n")
-        try:
-            results = json.loads(args.from_results.read_text())
-            device = results["meta"]["device"]
-            points = [p for p in results["points"] if p["dtype"] in args.dtypes
-                      and p.get("gemm", "gemm1")[-1] in args.gemms]
-        except (ValueError, KeyError, TypeError) as exc:
-            parser.exit(2, f"gemm_before_after: error: {args.from_results} is not a results file of this script "
-                           f"({type(exc).__name__}: {exc})\n")
-        arch = results["meta"].get("arch") or ("sm90" if "H100" in device or "H200" in device else None)
-        if arch is None:
-            parser.exit(2, f"gemm_before_after: error: {args.from_results} does not say which table it measured\n")
+        if not args.from_results or not all(path.is_file() for path in args.from_results):
+            parser.exit(2, "gemm_before_after: error: --write-table needs --from-results, results files\n")
+        points, archs = [], set()
+        for path in args.from_results:
+            try:
+                results = json.loads(path.read_text())
+                device = results["meta"]["device"]
+                points += [p for p in results["points"] if p["dtype"] in args.dtypes
+                           and p.get("gemm", "gemm1")[-1] in args.gemms]
+            except (ValueError, KeyError, TypeError) as exc:
+                parser.exit(2, f"gemm_before_after: error: {path} is not a results file of this script "
+                               f"({type(exc).__name__}: {exc})\n")
+            arch = results["meta"].get("arch") or ("sm90" if "H100" in device or "H200" in device else None)
+            if arch is None:
+                parser.exit(2, f"gemm_before_after: error: {path} does not say which table it measured\n")
+            archs.add(arch)
+        if len(archs) > 1:
+            parser.exit(2, f"gemm_before_after: error: the results measured different tables ({sorted(archs)})\n")
         for change in write_table(arch, points):
             print(change)
         return

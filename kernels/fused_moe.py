@@ -188,18 +188,15 @@ def _gate_up_fp8(
 
 
 @triton.jit
-def _gemm1_gate_up_silu_kernel(
-    x_ptr, x_scale_ptr, w_ptr, w_desc, w_scale_ptr, act_ptr, act_scale_ptr,
-    sorted_row_ids_ptr, block_expert_ids_ptr, num_padded_rows_ptr,
-    num_rows, inter, hidden, max_blocks_m, top_k,
+def _gate_up_silu_tile(
+    pid_m, pid_n, x_ptr, x_scale_ptr, w_ptr, w_desc, w_scale_ptr, act_ptr, act_scale_ptr,
+    sorted_row_ids_ptr, block_expert_ids_ptr, num_rows, inter, hidden, top_k,
     stride_x, stride_xs, stride_we, stride_wn, stride_wse, stride_wsn, stride_act, stride_acts,
     USE_FP8: tl.constexpr, UP_SCALE_UNIFORM: tl.constexpr, EVEN_K: tl.constexpr, WEIGHT_TMA: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, ROUND_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, ROUND_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """act[p, n] = silu(x[tok(p)] . w13[e, n]) * (x[tok(p)] . w13[e, I + n]) for padded row p."""
-    pid_m, pid_n = _swizzle_tile(tl.program_id(0), max_blocks_m, tl.cdiv(inter, BLOCK_N), GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(num_padded_rows_ptr):
-        return
+    """GEMM 1's tile (pid_m, pid_n), row block pid_m in use: gather, K loop, SiLU*mul epilogue."""
     expert = tl.load(block_expert_ids_ptr + pid_m).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = tl.load(sorted_row_ids_ptr + offs_m)
@@ -224,6 +221,42 @@ def _gemm1_gate_up_silu_kernel(
         act = round_to_e4m3(tl.clamp(act / act_scale[:, None], -448.0, 448.0), ROUND_IN_FP32)
         tl.store(act_scale_ptr + offs_m.to(tl.int64) * stride_acts + pid_n, act_scale)
     tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=col_ok[None, :])
+
+
+@triton.jit
+def _gemm1_gate_up_silu_kernel(
+    x_ptr, x_scale_ptr, w_ptr, w_desc, w_scale_ptr, act_ptr, act_scale_ptr,
+    sorted_row_ids_ptr, block_expert_ids_ptr, num_padded_rows_ptr,
+    num_rows, inter, hidden, max_blocks_m, top_k,
+    stride_x, stride_xs, stride_we, stride_wn, stride_wse, stride_wsn, stride_act, stride_acts,
+    USE_FP8: tl.constexpr, UP_SCALE_UNIFORM: tl.constexpr, EVEN_K: tl.constexpr, WEIGHT_TMA: tl.constexpr,
+    PERSISTENT: tl.constexpr, DOT_IN_FP32: tl.constexpr, ROUND_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """act[p, n] = silu(x[tok(p)] . w13[e, n]) * (x[tok(p)] . w13[e, I + n]) for padded row p.
+
+    One tile a program, or (PERSISTENT) the programs walk the used tiles in strides of the
+    grid, as GEMM 2's do.
+    """
+    num_pid_n = tl.cdiv(inter, BLOCK_N)
+    if PERSISTENT:
+        used_blocks_m = tl.load(num_padded_rows_ptr) // BLOCK_M
+        for tile in tl.range(tl.program_id(0), used_blocks_m * num_pid_n, tl.num_programs(0), flatten=True):
+            pid_m, pid_n = _swizzle_tile(tile, used_blocks_m, num_pid_n, GROUP_M)
+            _gate_up_silu_tile(
+                pid_m, pid_n, x_ptr, x_scale_ptr, w_ptr, w_desc, w_scale_ptr, act_ptr, act_scale_ptr,
+                sorted_row_ids_ptr, block_expert_ids_ptr, num_rows, inter, hidden, top_k,
+                stride_x, stride_xs, stride_we, stride_wn, stride_wse, stride_wsn, stride_act, stride_acts,
+                USE_FP8, UP_SCALE_UNIFORM, EVEN_K, WEIGHT_TMA, DOT_IN_FP32, ROUND_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        pid_m, pid_n = _swizzle_tile(tl.program_id(0), max_blocks_m, num_pid_n, GROUP_M)
+        if pid_m * BLOCK_M >= tl.load(num_padded_rows_ptr):
+            return
+        _gate_up_silu_tile(
+            pid_m, pid_n, x_ptr, x_scale_ptr, w_ptr, w_desc, w_scale_ptr, act_ptr, act_scale_ptr,
+            sorted_row_ids_ptr, block_expert_ids_ptr, num_rows, inter, hidden, top_k,
+            stride_x, stride_xs, stride_we, stride_wn, stride_wse, stride_wsn, stride_act, stride_acts,
+            USE_FP8, UP_SCALE_UNIFORM, EVEN_K, WEIGHT_TMA, DOT_IN_FP32, ROUND_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -621,6 +654,7 @@ def run_gemm1(x: torch.Tensor, x_scale: torch.Tensor | None, w13: torch.Tensor,
     ``x`` is ``[T, H]`` in token order (e4m3 with ``x_scale [T, ceil(H/128)]`` for FP8). With
     ``cfg.weight_tma`` the weight tiles come through TMA where :func:`gate_up_tiles` (FP8:
     :func:`weight_tiles`, gate and up tiles apart) can make them, by pointer loads otherwise.
+    ``cfg.persistent`` launches one program per SM, as :func:`run_gemm2` does.
     """
     use_fp8 = x_scale is not None
     hidden = x.shape[1]
@@ -642,14 +676,15 @@ def run_gemm1(x: torch.Tensor, x_scale: torch.Tensor | None, w13: torch.Tensor,
     w_desc = None
     if cfg.weight_tma:  # FP8 runs two dots on the gate and up tiles, not a pair tile
         w_desc = weight_tiles(w13, inter, cfg) if use_fp8 else gate_up_tiles(w13, cfg)
-    _gemm1_gate_up_silu_kernel[(blocks_m * triton.cdiv(inter, cfg.block_n),)](
+    num_tiles = blocks_m * triton.cdiv(inter, cfg.block_n)
+    _gemm1_gate_up_silu_kernel[(min(num_tiles, _resident_programs(device)) if cfg.persistent else num_tiles,)](
         x, scale_args[0], w13, w13 if w_desc is None else w_desc, scale_args[1], act, scale_args[2],
         alignment.sorted_row_ids, alignment.block_expert_ids, alignment.num_padded_rows,
         alignment.num_rows, inter, hidden, blocks_m, alignment.num_rows // x.shape[0],
         x.stride(0), scale_strides[0], w13.stride(0), w13.stride(1), scale_strides[1], scale_strides[2],
         act.stride(0), scale_strides[3],
         USE_FP8=use_fp8, UP_SCALE_UNIFORM=inter % 128 == 0, EVEN_K=hidden % cfg.block_k == 0,
-        WEIGHT_TMA=w_desc is not None,
+        WEIGHT_TMA=w_desc is not None, PERSISTENT=cfg.persistent,
         # The Triton CPU interpreter multiplies bf16 dot operands as their uint16 bit patterns;
         # there, upcast them (bf16 products are exact in fp32, so the math is unchanged).
         DOT_IN_FP32=INTERPRETING and x.dtype == torch.bfloat16, ROUND_IN_FP32=ROUND_E4M3_IN_FP32,

@@ -15,8 +15,8 @@ CUTLASS grouped GEMMs with our permutation and combine around them (``grouped_mm
 its A-load, SiLU*mul in its epilogue: no scatter and no SiLU pass) followed by torch's CUTLASS
 second GEMM and our combine. The benchmark writes, per tuned token count, whichever it measured
 fastest. A tile's ``"weight_tma": true`` loads its weight tiles through TMA
-(``benchmarks/moe_gemm_tma.py --write-table`` sets it where that measured faster); a GEMM 2
-tile's ``"persistent": true`` launches one program per SM, each walking tiles
+(``benchmarks/moe_gemm_tma.py --write-table`` sets it where that measured faster); a tile's
+``"persistent": true`` launches one program per SM, each walking tiles
 (``benchmarks/gemm_before_after.py --write-table`` sets it where that measured faster).
 """
 
@@ -44,7 +44,7 @@ class GemmConfig:
     num_warps: int = 8
     num_stages: int = 3
     weight_tma: bool = False  # weight tiles through TMA where they can be (fused_moe.weight_tiles), else pointer loads
-    persistent: bool = False  # GEMM 2: one program per SM walking the tiles (fused_moe.run_gemm2)
+    persistent: bool = False  # one program per SM walking the tiles (fused_moe.run_gemm1/run_gemm2)
 
     def to_json(self) -> dict:
         """The tile as a table entry writes it: every field, ``persistent`` only where set."""
@@ -77,8 +77,6 @@ class MoEConfig:
             if self.gemm1 is not None or self.gemm2 is not None:
                 raise ValueError("backend='grouped_mm' takes no Triton tile configs; leave gemm1/gemm2 unset")
             return
-        if self.gemm1 is not None and self.gemm1.persistent:
-            raise ValueError("persistent launches are GEMM 2's (gemm2); gemm1 runs one program a tile")
         if self.backend == TRITON_GROUPED_MM:
             if self.gemm1 is None or self.gemm2 is not None:
                 raise ValueError("backend='triton_grouped_mm' takes the first GEMM's tile config only (gemm1)")

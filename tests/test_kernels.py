@@ -209,8 +209,8 @@ def test_fused_experts_fp8(num_tokens, num_experts, top_k, hidden, inter, act_dt
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "fp8"])
 def test_weight_tiles_through_tma_equal_pointer_loads(kind):
     """Both GEMMs with TMA weight tiles give what their pointer loads give, an uneven K included
-    (the descriptor zero-fills past it, as the masked loads do), and GEMM 2 launched persistent
-    what it gives one tile a program; interpreter or sm90."""
+    (the descriptor zero-fills past it, as the masked loads do), and each GEMM launched
+    persistent what it gives one tile a program; interpreter or sm90."""
     if ON_GPU and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("TMA needs sm90")
     num_tokens, num_experts, top_k, hidden, inter = (21, 4, 2, 160, 128) if kind == "fp8" else (21, 4, 2, 80, 64)
@@ -238,10 +238,12 @@ def test_weight_tiles_through_tma_equal_pointer_loads(kind):
         else:
             assert torch.equal(ptr_out, tma_out)
 
-    acts = [fused_moe.run_gemm1(x_in, x_scale, w13, scales.get("w13_scale"), alignment, cfg) for cfg in (gemm1, tma1)]
-    for ptr_out, tma_out in zip(acts[0], acts[1]):  # act (and its scales in FP8)
-        if ptr_out is not None:
-            assert_same(ptr_out[used], tma_out[used])
+    acts = [fused_moe.run_gemm1(x_in, x_scale, w13, scales.get("w13_scale"), alignment, cfg)
+            for cfg in (gemm1, tma1, replace(gemm1, persistent=True), replace(tma1, persistent=True))]
+    for other in acts[1:]:
+        for ptr_out, other_out in zip(acts[0], other):  # act (and its scales in FP8)
+            if ptr_out is not None:
+                assert_same(ptr_out[used], other_out[used])
     slots = [fused_moe.run_gemm2(*acts[0], w2, scales.get("w2_scale"), weights, alignment, cfg, x.dtype)
              for cfg in (gemm2, tma2, replace(gemm2, persistent=True), replace(tma2, persistent=True))]
     for other in slots[1:]:
@@ -268,7 +270,7 @@ def test_gemm_kernels_compile_for_sm90(tmp_path):
     for row in rows:
         assert (row["tma_copies"] > 0) == (row["loads"] == "tma") and row["wgmma"] > 0 and row["registers"] <= 255
     # bf16 GEMM 1's pair tile keeps one [block_m, 2*block_n] accumulator: no shipped bf16 tile may spill.
-    # A persistent GEMM 2 tile ships through TMA; by pointer loads (the fallback) it may spill.
+    # A persistent tile ships through TMA; by pointer loads (the fallback) it may spill.
     assert [row for row in rows if row["dtype"] == "bf16" and row["spill_bytes"]
             and not (row["tile"].endswith("persistent") and row["loads"] == "ptr")] == []
 
@@ -393,10 +395,9 @@ def test_backend_config_validation():
         MoEConfig(GemmConfig(16, 32, 32), GemmConfig(16, 32, 32), backend=TRITON_GROUPED_MM)
     with pytest.raises(ValueError, match="first GEMM's tile config only"):
         MoEConfig(backend=TRITON_GROUPED_MM)
-    with pytest.raises(ValueError, match="persistent launches are GEMM 2's"):
-        MoEConfig(GemmConfig(16, 32, 32, persistent=True), GemmConfig(16, 32, 32))
-    persistent = MoEConfig(GemmConfig(16, 32, 32), GemmConfig(16, 32, 32, persistent=True))
-    assert MoEConfig.from_json(persistent.to_json()) == persistent
+    for persistent in (MoEConfig(GemmConfig(16, 32, 32), GemmConfig(16, 32, 32, persistent=True)),
+                       MoEConfig(GemmConfig(16, 32, 32, persistent=True), GemmConfig(16, 32, 32))):
+        assert MoEConfig.from_json(persistent.to_json()) == persistent
     grouped = MoEConfig(backend=GROUPED_MM)
     assert MoEConfig.from_json(grouped.to_json()) == grouped
     hybrid = MoEConfig(GemmConfig(64, 128, 64), backend=TRITON_GROUPED_MM)
@@ -616,6 +617,14 @@ def test_gemm_before_after_write_table_refuses_a_file_it_did_not_write(tmp_path)
                            "--from-results", str(other)], capture_output=True, text=True, timeout=120, cwd=root)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "is not a results file of this script (KeyError: 'device')" in done.stderr
+    runs = []
+    for arch in ("sm90", "sm100"):  # two runs must have measured the same table
+        runs.append(tmp_path / f"{arch}.json")
+        runs[-1].write_text(json.dumps({"points": [], "meta": {"device": "GPU", "arch": arch}}))
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "gemm_before_after.py"), "--write-table",
+                           "--from-results", *map(str, runs)], capture_output=True, text=True, timeout=120, cwd=root)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "the results measured different tables (['sm100', 'sm90'])" in done.stderr
 
 
 # ---------------------------------------------------------------------------- benchmark summary arithmetic
