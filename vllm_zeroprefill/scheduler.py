@@ -70,6 +70,8 @@ logger = init_logger(f"vllm.{__name__}")  # vLLM's handlers: the line reaches th
 #: The environment setting of the budget, common to both engine plugins.
 BUDGET_ENV = STEP_FLOPS_BUDGET_ENV
 ADDITIONAL_CONFIG_KEY = "zeroprefill"
+# A budget worth more tokens than any step holds (benchmarks set 1e30 FLOPs to leave the token budget alone)
+UNBOUNDED_STEP_TOKENS = 1e12
 
 
 class Candidate(Protocol):
@@ -164,7 +166,9 @@ def resolve_step_flops_budget(vllm_config, spec: MoEModelSpec) -> float:
     """The step budget that applies to this engine (module docstring: override, planner, tokens)."""
     budget, source = _step_flops_budget_and_source(vllm_config, spec)
     tokens = budget / (2 * matmul_params_per_token(spec))
-    logger.info("zeroprefill: step budget %.3g FLOPs per rank (%s; %.0f tokens of linear work)", budget, source, tokens)
+    in_tokens = (f"{tokens:.0f} tokens of linear work" if tokens < UNBOUNDED_STEP_TOKENS
+                 else "no bound in practice: the engine's token budget alone limits a step")
+    logger.info("zeroprefill: step budget %.3g FLOPs per rank (%s; %s)", budget, source, in_tokens)
     return budget
 
 
