@@ -19,11 +19,12 @@ earlier module runs such a tile one program a tile, as the shipped one). Summary
 per GEMM and dtype, and the best tile of each side.
 
 A tile tuned for the earlier kernel need not be the best one for today's. ``--write-table``
-applies a results file to the shipped table, without a GPU: a table entry's tile of that GEMM
-becomes the after side's best where that was more than 5% faster (the margin ``moe_kernels.py
---select-backends`` uses) than the entry's own tile, after, at every point whose lookup lands
-on the entry, and the same tile was best at all of them (with several results files, in every
-run)::
+applies results files to the shipped table, without a GPU. For each table entry it takes the
+points whose lookup lands on it, in every file, and the after side's tiles measured at all of
+them; each such tile counts by its *slowest* speedup over the entry's own tile (after) at those
+points, and the entry takes the tile whose slowest speedup is largest, where that is more than
+5% (the margin ``moe_kernels.py --select-backends`` uses). Two tiles within noise of each other
+may then take turns at being fastest from run to run without keeping a better tile out::
 
     python benchmarks/gemm_before_after.py --write-table --from-results run1.json run2.json --dtypes bf16
 
@@ -164,7 +165,7 @@ def tile_of(label: str) -> GemmConfig:
 def adopt_best_tiles(configs: dict, points: list[dict], margin: float = SELECT_MARGIN) -> list[str]:
     """Apply ``points`` to the table's ``configs`` in place (the rule in the module's docstring);
     returns one line per entry the points reached: its change, or why it stays."""
-    votes: dict[tuple[str, str, str], list[tuple[str, float]]] = {}
+    speedups: dict[tuple[str, str, str], list[dict[str, float]]] = {}
     for point in points:
         num_experts, _, hidden, inter = SHAPES[point["shape"]]
         key = problem_key(point["dtype"] == "fp8", num_experts, hidden, inter)
@@ -174,26 +175,27 @@ def adopt_best_tiles(configs: dict, points: list[dict], margin: float = SELECT_M
         entry = nearest_token_count(configs[key], point["tokens"])
         if gemm not in configs[key][entry]:  # an entry on another backend (triton_grouped_mm: no GEMM 2 tile)
             continue
-        table_tile = configs[key][entry][gemm]
-        label = tile_label(GemmConfig(**table_tile))
+        label = tile_label(GemmConfig(**configs[key][entry][gemm]))
         # Both GEMMs walk the same padded row blocks: a tile must keep the other GEMM's block_m.
         other = configs[key][entry].get("gemm2" if gemm == "gemm1" else "gemm1")
-        candidates = {name[len("after "):]: ms for name, ms in point["ms"].items() if name.startswith("after ")
-                      and (other is None or tile_of(name[len("after "):]).block_m == other["block_m"])}
-        best, best_ms = min(candidates.items(), key=lambda kv: kv[1])
-        shipped_ms = point["ms"].get(f"after {label}")
-        speedup = shipped_ms / best_ms if shipped_ms else 0.0  # the entry's tile unmeasured: no vote to switch
-        votes.setdefault((key, entry, gemm), []).append((best, speedup))
+        shipped_ms = point["ms"].get(f"after {label}")  # the entry's tile unmeasured: no tile can win here
+        speedups.setdefault((key, entry, gemm), []).append(
+            {name[len("after "):]: shipped_ms / ms for name, ms in point["ms"].items() if shipped_ms
+             and name.startswith("after ")
+             and (other is None or tile_of(name[len("after "):]).block_m == other["block_m"])})
     changes = []
-    for (key, entry, gemm), measured in votes.items():
-        best_tiles = {best for best, _ in measured}
-        slowest = min(speedup for _, speedup in measured)
-        if len(best_tiles) == 1 and slowest > 1 + margin:
-            tile = tile_of(best_tiles.pop())
+    for (key, entry, gemm), measured in speedups.items():
+        # each tile measured at every point, by its slowest speedup over the entry's tile
+        everywhere = set(measured[0]).intersection(*measured[1:])
+        worst = {label: min(point[label] for point in measured) for label in everywhere}
+        best = max(worst, key=worst.get, default=None)
+        if best is not None and worst[best] > 1 + margin:
+            tile = tile_of(best)
             configs[key][entry][gemm] = tile.to_json()
-            changes.append(f"{key} {entry} {gemm}: {tile_label(tile)} ({slowest:.3f}x the entry's tile)")
+            changes.append(f"{key} {entry} {gemm}: {tile_label(tile)} ({worst[best]:.3f}x the entry's tile)")
         else:
-            changes.append(f"{key} {entry} {gemm}: kept (best {sorted(best_tiles)}, {slowest:.3f}x the entry's tile)")
+            changes.append(f"{key} {entry} {gemm}: kept (best {best}, "
+                           f"{worst.get(best, 0.0):.3f}x the entry's tile)")
     return changes
 
 

@@ -567,7 +567,7 @@ def test_gemm_before_after_loads_an_earlier_module_beside_todays():
                            fused_moe.run_gemm2(act, None, w2, None, weights, alignment, tile, x.dtype))
 
 
-def test_gemm_before_after_adopts_a_best_tile_only_past_the_margin_and_when_the_points_agree():
+def test_gemm_before_after_adopts_the_tile_whose_slowest_speedup_is_largest_past_the_margin():
     from benchmarks import gemm_before_after as bench
 
     def tile(group_m: int, weight_tma: bool = True) -> dict:
@@ -598,12 +598,26 @@ def test_gemm_before_after_adopts_a_best_tile_only_past_the_margin_and_when_the_
     assert table["16384"]["gemm2"] == tile(8) and table["4096"]["gemm2"] == tile(8, weight_tma=False)
     assert changes[0] == "bf16_E128_H4096_I1536 4096 gemm1: 128x128x64 g8 w8 s4 tma (1.100x the entry's tile)"
     assert changes[3] == "bf16_E128_H4096_I1536 16384 gemm2: 128x128x64 g8 w8 s4 tma (1.080x the entry's tile)"
-    assert changes[4] == ("bf16_E128_H4096_I1536 4096 gemm2: kept (best ['128x128x64 g8 w8 s4 ptr'], "
+    assert changes[4] == ("bf16_E128_H4096_I1536 4096 gemm2: kept (best 128x128x64 g8 w8 s4 ptr, "
                           "1.000x the entry's tile)")
     assert table["131072"]["gemm2"] == dict(tile(8), persistent=True)
     assert changes[5] == ("bf16_E128_H4096_I1536 131072 gemm2: 128x128x64 g8 w8 s4 tma persistent "
                           "(1.100x the entry's tile)")
     assert all("kept" in change for change in changes[1:3]) and len(changes) == 6
+    assert changes[2] == "bf16_E128_H4096_I1536 131072 gemm1: kept (best 128x128x64 g32 w8 s4 tma, 1.000x the entry's tile)"
+
+    # Several runs: each tile by its slowest speedup. Two persistent tiles trade places as the fastest,
+    # both well past the margin: the one whose slowest speedup is larger wins. A tile far ahead in one
+    # run and behind the entry's in the other does not.
+    def run(s3_ms: float, s4_ms: float, lucky_ms: float) -> dict:
+        return {"shape": "qwen3-235b-a22b", "dtype": "bf16", "tokens": 4096, "gemm": "gemm1",
+                "ms": {"after 128x128x64 g8 w8 s4 tma": 1.0, "after 128x128x64 g8 w8 s3 tma persistent": s3_ms,
+                       "after 128x128x64 g8 w8 s4 tma persistent": s4_ms, "after 64x128x64 g8 w4 s4 tma": lucky_ms}}
+
+    configs = {"bf16_E128_H4096_I1536": {"4096": {"gemm1": tile(8)}}}
+    changes = bench.adopt_best_tiles(configs, [run(0.85, 0.88, 0.70), run(0.91, 0.87, 1.10)])
+    assert configs["bf16_E128_H4096_I1536"]["4096"]["gemm1"] == dict(tile(8), persistent=True)
+    assert changes == ["bf16_E128_H4096_I1536 4096 gemm1: 128x128x64 g8 w8 s4 tma persistent (1.136x the entry's tile)"]
     assert bench.tile_of("64x128x128 g8 w4 s3 ptr") == GemmConfig(64, 128, 128, 8, 4, 3, False)
     persistent = GemmConfig(128, 128, 64, 8, 8, 4, True, persistent=True)
     assert bench.tile_of(bench.tile_label(persistent)) == persistent
