@@ -189,13 +189,14 @@ def adopt_best_tiles(configs: dict, points: list[dict], margin: float = SELECT_M
         everywhere = set(measured[0]).intersection(*measured[1:])
         worst = {label: min(point[label] for point in measured) for label in everywhere}
         best = max(worst, key=worst.get, default=None)
-        if best is not None and worst[best] > 1 + margin:
+        if best is None:
+            changes.append(f"{key} {entry} {gemm}: kept (the entry's tile was not timed at every point)")
+        elif worst[best] > 1 + margin:
             tile = tile_of(best)
             configs[key][entry][gemm] = tile.to_json()
             changes.append(f"{key} {entry} {gemm}: {tile_label(tile)} ({worst[best]:.3f}x the entry's tile)")
         else:
-            changes.append(f"{key} {entry} {gemm}: kept (best {best}, "
-                           f"{worst.get(best, 0.0):.3f}x the entry's tile)")
+            changes.append(f"{key} {entry} {gemm}: kept (best {best}, {worst[best]:.3f}x the entry's tile)")
     return changes
 
 

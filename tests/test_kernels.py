@@ -618,6 +618,10 @@ def test_gemm_before_after_adopts_the_tile_whose_slowest_speedup_is_largest_past
     changes = bench.adopt_best_tiles(configs, [run(0.85, 0.88, 0.70), run(0.91, 0.87, 1.10)])
     assert configs["bf16_E128_H4096_I1536"]["4096"]["gemm1"] == dict(tile(8), persistent=True)
     assert changes == ["bf16_E128_H4096_I1536 4096 gemm1: 128x128x64 g8 w8 s4 tma persistent (1.136x the entry's tile)"]
+    untimed = run(0.5, 0.5, 0.5)
+    del untimed["ms"]["after 128x128x64 g8 w8 s4 tma persistent"]  # now the entry's tile
+    assert bench.adopt_best_tiles(configs, [untimed]) == [
+        "bf16_E128_H4096_I1536 4096 gemm1: kept (the entry's tile was not timed at every point)"]
     assert bench.tile_of("64x128x128 g8 w4 s3 ptr") == GemmConfig(64, 128, 128, 8, 4, 3, False)
     persistent = GemmConfig(128, 128, 64, 8, 8, 4, True, persistent=True)
     assert bench.tile_of(bench.tile_label(persistent)) == persistent
