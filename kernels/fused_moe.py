@@ -18,10 +18,11 @@
 
 Each GEMM is one launch over ``max_padded_rows / block_m`` row blocks x the N tiles, with a
 grouped-M swizzle so programs that run together share weight tiles in L2; a row block reads
-its expert id from the alignment and returns at once if it lies past the used rows. The
-weight tiles come by per-thread pointer loads or, where a tile config asks for it
-(``GemmConfig.weight_tma``) and :func:`gate_up_tiles` / :func:`weight_tiles` can describe the
-weights (sm90, contiguous), as TMA copies. GEMM 1 gathers its token rows by pointer loads
+its expert id from the alignment and returns at once if it lies past the used rows. Or, where
+the tile config says ``persistent``, one program per SM walks the used tiles, its next tile's
+first loads under the previous one's epilogue. The weight tiles come by per-thread pointer
+loads or, where a tile config asks for it (``GemmConfig.weight_tma``) and :func:`gate_up_tiles`
+/ :func:`weight_tiles` can describe the weights (sm90, contiguous), as TMA copies. GEMM 1 gathers its token rows by pointer loads
 (sm90's TMA has no row gather); GEMM 2's activation rows are contiguous and come through TMA
 with its weight tiles (:func:`activation_tiles`).
 
