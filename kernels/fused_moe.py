@@ -19,8 +19,8 @@
 Each GEMM is one launch over ``max_padded_rows / block_m`` row blocks x the N tiles, with a
 grouped-M swizzle so programs that run together share weight tiles in L2; a row block reads
 its expert id from the alignment and returns at once if it lies past the used rows. Or, where
-the tile config says ``persistent``, one program per SM walks the used tiles, its next tile's
-first loads under the previous one's epilogue. The weight tiles come by per-thread pointer
+the tile config says ``persistent``, as many programs as the SMs hold walk the used tiles, a
+program's next tile's first loads under its previous one's epilogue. The weight tiles come by per-thread pointer
 loads or, where a tile config asks for it (``GemmConfig.weight_tma``) and :func:`gate_up_tiles`
 / :func:`weight_tiles` can describe the weights (sm90, contiguous), as TMA copies. GEMM 1 gathers its token rows by pointer loads
 (sm90's TMA has no row gather); GEMM 2's activation rows are contiguous and come through TMA
@@ -640,11 +640,62 @@ def activation_tiles(act: torch.Tensor, cfg: GemmConfig) -> TensorDescriptor | N
 
 @functools.lru_cache(maxsize=None)
 def _resident_programs(device: torch.device) -> int:
-    """Programs a persistent launch runs at once: one per SM (four off CUDA, in the interpreter,
-    so that each walks several tiles)."""
+    """SMs a persistent launch spreads over: all of them (four off CUDA, in the interpreter, so
+    that each program walks several tiles)."""
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def programs_per_sm(registers: int, shared_bytes: int, num_warps: int, sm_registers: int,
+                    sm_shared_bytes: int, sm_threads: int, warp_size: int = 32, sm_programs: int = 32) -> int:
+    """How many programs of a compiled kernel one SM holds at once: its registers per thread,
+    shared memory and threads against the SM's, and at most ``sm_programs`` (32 resident thread
+    blocks on sm80-sm90); at least one."""
+    threads = num_warps * warp_size
+    fits = min(sm_registers // max(registers * threads, 1), sm_threads // threads, sm_programs)
+    if shared_bytes:
+        fits = min(fits, sm_shared_bytes // shared_bytes)
+    return max(fits, 1)
+
+
+# Programs per SM of each persistent kernel specialisation, read from its first launch.
+_persistent_programs_per_sm: dict[tuple, int] = {}
+
+
+def _launch(kernel: triton.runtime.JITFunction, num_tiles: int, persistent: bool, args: tuple, meta: dict) -> None:
+    """``kernel`` over ``num_tiles`` tiles: one program a tile, or (``persistent``) as many programs
+    as the GPU holds at once, each walking tiles in strides of the grid.
+
+    How many an SM holds depends on the compiled kernel, known after its first launch (Triton
+    returns it): that launch runs one program per SM, later ones fill each SM as far as the
+    kernel's registers and shared memory allow, as Triton's fused-softmax tutorial sizes its grid.
+    The result does not depend on the grid: every tile is one program's.
+    """
+    if not persistent:
+        kernel[(num_tiles,)](*args, **meta)
+        return
+    device = args[0].device
+    key = (kernel, device, *meta.items(), *(arg.dtype for arg in args if isinstance(arg, torch.Tensor)))
+    per_sm = _persistent_programs_per_sm.get(key)
+    compiled = kernel[(min(num_tiles, _resident_programs(device) * (per_sm or 1)),)](*args, **meta)
+    if per_sm is None:
+        _persistent_programs_per_sm[key] = _compiled_programs_per_sm(compiled, device)
+
+
+def _compiled_programs_per_sm(compiled, device: torch.device) -> int:
+    """:func:`programs_per_sm` of a launched kernel; one where the kernel's or the SM's resources
+    are not known (the interpreter, a Triton or torch that does not say them)."""
+    if device.type != "cuda":
+        return 1
+    sm = torch.cuda.get_device_properties(device)
+    kernel_side = (getattr(compiled, "n_regs", None), getattr(getattr(compiled, "metadata", None), "shared", None),
+                   getattr(getattr(compiled, "metadata", None), "num_warps", None))
+    sm_side = tuple(getattr(sm, name, None) for name in ("regs_per_multiprocessor", "shared_memory_per_multiprocessor",
+                                                         "max_threads_per_multi_processor", "warp_size"))
+    if None in kernel_side or None in sm_side or not kernel_side[0]:
+        return 1
+    return programs_per_sm(*kernel_side, *sm_side)
 
 
 def run_gemm1(x: torch.Tensor, x_scale: torch.Tensor | None, w13: torch.Tensor,
@@ -655,7 +706,7 @@ def run_gemm1(x: torch.Tensor, x_scale: torch.Tensor | None, w13: torch.Tensor,
     ``x`` is ``[T, H]`` in token order (e4m3 with ``x_scale [T, ceil(H/128)]`` for FP8). With
     ``cfg.weight_tma`` the weight tiles come through TMA where :func:`gate_up_tiles` (FP8:
     :func:`weight_tiles`, gate and up tiles apart) can make them, by pointer loads otherwise.
-    ``cfg.persistent`` launches one program per SM, as :func:`run_gemm2` does.
+    ``cfg.persistent`` launches as many programs as the GPU holds at once (:func:`_launch`).
     """
     use_fp8 = x_scale is not None
     hidden = x.shape[1]
@@ -677,13 +728,12 @@ def run_gemm1(x: torch.Tensor, x_scale: torch.Tensor | None, w13: torch.Tensor,
     w_desc = None
     if cfg.weight_tma:  # FP8 runs two dots on the gate and up tiles, not a pair tile
         w_desc = weight_tiles(w13, inter, cfg) if use_fp8 else gate_up_tiles(w13, cfg)
-    num_tiles = blocks_m * triton.cdiv(inter, cfg.block_n)
-    _gemm1_gate_up_silu_kernel[(min(num_tiles, _resident_programs(device)) if cfg.persistent else num_tiles,)](
-        x, scale_args[0], w13, w13 if w_desc is None else w_desc, scale_args[1], act, scale_args[2],
-        alignment.sorted_row_ids, alignment.block_expert_ids, alignment.num_padded_rows,
-        alignment.num_rows, inter, hidden, blocks_m, alignment.num_rows // x.shape[0],
-        x.stride(0), scale_strides[0], w13.stride(0), w13.stride(1), scale_strides[1], scale_strides[2],
-        act.stride(0), scale_strides[3],
+    args = (x, scale_args[0], w13, w13 if w_desc is None else w_desc, scale_args[1], act, scale_args[2],
+            alignment.sorted_row_ids, alignment.block_expert_ids, alignment.num_padded_rows,
+            alignment.num_rows, inter, hidden, blocks_m, alignment.num_rows // x.shape[0],
+            x.stride(0), scale_strides[0], w13.stride(0), w13.stride(1), scale_strides[1], scale_strides[2],
+            act.stride(0), scale_strides[3])
+    meta = dict(
         USE_FP8=use_fp8, UP_SCALE_UNIFORM=inter % 128 == 0, EVEN_K=hidden % cfg.block_k == 0,
         WEIGHT_TMA=w_desc is not None, PERSISTENT=cfg.persistent,
         # The Triton CPU interpreter multiplies bf16 dot operands as their uint16 bit patterns;
@@ -692,6 +742,7 @@ def run_gemm1(x: torch.Tensor, x_scale: torch.Tensor | None, w13: torch.Tensor,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    _launch(_gemm1_gate_up_silu_kernel, blocks_m * triton.cdiv(inter, cfg.block_n), cfg.persistent, args, meta)
     return act, act_scale
 
 
@@ -702,8 +753,8 @@ def run_gemm2(act: torch.Tensor, act_scale: torch.Tensor | None, w2: torch.Tenso
 
     ``cfg.weight_tma`` as in :func:`run_gemm1`; with it the activation rows, contiguous here
     (unlike GEMM 1's gathered token rows), come through TMA as well where
-    :func:`activation_tiles` can describe them. ``cfg.persistent`` launches one program per SM
-    (:func:`_resident_programs`), each walking tiles in strides of the grid.
+    :func:`activation_tiles` can describe them. ``cfg.persistent`` launches as many programs as
+    the GPU holds at once, each walking tiles in strides of the grid (:func:`_launch`).
     """
     use_fp8 = act_scale is not None
     hidden, inter = w2.shape[1], w2.shape[2]
@@ -719,20 +770,20 @@ def run_gemm2(act: torch.Tensor, act_scale: torch.Tensor | None, w2: torch.Tenso
         scale_strides = (0, 0, 0)
     w_desc = weight_tiles(w2, hidden, cfg) if cfg.weight_tma else None
     act_desc = activation_tiles(act, cfg) if w_desc is not None else None
-    num_tiles = blocks_m * triton.cdiv(hidden, cfg.block_n)
-    _gemm2_down_scatter_kernel[(min(num_tiles, _resident_programs(device)) if cfg.persistent else num_tiles,)](
-        act, act if act_desc is None else act_desc, scale_args[0], w2, w2 if w_desc is None else w_desc,
-        scale_args[1], slots, topk_weights,
-        alignment.sorted_row_ids, alignment.block_expert_ids, alignment.num_padded_rows,
-        alignment.num_rows, hidden, inter, blocks_m,
-        act.stride(0), scale_strides[0], w2.stride(0), w2.stride(1), scale_strides[1], scale_strides[2],
-        slots.stride(0),
+    args = (act, act if act_desc is None else act_desc, scale_args[0], w2, w2 if w_desc is None else w_desc,
+            scale_args[1], slots, topk_weights,
+            alignment.sorted_row_ids, alignment.block_expert_ids, alignment.num_padded_rows,
+            alignment.num_rows, hidden, inter, blocks_m,
+            act.stride(0), scale_strides[0], w2.stride(0), w2.stride(1), scale_strides[1], scale_strides[2],
+            slots.stride(0))
+    meta = dict(
         USE_FP8=use_fp8, EVEN_K=inter % cfg.block_k == 0, WEIGHT_TMA=w_desc is not None,
         ACT_TMA=act_desc is not None, PERSISTENT=cfg.persistent,
         DOT_IN_FP32=INTERPRETING and act.dtype == torch.bfloat16,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    _launch(_gemm2_down_scatter_kernel, blocks_m * triton.cdiv(hidden, cfg.block_n), cfg.persistent, args, meta)
     return slots
 
 

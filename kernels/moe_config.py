@@ -16,7 +16,7 @@ its A-load, SiLU*mul in its epilogue: no scatter and no SiLU pass) followed by t
 second GEMM and our combine. The benchmark writes, per tuned token count, whichever it measured
 fastest. A tile's ``"weight_tma": true`` loads its weight tiles through TMA
 (``benchmarks/moe_gemm_tma.py --write-table`` sets it where that measured faster); a tile's
-``"persistent": true`` launches one program per SM, each walking tiles
+``"persistent": true`` launches as many programs as the SMs hold, each walking tiles
 (``benchmarks/gemm_before_after.py --write-table`` sets it where that measured faster).
 """
 
@@ -44,7 +44,7 @@ class GemmConfig:
     num_warps: int = 8
     num_stages: int = 3
     weight_tma: bool = False  # weight tiles through TMA where they can be (fused_moe.weight_tiles), else pointer loads
-    persistent: bool = False  # one program per SM walking the tiles (fused_moe.run_gemm1/run_gemm2)
+    persistent: bool = False  # the programs the SMs hold walk the tiles (fused_moe._launch)
 
     def to_json(self) -> dict:
         """The tile as a table entry writes it: every field, ``persistent`` only where set."""

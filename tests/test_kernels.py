@@ -275,6 +275,51 @@ def test_gemm_kernels_compile_for_sm90(tmp_path):
             and not (row["tile"].endswith("persistent") and row["loads"] == "ptr")] == []
 
 
+def test_persistent_grid_fills_each_sm_as_far_as_the_compiled_kernel_allows(monkeypatch):
+    """A persistent launch runs one program per SM until the kernel's resources are known (its
+    first launch), then as many as an SM holds: H100 numbers, FP8 GEMM 2's 64x128 tile (80 KiB,
+    217 registers, 4 warps) holds two; the bf16 128x256 one (176 KiB, 240 registers) one."""
+    from types import SimpleNamespace
+
+    h100 = dict(sm_registers=65536, sm_shared_bytes=233472, sm_threads=2048)
+    assert fused_moe.programs_per_sm(217, 80 * 1024, 4, **h100) == 2
+    assert fused_moe.programs_per_sm(162, 72 * 1024, 4, **h100) == 3   # the same tile, one a program
+    assert fused_moe.programs_per_sm(240, 176 * 1024, 8, **h100) == 1
+    assert fused_moe.programs_per_sm(32, 0, 1, **h100) == 32            # the resident-block limit, no shared memory
+    assert fused_moe.programs_per_sm(255, 300 * 1024, 8, **h100) == 1   # never fewer than one
+
+    grids = []
+
+    class Kernel:  # a launched Triton kernel returns what it compiled
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                grids.append(grid)
+                return SimpleNamespace(n_regs=217, metadata=SimpleNamespace(shared=80 * 1024, num_warps=4))
+            return launch
+
+    monkeypatch.setattr(fused_moe, "_persistent_programs_per_sm", {})
+    monkeypatch.setattr(fused_moe, "_resident_programs", lambda device: 132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(
+        regs_per_multiprocessor=65536, shared_memory_per_multiprocessor=233472,
+        max_threads_per_multi_processor=2048, warp_size=32))
+    kernel, on_gpu = Kernel(), SimpleNamespace(device=torch.device("cuda", 0))
+    for num_tiles in (10_000, 10_000, 200):
+        fused_moe._launch(kernel, num_tiles, True, (on_gpu,), {"BLOCK_M": 64})
+    fused_moe._launch(kernel, 10_000, False, (on_gpu,), {"BLOCK_M": 64})
+    fused_moe._launch(kernel, 10_000, True, (on_gpu,), {"BLOCK_M": 128})  # another specialisation: unknown
+    assert grids == [(132,), (264,), (200,), (10_000,), (132,)]
+
+    class Opaque(Kernel):  # a Triton that does not say what it compiled: one program per SM
+        def __getitem__(self, grid):
+            return lambda *args, **meta: grids.append(grid)
+
+    grids.clear()
+    opaque = Opaque()
+    for _ in range(2):
+        fused_moe._launch(opaque, 10_000, True, (on_gpu,), {"BLOCK_M": 32})
+    assert grids == [(132,), (132,)]
+
+
 def test_weight_tiles_fall_back_to_pointer_loads_where_tma_cannot_read_them():
     w13, w2 = make_layer(4, 48, 40, torch.float32)  # I = 40: GEMM 1's second block_n=32 box ends past I
     x, weights, ids = make_tokens(9, 48, 4, 2, torch.float32)
