@@ -688,11 +688,12 @@ def _compiled_programs_per_sm(compiled, device: torch.device) -> int:
     are not known (the interpreter, a Triton or torch that does not say them)."""
     if device.type != "cuda":
         return 1
+    metadata = getattr(compiled, "metadata", None)
+    kernel_side = (getattr(compiled, "n_regs", None), getattr(metadata, "shared", None),
+                   getattr(metadata, "num_warps", None))
     sm = torch.cuda.get_device_properties(device)
-    kernel_side = (getattr(compiled, "n_regs", None), getattr(getattr(compiled, "metadata", None), "shared", None),
-                   getattr(getattr(compiled, "metadata", None), "num_warps", None))
-    sm_side = tuple(getattr(sm, name, None) for name in ("regs_per_multiprocessor", "shared_memory_per_multiprocessor",
-                                                         "max_threads_per_multi_processor", "warp_size"))
+    sm_side = tuple(getattr(sm, name, None) for name in (
+        "regs_per_multiprocessor", "shared_memory_per_multiprocessor", "max_threads_per_multi_processor", "warp_size"))
     if None in kernel_side or None in sm_side or not kernel_side[0]:
         return 1
     return programs_per_sm(*kernel_side, *sm_side)
