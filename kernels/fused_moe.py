@@ -17,14 +17,15 @@
     [combine] sum over the K slots -> out [T, H]   (one bandwidth-bound pass, fp32 sums)
 
 Each GEMM is one launch over ``max_padded_rows / block_m`` row blocks x the N tiles, with a
-grouped-M swizzle so programs that run together share weight tiles in L2; a row block reads
-its expert id from the alignment and returns at once if it lies past the used rows. Or, where
-the tile config says ``persistent``, as many programs as the SMs hold walk the used tiles, a
-program's next tile's first loads under its previous one's epilogue. The weight tiles come by per-thread pointer
-loads or, where a tile config asks for it (``GemmConfig.weight_tma``) and :func:`gate_up_tiles`
-/ :func:`weight_tiles` can describe the weights (sm90, contiguous), as TMA copies. GEMM 1 gathers its token rows by pointer loads
-(sm90's TMA has no row gather); GEMM 2's activation rows are contiguous and come through TMA
-with its weight tiles (:func:`activation_tiles`).
+grouped-M swizzle so programs that run together share weight tiles in L2; a row block reads its
+expert id from the alignment and returns at once if it lies past the used rows. Or, where the
+tile config says ``persistent``, as many programs as the SMs hold walk the used tiles, a
+program's next tile's first loads under its previous one's epilogue. The weight tiles come by
+per-thread pointer loads or, where a tile config asks for it (``GemmConfig.weight_tma``) and
+:func:`gate_up_tiles` / :func:`weight_tiles` can describe the weights (sm90, contiguous), as TMA
+copies. GEMM 1 gathers its token rows by pointer loads (sm90's TMA has no row gather); GEMM 2's
+activation rows are contiguous and come through TMA with its weight tiles
+(:func:`activation_tiles`).
 
 GEMM 1's *pair tile* (bf16, fp16, fp32): ``block_n`` gate rows of ``w13`` and the ``block_n``
 up rows that go with them, interleaved (gate n, up n, gate n+1, ...), are one
@@ -676,7 +677,7 @@ def _launch(kernel: triton.runtime.JITFunction, num_tiles: int, persistent: bool
         kernel[(num_tiles,)](*args, **meta)
         return
     device = args[0].device
-    key = (kernel, device, *meta.items(), *(arg.dtype for arg in args if isinstance(arg, torch.Tensor)))
+    key = (kernel, device, args[0].dtype, *meta.values())  # a specialisation: dtype of the rows, constexprs
     per_sm = _persistent_programs_per_sm.get(key)
     compiled = kernel[(min(num_tiles, _resident_programs(device) * (per_sm or 1)),)](*args, **meta)
     if per_sm is None:

@@ -302,7 +302,7 @@ def test_persistent_grid_fills_each_sm_as_far_as_the_compiled_kernel_allows(monk
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(
         regs_per_multiprocessor=65536, shared_memory_per_multiprocessor=233472,
         max_threads_per_multi_processor=2048, warp_size=32))
-    kernel, on_gpu = Kernel(), SimpleNamespace(device=torch.device("cuda", 0))
+    kernel, on_gpu = Kernel(), SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
     for num_tiles in (10_000, 10_000, 200):
         fused_moe._launch(kernel, num_tiles, True, (on_gpu,), {"BLOCK_M": 64})
     fused_moe._launch(kernel, 10_000, False, (on_gpu,), {"BLOCK_M": 64})
