@@ -16,7 +16,9 @@ GEMM 2 runs on random activation rows (its time does not depend on their values)
 shipped tile is also timed launched persistent (``GemmConfig.persistent``, after only: an
 earlier module runs such a tile one program a tile, as the shipped one). Summary:
 ``after_vs_before_shipped`` (before's time / after's, > 1: faster now) per point, its minimum
-per GEMM and dtype, and the best tile of each side.
+per GEMM and dtype, the best tile of each side, and ``same_tile_before_over_after`` (the spread
+of before's time over after's for every tile both timed: the noise where the two compile a tile
+alike; ``--spread`` prints it for results files).
 
 A tile tuned for the earlier kernel need not be the best one for today's. ``--write-table``
 applies results files to the shipped table, without a GPU. For each table entry it takes the
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -200,6 +203,19 @@ def adopt_best_tiles(configs: dict, points: list[dict], margin: float = SELECT_M
     return changes
 
 
+def same_tile_spread(points: list[dict]) -> dict[str, list[float]]:
+    """Per GEMM, ``[min, median, max, count]`` of before's time over after's for every tile both
+    sides timed: where the two modules compile a tile to the same instructions, the run's noise."""
+    ratios: dict[str, list[float]] = {}
+    for point in points:
+        for name, ms in point["ms"].items():
+            after = point["ms"].get("after " + name[len("before "):]) if name.startswith("before ") else None
+            if after:
+                ratios.setdefault(point.get("gemm", "gemm1"), []).append(ms / after)
+    return {gemm: [round(min(r), 3), round(statistics.median(r), 3), round(max(r), 3), len(r)]
+            for gemm, r in sorted(ratios.items())}
+
+
 def write_table(arch: str, points: list[dict]) -> list[str]:
     """:func:`adopt_best_tiles` on ``kernels/configs/<arch>.json``, rewritten in place."""
     path = CONFIG_DIR / f"{arch}.json"
@@ -225,7 +241,16 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", type=int, default=[8192, 16384, 32768])
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"])
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--spread", type=Path, nargs="+", metavar="RESULTS",
+                        help="print same_tile_spread of these results files together, without a GPU")
     args = parser.parse_args()
+    if args.spread:
+        try:
+            points = [p for path in args.spread for p in json.loads(path.read_text())["points"]]
+            print(json.dumps(same_tile_spread(points)))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            parser.exit(2, f"gemm_before_after: error: --spread: {type(exc).__name__}: {exc}\n")
+        return
     if args.write_table:
         if not args.from_results or not all(path.is_file() for path in args.from_results):
             parser.exit(2, "gemm_before_after: error: --write-table needs --from-results, results files\n")
@@ -261,6 +286,7 @@ def main() -> None:
         p["after_vs_before_shipped"] for p in points if p["gemm"] == gemm and p["dtype"] == dtype)
         for gemm in gemms for dtype in args.dtypes}
     summary["max_rel_diff_after_vs_before"] = max(v for p in points for v in p["rel_diff_after_vs_before"].values())
+    summary["same_tile_before_over_after"] = same_tile_spread(points)
     result = {"summary": summary, "points": points,
               "meta": {"command": " ".join(["python benchmarks/gemm_before_after.py", *sys.argv[1:]]),
                        "device": torch.cuda.get_device_name(), "arch": arch_name(torch.device("cuda")),

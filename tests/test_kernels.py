@@ -672,6 +672,16 @@ def test_gemm_before_after_adopts_the_tile_whose_slowest_speedup_is_largest_past
     assert bench.tile_of(bench.tile_label(persistent)) == persistent
 
 
+def test_gemm_before_after_same_tile_spread():
+    """The noise of a run: before's time over after's for every tile both sides timed, per GEMM."""
+    from benchmarks import gemm_before_after as bench
+
+    points = [{"gemm": "gemm2", "ms": {"before a": 1.1, "after a": 1.0, "before b": 0.9, "after b": 1.0,
+                                        "after b persistent": 0.5}},
+              {"ms": {"before a": 2.0, "after a": 2.0}}]  # no "gemm": a gemm1_before_after.py point
+    assert bench.same_tile_spread(points) == {"gemm1": [1.0, 1.0, 1.0, 1], "gemm2": [0.9, 1.0, 1.1, 2]}
+
+
 def test_gemm_before_after_write_table_refuses_a_file_it_did_not_write(tmp_path):
     root = Path(__file__).resolve().parents[1]
     other = tmp_path / "moe_kernels.json"
