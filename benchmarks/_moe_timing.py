@@ -4,7 +4,9 @@
 - :func:`sides`: every measured call on it (ours on each backend, the plain torch._grouped_mm
   baseline, FP8, DeepGEMM's where it loads), over the same span;
 - the clocks: :func:`bench_ms` (eager), :func:`graph_ms` (CUDA-graph replay),
-  :func:`profile_kernels` (torch.profiler, per kernel), :func:`hbm_bandwidth_gb_s`;
+  :func:`profile_kernels` (torch.profiler, per kernel), :func:`hbm_bandwidth_gb_s`, and
+  :func:`same_clock_ms`, which times several calls' graphs in turns, so that a ratio between
+  them does not carry the GPU's clock drift between two separate measurements;
 - :func:`measure_point`: errors and times of every side at one token count;
 - ``--tune``: :func:`tune` searches the Triton tiles and writes ``kernels/configs/<arch>.json``.
 
@@ -14,6 +16,7 @@ The table, the ratios and the summary built from these points are in ``moe_kerne
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -33,6 +36,7 @@ from zeroprefill.kernels.deepgemm import fp8_psum_refused_reason
 from zeroprefill.kernels.fused_moe import (_gemm1_gate_up_silu_kernel, _gemm2_down_scatter_kernel,
                                            run_gemm1, run_gemm2)
 from zeroprefill.kernels.grouped_mm_moe import ALIGN_M as GROUPED_MM_ALIGN_M
+from zeroprefill.kernels.grouped_mm_moe import grouped_gemm, scatter_token_rows, silu_mul
 from zeroprefill.kernels.moe_config import CONFIG_DIR, arch_name, clear_config_cache, problem_key
 from zeroprefill.kernels.quant import quantize_tokens_fp8_group
 
@@ -49,6 +53,9 @@ SHAPES = {  # name: (E, K, H, I)
 #: backends were smaller than that.
 SELECT_MARGIN = 0.05
 COPY_BYTES = 1 << 30       # the device copy that measures HBM bandwidth
+L2_FLUSH_BYTES = 256 << 20  # zeroed before every timed replay in same_clock_ms, as do_bench does
+SAME_CLOCK_ROUNDS = 15     # same_clock_ms: rounds of turns ...
+SAME_CLOCK_REPLAYS = 5     # ... each call replayed this many times per turn (the turn's median)
 _START = time.perf_counter()
 
 
@@ -129,6 +136,58 @@ def graph_ms(fn: Callable[[], object]) -> float:
     """Time of one CUDA-graph replay of ``fn`` (ms): the GPU time of the call without the host's
     launch gaps."""
     return bench_ms(captured(fn).replay)  # the graph and its memory pool go with the call
+
+
+def same_clock_ms(calls: dict[str, Callable[[], object]], rounds: int = SAME_CLOCK_ROUNDS,
+                  replays: int = SAME_CLOCK_REPLAYS) -> dict[str, list[float]]:
+    """Each call's CUDA-graph replay time (ms), per round: the calls take turns, ``replays``
+    replays each (L2 flushed before every one, the turn's median kept), in an order reversed
+    every other round. A ratio taken round by round compares times a few milliseconds apart:
+    on one H100, at its power cap, one kernel's time moved by up to 7% between separate
+    measurements of one run, more than the margins such ratios decide."""
+    graphs = {name: captured(fn) for name, fn in calls.items()}
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    for graph in graphs.values():  # warm: the first replay uploads the graph
+        graph.replay()
+    names = list(graphs)
+    per_round: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {}
+        for name in names if r % 2 == 0 else names[::-1]:
+            events[name] = []
+            for _ in range(replays):
+                flush.zero_()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                graphs[name].replay()
+                end.record()
+                events[name].append((start, end))
+        torch.cuda.synchronize()
+        for name, pairs in events.items():
+            per_round[name].append(statistics.median(start.elapsed_time(end) for start, end in pairs))
+    return per_round
+
+
+def gemm_pair(layer: Layer, x: torch.Tensor, topk_ids: torch.Tensor) -> Callable[[], object]:
+    """The layer's two GEMMs and nothing else: torch's CUTLASS grouped GEMMs (the kernels of the
+    ``bf16_gmm_ours`` side) on rows sorted by expert, and SiLU*mul applied, once beforehand."""
+    alignment = moe_align_block_size(topk_ids, layer.num_experts, GROUPED_MM_ALIGN_M)
+    x_sorted, _ = scatter_token_rows(x, alignment, quantize=False, rows=alignment.max_padded_rows)
+    act, _ = silu_mul(grouped_gemm(x_sorted, layer.w13, alignment.expert_ends), alignment, quantize=False)
+    ends = alignment.expert_ends
+    return lambda: (grouped_gemm(x_sorted, layer.w13, ends), grouped_gemm(act, layer.w2, ends))
+
+
+def layer_vs_gemm_pair(layer: Layer, x: torch.Tensor, topk_weights: torch.Tensor,
+                       topk_ids: torch.Tensor) -> dict:
+    """The shipped bf16 layer (``fused_experts`` as a server calls it: the table's choice) against
+    its two GEMMs alone (:func:`gemm_pair`), timed in turns (:func:`same_clock_ms`): the median
+    and range over the rounds of GEMM-pair time / layer time, and each side's median time."""
+    ms = same_clock_ms({"layer": lambda: fused_experts(x, layer.w13, layer.w2, topk_weights, topk_ids),
+                        "gemm_pair": gemm_pair(layer, x, topk_ids)})
+    ratios = [gemm / whole for gemm, whole in zip(ms["gemm_pair"], ms["layer"])]
+    return {"ratio": round(statistics.median(ratios), 3), "range": [round(min(ratios), 3), round(max(ratios), 3)],
+            "ms": {name: round(statistics.median(v), 4) for name, v in ms.items()}, "rounds": len(ratios)}
 
 
 def hbm_bandwidth_gb_s(num_bytes: int = COPY_BYTES) -> float:
@@ -359,6 +418,14 @@ def measure_point(layer: Layer, name: str, num_tokens: int, side_names: list[str
         if num_tokens >= SUMMARY_MIN_TOKENS and side in (*BF16_SIDES.values(), "fp8_selected"):
             gemm_ms[side] = sum(v for kernel, v in profile_kernels(fn).items() if is_gemm_kernel(kernel))
         log(f"{key}: eager {ms[side]:.3f} ms, graph {ms_graph.get(side, float('nan')):.3f} ms")
+    same_clock = None
+    if num_tokens >= SUMMARY_MIN_TOKENS and any(side in side_names for side in BF16_SIDES.values()):
+        try:
+            same_clock = layer_vs_gemm_pair(layer, x, tw, ti)
+            log(f"{name}/{num_tokens}: GEMM pair / layer, timed in turns: {same_clock['ratio']:.3f} "
+                f"(rounds {same_clock['range'][0]:.3f}-{same_clock['range'][1]:.3f}), {same_clock['ms']}")
+        except Exception as exc:  # e.g. no torch._grouped_mm on this GPU
+            failures[f"{name}/{num_tokens}/same_clock"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     try:
         fp8_kernel = experts_kernel_choice(torch.bfloat16, layer.w13_fp8, layer.w2_fp8, layer.w13_scale,
                                            layer.w2_scale)
@@ -368,7 +435,7 @@ def measure_point(layer: Layer, name: str, num_tokens: int, side_names: list[str
             "ms_graph": ms_graph, "gemm_kernels_ms": gemm_ms,
             "max_rel_err": {s_: float(f"{v:.3g}") for s_, v in err.items()},
             "config_bf16_triton": triton_cfg.to_json(), "config_fp8": fp8_cfg.to_json(),
-            "fp8_selected_kernel": fp8_kernel}
+            "fp8_selected_kernel": fp8_kernel, "layer_vs_gemm_pair_same_clock": same_clock}
 
 
 def profile_sides(layer: Layer, point: dict) -> dict:

@@ -859,7 +859,11 @@ def test_moe_kernels_benchmark_summary_arithmetic():
     assert point(8192, "triton", {"bf16_triton": 11.0})["layer_vs_gemm_only_eager"] == 0.88
     small = point(4096, GROUPED_MM)
     small["layer_vs_gemm_only_eager"] = 0.1  # below 8K tokens: not in the summary
+    assert "layer_vs_gemm_pair_same_clock_min_8k_plus" not in bench.summarize([small, gmm], {}, bandwidth)
+    for p, ratio in ((small, 0.5), (gmm, 0.93), (hybrid, 0.91)):  # timed in turns where measured
+        p["layer_vs_gemm_pair_same_clock"] = {"ratio": ratio, "range": [ratio - 0.01, ratio + 0.01]}
     summary = bench.summarize([small, gmm, triton_point, hybrid], {}, bandwidth)
+    assert summary["layer_vs_gemm_pair_same_clock_min_8k_plus"] == 0.91
     assert summary["layer_vs_gemm_only_min_8k_plus"] == 0.947
     assert summary["layer_vs_gemm_only_eager_min_8k_plus"] == 0.72
     assert summary["fp8_selected_vs_bf16_min_8k_plus"] == 1.88  # the hybrid point: 9.4 / 5.0

@@ -145,3 +145,19 @@ def test_deepgemm_matches_triton_at_qwen3_235b_shapes(num_tokens, fp8, monkeypat
         assert choice.startswith("ours: bf16"), choice
         monkeypatch.setenv(EXPERTS_KERNEL_ENV, "triton")
         assert torch.equal(auto, fused_experts(x, topk_weights=weights, topk_ids=ids, **layer))
+
+
+def test_calls_timed_in_turns_measure_each_calls_own_time():
+    """``same_clock_ms`` (moe_kernels.py's GEMM-pair/layer ratio): a call that runs the GEMM pair
+    twice takes about twice as long as one, round by round; the GEMM pair over the layer is a
+    plausible fraction (ours may beat CUTLASS's GEMMs, so a little over 1 too)."""
+    from benchmarks._moe_timing import Layer, gemm_pair, layer_vs_gemm_pair, same_clock_ms
+
+    layer = Layer((128, 8, 2048, 768), 8192)  # Qwen3-30B-A3B's experts
+    x, topk_weights, topk_ids = layer.inputs(8192)
+    once = gemm_pair(layer, x, topk_ids)
+    ms = same_clock_ms({"once": once, "twice": lambda: (once(), once())}, rounds=4)
+    assert all(1.7 < twice / one < 2.3 for one, twice in zip(ms["once"], ms["twice"])), ms
+    result = layer_vs_gemm_pair(layer, x, topk_weights, topk_ids)
+    assert 0.5 < result["ratio"] < 1.2 and result["range"][0] <= result["ratio"] <= result["range"][1], result
+    assert result["rounds"] == 15 and result["ms"]["layer"] > 0
