@@ -21,6 +21,13 @@
 #                margin, ~3 min), then moe_kernels.py with --select-backends on that table, each but
 #                moe_gemm_tma in a process that imported vLLM (~7 min); the rewritten
 #                kernels/configs/<arch>.json is copied to OUT_DIR/kernels-configs/
+#   tiles        no vLLM: tests/test_kernels.py -k "tma or persistent or validation" and
+#                tests/test_kernels_gpu.py -k "turns or tma or layer_shapes" on the GPU, the bf16 layer
+#                twice on the shipped table (moe_kernels.py, bf16 sides: layer_vs_gemm_only and the same
+#                ratio timed in turns), both GEMMs against BEFORE (an earlier kernels/fused_moe.py; this
+#                checkout's own when unset: the noise, and the shipped tiles launched persistent) twice
+#                with gemm_before_after.py, --write-table on the two runs, and the layer twice more on the
+#                rewritten table if it changed (~6 min); the table goes to OUT_DIR/kernels-configs/
 #   sglang-tiny  sglang_gpu_check.py --parts tiny (~2.5 min)
 #   sglang-30b   sglang_gpu_check.py --parts 30b, all 48 layers (~5 min)
 #
@@ -30,11 +37,11 @@
 # cache, Triton's): the first block-FP8 server's start spends minutes JIT-building DeepGEMM
 # kernels on a fresh machine, which a carried cache would save if it is small enough to travel.
 #
-# Settings (environment): STEPS (all six), VLLM_SITE (/tmp/site) and SGLANG_SITE (/tmp/sgsite):
+# Settings (environment): STEPS (all but tiles), VLLM_SITE (/tmp/site) and SGLANG_SITE (/tmp/sgsite):
 # the folders each engine was installed into, put on PYTHONPATH for its steps; each step's own
 # settings (vllm_gpu_1x.sh's LAYERS, ...) pass through, BUDGET_S with a default of 1200 s
-# (no 10-minute call bounds a detached step). Results: OUT_DIR/vllm,
-# OUT_DIR/kernels, OUT_DIR/sglang, each step's output in OUT_DIR/<step>.log.
+# (no 10-minute call bounds a detached step), BEFORE for tiles. Results: OUT_DIR/vllm,
+# OUT_DIR/kernels, OUT_DIR/tiles, OUT_DIR/sglang, each step's output in OUT_DIR/<step>.log.
 set -uo pipefail
 
 out=${1:?usage: gpu_1x_all.sh OUT_DIR}
@@ -47,6 +54,36 @@ export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 
 export HF_HUB_OFFLINE=1
 
 progress() { echo "[$(date +%T)] $*" >> "$out/progress.log"; }
+
+layer_runs() {  # layer_runs NAME: the bf16 layer twice on the table as it stands, OUT_DIR/tiles/moe_kernels-NAME-{1,2}.json
+    local run status=0
+    for run in 1 2; do
+        python3 benchmarks/moe_kernels.py --shapes qwen3-235b-a22b qwen3-30b-a3b --tokens 8192 16384 32768 \
+            --sides bf16_triton bf16_gmm_ours --out "$out/tiles/moe_kernels-$1-$run.json" || status=1
+    done
+    return $status
+}
+
+tiles() {  # the tiles step (see the header); fails if a test or a benchmark did, after running them all
+    local status=0 before=${BEFORE:-kernels/fused_moe.py} run
+    mkdir -p "$out/tiles" "$out/kernels-configs"
+    cp kernels/configs/sm90.json "$out/tiles/sm90-shipped.json"
+    python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "tma or persistent or validation" || status=1
+    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py -k "turns or tma or layer_shapes" ||
+        status=1
+    layer_runs shipped || status=1
+    for run in 1 2; do
+        python3 benchmarks/gemm_before_after.py --before "$before" --dtypes bf16 fp8 \
+            --out "$out/tiles/gemm_before_after-$run.json" || status=1
+    done
+    python3 benchmarks/gemm_before_after.py --write-table \
+        --from-results "$out/tiles/gemm_before_after-1.json" "$out/tiles/gemm_before_after-2.json" || status=1
+    cp kernels/configs/sm90.json "$out/kernels-configs/sm90.json"
+    if ! cmp -s kernels/configs/sm90.json "$out/tiles/sm90-shipped.json"; then
+        layer_runs rewritten || status=1
+    fi
+    return $status
+}
 
 run_step() {  # run_step NAME: one step, its output in OUT_DIR/NAME.log, its status in progress.log
     local name=$1 status tests
@@ -72,12 +109,14 @@ sys.argv = ["moe_kernels.py", "--shapes", "qwen3-235b-a22b", "qwen3-30b-a3b", "-
             "--out", sys.argv[1]]
 runpy.run_path("benchmarks/moe_kernels.py", run_name="__main__")' "$out/kernels/moe_kernels.json" &&
             mkdir -p "$out/kernels-configs" && cp kernels/configs/*.json "$out/kernels-configs/" && [ "$tests" = 0 ] ;;
+    tiles)
+        tiles ;;
     sglang-tiny)
         PYTHONPATH=$sglang_site python3 benchmarks/sglang_gpu_check.py --parts tiny --results-dir "$out/sglang" ;;
     sglang-30b)
         PYTHONPATH=$sglang_site python3 benchmarks/sglang_gpu_check.py --parts 30b --results-dir "$out/sglang" ;;
     *)
-        echo "unknown step $name: checks, bf16, fp8, kernels, sglang-tiny or sglang-30b"; (exit 2) ;;
+        echo "unknown step $name: checks, bf16, fp8, kernels, tiles, sglang-tiny or sglang-30b"; (exit 2) ;;
     esac > "$out/$name.log" 2>&1
     status=$?
     progress "$name: exit $status ($(tail -1 "$out/$name.log" | cut -c1-160))"

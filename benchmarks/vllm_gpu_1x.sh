@@ -55,6 +55,8 @@
 # e.g. stock-flashinfer-cutlass: vLLM 0.26-0.32 rank FlashInfer's bf16 MoE behind Triton on Hopper
 # as slower there, fused_moe/oracle/unquantized.py), FP8_ASYNCEP_VARIANTS (empty: none; asyncep-fp8-psum
 # serves DeepGEMM's psum row layout, 15-18% below the default m_indices in both runs so far),
+# FP8_STOCK (1; 0: call 3 serves no stock layout and tunes nothing, only AsyncEP's FP8 against its
+# bf16, for a kernel change on our side when stock's FP8 runs stand and device time is short),
 # API_SERVERS (empty: vLLM's default, one API server per data-parallel rank; e.g. 2: every server
 # runs two: with one and vLLM's own request validation, the one-GPU closed loops of the faster
 # FP8 servers levelled off at 32 requests of 2,048 tokens per second with the engine's queue
@@ -164,11 +166,15 @@ fp8)  # the tiny FP8 record: OUT_DIR's (call 1 into the same folder), else the c
     if [ ! -f "$out/vllm_fp8-${gpu}x1.json" ] && [ -f "benchmarks/results/vllm_fp8-${gpu}x1.json" ]; then
         record=(--tiny-record "benchmarks/results/vllm_fp8-${gpu}x1.json")
     fi
-    tune_or_default qwen3-30b-a3b-fp8
-    # Stock as vLLM chooses (Triton for block FP8 at one rank on Hopper) and forced onto other MoE
-    # backends; the summary compares AsyncEP with the fastest of them.
-    serve qwen3-30b-a3b-fp8 "$out/vllm_fp8-${gpu}x1.json" "stock ${FP8_FORCED_STOCK-stock-deepgemm} asyncep" \
-        --merge "${record[@]}" "${tuned_stock[@]}"
+    if [ "${FP8_STOCK:-1}" = 0 ]; then
+        serve qwen3-30b-a3b-fp8 "$out/vllm_fp8-${gpu}x1.json" asyncep --merge "${record[@]}"
+    else
+        tune_or_default qwen3-30b-a3b-fp8
+        # Stock as vLLM chooses (Triton for block FP8 at one rank on Hopper) and forced onto other MoE
+        # backends; the summary compares AsyncEP with the fastest of them.
+        serve qwen3-30b-a3b-fp8 "$out/vllm_fp8-${gpu}x1.json" "stock ${FP8_FORCED_STOCK-stock-deepgemm} asyncep" \
+            --merge "${record[@]}" "${tuned_stock[@]}"
+    fi
     # bf16 AsyncEP again on this machine: FP8 against bf16 from one machine, not from call 2's
     serve qwen3-30b-a3b "$out/vllm_fp8-${gpu}x1.json" asyncep --merge
     # AsyncEP variants on the FP8 checkpoint, e.g. DeepGEMM's FP8 GEMMs on the psum row layout

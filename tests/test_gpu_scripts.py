@@ -36,8 +36,8 @@ def test_sequence_logs_every_step_with_its_status(tmp_path: Path) -> None:
     subprocess.run(["bash", "benchmarks/gpu_1x_all.sh", str(tmp_path / "out")], cwd=REPO, env=env, check=True)
     lines = [line.split("] ", 1)[1] for line in (tmp_path / "out" / "progress.log").read_text().splitlines()]
     assert lines[:3] == ["steps: no-such-step", "no-such-step: start",
-                         "no-such-step: exit 2 (unknown step no-such-step: checks, bf16, fp8, kernels, sglang-tiny "
-                         "or sglang-30b)"]
+                         "no-such-step: exit 2 (unknown step no-such-step: checks, bf16, fp8, kernels, tiles, "
+                         "sglang-tiny or sglang-30b)"]
     # The JIT caches that exist, by size, with the home folder written as ~ (no machine path)
     assert re.fullmatch(r"JIT caches: \S+ ~/\.triton; ", lines[3]) and lines[4:] == ["done"]
     machine = (tmp_path / "out" / "machine.txt").read_text()  # what the machine is, nvidia-smi or not
@@ -54,7 +54,7 @@ esac
 
 #: The script's settings: removed from the caller's environment, so that only a test's own count.
 SCRIPT_SETTINGS = ("CONCURRENCY", "PROFILE", "FP8_FORCED_STOCK", "BF16_FORCED_STOCK", "FP8_ASYNCEP_VARIANTS",
-                   "STOCK_MOE_CONFIGS")
+                   "STOCK_MOE_CONFIGS", "FP8_STOCK")
 
 
 @pytest.fixture
@@ -101,9 +101,45 @@ def test_fp8_call_defaults_serve_stock_on_deepgemm_beside_vllms_choice_deep_and_
     unprofiled, _ = one_gpu_call("fp8", PROFILE="", CONCURRENCY="48", FP8_ASYNCEP_VARIANTS="asyncep-fp8-psum")
     assert len(unprofiled) == 3 and "--layouts asyncep-fp8-psum " in unprofiled[2]
     assert all("--concurrency 48 --out " in serve for serve in unprofiled)
+    (asyncep_fp8, asyncep_bf16), out = one_gpu_call("fp8", FP8_STOCK="0")  # no stock, no tuning
+    assert "--models qwen3-30b-a3b-fp8:48 --layouts asyncep " in asyncep_fp8 and "stock's tile" not in out
+    assert "--models qwen3-30b-a3b:48 --layouts asyncep " in asyncep_bf16
 
 
 def test_bf16_call_serves_stock_forced_onto_another_backend_only_when_named(one_gpu_call) -> None:
     for forced, layouts in (("", "stock asyncep"), ("stock-flashinfer-cutlass", "stock stock-flashinfer-cutlass asyncep")):
         (serve,), _ = one_gpu_call("bf16", BF16_FORCED_STOCK=forced)
         assert f"--layouts {layouts} " in serve
+
+
+FAKE_PYTHON3 = """#!/usr/bin/env bash
+echo "$*" >> "$(dirname "$0")/python3-calls.log"
+case "$*" in *"$FAIL_ON"*) exit 1 ;; esac
+"""
+
+
+@pytest.mark.parametrize("fail_on", ["", "moe_kernels.py"])
+def test_tiles_step_runs_tests_layer_and_both_gemms_and_fails_if_any_did(tmp_path: Path, fail_on: str) -> None:
+    """The tiles step with a stand-in ``python3``: the GPU tests, the layer twice, both GEMMs
+    twice against this checkout's module, the table rule on those two runs; no layer runs on a
+    rewritten table when the table did not change; a failing benchmark fails the step, after
+    the rest ran."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(FAKE_PYTHON3)
+    (bin_dir / "python3").chmod(0o755)
+    env = {**os.environ, "STEPS": "tiles", "HOME": str(tmp_path), "FAIL_ON": fail_on or "no-such-call",
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env.pop("BEFORE", None)
+    subprocess.run(["bash", "benchmarks/gpu_1x_all.sh", str(tmp_path / "out")], cwd=REPO, env=env, check=True)
+    calls = (bin_dir / "python3-calls.log").read_text().splitlines()
+    assert [c.split()[1 if c.startswith("-m") else 0] for c in calls] == [
+        "pytest", "pytest", "benchmarks/moe_kernels.py", "benchmarks/moe_kernels.py",
+        "benchmarks/gemm_before_after.py", "benchmarks/gemm_before_after.py", "benchmarks/gemm_before_after.py"]
+    assert "-k tma or persistent or validation" in calls[0] and "tests/test_kernels_gpu.py" in calls[1]
+    assert all("--before kernels/fused_moe.py --dtypes bf16 fp8" in c for c in calls[4:6])
+    out = tmp_path / "out"
+    assert calls[6].endswith(f"--from-results {out}/tiles/gemm_before_after-1.json {out}/tiles/gemm_before_after-2.json")
+    assert (out / "kernels-configs" / "sm90.json").read_text() == (REPO / "kernels/configs/sm90.json").read_text()
+    status = (out / "progress.log").read_text().splitlines()[2]
+    assert status.split("] ", 1)[1].startswith(f"tiles: exit {1 if fail_on else 0}")
