@@ -49,8 +49,9 @@ minimum over those points; each point has its own value):
                                   (the CUTLASS GEMM pair on rows sorted beforehand, and the
                                   layer as fused_experts runs it by default): the median over
                                   15 rounds; the point keeps the rounds' range and both times.
-                                  Separate measurements carry the GPU's clock drift between
-                                  them (one kernel's time moved by up to 7% within one run)
+                                  Separate measurements carry the GPU's drift between them:
+                                  ``--profile-drift FILES`` prints each side's GEMM kernels as
+                                  profiled twice in one run
     fp8_selected_vs_bf16          bf16 layer / block-FP8 layer on the default backend (graphs)
     deepgemm_fp8_psum_vs_m_indices  DeepGEMM block FP8: m_indices row layout / psum row layout (graphs)
     unfused_glue_bound_layer_vs_gemm_only
@@ -226,6 +227,23 @@ def fp8_unfused_glue_bound(point: dict, fp8_gemm_ms: float, bandwidth_gb_s: floa
     glue_bytes = unfused_glue_bytes(point["tokens"], top_k, hidden, inter, BLOCK_FP8_OPERAND_BYTES)
     glue_ms = glue_bytes / (bandwidth_gb_s * 1e9) * 1e3
     return round(point["ms_graph"]["bf16"] / (fp8_gemm_ms + glue_ms), 3)
+
+
+def profile_drift(results: dict) -> list[dict]:
+    """The GEMM kernels of each bf16 side profiled twice in one run: at its point
+    (``gemm_kernels_ms``, right after that side was timed) and once every point of the shape
+    had run (``profile_ms_per_call``); ``first_over_second`` > 1: the first took longer."""
+    rows = []
+    for shape, prof in results.get("profile_ms_per_call", {}).items():
+        point = next((p for p in results["points"] if p["shape"] == shape and p["tokens"] == prof["tokens"]), None)
+        for side in BF16_SIDES.values():
+            if point is None or side not in prof or side not in point.get("gemm_kernels_ms", {}):
+                continue
+            second = sum(v for kernel, v in prof[side].items() if is_gemm_kernel(kernel))
+            first = point["gemm_kernels_ms"][side]
+            rows.append({"shape": shape, "tokens": prof["tokens"], "side": side, "first_ms": round(first, 3),
+                         "second_ms": round(second, 3), "first_over_second": round(first / second, 3)})
+    return rows
 
 
 def resummarize(path: Path) -> dict:
@@ -438,7 +456,19 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/moe_kernels-<gpu>.json)")
     parser.add_argument("--resummarize", type=Path, metavar="JSON",
                         help="recompute the summary of a results file from its points and profiles, and exit")
+    parser.add_argument("--profile-drift", type=Path, nargs="+", metavar="JSON",
+                        help="print, for results files, each bf16 side's GEMM kernels as profiled twice in one "
+                             "run (at the point, and after the shape's last point), and exit")
     args = parser.parse_args()
+    if args.profile_drift:
+        try:
+            for path in args.profile_drift:
+                for row in profile_drift(json.loads(path.read_text())):
+                    print(f"{path.name} {row['shape']} {row['tokens']} {row['side']}: {row['first_ms']:.3f} ms, "
+                          f"then {row['second_ms']:.3f} ms ({row['first_over_second']:.3f}x)")
+        except (OSError, ValueError, KeyError) as exc:
+            parser.exit(2, f"moe_kernels: error: {exc}\n")
+        return
     if args.resummarize:
         try:
             print(json.dumps(resummarize(args.resummarize)))

@@ -910,3 +910,20 @@ def test_the_committed_h100_summary_is_what_resummarize_computes(tmp_path):
     copy = tmp_path / committed.name
     copy.write_text(committed.read_text())
     assert bench.resummarize(copy) == json.loads(committed.read_text())["summary"]
+
+
+def test_moe_kernels_profile_drift_sets_a_sides_two_profiles_side_by_side():
+    """``--profile-drift``: a side's GEMM kernels at its point against the later profile of the
+    same token count (glue kernels left out); sides or shapes profiled once are skipped."""
+    from benchmarks import moe_kernels as bench
+
+    results = {"points": [{"shape": "qwen3-30b-a3b", "tokens": 16384,
+                           "gemm_kernels_ms": {"bf16_triton": 2.2, "bf16_gmm_ours": 2.0}}],
+               "profile_ms_per_call": {
+                   "qwen3-30b-a3b": {"tokens": 16384,
+                                     "bf16_triton": {"_gemm1_gate_up_silu_kernel": 1.3, "_gemm2_down_scatter_kernel": 0.7,
+                                                     "_sum_slots_kernel": 0.2},
+                                     "bf16_triton_gmm": {"_gemm1_gate_up_silu_kernel": 1.4}},
+                   "qwen3-235b-a22b": {"tokens": 16384, "bf16_triton": {"_gemm1_gate_up_silu_kernel": 5.0}}}}
+    assert bench.profile_drift(results) == [{"shape": "qwen3-30b-a3b", "tokens": 16384, "side": "bf16_triton",
+                                             "first_ms": 2.2, "second_ms": 2.0, "first_over_second": 1.1}]
