@@ -138,18 +138,25 @@ def graph_ms(fn: Callable[[], object]) -> float:
     return bench_ms(captured(fn).replay)  # the graph and its memory pool go with the call
 
 
+def l2_flush_buffer() -> torch.Tensor:
+    """What :func:`same_clock_ms` zeroes before every timed call: larger than any GPU's L2."""
+    return torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+
+
 def same_clock_ms(calls: dict[str, Callable[[], object]], rounds: int = SAME_CLOCK_ROUNDS,
-                  replays: int = SAME_CLOCK_REPLAYS) -> dict[str, list[float]]:
-    """Each call's CUDA-graph replay time (ms), per round: the calls take turns, ``replays``
-    replays each (L2 flushed before every one, the turn's median kept), in an order reversed
-    every other round. A ratio taken round by round compares times a few milliseconds apart:
-    on one H100, at its power cap, one kernel's time moved by up to 7% between separate
-    measurements of one run, more than the margins such ratios decide."""
-    graphs = {name: captured(fn) for name, fn in calls.items()}
-    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-    for graph in graphs.values():  # warm: the first replay uploads the graph
-        graph.replay()
-    names = list(graphs)
+                  replays: int = SAME_CLOCK_REPLAYS, graphs: bool = True) -> dict[str, list[float]]:
+    """Each call's time (ms), per round: the calls take turns, ``replays`` runs each (L2 flushed
+    before every one, the turn's median kept), in an order reversed every other round. With
+    ``graphs`` each call is captured in a CUDA graph and replayed (no host launch gaps; each
+    graph keeps its outputs' memory); without, called as it is (as ``do_bench`` does). A ratio
+    taken round by round compares times a few milliseconds apart: on one H100, at its power
+    cap, the same GEMM kernels profiled twice in one run differed by up to 11%
+    (``moe_kernels.py --profile-drift``), more than the margins such ratios decide."""
+    runs = {name: captured(fn).replay for name, fn in calls.items()} if graphs else dict(calls)
+    flush = l2_flush_buffer()
+    for run in runs.values():  # warm: a graph's first replay uploads it
+        run()
+    names = list(runs)
     per_round: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {}
@@ -159,7 +166,7 @@ def same_clock_ms(calls: dict[str, Callable[[], object]], rounds: int = SAME_CLO
                 flush.zero_()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                graphs[name].replay()
+                runs[name]()
                 end.record()
                 events[name].append((start, end))
         torch.cuda.synchronize()

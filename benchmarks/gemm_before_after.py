@@ -9,8 +9,10 @@ part of the same package::
 
 For each GEMM (``--gemms``: 1, the gathered gate/up GEMM with SiLU; 2, the down GEMM with the
 scatter), shape, token count and dtype (bf16, block FP8) it times ``run_gemm1`` / ``run_gemm2``
-of both modules (``triton.testing.do_bench`` medians, L2 flushed) with the shipped tile, that
-tile with the other loads (TMA / pointers), and a few other tiles, and checks that both produce
+of both modules with the shipped tile, that tile with the other loads (TMA / pointers), and a
+few other tiles, all of one point's calls in turns (``_moe_timing.same_clock_ms``, eager: 10
+rounds of 3 calls each, L2 flushed before every call; each call's median over the rounds), so
+that no tile is timed at another clock than the tile it is compared with, and checks that both produce
 the same output (largest difference relative to its largest value, over the rows in use).
 GEMM 2 runs on random activation rows (its time does not depend on their values). Each GEMM's
 shipped tile is also timed launched persistent (``GemmConfig.persistent``, after only: an
@@ -53,7 +55,7 @@ from triton.runtime.errors import OutOfResources
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _moe_timing import SELECT_MARGIN, SHAPES, Layer, bench_ms, gpu_tag, log  # noqa: E402
+from _moe_timing import SELECT_MARGIN, SHAPES, Layer, gpu_tag, log, same_clock_ms  # noqa: E402
 from zeroprefill.kernels import fused_moe  # noqa: E402
 from zeroprefill.kernels.align import moe_align_block_size  # noqa: E402
 from zeroprefill.kernels.moe_config import (CONFIG_DIR, GemmConfig, arch_name, clear_config_cache,  # noqa: E402
@@ -110,6 +112,10 @@ def gemm_call(module: ModuleType, gemm: str, layer: Layer, topk_ids: torch.Tenso
     return lambda: module.run_gemm2(act, act_scale, w2, w2_scale, weights, alignment, tile, torch.bfloat16), used
 
 
+TURN_ROUNDS = 10  # same_clock_ms over one point's calls: rounds, ...
+TURN_CALLS = 3    # ... and calls of each per round (the round's median kept)
+
+
 def measure(before: ModuleType, gemm: str, shape_name: str, num_tokens: int, dtype: str) -> dict:
     num_experts, top_k, hidden, inter = SHAPES[shape_name]
     layer = Layer(SHAPES[shape_name], num_tokens)
@@ -122,7 +128,7 @@ def measure(before: ModuleType, gemm: str, shape_name: str, num_tokens: int, dty
     tiles += [replace(shipped, weight_tma=True, persistent=True), replace(shipped, persistent=False)]
     tiles += OTHER_TILES[gemm, dtype]
     tiles = list(dict.fromkeys(tiles))
-    ms: dict[str, float] = {}
+    calls: dict[str, Callable[[], torch.Tensor]] = {}
     rel_diff: dict[str, float] = {}
     for tile in tiles:
         label = tile_label(tile)
@@ -133,11 +139,15 @@ def measure(before: ModuleType, gemm: str, shape_name: str, num_tokens: int, dty
             call, used = gemm_call(module, gemm, layer, topk_ids, fp8, tile)
             try:
                 outs.append(call()[used].float())
-                ms[f"{side} {label}"] = bench_ms(call)
+                calls[f"{side} {label}"] = call
             except OutOfResources as exc:
                 log(f"  {side} {label}: does not fit ({exc})")
         if len(outs) == 2:
             rel_diff[label] = (outs[0] - outs[1]).abs().max().item() / max(outs[0].abs().max().item(), 1e-30)
+        del outs
+    ms = {name: statistics.median(per_round) for name, per_round in
+          same_clock_ms(calls, rounds=TURN_ROUNDS, replays=TURN_CALLS, graphs=False).items()}
+    for label in dict.fromkeys(name.split(" ", 1)[1] for name in ms):
         log(f"{gemm} {shape_name} {num_tokens} {dtype} {label}: " + ", ".join(
             f"{side} {ms[f'{side} {label}']:.3f} ms" for side in ("before", "after") if f"{side} {label}" in ms))
     shipped_label = tile_label(shipped)
@@ -290,8 +300,9 @@ def main() -> None:
     result = {"summary": summary, "points": points,
               "meta": {"command": " ".join(["python benchmarks/gemm_before_after.py", *sys.argv[1:]]),
                        "device": torch.cuda.get_device_name(), "arch": arch_name(torch.device("cuda")),
-                       "torch": torch.__version__,
-                       "triton": triton.__version__}}
+                       "torch": torch.__version__, "triton": triton.__version__,
+                       "timing": f"one point's calls in turns, eager, L2 flushed before each: {TURN_ROUNDS} rounds of "
+                                 f"{TURN_CALLS} calls each, the median over the rounds of each round's median"}}
     out = args.out or Path(__file__).parent / "results" / f"gemm_before_after-{gpu_tag()}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{'gemm':5s} {'shape':16s} {'tokens':>6s} {'dtype':5s} {'shipped tile':28s} {'after/before':>12s}")

@@ -927,3 +927,40 @@ def test_moe_kernels_profile_drift_sets_a_sides_two_profiles_side_by_side():
                    "qwen3-235b-a22b": {"tokens": 16384, "bf16_triton": {"_gemm1_gate_up_silu_kernel": 5.0}}}}
     assert bench.profile_drift(results) == [{"shape": "qwen3-30b-a3b", "tokens": 16384, "side": "bf16_triton",
                                              "first_ms": 2.2, "second_ms": 2.0, "first_over_second": 1.1}]
+
+
+def test_calls_timed_in_turns_cancel_a_drifting_clock(monkeypatch):
+    """``same_clock_ms`` on a stand-in GPU whose every call gets slower (a clock sinking under
+    its power limit): each round's times stay 2:1 for calls of 2 and 1 units of work, though
+    the later rounds' times are longer, and the order of the turns alternates."""
+    from benchmarks import _moe_timing as timing
+
+    clock = {"now": 0.0, "slowdown": 1.0}
+    order = []
+
+    class Event:
+        def __init__(self, enable_timing: bool = False):
+            self.at = None
+
+        def record(self):
+            self.at = clock["now"]
+
+        def elapsed_time(self, end: "Event") -> float:
+            return end.at - self.at
+
+    def work(name: str, units: float):
+        def call():
+            order.append(name)
+            clock["now"] += units * clock["slowdown"]
+            clock["slowdown"] *= 1.01
+        return call
+
+    monkeypatch.setattr(timing.torch.cuda, "Event", Event)
+    monkeypatch.setattr(timing.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(timing, "l2_flush_buffer", lambda: timing.torch.empty(8, dtype=timing.torch.uint8))
+    ms = timing.same_clock_ms({"double": work("double", 2.0), "single": work("single", 1.0)},
+                              rounds=4, replays=3, graphs=False)
+    assert [len(v) for v in ms.values()] == [4, 4] and ms["double"][3] > ms["double"][0] * 1.2
+    assert all(1.9 < d / s < 2.1 for d, s in zip(ms["double"], ms["single"])), ms
+    turns = order[2:]  # after one warm-up call of each
+    assert turns[:6] == ["double"] * 3 + ["single"] * 3 and turns[6:12] == ["single"] * 3 + ["double"] * 3
