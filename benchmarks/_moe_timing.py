@@ -5,10 +5,11 @@
   baseline, FP8, DeepGEMM's where it loads), over the same span;
 - the clocks: :func:`bench_ms` (eager), :func:`graph_ms` (CUDA-graph replay),
   :func:`profile_kernels` (torch.profiler, per kernel), :func:`hbm_bandwidth_gb_s`, and
-  :func:`same_clock_ms`, which times several calls' graphs in turns, so that a ratio between
-  them does not carry the GPU's clock drift between two separate measurements;
+  :func:`same_clock_ms`, which times several calls (graphs, or eager) in turns, so that a
+  ratio between them does not carry the GPU's clock drift between two separate measurements;
 - :func:`measure_point`: errors and times of every side at one token count;
-- ``--tune``: :func:`tune` searches the Triton tiles and writes ``kernels/configs/<arch>.json``.
+- ``--tune``: :func:`tune` searches the Triton tiles, each GEMM's candidates timed in turns
+  (:func:`medians_in_turns`), and writes ``kernels/configs/<arch>.json``.
 
 The table, the ratios and the summary built from these points are in ``moe_kernels.py``.
 """
@@ -175,6 +176,20 @@ def same_clock_ms(calls: dict[str, Callable[[], object]], rounds: int = SAME_CLO
     return per_round
 
 
+def medians_in_turns(calls: dict, rounds: int = 5, replays: int = 3) -> dict:
+    """Each call's median time (ms) over :func:`same_clock_ms` rounds, eager; a call that raises
+    on its first run (e.g. a tile out of shared memory) is reported and left out."""
+    runnable = {}
+    for key, call in calls.items():
+        try:
+            call()
+            runnable[key] = call
+        except Exception as exc:  # a candidate that cannot run here is skipped, not fatal
+            print(f"  skip {key}: {type(exc).__name__}")
+    per_round = same_clock_ms(runnable, rounds=rounds, replays=replays, graphs=False)
+    return {key: statistics.median(times) for key, times in per_round.items()}
+
+
 def gemm_pair(layer: Layer, x: torch.Tensor, topk_ids: torch.Tensor) -> Callable[[], object]:
     """The layer's two GEMMs and nothing else: torch's CUTLASS grouped GEMMs (the kernels of the
     ``bf16_gmm_ours`` side) on rows sorted by expert, and SiLU*mul applied, once beforehand."""
@@ -265,21 +280,13 @@ def tune_one(layer: Layer, use_fp8: bool, num_tokens: int) -> tuple[MoEConfig, f
     best: tuple[float, MoEConfig] | None = None
     for bm, g1_list, g2_list in candidate_configs(use_fp8, num_tokens, layer.top_k, layer.num_experts):
         alignment = moe_align_block_size(topk_ids, layer.num_experts, bm)
-        g1_times = {}
-        for cfg in g1_list:
-            try:
-                g1_times[cfg] = bench_ms(lambda: run_gemm1(xq, x_scale, w13, w13_scale, alignment, cfg))
-            except Exception as exc:  # e.g. out of shared memory for this tile
-                print(f"  skip {cfg}: {type(exc).__name__}")
+        # each GEMM's candidates timed in turns: none is judged at another clock than its rivals
+        g1_times = medians_in_turns({cfg: partial(run_gemm1, xq, x_scale, w13, w13_scale, alignment, cfg)
+                                     for cfg in g1_list})
         g1 = min(g1_times, key=g1_times.get)
         act, act_scale = run_gemm1(xq, x_scale, w13, w13_scale, alignment, g1)
-        g2_times = {}
-        for cfg in g2_list:
-            try:
-                g2_times[cfg] = bench_ms(lambda: run_gemm2(act, act_scale, w2, w2_scale, topk_weights,
-                                                           alignment, cfg, x.dtype))
-            except Exception as exc:
-                print(f"  skip {cfg}: {type(exc).__name__}")
+        g2_times = medians_in_turns({cfg: partial(run_gemm2, act, act_scale, w2, w2_scale, topk_weights,
+                                                  alignment, cfg, x.dtype) for cfg in g2_list})
         g2 = min(g2_times, key=g2_times.get)
         total = g1_times[g1] + g2_times[g2]
         print(f"  T={num_tokens} fp8={use_fp8} block_m={bm}: gemm1 {g1_times[g1]:.3f} ms {g1}, "
