@@ -929,14 +929,15 @@ def test_moe_kernels_profile_drift_sets_a_sides_two_profiles_side_by_side():
                                              "first_ms": 2.2, "second_ms": 2.0, "first_over_second": 1.1}]
 
 
-def test_calls_timed_in_turns_cancel_a_drifting_clock(monkeypatch):
-    """``same_clock_ms`` on a stand-in GPU whose every call gets slower (a clock sinking under
-    its power limit): each round's times stay 2:1 for calls of 2 and 1 units of work, though
-    the later rounds' times are longer, and the order of the turns alternates."""
+@pytest.fixture
+def drifting_gpu(monkeypatch):
+    """A stand-in GPU clock for ``_moe_timing``'s timing in turns: ``work(name, units)`` is a
+    call that takes ``units`` of time, each call 1% slower than the one before (a clock sinking
+    under its power limit); ``order`` lists the calls made."""
     from benchmarks import _moe_timing as timing
 
     clock = {"now": 0.0, "slowdown": 1.0}
-    order = []
+    order: list[str] = []
 
     class Event:
         def __init__(self, enable_timing: bool = False):
@@ -958,9 +959,29 @@ def test_calls_timed_in_turns_cancel_a_drifting_clock(monkeypatch):
     monkeypatch.setattr(timing.torch.cuda, "Event", Event)
     monkeypatch.setattr(timing.torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(timing, "l2_flush_buffer", lambda: timing.torch.empty(8, dtype=timing.torch.uint8))
+    return timing, work, order
+
+
+def test_calls_timed_in_turns_cancel_a_drifting_clock(drifting_gpu):
+    """``same_clock_ms``: each round's times stay 2:1 for calls of 2 and 1 units of work, though
+    the later rounds' times are longer, and the order of the turns alternates."""
+    timing, work, order = drifting_gpu
     ms = timing.same_clock_ms({"double": work("double", 2.0), "single": work("single", 1.0)},
                               rounds=4, replays=3, graphs=False)
     assert [len(v) for v in ms.values()] == [4, 4] and ms["double"][3] > ms["double"][0] * 1.2
     assert all(1.9 < d / s < 2.1 for d, s in zip(ms["double"], ms["single"])), ms
     turns = order[2:]  # after one warm-up call of each
     assert turns[:6] == ["double"] * 3 + ["single"] * 3 and turns[6:12] == ["single"] * 3 + ["double"] * 3
+
+
+def test_tile_candidates_timed_in_turns_skip_the_ones_that_cannot_run(drifting_gpu, capsys):
+    """``medians_in_turns`` (the tuner's): a candidate that raises on its first run is left out
+    with a line that says so; the others' medians keep their ratio under the drift."""
+    timing, work, _ = drifting_gpu
+
+    def too_big():
+        raise RuntimeError("out of resources: shared memory")
+
+    times = timing.medians_in_turns({"128x256": work("a", 3.0), "256x256": too_big, "64x128": work("b", 1.0)})
+    assert set(times) == {"128x256", "64x128"} and 2.85 < times["128x256"] / times["64x128"] < 3.15
+    assert "skip 256x256: RuntimeError" in capsys.readouterr().out
