@@ -42,6 +42,20 @@ def test_info_says_whether_the_installed_release_is_supported(monkeypatch):
         "vllm 0.35.0 outside the supported >= 0.26.0, < 0.35.0: --moe-backend asyncep refuses to start")
 
 
+def test_info_prints_no_engine_warning_that_reads_like_a_failure():
+    """``zeroprefill info`` in a fresh process: its own "triton" line says what Triton can do
+    here, and vLLM's import-time warning that its CPU build has no Triton CPU backend is not
+    repeated beside it."""
+    import subprocess
+    import sys
+
+    info = subprocess.run([sys.executable, "-m", "zeroprefill.cli", "info"], capture_output=True, text=True,
+                          timeout=300)
+    assert info.returncode == 0, info.stderr
+    assert "vllm plugin" in info.stdout and "triton " in info.stdout
+    assert "Disabling Triton" not in info.stdout + info.stderr
+
+
 def test_pyproject_states_the_range_compat_defines():
     # compat.SUPPORTED_VLLM is what the code reads; the vllm extra must install the same releases.
     tomllib = pytest.importorskip("tomllib")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import logging
 import os
 import platform
 from typing import Any
@@ -25,6 +26,9 @@ def _importable(module: str) -> tuple[bool, str]:
         return False, f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
     return True, ""
 
+
+#: The vLLM module whose import-time probe of Triton's backends logs the CPU build's warning.
+_VLLM_TRITON_PROBE_LOGGER = "vllm.triton_utils.importing"
 
 #: Each engine plugin: the engine's module, where the plugin states the releases it supports, and
 #: what refuses to start on a release outside them.
@@ -98,6 +102,10 @@ def collect_environment() -> dict[str, Any]:
     )
     ok, why = _importable("triton")
     backends["triton"] = ("usable" if cuda else "interpreter only (TRITON_INTERPRET=1)") if ok else why
+    # The "triton" line above says what Triton can do here; vLLM's CPU build says it again on
+    # import, as a warning ("doesn't include CPU backend. Disabling Triton"), which reads like a
+    # failure in this report. That one logger only, and only when info imports vLLM first.
+    logging.getLogger(_VLLM_TRITON_PROBE_LOGGER).setLevel(logging.ERROR)
     for plugin, check in _ENGINE_PLUGINS.items():
         backends[plugin] = _engine_plugin_state(*check)
     backends["vllm requests"] = _vllm_request_validation()
