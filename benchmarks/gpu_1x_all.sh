@@ -16,10 +16,9 @@
 #   kernels      tests/test_kernels_gpu.py -k "deepgemm or alignment or weight_tiles" (both FP8 row layouts
 #                against the reference; the alignment against its torch definition; TMA weight tiles against
 #                pointer loads), moe_align.py --sweep (ours beside vLLM's CUDA alignment), moe_gemm_tma.py
-#                twice (our GEMMs with TMA or pointer weight loads), then --write-table on the median of
-#                the two (the shipped tiles switched where one is faster; one run's spread can exceed the
-#                margin, ~3 min), then moe_kernels.py with --select-backends on that table, each but
-#                moe_gemm_tma in a process that imported vLLM (~7 min); the rewritten
+#                (our GEMMs with TMA or pointer weight loads, beside CUTLASS's; it changes no tile: the
+#                tiles step does), then moe_kernels.py with --select-backends (each shape's bf16 backend),
+#                each but moe_gemm_tma in a process that imported vLLM (~5 min); the rewritten
 #                kernels/configs/<arch>.json is copied to OUT_DIR/kernels-configs/
 #   tiles        no vLLM: tests/test_kernels.py -k "tma or persistent or validation" and
 #                tests/test_kernels_gpu.py -k "turns or tma or layer_shapes" on the GPU, the bf16 layer
@@ -99,9 +98,6 @@ sys.exit(pytest.main(["-m", "gpu", "-q", "-p", "no:cacheprovider", "tests/test_k
         PYTHONPATH=$vllm_site python3 benchmarks/moe_align.py --sweep --out "$out/kernels/moe_align.json" ||
             tests=1
         python3 benchmarks/moe_gemm_tma.py --out "$out/kernels/moe_gemm_tma.json" || tests=1
-        python3 benchmarks/moe_gemm_tma.py --out "$out/kernels/moe_gemm_tma-repeat.json" || tests=1
-        python3 benchmarks/moe_gemm_tma.py --write-table \
-            --from-results "$out/kernels/moe_gemm_tma.json" "$out/kernels/moe_gemm_tma-repeat.json" || tests=1
         PYTHONPATH=$vllm_site python3 -c 'import runpy, sys, vllm  # fp8_selected then runs on vLLM'"'"'s DeepGEMM
 sys.argv = ["moe_kernels.py", "--shapes", "qwen3-235b-a22b", "qwen3-30b-a3b", "--tokens", "8192", "16384", "32768",
             "--sides", "bf16_triton,bf16_gmm_ours,bf16_triton_gmm,fp8_selected,deepgemm_fp8,deepgemm_fp8_psum",

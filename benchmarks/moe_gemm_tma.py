@@ -20,26 +20,18 @@ output (``max_abs_diff``, 0 expected: same tiles, same order).
 
     python benchmarks/moe_gemm_tma.py       # table + benchmarks/results/moe_gemm_tma-<gpu>.json
     python benchmarks/moe_gemm_tma.py --shapes qwen3-30b-a3b --tokens 16384
-    python benchmarks/moe_gemm_tma.py --write-table   # then switch the shipped tiles' loads where measured faster
 
-The shipped tiles at each point are timed too (``shipped``: their TMA/pointer ratio); with
-``--write-table`` a shipped tile takes TMA loads where they were more than 5% faster at every
-point that used it, pointer loads where those were more than 5% faster at one. The same rule
-applies to results files without a GPU, to the table they measured (``meta.arch``, or
-``--arch`` for files from before it was recorded); an entry whose tile has changed since is
-left as it is. Given several runs, each point's ratio is their median: for some tiles the 5%
-margin is inside the spread between two runs on one GPU, and one run alone can flip a tile the
-next would flip back:
-
-    python benchmarks/moe_gemm_tma.py --write-table --arch sm90 --from-results \
-        benchmarks/results/moe_gemm_tma-h100-tuned.json benchmarks/results/moe_gemm_tma-h100-rule*.json
+The shipped tiles at each point are timed too (``shipped``: their TMA/pointer ratio). This
+benchmark decides nothing: the shipped table's tiles, their loads included, change by one rule,
+``gemm_before_after.py --write-table``, which times each entry's tile with the other loads
+among its candidates (until the nineteenth session this script had a table rule of its own,
+for the loads alone).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -53,13 +45,12 @@ from triton.runtime.errors import OutOfResources
 if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from _moe_timing import SELECT_MARGIN, SHAPES, Layer, bench_ms, gpu_tag, log  # noqa: E402
+from _moe_timing import SHAPES, Layer, bench_ms, gpu_tag, log  # noqa: E402
 from zeroprefill.kernels.align import ExpertAlignment, moe_align_block_size  # noqa: E402
 from zeroprefill.kernels.fused_moe import gate_up_tiles, run_gemm1, run_gemm2, weight_tiles  # noqa: E402
 from zeroprefill.kernels.grouped_mm_moe import (grouped_gemm, scatter_token_rows, silu_mul,  # noqa: E402
                                                 weighted_combine)
-from zeroprefill.kernels.moe_config import (CONFIG_DIR, GemmConfig, arch_name, clear_config_cache,  # noqa: E402
-                                            get_config, nearest_token_count, problem_key)
+from zeroprefill.kernels.moe_config import GemmConfig, arch_name, get_config  # noqa: E402
 from zeroprefill.kernels.quant import quantize_tokens_fp8_group  # noqa: E402
 
 TOKENS = [8192, 16384, 32768]
@@ -85,57 +76,6 @@ def shipped_tiles(shape: tuple[int, int, int, int], num_tokens: int) -> dict[str
             if getattr(config, gemm) is not None:
                 tiles[("fp8 " if fp8 else "") + gemm] = replace(getattr(config, gemm), weight_tma=False)
     return tiles
-
-
-def switch_table_tiles(configs: dict, shape: tuple[int, int, int, int], points: list[dict],
-                       margin: float = SELECT_MARGIN) -> list[str]:
-    """Set ``weight_tma`` on the shipped tiles the points measured, in the table's ``configs``:
-    on where TMA was more than ``margin`` faster at every point that used the entry, off where
-    pointer loads were more than ``margin`` faster at one, unchanged otherwise, and unchanged
-    where the points measured another tile than the entry holds now. Returns the changes and
-    the entries left for that reason, one line each."""
-    num_experts, _, hidden, inter = shape
-    ratios: dict[tuple[str, str, str], list[float]] = {}
-    labels: dict[tuple[str, str, str], set[str]] = {}
-    for point in points:
-        for label, shipped in point["shipped"].items():
-            key = problem_key(label.startswith("fp8"), num_experts, hidden, inter)
-            if key not in configs:  # the heuristic's tiles: nothing in the table to switch
-                continue
-            slot = (key, nearest_token_count(configs[key], point["tokens"]), label.split()[-1])
-            ratios.setdefault(slot, []).append(shipped["tma_vs_ptr"])
-            labels.setdefault(slot, set()).add(shipped["tile"])
-    changes = []
-    for (key, entry, gemm), measured in ratios.items():
-        tile = configs[key][entry][gemm]
-        table_label = GemmConfig(**tile).label
-        if labels[key, entry, gemm] != {table_label}:  # measured on another tile than the table's
-            changes.append(f"{key} {entry} {gemm}: left as it is (measured {sorted(labels[key, entry, gemm])}, "
-                           f"the table has {table_label})")
-            continue
-        use_tma = (True if min(measured) > 1 + margin else False if min(measured) < 1 - margin
-                   else tile.get("weight_tma", False))
-        if tile.get("weight_tma", False) != use_tma:
-            tile["weight_tma"] = use_tma
-            changes.append(f"{key} {entry} {gemm}: weight_tma={use_tma} (TMA/pointer {measured})")
-    return changes
-
-
-def median_points(runs: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
-    """Several runs' points as one run's: per shape, token count and shipped tile, the median
-    TMA/pointer ratio over the runs that measured it."""
-    ratios: dict[tuple[str, int, str, str], list[float]] = {}
-    for run in runs:
-        for shape, points in run.items():
-            for point in points:
-                for label, shipped in point["shipped"].items():
-                    ratios.setdefault((shape, point["tokens"], label, shipped["tile"]), []).append(
-                        shipped["tma_vs_ptr"])
-    merged: dict[str, list[dict]] = {}
-    for (shape, tokens, label, tile), measured in ratios.items():  # one point per shipped tile: the rule pools them
-        merged.setdefault(shape, []).append(
-            {"tokens": tokens, "shipped": {label: {"tile": tile, "tma_vs_ptr": statistics.median(measured)}}})
-    return merged
 
 
 def time_both_loads(label: str, tiles: list[GemmConfig], descriptor: Callable[[GemmConfig], object | None],
@@ -249,43 +189,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
     parser.add_argument("--out", default=None, help="results JSON (default benchmarks/results/moe_gemm_tma-<gpu>.json)")
-    parser.add_argument("--write-table", action="store_true",
-                        help="switch the shipped tiles (kernels/configs/<arch>.json) to the loads measured "
-                             f"faster by more than {SELECT_MARGIN:.0%} at every point that used them")
-    parser.add_argument("--from-results", type=Path, nargs="+", metavar="JSON",
-                        help="with --write-table: apply the rule to these results files' points (the median "
-                             "of their ratios at each point) instead of measuring; no GPU needed")
-    parser.add_argument("--arch", help="with --from-results: the table the files measured (e.g. sm90), for files "
-                                       "whose meta does not say")
     args = parser.parse_args()
-    if args.from_results is not None:
-        if not args.write_table:
-            parser.error("--from-results only applies --write-table's rule; add --write-table")
-        runs, archs = [], set()
-        for path in args.from_results:
-            try:
-                measured = json.loads(path.read_text())
-                median_points([measured["points"]])  # every point has its shipped tiles and their ratios
-                unknown = set(measured["points"]) - set(SHAPES)
-                if unknown:
-                    raise ValueError(f"shapes {sorted(unknown)} are not this benchmark's")
-                runs.append(measured["points"])
-                archs.add(args.arch or measured["meta"].get("arch"))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                parser.exit(2, f"moe_gemm_tma: error: {path} is not a moe_gemm_tma results file ({exc!r})\n")
-            if measured.get("summary", {}).get("tma_equals_ptr_everywhere") is False:
-                parser.exit(2, f"moe_gemm_tma: error: in {path} TMA and pointer loads gave different outputs "
-                               "(max_abs_diff_tma_vs_ptr); the table is left as it was\n")
-        if None in archs:
-            parser.exit(2, "moe_gemm_tma: error: a results file does not say which table it measured; "
-                           "pass --arch (sm90 for H100/H200)\n")
-        if len(archs) > 1:
-            parser.exit(2, f"moe_gemm_tma: error: the files measured different tables ({', '.join(sorted(archs))})\n")
-        arch = archs.pop()
-        if not (CONFIG_DIR / f"{arch}.json").exists():
-            parser.exit(2, f"moe_gemm_tma: error: no table kernels/configs/{arch}.json\n")
-        write_table(arch, median_points(runs))
-        return
     if not torch.cuda.is_available():
         parser.exit(2, "moe_gemm_tma: error: needs a CUDA GPU (the kernels' correctness runs on CPU in "
                        "tests/test_kernels.py)\n")
@@ -324,21 +228,7 @@ def main() -> None:
     print(f"\nsummary: {json.dumps(summary)}")
     log(f"wrote {out}")
     if not summary["tma_equals_ptr_everywhere"]:
-        sys.exit("moe_gemm_tma: TMA and pointer loads gave different outputs (max_abs_diff_tma_vs_ptr); "
-                 "the table is left as it was")
-    if args.write_table:
-        write_table(meta["arch"], results)
-
-
-def write_table(arch: str, results: dict[str, list[dict]]) -> None:
-    """``switch_table_tiles`` on ``kernels/configs/<arch>.json`` with each shape's points, rewritten in place."""
-    path = CONFIG_DIR / f"{arch}.json"
-    table = json.loads(path.read_text())
-    changes = [change for name, points in results.items()
-               for change in switch_table_tiles(table["configs"], SHAPES[name], points)]
-    path.write_text(json.dumps(table, indent=1) + "\n")
-    clear_config_cache()
-    log(f"{path.name}: " + ("; ".join(changes) if changes else "no tile changed its loads"))
+        sys.exit("moe_gemm_tma: TMA and pointer loads gave different outputs (max_abs_diff_tma_vs_ptr)")
 
 
 if __name__ == "__main__":
