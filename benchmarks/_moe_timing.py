@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,7 @@ L2_FLUSH_BYTES = 256 << 20  # zeroed before every timed replay in same_clock_ms,
 SAME_CLOCK_ROUNDS = 15     # same_clock_ms: rounds of turns ...
 SAME_CLOCK_REPLAYS = 5     # ... each call replayed this many times per turn (the turn's median)
 _START = time.perf_counter()
+Key = TypeVar("Key", bound=Hashable)  # what same_clock_ms's callers name their calls by
 
 
 def moe_flops(num_tokens: int, top_k: int, hidden: int, inter: int) -> float:
@@ -144,8 +146,8 @@ def l2_flush_buffer() -> torch.Tensor:
     return torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
 
 
-def same_clock_ms(calls: dict[str, Callable[[], object]], rounds: int = SAME_CLOCK_ROUNDS,
-                  replays: int = SAME_CLOCK_REPLAYS, graphs: bool = True) -> dict[str, list[float]]:
+def same_clock_ms(calls: dict[Key, Callable[[], object]], rounds: int = SAME_CLOCK_ROUNDS,
+                  replays: int = SAME_CLOCK_REPLAYS, graphs: bool = True) -> dict[Key, list[float]]:
     """Each call's time (ms), per round: the calls take turns, ``replays`` runs each (L2 flushed
     before every one, the turn's median kept), in an order reversed every other round. With
     ``graphs`` each call is captured in a CUDA graph and replayed (no host launch gaps; each
@@ -158,9 +160,9 @@ def same_clock_ms(calls: dict[str, Callable[[], object]], rounds: int = SAME_CLO
     for run in runs.values():  # warm: a graph's first replay uploads it
         run()
     names = list(runs)
-    per_round: dict[str, list[float]] = {name: [] for name in names}
+    per_round: dict[Key, list[float]] = {name: [] for name in names}
     for r in range(rounds):
-        events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {}
+        events: dict[Key, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {}
         for name in names if r % 2 == 0 else names[::-1]:
             events[name] = []
             for _ in range(replays):
@@ -176,7 +178,7 @@ def same_clock_ms(calls: dict[str, Callable[[], object]], rounds: int = SAME_CLO
     return per_round
 
 
-def medians_in_turns(calls: dict, rounds: int = 5, replays: int = 3) -> dict:
+def medians_in_turns(calls: dict[Key, Callable[[], object]], rounds: int = 5, replays: int = 3) -> dict[Key, float]:
     """Each call's median time (ms) over :func:`same_clock_ms` rounds, eager; a call that raises
     on its first run (e.g. a tile out of shared memory) is reported and left out."""
     runnable = {}
