@@ -12,8 +12,8 @@ scatter), shape, token count and dtype (bf16, block FP8) it times ``run_gemm1`` 
 of both modules with the shipped tile, that tile with the other loads (TMA / pointers), and a
 few other tiles, all of one point's calls in turns (``_moe_timing.same_clock_ms``, eager: 10
 rounds of 3 calls each, L2 flushed before every call; each call's median over the rounds), so
-that no tile is timed at another clock than the tile it is compared with, and checks that both produce
-the same output (largest difference relative to its largest value, over the rows in use).
+that no tile is timed at another clock than the tiles it is compared with. It checks that both
+produce the same output (largest difference relative to its largest value, over the rows in use).
 GEMM 2 runs on random activation rows (its time does not depend on their values). Each GEMM's
 shipped tile is also timed launched persistent (``GemmConfig.persistent``, after only: an
 earlier module runs such a tile one program a tile, as the shipped one). Summary:
