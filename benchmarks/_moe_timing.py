@@ -202,13 +202,14 @@ def gemm_pair(layer: Layer, x: torch.Tensor, topk_ids: torch.Tensor) -> Callable
     return lambda: (grouped_gemm(x_sorted, layer.w13, ends), grouped_gemm(act, layer.w2, ends))
 
 
-def layer_vs_gemm_pair(layer: Layer, x: torch.Tensor, topk_weights: torch.Tensor,
-                       topk_ids: torch.Tensor) -> dict:
+def layer_vs_gemm_pair(layer: Layer, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                       bf16_sides: dict[str, Callable[[], object]] | None = None) -> dict:
     """The shipped bf16 layer (``fused_experts`` as a server calls it: the table's choice) against
-    its two GEMMs alone (:func:`gemm_pair`), timed in turns (:func:`same_clock_ms`): the median
-    and range over the rounds of GEMM-pair time / layer time, and each side's median time."""
+    its two GEMMs alone (:func:`gemm_pair`), timed in turns (:func:`same_clock_ms`) with the
+    ``bf16_sides`` (each backend forced): the median and range over the rounds of GEMM-pair time
+    / layer time, and every call's median time (``ms``: ``layer``, ``gemm_pair`` and the sides)."""
     ms = same_clock_ms({"layer": lambda: fused_experts(x, layer.w13, layer.w2, topk_weights, topk_ids),
-                        "gemm_pair": gemm_pair(layer, x, topk_ids)})
+                        "gemm_pair": gemm_pair(layer, x, topk_ids), **(bf16_sides or {})})
     ratios = [gemm / whole for gemm, whole in zip(ms["gemm_pair"], ms["layer"])]
     return {"ratio": round(statistics.median(ratios), 3), "range": [round(min(ratios), 3), round(max(ratios), 3)],
             "ms": {name: round(statistics.median(v), 4) for name, v in ms.items()}, "rounds": len(ratios)}
@@ -437,7 +438,8 @@ def measure_point(layer: Layer, name: str, num_tokens: int, side_names: list[str
     same_clock = None
     if num_tokens >= SUMMARY_MIN_TOKENS and any(side in side_names for side in BF16_SIDES.values()):
         try:
-            same_clock = layer_vs_gemm_pair(layer, x, tw, ti)
+            same_clock = layer_vs_gemm_pair(layer, x, tw, ti, {side: fns[side] for side in BF16_SIDES.values()
+                                                               if side in ms_graph})
             log(f"{name}/{num_tokens}: GEMM pair / layer, timed in turns: {same_clock['ratio']:.3f} "
                 f"(rounds {same_clock['range'][0]:.3f}-{same_clock['range'][1]:.3f}), {same_clock['ms']}")
         except Exception as exc:  # e.g. no torch._grouped_mm on this GPU

@@ -342,11 +342,16 @@ def finish_point(point: dict, layer: Layer, with_deepgemm: bool, bandwidth_gb_s:
 
 def choose_bf16_backend(point: dict, margin: float = SELECT_MARGIN) -> str | None:
     """The bf16 backend to ship at ``point``'s token count: the fastest measured one, by its
-    graph-replayed time (what an engine that replays CUDA graphs runs; eager where a side has no
-    graph time), unless the shipped choice (``bf16_backend``) is within ``margin`` of it. None
-    where no bf16 side was measured."""
-    measured = {backend: point["ms_graph"].get(side, point["ms"][side])
-                for backend, side in BF16_SIDES.items() if side in point["ms"]}
+    graph-replayed time (what an engine that replays CUDA graphs runs): as timed in turns with
+    the others (``layer_vs_gemm_pair_same_clock.ms``) where all of them were, else as timed one
+    by one (eager where a side has no graph time), unless the shipped choice (``bf16_backend``)
+    is within ``margin`` of it. None where no bf16 side was measured."""
+    sides = {backend: side for backend, side in BF16_SIDES.items() if side in point["ms"]}
+    in_turns = (point.get("layer_vs_gemm_pair_same_clock") or {}).get("ms", {})
+    if all(side in in_turns for side in sides.values()):
+        measured = {backend: in_turns[side] for backend, side in sides.items()}
+    else:
+        measured = {backend: point["ms_graph"].get(side, point["ms"][side]) for backend, side in sides.items()}
     if not measured:
         return None
     fastest = min(measured, key=measured.get)
@@ -427,7 +432,8 @@ TIMING = {
     "layer_vs_gemm_pair_same_clock": "graph against graph, timed in turns (15 rounds, 5 replays each per round, "
                                      "L2 flushed before each): CUTLASS's two grouped GEMMs on rows sorted and "
                                      "SiLU*mul applied beforehand / fused_experts with the shipped table's "
-                                     "choice; ratio (median over rounds), range, ms (medians)",
+                                     "choice; ratio (median over rounds), range, ms (medians: layer, gemm_pair "
+                                     "and each bf16 side, which --select-backends then compares)",
     "unfused_glue_bound_layer_vs_gemm_only": "gemm_kernels_ms.bf16_gmm_ours / (that + unfused_glue_min_ms); "
                                              "unfused_glue_min_ms = unfused_glue_bytes (scatter, SiLU*mul, "
                                              "combine; real rows) / hbm_copy_bandwidth_gb_s",

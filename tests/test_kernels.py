@@ -719,6 +719,13 @@ def test_moe_kernels_backend_choice_by_graph_time_with_a_margin():
     # no graph time for a side: its eager time stands in; the shipped backend not measured: the fastest
     assert bench.choose_bf16_backend(point("none", {"bf16_gmm_ours": 9.5})) == TRITON
     assert bench.choose_bf16_backend({"bf16_backend": TRITON, "ms": {"fp8": 1.0}, "ms_graph": {}}) is None
+    # timed in turns with the others: those times decide, where every measured side has one
+    in_turns = point(TRITON, {"bf16_gmm_ours": 9.0, "bf16_triton": 10.0, "bf16_triton_gmm": 9.9})
+    in_turns["layer_vs_gemm_pair_same_clock"] = {"ms": {"layer": 9.5, "gemm_pair": 8.5, "bf16_gmm_ours": 9.8,
+                                                        "bf16_triton": 9.5, "bf16_triton_gmm": 9.6}}
+    assert bench.choose_bf16_backend(in_turns) == TRITON
+    del in_turns["layer_vs_gemm_pair_same_clock"]["ms"]["bf16_triton_gmm"]  # one side not in turns: one by one
+    assert bench.choose_bf16_backend(in_turns) == GROUPED_MM
 
 
 def test_moe_kernels_benchmark_summary_arithmetic():
