@@ -897,3 +897,29 @@ def test_tile_candidates_timed_in_turns_skip_the_ones_that_cannot_run(drifting_g
     times = timing.medians_in_turns({"128x256": work("a", 3.0), "256x256": too_big, "64x128": work("b", 1.0)})
     assert set(times) == {"128x256", "64x128"} and 2.85 < times["128x256"] / times["64x128"] < 3.15
     assert "skip 256x256: RuntimeError" in capsys.readouterr().out
+
+
+def test_the_gemm_pair_yardstick_runs_the_layers_own_two_gemms():
+    """``_moe_timing.gemm_pair`` (what the layer is timed against): CUTLASS's GEMM 1 over the
+    token rows sorted by expert and GEMM 2 over their SiLU*mul, each real row equal to that
+    token's unweighted expert output."""
+    from types import SimpleNamespace
+
+    from benchmarks._moe_timing import gemm_pair
+    from zeroprefill.kernels.align import moe_align_block_size as align
+    from zeroprefill.kernels.grouped_mm_moe import ALIGN_M
+
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    layer = SimpleNamespace(num_experts=4, top_k=2, hidden=32, inter=16)
+    layer.w13 = (torch.randn(4, 32, 32, generator=gen, device=DEVICE) * 0.2).bfloat16()
+    layer.w2 = (torch.randn(4, 32, 16, generator=gen, device=DEVICE) * 0.2).bfloat16()
+    x = torch.randn(24, 32, generator=gen, device=DEVICE).bfloat16()
+    topk_ids = torch.stack([torch.randperm(4, generator=gen, device=DEVICE)[:2] for _ in range(24)]).int()
+    _, y = gemm_pair(layer, x, topk_ids)()
+    alignment = align(topk_ids, 4, ALIGN_M)  # grouped_mm's row alignment: the positions gemm_pair used
+    for row in range(48):
+        token, expert = row // 2, topk_ids.view(-1)[row].item()
+        gate_up = x[token].float() @ layer.w13[expert].float().T
+        expected = (torch.nn.functional.silu(gate_up[:16]) * gate_up[16:]) @ layer.w2[expert].float().T
+        got = y[alignment.position_of_row[row]].float()
+        assert torch.allclose(got, expected, rtol=3e-2, atol=3e-2), (row, (got - expected).abs().max())
