@@ -177,8 +177,9 @@ def run_benchmark(shapes: dict, tokens: list[int], profile_tokens: int, select_m
 
 def summarize(points: list[dict], profiles: dict, bandwidth_gb_s: float) -> dict:
     """The summary: per ratio, its worst (minimum) value over the points with >= 8K tokens."""
-    def worst(key: str) -> float | None:
-        values = [p[key] for p in points if p["tokens"] >= SUMMARY_MIN_TOKENS and p.get(key) is not None]
+    def worst(key: str, field: str | None = None) -> float | None:  # field: of a point's dict-valued key
+        values = [p[key] if field is None else p[key][field] for p in points
+                  if p["tokens"] >= SUMMARY_MIN_TOKENS and p.get(key) is not None]
         return min(values) if values else None
 
     summary = {
@@ -198,7 +199,7 @@ def summarize(points: list[dict], profiles: dict, bandwidth_gb_s: float) -> dict
         "hbm_copy_bandwidth_gb_s": round(bandwidth_gb_s),
         "targets": {"bf16_vs_grouped_mm": 1.05, "fp8_vs_bf16": 1.6, "layer_vs_gemm_only": 0.9},
     }
-    if (same_clock := worst_same_clock(points)) is not None:  # absent from files measured before it existed
+    if (same_clock := worst("layer_vs_gemm_pair_same_clock", "ratio")) is not None:  # absent from older files
         summary["layer_vs_gemm_pair_same_clock_min_8k_plus"] = same_clock
     for name, prof in profiles.items():  # GEMM kernels alone, without permutation/combine
         gemm_ms = {side: sum(v for k_, v in prof[side].items() if is_gemm_kernel(k_))
@@ -209,13 +210,6 @@ def summarize(points: list[dict], profiles: dict, bandwidth_gb_s: float) -> dict
             summary[f"fp8_unfused_glue_bound_vs_bf16_{name}_{prof['tokens']}"] = fp8_unfused_glue_bound(
                 point, gemm_ms["fp8_selected"], bandwidth_gb_s)
     return summary
-
-
-def worst_same_clock(points: list[dict]) -> float | None:
-    """The minimum ``layer_vs_gemm_pair_same_clock`` ratio over the points with >= 8K tokens."""
-    values = [p["layer_vs_gemm_pair_same_clock"]["ratio"] for p in points
-              if p["tokens"] >= SUMMARY_MIN_TOKENS and p.get("layer_vs_gemm_pair_same_clock")]
-    return min(values) if values else None
 
 
 def fp8_unfused_glue_bound(point: dict, fp8_gemm_ms: float, bandwidth_gb_s: float) -> float:
