@@ -15,9 +15,8 @@ CUTLASS grouped GEMMs with our permutation and combine around them (``grouped_mm
 its A-load, SiLU*mul in its epilogue: no scatter and no SiLU pass) followed by torch's CUTLASS
 second GEMM and our combine. The benchmark writes, per tuned token count, whichever it measured
 fastest. A tile's ``"weight_tma": true`` loads its weight tiles through TMA
-(``benchmarks/moe_gemm_tma.py --write-table`` sets it where that measured faster); a tile's
-``"persistent": true`` launches as many programs as the SMs hold, each walking tiles
-(``benchmarks/gemm_before_after.py --write-table`` sets it where that measured faster).
+and a tile's ``"persistent": true`` launches as many programs as the SMs hold, each walking
+tiles; ``benchmarks/gemm_before_after.py --write-table`` sets both where that measured faster.
 """
 
 from __future__ import annotations

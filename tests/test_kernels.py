@@ -700,6 +700,20 @@ def test_gemm_before_after_write_table_refuses_a_file_it_did_not_write(tmp_path)
     assert "the results measured different tables (['sm100', 'sm90'])" in done.stderr
 
 
+def test_gemm_before_after_write_table_names_itself_in_the_tables_note_once(tmp_path, monkeypatch):
+    from benchmarks import gemm_before_after as bench
+
+    note = "written by moe_kernels.py; benchmarks/gemm_before_after.py --write-table (first as gemm1_before_after.py)"
+    (tmp_path / "sm90.json").write_text(json.dumps({"note": note, "configs": {}}))
+    (tmp_path / "sm80.json").write_text(json.dumps({"note": "written by moe_kernels.py", "configs": {}}))
+    monkeypatch.setattr(bench, "CONFIG_DIR", tmp_path)
+    for _ in range(2):
+        bench.write_table("sm90", [])
+        bench.write_table("sm80", [])
+    assert json.loads((tmp_path / "sm90.json").read_text())["note"] == note
+    assert json.loads((tmp_path / "sm80.json").read_text())["note"].count("gemm_before_after.py --write-table") == 1
+
+
 # ---------------------------------------------------------------------------- benchmark summary arithmetic
 
 def test_moe_kernels_backend_choice_by_graph_time_with_a_margin():
